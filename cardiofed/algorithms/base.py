@@ -1,0 +1,64 @@
+"""A federated algorithm: a client step and a server step, nothing about transport.
+
+:class:`FederatedAlgorithm` composes a local training recipe
+(:class:`~cardiofed.training.local.LocalTrainingConfig`, with FedProx's proximal term
+when ``proximal_mu > 0``) with a server optimiser
+(:mod:`cardiofed.aggregation.server_optimizers`). The in-process simulator and the
+networked coordinator are two backends that gather :class:`ClientUpdate` objects for
+the same algorithm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from cardiofed.aggregation.server_optimizers import ServerOptimizer, ServerState
+from cardiofed.aggregation.weighted_mean import sample_size_weights, weighted_mean
+from cardiofed.models.networks import Weights, get_weights, set_weights
+from cardiofed.training.local import LocalTrainingConfig, train_local
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientUpdate:
+    """What a site returns after local training: ``delta = local - global`` and counts."""
+
+    site: str
+    delta: Weights
+    num_samples: int
+    num_steps: int
+    train_loss: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederatedAlgorithm:
+    """Local training recipe plus server optimiser (FedAvg, FedProx, FedAdam, FedYogi)."""
+
+    name: str
+    local: LocalTrainingConfig
+    server: ServerOptimizer
+
+    def client_update(self, model: nn.Module, global_weights: Weights, x: np.ndarray,
+                      y: np.ndarray, *, site: str, seed: int) -> ClientUpdate:
+        """Train `model` from `global_weights` on the site's rows; return the update."""
+        set_weights(model, global_weights)
+        result = train_local(model, x, y, self.local, seed=seed, anchor=global_weights)
+        local = get_weights(model)
+        return ClientUpdate(site=site, delta={k: local[k] - global_weights[k] for k in local},
+                            num_samples=len(y), num_steps=result.num_steps,
+                            train_loss=result.mean_loss)
+
+    def init_server(self, weights: Weights) -> ServerState:
+        return self.server.init(weights)
+
+    def server_update(self, global_weights: Weights, updates: Sequence[ClientUpdate],
+                      state: ServerState) -> tuple[Weights, ServerState]:
+        """Sample-size weighted mean of the updates, applied by the server optimiser."""
+        if not updates:
+            return global_weights, state
+        mean_delta = weighted_mean([u.delta for u in updates],
+                                   sample_size_weights([u.num_samples for u in updates]))
+        return self.server.step(global_weights, mean_delta, state)

@@ -1,0 +1,104 @@
+"""Containers for a federation's data: one :class:`SiteData` per hospital.
+
+A site's arrays never leave it in a real deployment; in simulation the container
+simply holds every site side by side. Features are encoded model inputs (one-hot
+for categorical variables) with ``NaN`` marking a missing value, to be imputed by
+:mod:`cardiofed.data.preprocessing`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cardiofed.schema import get_feature
+
+
+class SiteTypes:
+    """Site types used by the partitioning rules and reports."""
+
+    TIER3 = "tier3"
+    TIER2 = "tier2"
+    COMMUNITY = "community"
+    HOSPITAL = "hospital"  # a site of unspecified type
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteData:
+    """One hospital's train and test split (encoded features, binary labels)."""
+
+    name: str
+    site_type: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    def __post_init__(self) -> None:
+        for split, x, y in (("train", self.x_train, self.y_train),
+                            ("test", self.x_test, self.y_test)):
+            if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+                raise ValueError(
+                    f"Site {self.name!r}: {split} features must be 2-D with one label per row; "
+                    f"got features {x.shape} and labels {y.shape}."
+                )
+            if len(y) and not np.isin(y, (0, 1)).all():
+                raise ValueError(f"Site {self.name!r}: {split} labels must be 0 or 1.")
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.y_test)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederatedDataset:
+    """A federation: sites sharing the same encoded feature columns."""
+
+    name: str
+    feature_names: list[str]
+    feature_ranges: list[tuple[float, float]]
+    sites: list[SiteData]
+    outcome: str
+    description: str = ""
+    load_reports: dict[str, dict[str, object]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.sites:
+            raise ValueError(f"Federated dataset {self.name!r} has no sites.")
+        names = [s.name for s in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Federated dataset {self.name!r}: site names repeat: {names}.")
+        if len(self.feature_ranges) != len(self.feature_names):
+            raise ValueError("feature_ranges must have one (low, high) per feature name.")
+        d = len(self.feature_names)
+        for s in self.sites:
+            if s.x_train.shape[1] != d or s.x_test.shape[1] != d:
+                raise ValueError(
+                    f"Site {s.name!r} has {s.x_train.shape[1]} feature columns; "
+                    f"the federation has {d}."
+                )
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    def site(self, name: str) -> SiteData:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"No site {name!r}; sites are {[s.name for s in self.sites]}.")
+
+    def pooled_test(self) -> tuple[np.ndarray, np.ndarray]:
+        """All sites' test splits stacked (for simulation reports only)."""
+        return (np.concatenate([s.x_test for s in self.sites]),
+                np.concatenate([s.y_test for s in self.sites]))
+
+
+def feature_ranges_for(encoded_names: list[str]) -> list[tuple[float, float]]:
+    """Plausible range of each encoded column, from the schema catalogue."""
+    return [get_feature(name.split("=", 1)[0]).encoded_range() for name in encoded_names]

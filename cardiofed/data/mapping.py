@@ -1,0 +1,303 @@
+"""Site mapping files: how one hospital's export maps onto the canonical schema.
+
+A mapping file (TOML) names, for each canonical feature, the local column, its unit,
+its codes and its missing-value tokens. Loading validates every row: a value that is
+unparseable or outside the plausible range raises :class:`DataValidationError` naming
+the file, column, row and value, or, where the mapping says ``on_invalid = "missing"``,
+is set missing and counted in the :class:`LoadReport`. No row is dropped silently.
+
+Example::
+
+    site = "clinic_a"
+    site_type = "community"
+    outcome = "cvd_10y"
+    missing_values = ["", "NA", "-999"]
+
+    [label]
+    column = "event10"
+    positive = ["1", "yes"]
+    negative = ["0", "no"]
+
+    [columns.total_cholesterol]
+    source = "CHOL"
+    unit = "mmol/L"
+
+    [columns.sex]
+    source = "GENDER"
+    codes = { M = "male", F = "female" }
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cardiofed.exceptions import DataValidationError
+from cardiofed.schema import OUTCOMES, FeatureKind, get_feature
+
+OnInvalid = Literal["error", "missing"]
+
+# Codes every binary column accepts without a mapping (compared case-insensitively).
+_BINARY_DEFAULT_CODES = {
+    "0": "0", "1": "1", "0.0": "0", "1.0": "1", "no": "0", "yes": "1",
+    "n": "0", "y": "1", "false": "0", "true": "1",
+}
+
+
+class ColumnMapping(BaseModel):
+    """How one canonical feature is found in the site's export."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1)
+    unit: str | None = None
+    codes: dict[str, str] = Field(default_factory=dict)
+    missing_values: list[str] = Field(default_factory=list)
+    on_invalid: OnInvalid | None = None
+
+
+class LabelMapping(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    column: str = Field(min_length=1)
+    positive: list[str] = Field(default_factory=lambda: ["1"], min_length=1)
+    negative: list[str] = Field(default_factory=lambda: ["0"], min_length=1)
+
+
+class SiteMapping(BaseModel):
+    """A validated site mapping (see the module docstring for the file format)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    site: str = Field(min_length=1)
+    site_type: str = "hospital"
+    outcome: str
+    missing_values: list[str] = Field(default_factory=lambda: ["", "NA", "NaN", "?"])
+    on_invalid: OnInvalid = "error"
+    label: LabelMapping
+    columns: dict[str, ColumnMapping] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_against_schema(self) -> SiteMapping:
+        if self.outcome not in OUTCOMES:
+            raise ValueError(
+                f"outcome {self.outcome!r} is not a known outcome; expected one of "
+                f"{', '.join(OUTCOMES)}"
+            )
+        for name, col in self.columns.items():
+            feature = get_feature(name)
+            if col.unit is not None:
+                if feature.kind is not FeatureKind.CONTINUOUS:
+                    raise ValueError(f"columns.{name}: a {feature.kind} feature has no unit")
+                feature.conversion_factor(col.unit)  # raises on an unknown unit
+            if feature.kind is not FeatureKind.CONTINUOUS:
+                categorical = feature.kind is FeatureKind.CATEGORICAL
+                allowed = set(feature.codes) if categorical else {"0", "1"}
+                for local, canonical in col.codes.items():
+                    if canonical not in allowed:
+                        raise ValueError(
+                            f"columns.{name}.codes: {local!r} maps to {canonical!r}, which is "
+                            f"not a code of {name!r} (expected one of {sorted(allowed)})"
+                        )
+        overlap = set(self.label.positive) & set(self.label.negative)
+        if overlap:
+            raise ValueError(f"label codes {sorted(overlap)} are both positive and negative")
+        return self
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> SiteMapping:
+        """Read and validate a mapping file."""
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataValidationError(f"Mapping file {path} does not exist.") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise DataValidationError(f"Mapping file {path} is not valid TOML: {exc}") from None
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, object], source: str = "<mapping>") -> SiteMapping:
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'mapping'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise DataValidationError(f"Mapping {source} is invalid: {problems}") from None
+
+    @property
+    def features(self) -> list[str]:
+        return list(self.columns)
+
+
+@dataclass
+class LoadReport:
+    """What loading one export did, value by value; nothing else is dropped."""
+
+    source: str
+    rows: int = 0
+    missing: dict[str, int] = field(default_factory=dict)
+    invalid_set_missing: dict[str, int] = field(default_factory=dict)
+    converted_units: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "source": self.source, "rows": self.rows, "missing": dict(self.missing),
+            "invalid_set_missing": dict(self.invalid_set_missing),
+            "converted_units": dict(self.converted_units),
+        }
+
+
+@dataclass(frozen=True)
+class HarmonisedSite:
+    """A site's export in canonical form: one column per feature, NaN where missing."""
+
+    frame: pd.DataFrame
+    labels: np.ndarray
+    report: LoadReport
+
+
+def read_export(path: str | Path) -> pd.DataFrame:
+    """Read a CSV export as text, so that the mapping decides what is missing."""
+    path = Path(path)
+    if not path.exists():
+        raise DataValidationError(f"Data file {path} does not exist.")
+    return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+
+
+def harmonise(raw: pd.DataFrame, mapping: SiteMapping, source: str = "<data>") -> HarmonisedSite:
+    """Map a raw export (all columns as text) onto the canonical schema.
+
+    Rows are numbered from 1, the first data row after the header.
+    """
+    needed = [c.source for c in mapping.columns.values()] + [mapping.label.column]
+    absent = [c for c in needed if c not in raw.columns]
+    if absent:
+        raise DataValidationError(
+            f"{source}: columns {absent} named in the mapping for site {mapping.site!r} are not "
+            f"in the file (it has {list(raw.columns)})."
+        )
+    report = LoadReport(source=source, rows=len(raw))
+    out: dict[str, pd.Series] = {}
+    for name, col in mapping.columns.items():
+        out[name] = _harmonise_column(raw[col.source], name, col, mapping, source, report)
+    labels = _harmonise_label(raw[mapping.label.column], mapping, source)
+    return HarmonisedSite(frame=pd.DataFrame(out), labels=labels, report=report)
+
+
+def _clean(text: pd.Series) -> pd.Series:
+    return text.astype(str).str.strip()
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping: SiteMapping,
+                      source: str, report: LoadReport) -> pd.Series:
+    feature = get_feature(name)
+    text = _clean(values)
+    missing = text.isin([*mapping.missing_values, *col.missing_values]).to_numpy()
+    report.missing[name] = int(missing.sum())
+    on_invalid = col.on_invalid or mapping.on_invalid
+    where = f"{source}: column {col.source!r} ({name})"
+
+    if feature.kind is FeatureKind.CONTINUOUS:
+        numbers = pd.to_numeric(text.where(~missing), errors="coerce").to_numpy(dtype=float)
+        unparseable = ~missing & np.isnan(numbers)
+        factor = feature.conversion_factor(col.unit or feature.unit)
+        if col.unit and col.unit != feature.unit:
+            report.converted_units[name] = f"{col.unit} -> {feature.unit} (x{factor:g})"
+        converted = numbers * factor
+        with np.errstate(invalid="ignore"):
+            out_of_range = ~missing & ~unparseable & (
+                (converted < float(feature.low)) | (converted > float(feature.high))  # type: ignore[arg-type]
+            )
+        if on_invalid == "error":
+            if unparseable.any():
+                i = _first_bad(unparseable)
+                raise DataValidationError(
+                    f"{where}, row {i + 1}: value {text.iloc[i]!r} is not a number."
+                )
+            if out_of_range.any():
+                i = _first_bad(out_of_range)
+                shown = f"{numbers[i]:g} {col.unit or feature.unit}"
+                if col.unit and col.unit != feature.unit:
+                    shown += f" = {converted[i]:g} {feature.unit}"
+                raise DataValidationError(
+                    f"{where}, row {i + 1}: value {shown} is outside the plausible range "
+                    f"[{feature.low:g}, {feature.high:g}] {feature.unit}."
+                )
+        bad = unparseable | out_of_range
+        report.invalid_set_missing[name] = int(bad.sum())
+        converted[bad | missing] = np.nan
+        return pd.Series(converted, index=values.index, name=name)
+
+    # Binary and categorical: map local codes to canonical codes.
+    if feature.kind is FeatureKind.BINARY:
+        table = {**_BINARY_DEFAULT_CODES, **{k.lower(): v for k, v in col.codes.items()}}
+        mapped = text.str.lower().map(table)
+    else:
+        table = {c: c for c in feature.codes}
+        table.update({f"{c}.0": c for c in feature.codes if c.isdigit()})
+        table.update(col.codes)
+        mapped = text.map(table)
+    unknown = (~missing & mapped.isna()).to_numpy()
+    if unknown.any() and on_invalid == "error":
+        i = _first_bad(unknown)
+        expected = sorted(set(table))
+        raise DataValidationError(
+            f"{where}, row {i + 1}: value {text.iloc[i]!r} is not a known code; "
+            f"expected one of {expected} or a missing-value token."
+        )
+    report.invalid_set_missing[name] = int(unknown.sum())
+    mapped = mapped.where(~(missing | unknown))
+    if feature.kind is FeatureKind.BINARY:
+        return pd.to_numeric(mapped).astype(float).rename(name)
+    return mapped.astype(object).rename(name)
+
+
+def _harmonise_label(values: pd.Series, mapping: SiteMapping, source: str) -> np.ndarray:
+    text = _clean(values)
+    positive = text.isin(mapping.label.positive).to_numpy()
+    negative = text.isin(mapping.label.negative).to_numpy()
+    unknown = ~(positive | negative)
+    if unknown.any():
+        i = _first_bad(unknown)
+        raise DataValidationError(
+            f"{source}: label column {mapping.label.column!r}, row {i + 1}: value "
+            f"{text.iloc[i]!r} is neither positive {mapping.label.positive} nor negative "
+            f"{mapping.label.negative}. A row without an outcome cannot be used for training; "
+            f"remove it from the export or code it explicitly."
+        )
+    return positive.astype(np.int64)
+
+
+def encode(frame: pd.DataFrame, features: list[str]) -> np.ndarray:
+    """Canonical frame -> model input matrix (float64), one-hot for categorical features.
+
+    A missing categorical value gives NaN in all its one-hot columns.
+    """
+    blocks: list[np.ndarray] = []
+    for name in features:
+        feature = get_feature(name)
+        if name not in frame.columns:
+            raise DataValidationError(f"Canonical feature {name!r} is missing from the data.")
+        col = frame[name]
+        if feature.kind is FeatureKind.CATEGORICAL:
+            isna = col.isna().to_numpy()
+            for code in feature.codes[1:]:
+                block = (col.to_numpy() == code).astype(float)
+                block[isna] = np.nan
+                blocks.append(block)
+        else:
+            blocks.append(col.to_numpy(dtype=float))
+    return np.column_stack(blocks) if blocks else np.empty((len(frame), 0))

@@ -1,0 +1,26 @@
+"""Where the reference data sets live: ``$CARDIOFED_DATA_DIR`` or ``../shared/data``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def data_dir() -> Path:
+    """``$CARDIOFED_DATA_DIR`` if set, else ``shared/data`` beside the project root."""
+    env = os.environ.get("CARDIOFED_DATA_DIR")
+    return Path(env) if env else _REPO_ROOT.parent / "shared" / "data"
+
+
+def require(relative: str, base: str | Path | None = None) -> Path:
+    """``base / relative`` (``base`` defaults to :func:`data_dir`), or an error saying how
+    to provide it."""
+    path = Path(base if base is not None else data_dir()) / relative
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Reference data {relative!r} not found at {path}. Set CARDIOFED_DATA_DIR to the "
+            f"folder holding uci_heart/ and framingham/, or pass data_dir explicitly."
+        )
+    return path

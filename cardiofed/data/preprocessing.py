@@ -1,0 +1,122 @@
+"""Federated preprocessing: imputation and standardisation without moving rows.
+
+Each site computes :class:`SiteStatistics` on its own training split: per column the
+count of observed values, their sum and sum of squares, the count of missing values,
+and a histogram over fixed bin edges taken from the schema's plausible ranges (the
+edges depend on nothing in the data). Only these aggregates leave the site. The
+coordinator merges them (:func:`merge_statistics`) into global means, standard
+deviations and histogram medians, and each site applies the same
+:class:`Preprocessor` to its rows.
+
+Merged means and variances equal the pooled ones exactly; the histogram median is
+exact to within one bin width (``(high - low) / n_bins``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+DEFAULT_BINS = 256
+_STD_FLOOR = 1e-9  # FLamby's epsilon for constant columns
+
+
+@dataclass(frozen=True)
+class SiteStatistics:
+    """Aggregates one site releases about its training features (no rows)."""
+
+    count: np.ndarray      # (d,) observed values per column
+    total: np.ndarray      # (d,) sum of observed values
+    total_sq: np.ndarray   # (d,) sum of squares of observed values
+    n_missing: np.ndarray  # (d,) missing values per column
+    histogram: np.ndarray  # (d, n_bins) counts of observed values, clipped to the range
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Named arrays, e.g. for a safetensors payload."""
+        return {"count": self.count, "total": self.total, "total_sq": self.total_sq,
+                "n_missing": self.n_missing, "histogram": self.histogram}
+
+
+def bin_edges(feature_ranges: list[tuple[float, float]], n_bins: int = DEFAULT_BINS) -> np.ndarray:
+    """(d, n_bins + 1) histogram edges from the schema's plausible ranges."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1; got {n_bins}.")
+    return np.array([np.linspace(lo, hi, n_bins + 1) for lo, hi in feature_ranges])
+
+
+def site_statistics(x: np.ndarray, edges: np.ndarray) -> SiteStatistics:
+    """Compute a site's aggregates on its own training features (NaN = missing)."""
+    if x.ndim != 2 or x.shape[1] != edges.shape[0]:
+        raise ValueError(f"x must be (n, {edges.shape[0]}); got {x.shape}.")
+    observed = ~np.isnan(x)
+    values = np.where(observed, x, 0.0)
+    n_bins = edges.shape[1] - 1
+    hist = np.zeros((x.shape[1], n_bins))
+    for j in range(x.shape[1]):
+        col = np.clip(x[observed[:, j], j], edges[j, 0], edges[j, -1])
+        hist[j] = np.histogram(col, bins=edges[j])[0]
+    return SiteStatistics(count=observed.sum(axis=0).astype(float), total=values.sum(axis=0),
+                          total_sq=(values**2).sum(axis=0),
+                          n_missing=(~observed).sum(axis=0).astype(float), histogram=hist)
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Fill missing values, then standardise: ``(x - mean) / (std + 1e-9)``."""
+
+    fill: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        filled = np.where(np.isnan(x), self.fill, x)
+        return ((filled - self.mean) / (self.std + _STD_FLOOR)).astype(np.float32)
+
+
+def merge_statistics(stats: list[SiteStatistics], edges: np.ndarray) -> Preprocessor:
+    """Combine sites' aggregates into one global preprocessor.
+
+    Mean and (sample, ddof=1) standard deviation are those of the pooled observed
+    values; the fill value is the pooled median read off the merged histogram.
+    """
+    if not stats:
+        raise ValueError("merge_statistics needs at least one site's statistics.")
+    count = np.sum([s.count for s in stats], axis=0)
+    total = np.sum([s.total for s in stats], axis=0)
+    total_sq = np.sum([s.total_sq for s in stats], axis=0)
+    hist = np.sum([s.histogram for s in stats], axis=0)
+    empty = np.flatnonzero(count == 0)
+    if empty.size:
+        raise ValueError(f"Columns {empty.tolist()} have no observed value at any site.")
+    mean = total / count
+    var = np.maximum(total_sq - count * mean**2, 0.0) / np.maximum(count - 1, 1)
+    return Preprocessor(fill=histogram_median(hist, edges), mean=mean,
+                        std=np.sqrt(var))
+
+
+def histogram_median(hist: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Median of each row's histogram, interpolated linearly inside the median bin."""
+    medians = np.empty(hist.shape[0])
+    for j, row in enumerate(hist):
+        cum = np.cumsum(row)
+        half = cum[-1] / 2.0
+        k = int(np.searchsorted(cum, half))
+        below = cum[k - 1] if k > 0 else 0.0
+        frac = (half - below) / row[k] if row[k] > 0 else 0.5
+        medians[j] = edges[j, k] + frac * (edges[j, k + 1] - edges[j, k])
+        # Binary and one-hot columns: the median is a category, not a midpoint.
+        if edges[j, 0] == 0.0 and edges[j, -1] == 1.0 and row[1:-1].sum() == 0:
+            medians[j] = float(row[-1] > row[0])
+    return medians
+
+
+Standardisation = Literal["global", "per-site"]
+
+
+def local_preprocessor(x: np.ndarray, fill: np.ndarray) -> Preprocessor:
+    """A site's own standardisation (FLamby's per-centre option), filling with `fill`."""
+    filled = np.where(np.isnan(x), fill, x)
+    std = filled.std(axis=0, ddof=1) if len(filled) > 1 else np.zeros(filled.shape[1])
+    return Preprocessor(fill=fill, mean=filled.mean(axis=0), std=std)

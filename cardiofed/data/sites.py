@@ -1,0 +1,81 @@
+"""Turn one site's export into a :class:`SiteData`: harmonise, encode, split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from cardiofed.data.dataset import FederatedDataset, SiteData, feature_ranges_for
+from cardiofed.data.mapping import LoadReport, SiteMapping, encode, harmonise, read_export
+from cardiofed.exceptions import DataValidationError
+from cardiofed.schema import encoded_feature_names
+
+
+def split_indices(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/test split of row indices, stratified when both classes have >= 2 rows."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1); got {test_fraction!r}.")
+    idx = np.arange(len(y))
+    counts = np.bincount(y, minlength=2)
+    stratify = y if counts.min() >= 2 else None
+    train, test = train_test_split(idx, test_size=test_fraction, random_state=seed,
+                                   shuffle=True, stratify=stratify)
+    return np.sort(train), np.sort(test)
+
+
+def site_from_export(raw: pd.DataFrame, mapping: SiteMapping, features: list[str], *,
+                     test_fraction: float, seed: int,
+                     source: str = "<data>") -> tuple[SiteData, LoadReport]:
+    """Harmonise `raw` with `mapping`, encode `features` and split it into train and test."""
+    missing = [f for f in features if f not in mapping.columns]
+    if missing:
+        raise DataValidationError(
+            f"{source}: the mapping for site {mapping.site!r} does not map features {missing} "
+            f"that the study uses."
+        )
+    site = harmonise(raw, mapping, source=source)
+    x = encode(site.frame, features)
+    if len(x) < 2:
+        raise DataValidationError(f"{source}: site {mapping.site!r} has {len(x)} rows; "
+                                  f"at least 2 are needed for a train/test split.")
+    train, test = split_indices(site.labels, test_fraction, seed)
+    data = SiteData(name=mapping.site, site_type=mapping.site_type,
+                    x_train=x[train], y_train=site.labels[train],
+                    x_test=x[test], y_test=site.labels[test])
+    return data, site.report
+
+
+def federation_from_csv(csv_paths: list[Path], mapping_paths: list[Path], *,
+                        features: list[str] | None = None, test_fraction: float = 0.3,
+                        seed: int = 0, name: str = "csv") -> FederatedDataset:
+    """A federation from a user's own exports, one CSV and one mapping file per site.
+
+    `features` defaults to the features every mapping maps, in the first mapping's order.
+    """
+    if len(csv_paths) != len(mapping_paths) or not csv_paths:
+        raise DataValidationError(
+            f"Give one mapping file per CSV file; got {len(csv_paths)} CSV and "
+            f"{len(mapping_paths)} mapping files."
+        )
+    mappings = [SiteMapping.from_toml(p) for p in mapping_paths]
+    outcomes = {m.outcome for m in mappings}
+    if len(outcomes) > 1:
+        raise DataValidationError(
+            f"All sites must predict the same outcome; got {sorted(outcomes)}.")
+    if features is None:
+        shared = set.intersection(*(set(m.features) for m in mappings))
+        features = [f for f in mappings[0].features if f in shared]
+    sites, reports = [], {}
+    for k, (csv, mapping) in enumerate(zip(csv_paths, mappings, strict=True)):
+        site, report = site_from_export(read_export(csv), mapping, features,
+                                        test_fraction=test_fraction, seed=seed + k,
+                                        source=str(csv))
+        sites.append(site)
+        reports[site.name] = report.as_dict()
+    names = encoded_feature_names(features)
+    return FederatedDataset(name=name, feature_names=names,
+                            feature_ranges=feature_ranges_for(names), sites=sites,
+                            outcome=mappings[0].outcome, load_reports=reports)

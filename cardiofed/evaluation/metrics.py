@@ -1,0 +1,225 @@
+"""Discrimination and calibration metrics for binary risk predictions.
+
+All probabilities are risks on the [0, 1] scale; labels are 0/1. Calibration slope and
+intercept come from small Newton-Raphson logistic fits in numpy (no penalty).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import numpy.typing as npt
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from cardiofed.exceptions import ConfigurationError, DataValidationError
+
+__all__ = [
+    "EPS",
+    "binary_metrics",
+    "calibration_points",
+    "roc_points",
+    "validate_binary_inputs",
+]
+
+EPS: float = 1e-7
+"""Probabilities are clipped to [EPS, 1 - EPS] before taking the logit."""
+
+_MAX_ITER = 50
+_TOL = 1e-10
+_MAX_HALVINGS = 30
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def validate_binary_inputs(
+    y_true: npt.ArrayLike, y_prob: npt.ArrayLike
+) -> tuple[FloatArray, FloatArray]:
+    """Check labels and probabilities; return both as 1-D float64 arrays.
+
+    Raises DataValidationError (a ValueError) naming the offending parameter and value.
+    """
+    y = np.asarray(y_true)
+    p = np.asarray(y_prob)
+    for name, arr in (("y_true", y), ("y_prob", p)):
+        if arr.ndim != 1:
+            raise DataValidationError(f"{name} must be 1-D; got shape {arr.shape}")
+        if arr.size == 0:
+            raise DataValidationError(f"{name} must be non-empty; got 0 samples")
+        if arr.dtype.kind not in "biuf":
+            raise DataValidationError(f"{name} must be numeric; got dtype {arr.dtype}")
+    if y.shape != p.shape:
+        raise DataValidationError(
+            f"y_true and y_prob must have the same length; got {y.size} and {p.size}"
+        )
+    y = y.astype(np.float64)
+    p = p.astype(np.float64)
+    bad_labels = ~np.isin(y, (0.0, 1.0))
+    if bad_labels.any():
+        raise DataValidationError(
+            f"y_true must contain only 0 and 1; got {y[bad_labels][0]:g} "
+            f"({int(bad_labels.sum())} invalid values)"
+        )
+    n_bad = int((~np.isfinite(p)).sum())
+    if n_bad:
+        raise DataValidationError(f"y_prob must be finite; got {n_bad} non-finite values")
+    if p.min() < 0.0:
+        raise DataValidationError(f"y_prob must be in [0, 1]; got min {p.min():g}")
+    if p.max() > 1.0:
+        raise DataValidationError(f"y_prob must be in [0, 1]; got max {p.max():g}")
+    return y, p
+
+
+def _check_n_bins(n_bins: int) -> None:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer) or n_bins < 1:
+        raise ConfigurationError(f"n_bins must be a positive integer; got {n_bins!r}")
+
+
+def _logit(p: FloatArray) -> FloatArray:
+    q = np.clip(p, EPS, 1.0 - EPS)
+    return np.log(q) - np.log1p(-q)
+
+
+def _loglik(y: FloatArray, eta: FloatArray) -> float:
+    # sum(y*eta - log(1 + exp(eta))), computed stably.
+    return float(np.sum(y * eta - np.logaddexp(0.0, eta)))
+
+
+def _fit_logistic(x: FloatArray, y: FloatArray, offset: FloatArray,
+                  beta0: FloatArray) -> FloatArray | None:
+    """Maximum-likelihood logistic fit of y ~ x @ beta + offset by damped Newton-Raphson.
+
+    Returns None when y has one class, the Hessian is singular, or the fit does not
+    converge within 50 iterations (e.g. under (quasi-)complete separation).
+    """
+    if y.min() == y.max():
+        return None
+    beta = beta0.astype(np.float64).copy()
+    ll = _loglik(y, x @ beta + offset)
+    for _ in range(_MAX_ITER):
+        eta = x @ beta + offset
+        mu = np.exp(-np.logaddexp(0.0, -eta))  # expit(eta) without overflow
+        grad = x.T @ (y - mu)
+        hess = (x * (mu * (1.0 - mu))[:, None]).T @ x
+        try:
+            delta = np.linalg.solve(hess, grad)
+        except np.linalg.LinAlgError:
+            return None
+        if not np.all(np.isfinite(delta)):
+            return None
+        if np.max(np.abs(delta)) <= _TOL * (1.0 + np.max(np.abs(beta))):
+            return beta + delta
+        step = 1.0
+        for _ in range(_MAX_HALVINGS):
+            new_beta = beta + step * delta
+            new_ll = _loglik(y, x @ new_beta + offset)
+            # Accept any step that does not lower the log-likelihood beyond rounding error.
+            if new_ll >= ll - 1e-12 * (1.0 + abs(ll)):
+                break
+            step /= 2.0
+        else:
+            # No ascent left: we are at the optimum up to rounding, or the fit is stuck.
+            return beta if np.max(np.abs(delta)) < 1e-6 else None
+        beta, ll = new_beta, new_ll
+    return None
+
+
+def _calibration_fits(y: FloatArray, p: FloatArray) -> tuple[float, float]:
+    """Return (calibration slope, calibration-in-the-large intercept); nan when not estimable."""
+    lp = _logit(p)
+    ones = np.ones((y.size, 1))
+    slope_fit = _fit_logistic(np.column_stack([ones, lp]), y, np.zeros_like(y),
+                              np.array([0.0, 1.0]))
+    citl_fit = _fit_logistic(ones, y, lp, np.array([0.0]))
+    slope = float(slope_fit[1]) if slope_fit is not None else math.nan
+    intercept = float(citl_fit[0]) if citl_fit is not None else math.nan
+    return slope, intercept
+
+
+def _bin_index(p: FloatArray, n_bins: int) -> npt.NDArray[np.intp]:
+    """Equal-width bins on [0, 1]: bin k holds [k/n_bins, (k+1)/n_bins); the last one is closed."""
+    return np.minimum(np.floor(p * n_bins).astype(np.intp), n_bins - 1)
+
+
+def _binned(
+    y: FloatArray, p: FloatArray, n_bins: int
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    idx = _bin_index(p, n_bins)
+    counts = np.bincount(idx, minlength=n_bins).astype(np.float64)
+    sum_p = np.bincount(idx, weights=p, minlength=n_bins)
+    sum_y = np.bincount(idx, weights=y, minlength=n_bins)
+    keep = counts > 0
+    return sum_p[keep] / counts[keep], sum_y[keep] / counts[keep], counts[keep]
+
+
+def binary_metrics(y_true: npt.ArrayLike, y_prob: npt.ArrayLike, *, threshold: float = 0.5,
+                   n_bins: int = 10) -> dict[str, float]:
+    """Discrimination, accuracy and calibration of predicted risks.
+
+    Args:
+        y_true: labels in {0, 1}, shape (n,).
+        y_prob: predicted risks in [0, 1], shape (n,).
+        threshold: risk at or above which a case is predicted positive, in [0, 1].
+        n_bins: number of equal-width bins on [0, 1] for the ECE.
+
+    Returns:
+        dict with keys n, prevalence, mean_predicted, auc, accuracy, brier,
+        calibration_slope, calibration_intercept, ece, sensitivity, specificity.
+        All values are floats (proportions, not percent); auc, sensitivity, specificity
+        and the calibration fits are nan when not estimable (one class, separation).
+    """
+    if not (isinstance(threshold, int | float) and 0.0 <= threshold <= 1.0):
+        raise ConfigurationError(f"threshold must be in [0, 1]; got {threshold!r}")
+    _check_n_bins(n_bins)
+    y, p = validate_binary_inputs(y_true, y_prob)
+
+    n = y.size
+    n_pos = float(y.sum())
+    n_neg = n - n_pos
+    pred = p >= threshold
+    pos = y == 1.0
+    tp = float(np.sum(pred & pos))
+    tn = float(np.sum(~pred & ~pos))
+
+    auc = float(roc_auc_score(y, p)) if 0 < n_pos < n else math.nan
+    mean_p, frac_pos, counts = _binned(y, p, n_bins)
+    slope, intercept = _calibration_fits(y, p)
+    return {
+        "n": float(n),
+        "prevalence": n_pos / n,
+        "mean_predicted": float(p.mean()),
+        "auc": auc,
+        "accuracy": (tp + tn) / n,
+        "brier": float(np.mean((p - y) ** 2)),
+        "calibration_slope": slope,
+        "calibration_intercept": intercept,
+        "ece": float(np.sum(counts * np.abs(mean_p - frac_pos)) / n),
+        "sensitivity": tp / n_pos if n_pos > 0 else math.nan,
+        "specificity": tn / n_neg if n_neg > 0 else math.nan,
+    }
+
+
+def roc_points(y_true: npt.ArrayLike, y_prob: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
+    """Return (false positive rate, true positive rate) of the ROC curve, each in [0, 1].
+
+    Raises DataValidationError when y_true holds a single class (the curve is undefined).
+    """
+    y, p = validate_binary_inputs(y_true, y_prob)
+    if y.min() == y.max():
+        raise DataValidationError(
+            f"y_true must contain both classes for a ROC curve; got only {int(y[0])}"
+        )
+    fpr, tpr, _ = roc_curve(y, p)
+    return np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
+
+
+def calibration_points(y_true: npt.ArrayLike, y_prob: npt.ArrayLike,
+                       n_bins: int = 10) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Reliability-diagram points over equal-width bins on [0, 1].
+
+    Returns (mean predicted risk, observed event fraction, count) for each non-empty bin,
+    in increasing bin order.
+    """
+    _check_n_bins(n_bins)
+    y, p = validate_binary_inputs(y_true, y_prob)
+    return _binned(y, p, n_bins)

@@ -1,0 +1,77 @@
+"""Validated settings of a simulated federation (also read from a TOML config file)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cardiofed.algorithms import FederatedAlgorithm, make_algorithm
+from cardiofed.exceptions import ConfigurationError
+from cardiofed.training.local import LocalTrainingConfig
+
+
+class SimulationConfig(BaseModel):
+    """Model, algorithm and training schedule of a simulated federation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: Literal["logistic", "mlp"] = "logistic"
+    algorithm: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    rounds: int = Field(20, ge=1, le=100_000)
+    local_epochs: int = Field(1, ge=1)
+    local_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    proximal_mu: float = Field(0.01, gt=0)
+    server_lr: float | None = Field(None, gt=0)
+    standardisation: Literal["global", "per-site"] = "global"
+    fraction_fit: float = Field(1.0, gt=0, le=1)
+    seed: int = Field(0, ge=0)
+    eval_every: int = Field(1, ge=0, description="0 evaluates only after the last round")
+
+    @classmethod
+    def create(cls, **settings: object) -> SimulationConfig:
+        """Validate `settings`, raising :class:`ConfigurationError` that names each bad one."""
+        try:
+            return cls.model_validate(settings)
+        except ValidationError as exc:
+            raise ConfigurationError(_describe(exc)) from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: object) -> SimulationConfig:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigurationError(f"Config file {path} does not exist.") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"Config file {path} is not valid TOML: {exc}") from None
+        return cls.create(**{**raw, **overrides})
+
+    def local_config(self) -> LocalTrainingConfig:
+        return LocalTrainingConfig(lr=self.lr, batch_size=self.batch_size,
+                                   local_epochs=self.local_epochs, local_steps=self.local_steps,
+                                   optimizer=self.optimizer, momentum=self.momentum,
+                                   weight_decay=self.weight_decay)
+
+    def make_algorithm(self) -> FederatedAlgorithm:
+        return make_algorithm(self.algorithm, self.local_config(), server_lr=self.server_lr,
+                              proximal_mu=self.proximal_mu)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown setting {name!r}")
+        else:
+            msg = err["msg"].replace("Input should be", "must be")
+            parts.append(f"the {name!r} parameter {msg}; got {err['input']!r}")
+    return "Invalid simulation config: " + "; ".join(parts) + "."
