@@ -59,10 +59,10 @@ def test_sizes_by_type(profiles: list[SiteProfile]) -> None:
     assert {t: len(v) for t, v in by_type.items()} == {"tier3": 2, "tier2": 4, "community": 6}
     assert all(2500 <= n <= 3000 for n in by_type["tier3"])
     assert all(600 <= n <= 900 for n in by_type["tier2"])
-    assert all(100 <= n <= 250 for n in by_type["community"])
+    assert all(250 <= n <= 400 for n in by_type["community"])
     sizes = [p.n_patients for p in profiles]
     assert max(sizes) >= 10 * min(sizes)
-    assert 9000 <= sum(sizes) <= 10000
+    assert 10000 <= sum(sizes) <= 11000
     assert len({p.name for p in profiles}) == len(profiles)
 
 
@@ -76,7 +76,7 @@ def test_other_site_counts_keep_every_type(n_sites: int) -> None:
 
 def test_size_scale_scales_sizes() -> None:
     small = default_profiles(size_scale=0.5)
-    assert sum(p.n_patients for p in small) == pytest.approx(9550 / 2, rel=0.02)
+    assert sum(p.n_patients for p in small) == pytest.approx(10450 / 2, rel=0.02)
 
 
 @pytest.mark.parametrize("bad", [0, -3])
@@ -170,7 +170,7 @@ def test_synthetic_federation() -> None:
     assert fed.feature_names == encoded_feature_names(SYNTHETIC_FEATURES)
     assert fed.n_features == len(encoded_feature_names(SYNTHETIC_FEATURES))
     assert set(fed.load_reports) == {s.name for s in fed.sites}
-    assert 9000 <= sum(s.n_train + s.n_test for s in fed.sites) <= 10000
+    assert 10000 <= sum(s.n_train + s.n_test for s in fed.sites) <= 11000
     for s in fed.sites:
         assert s.n_test == pytest.approx(0.3 * (s.n_train + s.n_test), abs=1)
         assert not np.isnan(s.x_train[:, 0]).any()  # age is never missing

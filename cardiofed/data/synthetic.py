@@ -132,7 +132,7 @@ _TYPE_PARAMS: dict[str, dict[str, float]] = {
                               treated_rate=0.14, smoker_rate=0.18, diabetes_rate=0.07),
 }
 _SIZES = {SiteTypes.TIER3: (3000, 2500), SiteTypes.TIER2: (900, 600),
-          SiteTypes.COMMUNITY: (250, 100)}
+          SiteTypes.COMMUNITY: (400, 250)}
 _SHARE = {SiteTypes.TIER3: 2 / 12, SiteTypes.TIER2: 4 / 12}  # community takes the rest
 
 # Local column names; "label" is the outcome column.

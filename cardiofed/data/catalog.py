@@ -1,0 +1,37 @@
+"""Data sets by name: ``synthetic``, ``uci-heart``, ``framingham``, or the user's ``csv``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cardiofed.data.dataset import FederatedDataset
+from cardiofed.exceptions import ConfigurationError
+
+DATASETS: tuple[str, ...] = ("synthetic", "uci-heart", "framingham", "csv")
+
+
+def load_dataset(name: str, *, seed: int = 0, data_dir: str | Path | None = None,
+                 csv: list[Path] | None = None, mappings: list[Path] | None = None,
+                 n_sites: int = 12) -> FederatedDataset:
+    """Load a federation by name (see :data:`DATASETS`)."""
+    if name == "synthetic":
+        from cardiofed.data.synthetic import synthetic_federation
+
+        return synthetic_federation(n_sites, seed=seed)
+    if name == "uci-heart":
+        from cardiofed.data.uci_heart import load_uci_heart
+
+        return load_uci_heart(data_dir)
+    if name == "framingham":
+        from cardiofed.data.framingham import load_framingham
+
+        return load_framingham(data_dir, seed=seed)
+    if name == "csv":
+        from cardiofed.data.sites import federation_from_csv
+
+        if not csv:
+            raise ConfigurationError("The 'csv' data set needs --csv FILE (one per site) and "
+                                     "--mapping FILE (one per site, same order).")
+        return federation_from_csv(csv, mappings or [], seed=seed)
+    raise ConfigurationError(f"The 'dataset' parameter must be one of {list(DATASETS)}; "
+                             f"got {name!r}.")

@@ -1,0 +1,62 @@
+"""Present an :class:`ExperimentResult`: a console table and a report folder."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+from rich.table import Table
+
+from cardiofed.simulation.experiment import FEDERATED, LOCAL, POOLED, ExperimentResult
+
+_MODELS = (LOCAL, FEDERATED, POOLED)
+
+
+def _fmt(value: float) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.3f}"
+
+
+def summary_table(result: ExperimentResult) -> Table:
+    """Per site: AUC of local-only, federated and pooled models; federated calibration."""
+    table = Table(title=f"{result.dataset}: {result.config.algorithm}, "
+                        f"{result.config.rounds} rounds, {result.config.model}",
+                  caption="AUC at each site's own test split; calibration of the federated "
+                          "model: slope, calibration-in-the-large (CITL), ECE")
+    table.add_column("site", no_wrap=True)
+    table.add_column("type")
+    table.add_column("n", justify="right")
+    models = [m for m in _MODELS if any(m in v for v in result.metrics.values())]
+    for m in models:
+        table.add_column(f"{m.split('-')[0]}\nAUC", justify="right")
+    table.add_column("slope", justify="right")
+    table.add_column("CITL", justify="right")
+    table.add_column("ECE", justify="right")
+    for site, by_model in result.metrics.items():
+        fed = by_model[FEDERATED]
+        table.add_row(site, result.site_types.get(site, ""),
+                      str(result.site_sizes.get(site, sum(result.site_sizes.values()))),
+                      *[_fmt(by_model[m]["auc"]) for m in models],
+                      _fmt(fed["calibration_slope"]), _fmt(fed["calibration_intercept"]),
+                      _fmt(fed["ece"]), end_section=site == "pooled test")
+    return table
+
+
+def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, title: str,
+                            notes: list[str] | None = None) -> Path:
+    """HTML page, PNG figures and summary.json for an experiment."""
+    from cardiofed.evaluation.report import write_report  # loads matplotlib only here
+
+    cfg = result.config
+    settings = ", ".join(f"{k}={v}" for k, v in cfg.model_dump().items() if v is not None)
+    participation = "".join(
+        f"<tr><td>{html.escape(site)}</td><td>{n}</td></tr>"
+        for site, n in result.federated.participation.items())
+    sections = [("Training settings", f"<p>{html.escape(settings)}</p>"),
+                ("Rounds each site took part in",
+                 f"<table><tr><th>site</th><th>rounds</th></tr>{participation}</table>")]
+    return write_report(out_dir, title=title, summary_rows=result.summary_rows(),
+                        round_history=result.federated.history,
+                        site_predictions=result.predictions, sections=sections,
+                        notes=notes or [])
