@@ -74,7 +74,8 @@ def simulate(
         help="Folder with uci_heart/ and framingham/ (default: $CARDIOFED_DATA_DIR or "
              "../shared/data).")] = None,
     model: Annotated[str | None, typer.Option(help="logistic or mlp.")] = None,
-    algorithm: Annotated[str | None, typer.Option(help="fedavg, fedprox, fedadam, fedyogi.")] = None,
+    algorithm: Annotated[str | None, typer.Option(
+        help="fedavg, fedprox, fedadam, fedyogi.")] = None,
     rounds: Annotated[int | None, typer.Option()] = None,
     local_epochs: Annotated[int | None, typer.Option()] = None,
     local_steps: Annotated[int | None, typer.Option(help="Fixed steps per round.")] = None,

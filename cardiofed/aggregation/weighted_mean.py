@@ -33,6 +33,10 @@ def accumulate(acc: Accumulator | None, update: Weights, weight: float) -> Accum
                            float(weight), 1)
     if set(update) != set(acc.weighted_sum):
         raise ValueError(f"Update names {sorted(update)} differ from {sorted(acc.weighted_sum)}.")
+    for k, v in update.items():
+        if np.shape(v) != acc.weighted_sum[k].shape:
+            raise ValueError(f"Update {k!r} has shape {np.shape(v)}; "
+                             f"earlier updates have {acc.weighted_sum[k].shape}.")
     return Accumulator({k: acc.weighted_sum[k] + weight * np.asarray(v, dtype=np.float64)
                         for k, v in update.items()},
                        acc.total_weight + float(weight), acc.count + 1)

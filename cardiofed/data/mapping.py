@@ -128,7 +128,8 @@ class SiteMapping(BaseModel):
             return cls.model_validate(raw)
         except ValidationError as exc:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'mapping'}: {err['msg']}"
+                f"{'.'.join(str(p) for p in err['loc']) or 'mapping'}: "
+                f"{err['msg'].removeprefix('Value error, ')}"
                 for err in exc.errors()
             )
             raise DataValidationError(f"Mapping {source} is invalid: {problems}") from None

@@ -20,7 +20,6 @@ from typing import Literal
 import numpy as np
 
 DEFAULT_BINS = 256
-_STD_FLOOR = 1e-9  # FLamby's epsilon for constant columns
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,11 @@ def site_statistics(x: np.ndarray, edges: np.ndarray) -> SiteStatistics:
 
 @dataclass(frozen=True)
 class Preprocessor:
-    """Fill missing values, then standardise: ``(x - mean) / (std + 1e-9)``."""
+    """Fill missing values, then standardise: ``(x - mean) / std``.
+
+    A column that is constant in training (std 0) is only centred, so a test value that
+    differs from the training constant stays finite.
+    """
 
     fill: np.ndarray
     mean: np.ndarray
@@ -72,10 +75,12 @@ class Preprocessor:
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         filled = np.where(np.isnan(x), self.fill, x)
-        return ((filled - self.mean) / (self.std + _STD_FLOOR)).astype(np.float32)
+        scale = np.where(self.std > 0, self.std, 1.0)
+        return ((filled - self.mean) / scale).astype(np.float32)
 
 
-def merge_statistics(stats: list[SiteStatistics], edges: np.ndarray) -> Preprocessor:
+def merge_statistics(stats: list[SiteStatistics], edges: np.ndarray,
+                     names: list[str] | None = None) -> Preprocessor:
     """Combine sites' aggregates into one global preprocessor.
 
     Mean and (sample, ddof=1) standard deviation are those of the pooled observed
@@ -89,7 +94,8 @@ def merge_statistics(stats: list[SiteStatistics], edges: np.ndarray) -> Preproce
     hist = np.sum([s.histogram for s in stats], axis=0)
     empty = np.flatnonzero(count == 0)
     if empty.size:
-        raise ValueError(f"Columns {empty.tolist()} have no observed value at any site.")
+        shown = [names[j] for j in empty] if names else empty.tolist()
+        raise ValueError(f"Columns {shown} have no observed value at any site.")
     mean = total / count
     var = np.maximum(total_sq - count * mean**2, 0.0) / np.maximum(count - 1, 1)
     return Preprocessor(fill=histogram_median(hist, edges), mean=mean,
@@ -106,6 +112,11 @@ def histogram_median(hist: np.ndarray, edges: np.ndarray) -> np.ndarray:
         below = cum[k - 1] if k > 0 else 0.0
         frac = (half - below) / row[k] if row[k] > 0 else 0.5
         medians[j] = edges[j, k] + frac * (edges[j, k + 1] - edges[j, k])
+        # An even count split exactly at bin k's upper edge: the median lies midway
+        # between this bin and the next non-empty one (which need not be adjacent).
+        later = np.flatnonzero(row[k + 1:])
+        if half > 0 and cum[k] == half and later.size:
+            medians[j] = (edges[j, k + 1] + edges[j, k + 1 + later[0]]) / 2
         # Binary and one-hot columns: the median is a category, not a midpoint.
         if edges[j, 0] == 0.0 and edges[j, -1] == 1.0 and row[1:-1].sum() == 0:
             medians[j] = float(row[-1] > row[0])

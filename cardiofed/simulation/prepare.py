@@ -58,7 +58,8 @@ def prepare_federation(dataset: FederatedDataset,
         raise ConfigurationError(f"The 'standardisation' parameter must be 'global' or "
                                  f"'per-site'; got {standardisation!r}.")
     edges = bin_edges(dataset.feature_ranges)
-    merged = merge_statistics([site_statistics(s.x_train, edges) for s in dataset.sites], edges)
+    merged = merge_statistics([site_statistics(s.x_train, edges) for s in dataset.sites], edges,
+                              dataset.feature_names)
     if standardisation == "global":
         return [_prepared(s, merged) for s in dataset.sites]
     return [_prepared(s, local_preprocessor(s.x_train, merged.fill)) for s in dataset.sites]
