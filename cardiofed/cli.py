@@ -17,10 +17,11 @@ from cardiofed.simulation.summary import summary_table, write_experiment_report
 app = typer.Typer(help="CardioFed: train a cardiovascular risk model across hospitals "
                        "without moving patient records.", no_args_is_help=True)
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc}")
+    errors.print(f"[bold red]error:[/] {exc}", highlight=False)
     return typer.Exit(code=2)
 
 

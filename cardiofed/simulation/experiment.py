@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cardiofed.data.dataset import FederatedDataset
+from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.evaluation.metrics import binary_metrics
+from cardiofed.models.estimator import RiskEstimator
 from cardiofed.models.networks import Weights, make_model, predict_proba, set_weights
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.prepare import PreparedSite, prepare_federation, prepare_local_only
@@ -35,6 +37,14 @@ class ExperimentResult:
     metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     # site -> model label -> (y_true, y_prob) on that site's test split
     predictions: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    preprocessors: dict[str, Preprocessor] = field(default_factory=dict)
+
+    def estimator(self, site: str) -> RiskEstimator:
+        """The federated model as an estimator, with the preprocessing `site` used."""
+        if site not in self.preprocessors:
+            raise KeyError(f"No site {site!r}; sites are {sorted(self.preprocessors)}.")
+        return RiskEstimator.from_weights(self.federated.weights, self.preprocessors[site],
+                                          model=self.config.model)
 
     def summary_rows(self, metric_names: tuple[str, ...] = ("auc", "accuracy",
                                                             "calibration_slope",
@@ -77,7 +87,8 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     run = run_federated(sites, config, progress=progress)
     result = ExperimentResult(dataset=dataset.name, config=config, federated=run,
                               site_types={s.name: s.site_type for s in sites},
-                              site_sizes={s.name: s.n_train for s in sites})
+                              site_sizes={s.name: s.n_train for s in sites},
+                              preprocessors={s.name: s.preprocessor for s in sites})
     if baselines:
         local_sites = [prepare_local_only(s, dataset.feature_ranges) for s in dataset.sites]
         local_probs = {
