@@ -3,8 +3,9 @@
     CardioFedError
     ├── DataValidationError   a site's export does not fit the schema or its mapping
     │                         (also a ValueError)
-    └── ConfigurationError    invalid settings; the message names parameter and value
-                              (also a ValueError)
+    ├── ConfigurationError    invalid settings; the message names parameter and value
+    │                         (also a ValueError)
+    └── PrivacyBudgetExceeded a site refuses a release that would exceed its budget
 
 Domain code raises these; only the HTTP layers translate them into status codes.
 """
@@ -22,3 +23,7 @@ class DataValidationError(CardioFedError, ValueError):
 
 class ConfigurationError(CardioFedError, ValueError):
     """A setting is invalid; the message names the parameter and the value."""
+
+
+class PrivacyBudgetExceeded(CardioFedError):
+    """A site refuses a release: it would spend more than the site's epsilon_max."""

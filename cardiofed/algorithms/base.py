@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from torch import nn
@@ -19,7 +20,15 @@ from torch import nn
 from cardiofed.aggregation.server_optimizers import ServerOptimizer, ServerState
 from cardiofed.aggregation.weighted_mean import sample_size_weights, weighted_mean
 from cardiofed.models.networks import Weights, get_weights, set_weights
-from cardiofed.training.local import LocalTrainingConfig, train_local
+from cardiofed.training.local import LocalResult, LocalTrainingConfig, train_local
+
+
+class LocalTrainer(Protocol):
+    """What trains a model in place at a site (plain SGD, or DP-SGD with a ledger)."""
+
+    def __call__(self, model: nn.Module, x: np.ndarray, y: np.ndarray,
+                 config: LocalTrainingConfig, *, seed: int,
+                 anchor: Weights | None = None) -> LocalResult: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,10 +51,15 @@ class FederatedAlgorithm:
     server: ServerOptimizer
 
     def client_update(self, model: nn.Module, global_weights: Weights, x: np.ndarray,
-                      y: np.ndarray, *, site: str, seed: int) -> ClientUpdate:
-        """Train `model` from `global_weights` on the site's rows; return the update."""
+                      y: np.ndarray, *, site: str, seed: int,
+                      trainer: LocalTrainer = train_local) -> ClientUpdate:
+        """Train `model` from `global_weights` on the site's rows; return the update.
+
+        `trainer` runs the local training; a site's DP wrapper
+        (:meth:`cardiofed.privacy.SitePrivacy.train`) is passed here.
+        """
         set_weights(model, global_weights)
-        result = train_local(model, x, y, self.local, seed=seed, anchor=global_weights)
+        result = trainer(model, x, y, self.local, seed=seed, anchor=global_weights)
         local = get_weights(model)
         return ClientUpdate(site=site, delta={k: local[k] - global_weights[k] for k in local},
                             num_samples=len(y), num_steps=result.num_steps,

@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cardiofed.algorithms import FederatedAlgorithm, make_algorithm
 from cardiofed.exceptions import ConfigurationError
@@ -34,6 +34,18 @@ class SimulationConfig(BaseModel):
     fraction_fit: float = Field(1.0, gt=0, le=1)
     seed: int = Field(0, ge=0)
     eval_every: int = Field(1, ge=0, description="0 evaluates only after the last round")
+    # Differential privacy (record-level DP-SGD at every site); off when dp_epsilon is None.
+    dp_epsilon: float | None = Field(None, gt=0, allow_inf_nan=False)
+    dp_delta: float | None = Field(None, gt=0, lt=1)
+    dp_max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
+    dp_accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _dp_compatible(self) -> SimulationConfig:
+        if self.dp_epsilon is not None and self.algorithm == "fedprox":
+            raise ValueError("differential privacy does not support fedprox's proximal term; "
+                             "use fedavg, fedadam or fedyogi")
+        return self
 
     @classmethod
     def create(cls, **settings: object) -> SimulationConfig:
@@ -69,7 +81,9 @@ def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         name = ".".join(str(p) for p in err["loc"]) or "config"
-        if err["type"] == "extra_forbidden":
+        if not err["loc"]:
+            parts.append(err["msg"].removeprefix("Value error, "))
+        elif err["type"] == "extra_forbidden":
             parts.append(f"unknown setting {name!r}")
         else:
             msg = err["msg"].replace("Input should be", "must be")

@@ -8,6 +8,7 @@ view used for reports and benchmarks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -16,6 +17,8 @@ from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.evaluation.metrics import binary_metrics
 from cardiofed.models.estimator import RiskEstimator
 from cardiofed.models.networks import Weights, make_model, predict_proba, set_weights
+from cardiofed.privacy.budget import PrivacyLedger, SiteBudget
+from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.prepare import PreparedSite, prepare_federation, prepare_local_only
 from cardiofed.simulation.runner import FederatedRun, derive_seed, run_federated, train_centralised
@@ -38,6 +41,8 @@ class ExperimentResult:
     # site -> model label -> (y_true, y_prob) on that site's test split
     predictions: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     preprocessors: dict[str, Preprocessor] = field(default_factory=dict)
+    # site -> what DP spent there (empty without DP)
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def estimator(self, site: str) -> RiskEstimator:
         """The federated model as an estimator, with the preprocessing `site` used."""
@@ -80,15 +85,47 @@ def _record(result: ExperimentResult, label: str, site_probs: dict[str, np.ndarr
     result.metrics.setdefault(POOLED_TEST, {})[label] = binary_metrics(y_all, p_all)
 
 
+STATISTICS_DISCLOSURE = (
+    "Federated preprocessing statistics (per-column counts, sums, sums of squares and "
+    "histograms of each site's training rows) are released without DP noise: they are "
+    "NOT covered by the epsilon reported here.")
+
+
+def site_privacy(sites: list[PreparedSite], config: SimulationConfig,
+                 ledger_dir: Path | None = None) -> dict[str, SitePrivacy]:
+    """Each site's ledger and DP-SGD noise calibrated for the whole planned schedule."""
+    if config.dp_epsilon is None:
+        return {}
+    budget = SiteBudget(epsilon_max=config.dp_epsilon, delta=config.dp_delta,
+                        accountant=config.dp_accountant)
+    return {s.name: SitePrivacy.calibrated(
+        PrivacyLedger(site=s.name, budget=budget, n_records=s.n_train,
+                      path=ledger_dir / f"{s.name}.json" if ledger_dir else None),
+        config.local_config(), rounds=config.rounds, max_grad_norm=config.dp_max_grad_norm)
+        for s in sites}
+
+
 def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
-                   baselines: bool = True, progress: bool = False) -> ExperimentResult:
-    """Train federated (and, with ``baselines``, local-only and pooled) and evaluate all."""
+                   baselines: bool = True, progress: bool = False,
+                   ledger_dir: Path | None = None) -> ExperimentResult:
+    """Train federated (and, with ``baselines``, local-only and pooled) and evaluate all.
+
+    With ``config.dp_epsilon`` every site trains with DP-SGD under its own ledger
+    (persisted in `ledger_dir` when given); the baselines stay non-private references.
+    """
     sites = prepare_federation(dataset, config.standardisation)
-    run = run_federated(sites, config, progress=progress)
+    privacy = site_privacy(sites, config, ledger_dir)
+    run = run_federated(sites, config, progress=progress, privacy=privacy or None)
     result = ExperimentResult(dataset=dataset.name, config=config, federated=run,
                               site_types={s.name: s.site_type for s in sites},
                               site_sizes={s.name: s.n_train for s in sites},
                               preprocessors={s.name: s.preprocessor for s in sites})
+    for name, p in privacy.items():
+        result.privacy[name] = {
+            "epsilon_spent": p.ledger.spent(), "epsilon_max": p.ledger.budget.epsilon_max,
+            "delta": p.ledger.delta, "noise_multiplier": p.dp.noise_multiplier,
+            "max_grad_norm": p.dp.max_grad_norm, "n_records": float(p.ledger.n_records),
+            "rounds_trained": float(run.participation[name])}
     if baselines:
         local_sites = [prepare_local_only(s, dataset.feature_ranges) for s in dataset.sites]
         local_probs = {

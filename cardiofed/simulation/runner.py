@@ -8,14 +8,17 @@ on the union of the sites' rows.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.metrics import roc_auc_score
 
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
+from cardiofed.algorithms.base import LocalTrainer
+from cardiofed.exceptions import PrivacyBudgetExceeded
 from cardiofed.models.networks import (
     Weights,
     get_weights,
@@ -24,6 +27,7 @@ from cardiofed.models.networks import (
     set_weights,
 )
 from cardiofed.simulation.config import SimulationConfig
+from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.prepare import PreparedSite
 from cardiofed.training.local import train_local
 
@@ -40,6 +44,8 @@ class FederatedRun:
     weights: Weights
     history: list[dict[str, float]] = field(default_factory=list)
     participation: dict[str, int] = field(default_factory=dict)
+    # Sites' refusals to train (privacy budget exhausted): (round, site, reason).
+    refusals: list[tuple[int, str, str]] = field(default_factory=list)
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -60,12 +66,15 @@ def round_metrics(model_kind: str, weights: Weights, sites: Sequence[PreparedSit
 
 def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                   algorithm: FederatedAlgorithm | None = None, progress: bool = False,
+                  privacy: Mapping[str, SitePrivacy] | None = None,
                   on_round: Callable[[int, Weights], None] | None = None) -> FederatedRun:
     """Run ``config.rounds`` rounds of ``config``'s algorithm over the sites.
 
     Each round samples ``fraction_fit`` of the sites (at least one), lets each train
     from the current global model, and applies the server step. Every
-    ``eval_every`` rounds (and after the last) the history records test AUCs.
+    ``eval_every`` rounds (and after the last) the history records test AUCs and, with
+    `privacy`, the epsilon each site has spent. A site whose budget would be exceeded
+    refuses the round (recorded in ``refusals``) and the federation goes on without it.
     """
     algorithm = algorithm or config.make_algorithm()
     n_features = sites[0].x_train.shape[1]
@@ -87,9 +96,16 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             updates: list[ClientUpdate] = []
             for k in chosen:
                 site = sites[k]
-                updates.append(algorithm.client_update(
-                    model, weights, site.x_train, site.y_train, site=site.name,
-                    seed=derive_seed(config.seed, rnd, int(k))))
+                trainer: LocalTrainer = train_local
+                if privacy is not None:
+                    trainer = partial(privacy[site.name].train, what=f"round {rnd}")
+                try:
+                    updates.append(algorithm.client_update(
+                        model, weights, site.x_train, site.y_train, site=site.name,
+                        seed=derive_seed(config.seed, rnd, int(k)), trainer=trainer))
+                except PrivacyBudgetExceeded as refusal:
+                    run.refusals.append((rnd, site.name, str(refusal)))
+                    continue
                 run.participation[site.name] += 1
             weights, state = algorithm.server_update(weights, updates, state)
             if on_round is not None:
@@ -97,8 +113,11 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             last = rnd == config.rounds
             if last or (config.eval_every and rnd % config.eval_every == 0):
                 record = {"round": float(rnd),
-                          "train_loss": float(np.mean([u.train_loss for u in updates])),
+                          "train_loss": float(np.mean([u.train_loss for u in updates]))
+                          if updates else float("nan"),
                           **round_metrics(config.model, weights, sites, n_features)}
+                for name, site_privacy in (privacy or {}).items():
+                    record[f"epsilon/{name}"] = site_privacy.ledger.spent()
                 run.history.append(record)
                 bar.update(task, auc=f"pooled AUC {record['pooled_auc']:.3f}")
             bar.advance(task)

@@ -1,0 +1,119 @@
+"""Privacy accounting behind one small interface, backed by Opacus' accountants.
+
+Every release a site makes is a *subsampled Gaussian mechanism* event: DP-SGD steps
+(noise multiplier ``sigma``, Poisson sampling rate ``q``, ``steps`` of them) or a
+noised release of federated statistics (``q = 1``, one step). :class:`PrivacyAccountant`
+composes the events with Rényi DP (default) or the PRV accountant (Gopi et al. 2021)
+and answers ``get_epsilon(delta)``. Its state is a plain list of events, so it is
+persisted with the site's ledger and survives restarts.
+
+:func:`calibrate_noise` finds the smallest noise multiplier that keeps a planned
+schedule, composed after what was already spent, within a target epsilon; the result
+never overshoots the target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from cardiofed.exceptions import ConfigurationError
+
+AccountantKind = Literal["rdp", "prv"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GaussianEvent:
+    """``steps`` applications of the sampled Gaussian mechanism."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+            raise ConfigurationError(
+                f"The 'noise_multiplier' parameter must be finite and > 0; "
+                f"got {self.noise_multiplier!r}.")
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigurationError(
+                f"The 'sample_rate' parameter must be in (0, 1]; got {self.sample_rate!r}.")
+        if self.steps < 1:
+            raise ConfigurationError(f"The 'steps' parameter must be >= 1; got {self.steps!r}.")
+
+
+class PrivacyAccountant:
+    """Composes :class:`GaussianEvent` objects; ``get_epsilon(delta)`` for the total."""
+
+    def __init__(self, kind: AccountantKind = "rdp",
+                 events: list[GaussianEvent] | None = None) -> None:
+        if kind not in ("rdp", "prv"):
+            raise ConfigurationError(f"The 'accountant' parameter must be 'rdp' or 'prv'; "
+                                     f"got {kind!r}.")
+        self.kind: AccountantKind = kind
+        self.events: list[GaussianEvent] = list(events or [])
+
+    def compose(self, event: GaussianEvent) -> None:
+        self.events.append(event)
+
+    def get_epsilon(self, delta: float, extra: list[GaussianEvent] | None = None) -> float:
+        """Epsilon of everything composed (plus `extra` planned events) at `delta`."""
+        if not 0 < delta < 1:
+            raise ConfigurationError(f"The 'delta' parameter must be in (0, 1); got {delta!r}.")
+        events = self.events + list(extra or [])
+        if not events:
+            return 0.0
+        backend = RDPAccountant() if self.kind == "rdp" else PRVAccountant()
+        backend.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
+        return float(backend.get_epsilon(delta=delta))
+
+    def state_dict(self) -> dict[str, object]:
+        return {"kind": self.kind, "events": [asdict(e) for e in self.events]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, object]) -> PrivacyAccountant:
+        events = state.get("events", [])
+        if not isinstance(events, list):
+            raise ConfigurationError("Accountant state 'events' must be a list.")
+        kind = state.get("kind", "rdp")
+        return cls(kind=kind, events=[GaussianEvent(**e) for e in events])  # type: ignore[arg-type]
+
+
+def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: PrivacyAccountant | None = None,
+                    tolerance: float = 0.01, max_noise: float = 1e4) -> float:
+    """Smallest noise multiplier (to within bisection tolerance, rounded up) such that
+    ``steps`` sampled-Gaussian steps at `sample_rate`, composed after `accountant`'s
+    events, keep epsilon at or below `target_epsilon`."""
+    if not target_epsilon > 0:
+        raise ConfigurationError(f"The 'target_epsilon' parameter must be > 0; "
+                                 f"got {target_epsilon!r}.")
+    base = accountant or PrivacyAccountant()
+    spent = base.get_epsilon(delta)
+    if spent >= target_epsilon:
+        raise ConfigurationError(
+            f"Nothing is left to calibrate: {spent:.4g} of target epsilon {target_epsilon:g} "
+            f"is already spent.")
+
+    def eps(sigma: float) -> float:
+        return base.get_epsilon(delta, [GaussianEvent(noise_multiplier=sigma,
+                                                      sample_rate=sample_rate, steps=steps)])
+
+    low, high = 0.0, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > max_noise:
+            raise ConfigurationError(
+                f"No noise multiplier up to {max_noise:g} reaches epsilon {target_epsilon:g} "
+                f"for {steps} steps at sample rate {sample_rate:g}; plan fewer steps or a "
+                f"larger budget.")
+    while high - low > tolerance * high:
+        mid = (low + high) / 2
+        if eps(mid) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high  # eps(high) <= target by the loop invariant
