@@ -21,7 +21,14 @@ from cardiofed.privacy.budget import PrivacyLedger, SiteBudget
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.prepare import PreparedSite, prepare_federation, prepare_local_only
-from cardiofed.simulation.runner import FederatedRun, derive_seed, run_federated, train_centralised
+from cardiofed.simulation.runner import (
+    FederatedRun,
+    Outbox,
+    derive_seed,
+    run_federated,
+    train_centralised,
+)
+from cardiofed.wire import encode_metrics
 
 FEDERATED, LOCAL, POOLED = "federated", "local-only", "pooled"
 POOLED_TEST = "pooled test"
@@ -75,10 +82,13 @@ def score(model_kind: str, weights: Weights, x: np.ndarray) -> np.ndarray:
 
 
 def _record(result: ExperimentResult, label: str, site_probs: dict[str, np.ndarray],
-            sites: list[PreparedSite]) -> None:
+            sites: list[PreparedSite], outbox: Outbox | None = None) -> None:
     for s in sites:
         p = site_probs[s.name]
-        result.metrics.setdefault(s.name, {})[label] = binary_metrics(s.y_test, p)
+        metrics = binary_metrics(s.y_test, p)
+        if outbox is not None:  # federated evaluation: only the metrics leave the site
+            outbox(s.name, "metrics", encode_metrics({"model": label, **metrics}))
+        result.metrics.setdefault(s.name, {})[label] = metrics
         result.predictions.setdefault(s.name, {})[label] = (s.y_test, p)
     y_all = np.concatenate([s.y_test for s in sites])
     p_all = np.concatenate([site_probs[s.name] for s in sites])
@@ -107,15 +117,18 @@ def site_privacy(sites: list[PreparedSite], config: SimulationConfig,
 
 def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
                    baselines: bool = True, progress: bool = False,
-                   ledger_dir: Path | None = None) -> ExperimentResult:
+                   ledger_dir: Path | None = None, outbox: Outbox | None = None
+                   ) -> ExperimentResult:
     """Train federated (and, with ``baselines``, local-only and pooled) and evaluate all.
 
     With ``config.dp_epsilon`` every site trains with DP-SGD under its own ledger
     (persisted in `ledger_dir` when given); the baselines stay non-private references.
+    `outbox` sees every payload the sites send (statistics, updates, metrics).
     """
-    sites = prepare_federation(dataset, config.standardisation)
+    sites = prepare_federation(dataset, config.standardisation, outbox)
     privacy = site_privacy(sites, config, ledger_dir)
-    run = run_federated(sites, config, progress=progress, privacy=privacy or None)
+    run = run_federated(sites, config, progress=progress, privacy=privacy or None,
+                        outbox=outbox)
     result = ExperimentResult(dataset=dataset.name, config=config, federated=run,
                               site_types={s.name: s.site_type for s in sites},
                               site_sizes={s.name: s.n_train for s in sites},
@@ -135,7 +148,7 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
         }
         _record(result, LOCAL, local_probs, local_sites)
     _record(result, FEDERATED, {s.name: score(config.model, run.weights, s.x_test)
-                                for s in sites}, sites)
+                                for s in sites}, sites, outbox)
     if baselines:
         x_pool = np.concatenate([s.x_train for s in sites])
         y_pool = np.concatenate([s.y_train for s in sites])

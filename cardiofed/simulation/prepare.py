@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,6 +11,7 @@ import numpy as np
 from cardiofed.data.dataset import FederatedDataset, SiteData
 from cardiofed.data.preprocessing import (
     Preprocessor,
+    SiteStatistics,
     bin_edges,
     histogram_median,
     local_preprocessor,
@@ -17,6 +19,7 @@ from cardiofed.data.preprocessing import (
     site_statistics,
 )
 from cardiofed.exceptions import ConfigurationError
+from cardiofed.wire import decode_arrays, encode_arrays
 
 Standardisation = Literal["global", "per-site"]
 
@@ -46,23 +49,35 @@ def _prepared(site: SiteData, pre: Preprocessor) -> PreparedSite:
                         preprocessor=pre)
 
 
-def prepare_federation(dataset: FederatedDataset,
-                       standardisation: Standardisation = "global") -> list[PreparedSite]:
+def prepare_federation(dataset: FederatedDataset, standardisation: Standardisation = "global",
+                       outbox: Callable[[str, str, bytes], None] | None = None
+                       ) -> list[PreparedSite]:
     """Impute and standardise every site with federated statistics.
 
     ``global``: one preprocessor from merged site statistics (equal to pooled ones).
     ``per-site``: missing values filled with the federated median, then each site
     standardises with its own training mean and standard deviation (FLamby's choice).
+    With `outbox`, each site's statistics pass through it as wire payloads.
     """
     if standardisation not in ("global", "per-site"):
         raise ConfigurationError(f"The 'standardisation' parameter must be 'global' or "
                                  f"'per-site'; got {standardisation!r}.")
     edges = bin_edges(dataset.feature_ranges)
-    merged = merge_statistics([site_statistics(s.x_train, edges) for s in dataset.sites], edges,
-                              dataset.feature_names)
+    released = [site_statistics(s.x_train, edges) for s in dataset.sites]
+    if outbox is not None:
+        released = [_via_wire(s.name, stats, outbox) for s, stats in zip(dataset.sites, released,
+                                                                          strict=True)]
+    merged = merge_statistics(released, edges, dataset.feature_names)
     if standardisation == "global":
         return [_prepared(s, merged) for s in dataset.sites]
     return [_prepared(s, local_preprocessor(s.x_train, merged.fill)) for s in dataset.sites]
+
+
+def _via_wire(site: str, stats: SiteStatistics,
+              outbox: Callable[[str, str, bytes], None]) -> SiteStatistics:
+    payload = encode_arrays(stats.to_arrays(), {"site": site})
+    outbox(site, "statistics", payload)
+    return SiteStatistics(**decode_arrays(payload)[0])
 
 
 def prepare_local_only(site: SiteData, feature_ranges: list[tuple[float, float]]) -> PreparedSite:

@@ -26,10 +26,11 @@ from cardiofed.models.networks import (
     predict_proba,
     set_weights,
 )
-from cardiofed.simulation.config import SimulationConfig
 from cardiofed.privacy.site_privacy import SitePrivacy
+from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.prepare import PreparedSite
 from cardiofed.training.local import train_local
+from cardiofed.wire import decode_arrays, encode_arrays
 
 
 def derive_seed(*parts: int) -> int:
@@ -67,6 +68,7 @@ def round_metrics(model_kind: str, weights: Weights, sites: Sequence[PreparedSit
 def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                   algorithm: FederatedAlgorithm | None = None, progress: bool = False,
                   privacy: Mapping[str, SitePrivacy] | None = None,
+                  outbox: Outbox | None = None,
                   on_round: Callable[[int, Weights], None] | None = None) -> FederatedRun:
     """Run ``config.rounds`` rounds of ``config``'s algorithm over the sites.
 
@@ -75,6 +77,10 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     ``eval_every`` rounds (and after the last) the history records test AUCs and, with
     `privacy`, the epsilon each site has spent. A site whose budget would be exceeded
     refuses the round (recorded in ``refusals``) and the federation goes on without it.
+
+    With `outbox`, every update is serialised as it would be on the wire, handed to
+    ``outbox(site, kind, payload)`` and decoded again; the server step uses the decoded
+    copy, so what was captured is exactly what the server used.
     """
     algorithm = algorithm or config.make_algorithm()
     n_features = sites[0].x_train.shape[1]
@@ -100,12 +106,13 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 if privacy is not None:
                     trainer = partial(privacy[site.name].train, what=f"round {rnd}")
                 try:
-                    updates.append(algorithm.client_update(
+                    update = algorithm.client_update(
                         model, weights, site.x_train, site.y_train, site=site.name,
-                        seed=derive_seed(config.seed, rnd, int(k)), trainer=trainer))
+                        seed=derive_seed(config.seed, rnd, int(k)), trainer=trainer)
                 except PrivacyBudgetExceeded as refusal:
                     run.refusals.append((rnd, site.name, str(refusal)))
                     continue
+                updates.append(update if outbox is None else _via_wire(update, rnd, outbox))
                 run.participation[site.name] += 1
             weights, state = algorithm.server_update(weights, updates, state)
             if on_round is not None:
@@ -123,6 +130,18 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             bar.advance(task)
     run.weights = weights
     return run
+
+
+Outbox = Callable[[str, str, bytes], None]
+
+
+def _via_wire(update: ClientUpdate, rnd: int, outbox: Outbox) -> ClientUpdate:
+    payload = encode_arrays(update.delta, {"site": update.site, "round": str(rnd),
+                                           "num_samples": str(update.num_samples),
+                                           "train_loss": repr(update.train_loss)})
+    outbox(update.site, "update", payload)
+    delta, manifest = decode_arrays(payload)
+    return replace(update, delta=delta, num_samples=int(manifest["num_samples"]))
 
 
 def train_centralised(x: np.ndarray, y: np.ndarray, config: SimulationConfig, *,
