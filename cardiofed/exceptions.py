@@ -5,7 +5,14 @@
     │                         (also a ValueError)
     ├── ConfigurationError    invalid settings; the message names parameter and value
     │                         (also a ValueError)
-    └── PrivacyBudgetExceeded a site refuses a release that would exceed its budget
+    ├── PrivacyBudgetExceeded a site refuses a release that would exceed its budget
+    └── CoordinatorError      a request the coordinator refuses (HTTP status in brackets)
+        ├── AuthenticationError   no, unknown or revoked credential            [401]
+        ├── PermissionDenied      authenticated, but not allowed to do this     [403]
+        ├── NotFound              no such study, site, round or model           [404]
+        ├── Conflict              clashes with what was already accepted       [409]
+        ├── PayloadTooLarge       over the configured size limit                [413]
+        └── InvalidUpdate         malformed, mismatched or non-finite payload   [422]
 
 Domain code raises these; only the HTTP layers translate them into status codes.
 """
@@ -27,3 +34,33 @@ class ConfigurationError(CardioFedError, ValueError):
 
 class PrivacyBudgetExceeded(CardioFedError):
     """A site refuses a release: it would spend more than the site's epsilon_max."""
+
+
+class CoordinatorError(CardioFedError):
+    """A request the coordinator refuses; ``status_code`` is the HTTP status to use."""
+
+    status_code = 400
+
+
+class AuthenticationError(CoordinatorError):
+    status_code = 401
+
+
+class PermissionDenied(CoordinatorError):
+    status_code = 403
+
+
+class NotFound(CoordinatorError):
+    status_code = 404
+
+
+class Conflict(CoordinatorError):
+    status_code = 409
+
+
+class PayloadTooLarge(CoordinatorError):
+    status_code = 413
+
+
+class InvalidUpdate(CoordinatorError):
+    status_code = 422

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Mapping
 
 import numpy as np
 import safetensors.numpy
@@ -45,7 +46,7 @@ def decode_arrays(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return arrays, dict(header.get("__metadata__", {}))
 
 
-def encode_metrics(metrics: dict[str, object]) -> bytes:
+def encode_metrics(metrics: Mapping[str, object]) -> bytes:
     """Metrics as JSON (non-finite values become null)."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
              for k, v in metrics.items()}

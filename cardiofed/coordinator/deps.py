@@ -1,0 +1,48 @@
+"""FastAPI dependencies: settings, database sessions, authentication."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Annotated
+
+from fastapi import Depends, Header
+from sqlalchemy.orm import Session, sessionmaker
+
+from cardiofed.coordinator import service
+from cardiofed.coordinator.settings import CoordinatorSettings, get_settings
+from cardiofed.coordinator.storage import Site, make_engine, make_sessionmaker
+
+
+@lru_cache(maxsize=8)
+def _sessions(url: str) -> sessionmaker[Session]:
+    return make_sessionmaker(make_engine(url))
+
+
+def get_db(settings: Annotated[CoordinatorSettings, Depends(get_settings)]) -> Iterator[Session]:
+    with _sessions(settings.database_url)() as db:
+        yield db
+
+
+def bearer(authorization: Annotated[str | None, Header()] = None) -> str | None:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+DB = Annotated[Session, Depends(get_db)]
+Settings = Annotated[CoordinatorSettings, Depends(get_settings)]
+
+
+def current_site(db: DB, credential: Annotated[str | None, Depends(bearer)]) -> Site:
+    site = service.authenticate_site(db, credential)
+    db.commit()  # last_seen
+    return site
+
+
+def require_admin(db: DB, credential: Annotated[str | None, Depends(bearer)]) -> None:
+    service.authenticate_admin(db, credential)
+
+
+CurrentSite = Annotated[Site, Depends(current_site)]
+Admin = Annotated[None, Depends(require_admin)]

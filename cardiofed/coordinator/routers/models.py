@@ -1,0 +1,55 @@
+"""Models: versioned global weights (safetensors) and the shared preprocessor."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+from sqlalchemy import select
+
+from cardiofed.coordinator import service
+from cardiofed.coordinator.deps import DB, bearer
+from cardiofed.coordinator.schemas import ModelInfo
+from cardiofed.coordinator.storage import ModelVersion
+from cardiofed.exceptions import AuthenticationError, NotFound
+
+router = APIRouter(prefix="/v1/studies", tags=["models"])
+SAFETENSORS = "application/octet-stream"
+
+
+def _member_or_admin(db: DB, study_id: str, credential: str | None) -> None:
+    try:
+        service.authenticate_admin(db, credential)
+    except AuthenticationError:
+        service.ensure_site_access(service.authenticate_site(db, credential), study_id)
+
+
+@router.get("/{study_id}/models")
+def list_models(study_id: str, db: DB,
+                credential: Annotated[str | None, Depends(bearer)]) -> list[ModelInfo]:
+    _member_or_admin(db, study_id, credential)
+    models = db.scalars(select(ModelVersion).where(ModelVersion.study_id == study_id)
+                        .order_by(ModelVersion.version))
+    return [ModelInfo(version=m.version, round=m.round_number, sha256=m.sha256,
+                      participants=m.participants, metrics=m.metrics, created_at=m.created_at)
+            for m in models]
+
+
+@router.get("/{study_id}/models/{version}", response_class=Response,
+            responses={200: {"content": {SAFETENSORS: {}}}})
+def get_model(study_id: str, version: int, db: DB,
+              credential: Annotated[str | None, Depends(bearer)]) -> Response:
+    _member_or_admin(db, study_id, credential)
+    model = service.model_blob(db, study_id, version)
+    return Response(model.weights, media_type=SAFETENSORS, headers={"X-SHA256": model.sha256})
+
+
+@router.get("/{study_id}/preprocessor", response_class=Response,
+            responses={200: {"content": {SAFETENSORS: {}}}})
+def get_preprocessor(study_id: str, db: DB,
+                     credential: Annotated[str | None, Depends(bearer)]) -> Response:
+    _member_or_admin(db, study_id, credential)
+    study = service.get_study(db, study_id)
+    if study.preprocessor is None:
+        raise NotFound(f"Study {study_id!r} has no preprocessor yet (statistics round open).")
+    return Response(study.preprocessor, media_type=SAFETENSORS)

@@ -1,0 +1,27 @@
+"""Updates: a site uploads its result for a round (safetensors or, to evaluate, JSON)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from cardiofed.coordinator import service
+from cardiofed.coordinator.deps import DB, CurrentSite, Settings
+from cardiofed.coordinator.schemas import SubmitResponse
+from cardiofed.exceptions import PayloadTooLarge
+
+router = APIRouter(prefix="/v1/studies", tags=["updates"])
+
+
+@router.post("/{study_id}/rounds/{round_number}/updates")
+async def submit_update(study_id: str, round_number: int, request: Request, site: CurrentSite,
+                        db: DB, settings: Settings) -> SubmitResponse:
+    """Accept a site's payload for a round; committed before it is acknowledged."""
+    service.ensure_site_access(site, study_id)
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > settings.max_update_bytes:
+        raise PayloadTooLarge(f"Payload of {declared} bytes exceeds the limit of "
+                              f"{settings.max_update_bytes} bytes.")
+    payload = await request.body()
+    digest, new = service.submit(db, site, round_number=round_number, payload=payload,
+                                 max_bytes=settings.max_update_bytes)
+    return SubmitResponse(sha256=digest, status="accepted" if new else "already accepted")

@@ -1,0 +1,61 @@
+"""Request and response bodies of the coordinator API (version 1)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EnrolRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"token": "one-time-token"}]})
+    token: str = Field(min_length=1)
+
+
+class EnrolResponse(BaseModel):
+    study: str
+    site: str
+    site_index: int
+    credential: str
+
+
+class TaskResponse(BaseModel):
+    study: str
+    round: int
+    kind: str = Field(description="statistics, train or evaluate")
+    model_version: int
+    deadline: datetime
+    site_index: int
+    plan: dict[str, object]
+    feature_names: list[str]
+    feature_ranges: list[list[float]]
+
+
+class SubmitResponse(BaseModel):
+    sha256: str
+    status: str = Field(description="'accepted', or 'already accepted' for a retry")
+
+
+class StudyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    plan: dict[str, object]
+    sites: list[str] = Field(min_length=1)
+    feature_names: list[str] = Field(min_length=1)
+    feature_ranges: list[tuple[float, float]]
+    min_sites: int | None = None
+    round_timeout_s: float = 3600.0
+
+
+class StudyCreated(BaseModel):
+    id: str
+    enrolment_tokens: dict[str, str]
+
+
+class ModelInfo(BaseModel):
+    version: int
+    round: int
+    sha256: str
+    participants: list[str]
+    metrics: dict[str, object]
+    created_at: datetime

@@ -1,0 +1,408 @@
+"""The coordinator's domain logic, independent of HTTP.
+
+A study runs in rounds: round 0 gathers federated statistics, rounds 1..R train
+(the plan's algorithm: each site's update is folded by the same ``server_update`` the
+simulator uses), round R+1 gathers each site's evaluation metrics. A round closes when
+every active site has reported, or when its deadline passes with at least
+``min_sites`` reports; past the deadline with fewer, it is extended and the status
+says which sites it waits for. Each accepted update is committed before it is
+acknowledged; a repeated identical upload is acknowledged again, a different one for
+the same round is a conflict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cardiofed.aggregation.server_optimizers import ServerState
+from cardiofed.algorithms import ClientUpdate
+from cardiofed.coordinator.storage import (
+    AdminKey,
+    ModelVersion,
+    Round,
+    Site,
+    Study,
+    Update,
+    utcnow,
+)
+from cardiofed.data.preprocessing import SiteStatistics, bin_edges, merge_statistics
+from cardiofed.exceptions import (
+    AuthenticationError,
+    Conflict,
+    DataValidationError,
+    InvalidUpdate,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+)
+from cardiofed.models.networks import Weights, get_weights, make_model
+from cardiofed.simulation.config import SimulationConfig
+from cardiofed.wire import decode_arrays, encode_arrays
+
+Clock = Callable[[], datetime]
+STATISTICS, TRAIN, EVALUATE = "statistics", "train", "evaluate"
+MAX_METRICS_BYTES = 64 * 1024
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------- administration
+
+def create_admin_key(db: Session) -> str:
+    """A new admin credential (shown once; stored as a hash)."""
+    key = new_secret()
+    db.add(AdminKey(key_hash=hash_secret(key)))
+    db.commit()
+    return key
+
+
+def authenticate_admin(db: Session, credential: str | None) -> None:
+    if not credential or db.scalar(
+            select(AdminKey).where(AdminKey.key_hash == hash_secret(credential))) is None:
+        raise AuthenticationError("An admin credential is required for this request.")
+
+
+def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: list[str],
+                 feature_names: list[str], feature_ranges: list[tuple[float, float]],
+                 min_sites: int | None = None, round_timeout_s: float = 3600.0,
+                 now: Clock = utcnow) -> dict[str, str]:
+    """Create a study and its sites; returns a one-time enrolment token per site."""
+    if db.get(Study, study_id) is not None:
+        raise Conflict(f"Study {study_id!r} already exists.")
+    if not sites or len(set(sites)) != len(sites):
+        raise InvalidUpdate(f"A study needs distinct site names; got {sites}.")
+    if plan.dp_epsilon is not None:
+        raise InvalidUpdate("Privacy budgets belong to each site's node configuration, not to "
+                            "the study plan; remove dp_epsilon from the plan.")
+    min_sites = len(sites) if min_sites is None else min_sites
+    if not 1 <= min_sites <= len(sites):
+        raise InvalidUpdate(f"min_sites must be in [1, {len(sites)}]; got {min_sites}.")
+    if round_timeout_s <= 0:
+        raise InvalidUpdate(f"round_timeout_s must be > 0; got {round_timeout_s}.")
+    study = Study(id=study_id, plan=plan.model_dump(), feature_names=feature_names,
+                  feature_ranges=[list(r) for r in feature_ranges], min_sites=min_sites,
+                  round_timeout_s=round_timeout_s)
+    db.add(study)
+    db.flush()
+    tokens = {}
+    for index, name in enumerate(sites):
+        tokens[name] = new_secret()
+        db.add(Site(study_id=study_id, name=name, index=index,
+                    enrol_token_hash=hash_secret(tokens[name])))
+    initial = get_weights(make_model(plan.model, len(feature_names), seed=plan.seed))
+    _store_model(db, study, initial, version=0, round_number=0, participants=[])
+    db.add(Round(study_id=study_id, number=0, kind=STATISTICS, model_version=0,
+                 opened_at=now(), deadline=now() + timedelta(seconds=round_timeout_s)))
+    db.commit()
+    return tokens
+
+
+def revoke_site(db: Session, study_id: str, site_name: str) -> None:
+    site = db.scalar(select(Site).where(Site.study_id == study_id, Site.name == site_name))
+    if site is None:
+        raise NotFound(f"Study {study_id!r} has no site {site_name!r}.")
+    site.revoked = True
+    db.commit()
+
+
+# ---------------------------------------------------------------- sites
+
+def enrol(db: Session, token: str) -> tuple[Site, str]:
+    """Exchange a one-time enrolment token for a long-lived site credential."""
+    site = db.scalar(select(Site).where(Site.enrol_token_hash == hash_secret(token)))
+    if site is None:
+        raise AuthenticationError("Unknown or already used enrolment token.")
+    if site.revoked:
+        raise AuthenticationError(f"Site {site.name!r} has been revoked.")
+    credential = new_secret()
+    site.enrol_token_hash = None
+    site.credential_hash = hash_secret(credential)
+    db.commit()
+    return site, credential
+
+
+def authenticate_site(db: Session, credential: str | None, now: Clock = utcnow) -> Site:
+    if not credential:
+        raise AuthenticationError("A site credential is required (Authorization: Bearer ...).")
+    site = db.scalar(select(Site).where(Site.credential_hash == hash_secret(credential)))
+    if site is None:
+        raise AuthenticationError("Unknown site credential.")
+    if site.revoked:
+        raise AuthenticationError(f"Site {site.name!r} has been revoked.")
+    site.last_seen = now()
+    return site
+
+
+def get_study(db: Session, study_id: str) -> Study:
+    study = db.get(Study, study_id)
+    if study is None:
+        raise NotFound(f"No study {study_id!r}.")
+    return study
+
+
+def study_plan(study: Study) -> SimulationConfig:
+    return SimulationConfig.model_validate(study.plan)
+
+
+def _round(db: Session, study: Study, number: int | None = None) -> Round:
+    number = study.current_round if number is None else number
+    rnd = db.scalar(select(Round).where(Round.study_id == study.id, Round.number == number))
+    if rnd is None:
+        raise NotFound(f"Study {study.id!r} has no round {number}.")
+    return rnd
+
+
+def _active_sites(db: Session, study: Study) -> list[Site]:
+    return list(db.scalars(select(Site).where(Site.study_id == study.id, ~Site.revoked)
+                           .order_by(Site.index)))
+
+
+def _reported(db: Session, rnd: Round) -> dict[int, Update]:
+    return {u.site_id: u for u in db.scalars(select(Update).where(Update.round_id == rnd.id))}
+
+
+@dataclass(frozen=True)
+class Task:
+    study_id: str
+    round: int
+    kind: str
+    model_version: int
+    deadline: datetime
+
+
+def next_task(db: Session, site: Site, now: Clock = utcnow) -> Task | None:
+    """The task `site` should run now, or None (finished, or already reported)."""
+    study = get_study(db, site.study_id)
+    advance(db, study, now)
+    if study.phase == "done":
+        return None
+    rnd = _round(db, study)
+    if site.id in _reported(db, rnd):
+        return None
+    return Task(study.id, rnd.number, rnd.kind, rnd.model_version, rnd.deadline)
+
+
+def submit(db: Session, site: Site, *, round_number: int, payload: bytes, max_bytes: int,
+           now: Clock = utcnow) -> tuple[str, bool]:
+    """Validate and durably store a site's payload for a round.
+
+    Returns (sha256, newly_accepted). A byte-identical retry is acknowledged again.
+    """
+    if len(payload) > max_bytes:
+        raise PayloadTooLarge(f"Payload of {len(payload)} bytes exceeds the limit of "
+                              f"{max_bytes} bytes.")
+    study = get_study(db, site.study_id)
+    rnd = _round(db, study, round_number)
+    digest = sha256(payload)
+    existing = _reported(db, rnd).get(site.id)
+    if existing is not None:
+        if existing.sha256 == digest:
+            return digest, False
+        raise Conflict(f"Site {site.name!r} already submitted a different payload for round "
+                       f"{round_number} (sha256 {existing.sha256[:12]}...).")
+    if rnd.closed_at is not None:
+        raise Conflict(f"Round {round_number} of study {study.id!r} is closed "
+                       f"({rnd.outcome}); the current round is {study.current_round}.")
+    num_samples = _validate(db, study, rnd, site, payload)
+    db.add(Update(round_id=rnd.id, site_id=site.id, payload=payload, sha256=digest,
+                  num_samples=num_samples, received_at=now()))
+    db.commit()  # durable before acknowledged
+    advance(db, study, now)
+    return digest, True
+
+
+def _validate(db: Session, study: Study, rnd: Round, site: Site, payload: bytes) -> int:
+    if rnd.kind == EVALUATE:
+        if len(payload) > MAX_METRICS_BYTES:
+            raise PayloadTooLarge(f"Metrics payload exceeds {MAX_METRICS_BYTES} bytes.")
+        try:
+            metrics = json.loads(payload)
+        except ValueError:
+            raise InvalidUpdate("Evaluation payload must be a JSON object of metrics.") from None
+        if not isinstance(metrics, dict) or not all(
+                isinstance(v, int | float) or v is None for v in metrics.values()):
+            raise InvalidUpdate("Evaluation payload must map metric names to numbers or null.")
+        return int(metrics.get("n", 0) or 0)
+    try:
+        arrays, manifest = decode_arrays(payload)
+    except DataValidationError as exc:
+        raise InvalidUpdate(str(exc)) from None
+    for key, wanted in (("study", study.id), ("round", str(rnd.number)),
+                        ("model_version", str(rnd.model_version)), ("site", site.name)):
+        if manifest.get(key) != wanted:
+            raise InvalidUpdate(f"Manifest field {key!r} is {manifest.get(key)!r}; expected "
+                                f"{wanted!r}.")
+    d = len(study.feature_names)
+    if rnd.kind == STATISTICS:
+        expected_shapes = {"count": (d,), "total": (d,), "total_sq": (d,), "n_missing": (d,)}
+        shape_source = {k: v.shape for k, v in arrays.items() if k != "histogram"}
+        if shape_source != expected_shapes or "histogram" not in arrays \
+                or arrays["histogram"].ndim != 2 or arrays["histogram"].shape[0] != d:
+            raise InvalidUpdate(f"Statistics payload must hold count, total, total_sq, "
+                                f"n_missing of shape ({d},) and histogram of shape ({d}, bins); "
+                                f"got {({k: v.shape for k, v in arrays.items()})}.")
+        return int(arrays["count"].max(initial=0) + arrays["n_missing"].max(initial=0))
+    expected = {k: (v.shape, v.dtype)
+                for k, v in _load_model(db, study, rnd.model_version).items()}
+    got = {k: (v.shape, v.dtype) for k, v in arrays.items()}
+    if set(got) != set(expected):
+        raise InvalidUpdate(f"Update tensors {sorted(got)} do not match the model's "
+                            f"{sorted(expected)}.")
+    for name, (shape, dtype) in expected.items():
+        if got[name] != (shape, dtype):
+            raise InvalidUpdate(f"Update tensor {name!r} has shape {got[name][0]} and dtype "
+                                f"{got[name][1]}; expected {shape} and {dtype}.")
+    try:
+        num_samples = int(manifest["num_samples"])
+    except (KeyError, ValueError):
+        raise InvalidUpdate("Manifest field 'num_samples' must be a positive integer.") from None
+    if num_samples < 1:
+        raise InvalidUpdate(f"Manifest field 'num_samples' must be >= 1; got {num_samples}.")
+    return num_samples
+
+
+# ---------------------------------------------------------------- rounds
+
+def advance(db: Session, study: Study, now: Clock = utcnow) -> None:
+    """Close the current round if it is complete (or past its deadline), and open the next."""
+    while study.phase != "done":
+        rnd = _round(db, study)
+        active = _active_sites(db, study)
+        reported = _reported(db, rnd)
+        usable = [reported[s.id] for s in active if s.id in reported]  # revoked sites drop out
+        if len(usable) < len(active) and now() < rnd.deadline:
+            return
+        if not usable or len(usable) < min(study.min_sites, len(active)):
+            rnd.deadline = now() + timedelta(seconds=study.round_timeout_s)
+            rnd.outcome = (f"deadline extended: {len(usable)} of the {study.min_sites} "
+                           f"reports required")
+            db.commit()
+            return
+        _close(db, study, rnd, usable, now)
+
+
+def _close(db: Session, study: Study, rnd: Round, updates: list[Update], now: Clock) -> None:
+    plan = study_plan(study)
+    sites = {s.id: s for s in db.scalars(select(Site).where(Site.study_id == study.id))}
+    updates = sorted(updates, key=lambda u: sites[u.site_id].index)
+    names = [sites[u.site_id].name for u in updates]
+    if rnd.kind == STATISTICS:
+        stats = [SiteStatistics(**decode_arrays(u.payload)[0]) for u in updates]
+        edges = bin_edges([(lo, hi) for lo, hi in study.feature_ranges],
+                          stats[0].histogram.shape[1])
+        pre = merge_statistics(stats, edges, study.feature_names)
+        study.preprocessor = encode_arrays({"fill": pre.fill, "mean": pre.mean, "std": pre.std})
+        next_kind, version = TRAIN, study.model_version
+    elif rnd.kind == TRAIN:
+        algorithm = plan.make_algorithm()
+        weights = _load_model(db, study, study.model_version)
+        state = _load_state(study, algorithm.init_server(weights))
+        client_updates = []
+        for u, name in zip(updates, names, strict=True):
+            delta, manifest = decode_arrays(u.payload)
+            client_updates.append(ClientUpdate(site=name, delta=delta, num_samples=u.num_samples,
+                                               num_steps=0, train_loss=float(
+                                                   manifest.get("train_loss", "nan"))))
+        new, state = algorithm.server_update(weights, client_updates, state)
+        study.model_version += 1
+        _store_model(db, study, new, version=study.model_version, round_number=rnd.number,
+                     participants=names)
+        study.server_state = _dump_state(state)
+        next_kind, version = (TRAIN if rnd.number < plan.rounds else EVALUATE,
+                              study.model_version)
+    else:
+        model = model_blob(db, study.id, study.model_version)
+        model.metrics = {name: json.loads(u.payload) for u, name in zip(updates, names,
+                                                                         strict=True)}
+        next_kind, version = "", study.model_version
+    rnd.closed_at = now()
+    rnd.outcome = f"closed with {len(updates)} reports: {', '.join(names)}"
+    if next_kind:
+        study.current_round += 1
+        db.add(Round(study_id=study.id, number=study.current_round, kind=next_kind,
+                     model_version=version, opened_at=now(),
+                     deadline=now() + timedelta(seconds=study.round_timeout_s)))
+        study.phase = next_kind
+    else:
+        study.phase = "done"
+    db.commit()
+
+
+def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
+    """What the federation is doing and what it waits for."""
+    advance(db, study, now)
+    rnd = _round(db, study)
+    reported = _reported(db, rnd)
+    active = _active_sites(db, study)
+    waiting = [s.name for s in active if s.id not in reported]
+    return {
+        "study": study.id, "phase": study.phase, "round": rnd.number, "kind": rnd.kind,
+        "model_version": study.model_version, "rounds_planned": study_plan(study).rounds,
+        "reported": sorted(s.name for s in active if s.id in reported),
+        "waiting_for": [] if study.phase == "done" else waiting,
+        "deadline": rnd.deadline.isoformat() + "Z", "min_sites": study.min_sites,
+        "round_outcome": rnd.outcome,
+        "revoked": sorted(s.name for s in db.scalars(
+            select(Site).where(Site.study_id == study.id, Site.revoked))),
+    }
+
+
+# ---------------------------------------------------------------- models
+
+def _store_model(db: Session, study: Study, weights: Weights, *, version: int,
+                 round_number: int, participants: list[str]) -> None:
+    blob = encode_arrays(weights, {"study": study.id, "model_version": str(version)})
+    db.add(ModelVersion(study_id=study.id, version=version, weights=blob, sha256=sha256(blob),
+                        round_number=round_number, participants=participants))
+    db.flush()
+
+
+def model_blob(db: Session, study_id: str, version: int) -> ModelVersion:
+    model = db.scalar(select(ModelVersion).where(ModelVersion.study_id == study_id,
+                                                 ModelVersion.version == version))
+    if model is None:
+        raise NotFound(f"Study {study_id!r} has no model version {version}.")
+    return model
+
+
+def _load_model(db: Session, study: Study, version: int) -> Weights:
+    return decode_arrays(model_blob(db, study.id, version).weights)[0]
+
+
+def _dump_state(state: ServerState) -> bytes:
+    arrays = {f"m/{k}": v for k, v in state.m.items()} | {f"v/{k}": v for k, v in state.v.items()}
+    return encode_arrays({k: np.asarray(v) for k, v in arrays.items()}, {"step": str(state.step)})
+
+
+def _load_state(study: Study, initial: ServerState) -> ServerState:
+    if study.server_state is None:
+        return initial
+    arrays, meta = decode_arrays(study.server_state)
+    return ServerState(step=int(meta["step"]),
+                       m={k[2:]: v for k, v in arrays.items() if k.startswith("m/")},
+                       v={k[2:]: v for k, v in arrays.items() if k.startswith("v/")})
+
+
+def ensure_site_access(site: Site, study_id: str) -> None:
+    if site.study_id != study_id:
+        raise PermissionDenied(f"Site {site.name!r} belongs to study {site.study_id!r}, not "
+                               f"{study_id!r}.")

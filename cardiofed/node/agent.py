@@ -1,0 +1,186 @@
+"""The hospital node: polls the coordinator for tasks, runs them locally, uploads results.
+
+Only outbound requests. Every payload is cached on disk before it is sent and logged
+in the outbound log; after a crash or restart the node re-sends a cached payload
+byte for byte (the coordinator acknowledges the retry), so no round is trained twice
+and no privacy is spent twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import httpx
+
+from cardiofed.coordinator.schemas import TaskResponse
+from cardiofed.data.dataset import SiteData
+from cardiofed.data.preprocessing import Preprocessor
+from cardiofed.exceptions import CardioFedError, PrivacyBudgetExceeded
+from cardiofed.node.config import NodeConfig
+from cardiofed.node.outbound import OutboundLog
+from cardiofed.node.work import (
+    evaluate_payload,
+    load_site_data,
+    site_preprocessor,
+    statistics_payload,
+    train_payload,
+)
+from cardiofed.privacy.budget import PrivacyLedger, SiteBudget
+from cardiofed.privacy.site_privacy import SitePrivacy
+from cardiofed.simulation.config import SimulationConfig
+from cardiofed.training.dp import DPConfig
+from cardiofed.wire import decode_arrays
+
+log = logging.getLogger("cardiofed.node")
+
+
+class NodeError(CardioFedError):
+    """The coordinator refused the node's request, or the node cannot go on."""
+
+
+class NodeAgent:
+    """Runs one site's part of a study. ``client`` may be any ``httpx.Client`` (tests pass
+    one over an in-process ASGI transport)."""
+
+    def __init__(self, config: NodeConfig, client: httpx.Client | None = None) -> None:
+        self.config = config
+        self.state_dir = config.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.client = client or httpx.Client(
+            base_url=config.coordinator_url, timeout=config.poll_wait_s + 30,
+            verify=str(config.ca_file) if config.ca_file else True)
+        self.outbound = OutboundLog(self.state_dir / "outbound.jsonl")
+        self._site: SiteData | None = None
+        self._pre: Preprocessor | None = None
+        self._privacy: SitePrivacy | None = None
+
+    # -- credentials ---------------------------------------------------------------
+    @property
+    def _credential_file(self) -> Path:
+        return self.state_dir / "credential"
+
+    def credential(self) -> str:
+        if self._credential_file.exists():
+            return self._credential_file.read_text().strip()
+        if not self.config.enrolment_token:
+            raise NodeError("No credential yet and no enrolment_token in the node config.")
+        body = self._request("POST", "/v1/enrol", json={"token": self.config.enrolment_token},
+                             auth=False).json()
+        fd = os.open(self._credential_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(body["credential"])
+        log.info("enrolled as site %s of study %s", body["site"], body["study"])
+        return str(body["credential"])
+
+    def _request(self, method: str, url: str, *, auth: bool = True, retries: int = 30,
+                 **kwargs: object) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.credential()}"} if auth else {}
+        delay = 0.5
+        for attempt in range(retries):
+            try:
+                response = self.client.request(method, url, headers=headers, **kwargs)  # type: ignore[arg-type]
+            except httpx.TransportError as exc:
+                log.warning("coordinator unreachable (%s); retry %d", type(exc).__name__, attempt)
+            else:
+                if response.status_code < 500:
+                    if response.status_code >= 400:
+                        detail = response.json().get("detail", response.text)
+                        raise NodeError(f"Coordinator refused {method} {url}: "
+                                        f"{response.status_code} {detail}")
+                    return response
+                log.warning("coordinator error %d; retry %d", response.status_code, attempt)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        raise NodeError(f"Coordinator unreachable after {retries} attempts: {method} {url}.")
+
+    # -- the loop ------------------------------------------------------------------
+    def run(self, *, max_tasks: int | None = None) -> int:
+        """Work until the study is done (or `max_tasks` tasks ran); returns tasks run."""
+        done = 0
+        while max_tasks is None or done < max_tasks:
+            response = self._request("GET", "/v1/tasks/next",
+                                     params={"wait": self.config.poll_wait_s})
+            if response.status_code == 204:
+                study = self._study_id()
+                if study and self._request("GET", f"/v1/studies/{study}/status").json()[
+                        "phase"] == "done":
+                    return done
+                continue
+            self.run_task(TaskResponse.model_validate(response.json()))
+            done += 1
+        return done
+
+    def _study_id(self) -> str | None:
+        path = self.state_dir / "study"
+        return path.read_text().strip() if path.exists() else None
+
+    def run_task(self, task: TaskResponse) -> None:
+        study, number, kind = task.study, task.round, task.kind
+        (self.state_dir / "study").write_text(study)
+        cache = self.state_dir / "outbox" / f"{study}-round{number}.bin"
+        if cache.exists():
+            payload = cache.read_bytes()  # computed before a restart: send the same bytes
+        else:
+            payload = self._compute(task)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, cache)
+        url = f"/v1/studies/{study}/rounds/{number}/updates"
+        self.outbound.record(kind, payload, url)
+        ack = self._request("POST", url, content=payload)
+        log.info("round %d (%s): %s, %d bytes", number, kind, ack.json()["status"], len(payload))
+
+    def _compute(self, task: TaskResponse) -> bytes:
+        plan = SimulationConfig.model_validate(task.plan)
+        if self._site is None:
+            self._site = load_site_data(self.config.data, task.feature_names)
+        site, study = self._site, task.study
+        manifest = {"study": study, "round": str(task.round),
+                    "model_version": str(task.model_version), "site": self._site_name()}
+        if task.kind == "statistics":
+            return statistics_payload(site, [(lo, hi) for lo, hi in task.feature_ranges],
+                                      manifest)
+        if self._pre is None:
+            blob = self._request("GET", f"/v1/studies/{study}/preprocessor").content
+            self._pre = site_preprocessor(blob, site, plan)
+        weights, _ = decode_arrays(
+            self._request("GET", f"/v1/studies/{study}/models/{task.model_version}").content)
+        if task.kind == "evaluate":
+            return evaluate_payload(site, self._pre, plan, weights)
+        try:
+            return train_payload(site, self._pre, plan, weights, round_number=task.round,
+                                 site_index=task.site_index, manifest=manifest,
+                                 privacy=self._site_privacy(plan, site))
+        except PrivacyBudgetExceeded as exc:
+            raise NodeError(str(exc)) from None
+
+    def _site_name(self) -> str:
+        return str(self._request("GET", "/v1/me").json()["site"])
+
+    def _site_privacy(self, plan: SimulationConfig, site: SiteData) -> SitePrivacy | None:
+        settings = self.config.privacy
+        if settings is None:
+            return None
+        if self._privacy is None:
+            ledger = PrivacyLedger(site=self._site_name(), n_records=site.n_train,
+                                   budget=SiteBudget(epsilon_max=settings.epsilon_max,
+                                                     delta=settings.delta,
+                                                     accountant=settings.accountant),
+                                   path=self.state_dir / "privacy_ledger.json")
+            sigmas = [float(str(e["noise_multiplier"])) for e in ledger.entries
+                      if "noise_multiplier" in e]
+            if sigmas:  # after a restart keep the noise calibrated for the whole schedule
+                self._privacy = SitePrivacy(ledger=ledger, dp=DPConfig(
+                    noise_multiplier=sigmas[-1], max_grad_norm=settings.max_grad_norm))
+            else:
+                self._privacy = SitePrivacy.calibrated(ledger, plan.local_config(),
+                                                       rounds=plan.rounds,
+                                                       max_grad_norm=settings.max_grad_norm)
+        return self._privacy

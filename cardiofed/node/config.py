@@ -1,0 +1,97 @@
+"""A hospital node's configuration: one TOML file.
+
+Example::
+
+    coordinator_url = "https://coordinator.example.org:8443"
+    state_dir = "/var/lib/cardiofed"        # credential, ledger, payload cache, outbound log
+    enrolment_token = "..."                 # used once, then the credential file is used
+    ca_file = "/etc/cardiofed/ca.pem"       # optional: CA of the coordinator's certificate
+
+    [data]
+    csv = "/data/export.csv"
+    mapping = "/data/mapping.toml"
+
+    [privacy]                               # optional: DP-SGD with this site's own budget
+    epsilon_max = 1.0
+    delta = 1e-5                            # default 1/(10 n)
+    max_grad_norm = 1.0
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cardiofed.exceptions import ConfigurationError
+
+
+class DataSource(BaseModel):
+    """Either a CSV export with its mapping file, or a named reference data set's site."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    csv: Path | None = None
+    mapping: Path | None = None
+    dataset: str | None = None
+    site: str | None = None
+    data_dir: Path | None = None
+    test_fraction: float = Field(default=0.3, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSource:
+        if (self.csv is None) != (self.mapping is None):
+            raise ValueError("data.csv and data.mapping go together")
+        if (self.csv is None) == (self.dataset is None):
+            raise ValueError("give either data.csv with data.mapping, or data.dataset with "
+                             "data.site")
+        if self.dataset is not None and self.site is None:
+            raise ValueError("data.dataset needs data.site")
+        return self
+
+
+class NodePrivacy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    epsilon_max: float = Field(gt=0, allow_inf_nan=False)
+    delta: float | None = Field(default=None, gt=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+class NodeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    coordinator_url: str = Field(pattern=r"^https?://")
+    state_dir: Path
+    data: DataSource
+    enrolment_token: str | None = None
+    ca_file: Path | None = None
+    poll_wait_s: float = Field(default=10.0, ge=0)
+    privacy: NodePrivacy | None = None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> NodeConfig:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigurationError(f"Node config {path} does not exist.") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"Node config {path} is not valid TOML: {exc}") from None
+        base = path.parent
+        for key in ("csv", "mapping", "data_dir"):
+            if key in raw.get("data", {}):
+                raw["data"][key] = str(base / raw["data"][key])
+        raw["state_dir"] = str(base / raw.get("state_dir", "."))
+        return cls.create(**raw)
+
+    @classmethod
+    def create(cls, **values: object) -> NodeConfig:
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'config'}: "
+                f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+            raise ConfigurationError(f"Invalid node config: {problems}.") from None

@@ -1,0 +1,94 @@
+"""What a node computes for each task, with the simulator's own code; no transport here.
+
+Statistics: :func:`cardiofed.data.preprocessing.site_statistics`. Training:
+``FederatedAlgorithm.client_update`` with the seed the simulator derives for the same
+round and site index, through the site's DP wrapper when it has a budget. Evaluation:
+:func:`cardiofed.evaluation.metrics.binary_metrics` on the site's own test split.
+Each function returns the exact bytes to upload.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+
+from cardiofed.algorithms.base import LocalTrainer
+from cardiofed.data.catalog import load_dataset
+from cardiofed.data.dataset import SiteData
+from cardiofed.data.mapping import SiteMapping, read_export
+from cardiofed.data.preprocessing import (
+    DEFAULT_BINS,
+    Preprocessor,
+    bin_edges,
+    local_preprocessor,
+    site_statistics,
+)
+from cardiofed.data.sites import site_from_export
+from cardiofed.evaluation.metrics import binary_metrics
+from cardiofed.exceptions import DataValidationError
+from cardiofed.models.networks import Weights, make_model, predict_proba, set_weights
+from cardiofed.node.config import DataSource
+from cardiofed.privacy.site_privacy import SitePrivacy
+from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.runner import derive_seed
+from cardiofed.training.local import train_local
+from cardiofed.wire import decode_arrays, encode_arrays, encode_metrics
+
+
+def load_site_data(source: DataSource, feature_names: list[str]) -> SiteData:
+    """The site's own rows, encoded to the study's feature columns."""
+    if source.csv is not None and source.mapping is not None:
+        canonical = list(dict.fromkeys(name.split("=", 1)[0] for name in feature_names))
+        site, _ = site_from_export(read_export(source.csv), SiteMapping.from_toml(source.mapping),
+                                   canonical, test_fraction=source.test_fraction,
+                                   seed=source.seed, source=str(source.csv))
+    else:
+        assert source.dataset is not None and source.site is not None  # by DataSource
+        site = load_dataset(source.dataset, seed=source.seed,
+                            data_dir=source.data_dir).site(source.site)
+    if site.x_train.shape[1] != len(feature_names):
+        raise DataValidationError(f"The site's data has {site.x_train.shape[1]} feature columns; "
+                                  f"the study expects {len(feature_names)}: {feature_names}.")
+    return site
+
+
+def statistics_payload(site: SiteData, feature_ranges: list[tuple[float, float]],
+                       manifest: dict[str, str]) -> bytes:
+    stats = site_statistics(site.x_train, bin_edges(feature_ranges, DEFAULT_BINS))
+    return encode_arrays(stats.to_arrays(), manifest)
+
+
+def site_preprocessor(blob: bytes, site: SiteData, plan: SimulationConfig) -> Preprocessor:
+    """The study's preprocessor, or the site's own standardisation with the shared fill."""
+    arrays, _ = decode_arrays(blob)
+    shared = Preprocessor(fill=arrays["fill"], mean=arrays["mean"], std=arrays["std"])
+    if plan.standardisation == "per-site":
+        return local_preprocessor(site.x_train, shared.fill)
+    return shared
+
+
+def train_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig, weights: Weights, *,
+                  round_number: int, site_index: int, manifest: dict[str, str],
+                  privacy: SitePrivacy | None) -> bytes:
+    """One round of local training from `weights`; the update as safetensors bytes."""
+    algorithm = plan.make_algorithm()
+    model = make_model(plan.model, len(pre.mean), seed=plan.seed)
+    trainer: LocalTrainer = train_local
+    if privacy is not None:
+        trainer = partial(privacy.train, what=f"round {round_number}")
+    update = algorithm.client_update(
+        model, weights, pre.transform(site.x_train), site.y_train.astype(np.float32),
+        site=manifest["site"], seed=derive_seed(plan.seed, round_number, site_index),
+        trainer=trainer)
+    return encode_arrays(update.delta, {**manifest, "num_samples": str(update.num_samples),
+                                        "train_loss": repr(update.train_loss)})
+
+
+def evaluate_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig,
+                     weights: Weights) -> bytes:
+    """Metrics of the global model on the site's own test split; only these leave."""
+    model = make_model(plan.model, len(pre.mean), seed=0)
+    set_weights(model, weights)
+    return encode_metrics(binary_metrics(site.y_test, predict_proba(model, pre.transform(
+        site.x_test))))
