@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
+from cardiofed import network_cli
 from cardiofed.data.catalog import DATASETS, load_dataset
 from cardiofed.exceptions import CardioFedError
+from cardiofed.privacy.audit import audit_tables, run_audit
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import run_experiment
-from cardiofed.simulation.summary import summary_table, write_experiment_report
+from cardiofed.simulation.summary import privacy_table, summary_table, write_experiment_report
 
 app = typer.Typer(help="CardioFed: train a cardiovascular risk model across hospitals "
                        "without moving patient records.", no_args_is_help=True)
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
+
+
+DpEpsilon = Annotated[float | None, typer.Option(
+    help="Train with record-level DP-SGD; each site's epsilon_max.")]
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -27,7 +34,8 @@ def _fail(exc: Exception) -> typer.Exit:
 
 def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | None,
          out: Path, title: str, data_dir: Path | None = None, csv: list[Path] | None = None,
-         mappings: list[Path] | None = None, n_sites: int = 12) -> None:
+         mappings: list[Path] | None = None, n_sites: int = 12,
+         ledger_dir: Path | None = None) -> None:
     given = {k: v for k, v in settings.items() if v is not None}
     try:
         config = (SimulationConfig.from_toml(config_file, **given) if config_file
@@ -39,8 +47,12 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
     sizes = ", ".join(f"{s.name} {s.n_train}" for s in dataset.sites)
     console.print(f"[bold]{dataset.description or dataset.name}[/]\n"
                   f"{len(dataset.sites)} sites (train rows: {sizes})")
-    result = run_experiment(dataset, config, progress=True)
+    result = run_experiment(dataset, config, progress=True, ledger_dir=ledger_dir)
     console.print(summary_table(result))
+    if result.privacy:
+        console.print(privacy_table(result))
+    for rnd, _, reason in result.federated.refusals:
+        console.print(f"[yellow]round {rnd}:[/] {reason}")
     page = write_experiment_report(result, out, title=title, notes=[
         dataset.description,
         "Local-only: each site trains alone on its own rows. Federated: only model updates "
@@ -55,10 +67,12 @@ def demo(
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 20,
     algorithm: Annotated[str, typer.Option(help="fedavg, fedprox, fedadam or fedyogi.")] = "fedavg",
     seed: Annotated[int, typer.Option(help="Seed of the cohort and of training.")] = 0,
+    dp_epsilon: DpEpsilon = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("cardiofed-report"),
 ) -> None:
     """Simulate a federation of synthetic hospitals; no data or server needed."""
-    _run("synthetic", {"rounds": rounds, "algorithm": algorithm, "seed": seed},
+    _run("synthetic", {"rounds": rounds, "algorithm": algorithm, "seed": seed,
+                       "dp_epsilon": dp_epsilon},
          config_file=None, out=out, n_sites=sites,
          title="CardioFed demo: synthetic federation of hospitals")
 
@@ -88,6 +102,13 @@ def simulate(
     standardisation: Annotated[str | None, typer.Option(help="global or per-site.")] = None,
     fraction_fit: Annotated[float | None, typer.Option(help="Share of sites per round.")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    dp_epsilon: DpEpsilon = None,
+    dp_delta: Annotated[float | None, typer.Option(
+        help="Delta of every site's budget (default 1/(10 n) per site).")] = None,
+    dp_max_grad_norm: Annotated[float | None, typer.Option(help="DP-SGD clipping bound.")] = None,
+    dp_accountant: Annotated[str | None, typer.Option(help="rdp (default) or prv.")] = None,
+    ledger_dir: Annotated[Path | None, typer.Option(
+        help="Folder of the sites' privacy ledgers (kept across runs).")] = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("cardiofed-report"),
 ) -> None:
     """Simulate a federation on a reference data set or your own CSV exports."""
@@ -95,10 +116,54 @@ def simulate(
                 "local_epochs": local_epochs, "local_steps": local_steps,
                 "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
                 "proximal_mu": proximal_mu, "server_lr": server_lr,
-                "standardisation": standardisation, "fraction_fit": fraction_fit, "seed": seed}
+                "standardisation": standardisation, "fraction_fit": fraction_fit, "seed": seed,
+                "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
+                "dp_max_grad_norm": dp_max_grad_norm, "dp_accountant": dp_accountant}
     _run(dataset, settings, config_file=config, out=out, data_dir=data_dir, csv=csv,
-         mappings=mapping, title=f"CardioFed simulation: {dataset}")
+         mappings=mapping, title=f"CardioFed simulation: {dataset}", ledger_dir=ledger_dir)
 
+
+@app.command()
+def audit(
+    dataset: Annotated[str, typer.Option(
+        help="synthetic, uci-heart or framingham.")] = "synthetic",
+    data_dir: Annotated[Path | None, typer.Option(
+        help="Folder with uci_heart/ and framingham/ (default: $CARDIOFED_DATA_DIR or "
+             "../shared/data).")] = None,
+    sites: Annotated[int, typer.Option(help="Number of synthetic hospitals.")] = 12,
+    dp_epsilon: Annotated[float, typer.Option(help="Each site's DP epsilon.")] = 1.0,
+    dp_delta: Annotated[float | None, typer.Option(
+        help="DP delta (default: 1 / (10 n) at a site of n records).")] = None,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the data, canaries and training.")] = 0,
+    out: Annotated[Path, typer.Option(help="JSON report; the Markdown goes next to it.")]
+        = Path("audit.json"),
+) -> None:
+    """Audit what leaves the sites: canary records, membership inference, update inversion."""
+    import torch
+
+    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
+    try:
+        config = SimulationConfig.create(rounds=rounds, seed=seed, dp_epsilon=dp_epsilon,
+                                         dp_delta=dp_delta)
+        data = load_dataset(dataset, seed=seed, data_dir=data_dir, n_sites=sites)
+        console.print(f"[bold]Auditing {data.name}[/]: {len(data.sites)} sites, "
+                      f"{config.rounds} rounds, DP epsilon {dp_epsilon:g}")
+        report = run_audit(data, config, epsilon=dp_epsilon, seed=seed)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
+        out.with_suffix(".md").write_text(report.to_markdown(), encoding="utf-8")
+    except (CardioFedError, OSError) as exc:
+        raise _fail(exc) from None
+    for table in audit_tables(report):
+        console.print(table)
+    console.print(f"Audit written to [bold]{out}[/] and [bold]{out.with_suffix('.md')}[/]")
+
+
+app.command("coordinator")(network_cli.coordinator)
+app.command("status")(network_cli.status)
+app.add_typer(network_cli.admin_app, name="admin")
+app.add_typer(network_cli.node_app, name="node")
 
 if __name__ == "__main__":
     app()

@@ -35,3 +35,32 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | Path | None = None
         return federation_from_csv(csv, mappings or [], seed=seed)
     raise ConfigurationError(f"The 'dataset' parameter must be one of {list(DATASETS)}; "
                              f"got {name!r}.")
+
+
+def study_columns(dataset: str | None = None,
+                  features: list[str] | None = None) -> tuple[list[str], list[tuple[float, float]]]:
+    """Encoded column names and plausible ranges of a study, from a reference data set's
+    name or a list of canonical features (as in the sites' mapping files)."""
+    from cardiofed.data.dataset import feature_ranges_for
+    from cardiofed.schema import encoded_feature_names
+
+    if (dataset is None) == (features is None):
+        raise ConfigurationError("Give either a data set name or a list of canonical features.")
+    if dataset == "uci-heart":
+        from cardiofed.data import uci_heart
+
+        return list(uci_heart.FEATURE_NAMES), uci_heart.feature_ranges()
+    if dataset == "framingham":
+        from cardiofed.data.framingham import FEATURES
+
+        features = FEATURES
+    elif dataset == "synthetic":
+        from cardiofed.data.synthetic import SYNTHETIC_FEATURES
+
+        features = SYNTHETIC_FEATURES
+    elif dataset is not None:
+        raise ConfigurationError(f"The 'dataset' parameter must be one of {list(DATASETS[:3])}; "
+                                 f"got {dataset!r}.")
+    assert features is not None
+    names = encoded_feature_names(features)
+    return names, feature_ranges_for(names)

@@ -23,6 +23,9 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from cardiofed.exceptions import ConfigurationError
 
 AccountantKind = Literal["rdp", "prv"]
+# Opacus' default orders (up to 63) plus larger ones, which give tighter bounds for
+# small epsilon over long schedules.
+_RDP_ORDERS = [*RDPAccountant.DEFAULT_ALPHAS, 80, 96, 128, 192, 256, 512]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,9 +69,20 @@ class PrivacyAccountant:
         events = self.events + list(extra or [])
         if not events:
             return 0.0
-        backend = RDPAccountant() if self.kind == "rdp" else PRVAccountant()
-        backend.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
-        return float(backend.get_epsilon(delta=delta))
+        # Events with the same (sigma, q) compose by adding steps: merging them is exact
+        # and keeps each evaluation cheap however long the ledger grows.
+        merged: dict[tuple[float, float], int] = {}
+        for e in events:
+            key = (e.noise_multiplier, e.sample_rate)
+            merged[key] = merged.get(key, 0) + e.steps
+        history = [(sigma, q, steps) for (sigma, q), steps in merged.items()]
+        if self.kind == "prv":
+            prv = PRVAccountant()
+            prv.history = history
+            return float(prv.get_epsilon(delta=delta))
+        rdp = RDPAccountant()
+        rdp.history = history
+        return float(rdp.get_epsilon(delta=delta, alphas=_RDP_ORDERS))
 
     def state_dict(self) -> dict[str, object]:
         return {"kind": self.kind, "events": [asdict(e) for e in self.events]}

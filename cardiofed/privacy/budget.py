@@ -1,7 +1,7 @@
 """The site's own privacy budget and the ledger of what it has spent.
 
 The budget ``(epsilon_max, delta)`` belongs to the site's configuration; delta defaults
-to ``1 / (10 n)`` for ``n`` records and may not exceed ``1 / n``. The ledger is a JSON
+to ``1 / (10 n)`` for ``n`` records and must be below ``1 / n``. The ledger is a JSON
 file at the site, rewritten atomically after every release, so it survives restarts.
 Before any release the site checks the planned events against its budget and refuses
 (:class:`PrivacyBudgetExceeded`, with the numbers) a release that would exceed it.
@@ -49,9 +49,9 @@ class SiteBudget:
             raise ConfigurationError(f"A privacy budget needs n_records >= 1; got {n_records}.")
         if self.delta is None:
             return 1.0 / (10 * n_records)
-        if self.delta > 1.0 / n_records:
+        if self.delta >= 1.0 / n_records:
             raise ConfigurationError(
-                f"The 'delta' parameter must be at most 1/n = {1 / n_records:.3g} for a site "
+                f"The 'delta' parameter must be below 1/n = {1 / n_records:.3g} for a site "
                 f"of {n_records} records (delta >= 1/n allows releasing a record outright); "
                 f"got {self.delta!r}.")
         return self.delta
@@ -73,17 +73,25 @@ class PrivacyLedger:
             self._load(self.path)
 
     def _load(self, path: Path) -> None:
-        try:
+        try:  # ValueError: invalid JSON (JSONDecodeError) or not UTF-8 (UnicodeDecodeError)
             state = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:
             raise ConfigurationError(f"Privacy ledger {path} is corrupt ({exc}); refusing "
                                      f"to guess what was spent.") from None
+        if not isinstance(state, dict):
+            raise ConfigurationError(f"Privacy ledger {path} is corrupt (not a JSON object); "
+                                     f"refusing to guess what was spent.")
         if state.get("version") != LEDGER_VERSION or state.get("site") != self.site:
             raise ConfigurationError(
                 f"Privacy ledger {path} belongs to site {state.get('site')!r} (version "
                 f"{state.get('version')!r}), not to {self.site!r} (version {LEDGER_VERSION}).")
-        self.accountant = PrivacyAccountant.from_state_dict(state["accountant"])
-        self.entries = list(state["entries"])
+        try:
+            accountant = PrivacyAccountant.from_state_dict(state["accountant"])
+            entries = list(state["entries"])
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ConfigurationError(f"Privacy ledger {path} is corrupt ({type(exc).__name__}: "
+                                     f"{exc}); refusing to guess what was spent.") from None
+        self.accountant, self.entries = accountant, entries
 
     def _save(self) -> None:
         if self.path is None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from cardiofed.exceptions import PrivacyBudgetExceeded
 from cardiofed.models.networks import Weights
 from cardiofed.privacy.accountant import GaussianEvent, calibrate_noise
 from cardiofed.privacy.budget import PrivacyLedger
@@ -31,7 +32,13 @@ class SitePrivacy:
                    max_grad_norm: float = 1.0) -> SitePrivacy:
         """Noise for the whole planned schedule (`rounds` rounds of `config` on the
         site's records), composed after what the ledger already holds, so that taking
-        part in every round spends at most the budget's epsilon_max."""
+        part in every round spends at most the budget's epsilon_max. A site with nothing
+        left raises :class:`PrivacyBudgetExceeded`."""
+        if ledger.remaining() <= 0:
+            raise PrivacyBudgetExceeded(
+                f"Site {ledger.site!r} has spent epsilon {ledger.spent():.4f} of its "
+                f"epsilon_max {ledger.budget.epsilon_max:g}; it takes part in no further "
+                f"training.")
         sample_rate, steps = dp_schedule(ledger.n_records, config)
         sigma = calibrate_noise(target_epsilon=ledger.budget.epsilon_max, delta=ledger.delta,
                                 sample_rate=sample_rate, steps=steps * rounds,

@@ -15,6 +15,7 @@ import numpy as np
 from cardiofed.data.dataset import FederatedDataset
 from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.evaluation.metrics import binary_metrics
+from cardiofed.exceptions import PrivacyBudgetExceeded
 from cardiofed.models.estimator import RiskEstimator
 from cardiofed.models.networks import Weights, make_model, predict_proba, set_weights
 from cardiofed.privacy.budget import PrivacyLedger, SiteBudget
@@ -28,6 +29,7 @@ from cardiofed.simulation.runner import (
     run_federated,
     train_centralised,
 )
+from cardiofed.training.dp import DPConfig
 from cardiofed.wire import encode_metrics
 
 FEDERATED, LOCAL, POOLED = "federated", "local-only", "pooled"
@@ -108,11 +110,20 @@ def site_privacy(sites: list[PreparedSite], config: SimulationConfig,
         return {}
     budget = SiteBudget(epsilon_max=config.dp_epsilon, delta=config.dp_delta,
                         accountant=config.dp_accountant)
-    return {s.name: SitePrivacy.calibrated(
-        PrivacyLedger(site=s.name, budget=budget, n_records=s.n_train,
-                      path=ledger_dir / f"{s.name}.json" if ledger_dir else None),
-        config.local_config(), rounds=config.rounds, max_grad_norm=config.dp_max_grad_norm)
-        for s in sites}
+    privacy = {}
+    for s in sites:
+        ledger = PrivacyLedger(site=s.name, budget=budget, n_records=s.n_train,
+                               path=ledger_dir / f"{s.name}.json" if ledger_dir else None)
+        try:
+            privacy[s.name] = SitePrivacy.calibrated(ledger, config.local_config(),
+                                                     rounds=config.rounds,
+                                                     max_grad_norm=config.dp_max_grad_norm)
+        except PrivacyBudgetExceeded:
+            # Budget already spent: any noise level is refused by the ledger's check, so
+            # the site sits out every round and the refusals are recorded.
+            privacy[s.name] = SitePrivacy(ledger=ledger, dp=DPConfig(
+                noise_multiplier=1.0, max_grad_norm=config.dp_max_grad_norm))
+    return privacy
 
 
 def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from rich.table import Table
 
-from cardiofed.simulation.experiment import FEDERATED, LOCAL, POOLED, ExperimentResult
+from cardiofed.simulation.experiment import (
+    FEDERATED,
+    LOCAL,
+    POOLED,
+    STATISTICS_DISCLOSURE,
+    ExperimentResult,
+)
 
 _MODELS = (LOCAL, FEDERATED, POOLED)
 
@@ -43,6 +49,36 @@ def summary_table(result: ExperimentResult) -> Table:
     return table
 
 
+_PRIVACY_COLUMNS = (("n_records", "n"), ("delta", "delta"), ("epsilon_max", "eps max"),
+                    ("epsilon_spent", "eps spent"), ("noise_multiplier", "sigma"),
+                    ("max_grad_norm", "clip"), ("rounds_trained", "rounds"))
+
+
+def privacy_table(result: ExperimentResult) -> Table:
+    """Per site: the (epsilon, delta) its ledger has spent and the DP-SGD settings."""
+    table = Table(title=f"Differential privacy per site ({result.config.dp_accountant.upper()} "
+                        "accounting of every local step)", caption=STATISTICS_DISCLOSURE)
+    table.add_column("site", no_wrap=True)
+    for _, heading in _PRIVACY_COLUMNS:
+        table.add_column(heading, justify="right")
+    for site, values in result.privacy.items():
+        table.add_row(site, *[f"{values[key]:.3g}" for key, _ in _PRIVACY_COLUMNS])
+    return table
+
+
+def _privacy_section(result: ExperimentResult) -> str:
+    head = "".join(f"<th>{h}</th>" for _, h in _PRIVACY_COLUMNS)
+    rows = "".join(
+        f"<tr><td>{html.escape(site)}</td>"
+        + "".join(f"<td>{values[key]:.4g}</td>" for key, _ in _PRIVACY_COLUMNS) + "</tr>"
+        for site, values in result.privacy.items())
+    refusals = "".join(f"<li>round {rnd}: {html.escape(reason)}</li>"
+                       for rnd, _, reason in result.federated.refusals)
+    return (f"<table><tr><th>site</th>{head}</tr>{rows}</table>"
+            f"<p>{html.escape(STATISTICS_DISCLOSURE)}</p>"
+            + (f"<p>Refused rounds:</p><ul>{refusals}</ul>" if refusals else ""))
+
+
 def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, title: str,
                             notes: list[str] | None = None) -> Path:
     """HTML page, PNG figures and summary.json for an experiment."""
@@ -56,6 +92,9 @@ def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, ti
     sections = [("Training settings", f"<p>{html.escape(settings)}</p>"),
                 ("Rounds each site took part in",
                  f"<table><tr><th>site</th><th>rounds</th></tr>{participation}</table>")]
+    if result.privacy:
+        sections.insert(0, ("Differential privacy: epsilon spent per site",
+                            _privacy_section(result)))
     return write_report(out_dir, title=title, summary_rows=result.summary_rows(),
                         round_history=result.federated.history,
                         site_predictions=result.predictions, sections=sections,

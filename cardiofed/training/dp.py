@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,8 +24,11 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from cardiofed.exceptions import ConfigurationError
-from cardiofed.privacy.accountant import GaussianEvent
 from cardiofed.training.local import LocalResult, LocalTrainingConfig
+
+if TYPE_CHECKING:  # imported at run time inside train_local_dp: cardiofed.privacy imports
+    # this module (through site_privacy), so a module-level import would be circular.
+    from cardiofed.privacy.accountant import GaussianEvent
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +57,8 @@ def dp_schedule(n_records: int, config: LocalTrainingConfig) -> tuple[float, int
 def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: LocalTrainingConfig,
                    dp: DPConfig, *, seed: int) -> tuple[LocalResult, GaussianEvent]:
     """Train `model` in place with DP-SGD; return the result and the privacy event."""
+    from cardiofed.privacy.accountant import GaussianEvent
+
     if config.proximal_mu > 0:
         raise ConfigurationError("DP-SGD does not support FedProx's proximal term "
                                  f"(proximal_mu={config.proximal_mu!r}); use fedavg, fedadam "

@@ -1,0 +1,172 @@
+"""Command-line entry points of the networked federation: coordinator, admin, node, status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cardiofed.exceptions import CardioFedError
+
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+admin_app = typer.Typer(help="Administer studies on a running coordinator.",
+                        no_args_is_help=True)
+node_app = typer.Typer(help="Run a hospital node next to its records.", no_args_is_help=True)
+
+KeyFile = Annotated[Path, typer.Option(help="File holding the admin credential.")]
+Url = Annotated[str, typer.Option(help="Coordinator URL.")]
+CaFile = Annotated[Path | None, typer.Option(help="CA certificate to verify the coordinator.")]
+
+
+def _fail(message: object) -> typer.Exit:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code=2)
+
+
+def coordinator(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8443,
+    database_url: Annotated[str, typer.Option(
+        help="SQLAlchemy URL: sqlite:///file.db (default) or postgresql://...")] =
+        "sqlite:///cardiofed-coordinator.db",
+    certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
+    keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Serve plain HTTP (local testing only).")] = False,
+    admin_key_file: KeyFile = Path("cardiofed-admin.key"),
+) -> None:
+    """Run the coordinator (FastAPI under uvicorn); state lives in the database."""
+    import uvicorn
+
+    from cardiofed.coordinator import service
+    from cardiofed.coordinator.app import create_app
+    from cardiofed.coordinator.deps import _sessions
+
+    if not insecure and (certfile is None or keyfile is None):
+        raise _fail("TLS needs --certfile and --keyfile; use --insecure for plain HTTP on a "
+                    "test machine.")
+    os.environ["CARDIOFED_DATABASE_URL"] = database_url
+    if not admin_key_file.exists():
+        with _sessions(database_url)() as db:
+            key = service.create_admin_key(db)
+        fd = os.open(admin_key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key)
+        console.print(f"Admin credential written to {admin_key_file} (keep it secret).")
+    uvicorn.run(create_app(), host=host, port=port, log_level="info",
+                ssl_certfile=str(certfile) if certfile else None,
+                ssl_keyfile=str(keyfile) if keyfile else None)
+
+
+def _admin_client(url: str, key_file: Path, ca_file: Path | None) -> httpx.Client:
+    if not key_file.exists():
+        raise _fail(f"Admin key file {key_file} does not exist (the coordinator writes it on "
+                    f"first start).")
+    return httpx.Client(base_url=url, verify=str(ca_file) if ca_file else True, timeout=30,
+                        headers={"Authorization": f"Bearer {key_file.read_text().strip()}"})
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.status_code >= 400:
+        raise _fail(f"{response.status_code}: {response.json().get('detail', response.text)}")
+    return response
+
+
+@admin_app.command("create-study")
+def create_study(
+    study: Annotated[str, typer.Option(help="Study identifier.")],
+    site: Annotated[list[str], typer.Option(help="Site name (repeat, in a fixed order).")],
+    dataset: Annotated[str | None, typer.Option(
+        help="Take the feature columns of uci-heart, framingham or synthetic.")] = None,
+    features: Annotated[str | None, typer.Option(
+        help="Comma-separated canonical features (as in the sites' mapping files).")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML training plan.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Override the plan's rounds.")] = None,
+    min_sites: Annotated[int | None, typer.Option(
+        help="Reports a round needs once its deadline passed (default: all sites).")] = None,
+    round_timeout: Annotated[float, typer.Option(help="Seconds before a round's deadline.")]
+        = 3600.0,
+    url: Url = "https://127.0.0.1:8443",
+    admin_key_file: KeyFile = Path("cardiofed-admin.key"),
+    ca_file: CaFile = None,
+) -> None:
+    """Create a study; prints one one-time enrolment token per site."""
+    from cardiofed.data.catalog import study_columns
+    from cardiofed.simulation.config import SimulationConfig
+
+    try:
+        plan = (SimulationConfig.from_toml(config) if config else SimulationConfig.create())
+        if rounds is not None:
+            plan = SimulationConfig.create(**{**plan.model_dump(), "rounds": rounds})
+        names, ranges = study_columns(dataset, features.split(",") if features else None)
+    except CardioFedError as exc:
+        raise _fail(exc) from None
+    body = {"id": study, "plan": plan.model_dump(), "sites": site, "feature_names": names,
+            "feature_ranges": ranges, "min_sites": min_sites, "round_timeout_s": round_timeout}
+    with _admin_client(url, admin_key_file, ca_file) as client:
+        tokens = _checked(client.post("/v1/studies", json=body)).json()["enrolment_tokens"]
+    table = Table(title=f"Study {study}: one-time enrolment tokens")
+    table.add_column("site")
+    table.add_column("enrolment token")
+    for name, token in tokens.items():
+        table.add_row(name, token)
+    console.print(table)
+
+
+@admin_app.command("revoke")
+def revoke(study: Annotated[str, typer.Option()], site: Annotated[str, typer.Option()],
+           url: Url = "https://127.0.0.1:8443",
+           admin_key_file: KeyFile = Path("cardiofed-admin.key"), ca_file: CaFile = None) -> None:
+    """Revoke a site: its credential stops working at once."""
+    with _admin_client(url, admin_key_file, ca_file) as client:
+        _checked(client.post(f"/v1/studies/{study}/sites/{site}/revoke"))
+    console.print(f"Site {site} of study {study} revoked.")
+
+
+def status(study: Annotated[str, typer.Option()], url: Url = "https://127.0.0.1:8443",
+           admin_key_file: KeyFile = Path("cardiofed-admin.key"), ca_file: CaFile = None) -> None:
+    """What the federation is doing and which sites it waits for."""
+    with _admin_client(url, admin_key_file, ca_file) as client:
+        state = _checked(client.get(f"/v1/studies/{study}/status")).json()
+    console.print_json(json.dumps(state))
+
+
+@node_app.command("run")
+def node_run(config: Annotated[Path, typer.Option(help="The node's TOML config.")]) -> None:
+    """Enrol if needed, then poll for tasks and run them until the study is done."""
+    from cardiofed.node.agent import NodeAgent
+    from cardiofed.node.config import NodeConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        tasks = NodeAgent(NodeConfig.from_toml(config)).run()
+    except CardioFedError as exc:
+        raise _fail(exc) from None
+    console.print(f"Study finished; this node ran {tasks} tasks.")
+
+
+@node_app.command("audit")
+def node_audit(config: Annotated[Path, typer.Option(help="The node's TOML config.")]) -> None:
+    """Summarise everything that left this site (from the node's outbound log)."""
+    from cardiofed.node.config import NodeConfig
+    from cardiofed.node.outbound import OutboundLog
+
+    try:
+        cfg = NodeConfig.from_toml(config)
+    except CardioFedError as exc:
+        raise _fail(exc) from None
+    summary = OutboundLog(cfg.state_dir / "outbound.jsonl").summary()
+    table = Table(title="Outbound payloads (model updates, statistics, metrics; never rows)")
+    for column in ("kind", "payloads", "bytes"):
+        table.add_column(column)
+    for kind, row in summary.items():
+        table.add_row(kind, str(row["payloads"]), str(row["bytes"]))
+    console.print(table)

@@ -1,0 +1,300 @@
+"""Coordinator and node together in-process (ASGI transport): auth, validation, faults."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from cardiofed.coordinator import service
+from cardiofed.coordinator.app import create_app
+from cardiofed.coordinator.deps import _sessions
+from cardiofed.coordinator.settings import CoordinatorSettings, get_settings
+from cardiofed.data.catalog import study_columns
+from cardiofed.node.agent import NodeAgent, NodeError
+from cardiofed.node.config import NodeConfig
+from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.experiment import FEDERATED, run_experiment
+from cardiofed.wire import encode_arrays
+
+SITES = ["tier3_01", "tier2_01", "community_01"]
+PLAN = {"rounds": 3, "local_epochs": 1, "batch_size": 32, "lr": 0.05, "seed": 5}
+
+
+class Federation:
+    def __init__(self, tmp: Path, *, max_bytes: int = 1 << 24, timeout: float = 3600.0,
+                 min_sites: int | None = None) -> None:
+        self.tmp = tmp
+        self.settings = CoordinatorSettings(database_url=f"sqlite:///{tmp}/coord.db",
+                                            long_poll_s=0, max_update_bytes=max_bytes)
+        self.app = create_app()
+        self.app.dependency_overrides[get_settings] = lambda: self.settings
+        self.client = TestClient(self.app)
+        with _sessions(self.settings.database_url)() as db:
+            self.admin = service.create_admin_key(db)
+        names, ranges = study_columns("synthetic")
+        response = self.client.post("/v1/studies", headers=self.auth(self.admin), json={
+            "id": "s1", "plan": PLAN, "sites": SITES, "feature_names": names,
+            "feature_ranges": ranges, "min_sites": min_sites, "round_timeout_s": timeout})
+        assert response.status_code == 201, response.text
+        self.tokens = response.json()["enrolment_tokens"]
+
+    @staticmethod
+    def auth(credential: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {credential}"}
+
+    def agent(self, site: str) -> NodeAgent:
+        config = NodeConfig.create(
+            coordinator_url="http://testserver", state_dir=str(self.tmp / site),
+            enrolment_token=self.tokens[site], poll_wait_s=0,
+            data={"dataset": "synthetic", "site": site, "seed": 0})
+        return NodeAgent(config, client=self.client)
+
+    def status(self) -> dict[str, object]:
+        return self.client.get("/v1/studies/s1/status", headers=self.auth(self.admin)).json()
+
+    def step(self, agents: list[NodeAgent]) -> int:
+        """Let each agent run at most one pending task; returns how many ran."""
+        ran = 0
+        for agent in agents:
+            r = self.client.get("/v1/tasks/next", headers=self.auth(agent.credential()))
+            if r.status_code == 200:
+                ran += agent.run(max_tasks=1)
+        return ran
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> Federation:
+    return Federation(tmp_path)
+
+
+def _until_done(fed: Federation, agents: list[NodeAgent], patience_s: float = 60.0) -> None:
+    give_up = time.monotonic() + patience_s
+    while time.monotonic() < give_up:
+        if fed.status()["phase"] == "done":
+            return
+        if not fed.step(agents):
+            time.sleep(0.2)  # waiting for a deadline
+    raise AssertionError(f"federation did not finish: {fed.status()}")
+
+
+def test_networked_run_equals_the_simulator(fed: Federation) -> None:
+    agents = [fed.agent(s) for s in SITES]
+
+    _until_done(fed, agents)
+
+    models = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
+    final = models[-1]
+    assert final["version"] == PLAN["rounds"] and final["participants"] == SITES
+    from cardiofed.data.synthetic import synthetic_federation
+
+    data = synthetic_federation(seed=0)
+    sub = type(data)(name=data.name, feature_names=data.feature_names,
+                     feature_ranges=data.feature_ranges,
+                     sites=[data.site(s) for s in SITES], outcome=data.outcome)
+    sim = run_experiment(sub, SimulationConfig.create(**PLAN), baselines=False)
+    for site in SITES:  # same code, same seeds: the same model to float32 precision
+        assert final["metrics"][site]["auc"] == pytest.approx(
+            sim.metrics[site][FEDERATED]["auc"], abs=1e-6)
+
+
+def test_requests_without_or_with_wrong_credentials_are_refused(fed: Federation) -> None:
+    assert fed.client.get("/v1/tasks/next").status_code == 401
+    r = fed.client.get("/v1/tasks/next", headers=fed.auth("not-a-credential"))
+    assert r.status_code == 401 and r.json()["detail"] == "Unknown site credential."
+    r = fed.client.post("/v1/studies", json={}, headers=fed.auth("nope"))
+    assert r.status_code == 401
+    assert r.json()["detail"] == "An admin credential is required for this request."
+
+
+def test_enrolment_token_is_one_time_and_secrets_are_hashed(fed: Federation) -> None:
+    token = fed.tokens[SITES[0]]
+    first = fed.client.post("/v1/enrol", json={"token": token})
+    again = fed.client.post("/v1/enrol", json={"token": token})
+
+    assert first.status_code == 200
+    assert again.status_code == 401
+    assert again.json()["detail"] == "Unknown or already used enrolment token."
+    db_bytes = (fed.tmp / "coord.db").read_bytes() + b"".join(
+        p.read_bytes() for p in fed.tmp.glob("coord.db-*"))
+    assert first.json()["credential"].encode() not in db_bytes
+    assert token.encode() not in db_bytes
+
+
+def test_site_cannot_write_another_studys_round(fed: Federation) -> None:
+    credential = fed.agent(SITES[0]).credential()
+    r = fed.client.post("/v1/studies/other/rounds/0/updates", content=b"x",
+                        headers=fed.auth(credential))
+    assert r.status_code == 403
+    assert r.json()["detail"] == "Site 'tier3_01' belongs to study 's1', not 'other'."
+
+
+def test_revoked_site_is_refused_and_the_federation_goes_on(fed: Federation) -> None:
+    agents = [fed.agent(s) for s in SITES]
+    credential = agents[2].credential()
+    r = fed.client.post(f"/v1/studies/s1/sites/{SITES[2]}/revoke", headers=fed.auth(fed.admin))
+    assert r.status_code == 204
+
+    r = fed.client.get("/v1/tasks/next", headers=fed.auth(credential))
+    assert r.status_code == 401
+    assert r.json()["detail"] == "Site 'community_01' has been revoked."
+    _until_done(fed, agents[:2])
+    assert fed.status()["revoked"] == ["community_01"]
+
+
+def _statistics_payload(fed: Federation, site: str, **manifest: str) -> bytes:
+    names, _ = study_columns("synthetic")
+    d = len(names)
+    arrays = {"count": np.ones(d), "total": np.ones(d), "total_sq": np.ones(d),
+              "n_missing": np.zeros(d), "histogram": np.ones((d, 256))}
+    return encode_arrays(arrays, {"study": "s1", "round": "0", "model_version": "0",
+                                  "site": site, **manifest})
+
+
+@pytest.mark.parametrize(("payload", "status", "detail"), [
+    (b"garbage", 422, "Payload of 7 bytes is too short for safetensors."),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......", 422,
+     "Payload is not valid safetensors"),
+    (None, 422, "Manifest field 'round' is '7'; expected '0'."),
+    (encode_arrays({"count": np.ones(3)}, {"study": "s1", "round": "0", "model_version": "0",
+                                           "site": "tier3_01"}),
+     422, "Statistics payload must hold count, total, total_sq, n_missing of shape (8,)"),
+    (encode_arrays({"count": np.array([np.nan])}, {}), 422,
+     "Array 'count' contains non-finite values."),
+])
+def test_malformed_statistics_are_rejected_with_a_reason(fed: Federation, payload: bytes | None,
+                                                         status: int, detail: str) -> None:
+    credential = fed.agent(SITES[0]).credential()
+    body = payload if payload is not None else _statistics_payload(fed, SITES[0], round="7")
+    r = fed.client.post("/v1/studies/s1/rounds/0/updates", content=body,
+                        headers=fed.auth(credential))
+    assert r.status_code == status
+    assert detail in r.json()["detail"]
+
+
+def test_update_shapes_dtypes_and_version_are_checked(fed: Federation) -> None:
+    agents = [fed.agent(s) for s in SITES]
+    fed.step(agents)  # statistics round done; round 1 trains from model version 0
+    credential = agents[0].credential()
+    base = {"study": "s1", "round": "1", "model_version": "0", "site": SITES[0],
+            "num_samples": "10"}
+
+    def post(arrays: dict[str, np.ndarray], **manifest: str) -> tuple[int, str]:
+        r = fed.client.post("/v1/studies/s1/rounds/1/updates", headers=fed.auth(credential),
+                            content=encode_arrays(arrays, {**base, **manifest}))
+        return r.status_code, r.json()["detail"]
+
+    good = {"linear.weight": np.zeros((1, 8), np.float32), "linear.bias": np.zeros(1, np.float32)}
+    assert post({"linear.weight": np.zeros((1, 7), np.float32),
+                 "linear.bias": np.zeros(1, np.float32)}) == (
+        422, "Update tensor 'linear.weight' has shape (1, 7) and dtype float32; expected "
+             "(1, 8) and float32.")
+    assert post({**good, "linear.bias": np.zeros(1, np.float64)})[0] == 422
+    assert post({"w": np.zeros(1, np.float32)})[1] == (
+        "Update tensors ['w'] do not match the model's ['linear.bias', 'linear.weight'].")
+    assert post(good, model_version="3") == (
+        422, "Manifest field 'model_version' is '3'; expected '0'.")
+    assert post(good, num_samples="0") == (
+        422, "Manifest field 'num_samples' must be >= 1; got 0.")
+
+
+def test_duplicate_upload_is_idempotent_and_a_different_one_conflicts(fed: Federation) -> None:
+    credential = fed.agent(SITES[0]).credential()
+    payload = _statistics_payload(fed, SITES[0])
+    url, headers = "/v1/studies/s1/rounds/0/updates", fed.auth(credential)
+
+    first = fed.client.post(url, content=payload, headers=headers)
+    retry = fed.client.post(url, content=payload, headers=headers)
+    other = fed.client.post(url, content=_statistics_payload(fed, SITES[0], extra="x"),
+                            headers=headers)
+
+    assert first.json()["status"] == "accepted"
+    assert retry.status_code == 200 and retry.json() == {**first.json(),
+                                                        "status": "already accepted"}
+    assert other.status_code == 409
+    assert "already submitted a different payload for round 0" in other.json()["detail"]
+
+
+def test_oversized_payload_is_rejected(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, max_bytes=100)
+    credential = fed.agent(SITES[0]).credential()
+    r = fed.client.post("/v1/studies/s1/rounds/0/updates", content=b"x" * 500,
+                        headers=fed.auth(credential))
+    assert r.status_code == 413
+    assert r.json()["detail"] == "Payload of 500 bytes exceeds the limit of 100 bytes."
+
+
+def test_dropped_site_does_not_hang_the_round_after_its_deadline(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, timeout=1.0, min_sites=2)
+    agents = [fed.agent(s) for s in SITES[:2]]  # the third site never shows up
+
+    fed.step(agents)
+    assert fed.status()["waiting_for"] == ["community_01"]  # until the round's deadline
+    _until_done(fed, agents)
+
+    models = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
+    assert models[-1]["participants"] == SITES[:2]
+
+
+def test_round_past_deadline_without_enough_reports_is_extended(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, timeout=0.2, min_sites=2)
+    fed.step([fed.agent(SITES[0])])
+    time.sleep(0.3)
+
+    state = fed.status()
+
+    assert state["round"] == 0 and state["phase"] == "statistics"
+    assert state["round_outcome"] == "deadline extended: 1 of the 2 reports required"
+    assert state["waiting_for"] == ["tier2_01", "community_01"]
+
+
+def test_node_restart_resends_the_cached_payload(fed: Federation) -> None:
+    agents = [fed.agent(s) for s in SITES]
+    fed.step(agents)
+    # A node that crashed after computing round 1 but before the upload finished:
+    task = fed.client.get("/v1/tasks/next", headers=fed.auth(agents[0].credential()))
+    from cardiofed.coordinator.schemas import TaskResponse
+
+    parsed = TaskResponse.model_validate(task.json())
+    cache = agents[0].state_dir / "outbox" / "s1-round1.bin"
+    payload = agents[0]._compute(parsed)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(payload)
+
+    restarted = fed.agent(SITES[0])
+    restarted.run_task(parsed)
+
+    assert restarted.outbound.entries()[-1]["sha256"] == __import__("hashlib").sha256(
+        payload).hexdigest()
+    _until_done(fed, [restarted, *agents[1:]])
+
+
+def test_node_audit_log_records_every_payload(fed: Federation) -> None:
+    agents = [fed.agent(s) for s in SITES]
+    _until_done(fed, agents)
+
+    summary = agents[0].outbound.summary()
+
+    assert summary["statistics"]["payloads"] == 1
+    assert summary["train"]["payloads"] == PLAN["rounds"]
+    assert summary["evaluate"]["payloads"] == 1
+    assert all(e["bytes"] > 0 and len(e["sha256"]) == 64 for e in agents[0].outbound.entries())
+
+
+def test_node_reports_a_refusal_with_the_coordinators_reason(fed: Federation) -> None:
+    agent = fed.agent(SITES[0])
+    agent.credential()
+    fed.client.post(f"/v1/studies/s1/sites/{SITES[0]}/revoke", headers=fed.auth(fed.admin))
+
+    with pytest.raises(NodeError, match="401 Site 'tier3_01' has been revoked."):
+        agent.run(max_tasks=1)
+
+
+def test_openapi_document_lists_the_versioned_routes(fed: Federation) -> None:
+    paths = fed.client.get("/openapi.json").json()["paths"]
+    assert {"/v1/enrol", "/v1/tasks/next", "/v1/studies",
+            "/v1/studies/{study_id}/rounds/{round_number}/updates",
+            "/v1/studies/{study_id}/models/{version}"} <= set(paths)
