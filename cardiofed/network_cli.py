@@ -97,6 +97,8 @@ def create_study(
     url: Url = "https://127.0.0.1:8443",
     admin_key_file: KeyFile = Path("cardiofed-admin.key"),
     ca_file: CaFile = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the tokens as a JSON object {site: token}.")] = False,
 ) -> None:
     """Create a study; prints one one-time enrolment token per site."""
     from cardiofed.data.catalog import study_columns
@@ -113,6 +115,9 @@ def create_study(
             "feature_ranges": ranges, "min_sites": min_sites, "round_timeout_s": round_timeout}
     with _admin_client(url, admin_key_file, ca_file) as client:
         tokens = _checked(client.post("/v1/studies", json=body)).json()["enrolment_tokens"]
+    if as_json:
+        typer.echo(json.dumps(tokens))
+        return
     table = Table(title=f"Study {study}: one-time enrolment tokens")
     table.add_column("site")
     table.add_column("enrolment token")

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
 from torch import nn
 
 from cardiofed.aggregation.server_optimizers import ServerOptimizer, ServerState
 from cardiofed.aggregation.weighted_mean import sample_size_weights, weighted_mean
-from cardiofed.models.networks import Weights, get_weights, set_weights
+from cardiofed.models.networks import Weights, get_weights, predict_logits, set_weights
 from cardiofed.training.local import LocalResult, LocalTrainingConfig, train_local
 
 
@@ -27,8 +28,8 @@ class LocalTrainer(Protocol):
     """What trains a model in place at a site (plain SGD, or DP-SGD with a ledger)."""
 
     def __call__(self, model: nn.Module, x: np.ndarray, y: np.ndarray,
-                 config: LocalTrainingConfig, *, seed: int,
-                 anchor: Weights | None = None) -> LocalResult: ...
+                 config: LocalTrainingConfig, *, seed: int, anchor: Weights | None = None,
+                 sample_weight: np.ndarray | None = None) -> LocalResult: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +41,9 @@ class ClientUpdate:
     num_samples: int
     num_steps: int
     train_loss: float
+    # Loss of the incoming global model on the site's training rows (for loss-based
+    # weighting such as q-FFL); NaN when not asked for (it is one more release).
+    global_loss: float = float("nan")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,27 +56,38 @@ class FederatedAlgorithm:
 
     def client_update(self, model: nn.Module, global_weights: Weights, x: np.ndarray,
                       y: np.ndarray, *, site: str, seed: int,
-                      trainer: LocalTrainer = train_local) -> ClientUpdate:
+                      trainer: LocalTrainer = train_local,
+                      report_global_loss: bool = False,
+                      sample_weight: np.ndarray | None = None) -> ClientUpdate:
         """Train `model` from `global_weights` on the site's rows; return the update.
 
         `trainer` runs the local training; a site's DP wrapper
         (:meth:`cardiofed.privacy.SitePrivacy.train`) is passed here.
         """
         set_weights(model, global_weights)
-        result = trainer(model, x, y, self.local, seed=seed, anchor=global_weights)
+        global_loss = float("nan")
+        if report_global_loss:
+            global_loss = float(nn.functional.binary_cross_entropy_with_logits(
+                torch.from_numpy(predict_logits(model, x)),
+                torch.as_tensor(y, dtype=torch.float64)))
+        result = trainer(model, x, y, self.local, seed=seed, anchor=global_weights,
+                         sample_weight=sample_weight)
         local = get_weights(model)
         return ClientUpdate(site=site, delta={k: local[k] - global_weights[k] for k in local},
                             num_samples=len(y), num_steps=result.num_steps,
-                            train_loss=result.mean_loss)
+                            train_loss=result.mean_loss, global_loss=global_loss)
 
     def init_server(self, weights: Weights) -> ServerState:
         return self.server.init(weights)
 
     def server_update(self, global_weights: Weights, updates: Sequence[ClientUpdate],
-                      state: ServerState) -> tuple[Weights, ServerState]:
-        """Sample-size weighted mean of the updates, applied by the server optimiser."""
+                      state: ServerState,
+                      weights: Sequence[float] | None = None) -> tuple[Weights, ServerState]:
+        """Weighted mean of the updates (sample-size weights unless `weights` are given,
+        e.g. from a bias-correction rule), applied by the server optimiser."""
         if not updates:
             return global_weights, state
-        mean_delta = weighted_mean([u.delta for u in updates],
-                                   sample_size_weights([u.num_samples for u in updates]))
+        if weights is None:
+            weights = sample_size_weights([u.num_samples for u in updates])
+        mean_delta = weighted_mean([u.delta for u in updates], weights)
         return self.server.step(global_weights, mean_delta, state)

@@ -7,7 +7,9 @@ every active site has reported, or when its deadline passes with at least
 ``min_sites`` reports; past the deadline with fewer, it is extended and the status
 says which sites it waits for. Each accepted update is committed before it is
 acknowledged; a repeated identical upload is acknowledged again, a different one for
-the same round is a conflict.
+the same round is a conflict. Accepting an update and closing a round are serialised
+(:func:`_serialised`), so concurrent requests never close a round twice nor accept an
+update into a round that has just closed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -63,6 +67,28 @@ def new_secret() -> str:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# One coordinator process serves many threads (uvicorn's thread pool, long polls).
+_TRANSITIONS = threading.RLock()
+
+
+@contextmanager
+def _serialised(db: Session, study: Study) -> Iterator[None]:
+    """Hold the study's state still: a process-wide lock, and on databases that have it
+    (PostgreSQL) a row lock on the study. Pending writes (``last_seen``) are committed
+    first so that no database lock is held while waiting, and every object is re-read
+    inside, so decisions are taken on the current state, never on a stale copy."""
+    db.commit()
+    with _TRANSITIONS:
+        db.expire_all()
+        db.refresh(study, with_for_update=True)
+        try:
+            yield
+        except BaseException:
+            db.rollback()
+            raise
+        db.commit()  # ends the transaction (and releases the row lock)
 
 
 # ---------------------------------------------------------------- administration
@@ -211,22 +237,23 @@ def submit(db: Session, site: Site, *, round_number: int, payload: bytes, max_by
         raise PayloadTooLarge(f"Payload of {len(payload)} bytes exceeds the limit of "
                               f"{max_bytes} bytes.")
     study = get_study(db, site.study_id)
-    rnd = _round(db, study, round_number)
     digest = sha256(payload)
-    existing = _reported(db, rnd).get(site.id)
-    if existing is not None:
-        if existing.sha256 == digest:
-            return digest, False
-        raise Conflict(f"Site {site.name!r} already submitted a different payload for round "
-                       f"{round_number} (sha256 {existing.sha256[:12]}...).")
-    if rnd.closed_at is not None:
-        raise Conflict(f"Round {round_number} of study {study.id!r} is closed "
-                       f"({rnd.outcome}); the current round is {study.current_round}.")
-    num_samples = _validate(db, study, rnd, site, payload)
-    db.add(Update(round_id=rnd.id, site_id=site.id, payload=payload, sha256=digest,
-                  num_samples=num_samples, received_at=now()))
-    db.commit()  # durable before acknowledged
-    advance(db, study, now)
+    with _serialised(db, study):
+        rnd = _round(db, study, round_number)
+        existing = _reported(db, rnd).get(site.id)
+        if existing is not None:
+            if existing.sha256 == digest:
+                return digest, False
+            raise Conflict(f"Site {site.name!r} already submitted a different payload for "
+                           f"round {round_number} (sha256 {existing.sha256[:12]}...).")
+        if rnd.closed_at is not None:
+            raise Conflict(f"Round {round_number} of study {study.id!r} is closed "
+                           f"({rnd.outcome}); the current round is {study.current_round}.")
+        num_samples = _validate(db, study, rnd, site, payload)
+        db.add(Update(round_id=rnd.id, site_id=site.id, payload=payload, sha256=digest,
+                      num_samples=num_samples, received_at=now()))
+        db.commit()  # durable before acknowledged
+        advance(db, study, now)
     return digest, True
 
 
@@ -284,6 +311,11 @@ def _validate(db: Session, study: Study, rnd: Round, site: Site, payload: bytes)
 
 def advance(db: Session, study: Study, now: Clock = utcnow) -> None:
     """Close the current round if it is complete (or past its deadline), and open the next."""
+    with _serialised(db, study):
+        _advance(db, study, now)
+
+
+def _advance(db: Session, study: Study, now: Clock) -> None:
     while study.phase != "done":
         rnd = _round(db, study)
         active = _active_sites(db, study)

@@ -84,6 +84,8 @@ class NodeConfig(BaseModel):
             if key in raw.get("data", {}):
                 raw["data"][key] = str(base / raw["data"][key])
         raw["state_dir"] = str(base / raw.get("state_dir", "."))
+        if "ca_file" in raw:
+            raw["ca_file"] = str(base / raw["ca_file"])
         return cls.create(**raw)
 
     @classmethod

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from cardiofed.exceptions import PrivacyBudgetExceeded
+from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.models.networks import Weights
 from cardiofed.privacy.accountant import GaussianEvent, calibrate_noise
 from cardiofed.privacy.budget import PrivacyLedger
@@ -48,8 +48,12 @@ class SitePrivacy:
 
     def train(self, model: nn.Module, x: np.ndarray, y: np.ndarray,
               config: LocalTrainingConfig, *, seed: int, anchor: Weights | None = None,
+              sample_weight: np.ndarray | None = None,
               what: str = "a training round") -> LocalResult:
         """Check the budget, run DP-SGD, record the spend; refuse if over budget."""
+        if sample_weight is not None:
+            raise ConfigurationError("DP-SGD does not take per-sample weights (covariate-shift "
+                                     "correction); switch one of them off.")
         sample_rate, steps = dp_schedule(len(y), config)
         planned = GaussianEvent(noise_multiplier=self.dp.noise_multiplier,
                                 sample_rate=sample_rate, steps=steps)

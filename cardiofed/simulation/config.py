@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cardiofed.algorithms import FederatedAlgorithm, make_algorithm
+from cardiofed.algorithms.weighting import WeightingRule
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.training.local import LocalTrainingConfig
 
@@ -39,13 +40,31 @@ class SimulationConfig(BaseModel):
     dp_delta: float | None = Field(None, gt=0, lt=1)
     dp_max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
     dp_accountant: Literal["rdp", "prv"] = "rdp"
+    # Bias correction (see cardiofed.algorithms.weighting and cardiofed.simulation.experiment).
+    weighting: Literal["sample-size", "type-balanced", "qffl", "agnostic"] = "sample-size"
+    qffl_q: float = Field(1.0, ge=0)
+    afl_step: float = Field(0.5, gt=0)
+    covariate_shift: bool = False
+    label_quality: bool = False
+    recalibrate: bool = False
 
     @model_validator(mode="after")
     def _dp_compatible(self) -> SimulationConfig:
         if self.dp_epsilon is not None and self.algorithm == "fedprox":
             raise ValueError("differential privacy does not support fedprox's proximal term; "
                              "use fedavg, fedadam or fedyogi")
+        if self.dp_epsilon is not None and self.weighting in ("qffl", "agnostic"):
+            raise ValueError(f"weighting {self.weighting!r} needs each site's loss, a release "
+                             "differential privacy does not cover; use sample-size or "
+                             "type-balanced weighting with DP")
+        if self.dp_epsilon is not None and self.covariate_shift:
+            raise ValueError("covariate_shift reweights samples, which DP-SGD here does not "
+                             "support; switch one of them off")
         return self
+
+    def weighting_rule(self, site_multipliers: dict[str, float] | None = None) -> WeightingRule:
+        return WeightingRule(kind=self.weighting, q=self.qffl_q, step=self.afl_step,
+                             site_multipliers=site_multipliers or {})
 
     @classmethod
     def create(cls, **settings: object) -> SimulationConfig:

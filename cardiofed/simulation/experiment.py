@@ -8,13 +8,20 @@ view used for reports and benchmarks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from cardiofed.data.dataset import FederatedDataset
 from cardiofed.data.preprocessing import Preprocessor
+from cardiofed.evaluation.label_quality import (
+    LabelQuality,
+    cross_site_auc_matrix,
+    detect_label_disagreement,
+)
 from cardiofed.evaluation.metrics import binary_metrics
+from cardiofed.evaluation.recalibration import Recalibration, fit_recalibration
 from cardiofed.exceptions import PrivacyBudgetExceeded
 from cardiofed.models.estimator import RiskEstimator
 from cardiofed.models.networks import Weights, make_model, predict_proba, set_weights
@@ -33,6 +40,7 @@ from cardiofed.training.dp import DPConfig
 from cardiofed.wire import encode_metrics
 
 FEDERATED, LOCAL, POOLED = "federated", "local-only", "pooled"
+RECALIBRATED = "federated+recalibrated"
 POOLED_TEST = "pooled test"
 
 
@@ -52,6 +60,8 @@ class ExperimentResult:
     preprocessors: dict[str, Preprocessor] = field(default_factory=dict)
     # site -> what DP spent there (empty without DP)
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    label_quality: LabelQuality | None = None
+    recalibrations: dict[str, Recalibration] = field(default_factory=dict)
 
     def estimator(self, site: str) -> RiskEstimator:
         """The federated model as an estimator, with the preprocessing `site` used."""
@@ -135,15 +145,31 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     With ``config.dp_epsilon`` every site trains with DP-SGD under its own ledger
     (persisted in `ledger_dir` when given); the baselines stay non-private references.
     `outbox` sees every payload the sites send (statistics, updates, metrics).
+    Bias corrections: ``label_quality`` cross-evaluates the sites' local models (only
+    AUCs cross sites) and gives a site whose labels disagree with the others' no weight;
+    ``recalibrate`` adds each site's logistic recalibration of the federated model,
+    fitted on its own training rows, as the model ``federated+recalibrated``.
     """
-    sites = prepare_federation(dataset, config.standardisation, outbox)
+    sites = prepare_federation(dataset, config.standardisation, outbox,
+                               covariate_shift=config.covariate_shift)
+    local_sites: list[PreparedSite] = []
+    local_weights: list[Weights] = []
+    if baselines or config.label_quality:
+        local_sites = [prepare_local_only(s, dataset.feature_ranges) for s in dataset.sites]
+        local_weights = [train_centralised(s.x_train, s.y_train, config,
+                                           seed=derive_seed(config.seed, 10_000, k))
+                         for k, s in enumerate(local_sites)]
+    quality = _label_quality(dataset, config, local_sites, local_weights) \
+        if config.label_quality else None
     privacy = site_privacy(sites, config, ledger_dir)
     run = run_federated(sites, config, progress=progress, privacy=privacy or None,
-                        outbox=outbox)
+                        outbox=outbox,
+                        site_multipliers=dict.fromkeys(quality.flagged, 0.0) if quality else None)
     result = ExperimentResult(dataset=dataset.name, config=config, federated=run,
                               site_types={s.name: s.site_type for s in sites},
                               site_sizes={s.name: s.n_train for s in sites},
-                              preprocessors={s.name: s.preprocessor for s in sites})
+                              preprocessors={s.name: s.preprocessor for s in sites},
+                              label_quality=quality)
     for name, p in privacy.items():
         result.privacy[name] = {
             "epsilon_spent": p.ledger.spent(), "epsilon_max": p.ledger.budget.epsilon_max,
@@ -151,15 +177,18 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
             "max_grad_norm": p.dp.max_grad_norm, "n_records": float(p.ledger.n_records),
             "rounds_trained": float(run.participation[name])}
     if baselines:
-        local_sites = [prepare_local_only(s, dataset.feature_ranges) for s in dataset.sites]
-        local_probs = {
-            s.name: score(config.model, train_centralised(
-                s.x_train, s.y_train, config, seed=derive_seed(config.seed, 10_000, k)), s.x_test)
-            for k, s in enumerate(local_sites)
-        }
-        _record(result, LOCAL, local_probs, local_sites)
+        _record(result, LOCAL, {s.name: score(config.model, w, s.x_test)
+                                for s, w in zip(local_sites, local_weights, strict=True)},
+                local_sites)
     _record(result, FEDERATED, {s.name: score(config.model, run.weights, s.x_test)
                                 for s in sites}, sites, outbox)
+    if config.recalibrate:
+        recalibrated = {}
+        for s in sites:
+            fit = fit_recalibration(s.y_train, score(config.model, run.weights, s.x_train))
+            result.recalibrations[s.name] = fit
+            recalibrated[s.name] = fit.apply(score(config.model, run.weights, s.x_test))
+        _record(result, RECALIBRATED, recalibrated, sites)
     if baselines:
         x_pool = np.concatenate([s.x_train for s in sites])
         y_pool = np.concatenate([s.y_train for s in sites])
@@ -167,3 +196,18 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
         _record(result, POOLED, {s.name: score(config.model, pooled, s.x_test) for s in sites},
                 sites)
     return result
+
+
+def _label_quality(dataset: FederatedDataset, config: SimulationConfig,
+                   local_sites: list[PreparedSite], local_weights: list[Weights]) -> LabelQuality:
+    """Cross-site evaluation: site i's local model scores site j's training rows at site j
+    (with site i's preprocessing, which is aggregate statistics); only AUCs are shared."""
+    predictors = [partial(_score_raw, config.model, w, s.preprocessor)
+                  for s, w in zip(local_sites, local_weights, strict=True)]
+    evaluation_sets = [(s.x_train, s.y_train) for s in dataset.sites]
+    matrix = cross_site_auc_matrix(predictors, evaluation_sets)
+    return detect_label_disagreement(matrix, [s.name for s in dataset.sites])
+
+
+def _score_raw(model_kind: str, weights: Weights, pre: Preprocessor, x: np.ndarray) -> np.ndarray:
+    return score(model_kind, weights, pre.transform(x))

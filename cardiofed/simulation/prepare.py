@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 
+from cardiofed.aggregation.covariate_shift import covariate_weights
 from cardiofed.data.dataset import FederatedDataset, SiteData
 from cardiofed.data.preprocessing import (
     Preprocessor,
@@ -35,6 +36,8 @@ class PreparedSite:
     x_test: np.ndarray
     y_test: np.ndarray   # int64 0/1
     preprocessor: Preprocessor
+    # Per-row loss weights toward the federation's feature distribution (or None).
+    sample_weight: np.ndarray | None = None
 
     @property
     def n_train(self) -> int:
@@ -50,14 +53,16 @@ def _prepared(site: SiteData, pre: Preprocessor) -> PreparedSite:
 
 
 def prepare_federation(dataset: FederatedDataset, standardisation: Standardisation = "global",
-                       outbox: Callable[[str, str, bytes], None] | None = None
-                       ) -> list[PreparedSite]:
+                       outbox: Callable[[str, str, bytes], None] | None = None, *,
+                       covariate_shift: bool = False) -> list[PreparedSite]:
     """Impute and standardise every site with federated statistics.
 
     ``global``: one preprocessor from merged site statistics (equal to pooled ones).
     ``per-site``: missing values filled with the federated median, then each site
     standardises with its own training mean and standard deviation (FLamby's choice).
-    With `outbox`, each site's statistics pass through it as wire payloads.
+    With `outbox`, each site's statistics pass through it as wire payloads. With
+    `covariate_shift`, each site weights its rows toward the federation's feature
+    distribution, from its own and the merged histograms (no rows move).
     """
     if standardisation not in ("global", "per-site"):
         raise ConfigurationError(f"The 'standardisation' parameter must be 'global' or "
@@ -68,9 +73,14 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
         released = [_via_wire(s.name, stats, outbox) for s, stats in zip(dataset.sites, released,
                                                                           strict=True)]
     merged = merge_statistics(released, edges, dataset.feature_names)
-    if standardisation == "global":
-        return [_prepared(s, merged) for s in dataset.sites]
-    return [_prepared(s, local_preprocessor(s.x_train, merged.fill)) for s in dataset.sites]
+    prepared = [_prepared(s, merged if standardisation == "global"
+                          else local_preprocessor(s.x_train, merged.fill))
+                for s in dataset.sites]
+    if not covariate_shift:
+        return prepared
+    overall = np.sum([stats.histogram for stats in released], axis=0)
+    return [replace(p, sample_weight=covariate_weights(s.x_train, stats.histogram, overall, edges))
+            for p, s, stats in zip(prepared, dataset.sites, released, strict=True)]
 
 
 def _via_wire(site: str, stats: SiteStatistics,

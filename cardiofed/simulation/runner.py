@@ -47,6 +47,8 @@ class FederatedRun:
     participation: dict[str, int] = field(default_factory=dict)
     # Sites' refusals to train (privacy budget exhausted): (round, site, reason).
     refusals: list[tuple[int, str, str]] = field(default_factory=list)
+    # Each site's share of the aggregation weight, averaged over rounds.
+    weight_share: dict[str, float] = field(default_factory=dict)
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -69,6 +71,7 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                   algorithm: FederatedAlgorithm | None = None, progress: bool = False,
                   privacy: Mapping[str, SitePrivacy] | None = None,
                   outbox: Outbox | None = None,
+                  site_multipliers: Mapping[str, float] | None = None,
                   on_round: Callable[[int, Weights], None] | None = None) -> FederatedRun:
     """Run ``config.rounds`` rounds of ``config``'s algorithm over the sites.
 
@@ -81,14 +84,22 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     With `outbox`, every update is serialised as it would be on the wire, handed to
     ``outbox(site, kind, payload)`` and decoded again; the server step uses the decoded
     copy, so what was captured is exactly what the server used.
+
+    Updates are weighted by ``config.weighting`` (times `site_multipliers`, e.g. from
+    the label-quality check); ``weight_share`` records each site's share of the total
+    aggregation weight over the run.
     """
+    rule = config.weighting_rule(dict(site_multipliers or {}))
+    site_types = {s.name: s.site_type for s in sites}
+    mixture: dict[str, float] = {}
     algorithm = algorithm or config.make_algorithm()
     n_features = sites[0].x_train.shape[1]
     model = make_model(config.model, n_features, seed=config.seed)
     weights = get_weights(model)
     state = algorithm.init_server(weights)
     rng = np.random.default_rng(config.seed)
-    run = FederatedRun(weights=weights, participation={s.name: 0 for s in sites})
+    run = FederatedRun(weights=weights, participation={s.name: 0 for s in sites},
+                       weight_share={s.name: 0.0 for s in sites})
     n_pick = max(1, round(config.fraction_fit * len(sites)))
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                    TextColumn("{task.completed}/{task.total} rounds"),
@@ -108,13 +119,20 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 try:
                     update = algorithm.client_update(
                         model, weights, site.x_train, site.y_train, site=site.name,
-                        seed=derive_seed(config.seed, rnd, int(k)), trainer=trainer)
+                        seed=derive_seed(config.seed, rnd, int(k)), trainer=trainer,
+                        report_global_loss=rule.needs_loss, sample_weight=site.sample_weight)
                 except PrivacyBudgetExceeded as refusal:
                     run.refusals.append((rnd, site.name, str(refusal)))
                     continue
                 updates.append(update if outbox is None else _via_wire(update, rnd, outbox))
                 run.participation[site.name] += 1
-            weights, state = algorithm.server_update(weights, updates, state)
+            agg_weights: list[float] = []
+            if updates:
+                agg_weights, mixture = rule.weights(updates, site_types, mixture)
+                total = sum(agg_weights)
+                for u, w in zip(updates, agg_weights, strict=True):
+                    run.weight_share[u.site] += w / total / config.rounds
+            weights, state = algorithm.server_update(weights, updates, state, agg_weights)
             if on_round is not None:
                 on_round(rnd, weights)
             last = rnd == config.rounds

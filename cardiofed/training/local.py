@@ -67,21 +67,30 @@ class LocalResult:
 
 
 _bce = nn.BCEWithLogitsLoss()
+_bce_rows = nn.BCEWithLogitsLoss(reduction="none")
 
 
 def train_local(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
-                config: LocalTrainingConfig, *, seed: int,
-                anchor: Weights | None = None) -> LocalResult:
+                config: LocalTrainingConfig, *, seed: int, anchor: Weights | None = None,
+                sample_weight: np.ndarray | None = None) -> LocalResult:
     """Train `model` in place on preprocessed rows `x` and labels `y`.
 
     ``anchor`` are the global weights the proximal term ``mu/2 ||w - anchor||^2``
     pulls towards (FedProx); ignored when ``config.proximal_mu`` is 0.
+    ``sample_weight`` weights each row's loss (covariate-shift correction).
     """
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.float32)
     n = len(yt)
     if n == 0:
         raise ValueError("train_local needs at least one training row; got 0.")
+    wt = None
+    if sample_weight is not None:
+        if sample_weight.shape != (n,) or not np.isfinite(sample_weight).all() \
+                or (sample_weight < 0).any():
+            raise ValueError(f"sample_weight must be {n} finite non-negative values; got "
+                             f"shape {sample_weight.shape}.")
+        wt = torch.as_tensor(sample_weight, dtype=torch.float32)
     params = list(model.parameters())
     if config.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=config.lr,
@@ -103,7 +112,10 @@ def train_local(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | 
         idx = order[pos:pos + bs]
         pos += bs
         opt.zero_grad(set_to_none=True)
-        loss = _bce(model(xt[idx]), yt[idx])
+        if wt is None:
+            loss = _bce(model(xt[idx]), yt[idx])
+        else:
+            loss = (wt[idx] * _bce_rows(model(xt[idx]), yt[idx])).mean()
         objective = loss
         if prox is not None:
             objective = loss + 0.5 * config.proximal_mu * sum(

@@ -1,0 +1,141 @@
+"""Per-site logistic recalibration of a trained global model.
+
+The federated model is one model for every hospital, but a community clinic's event
+rate and case mix differ from a tier-3 hospital's, so its risks can be systematically
+too high or too spread out there. Logistic recalibration (Cox, "Two further
+applications of a model for binary regression", Biometrika 1958; Steyerberg, "Clinical
+Prediction Models", 2nd ed. 2019, ch. 20) fits, at each site, on the site's own data,
+
+    logit P(y = 1) = a + b * logit(p)
+
+and reports ``sigmoid(a + b * logit(p))`` as the site's calibrated risk. The global model
+is unchanged and ranking (AUC) is preserved when ``b > 0``. ``a = 0, b = 1`` is the
+identity; the fitted ``a`` and ``b`` are the calibration intercept and slope that
+:func:`cardiofed.evaluation.metrics.binary_metrics` reports as ``calibration_slope``.
+
+The fit is unpenalised maximum likelihood by damped Newton-Raphson. With too few events
+(or a single class, or separation) no reliable fit exists, and :func:`fit_recalibration`
+returns the identity with ``fitted=False`` and the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from cardiofed.evaluation.metrics import EPS, validate_binary_inputs
+from cardiofed.exceptions import ConfigurationError
+
+__all__ = ["Recalibration", "fit_recalibration"]
+
+_MAX_ITER = 100
+_TOL = 1e-10
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p, EPS, 1.0 - EPS)
+    out: np.ndarray = np.log(q) - np.log1p(-q)
+    return out
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    out: np.ndarray = np.exp(-np.logaddexp(0.0, -z))
+    return out
+
+
+@dataclass(frozen=True)
+class Recalibration:
+    """``p -> sigmoid(intercept + slope * logit(p))``; the identity when not ``fitted``."""
+
+    intercept: float = 0.0
+    slope: float = 1.0
+    fitted: bool = True
+    reason: str = ""  # why the identity was used, when not fitted
+
+    @classmethod
+    def identity(cls, reason: str) -> Recalibration:
+        return cls(0.0, 1.0, fitted=False, reason=reason)
+
+    def apply(self, p: npt.ArrayLike) -> np.ndarray:
+        """Recalibrated risks (float64, same shape as ``p``); ``p`` itself when not fitted."""
+        arr = np.asarray(p, dtype=np.float64)
+        if arr.size and (not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 1):
+            raise ValueError("p must hold finite risks in [0, 1].")
+        if not self.fitted:
+            return arr.copy()
+        return _sigmoid(self.intercept + self.slope * _logit(arr))
+
+
+def _newton(x: np.ndarray, y: np.ndarray) -> np.ndarray | None:
+    """Unpenalised logistic MLE of y on the columns of x; None if it does not converge."""
+    beta = np.zeros(x.shape[1])
+    beta[1:] = 1.0  # start at the identity recalibration
+
+    def loglik(b: np.ndarray) -> float:
+        eta = x @ b
+        return float(np.sum(y * eta - np.logaddexp(0.0, eta)))
+
+    ll = loglik(beta)
+    for _ in range(_MAX_ITER):
+        mu = _sigmoid(x @ beta)
+        grad = x.T @ (y - mu)
+        hess = (x * (mu * (1.0 - mu))[:, None]).T @ x
+        try:
+            delta = np.linalg.solve(hess, grad)
+        except np.linalg.LinAlgError:
+            return None
+        if not np.all(np.isfinite(delta)):
+            return None
+        step = 1.0
+        while step > 1e-9:
+            candidate = beta + step * delta
+            new_ll = loglik(candidate)
+            if new_ll >= ll - 1e-12 * (1.0 + abs(ll)):
+                break
+            step /= 2.0
+        else:
+            return None
+        beta, ll = candidate, new_ll
+        if np.max(np.abs(step * delta)) <= _TOL * (1.0 + np.max(np.abs(beta))):
+            return beta if np.all(np.abs(beta) < 1e6) else None
+    return None
+
+
+def fit_recalibration(y: npt.ArrayLike, p: npt.ArrayLike, *,
+                      min_events: int = 10) -> Recalibration:
+    """Fit ``logit P(y = 1) = a + b * logit(p)`` on one site's labels and predicted risks.
+
+    Args:
+        y: 0/1 outcomes at the site.
+        p: the global model's risks for the same patients.
+        min_events: the smaller of the two class counts must be at least this (>= 1);
+            otherwise the intercept and slope are too uncertain to apply and the
+            identity is returned, with ``fitted=False`` and the reason.
+    """
+    if isinstance(min_events, bool) or not isinstance(min_events, int) or min_events < 1:
+        raise ConfigurationError(f"The 'min_events' parameter must be an integer >= 1; "
+                                 f"got {min_events!r}.")
+    yy, pp = validate_binary_inputs(y, p)
+    n_pos = int(yy.sum())
+    n_neg = yy.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        only = "1" if n_pos else "0"
+        return Recalibration.identity(
+            f"y holds a single class (all {yy.size} labels are {only}); recalibration "
+            f"needs both outcomes, so the identity is used.")
+    if min(n_pos, n_neg) < min_events:
+        return Recalibration.identity(
+            f"only {min(n_pos, n_neg)} {'events' if n_pos <= n_neg else 'non-events'} "
+            f"({n_pos} positive, {n_neg} negative) < min_events={min_events}; "
+            f"the identity is used.")
+    design = np.column_stack([np.ones_like(pp), _logit(pp)])
+    if np.ptp(design[:, 1]) == 0:
+        return Recalibration.identity("all predicted risks are equal, so no slope can be "
+                                      "fitted; the identity is used.")
+    beta = _newton(design, yy)
+    if beta is None:
+        return Recalibration.identity("the logistic fit did not converge (the outcomes are "
+                                      "separated by the predicted risk); the identity is used.")
+    return Recalibration(intercept=float(beta[0]), slope=float(beta[1]))
