@@ -200,13 +200,17 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
 
 def _label_quality(dataset: FederatedDataset, config: SimulationConfig,
                    local_sites: list[PreparedSite], local_weights: list[Weights]) -> LabelQuality:
-    """Cross-site evaluation: site i's local model scores site j's training rows at site j
-    (with site i's preprocessing, which is aggregate statistics); only AUCs are shared."""
+    """Cross-site evaluation: site i's local model scores all of site j's rows at site j
+    (with site i's preprocessing, which is aggregate statistics); only AUCs and class
+    counts are shared. A site whose labels the others' models cannot predict is flagged."""
     predictors = [partial(_score_raw, config.model, w, s.preprocessor)
                   for s, w in zip(local_sites, local_weights, strict=True)]
-    evaluation_sets = [(s.x_train, s.y_train) for s in dataset.sites]
+    evaluation_sets = [(np.concatenate([s.x_train, s.x_test]),
+                        np.concatenate([s.y_train, s.y_test])) for s in dataset.sites]
     matrix = cross_site_auc_matrix(predictors, evaluation_sets)
-    return detect_label_disagreement(matrix, [s.name for s in dataset.sites])
+    counts = [(int(y.sum()), int(len(y) - y.sum())) for _, y in evaluation_sets]
+    return detect_label_disagreement(matrix, [s.name for s in dataset.sites],
+                                     class_counts=counts)
 
 
 def _score_raw(model_kind: str, weights: Weights, pre: Preprocessor, x: np.ndarray) -> np.ndarray:
