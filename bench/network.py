@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import statistics
@@ -129,8 +130,10 @@ class Coordinator:
                 for n, k, o, c in rows]
 
     def server_errors(self) -> int:
-        """HTTP 5xx responses in the coordinator's access log."""
-        return len(re.findall(rb'HTTP/1\.1" 5\d\d', self.log.read_bytes()))
+        """HTTP 5xx responses and unhandled exceptions in the coordinator's log."""
+        text = self.log.read_bytes()
+        return (len(re.findall(rb'HTTP/1\.1" 5\d\d', text))
+                + text.count(b"Exception in ASGI application"))
 
     def stop(self) -> None:
         if getattr(self, "client", None) is not None:
@@ -143,6 +146,38 @@ class Coordinator:
                 self.proc.kill()
                 self.proc.wait(timeout=15)
         self._log_fh.close()
+
+
+class _CappedTransport(httpx.BaseTransport):
+    """Lets at most ``len(slots)`` requests of all nodes be in flight: long-polls for a
+    task take one kind of slot, every other request (uploads, model downloads, status)
+    the other, so an upload never queues behind the long-polls of idle nodes.
+
+    Work-around for the coordinator's connection handling (see the notes): it holds one
+    pooled database connection per request, for the whole long-poll wait, from a pool of
+    5 + 10 connections, and its async upload endpoint blocks the event loop while it waits
+    for a connection; with more requests in flight than connections it stalls for the
+    pool's 30 s timeout and answers 500.
+    """
+
+    def __init__(self, polls: threading.BoundedSemaphore,
+                 others: threading.BoundedSemaphore) -> None:
+        self._inner = httpx.HTTPTransport()
+        self._polls, self._others = polls, others
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        slots = self._polls if request.url.path == "/v1/tasks/next" else self._others
+        with slots:
+            response = self._inner.handle_request(request)
+            try:
+                response.read()  # the whole exchange holds the slot
+            finally:
+                response.close()
+            return httpx.Response(response.status_code, headers=response.headers,
+                                  content=response.content, extensions=response.extensions)
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 class _Warnings(logging.Handler):
@@ -161,7 +196,9 @@ class _Warnings(logging.Handler):
 
 # ------------------------------------------------------------------ rounds over the network
 
-def _in_process_per_round(data: Any, plan: dict[str, Any], repeats: int = 2) -> float:
+def _in_process_per_round(data: Any, plan: dict[str, Any],
+                          repeats: int = 3) -> tuple[float, dict[str, np.ndarray]]:
+    """Seconds per round of the in-process run (fastest of `repeats`) and its model."""
     from cardiofed.simulation.config import SimulationConfig
     from cardiofed.simulation.prepare import prepare_federation
     from cardiofed.simulation.runner import run_federated
@@ -171,9 +208,9 @@ def _in_process_per_round(data: Any, plan: dict[str, Any], repeats: int = 2) -> 
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run_federated(sites, config)
+        run = run_federated(sites, config)
         times.append(time.perf_counter() - start)
-    return min(times) / config.rounds
+    return min(times) / config.rounds, {k: np.asarray(v) for k, v in run.weights.items()}
 
 
 def _seconds(a: datetime, b: datetime | None) -> float:
@@ -181,15 +218,16 @@ def _seconds(a: datetime, b: datetime | None) -> float:
 
 
 def networked_study(workdir: Path, n_sites: int, size_scale: float, rounds: int,
-                    poll_wait_s: float) -> dict[str, Any]:
+                    poll_wait_s: float, max_in_flight: int) -> dict[str, Any]:
     from cardiofed.data.synthetic import synthetic_federation
     from cardiofed.node.agent import NodeAgent
     from cardiofed.node.config import NodeConfig
+    from cardiofed.wire import decode_arrays
 
     plan = {**SETTINGS, "rounds": rounds}
     data = synthetic_federation(n_sites=n_sites, seed=0, size_scale=size_scale)
     names = [s.name for s in data.sites]
-    floor = _in_process_per_round(data, plan)
+    floor, floor_weights = _in_process_per_round(data, plan)
 
     coordinator = Coordinator(workdir, f"coordinator-{n_sites}")
     warnings = _Warnings()
@@ -199,12 +237,18 @@ def networked_study(workdir: Path, n_sites: int, size_scale: float, rounds: int,
     try:
         study = f"bench-{n_sites}"
         tokens = coordinator.create_study(study, names, plan)
+        polls = threading.BoundedSemaphore(max(1, max_in_flight // 2))
+        others = threading.BoundedSemaphore(max(1, max_in_flight - max_in_flight // 2))
         for name in names:
             config = NodeConfig.create(
                 coordinator_url=coordinator.url, state_dir=str(workdir / study / name),
                 enrolment_token=tokens[name], poll_wait_s=poll_wait_s,
                 data={"dataset": "synthetic", "site": name, "seed": 0})
-            agent = NodeAgent(config)
+            client = None
+            if max_in_flight:
+                client = httpx.Client(base_url=coordinator.url, timeout=poll_wait_s + 30,
+                                      transport=_CappedTransport(polls, others))
+            agent = NodeAgent(config, client=client)
             # The nodes' rows, loaded once: load_site_data would rebuild the synthetic
             # federation per node, and with 12 sites (load_dataset's fixed n_sites)
             # rather than this run's n_sites.
@@ -242,20 +286,25 @@ def networked_study(workdir: Path, n_sites: int, size_scale: float, rounds: int,
         stats_s = [_seconds(o, c) for _, kind, o, c in records if kind == "statistics"][0]
         eval_s = [_seconds(o, c) for _, kind, o, c in records if kind == "evaluate"][0]
         model_bytes = len(coordinator.client.get(f"/v1/studies/{study}/models/1").content)
+        final, _ = decode_arrays(
+            coordinator.client.get(f"/v1/studies/{study}/models/{rounds}").content)
+        model_diff = max(float(np.abs(final[k] - floor_weights[k]).max()) for k in final)
         pre_bytes = len(coordinator.client.get(f"/v1/studies/{study}/preprocessor").content)
         summaries = [a.outbound.summary() for a in agents]
-        update_bytes = [e["bytes"] for a in agents for e in a.outbound.entries()
+        update_bytes = [int(str(e["bytes"])) for a in agents for e in a.outbound.entries()
                         if e["kind"] == "train"]
         train_payloads = sum(s["train"]["payloads"] for s in summaries)
         train_total = sum(s["train"]["bytes"] for s in summaries)
         networked = statistics.fmean(train)
         return {
             "n_sites": n_sites, "size_scale": size_scale, "rounds": rounds,
+            "max_in_flight": max_in_flight or None,
             "train_rows": int(sum(s.n_train for s in data.sites)),
             "in_process_s_per_round": floor,
             "networked_s_per_round": networked,
             "networked_s_per_round_median": statistics.median(train),
             "overhead_s_per_round": networked - floor,
+            "final_model_max_abs_diff_vs_in_process": model_diff,
             "train_round_s": train, "statistics_round_s": stats_s, "evaluate_round_s": eval_s,
             "study_wall_s": wall,
             "bytes_per_update": train_total / train_payloads,
@@ -281,6 +330,57 @@ def networked_study(workdir: Path, n_sites: int, size_scale: float, rounds: int,
 
 # ------------------------------------------------------------------ upload throughput
 
+def _post_concurrently(url: str, study: str, payloads: list[tuple[str, bytes]],
+                       credentials: dict[str, str], k: int) -> dict[str, Any]:
+    """POST every payload once, from `k` clients at once; wall time and latencies."""
+    next_index = iter(range(len(payloads)))
+    lock = threading.Lock()
+    latencies: list[float] = []
+    statuses: list[int] = []
+    barrier = threading.Barrier(k + 1)
+
+    def post_all() -> None:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            barrier.wait(timeout=60)
+            while True:
+                with lock:
+                    i = next(next_index, None)
+                if i is None:
+                    return
+                site, body = payloads[i]
+                t0 = time.perf_counter()
+                try:
+                    r = client.post(f"/v1/studies/{study}/rounds/0/updates", content=body,
+                                    headers={"Authorization": f"Bearer {credentials[site]}"})
+                    code = r.status_code
+                    if code == 200 and r.json()["status"] != "accepted":
+                        code = 299  # acknowledged as a retry: not a new upload
+                except httpx.HTTPError:
+                    code = 0
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+                    statuses.append(code)
+
+    threads = [threading.Thread(target=post_all, daemon=True) for _ in range(k)]
+    for t in threads:
+        t.start()
+    barrier.wait(timeout=60)
+    start = time.perf_counter()
+    give_up = time.monotonic() + UPLOAD_LIMIT_S
+    for t in threads:
+        t.join(timeout=max(0.0, give_up - time.monotonic()))
+    wall = time.perf_counter() - start
+    if any(t.is_alive() for t in threads):
+        raise RuntimeError(f"upload run K={k} not done after {UPLOAD_LIMIT_S:.0f} s")
+    accepted = statuses.count(200)
+    lat = np.array(latencies)
+    return {"clients": k, "accepted": accepted, "failed": len(statuses) - accepted,
+            "wall_s": wall, "uploads_per_s": accepted / wall,
+            "latency_ms_p50": float(np.percentile(lat, 50) * 1e3),
+            "latency_ms_p95": float(np.percentile(lat, 95) * 1e3),
+            "payload_bytes": len(payloads[0][1])}
+
+
 def upload_throughput(workdir: Path, n_sites: int, clients: list[int]) -> dict[str, Any]:
     from cardiofed.data.catalog import study_columns
     from cardiofed.data.preprocessing import bin_edges, site_statistics
@@ -288,7 +388,7 @@ def upload_throughput(workdir: Path, n_sites: int, clients: list[int]) -> dict[s
 
     names, ranges = study_columns("synthetic")
     lo, hi = np.array(ranges).T
-    edges = bin_edges([tuple(r) for r in ranges])
+    edges = bin_edges([(float(a), float(b)) for a, b in ranges])
     rng = np.random.default_rng(0)
     sites = [f"site{i:03d}" for i in range(n_sites)]
     coordinator = Coordinator(workdir, "coordinator-upload")
@@ -305,60 +405,12 @@ def upload_throughput(workdir: Path, n_sites: int, clients: list[int]) -> dict[s
                     credentials[site] = r.json()["credential"]
             payloads = []
             for site in sites:
-                x = rng.uniform(lo, hi, size=(100, len(names)))
-                stats = site_statistics(x, edges)
+                stats = site_statistics(rng.uniform(lo, hi, size=(100, len(names))), edges)
                 payloads.append((site, encode_arrays(stats.to_arrays(), {
                     "study": study, "round": "0", "model_version": "0", "site": site})))
-            next_index = iter(range(len(payloads)))
-            lock = threading.Lock()
-            latencies: list[float] = []
-            statuses: list[int] = []
-            barrier = threading.Barrier(k + 1)
-
-            def post_all() -> None:
-                with httpx.Client(base_url=coordinator.url, timeout=60) as client:
-                    barrier.wait(timeout=60)
-                    while True:
-                        with lock:
-                            i = next(next_index, None)
-                        if i is None:
-                            return
-                        site, body = payloads[i]
-                        t0 = time.perf_counter()
-                        try:
-                            r = client.post(f"/v1/studies/{study}/rounds/0/updates",
-                                            content=body, headers={
-                                                "Authorization": f"Bearer {credentials[site]}"})
-                            code = r.status_code if r.status_code != 200 or \
-                                r.json()["status"] == "accepted" else 299
-                        except httpx.HTTPError:
-                            code = 0
-                        with lock:
-                            latencies.append(time.perf_counter() - t0)
-                            statuses.append(code)
-
-            threads = [threading.Thread(target=post_all, daemon=True) for _ in range(k)]
-            for t in threads:
-                t.start()
-            barrier.wait(timeout=60)
-            start = time.perf_counter()
-            give_up = time.monotonic() + UPLOAD_LIMIT_S
-            for t in threads:
-                t.join(timeout=max(0.0, give_up - time.monotonic()))
-            wall = time.perf_counter() - start
-            if any(t.is_alive() for t in threads):
-                raise RuntimeError(f"upload run K={k} not done after {UPLOAD_LIMIT_S:.0f} s")
-            accepted = statuses.count(200)
-            state = coordinator.status(study)
-            lat = np.array(latencies)
-            out["runs"][str(k)] = {
-                "clients": k, "accepted": accepted, "failed": len(statuses) - accepted,
-                "wall_s": wall, "uploads_per_s": accepted / wall,
-                "latency_ms_p50": float(np.percentile(lat, 50) * 1e3),
-                "latency_ms_p95": float(np.percentile(lat, 95) * 1e3),
-                "payload_bytes": len(payloads[0][1]),
-                "round_0_closed": state["round"] == 1,
-            }
+            run = _post_concurrently(coordinator.url, study, payloads, credentials, k)
+            run["round_0_closed"] = coordinator.status(study)["round"] == 1
+            out["runs"][str(k)] = run
         out["coordinator_5xx"] = coordinator.server_errors()
     finally:
         coordinator.stop()
@@ -368,18 +420,33 @@ def upload_throughput(workdir: Path, n_sites: int, clients: list[int]) -> dict[s
 # ------------------------------------------------------------------ main
 
 def main() -> None:
+    import torch
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--scale-50", type=float, default=0.1,
                         help="size_scale of the 50-site federation")
     parser.add_argument("--poll-wait", type=float, default=1.0, help="nodes' long-poll seconds")
+    parser.add_argument("--max-in-flight", type=int, default=12,
+                        help="requests of all nodes in flight at once, half of them "
+                             "long-polls (0: no cap; the coordinator's pool has 15)")
     parser.add_argument("--upload-sites", type=int, default=200)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
+    if max(args.clients) > 10:
+        parser.error("--clients above 10 exceed what the coordinator's connection pool "
+                     "serves without stalling (see the notes)")
+    # One intra-op thread for the floor and the nodes alike: tiny logistic-regression steps
+    # gain nothing from more, and on 2 busy cores OpenMP spinning made them several times
+    # slower and the floor erratic.
+    torch.set_num_threads(1)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the coordinator is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     with tempfile.TemporaryDirectory(prefix="cardiofed-bench-") as tmp:
         workdir = Path(tmp)
-        studies = [networked_study(workdir, n, scale, args.rounds, args.poll_wait)
+        studies = [networked_study(workdir, n, scale, args.rounds, args.poll_wait,
+                                   args.max_in_flight)
                    for n, scale in ((4, 1.0), (50, args.scale_50))]
         uploads = upload_throughput(workdir, args.upload_sites, args.clients)
 
@@ -395,7 +462,10 @@ def main() -> None:
         "synthetic cohort (N=4: full size; "
         f"N=50: size_scale {args.scale_50}). Networked s/round: mean of the coordinator's "
         "training rounds, opened_at to closed_at; in-process s/round: run_federated on the "
-        "same sites and plan (fastest of 2). Overhead = networked - in-process.",
+        "same sites and plan (fastest of 3). Overhead = networked - in-process. Both ran "
+        "the same rounds: the final networked model differs from the in-process one by at "
+        f"most {studies[0]['final_model_max_abs_diff_vs_in_process']:.1e} (N=4) and "
+        f"{studies[1]['final_model_max_abs_diff_vs_in_process']:.1e} (N=50) per weight.",
         "Bytes per round: uploads = N updates (from the nodes' outbound logs); downloads = "
         f"N x the global model ({studies[0]['model_bytes']} bytes). HTTP headers not counted. "
         f"The statistics round sends {studies[0]['statistics_bytes_per_site']:.0f} bytes "
@@ -406,8 +476,18 @@ def main() -> None:
         "threads of one process (50 node processes do not fit 2 cores and their memory), "
         "each with its own httpx.Client, state directory and outbound log, long-polling "
         f"with wait={args.poll_wait:g} s; node and coordinator share the same 2 cores, "
-        "and node threads share one GIL. Node data is loaded once and handed to the agents "
+        "and node threads share one GIL; PyTorch runs one intra-op thread (floor and "
+        "nodes alike). Node data is loaded once and handed to the agents "
         "(agent._site) instead of every node regenerating the synthetic federation.",
+        (f"The nodes' requests pass through a shared cap of {args.max_in_flight} in flight "
+         f"({args.max_in_flight // 2} long-polls + "
+         f"{args.max_in_flight - args.max_in_flight // 2} others): the coordinator keeps a "
+         "pooled database connection (pool 5 + 10) for the whole of a request, long-poll "
+         "wait included, and its async upload endpoint blocks the event loop while waiting "
+         "for one, so more requests in flight than connections stall it for the pool's "
+         "30 s timeout and end in 500s (with --max-in-flight 0 the 50-node study did not "
+         "get past its statistics round)." if args.max_in_flight else
+         "No cap on the nodes' requests in flight (--max-in-flight 0)."),
         f"Retries the nodes logged: N=4 {studies[0]['node_retry_warnings']}, "
         f"N=50 {studies[1]['node_retry_warnings']}; coordinator 5xx responses: "
         f"{studies[0]['coordinator_5xx']}, {studies[1]['coordinator_5xx']}, "

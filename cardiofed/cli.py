@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,10 +12,12 @@ from rich.console import Console
 
 from cardiofed import network_cli
 from cardiofed.data.catalog import DATASETS, load_dataset
+from cardiofed.evaluation.acceptability import acceptability_from_experiment
+from cardiofed.evaluation.effective_data import effective_data_from_experiment
 from cardiofed.exceptions import CardioFedError
 from cardiofed.privacy.audit import audit_tables, run_audit
 from cardiofed.simulation.config import SimulationConfig
-from cardiofed.simulation.experiment import run_experiment
+from cardiofed.simulation.experiment import LOCAL, run_experiment
 from cardiofed.simulation.summary import privacy_table, summary_table, write_experiment_report
 
 app = typer.Typer(help="CardioFed: train a cardiovascular risk model across hospitals "
@@ -53,7 +56,20 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
         console.print(privacy_table(result))
     for rnd, _, reason in result.federated.refusals:
         console.print(f"[yellow]round {rnd}:[/] {reason}")
-    page = write_experiment_report(result, out, title=title, notes=[
+    sections = []
+    if LOCAL in next(iter(result.metrics.values())):
+        accept = acceptability_from_experiment(result, seed=config.seed)
+        summary = accept.summary
+        console.print(f"Clinically acceptable at {summary['n_acceptable']} of "
+                      f"{len(accept.sites)} sites ({accept.criteria.describe()}); worst site "
+                      f"AUC {summary['worst_site_auc']:.3f} ({summary['worst_site']}).")
+        effective = effective_data_from_experiment(result, result.sites, repeats=2,
+                                                   seed=config.seed)
+        console.print(f"Effective data equivalent: {effective['explanation']}")
+        sections = [("Clinical acceptability", accept.to_html()),
+                    ("Effective data equivalent",
+                     f"<p>{html.escape(str(effective['explanation']))}</p>")]
+    page = write_experiment_report(result, out, title=title, extra_sections=sections, notes=[
         dataset.description,
         "Local-only: each site trains alone on its own rows. Federated: only model updates "
         "left the sites. Pooled: one model on the union of all rows, possible only in "

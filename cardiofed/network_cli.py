@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 from pathlib import Path
 from typing import Annotated
 
@@ -70,7 +71,8 @@ def _admin_client(url: str, key_file: Path, ca_file: Path | None) -> httpx.Clien
     if not key_file.exists():
         raise _fail(f"Admin key file {key_file} does not exist (the coordinator writes it on "
                     f"first start).")
-    return httpx.Client(base_url=url, verify=str(ca_file) if ca_file else True, timeout=30,
+    verify = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+    return httpx.Client(base_url=url, verify=verify, timeout=30,
                         headers={"Authorization": f"Bearer {key_file.read_text().strip()}"})
 
 

@@ -54,6 +54,8 @@ C_BOUNDS = (1e-6, 2.0)  # c in (0, 2]
 DEFAULT_MIN_SIZE = 50
 DEFAULT_N_SIZES = 8
 
+MIN_STEPS = 1500
+
 
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
@@ -134,7 +136,11 @@ def learning_curve_detail(x_train: np.ndarray, y_train: np.ndarray, x_test: np.n
         aucs = []
         for _ in range(repeats):
             idx = stratified_subsample(y_tr, size, rng)
-            weights = train_centralised(x_train[idx], y_train[idx], config,
+            # A small hospital trains to convergence, not for fewer steps: at least
+            # MIN_STEPS optimiser steps, so the curve measures data, not effort.
+            steps_per_epoch = -(-size // config.batch_size)
+            epochs = max(config.rounds * config.local_epochs, -(-MIN_STEPS // steps_per_epoch))
+            weights = train_centralised(x_train[idx], y_train[idx], config, epochs=epochs,
                                         seed=int(rng.integers(2**31)))
             aucs.append(float(roc_auc_score(y_te, score(config.model, weights, x_test))))
         points.append(LearningCurvePoint(size=size, aucs=tuple(aucs)))
@@ -148,8 +154,9 @@ def learning_curve(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
 
     For each size, `repeats` stratified subsamples (without replacement) of the pooled,
     preprocessed training rows are each trained with
-    :func:`~cardiofed.simulation.runner.train_centralised` (the federation's recipe:
-    ``rounds x local_epochs`` epochs) and scored on the whole test set. Deterministic
+    :func:`~cardiofed.simulation.runner.train_centralised` (the federation's recipe, for
+    ``rounds x local_epochs`` epochs but at least ``MIN_STEPS`` steps) and scored on the
+    whole test set. Deterministic
     given `seed`. Returns ``[(size, mean AUC), ...]`` in the order of `sizes`.
     """
     return [(p.size, p.mean_auc) for p in learning_curve_detail(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import time
 from pathlib import Path
 
@@ -51,7 +52,8 @@ class NodeAgent:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.client = client or httpx.Client(
             base_url=config.coordinator_url, timeout=config.poll_wait_s + 30,
-            verify=str(config.ca_file) if config.ca_file else True)
+            verify=ssl.create_default_context(cafile=str(config.ca_file)) if config.ca_file
+            else True)
         self.outbound = OutboundLog(self.state_dir / "outbound.jsonl")
         self._site: SiteData | None = None
         self._pre: Preprocessor | None = None

@@ -61,6 +61,7 @@ class ExperimentResult:
     # site -> what DP spent there (empty without DP)
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
     label_quality: LabelQuality | None = None
+    sites: list[PreparedSite] = field(default_factory=list)  # as the federation prepared them
     recalibrations: dict[str, Recalibration] = field(default_factory=dict)
 
     def estimator(self, site: str) -> RiskEstimator:
@@ -169,7 +170,7 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
                               site_types={s.name: s.site_type for s in sites},
                               site_sizes={s.name: s.n_train for s in sites},
                               preprocessors={s.name: s.preprocessor for s in sites},
-                              label_quality=quality)
+                              label_quality=quality, sites=sites)
     for name, p in privacy.items():
         result.privacy[name] = {
             "epsilon_spent": p.ledger.spent(), "epsilon_max": p.ledger.budget.epsilon_max,

@@ -80,7 +80,8 @@ def _privacy_section(result: ExperimentResult) -> str:
 
 
 def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, title: str,
-                            notes: list[str] | None = None) -> Path:
+                            notes: list[str] | None = None,
+                            extra_sections: list[tuple[str, str]] | None = None) -> Path:
     """HTML page, PNG figures and summary.json for an experiment."""
     from cardiofed.evaluation.report import write_report  # loads matplotlib only here
 
@@ -92,6 +93,11 @@ def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, ti
     sections = [("Training settings", f"<p>{html.escape(settings)}</p>"),
                 ("Rounds each site took part in",
                  f"<table><tr><th>site</th><th>rounds</th></tr>{participation}</table>")]
+    sections[:0] = extra_sections or []
+    if result.label_quality is not None and result.label_quality.reasons:
+        sections.insert(0, ("Data quality", "<ul>" + "".join(
+            f"<li>{html.escape(site)}: {html.escape(reason)}; its updates got no weight</li>"
+            for site, reason in result.label_quality.reasons.items()) + "</ul>"))
     if result.privacy:
         sections.insert(0, ("Differential privacy: epsilon spent per site",
                             _privacy_section(result)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 
 from cardiofed.coordinator import service
 from cardiofed.coordinator.deps import DB, CurrentSite, Settings
@@ -21,7 +22,17 @@ async def submit_update(study_id: str, round_number: int, request: Request, site
     if declared > settings.max_update_bytes:
         raise PayloadTooLarge(f"Payload of {declared} bytes exceeds the limit of "
                               f"{settings.max_update_bytes} bytes.")
-    payload = await request.body()
-    digest, new = service.submit(db, site, round_number=round_number, payload=payload,
-                                 max_bytes=settings.max_update_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():  # bounded even without a Content-Length
+        size += len(chunk)
+        if size > settings.max_update_bytes:
+            raise PayloadTooLarge(f"Payload exceeds the limit of {settings.max_update_bytes} "
+                                  f"bytes.")
+        chunks.append(chunk)
+    payload = b"".join(chunks)
+    # Blocking database work (and, for the last report, the round's aggregation) runs in
+    # the thread pool: on the event loop it would stall every other request, including
+    # the ones that must finish to release the database lock it waits for.
+    digest, new = await run_in_threadpool(service.submit, db, site, round_number=round_number,
+                                          payload=payload, max_bytes=settings.max_update_bytes)
     return SubmitResponse(sha256=digest, status="accepted" if new else "already accepted")
