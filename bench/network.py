@@ -485,8 +485,8 @@ def main() -> None:
          "pooled database connection (pool 5 + 10) for the whole of a request, long-poll "
          "wait included, and its async upload endpoint blocks the event loop while waiting "
          "for one, so more requests in flight than connections stall it for the pool's "
-         "30 s timeout and end in 500s (with --max-in-flight 0 the 50-node study did not "
-         "get past its statistics round)." if args.max_in_flight else
+         "30 s timeout and end in 500s (with --max-in-flight 0 a 50-node run can stall "
+         "like this; how often depends on timing)." if args.max_in_flight else
          "No cap on the nodes' requests in flight (--max-in-flight 0)."),
         f"Retries the nodes logged: N=4 {studies[0]['node_retry_warnings']}, "
         f"N=50 {studies[1]['node_retry_warnings']}; coordinator 5xx responses: "

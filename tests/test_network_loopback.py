@@ -37,7 +37,13 @@ from cardiofed.data.paths import data_dir
 from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.data.synthetic import synthetic_federation
 from cardiofed.simulation.config import SimulationConfig
-from cardiofed.simulation.experiment import FEDERATED, POOLED_TEST, run_experiment, score
+from cardiofed.simulation.experiment import (
+    FEDERATED,
+    POOLED_TEST,
+    ExperimentResult,
+    run_experiment,
+    score,
+)
 from cardiofed.wire import decode_arrays
 
 HOST = "127.0.0.1"  # the only address these tests ever connect to
@@ -352,23 +358,28 @@ class Federation:
 
 
 @pytest.fixture(scope="module")
-def synthetic_reference() -> dict[str, float]:
-    """The simulator's final per-site AUCs for SYN_SITES under SYN_PLAN."""
+def synthetic_reference() -> ExperimentResult:
+    """The simulator's run of SYN_SITES under SYN_PLAN."""
     data = synthetic_federation(seed=0)  # what a node's data.dataset = "synthetic" loads
     sub = type(data)(name=data.name, feature_names=data.feature_names,
                      feature_ranges=data.feature_ranges,
                      sites=[data.site(s) for s in SYN_SITES], outcome=data.outcome)
-    sim = run_experiment(sub, SimulationConfig.create(**SYN_PLAN), baselines=False)
-    return {s: sim.metrics[s][FEDERATED]["auc"] for s in SYN_SITES}
+    return run_experiment(sub, SimulationConfig.create(**SYN_PLAN), baselines=False)
 
 
-def assert_matches_simulator(final: dict[str, object], reference: dict[str, float]) -> None:
+def assert_matches_simulator(coordinator: Coordinator, study: str,
+                             reference: ExperimentResult) -> None:
+    """Same code, same seeds, the same bytes aggregated: the simulator's model exactly."""
+    final, weights = coordinator.final_model(study)
     metrics = final["metrics"]
     assert isinstance(metrics, dict)
     assert final["participants"] == SYN_SITES
     assert final["version"] == SYN_PLAN["rounds"]
-    for site, auc in reference.items():  # same code, same seeds, same bytes aggregated
-        assert metrics[site]["auc"] == pytest.approx(auc, abs=1e-6), site
+    for site in SYN_SITES:
+        assert metrics[site]["auc"] == pytest.approx(
+            reference.metrics[site][FEDERATED]["auc"], abs=1e-6), site
+    for name, value in reference.federated.weights.items():
+        np.testing.assert_array_equal(weights[name], value)
 
 
 # ----------------------------------------------------------------------------- tests
@@ -408,8 +419,8 @@ def test_uci_federation_over_loopback_equals_the_simulator(
     print(f"\npooled-test AUC on UCI: networked {networked_auc:.6f}, "
           f"simulator {simulated_auc:.6f}")
     assert networked_auc == pytest.approx(simulated_auc, abs=0.005)
-    for name, value in sim.federated.weights.items():  # in fact the same model
-        np.testing.assert_allclose(weights[name], value, rtol=0, atol=1e-6)
+    for name, value in sim.federated.weights.items():  # in fact the very same model
+        np.testing.assert_array_equal(weights[name], value)
     metrics = final["metrics"]
     assert isinstance(metrics, dict)
     for site in UCI_SITES:  # what each site reported from its own test split
@@ -449,7 +460,7 @@ def _study_row(db: Path, study: str) -> tuple[str, int]:
 
 def test_coordinator_sigkill_mid_training_loses_nothing(
         procs: Processes, coordinators: dict[str, Coordinator],
-        synthetic_reference: dict[str, float]) -> None:
+        synthetic_reference: ExperimentResult) -> None:
     coordinator = coordinators["crash"].ready()
     fed = Federation(procs, coordinator, "crash", "synthetic", SYN_SITES, SYN_PLAN)
     fed.start()
@@ -468,12 +479,11 @@ def test_coordinator_sigkill_mid_training_loses_nothing(
     assert len(after) >= len(before)
     assert before <= after  # every accepted update survived, with the same sha256
     fed.finish()
-    final, _ = coordinator.final_model("crash")
-    assert_matches_simulator(final, synthetic_reference)
+    assert_matches_simulator(coordinator, "crash", synthetic_reference)
 
 
 def test_node_sigkill_and_restart_resends_the_same_bytes(
-        procs: Processes, shared: Coordinator, synthetic_reference: dict[str, float]) -> None:
+        procs: Processes, shared: Coordinator, synthetic_reference: ExperimentResult) -> None:
     fed = Federation(procs, shared, "restart", "synthetic", SYN_SITES, SYN_PLAN)
     victim = SYN_SITES[1]
     fed.start()
@@ -484,8 +494,7 @@ def test_node_sigkill_and_restart_resends_the_same_bytes(
     fed.start(victim)  # same config, same state folder
 
     fed.finish()
-    final, _ = shared.final_model("restart")
-    assert_matches_simulator(final, synthetic_reference)
+    assert_matches_simulator(shared, "restart", synthetic_reference)
     digests: dict[str, set[object]] = {}
     for entry in fed.outbound(victim):
         digests.setdefault(str(entry["destination"]), set()).add(entry["sha256"])
