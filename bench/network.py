@@ -8,7 +8,7 @@ directory) that poll it, train and upload exactly as ``cardiofed node run`` does
 * Overhead per round: the coordinator's own record of each training round (``opened_at``
   to ``closed_at`` in its ``rounds`` table) minus the pure compute floor, the same
   rounds of the same plan on the same sites run in-process by
-  :func:`cardiofed.simulation.runner.run_federated` (fastest of two runs).
+  :func:`cardiofed.simulation.runner.run_federated` (fastest of three runs).
 * Bytes: each node's outbound log (what ``cardiofed node audit`` shows) gives the size
   of every update; the coordinator serves the global model the nodes download.
 * Upload throughput: 200 enrolled sites post a valid statistics payload for round 0
@@ -18,8 +18,11 @@ directory) that poll it, train and upload exactly as ``cardiofed node run`` does
 Plan: logistic regression, FedAvg, ``--rounds`` rounds (10), one local epoch, batch 32,
 SGD lr 0.05, on the synthetic cohort (``synthetic_federation(n_sites=N, seed=0)``;
 ``--scale-50`` shrinks the 50 sites so the run stays near a minute on 2 cores).
+The nodes' requests share a cap of ``--max-in-flight`` (12) requests in flight, below
+the coordinator's 15 pooled database connections (see ``_CappedTransport``).
 
-    python bench/network.py [--rounds 10] [--scale-50 0.1] [--upload-sites 200]
+    python bench/network.py [--rounds 10] [--scale-50 0.1] [--max-in-flight 12]
+                            [--upload-sites 200] [--clients 1 8]
 """
 
 from __future__ import annotations
@@ -153,11 +156,11 @@ class _CappedTransport(httpx.BaseTransport):
     task take one kind of slot, every other request (uploads, model downloads, status)
     the other, so an upload never queues behind the long-polls of idle nodes.
 
-    Work-around for the coordinator's connection handling (see the notes): it holds one
-    pooled database connection per request, for the whole long-poll wait, from a pool of
-    5 + 10 connections, and its async upload endpoint blocks the event loop while it waits
-    for a connection; with more requests in flight than connections it stalls for the
-    pool's 30 s timeout and answers 500.
+    Work-around for the coordinator's connection handling (see the notes): a long-poll
+    holds one of its 5 + 10 pooled database connections and one of its 40 worker threads
+    for the whole wait, and every other request needs both, so with more requests in
+    flight than that they queue behind the long-polls (and, past the pool's 30 s
+    timeout, fail with 500).
     """
 
     def __init__(self, polls: threading.BoundedSemaphore,
@@ -481,12 +484,11 @@ def main() -> None:
         "(agent._site) instead of every node regenerating the synthetic federation.",
         (f"The nodes' requests pass through a shared cap of {args.max_in_flight} in flight "
          f"({args.max_in_flight // 2} long-polls + "
-         f"{args.max_in_flight - args.max_in_flight // 2} others): the coordinator keeps a "
-         "pooled database connection (pool 5 + 10) for the whole of a request, long-poll "
-         "wait included, and its async upload endpoint blocks the event loop while waiting "
-         "for one, so more requests in flight than connections stall it for the pool's "
-         "30 s timeout and end in 500s (with --max-in-flight 0 a 50-node run can stall "
-         "like this; how often depends on timing)." if args.max_in_flight else
+         f"{args.max_in_flight - args.max_in_flight // 2} others): a long-poll holds one of "
+         "the coordinator's 15 pooled database connections and one of its 40 worker "
+         "threads for its whole wait, and every other request (uploads included) needs "
+         "both, so without the cap (--max-in-flight 0) uploads queue behind idle nodes' "
+         "long-polls." if args.max_in_flight else
          "No cap on the nodes' requests in flight (--max-in-flight 0)."),
         f"Retries the nodes logged: N=4 {studies[0]['node_retry_warnings']}, "
         f"N=50 {studies[1]['node_retry_warnings']}; coordinator 5xx responses: "

@@ -488,7 +488,11 @@ def test_node_sigkill_and_restart_resends_the_same_bytes(
     victim = SYN_SITES[1]
     fed.start()
     fed.wait_for_round(3)
-
+    outbound = fed.configs[victim].parent / "state" / "outbound.jsonl"
+    sent = len(outbound.read_text().splitlines())
+    # Kill it at the worst moment: its payload is cached and logged, the upload under way.
+    wait_for(lambda: len(outbound.read_text().splitlines()) > sent, STUDY_S,
+             f"{victim}'s next upload", interval=0.002, describe=fed.tails)
     fed.kill(victim)
     assert shared.status("restart")["phase"] != "done"  # it cannot finish without the victim
     fed.start(victim)  # same config, same state folder
@@ -500,6 +504,8 @@ def test_node_sigkill_and_restart_resends_the_same_bytes(
         digests.setdefault(str(entry["destination"]), set()).add(entry["sha256"])
     assert len(digests) == SYN_PLAN["rounds"] + 2  # statistics, training, evaluation
     assert all(len(d) == 1 for d in digests.values()), digests  # same round, same bytes
+    resent = len(fed.outbound(victim)) - len(digests)
+    print(f"\n{victim} killed mid-upload; payloads re-sent after its restart: {resent}")
 
 
 def test_coordinator_refuses_plain_http_without_insecure(procs: Processes) -> None:

@@ -58,6 +58,7 @@ class NodeAgent:
         self._site: SiteData | None = None
         self._pre: Preprocessor | None = None
         self._privacy: SitePrivacy | None = None
+        self._name: str | None = None
 
     # -- credentials ---------------------------------------------------------------
     @property
@@ -103,9 +104,12 @@ class NodeAgent:
         """Work until the study is done (or `max_tasks` tasks ran); returns tasks run."""
         done = 0
         while max_tasks is None or done < max_tasks:
+            asked = time.monotonic()
             response = self._request("GET", "/v1/tasks/next",
                                      params={"wait": self.config.poll_wait_s})
             if response.status_code == 204:
+                if time.monotonic() - asked < 0.5:  # no long-poll here: do not hammer
+                    time.sleep(0.5)
                 study = self._study_id()
                 if study and self._request("GET", f"/v1/studies/{study}/status").json()[
                         "phase"] == "done":
@@ -164,7 +168,9 @@ class NodeAgent:
             raise NodeError(str(exc)) from None
 
     def _site_name(self) -> str:
-        return str(self._request("GET", "/v1/me").json()["site"])
+        if self._name is None:
+            self._name = str(self._request("GET", "/v1/me").json()["site"])
+        return self._name
 
     def _site_privacy(self, plan: SimulationConfig, site: SiteData) -> SitePrivacy | None:
         settings = self.config.privacy
