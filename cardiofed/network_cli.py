@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cardiofed.exceptions import CardioFedError
+from cardiofed.node.config import NodeConfig
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
@@ -150,7 +151,6 @@ def status(study: Annotated[str, typer.Option()], url: Url = "https://127.0.0.1:
 def node_run(config: Annotated[Path, typer.Option(help="The node's TOML config.")]) -> None:
     """Enrol if needed, then poll for tasks and run them until the study is done."""
     from cardiofed.node.agent import NodeAgent
-    from cardiofed.node.config import NodeConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -161,9 +161,13 @@ def node_run(config: Annotated[Path, typer.Option(help="The node's TOML config."
 
 
 @node_app.command("audit")
-def node_audit(config: Annotated[Path, typer.Option(help="The node's TOML config.")]) -> None:
+def node_audit(
+    config: Annotated[Path, typer.Option(help="The node's TOML config.")],
+    scan_rows: Annotated[bool, typer.Option(
+        "--scan-rows", help="Also search every sent payload (kept in the node's outbox) for "
+                            "the site's own training values.")] = False,
+) -> None:
     """Summarise everything that left this site (from the node's outbound log)."""
-    from cardiofed.node.config import NodeConfig
     from cardiofed.node.outbound import OutboundLog
 
     try:
@@ -177,3 +181,23 @@ def node_audit(config: Annotated[Path, typer.Option(help="The node's TOML config
     for kind, row in summary.items():
         table.add_row(kind, str(row["payloads"]), str(row["bytes"]))
     console.print(table)
+    if scan_rows:
+        _scan_outbox(cfg)
+
+
+def _scan_outbox(cfg: NodeConfig) -> None:
+    """The privacy audit's canary search, with the site's real rows as the canaries."""
+    from cardiofed.node.work import load_site_data
+    from cardiofed.privacy.audit import scan_payloads
+
+    sent = sorted((cfg.state_dir / "outbox").glob("*.bin"))
+    if not sent:
+        raise _fail(f"No sent payloads kept in {cfg.state_dir / 'outbox'}.")
+    names = json.loads((cfg.state_dir / "feature_names.json").read_text())
+    site = load_site_data(cfg.data, names)
+    matches = scan_payloads([("this site", p.stem, p.read_bytes()) for p in sent], site.x_train)
+    console.print(f"Searched {len(sent)} sent payloads for the values of {site.n_train} "
+                  f"training records: {len(matches)} found.")
+    if matches:
+        raise _fail("Record values were found in sent payloads: " + ", ".join(
+            f"{m.kind} (feature {m.feature}, {m.encoding})" for m in matches[:10]))

@@ -298,3 +298,20 @@ def test_openapi_document_lists_the_versioned_routes(fed: Federation) -> None:
     assert {"/v1/enrol", "/v1/tasks/next", "/v1/studies",
             "/v1/studies/{study_id}/rounds/{round_number}/updates",
             "/v1/studies/{study_id}/models/{version}"} <= set(paths)
+
+
+def test_node_audit_finds_no_record_values_in_what_was_sent(fed: Federation) -> None:
+    from typer.testing import CliRunner
+
+    from cardiofed.cli import app
+
+    agents = [fed.agent(s) for s in SITES]
+    _until_done(fed, agents)
+    config = fed.tmp / "node.toml"
+    config.write_text(f'coordinator_url = "http://testserver"\nstate_dir = "{SITES[0]}"\n'
+                      f'[data]\ndataset = "synthetic"\nsite = "{SITES[0]}"\n')
+
+    result = CliRunner().invoke(app, ["node", "audit", "--config", str(config), "--scan-rows"])
+
+    assert result.exit_code == 0, result.output
+    assert "Searched 5 sent payloads" in result.output and ": 0 found." in result.output

@@ -8,6 +8,7 @@ and no privacy is spent twice.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import ssl
@@ -147,6 +148,8 @@ class NodeAgent:
         plan = SimulationConfig.model_validate(task.plan)
         if self._site is None:
             self._site = load_site_data(self.config.data, task.feature_names)
+            # Kept for `cardiofed node audit --scan-rows`.
+            (self.state_dir / "feature_names.json").write_text(json.dumps(task.feature_names))
         site, study = self._site, task.study
         manifest = {"study": study, "round": str(task.round),
                     "model_version": str(task.model_version), "site": self._site_name()}
