@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -26,10 +27,11 @@ PLAN = {"rounds": 3, "local_epochs": 1, "batch_size": 32, "lr": 0.05, "seed": 5}
 
 class Federation:
     def __init__(self, tmp: Path, *, max_bytes: int = 1 << 24, timeout: float = 3600.0,
-                 min_sites: int | None = None) -> None:
+                 min_sites: int | None = None, database_url: str | None = None) -> None:
         self.tmp = tmp
-        self.settings = CoordinatorSettings(database_url=f"sqlite:///{tmp}/coord.db",
-                                            long_poll_s=0, max_update_bytes=max_bytes)
+        self.settings = CoordinatorSettings(
+            database_url=database_url or f"sqlite:///{tmp}/coord.db", long_poll_s=0,
+            max_update_bytes=max_bytes)
         self.app = create_app()
         self.app.dependency_overrides[get_settings] = lambda: self.settings
         self.client = TestClient(self.app)
@@ -99,6 +101,24 @@ def test_networked_run_equals_the_simulator(fed: Federation) -> None:
     for site in SITES:  # same code, same seeds: the same model to float32 precision
         assert final["metrics"][site]["auc"] == pytest.approx(
             sim.metrics[site][FEDERATED]["auc"], abs=1e-6)
+
+
+def test_networked_run_on_postgresql(tmp_path: Path) -> None:
+    url = os.environ.get("CARDIOFED_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("set CARDIOFED_TEST_POSTGRES_URL (e.g. postgresql+psycopg://u:p@127.0.0.1/db; "
+                    ".ci/run does when a PostgreSQL server is installed) to test PostgreSQL")
+    from cardiofed.coordinator.storage import Base, make_engine
+
+    engine = make_engine(url)
+    Base.metadata.drop_all(engine)  # a clean schema for this run
+    engine.dispose()
+    fed = Federation(tmp_path, database_url=url)
+
+    _until_done(fed, [fed.agent(s) for s in SITES])
+
+    final = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()[-1]
+    assert final["version"] == PLAN["rounds"] and set(final["metrics"]) == set(SITES)
 
 
 def test_requests_without_or_with_wrong_credentials_are_refused(fed: Federation) -> None:
