@@ -18,10 +18,10 @@ directory) that poll it, train and upload exactly as ``cardiofed node run`` does
 Plan: logistic regression, FedAvg, ``--rounds`` rounds (10), one local epoch, batch 32,
 SGD lr 0.05, on the synthetic cohort (``synthetic_federation(n_sites=N, seed=0)``;
 ``--scale-50`` shrinks the 50 sites so the run stays near a minute on 2 cores).
-The nodes' requests share a cap of ``--max-in-flight`` (12) requests in flight, below
-the coordinator's 15 pooled database connections (see ``_CappedTransport``).
+``--max-in-flight`` optionally caps the nodes' requests in flight (default: no cap;
+see ``_CappedTransport``); waiting long-polls hold no coordinator thread or connection.
 
-    python bench/network.py [--rounds 10] [--scale-50 0.1] [--max-in-flight 12]
+    python bench/network.py [--rounds 10] [--scale-50 0.1] [--max-in-flight 0]
                             [--upload-sites 200] [--clients 1 8]
 """
 
@@ -430,9 +430,9 @@ def main() -> None:
     parser.add_argument("--scale-50", type=float, default=0.1,
                         help="size_scale of the 50-site federation")
     parser.add_argument("--poll-wait", type=float, default=1.0, help="nodes' long-poll seconds")
-    parser.add_argument("--max-in-flight", type=int, default=12,
+    parser.add_argument("--max-in-flight", type=int, default=0,
                         help="requests of all nodes in flight at once, half of them "
-                             "long-polls (0: no cap; the coordinator's pool has 15)")
+                             "long-polls (0: no cap)")
     parser.add_argument("--upload-sites", type=int, default=200)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
@@ -484,12 +484,9 @@ def main() -> None:
         "(agent._site) instead of every node regenerating the synthetic federation.",
         (f"The nodes' requests pass through a shared cap of {args.max_in_flight} in flight "
          f"({args.max_in_flight // 2} long-polls + "
-         f"{args.max_in_flight - args.max_in_flight // 2} others): a long-poll holds one of "
-         "the coordinator's 15 pooled database connections and one of its 40 worker "
-         "threads for its whole wait, and every other request (uploads included) needs "
-         "both, so without the cap (--max-in-flight 0) uploads queue behind idle nodes' "
-         "long-polls." if args.max_in_flight else
-         "No cap on the nodes' requests in flight (--max-in-flight 0)."),
+         f"{args.max_in_flight - args.max_in_flight // 2} others)." if args.max_in_flight else
+         "No cap on the nodes' requests in flight: a waiting long-poll holds no coordinator "
+         "worker thread or database connection."),
         f"Retries the nodes logged: N=4 {studies[0]['node_retry_warnings']}, "
         f"N=50 {studies[1]['node_retry_warnings']}; coordinator 5xx responses: "
         f"{studies[0]['coordinator_5xx']}, {studies[1]['coordinator_5xx']}, "

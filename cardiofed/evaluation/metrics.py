@@ -75,7 +75,7 @@ def _check_n_bins(n_bins: int) -> None:
         raise ConfigurationError(f"n_bins must be a positive integer; got {n_bins!r}")
 
 
-def _logit(p: FloatArray) -> FloatArray:
+def logit(p: FloatArray) -> FloatArray:
     q = np.clip(p, EPS, 1.0 - EPS)
     return np.log(q) - np.log1p(-q)
 
@@ -85,7 +85,7 @@ def _loglik(y: FloatArray, eta: FloatArray) -> float:
     return float(np.sum(y * eta - np.logaddexp(0.0, eta)))
 
 
-def _fit_logistic(x: FloatArray, y: FloatArray, offset: FloatArray,
+def fit_logistic(x: FloatArray, y: FloatArray, offset: FloatArray,
                   beta0: FloatArray) -> FloatArray | None:
     """Maximum-likelihood logistic fit of y ~ x @ beta + offset by damped Newton-Raphson.
 
@@ -126,11 +126,11 @@ def _fit_logistic(x: FloatArray, y: FloatArray, offset: FloatArray,
 
 def _calibration_fits(y: FloatArray, p: FloatArray) -> tuple[float, float]:
     """Return (calibration slope, calibration-in-the-large intercept); nan when not estimable."""
-    lp = _logit(p)
+    lp = logit(p)
     ones = np.ones((y.size, 1))
-    slope_fit = _fit_logistic(np.column_stack([ones, lp]), y, np.zeros_like(y),
+    slope_fit = fit_logistic(np.column_stack([ones, lp]), y, np.zeros_like(y),
                               np.array([0.0, 1.0]))
-    citl_fit = _fit_logistic(ones, y, lp, np.array([0.0]))
+    citl_fit = fit_logistic(ones, y, lp, np.array([0.0]))
     slope = float(slope_fit[1]) if slope_fit is not None else math.nan
     intercept = float(citl_fit[0]) if citl_fit is not None else math.nan
     return slope, intercept

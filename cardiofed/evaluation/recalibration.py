@@ -25,20 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from cardiofed.evaluation.metrics import EPS, validate_binary_inputs
+from cardiofed.evaluation.metrics import fit_logistic, logit, validate_binary_inputs
 from cardiofed.exceptions import ConfigurationError
 
 __all__ = ["Recalibration", "fit_recalibration"]
-
-_MAX_ITER = 100
-_TOL = 1e-10
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    q = np.clip(p, EPS, 1.0 - EPS)
-    out: np.ndarray = np.log(q) - np.log1p(-q)
-    return out
-
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     out: np.ndarray = np.exp(-np.logaddexp(0.0, -z))
@@ -65,42 +55,7 @@ class Recalibration:
             raise ValueError("p must hold finite risks in [0, 1].")
         if not self.fitted:
             return arr.copy()
-        return _sigmoid(self.intercept + self.slope * _logit(arr))
-
-
-def _newton(x: np.ndarray, y: np.ndarray) -> np.ndarray | None:
-    """Unpenalised logistic MLE of y on the columns of x; None if it does not converge."""
-    beta = np.zeros(x.shape[1])
-    beta[1:] = 1.0  # start at the identity recalibration
-
-    def loglik(b: np.ndarray) -> float:
-        eta = x @ b
-        return float(np.sum(y * eta - np.logaddexp(0.0, eta)))
-
-    ll = loglik(beta)
-    for _ in range(_MAX_ITER):
-        mu = _sigmoid(x @ beta)
-        grad = x.T @ (y - mu)
-        hess = (x * (mu * (1.0 - mu))[:, None]).T @ x
-        try:
-            delta = np.linalg.solve(hess, grad)
-        except np.linalg.LinAlgError:
-            return None
-        if not np.all(np.isfinite(delta)):
-            return None
-        step = 1.0
-        while step > 1e-9:
-            candidate = beta + step * delta
-            new_ll = loglik(candidate)
-            if new_ll >= ll - 1e-12 * (1.0 + abs(ll)):
-                break
-            step /= 2.0
-        else:
-            return None
-        beta, ll = candidate, new_ll
-        if np.max(np.abs(step * delta)) <= _TOL * (1.0 + np.max(np.abs(beta))):
-            return beta if np.all(np.abs(beta) < 1e6) else None
-    return None
+        return _sigmoid(self.intercept + self.slope * logit(arr))
 
 
 def fit_recalibration(y: npt.ArrayLike, p: npt.ArrayLike, *,
@@ -130,12 +85,12 @@ def fit_recalibration(y: npt.ArrayLike, p: npt.ArrayLike, *,
             f"only {min(n_pos, n_neg)} {'events' if n_pos <= n_neg else 'non-events'} "
             f"({n_pos} positive, {n_neg} negative) < min_events={min_events}; "
             f"the identity is used.")
-    design = np.column_stack([np.ones_like(pp), _logit(pp)])
+    design = np.column_stack([np.ones_like(pp), logit(pp)])
     if np.ptp(design[:, 1]) == 0:
         return Recalibration.identity("all predicted risks are equal, so no slope can be "
                                       "fitted; the identity is used.")
-    beta = _newton(design, yy)
-    if beta is None:
+    beta = fit_logistic(design, yy, np.zeros_like(yy), np.array([0.0, 1.0]))
+    if beta is None or not np.all(np.abs(beta) < 1e6):
         return Recalibration.identity("the logistic fit did not converge (the outcomes are "
                                       "separated by the predicted risk); the identity is used.")
     return Recalibration(intercept=float(beta[0]), slope=float(beta[1]))
