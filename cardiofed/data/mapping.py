@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cardiofed._pydantic import validation_problems
 from cardiofed.exceptions import DataValidationError
 from cardiofed.schema import OUTCOMES, FeatureKind, get_feature
 
@@ -127,12 +128,8 @@ class SiteMapping(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'mapping'}: "
-                f"{err['msg'].removeprefix('Value error, ')}"
-                for err in exc.errors()
-            )
-            raise DataValidationError(f"Mapping {source} is invalid: {problems}") from None
+            raise DataValidationError(f"Mapping {source} is invalid: "
+                                      f"{validation_problems(exc, 'mapping')}") from None
 
     @property
     def features(self) -> list[str]:

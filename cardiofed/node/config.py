@@ -25,6 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cardiofed._pydantic import validation_problems
 from cardiofed.exceptions import ConfigurationError
 
 
@@ -93,7 +94,5 @@ class NodeConfig(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'config'}: "
-                f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
-            raise ConfigurationError(f"Invalid node config: {problems}.") from None
+            raise ConfigurationError(
+                f"Invalid node config: {validation_problems(exc, 'config')}.") from None
