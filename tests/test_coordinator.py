@@ -335,3 +335,21 @@ def test_node_audit_finds_no_record_values_in_what_was_sent(fed: Federation) -> 
 
     assert result.exit_code == 0, result.output
     assert "Searched 5 sent payloads" in result.output and ": 0 found." in result.output
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"data": {"csv": "a.csv"}},
+     "Invalid node config: data: data.csv and data.mapping go together."),
+    ({"data": {"dataset": "synthetic"}}, "Invalid node config: data: data.dataset needs data.site."),
+    ({"data": {"dataset": "synthetic", "site": "a"}, "coordinator_url": "ftp://x"},
+     "Invalid node config: coordinator_url: String should match pattern '^https?://'."),
+    ({"data": {"dataset": "synthetic", "site": "a"}, "privacy": {"epsilon_max": 0}},
+     "Invalid node config: privacy.epsilon_max: Input should be greater than 0."),
+])
+def test_node_config_errors_name_the_field(values: dict[str, object], message: str) -> None:
+    from cardiofed.exceptions import ConfigurationError
+
+    settings = {"coordinator_url": "http://127.0.0.1:8000", "state_dir": "s", **values}
+    with pytest.raises(ConfigurationError) as err:
+        NodeConfig.create(**settings)
+    assert str(err.value) == message
