@@ -340,7 +340,8 @@ def test_node_audit_finds_no_record_values_in_what_was_sent(fed: Federation) -> 
 @pytest.mark.parametrize(("values", "message"), [
     ({"data": {"csv": "a.csv"}},
      "Invalid node config: data: data.csv and data.mapping go together."),
-    ({"data": {"dataset": "synthetic"}}, "Invalid node config: data: data.dataset needs data.site."),
+    ({"data": {"dataset": "synthetic"}},
+     "Invalid node config: data: data.dataset needs data.site."),
     ({"data": {"dataset": "synthetic", "site": "a"}, "coordinator_url": "ftp://x"},
      "Invalid node config: coordinator_url: String should match pattern '^https?://'."),
     ({"data": {"dataset": "synthetic", "site": "a"}, "privacy": {"epsilon_max": 0}},
