@@ -12,6 +12,14 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def single_threaded() -> None:
+    """One PyTorch intra-op thread: the models are tiny, and a second thread only spins
+    (and is starved whenever anything else runs on the 2 cores)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def environment() -> dict[str, Any]:
     import torch
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results  # noqa: E402
+from _common import markdown_table, single_threaded, write_results  # noqa: E402
 
 from cardiofed.data.framingham import load_framingham  # noqa: E402
 from cardiofed.data.synthetic import synthetic_federation  # noqa: E402
@@ -108,6 +108,7 @@ def evaluate(data: Any, base: dict[str, Any], method: dict[str, Any], seeds: lis
 
 
 def main() -> None:
+    single_threaded()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seeds", type=int, default=3)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results  # noqa: E402
+from _common import markdown_table, single_threaded, write_results  # noqa: E402
 
 from cardiofed.data.framingham import load_framingham  # noqa: E402
 from cardiofed.simulation.config import SimulationConfig  # noqa: E402
@@ -42,6 +42,7 @@ ALGORITHMS = {"FedAvg": dict(algorithm="fedavg"),
 
 
 def main() -> None:
+    single_threaded()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results  # noqa: E402
+from _common import markdown_table, single_threaded, write_results  # noqa: E402
 
 from cardiofed.data.framingham import load_framingham  # noqa: E402
 from cardiofed.data.uci_heart import load_uci_heart  # noqa: E402
@@ -46,6 +46,7 @@ SETUPS = {
 
 
 def main() -> None:
+    single_threaded()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()

@@ -4,7 +4,8 @@ Logistic regression on Framingham split IID into N = 4, 50 and 200 sites; 20 rou
 FedAvg, one local epoch, batch 32, SGD lr 0.05. The bare loop does the same arithmetic
 in one process with nothing else: load the global weights, run the site's mini-batches,
 add ``n_k * (local - global)`` to a running sum, average. Each run is a fresh
-subprocess so that peak memory (ru_maxrss) belongs to that run alone. Wall time is the
+subprocess so that peak memory (ru_maxrss) belongs to that run alone; both use one
+PyTorch thread. Wall time is the
 median of ``--repeats`` runs. Target: simulator within 1.5x of the bare loop at every N.
 
     python bench/simulation_overhead.py [--repeats 3] [--data-dir DIR]
@@ -81,9 +82,12 @@ def _bare(sites) -> None:  # type: ignore[no-untyped-def]
 
 
 def _worker(kind: str, n_sites: int, data_dir: str | None) -> None:
+    from _common import single_threaded
+
     from cardiofed.simulation.config import SimulationConfig
     from cardiofed.simulation.runner import run_federated
 
+    single_threaded()  # both loops alike
     sites = _iid_sites(n_sites, data_dir)
     start = time.perf_counter()
     if kind == "bare":
