@@ -54,6 +54,9 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
     console.print(summary_table(result))
     if result.privacy:
         console.print(privacy_table(result))
+    if result.label_quality is not None:
+        for site, reason in result.label_quality.reasons.items():
+            console.print(f"[yellow]{site}:[/] {reason}; its updates got no weight.")
     for rnd, _, reason in result.federated.refusals:
         console.print(f"[yellow]round {rnd}:[/] {reason}")
     sections = []
@@ -87,8 +90,10 @@ def demo(
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("cardiofed-report"),
 ) -> None:
     """Simulate a federation of synthetic hospitals; no data or server needed."""
+    # The recommended correction (bench/bias_correction.py): the label-quality check finds
+    # the synthetic site with flipped labels and changes nothing where no site is flagged.
     _run("synthetic", {"rounds": rounds, "algorithm": algorithm, "seed": seed,
-                       "dp_epsilon": dp_epsilon},
+                       "dp_epsilon": dp_epsilon, "label_quality": True},
          config_file=None, out=out, n_sites=sites,
          title="CardioFed demo: synthetic federation of hospitals")
 

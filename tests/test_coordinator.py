@@ -354,3 +354,15 @@ def test_node_config_errors_name_the_field(values: dict[str, object], message: s
     with pytest.raises(ConfigurationError) as err:
         NodeConfig.create(**settings)
     assert str(err.value) == message
+
+
+def test_bias_corrections_the_network_does_not_run_are_refused(fed: Federation) -> None:
+    names, ranges = study_columns("synthetic")
+    r = fed.client.post("/v1/studies", headers=fed.auth(fed.admin), json={
+        "id": "s2", "plan": {**PLAN, "weighting": "type-balanced", "label_quality": True},
+        "sites": ["a"], "feature_names": names, "feature_ranges": ranges})
+
+    assert r.status_code == 422
+    assert r.json()["detail"] == (
+        "The networked federation aggregates with sample-size weights only; weighting, "
+        "label_quality is available in simulation only for now.")

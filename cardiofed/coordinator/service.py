@@ -116,6 +116,13 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
         raise Conflict(f"Study {study_id!r} already exists.")
     if not sites or len(set(sites)) != len(sites):
         raise InvalidUpdate(f"A study needs distinct site names; got {sites}.")
+    simulation_only = [name for name, on in (
+        ("weighting", plan.weighting != "sample-size"), ("label_quality", plan.label_quality),
+        ("covariate_shift", plan.covariate_shift), ("recalibrate", plan.recalibrate)) if on]
+    if simulation_only:
+        raise InvalidUpdate(f"The networked federation aggregates with sample-size weights "
+                            f"only; {', '.join(simulation_only)} is available in simulation "
+                            f"only for now.")
     if plan.dp_epsilon is not None:
         raise InvalidUpdate("Privacy budgets belong to each site's node configuration, not to "
                             "the study plan; remove dp_epsilon from the plan.")
