@@ -15,7 +15,6 @@ exact to within one bin width (``(high - low) / n_bins``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
@@ -121,9 +120,6 @@ def histogram_median(hist: np.ndarray, edges: np.ndarray) -> np.ndarray:
         if edges[j, 0] == 0.0 and edges[j, -1] == 1.0 and row[1:-1].sum() == 0:
             medians[j] = float(row[-1] > row[0])
     return medians
-
-
-Standardisation = Literal["global", "per-site"]
 
 
 def local_preprocessor(x: np.ndarray, fill: np.ndarray) -> Preprocessor:
