@@ -44,6 +44,7 @@ BASE = {
 METHODS: dict[str, dict[str, Any]] = {
     "FedAvg": {},
     "FedProx": dict(algorithm="fedprox", proximal_mu=0.1),
+    "SCAFFOLD": dict(algorithm="scaffold"),
     "type-balanced": dict(weighting="type-balanced"),
     "q-FFL (q=2)": dict(weighting="qffl", qffl_q=2.0),
     "agnostic (AFL)": dict(weighting="agnostic", afl_step=0.5),
@@ -55,6 +56,9 @@ METHODS: dict[str, dict[str, Any]] = {
                                          recalibrate=True),
     "q-FFL + label q. + recal": dict(weighting="qffl", qffl_q=2.0, label_quality=True,
                                      recalibrate=True),
+    "SCAFFOLD + label q.": dict(algorithm="scaffold", label_quality=True),
+    "SCAFFOLD + type-bal. + label q.": dict(algorithm="scaffold", weighting="type-balanced",
+                                            label_quality=True),
 }
 CRITERIA = {"min_auc": 0.70, "slope": (0.8, 1.2), "max_abs_citl": 0.1}
 

@@ -111,7 +111,7 @@ def simulate(
              "../shared/data).")] = None,
     model: Annotated[str | None, typer.Option(help="logistic or mlp.")] = None,
     algorithm: Annotated[str | None, typer.Option(
-        help="fedavg, fedprox, fedadam, fedyogi.")] = None,
+        help="fedavg, fedprox, fedadam, fedyogi, scaffold.")] = None,
     rounds: Annotated[int | None, typer.Option()] = None,
     local_epochs: Annotated[int | None, typer.Option()] = None,
     local_steps: Annotated[int | None, typer.Option(help="Fixed steps per round.")] = None,

@@ -99,3 +99,31 @@ def test_recalibration_is_reported_beside_the_raw_federated_model(corrected) -> 
     for site in data.sites:
         assert {FEDERATED, RECALIBRATED} <= set(result.metrics[site.name])
         assert site.name in result.recalibrations
+
+
+def test_scaffold_control_variates_by_hand() -> None:
+    from cardiofed.algorithms import scaffold
+
+    c = {"w": np.array([0.2], np.float32)}
+    c_i = {"w": np.array([0.5], np.float32)}
+    delta = {"w": np.array([-0.3], np.float32)}
+
+    # c_i+ = c_i - c - delta / (K lr) = 0.5 - 0.2 + 0.3 / (10 * 0.1) = 0.6
+    new = scaffold.site_control_update(c_i, c, delta, steps=10, lr=0.1)
+    # c + |S|/N mean(c_i+ - c_i) = 0.2 + (1/4) * 0.1 = 0.225
+    server = scaffold.server_control_update(c, [{"w": new["w"] - c_i["w"]}], n_sites=4)
+
+    assert new["w"] == pytest.approx([0.6])
+    assert server["w"] == pytest.approx([0.225])
+    assert scaffold.gradient_correction(c_i, c)["w"] == pytest.approx([-0.3])
+
+
+def test_scaffold_runs_and_needs_plain_sgd() -> None:
+    data = synthetic_federation(n_sites=4, seed=2, size_scale=0.3)
+    run = run_federated(prepare_federation(data),
+                        SimulationConfig.create(algorithm="scaffold", rounds=3, eval_every=0))
+
+    assert run.history[-1]["pooled_auc"] > 0.55
+    with pytest.raises(ConfigurationError, match="scaffold's control variates assume plain "
+                                                 "local SGD"):
+        SimulationConfig.create(algorithm="scaffold", optimizer="adam")

@@ -1,4 +1,6 @@
-"""Build an algorithm by name: ``fedavg``, ``fedprox``, ``fedadam``, ``fedyogi``."""
+"""Build an algorithm by name: ``fedavg``, ``fedprox``, ``fedadam``, ``fedyogi``,
+``scaffold`` (FedAvg's server step; the control variates live in the simulator, see
+:mod:`cardiofed.algorithms.scaffold`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from cardiofed.algorithms.base import FederatedAlgorithm
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.training.local import LocalTrainingConfig
 
-ALGORITHMS: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi")
+ALGORITHMS: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "scaffold")
 
 
 def make_algorithm(name: str, local: LocalTrainingConfig, *, server_lr: float | None = None,
@@ -17,14 +19,14 @@ def make_algorithm(name: str, local: LocalTrainingConfig, *, server_lr: float | 
                    tau: float = 1e-3) -> FederatedAlgorithm:
     """An algorithm from its name and settings.
 
-    ``server_lr`` defaults to 1.0 for FedAvg/FedProx and 0.01 for FedAdam/FedYogi
+    ``server_lr`` defaults to 1.0 for FedAvg/FedProx/SCAFFOLD and 0.01 for FedAdam/FedYogi
     (Reddi et al. 2021). ``proximal_mu`` applies to FedProx only.
     """
     if name not in ALGORITHMS:
         raise ConfigurationError(f"The 'algorithm' parameter must be one of {list(ALGORITHMS)}; "
                                  f"got {name!r}.")
     server: ServerOptimizer
-    if name in ("fedavg", "fedprox"):
+    if name in ("fedavg", "fedprox", "scaffold"):
         server = ServerSGD(lr=1.0 if server_lr is None else server_lr)
     else:
         server = ServerAdaptive(variant=name.removeprefix("fed"),

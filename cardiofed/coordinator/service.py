@@ -117,6 +117,7 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
     if not sites or len(set(sites)) != len(sites):
         raise InvalidUpdate(f"A study needs distinct site names; got {sites}.")
     simulation_only = [name for name, on in (
+        ("algorithm scaffold", plan.algorithm == "scaffold"),
         ("weighting", plan.weighting != "sample-size"), ("label_quality", plan.label_quality),
         ("covariate_shift", plan.covariate_shift), ("recalibrate", plan.recalibrate)) if on]
     if simulation_only:

@@ -20,7 +20,7 @@ class SimulationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: Literal["logistic", "mlp"] = "logistic"
-    algorithm: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    algorithm: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "scaffold"] = "fedavg"
     rounds: int = Field(20, ge=1, le=100_000)
     local_epochs: int = Field(1, ge=1)
     local_steps: int | None = Field(None, ge=1)
@@ -53,6 +53,12 @@ class SimulationConfig(BaseModel):
         if self.dp_epsilon is not None and self.algorithm == "fedprox":
             raise ValueError("differential privacy does not support fedprox's proximal term; "
                              "use fedavg, fedadam or fedyogi")
+        if self.algorithm == "scaffold" and (self.optimizer != "sgd" or self.momentum):
+            raise ValueError("scaffold's control variates assume plain local SGD; set "
+                             "optimizer = 'sgd' and momentum = 0")
+        if self.dp_epsilon is not None and self.algorithm == "scaffold":
+            raise ValueError("differential privacy does not cover scaffold's control "
+                             "variates; use fedavg, fedadam or fedyogi")
         if self.dp_epsilon is not None and self.weighting in ("qffl", "agnostic"):
             raise ValueError(f"weighting {self.weighting!r} needs each site's loss, a release "
                              "differential privacy does not cover; use sample-size or "

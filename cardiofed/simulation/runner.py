@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.metrics import roc_auc_score
 
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
+from cardiofed.algorithms import scaffold as scaffold_cv
 from cardiofed.algorithms.base import LocalTrainer
 from cardiofed.exceptions import PrivacyBudgetExceeded
 from cardiofed.models.networks import (
@@ -85,11 +86,14 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     ``outbox(site, kind, payload)`` and decoded again; the server step uses the decoded
     copy, so what was captured is exactly what the server used.
 
+    With ``algorithm = "scaffold"`` each site's steps are corrected by ``c - c_i`` and the
+    control variates are updated after every round (Karimireddy et al. 2020).
     Updates are weighted by ``config.weighting`` (times `site_multipliers`, e.g. from
     the label-quality check); ``weight_share`` records each site's share of the total
     aggregation weight over the run.
     """
     rule = config.weighting_rule(dict(site_multipliers or {}))
+    scaffold = config.algorithm == "scaffold"
     site_types = {s.name: s.site_type for s in sites}
     mixture: dict[str, float] = {}
     algorithm = algorithm or config.make_algorithm()
@@ -97,6 +101,8 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     model = make_model(config.model, n_features, seed=config.seed)
     weights = get_weights(model)
     state = algorithm.init_server(weights)
+    c_server = scaffold_cv.zeros_like(weights)
+    c_site = {s.name: scaffold_cv.zeros_like(weights) for s in sites}
     rng = np.random.default_rng(config.seed)
     run = FederatedRun(weights=weights, participation={s.name: 0 for s in sites},
                        weight_share={s.name: 0.0 for s in sites})
@@ -111,11 +117,15 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             chosen = (range(len(sites)) if n_pick == len(sites)
                       else np.sort(rng.choice(len(sites), size=n_pick, replace=False)))
             updates: list[ClientUpdate] = []
+            control_deltas: list[Weights] = []
             for k in chosen:
                 site = sites[k]
                 trainer: LocalTrainer = train_local
                 if privacy is not None:
                     trainer = partial(privacy[site.name].train, what=f"round {rnd}")
+                elif scaffold:
+                    trainer = partial(train_local, grad_correction=scaffold_cv.gradient_correction(
+                        c_site[site.name], c_server))
                 try:
                     update = algorithm.client_update(
                         model, weights, site.x_train, site.y_train, site=site.name,
@@ -126,6 +136,12 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                     continue
                 updates.append(update if outbox is None else _via_wire(update, rnd, outbox))
                 run.participation[site.name] += 1
+                if scaffold:
+                    new_c = scaffold_cv.site_control_update(
+                        c_site[site.name], c_server, update.delta, steps=update.num_steps,
+                        lr=config.lr)
+                    control_deltas.append({n: new_c[n] - c_site[site.name][n] for n in new_c})
+                    c_site[site.name] = new_c
             agg_weights: list[float] = []
             if updates:
                 agg_weights, mixture = rule.weights(updates, site_types, mixture)
@@ -133,6 +149,9 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 for u, w in zip(updates, agg_weights, strict=True):
                     run.weight_share[u.site] += w / total / config.rounds
             weights, state = algorithm.server_update(weights, updates, state, agg_weights)
+            if scaffold:
+                c_server = scaffold_cv.server_control_update(c_server, control_deltas,
+                                                             len(sites))
             if on_round is not None:
                 on_round(rnd, weights)
             last = rnd == config.rounds

@@ -72,12 +72,14 @@ _bce_rows = nn.BCEWithLogitsLoss(reduction="none")
 
 def train_local(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
                 config: LocalTrainingConfig, *, seed: int, anchor: Weights | None = None,
-                sample_weight: np.ndarray | None = None) -> LocalResult:
+                sample_weight: np.ndarray | None = None,
+                grad_correction: Weights | None = None) -> LocalResult:
     """Train `model` in place on preprocessed rows `x` and labels `y`.
 
     ``anchor`` are the global weights the proximal term ``mu/2 ||w - anchor||^2``
     pulls towards (FedProx); ignored when ``config.proximal_mu`` is 0.
-    ``sample_weight`` weights each row's loss (covariate-shift correction).
+    ``sample_weight`` weights each row's loss (covariate-shift correction);
+    ``grad_correction`` is added to every step's gradient (SCAFFOLD's ``c - c_i``).
     """
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.float32)
@@ -98,6 +100,10 @@ def train_local(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | 
     else:
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                               weight_decay=config.weight_decay)
+    correction = None
+    if grad_correction is not None:
+        correction = [torch.from_numpy(grad_correction[name])
+                      for name, _ in model.named_parameters()]
     prox = None
     if config.proximal_mu > 0 and anchor is not None:
         prox = [torch.from_numpy(anchor[name]) for name, _ in model.named_parameters()]
@@ -121,6 +127,10 @@ def train_local(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | 
             objective = loss + 0.5 * config.proximal_mu * sum(
                 ((p - a) ** 2).sum() for p, a in zip(params, prox, strict=True))
         objective.backward()
+        if correction is not None:
+            for p, c in zip(params, correction, strict=True):
+                assert p.grad is not None  # every parameter takes part in the loss
+                p.grad.add_(c)
         opt.step()
         total += float(loss.detach())
         done += 1
