@@ -49,7 +49,7 @@ def test_make_algorithm_by_name(name: str, server: type, server_lr: float, mu: f
 
 
 def test_registry_lists_every_algorithm() -> None:
-    assert ALGORITHMS == ("fedavg", "fedprox", "fedadam", "fedyogi")
+    assert ALGORITHMS == ("fedavg", "fedprox", "fedadam", "fedyogi", "scaffold")
 
 
 def test_adaptive_variant_follows_the_name() -> None:
@@ -60,7 +60,7 @@ def test_adaptive_variant_follows_the_name() -> None:
 def test_unknown_algorithm_name() -> None:
     with pytest.raises(ConfigurationError, match=re.escape(
             "The 'algorithm' parameter must be one of ['fedavg', 'fedprox', 'fedadam', "
-            "'fedyogi']; got 'fedsgd'.")):
+            "'fedyogi', 'scaffold']; got 'fedsgd'.")):
         make_algorithm("fedsgd", LocalTrainingConfig())
 
 

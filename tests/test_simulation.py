@@ -44,7 +44,7 @@ def test_rounds_must_be_at_least_one() -> None:
     ({"fraction_fit": 1.5}, "the 'fraction_fit' parameter must be less than or equal to 1; "
                             "got 1.5"),
     ({"algorithm": "fedsgd"}, "the 'algorithm' parameter must be 'fedavg', 'fedprox', "
-                              "'fedadam' or 'fedyogi'; got 'fedsgd'"),
+                              "'fedadam', 'fedyogi' or 'scaffold'; got 'fedsgd'"),
     ({"standardisation": "x"}, "the 'standardisation' parameter must be 'global' or "
                                "'per-site'; got 'x'"),
     ({"colour": "red"}, "unknown setting 'colour'"),
