@@ -29,7 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,7 +37,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cardiofed._pydantic import validation_problems
+from cardiofed._pydantic import read_toml, validation_problems
 from cardiofed.exceptions import DataValidationError
 from cardiofed.schema import OUTCOMES, FeatureKind, get_feature
 
@@ -115,12 +114,7 @@ class SiteMapping(BaseModel):
     def from_toml(cls, path: str | Path) -> SiteMapping:
         """Read and validate a mapping file."""
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataValidationError(f"Mapping file {path} does not exist.") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise DataValidationError(f"Mapping file {path} is not valid TOML: {exc}") from None
+        raw = read_toml(path, "Mapping file", DataValidationError)
         return cls.from_dict(raw, source=str(path))
 
     @classmethod

@@ -19,13 +19,12 @@ Example::
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cardiofed._pydantic import validation_problems
+from cardiofed._pydantic import read_toml, validation_problems
 from cardiofed.exceptions import ConfigurationError
 
 
@@ -74,12 +73,7 @@ class NodeConfig(BaseModel):
     @classmethod
     def from_toml(cls, path: str | Path) -> NodeConfig:
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigurationError(f"Node config {path} does not exist.") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigurationError(f"Node config {path} is not valid TOML: {exc}") from None
+        raw = read_toml(path, "Node config", ConfigurationError)
         base = path.parent
         for key in ("csv", "mapping", "data_dir"):
             if key in raw.get("data", {}):

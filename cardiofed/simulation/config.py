@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cardiofed._pydantic import read_toml
 from cardiofed.algorithms import FederatedAlgorithm, make_algorithm
 from cardiofed.algorithms.weighting import WeightingRule
 from cardiofed.exceptions import ConfigurationError
@@ -83,12 +83,7 @@ class SimulationConfig(BaseModel):
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: object) -> SimulationConfig:
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigurationError(f"Config file {path} does not exist.") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigurationError(f"Config file {path} is not valid TOML: {exc}") from None
+        raw = read_toml(path, "Config file", ConfigurationError)
         return cls.create(**{**raw, **overrides})
 
     def local_config(self) -> LocalTrainingConfig:
