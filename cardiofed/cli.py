@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from cardiofed import network_cli
+from cardiofed._console import console, fail
 from cardiofed.data.catalog import DATASETS, load_dataset
 from cardiofed.evaluation.acceptability import acceptability_from_experiment
 from cardiofed.evaluation.effective_data import effective_data_from_experiment
@@ -22,17 +22,10 @@ from cardiofed.simulation.summary import privacy_table, summary_table, write_exp
 
 app = typer.Typer(help="CardioFed: train a cardiovascular risk model across hospitals "
                        "without moving patient records.", no_args_is_help=True)
-console = Console()
-errors = Console(stderr=True, soft_wrap=True)
 
 
 DpEpsilon = Annotated[float | None, typer.Option(
     help="Train with record-level DP-SGD; each site's epsilon_max.")]
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {exc}", highlight=False)
-    return typer.Exit(code=2)
 
 
 def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | None,
@@ -46,7 +39,7 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
         dataset = load_dataset(dataset_name, seed=config.seed, data_dir=data_dir, csv=csv,
                                mappings=mappings, n_sites=n_sites)
     except (CardioFedError, FileNotFoundError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     sizes = ", ".join(f"{s.name} {s.n_train}" for s in dataset.sites)
     console.print(f"[bold]{dataset.description or dataset.name}[/]\n"
                   f"{len(dataset.sites)} sites (train rows: {sizes})")
@@ -175,7 +168,7 @@ def audit(
         out.write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
         out.with_suffix(".md").write_text(report.to_markdown(), encoding="utf-8")
     except (CardioFedError, OSError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     for table in audit_tables(report):
         console.print(table)
     console.print(f"Audit written to [bold]{out}[/] and [bold]{out.with_suffix('.md')}[/]")

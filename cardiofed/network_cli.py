@@ -11,14 +11,12 @@ from typing import Annotated
 
 import httpx
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from cardiofed._console import console, fail
 from cardiofed.exceptions import CardioFedError
 from cardiofed.node.config import NodeConfig
 
-console = Console()
-errors = Console(stderr=True, soft_wrap=True)
 admin_app = typer.Typer(help="Administer studies on a running coordinator.",
                         no_args_is_help=True)
 node_app = typer.Typer(help="Run a hospital node next to its records.", no_args_is_help=True)
@@ -26,11 +24,6 @@ node_app = typer.Typer(help="Run a hospital node next to its records.", no_args_
 KeyFile = Annotated[Path, typer.Option(help="File holding the admin credential.")]
 Url = Annotated[str, typer.Option(help="Coordinator URL.")]
 CaFile = Annotated[Path | None, typer.Option(help="CA certificate to verify the coordinator.")]
-
-
-def _fail(message: object) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code=2)
 
 
 def coordinator(
@@ -53,7 +46,7 @@ def coordinator(
     from cardiofed.coordinator.deps import _sessions
 
     if not insecure and (certfile is None or keyfile is None):
-        raise _fail("TLS needs --certfile and --keyfile; use --insecure for plain HTTP on a "
+        raise fail("TLS needs --certfile and --keyfile; use --insecure for plain HTTP on a "
                     "test machine.")
     os.environ["CARDIOFED_DATABASE_URL"] = database_url
     if not admin_key_file.exists():
@@ -70,7 +63,7 @@ def coordinator(
 
 def _admin_client(url: str, key_file: Path, ca_file: Path | None) -> httpx.Client:
     if not key_file.exists():
-        raise _fail(f"Admin key file {key_file} does not exist (the coordinator writes it on "
+        raise fail(f"Admin key file {key_file} does not exist (the coordinator writes it on "
                     f"first start).")
     verify = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
     return httpx.Client(base_url=url, verify=verify, timeout=30,
@@ -79,7 +72,7 @@ def _admin_client(url: str, key_file: Path, ca_file: Path | None) -> httpx.Clien
 
 def _checked(response: httpx.Response) -> httpx.Response:
     if response.status_code >= 400:
-        raise _fail(f"{response.status_code}: {response.json().get('detail', response.text)}")
+        raise fail(f"{response.status_code}: {response.json().get('detail', response.text)}")
     return response
 
 
@@ -113,7 +106,7 @@ def create_study(
             plan = SimulationConfig.create(**{**plan.model_dump(), "rounds": rounds})
         names, ranges = study_columns(dataset, features.split(",") if features else None)
     except CardioFedError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     body = {"id": study, "plan": plan.model_dump(), "sites": site, "feature_names": names,
             "feature_ranges": ranges, "min_sites": min_sites, "round_timeout_s": round_timeout}
     with _admin_client(url, admin_key_file, ca_file) as client:
@@ -156,7 +149,7 @@ def node_run(config: Annotated[Path, typer.Option(help="The node's TOML config."
     try:
         tasks = NodeAgent(NodeConfig.from_toml(config)).run()
     except CardioFedError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(f"Study finished; this node ran {tasks} tasks.")
 
 
@@ -173,7 +166,7 @@ def node_audit(
     try:
         cfg = NodeConfig.from_toml(config)
     except CardioFedError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     summary = OutboundLog(cfg.state_dir / "outbound.jsonl").summary()
     table = Table(title="Outbound payloads (model updates, statistics, metrics; never rows)")
     for column in ("kind", "payloads", "bytes"):
@@ -192,12 +185,12 @@ def _scan_outbox(cfg: NodeConfig) -> None:
 
     sent = sorted((cfg.state_dir / "outbox").glob("*.bin"))
     if not sent:
-        raise _fail(f"No sent payloads kept in {cfg.state_dir / 'outbox'}.")
+        raise fail(f"No sent payloads kept in {cfg.state_dir / 'outbox'}.")
     names = json.loads((cfg.state_dir / "feature_names.json").read_text())
     site = load_site_data(cfg.data, names)
     matches = scan_payloads([("this site", p.stem, p.read_bytes()) for p in sent], site.x_train)
     console.print(f"Searched {len(sent)} sent payloads for the values of {site.n_train} "
                   f"training records: {len(matches)} found.")
     if matches:
-        raise _fail("Record values were found in sent payloads: " + ", ".join(
+        raise fail("Record values were found in sent payloads: " + ", ".join(
             f"{m.kind} (feature {m.feature}, {m.encoding})" for m in matches[:10]))

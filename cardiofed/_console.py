@@ -1,0 +1,15 @@
+"""Console output shared by the command-line modules."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+
+
+def fail(message: object) -> typer.Exit:
+    """Print `message` as an error and return the exit (code 2) to raise."""
+    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code=2)
