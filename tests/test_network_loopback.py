@@ -36,13 +36,13 @@ from cardiofed.data.dataset import FederatedDataset
 from cardiofed.data.paths import data_dir
 from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.data.synthetic import synthetic_federation
+from cardiofed.models.networks import score
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import (
     FEDERATED,
     POOLED_TEST,
     ExperimentResult,
     run_experiment,
-    score,
 )
 from cardiofed.wire import decode_arrays
 

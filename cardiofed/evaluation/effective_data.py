@@ -109,7 +109,7 @@ def learning_curve_detail(x_train: np.ndarray, y_train: np.ndarray, x_test: np.n
                           y_test: np.ndarray, *, config: SimulationConfig, sizes: Sequence[int],
                           repeats: int, seed: int) -> list[LearningCurvePoint]:
     """Like :func:`learning_curve`, keeping every repeat's AUC."""
-    from cardiofed.simulation.experiment import score
+    from cardiofed.models.networks import score
     from cardiofed.simulation.runner import train_centralised
 
     repeats = _check_int("repeats", repeats, 1)

@@ -89,3 +89,10 @@ def predict_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
 def predict_proba(model: nn.Module, x: np.ndarray) -> np.ndarray:
     """Event probability for preprocessed rows `x`."""
     return 1.0 / (1.0 + np.exp(-predict_logits(model, x)))
+
+
+def score(kind: str, weights: Weights, x: np.ndarray) -> np.ndarray:
+    """Event probabilities of preprocessed rows `x` under a model given by its weights."""
+    model = make_model(kind, x.shape[1], seed=0)
+    set_weights(model, weights)
+    return predict_proba(model, x)

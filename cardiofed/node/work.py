@@ -27,7 +27,7 @@ from cardiofed.data.preprocessing import (
 from cardiofed.data.sites import site_from_export
 from cardiofed.evaluation.metrics import binary_metrics
 from cardiofed.exceptions import DataValidationError
-from cardiofed.models.networks import Weights, make_model, predict_proba, set_weights
+from cardiofed.models.networks import Weights, make_model, score
 from cardiofed.node.config import DataSource
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.config import SimulationConfig
@@ -88,7 +88,5 @@ def train_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig, wei
 def evaluate_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig,
                      weights: Weights) -> bytes:
     """Metrics of the global model on the site's own test split; only these leave."""
-    model = make_model(plan.model, len(pre.mean), seed=0)
-    set_weights(model, weights)
-    return encode_metrics(binary_metrics(site.y_test, predict_proba(model, pre.transform(
-        site.x_test))))
+    return encode_metrics(binary_metrics(site.y_test, score(plan.model, weights,
+                                                            pre.transform(site.x_test))))

@@ -27,13 +27,12 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from cardiofed.data.dataset import FederatedDataset, SiteData
 from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.exceptions import ConfigurationError
-from cardiofed.models.networks import get_weights, make_model
+from cardiofed.models.networks import get_weights, make_model, score
 from cardiofed.privacy.accountant import calibrate_noise
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import (
     STATISTICS_DISCLOSURE,
     run_experiment,
-    score,
     site_privacy,
 )
 from cardiofed.simulation.prepare import PreparedSite, Standardisation, prepare_federation

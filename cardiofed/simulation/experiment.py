@@ -24,7 +24,7 @@ from cardiofed.evaluation.metrics import binary_metrics
 from cardiofed.evaluation.recalibration import Recalibration, fit_recalibration
 from cardiofed.exceptions import PrivacyBudgetExceeded
 from cardiofed.models.estimator import RiskEstimator
-from cardiofed.models.networks import Weights, make_model, predict_proba, set_weights
+from cardiofed.models.networks import Weights, score
 from cardiofed.privacy.budget import PrivacyLedger, SiteBudget
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.config import SimulationConfig
@@ -85,13 +85,6 @@ class ExperimentResult:
                     row[f"{label} {m}"] = values.get(m, float("nan"))
             rows.append(row)
         return rows
-
-
-def score(model_kind: str, weights: Weights, x: np.ndarray) -> np.ndarray:
-    """Event probabilities of preprocessed rows under a model given by its weights."""
-    model = make_model(model_kind, x.shape[1], seed=0)
-    set_weights(model, weights)
-    return predict_proba(model, x)
 
 
 def _record(result: ExperimentResult, label: str, site_probs: dict[str, np.ndarray],

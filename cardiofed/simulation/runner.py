@@ -20,13 +20,7 @@ from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.algorithms import scaffold as scaffold_cv
 from cardiofed.algorithms.base import LocalTrainer
 from cardiofed.exceptions import PrivacyBudgetExceeded
-from cardiofed.models.networks import (
-    Weights,
-    get_weights,
-    make_model,
-    predict_proba,
-    set_weights,
-)
+from cardiofed.models.networks import Weights, get_weights, make_model, score
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.prepare import PreparedSite
@@ -56,13 +50,12 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
-def round_metrics(model_kind: str, weights: Weights, sites: Sequence[PreparedSite],
-                  n_features: int) -> dict[str, float]:
+def round_metrics(model_kind: str, weights: Weights,
+                  sites: Sequence[PreparedSite]) -> dict[str, float]:
     """Pooled-test AUC and each site's test AUC for one global model."""
-    model = make_model(model_kind, n_features, seed=0)
-    set_weights(model, weights)
-    probs = [predict_proba(model, s.x_test) for s in sites]
-    out = {"pooled_auc": _auc(np.concatenate([s.y_test for s in sites]), np.concatenate(probs))}
+    p_all = score(model_kind, weights, np.concatenate([s.x_test for s in sites]))
+    out = {"pooled_auc": _auc(np.concatenate([s.y_test for s in sites]), p_all)}
+    probs = np.split(p_all, np.cumsum([len(s.y_test) for s in sites])[:-1])
     for s, p in zip(sites, probs, strict=True):
         out[f"auc/{s.name}"] = _auc(s.y_test, p)
     return out
@@ -97,8 +90,7 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     site_types = {s.name: s.site_type for s in sites}
     mixture: dict[str, float] = {}
     algorithm = algorithm or config.make_algorithm()
-    n_features = sites[0].x_train.shape[1]
-    model = make_model(config.model, n_features, seed=config.seed)
+    model = make_model(config.model, sites[0].x_train.shape[1], seed=config.seed)
     weights = get_weights(model)
     state = algorithm.init_server(weights)
     c_server = scaffold_cv.zeros_like(weights)
@@ -159,7 +151,7 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 record = {"round": float(rnd),
                           "train_loss": float(np.mean([u.train_loss for u in updates]))
                           if updates else float("nan"),
-                          **round_metrics(config.model, weights, sites, n_features)}
+                          **round_metrics(config.model, weights, sites)}
                 for name, site_privacy in (privacy or {}).items():
                     record[f"epsilon/{name}"] = site_privacy.ledger.spent()
                 run.history.append(record)
