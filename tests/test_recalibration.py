@@ -102,3 +102,29 @@ def test_validation() -> None:
         fit_recalibration([0, 2], [0.2, 0.8])
     with pytest.raises(DataValidationError, match="same length"):
         fit_recalibration([0, 1, 1], [0.2, 0.8])
+
+
+def test_small_site_updates_only_the_intercept() -> None:
+    # 300 patients, ~80 events: the slope's standard error (~0.15) exceeds 0.1.
+    y, p = _miscalibrated(-0.4, 0.6, 300, seed=3)
+
+    r = fit_recalibration(y, p)
+
+    assert r.fitted and r.slope == 1.0
+    assert "only the intercept is updated" in r.reason and "max_slope_se=0.1" in r.reason
+    # Score equation of the intercept-only fit: mean recalibrated risk = event rate.
+    assert r.apply(p).mean() == pytest.approx(y.mean(), abs=1e-8)
+    full = fit_recalibration(y, p, max_slope_se=float("inf"))
+    assert full.reason == "" and full.slope != 1.0
+
+
+def test_large_site_applies_the_fitted_slope() -> None:
+    # 20,000 rows: the slope standard error is ~0.02, so the fitted slope is applied.
+    y, p = _miscalibrated(0.0, 1.0, 20000, seed=4)
+    assert fit_recalibration(y, p, max_slope_se=0.05).reason == ""
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, True, "0.1"])
+def test_max_slope_se_is_validated(bad: object) -> None:
+    with pytest.raises(ConfigurationError, match="'max_slope_se' parameter must be a number > 0"):
+        fit_recalibration([0, 1] * 20, [0.3, 0.6] * 20, max_slope_se=bad)  # type: ignore[arg-type]

@@ -13,9 +13,14 @@ is unchanged and ranking (AUC) is preserved when ``b > 0``. ``a = 0, b = 1`` is 
 identity; the fitted ``a`` and ``b`` are the calibration intercept and slope that
 :func:`cardiofed.evaluation.metrics.binary_metrics` reports as ``calibration_slope``.
 
-The fit is unpenalised maximum likelihood by damped Newton-Raphson. With too few events
-(or a single class, or separation) no reliable fit exists, and :func:`fit_recalibration`
-returns the identity with ``fitted=False`` and the reason.
+The fit is unpenalised maximum likelihood by damped Newton-Raphson. A slope estimated
+from a small site is mostly noise (its standard error is about ``1/sqrt(events)``), and
+applying a noisy slope makes calibration worse on new patients, so when the slope's
+standard error exceeds ``max_slope_se`` only the intercept is updated ("recalibration in
+the large", the first step of Steyerberg's updating hierarchy, ch. 20.3), with the slope
+kept at 1. With too few events (or a single class, or separation) no reliable fit
+exists, and :func:`fit_recalibration` returns the identity with ``fitted=False`` and the
+reason.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class Recalibration:
     intercept: float = 0.0
     slope: float = 1.0
     fitted: bool = True
-    reason: str = ""  # why the identity was used, when not fitted
+    reason: str = ""  # why the identity or an intercept-only update was used
 
     @classmethod
     def identity(cls, reason: str) -> Recalibration:
@@ -58,8 +63,8 @@ class Recalibration:
         return _sigmoid(self.intercept + self.slope * logit(arr))
 
 
-def fit_recalibration(y: npt.ArrayLike, p: npt.ArrayLike, *,
-                      min_events: int = 10) -> Recalibration:
+def fit_recalibration(y: npt.ArrayLike, p: npt.ArrayLike, *, min_events: int = 10,
+                      max_slope_se: float = 0.1) -> Recalibration:
     """Fit ``logit P(y = 1) = a + b * logit(p)`` on one site's labels and predicted risks.
 
     Args:
@@ -68,10 +73,17 @@ def fit_recalibration(y: npt.ArrayLike, p: npt.ArrayLike, *,
         min_events: the smaller of the two class counts must be at least this (>= 1);
             otherwise the intercept and slope are too uncertain to apply and the
             identity is returned, with ``fitted=False`` and the reason.
+        max_slope_se: largest standard error of the fitted slope (> 0) at which the slope
+            is applied; above it only the intercept is updated (slope 1), and ``reason``
+            says so. ``math.inf`` always applies the fitted slope.
     """
     if isinstance(min_events, bool) or not isinstance(min_events, int) or min_events < 1:
         raise ConfigurationError(f"The 'min_events' parameter must be an integer >= 1; "
                                  f"got {min_events!r}.")
+    if isinstance(max_slope_se, bool) or not isinstance(max_slope_se, (int, float)) \
+            or not max_slope_se > 0:
+        raise ConfigurationError(f"The 'max_slope_se' parameter must be a number > 0; "
+                                 f"got {max_slope_se!r}.")
     yy, pp = validate_binary_inputs(y, p)
     n_pos = int(yy.sum())
     n_neg = yy.size - n_pos
@@ -93,4 +105,24 @@ def fit_recalibration(y: npt.ArrayLike, p: npt.ArrayLike, *,
     if beta is None or not np.all(np.abs(beta) < 1e6):
         return Recalibration.identity("the logistic fit did not converge (the outcomes are "
                                       "separated by the predicted risk); the identity is used.")
-    return Recalibration(intercept=float(beta[0]), slope=float(beta[1]))
+    slope_se = _slope_standard_error(design, beta)
+    if slope_se <= max_slope_se:
+        return Recalibration(intercept=float(beta[0]), slope=float(beta[1]))
+    alpha = fit_logistic(design[:, :1], yy, design[:, 1], np.zeros(1))
+    if alpha is None:
+        return Recalibration.identity("the intercept-only fit did not converge; the "
+                                      "identity is used.")
+    return Recalibration(intercept=float(alpha[0]), slope=1.0, reason=(
+        f"the fitted slope {beta[1]:.3f} has standard error {slope_se:.3f} > "
+        f"max_slope_se={max_slope_se:g} ({n_pos} events), so only the intercept is "
+        f"updated."))
+
+
+def _slope_standard_error(design: np.ndarray, beta: np.ndarray) -> float:
+    """Standard error of the slope from the inverse Fisher information at the MLE."""
+    mu = _sigmoid(design @ beta)
+    info = (design * (mu * (1.0 - mu))[:, None]).T @ design
+    try:
+        return float(np.sqrt(np.linalg.inv(info)[1, 1]))
+    except np.linalg.LinAlgError:
+        return float("inf")

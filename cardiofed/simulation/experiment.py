@@ -142,7 +142,8 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     Bias corrections: ``label_quality`` cross-evaluates the sites' local models (only
     AUCs cross sites) and gives a site whose labels disagree with the others' no weight;
     ``recalibrate`` adds each site's logistic recalibration of the federated model,
-    fitted on its own training rows, as the model ``federated+recalibrated``.
+    fitted on its own training rows (intercept only when the slope is too uncertain),
+    as the model ``federated+recalibrated``.
     """
     sites = prepare_federation(dataset, config.standardisation, outbox,
                                covariate_shift=config.covariate_shift)
