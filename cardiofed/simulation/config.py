@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cardiofed._pydantic import read_toml
+from cardiofed.aggregation.staleness import StalenessRule
 from cardiofed.algorithms import FederatedAlgorithm, make_algorithm
 from cardiofed.algorithms.weighting import WeightingRule
 from cardiofed.exceptions import ConfigurationError
@@ -47,6 +48,16 @@ class SimulationConfig(BaseModel):
     covariate_shift: bool = False
     label_quality: bool = False
     recalibrate: bool = False
+    # Asynchronous aggregation (cardiofed.aggregation.staleness): with "async", `rounds`
+    # is the number of global model versions published.
+    aggregation: Literal["sync", "async"] = "sync"
+    buffer_size: int = Field(3, ge=1, description="K: updates per new global model")
+    buffer_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                           description="publish after T s with >= 1 update")
+    staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
+    staleness_exponent: float = Field(0.5, ge=0, allow_inf_nan=False)
+    staleness_hinge: int = Field(4, ge=0)
+    max_staleness: int = Field(50, ge=0)
 
     @model_validator(mode="after")
     def _dp_compatible(self) -> SimulationConfig:
@@ -63,6 +74,13 @@ class SimulationConfig(BaseModel):
             raise ValueError(f"weighting {self.weighting!r} needs each site's loss, a release "
                              "differential privacy does not cover; use sample-size or "
                              "type-balanced weighting with DP")
+        if self.aggregation == "async" and self.algorithm == "scaffold":
+            raise ValueError("scaffold's control variates need synchronous rounds; use "
+                             "aggregation = 'sync' or another algorithm")
+        if self.aggregation == "async" and self.fraction_fit < 1:
+            raise ValueError("fraction_fit samples sites for synchronous rounds; with "
+                             "aggregation = 'async' every site trains at its own pace, so "
+                             "leave fraction_fit at 1")
         if self.dp_epsilon is not None and self.covariate_shift:
             raise ValueError("covariate_shift reweights samples, which DP-SGD here does not "
                              "support; switch one of them off")
@@ -71,6 +89,17 @@ class SimulationConfig(BaseModel):
     def weighting_rule(self, site_multipliers: dict[str, float] | None = None) -> WeightingRule:
         return WeightingRule(kind=self.weighting, q=self.qffl_q, step=self.afl_step,
                              site_multipliers=site_multipliers or {})
+
+    def staleness_rule(self) -> StalenessRule:
+        return StalenessRule(kind=self.staleness, exponent=self.staleness_exponent,
+                             hinge=self.staleness_hinge, max_staleness=self.max_staleness)
+
+    def check_buffer_size(self, n_sites: int) -> None:
+        """Each site contributes at most one update per model version, so a buffer larger
+        than the federation would never fill."""
+        if self.aggregation == "async" and self.buffer_size > n_sites:
+            raise ConfigurationError(f"The 'buffer_size' parameter must be at most the number "
+                                     f"of sites ({n_sites}); got {self.buffer_size}.")
 
     @classmethod
     def create(cls, **settings: object) -> SimulationConfig:

@@ -19,9 +19,10 @@ from sklearn.metrics import roc_auc_score
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.algorithms import scaffold as scaffold_cv
 from cardiofed.algorithms.base import LocalTrainer
-from cardiofed.exceptions import PrivacyBudgetExceeded
+from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.models.networks import Weights, get_weights, make_model, score
 from cardiofed.privacy.site_privacy import SitePrivacy
+from cardiofed.simulation.clock import SiteSpeed
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.prepare import PreparedSite
 from cardiofed.training.local import train_local
@@ -44,6 +45,31 @@ class FederatedRun:
     refusals: list[tuple[int, str, str]] = field(default_factory=list)
     # Each site's share of the aggregation weight, averaged over rounds.
     weight_share: dict[str, float] = field(default_factory=dict)
+    # Each site's share of the updates folded into the final model.
+    update_share: dict[str, float] = field(default_factory=dict)
+    # Asynchronous runs: updates refused as too stale, (simulated time, site, reason).
+    rejected: list[tuple[float, str, str]] = field(default_factory=list)
+    # Simulated wall-clock seconds the run took (with site speeds; else 0).
+    sim_time_s: float = 0.0
+
+
+def work_samples(site: PreparedSite, config: SimulationConfig) -> int:
+    """Samples one local training task processes (for simulated compute time)."""
+    if config.local_steps is not None:
+        return config.local_steps * min(config.batch_size, site.n_train)
+    return config.local_epochs * site.n_train
+
+
+def site_clocks(sites: Sequence[PreparedSite], config: SimulationConfig,
+                speeds: Mapping[str, SiteSpeed]
+                ) -> tuple[list[SiteSpeed], list[np.random.Generator]]:
+    """Each site's speed (in site order) and its own seeded duration generator."""
+    missing = [s.name for s in sites if s.name not in speeds]
+    if missing:
+        raise ConfigurationError(f"No speed given for sites {missing}.")
+    return ([speeds[s.name] for s in sites],
+            [np.random.default_rng(derive_seed(config.seed, 30_000, k))
+             for k in range(len(sites))])
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -66,7 +92,8 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                   privacy: Mapping[str, SitePrivacy] | None = None,
                   outbox: Outbox | None = None,
                   site_multipliers: Mapping[str, float] | None = None,
-                  on_round: Callable[[int, Weights], None] | None = None) -> FederatedRun:
+                  on_round: Callable[[int, Weights], None] | None = None,
+                  speeds: Mapping[str, SiteSpeed] | None = None) -> FederatedRun:
     """Run ``config.rounds`` rounds of ``config``'s algorithm over the sites.
 
     Each round samples ``fraction_fit`` of the sites (at least one), lets each train
@@ -84,7 +111,15 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     Updates are weighted by ``config.weighting`` (times `site_multipliers`, e.g. from
     the label-quality check); ``weight_share`` records each site's share of the total
     aggregation weight over the run.
+
+    With `speeds` the rounds also run on the virtual clock of
+    :mod:`cardiofed.simulation.clock`: a round ends when its slowest site has uploaded,
+    and ``history`` records each round's end as ``time_s``.
     """
+    if config.aggregation != "sync":
+        raise ConfigurationError("run_federated runs synchronous rounds; use "
+                                 "cardiofed.simulation.async_runner.run_async for "
+                                 "aggregation = 'async'.")
     rule = config.weighting_rule(dict(site_multipliers or {}))
     scaffold = config.algorithm == "scaffold"
     site_types = {s.name: s.site_type for s in sites}
@@ -97,8 +132,11 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     c_site = {s.name: scaffold_cv.zeros_like(weights) for s in sites}
     rng = np.random.default_rng(config.seed)
     run = FederatedRun(weights=weights, participation={s.name: 0 for s in sites},
-                       weight_share={s.name: 0.0 for s in sites})
+                       weight_share={s.name: 0.0 for s in sites},
+                       update_share={s.name: 0.0 for s in sites})
     n_pick = max(1, round(config.fraction_fit * len(sites)))
+    clocks = site_clocks(sites, config, speeds) if speeds is not None else None
+    now = 0.0
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                    TextColumn("{task.completed}/{task.total} rounds"),
                    TextColumn("{task.fields[auc]}"),
@@ -110,6 +148,9 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                       else np.sort(rng.choice(len(sites), size=n_pick, replace=False)))
             updates: list[ClientUpdate] = []
             control_deltas: list[Weights] = []
+            if clocks is not None:
+                now = max(clocks[0][k].finish(now, clocks[0][k].task_seconds(
+                    work_samples(sites[k], config), clocks[1][k])) for k in chosen)
             for k in chosen:
                 site = sites[k]
                 trainer: LocalTrainer = train_local
@@ -126,7 +167,7 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 except PrivacyBudgetExceeded as refusal:
                     run.refusals.append((rnd, site.name, str(refusal)))
                     continue
-                updates.append(update if outbox is None else _via_wire(update, rnd, outbox))
+                updates.append(update if outbox is None else via_wire(update, rnd, outbox))
                 run.participation[site.name] += 1
                 if scaffold:
                     new_c = scaffold_cv.site_control_update(
@@ -140,6 +181,7 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 total = sum(agg_weights)
                 for u, w in zip(updates, agg_weights, strict=True):
                     run.weight_share[u.site] += w / total / config.rounds
+                    run.update_share[u.site] += 1
             weights, state = algorithm.server_update(weights, updates, state, agg_weights)
             if scaffold:
                 c_server = scaffold_cv.server_control_update(c_server, control_deltas,
@@ -148,7 +190,7 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 on_round(rnd, weights)
             last = rnd == config.rounds
             if last or (config.eval_every and rnd % config.eval_every == 0):
-                record = {"round": float(rnd),
+                record = {"round": float(rnd), "time_s": now,
                           "train_loss": float(np.mean([u.train_loss for u in updates]))
                           if updates else float("nan"),
                           **round_metrics(config.model, weights, sites)}
@@ -158,13 +200,17 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 bar.update(task, auc=f"pooled AUC {record['pooled_auc']:.3f}")
             bar.advance(task)
     run.weights = weights
+    run.sim_time_s = now
+    folded = sum(run.update_share.values())
+    run.update_share = {n: c / folded if folded else 0.0 for n, c in run.update_share.items()}
     return run
 
 
 Outbox = Callable[[str, str, bytes], None]
 
 
-def _via_wire(update: ClientUpdate, rnd: int, outbox: Outbox) -> ClientUpdate:
+def via_wire(update: ClientUpdate, rnd: int, outbox: Outbox) -> ClientUpdate:
+    """Serialise `update` as on the wire, hand it to `outbox`, and decode it again."""
     payload = encode_arrays(update.delta, {"site": update.site, "round": str(rnd),
                                            "num_samples": str(update.num_samples),
                                            "train_loss": repr(update.train_loss)})

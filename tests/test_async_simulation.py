@@ -1,0 +1,139 @@
+"""Asynchronous aggregation on the virtual clock: determinism, triggers, staleness, fairness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cardiofed.data.synthetic import synthetic_federation
+from cardiofed.exceptions import ConfigurationError
+from cardiofed.simulation.async_runner import run_async
+from cardiofed.simulation.clock import DAY_S, SiteSpeed, default_speeds
+from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.prepare import PreparedSite, prepare_federation
+from cardiofed.simulation.runner import run_federated
+
+BASE = dict(local_steps=5, batch_size=16, lr=0.05, seed=4)
+
+
+@pytest.fixture(scope="module")
+def sites() -> list[PreparedSite]:
+    return prepare_federation(synthetic_federation(n_sites=4, seed=2, size_scale=0.2))
+
+
+def _speeds(sites: list[PreparedSite], seconds: list[float]) -> dict[str, SiteSpeed]:
+    """Site k's task takes exactly seconds[k] (pure overhead, no jitter)."""
+    return {s.name: SiteSpeed(samples_per_s=1e12, overhead_s=t)
+            for s, t in zip(sites, seconds, strict=True)}
+
+
+def _async(**settings: object) -> SimulationConfig:
+    return SimulationConfig.create(**{**BASE, "aggregation": "async", **settings})
+
+
+# ---------------------------------------------------------------- the virtual clock
+
+def test_offline_sites_pause_overnight() -> None:
+    # Offline 10 h from 20:00; t = 0 is 09:00, so the window opens at t = 11 h.
+    clinic = SiteSpeed(samples_per_s=1.0, offline_hours=10.0, offline_from_h=20.0)
+    assert clinic.is_online(0.0) and not clinic.is_online(11 * 3600.0)
+    assert clinic.finish(0.0, 3600.0) == 3600.0
+    # Starting at 19:00 (t = 10 h) with 2 h of work: 1 h tonight, 1 h after 06:00.
+    assert clinic.finish(10 * 3600.0, 2 * 3600.0) == pytest.approx(22 * 3600.0)
+    # Starting while offline (t = 12 h, 21:00) waits for 06:00 (t = 21 h).
+    assert clinic.finish(12 * 3600.0, 60.0) == pytest.approx(21 * 3600.0 + 60.0)
+    # 28 h of work: 11 h on day 0, 14 h on day 1 (06:00-20:00), 3 h from 06:00 on day 2.
+    assert clinic.finish(0.0, 28 * 3600.0) == pytest.approx(2 * DAY_S)
+
+
+def test_default_speeds_imitate_a_real_federation() -> None:
+    types = {"big": "tier3", "mid": "tier2", "c1": "community", "c2": "community"}
+    speeds = default_speeds(types, seed=0)
+    assert speeds == default_speeds(types, seed=0)  # deterministic by seed
+    rng = np.random.default_rng(0)
+    fast = speeds["big"].task_seconds(1000, rng)
+    for clinic in ("c1", "c2"):
+        slow = speeds[clinic]
+        assert 10 <= speeds["big"].samples_per_s / slow.samples_per_s <= 100
+        assert slow.offline_hours == 10.0 and not speeds["big"].offline_hours
+        assert slow.task_seconds(1000, rng) > 5 * fast
+    assert speeds["mid"].samples_per_s < speeds["big"].samples_per_s
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(samples_per_s=0.0), "'samples_per_s' parameter must be a finite number > 0"),
+    (dict(samples_per_s=1.0, jitter=-0.1), "'jitter' parameter must be a finite number >= 0"),
+    (dict(samples_per_s=1.0, offline_hours=24.0), "'offline_hours' parameter must be in"),
+])
+def test_speed_settings_are_validated(settings: dict[str, float], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        SiteSpeed(**settings)
+
+
+# ---------------------------------------------------------------- the asynchronous run
+
+def test_buffer_of_every_site_reproduces_synchronous_fedavg(sites: list[PreparedSite]) -> None:
+    speeds = default_speeds({s.name: s.site_type for s in sites}, seed=4)
+    sync = run_federated(sites, SimulationConfig.create(**BASE, rounds=4), speeds=speeds)
+    asyn = run_async(sites, _async(rounds=4, buffer_size=len(sites)), speeds=speeds)
+    for name, w in sync.weights.items():
+        np.testing.assert_allclose(asyn.weights[name], w, rtol=1e-6, atol=1e-7)
+    assert [h["time_s"] for h in asyn.history] == pytest.approx(
+        [h["time_s"] for h in sync.history])
+    assert asyn.update_share == pytest.approx(dict.fromkeys(asyn.update_share, 0.25))
+
+
+def test_runs_are_deterministic_by_seed(sites: list[PreparedSite]) -> None:
+    config = _async(rounds=6, buffer_size=2)
+    a, b = run_async(sites, config), run_async(sites, config)
+    assert a.history == b.history and a.sim_time_s == b.sim_time_s
+    for name in a.weights:
+        np.testing.assert_array_equal(a.weights[name], b.weights[name])
+    other = run_async(sites, _async(rounds=6, buffer_size=2, seed=5))
+    assert other.sim_time_s != a.sim_time_s
+
+
+def test_buffer_of_k_publishes_when_the_kth_update_arrives(sites: list[PreparedSite]) -> None:
+    # Sites take 10, 20, 30, 1000 s. K = 2: v1 at 20 s (sites 0 and 1). Site 0 finished
+    # at 10 s but trains once per version, so it waited for v1; it is done again at 30 s,
+    # with site 2 (trained from v0) -> v2 at 30 s.
+    run = run_async(sites, _async(rounds=2, buffer_size=2),
+                    speeds=_speeds(sites, [10.0, 20.0, 30.0, 1000.0]))
+    assert [h["time_s"] for h in run.history] == pytest.approx([20.0, 30.0])
+    # v2 folded site 2's update trained from v0: staleness 1 (mean over two updates 0.5).
+    assert run.history[1]["mean_staleness"] == 0.5
+
+
+def test_timeout_publishes_a_partial_buffer(sites: list[PreparedSite]) -> None:
+    # K = 4 would wait for the 1000 s site; T = 25 s publishes what has arrived.
+    run = run_async(sites, _async(rounds=2, buffer_size=4, buffer_timeout_s=25.0),
+                    speeds=_speeds(sites, [10.0, 20.0, 30.0, 1000.0]))
+    # v1 at 25 s (sites 0, 1 waiting); v2 at 50 s, a timeout after v1 (site 2 at 30 s,
+    # sites 0 and 1 again at 35 and 45 s).
+    assert [h["time_s"] for h in run.history] == pytest.approx([25.0, 50.0])
+
+
+def test_too_stale_updates_are_rejected_and_the_site_retrains(
+        sites: list[PreparedSite]) -> None:
+    run = run_async(sites, _async(rounds=40, buffer_size=1, max_staleness=3),
+                    speeds=_speeds(sites, [10.0, 11.0, 12.0, 100.0]))
+    slow = sites[3].name
+    assert run.rejected and all(site == slow for _, site, _ in run.rejected)
+    assert "versions old; the study accepts at most max_staleness=3" in run.rejected[0][2]
+    assert run.update_share[slow] == 0.0  # starved, and the report says so
+    assert sum(run.update_share.values()) == pytest.approx(1.0)
+
+
+def test_async_settings_are_validated(sites: list[PreparedSite]) -> None:
+    with pytest.raises(ConfigurationError, match=r"'buffer_size' parameter must be at most "
+                                                 r"the number of sites \(4\); got 5"):
+        run_async(sites, _async(buffer_size=5))
+    with pytest.raises(ConfigurationError, match="scaffold's control variates need "
+                                                 "synchronous rounds"):
+        _async(algorithm="scaffold")
+    with pytest.raises(ConfigurationError, match="fraction_fit samples sites"):
+        _async(fraction_fit=0.5)
+    with pytest.raises(ConfigurationError, match="use cardiofed.simulation.async_runner"):
+        run_federated(sites, _async())
+    with pytest.raises(ConfigurationError, match=r"No speed given for sites \['"):
+        run_async(sites, _async(), speeds={})
