@@ -27,22 +27,27 @@ PLAN = {"rounds": 3, "local_epochs": 1, "batch_size": 32, "lr": 0.05, "seed": 5}
 
 class Federation:
     def __init__(self, tmp: Path, *, max_bytes: int = 1 << 24, timeout: float = 3600.0,
-                 min_sites: int | None = None, database_url: str | None = None) -> None:
+                 min_sites: int | None = None, database_url: str | None = None,
+                 plan: dict[str, object] | None = None) -> None:
         self.tmp = tmp
         self.settings = CoordinatorSettings(
             database_url=database_url or f"sqlite:///{tmp}/coord.db", long_poll_s=0,
             max_update_bytes=max_bytes)
-        self.app = create_app()
-        self.app.dependency_overrides[get_settings] = lambda: self.settings
-        self.client = TestClient(self.app)
+        self.restart()
         with _sessions(self.settings.database_url)() as db:
             self.admin = service.create_admin_key(db)
         names, ranges = study_columns("synthetic")
         response = self.client.post("/v1/studies", headers=self.auth(self.admin), json={
-            "id": "s1", "plan": PLAN, "sites": SITES, "feature_names": names,
+            "id": "s1", "plan": plan or PLAN, "sites": SITES, "feature_names": names,
             "feature_ranges": ranges, "min_sites": min_sites, "round_timeout_s": timeout})
         assert response.status_code == 201, response.text
         self.tokens = response.json()["enrolment_tokens"]
+
+    def restart(self) -> None:
+        """A fresh coordinator application over the same database."""
+        self.app = create_app()
+        self.app.dependency_overrides[get_settings] = lambda: self.settings
+        self.client = TestClient(self.app)
 
     @staticmethod
     def auth(credential: str) -> dict[str, str]:
@@ -366,3 +371,101 @@ def test_bias_corrections_the_network_does_not_run_are_refused(fed: Federation) 
     assert r.json()["detail"] == (
         "The networked federation aggregates with sample-size weights only; weighting, "
         "label_quality is available in simulation only for now.")
+
+
+# ---------------------------------------------------------------- asynchronous studies
+
+ASYNC_PLAN = {**PLAN, "aggregation": "async", "buffer_size": 2, "rounds": 3}
+
+
+def _train_once(fed: Federation, agent: NodeAgent) -> None:
+    assert fed.step([agent]) == 1
+
+
+def test_async_study_publishes_every_k_updates_without_waiting_for_the_slowest(
+        tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan=ASYNC_PLAN)
+    agents = [fed.agent(s) for s in SITES]
+    fed.step(agents)  # statistics: every site
+    fast = agents[:2]  # community_01 never trains
+
+    _train_once(fed, fast[0])
+    state = fed.status()
+    assert (state["aggregation"], state["buffered"], state["model_version"]) == ("async", 1, 0)
+    assert fed.step([fast[0]]) == 0  # one update per version: it waits for version 1
+    _train_once(fed, fast[1])
+    assert fed.status()["model_version"] == 1
+    for _ in range(2):
+        for agent in fast:
+            _train_once(fed, agent)
+    assert fed.status()["phase"] == "evaluate"
+    _until_done(fed, agents)
+
+    models = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
+    assert [m["version"] for m in models] == [0, 1, 2, 3]
+    assert all(m["participants"] == ["tier3_01", "tier2_01"] for m in models[1:])
+    assert set(models[-1]["metrics"]) == set(SITES)  # every site evaluates the final model
+    assert fed.status()["update_share"] == {"tier3_01": 0.5, "tier2_01": 0.5,
+                                            "community_01": 0.0}
+
+
+def test_async_update_older_than_max_staleness_is_refused(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan={**ASYNC_PLAN, "buffer_size": 1, "max_staleness": 0})
+    agents = [fed.agent(s) for s in SITES]
+    fed.step(agents)
+    slow = agents[2]
+    task = fed.client.get("/v1/tasks/next", headers=fed.auth(slow.credential()))
+    assert task.json()["model_version"] == 0
+    _train_once(fed, agents[0])  # version 1 is out while the slow site trains on 0
+
+    from cardiofed.coordinator.schemas import TaskResponse
+
+    payload = slow._compute(TaskResponse.model_validate(task.json()))
+    r = fed.client.post("/v1/studies/s1/rounds/1/updates", content=payload,
+                        headers=fed.auth(slow.credential()))
+    assert r.status_code == 409
+    assert r.json()["detail"] == (
+        "Stale update from site 'community_01': the update was trained from a model 1 "
+        "versions old; the study accepts at most max_staleness=0; train again on version 1.")
+    # The node logs the refusal and goes on with the newest model.
+    slow.run_task(TaskResponse.model_validate(task.json()))
+    assert fed.status()["model_version"] == 1
+    assert fed.step([slow]) == 1 and fed.status()["model_version"] == 2
+
+
+def test_async_buffer_is_published_after_its_timeout(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan={**ASYNC_PLAN, "buffer_size": 3,
+                                     "buffer_timeout_s": 0.5})
+    agents = [fed.agent(s) for s in SITES]
+    fed.step(agents)
+    _train_once(fed, agents[0])
+    assert fed.status()["model_version"] == 0
+    time.sleep(0.6)
+
+    assert fed.status()["model_version"] == 1
+    models = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
+    assert models[-1]["participants"] == ["tier3_01"]
+
+
+def test_async_buffer_survives_a_coordinator_restart(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan=ASYNC_PLAN)
+    agents = [fed.agent(s) for s in SITES]
+    fed.step(agents)
+    _train_once(fed, agents[0])
+
+    fed.restart()  # a new process over the same database
+    second = fed.agent(SITES[1])
+    assert fed.status()["buffered"] == 1
+    _train_once(fed, second)
+
+    models = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
+    assert models[-1]["version"] == 1 and models[-1]["participants"] == SITES[:2]
+
+
+def test_async_buffer_larger_than_the_federation_is_refused(fed: Federation) -> None:
+    names, ranges = study_columns("synthetic")
+    r = fed.client.post("/v1/studies", headers=fed.auth(fed.admin), json={
+        "id": "s2", "plan": {**ASYNC_PLAN, "buffer_size": 4}, "sites": SITES,
+        "feature_names": names, "feature_ranges": ranges})
+    assert r.status_code == 422
+    assert "'buffer_size' parameter must be at most the number of sites (3); got 4" in r.text

@@ -307,9 +307,11 @@ class Federation:
 
     def __init__(self, procs: Processes, coordinator: Coordinator, study: str, dataset: str,
                  sites: list[str], plan: Mapping[str, object], *, subprocess: bool = False,
-                 ca_file: str | None = None) -> None:
+                 ca_file: str | None = None,
+                 node_settings: Mapping[str, Mapping[str, object]] | None = None) -> None:
         self.procs, self.coordinator, self.study = procs, coordinator, study
         self.sites, self.dataset, self.ca_file = sites, dataset, ca_file
+        self.node_settings = node_settings or {}
         tokens = coordinator.create_study(study, dataset, sites, plan, subprocess=subprocess)
         self.configs = {site: self._config(site, tokens[site]) for site in sites}
 
@@ -321,6 +323,7 @@ class Federation:
                                      "poll_wait_s": 1}
         if self.ca_file is not None:
             values["ca_file"] = self.ca_file
+        values.update(self.node_settings.get(site, {}))
         values["data"] = {"dataset": self.dataset, "site": site}
         path = folder / "node.toml"
         path.write_text(_toml(values))
@@ -456,6 +459,30 @@ def _study_row(db: Path, study: str) -> tuple[str, int]:
     finally:
         conn.close()
     return str(phase), int(current)
+
+
+def test_async_study_over_loopback_does_not_wait_for_a_slow_node(
+        procs: Processes, shared: Coordinator) -> None:
+    """Buffered asynchronous aggregation (K = 2) with one node 8 s slower per update:
+    the other two publish every version; the slow node's late update is refused as
+    stale, the node carries on, and every node evaluates the final model."""
+    plan = {**SYN_PLAN, "aggregation": "async", "buffer_size": 2, "rounds": 4}
+    slow = SYN_SITES[2]
+    fed = Federation(procs, shared, "async", "synthetic", SYN_SITES, plan,
+                     node_settings={slow: {"train_delay_s": 8.0}})
+    fed.start()
+
+    fed.finish()
+
+    state = shared.status("async")
+    assert state["aggregation"] == "async"
+    assert state["update_share"] == {SYN_SITES[0]: 0.5, SYN_SITES[1]: 0.5, slow: 0.0}
+    final, _ = shared.final_model("async")
+    assert final["version"] == 4 and set(final["metrics"]) == set(SYN_SITES)
+    assert "update refused as stale" in (procs.logs / f"async-{slow}.log").read_text()
+    # The slow node trained once (version 0); the others once per version.
+    trained = {site: sum(e["kind"] == "train" for e in fed.outbound(site)) for site in SYN_SITES}
+    assert trained == {SYN_SITES[0]: 4, SYN_SITES[1]: 4, slow: 1}
 
 
 def test_coordinator_sigkill_mid_training_loses_nothing(

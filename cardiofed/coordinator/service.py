@@ -5,7 +5,16 @@ A study runs in rounds: round 0 gathers federated statistics, rounds 1..R train
 simulator uses), round R+1 gathers each site's evaluation metrics. A round closes when
 every active site has reported, or when its deadline passes with at least
 ``min_sites`` reports; past the deadline with fewer, it is extended and the status
-says which sites it waits for. Each accepted update is committed before it is
+says which sites it waits for.
+
+With ``aggregation = "async"`` in the plan, training has no barrier (see
+:mod:`cardiofed.aggregation.staleness`): training round ``r`` means "trained from model
+version ``r - 1``" and stays open while newer versions appear. Updates wait in a
+buffer (rows with ``aggregated_into`` NULL); once ``buffer_size`` have arrived (or
+``buffer_timeout_s`` after the last publication, with at least one) they are folded,
+discounted by staleness, into a new version and the next round opens. Updates older
+than ``max_staleness`` versions are refused. After ``rounds`` versions, the evaluation
+round gathers metrics as in a synchronous study. Each accepted update is committed before it is
 acknowledged; a repeated identical upload is acknowledged again, a different one for
 the same round is a conflict. Accepting an update and closing a round are serialised
 (:func:`_serialised`), so concurrent requests never close a round twice nor accept an
@@ -28,6 +37,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cardiofed.aggregation.server_optimizers import ServerState
+from cardiofed.aggregation.staleness import StaleUpdate, buffer_ready, discounted
 from cardiofed.algorithms import ClientUpdate
 from cardiofed.coordinator.storage import (
     AdminKey,
@@ -41,6 +51,7 @@ from cardiofed.coordinator.storage import (
 from cardiofed.data.preprocessing import SiteStatistics, bin_edges, merge_statistics
 from cardiofed.exceptions import (
     AuthenticationError,
+    ConfigurationError,
     Conflict,
     DataValidationError,
     InvalidUpdate,
@@ -116,6 +127,10 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
         raise Conflict(f"Study {study_id!r} already exists.")
     if not sites or len(set(sites)) != len(sites):
         raise InvalidUpdate(f"A study needs distinct site names; got {sites}.")
+    try:
+        plan.check_buffer_size(len(sites))
+    except ConfigurationError as exc:
+        raise InvalidUpdate(str(exc)) from None
     simulation_only = [name for name, on in (
         ("algorithm scaffold", plan.algorithm == "scaffold"),
         ("weighting", plan.weighting != "sample-size"), ("label_quality", plan.label_quality),
@@ -254,15 +269,37 @@ def submit(db: Session, site: Site, *, round_number: int, payload: bytes, max_by
                 return digest, False
             raise Conflict(f"Site {site.name!r} already submitted a different payload for "
                            f"round {round_number} (sha256 {existing.sha256[:12]}...).")
+        if rnd.closed_at is not None and _is_async(study) and rnd.kind == TRAIN:
+            raise Conflict(f"Stale update from site {site.name!r}: training finished at "
+                           f"version {study.model_version}; the update is discarded.")
         if rnd.closed_at is not None:
             raise Conflict(f"Round {round_number} of study {study.id!r} is closed "
                            f"({rnd.outcome}); the current round is {study.current_round}.")
+        staleness = _staleness(study, rnd, site)
         num_samples = _validate(db, study, rnd, site, payload)
         db.add(Update(round_id=rnd.id, site_id=site.id, payload=payload, sha256=digest,
-                      num_samples=num_samples, received_at=now()))
+                      num_samples=num_samples, received_at=now(), staleness=staleness))
         db.commit()  # durable before acknowledged
         advance(db, study, now)
     return digest, True
+
+
+def _is_async(study: Study) -> bool:
+    return study.plan.get("aggregation") == "async"
+
+
+def _staleness(study: Study, rnd: Round, site: Site) -> int | None:
+    """Versions published since `rnd`'s model (asynchronous training only); refuses an
+    update older than the plan's ``max_staleness``."""
+    if not (_is_async(study) and rnd.kind == TRAIN):
+        return None
+    staleness = study.model_version - rnd.model_version
+    try:
+        study_plan(study).staleness_rule().check(staleness)
+    except StaleUpdate as exc:
+        raise Conflict(f"Stale update from site {site.name!r}: {exc}; train again on version "
+                       f"{study.model_version}.") from None
+    return staleness
 
 
 def _validate(db: Session, study: Study, rnd: Round, site: Site, payload: bytes) -> int:
@@ -325,6 +362,10 @@ def advance(db: Session, study: Study, now: Clock = utcnow) -> None:
 
 def _advance(db: Session, study: Study, now: Clock) -> None:
     while study.phase != "done":
+        if study.phase == TRAIN and _is_async(study):
+            if not _publish_buffered(db, study, now):
+                return
+            continue
         rnd = _round(db, study)
         active = _active_sites(db, study)
         reported = _reported(db, rnd)
@@ -356,12 +397,8 @@ def _close(db: Session, study: Study, rnd: Round, updates: list[Update], now: Cl
         algorithm = plan.make_algorithm()
         weights = _load_model(db, study, study.model_version)
         state = _load_state(study, algorithm.init_server(weights))
-        client_updates = []
-        for u, name in zip(updates, names, strict=True):
-            delta, manifest = decode_arrays(u.payload)
-            client_updates.append(ClientUpdate(site=name, delta=delta, num_samples=u.num_samples,
-                                               num_steps=0, train_loss=float(
-                                                   manifest.get("train_loss", "nan"))))
+        client_updates = [_client_update(u, name) for u, name in zip(updates, names,
+                                                                      strict=True)]
         new, state = algorithm.server_update(weights, client_updates, state)
         study.model_version += 1
         _store_model(db, study, new, version=study.model_version, round_number=rnd.number,
@@ -387,6 +424,77 @@ def _close(db: Session, study: Study, rnd: Round, updates: list[Update], now: Cl
     db.commit()
 
 
+def _buffered(db: Session, study: Study) -> list[Update]:
+    return list(db.scalars(
+        select(Update).join(Round, Update.round_id == Round.id)
+        .where(Round.study_id == study.id, Round.kind == TRAIN, Round.closed_at.is_(None),
+               Update.aggregated_into.is_(None))
+        .order_by(Update.id)))
+
+
+def _publish_buffered(db: Session, study: Study, now: Clock) -> bool:
+    """Fold the buffer into a new model version if it is due; True if one was published."""
+    plan = study_plan(study)
+    rnd = _round(db, study)
+    active = {s.id: s for s in _active_sites(db, study)}
+    buffer = [u for u in _buffered(db, study) if u.site_id in active]  # revoked drop out
+    if not buffer_ready(len(buffer), buffer_size=min(plan.buffer_size, len(active)),
+                        since_publication_s=(now() - rnd.opened_at).total_seconds(),
+                        timeout_s=plan.buffer_timeout_s):
+        return False
+    algorithm = plan.make_algorithm()
+    weights = _load_model(db, study, study.model_version)
+    state = _load_state(study, algorithm.init_server(weights))
+    rule = plan.staleness_rule()
+    names = [active[u.site_id].name for u in buffer]
+    client_updates = [discounted(_client_update(u, name), rule.weight(u.staleness or 0))
+                      for u, name in zip(buffer, names, strict=True)]
+    new, state = algorithm.server_update(weights, client_updates, state)
+    study.model_version += 1
+    _store_model(db, study, new, version=study.model_version, round_number=rnd.number,
+                 participants=names)
+    study.server_state = _dump_state(state)
+    for u in buffer:
+        u.aggregated_into = study.model_version
+    rnd.outcome = (f"version {study.model_version} published from {len(buffer)} buffered "
+                   f"updates: {', '.join(names)}")
+    study.current_round += 1
+    if study.model_version < plan.rounds:
+        db.add(Round(study_id=study.id, number=study.current_round, kind=TRAIN,
+                     model_version=study.model_version, opened_at=now(),
+                     deadline=now() + timedelta(seconds=study.round_timeout_s)))
+    else:  # training is over: late updates are discarded, metrics are gathered
+        for train_round in db.scalars(select(Round).where(
+                Round.study_id == study.id, Round.kind == TRAIN, Round.closed_at.is_(None))):
+            train_round.closed_at = now()
+        db.add(Round(study_id=study.id, number=study.current_round, kind=EVALUATE,
+                     model_version=study.model_version, opened_at=now(),
+                     deadline=now() + timedelta(seconds=study.round_timeout_s)))
+        study.phase = EVALUATE
+    db.commit()
+    return True
+
+
+def _client_update(update: Update, site_name: str) -> ClientUpdate:
+    delta, manifest = decode_arrays(update.payload)
+    return ClientUpdate(site=site_name, delta=delta, num_samples=update.num_samples,
+                        num_steps=0, train_loss=float(manifest.get("train_loss", "nan")))
+
+
+def update_share(db: Session, study: Study) -> dict[str, float]:
+    """Each site's share of the training updates folded into the current model."""
+    names = {s.id: s.name for s in db.scalars(select(Site).where(Site.study_id == study.id)
+                                              .order_by(Site.index))}
+    counts = dict.fromkeys(names.values(), 0)
+    folded = db.scalars(select(Update).join(Round, Update.round_id == Round.id).where(
+        Round.study_id == study.id, Round.kind == TRAIN))
+    for u in folded:
+        if u.aggregated_into is not None or not _is_async(study):
+            counts[names[u.site_id]] += 1
+    total = sum(counts.values())
+    return {name: c / total if total else 0.0 for name, c in counts.items()}
+
+
 def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
     """What the federation is doing and what it waits for."""
     advance(db, study, now)
@@ -403,6 +511,9 @@ def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
         "round_outcome": rnd.outcome,
         "revoked": sorted(s.name for s in db.scalars(
             select(Site).where(Site.study_id == study.id, Site.revoked))),
+        "aggregation": "async" if _is_async(study) else "sync",
+        "buffered": len(_buffered(db, study)) if _is_async(study) else 0,
+        "update_share": update_share(db, study),
     }
 
 

@@ -96,6 +96,10 @@ class Update(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     num_samples: Mapped[int] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Asynchronous studies: versions published since the update's base version when it
+    # arrived, and the version it was folded into (NULL while buffered, or discarded).
+    staleness: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    aggregated_into: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ModelVersion(Base):

@@ -42,6 +42,10 @@ log = logging.getLogger("cardiofed.node")
 class NodeError(CardioFedError):
     """The coordinator refused the node's request, or the node cannot go on."""
 
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
 
 class NodeAgent:
     """Runs one site's part of a study. ``client`` may be any ``httpx.Client`` (tests pass
@@ -93,7 +97,8 @@ class NodeAgent:
                     if response.status_code >= 400:
                         detail = response.json().get("detail", response.text)
                         raise NodeError(f"Coordinator refused {method} {url}: "
-                                        f"{response.status_code} {detail}")
+                                        f"{response.status_code} {detail}",
+                                        response.status_code)
                     return response
                 log.warning("coordinator error %d; retry %d", response.status_code, attempt)
             time.sleep(delay)
@@ -132,6 +137,8 @@ class NodeAgent:
             payload = cache.read_bytes()  # computed before a restart: send the same bytes
         else:
             payload = self._compute(task)
+            if kind == "train" and self.config.train_delay_s:
+                time.sleep(self.config.train_delay_s)  # rehearsing a slow site
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")
             with open(tmp, "wb") as fh:
@@ -141,7 +148,15 @@ class NodeAgent:
             os.replace(tmp, cache)
         url = f"/v1/studies/{study}/rounds/{number}/updates"
         self.outbound.record(kind, payload, url)
-        ack = self._request("POST", url, content=payload)
+        try:
+            ack = self._request("POST", url, content=payload)
+        except NodeError as exc:
+            if exc.status_code == 409 and "Stale update" in str(exc):
+                # Asynchronous study: the model moved on too far while this site trained.
+                log.warning("round %d: update refused as stale; training on the newest "
+                            "model next", number)
+                return
+            raise
         log.info("round %d (%s): %s, %d bytes", number, kind, ack.json()["status"], len(payload))
 
     def _compute(self, task: TaskResponse) -> bytes:

@@ -69,6 +69,9 @@ class NodeConfig(BaseModel):
     ca_file: Path | None = None
     poll_wait_s: float = Field(default=10.0, ge=0)
     privacy: NodePrivacy | None = None
+    # Seconds to wait after each training task before uploading: rehearses a slow site
+    # (benchmarks, demos of asynchronous studies). 0 in production.
+    train_delay_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> NodeConfig:
