@@ -27,6 +27,7 @@ from cardiofed.models.estimator import RiskEstimator
 from cardiofed.models.networks import Weights, score
 from cardiofed.privacy.budget import PrivacyLedger, SiteBudget
 from cardiofed.privacy.site_privacy import SitePrivacy
+from cardiofed.simulation.async_runner import run_async
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.prepare import PreparedSite, prepare_federation, prepare_local_only
 from cardiofed.simulation.runner import (
@@ -157,9 +158,13 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     quality = _label_quality(dataset, config, local_sites, local_weights) \
         if config.label_quality else None
     privacy = site_privacy(sites, config, ledger_dir)
-    run = run_federated(sites, config, progress=progress, privacy=privacy or None,
-                        outbox=outbox,
-                        site_multipliers=dict.fromkeys(quality.flagged, 0.0) if quality else None)
+    multipliers = dict.fromkeys(quality.flagged, 0.0) if quality else None
+    if config.aggregation == "async":
+        run = run_async(sites, config, privacy=privacy or None, outbox=outbox,
+                        site_multipliers=multipliers)
+    else:
+        run = run_federated(sites, config, progress=progress, privacy=privacy or None,
+                            outbox=outbox, site_multipliers=multipliers)
     result = ExperimentResult(dataset=dataset.name, config=config, federated=run,
                               site_types={s.name: s.site_type for s in sites},
                               site_sizes={s.name: s.n_train for s in sites},

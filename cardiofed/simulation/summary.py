@@ -87,12 +87,19 @@ def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, ti
 
     cfg = result.config
     settings = ", ".join(f"{k}={v}" for k, v in cfg.model_dump().items() if v is not None)
+    run = result.federated
     participation = "".join(
-        f"<tr><td>{html.escape(site)}</td><td>{n}</td></tr>"
-        for site, n in result.federated.participation.items())
+        f"<tr><td>{html.escape(site)}</td><td>{n}</td>"
+        f"<td>{run.update_share.get(site, 0.0):.1%}</td></tr>"
+        for site, n in run.participation.items())
+    stale = "".join(f"<li>{t / 3600:.2f} h (simulated): {html.escape(site)}: "
+                    f"{html.escape(reason)}</li>" for t, site, reason in run.rejected)
     sections = [("Training settings", f"<p>{html.escape(settings)}</p>"),
-                ("Rounds each site took part in",
-                 f"<table><tr><th>site</th><th>rounds</th></tr>{participation}</table>")]
+                ("Each site's part in training",
+                 "<table><tr><th>site</th><th>updates trained</th>"
+                 f"<th>share of the updates in the final model</th></tr>{participation}"
+                 "</table>" + (f"<p>Updates refused as stale:</p><ul>{stale}</ul>"
+                               if stale else ""))]
     sections[:0] = extra_sections or []
     if result.label_quality is not None and result.label_quality.reasons:
         sections.insert(0, ("Data quality", "<ul>" + "".join(
