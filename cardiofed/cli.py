@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cardiofed import network_cli
+from cardiofed import network_cli, serving_cli
 from cardiofed._console import console, fail
 from cardiofed.data.catalog import DATASETS, load_dataset
 from cardiofed.evaluation.acceptability import acceptability_from_experiment
@@ -26,12 +26,15 @@ app = typer.Typer(help="CardioFed: train a cardiovascular risk model across hosp
 
 DpEpsilon = Annotated[float | None, typer.Option(
     help="Train with record-level DP-SGD; each site's epsilon_max.")]
+Register = Annotated[bool, typer.Option(
+    help="Put the federated model into the model registry (--db).")]
 
 
 def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | None,
          out: Path, title: str, data_dir: Path | None = None, csv: list[Path] | None = None,
          mappings: list[Path] | None = None, n_sites: int = 12,
-         ledger_dir: Path | None = None) -> None:
+         ledger_dir: Path | None = None, register_as: str | None = None,
+         registry_url: str | None = None) -> None:
     given = {k: v for k, v in settings.items() if v is not None}
     try:
         config = (SimulationConfig.from_toml(config_file, **given) if config_file
@@ -71,6 +74,25 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
         "left the sites. Pooled: one model on the union of all rows, possible only in "
         "simulation. Each site's metrics are computed on its own test split."])
     console.print(f"Report written to [bold]{page}[/]")
+    if register_as is not None:
+        _register(result, dataset.feature_names, dataset.outcome, register_as, registry_url)
+
+
+def _register(result: Any, feature_names: list[str], outcome: str, study: str,
+              url: str | None) -> None:
+    """Put the federated model into the registry (for `cardiofed serve` and `predict`)."""
+    from cardiofed.serving import provenance, registry
+
+    try:
+        model = provenance.from_experiment(result, study=study, feature_names=feature_names,
+                                           outcome=outcome)
+        with serving_cli._sessions(url)() as db:
+            version = registry.register(db, model)
+    except CardioFedError as exc:
+        raise fail(exc) from None
+    console.print(f"Model registered as [bold]{version}[/] in "
+                  f"{serving_cli.database_url(url)} (serve it: cardiofed models promote "
+                  f"{version}; cardiofed serve).")
 
 
 @app.command()
@@ -81,6 +103,8 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the cohort and of training.")] = 0,
     dp_epsilon: DpEpsilon = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("cardiofed-report"),
+    register: Register = True,
+    db: serving_cli.DatabaseUrl = None,
 ) -> None:
     """Simulate a federation of synthetic hospitals; no data or server needed."""
     # The recommended correction (bench/bias_correction.py): the label-quality check finds
@@ -88,7 +112,8 @@ def demo(
     _run("synthetic", {"rounds": rounds, "algorithm": algorithm, "seed": seed,
                        "dp_epsilon": dp_epsilon, "label_quality": True},
          config_file=None, out=out, n_sites=sites,
-         title="CardioFed demo: synthetic federation of hospitals")
+         title="CardioFed demo: synthetic federation of hospitals",
+         register_as="demo" if register else None, registry_url=db)
 
 
 @app.command()
@@ -124,6 +149,8 @@ def simulate(
     ledger_dir: Annotated[Path | None, typer.Option(
         help="Folder of the sites' privacy ledgers (kept across runs).")] = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("cardiofed-report"),
+    register: Register = False,
+    db: serving_cli.DatabaseUrl = None,
 ) -> None:
     """Simulate a federation on a reference data set or your own CSV exports."""
     settings = {"model": model, "algorithm": algorithm, "rounds": rounds,
@@ -134,7 +161,8 @@ def simulate(
                 "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
                 "dp_max_grad_norm": dp_max_grad_norm, "dp_accountant": dp_accountant}
     _run(dataset, settings, config_file=config, out=out, data_dir=data_dir, csv=csv,
-         mappings=mapping, title=f"CardioFed simulation: {dataset}", ledger_dir=ledger_dir)
+         mappings=mapping, title=f"CardioFed simulation: {dataset}", ledger_dir=ledger_dir,
+         register_as=dataset if register else None, registry_url=db)
 
 
 @app.command()
@@ -178,6 +206,10 @@ app.command("coordinator")(network_cli.coordinator)
 app.command("status")(network_cli.status)
 app.add_typer(network_cli.admin_app, name="admin")
 app.add_typer(network_cli.node_app, name="node")
+app.command("serve")(serving_cli.serve)
+app.command("predict")(serving_cli.predict)
+app.add_typer(serving_cli.models_app, name="models")
+app.add_typer(serving_cli.keys_app, name="keys")
 
 if __name__ == "__main__":
     app()

@@ -44,3 +44,10 @@ def framingham_csv() -> Path:
 def small_federation() -> FederatedDataset:
     """Four synthetic hospitals (tier-3, tier-2, two clinics), about 1,200 rows in all."""
     return synthetic_federation(n_sites=4, seed=1, size_scale=0.3)
+
+
+@pytest.fixture(autouse=True)
+def _registry_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands that write the model registry (``cardiofed demo``) write it under the
+    test's own folder, never into the working directory."""
+    monkeypatch.setenv("CARDIOFED_DATABASE_URL", f"sqlite:///{tmp_path}/registry.db")

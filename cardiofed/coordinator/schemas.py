@@ -45,6 +45,8 @@ class StudyCreate(BaseModel):
     feature_ranges: list[tuple[float, float]]
     min_sites: int | None = None
     round_timeout_s: float = 3600.0
+    outcome: str | None = Field(None, description="The label's outcome (e.g. chd_10y), for "
+                                                  "the model cards")
 
 
 class StudyCreated(BaseModel):

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select
@@ -60,6 +61,8 @@ from cardiofed.exceptions import (
     PermissionDenied,
 )
 from cardiofed.models.networks import Weights, get_weights, make_model
+from cardiofed.schema import OUTCOMES
+from cardiofed.serving import provenance, registry
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.wire import decode_arrays, encode_arrays
 
@@ -121,7 +124,7 @@ def authenticate_admin(db: Session, credential: str | None) -> None:
 def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: list[str],
                  feature_names: list[str], feature_ranges: list[tuple[float, float]],
                  min_sites: int | None = None, round_timeout_s: float = 3600.0,
-                 now: Clock = utcnow) -> dict[str, str]:
+                 outcome: str | None = None, now: Clock = utcnow) -> dict[str, str]:
     """Create a study and its sites; returns a one-time enrolment token per site."""
     if db.get(Study, study_id) is not None:
         raise Conflict(f"Study {study_id!r} already exists.")
@@ -147,9 +150,11 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
         raise InvalidUpdate(f"min_sites must be in [1, {len(sites)}]; got {min_sites}.")
     if round_timeout_s <= 0:
         raise InvalidUpdate(f"round_timeout_s must be > 0; got {round_timeout_s}.")
+    if outcome is not None and outcome not in OUTCOMES:
+        raise InvalidUpdate(f"outcome must be one of {', '.join(OUTCOMES)}; got {outcome!r}.")
     study = Study(id=study_id, plan=plan.model_dump(), feature_names=feature_names,
                   feature_ranges=[list(r) for r in feature_ranges], min_sites=min_sites,
-                  round_timeout_s=round_timeout_s)
+                  round_timeout_s=round_timeout_s, outcome=outcome)
     db.add(study)
     db.flush()
     tokens = {}
@@ -410,6 +415,7 @@ def _close(db: Session, study: Study, rnd: Round, updates: list[Update], now: Cl
         model = model_blob(db, study.id, study.model_version)
         model.metrics = {name: json.loads(u.payload) for u, name in zip(updates, names,
                                                                          strict=True)}
+        _card_metrics(db, study, model.metrics)
         next_kind, version = "", study.model_version
     rnd.closed_at = now()
     rnd.outcome = f"closed with {len(updates)} reports: {', '.join(names)}"
@@ -521,10 +527,29 @@ def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
 
 def _store_model(db: Session, study: Study, weights: Weights, *, version: int,
                  round_number: int, participants: list[str]) -> None:
+    """Store a global model version; versions >= 1 also enter the model registry."""
     blob = encode_arrays(weights, {"study": study.id, "model_version": str(version)})
     db.add(ModelVersion(study_id=study.id, version=version, weights=blob, sha256=sha256(blob),
                         round_number=round_number, participants=participants))
     db.flush()
+    if version >= 1 and study.preprocessor is not None:
+        registry.register(db, provenance.from_study(
+            study=study.id, plan=study.plan, feature_names=study.feature_names,
+            outcome=study.outcome, preprocessor_blob=study.preprocessor, weights=weights,
+            participants=participants, round_number=round_number), number=version,
+            commit=False)
+
+
+def _card_metrics(db: Session, study: Study, metrics: dict[str, Any]) -> None:
+    """The sites' evaluation of the final model (and the epsilon each node reports it has
+    spent) go into the registered model's card."""
+    privacy = {site: {"epsilon_spent": float(m["epsilon_spent"]),
+                      "delta": float(m.get("epsilon_delta") or 0.0)}
+               for site, m in metrics.items() if m.get("epsilon_spent") is not None}
+    cards = {site: {k: v for k, v in m.items() if not k.startswith("epsilon_")}
+             for site, m in metrics.items()}
+    registry.update_card(db, f"{study.id}-v{study.model_version}", metrics=cards,
+                         privacy=privacy)
 
 
 def model_blob(db: Session, study_id: str, version: int) -> ModelVersion:

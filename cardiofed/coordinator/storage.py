@@ -1,6 +1,7 @@
 """The coordinator's durable state, in SQLAlchemy (SQLite by default, PostgreSQL by URL).
 
-Tables: studies, sites, rounds, updates, models. Secrets (enrolment tokens, site and
+Tables: studies, sites, rounds, updates, models; the model registry and the risk
+API's keys (:mod:`cardiofed.serving`). Secrets (enrolment tokens, site and
 admin credentials) are stored only as SHA-256 hashes. Binary payloads (model weights,
 optimiser state, updates) are safetensors bytes. On SQLite the journal is WAL with
 ``synchronous=FULL``, so a committed update survives SIGKILL and power loss.
@@ -54,6 +55,7 @@ class Study(Base):
     phase: Mapped[str] = mapped_column(String(16), default="statistics")
     current_round: Mapped[int] = mapped_column(Integer, default=0)
     model_version: Mapped[int] = mapped_column(Integer, default=0)
+    outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
     preprocessor: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     server_state: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
@@ -113,6 +115,34 @@ class ModelVersion(Base):
     round_number: Mapped[int] = mapped_column(Integer)
     participants: Mapped[list[str]] = mapped_column(JSON, default=list)
     metrics: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class RegisteredModel(Base):
+    """A model version in the registry: the standalone model file and its card."""
+
+    __tablename__ = "registered_models"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[str] = mapped_column(String(100), unique=True)
+    study: Mapped[str] = mapped_column(String(64))
+    number: Mapped[int] = mapped_column(Integer)  # n of "<study>-v<n>"
+    artifact: Mapped[bytes] = mapped_column(LargeBinary)  # RiskModel.to_bytes()
+    card: Mapped[dict[str, object]] = mapped_column(JSON)
+    content_sha256: Mapped[str] = mapped_column(String(64))
+    promoted: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ApiKey(Base):
+    """A partner's key to the risk API (stored as a hash), its scopes and rate limit."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    rate_limit_per_minute: Mapped[int] = mapped_column(Integer)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 

@@ -165,12 +165,16 @@ def read_export(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
 
 
-def harmonise(raw: pd.DataFrame, mapping: SiteMapping, source: str = "<data>") -> HarmonisedSite:
+def harmonise(raw: pd.DataFrame, mapping: SiteMapping, source: str = "<data>", *,
+              labels: bool = True, row_offset: int = 0) -> HarmonisedSite:
     """Map a raw export (all columns as text) onto the canonical schema.
 
-    Rows are numbered from 1, the first data row after the header.
+    Rows are numbered from 1, the first data row after the header (plus `row_offset`
+    when `raw` is a later chunk of a file). Without `labels` (scoring new patients) the
+    label column is not needed and ``labels`` is empty.
     """
-    needed = [c.source for c in mapping.columns.values()] + [mapping.label.column]
+    needed = [c.source for c in mapping.columns.values()] + (
+        [mapping.label.column] if labels else [])
     absent = [c for c in needed if c not in raw.columns]
     if absent:
         raise DataValidationError(
@@ -180,9 +184,11 @@ def harmonise(raw: pd.DataFrame, mapping: SiteMapping, source: str = "<data>") -
     report = LoadReport(source=source, rows=len(raw))
     out: dict[str, pd.Series] = {}
     for name, col in mapping.columns.items():
-        out[name] = _harmonise_column(raw[col.source], name, col, mapping, source, report)
-    labels = _harmonise_label(raw[mapping.label.column], mapping, source)
-    return HarmonisedSite(frame=pd.DataFrame(out), labels=labels, report=report)
+        out[name] = _harmonise_column(raw[col.source], name, col, mapping, source, report,
+                                      row_offset)
+    y = (_harmonise_label(raw[mapping.label.column], mapping, source, row_offset) if labels
+         else np.empty(0, dtype=np.int64))
+    return HarmonisedSite(frame=pd.DataFrame(out), labels=y, report=report)
 
 
 def _clean(text: pd.Series) -> pd.Series:
@@ -194,7 +200,7 @@ def _first_bad(mask: np.ndarray) -> int:
 
 
 def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping: SiteMapping,
-                      source: str, report: LoadReport) -> pd.Series:
+                      source: str, report: LoadReport, row_offset: int = 0) -> pd.Series:
     feature = get_feature(name)
     text = _clean(values)
     missing = text.isin([*mapping.missing_values, *col.missing_values]).to_numpy()
@@ -203,7 +209,7 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
     where = f"{source}: column {col.source!r} ({name})"
 
     if feature.kind is FeatureKind.CONTINUOUS:
-        numbers = pd.to_numeric(text.where(~missing), errors="coerce").to_numpy(dtype=float)
+        numbers = _parse_numbers(text, missing)
         unparseable = ~missing & np.isnan(numbers)
         factor = feature.conversion_factor(col.unit or feature.unit)
         if col.unit and col.unit != feature.unit:
@@ -217,7 +223,7 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
             if unparseable.any():
                 i = _first_bad(unparseable)
                 raise DataValidationError(
-                    f"{where}, row {i + 1}: value {text.iloc[i]!r} is not a number."
+                    f"{where}, row {row_offset + i + 1}: value {text.iloc[i]!r} is not a number."
                 )
             if out_of_range.any():
                 i = _first_bad(out_of_range)
@@ -225,7 +231,8 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
                 if col.unit and col.unit != feature.unit:
                     shown += f" = {converted[i]:g} {feature.unit}"
                 raise DataValidationError(
-                    f"{where}, row {i + 1}: value {shown} is outside the plausible range "
+                    f"{where}, row {row_offset + i + 1}: value {shown} is outside the plausible "
+                    f"range "
                     f"[{feature.low:g}, {feature.high:g}] {feature.unit}."
                 )
         bad = unparseable | out_of_range
@@ -247,7 +254,7 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
         i = _first_bad(unknown)
         expected = sorted(set(table))
         raise DataValidationError(
-            f"{where}, row {i + 1}: value {text.iloc[i]!r} is not a known code; "
+            f"{where}, row {row_offset + i + 1}: value {text.iloc[i]!r} is not a known code; "
             f"expected one of {expected} or a missing-value token."
         )
     report.invalid_set_missing[name] = int(unknown.sum())
@@ -257,7 +264,18 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
     return mapped.astype(object).rename(name)
 
 
-def _harmonise_label(values: pd.Series, mapping: SiteMapping, source: str) -> np.ndarray:
+def _parse_numbers(text: pd.Series, missing: np.ndarray) -> np.ndarray:
+    """Floats of `text` (NaN where missing or not a number); a vectorised cast first,
+    the slower element-wise parse only when some value is not a number."""
+    try:
+        numbers: np.ndarray = text.where(~missing, "nan").astype("float64").to_numpy()
+    except (TypeError, ValueError):
+        numbers = pd.to_numeric(text.where(~missing), errors="coerce").to_numpy(dtype=float)
+    return numbers
+
+
+def _harmonise_label(values: pd.Series, mapping: SiteMapping, source: str,
+                     row_offset: int = 0) -> np.ndarray:
     text = _clean(values)
     positive = text.isin(mapping.label.positive).to_numpy()
     negative = text.isin(mapping.label.negative).to_numpy()
@@ -265,7 +283,7 @@ def _harmonise_label(values: pd.Series, mapping: SiteMapping, source: str) -> np
     if unknown.any():
         i = _first_bad(unknown)
         raise DataValidationError(
-            f"{source}: label column {mapping.label.column!r}, row {i + 1}: value "
+            f"{source}: label column {mapping.label.column!r}, row {row_offset + i + 1}: value "
             f"{text.iloc[i]!r} is neither positive {mapping.label.positive} nor negative "
             f"{mapping.label.negative}. A row without an outcome cannot be used for training; "
             f"remove it from the export or code it explicitly."

@@ -177,7 +177,8 @@ class NodeAgent:
         weights, _ = decode_arrays(
             self._request("GET", f"/v1/studies/{study}/models/{task.model_version}").content)
         if task.kind == "evaluate":
-            return evaluate_payload(site, self._pre, plan, weights)
+            return evaluate_payload(site, self._pre, plan, weights,
+                                    self._site_privacy(plan, site))
         try:
             return train_payload(site, self._pre, plan, weights, round_number=task.round,
                                  site_index=task.site_index, manifest=manifest,

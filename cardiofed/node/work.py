@@ -86,7 +86,10 @@ def train_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig, wei
 
 
 def evaluate_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig,
-                     weights: Weights) -> bytes:
-    """Metrics of the global model on the site's own test split; only these leave."""
-    return encode_metrics(binary_metrics(site.y_test, score(plan.model, weights,
-                                                            pre.transform(site.x_test))))
+                     weights: Weights, privacy: SitePrivacy | None = None) -> bytes:
+    """Metrics of the global model on the site's own test split; only these leave, with
+    the epsilon the site's ledger has spent (for the model card) when it trains with DP."""
+    metrics = binary_metrics(site.y_test, score(plan.model, weights, pre.transform(site.x_test)))
+    if privacy is not None:
+        metrics |= {"epsilon_spent": privacy.ledger.spent(), "epsilon_delta": privacy.ledger.delta}
+    return encode_metrics(metrics)

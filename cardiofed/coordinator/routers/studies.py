@@ -26,7 +26,7 @@ def create_study(body: StudyCreate, db: DB, _: Admin) -> StudyCreated:
     tokens = service.create_study(db, study_id=body.id, plan=plan, sites=body.sites,
                                   feature_names=body.feature_names,
                                   feature_ranges=body.feature_ranges, min_sites=body.min_sites,
-                                  round_timeout_s=body.round_timeout_s)
+                                  round_timeout_s=body.round_timeout_s, outcome=body.outcome)
     return StudyCreated(id=body.id, enrolment_tokens=tokens)
 
 

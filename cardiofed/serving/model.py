@@ -1,0 +1,350 @@
+"""A trained risk model ready to score patients, with its model card.
+
+:class:`RiskModel` holds the global weights, the federation's preprocessor (fill values,
+means, standard deviations from federated statistics) and a :class:`ModelCard` with the
+provenance. It validates one patient's canonical features (converting stated units as a
+site mapping does), scores them, and explains the score:
+
+* logistic regression: exact contributions. With ``z`` the standardised inputs, the
+  log-odds are ``b + sum_j w_j z_j``; a feature's contribution is the sum of ``w_j z_j``
+  over its model columns (one, or the one-hot columns of a categorical feature), i.e.
+  relative to the federation's average patient (``z = 0``). ``baseline + sum of
+  contributions`` equals the log-odds exactly.
+* MLP: integrated gradients (Sundararajan et al., ICML 2017) from the same baseline
+  ``z = 0`` with a 64-step midpoint rule; contributions sum to ``logit(x) - logit(0)``
+  up to the discretisation error (reported as ``attribution_error``).
+
+The standalone file is one safetensors file (weights, preprocessor, and the card as
+JSON in its metadata): it scores without the coordinator (:meth:`RiskModel.load`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from cardiofed.data.preprocessing import Preprocessor
+from cardiofed.exceptions import ConfigurationError, DataValidationError
+from cardiofed.models.networks import MODEL_KINDS, Weights, make_model, set_weights
+from cardiofed.schema import (
+    OUTCOMES,
+    SCHEMA_VERSION,
+    Feature,
+    FeatureKind,
+    encoded_feature_names,
+    get_feature,
+)
+from cardiofed.wire import decode_arrays, encode_arrays
+
+IG_STEPS = 64
+_BINARY_VALUES = {"0": 0.0, "1": 1.0, "false": 0.0, "true": 1.0, "no": 0.0, "yes": 1.0}
+
+
+class ModelCard(BaseModel):
+    """Provenance and performance of one registered model version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = ""  # set by the registry
+    study: str
+    source: str  # "simulation" or "network"
+    model: str
+    algorithm: str
+    settings: dict[str, Any]
+    rounds: int
+    sites: list[str]
+    features: list[str]  # canonical features, in input order
+    outcome: str
+    outcome_description: str
+    horizon_years: float | None
+    schema_version: str = SCHEMA_VERSION
+    metrics: dict[str, dict[str, float | None]] = {}  # per site
+    privacy: dict[str, dict[str, float]] = {}  # per site: epsilon spent, delta
+    recalibration: dict[str, dict[str, float]] = {}  # per site: intercept, slope
+    content_sha256: str = ""
+    created_at: str = ""
+    notes: list[str] = []
+
+
+class PatientErrors(DataValidationError):
+    """One or more invalid fields; ``problems`` holds ``(field, message)`` pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{f}: {m}" for f, m in problems))
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Scores of a batch: risks, log-odds, and per-feature log-odds contributions."""
+
+    risk: np.ndarray
+    logit: np.ndarray
+    baseline: float
+    contributions: np.ndarray  # (n, n_features), canonical feature order
+    attribution_error: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class RiskModel:
+    """Weights + preprocessor + card: everything needed to score a patient."""
+
+    card: ModelCard
+    weights: Weights
+    preprocessor: Preprocessor
+    _groups: list[list[int]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.card.model not in MODEL_KINDS:
+            raise ConfigurationError(f"Model card names model {self.card.model!r}; expected "
+                                     f"one of {list(MODEL_KINDS)}.")
+        groups, start = [], 0
+        for name in self.card.features:
+            width = len(get_feature(name).encoded_names())
+            groups.append(list(range(start, start + width)))
+            start += width
+        if start != len(self.preprocessor.mean):
+            raise ConfigurationError(f"The card's features encode to {start} columns; the "
+                                     f"preprocessor has {len(self.preprocessor.mean)}.")
+        set_weights(make_model(self.card.model, start, seed=0), self.weights)  # validates
+        object.__setattr__(self, "_groups", groups)
+
+    # ------------------------------------------------------------------ building
+    @property
+    def n_columns(self) -> int:
+        return len(self.preprocessor.mean)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        pre = self.preprocessor
+        return ({f"weights/{k}": v for k, v in self.weights.items()}
+                | {"preprocessor/fill": pre.fill, "preprocessor/mean": pre.mean,
+                   "preprocessor/std": pre.std})
+
+    def content_hash(self) -> str:
+        """SHA-256 of the weights and preprocessor (what scores), not of the card."""
+        return hashlib.sha256(encode_arrays(self.arrays())).hexdigest()
+
+    def with_card(self, **changes: Any) -> RiskModel:
+        return RiskModel(card=self.card.model_copy(update=changes), weights=self.weights,
+                         preprocessor=self.preprocessor)
+
+    def to_bytes(self) -> bytes:
+        """The standalone file: safetensors with the card as JSON metadata."""
+        return encode_arrays(self.arrays(), {"format": "cardiofed-risk-model/1",
+                                             "card": self.card.model_dump_json()})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<model>") -> RiskModel:
+        arrays, meta = decode_arrays(data)
+        if meta.get("format") != "cardiofed-risk-model/1" or "card" not in meta:
+            raise DataValidationError(f"{source} is not a CardioFed risk model file.")
+        card = ModelCard.model_validate_json(meta["card"])
+        weights = {k.removeprefix("weights/"): v for k, v in arrays.items()
+                   if k.startswith("weights/")}
+        pre = Preprocessor(fill=arrays["preprocessor/fill"], mean=arrays["preprocessor/mean"],
+                           std=arrays["preprocessor/std"])
+        model = cls(card=card, weights=weights, preprocessor=pre)
+        if card.content_sha256 and model.content_hash() != card.content_sha256:
+            raise DataValidationError(f"{source}: weights do not match the card's content "
+                                      f"hash {card.content_sha256[:12]}...")
+        return model
+
+    def save(self, path: str | Path) -> tuple[Path, Path]:
+        """Write ``path`` (.safetensors) and the card beside it (.json)."""
+        path = Path(path)
+        path.write_bytes(self.to_bytes())
+        card_path = path.with_suffix(".json")
+        card_path.write_text(self.card.model_dump_json(indent=2) + "\n")
+        return path, card_path
+
+    @classmethod
+    def load(cls, path: str | Path) -> RiskModel:
+        path = Path(path)
+        if not path.is_file():
+            raise DataValidationError(f"Model file {path} does not exist.")
+        return cls.from_bytes(path.read_bytes(), source=str(path))
+
+    # ------------------------------------------------------------------ input
+    def encode_patient(self, features: Mapping[str, Any], units: Mapping[str, str] | None = None,
+                       *, impute_missing: bool = False, where: str = "features"
+                       ) -> tuple[np.ndarray, list[str]]:
+        """One patient's canonical features -> model columns (NaN where imputed).
+
+        Every problem is collected and raised together as :class:`PatientErrors`, each
+        naming the field and, for numbers, the allowed range in the unit used.
+        """
+        units = dict(units or {})
+        problems: list[tuple[str, str]] = []
+        known = set(self.card.features)
+        for name in features:
+            if name not in known:
+                problems.append((f"{where}.{name}", f"is not an input of this model; expected "
+                                                    f"{', '.join(self.card.features)}"))
+        for name in units:
+            if name not in known:
+                problems.append((f"units.{name}", "names no input of this model"))
+        row = np.full(self.n_columns, np.nan)
+        imputed = []
+        for name, cols in zip(self.card.features, self._groups, strict=True):
+            value = features.get(name)
+            if value is None:
+                if impute_missing:
+                    imputed.append(name)
+                else:
+                    problems.append((f"{where}.{name}", "is required (or set impute_missing "
+                                                        "to fill it with the federation's "
+                                                        "median)"))
+                continue
+            message = _encode_value(get_feature(name), value, units.get(name), row, cols)
+            if message:
+                problems.append((f"{where}.{name}", message))
+        if problems:
+            raise PatientErrors(problems)
+        return row, imputed
+
+    # ------------------------------------------------------------------ scoring
+    @cached_property
+    def _linear(self) -> tuple[np.ndarray, float] | None:
+        if self.card.model != "logistic":
+            return None
+        return (self.weights["linear.weight"].astype(np.float64).ravel(),
+                float(self.weights["linear.bias"].ravel()[0]))
+
+    @cached_property
+    def _torch_model(self) -> torch.nn.Module:
+        model = make_model(self.card.model, self.n_columns, seed=0)
+        set_weights(model, self.weights)
+        model.eval()
+        return model
+
+    def standardise(self, x: np.ndarray) -> np.ndarray:
+        return self.preprocessor.transform(np.asarray(x, dtype=np.float64)).astype(np.float64)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Log-odds of encoded rows (NaN = missing, filled by the preprocessor)."""
+        z = self.standardise(x)
+        if self._linear is not None:
+            w, b = self._linear
+            return z @ w + b
+        with torch.no_grad():
+            return self._torch_model(torch.from_numpy(z.astype(np.float32))).numpy().astype(
+                np.float64)
+
+    def risk(self, x: np.ndarray) -> np.ndarray:
+        return _sigmoid(self.logits(x))
+
+    def explain(self, x: np.ndarray) -> Explanation:
+        """Risks and per-feature contributions (see the module docstring)."""
+        z = self.standardise(x)
+        if self._linear is not None:
+            w, b = self._linear
+            per_column = z * w
+            logit = per_column.sum(axis=1) + b
+            return Explanation(risk=_sigmoid(logit), logit=logit, baseline=b,
+                               contributions=self._by_feature(per_column))
+        per_column, logit, baseline = self._integrated_gradients(z)
+        error = logit - baseline - per_column.sum(axis=1)
+        return Explanation(risk=_sigmoid(logit), logit=logit, baseline=baseline,
+                           contributions=self._by_feature(per_column), attribution_error=error)
+
+    def _by_feature(self, per_column: np.ndarray) -> np.ndarray:
+        return np.column_stack([per_column[:, cols].sum(axis=1) for cols in self._groups])
+
+    def _integrated_gradients(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        model = self._torch_model
+        zt = torch.from_numpy(z.astype(np.float32))
+        alphas = (torch.arange(IG_STEPS, dtype=torch.float32) + 0.5) / IG_STEPS
+        path = (alphas[:, None, None] * zt[None]).reshape(-1, z.shape[1]).requires_grad_(True)
+        model(path).sum().backward()
+        assert path.grad is not None
+        grads = path.grad.reshape(IG_STEPS, *z.shape).mean(dim=0)
+        with torch.no_grad():
+            logit = model(zt).double().numpy()
+            baseline = float(model(torch.zeros(1, z.shape[1])).item())
+        return (zt * grads).double().numpy(), logit, baseline
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    out: np.ndarray = np.exp(-np.logaddexp(0.0, -z))
+    return out
+
+
+def _encode_value(feature: Feature, value: Any, unit: str | None, row: np.ndarray,
+                  cols: list[int]) -> str:
+    """Write `value` into `row[cols]`; return a problem message, or '' when valid."""
+    if feature.kind is FeatureKind.CONTINUOUS:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"must be a number in {feature.unit}; got {value!r}"
+        if unit is not None and unit != feature.unit and unit not in feature.unit_factors:
+            known = ", ".join([feature.unit, *feature.unit_factors])
+            return f"unit {unit!r} is not known for this feature; use one of {known}"
+        factor = feature.conversion_factor(unit or feature.unit)
+        converted = float(value) * factor
+        low, high = float(feature.low), float(feature.high)  # type: ignore[arg-type]
+        if not math.isfinite(converted) or not low <= converted <= high:
+            if factor != 1.0:
+                lo_u, hi_u = low / factor, high / factor
+                return (f"{value:g} {unit} is outside the plausible range [{lo_u:.4g}, "
+                        f"{hi_u:.4g}] {unit} ([{low:g}, {high:g}] {feature.unit})")
+            return (f"{value:g} {feature.unit} is outside the plausible range [{low:g}, "
+                    f"{high:g}] {feature.unit}")
+        row[cols[0]] = converted
+        return ""
+    if unit is not None:
+        return f"a {feature.kind} feature takes no unit; got {unit!r}"
+    if feature.kind is FeatureKind.BINARY:
+        key = str(value).strip().lower() if not isinstance(value, bool) else str(int(value))
+        if isinstance(value, float) and value in (0.0, 1.0):
+            key = str(int(value))
+        if key not in _BINARY_VALUES:
+            return f"must be 0 or 1 (or true/false, yes/no); got {value!r}"
+        row[cols[0]] = _BINARY_VALUES[key]
+        return ""
+    code = str(int(value)) if isinstance(value, int | float) and not isinstance(value, bool) \
+        and float(value).is_integer() else str(value)
+    if code not in feature.codes:
+        return f"must be one of {', '.join(feature.codes)}; got {value!r}"
+    for col, level in zip(cols, feature.codes[1:], strict=True):
+        row[col] = 1.0 if code == level else 0.0
+    return ""
+
+
+def canonical_features(encoded_names: Sequence[str]) -> list[str]:
+    """Canonical feature names, in order, from model column names (``sex=male`` -> ``sex``)."""
+    return list(dict.fromkeys(name.split("=", 1)[0] for name in encoded_names))
+
+
+def build_model(*, study: str, source: str, model: str, algorithm: str,
+                settings: dict[str, Any], rounds: int, sites: list[str],
+                encoded_names: Sequence[str], outcome: str | None, weights: Weights,
+                preprocessor: Preprocessor, metrics: dict[str, dict[str, float | None]] | None
+                = None, privacy: dict[str, dict[str, float]] | None = None,
+                recalibration: dict[str, dict[str, float]] | None = None,
+                notes: list[str] | None = None) -> RiskModel:
+    """A :class:`RiskModel` with its card filled in (content hash, time, outcome)."""
+    features = canonical_features(encoded_names)
+    if encoded_feature_names(features) != list(encoded_names):
+        raise ConfigurationError(f"Model columns {list(encoded_names)} are not the encoding of "
+                                 f"canonical features {features}.")
+    described = OUTCOMES.get(outcome or "")
+    card = ModelCard(study=study, source=source, model=model, algorithm=algorithm,
+                     settings=settings, rounds=rounds, sites=sites, features=features,
+                     outcome=outcome or "unspecified",
+                     outcome_description=described.description if described
+                     else "not stated when the study was created",
+                     horizon_years=described.horizon_years if described else None,
+                     metrics=metrics or {}, privacy=privacy or {},
+                     recalibration=recalibration or {}, notes=notes or [],
+                     created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+    risk_model = RiskModel(card=card, weights=weights, preprocessor=preprocessor)
+    return risk_model.with_card(content_sha256=risk_model.content_hash())

@@ -1,0 +1,57 @@
+"""Model cards from where models are trained: a simulated experiment or a networked study."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cardiofed.data.preprocessing import Preprocessor
+from cardiofed.exceptions import ConfigurationError
+from cardiofed.models.networks import Weights
+from cardiofed.serving.model import RiskModel, build_model
+from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.experiment import FEDERATED, ExperimentResult
+from cardiofed.wire import decode_arrays
+
+OUTCOME_OF_DATASET = {"uci-heart": "heart_disease", "framingham": "chd_10y",
+                      "synthetic": "cvd_10y"}
+
+
+def from_experiment(result: ExperimentResult, *, study: str, feature_names: list[str],
+                    outcome: str) -> RiskModel:
+    """The federated model of a simulation, with its provenance and per-site metrics."""
+    config = result.config
+    if config.standardisation != "global":
+        raise ConfigurationError("Only models trained with global standardisation can be "
+                                 "registered: a per-site standardised model needs each "
+                                 "site's own preprocessor to score.")
+    pre = next(iter(result.preprocessors.values()))
+    metrics = {site: {k: _finite(v) for k, v in labels[FEDERATED].items()}
+               for site, labels in result.metrics.items() if FEDERATED in labels}
+    privacy = {site: {"epsilon_spent": p["epsilon_spent"], "delta": p["delta"]}
+               for site, p in result.privacy.items()}
+    recal = {site: {"intercept": r.intercept, "slope": r.slope}
+             for site, r in result.recalibrations.items() if r.fitted}
+    return build_model(study=study, source="simulation", model=config.model,
+                       algorithm=config.algorithm, settings=config.model_dump(),
+                       rounds=config.rounds, sites=list(result.site_sizes),
+                       encoded_names=feature_names, outcome=outcome,
+                       weights=result.federated.weights, preprocessor=pre, metrics=metrics,
+                       privacy=privacy, recalibration=recal,
+                       notes=["Metrics are each site's test split in simulation."])
+
+
+def from_study(*, study: str, plan: dict[str, Any], feature_names: list[str],
+               outcome: str | None, preprocessor_blob: bytes, weights: Weights,
+               participants: list[str], round_number: int) -> RiskModel:
+    """A global model version of a networked study (metrics arrive with evaluation)."""
+    config = SimulationConfig.model_validate(plan)
+    arrays, _ = decode_arrays(preprocessor_blob)
+    pre = Preprocessor(fill=arrays["fill"], mean=arrays["mean"], std=arrays["std"])
+    return build_model(study=study, source="network", model=config.model,
+                       algorithm=config.algorithm, settings=plan, rounds=round_number,
+                       sites=participants, encoded_names=feature_names, outcome=outcome,
+                       weights=weights, preprocessor=pre)
+
+
+def _finite(value: float) -> float | None:
+    return value if value == value and abs(value) != float("inf") else None

@@ -1,0 +1,83 @@
+"""Request and response bodies of the risk API (version 1), with OpenAPI examples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PATIENT_EXAMPLE: Any = {
+    "age": 61, "sex": "male", "total_cholesterol": 5.4, "hdl_cholesterol": 1.1,
+    "systolic_bp": 142, "bp_treated": True, "current_smoker": False, "diabetes": False}
+UNITS_EXAMPLE: Any = {"total_cholesterol": "mmol/L", "hdl_cholesterol": "mmol/L"}
+
+
+class Patient(BaseModel):
+    """One patient's canonical features (the model card lists them), in canonical units
+    unless ``units`` states others (e.g. cholesterol in mmol/L)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"features": PATIENT_EXAMPLE, "units": UNITS_EXAMPLE}]})
+    features: dict[str, float | int | bool | str | None]
+    units: dict[str, str] = Field(default_factory=dict)
+    impute_missing: bool = Field(False, description="Fill absent features with the "
+                                                    "federation's median (listed in the "
+                                                    "response) instead of refusing.")
+
+
+class RiskRequest(Patient):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"features": PATIENT_EXAMPLE, "units": UNITS_EXAMPLE, "site": "community_01"}]})
+    model: str | None = Field(None, description="Pin a model version (default: promoted).")
+    site: str | None = Field(None, description="The caller's site: its recalibration, when "
+                                               "the model has one, is applied.")
+    contributions: bool = True
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"patients": [{"features": PATIENT_EXAMPLE, "units": UNITS_EXAMPLE}]}]})
+    patients: list[Patient] = Field(min_length=1)
+    model: str | None = None
+    site: str | None = None
+    contributions: bool = False
+
+
+class Calibration(BaseModel):
+    site: str
+    applied: bool
+    intercept: float | None = None
+    slope: float | None = None
+    reason: str = ""
+
+
+class RiskResult(BaseModel):
+    risk: float = Field(description="Predicted probability of the model's outcome "
+                                    "(e.g. 10-year CHD), after the site's calibration if any.")
+    category: str
+    logit: float
+    baseline_logit: float | None = Field(
+        None, description="Log-odds of the federation's average patient; plus the "
+                          "contributions it gives `logit` (uncalibrated).")
+    contributions: dict[str, float] | None = None
+    imputed: list[str] = Field(default_factory=list)
+
+
+class RiskResponse(RiskResult):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "risk": 0.142, "category": "intermediate", "logit": -1.80, "baseline_logit": -2.31,
+        "contributions": {"age": 0.52, "sex": 0.21, "systolic_bp": 0.18},
+        "imputed": [], "model_version": "demo-v1", "outcome": "cvd_10y",
+        "calibration": None, "attribution": "exact (logistic regression)"}]})
+    model_version: str
+    outcome: str
+    calibration: Calibration | None = None
+    attribution: str
+
+
+class BatchResponse(BaseModel):
+    model_version: str
+    outcome: str
+    calibration: Calibration | None = None
+    attribution: str
+    results: list[RiskResult]
