@@ -106,6 +106,19 @@ def test_networked_run_equals_the_simulator(fed: Federation) -> None:
     for site in SITES:  # same code, same seeds: the same model to float32 precision
         assert final["metrics"][site]["auc"] == pytest.approx(
             sim.metrics[site][FEDERATED]["auc"], abs=1e-6)
+    # Every published version is in the model registry; the final one carries metrics.
+    from cardiofed.serving import registry
+
+    with _sessions(fed.settings.database_url)() as db:
+        versions = [m["version"] for m in registry.list_models(db)]
+        card = registry.card(db, "s1-v3")
+        served = registry.load(db, "s1-v3")
+    assert versions == ["s1-v1", "s1-v2", "s1-v3"]
+    assert card["source"] == "network" and card["sites"] == SITES and card["rounds"] == 3
+    assert card["metrics"]["tier3_01"]["auc"] == final["metrics"]["tier3_01"]["auc"]
+    assert card["privacy"] == {}  # no node trained with DP
+    for name, value in served.weights.items():
+        np.testing.assert_array_equal(value, sim.federated.weights[name])
 
 
 def test_networked_run_on_postgresql(tmp_path: Path) -> None:

@@ -1,0 +1,343 @@
+"""The risk API, the model registry, API keys and offline scoring."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from cardiofed.coordinator.deps import _sessions
+from cardiofed.data.synthetic import default_profiles, generate_exports, synthetic_federation
+from cardiofed.exceptions import ConfigurationError, DataValidationError
+from cardiofed.serving import provenance, registry
+from cardiofed.serving.api import ServingSettings, create_serving_app
+from cardiofed.serving.keys import create_key, revoke_key
+from cardiofed.serving.model import RiskModel
+from cardiofed.serving.offline import predict_file
+from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.experiment import run_experiment
+
+PATIENT = {"age": 67.25, "sex": "male", "total_cholesterol": 213.0, "hdl_cholesterol": 47.0,
+           "systolic_bp": 143.5, "bp_treated": True, "current_smoker": False,
+           "diabetes": False}
+
+
+def _trained(model: str = "logistic", recalibrate: bool = False, seed: int = 0) -> RiskModel:
+    data = synthetic_federation(n_sites=4, seed=1, size_scale=0.3)
+    config = SimulationConfig.create(model=model, rounds=2, seed=seed, eval_every=0,
+                                     recalibrate=recalibrate)
+    result = run_experiment(data, config, baselines=False)
+    return provenance.from_experiment(result, study="demo", feature_names=data.feature_names,
+                                      outcome=data.outcome)
+
+
+@pytest.fixture(scope="module")
+def logistic() -> RiskModel:
+    return _trained(recalibrate=True)
+
+
+class Api:
+    def __init__(self, tmp: Path, model: RiskModel) -> None:
+        self.url = f"sqlite:///{tmp}/serving.db"
+        self.sessions = _sessions(self.url)
+        with self.sessions() as db:
+            self.version = registry.register(db, model, promote=True)
+            self.score_key = create_key(db, "partner", ["score"], 1000)
+            self.read_key = create_key(db, "reader", ["models:read"], 1000)
+            self.admin_key = create_key(db, "admin", ["admin", "models:read", "score"], 1000)
+        self.client = TestClient(create_serving_app(ServingSettings(
+            database_url=self.url, key_cache_s=0, promoted_cache_s=0, max_batch=5)))
+
+    def post(self, path: str, body: dict[str, object], key: str | None = None):  # type: ignore[no-untyped-def]
+        return self.client.post(path, json=body,
+                                headers={"Authorization": f"Bearer {key or self.score_key}"})
+
+    def get(self, path: str, key: str | None = None):  # type: ignore[no-untyped-def]
+        return self.client.get(path, headers={"Authorization": f"Bearer {key or self.read_key}"})
+
+
+@pytest.fixture
+def api(tmp_path: Path, logistic: RiskModel) -> Api:
+    return Api(tmp_path, logistic)
+
+
+# ---------------------------------------------------------------- scoring
+
+def test_risk_response_and_exact_contributions(api: Api, logistic: RiskModel) -> None:
+    r = api.post("/v1/risk", {"features": PATIENT})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == "demo-v1" and body["outcome"] == "cvd_10y"
+    assert body["attribution"] == "exact (logistic regression)"
+    # Contributions plus the baseline give the log-odds exactly, and the risk is its sigmoid.
+    assert body["baseline_logit"] + sum(body["contributions"].values()) == pytest.approx(
+        body["logit"], abs=1e-9)
+    assert body["risk"] == pytest.approx(1 / (1 + math.exp(-body["logit"])), abs=1e-12)
+    assert list(body["contributions"]) == logistic.card.features
+    # Same as scoring the encoded row directly.
+    row, _ = logistic.encode_patient(PATIENT)
+    assert body["risk"] == pytest.approx(float(logistic.risk(row[None])[0]), abs=1e-12)
+
+
+def test_contributions_of_logistic_regression_by_hand(logistic: RiskModel) -> None:
+    row, _ = logistic.encode_patient(PATIENT)
+    z = logistic.standardise(row[None])[0]
+    w = logistic.weights["linear.weight"].ravel().astype(np.float64)
+    explained = logistic.explain(row[None])
+    sex_columns = [j for j, n in enumerate(["age", "sex=male"]) if n == "sex=male"]
+    assert explained.contributions[0, 0] == pytest.approx(w[0] * z[0])  # age
+    assert explained.contributions[0, 1] == pytest.approx(w[sex_columns[0]] * z[1])  # sex
+
+
+def test_mlp_integrated_gradients_nearly_sum_to_the_logit() -> None:
+    mlp = _trained(model="mlp")
+    rows = np.vstack([mlp.encode_patient(PATIENT)[0],
+                      mlp.encode_patient({**PATIENT, "age": 40, "sex": "female"})[0]])
+    explained = mlp.explain(rows)
+    assert explained.attribution_error is not None
+    gap = np.abs(explained.baseline + explained.contributions.sum(axis=1) - explained.logit)
+    assert gap.max() < 0.02 * max(1.0, float(np.abs(explained.logit).max()))
+
+
+def test_stated_units_are_converted(api: Api) -> None:
+    mgdl = api.post("/v1/risk", {"features": PATIENT}).json()["risk"]
+    mmol = api.post("/v1/risk", {"features": {**PATIENT, "total_cholesterol": 213.0 / 38.67,
+                                              "hdl_cholesterol": 47.0 / 38.67,
+                                              "systolic_bp": 143.5 / 7.50062},
+                                 "units": {"total_cholesterol": "mmol/L",
+                                           "hdl_cholesterol": "mmol/L",
+                                           "systolic_bp": "kPa"}}).json()["risk"]
+    assert mmol == pytest.approx(mgdl, abs=1e-9)
+
+
+def test_validation_names_each_bad_field_and_its_range(api: Api) -> None:
+    r = api.post("/v1/risk", {"features": {**PATIENT, "age": 150, "sex": "x",
+                                           "systolic_bp": 50, "weight": 80},
+                              "units": {"systolic_bp": "kPa", "hdl_cholesterol": "mg/L"}})
+    assert r.status_code == 422
+    errors = {e["field"]: e["message"] for e in r.json()["errors"]}
+    assert errors == {
+        "features.weight": "is not an input of this model; expected age, sex, "
+                           "total_cholesterol, hdl_cholesterol, systolic_bp, bp_treated, "
+                           "current_smoker, diabetes",
+        "features.age": "150 years is outside the plausible range [18, 110] years",
+        "features.sex": "must be one of female, male; got 'x'",
+        "features.hdl_cholesterol": "unit 'mg/L' is not known for this feature; use one of "
+                                    "mg/dL, mmol/L",
+        "features.systolic_bp": "50 kPa is outside the plausible range [7.999, 40] kPa "
+                                "([60, 300] mmHg)",
+    }
+    missing = api.post("/v1/risk", {"features": {"age": 60}}).json()["errors"]
+    assert {"field": "features.sex", "message": "is required (or set impute_missing to fill "
+                                                "it with the federation's median)"} in missing
+    typed = api.post("/v1/risk", {"features": {**PATIENT, "age": "old"}})
+    assert typed.json()["errors"] == [{"field": "features.age",
+                                       "message": "must be a number in years; got 'old'"}]
+
+
+def test_imputed_features_are_listed(api: Api) -> None:
+    r = api.post("/v1/risk", {"features": {"age": 60, "sex": "female"}, "impute_missing": True})
+    assert r.status_code == 200
+    assert r.json()["imputed"] == ["total_cholesterol", "hdl_cholesterol", "systolic_bp",
+                                   "bp_treated", "current_smoker", "diabetes"]
+
+
+@pytest.mark.parametrize(("risk", "category"), [
+    (0.01, "low"), (0.0499, "low"), (0.05, "borderline"), (0.075, "intermediate"),
+    (0.1999, "intermediate"), (0.20, "high"), (0.9, "high")])
+def test_default_risk_categories(api: Api, risk: float, category: str) -> None:
+    assert api.client.app.state.serving.category(risk) == category  # type: ignore[attr-defined]
+
+
+def test_category_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="risk_thresholds must increase strictly"):
+        ServingSettings(risk_thresholds=[0.2, 0.1], risk_categories=["a", "b", "c"])
+    with pytest.raises(ValueError, match="risk_categories needs 4 names for 3 thresholds"):
+        ServingSettings(risk_categories=["low", "high"])
+
+
+def test_batch_scores_in_order_and_names_the_bad_patient(api: Api) -> None:
+    patients = [{"features": {**PATIENT, "age": age}} for age in (40, 55, 70)]
+    r = api.post("/v1/risk/batch", {"patients": patients})
+    assert r.status_code == 200
+    risks = [x["risk"] for x in r.json()["results"]]
+    single = [api.post("/v1/risk", p).json()["risk"] for p in patients]
+    assert risks == pytest.approx(single, abs=1e-12)
+    bad = api.post("/v1/risk/batch", {"patients": [*patients, {"features": {**PATIENT,
+                                                                            "age": 5}}]})
+    assert bad.status_code == 422
+    assert bad.json()["errors"][0]["field"] == "patients[3].features.age"
+    too_many = api.post("/v1/risk/batch", {"patients": patients * 2})
+    assert too_many.status_code == 413
+    assert too_many.json()["detail"] == "A batch holds at most 5 patients; got 6."
+
+
+def test_site_recalibration_is_applied_when_the_card_has_one(api: Api,
+                                                              logistic: RiskModel) -> None:
+    site, fit = next(iter(logistic.card.recalibration.items()))
+    raw = api.post("/v1/risk", {"features": PATIENT}).json()
+    r = api.post("/v1/risk", {"features": PATIENT, "site": site}).json()
+    assert r["calibration"] == {"site": site, "applied": True, "intercept": fit["intercept"],
+                                "slope": fit["slope"], "reason": ""}
+    z = fit["intercept"] + fit["slope"] * raw["logit"]
+    assert r["risk"] == pytest.approx(1 / (1 + math.exp(-z)), abs=1e-9)
+    other = api.post("/v1/risk", {"features": PATIENT, "site": "elsewhere"}).json()
+    assert other["calibration"]["applied"] is False
+    assert other["risk"] == raw["risk"]
+
+
+# ---------------------------------------------------------------- registry and versions
+
+def test_versions_are_pinned_or_the_promoted_one_is_served(api: Api) -> None:
+    second = _trained(seed=1)
+    with api.sessions() as db:
+        assert registry.register(db, second) == "demo-v2"
+    assert api.post("/v1/risk", {"features": PATIENT}).json()["model_version"] == "demo-v1"
+    promote = api.post("/v1/models/demo-v2/promote", {}, key=api.admin_key)
+    assert promote.status_code == 200
+    assert api.post("/v1/risk", {"features": PATIENT}).json()["model_version"] == "demo-v2"
+    pinned = api.post("/v1/risk", {"features": PATIENT, "model": "demo-v1"}).json()
+    assert pinned["model_version"] == "demo-v1"
+    missing = api.post("/v1/risk", {"features": PATIENT, "model": "demo-v9"})
+    assert missing.status_code == 404
+    assert missing.json()["detail"] == "No model version 'demo-v9' in the registry."
+    listed = api.get("/v1/models").json()
+    assert [(m["version"], m["promoted"]) for m in listed] == [("demo-v1", False),
+                                                               ("demo-v2", True)]
+
+
+def test_model_card_holds_the_provenance(api: Api, logistic: RiskModel) -> None:
+    card = api.get("/v1/models/demo-v1").json()
+    assert card["study"] == "demo" and card["source"] == "simulation"
+    assert card["algorithm"] == "fedavg" and card["rounds"] == 2
+    assert card["settings"]["lr"] == 0.05
+    assert card["sites"] == ["tier3_01", "tier2_01", "community_01", "community_02"]
+    assert card["schema_version"] == "1.0"
+    assert card["content_sha256"] == logistic.content_hash()
+    assert set(card["metrics"]) == {*card["sites"], "pooled test"}
+    assert "auc" in card["metrics"]["tier3_01"]
+    assert card["outcome_description"].startswith("First cardiovascular event")
+
+
+def test_standalone_file_scores_without_the_coordinator(tmp_path: Path,
+                                                        logistic: RiskModel) -> None:
+    path, card_path = logistic.save(tmp_path / "model.safetensors")
+    loaded = RiskModel.load(path)
+    row, _ = logistic.encode_patient(PATIENT)
+    assert loaded.risk(row[None]) == pytest.approx(logistic.risk(row[None]))
+    assert '"content_sha256"' in card_path.read_text()
+    tampered = logistic.with_card(content_sha256="0" * 64)
+    with pytest.raises(DataValidationError, match="weights do not match the card's content "
+                                                  "hash"):
+        RiskModel.from_bytes(tampered.to_bytes())
+    with pytest.raises(DataValidationError, match="is not a CardioFed risk model file"):
+        RiskModel.from_bytes(path.read_bytes().replace(b"cardiofed-risk-model/1",
+                                                       b"cardiofed-risk-model/9"))
+
+
+# ---------------------------------------------------------------- access
+
+def test_scopes_are_enforced(api: Api) -> None:
+    assert api.get("/v1/models", key=api.score_key).status_code == 403
+    denied = api.post("/v1/risk", {"features": PATIENT}, key=api.read_key)
+    assert denied.status_code == 403
+    assert denied.json()["detail"] == ("API key 'reader' lacks the 'score' scope (it has "
+                                       "models:read).")
+    assert api.post("/v1/models/demo-v1/promote", {}, key=api.score_key).status_code == 403
+    assert api.client.post("/v1/risk", json={"features": PATIENT}).status_code == 401
+
+
+def test_revoked_key_is_refused(api: Api) -> None:
+    assert api.post("/v1/risk", {"features": PATIENT}).status_code == 200
+    with api.sessions() as db:
+        revoke_key(db, "partner")
+    r = api.post("/v1/risk", {"features": PATIENT})
+    assert r.status_code == 401 and r.json()["detail"] == "Unknown or revoked API key."
+
+
+def test_rate_limit_answers_429_with_retry_after(api: Api) -> None:
+    with api.sessions() as db:
+        key = create_key(db, "slow", ["score"], rate_limit_per_minute=2)
+    codes = [api.post("/v1/risk", {"features": PATIENT}, key=key).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+    limited = api.post("/v1/risk", {"features": PATIENT}, key=key)
+    assert limited.headers["Retry-After"] == "30"  # one token per 30 s at 2 per minute
+    assert "Rate limit of 2 requests per minute exceeded for API key 'slow'" in \
+        limited.json()["detail"]
+
+
+def test_key_settings_are_validated(api: Api) -> None:
+    with api.sessions() as db, pytest.raises(ConfigurationError,
+                                             match="'scopes' parameter must be a non-empty"):
+        create_key(db, "x", ["everything"])
+
+
+def test_logs_hold_no_feature_values(api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG):
+        api.post("/v1/risk", {"features": PATIENT})
+        api.post("/v1/risk", {"features": {**PATIENT, "age": 150.75}})
+    text = caplog.text
+    assert "path=/v1/risk status=200" in text and "status=422" in text
+    assert "request_id=" in text and "latency_ms=" in text
+    for value in ("67.25", "143.5", "150.75", "213", "male"):
+        assert value not in text
+
+
+# ---------------------------------------------------------------- offline scoring
+
+def test_predict_file_with_a_site_mapping(tmp_path: Path, logistic: RiskModel) -> None:
+    export = generate_exports(default_profiles(1, size_scale=0.1), seed=3)[0]
+    csv = tmp_path / "patients.csv"
+    export.raw.to_csv(csv, index=False)
+
+    rows = predict_file(logistic, csv, tmp_path / "risks.parquet", mapping=export.mapping,
+                        contributions=True)
+
+    out = pd.read_parquet(tmp_path / "risks.parquet")
+    assert rows == len(export.raw) == len(out)
+    assert list(out.columns[:3]) == ["risk", "category", "n_imputed"]
+    assert out["risk"].between(0, 1).all()
+    # The same risks as the API's path for one row.
+    from cardiofed.data.mapping import encode, harmonise
+
+    frame = harmonise(export.raw, export.mapping, labels=False).frame
+    expected = logistic.risk(encode(frame, logistic.card.features))
+    np.testing.assert_allclose(out["risk"].to_numpy(), expected, rtol=1e-12)
+    contrib = out[[f"contribution_{f}" for f in logistic.card.features]].to_numpy()
+    explained = logistic.explain(encode(frame, logistic.card.features))
+    np.testing.assert_allclose(contrib.sum(axis=1) + explained.baseline, explained.logit)
+
+
+def test_predict_cli_on_canonical_columns(tmp_path: Path, logistic: RiskModel) -> None:
+    from typer.testing import CliRunner
+
+    from cardiofed.cli import app
+
+    model_file, _ = logistic.save(tmp_path / "m.safetensors")
+    csv = tmp_path / "in.csv"
+    pd.DataFrame([{**PATIENT, "id": "p1"}, {**PATIENT, "age": 50, "id": "p2"}]).to_csv(
+        csv, index=False)
+    out = tmp_path / "out.csv"
+    result = CliRunner().invoke(app, ["predict", str(csv), "--model", str(model_file),
+                                      "--out", str(out), "--id-column", "id"])
+    assert result.exit_code == 0, result.output
+    scored = pd.read_csv(out)
+    assert scored["id"].tolist() == ["p1", "p2"]
+    row, _ = logistic.encode_patient(PATIENT)
+    assert scored["risk"][0] == pytest.approx(float(logistic.risk(row[None])[0]), rel=1e-5)
+    bad = CliRunner().invoke(app, ["predict", str(csv), "--model", str(model_file),
+                                   "--out", str(tmp_path / "x.xlsx")])
+    assert bad.exit_code == 2 and "must end in .csv or .parquet" in bad.output
+
+
+def test_predict_reports_the_row_of_a_bad_value(tmp_path: Path, logistic: RiskModel) -> None:
+    csv = tmp_path / "in.csv"
+    pd.DataFrame([PATIENT, {**PATIENT, "systolic_bp": 999}]).to_csv(csv, index=False)
+    with pytest.raises(DataValidationError, match=r"row 2: value 999 mmHg is outside the "
+                                                  r"plausible range \[60, 300\] mmHg"):
+        predict_file(logistic, csv, tmp_path / "out.csv")
