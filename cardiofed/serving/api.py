@@ -114,7 +114,10 @@ class ServingState:
             bisect.bisect_right(self.settings.risk_thresholds, risk)]
 
 
-def _state(request: Request) -> ServingState:
+# The dependencies are ``async`` so that FastAPI runs them on the event loop rather than
+# hopping to a worker thread for each: the work is microseconds (a database read only on a
+# cache miss, every `key_cache_s` seconds per key).
+async def _state(request: Request) -> ServingState:
     state: ServingState = request.app.state.serving
     return state
 
@@ -122,14 +125,14 @@ def _state(request: Request) -> ServingState:
 State = Annotated[ServingState, Depends(_state)]
 
 
-def _key(state: State, authorization: Annotated[str | None, Header()] = None) -> KeyInfo:
+async def _key(state: State, authorization: Annotated[str | None, Header()] = None) -> KeyInfo:
     secret = authorization[7:].strip() if authorization and \
         authorization.lower().startswith("bearer ") else None
     return state.keys.authenticate(state.sessions, secret)
 
 
 def _scoped(scope: str) -> Any:
-    def check(state: State, key: Annotated[KeyInfo, Depends(_key)]) -> KeyInfo:
+    async def check(state: State, key: Annotated[KeyInfo, Depends(_key)]) -> KeyInfo:
         key.require(scope)
         wait = state.limiter.retry_after(key)
         if wait:

@@ -1,0 +1,222 @@
+"""Risk API latency and throughput on loopback, and offline scoring of 1 million rows.
+
+Setup: the demo's federated model (synthetic cohort, 12 sites, FedAvg) registered and
+promoted in a fresh SQLite registry, and an API key with a rate limit far above the
+load. ``cardiofed serve`` runs as its own process: one uvicorn worker on 127.0.0.1.
+
+* Latency: one httpx client, keep-alive, one request at a time (``POST /v1/risk`` with
+  all features and contributions); p50 and p99 of the client-measured round trip
+  after a warm-up.
+* Throughput: C client processes (httpx, keep-alive, closed loop) for a fixed time;
+  requests per second answered 200. The clients share the machine's 2 cores with the
+  server, so this is a lower bound on what the server alone sustains.
+* Offline: 1,000,000 rows of a synthetic hospital export (its own column names, units
+  and codes) scored by ``cardiofed.serving.offline.predict_file`` with the site's mapping
+  file, CSV in and CSV or Parquet out, end to end (read, harmonise, validate, score,
+  write); and the scoring core alone (encoded rows -> risks).
+
+    python bench/serving.py [--requests 3000] [--seconds 10] [--clients 1 2 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import markdown_table, single_threaded, write_results  # noqa: E402
+
+HOST = "127.0.0.1"
+PATIENT = {"features": {"age": 61, "sex": "male", "total_cholesterol": 5.4,
+                        "hdl_cholesterol": 1.1, "systolic_bp": 142, "bp_treated": True,
+                        "current_smoker": False, "diabetes": False},
+           "units": {"total_cholesterol": "mmol/L", "hdl_cholesterol": "mmol/L"}}
+OFFLINE_ROWS = 1_000_000
+
+
+def prepare(workdir: Path) -> tuple[str, str, Any]:
+    """Train and register the demo model; returns (database URL, API key, model)."""
+    from cardiofed.coordinator.deps import _sessions
+    from cardiofed.data.synthetic import synthetic_federation
+    from cardiofed.serving import provenance, registry
+    from cardiofed.serving.keys import create_key
+    from cardiofed.simulation.config import SimulationConfig
+    from cardiofed.simulation.experiment import run_experiment
+
+    data = synthetic_federation(seed=0)
+    result = run_experiment(data, SimulationConfig.create(rounds=20, eval_every=0),
+                            baselines=False)
+    model = provenance.from_experiment(result, study="demo", feature_names=data.feature_names,
+                                       outcome=data.outcome)
+    url = f"sqlite:///{workdir}/registry.db"
+    with _sessions(url)() as db:
+        registry.register(db, model, promote=True)
+        key = create_key(db, "bench", ["score"], rate_limit_per_minute=10**9)
+    return url, key, model
+
+
+def start_server(url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    exe = shutil.which("cardiofed")
+    if exe is None:
+        raise SystemExit("The cardiofed console script is not on PATH (pip install -e .).")
+    log = open(workdir / "serve.log", "wb")  # noqa: SIM115 (the child keeps it)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen([exe, "serve", "--host", HOST, "--port", str(port), "--db", url],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://{HOST}:{port}"
+    give_up = time.monotonic() + 60
+    while time.monotonic() < give_up:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("cardiofed serve did not start within 60 s")
+
+
+def latency(base: str, key: str, n: int) -> dict[str, float]:
+    headers = {"Authorization": f"Bearer {key}"}
+    times = []
+    with httpx.Client(base_url=base, headers=headers) as client:
+        for i in range(n + 300):
+            started = time.perf_counter()
+            r = client.post("/v1/risk", json=PATIENT)
+            elapsed = time.perf_counter() - started
+            if r.status_code != 200:
+                raise RuntimeError(f"{r.status_code} {r.text}")
+            if i >= 300:
+                times.append(elapsed * 1000)
+    times.sort()
+    return {"requests": n, "p50_ms": statistics.median(times),
+            "p90_ms": times[int(0.90 * n)], "p99_ms": times[int(0.99 * n)],
+            "mean_ms": statistics.fmean(times)}
+
+
+def _client(base: str, key: str, seconds: float, counts: Any, index: int) -> None:
+    headers = {"Authorization": f"Bearer {key}"}
+    done = 0
+    with httpx.Client(base_url=base, headers=headers) as client:
+        for _ in range(50):  # warm-up
+            client.post("/v1/risk", json=PATIENT)
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop:
+            if client.post("/v1/risk", json=PATIENT).status_code == 200:
+                done += 1
+    counts[index] = done
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(base: str, key: str, clients: int, seconds: float,
+               server_pid: int) -> dict[str, float]:
+    counts = mp.Array("i", clients)
+    cpu_before = _cpu_seconds(server_pid)
+    procs = [mp.Process(target=_client, args=(base, key, seconds, counts, i))
+             for i in range(clients)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    total = sum(counts[:])
+    server_cpu = _cpu_seconds(server_pid) - cpu_before  # includes the clients' warm-up
+    return {"clients": clients, "seconds": seconds, "requests_ok": total,
+            "requests_per_s": total / seconds, "server_cpu_s": server_cpu,
+            "server_requests_per_cpu_s": (total + 50 * clients) / server_cpu}
+
+
+def offline(workdir: Path, model: Any) -> dict[str, Any]:
+    import pandas as pd
+
+    from cardiofed.data.mapping import encode, harmonise
+    from cardiofed.data.synthetic import default_profiles, generate_exports
+    from cardiofed.serving.offline import predict_file
+
+    export = generate_exports(default_profiles(1), seed=0)[0]
+    reps = -(-OFFLINE_ROWS // len(export.raw))
+    big = pd.concat([export.raw] * reps, ignore_index=True).iloc[:OFFLINE_ROWS]
+    csv = workdir / "patients.csv"
+    big.to_csv(csv, index=False)
+    out: dict[str, Any] = {"rows": OFFLINE_ROWS, "input_mb": csv.stat().st_size / 1e6}
+    for suffix in (".csv", ".parquet"):
+        started = time.perf_counter()
+        rows = predict_file(model, csv, workdir / f"risks{suffix}", mapping=export.mapping)
+        seconds = time.perf_counter() - started
+        assert rows == OFFLINE_ROWS
+        out[f"end_to_end{suffix}_s"] = seconds
+        out[f"end_to_end{suffix}_rows_per_s"] = rows / seconds
+    started = time.perf_counter()
+    rows = predict_file(model, csv, workdir / "contrib.parquet", mapping=export.mapping,
+                        contributions=True)
+    out["end_to_end_contributions.parquet_s"] = time.perf_counter() - started
+    x = encode(harmonise(big, export.mapping, labels=False).frame, model.card.features)
+    started = time.perf_counter()
+    risk = model.risk(x)
+    out["score_only_s"] = time.perf_counter() - started
+    out["score_only_rows_per_s"] = len(risk) / out["score_only_s"]
+    return out
+
+
+def main() -> None:
+    single_threaded()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cardiofed-serving-") as tmp:
+        workdir = Path(tmp)
+        url, key, model = prepare(workdir)
+        proc, base = start_server(url, workdir)
+        try:
+            lat = latency(base, key, args.requests)
+            thr = [throughput(base, key, c, args.seconds, proc.pid) for c in args.clients]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+        off = offline(workdir, model)
+    results = {"latency": lat, "throughput": thr, "offline": off}
+    md = ["# Risk API on loopback (one uvicorn worker) and offline scoring\n",
+          markdown_table(["requests", "p50 ms", "p90 ms", "p99 ms", "mean ms"],
+                         [[lat["requests"], lat["p50_ms"], lat["p90_ms"], lat["p99_ms"],
+                           lat["mean_ms"]]], digits=2),
+          "\nThroughput (closed-loop httpx client processes on the same 2 cores; the "
+          "server's own CPU time gives what one worker sustains per core):\n",
+          markdown_table(["clients", "seconds", "requests OK", "requests/s",
+                          "server CPU s", "requests per server CPU s"],
+                         [[t["clients"], t["seconds"], t["requests_ok"], t["requests_per_s"],
+                           t["server_cpu_s"], t["server_requests_per_cpu_s"]]
+                          for t in thr], digits=0),
+          f"\nOffline, {off['rows']:,} rows ({off['input_mb']:.0f} MB CSV, site mapping):\n",
+          markdown_table(["path", "seconds", "rows/s"], [
+              ["CSV -> CSV", off["end_to_end.csv_s"], off["end_to_end.csv_rows_per_s"]],
+              ["CSV -> Parquet", off["end_to_end.parquet_s"],
+               off["end_to_end.parquet_rows_per_s"]],
+              ["CSV -> Parquet with contributions", off["end_to_end_contributions.parquet_s"],
+               off["rows"] / off["end_to_end_contributions.parquet_s"]],
+              ["scoring only (encoded rows -> risk)", off["score_only_s"],
+               off["score_only_rows_per_s"]]], digits=2)]
+    write_results("serving", results, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
