@@ -64,6 +64,7 @@ from cardiofed.models.networks import Weights, get_weights, make_model
 from cardiofed.schema import OUTCOMES
 from cardiofed.serving import provenance, registry
 from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.runner import shares
 from cardiofed.wire import decode_arrays, encode_arrays
 
 Clock = Callable[[], datetime]
@@ -497,8 +498,7 @@ def update_share(db: Session, study: Study) -> dict[str, float]:
     for u in folded:
         if u.aggregated_into is not None or not _is_async(study):
             counts[names[u.site_id]] += 1
-    total = sum(counts.values())
-    return {name: c / total if total else 0.0 for name, c in counts.items()}
+    return shares(counts)
 
 
 def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:

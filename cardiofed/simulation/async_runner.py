@@ -36,6 +36,7 @@ from cardiofed.simulation.runner import (
     Outbox,
     derive_seed,
     round_metrics,
+    shares,
     site_clocks,
     via_wire,
     work_samples,
@@ -96,7 +97,6 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
         start(k, 0.0)
     if config.buffer_timeout_s is not None:
         push(config.buffer_timeout_s, _TIMEOUT, 0)
-    folded = dict.fromkeys(run.participation, 0)
     t = 0.0
     while events and version < config.rounds:
         t, _, kind, what = heapq.heappop(events)
@@ -132,7 +132,7 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             total = sum(agg)
             for u, w in zip(updates, agg, strict=True):
                 run.weight_share[u.site] += w / total / config.rounds
-                folded[u.site] += 1
+                run.update_share[u.site] += 1
             stale = [s for _, s in buffer]
             stale_weights = [staleness_rule.weight(s) for s in stale]
             new, state = algorithm.server_update(
@@ -158,9 +158,7 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             del versions[v]
     run.weights = versions[version]
     run.sim_time_s = t
-    total_folded = sum(folded.values())
-    run.update_share = {n: c / total_folded if total_folded else 0.0
-                        for n, c in folded.items()}
+    run.update_share = shares(run.update_share)
     return run
 
 

@@ -201,9 +201,14 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             bar.advance(task)
     run.weights = weights
     run.sim_time_s = now
-    folded = sum(run.update_share.values())
-    run.update_share = {n: c / folded if folded else 0.0 for n, c in run.update_share.items()}
+    run.update_share = shares(run.update_share)
     return run
+
+
+def shares(counts: Mapping[str, float]) -> dict[str, float]:
+    """Counts as fractions of their total (all 0 when nothing was counted)."""
+    total = sum(counts.values())
+    return {name: c / total if total else 0.0 for name, c in counts.items()}
 
 
 Outbox = Callable[[str, str, bytes], None]
