@@ -95,6 +95,8 @@ def create_study(
     ca_file: CaFile = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the tokens as a JSON object {site: token}.")] = False,
+    outcome: Annotated[str | None, typer.Option(
+        help="The label's outcome for the model cards (default: the data set's).")] = None,
 ) -> None:
     """Create a study; prints one one-time enrolment token per site."""
     from cardiofed.data.catalog import study_columns
@@ -107,8 +109,11 @@ def create_study(
         names, ranges = study_columns(dataset, features.split(",") if features else None)
     except CardioFedError as exc:
         raise fail(exc) from None
+    from cardiofed.serving.provenance import OUTCOME_OF_DATASET
+
     body = {"id": study, "plan": plan.model_dump(), "sites": site, "feature_names": names,
-            "feature_ranges": ranges, "min_sites": min_sites, "round_timeout_s": round_timeout}
+            "feature_ranges": ranges, "min_sites": min_sites, "round_timeout_s": round_timeout,
+            "outcome": outcome or OUTCOME_OF_DATASET.get(dataset or "")}
     with _admin_client(url, admin_key_file, ca_file) as client:
         tokens = _checked(client.post("/v1/studies", json=body)).json()["enrolment_tokens"]
     if as_json:

@@ -482,3 +482,13 @@ def test_async_buffer_larger_than_the_federation_is_refused(fed: Federation) -> 
         "feature_names": names, "feature_ranges": ranges})
     assert r.status_code == 422
     assert "'buffer_size' parameter must be at most the number of sites (3); got 4" in r.text
+
+
+def test_unknown_outcome_is_refused(fed: Federation) -> None:
+    names, ranges = study_columns("synthetic")
+    r = fed.client.post("/v1/studies", headers=fed.auth(fed.admin), json={
+        "id": "s3", "plan": PLAN, "sites": SITES, "feature_names": names,
+        "feature_ranges": ranges, "outcome": "stroke_5y"})
+    assert r.status_code == 422
+    assert r.json()["detail"] == ("outcome must be one of cvd_10y, chd_10y, heart_disease; "
+                                  "got 'stroke_5y'.")
