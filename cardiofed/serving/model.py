@@ -47,6 +47,7 @@ from cardiofed.schema import (
 from cardiofed.wire import decode_arrays, encode_arrays
 
 IG_STEPS = 64
+IG_BLOCK_ROWS = 4096
 _BINARY_VALUES = {"0": 0.0, "1": 1.0, "false": 0.0, "true": 1.0, "no": 0.0, "yes": 1.0}
 
 
@@ -262,16 +263,18 @@ class RiskModel:
 
     def _integrated_gradients(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         model = self._torch_model
-        zt = torch.from_numpy(z.astype(np.float32))
         alphas = (torch.arange(IG_STEPS, dtype=torch.float32) + 0.5) / IG_STEPS
-        path = (alphas[:, None, None] * zt[None]).reshape(-1, z.shape[1]).requires_grad_(True)
-        model(path).sum().backward()
-        assert path.grad is not None
-        grads = path.grad.reshape(IG_STEPS, *z.shape).mean(dim=0)
+        parts = []
+        for start in range(0, len(z), IG_BLOCK_ROWS):  # bounded memory for big files
+            zt = torch.from_numpy(z[start:start + IG_BLOCK_ROWS].astype(np.float32))
+            path = (alphas[:, None, None] * zt[None]).reshape(-1, z.shape[1])
+            path.requires_grad_(True)
+            (grads,) = torch.autograd.grad(model(path).sum(), path)  # leaves params alone
+            parts.append((zt * grads.reshape(IG_STEPS, *zt.shape).mean(dim=0)).double().numpy())
         with torch.no_grad():
-            logit = model(zt).double().numpy()
+            logit = model(torch.from_numpy(z.astype(np.float32))).double().numpy()
             baseline = float(model(torch.zeros(1, z.shape[1])).item())
-        return (zt * grads).double().numpy(), logit, baseline
+        return np.concatenate(parts), logit, baseline
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
