@@ -193,6 +193,7 @@ def predict(
     """Score a CSV file offline with a registered or exported model."""
     from cardiofed.data.mapping import SiteMapping
     from cardiofed.serving import registry
+    from cardiofed.serving.api import ServingSettings
     from cardiofed.serving.model import RiskModel
     from cardiofed.serving.offline import predict_file
 
@@ -210,10 +211,13 @@ def predict(
                        console=console)
         with bar:
             task = bar.add_task("rows", total=total)
+            settings = ServingSettings(database_url=database_url(db))  # risk categories
             rows = predict_file(risk_model, input_csv, out, mapping=site_mapping,
                                 contributions=contributions, site=site, id_column=id_column,
+                                thresholds=settings.risk_thresholds,
+                                categories=settings.risk_categories,
                                 on_rows=lambda n: bar.advance(task, n))
-    except (CardioFedError, OSError) as exc:
+    except (CardioFedError, OSError, ValueError) as exc:
         raise fail(exc) from None
     console.print(f"Scored {rows:,} rows with model {risk_model.card.version or model}; "
                   f"wrote {out}.")

@@ -160,3 +160,22 @@ def test_dp_budgets_hold_in_an_asynchronous_experiment(tmp_path) -> None:  # typ
     assert np.isfinite(result.metrics[data.sites[0].name][FEDERATED]["auc"])
     page = write_experiment_report(result, tmp_path, title="async").read_text()
     assert "share of the updates in the final model" in page
+
+
+def test_flagged_sites_do_not_train_and_the_run_goes_on(sites: list[PreparedSite]) -> None:
+    # The fastest site is flagged (weight 0): it must not fill a buffer on its own.
+    flagged = sites[0].name
+    run = run_async(sites, _async(rounds=3, buffer_size=1),
+                    speeds=_speeds(sites, [1.0, 20.0, 30.0, 40.0]),
+                    site_multipliers={flagged: 0.0})
+    assert run.history[-1]["round"] == 3
+    assert run.participation[flagged] == 0 and run.update_share[flagged] == 0.0
+    assert sum(run.weight_share.values()) == pytest.approx(1.0)
+
+
+def test_buffer_shrinks_to_the_sites_still_training(sites: list[PreparedSite]) -> None:
+    # Site 3 is flagged, so a buffer of 4 would never fill; it needs the 3 that train.
+    run = run_async(sites, _async(rounds=2, buffer_size=4),
+                    speeds=_speeds(sites, [10.0, 20.0, 30.0, 40.0]),
+                    site_multipliers={sites[3].name: 0.0})
+    assert [h["time_s"] for h in run.history] == pytest.approx([30.0, 60.0])

@@ -492,3 +492,87 @@ def test_unknown_outcome_is_refused(fed: Federation) -> None:
     assert r.status_code == 422
     assert r.json()["detail"] == ("outcome must be one of cvd_10y, chd_10y, heart_disease; "
                                   "got 'stroke_5y'.")
+
+
+def test_async_training_goes_on_without_a_dead_site_after_the_deadline(tmp_path: Path) -> None:
+    # K = 3 and no buffer timeout, but community_01 died after enrolling: the round's
+    # deadline (1 s) bounds the wait, as in a synchronous study.
+    fed = Federation(tmp_path, plan={**ASYNC_PLAN, "buffer_size": 3}, timeout=1.0)
+    agents = [fed.agent(s) for s in SITES]
+    fed.step(agents)
+    for agent in agents[:2]:
+        _train_once(fed, agent)
+    assert fed.status()["model_version"] == 0
+    time.sleep(1.1)
+    assert fed.status()["model_version"] == 1
+
+
+def test_async_study_with_every_site_revoked_publishes_nothing(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan=ASYNC_PLAN)
+    agents = [fed.agent(s) for s in SITES]
+    fed.step(agents)
+    for site in SITES:
+        r = fed.client.post(f"/v1/studies/s1/sites/{site}/revoke", headers=fed.auth(fed.admin))
+        assert r.status_code == 204
+    state = fed.status()
+    assert state["model_version"] == 0 and state["phase"] == "train"
+
+
+def test_metrics_that_are_not_finite_numbers_are_rejected(fed: Federation) -> None:
+    agents = [fed.agent(s) for s in SITES]
+    _until_done_but_evaluation(fed, agents)
+    credential = agents[0].credential()
+    rnd = fed.status()["round"]
+    r = fed.client.post(f"/v1/studies/s1/rounds/{rnd}/updates", content=b'{"auc": 1e999}',
+                        headers=fed.auth(credential))
+    assert r.status_code == 422
+    huge = fed.client.post(f"/v1/studies/s1/rounds/{rnd}/updates",
+                           content=b'{"n": ' + b"9" * 400 + b"}", headers=fed.auth(credential))
+    assert huge.status_code == 422
+    assert huge.json()["detail"] == ("Evaluation payload must map metric names to finite "
+                                     "numbers or null.")
+
+
+def _until_done_but_evaluation(fed: Federation, agents: list[NodeAgent]) -> None:
+    give_up = time.monotonic() + 60
+    while fed.status()["phase"] != "evaluate":
+        assert time.monotonic() < give_up, fed.status()
+        for agent in agents:
+            if fed.status()["phase"] == "evaluate":
+                break
+            fed.step([agent])
+
+
+def test_a_study_id_taken_by_simulated_models_is_refused(fed: Federation) -> None:
+    from cardiofed.exceptions import Conflict
+    from cardiofed.serving import registry
+
+    names, ranges = study_columns("synthetic")
+    agents = [fed.agent(s) for s in SITES]
+    _until_done(fed, agents)
+    with _sessions(fed.settings.database_url)() as db:
+        trained = registry.load(db, "s1-v1")
+        with pytest.raises(Conflict, match="is a networked study's name"):
+            registry.register(db, trained.with_card(study="s1"))
+        registry.register(db, trained.with_card(study="sim"))
+    r = fed.client.post("/v1/studies", headers=fed.auth(fed.admin), json={
+        "id": "sim", "plan": PLAN, "sites": SITES, "feature_names": names,
+        "feature_ranges": ranges})
+    assert r.status_code == 409
+    assert "already holds models named 'sim'-v<n>" in r.json()["detail"]
+
+
+def test_an_older_database_gains_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    from cardiofed.coordinator.storage import make_engine
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as con:  # the updates table as an earlier release made it
+        con.execute("CREATE TABLE updates (id INTEGER PRIMARY KEY, round_id INTEGER, "
+                    "site_id INTEGER, payload BLOB, sha256 VARCHAR(64), num_samples INTEGER, "
+                    "received_at DATETIME)")
+    make_engine(f"sqlite:///{path}").dispose()
+    with sqlite3.connect(path) as con:
+        columns = [row[1] for row in con.execute("PRAGMA table_info(updates)")]
+    assert columns[-2:] == ["staleness", "aggregated_into"]

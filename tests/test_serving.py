@@ -341,3 +341,15 @@ def test_predict_reports_the_row_of_a_bad_value(tmp_path: Path, logistic: RiskMo
     with pytest.raises(DataValidationError, match=r"row 2: value 999 mmHg is outside the "
                                                   r"plausible range \[60, 300\] mmHg"):
         predict_file(logistic, csv, tmp_path / "out.csv")
+
+
+def test_huge_numbers_and_batch_units_are_named(api: Api) -> None:
+    r = api.post("/v1/risk", {"features": {**PATIENT, "age": 10**309}})
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["field"] == "features.age"
+    assert "is not a finite number; the plausible range is [18, 110] years" in \
+        r.json()["errors"][0]["message"]
+    batch = api.post("/v1/risk/batch", {"patients": [
+        {"features": PATIENT}, {"features": PATIENT, "units": {"weight": "kg"}}]})
+    assert batch.json()["errors"] == [{"field": "patients[1].units.weight",
+                                       "message": "names no input of this model"}]

@@ -61,6 +61,7 @@ def test_buffer_flushes_at_k_updates_or_after_the_timeout() -> None:
     assert buffer_ready(1, buffer_size=3, since_publication_s=60.0, timeout_s=60.0)
     # An empty buffer never produces a model, whatever the time.
     assert not buffer_ready(0, buffer_size=3, since_publication_s=1e9, timeout_s=60.0)
+    assert not buffer_ready(0, buffer_size=0, since_publication_s=0.0, timeout_s=None)
 
 
 def _update(site: str, value: float, n: int) -> ClientUpdate:

@@ -92,6 +92,8 @@ def buffer_ready(count: int, *, buffer_size: int, since_publication_s: float,
     """Whether a buffer holding `count` updates should produce a new global model:
     ``buffer_size`` updates, or (with `timeout_s`) at least one update once `timeout_s`
     seconds have passed since the last model was published."""
+    if count == 0:
+        return False  # a version is never published from nothing
     if count >= buffer_size:
         return True
-    return timeout_s is not None and count >= 1 and since_publication_s >= timeout_s
+    return timeout_s is not None and since_publication_s >= timeout_s

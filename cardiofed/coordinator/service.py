@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -67,6 +69,7 @@ from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.runner import shares
 from cardiofed.wire import decode_arrays, encode_arrays
 
+log = logging.getLogger("cardiofed.coordinator")
 Clock = Callable[[], datetime]
 STATISTICS, TRAIN, EVALUATE = "statistics", "train", "evaluate"
 MAX_METRICS_BYTES = 64 * 1024
@@ -129,6 +132,9 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
     """Create a study and its sites; returns a one-time enrolment token per site."""
     if db.get(Study, study_id) is not None:
         raise Conflict(f"Study {study_id!r} already exists.")
+    if registry.has_study(db, study_id):
+        raise Conflict(f"The model registry already holds models named {study_id!r}-v<n> "
+                       f"(from a simulation); choose another study id.")
     if not sites or len(set(sites)) != len(sites):
         raise InvalidUpdate(f"A study needs distinct site names; got {sites}.")
     try:
@@ -290,6 +296,13 @@ def submit(db: Session, site: Site, *, round_number: int, payload: bytes, max_by
     return digest, True
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _is_async(study: Study) -> bool:
     return study.plan.get("aggregation") == "async"
 
@@ -317,8 +330,10 @@ def _validate(db: Session, study: Study, rnd: Round, site: Site, payload: bytes)
         except ValueError:
             raise InvalidUpdate("Evaluation payload must be a JSON object of metrics.") from None
         if not isinstance(metrics, dict) or not all(
-                isinstance(v, int | float) or v is None for v in metrics.values()):
-            raise InvalidUpdate("Evaluation payload must map metric names to numbers or null.")
+                v is None or (isinstance(v, int | float) and not isinstance(v, bool)
+                              and _finite(v)) for v in metrics.values()):
+            raise InvalidUpdate("Evaluation payload must map metric names to finite numbers "
+                                "or null.")
         return int(metrics.get("n", 0) or 0)
     try:
         arrays, manifest = decode_arrays(payload)
@@ -445,9 +460,12 @@ def _publish_buffered(db: Session, study: Study, now: Clock) -> bool:
     rnd = _round(db, study)
     active = {s.id: s for s in _active_sites(db, study)}
     buffer = [u for u in _buffered(db, study) if u.site_id in active]  # revoked drop out
+    # The round's deadline bounds the wait too: a site that died without being revoked
+    # cannot hold training up for longer than round_timeout_s.
+    timeout = min(plan.buffer_timeout_s or math.inf, study.round_timeout_s)
     if not buffer_ready(len(buffer), buffer_size=min(plan.buffer_size, len(active)),
                         since_publication_s=(now() - rnd.opened_at).total_seconds(),
-                        timeout_s=plan.buffer_timeout_s):
+                        timeout_s=timeout):
         return False
     algorithm = plan.make_algorithm()
     weights = _load_model(db, study, study.model_version)
@@ -533,11 +551,14 @@ def _store_model(db: Session, study: Study, weights: Weights, *, version: int,
                         round_number=round_number, participants=participants))
     db.flush()
     if version >= 1 and study.preprocessor is not None:
-        registry.register(db, provenance.from_study(
+        model = provenance.from_study(
             study=study.id, plan=study.plan, feature_names=study.feature_names,
             outcome=study.outcome, preprocessor_blob=study.preprocessor, weights=weights,
-            participants=participants, round_number=round_number), number=version,
-            commit=False)
+            participants=participants, round_number=round_number)
+        try:
+            registry.register(db, model, number=version, commit=False)
+        except Conflict as exc:  # never let the registry hold training up
+            log.warning("study %s, version %d not registered: %s", study.id, version, exc)
 
 
 def _card_metrics(db: Session, study: Study, metrics: dict[str, Any]) -> None:
@@ -548,8 +569,11 @@ def _card_metrics(db: Session, study: Study, metrics: dict[str, Any]) -> None:
                for site, m in metrics.items() if m.get("epsilon_spent") is not None}
     cards = {site: {k: v for k, v in m.items() if not k.startswith("epsilon_")}
              for site, m in metrics.items()}
-    registry.update_card(db, f"{study.id}-v{study.model_version}", metrics=cards,
-                         privacy=privacy)
+    try:
+        registry.update_card(db, f"{study.id}-v{study.model_version}", metrics=cards,
+                             privacy=privacy)
+    except NotFound as exc:  # e.g. a version published before the registry existed
+        log.warning("study %s: final metrics not added to the model card: %s", study.id, exc)
 
 
 def model_blob(db: Session, study_id: str, version: int) -> ModelVersion:

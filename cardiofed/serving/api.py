@@ -36,7 +36,7 @@ from cardiofed.evaluation.recalibration import Recalibration
 from cardiofed.exceptions import CoordinatorError, InvalidUpdate, PayloadTooLarge
 from cardiofed.serving import registry
 from cardiofed.serving.keys import KeyCache, KeyInfo, RateLimiter
-from cardiofed.serving.model import PatientErrors, RiskModel
+from cardiofed.serving.model import RISK_CATEGORIES, RISK_THRESHOLDS, PatientErrors, RiskModel
 from cardiofed.serving.schemas import (
     BatchRequest,
     BatchResponse,
@@ -55,8 +55,8 @@ class ServingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CARDIOFED_", frozen=True)
 
     database_url: str = "sqlite:///cardiofed-coordinator.db"
-    risk_thresholds: list[float] = [0.05, 0.075, 0.20]
-    risk_categories: list[str] = ["low", "borderline", "intermediate", "high"]
+    risk_thresholds: list[float] = list(RISK_THRESHOLDS)
+    risk_categories: list[str] = list(RISK_CATEGORIES)
     max_batch: int = Field(default=1000, ge=1, le=100_000)
     key_cache_s: float = Field(default=5.0, ge=0)
     promoted_cache_s: float = Field(default=5.0, ge=0)
@@ -231,7 +231,7 @@ async def risk_batch(body: BatchRequest, state: State,
         try:
             row, missing = model.encode_patient(patient.features, patient.units,
                                                 impute_missing=patient.impute_missing,
-                                                where=f"patients[{i}].features")
+                                                where=f"patients[{i}]")
         except PatientErrors as exc:
             problems += exc.problems
             continue

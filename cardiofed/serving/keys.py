@@ -102,8 +102,9 @@ class KeyCache:
                 row = db.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
                 info = None if row is None or row.revoked else KeyInfo(
                     row.id, row.name, frozenset(row.scopes), row.rate_limit_per_minute)
-            with self._lock:
-                self._cache[digest] = (now, info)
+            if row is not None:  # unknown tokens are not cached: the cache stays bounded
+                with self._lock:
+                    self._cache[digest] = (now, info)
         else:
             info = hit[1]
         if info is None:

@@ -47,6 +47,11 @@ from cardiofed.schema import (
 from cardiofed.wire import decode_arrays, encode_arrays
 
 IG_STEPS = 64
+# 10-year risk bands of the 2019 ACC/AHA primary-prevention guideline (Arnett et al.,
+# Circulation 2019;140:e596-e646); configurable in the API's settings.
+RISK_THRESHOLDS = (0.05, 0.075, 0.20)
+RISK_CATEGORIES = ("low", "borderline", "intermediate", "high")
+REQUIRED = "is required (or set impute_missing to fill it with the federation's median)"
 IG_BLOCK_ROWS = 4096
 _BINARY_VALUES = {"0": 0.0, "1": 1.0, "false": 0.0, "true": 1.0, "no": 0.0, "yes": 1.0}
 
@@ -177,7 +182,7 @@ class RiskModel:
 
     # ------------------------------------------------------------------ input
     def encode_patient(self, features: Mapping[str, Any], units: Mapping[str, str] | None = None,
-                       *, impute_missing: bool = False, where: str = "features"
+                       *, impute_missing: bool = False, where: str = ""
                        ) -> tuple[np.ndarray, list[str]]:
         """One patient's canonical features -> model columns (NaN where imputed).
 
@@ -185,15 +190,17 @@ class RiskModel:
         naming the field and, for numbers, the allowed range in the unit used.
         """
         units = dict(units or {})
+        prefix = f"{where}." if where else ""  # e.g. "patients[3]." in a batch
         problems: list[tuple[str, str]] = []
         known = set(self.card.features)
+        expected = ", ".join(self.card.features)
         for name in features:
             if name not in known:
-                problems.append((f"{where}.{name}", f"is not an input of this model; expected "
-                                                    f"{', '.join(self.card.features)}"))
+                problems.append((f"{prefix}features.{name}",
+                                 f"is not an input of this model; expected {expected}"))
         for name in units:
             if name not in known:
-                problems.append((f"units.{name}", "names no input of this model"))
+                problems.append((f"{prefix}units.{name}", "names no input of this model"))
         row = np.full(self.n_columns, np.nan)
         imputed = []
         for name, cols in zip(self.card.features, self._groups, strict=True):
@@ -202,13 +209,11 @@ class RiskModel:
                 if impute_missing:
                     imputed.append(name)
                 else:
-                    problems.append((f"{where}.{name}", "is required (or set impute_missing "
-                                                        "to fill it with the federation's "
-                                                        "median)"))
+                    problems.append((f"{prefix}features.{name}", REQUIRED))
                 continue
             message = _encode_value(get_feature(name), value, units.get(name), row, cols)
             if message:
-                problems.append((f"{where}.{name}", message))
+                problems.append((f"{prefix}features.{name}", message))
         if problems:
             raise PatientErrors(problems)
         return row, imputed
@@ -292,9 +297,15 @@ def _encode_value(feature: Feature, value: Any, unit: str | None, row: np.ndarra
             known = ", ".join([feature.unit, *feature.unit_factors])
             return f"unit {unit!r} is not known for this feature; use one of {known}"
         factor = feature.conversion_factor(unit or feature.unit)
-        converted = float(value) * factor
+        try:
+            converted = float(value) * factor
+        except OverflowError:
+            converted = math.inf  # reported as out of range below
         low, high = float(feature.low), float(feature.high)  # type: ignore[arg-type]
-        if not math.isfinite(converted) or not low <= converted <= high:
+        if not math.isfinite(converted):
+            return (f"{value} is not a finite number; the plausible range is [{low:g}, "
+                    f"{high:g}] {feature.unit}")
+        if not low <= converted <= high:
             if factor != 1.0:
                 lo_u, hi_u = low / factor, high / factor
                 return (f"{value:g} {unit} is outside the plausible range [{lo_u:.4g}, "

@@ -19,7 +19,7 @@ from cardiofed.data.mapping import ColumnMapping, LabelMapping, SiteMapping, enc
 from cardiofed.evaluation.recalibration import Recalibration
 from cardiofed.exceptions import ConfigurationError, DataValidationError
 from cardiofed.schema import OUTCOMES
-from cardiofed.serving.model import RiskModel
+from cardiofed.serving.model import RISK_CATEGORIES, RISK_THRESHOLDS, RiskModel
 
 CHUNK_ROWS = 250_000
 OUTPUT_SUFFIXES = (".csv", ".parquet")
@@ -35,9 +35,8 @@ def canonical_mapping(model: RiskModel) -> SiteMapping:
 
 def score_frame(model: RiskModel, frame: pd.DataFrame, *, contributions: bool = False,
                 recalibration: Recalibration | None = None,
-                thresholds: Sequence[float] = (0.05, 0.075, 0.20),
-                categories: Sequence[str] = ("low", "borderline", "intermediate", "high")
-                ) -> pd.DataFrame:
+                thresholds: Sequence[float] = RISK_THRESHOLDS,
+                categories: Sequence[str] = RISK_CATEGORIES) -> pd.DataFrame:
     """Scores of canonical rows (one column per feature, NaN where missing)."""
     x = encode(frame, model.card.features)
     if contributions:
@@ -61,6 +60,8 @@ def score_frame(model: RiskModel, frame: pd.DataFrame, *, contributions: bool = 
 def predict_file(model: RiskModel, input_csv: Path, out: Path, *,
                  mapping: SiteMapping | None = None, contributions: bool = False,
                  site: str | None = None, id_column: str | None = None,
+                 thresholds: Sequence[float] = RISK_THRESHOLDS,
+                 categories: Sequence[str] = RISK_CATEGORIES,
                  on_rows: Callable[[int], None] | None = None) -> int:
     """Score every row of `input_csv` into `out`; returns the number of rows.
 
@@ -92,7 +93,7 @@ def predict_file(model: RiskModel, input_csv: Path, out: Path, *,
                                       f"{list(chunk.columns)}).")
         site_rows = harmonise(chunk, mapping, str(input_csv), labels=False, row_offset=done)
         scored = score_frame(model, site_rows.frame, contributions=contributions,
-                             recalibration=recal)
+                             recalibration=recal, thresholds=thresholds, categories=categories)
         if id_column is not None:
             scored.insert(0, id_column, chunk[id_column].to_numpy())
         parts.append(scored)

@@ -13,7 +13,7 @@ import json
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from cardiofed.coordinator.storage import RegisteredModel, utcnow
+from cardiofed.coordinator.storage import RegisteredModel, Study, utcnow
 from cardiofed.exceptions import Conflict, NotFound
 from cardiofed.serving.model import RiskModel
 
@@ -23,6 +23,9 @@ def register(db: Session, model: RiskModel, *, number: int | None = None,
     """Store `model` as the study's version `number` (default: the next); returns its name."""
     study = model.card.study
     if number is None:
+        if db.get(Study, study) is not None:
+            raise Conflict(f"{study!r} is a networked study's name; the coordinator numbers "
+                           f"its versions. Register the simulation under another name.")
         number = (db.scalar(select(func.max(RegisteredModel.number))
                             .where(RegisteredModel.study == study)) or 0) + 1
     version = f"{study}-v{number}"
@@ -47,6 +50,11 @@ def update_card(db: Session, version: str, **changes: object) -> None:
     row = _row(db, version)
     row.artifact = model.to_bytes()
     row.card = json.loads(model.card.model_dump_json())
+
+
+def has_study(db: Session, study: str) -> bool:
+    return db.scalar(select(RegisteredModel.id).where(RegisteredModel.study == study)
+                     .limit(1)) is not None
 
 
 def _row(db: Session, version: str) -> RegisteredModel:

@@ -37,7 +37,8 @@ class RiskRequest(Patient):
 class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"patients": [{"features": PATIENT_EXAMPLE, "units": UNITS_EXAMPLE}]}]})
-    patients: list[Patient] = Field(min_length=1)
+    # The server's own limit (max_batch) is usually lower; this bounds the parse.
+    patients: list[Patient] = Field(min_length=1, max_length=100_000)
     model: str | None = None
     site: str | None = None
     contributions: bool = False

@@ -55,8 +55,11 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     """Publish ``config.rounds`` model versions by buffered asynchronous aggregation.
 
     `speeds` default to :func:`~cardiofed.simulation.clock.default_speeds` by site type.
-    The run also stops at simulated time `max_time_s`, or when no site can train any
-    more (all refused by their privacy budgets). ``history`` records, per published
+    Sites with a zero multiplier (flagged by the label-quality check) do not train; a
+    site whose privacy budget is spent stops (``refusals``), and the buffer then needs
+    at most as many updates as sites still train. The run also stops at simulated time
+    `max_time_s`, or when no site trains any more; ``history`` shows how many versions
+    were published. ``history`` records, per published
     version, the simulated time (``time_s``) and test AUCs; ``update_share`` each site's
     share of the updates folded into the final model; ``rejected`` the updates refused
     as too stale, with the reason.
@@ -93,7 +96,10 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
         busy = clocks[k].task_seconds(work_samples(sites[k], config), rngs[k])
         push(clocks[k].finish(t, busy), _DONE, k)
 
-    for k in range(len(sites)):
+    # Sites the label-quality check gave no weight do not train; a site whose privacy
+    # budget is spent stops. The buffer then needs at most as many updates as remain.
+    training = {k for k, s in enumerate(sites) if rule.site_multipliers.get(s.name, 1.0) > 0}
+    for k in sorted(training):
         start(k, 0.0)
     if config.buffer_timeout_s is not None:
         push(config.buffer_timeout_s, _TIMEOUT, 0)
@@ -108,30 +114,32 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
         if kind == _DONE:
             k, site = what, sites[what]
             trained_from = last_base[k] = base.pop(k)
+            update = None
             try:
                 update = _train(algorithm, model, versions[trained_from], site,
                                 privacy, rule.needs_loss, seed=derive_seed(
                                     config.seed, trained_from + 1, k))
             except PrivacyBudgetExceeded as refusal:
                 run.refusals.append((trained_from + 1, site.name, str(refusal)))
-                continue  # the site stops: its budget is spent
-            if outbox is not None:
-                update = via_wire(update, trained_from + 1, outbox)
-            run.participation[site.name] += 1
-            try:
-                staleness_rule.check(version - trained_from)
-                buffer.append((update, version - trained_from))
-            except StaleUpdate as exc:
-                run.rejected.append((t, site.name, str(exc)))
-            waiting.add(k)
+                training.discard(k)  # the site stops: its budget is spent
+            if update is not None:
+                if outbox is not None:
+                    update = via_wire(update, trained_from + 1, outbox)
+                run.participation[site.name] += 1
+                try:
+                    staleness_rule.check(version - trained_from)
+                    buffer.append((update, version - trained_from))
+                except StaleUpdate as exc:
+                    run.rejected.append((t, site.name, str(exc)))
+                waiting.add(k)
         if buffer and (kind == _TIMEOUT or buffer_ready(
-                len(buffer), buffer_size=config.buffer_size,
+                len(buffer), buffer_size=min(config.buffer_size, len(training)),
                 since_publication_s=t - published_at, timeout_s=config.buffer_timeout_s)):
             updates = [u for u, _ in buffer]
             agg, mixture = rule.weights(updates, site_types, mixture)
             total = sum(agg)
             for u, w in zip(updates, agg, strict=True):
-                run.weight_share[u.site] += w / total / config.rounds
+                run.weight_share[u.site] += w / total
                 run.update_share[u.site] += 1
             stale = [s for _, s in buffer]
             stale_weights = [staleness_rule.weight(s) for s in stale]
@@ -159,6 +167,7 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     run.weights = versions[version]
     run.sim_time_s = t
     run.update_share = shares(run.update_share)
+    run.weight_share = {n: w / max(version, 1) for n, w in run.weight_share.items()}
     return run
 
 
