@@ -260,7 +260,7 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
     report.invalid_set_missing[name] = int(unknown.sum())
     mapped = mapped.where(~(missing | unknown))
     if feature.kind is FeatureKind.BINARY:
-        return pd.to_numeric(mapped).astype(float).rename(name)
+        return mapped.astype("float64").rename(name)  # canonical "0" / "1" / missing
     return mapped.astype(object).rename(name)
 
 
