@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,7 +35,7 @@ from cardiofed.coordinator.deps import _sessions
 from cardiofed.evaluation.recalibration import Recalibration
 from cardiofed.exceptions import CoordinatorError, InvalidUpdate, PayloadTooLarge
 from cardiofed.serving import registry
-from cardiofed.serving.keys import KeyCache, KeyInfo, RateLimiter
+from cardiofed.serving.keys import KeyCache, RateLimiter
 from cardiofed.serving.model import RISK_CATEGORIES, RISK_THRESHOLDS, PatientErrors, RiskModel
 from cardiofed.serving.schemas import (
     BatchRequest,
@@ -114,32 +114,24 @@ class ServingState:
             bisect.bisect_right(self.settings.risk_thresholds, risk)]
 
 
-# The dependencies are ``async`` so that FastAPI runs them on the event loop rather than
-# hopping to a worker thread for each: the work is microseconds (a database read only on a
-# cache miss, every `key_cache_s` seconds per key).
-async def _state(request: Request) -> ServingState:
-    state: ServingState = request.app.state.serving
-    return state
-
-
-State = Annotated[ServingState, Depends(_state)]
-
-
-async def _key(state: State, authorization: Annotated[str | None, Header()] = None) -> KeyInfo:
-    secret = authorization[7:].strip() if authorization and \
-        authorization.lower().startswith("bearer ") else None
-    return state.keys.authenticate(state.sessions, secret)
-
-
 def _scoped(scope: str) -> Any:
-    async def check(state: State, key: Annotated[KeyInfo, Depends(_key)]) -> KeyInfo:
+    """A dependency that authenticates the API key, checks its scope and rate limit, and
+    hands the endpoint the serving state. It is ``async`` so that FastAPI runs it on the
+    event loop instead of a worker thread: the work is microseconds (the database is read
+    only on a key-cache miss)."""
+    async def authorised(request: Request, authorization: Annotated[str | None, Header()]
+                         = None) -> ServingState:
+        state: ServingState = request.app.state.serving
+        secret = authorization[7:].strip() if authorization and \
+            authorization.lower().startswith("bearer ") else None
+        key = state.keys.authenticate(state.sessions, secret)
         key.require(scope)
         wait = state.limiter.retry_after(key)
         if wait:
             raise RateLimited(f"Rate limit of {key.rate_limit_per_minute} requests per minute "
                               f"exceeded for API key {key.name!r}; retry in {wait:g} s.", wait)
-        return key
-    return Depends(check)
+        return state
+    return Depends(authorised)
 
 
 class RateLimited(CoordinatorError):
@@ -201,9 +193,14 @@ def _results(state: ServingState, model: RiskModel, rows: np.ndarray, imputed: l
     return out
 
 
+def _json(body: RiskResponse | BatchResponse) -> Response:
+    """The response, serialised once by pydantic (FastAPI would validate it again)."""
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
 @router.post("/risk", response_model=RiskResponse, responses=ERRORS)
-async def risk(body: RiskRequest, state: State,
-               key: Annotated[KeyInfo, _scoped("score")]) -> RiskResponse:
+async def risk(body: RiskRequest,
+               state: Annotated[ServingState, _scoped("score")]) -> Response:
     """One patient's predicted risk, category, and each feature's contribution."""
     model = state.model(body.model)
     try:
@@ -213,14 +210,14 @@ async def risk(body: RiskRequest, state: State,
         raise InvalidPatient(exc.problems) from None
     calibration, recal = _calibration(model, body.site)
     result = _results(state, model, row[None, :], [imputed], recal, body.contributions)[0]
-    return RiskResponse(**result.model_dump(), model_version=model.card.version,
-                        outcome=model.card.outcome, calibration=calibration,
-                        attribution=_attribution(model))
+    return _json(RiskResponse(**result.__dict__, model_version=model.card.version,
+                              outcome=model.card.outcome, calibration=calibration,
+                              attribution=_attribution(model)))
 
 
 @router.post("/risk/batch", response_model=BatchResponse, responses=ERRORS)
-async def risk_batch(body: BatchRequest, state: State,
-                     key: Annotated[KeyInfo, _scoped("score")]) -> BatchResponse:
+async def risk_batch(body: BatchRequest,
+                     state: Annotated[ServingState, _scoped("score")]) -> Response:
     """Up to ``max_batch`` (default 1,000) patients in one request."""
     if len(body.patients) > state.settings.max_batch:
         raise PayloadTooLarge(f"A batch holds at most {state.settings.max_batch} patients; got "
@@ -240,14 +237,14 @@ async def risk_batch(body: BatchRequest, state: State,
     if problems:
         raise InvalidPatient(problems)
     calibration, recal = _calibration(model, body.site)
-    return BatchResponse(model_version=model.card.version, outcome=model.card.outcome,
-                         calibration=calibration, attribution=_attribution(model),
-                         results=_results(state, model, np.vstack(rows), imputed, recal,
-                                          body.contributions))
+    return _json(BatchResponse(model_version=model.card.version, outcome=model.card.outcome,
+                               calibration=calibration, attribution=_attribution(model),
+                               results=_results(state, model, np.vstack(rows), imputed, recal,
+                                                body.contributions)))
 
 
 @router.get("/models", responses=ERRORS)
-def models(state: State, key: Annotated[KeyInfo, _scoped("models:read")]
+def models(state: Annotated[ServingState, _scoped("models:read")]
            ) -> list[dict[str, object]]:
     """Every registered version (the promoted one is marked)."""
     with state.sessions() as db:
@@ -255,8 +252,8 @@ def models(state: State, key: Annotated[KeyInfo, _scoped("models:read")]
 
 
 @router.get("/models/{version}", responses=ERRORS)
-def model_card(version: str, state: State,
-               key: Annotated[KeyInfo, _scoped("models:read")]) -> dict[str, object]:
+def model_card(version: str, state: Annotated[ServingState, _scoped("models:read")]
+               ) -> dict[str, object]:
     """The model card: provenance (study, algorithm, settings, sites, epsilon per site,
     schema version, content hash) and metrics per site."""
     with state.sessions() as db:
@@ -264,8 +261,8 @@ def model_card(version: str, state: State,
 
 
 @router.post("/models/{version}/promote", responses=ERRORS)
-def promote(version: str, state: State,
-            key: Annotated[KeyInfo, _scoped("admin")]) -> dict[str, str]:
+def promote(version: str, state: Annotated[ServingState, _scoped("admin")]
+            ) -> dict[str, str]:
     """Serve `version` by default from now on."""
     with state.sessions() as db:
         registry.promote(db, version)

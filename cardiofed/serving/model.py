@@ -233,8 +233,24 @@ class RiskModel:
         model.eval()
         return model
 
+    @cached_property
+    def _scale(self) -> np.ndarray:
+        std = self.preprocessor.std.astype(np.float64)
+        return np.where(std > 0, std, 1.0)
+
+    @cached_property
+    def _grouping(self) -> np.ndarray:
+        """(columns x features) 0/1 matrix: column contributions -> feature contributions."""
+        g = np.zeros((self.n_columns, len(self._groups)))
+        for j, cols in enumerate(self._groups):
+            g[cols, j] = 1.0
+        return g
+
     def standardise(self, x: np.ndarray) -> np.ndarray:
-        return self.preprocessor.transform(np.asarray(x, dtype=np.float64)).astype(np.float64)
+        """The preprocessor's fill and standardisation, in float64."""
+        x = np.asarray(x, dtype=np.float64)
+        return (np.where(np.isnan(x), self.preprocessor.fill, x) - self.preprocessor.mean) \
+            / self._scale
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Log-odds of encoded rows (NaN = missing, filled by the preprocessor)."""
@@ -264,7 +280,8 @@ class RiskModel:
                            contributions=self._by_feature(per_column), attribution_error=error)
 
     def _by_feature(self, per_column: np.ndarray) -> np.ndarray:
-        return np.column_stack([per_column[:, cols].sum(axis=1) for cols in self._groups])
+        by_feature: np.ndarray = per_column @ self._grouping
+        return by_feature
 
     def _integrated_gradients(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         model = self._torch_model
