@@ -36,7 +36,13 @@ from cardiofed.evaluation.recalibration import Recalibration
 from cardiofed.exceptions import CoordinatorError, InvalidUpdate, PayloadTooLarge
 from cardiofed.serving import registry
 from cardiofed.serving.keys import KeyCache, RateLimiter
-from cardiofed.serving.model import RISK_CATEGORIES, RISK_THRESHOLDS, PatientErrors, RiskModel
+from cardiofed.serving.model import (
+    RISK_CATEGORIES,
+    RISK_THRESHOLDS,
+    PatientErrors,
+    RiskModel,
+    sigmoid,
+)
 from cardiofed.serving.schemas import (
     BatchRequest,
     BatchResponse,
@@ -179,7 +185,7 @@ def _results(state: ServingState, model: RiskModel, rows: np.ndarray, imputed: l
         logits, baseline, parts = explained.logit, explained.baseline, explained.contributions
     else:
         logits, baseline = model.logits(rows), None
-    risks = 1.0 / (1.0 + np.exp(-logits))
+    risks = sigmoid(logits)
     if recal is not None:
         risks = recal.apply(risks)
     out = []

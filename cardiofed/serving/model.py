@@ -263,7 +263,7 @@ class RiskModel:
                 np.float64)
 
     def risk(self, x: np.ndarray) -> np.ndarray:
-        return _sigmoid(self.logits(x))
+        return sigmoid(self.logits(x))
 
     def explain(self, x: np.ndarray) -> Explanation:
         """Risks and per-feature contributions (see the module docstring)."""
@@ -272,11 +272,11 @@ class RiskModel:
             w, b = self._linear
             per_column = z * w
             logit = per_column.sum(axis=1) + b
-            return Explanation(risk=_sigmoid(logit), logit=logit, baseline=b,
+            return Explanation(risk=sigmoid(logit), logit=logit, baseline=b,
                                contributions=self._by_feature(per_column))
         per_column, logit, baseline = self._integrated_gradients(z)
         error = logit - baseline - per_column.sum(axis=1)
-        return Explanation(risk=_sigmoid(logit), logit=logit, baseline=baseline,
+        return Explanation(risk=sigmoid(logit), logit=logit, baseline=baseline,
                            contributions=self._by_feature(per_column), attribution_error=error)
 
     def _by_feature(self, per_column: np.ndarray) -> np.ndarray:
@@ -299,7 +299,7 @@ class RiskModel:
         return np.concatenate(parts), logit, baseline
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
+def sigmoid(z: np.ndarray) -> np.ndarray:
     out: np.ndarray = np.exp(-np.logaddexp(0.0, -z))
     return out
 
