@@ -463,13 +463,13 @@ def _study_row(db: Path, study: str) -> tuple[str, int]:
 
 def test_async_study_over_loopback_does_not_wait_for_a_slow_node(
         procs: Processes, shared: Coordinator) -> None:
-    """Buffered asynchronous aggregation (K = 2) with one node 8 s slower per update:
+    """Buffered asynchronous aggregation (K = 2) with one node 12 s slower per update:
     the other two publish every version; the slow node's late update is refused as
     stale, the node carries on, and every node evaluates the final model."""
     plan = {**SYN_PLAN, "aggregation": "async", "buffer_size": 2, "rounds": 4}
     slow = SYN_SITES[2]
     fed = Federation(procs, shared, "async", "synthetic", SYN_SITES, plan,
-                     node_settings={slow: {"train_delay_s": 8.0}})
+                     node_settings={slow: {"train_delay_s": 12.0}})
     fed.start()
 
     fed.finish()
