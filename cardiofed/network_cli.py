@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from cardiofed._console import console, fail
+from cardiofed.coordinator.settings import DEFAULT_DATABASE_URL
 from cardiofed.exceptions import CardioFedError
 from cardiofed.node.config import NodeConfig
 
@@ -31,7 +32,7 @@ def coordinator(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8443,
     database_url: Annotated[str, typer.Option(
         help="SQLAlchemy URL: sqlite:///file.db (default) or postgresql://...")] =
-        "sqlite:///cardiofed-coordinator.db",
+        DEFAULT_DATABASE_URL,
     certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
     insecure: Annotated[bool, typer.Option(

@@ -12,6 +12,7 @@ meaning of a feature never changes without a new version.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -159,3 +160,8 @@ def get_feature(name: str) -> Feature:
 def encoded_feature_names(features: list[str]) -> list[str]:
     """Model input column names for a list of canonical features, in order."""
     return [col for name in features for col in get_feature(name).encoded_names()]
+
+
+def canonical_features(encoded_names: Sequence[str]) -> list[str]:
+    """Canonical feature names, in order, from model column names (``sex=male`` -> ``sex``)."""
+    return list(dict.fromkeys(name.split("=", 1)[0] for name in encoded_names))

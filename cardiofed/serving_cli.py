@@ -19,9 +19,8 @@ from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
 
 from cardiofed._console import console, fail
+from cardiofed.coordinator.settings import DEFAULT_DATABASE_URL
 from cardiofed.exceptions import CardioFedError
-
-DEFAULT_DB = "sqlite:///cardiofed-coordinator.db"
 
 models_app = typer.Typer(help="The model registry: list, show, promote, export.",
                          no_args_is_help=True)
@@ -29,11 +28,12 @@ keys_app = typer.Typer(help="API keys of the risk API: create, list, revoke.",
                        no_args_is_help=True)
 
 DatabaseUrl = Annotated[str | None, typer.Option(
-    help=f"SQLAlchemy URL of the registry (default $CARDIOFED_DATABASE_URL or {DEFAULT_DB}).")]
+    help=f"SQLAlchemy URL of the registry (default $CARDIOFED_DATABASE_URL or "
+         f"{DEFAULT_DATABASE_URL}).")]
 
 
 def database_url(given: str | None) -> str:
-    return given or os.environ.get("CARDIOFED_DATABASE_URL") or DEFAULT_DB
+    return given or os.environ.get("CARDIOFED_DATABASE_URL") or DEFAULT_DATABASE_URL
 
 
 def _sessions(url: str | None) -> sessionmaker[Session]:

@@ -30,6 +30,7 @@ from cardiofed.exceptions import DataValidationError
 from cardiofed.models.networks import Weights, make_model, score
 from cardiofed.node.config import DataSource
 from cardiofed.privacy.site_privacy import SitePrivacy
+from cardiofed.schema import canonical_features
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.runner import derive_seed
 from cardiofed.training.local import train_local
@@ -39,10 +40,10 @@ from cardiofed.wire import decode_arrays, encode_arrays, encode_metrics
 def load_site_data(source: DataSource, feature_names: list[str]) -> SiteData:
     """The site's own rows, encoded to the study's feature columns."""
     if source.csv is not None and source.mapping is not None:
-        canonical = list(dict.fromkeys(name.split("=", 1)[0] for name in feature_names))
         site, _ = site_from_export(read_export(source.csv), SiteMapping.from_toml(source.mapping),
-                                   canonical, test_fraction=source.test_fraction,
-                                   seed=source.seed, source=str(source.csv))
+                                   canonical_features(feature_names),
+                                   test_fraction=source.test_fraction, seed=source.seed,
+                                   source=str(source.csv))
     else:
         assert source.dataset is not None and source.site is not None  # by DataSource
         site = load_dataset(source.dataset, seed=source.seed,

@@ -14,7 +14,6 @@ low < 5%, borderline 5-7.5%, intermediate 7.5-20%, high >= 20%.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import threading
 import time
@@ -32,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cardiofed import __version__
 from cardiofed.coordinator.deps import _sessions
+from cardiofed.coordinator.settings import DEFAULT_DATABASE_URL
 from cardiofed.evaluation.recalibration import Recalibration
 from cardiofed.exceptions import CoordinatorError, InvalidUpdate, PayloadTooLarge
 from cardiofed.serving import registry
@@ -41,6 +41,7 @@ from cardiofed.serving.model import (
     RISK_THRESHOLDS,
     PatientErrors,
     RiskModel,
+    risk_categories,
     sigmoid,
 )
 from cardiofed.serving.schemas import (
@@ -60,7 +61,7 @@ class ServingSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CARDIOFED_", frozen=True)
 
-    database_url: str = "sqlite:///cardiofed-coordinator.db"
+    database_url: str = DEFAULT_DATABASE_URL
     risk_thresholds: list[float] = list(RISK_THRESHOLDS)
     risk_categories: list[str] = list(RISK_CATEGORIES)
     max_batch: int = Field(default=1000, ge=1, le=100_000)
@@ -115,9 +116,12 @@ class ServingState:
     def forget_promoted(self) -> None:
         self._promoted = None
 
+    def categories(self, risk: np.ndarray) -> np.ndarray:
+        return risk_categories(risk, self.settings.risk_thresholds,
+                               self.settings.risk_categories)
+
     def category(self, risk: float) -> str:
-        return self.settings.risk_categories[
-            bisect.bisect_right(self.settings.risk_thresholds, risk)]
+        return str(self.categories(np.array([risk]))[0])
 
 
 def _scoped(scope: str) -> Any:
@@ -162,12 +166,11 @@ def _calibration(model: RiskModel, site: str | None) -> tuple[Calibration | None
                                                               Recalibration | None]:
     if site is None:
         return None, None
-    fit = model.card.recalibration.get(site)
-    if fit is None:
+    recal = model.site_recalibration(site)
+    if recal is None:
         return Calibration(site=site, applied=False, reason=(
             f"model {model.card.version} has no recalibration for site {site!r}; the global "
             f"model's risk is returned")), None
-    recal = Recalibration(intercept=fit["intercept"], slope=fit["slope"])
     return Calibration(site=site, applied=True, intercept=recal.intercept,
                        slope=recal.slope), recal
 
@@ -188,10 +191,11 @@ def _results(state: ServingState, model: RiskModel, rows: np.ndarray, imputed: l
     risks = sigmoid(logits)
     if recal is not None:
         risks = recal.apply(risks)
+    categories = state.categories(risks)
     out = []
     for i, risk in enumerate(risks.tolist()):
         out.append(RiskResult(
-            risk=risk, category=state.category(risk), logit=float(logits[i]),
+            risk=risk, category=categories[i], logit=float(logits[i]),
             baseline_logit=baseline,
             contributions=None if parts is None else dict(
                 zip(model.card.features, parts[i].tolist(), strict=True)),

@@ -34,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from cardiofed.data.preprocessing import Preprocessor
+from cardiofed.evaluation.recalibration import Recalibration
 from cardiofed.exceptions import ConfigurationError, DataValidationError
 from cardiofed.models.networks import MODEL_KINDS, Weights, make_model, set_weights
 from cardiofed.schema import (
@@ -41,6 +42,7 @@ from cardiofed.schema import (
     SCHEMA_VERSION,
     Feature,
     FeatureKind,
+    canonical_features,
     encoded_feature_names,
     get_feature,
 )
@@ -139,6 +141,12 @@ class RiskModel:
     def content_hash(self) -> str:
         """SHA-256 of the weights and preprocessor (what scores), not of the card."""
         return hashlib.sha256(encode_arrays(self.arrays())).hexdigest()
+
+    def site_recalibration(self, site: str) -> Recalibration | None:
+        """The card's recalibration for `site`, or None when it has none."""
+        fit = self.card.recalibration.get(site)
+        return None if fit is None else Recalibration(intercept=fit["intercept"],
+                                                      slope=fit["slope"])
 
     def with_card(self, **changes: Any) -> RiskModel:
         return RiskModel(card=self.card.model_copy(update=changes), weights=self.weights,
@@ -299,6 +307,15 @@ class RiskModel:
         return np.concatenate(parts), logit, baseline
 
 
+def risk_categories(risk: np.ndarray, thresholds: Sequence[float] = RISK_THRESHOLDS,
+                    categories: Sequence[str] = RISK_CATEGORIES) -> np.ndarray:
+    """The category of each risk: ``categories[i]`` for ``thresholds[i-1] <= risk <
+    thresholds[i]``."""
+    names = np.asarray(categories, dtype=object)
+    out: np.ndarray = names[np.searchsorted(np.asarray(thresholds), risk, side="right")]
+    return out
+
+
 def sigmoid(z: np.ndarray) -> np.ndarray:
     out: np.ndarray = np.exp(-np.logaddexp(0.0, -z))
     return out
@@ -348,11 +365,6 @@ def _encode_value(feature: Feature, value: Any, unit: str | None, row: np.ndarra
     for col, level in zip(cols, feature.codes[1:], strict=True):
         row[col] = 1.0 if code == level else 0.0
     return ""
-
-
-def canonical_features(encoded_names: Sequence[str]) -> list[str]:
-    """Canonical feature names, in order, from model column names (``sex=male`` -> ``sex``)."""
-    return list(dict.fromkeys(name.split("=", 1)[0] for name in encoded_names))
 
 
 def build_model(*, study: str, source: str, model: str, algorithm: str,

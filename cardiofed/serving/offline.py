@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -22,7 +21,12 @@ from cardiofed.data.mapping import ColumnMapping, LabelMapping, SiteMapping, enc
 from cardiofed.evaluation.recalibration import Recalibration
 from cardiofed.exceptions import ConfigurationError, DataValidationError
 from cardiofed.schema import OUTCOMES
-from cardiofed.serving.model import RISK_CATEGORIES, RISK_THRESHOLDS, RiskModel
+from cardiofed.serving.model import (
+    RISK_CATEGORIES,
+    RISK_THRESHOLDS,
+    RiskModel,
+    risk_categories,
+)
 
 CHUNK_ROWS = 250_000
 OUTPUT_SUFFIXES = (".csv", ".parquet")
@@ -49,10 +53,9 @@ def score_frame(model: RiskModel, frame: pd.DataFrame, *, contributions: bool = 
         risk = model.risk(x)
     if recalibration is not None:
         risk = recalibration.apply(risk)
-    names = np.asarray(categories, dtype=object)
     out = pd.DataFrame({
         "risk": risk,
-        "category": names[np.searchsorted(np.asarray(thresholds), risk, side="right")],
+        "category": risk_categories(risk, thresholds, categories),
         "n_imputed": frame[model.card.features].isna().sum(axis=1).to_numpy()})
     if contributions:
         for j, name in enumerate(model.card.features):
@@ -75,14 +78,11 @@ def predict_file(model: RiskModel, input_csv: Path, out: Path, *,
         raise ConfigurationError(f"Output {out} must end in {' or '.join(OUTPUT_SUFFIXES)}.")
     if not input_csv.is_file():
         raise DataValidationError(f"Input file {input_csv} does not exist.")
-    recal = None
-    if site is not None:
-        fit = model.card.recalibration.get(site)
-        if fit is None:
-            raise ConfigurationError(f"Model {model.card.version or model.card.study} has no "
-                                     f"recalibration for site {site!r} (it has "
-                                     f"{sorted(model.card.recalibration) or 'none'}).")
-        recal = Recalibration(intercept=fit["intercept"], slope=fit["slope"])
+    recal = None if site is None else model.site_recalibration(site)
+    if site is not None and recal is None:
+        raise ConfigurationError(f"Model {model.card.version or model.card.study} has no "
+                                 f"recalibration for site {site!r} (it has "
+                                 f"{sorted(model.card.recalibration) or 'none'}).")
     mapping = mapping or canonical_mapping(model)
     missing = sorted(set(model.card.features) - set(mapping.columns))
     if missing:

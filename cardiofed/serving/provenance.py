@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from cardiofed.data.preprocessing import Preprocessor
@@ -54,4 +55,4 @@ def from_study(*, study: str, plan: dict[str, Any], feature_names: list[str],
 
 
 def _finite(value: float) -> float | None:
-    return value if value == value and abs(value) != float("inf") else None
+    return value if math.isfinite(value) else None

@@ -8,8 +8,6 @@ registers every global model version it publishes).
 
 from __future__ import annotations
 
-import json
-
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
@@ -33,7 +31,7 @@ def register(db: Session, model: RiskModel, *, number: int | None = None,
         raise Conflict(f"Model version {version!r} is already registered.")
     model = model.with_card(version=version)
     db.add(RegisteredModel(version=version, study=study, number=number,
-                           artifact=model.to_bytes(), card=json.loads(model.card.model_dump_json()),
+                           artifact=model.to_bytes(), card=model.card.model_dump(mode="json"),
                            content_sha256=model.card.content_sha256, created_at=utcnow()))
     db.flush()
     if promote:
@@ -49,7 +47,7 @@ def update_card(db: Session, version: str, **changes: object) -> None:
     model = load(db, version).with_card(**changes)
     row = _row(db, version)
     row.artifact = model.to_bytes()
-    row.card = json.loads(model.card.model_dump_json())
+    row.card = model.card.model_dump(mode="json")
 
 
 def has_study(db: Session, study: str) -> bool:
