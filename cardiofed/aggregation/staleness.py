@@ -24,11 +24,14 @@ rather than only losing relative weight (FedBuff's ``1/K`` normalisation when al
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from cardiofed.algorithms.base import ClientUpdate
+from cardiofed.aggregation.server_optimizers import ServerState
+from cardiofed.algorithms.base import ClientUpdate, FederatedAlgorithm
 from cardiofed.exceptions import ConfigurationError
+from cardiofed.models.networks import Weights
 
 StalenessKind = Literal["constant", "polynomial", "hinge"]
 STALENESS_KINDS: tuple[str, ...] = ("constant", "polynomial", "hinge")
@@ -85,6 +88,17 @@ class StalenessRule:
 def discounted(update: ClientUpdate, factor: float) -> ClientUpdate:
     """`update` with its delta scaled by `factor` (the staleness discount)."""
     return replace(update, delta={k: v * factor for k, v in update.delta.items()})
+
+
+def publish_buffer(algorithm: FederatedAlgorithm, weights: Weights,
+                   buffer: Sequence[tuple[ClientUpdate, int]], state: ServerState,
+                   rule: StalenessRule, site_weights: Sequence[float] | None = None
+                   ) -> tuple[Weights, ServerState]:
+    """The new global model from a buffer of ``(update, staleness)``: each update
+    discounted by its staleness, then the algorithm's weighted mean (`site_weights`, or
+    sample sizes) and server optimiser, as in a synchronous round."""
+    return algorithm.server_update(weights, [discounted(u, rule.weight(s)) for u, s in buffer],
+                                   state, site_weights)
 
 
 def buffer_ready(count: int, *, buffer_size: int, since_publication_s: float,

@@ -40,7 +40,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cardiofed.aggregation.server_optimizers import ServerState
-from cardiofed.aggregation.staleness import StaleUpdate, buffer_ready, discounted
+from cardiofed.aggregation.staleness import StaleUpdate, buffer_ready, publish_buffer
 from cardiofed.algorithms import ClientUpdate
 from cardiofed.coordinator.storage import (
     AdminKey,
@@ -470,11 +470,11 @@ def _publish_buffered(db: Session, study: Study, now: Clock) -> bool:
     algorithm = plan.make_algorithm()
     weights = _load_model(db, study, study.model_version)
     state = _load_state(study, algorithm.init_server(weights))
-    rule = plan.staleness_rule()
     names = [active[u.site_id].name for u in buffer]
-    client_updates = [discounted(_client_update(u, name), rule.weight(u.staleness or 0))
-                      for u, name in zip(buffer, names, strict=True)]
-    new, state = algorithm.server_update(weights, client_updates, state)
+    new, state = publish_buffer(algorithm, weights,
+                                [(_client_update(u, name), u.staleness or 0)
+                                 for u, name in zip(buffer, names, strict=True)],
+                                state, plan.staleness_rule())
     study.model_version += 1
     _store_model(db, study, new, version=study.model_version, round_number=rnd.number,
                  participants=names)

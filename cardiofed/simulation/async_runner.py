@@ -22,7 +22,7 @@ from functools import partial
 import numpy as np
 from torch import nn
 
-from cardiofed.aggregation.staleness import StaleUpdate, buffer_ready, discounted
+from cardiofed.aggregation.staleness import StaleUpdate, buffer_ready, publish_buffer
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.algorithms.base import LocalTrainer
 from cardiofed.exceptions import PrivacyBudgetExceeded
@@ -142,11 +142,8 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 run.weight_share[u.site] += w / total
                 run.update_share[u.site] += 1
             stale = [s for _, s in buffer]
-            stale_weights = [staleness_rule.weight(s) for s in stale]
-            new, state = algorithm.server_update(
-                versions[version], [discounted(u, g) for u, g in zip(updates, stale_weights,
-                                                                      strict=True)],
-                state, agg)
+            new, state = publish_buffer(algorithm, versions[version], buffer, state,
+                                        staleness_rule, agg)
             version += 1
             versions[version], published_at, buffer = new, t, []
             if config.buffer_timeout_s is not None:
