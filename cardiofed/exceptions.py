@@ -37,9 +37,21 @@ class PrivacyBudgetExceeded(CardioFedError):
 
 
 class CoordinatorError(CardioFedError):
-    """A request the coordinator refuses; ``status_code`` is the HTTP status to use."""
+    """A request a service refuses: ``status_code`` is the HTTP status, :meth:`body` the
+    JSON body (``detail``, and ``code`` where a client acts on the kind of refusal) and
+    :meth:`headers` any extra response headers."""
 
     status_code = 400
+    code: str | None = None
+
+    def body(self) -> dict[str, object]:
+        body: dict[str, object] = {"detail": str(self)}
+        if self.code:
+            body["code"] = self.code
+        return body
+
+    def headers(self) -> dict[str, str] | None:
+        return None
 
 
 class AuthenticationError(CoordinatorError):
@@ -56,6 +68,12 @@ class NotFound(CoordinatorError):
 
 class Conflict(CoordinatorError):
     status_code = 409
+
+
+class StaleUpdateRefused(Conflict):
+    """An asynchronous study refused an update trained from too old a model."""
+
+    code = "stale_update"
 
 
 class PayloadTooLarge(CoordinatorError):

@@ -436,7 +436,7 @@ def test_async_update_older_than_max_staleness_is_refused(tmp_path: Path) -> Non
     payload = slow._compute(TaskResponse.model_validate(task.json()))
     r = fed.client.post("/v1/studies/s1/rounds/1/updates", content=payload,
                         headers=fed.auth(slow.credential()))
-    assert r.status_code == 409
+    assert r.status_code == 409 and r.json()["code"] == "stale_update"
     assert r.json()["detail"] == (
         "Stale update from site 'community_01': the update was trained from a model 1 "
         "versions old; the study accepts at most max_staleness=0; train again on version 1.")

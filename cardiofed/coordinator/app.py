@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 from cardiofed import __version__
+from cardiofed.coordinator.deps import refused
 from cardiofed.coordinator.routers import models, sites, studies, updates
 from cardiofed.exceptions import CoordinatorError
 
@@ -18,9 +18,7 @@ def create_app() -> FastAPI:
     for module in (studies, sites, updates, models):
         app.include_router(module.router)
 
-    @app.exception_handler(CoordinatorError)
-    async def _refused(_: Request, exc: CoordinatorError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
+    app.add_exception_handler(CoordinatorError, refused)  # type: ignore[arg-type]
 
     @app.get("/healthz", tags=["health"])
     def health() -> dict[str, str]:

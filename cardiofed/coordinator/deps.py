@@ -6,12 +6,14 @@ from collections.abc import Iterator
 from functools import lru_cache
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
 
 from cardiofed.coordinator import service
 from cardiofed.coordinator.settings import CoordinatorSettings, get_settings
 from cardiofed.coordinator.storage import Site, make_engine, make_sessionmaker
+from cardiofed.exceptions import CoordinatorError
 
 
 @lru_cache(maxsize=8)
@@ -22,6 +24,11 @@ def _sessions(url: str) -> sessionmaker[Session]:
 def get_db(settings: Annotated[CoordinatorSettings, Depends(get_settings)]) -> Iterator[Session]:
     with _sessions(settings.database_url)() as db:
         yield db
+
+
+async def refused(_: Request, exc: CoordinatorError) -> JSONResponse:
+    """The exception handler of every CardioFed service for its refusals."""
+    return JSONResponse(status_code=exc.status_code, content=exc.body(), headers=exc.headers())
 
 
 def bearer(authorization: Annotated[str | None, Header()] = None) -> str | None:

@@ -61,6 +61,7 @@ from cardiofed.exceptions import (
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
+    StaleUpdateRefused,
 )
 from cardiofed.models.networks import Weights, get_weights, make_model
 from cardiofed.schema import OUTCOMES
@@ -282,8 +283,9 @@ def submit(db: Session, site: Site, *, round_number: int, payload: bytes, max_by
             raise Conflict(f"Site {site.name!r} already submitted a different payload for "
                            f"round {round_number} (sha256 {existing.sha256[:12]}...).")
         if rnd.closed_at is not None and _is_async(study) and rnd.kind == TRAIN:
-            raise Conflict(f"Stale update from site {site.name!r}: training finished at "
-                           f"version {study.model_version}; the update is discarded.")
+            raise StaleUpdateRefused(f"Stale update from site {site.name!r}: training "
+                                     f"finished at version {study.model_version}; the "
+                                     f"update is discarded.")
         if rnd.closed_at is not None:
             raise Conflict(f"Round {round_number} of study {study.id!r} is closed "
                            f"({rnd.outcome}); the current round is {study.current_round}.")
@@ -316,8 +318,8 @@ def _staleness(study: Study, rnd: Round, site: Site) -> int | None:
     try:
         study_plan(study).staleness_rule().check(staleness)
     except StaleUpdate as exc:
-        raise Conflict(f"Stale update from site {site.name!r}: {exc}; train again on version "
-                       f"{study.model_version}.") from None
+        raise StaleUpdateRefused(f"Stale update from site {site.name!r}: {exc}; train again "
+                                 f"on version {study.model_version}.") from None
     return staleness
 
 

@@ -20,7 +20,7 @@ import httpx
 from cardiofed.coordinator.schemas import TaskResponse
 from cardiofed.data.dataset import SiteData
 from cardiofed.data.preprocessing import Preprocessor
-from cardiofed.exceptions import CardioFedError, PrivacyBudgetExceeded
+from cardiofed.exceptions import CardioFedError, PrivacyBudgetExceeded, StaleUpdateRefused
 from cardiofed.node.config import NodeConfig
 from cardiofed.node.outbound import OutboundLog
 from cardiofed.node.work import (
@@ -42,9 +42,11 @@ log = logging.getLogger("cardiofed.node")
 class NodeError(CardioFedError):
     """The coordinator refused the node's request, or the node cannot go on."""
 
-    def __init__(self, message: str, status_code: int | None = None) -> None:
+    def __init__(self, message: str, status_code: int | None = None,
+                 code: str | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.code = code  # the coordinator's kind of refusal, e.g. "stale_update"
 
 
 class NodeAgent:
@@ -95,10 +97,11 @@ class NodeAgent:
             else:
                 if response.status_code < 500:
                     if response.status_code >= 400:
-                        detail = response.json().get("detail", response.text)
+                        body = response.json()
                         raise NodeError(f"Coordinator refused {method} {url}: "
-                                        f"{response.status_code} {detail}",
-                                        response.status_code)
+                                        f"{response.status_code} "
+                                        f"{body.get('detail', response.text)}",
+                                        response.status_code, body.get("code"))
                     return response
                 log.warning("coordinator error %d; retry %d", response.status_code, attempt)
             time.sleep(delay)
@@ -151,7 +154,7 @@ class NodeAgent:
         try:
             ack = self._request("POST", url, content=payload)
         except NodeError as exc:
-            if exc.status_code == 409 and "Stale update" in str(exc):
+            if exc.code == StaleUpdateRefused.code:
                 # Asynchronous study: the model moved on too far while this site trained.
                 log.warning("round %d: update refused as stale; training on the newest "
                             "model next", number)

@@ -23,14 +23,14 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cardiofed import __version__
-from cardiofed.coordinator.deps import _sessions
+from cardiofed.coordinator.deps import _sessions, refused
 from cardiofed.coordinator.settings import DEFAULT_DATABASE_URL
 from cardiofed.evaluation.recalibration import Recalibration
 from cardiofed.exceptions import CoordinatorError, InvalidUpdate, PayloadTooLarge
@@ -150,6 +150,9 @@ class RateLimited(CoordinatorError):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
 
 
 router = APIRouter(prefix="/v1", tags=["risk"])
@@ -287,6 +290,10 @@ class InvalidPatient(InvalidUpdate):
         super().__init__("; ".join(f"{f}: {m}" for f, m in problems))
         self.problems = problems
 
+    def body(self) -> dict[str, object]:
+        return super().body() | {"errors": [{"field": f, "message": m}
+                                            for f, m in self.problems]}
+
 
 class RequestLog:
     """ASGI middleware: a request id header and one log line per request, no bodies."""
@@ -331,14 +338,7 @@ def add_risk_api(app: FastAPI, settings: ServingSettings) -> None:
     app.include_router(router)
     app.add_middleware(RequestLog)
 
-    @app.exception_handler(CoordinatorError)
-    async def _refused(_: Request, exc: CoordinatorError) -> JSONResponse:
-        content: dict[str, Any] = {"detail": str(exc)}
-        if isinstance(exc, InvalidPatient):
-            content["errors"] = [{"field": f, "message": m} for f, m in exc.problems]
-        headers = ({"Retry-After": str(max(1, round(exc.retry_after)))}
-                   if isinstance(exc, RateLimited) else None)
-        return JSONResponse(status_code=exc.status_code, content=content, headers=headers)
+    app.add_exception_handler(CoordinatorError, refused)  # type: ignore[arg-type]
 
 
 def create_serving_app(settings: ServingSettings | None = None) -> FastAPI:
