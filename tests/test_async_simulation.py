@@ -64,6 +64,10 @@ def test_default_speeds_imitate_a_real_federation() -> None:
     (dict(samples_per_s=0.0), "'samples_per_s' parameter must be a finite number > 0"),
     (dict(samples_per_s=1.0, jitter=-0.1), "'jitter' parameter must be a finite number >= 0"),
     (dict(samples_per_s=1.0, offline_hours=24.0), "'offline_hours' parameter must be in"),
+    (dict(samples_per_s=1.0, offline_from_h=-1.0),
+     r"'offline_from_h' parameter must be in \[0, 24\); got -1.0"),
+    (dict(samples_per_s=1.0, latency_s=float("inf")),
+     "'latency_s' parameter must be a finite number >= 0; got inf"),
 ])
 def test_speed_settings_are_validated(settings: dict[str, float], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):

@@ -357,3 +357,69 @@ def test_huge_numbers_and_batch_units_are_named(api: Api) -> None:
         {"features": PATIENT}, {"features": PATIENT, "units": {"weight": "kg"}}]})
     assert batch.json()["errors"] == [{"field": "patients[1].units.weight",
                                        "message": "names no input of this model"}]
+
+
+def test_key_settings_and_duplicates_name_the_problem(api: Api) -> None:
+    from cardiofed.exceptions import Conflict
+
+    with api.sessions() as db:
+        with pytest.raises(ConfigurationError, match="'rate_limit_per_minute' parameter must "
+                                                     "be >= 1; got 0"):
+            create_key(db, "x", ["score"], 0)
+        with pytest.raises(ConfigurationError, match="'name' parameter must have 1 to 64 "
+                                                     "characters; got ''"):
+            create_key(db, "", ["score"])
+        with pytest.raises(Conflict, match="An API key named 'partner' already exists."):
+            create_key(db, "partner", ["score"])
+
+
+def test_registry_errors_name_the_version(tmp_path: Path, logistic: RiskModel) -> None:
+    from cardiofed.exceptions import Conflict, NotFound
+
+    with _sessions(f"sqlite:///{tmp_path}/r.db")() as db:
+        with pytest.raises(NotFound, match="No model is promoted yet; promote one with "
+                                           "`cardiofed models promote VERSION`."):
+            registry.promoted_version(db)
+        registry.register(db, logistic, number=3)
+        with pytest.raises(Conflict, match="Model version 'demo-v3' is already registered."):
+            registry.register(db, logistic, number=3)
+        with pytest.raises(NotFound, match="No model version 'demo-v9' in the registry."):
+            registry.promote(db, "demo-v9")
+
+
+def test_model_files_and_registration_refuse_bad_inputs(tmp_path: Path) -> None:
+    with pytest.raises(DataValidationError, match=f"Model file {tmp_path}/none.safetensors "
+                                                  "does not exist."):
+        RiskModel.load(tmp_path / "none.safetensors")
+    data = synthetic_federation(n_sites=3, seed=1, size_scale=0.2)
+    result = run_experiment(data, SimulationConfig.create(
+        rounds=1, eval_every=0, standardisation="per-site"), baselines=False)
+    with pytest.raises(ConfigurationError, match="Only models trained with global "
+                                                 "standardisation can be registered"):
+        provenance.from_experiment(result, study="x", feature_names=data.feature_names,
+                                   outcome=data.outcome)
+
+
+def test_predict_file_names_each_bad_input(tmp_path: Path, logistic: RiskModel) -> None:
+    from cardiofed.data.mapping import ColumnMapping, LabelMapping, SiteMapping
+
+    out = tmp_path / "out.csv"
+    with pytest.raises(DataValidationError, match=f"Input file {tmp_path}/none.csv does not "
+                                                  "exist."):
+        predict_file(logistic, tmp_path / "none.csv", out)
+    csv = tmp_path / "in.csv"
+    pd.DataFrame([PATIENT]).to_csv(csv, index=False)
+    with pytest.raises(ConfigurationError, match="has no recalibration for site 'nowhere' "
+                                                 r"\(it has \['"):
+        predict_file(logistic, csv, out, site="nowhere")
+    with pytest.raises(DataValidationError, match=r"no column 'id' \(it has \['age'"):
+        predict_file(logistic, csv, out, id_column="id")
+    partial = SiteMapping(site="x", outcome="cvd_10y", label=LabelMapping(column="y"),
+                          columns={"age": ColumnMapping(source="age")})
+    with pytest.raises(DataValidationError, match="The mapping has no column for the model's "
+                                                  r"features \['bp_treated'"):
+        predict_file(logistic, csv, out, mapping=partial)
+    empty = tmp_path / "empty.csv"
+    empty.write_text(",".join(PATIENT) + "\n")
+    with pytest.raises(DataValidationError, match="empty.csv has no data rows."):
+        predict_file(logistic, empty, out)

@@ -103,7 +103,7 @@ def predict_file(model: RiskModel, input_csv: Path, out: Path, *,
         done += len(chunk)
         if on_rows is not None:
             on_rows(len(chunk))
-    if not parts:
+    if done == 0:  # no chunk at all, or only a header
         raise DataValidationError(f"{input_csv} has no data rows.")
     result = pd.concat(parts, ignore_index=True)
     table = pa.Table.from_pandas(result, preserve_index=False)
