@@ -10,15 +10,25 @@ deviations and histogram medians, and each site applies the same
 
 Merged means and variances equal the pooled ones exactly; the histogram median is
 exact to within one bin width (``(high - low) / n_bins``).
+
+A site with a privacy budget releases :func:`private_site_statistics` instead: a
+Gaussian mechanism on its histograms (coarser, :data:`PRIVATE_BINS` bins) and on its
+record count; counts, sums and sums of squares are then derived from the noisy
+histogram (post-processing, no further privacy cost). Sites of one federation may
+release different bin counts: :func:`merge_statistics` re-bins to the coarsest.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 DEFAULT_BINS = 256
+# Bins of a private release: fewer bins, less noise summed into each column's totals.
+# DEFAULT_BINS is a multiple, so exact and private releases merge (re-binned).
+PRIVATE_BINS = 16
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,49 @@ def site_statistics(x: np.ndarray, edges: np.ndarray) -> SiteStatistics:
                           n_missing=(~observed).sum(axis=0).astype(float), histogram=hist)
 
 
+def statistics_sensitivity(n_features: int) -> float:
+    """L2 sensitivity of :func:`private_site_statistics` to adding or removing one record:
+    one histogram bin per observed column changes by 1, and so does the record count."""
+    return math.sqrt(n_features + 1)
+
+
+def private_site_statistics(x: np.ndarray, edges: np.ndarray, *, noise_std: float,
+                            rng: np.random.Generator) -> tuple[SiteStatistics, float]:
+    """A Gaussian-mechanism release of a site's statistics, and its noisy record count.
+
+    Each column's histogram over `edges` and the number of rows get independent noise
+    ``N(0, noise_std^2)`` (``noise_std`` = noise multiplier x
+    :func:`statistics_sensitivity`). Everything else is computed from the noisy values:
+    columns known to be binary (range [0, 1]) keep only their end bins; counts, sums and
+    sums of squares come from the histogram's bin midpoints (plus the within-bin
+    variance, width^2 / 12); missing counts are the noisy row count minus the column's.
+    Noisy counts may be negative: they are unbiased, and the merge clips what must be.
+    `rng` must be secret (:func:`cardiofed.privacy.randomness.secure_numpy_rng`)."""
+    if not (noise_std > 0 and math.isfinite(noise_std)):
+        raise ValueError(f"The 'noise_std' parameter must be finite and > 0; got {noise_std!r}.")
+    exact = site_statistics(x, edges)
+    hist = exact.histogram + rng.normal(0.0, noise_std, exact.histogram.shape)
+    n_rows = float(len(x)) + float(rng.normal(0.0, noise_std))
+    binary = (edges[:, 0] == 0.0) & (edges[:, -1] == 1.0)
+    hist[binary, 1:-1] = 0.0
+    mids = (edges[:, :-1] + edges[:, 1:]) / 2
+    width_sq = (edges[:, 1:] - edges[:, :-1]) ** 2
+    within = np.where(binary[:, None], 0.0, width_sq / 12)
+    count = hist.sum(axis=1)
+    stats = SiteStatistics(count=count, total=(hist * mids).sum(axis=1),
+                           total_sq=(hist * (mids**2 + within)).sum(axis=1),
+                           n_missing=np.maximum(n_rows - count, 0.0), histogram=hist)
+    return stats, n_rows
+
+
+def rebin(hist: np.ndarray, n_bins: int) -> np.ndarray:
+    """(d, B) histogram summed into (d, n_bins) bins; B must be a multiple of n_bins."""
+    d, b = hist.shape
+    if n_bins < 1 or b % n_bins:
+        raise ValueError(f"Cannot re-bin {b} bins into {n_bins}: {b} is not a multiple.")
+    return hist.reshape(d, n_bins, b // n_bins).sum(axis=2)
+
+
 @dataclass(frozen=True)
 class Preprocessor:
     """Fill missing values, then standardise: ``(x - mean) / std``.
@@ -84,21 +137,32 @@ def merge_statistics(stats: list[SiteStatistics], edges: np.ndarray,
 
     Mean and (sample, ddof=1) standard deviation are those of the pooled observed
     values; the fill value is the pooled median read off the merged histogram.
+    Histograms are re-binned to the coarsest bin count among the sites (`edges` may have
+    any multiple of it). With noisy (private) releases, a column whose merged count is
+    below 1, or whose mean falls outside its range, takes the range's midpoint and a
+    quarter of its width as mean and SD: data-independent values, never a crash.
     """
     if not stats:
         raise ValueError("merge_statistics needs at least one site's statistics.")
+    n_bins = min(s.histogram.shape[1] for s in stats)
     count = np.sum([s.count for s in stats], axis=0)
     total = np.sum([s.total for s in stats], axis=0)
     total_sq = np.sum([s.total_sq for s in stats], axis=0)
-    hist = np.sum([s.histogram for s in stats], axis=0)
+    hist = np.sum([rebin(s.histogram, n_bins) for s in stats], axis=0)
     empty = np.flatnonzero(count == 0)
     if empty.size:
         shown = [names[j] for j in empty] if names else empty.tolist()
         raise ValueError(f"Columns {shown} have no observed value at any site.")
+    low, high = edges[:, 0], edges[:, -1]
     mean = total / count
     var = np.maximum(total_sq - count * mean**2, 0.0) / np.maximum(count - 1, 1)
-    return Preprocessor(fill=histogram_median(hist, edges), mean=mean,
-                        std=np.sqrt(var))
+    unusable = (count < 1) | (mean < low) | (mean > high)
+    mean = np.where(unusable, (low + high) / 2, mean)
+    std = np.where(unusable, (high - low) / 4, np.sqrt(var))
+    coarse = np.array([np.linspace(lo, hi, n_bins + 1) for lo, hi in zip(low, high,
+                                                                           strict=True)])
+    return Preprocessor(fill=histogram_median(np.maximum(hist, 0.0), coarse), mean=mean,
+                        std=std)
 
 
 def histogram_median(hist: np.ndarray, edges: np.ndarray) -> np.ndarray:

@@ -80,27 +80,49 @@ def logit(p: FloatArray) -> FloatArray:
     return np.log(q) - np.log1p(-q)
 
 
-def _loglik(y: FloatArray, eta: FloatArray) -> float:
-    # sum(y*eta - log(1 + exp(eta))), computed stably.
-    return float(np.sum(y * eta - np.logaddexp(0.0, eta)))
+def _loglik(y: FloatArray, eta: FloatArray, weights: FloatArray | None = None) -> float:
+    # sum(w * (y*eta - log(1 + exp(eta)))), computed stably.
+    terms = y * eta - np.logaddexp(0.0, eta)
+    if weights is not None:
+        terms = weights * terms
+    return float(np.sum(terms))
 
 
 def fit_logistic(x: FloatArray, y: FloatArray, offset: FloatArray,
-                  beta0: FloatArray) -> FloatArray | None:
+                  beta0: FloatArray, weights: FloatArray | None = None) -> FloatArray | None:
     """Maximum-likelihood logistic fit of y ~ x @ beta + offset by damped Newton-Raphson.
 
-    Returns None when y has one class, the Hessian is singular, or the fit does not
-    converge within 50 iterations (e.g. under (quasi-)complete separation).
+    ``weights`` (shape like y, finite, >= 0) are frequency weights on the rows; None means
+    all ones. Returns None when the rows of positive weight hold one class (or none), the
+    Hessian is singular, or the fit does not converge within 50 iterations (e.g. under
+    (quasi-)complete separation).
     """
-    if y.min() == y.max():
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != y.shape:
+            raise DataValidationError(
+                f"weights must have the shape of y {y.shape}; got {weights.shape}")
+        bad = ~np.isfinite(weights) | (weights < 0.0)
+        if bad.any():
+            raise DataValidationError(f"weights must be finite and >= 0; got "
+                                      f"{weights[bad][0]:g} ({int(bad.sum())} invalid values)")
+        y_used = y[weights > 0.0]
+        if y_used.size == 0 or y_used.min() == y_used.max():
+            return None
+    elif y.min() == y.max():
         return None
     beta = beta0.astype(np.float64).copy()
-    ll = _loglik(y, x @ beta + offset)
+    ll = _loglik(y, x @ beta + offset, weights)
     for _ in range(_MAX_ITER):
         eta = x @ beta + offset
         mu = np.exp(-np.logaddexp(0.0, -eta))  # expit(eta) without overflow
-        grad = x.T @ (y - mu)
-        hess = (x * (mu * (1.0 - mu))[:, None]).T @ x
+        resid = y - mu
+        curv = mu * (1.0 - mu)
+        if weights is not None:
+            resid = weights * resid
+            curv = weights * curv
+        grad = x.T @ resid
+        hess = (x * curv[:, None]).T @ x
         try:
             delta = np.linalg.solve(hess, grad)
         except np.linalg.LinAlgError:
@@ -112,7 +134,7 @@ def fit_logistic(x: FloatArray, y: FloatArray, offset: FloatArray,
         step = 1.0
         for _ in range(_MAX_HALVINGS):
             new_beta = beta + step * delta
-            new_ll = _loglik(y, x @ new_beta + offset)
+            new_ll = _loglik(y, x @ new_beta + offset, weights)
             # Accept any step that does not lower the log-likelihood beyond rounding error.
             if new_ll >= ll - 1e-12 * (1.0 + abs(ll)):
                 break

@@ -32,7 +32,7 @@ from cardiofed.node.config import DataSource
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.schema import canonical_features
 from cardiofed.simulation.config import SimulationConfig
-from cardiofed.simulation.runner import derive_seed
+from cardiofed.simulation.runner import derive_seed, update_manifest
 from cardiofed.training.local import train_local
 from cardiofed.wire import decode_arrays, encode_arrays, encode_metrics
 
@@ -82,8 +82,9 @@ def train_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig, wei
         model, weights, pre.transform(site.x_train), site.y_train.astype(np.float32),
         site=manifest["site"], seed=derive_seed(plan.seed, round_number, site_index),
         trainer=trainer)
-    return encode_arrays(update.delta, {**manifest, "num_samples": str(update.num_samples),
-                                        "train_loss": repr(update.train_loss)})
+    if privacy is not None:
+        update = privacy.declare(update)
+    return encode_arrays(update.delta, {**manifest, **update_manifest(update)})
 
 
 def evaluate_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig,

@@ -31,7 +31,7 @@ from cardiofed.models.networks import get_weights, make_model, score
 from cardiofed.privacy.accountant import calibrate_noise
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import (
-    STATISTICS_DISCLOSURE,
+    PRIVACY_DISCLOSURE,
     run_experiment,
     site_privacy,
 )
@@ -213,11 +213,12 @@ def membership_inference(dataset: FederatedDataset, config: SimulationConfig, *,
                          seed: int) -> list[dict[str, object]]:
     """Loss-threshold membership attack on the final global model, one row per epsilon
     (None: no DP). `seed` replaces ``config.seed`` for training. AUC 0.5: no leakage."""
-    sites = prepare_federation(dataset, config.standardisation)
     rows: list[dict[str, object]] = []
     for eps in epsilons:
         cfg = _with(config, dp_epsilon=eps, seed=seed, eval_every=0)
-        run = run_federated(sites, cfg, privacy=site_privacy(sites, cfg) or None)
+        privacy = site_privacy(dataset, cfg)
+        sites = prepare_federation(dataset, cfg.standardisation, privacy=privacy or None)
+        run = run_federated(sites, cfg, privacy=privacy or None)
         inside = {s.name: _losses(cfg.model, run.weights, s.x_train, s.y_train) for s in sites}
         outside = {s.name: _losses(cfg.model, run.weights, s.x_test, s.y_test) for s in sites}
         member = np.concatenate(list(inside.values()))
@@ -264,7 +265,7 @@ def update_inversion(x_row: np.ndarray, y: float, *, epsilon: float | None,
             raise ConfigurationError(f"The 'delta' parameter must be in (0, 1); got {delta!r}.")
         sigma = _one_step_noise(float(epsilon), float(delta))
         train_local_dp(model, x, target, local, DPConfig(noise_multiplier=sigma,
-                                                         max_grad_norm=max_grad_norm), seed=seed)
+                                                         max_grad_norm=max_grad_norm))
     end = get_weights(model)
     dw = end["linear.weight"].astype(np.float64).ravel() - start["linear.weight"].ravel()
     db = float(end["linear.bias"][0]) - float(start["linear.bias"][0])
@@ -328,7 +329,7 @@ class AuditReport:
                           "epsilon": self.epsilon, "canary": self.canary.to_dict(),
                           "membership_inference": self.membership,
                           "update_inversion": self.inversion,
-                          "notes": [STATISTICS_DISCLOSURE]})  # type: ignore[return-value]
+                          "notes": [PRIVACY_DISCLOSURE]})  # type: ignore[return-value]
 
     def to_markdown(self) -> str:
         lines = [f"# Privacy audit: {self.dataset}", ""]
@@ -336,7 +337,7 @@ class AuditReport:
             lines += [f"## {title}", "", "| " + " | ".join(headers) + " |",
                       "|" + "---|" * len(headers)]
             lines += ["| " + " | ".join(row) + " |" for row in rows] + ["", caption, ""]
-        return "\n".join(lines + [f"Note: {STATISTICS_DISCLOSURE}", ""])
+        return "\n".join(lines + [f"Note: {PRIVACY_DISCLOSURE}", ""])
 
 
 def _f(value: object, spec: str = ".3f") -> str:

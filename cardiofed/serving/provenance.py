@@ -26,9 +26,16 @@ def from_experiment(result: ExperimentResult, *, study: str, feature_names: list
                                  "registered: a per-site standardised model needs each "
                                  "site's own preprocessor to score.")
     pre = next(iter(result.preprocessors.values()))
-    metrics = {site: {k: _finite(v) for k, v in labels[FEDERATED].items()}
-               for site, labels in result.metrics.items() if FEDERATED in labels}
-    privacy = {site: {"epsilon_spent": p["epsilon_spent"], "delta": p["delta"]}
+    notes = ["Metrics are each site's test split in simulation."]
+    if result.privacy:  # only what the sites' DP evaluation releases give may be published
+        metrics = {site: {k: _finite(v) for k, v in m.items()}
+                   for site, m in result.released_metrics.items()}
+        notes = ["Metrics are computed from each site's differentially private evaluation "
+                 "release (noisy score histograms), with 95% intervals."]
+    else:
+        metrics = {site: {k: _finite(v) for k, v in labels[FEDERATED].items()}
+                   for site, labels in result.metrics.items() if FEDERATED in labels}
+    privacy = {site: {k: v for k, v in p.items() if k.startswith("epsilon") or k == "delta"}
                for site, p in result.privacy.items()}
     recal = {site: {"intercept": r.intercept, "slope": r.slope}
              for site, r in result.recalibrations.items() if r.fitted}
@@ -37,8 +44,7 @@ def from_experiment(result: ExperimentResult, *, study: str, feature_names: list
                        rounds=config.rounds, sites=list(result.site_sizes),
                        encoded_names=feature_names, outcome=outcome,
                        weights=result.federated.weights, preprocessor=pre, metrics=metrics,
-                       privacy=privacy, recalibration=recal,
-                       notes=["Metrics are each site's test split in simulation."])
+                       privacy=privacy, recalibration=recal, notes=notes)
 
 
 def from_study(*, study: str, plan: dict[str, Any], feature_names: list[str],

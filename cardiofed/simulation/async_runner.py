@@ -174,6 +174,8 @@ def _train(algorithm: FederatedAlgorithm, model: nn.Module, weights: Weights,
     trainer: LocalTrainer = train_local
     if privacy is not None:
         trainer = partial(privacy[site.name].train, what="an asynchronous update")
-    return algorithm.client_update(model, weights, site.x_train, site.y_train, site=site.name,
-                                   seed=seed, trainer=trainer, report_global_loss=needs_loss,
-                                   sample_weight=site.sample_weight)
+    update = algorithm.client_update(model, weights, site.x_train, site.y_train,
+                                     site=site.name, seed=seed, trainer=trainer,
+                                     report_global_loss=needs_loss,
+                                     sample_weight=site.sample_weight)
+    return update if privacy is None else privacy[site.name].declare(update)

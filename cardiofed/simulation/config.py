@@ -81,6 +81,19 @@ class SimulationConfig(BaseModel):
             raise ValueError("fraction_fit samples sites for synchronous rounds; with "
                              "aggregation = 'async' every site trains at its own pace, so "
                              "leave fraction_fit at 1")
+        if self.dp_epsilon is not None and self.label_quality:
+            raise ValueError("label_quality cross-evaluates each site's non-private local "
+                             "model at the other sites, a release differential privacy does "
+                             "not cover; switch label_quality off with dp_epsilon")
+        if self.dp_epsilon is not None and self.recalibrate:
+            raise ValueError("recalibrate fits each site's intercept and slope on its own rows "
+                             "without noise (one patient moves the intercept), a release "
+                             "differential privacy does not cover; switch recalibrate off "
+                             "with dp_epsilon")
+        if self.dp_epsilon is not None and self.standardisation == "per-site":
+            raise ValueError("standardisation 'per-site' uses each site's exact mean and SD, "
+                             "which differential privacy does not cover; use 'global' "
+                             "(from the sites' noisy statistics) with dp_epsilon")
         if self.dp_epsilon is not None and self.covariate_shift:
             raise ValueError("covariate_shift reweights samples, which DP-SGD here does not "
                              "support; switch one of them off")

@@ -7,6 +7,7 @@ view used for reports and benchmarks.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,14 @@ from cardiofed.evaluation.recalibration import Recalibration, fit_recalibration
 from cardiofed.exceptions import PrivacyBudgetExceeded
 from cardiofed.models.estimator import RiskEstimator
 from cardiofed.models.networks import Weights, score
-from cardiofed.privacy.budget import PrivacyLedger, SiteBudget
+from cardiofed.evaluation.private_metrics import metrics_with_uncertainty, score_bin_edges
+from cardiofed.privacy.budget import (
+    RELEASE_KINDS,
+    PrivacyLedger,
+    SiteBudget,
+    data_fingerprint,
+    open_ledger,
+)
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.async_runner import run_async
 from cardiofed.simulation.config import SimulationConfig
@@ -37,8 +45,7 @@ from cardiofed.simulation.runner import (
     run_federated,
     train_centralised,
 )
-from cardiofed.training.dp import DPConfig
-from cardiofed.wire import encode_metrics
+from cardiofed.wire import encode_arrays, encode_metrics
 
 FEDERATED, LOCAL, POOLED = "federated", "local-only", "pooled"
 RECALIBRATED = "federated+recalibrated"
@@ -64,6 +71,9 @@ class ExperimentResult:
     label_quality: LabelQuality | None = None
     sites: list[PreparedSite] = field(default_factory=list)  # as the federation prepared them
     recalibrations: dict[str, Recalibration] = field(default_factory=dict)
+    # site -> metrics of the federated model as its DP evaluation release gives them
+    # (point estimates and 95% intervals); what a model card may publish under DP.
+    released_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def estimator(self, site: str) -> RiskEstimator:
         """The federated model as an estimator, with the preprocessing `site` used."""
@@ -102,33 +112,55 @@ def _record(result: ExperimentResult, label: str, site_probs: dict[str, np.ndarr
     result.metrics.setdefault(POOLED_TEST, {})[label] = binary_metrics(y_all, p_all)
 
 
-STATISTICS_DISCLOSURE = (
-    "Federated preprocessing statistics (per-column counts, sums, sums of squares and "
-    "histograms of each site's training rows) are released without DP noise: they are "
-    "NOT covered by the epsilon reported here.")
+PRIVACY_DISCLOSURE = (
+    "Every release of a site is charged to its ledger: the preprocessing statistics "
+    "(Gaussian noise on histograms and the record count), every DP-SGD step, and the "
+    "evaluation of the final model (noisy score histograms per label); epsilon is "
+    "reported per kind of release and composed in total. Noise comes from a secret source "
+    "at each site.")
 
 
-def site_privacy(sites: list[PreparedSite], config: SimulationConfig,
+def site_privacy(dataset: FederatedDataset, config: SimulationConfig,
                  ledger_dir: Path | None = None) -> dict[str, SitePrivacy]:
-    """Each site's ledger and DP-SGD noise calibrated for the whole planned schedule."""
+    """Each site's DP wrapper and ledger (bound to its records; kept in `ledger_dir`)."""
     if config.dp_epsilon is None:
         return {}
     budget = SiteBudget(epsilon_max=config.dp_epsilon, delta=config.dp_delta,
                         accountant=config.dp_accountant)
+    study = f"simulation-{dataset.name}-{secrets.token_hex(4)}"
     privacy = {}
-    for s in sites:
-        ledger = PrivacyLedger(site=s.name, budget=budget, n_records=s.n_train,
-                               path=ledger_dir / f"{s.name}.json" if ledger_dir else None)
-        try:
-            privacy[s.name] = SitePrivacy.calibrated(ledger, config.local_config(),
-                                                     rounds=config.rounds,
-                                                     max_grad_norm=config.dp_max_grad_norm)
-        except PrivacyBudgetExceeded:
-            # Budget already spent: any noise level is refused by the ledger's check, so
-            # the site sits out every round and the refusals are recorded.
-            privacy[s.name] = SitePrivacy(ledger=ledger, dp=DPConfig(
-                noise_multiplier=1.0, max_grad_norm=config.dp_max_grad_norm))
+    for s in dataset.sites:
+        fingerprint = data_fingerprint(np.vstack([s.x_train, s.x_test]),
+                                       np.concatenate([s.y_train, s.y_test]))
+        if ledger_dir is None:
+            ledger = PrivacyLedger(site=s.name, budget=budget, n_records=s.n_train,
+                                   fingerprint=fingerprint)
+        else:
+            ledger = open_ledger(site=s.name, budget=budget, n_records=s.n_train,
+                                 fingerprint=fingerprint, ledger_dir=ledger_dir)
+        privacy[s.name] = SitePrivacy(ledger=ledger, local=config.local_config(),
+                                      rounds=config.rounds,
+                                      max_grad_norm=config.dp_max_grad_norm, study=study)
     return privacy
+
+
+def _released_evaluation(result: ExperimentResult, privacy: dict[str, SitePrivacy],
+                         sites: list[PreparedSite], outbox: Outbox | None) -> None:
+    """Each site's DP evaluation release of the federated model, and the metrics (with
+    their uncertainty) computed from it, as the coordinator would."""
+    edges = score_bin_edges()
+    rng = np.random.default_rng(derive_seed(result.config.seed, 40_000))  # bootstrap only
+    for s in sites:
+        probs = score(result.config.model, result.federated.weights, s.x_test)
+        try:
+            neg, pos, noise = privacy[s.name].release_evaluation(s.y_test, probs, edges)
+        except PrivacyBudgetExceeded:
+            continue  # the site has no budget left: it publishes no metrics
+        if outbox is not None:
+            outbox(s.name, "metrics", encode_arrays({"negatives": neg, "positives": pos},
+                                                    {"noise_std": repr(noise)}))
+        result.released_metrics[s.name] = metrics_with_uncertainty(neg, pos, edges,
+                                                                   noise_std=noise, rng=rng)
 
 
 def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
@@ -137,8 +169,10 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
                    ) -> ExperimentResult:
     """Train federated (and, with ``baselines``, local-only and pooled) and evaluate all.
 
-    With ``config.dp_epsilon`` every site trains with DP-SGD under its own ledger
-    (persisted in `ledger_dir` when given); the baselines stay non-private references.
+    With ``config.dp_epsilon`` every site releases its statistics, training updates and
+    evaluation under its own ledger (persisted in `ledger_dir` when given); ``metrics``
+    keep the simulation-only exact view for researchers, ``released_metrics`` what the
+    sites' DP evaluation releases give. The baselines stay non-private references.
     `outbox` sees every payload the sites send (statistics, updates, metrics).
     Bias corrections: ``label_quality`` cross-evaluates the sites' local models (only
     AUCs cross sites) and gives a site whose labels disagree with the others' no weight;
@@ -146,8 +180,9 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     fitted on its own training rows (intercept only when the slope is too uncertain),
     as the model ``federated+recalibrated``.
     """
+    privacy = site_privacy(dataset, config, ledger_dir)
     sites = prepare_federation(dataset, config.standardisation, outbox,
-                               covariate_shift=config.covariate_shift)
+                               covariate_shift=config.covariate_shift, privacy=privacy or None)
     local_sites: list[PreparedSite] = []
     local_weights: list[Weights] = []
     if baselines or config.label_quality:
@@ -157,7 +192,6 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
                          for k, s in enumerate(local_sites)]
     quality = _label_quality(dataset, config, local_sites, local_weights) \
         if config.label_quality else None
-    privacy = site_privacy(sites, config, ledger_dir)
     multipliers = dict.fromkeys(quality.flagged, 0.0) if quality else None
     if config.aggregation == "async":
         run = run_async(sites, config, privacy=privacy or None, outbox=outbox,
@@ -170,18 +204,23 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
                               site_sizes={s.name: s.n_train for s in sites},
                               preprocessors={s.name: s.preprocessor for s in sites},
                               label_quality=quality, sites=sites)
+    if privacy:
+        _released_evaluation(result, privacy, sites, outbox)
     for name, p in privacy.items():
+        by_kind = p.ledger.spent_by_kind()
         result.privacy[name] = {
-            "epsilon_spent": p.ledger.spent(), "epsilon_max": p.ledger.budget.epsilon_max,
-            "delta": p.ledger.delta, "noise_multiplier": p.dp.noise_multiplier,
-            "max_grad_norm": p.dp.max_grad_norm, "n_records": float(p.ledger.n_records),
+            "epsilon_spent": by_kind["total"], "epsilon_max": p.ledger.budget.epsilon_max,
+            **{f"epsilon_{kind}": by_kind[kind] for kind in RELEASE_KINDS},
+            "delta": p.ledger.delta,
+            "noise_multiplier": p.dp.noise_multiplier if p.dp else float("nan"),
+            "max_grad_norm": p.max_grad_norm, "n_records": float(p.ledger.n_records),
             "rounds_trained": float(run.participation[name])}
     if baselines:
         _record(result, LOCAL, {s.name: score(config.model, w, s.x_test)
                                 for s, w in zip(local_sites, local_weights, strict=True)},
                 local_sites)
     _record(result, FEDERATED, {s.name: score(config.model, run.weights, s.x_test)
-                                for s in sites}, sites, outbox)
+                                for s in sites}, sites, None if privacy else outbox)
     if config.recalibrate:
         recalibrated = {}
         for s in sites:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from cardiofed.aggregation.covariate_shift import covariate_weights
 from cardiofed.data.dataset import FederatedDataset, SiteData
 from cardiofed.data.preprocessing import (
+    PRIVATE_BINS,
     Preprocessor,
     SiteStatistics,
     bin_edges,
@@ -19,8 +20,11 @@ from cardiofed.data.preprocessing import (
     merge_statistics,
     site_statistics,
 )
-from cardiofed.exceptions import ConfigurationError
+from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.wire import decode_arrays, encode_arrays
+
+if TYPE_CHECKING:
+    from cardiofed.privacy.site_privacy import SitePrivacy
 
 Standardisation = Literal["global", "per-site"]
 
@@ -54,7 +58,8 @@ def _prepared(site: SiteData, pre: Preprocessor) -> PreparedSite:
 
 def prepare_federation(dataset: FederatedDataset, standardisation: Standardisation = "global",
                        outbox: Callable[[str, str, bytes], None] | None = None, *,
-                       covariate_shift: bool = False) -> list[PreparedSite]:
+                       covariate_shift: bool = False,
+                       privacy: Mapping[str, SitePrivacy] | None = None) -> list[PreparedSite]:
     """Impute and standardise every site with federated statistics.
 
     ``global``: one preprocessor from merged site statistics (equal to pooled ones).
@@ -63,15 +68,31 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
     With `outbox`, each site's statistics pass through it as wire payloads. With
     `covariate_shift`, each site weights its rows toward the federation's feature
     distribution, from its own and the merged histograms (no rows move).
+    A site in `privacy` releases its statistics through its DP wrapper (charged to its
+    ledger, :data:`PRIVATE_BINS` bins); a site whose budget refuses the release
+    contributes nothing and still receives the merged preprocessor.
     """
     if standardisation not in ("global", "per-site"):
         raise ConfigurationError(f"The 'standardisation' parameter must be 'global' or "
                                  f"'per-site'; got {standardisation!r}.")
+    if privacy and (standardisation != "global" or covariate_shift):
+        raise ConfigurationError("Private statistics support global standardisation only, "
+                                 "without covariate_shift.")
     edges = bin_edges(dataset.feature_ranges)
-    released = [site_statistics(s.x_train, edges) for s in dataset.sites]
-    if outbox is not None:
-        released = [_via_wire(s.name, stats, outbox) for s, stats in zip(dataset.sites, released,
-                                                                          strict=True)]
+    private_edges = bin_edges(dataset.feature_ranges, PRIVATE_BINS)
+    released: list[SiteStatistics] = []
+    for s in dataset.sites:
+        if privacy is None or s.name not in privacy:
+            stats = site_statistics(s.x_train, edges)
+        else:
+            try:
+                stats = privacy[s.name].release_statistics(s.x_train, private_edges)
+            except PrivacyBudgetExceeded:
+                continue  # the site releases nothing; its training is refused likewise
+        released.append(stats if outbox is None else _via_wire(s.name, stats, outbox))
+    if not released:
+        raise PrivacyBudgetExceeded("No site has privacy budget left for its statistics "
+                                    "release; the federation cannot start.")
     merged = merge_statistics(released, edges, dataset.feature_names)
     prepared = [_prepared(s, merged if standardisation == "global"
                           else local_preprocessor(s.x_train, merged.fill))

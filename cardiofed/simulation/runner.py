@@ -8,6 +8,7 @@ on the union of the sites' rows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -167,6 +168,8 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 except PrivacyBudgetExceeded as refusal:
                     run.refusals.append((rnd, site.name, str(refusal)))
                     continue
+                if privacy is not None:
+                    update = privacy[site.name].declare(update)
                 updates.append(update if outbox is None else via_wire(update, rnd, outbox))
                 run.participation[site.name] += 1
                 if scaffold:
@@ -192,7 +195,7 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             if last or (config.eval_every and rnd % config.eval_every == 0):
                 record = {"round": float(rnd), "time_s": now,
                           "train_loss": float(np.mean([u.train_loss for u in updates]))
-                          if updates else float("nan"),
+                          if updates and privacy is None else float("nan"),
                           **round_metrics(config.model, weights, sites)}
                 for name, site_privacy in (privacy or {}).items():
                     record[f"epsilon/{name}"] = site_privacy.ledger.spent()
@@ -214,11 +217,19 @@ def shares(counts: Mapping[str, float]) -> dict[str, float]:
 Outbox = Callable[[str, str, bytes], None]
 
 
+def update_manifest(update: ClientUpdate) -> dict[str, str]:
+    """The manifest fields an update carries: its declared sample size, and its training
+    loss only when there is one (a private update has none)."""
+    manifest = {"num_samples": str(update.num_samples)}
+    if math.isfinite(update.train_loss):
+        manifest["train_loss"] = repr(update.train_loss)
+    return manifest
+
+
 def via_wire(update: ClientUpdate, rnd: int, outbox: Outbox) -> ClientUpdate:
     """Serialise `update` as on the wire, hand it to `outbox`, and decode it again."""
     payload = encode_arrays(update.delta, {"site": update.site, "round": str(rnd),
-                                           "num_samples": str(update.num_samples),
-                                           "train_loss": repr(update.train_loss)})
+                                           **update_manifest(update)})
     outbox(update.site, "update", payload)
     delta, manifest = decode_arrays(payload)
     return replace(update, delta=delta, num_samples=int(manifest["num_samples"]))

@@ -12,7 +12,7 @@ from cardiofed.simulation.experiment import (
     FEDERATED,
     LOCAL,
     POOLED,
-    STATISTICS_DISCLOSURE,
+    PRIVACY_DISCLOSURE,
     ExperimentResult,
 )
 
@@ -50,14 +50,16 @@ def summary_table(result: ExperimentResult) -> Table:
 
 
 _PRIVACY_COLUMNS = (("n_records", "n"), ("delta", "delta"), ("epsilon_max", "eps max"),
-                    ("epsilon_spent", "eps spent"), ("noise_multiplier", "sigma"),
-                    ("max_grad_norm", "clip"), ("rounds_trained", "rounds"))
+                    ("epsilon_statistics", "eps statistics"), ("epsilon_train", "eps train"),
+                    ("epsilon_evaluate", "eps evaluate"), ("epsilon_spent", "eps total"),
+                    ("noise_multiplier", "DP-SGD sigma"), ("max_grad_norm", "clip"),
+                    ("rounds_trained", "rounds"))
 
 
 def privacy_table(result: ExperimentResult) -> Table:
     """Per site: the (epsilon, delta) its ledger has spent and the DP-SGD settings."""
     table = Table(title=f"Differential privacy per site ({result.config.dp_accountant.upper()} "
-                        "accounting of every local step)", caption=STATISTICS_DISCLOSURE)
+                        "accounting of every release)", caption=PRIVACY_DISCLOSURE)
     table.add_column("site", no_wrap=True)
     for _, heading in _PRIVACY_COLUMNS:
         table.add_column(heading, justify="right")
@@ -75,7 +77,7 @@ def _privacy_section(result: ExperimentResult) -> str:
     refusals = "".join(f"<li>round {rnd}: {html.escape(reason)}</li>"
                        for rnd, _, reason in result.federated.refusals)
     return (f"<table><tr><th>site</th>{head}</tr>{rows}</table>"
-            f"<p>{html.escape(STATISTICS_DISCLOSURE)}</p>"
+            f"<p>{html.escape(PRIVACY_DISCLOSURE)}</p>"
             + (f"<p>Refused rounds:</p><ul>{refusals}</ul>" if refusals else ""))
 
 

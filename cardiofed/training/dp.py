@@ -7,6 +7,10 @@ noise of standard deviation ``noise_multiplier * max_grad_norm``
 (:class:`opacus.optimizers.DPOptimizer`). The privacy unit is one patient record of
 the site. The function returns the :class:`GaussianEvent` it ran, for the ledger.
 
+The noise and the Poisson masks come from a generator seeded with fresh secret bits
+(:func:`cardiofed.privacy.randomness.secure_torch_generator`), never from a seed another
+party knows: with a known seed the coordinator could replay the noise and remove it.
+
 The sensitivity is the fixed clipping bound, never a quantity computed from the data.
 """
 
@@ -55,9 +59,17 @@ def dp_schedule(n_records: int, config: LocalTrainingConfig) -> tuple[float, int
 
 
 def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: LocalTrainingConfig,
-                   dp: DPConfig, *, seed: int) -> tuple[LocalResult, GaussianEvent]:
-    """Train `model` in place with DP-SGD; return the result and the privacy event."""
+                   dp: DPConfig, *, insecure_generator: torch.Generator | None = None
+                   ) -> tuple[LocalResult, GaussianEvent]:
+    """Train `model` in place with DP-SGD; return the result and the privacy event.
+
+    ``insecure_generator`` replaces the secret noise source with one the caller holds:
+    the release is then NOT private (anyone with the generator's seed can remove the
+    noise). It exists for privacy audits' positive controls and noise-statistics tests
+    only; no configuration, command or service reaches it.
+    """
     from cardiofed.privacy.accountant import GaussianEvent
+    from cardiofed.privacy.randomness import secure_torch_generator
 
     if config.proximal_mu > 0:
         raise ConfigurationError("DP-SGD does not support FedProx's proximal term "
@@ -66,7 +78,7 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.float32)
     sample_rate, steps = dp_schedule(len(yt), config)
-    generator = torch.Generator().manual_seed(seed)
+    generator = insecure_generator or secure_torch_generator()
     gsm = GradSampleModule(model, loss_reduction="sum")
     params = [p for p in gsm.parameters() if p.requires_grad]
     base: torch.optim.Optimizer
@@ -80,7 +92,6 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
                             max_grad_norm=dp.max_grad_norm, expected_batch_size=expected,
                             loss_reduction="mean", generator=generator)
     gsm.train()
-    total = 0.0
     with warnings.catch_warnings():
         # Opacus' per-sample hooks fire on module outputs because inputs need no gradient;
         # PyTorch warns about exactly that, and it is what Opacus intends.
@@ -92,8 +103,9 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
                                                                   reduction="sum")
             loss.backward()  # an empty sample still takes a (pure noise) step, as accounted
             optimizer.step()
-            total += float(loss.detach()) / max(int(mask.sum()), 1)
     gsm._close()
     event = GaussianEvent(noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate,
                           steps=steps)
-    return LocalResult(num_steps=steps, mean_loss=total / steps), event
+    # The training loss is a function of the records computed before any noise: it is
+    # not part of the private release, so it is not returned (NaN) and never leaves.
+    return LocalResult(num_steps=steps, mean_loss=float("nan")), event

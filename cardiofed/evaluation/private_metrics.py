@@ -1,0 +1,273 @@
+"""Differentially private evaluation of a risk model from noisy score histograms.
+
+The mechanism. A site bins its predicted risks on fixed, public, data-independent edges
+(:func:`score_bin_edges`) and counts, per bin, its negatives and its positives. It
+releases both histograms with independent Gaussian noise N(0, noise_std^2) on every bin
+(:func:`release_score_histograms`). Adding or removing one patient changes exactly one
+bin of one histogram by 1, so the L2 sensitivity is 1 and ``noise_std`` is the noise
+multiplier of a Gaussian mechanism (zCDP with rho = 1 / (2 noise_std^2)); the site's
+privacy accountant turns it into (epsilon, delta). The edges must not depend on the data,
+and the noise must come from a secret source at the site
+(:func:`cardiofed.privacy.randomness.secure_numpy_rng`), never from a seed another party
+knows: this module only draws from the generator the caller passes in.
+
+Everything after the release is post-processing of the released counts and costs no
+further privacy: the coordinator clips negative counts to 0, computes the same metrics as
+:func:`cardiofed.evaluation.metrics.binary_metrics` from the histograms
+(:func:`metrics_from_histograms`), and attaches parametric-bootstrap intervals that
+reflect both the sampling variation of the cohort and the noise of the mechanism
+(:func:`metrics_with_uncertainty`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import numpy.typing as npt
+
+from cardiofed.evaluation.metrics import fit_logistic, validate_binary_inputs
+from cardiofed.exceptions import ConfigurationError, DataValidationError
+
+__all__ = [
+    "metrics_from_histograms",
+    "metrics_with_uncertainty",
+    "release_score_histograms",
+    "score_bin_edges",
+    "score_histograms",
+]
+
+FloatArray = npt.NDArray[np.float64]
+
+_LOGIT_SPAN = 5.0
+"""Interior edges are equally spaced in logit on [-_LOGIT_SPAN, +_LOGIT_SPAN]."""
+
+_REP_CLIP = 1e-4
+"""Edges 0 and 1 are clipped to [_REP_CLIP, 1 - _REP_CLIP] for the representative risks."""
+
+_CI_KEYS = ("auc", "calibration_slope", "calibration_intercept", "ece", "brier", "prevalence")
+
+
+def _expit(x: FloatArray) -> FloatArray:
+    return np.exp(-np.logaddexp(0.0, -x))
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def score_bin_edges(n_bins: int = 24) -> FloatArray:
+    """Public bin edges on predicted risk: 0, then n_bins - 1 edges equally spaced in
+    logit on [-5, 5] (0.5 among them), then 1.
+
+    ``n_bins`` must be an even integer >= 4, so that the middle interior edge is 0.5.
+    """
+    if (isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer)
+            or n_bins < 4 or n_bins % 2):
+        raise ConfigurationError(f"n_bins must be an even integer >= 4; got {n_bins!r}")
+    n_bins = int(n_bins)
+    interior = _expit(np.linspace(-_LOGIT_SPAN, _LOGIT_SPAN, n_bins - 1))
+    interior[(n_bins - 2) // 2] = 0.5  # logit 0; set exactly so threshold 0.5 is an edge
+    return np.concatenate([[0.0], interior, [1.0]])
+
+
+def _check_edges(edges: npt.ArrayLike) -> FloatArray:
+    e = np.asarray(edges, dtype=np.float64)
+    if e.ndim != 1 or e.size < 2:
+        raise ConfigurationError(f"edges must be 1-D with at least 2 values; got shape {e.shape}")
+    if not np.all(np.isfinite(e)) or e[0] != 0.0 or e[-1] != 1.0 or np.any(np.diff(e) <= 0):
+        raise ConfigurationError(
+            f"edges must increase strictly from 0.0 to 1.0; got {e[0]:g} .. {e[-1]:g} "
+            f"with {int(np.sum(np.diff(e) <= 0))} non-increasing steps")
+    return e
+
+
+def _check_noise_std(noise_std: object) -> float:
+    if isinstance(noise_std, numbers.Real) and not isinstance(noise_std, bool):
+        value = float(noise_std)
+        if math.isfinite(value) and value >= 0.0:
+            return value
+    raise ConfigurationError(f"noise_std must be finite and >= 0; got {noise_std!r}")
+
+
+def _check_rng(rng: object) -> np.random.Generator:
+    if not isinstance(rng, np.random.Generator):
+        raise ConfigurationError(f"rng must be a numpy Generator; got {type(rng).__name__}")
+    return rng
+
+
+def _check_counts(name: str, counts: npt.ArrayLike, n_bins: int) -> FloatArray:
+    c = np.asarray(counts, dtype=np.float64)
+    if c.shape != (n_bins,):
+        raise DataValidationError(
+            f"{name} must have one count per bin, shape ({n_bins},); got shape {c.shape}")
+    n_bad = int((~np.isfinite(c)).sum())
+    if n_bad:
+        raise DataValidationError(f"{name} must be finite; got {n_bad} non-finite counts")
+    return np.clip(c, 0.0, None)
+
+
+def _threshold_index(threshold: object, edges: FloatArray) -> int:
+    # The last edge is excluded: the last bin is closed, so p == 1.0 could not be told apart.
+    hits = np.flatnonzero(edges[:-1] == threshold) if _is_real(threshold) else np.array([])
+    if hits.size != 1:
+        raise ConfigurationError(
+            f"threshold must be one of the bin edges except the last, so that it falls on a "
+            f"bin boundary; got {threshold!r}")
+    return int(hits[0])
+
+
+def _representative_logits(edges: FloatArray) -> FloatArray:
+    """Midpoint in logit of each bin's edges, edges 0 and 1 clipped to 1e-4 and 1 - 1e-4."""
+    e = np.clip(edges, _REP_CLIP, 1.0 - _REP_CLIP)
+    lg = np.log(e) - np.log1p(-e)
+    return 0.5 * (lg[:-1] + lg[1:])
+
+
+def score_histograms(y_true: npt.ArrayLike, y_prob: npt.ArrayLike,
+                     edges: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
+    """Exact (negatives, positives) counts per bin, as float64.
+
+    Bin k holds risks in [edges[k], edges[k+1]); the last bin is closed. ``edges`` must
+    increase strictly from 0.0 to 1.0.
+    """
+    y, p = validate_binary_inputs(y_true, y_prob)
+    e = _check_edges(edges)
+    n_bins = e.size - 1
+    idx = np.minimum(np.searchsorted(e, p, side="right") - 1, n_bins - 1)
+    is_pos = y == 1.0
+    neg = np.bincount(idx[~is_pos], minlength=n_bins).astype(np.float64)
+    pos = np.bincount(idx[is_pos], minlength=n_bins).astype(np.float64)
+    return neg, pos
+
+
+def release_score_histograms(y_true: npt.ArrayLike, y_prob: npt.ArrayLike,
+                             edges: npt.ArrayLike, *, noise_std: float,
+                             rng: np.random.Generator) -> tuple[FloatArray, FloatArray]:
+    """The Gaussian-mechanism release: exact histograms plus N(0, noise_std^2) per bin.
+
+    ``noise_std`` (counts) is the noise multiplier, the L2 sensitivity being 1; 0 releases
+    the exact counts. ``rng`` must be a secret generator for a real release.
+    """
+    sigma = _check_noise_std(noise_std)
+    gen = _check_rng(rng)
+    neg, pos = score_histograms(y_true, y_prob, edges)
+    if sigma > 0.0:
+        noise = gen.normal(0.0, sigma, size=(2, neg.size))
+        neg = neg + noise[0]
+        pos = pos + noise[1]
+    return neg, pos
+
+
+def _metrics(neg: FloatArray, pos: FloatArray, lp_rep: FloatArray,
+             k_threshold: int) -> dict[str, float]:
+    """Metrics from clipped (non-negative) histograms; no validation."""
+    nan = math.nan
+    n_neg = float(neg.sum())
+    n_pos = float(pos.sum())
+    n = n_neg + n_pos
+    if n <= 0.0:
+        return {"n": 0.0, "prevalence": nan, "mean_predicted": nan, "auc": nan,
+                "accuracy": nan, "brier": nan, "calibration_slope": nan,
+                "calibration_intercept": nan, "ece": nan, "sensitivity": nan,
+                "specificity": nan}
+    rep = _expit(lp_rep)
+    total = neg + pos
+    if n_pos > 0.0 and n_neg > 0.0:
+        neg_below = np.cumsum(neg) - neg
+        auc = float(np.sum(pos * (neg_below + 0.5 * neg)) / (n_pos * n_neg))
+    else:
+        auc = nan
+    tp = float(pos[k_threshold:].sum())
+    tn = float(neg[:k_threshold].sum())
+
+    # Weighted logistic fits on one row per (bin, label), weighted by its count.
+    y = np.concatenate([np.zeros_like(lp_rep), np.ones_like(lp_rep)])
+    lp = np.concatenate([lp_rep, lp_rep])
+    w = np.concatenate([neg, pos])
+    keep = w > 0.0
+    y, lp, w = y[keep], lp[keep], w[keep]
+    ones = np.ones((y.size, 1))
+    slope_fit = fit_logistic(np.column_stack([ones, lp]), y, np.zeros_like(y),
+                             np.array([0.0, 1.0]), weights=w)
+    citl_fit = fit_logistic(ones, y, lp, np.array([0.0]), weights=w)
+    return {
+        "n": n,
+        "prevalence": n_pos / n,
+        "mean_predicted": float(np.sum(total * rep) / n),
+        "auc": auc,
+        "accuracy": (tp + tn) / n,
+        "brier": float(np.sum(neg * rep**2 + pos * (1.0 - rep) ** 2) / n),
+        "calibration_slope": float(slope_fit[1]) if slope_fit is not None else nan,
+        "calibration_intercept": float(citl_fit[0]) if citl_fit is not None else nan,
+        # sum_k total_k * |rep_k - pos_k / total_k| / n; empty bins contribute 0.
+        "ece": float(np.sum(np.abs(total * rep - pos)) / n),
+        "sensitivity": tp / n_pos if n_pos > 0.0 else nan,
+        "specificity": tn / n_neg if n_neg > 0.0 else nan,
+    }
+
+
+def metrics_from_histograms(neg: npt.ArrayLike, pos: npt.ArrayLike, edges: npt.ArrayLike,
+                            *, threshold: float = 0.5) -> dict[str, float]:
+    """Metrics of :func:`~cardiofed.evaluation.metrics.binary_metrics` from (noisy) counts.
+
+    Negative counts are clipped to 0 first. Each bin stands for the expit of the midpoint
+    in logit of its edges; ties within a bin count 1/2 in the AUC, and the ECE uses one bin
+    per histogram bin. ``threshold`` must be one of ``edges[:-1]``, so that accuracy,
+    sensitivity and specificity are exact. Values that are not estimable are nan; ``n``
+    is the clipped total count.
+    """
+    e = _check_edges(edges)
+    n_bins = e.size - 1
+    neg_c = _check_counts("neg", neg, n_bins)
+    pos_c = _check_counts("pos", pos, n_bins)
+    k = _threshold_index(threshold, e)
+    return _metrics(neg_c, pos_c, _representative_logits(e), k)
+
+
+def metrics_with_uncertainty(neg: npt.ArrayLike, pos: npt.ArrayLike, edges: npt.ArrayLike,
+                             *, noise_std: float, rng: np.random.Generator,
+                             n_boot: int = 200, level: float = 0.95,
+                             threshold: float = 0.5) -> dict[str, float]:
+    """Point metrics plus percentile-bootstrap intervals ``<key>_ci_low``/``<key>_ci_high``
+    for auc, calibration_slope, calibration_intercept, ece, brier and prevalence.
+
+    Each of ``n_boot`` replicates redraws every clipped released count as Poisson(count)
+    (sampling variation) and adds fresh N(0, noise_std^2) noise (the mechanism's
+    variation), then recomputes the metrics. ``noise_std`` is the mechanism's, in counts;
+    ``level`` in (0, 1). Non-estimable replicates are ignored; an interval is nan when
+    none is estimable. Post-processing only: costs no privacy.
+    """
+    sigma = _check_noise_std(noise_std)
+    gen = _check_rng(rng)
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int | np.integer) or n_boot < 1:
+        raise ConfigurationError(f"n_boot must be a positive integer; got {n_boot!r}")
+    if not (_is_real(level) and 0.0 < float(level) < 1.0):
+        raise ConfigurationError(f"level must be in (0, 1); got {level!r}")
+    e = _check_edges(edges)
+    n_bins = e.size - 1
+    neg_c = _check_counts("neg", neg, n_bins)
+    pos_c = _check_counts("pos", pos, n_bins)
+    k = _threshold_index(threshold, e)
+    lp_rep = _representative_logits(e)
+
+    result = _metrics(neg_c, pos_c, lp_rep, k)
+    counts = np.stack([neg_c, pos_c])
+    draws = np.empty((len(_CI_KEYS), int(n_boot)))
+    for b in range(int(n_boot)):
+        replicate = gen.poisson(counts).astype(np.float64)
+        if sigma > 0.0:
+            replicate += gen.normal(0.0, sigma, size=counts.shape)
+        np.clip(replicate, 0.0, None, out=replicate)
+        m = _metrics(replicate[0], replicate[1], lp_rep, k)
+        draws[:, b] = [m[key] for key in _CI_KEYS]
+    tail = 100.0 * (1.0 - float(level)) / 2.0
+    for key, values in zip(_CI_KEYS, draws, strict=True):
+        if np.all(np.isnan(values)):
+            low = high = math.nan
+        else:
+            low, high = (float(v) for v in np.nanpercentile(values, [tail, 100.0 - tail]))
+        result[f"{key}_ci_low"] = low
+        result[f"{key}_ci_high"] = high
+    return result
