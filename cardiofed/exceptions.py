@@ -6,6 +6,7 @@
     ├── ConfigurationError    invalid settings; the message names parameter and value
     │                         (also a ValueError)
     ├── PrivacyBudgetExceeded a site refuses a release that would exceed its budget
+    ├── TaskRefused           a node refuses a task outside the study plan it pinned
     └── CoordinatorError      a request the coordinator refuses (HTTP status in brackets)
         ├── AuthenticationError   no, unknown or revoked credential            [401]
         ├── PermissionDenied      authenticated, but not allowed to do this     [403]
@@ -34,6 +35,11 @@ class ConfigurationError(CardioFedError, ValueError):
 
 class PrivacyBudgetExceeded(CardioFedError):
     """A site refuses a release: it would spend more than the site's epsilon_max."""
+
+
+class TaskRefused(CardioFedError):
+    """A hospital node refuses a task: outside the plan it pinned at enrolment, or a
+    release parameter that is not the schema's or the site's own."""
 
 
 class CoordinatorError(CardioFedError):

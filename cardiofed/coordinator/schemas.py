@@ -31,6 +31,11 @@ class TaskResponse(BaseModel):
     feature_ranges: list[list[float]]
 
 
+class RefusalRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=500)
+
+
 class SubmitResponse(BaseModel):
     sha256: str
     status: str = Field(description="'accepted', or 'already accepted' for a retry")

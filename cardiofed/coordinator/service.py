@@ -45,6 +45,7 @@ from cardiofed.algorithms import ClientUpdate
 from cardiofed.coordinator.storage import (
     AdminKey,
     ModelVersion,
+    Refusal,
     Round,
     Site,
     Study,
@@ -52,6 +53,7 @@ from cardiofed.coordinator.storage import (
     utcnow,
 )
 from cardiofed.data.preprocessing import SiteStatistics, bin_edges, merge_statistics
+from cardiofed.evaluation.private_metrics import metrics_with_uncertainty, score_bin_edges
 from cardiofed.exceptions import (
     AuthenticationError,
     ConfigurationError,
@@ -242,6 +244,32 @@ def _reported(db: Session, rnd: Round) -> dict[int, Update]:
     return {u.site_id: u for u in db.scalars(select(Update).where(Update.round_id == rnd.id))}
 
 
+def _refusals(db: Session, study: Study) -> list[Refusal]:
+    return list(db.scalars(select(Refusal).where(Refusal.study_id == study.id)
+                           .order_by(Refusal.id)))
+
+
+def _refused(db: Session, study: Study, round_number: int) -> set[int]:
+    """Sites that refused this round's task: the round does not wait for them."""
+    return {r.site_id for r in _refusals(db, study) if r.round_number == round_number}
+
+
+def refuse(db: Session, site: Site, *, round_number: int, reason: str,
+           now: Clock = utcnow) -> None:
+    """Record that `site` refused its task of `round_number` (logged and in the status);
+    the round goes on without it."""
+    study = get_study(db, site.study_id)
+    with _serialised(db, study):
+        _round(db, study, round_number)  # NotFound for a round that does not exist
+        if site.id not in _refused(db, study, round_number):
+            db.add(Refusal(study_id=study.id, site_id=site.id, round_number=round_number,
+                           reason=reason[:500], created_at=now()))
+            log.warning("study %s: site %s refused round %d: %s", study.id, site.name,
+                        round_number, reason[:500])
+        db.commit()
+        _advance(db, study, now)
+
+
 @dataclass(frozen=True)
 class Task:
     study_id: str
@@ -258,7 +286,7 @@ def next_task(db: Session, site: Site, now: Clock = utcnow) -> Task | None:
     if study.phase == "done":
         return None
     rnd = _round(db, study)
-    if site.id in _reported(db, rnd):
+    if site.id in _reported(db, rnd) or site.id in _refused(db, study, rnd.number):
         return None
     return Task(study.id, rnd.number, rnd.kind, rnd.model_version, rnd.deadline)
 
@@ -323,10 +351,11 @@ def _staleness(study: Study, rnd: Round, site: Site) -> int | None:
     return staleness
 
 
-def _validate(db: Session, study: Study, rnd: Round, site: Site, payload: bytes) -> int:
-    if rnd.kind == EVALUATE:
-        if len(payload) > MAX_METRICS_BYTES:
-            raise PayloadTooLarge(f"Metrics payload exceeds {MAX_METRICS_BYTES} bytes.")
+def evaluation_metrics(payload: bytes) -> dict[str, Any]:
+    """A site's evaluation as metrics: JSON metrics as sent, or, from a private site, the
+    metrics (with 95% intervals) computed from its noisy score histograms, plus the
+    epsilon its manifest reports. Raises :class:`InvalidUpdate` naming what is wrong."""
+    if payload[:1] == b"{":
         try:
             metrics = json.loads(payload)
         except ValueError:
@@ -336,7 +365,37 @@ def _validate(db: Session, study: Study, rnd: Round, site: Site, payload: bytes)
                               and _finite(v)) for v in metrics.values()):
             raise InvalidUpdate("Evaluation payload must map metric names to finite numbers "
                                 "or null.")
-        return int(metrics.get("n", 0) or 0)
+        return metrics
+    try:
+        arrays, manifest = decode_arrays(payload)
+    except DataValidationError as exc:
+        raise InvalidUpdate(f"Evaluation payload is neither JSON metrics nor score "
+                            f"histograms: {exc}") from None
+    neg, pos = arrays.get("negatives"), arrays.get("positives")
+    if set(arrays) != {"negatives", "positives"} or neg is None or pos is None \
+            or neg.ndim != 1 or neg.shape != pos.shape:
+        raise InvalidUpdate("Evaluation histograms must be 'negatives' and 'positives', two "
+                            f"1-D arrays of one length; got "
+                            f"{ {k: v.shape for k, v in arrays.items()} }.")
+    try:
+        edges = score_bin_edges(int(neg.shape[0]))
+        noise_std = float(manifest.get("noise_std", "nan"))
+        metrics = metrics_with_uncertainty(neg, pos, edges, noise_std=noise_std,
+                                           rng=np.random.default_rng(0))
+        for key in ("epsilon_spent", "epsilon_delta"):
+            if key in manifest:
+                metrics[key] = float(manifest[key])
+    except (ValueError, ConfigurationError) as exc:
+        raise InvalidUpdate(f"Evaluation histograms are not usable: {exc}") from None
+    return {k: v if math.isfinite(v) else None for k, v in metrics.items()}
+
+
+def _validate(db: Session, study: Study, rnd: Round, site: Site, payload: bytes) -> int:
+    if rnd.kind == EVALUATE:
+        if len(payload) > MAX_METRICS_BYTES:
+            raise PayloadTooLarge(f"Metrics payload exceeds {MAX_METRICS_BYTES} bytes.")
+        evaluation_metrics(payload)
+        return 0
     try:
         arrays, manifest = decode_arrays(payload)
     except DataValidationError as exc:
@@ -390,7 +449,8 @@ def _advance(db: Session, study: Study, now: Clock) -> None:
                 return
             continue
         rnd = _round(db, study)
-        active = _active_sites(db, study)
+        refused = _refused(db, study, rnd.number)
+        active = [s for s in _active_sites(db, study) if s.id not in refused]
         reported = _reported(db, rnd)
         usable = [reported[s.id] for s in active if s.id in reported]  # revoked sites drop out
         if len(usable) < len(active) and now() < rnd.deadline:
@@ -431,8 +491,8 @@ def _close(db: Session, study: Study, rnd: Round, updates: list[Update], now: Cl
                               study.model_version)
     else:
         model = model_blob(db, study.id, study.model_version)
-        model.metrics = {name: json.loads(u.payload) for u, name in zip(updates, names,
-                                                                         strict=True)}
+        model.metrics = {name: evaluation_metrics(u.payload)
+                         for u, name in zip(updates, names, strict=True)}
         _card_metrics(db, study, model.metrics)
         next_kind, version = "", study.model_version
     rnd.closed_at = now()
@@ -460,7 +520,9 @@ def _publish_buffered(db: Session, study: Study, now: Clock) -> bool:
     """Fold the buffer into a new model version if it is due; True if one was published."""
     plan = study_plan(study)
     rnd = _round(db, study)
-    active = {s.id: s for s in _active_sites(db, study)}
+    # A site that refused a training task (e.g. it ran its planned rounds) trains no more.
+    refused_training = {r.site_id for r in _refusals(db, study) if r.round_number > 0}
+    active = {s.id: s for s in _active_sites(db, study) if s.id not in refused_training}
     buffer = [u for u in _buffered(db, study) if u.site_id in active]  # revoked drop out
     # The round's deadline bounds the wait too: a site that died without being revoked
     # cannot hold training up for longer than round_timeout_s.
@@ -527,7 +589,9 @@ def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
     rnd = _round(db, study)
     reported = _reported(db, rnd)
     active = _active_sites(db, study)
-    waiting = [s.name for s in active if s.id not in reported]
+    refused = _refused(db, study, rnd.number)
+    waiting = [s.name for s in active if s.id not in reported and s.id not in refused]
+    names = {s.id: s.name for s in db.scalars(select(Site).where(Site.study_id == study.id))}
     return {
         "study": study.id, "phase": study.phase, "round": rnd.number, "kind": rnd.kind,
         "model_version": study.model_version, "rounds_planned": study_plan(study).rounds,
@@ -540,6 +604,8 @@ def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
         "aggregation": "async" if _is_async(study) else "sync",
         "buffered": len(_buffered(db, study)) if _is_async(study) else 0,
         "update_share": update_share(db, study),
+        "refusals": [{"site": names[r.site_id], "round": r.round_number, "reason": r.reason}
+                     for r in _refusals(db, study)],
     }
 
 
@@ -571,6 +637,7 @@ def _card_metrics(db: Session, study: Study, metrics: dict[str, Any]) -> None:
                for site, m in metrics.items() if m.get("epsilon_spent") is not None}
     cards = {site: {k: v for k, v in m.items() if not k.startswith("epsilon_")}
              for site, m in metrics.items()}
+    cards = {site: m for site, m in cards.items() if m}  # a site may decline to publish
     try:
         registry.update_card(db, f"{study.id}-v{study.model_version}", metrics=cards,
                              privacy=privacy)

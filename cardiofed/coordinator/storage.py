@@ -120,6 +120,18 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class Refusal(Base):
+    """A task a site's node refused (outside the plan it pinned), with its reason."""
+
+    __tablename__ = "refusals"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"))
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    round_number: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class RegisteredModel(Base):
     """A model version in the registry: the standalone model file and its card."""
 

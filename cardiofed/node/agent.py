@@ -16,24 +16,31 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from cardiofed.coordinator.schemas import TaskResponse
 from cardiofed.data.dataset import SiteData
 from cardiofed.data.preprocessing import Preprocessor
-from cardiofed.exceptions import CardioFedError, PrivacyBudgetExceeded, StaleUpdateRefused
+from cardiofed.exceptions import (
+    CardioFedError,
+    PrivacyBudgetExceeded,
+    StaleUpdateRefused,
+    TaskRefused,
+)
 from cardiofed.node.config import NodeConfig
 from cardiofed.node.outbound import OutboundLog
+from cardiofed.node.task_policy import TaskPolicy
 from cardiofed.node.work import (
     evaluate_payload,
     load_site_data,
+    own_feature_ranges,
     site_preprocessor,
     statistics_payload,
     train_payload,
 )
-from cardiofed.privacy.budget import PrivacyLedger, SiteBudget
+from cardiofed.privacy.budget import SiteBudget, data_fingerprint, open_ledger
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.config import SimulationConfig
-from cardiofed.training.dp import DPConfig
 from cardiofed.wire import decode_arrays
 
 log = logging.getLogger("cardiofed.node")
@@ -62,6 +69,7 @@ class NodeAgent:
             verify=ssl.create_default_context(cafile=str(config.ca_file)) if config.ca_file
             else True)
         self.outbound = OutboundLog(self.state_dir / "outbound.jsonl")
+        self.policy = TaskPolicy(self.state_dir / "tasks.json")
         self._site: SiteData | None = None
         self._pre: Preprocessor | None = None
         self._privacy: SitePrivacy | None = None
@@ -139,7 +147,16 @@ class NodeAgent:
         if cache.exists():
             payload = cache.read_bytes()  # computed before a restart: send the same bytes
         else:
-            payload = self._compute(task)
+            try:
+                self.policy.admit(task, own_feature_ranges(self.config.data,
+                                                           task.feature_names))
+                payload = self._compute(task)
+            except (TaskRefused, PrivacyBudgetExceeded) as exc:
+                log.warning("round %d (%s) refused: %s", number, kind, exc)
+                self._request("POST", f"/v1/studies/{study}/rounds/{number}/refusal",
+                              json={"reason": str(exc)[:500]})
+                return
+            self.policy.record(task)
             if kind == "train" and self.config.train_delay_s:
                 time.sleep(self.config.train_delay_s)  # rehearsing a slow site
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -171,46 +188,52 @@ class NodeAgent:
         site, study = self._site, task.study
         manifest = {"study": study, "round": str(task.round),
                     "model_version": str(task.model_version), "site": self._site_name()}
+        privacy = self._site_privacy(plan, site, study)
+        if privacy is not None:
+            allowed = {"statistics": 1, "train": plan.rounds, "evaluate": 1}[task.kind]
+            if len(privacy.ledger.releases(task.kind, study)) >= allowed:
+                raise TaskRefused(f"The privacy ledger already holds {allowed} {task.kind} "
+                                  f"release(s) of study {study!r}, all the plan allows.")
+            if plan.standardisation == "per-site":
+                raise TaskRefused("standardisation 'per-site' uses the site's exact mean and "
+                                  "SD, which its privacy budget does not cover.")
         if task.kind == "statistics":
-            return statistics_payload(site, [(lo, hi) for lo, hi in task.feature_ranges],
-                                      manifest)
+            return statistics_payload(
+                site, own_feature_ranges(self.config.data, task.feature_names), manifest,
+                privacy)
         if self._pre is None:
             blob = self._request("GET", f"/v1/studies/{study}/preprocessor").content
             self._pre = site_preprocessor(blob, site, plan)
         weights, _ = decode_arrays(
             self._request("GET", f"/v1/studies/{study}/models/{task.model_version}").content)
         if task.kind == "evaluate":
-            return evaluate_payload(site, self._pre, plan, weights,
-                                    self._site_privacy(plan, site))
-        try:
-            return train_payload(site, self._pre, plan, weights, round_number=task.round,
-                                 site_index=task.site_index, manifest=manifest,
-                                 privacy=self._site_privacy(plan, site))
-        except PrivacyBudgetExceeded as exc:
-            raise NodeError(str(exc)) from None
+            return evaluate_payload(site, self._pre, plan, weights, privacy,
+                                    publish=self.config.publish_metrics)
+        return train_payload(site, self._pre, plan, weights, round_number=task.round,
+                             site_index=task.site_index, manifest=manifest, privacy=privacy)
 
     def _site_name(self) -> str:
         if self._name is None:
             self._name = str(self._request("GET", "/v1/me").json()["site"])
         return self._name
 
-    def _site_privacy(self, plan: SimulationConfig, site: SiteData) -> SitePrivacy | None:
+    def _site_privacy(self, plan: SimulationConfig, site: SiteData,
+                      study: str) -> SitePrivacy | None:
+        """The site's DP wrapper for `study`, over its ledger (bound to its records, kept
+        in the configured ledger_dir, refused if it existed and is gone)."""
         settings = self.config.privacy
         if settings is None:
             return None
-        if self._privacy is None:
-            ledger = PrivacyLedger(site=self._site_name(), n_records=site.n_train,
-                                   budget=SiteBudget(epsilon_max=settings.epsilon_max,
-                                                     delta=settings.delta,
-                                                     accountant=settings.accountant),
-                                   path=self.state_dir / "privacy_ledger.json")
-            sigmas = [float(str(e["noise_multiplier"])) for e in ledger.entries
-                      if "noise_multiplier" in e]
-            if sigmas:  # after a restart keep the noise calibrated for the whole schedule
-                self._privacy = SitePrivacy(ledger=ledger, dp=DPConfig(
-                    noise_multiplier=sigmas[-1], max_grad_norm=settings.max_grad_norm))
-            else:
-                self._privacy = SitePrivacy.calibrated(ledger, plan.local_config(),
-                                                       rounds=plan.rounds,
-                                                       max_grad_norm=settings.max_grad_norm)
+        if self._privacy is None or self._privacy.study != study:
+            fingerprint = data_fingerprint(np.vstack([site.x_train, site.x_test]),
+                                           np.concatenate([site.y_train, site.y_test]))
+            ledger = open_ledger(
+                site=self._site_name(), n_records=site.n_train, fingerprint=fingerprint,
+                budget=SiteBudget(epsilon_max=settings.epsilon_max, delta=settings.delta,
+                                  accountant=settings.accountant, shares=settings.shares),
+                ledger_dir=settings.ledger_dir, reset=settings.reset_privacy_ledger,
+                markers=(self.state_dir / f"privacy-ledger-{fingerprint[:16]}.created",))
+            self._privacy = SitePrivacy(ledger=ledger, local=plan.local_config(),
+                                        rounds=plan.rounds,
+                                        max_grad_norm=settings.max_grad_norm, study=study)
         return self._privacy

@@ -11,10 +11,12 @@ Example::
     csv = "/data/export.csv"
     mapping = "/data/mapping.toml"
 
-    [privacy]                               # optional: DP-SGD with this site's own budget
+    [privacy]                               # optional: DP for everything this site releases
     epsilon_max = 1.0
-    delta = 1e-5                            # default 1/(10 n)
+    ledger_dir = "/var/lib/cardiofed-privacy"   # required: keep it outside state_dir
+    delta = 1e-5                            # default min(1e-5, 1/(10 n))
     max_grad_norm = 1.0
+    shares = { statistics = 0.1, train = 0.8, evaluate = 0.1 }   # of epsilon_max
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cardiofed._pydantic import read_toml, validation_problems
 from cardiofed.exceptions import ConfigurationError
+from cardiofed.privacy.budget import DEFAULT_SHARES
 
 
 class DataSource(BaseModel):
@@ -53,11 +56,19 @@ class DataSource(BaseModel):
 
 
 class NodePrivacy(BaseModel):
+    """The site's own privacy budget; nothing the coordinator sends changes it."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     epsilon_max: float = Field(gt=0, allow_inf_nan=False)
+    # Where the site's ledger lives, bound to its records: outside state_dir, so that
+    # clearing the node's state never resets what the data has spent.
+    ledger_dir: Path
     delta: float | None = Field(default=None, gt=0, lt=1)
-    max_grad_norm: float = Field(default=1.0, gt=0)
+    max_grad_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     accountant: Literal["rdp", "prv"] = "rdp"
+    shares: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SHARES))
+    # Start a new ledger although one existed for these records and is gone. Logged.
+    reset_privacy_ledger: bool = False
 
 
 class NodeConfig(BaseModel):
@@ -69,6 +80,8 @@ class NodeConfig(BaseModel):
     ca_file: Path | None = None
     poll_wait_s: float = Field(default=10.0, ge=0)
     privacy: NodePrivacy | None = None
+    # Whether the site's evaluation of the final model goes into the model card.
+    publish_metrics: bool = True
     # Seconds to wait after each training task before uploading: rehearses a slow site
     # (benchmarks, demos of asynchronous studies). 0 in production.
     train_delay_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
@@ -84,6 +97,8 @@ class NodeConfig(BaseModel):
         raw["state_dir"] = str(base / raw.get("state_dir", "."))
         if "ca_file" in raw:
             raw["ca_file"] = str(base / raw["ca_file"])
+        if isinstance(raw.get("privacy"), dict) and "ledger_dir" in raw["privacy"]:
+            raw["privacy"]["ledger_dir"] = str(base / raw["privacy"]["ledger_dir"])
         return cls.create(**raw)
 
     @classmethod

@@ -14,11 +14,12 @@ from functools import partial
 import numpy as np
 
 from cardiofed.algorithms.base import LocalTrainer
-from cardiofed.data.catalog import load_dataset
-from cardiofed.data.dataset import SiteData
+from cardiofed.data.catalog import load_dataset, study_columns
+from cardiofed.data.dataset import SiteData, feature_ranges_for
 from cardiofed.data.mapping import SiteMapping, read_export
 from cardiofed.data.preprocessing import (
     DEFAULT_BINS,
+    PRIVATE_BINS,
     Preprocessor,
     bin_edges,
     local_preprocessor,
@@ -26,7 +27,8 @@ from cardiofed.data.preprocessing import (
 )
 from cardiofed.data.sites import site_from_export
 from cardiofed.evaluation.metrics import binary_metrics
-from cardiofed.exceptions import DataValidationError
+from cardiofed.evaluation.private_metrics import score_bin_edges
+from cardiofed.exceptions import DataValidationError, TaskRefused
 from cardiofed.models.networks import Weights, make_model, score
 from cardiofed.node.config import DataSource
 from cardiofed.privacy.site_privacy import SitePrivacy
@@ -54,9 +56,28 @@ def load_site_data(source: DataSource, feature_names: list[str]) -> SiteData:
     return site
 
 
+def own_feature_ranges(source: DataSource, feature_names: list[str]) -> list[tuple[float, float]]:
+    """The plausible ranges of the study's columns as the site knows them (the reference
+    data set's, or the schema's): they set the statistics' bin edges, not the task."""
+    if source.dataset is not None:
+        names, ranges = study_columns(dataset=source.dataset)
+        if names == feature_names:
+            return ranges
+    try:
+        return feature_ranges_for(feature_names)
+    except (KeyError, ValueError) as exc:
+        raise TaskRefused(f"The study's feature columns are not all in the schema ({exc}); "
+                          f"this site cannot set their bin edges.") from None
+
+
 def statistics_payload(site: SiteData, feature_ranges: list[tuple[float, float]],
-                       manifest: dict[str, str]) -> bytes:
-    stats = site_statistics(site.x_train, bin_edges(feature_ranges, DEFAULT_BINS))
+                       manifest: dict[str, str], privacy: SitePrivacy | None = None) -> bytes:
+    """The site's preprocessing statistics: exact, or through its DP wrapper (charged)."""
+    if privacy is None:
+        stats = site_statistics(site.x_train, bin_edges(feature_ranges, DEFAULT_BINS))
+    else:
+        stats = privacy.release_statistics(site.x_train,
+                                           bin_edges(feature_ranges, PRIVATE_BINS))
     return encode_arrays(stats.to_arrays(), manifest)
 
 
@@ -88,10 +109,19 @@ def train_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig, wei
 
 
 def evaluate_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig,
-                     weights: Weights, privacy: SitePrivacy | None = None) -> bytes:
-    """Metrics of the global model on the site's own test split; only these leave, with
-    the epsilon the site's ledger has spent (for the model card) when it trains with DP."""
-    metrics = binary_metrics(site.y_test, score(plan.model, weights, pre.transform(site.x_test)))
-    if privacy is not None:
-        metrics |= {"epsilon_spent": privacy.ledger.spent(), "epsilon_delta": privacy.ledger.delta}
-    return encode_metrics(metrics)
+                     weights: Weights, privacy: SitePrivacy | None = None, *,
+                     publish: bool = True) -> bytes:
+    """The final model's evaluation on the site's own test split. Without a budget: exact
+    metrics (JSON). With one: noisy score histograms per label (charged), with the
+    epsilon the ledger has spent in their manifest. A site that declines to publish
+    sends an empty JSON object and releases nothing."""
+    if not publish:
+        return encode_metrics({})
+    probs = score(plan.model, weights, pre.transform(site.x_test))
+    if privacy is None:
+        return encode_metrics(binary_metrics(site.y_test, probs))
+    neg, pos, noise_std = privacy.release_evaluation(site.y_test, probs, score_bin_edges())
+    return encode_arrays({"negatives": neg, "positives": pos},
+                         {"noise_std": repr(noise_std),
+                          "epsilon_spent": repr(privacy.ledger.spent()),
+                          "epsilon_delta": repr(privacy.ledger.delta)})

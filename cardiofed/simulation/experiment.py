@@ -22,11 +22,11 @@ from cardiofed.evaluation.label_quality import (
     detect_label_disagreement,
 )
 from cardiofed.evaluation.metrics import binary_metrics
+from cardiofed.evaluation.private_metrics import metrics_with_uncertainty, score_bin_edges
 from cardiofed.evaluation.recalibration import Recalibration, fit_recalibration
 from cardiofed.exceptions import PrivacyBudgetExceeded
 from cardiofed.models.estimator import RiskEstimator
 from cardiofed.models.networks import Weights, score
-from cardiofed.evaluation.private_metrics import metrics_with_uncertainty, score_bin_edges
 from cardiofed.privacy.budget import (
     RELEASE_KINDS,
     PrivacyLedger,

@@ -7,7 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from cardiofed.coordinator import service
 from cardiofed.coordinator.deps import DB, CurrentSite, Settings
-from cardiofed.coordinator.schemas import SubmitResponse
+from cardiofed.coordinator.schemas import RefusalRequest, SubmitResponse
 from cardiofed.exceptions import PayloadTooLarge
 
 router = APIRouter(prefix="/v1/studies", tags=["updates"])
@@ -36,3 +36,12 @@ async def submit_update(study_id: str, round_number: int, request: Request, site
     digest, new = await run_in_threadpool(service.submit, db, site, round_number=round_number,
                                           payload=payload, max_bytes=settings.max_update_bytes)
     return SubmitResponse(sha256=digest, status="accepted" if new else "already accepted")
+
+
+@router.post("/{study_id}/rounds/{round_number}/refusal", status_code=204)
+def refuse_task(study_id: str, round_number: int, body: RefusalRequest, site: CurrentSite,
+                db: DB) -> None:
+    """A site's node refuses its task of a round (outside the plan it pinned); the
+    refusal and its reason show in the study's status and the round goes on without it."""
+    service.ensure_site_access(site, study_id)
+    service.refuse(db, site, round_number=round_number, reason=body.reason)

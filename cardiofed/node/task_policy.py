@@ -1,0 +1,105 @@
+"""The site, not the coordinator, decides what it releases.
+
+At the first task of a study the node pins the study plan (the SHA-256 of its canonical
+JSON) and the feature columns. Every later task must carry the same plan, and the node
+runs at most: one statistics task (round 0), ``plan.rounds`` training tasks, each
+round at most once, and one evaluation, of the final published model (version
+``plan.rounds``) only. Release parameters come from the site, never from the task: the
+statistics' bin edges from the schema's (or the reference data set's) plausible
+ranges, so a task whose ranges differ is refused. What the node ran is kept in a JSON
+file in its state directory; a site with a privacy budget is additionally bounded by
+its ledger, which lives elsewhere and survives a deleted state directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from cardiofed.coordinator.schemas import TaskResponse
+from cardiofed.exceptions import TaskRefused
+
+
+def plan_digest(plan: dict[str, Any]) -> str:
+    """SHA-256 of a plan's canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class TaskPolicy:
+    """The node's record of the plans it pinned and the tasks it ran, at `path`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.studies: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            try:
+                self.studies = dict(json.loads(self.path.read_text(encoding="utf-8")))
+            except ValueError as exc:
+                raise TaskRefused(f"Task record {self.path} is corrupt ({exc}); refusing to "
+                                  f"guess which tasks already ran.") from None
+
+    def pinned(self, study: str) -> str | None:
+        """The plan digest pinned for `study`, if any."""
+        entry = self.studies.get(study)
+        return None if entry is None else str(entry["plan_sha256"])
+
+    def admit(self, task: TaskResponse,
+              own_ranges: list[tuple[float, float]] | None = None) -> None:
+        """Raise :class:`TaskRefused` (naming the reason) unless `task` is in the plan."""
+        digest = plan_digest(task.plan)
+        entry = self.studies.get(task.study)
+        where = f"{task.kind} task (round {task.round}, model version {task.model_version})"
+        if entry is not None:
+            if entry["plan_sha256"] != digest:
+                raise TaskRefused(f"Refused {where} of study {task.study!r}: its plan (sha256 "
+                                  f"{digest[:12]}...) is not the plan this site pinned "
+                                  f"(sha256 {str(entry['plan_sha256'])[:12]}...).")
+            if entry["feature_names"] != task.feature_names:
+                raise TaskRefused(f"Refused {where} of study {task.study!r}: its feature "
+                                  f"columns differ from the ones this site pinned.")
+        if own_ranges is not None and [tuple(r) for r in task.feature_ranges] != [
+                (float(lo), float(hi)) for lo, hi in own_ranges]:
+            raise TaskRefused(f"Refused {where} of study {task.study!r}: its feature ranges "
+                              f"(which set the statistics' bin edges) are not the schema's; "
+                              f"release parameters come from the site.")
+        done = (entry or {}).get("done", {})
+        rounds = int(task.plan.get("rounds", 0))  # type: ignore[call-overload]
+        if task.kind == "statistics":
+            if task.round != 0 or done.get("statistics"):
+                raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan has one "
+                                  f"statistics release, in round 0, and it "
+                                  f"{'already ran' if done.get('statistics') else 'is round 0'}.")
+        elif task.kind == "train":
+            trained = done.get("train", [])
+            if task.round in trained:
+                raise TaskRefused(f"Refused {where} of study {task.study!r}: this site already "
+                                  f"trained round {task.round}.")
+            if len(trained) >= rounds:
+                raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan has "
+                                  f"{rounds} training rounds and this site ran {len(trained)}.")
+        elif task.kind == "evaluate":
+            if done.get("evaluate"):
+                raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan has one "
+                                  f"evaluation and it already ran.")
+            if task.model_version != rounds:
+                raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan evaluates "
+                                  f"only the final model, version {rounds}.")
+        else:
+            raise TaskRefused(f"Refused {where} of study {task.study!r}: unknown task kind.")
+
+    def record(self, task: TaskResponse) -> None:
+        """Remember that `task` ran (pinning the plan at the study's first task)."""
+        entry = self.studies.setdefault(task.study, {
+            "plan_sha256": plan_digest(task.plan), "feature_names": list(task.feature_names),
+            "done": {}})
+        entry["done"].setdefault(task.kind, []).append(task.round)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(self.studies, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
