@@ -109,15 +109,30 @@ def _find(data: bytes, pattern: bytes, text: bool) -> int:
     return -1
 
 
+def _row_patterns(row: np.ndarray, label: str) -> list[tuple[str, bytes, bool]]:
+    """A whole row as contiguous float32 and float64 bytes: integer-valued columns (age,
+    codes, counts) are too common to search one by one, but a dumped row carries them."""
+    values = row[np.isfinite(row)]
+    if len(values) < 2:
+        return []
+    return [(f"row float32 {label}", np.asarray(values, "<f4").tobytes(), False),
+            (f"row float64 {label}", np.asarray(values, "<f8").tobytes(), False)]
+
+
 def scan_payloads(payloads: Iterable[Payload], canary_rows_raw: np.ndarray,
                   canary_rows_standardised: np.ndarray | None = None) -> list[Match]:
-    """Every payload that contains a canary value (NaN entries are not searched)."""
+    """Every payload that contains a canary value, or a whole canary row (integers
+    included) as contiguous floats; NaN entries are not searched. A whole-row match is
+    reported with feature -1."""
     patterns = []
     for label, rows in (("raw", canary_rows_raw), ("standardised", canary_rows_standardised)):
         if rows is None:
             continue
-        for (i, j), v in np.ndenumerate(np.asarray(rows, dtype=np.float64)):
+        rows = np.asarray(rows, dtype=np.float64)
+        for (i, j), v in np.ndenumerate(rows):
             patterns += [(i, j, *p) for p in _patterns(float(v), label)]
+        for i, row in enumerate(rows):
+            patterns += [(i, -1, *p) for p in _row_patterns(row, label)]
     matches = []
     for site, kind, data in payloads:
         for i, j, encoding, pattern, text in patterns:
