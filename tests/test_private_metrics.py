@@ -138,7 +138,7 @@ def test_other_edge_thresholds_are_exact_too() -> None:
 
 
 def test_tiny_histogram_golden_values() -> None:
-    # Two bins split at 0.5: representative risks expit(+-(5 + ln 9999) / 2) are symmetric.
+    # Two bins split at 0.5: representative risks expit(-+ ln(9999) / 2), symmetric about 0.5.
     edges = np.array([0.0, 0.5, 1.0])
     lp = (math.log(0.5 / 0.5) + math.log(1e-4 / (1 - 1e-4))) / 2
     r0, r1 = _expit(np.array(lp)), _expit(np.array(-lp))
@@ -188,6 +188,9 @@ def test_all_counts_clipped_away_gives_n_zero_and_nan() -> None:
 
 
 def test_bootstrap_auc_interval_covers_the_noise_free_auc() -> None:
+    # Target: the AUC of the exact histograms. Clipping gives empty bins positive mass, and
+    # the percentile interval inherits that bias; on other cohort/generator seeds this
+    # setting covered 29-37 of 40, so >= 34 is not a robust property of the method.
     y, p = _cohort(6, 1_000)
     target = metrics_from_histograms(*score_histograms(y, p, EDGES), EDGES)["auc"]
     rng = np.random.default_rng(21)
