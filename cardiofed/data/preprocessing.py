@@ -138,9 +138,10 @@ def merge_statistics(stats: list[SiteStatistics], edges: np.ndarray,
     Mean and (sample, ddof=1) standard deviation are those of the pooled observed
     values; the fill value is the pooled median read off the merged histogram.
     Histograms are re-binned to the coarsest bin count among the sites (`edges` may have
-    any multiple of it). With noisy (private) releases, a column whose merged count is
-    below 1, or whose mean falls outside its range, takes the range's midpoint and a
-    quarter of its width as mean and SD: data-independent values, never a crash.
+    any multiple of it). When a private release is among them (fewer bins than
+    :data:`DEFAULT_BINS`), mean and SD are the moments of the clipped merged histogram;
+    a column whose merged count is below 1, or whose mean falls outside its range, takes
+    the range's midpoint and a quarter of its width: data-independent, never a crash.
     """
     if not stats:
         raise ValueError("merge_statistics needs at least one site's statistics.")
@@ -154,15 +155,27 @@ def merge_statistics(stats: list[SiteStatistics], edges: np.ndarray,
         shown = [names[j] for j in empty] if names else empty.tolist()
         raise ValueError(f"Columns {shown} have no observed value at any site.")
     low, high = edges[:, 0], edges[:, -1]
-    mean = total / count
-    var = np.maximum(total_sq - count * mean**2, 0.0) / np.maximum(count - 1, 1)
+    coarse = np.array([np.linspace(lo, hi, n_bins + 1) for lo, hi in zip(low, high,
+                                                                           strict=True)])
+    clipped = np.maximum(hist, 0.0)
+    if n_bins < DEFAULT_BINS:
+        # A private (coarser, noisy) release is among them: noisy sums of squares can make
+        # the variance vanish, and a feature left unscaled wrecks training. Moments of the
+        # clipped merged histogram are those of a real distribution on the range instead
+        # (empty bins' clipped noise widens them a little: a safe error).
+        mids = (coarse[:, :-1] + coarse[:, 1:]) / 2
+        mass = clipped.sum(axis=1)
+        weights = clipped / np.where(mass > 0, mass, 1.0)[:, None]
+        mean = (weights * mids).sum(axis=1)
+        var = (weights * (mids - mean[:, None]) ** 2).sum(axis=1)
+        count = mass
+    else:
+        mean = total / count
+        var = np.maximum(total_sq - count * mean**2, 0.0) / np.maximum(count - 1, 1)
     unusable = (count < 1) | (mean < low) | (mean > high)
     mean = np.where(unusable, (low + high) / 2, mean)
     std = np.where(unusable, (high - low) / 4, np.sqrt(var))
-    coarse = np.array([np.linspace(lo, hi, n_bins + 1) for lo, hi in zip(low, high,
-                                                                           strict=True)])
-    return Preprocessor(fill=histogram_median(np.maximum(hist, 0.0), coarse), mean=mean,
-                        std=std)
+    return Preprocessor(fill=histogram_median(clipped, coarse), mean=mean, std=std)
 
 
 def histogram_median(hist: np.ndarray, edges: np.ndarray) -> np.ndarray:
