@@ -362,8 +362,11 @@ def test_node_audit_finds_no_record_values_in_what_was_sent(fed: Federation) -> 
      "Invalid node config: data: data.dataset needs data.site."),
     ({"data": {"dataset": "synthetic", "site": "a"}, "coordinator_url": "ftp://x"},
      "Invalid node config: coordinator_url: String should match pattern '^https?://'."),
-    ({"data": {"dataset": "synthetic", "site": "a"}, "privacy": {"epsilon_max": 0}},
+    ({"data": {"dataset": "synthetic", "site": "a"},
+      "privacy": {"epsilon_max": 0, "ledger_dir": "ledgers"}},
      "Invalid node config: privacy.epsilon_max: Input should be greater than 0."),
+    ({"data": {"dataset": "synthetic", "site": "a"}, "privacy": {"epsilon_max": 1.0}},
+     "Invalid node config: privacy.ledger_dir: Field required."),
     ({"data": {"dataset": "synthetic", "site": "a"}, "train_delay_s": -1},
      "Invalid node config: train_delay_s: Input should be greater than or equal to 0."),
 ])

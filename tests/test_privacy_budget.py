@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -18,13 +19,19 @@ import numpy as np
 import pytest
 
 from cardiofed.algorithms.base import FederatedAlgorithm
-from cardiofed.data.dataset import FederatedDataset
+from cardiofed.data.dataset import FederatedDataset, SiteData
 from cardiofed.data.synthetic import synthetic_federation
 from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.models.networks import get_weights, make_model
 from cardiofed.privacy import budget as budget_module
 from cardiofed.privacy.accountant import GaussianEvent, PrivacyAccountant
-from cardiofed.privacy.budget import PrivacyLedger, SiteBudget
+from cardiofed.privacy.budget import (
+    PrivacyLedger,
+    SiteBudget,
+    data_fingerprint,
+    ledger_path,
+    open_ledger,
+)
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import ExperimentResult, run_experiment, site_privacy
@@ -56,11 +63,16 @@ def test_invalid_budget_names_parameter_and_value(kwargs: dict[str, object],
         SiteBudget(**settings)  # type: ignore[arg-type]
 
 
-def test_delta_defaults_to_one_tenth_of_one_over_n() -> None:
+def test_delta_defaults_to_the_smaller_of_1e5_and_one_tenth_of_one_over_n() -> None:
     budget = SiteBudget(epsilon_max=1.0)
 
-    assert budget.delta_for(250) == 1 / 2500
-    assert PrivacyLedger(site="a", budget=budget, n_records=250).delta == 1 / 2500
+    # A hospital-sized site: 1/(10 n) = 4e-4 would be a weak delta; 1e-5 caps it.
+    assert budget.delta_for(250) == 1e-5
+    assert PrivacyLedger(site="a", budget=budget, n_records=250).delta == 1e-5
+    assert budget.delta_for(10_000) == 1e-5  # 1/(10 n) = 1e-5 exactly
+    # A large site: 1/(10 n) is the smaller.
+    assert budget.delta_for(1_000_000) == 1 / 10_000_000
+    assert PrivacyLedger(site="a", budget=budget, n_records=1_000_000).delta == 1e-7
 
 
 def test_explicit_delta_below_one_over_n_is_kept() -> None:
@@ -106,7 +118,7 @@ def test_check_refuses_with_site_numbers_and_budget() -> None:
 
     match = re.fullmatch(
         r"Site 'tier3_01' refuses round 2: it would bring epsilon from (\d+\.\d{4}) to "
-        r"(\d+\.\d{4}), above the site's epsilon_max 2 \(delta 0\.0004\)\.",
+        r"(\d+\.\d{4}), above the site's epsilon_max 2 \(delta 1e-05\)\.",
         str(refusal.value))
     assert match is not None, str(refusal.value)
     assert float(match[1]) == pytest.approx(spent, abs=5e-5)
@@ -141,7 +153,7 @@ def test_record_persists_and_survives_a_restart(tmp_path: Path) -> None:
     # ... and goes on composing where it stopped.
     after = restarted.record([event(5.0)], "round 3")
     in_memory = PrivacyAccountant(events=[event(4.0), event(4.0), event(6.0), event(5.0)])
-    assert after == pytest.approx(in_memory.get_epsilon(1 / 1000), rel=1e-12)
+    assert after == pytest.approx(in_memory.get_epsilon(1e-5), rel=1e-12)
     assert PrivacyLedger(site="a", budget=budget, n_records=100, path=path).spent() == after
 
 
@@ -174,7 +186,7 @@ def test_ledger_of_another_site_is_refused(tmp_path: Path) -> None:
                   path=path).record([event(5.0)], "round 1")
 
     with pytest.raises(ConfigurationError, match=re.escape(
-            f"Privacy ledger {path} belongs to site 'a' (version 1), not to 'b' (version 1).")):
+            f"Privacy ledger {path} belongs to site 'a' (version 2), not to 'b' (version 2).")):
         PrivacyLedger(site="b", budget=SiteBudget(epsilon_max=1.0), n_records=100, path=path)
 
 
@@ -195,6 +207,270 @@ def test_corrupt_ledger_is_refused(tmp_path: Path, content: bytes) -> None:
             f"Privacy ledger {path} is corrupt (")) as error:
         PrivacyLedger(site="a", budget=SiteBudget(epsilon_max=1.0), n_records=100, path=path)
     assert str(error.value).endswith("refusing to guess what was spent.")
+
+
+# --- Ledger version 2: release kinds, studies, shares ----------------------------------------
+
+def test_entries_are_tagged_by_kind_and_study_and_spent_per_kind() -> None:
+    ledger = PrivacyLedger(site="a", budget=SiteBudget(epsilon_max=5.0), n_records=100)
+    ledger.record([event(4.0)], "statistics release", kind="statistics", study="s1")
+    ledger.record([event(3.0)], "round 1", study="s1")  # kind defaults to 'train'
+    ledger.record([event(3.0)], "round 2", kind="train", study="s1")
+    ledger.record([event(4.0)], "evaluation release", kind="evaluate", study="s1")
+    ledger.record([event(4.0)], "statistics release", kind="statistics", study="s2")
+
+    assert [(e["kind"], e["study"]) for e in ledger.entries] == [
+        ("statistics", "s1"), ("train", "s1"), ("train", "s1"), ("evaluate", "s1"),
+        ("statistics", "s2")]
+    assert [e["what"] for e in ledger.releases("train", "s1")] == ["round 1", "round 2"]
+    assert len(ledger.releases("statistics")) == 2
+    assert ledger.releases("statistics", "s3") == []
+
+    def alone(*sigmas: float) -> float:
+        return PrivacyAccountant(events=[event(s) for s in sigmas]).get_epsilon(ledger.delta)
+
+    assert ledger.spent("statistics") == pytest.approx(alone(4.0, 4.0), rel=1e-12)
+    assert ledger.spent("train") == pytest.approx(alone(3.0, 3.0), rel=1e-12)
+    assert ledger.spent("evaluate") == pytest.approx(alone(4.0), rel=1e-12)
+    assert ledger.spent() == pytest.approx(alone(4.0, 3.0, 3.0, 4.0, 4.0), rel=1e-12)
+    by_kind = ledger.spent_by_kind()
+    assert by_kind == {"statistics": ledger.spent("statistics"),
+                       "train": ledger.spent("train"),
+                       "evaluate": ledger.spent("evaluate"), "total": ledger.spent()}
+    assert max(by_kind[k] for k in ("statistics", "train", "evaluate")) < by_kind["total"]
+
+
+def test_an_unknown_release_kind_is_refused() -> None:
+    ledger = PrivacyLedger(site="a", budget=SiteBudget(epsilon_max=5.0), n_records=100)
+
+    with pytest.raises(ConfigurationError, match=re.escape(
+            "Unknown release kind 'predict'; expected one of statistics, train, evaluate.")):
+        ledger.record([event(4.0)], "?", kind="predict")
+    assert ledger.entries == [] and ledger.spent() == 0.0
+
+
+def test_targets_are_the_cumulative_shares_of_what_other_studies_left() -> None:
+    budget = SiteBudget(epsilon_max=2.0)
+    assert budget.shares == {"statistics": 0.1, "train": 0.8, "evaluate": 0.1}
+    assert [budget.cumulative_share(k) for k in ("statistics", "train", "evaluate")] == \
+        pytest.approx([0.1, 0.9, 1.0])
+    ledger = PrivacyLedger(site="a", budget=budget, n_records=100)
+    assert ledger.target("statistics", "s1") == pytest.approx(0.2)
+    assert ledger.target("train", "s1") == pytest.approx(1.8)
+    assert ledger.target("evaluate", "s1") == pytest.approx(2.0)
+
+    ledger.record([event(3.0)], "round 1", study="s1")
+    before = ledger.spent()
+    # This study's own releases do not shrink its targets; another study's do.
+    assert ledger.target("train", "s1") == pytest.approx(1.8)
+    assert ledger.target("statistics", "s2") == pytest.approx(before + 0.1 * (2.0 - before))
+    assert ledger.target("evaluate", "s2") == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("shares", [
+    {"statistics": 0.2, "train": 0.7},                                   # a kind missing
+    {"statistics": 0.2, "train": 0.7, "evaluate": 0.2},                  # sums to 1.1
+    {"statistics": 0.0, "train": 0.9, "evaluate": 0.1},                  # a zero share
+    {"statistics": -0.1, "train": 1.0, "evaluate": 0.1},                 # negative
+    {"statistics": 0.1, "train": 0.8, "evaluate": 0.1, "predict": 0.0},  # unknown kind
+    {"statistics": math.nan, "train": 0.8, "evaluate": 0.1},
+])
+def test_invalid_shares_are_refused_naming_the_parameter(shares: dict[str, float]) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(
+            "The 'shares' parameter must give each of statistics, train, evaluate a share "
+            f"> 0, summing to 1; got {shares!r}.")):
+        SiteBudget(epsilon_max=1.0, shares=shares)
+
+
+def test_custom_shares_set_the_targets() -> None:
+    budget = SiteBudget(epsilon_max=1.0, shares={"statistics": 0.25, "train": 0.5,
+                                                 "evaluate": 0.25})
+    ledger = PrivacyLedger(site="a", budget=budget, n_records=100)
+
+    assert ledger.target("statistics") == pytest.approx(0.25)
+    assert ledger.target("train") == pytest.approx(0.75)
+    assert ledger.target("evaluate") == pytest.approx(1.0)
+
+
+def test_a_version_1_ledger_still_loads_as_training_releases(tmp_path: Path) -> None:
+    path = tmp_path / "a.json"
+    accountant = PrivacyAccountant(events=[event(4.0), event(5.0)])
+    path.write_text(json.dumps({
+        "version": 1, "site": "a", "n_records": 100, "epsilon_max": 5.0, "delta": 1e-3,
+        "accountant": accountant.state_dict(),
+        "entries": [{"time": 0.0, "what": "round 1", "epsilon_after": 1.0,
+                     "events": [event(4.0).__dict__], "noise_multiplier": 4.0},
+                    {"time": 1.0, "what": "round 2", "epsilon_after": 2.0,
+                     "events": [event(5.0).__dict__], "noise_multiplier": 4.0}]}))
+
+    ledger = PrivacyLedger(site="a", budget=SiteBudget(epsilon_max=5.0), n_records=100,
+                           path=path)
+
+    assert [e["kind"] for e in ledger.entries] == ["train", "train"]
+    assert ledger.spent() == pytest.approx(accountant.get_epsilon(ledger.delta))
+    assert ledger.spent("train") == pytest.approx(ledger.spent())
+    assert ledger.spent("statistics") == 0.0
+    ledger.record([event(6.0)], "statistics release", kind="statistics", study="s1")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    assert saved["version"] == 2  # rewritten in the new format, nothing lost
+    assert [e["kind"] for e in saved["entries"]] == ["train", "train", "statistics"]
+
+
+# --- A ledger bound to its data ------------------------------------------------------------------
+
+def site_records(n: int = 100, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4))
+    x[rng.random(x.shape) < 0.1] = np.nan
+    return x, (rng.random(n) < 0.3).astype(float)
+
+
+def test_data_fingerprint_is_stable_and_changes_with_any_record() -> None:
+    x, y = site_records()
+    fingerprint = data_fingerprint(x, y)
+
+    assert re.fullmatch(r"[0-9a-f]{64}", fingerprint)
+    assert data_fingerprint(x.copy(), y.copy()) == fingerprint
+    assert data_fingerprint(x.astype(np.float32).astype(np.float64), y) != fingerprint
+    changed = x.copy()
+    changed[3, 1] = 0.5
+    assert data_fingerprint(changed, y) != fingerprint
+    assert data_fingerprint(x, 1 - y) != fingerprint
+    filled = x.copy()
+    filled[np.isnan(filled)] = 0.0
+    assert data_fingerprint(filled, y) != fingerprint  # a missing value is not a zero
+    assert data_fingerprint(x[:-1], y[:-1]) != fingerprint
+    assert data_fingerprint(x.reshape(50, 8), y) != fingerprint  # the shape counts
+
+
+def test_a_ledger_for_other_records_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a.json"
+    budget = SiteBudget(epsilon_max=5.0)
+    mine, other = data_fingerprint(*site_records(seed=0)), data_fingerprint(*site_records(seed=1))
+    PrivacyLedger(site="a", budget=budget, n_records=100, path=path,
+                  fingerprint=mine).record([event(4.0)], "round 1")
+
+    with pytest.raises(ConfigurationError, match=re.escape(
+            f"Privacy ledger {path} accounts for other records (data fingerprint "
+            f"{mine[:12]}..., these records {other[:12]}...); it is not this data's ledger.")):
+        PrivacyLedger(site="a", budget=budget, n_records=100, path=path, fingerprint=other)
+    same = PrivacyLedger(site="a", budget=budget, n_records=100, path=path, fingerprint=mine)
+    assert len(same.entries) == 1 and same.fingerprint == mine
+
+
+def open_site_ledger(ledger_dir: Path, *, seed: int = 0, markers: tuple[Path, ...] = (),
+                     reset: bool = False) -> PrivacyLedger:
+    x, y = site_records(seed=seed)
+    return open_ledger(site="a", budget=SiteBudget(epsilon_max=5.0), n_records=len(y),
+                       fingerprint=data_fingerprint(x, y), ledger_dir=ledger_dir,
+                       markers=markers, reset=reset)
+
+
+def test_open_ledger_persists_across_restarts(tmp_path: Path) -> None:
+    ledger = open_site_ledger(tmp_path)
+    fingerprint = data_fingerprint(*site_records())
+    assert ledger.path == ledger_path(tmp_path, "a", fingerprint)
+    assert ledger.path.name == f"a-{fingerprint[:16]}.json"
+    assert ledger.path.with_name(ledger.path.name + ".created").is_file()  # the marker
+    ledger.record([event(4.0)], "round 1", study="s1")
+
+    restarted = open_site_ledger(tmp_path)
+
+    assert restarted.spent() == ledger.spent() > 0
+    assert restarted.entries == ledger.entries
+    after = restarted.record([event(4.0)], "round 2", study="s1")
+    assert after > ledger.spent()
+    assert open_site_ledger(tmp_path).spent() == after
+
+
+def test_other_records_get_their_own_ledger(tmp_path: Path) -> None:
+    open_site_ledger(tmp_path, seed=0).record([event(4.0)], "round 1")
+
+    other = open_site_ledger(tmp_path, seed=1)
+
+    assert other.spent() == 0.0
+    assert len(list(tmp_path.glob("a-*.json"))) == 2
+
+
+def test_the_ledger_survives_a_deleted_state_dir_and_keeps_composing(tmp_path: Path) -> None:
+    ledger_dir, state_dir = tmp_path / "ledgers", tmp_path / "state"
+    marker = state_dir / "privacy-ledger.created"
+    ledger = open_site_ledger(ledger_dir, markers=(marker,))
+    ledger.record([event(4.0)], "round 1", study="s1")
+    assert marker.is_file()
+
+    import shutil
+
+    shutil.rmtree(state_dir)  # an operator clears the node's state
+    again = open_site_ledger(ledger_dir, markers=(marker,))
+
+    assert again.spent() == ledger.spent() > 0  # the budget is not handed out twice
+    assert again.record([event(4.0)], "round 1", study="s2") > ledger.spent()
+    assert marker.is_file()  # remembered again
+
+
+@pytest.mark.parametrize("lost", ["ledger", "ledger_dir"])
+def test_a_deleted_ledger_is_refused_while_a_marker_remembers_it(
+        tmp_path: Path, lost: str) -> None:
+    # "ledger": the file alone is deleted (the marker beside it remains); "ledger_dir":
+    # the whole folder is gone, and the marker in the node's state remembers it.
+    ledger_dir, marker = tmp_path / "ledgers", tmp_path / "state" / "ledger.created"
+    ledger = open_site_ledger(ledger_dir, markers=(marker,))
+    ledger.record([event(4.0)], "round 1")
+    assert ledger.path is not None
+    if lost == "ledger":
+        ledger.path.unlink()
+    else:
+        import shutil
+
+        shutil.rmtree(ledger_dir)
+    fingerprint = data_fingerprint(*site_records())
+
+    with pytest.raises(ConfigurationError, match=re.escape(
+            f"The privacy ledger {ledger.path} of site 'a' existed for these records "
+            f"(fingerprint {fingerprint[:12]}...) but is gone: refusing to start again from "
+            f"zero, which would spend the budget twice. Restore the ledger from backup; only "
+            f"if the records' privacy was never at risk, override with reset_privacy_ledger "
+            f"(logged).")):
+        open_site_ledger(ledger_dir, markers=(marker,))
+    assert not ledger.path.exists()  # nothing recreated
+
+
+def test_reset_starts_a_deleted_ledger_again_and_logs_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ledger = open_site_ledger(tmp_path)
+    ledger.record([event(4.0)], "round 1")
+    assert ledger.path is not None
+    ledger.path.unlink()
+    fingerprint = data_fingerprint(*site_records())
+
+    with caplog.at_level(logging.WARNING, logger="cardiofed.privacy"):
+        fresh = open_site_ledger(tmp_path, reset=True)
+
+    assert fresh.spent() == 0.0 and fresh.entries == [] and fresh.path == ledger.path
+    assert ledger.path.is_file()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "RESET by explicit override" in message and fingerprint[:12] in message
+    assert str(ledger.path) in message
+    # A reset is needed once: the new ledger is found from now on, without a warning.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cardiofed.privacy"):
+        open_site_ledger(tmp_path)
+    assert not caplog.records
+
+
+def test_reset_of_a_ledger_that_exists_changes_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ledger = open_site_ledger(tmp_path)
+    ledger.record([event(4.0)], "round 1")
+
+    with caplog.at_level(logging.WARNING, logger="cardiofed.privacy"):
+        same = open_site_ledger(tmp_path, reset=True)
+
+    assert same.spent() == ledger.spent() > 0  # reset only overrides a missing ledger
+    assert not caplog.records
 
 
 # --- DPConfig --------------------------------------------------------------------------------
@@ -228,12 +504,16 @@ def site_rows(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     (64, 60),   # q = 1: the whole site every step
     (10, 200),  # q = 0.05: Poisson-subsampled
 ])
-def test_planned_rounds_fit_the_budget_and_one_more_is_refused(batch_size: int,
-                                                                n: int) -> None:
+def test_planned_rounds_fit_the_training_share_and_training_past_the_budget_is_refused(
+        batch_size: int, n: int) -> None:
+    # The noise is calibrated at the first round for all 3 planned rounds, to the
+    # cumulative share of statistics + train (0.1 + 0.8 of epsilon_max): the planned rounds
+    # leave room for the evaluation. Training on past the plan is refused once a round
+    # would exceed epsilon_max itself, and a refused round trains and records nothing.
     x, y = site_rows(n)
     config = LocalTrainingConfig(batch_size=batch_size, local_steps=2)
     ledger = PrivacyLedger(site="a", budget=SiteBudget(epsilon_max=1.0), n_records=n)
-    privacy = SitePrivacy.calibrated(ledger, config, rounds=3)
+    privacy = SitePrivacy(ledger=ledger, local=config, rounds=3)
     model = make_model("logistic", 5, seed=0)
 
     spent = []
@@ -241,39 +521,110 @@ def test_planned_rounds_fit_the_budget_and_one_more_is_refused(batch_size: int,
         privacy.train(model, x, y, config, seed=rnd, what=f"round {rnd}")
         spent.append(ledger.spent())
 
+    assert privacy.dp is not None and privacy.dp.noise_multiplier > 0
     assert spent == sorted(spent)
-    assert spent[-1] <= 1.0
+    assert 0.85 < spent[-1] <= 0.9  # the training share, nearly all of it
     assert [e["what"] for e in ledger.entries] == ["round 1", "round 2", "round 3"]
-    before = get_weights(model)
-    with pytest.raises(PrivacyBudgetExceeded, match=re.escape("Site 'a' refuses round 4:")):
-        privacy.train(model, x, y, config, seed=4, what="round 4")
+    assert all(e["kind"] == "train" for e in ledger.entries)
+    assert ledger.spent("train") == pytest.approx(spent[-1])
+    rnd = 3
+    while True:
+        rnd += 1
+        assert rnd < 50, "training was never refused"
+        before = get_weights(model)
+        entries, total = len(ledger.entries), ledger.spent()
+        try:
+            privacy.train(model, x, y, config, seed=rnd, what=f"round {rnd}")
+        except PrivacyBudgetExceeded as refusal:
+            assert str(refusal).startswith(f"Site 'a' refuses round {rnd}:")
+            break
+        assert ledger.spent() <= 1.0
     after = get_weights(model)
     assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing trained
-    assert ledger.spent() == spent[-1]  # ... and nothing recorded
-    assert len(ledger.entries) == 3
+    assert ledger.spent() == total <= 1.0  # ... and nothing recorded
+    assert len(ledger.entries) == entries
+
+
+def test_the_evaluation_still_fits_after_the_planned_rounds() -> None:
+    x, y = site_rows(60)
+    config = LocalTrainingConfig(batch_size=64, local_steps=2)
+    ledger = PrivacyLedger(site="a", budget=SiteBudget(epsilon_max=1.0), n_records=60)
+    privacy = SitePrivacy(ledger=ledger, local=config, rounds=3, study="s1")
+    model = make_model("logistic", 5, seed=0)
+    for rnd in (1, 2, 3):
+        privacy.train(model, x, y, config, seed=rnd)
+    trained = ledger.spent()
+
+    neg, pos, noise_std = privacy.release_evaluation(
+        y, np.linspace(0.01, 0.99, len(y)), np.linspace(0.0, 1.0, 11))
+
+    assert neg.shape == pos.shape == (10,) and noise_std > 0
+    assert trained < ledger.spent() <= 1.0
+    assert ledger.spent() == pytest.approx(1.0, abs=0.01)  # the last share, used up
+    assert [e["kind"] for e in ledger.entries] == ["train"] * 3 + ["evaluate"]
+    assert all(e["study"] == "s1" for e in ledger.entries)
+    assert ledger.entries[-1]["noise_multiplier"] == noise_std  # sensitivity 1 (counts)
 
 
 def test_calibration_accounts_for_what_the_ledger_already_holds() -> None:
+    # An earlier study spent part of the budget: this study's training share is of what
+    # is left, so its noise is larger and the total stays within the budget.
     config = LocalTrainingConfig(batch_size=64, local_steps=2)
     fresh = PrivacyLedger(site="a", budget=SiteBudget(epsilon_max=2.0), n_records=60)
     used = PrivacyLedger(site="a", budget=SiteBudget(epsilon_max=2.0), n_records=60)
-    used.record([event(3.0)], "earlier release")
+    used.record([event(3.0)], "earlier release", kind="train", study="earlier")
+    before = used.spent()
 
-    sigma_fresh = SitePrivacy.calibrated(fresh, config, rounds=3).dp.noise_multiplier
-    sigma_used = SitePrivacy.calibrated(used, config, rounds=3).dp.noise_multiplier
+    sigma_fresh = SitePrivacy(ledger=fresh, local=config, rounds=3,
+                              study="s2").training_noise(60).noise_multiplier
+    sigma_used = SitePrivacy(ledger=used, local=config, rounds=3,
+                             study="s2").training_noise(60).noise_multiplier
 
     assert sigma_used > sigma_fresh
     total = used.accountant.get_epsilon(used.delta, [event(sigma_used, steps=6)])
-    assert total <= 2.0
+    target = before + 0.9 * (2.0 - before)  # statistics + train shares of what is left
+    assert used.target("train", "s2") == pytest.approx(target)
+    assert total <= target + 1e-9
+    assert total == pytest.approx(target, rel=0.02)  # calibrated tight, not wasteful
 
 
-def test_a_spent_ledger_cannot_be_calibrated() -> None:
+def test_training_noise_is_calibrated_once_and_kept_in_the_ledger() -> None:
+    # After a restart (a new SitePrivacy over the same ledger) the noise calibrated for the
+    # whole schedule is reused, not recalibrated for the rounds that are left.
+    x, y = site_rows(60)
+    config = LocalTrainingConfig(batch_size=64, local_steps=2)
     ledger = PrivacyLedger(site="a", budget=SiteBudget(epsilon_max=1.0), n_records=60)
-    ledger.record([event(0.5)], "earlier release")  # alone more than epsilon 1
+    first = SitePrivacy(ledger=ledger, local=config, rounds=3, study="s1")
+    first.train(make_model("logistic", 5, seed=0), x, y, config, seed=1)
+
+    restarted = SitePrivacy(ledger=ledger, rounds=3, study="s1")  # no 'local' needed
+
+    assert restarted.training_noise(60) == first.dp
+    with pytest.raises(ConfigurationError, match=re.escape(
+            "SitePrivacy needs the study's local training config ('local') to calibrate "
+            "DP-SGD.")):
+        SitePrivacy(ledger=ledger, rounds=3, study="s2").training_noise(60)
+
+
+@pytest.mark.parametrize("earlier_study", ["s1", "another study"])
+def test_a_spent_ledger_cannot_be_calibrated(earlier_study: str) -> None:
+    # Spent by this study's own statistics release, or by another study: either way
+    # nothing is left for this study's releases.
+    ledger = PrivacyLedger(site="a", budget=SiteBudget(epsilon_max=1.0), n_records=60)
+    ledger.record([event(0.5)], "earlier release", kind="statistics",
+                  study=earlier_study)  # alone more than epsilon 1
+    privacy = SitePrivacy(ledger=ledger, local=LocalTrainingConfig(), rounds=1, study="s1")
 
     with pytest.raises(PrivacyBudgetExceeded, match=re.escape(
-            "of its epsilon_max 1; it takes part in no further training.")):
-        SitePrivacy.calibrated(ledger, LocalTrainingConfig(), rounds=1)
+            f"Site 'a' has spent epsilon {ledger.spent():.4f}; its budget share for train "
+            f"releases allows ")) as refusal:
+        privacy.training_noise(60)
+    assert str(refusal.value).endswith("(epsilon_max 1): it makes no further train release.")
+    with pytest.raises(PrivacyBudgetExceeded, match="it makes no further statistics release"):
+        privacy.release_statistics(np.zeros((60, 2)), np.tile(np.linspace(0, 1, 17), (2, 1)))
+    with pytest.raises(PrivacyBudgetExceeded, match="it makes no further evaluate release"):
+        privacy.release_evaluation(np.zeros(10), np.full(10, 0.5), np.linspace(0, 1, 11))
+    assert len(ledger.entries) == 1  # nothing released, nothing recorded
 
 
 def test_dp_sgd_refuses_the_proximal_term() -> None:
@@ -285,7 +636,7 @@ def test_dp_sgd_refuses_the_proximal_term() -> None:
             "DP-SGD does not support FedProx's proximal term (proximal_mu=0.1); use fedavg, "
             "fedadam or fedyogi with differential privacy.")):
         train_local_dp(model, x, y, LocalTrainingConfig(proximal_mu=0.1),
-                       DPConfig(noise_multiplier=1.0), seed=0)
+                       DPConfig(noise_multiplier=1.0))
 
     after = get_weights(model)
     assert all(np.array_equal(before[k], after[k]) for k in before)
@@ -329,6 +680,27 @@ def test_dp_with_fedprox_is_a_configuration_error() -> None:
         SimulationConfig.create(dp_epsilon=1.0, algorithm="fedprox")
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"label_quality": True},
+     "Invalid simulation config: label_quality cross-evaluates each site's non-private local "
+     "model at the other sites, a release differential privacy does not cover; switch "
+     "label_quality off with dp_epsilon."),
+    ({"recalibrate": True},
+     "Invalid simulation config: recalibrate fits each site's intercept and slope on its own "
+     "rows without noise (one patient moves the intercept), a release differential privacy "
+     "does not cover; switch recalibrate off with dp_epsilon."),
+    ({"standardisation": "per-site"},
+     "Invalid simulation config: standardisation 'per-site' uses each site's exact mean and "
+     "SD, which differential privacy does not cover; use 'global' (from the sites' noisy "
+     "statistics) with dp_epsilon."),
+])
+def test_dp_with_a_release_it_does_not_cover_is_a_configuration_error(
+        setting: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        SimulationConfig.create(dp_epsilon=1.0, **setting)
+    SimulationConfig.create(**setting)  # fine without DP
+
+
 @pytest.fixture(scope="module")
 def dp_federation() -> FederatedDataset:
     return synthetic_federation(n_sites=3, seed=1, size_scale=0.2)
@@ -343,6 +715,13 @@ def dp_run(dp_federation: FederatedDataset,
         ledger_dir
 
 
+def ledger_file(ledger_dir: Path, site: str) -> Path:
+    """The one ledger a simulated site keeps in `ledger_dir` (named by its data)."""
+    files = sorted(ledger_dir.glob(f"{site}-*.json"))
+    assert len(files) == 1, files
+    return files[0]
+
+
 def test_history_records_each_site_epsilon_every_round(
         dp_run: tuple[ExperimentResult, Path], dp_federation: FederatedDataset) -> None:
     result, _ = dp_run
@@ -355,6 +734,8 @@ def test_history_records_each_site_epsilon_every_round(
         assert spent == sorted(spent)
         assert spent[-1] <= 2.0
     assert result.federated.refusals == []
+    # The pre-noise training loss is not released, so it is not in the history either.
+    assert all(math.isnan(h["train_loss"]) for h in history)
 
 
 def test_result_reports_each_site_spend_within_its_budget(
@@ -364,18 +745,50 @@ def test_result_reports_each_site_spend_within_its_budget(
     assert set(result.privacy) == set(result.site_sizes)
     for site, spend in result.privacy.items():
         assert spend["epsilon_spent"] <= spend["epsilon_max"] == 2.0
-        assert spend["delta"] == 1 / (10 * result.site_sizes[site])
+        assert spend["delta"] == min(1e-5, 1 / (10 * result.site_sizes[site]))
         assert spend["n_records"] == result.site_sizes[site]
         assert spend["rounds_trained"] == 3
-        assert (ledger_dir / f"{site}.json").is_file()
-        assert spend["epsilon_spent"] == pytest.approx(result.federated.history[-1][
-            f"epsilon/{site}"])
+        saved = json.loads(ledger_file(ledger_dir, site).read_text(encoding="utf-8"))
+        assert saved["version"] == 2 and saved["site"] == site
+        assert [e["kind"] for e in saved["entries"]] == [
+            "statistics", "train", "train", "train", "evaluate"]
+        assert len({e["study"] for e in saved["entries"]}) == 1
+        assert saved["entries"][-1]["epsilon_after"] == pytest.approx(spend["epsilon_spent"])
+        # The history shows the ledger after each round; the evaluation release comes
+        # after the last one, within the share the training left for it.
+        last_round = result.federated.history[-1][f"epsilon/{site}"]
+        assert last_round <= 0.9 * 2.0 < spend["epsilon_spent"]
+
+
+def test_the_budget_is_split_across_statistics_training_and_evaluation(
+        dp_run: tuple[ExperimentResult, Path]) -> None:
+    # Shares 0.1 / 0.8 / 0.1 of epsilon_max 2: the statistics release alone is calibrated
+    # to 0.1 x 2; training brings the composed total to 0.9 x 2 and the evaluation to 2.
+    # Each kind alone spends less than its cumulative share; the composed total is the
+    # figure that counts, and it never exceeds epsilon_max.
+    result, _ = dp_run
+
+    for site, spend in result.privacy.items():
+        assert spend["epsilon_spent"] <= 2.0, site
+        assert spend["epsilon_spent"] == pytest.approx(2.0, rel=0.01)  # nothing wasted
+        assert spend["epsilon_statistics"] == pytest.approx(0.1 * 2.0, rel=0.01)
+        assert spend["epsilon_statistics"] <= 0.1 * 2.0
+        for kind in ("statistics", "train", "evaluate"):
+            assert 0 < spend[f"epsilon_{kind}"] < spend["epsilon_spent"], (site, kind)
+        assert spend["epsilon_statistics"] + spend["epsilon_train"] + \
+            spend["epsilon_evaluate"] >= spend["epsilon_spent"]  # composition is subadditive
+        assert spend["noise_multiplier"] > 0
+    # What a model card may publish under DP: metrics from the noisy evaluation releases.
+    assert set(result.released_metrics) == set(result.privacy)
+    for metrics in result.released_metrics.values():
+        assert {"auc", "auc_ci_low", "auc_ci_high", "brier", "prevalence"} <= set(metrics)
 
 
 def test_a_second_run_on_the_same_ledgers_composes_on_top(
         dp_run: tuple[ExperimentResult, Path], dp_federation: FederatedDataset) -> None:
-    # The ledgers survive the first run, so the second calibrates for what is left: much
-    # more noise, and the total stays within epsilon_max.
+    # The ledgers survive the first run and a simulation's study id is new every run, so
+    # the second run's shares are of what is left: much more noise, and the total stays
+    # within epsilon_max.
     first, ledger_dir = dp_run
     config = SimulationConfig.create(**DP_SETTINGS)
 
@@ -384,17 +797,20 @@ def test_a_second_run_on_the_same_ledgers_composes_on_top(
     for site, spend in second.privacy.items():
         assert first.privacy[site]["epsilon_spent"] < spend["epsilon_spent"] <= 2.0
         assert spend["noise_multiplier"] > first.privacy[site]["noise_multiplier"]
-        saved = json.loads((ledger_dir / f"{site}.json").read_text(encoding="utf-8"))
-        assert len(saved["entries"]) == 6
+        saved = json.loads(ledger_file(ledger_dir, site).read_text(encoding="utf-8"))
+        assert len(saved["entries"]) == 10
+        studies = [e["study"] for e in saved["entries"]]
+        assert len(set(studies[:5])) == len(set(studies[5:])) == 1
+        assert studies[0] != studies[5]
 
 
-def test_sites_refuse_rounds_beyond_their_calibrated_schedule(
-        dp_federation: FederatedDataset) -> None:
-    # Noise is calibrated for 3 rounds; a coordinator asking for 5 gets refusals from every
-    # site in rounds 4 and 5, and the budgets hold.
-    sites = prepare_federation(dp_federation, "global")
+def test_sites_refuse_rounds_beyond_their_budget(dp_federation: FederatedDataset) -> None:
+    # Noise is calibrated for 3 rounds (to the training share); a coordinator asking for
+    # 5 gets refusals from every site once a round would exceed epsilon_max, and the
+    # budgets hold.
     planned = SimulationConfig.create(**DP_SETTINGS)
-    privacy = site_privacy(sites, planned)
+    privacy = site_privacy(dp_federation, planned)
+    sites = prepare_federation(dp_federation, "global", privacy=privacy)
 
     run = run_federated(sites, SimulationConfig.create(**{**DP_SETTINGS, "rounds": 5}),
                         privacy=privacy)
@@ -410,18 +826,54 @@ def test_sites_refuse_rounds_beyond_their_calibrated_schedule(
         assert run.history[-1][f"epsilon/{name}"] == run.history[2][f"epsilon/{name}"]
 
 
-def test_a_site_with_a_spent_ledger_sits_out_every_round(
+def _spend_ledger(ledger_dir: Path, site: SiteData) -> None:
+    """A ledger for `site`'s records that an earlier study spent beyond epsilon 2."""
+    fingerprint = data_fingerprint(np.vstack([site.x_train, site.x_test]),
+                                   np.concatenate([site.y_train, site.y_test]))
+    ledger = open_ledger(site=site.name, budget=SiteBudget(epsilon_max=2.0),
+                         n_records=site.n_train, fingerprint=fingerprint, ledger_dir=ledger_dir)
+    ledger.record([event(0.3)], "an earlier study", kind="train", study="earlier",
+                  noise_multiplier=0.3)
+    assert ledger.spent() > 2.0
+
+
+def test_a_site_with_a_spent_ledger_sits_out_and_the_others_go_on(
         tmp_path: Path, dp_federation: FederatedDataset) -> None:
-    # A ledger that already holds more than epsilon_max (e.g. a rerun with a smaller
-    # budget) must not crash the federation: that site refuses each round, by name.
+    # A site whose ledger is already spent must not crash the federation: its statistics
+    # release is refused (it contributes nothing), it refuses each round by name, and it
+    # publishes no metrics; the other sites train as planned.
+    spent_site = dp_federation.sites[0]
+    _spend_ledger(tmp_path, spent_site)
     config = SimulationConfig.create(**DP_SETTINGS)
-    run_experiment(dp_federation, config, baselines=False, ledger_dir=tmp_path)
-    smaller = SimulationConfig.create(**{**DP_SETTINGS, "dp_epsilon": 1.0})
 
-    result = run_experiment(dp_federation, smaller, baselines=False, ledger_dir=tmp_path)
+    result = run_experiment(dp_federation, config, baselines=False, ledger_dir=tmp_path)
 
-    names = [s.name for s in dp_federation.sites]
-    assert sorted({site for _, site, _ in result.federated.refusals}) == sorted(names)
-    assert len(result.federated.refusals) == smaller.rounds * len(names)
-    assert all(f"Site {site!r} refuses round {rnd}:" in reason
-               for rnd, site, reason in result.federated.refusals)
+    name = spent_site.name
+    assert [(rnd, site) for rnd, site, _ in result.federated.refusals] == [
+        (rnd, name) for rnd in (1, 2, 3)]
+    assert all(reason.startswith(f"Site {name!r} has spent epsilon ") and
+               reason.endswith("it makes no further train release.")
+               for _, _, reason in result.federated.refusals)
+    assert result.privacy[name]["rounds_trained"] == 0
+    assert result.privacy[name]["epsilon_statistics"] == 0.0
+    assert name not in result.released_metrics
+    saved = json.loads(ledger_file(tmp_path, name).read_text(encoding="utf-8"))
+    assert [e["what"] for e in saved["entries"]] == ["an earlier study"]  # nothing more
+    others = [s.name for s in dp_federation.sites[1:]]
+    for other in others:
+        assert result.privacy[other]["rounds_trained"] == 3
+        assert result.privacy[other]["epsilon_spent"] <= 2.0
+        assert other in result.released_metrics
+    assert result.federated.participation == {name: 0, **dict.fromkeys(others, 3)}
+
+
+def test_a_federation_whose_every_site_is_spent_cannot_start(
+        tmp_path: Path, dp_federation: FederatedDataset) -> None:
+    for site in dp_federation.sites:
+        _spend_ledger(tmp_path, site)
+
+    with pytest.raises(PrivacyBudgetExceeded, match=re.escape(
+            "No site has privacy budget left for its statistics release; the federation "
+            "cannot start.")):
+        run_experiment(dp_federation, SimulationConfig.create(**DP_SETTINGS),
+                       baselines=False, ledger_dir=tmp_path)
