@@ -78,6 +78,29 @@ def test_demo_runs_and_writes_the_report(tmp_path) -> None:  # type: ignore[no-u
         assert (out / name).stat().st_size > 0
 
 
+@pytest.mark.parametrize(("options", "label_quality"), [
+    ([], True), (["--dp-epsilon", "1"], False)])
+def test_demo_switches_label_quality_off_under_dp(monkeypatch: pytest.MonkeyPatch,
+                                                  options: list[str],
+                                                  label_quality: bool) -> None:
+    # The label-quality check crosses non-private local models between sites: with a
+    # privacy budget the demo leaves it off (a config with both is refused).
+    import cardiofed.cli as cli
+
+    seen: dict[str, object] = {}
+
+    def run(dataset_name: str, settings: dict[str, object], **_: object) -> None:
+        seen.update(settings)
+        SimulationConfig.create(**{k: v for k, v in settings.items() if v is not None})
+
+    monkeypatch.setattr(cli, "_run", run)
+    result = CliRunner().invoke(app, ["demo", "--rounds", "1", *options])
+
+    assert result.exit_code == 0, result.output
+    assert seen["label_quality"] is label_quality
+    assert seen["dp_epsilon"] == (1.0 if options else None)
+
+
 def test_simulate_reports_invalid_settings_by_name(tmp_path) -> None:  # type: ignore[no-untyped-def]
     result = CliRunner().invoke(app, ["simulate", "--dataset", "synthetic", "--rounds", "0",
                                       "--out", str(tmp_path)])

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -399,8 +400,6 @@ def test_the_ledger_survives_a_deleted_state_dir_and_keeps_composing(tmp_path: P
     ledger.record([event(4.0)], "round 1", study="s1")
     assert marker.is_file()
 
-    import shutil
-
     shutil.rmtree(state_dir)  # an operator clears the node's state
     again = open_site_ledger(ledger_dir, markers=(marker,))
 
@@ -421,8 +420,6 @@ def test_a_deleted_ledger_is_refused_while_a_marker_remembers_it(
     if lost == "ledger":
         ledger.path.unlink()
     else:
-        import shutil
-
         shutil.rmtree(ledger_dir)
     fingerprint = data_fingerprint(*site_records())
 

@@ -69,9 +69,9 @@ class TaskPolicy:
         rounds = int(task.plan.get("rounds", 0))  # type: ignore[call-overload]
         if task.kind == "statistics":
             if task.round != 0 or done.get("statistics"):
+                why = "it already ran" if done.get("statistics") else f"this is round {task.round}"
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan has one "
-                                  f"statistics release, in round 0, and it "
-                                  f"{'already ran' if done.get('statistics') else 'is round 0'}.")
+                                  f"statistics release, in round 0, and {why}.")
         elif task.kind == "train":
             trained = done.get("train", [])
             if task.round in trained:
