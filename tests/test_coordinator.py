@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -53,11 +56,12 @@ class Federation:
     def auth(credential: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {credential}"}
 
-    def agent(self, site: str) -> NodeAgent:
+    def agent(self, site: str, **settings: object) -> NodeAgent:
+        """A node for `site`; `settings` add to its config (e.g. ``privacy``)."""
         config = NodeConfig.create(
             coordinator_url="http://testserver", state_dir=str(self.tmp / site),
             enrolment_token=self.tokens[site], poll_wait_s=0,
-            data={"dataset": "synthetic", "site": site, "seed": 0})
+            data={"dataset": "synthetic", "site": site, "seed": 0}, **settings)
         return NodeAgent(config, client=self.client)
 
     def status(self) -> dict[str, object]:
@@ -265,13 +269,34 @@ def test_oversized_payload_is_rejected(tmp_path: Path) -> None:
     assert r.json()["detail"] == "Payload of 500 bytes exceeds the limit of 100 bytes."
 
 
+def _expire_round(fed: Federation) -> None:
+    """Move the open round's deadline into the past (as if round_timeout_s had elapsed),
+    so a test does not depend on how fast this machine runs the other sites' tasks."""
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from cardiofed.coordinator.storage import Round, utcnow
+
+    with _sessions(fed.settings.database_url)() as db:
+        rnd = db.scalar(select(Round).where(Round.study_id == "s1", Round.closed_at.is_(None)))
+        assert rnd is not None
+        rnd.deadline = utcnow() - timedelta(seconds=1)
+        db.commit()
+
+
 def test_dropped_site_does_not_hang_the_round_after_its_deadline(tmp_path: Path) -> None:
-    fed = Federation(tmp_path, timeout=1.0, min_sites=2)
+    fed = Federation(tmp_path, min_sites=2)
     agents = [fed.agent(s) for s in SITES[:2]]  # the third site never shows up
 
     fed.step(agents)
     assert fed.status()["waiting_for"] == ["community_01"]  # until the round's deadline
-    _until_done(fed, agents)
+    for _ in range(20):
+        if fed.status()["phase"] == "done":
+            break
+        if not fed.step(agents):
+            _expire_round(fed)  # the deadline passes: the round closes without it
+    assert fed.status()["phase"] == "done"
 
     models = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
     assert models[-1]["participants"] == SITES[:2]
@@ -377,6 +402,30 @@ def test_node_config_errors_name_the_field(values: dict[str, object], message: s
     with pytest.raises(ConfigurationError) as err:
         NodeConfig.create(**settings)
     assert str(err.value) == message
+
+
+def test_node_config_paths_are_relative_to_the_file_and_privacy_defaults(
+        tmp_path: Path) -> None:
+    path = tmp_path / "etc" / "node.toml"
+    path.parent.mkdir()
+    path.write_text('coordinator_url = "http://127.0.0.1:8000"\nstate_dir = "state"\n'
+                    '[data]\ndataset = "synthetic"\nsite = "a"\n'
+                    '[privacy]\nepsilon_max = 1.0\nledger_dir = "../ledgers"\n'
+                    'shares = { statistics = 0.2, train = 0.6, evaluate = 0.2 }\n')
+
+    config = NodeConfig.from_toml(path)
+
+    assert config.state_dir == tmp_path / "etc" / "state"
+    assert config.privacy is not None
+    assert config.privacy.ledger_dir == tmp_path / "etc" / ".." / "ledgers"
+    assert config.privacy.shares == {"statistics": 0.2, "train": 0.6, "evaluate": 0.2}
+    assert config.privacy.reset_privacy_ledger is False
+    assert config.publish_metrics is True
+    default = NodeConfig.create(coordinator_url="http://x", state_dir="s",
+                                data={"dataset": "synthetic", "site": "a"},
+                                privacy={"epsilon_max": 1.0, "ledger_dir": "l"})
+    assert default.privacy is not None
+    assert default.privacy.shares == {"statistics": 0.1, "train": 0.8, "evaluate": 0.1}
 
 
 def test_bias_corrections_the_network_does_not_run_are_refused(fed: Federation) -> None:
@@ -581,3 +630,268 @@ def test_an_older_database_gains_the_new_columns(tmp_path: Path) -> None:
     with sqlite3.connect(path) as con:
         columns = [row[1] for row in con.execute("PRAGMA table_info(updates)")]
     assert columns[-2:] == ["staleness", "aggregated_into"]
+
+
+# ---------------------------------------------------------------- the node's own plan
+
+def _set_plan(fed: Federation, plan: dict[str, object]) -> None:
+    """Change the study's plan in the coordinator's database (a misbehaving coordinator)."""
+    from cardiofed.coordinator.storage import Study
+
+    with _sessions(fed.settings.database_url)() as db:
+        study = db.get(Study, "s1")
+        assert study is not None
+        study.plan = plan
+        db.commit()
+
+
+def _set_round_version(fed: Federation, number: int, version: int) -> None:
+    from sqlalchemy import select
+
+    from cardiofed.coordinator.storage import Round
+
+    with _sessions(fed.settings.database_url)() as db:
+        rnd = db.scalar(select(Round).where(Round.study_id == "s1", Round.number == number))
+        assert rnd is not None
+        rnd.model_version = version
+        db.commit()
+
+
+def _has_task(fed: Federation, agent: NodeAgent) -> bool:
+    r = fed.client.get("/v1/tasks/next", headers=fed.auth(agent.credential()))
+    return r.status_code == 200
+
+
+def test_a_changed_plan_is_refused_shown_in_the_status_and_the_node_goes_on(
+        fed: Federation) -> None:
+    agents = [fed.agent(s) for s in SITES]
+    fed.step(agents)  # statistics: every node pins the plan
+    with _sessions(fed.settings.database_url)() as db:
+        pinned = dict(service.get_study(db, "s1").plan)
+
+    _set_plan(fed, {**pinned, "lr": 5.0})  # the coordinator changes the plan mid-study
+    assert fed.step(agents[:1]) == 1  # tier3_01 takes round 1, refuses it, reports why
+    _set_plan(fed, pinned)
+
+    state = fed.status()
+    [refusal] = state["refusals"]  # type: ignore[misc]
+    assert (refusal["site"], refusal["round"]) == ("tier3_01", 1)
+    assert refusal["reason"].startswith(
+        "Refused train task (round 1, model version 0) of study 's1': its plan (sha256 ")
+    assert refusal["reason"].endswith("is not the plan this site pinned (sha256 "
+                                      f"{agents[0].policy.pinned('s1')[:12]}...).")
+    # The coordinator does not offer the round again, nor wait for the site.
+    assert state["waiting_for"] == ["tier2_01", "community_01"]
+    assert not _has_task(fed, agents[0])
+    assert not (agents[0].state_dir / "outbox" / "s1-round1.bin").exists()  # nothing sent
+
+    _until_done(fed, agents)
+
+    models = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
+    assert models[1]["participants"] == ["tier2_01", "community_01"]
+    assert models[2]["participants"] == models[3]["participants"] == SITES  # it goes on
+    assert set(models[-1]["metrics"]) == set(SITES)
+    assert agents[0].policy.studies["s1"]["done"]["train"] == [2, 3]
+    assert fed.status()["refusals"] == [refusal]
+
+
+def test_an_evaluation_of_a_model_other_than_the_final_one_is_refused(
+        fed: Federation) -> None:
+    agents = [fed.agent(s) for s in SITES]
+    for _ in range(4):  # statistics and the 3 training rounds
+        fed.step(agents)
+    state = fed.status()
+    assert (state["phase"], state["round"], state["model_version"]) == ("evaluate", 4, 3)
+
+    _set_round_version(fed, 4, 1)  # the coordinator asks tier3_01 to evaluate version 1
+    assert fed.step(agents[:1]) == 1
+    _set_round_version(fed, 4, 3)
+
+    [refusal] = fed.status()["refusals"]  # type: ignore[misc]
+    assert refusal == {"site": "tier3_01", "round": 4, "reason": (
+        "Refused evaluate task (round 4, model version 1) of study 's1': the plan evaluates "
+        "only the final model, version 3.")}
+    _until_done(fed, agents)
+    final = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()[-1]
+    assert set(final["metrics"]) == {"tier2_01", "community_01"}
+
+
+def test_a_refusal_needs_the_sites_credential_and_a_reason(fed: Federation) -> None:
+    credential = fed.agent(SITES[0]).credential()
+    url = "/v1/studies/s1/rounds/0/refusal"
+
+    assert fed.client.post(url, json={"reason": "no"}).status_code == 401
+    r = fed.client.post(url, json={"reason": ""}, headers=fed.auth(credential))
+    assert r.status_code == 422
+    r = fed.client.post("/v1/studies/other/rounds/0/refusal", json={"reason": "no"},
+                        headers=fed.auth(credential))
+    assert r.status_code == 403
+    r = fed.client.post("/v1/studies/s1/rounds/9/refusal", json={"reason": "no"},
+                        headers=fed.auth(credential))
+    assert r.status_code == 404
+    r = fed.client.post(url, json={"reason": "not this one"}, headers=fed.auth(credential))
+    assert r.status_code == 204
+    again = fed.client.post(url, json={"reason": "twice"}, headers=fed.auth(credential))
+    assert again.status_code == 204
+    assert fed.status()["refusals"] == [{"site": "tier3_01", "round": 0,
+                                         "reason": "not this one"}]  # recorded once
+
+
+# ---------------------------------------------------------------- private nodes
+
+PRIVATE_KEYS = {"auc", "auc_ci_low", "auc_ci_high", "calibration_slope",
+                "calibration_slope_ci_low", "calibration_slope_ci_high", "brier",
+                "brier_ci_low", "brier_ci_high", "prevalence"}
+
+
+def test_evaluation_histograms_become_metrics_with_intervals() -> None:
+    from cardiofed.evaluation.private_metrics import score_bin_edges, score_histograms
+    from cardiofed.exceptions import InvalidUpdate
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(400) < 0.3).astype(int)
+    p = np.clip(0.3 + 0.3 * (y - 0.3) + rng.normal(0, 0.15, 400), 0.01, 0.99)
+    neg, pos = score_histograms(y, p, score_bin_edges())
+    payload = encode_arrays({"negatives": neg, "positives": pos},
+                            {"noise_std": "2.0", "epsilon_spent": "0.9",
+                             "epsilon_delta": "1e-05"})
+
+    metrics = service.evaluation_metrics(payload)
+
+    assert set(metrics) >= PRIVATE_KEYS
+    assert metrics["auc_ci_low"] < metrics["auc_ci_high"] and 0.5 < metrics["auc"] <= 1.0
+    assert (metrics["epsilon_spent"], metrics["epsilon_delta"]) == (0.9, 1e-5)
+    assert service.evaluation_metrics(b'{"auc": 0.7, "n": 10}') == {"auc": 0.7, "n": 10}
+    assert service.evaluation_metrics(b"{}") == {}  # a site that does not publish
+    with pytest.raises(InvalidUpdate, match=re.escape(
+            "Evaluation histograms must be 'negatives' and 'positives', two 1-D arrays of "
+            "one length;")):
+        service.evaluation_metrics(encode_arrays({"negatives": neg, "positives": pos[:-1]},
+                                                 {"noise_std": "2.0"}))
+    with pytest.raises(InvalidUpdate, match="Evaluation histograms are not usable"):
+        service.evaluation_metrics(encode_arrays({"negatives": neg[:5], "positives": pos[:5]},
+                                                 {"noise_std": "2.0"}))
+    with pytest.raises(InvalidUpdate, match="neither JSON metrics nor score histograms"):
+        service.evaluation_metrics(b"garbage")
+
+
+def _private_agent(fed: Federation, site: str, **settings: object) -> NodeAgent:
+    return fed.agent(site, privacy={"epsilon_max": 2.0,
+                                    "ledger_dir": str(fed.tmp / "ledgers" / site)},
+                     **settings)
+
+
+def _ledger(agent: NodeAgent) -> dict[str, object]:
+    assert agent.config.privacy is not None
+    [path] = agent.config.privacy.ledger_dir.glob("*.json")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_private_nodes_release_everything_under_their_ledgers(fed: Federation) -> None:
+    # Every site has a budget; community_01 does not publish its evaluation. Statistics,
+    # training and evaluation are each charged to the site's ledger, and the card's
+    # metrics come from the noisy score histograms, with intervals.
+    agents = [_private_agent(fed, s) for s in SITES[:2]]
+    agents.append(_private_agent(fed, SITES[2], publish_metrics=False))
+
+    _until_done(fed, agents)
+
+    final = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()[-1]
+    assert final["participants"] == SITES
+    for site in SITES[:2]:
+        metrics = final["metrics"][site]
+        assert set(metrics) >= PRIVATE_KEYS, metrics
+        assert 0.0 <= metrics["auc"] <= 1.0
+        assert metrics["auc_ci_low"] <= metrics["auc_ci_high"]
+        assert 0 < metrics["epsilon_spent"] <= 2.0 and 0 < metrics["epsilon_delta"] <= 1e-5
+    assert final["metrics"]["community_01"] == {}
+    from cardiofed.serving import registry
+
+    with _sessions(fed.settings.database_url)() as db:
+        card = registry.card(db, "s1-v3")
+    assert set(card["metrics"]) == set(SITES[:2])  # a site that declines is left out
+    for site in SITES[:2]:
+        assert set(card["metrics"][site]) >= PRIVATE_KEYS
+        assert not any(k.startswith("epsilon") for k in card["metrics"][site])
+        assert card["privacy"][site]["epsilon_spent"] == final["metrics"][site]["epsilon_spent"]
+    for agent, site in zip(agents, SITES, strict=True):
+        ledger = _ledger(agent)
+        kinds = [e["kind"] for e in ledger["entries"]]  # type: ignore[index]
+        assert kinds == ["statistics", "train", "train", "train"] + (
+            ["evaluate"] if site != "community_01" else [])
+        assert {e["study"] for e in ledger["entries"]} == {"s1"}  # type: ignore[index]
+        assert ledger["entries"][-1]["epsilon_after"] <= 2.0  # type: ignore[index]
+        # The ledger lives in ledger_dir; the node's state keeps a marker that it exists.
+        assert len(list(agent.state_dir.glob("privacy-ledger-*.created"))) == 1
+    # Training updates declare the noisy count and no training loss.
+    from cardiofed.wire import decode_arrays
+
+    _, manifest = decode_arrays((agents[0].state_dir / "outbox" / "s1-round1.bin").read_bytes())
+    assert "train_loss" not in manifest
+    released_n = _ledger(agents[0])["entries"][0]["released_n"]  # type: ignore[index]
+    assert int(manifest["num_samples"]) == max(1, round(released_n))
+
+
+def _second_study(fed: Federation, study: str = "s2") -> dict[str, str]:
+    names, ranges = study_columns("synthetic")
+    r = fed.client.post("/v1/studies", headers=fed.auth(fed.admin), json={
+        "id": study, "plan": PLAN, "sites": SITES[:1], "feature_names": names,
+        "feature_ranges": ranges})
+    assert r.status_code == 201, r.text
+    return r.json()["enrolment_tokens"]
+
+
+def test_a_private_nodes_ledger_outlives_its_state_dir(tmp_path: Path) -> None:
+    # The operator wipes the node's state between studies: the ledger, in its own
+    # ledger_dir, is found again (bound to the records) and the second study composes
+    # on top of the first.
+    fed = Federation(tmp_path, plan=PLAN)
+    site = SITES[0]
+    agents = [_private_agent(fed, site), *[fed.agent(s) for s in SITES[1:]]]
+    _until_done(fed, agents)
+    first = _ledger(agents[0])
+    spent_first = first["entries"][-1]["epsilon_after"]  # type: ignore[index]
+
+    shutil.rmtree(agents[0].state_dir)
+    tokens = _second_study(fed)
+    config = NodeConfig.create(
+        coordinator_url="http://testserver", state_dir=str(tmp_path / site),
+        enrolment_token=tokens[site], poll_wait_s=0,
+        data={"dataset": "synthetic", "site": site, "seed": 0},
+        privacy={"epsilon_max": 2.0, "ledger_dir": str(tmp_path / "ledgers" / site)})
+    node = NodeAgent(config, client=fed.client)
+    node.run(max_tasks=5)
+
+    second = _ledger(node)
+    entries = second["entries"]  # type: ignore[index]
+    assert [e["study"] for e in entries] == ["s1"] * 5 + ["s2"] * 5
+    assert spent_first < entries[-1]["epsilon_after"] <= 2.0  # it keeps composing
+    assert entries[5]["noise_multiplier"] > first["entries"][0]["noise_multiplier"]  # type: ignore[index]
+
+
+def test_a_deleted_ledger_stops_the_node_unless_reset(
+        fed: Federation, caplog: pytest.LogCaptureFixture) -> None:
+    # The ledger_dir is lost mid-study; the marker in the node's state remembers that a
+    # ledger existed, so a restarted node refuses to start again from zero.
+    from cardiofed.exceptions import ConfigurationError
+
+    agents = [_private_agent(fed, SITES[0]), *[fed.agent(s) for s in SITES[1:]]]
+    fed.step(agents)  # statistics, charged to the ledger
+    assert agents[0].config.privacy is not None
+    shutil.rmtree(agents[0].config.privacy.ledger_dir)
+    restarted = _private_agent(fed, SITES[0])
+
+    with pytest.raises(ConfigurationError, match=(
+            r"The privacy ledger .* of site 'tier3_01' existed for these records "
+            r"\(fingerprint [0-9a-f]{12}\.\.\.\) but is gone: refusing to start again from "
+            r"zero")):
+        restarted.run(max_tasks=1)
+    assert not list(agents[0].config.privacy.ledger_dir.glob("*.json"))
+
+    reset = fed.agent(SITES[0], privacy={
+        "epsilon_max": 2.0, "ledger_dir": str(fed.tmp / "ledgers" / SITES[0]),
+        "reset_privacy_ledger": True})
+    with caplog.at_level("WARNING", logger="cardiofed.privacy"):
+        assert reset.run(max_tasks=1) == 1
+    assert any("RESET by explicit override" in r.getMessage() for r in caplog.records)
+    assert [e["kind"] for e in _ledger(reset)["entries"]] == ["train"]  # type: ignore[index]
