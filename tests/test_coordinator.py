@@ -716,6 +716,21 @@ def test_an_evaluation_of_a_model_other_than_the_final_one_is_refused(
     assert set(final["metrics"]) == {"tier2_01", "community_01"}
 
 
+def test_a_round_every_site_refuses_stops_the_study_instead_of_hanging(
+        fed: Federation) -> None:
+    agents = [fed.agent(s) for s in SITES]
+    for _ in range(4):  # statistics and the 3 training rounds
+        fed.step(agents)
+    _set_round_version(fed, 4, 1)  # every site is asked to evaluate a non-final version
+
+    assert fed.step(agents) == len(SITES)
+
+    state = fed.status()
+    assert state["phase"] == "done"
+    assert state["round_outcome"] == "study stopped: every active site refused this round"
+    assert [r["site"] for r in state["refusals"]] == list(SITES)  # type: ignore[union-attr]
+
+
 def test_a_refusal_needs_the_sites_credential_and_a_reason(fed: Federation) -> None:
     credential = fed.agent(SITES[0]).credential()
     url = "/v1/studies/s1/rounds/0/refusal"

@@ -330,3 +330,18 @@ def test_each_site_releases_its_statistics_once_through_its_ledger() -> None:
     first = sites[0].preprocessor
     for s in sites[1:]:
         np.testing.assert_array_equal(s.preprocessor.mean, first.mean)
+
+
+def test_a_binary_columns_private_mean_is_its_prevalence_not_a_bin_midpoint() -> None:
+    # 400 rows, 25% ones; noise 0.01 per bin is negligible: the merged mean must be 0.25
+    # (bin midpoints 1/32 and 31/32 would give 0.266) and the SD sqrt(0.25 * 0.75).
+    x = np.zeros((400, 1))
+    x[:100, 0] = 1.0
+    edges = bin_edges([(0.0, 1.0)], PRIVATE_BINS)
+    stats, _ = private_site_statistics(x, edges, noise_std=0.01,
+                                       rng=np.random.default_rng(0))
+
+    pre = merge_statistics([stats], bin_edges([(0.0, 1.0)]))
+
+    assert pre.mean[0] == pytest.approx(0.25, abs=1e-3)
+    assert pre.std[0] == pytest.approx(math.sqrt(0.25 * 0.75), abs=1e-3)

@@ -453,6 +453,15 @@ def _advance(db: Session, study: Study, now: Clock) -> None:
         active = [s for s in _active_sites(db, study) if s.id not in refused]
         reported = _reported(db, rnd)
         usable = [reported[s.id] for s in active if s.id in reported]  # revoked sites drop out
+        if not active and refused:
+            # Every remaining site refused this round: nobody is left to wait for.
+            rnd.closed_at = now()
+            rnd.outcome = "study stopped: every active site refused this round"
+            study.phase = "done"
+            log.warning("study %s stopped: every active site refused round %d", study.id,
+                        rnd.number)
+            db.commit()
+            return
         if len(usable) < len(active) and now() < rnd.deadline:
             return
         if not usable or len(usable) < min(study.min_sites, len(active)):

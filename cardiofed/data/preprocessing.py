@@ -164,6 +164,8 @@ def merge_statistics(stats: list[SiteStatistics], edges: np.ndarray,
         # clipped merged histogram are those of a real distribution on the range instead
         # (empty bins' clipped noise widens them a little: a safe error).
         mids = (coarse[:, :-1] + coarse[:, 1:]) / 2
+        binary = (low == 0.0) & (high == 1.0)
+        mids[binary, 0], mids[binary, -1] = 0.0, 1.0  # a 0/1 column's values, not midpoints
         mass = clipped.sum(axis=1)
         weights = clipped / np.where(mass > 0, mass, 1.0)[:, None]
         mean = (weights * mids).sum(axis=1)

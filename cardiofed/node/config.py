@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cardiofed._pydantic import read_toml, validation_problems
 from cardiofed.exceptions import ConfigurationError
-from cardiofed.privacy.budget import DEFAULT_SHARES
+from cardiofed.privacy.budget import DEFAULT_SHARES, SiteBudget
 
 
 class DataSource(BaseModel):
@@ -69,6 +69,12 @@ class NodePrivacy(BaseModel):
     shares: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SHARES))
     # Start a new ledger although one existed for these records and is gone. Logged.
     reset_privacy_ledger: bool = False
+
+    @model_validator(mode="after")
+    def _valid_budget(self) -> NodePrivacy:
+        SiteBudget(epsilon_max=self.epsilon_max, delta=self.delta, accountant=self.accountant,
+                   shares=self.shares)  # raises, naming the parameter, at load time
+        return self
 
 
 class NodeConfig(BaseModel):

@@ -195,9 +195,18 @@ class PrivacyLedger:
         left = max(0.0, self.budget.epsilon_max - before)
         return min(self.budget.epsilon_max, before + self.budget.cumulative_share(kind) * left)
 
-    def check(self, planned: list[GaussianEvent], what: str) -> float:
-        """Epsilon after `planned`; raises :class:`PrivacyBudgetExceeded` if over budget."""
+    def check(self, planned: list[GaussianEvent], what: str, *, kind: str | None = None,
+              study: str | None = None) -> float:
+        """Epsilon after `planned`; raises :class:`PrivacyBudgetExceeded` if over budget,
+        or, for a release of `kind`, over that kind's cumulative share (:meth:`target`),
+        so that one kind never eats the share kept for the kinds after it."""
         after = self.accountant.get_epsilon(self.delta, planned)
+        if kind is not None and after > (limit := self.target(kind, study)) + 1e-9:
+            raise PrivacyBudgetExceeded(
+                f"Site {self.site!r} refuses {what}: it would bring epsilon from "
+                f"{self.spent():.4f} to {after:.4f}, above {limit:.4f}, what its budget share "
+                f"allows once {kind} releases are made (epsilon_max "
+                f"{self.budget.epsilon_max:g}, delta {self.delta:.3g}).")
         if after > self.budget.epsilon_max:
             raise PrivacyBudgetExceeded(
                 f"Site {self.site!r} refuses {what}: it would bring epsilon from "

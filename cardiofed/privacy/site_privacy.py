@@ -73,7 +73,7 @@ class SitePrivacy:
         """Calibrate and check one (q = 1) Gaussian release of `kind`; its noise multiplier."""
         sigma = self._calibrate(kind, 1.0, 1)
         self.ledger.check([GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)],
-                          what)
+                          what, kind=kind, study=self.study)
         return sigma
 
     def _record_release(self, kind: str, what: str, sigma: float, **details: object) -> None:
@@ -138,7 +138,7 @@ class SitePrivacy:
         sample_rate, steps = dp_schedule(len(y), config)
         planned = GaussianEvent(noise_multiplier=dp.noise_multiplier,
                                 sample_rate=sample_rate, steps=steps)
-        self.ledger.check([planned], what)
+        self.ledger.check([planned], what, kind="train", study=self.study)
         result, event = train_local_dp(model, x, y, config, dp)
         self.ledger.record([event], what, kind="train", study=self.study,
                            noise_multiplier=dp.noise_multiplier,
