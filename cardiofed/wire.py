@@ -43,7 +43,14 @@ def decode_arrays(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     for name, value in arrays.items():
         if not np.isfinite(value).all():
             raise DataValidationError(f"Array {name!r} contains non-finite values.")
-    return arrays, dict(header.get("__metadata__", {}))
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise DataValidationError("Payload manifest ('__metadata__') must map strings to "
+                                  "strings.")
+    return arrays, dict(metadata)
 
 
 def encode_metrics(metrics: Mapping[str, object]) -> bytes:

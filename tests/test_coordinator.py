@@ -106,7 +106,9 @@ def test_networked_run_equals_the_simulator(fed: Federation) -> None:
     sub = type(data)(name=data.name, feature_names=data.feature_names,
                      feature_ranges=data.feature_ranges,
                      sites=[data.site(s) for s in SITES], outcome=data.outcome)
-    sim = run_experiment(sub, SimulationConfig.create(**PLAN), baselines=False)
+    # A networked study aggregates robustly by default; the simulator does so when asked.
+    sim = run_experiment(sub, SimulationConfig.create(**PLAN, robust_rule="mean"),
+                         baselines=False)
     for site in SITES:  # same code, same seeds: the same model to float32 precision
         assert final["metrics"][site]["auc"] == pytest.approx(
             sim.metrics[site][FEDERATED]["auc"], abs=1e-6)
@@ -188,10 +190,13 @@ def test_revoked_site_is_refused_and_the_federation_goes_on(fed: Federation) -> 
 
 
 def _statistics_payload(fed: Federation, site: str, **manifest: str) -> bytes:
-    names, _ = study_columns("synthetic")
+    names, ranges = study_columns("synthetic")
     d = len(names)
-    arrays = {"count": np.ones(d), "total": np.ones(d), "total_sq": np.ones(d),
-              "n_missing": np.zeros(d), "histogram": np.ones((d, 256))}
+    mid = np.array([(lo + hi) / 2 for lo, hi in ranges])  # one record at each range's middle
+    histogram = np.zeros((d, 256))
+    histogram[:, 128] = 1.0
+    arrays = {"count": np.ones(d), "total": mid, "total_sq": mid**2,
+              "n_missing": np.zeros(d), "histogram": histogram}
     return encode_arrays(arrays, {"study": "s1", "round": "0", "model_version": "0",
                                   "site": site, **manifest})
 
@@ -240,7 +245,7 @@ def test_update_shapes_dtypes_and_version_are_checked(fed: Federation) -> None:
     assert post(good, model_version="3") == (
         422, "Manifest field 'model_version' is '3'; expected '0'.")
     assert post(good, num_samples="0") == (
-        422, "Manifest field 'num_samples' must be >= 1; got 0.")
+        422, "Manifest field 'num_samples' must be an integer in [1, 10000000]; got '0'.")
 
 
 def test_duplicate_upload_is_idempotent_and_a_different_one_conflicts(fed: Federation) -> None:
@@ -583,8 +588,8 @@ def test_metrics_that_are_not_finite_numbers_are_rejected(fed: Federation) -> No
     huge = fed.client.post(f"/v1/studies/s1/rounds/{rnd}/updates",
                            content=b'{"n": ' + b"9" * 400 + b"}", headers=fed.auth(credential))
     assert huge.status_code == 422
-    assert huge.json()["detail"] == ("Evaluation payload must map metric names to finite "
-                                     "numbers or null.")
+    assert huge.json()["detail"] == ("Evaluation payload must map at most 64 metric names "
+                                     "(<= 64 characters) to finite numbers or null.")
 
 
 def _until_done_but_evaluation(fed: Federation, agents: list[NodeAgent]) -> None:
@@ -779,8 +784,12 @@ def test_evaluation_histograms_become_metrics_with_intervals() -> None:
     assert service.evaluation_metrics(b'{"auc": 0.7, "n": 10}') == {"auc": 0.7, "n": 10}
     assert service.evaluation_metrics(b"{}") == {}  # a site that does not publish
     with pytest.raises(InvalidUpdate, match=re.escape(
+            "Evaluation metrics out of range: auc = 99.0 is outside [0, 1]; epsilon_spent = "
+            "-3.0 is negative.")):
+        service.evaluation_metrics(b'{"auc": 99, "epsilon_spent": -3}')
+    with pytest.raises(InvalidUpdate, match=re.escape(
             "Evaluation histograms must be 'negatives' and 'positives', two 1-D arrays of "
-            "one length;")):
+            "one length (4 to 1000 bins);")):
         service.evaluation_metrics(encode_arrays({"negatives": neg, "positives": pos[:-1]},
                                                  {"noise_std": "2.0"}))
     with pytest.raises(InvalidUpdate, match="Evaluation histograms are not usable"):

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from cardiofed.aggregation.robust import SiteAggregation
 from cardiofed.aggregation.server_optimizers import ServerState
 from cardiofed.algorithms.base import ClientUpdate, FederatedAlgorithm
 from cardiofed.exceptions import ConfigurationError
@@ -93,12 +94,13 @@ def discounted(update: ClientUpdate, factor: float) -> ClientUpdate:
 def publish_buffer(algorithm: FederatedAlgorithm, weights: Weights,
                    buffer: Sequence[tuple[ClientUpdate, int]], state: ServerState,
                    rule: StalenessRule, site_weights: Sequence[float] | None = None
-                   ) -> tuple[Weights, ServerState]:
+                   ) -> tuple[Weights, ServerState, list[SiteAggregation]]:
     """The new global model from a buffer of ``(update, staleness)``: each update
     discounted by its staleness, then the algorithm's weighted mean (`site_weights`, or
-    sample sizes) and server optimiser, as in a synchronous round."""
-    return algorithm.server_update(weights, [discounted(u, rule.weight(s)) for u, s in buffer],
-                                   state, site_weights)
+    sample sizes) and server optimiser, as in a synchronous round; with what robust
+    aggregation did to each update."""
+    return algorithm.server_update_with_report(
+        weights, [discounted(u, rule.weight(s)) for u, s in buffer], state, site_weights)
 
 
 def buffer_ready(count: int, *, buffer_size: int, since_publication_s: float,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cardiofed.aggregation.robust import RobustAggregation, SiteAggregation
 from cardiofed.aggregation.server_optimizers import ServerOptimizer, ServerState
 from cardiofed.aggregation.weighted_mean import sample_size_weights, weighted_mean
 from cardiofed.models.networks import Weights, get_weights, predict_logits, set_weights
@@ -53,6 +54,8 @@ class FederatedAlgorithm:
     name: str
     local: LocalTrainingConfig
     server: ServerOptimizer
+    # Robust aggregation (weight cap, norm bound, rule); None: the plain weighted mean.
+    robust: RobustAggregation | None = None
 
     def client_update(self, model: nn.Module, global_weights: Weights, x: np.ndarray,
                       y: np.ndarray, *, site: str, seed: int,
@@ -85,9 +88,24 @@ class FederatedAlgorithm:
                       weights: Sequence[float] | None = None) -> tuple[Weights, ServerState]:
         """Weighted mean of the updates (sample-size weights unless `weights` are given,
         e.g. from a bias-correction rule), applied by the server optimiser."""
+        new, state, _ = self.server_update_with_report(global_weights, updates, state, weights)
+        return new, state
+
+    def server_update_with_report(
+            self, global_weights: Weights, updates: Sequence[ClientUpdate], state: ServerState,
+            weights: Sequence[float] | None = None
+    ) -> tuple[Weights, ServerState, list[SiteAggregation]]:
+        """:meth:`server_update`, plus what robust aggregation did with each site's update
+        (empty without robust aggregation)."""
         if not updates:
-            return global_weights, state
+            return global_weights, state, []
         if weights is None:
             weights = sample_size_weights([u.num_samples for u in updates])
-        mean_delta = weighted_mean([u.delta for u in updates], weights)
-        return self.server.step(global_weights, mean_delta, state)
+        report: list[SiteAggregation] = []
+        if self.robust is None:
+            mean_delta = weighted_mean([u.delta for u in updates], weights)
+        else:
+            mean_delta, report = self.robust.aggregate([u.delta for u in updates], weights,
+                                                       [u.site for u in updates])
+        new, state = self.server.step(global_weights, mean_delta, state)
+        return new, state, report

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from cardiofed.aggregation.robust import RobustAggregation
 from cardiofed.aggregation.server_optimizers import ServerAdaptive, ServerOptimizer, ServerSGD
 from cardiofed.algorithms.base import FederatedAlgorithm
 from cardiofed.exceptions import ConfigurationError
@@ -16,7 +17,8 @@ ALGORITHMS: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "scaff
 
 def make_algorithm(name: str, local: LocalTrainingConfig, *, server_lr: float | None = None,
                    proximal_mu: float = 0.01, beta1: float = 0.9, beta2: float = 0.99,
-                   tau: float = 1e-3) -> FederatedAlgorithm:
+                   tau: float = 1e-3, robust: RobustAggregation | None = None
+                   ) -> FederatedAlgorithm:
     """An algorithm from its name and settings.
 
     ``server_lr`` defaults to 1.0 for FedAvg/FedProx/SCAFFOLD and 0.01 for FedAdam/FedYogi
@@ -39,4 +41,4 @@ def make_algorithm(name: str, local: LocalTrainingConfig, *, server_lr: float | 
         local = replace(local, proximal_mu=proximal_mu)
     else:
         local = replace(local, proximal_mu=0.0)
-    return FederatedAlgorithm(name=name, local=local, server=server)
+    return FederatedAlgorithm(name=name, local=local, server=server, robust=robust)

@@ -24,7 +24,6 @@ update into a round that has just closed.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import secrets
@@ -39,9 +38,17 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from cardiofed.aggregation.robust import SiteAggregation
 from cardiofed.aggregation.server_optimizers import ServerState
 from cardiofed.aggregation.staleness import StaleUpdate, buffer_ready, publish_buffer
 from cardiofed.algorithms import ClientUpdate
+from cardiofed.coordinator.payloads import (
+    MAX_METRICS_BYTES,
+    check_manifest,
+    check_statistics,
+    check_update,
+    evaluation_metrics,
+)
 from cardiofed.coordinator.storage import (
     AdminKey,
     ModelVersion,
@@ -53,7 +60,6 @@ from cardiofed.coordinator.storage import (
     utcnow,
 )
 from cardiofed.data.preprocessing import SiteStatistics, bin_edges, merge_statistics
-from cardiofed.evaluation.private_metrics import metrics_with_uncertainty, score_bin_edges
 from cardiofed.exceptions import (
     AuthenticationError,
     ConfigurationError,
@@ -75,7 +81,6 @@ from cardiofed.wire import decode_arrays, encode_arrays
 log = logging.getLogger("cardiofed.coordinator")
 Clock = Callable[[], datetime]
 STATISTICS, TRAIN, EVALUATE = "statistics", "train", "evaluate"
-MAX_METRICS_BYTES = 64 * 1024
 
 
 def hash_secret(secret: str) -> str:
@@ -152,6 +157,8 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
         raise InvalidUpdate(f"The networked federation aggregates with sample-size weights "
                             f"only; {', '.join(simulation_only)} is available in simulation "
                             f"only for now.")
+    if plan.robust_rule is None:  # networked studies aggregate robustly by default
+        plan = plan.model_copy(update={"robust_rule": "mean"})
     if plan.dp_epsilon is not None:
         raise InvalidUpdate("Privacy budgets belong to each site's node configuration, not to "
                             "the study plan; remove dp_epsilon from the plan.")
@@ -326,13 +333,6 @@ def submit(db: Session, site: Site, *, round_number: int, payload: bytes, max_by
     return digest, True
 
 
-def _finite(value: float) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
 def _is_async(study: Study) -> bool:
     return study.plan.get("aggregation") == "async"
 
@@ -351,46 +351,9 @@ def _staleness(study: Study, rnd: Round, site: Site) -> int | None:
     return staleness
 
 
-def evaluation_metrics(payload: bytes) -> dict[str, Any]:
-    """A site's evaluation as metrics: JSON metrics as sent, or, from a private site, the
-    metrics (with 95% intervals) computed from its noisy score histograms, plus the
-    epsilon its manifest reports. Raises :class:`InvalidUpdate` naming what is wrong."""
-    if payload[:1] == b"{":
-        try:
-            metrics = json.loads(payload)
-        except ValueError:
-            raise InvalidUpdate("Evaluation payload must be a JSON object of metrics.") from None
-        if not isinstance(metrics, dict) or not all(
-                v is None or (isinstance(v, int | float) and not isinstance(v, bool)
-                              and _finite(v)) for v in metrics.values()):
-            raise InvalidUpdate("Evaluation payload must map metric names to finite numbers "
-                                "or null.")
-        return metrics
-    try:
-        arrays, manifest = decode_arrays(payload)
-    except DataValidationError as exc:
-        raise InvalidUpdate(f"Evaluation payload is neither JSON metrics nor score "
-                            f"histograms: {exc}") from None
-    neg, pos = arrays.get("negatives"), arrays.get("positives")
-    if set(arrays) != {"negatives", "positives"} or neg is None or pos is None \
-            or neg.ndim != 1 or neg.shape != pos.shape:
-        raise InvalidUpdate("Evaluation histograms must be 'negatives' and 'positives', two "
-                            f"1-D arrays of one length; got "
-                            f"{ {k: v.shape for k, v in arrays.items()} }.")
-    try:
-        edges = score_bin_edges(int(neg.shape[0]))
-        noise_std = float(manifest.get("noise_std", "nan"))
-        metrics = metrics_with_uncertainty(neg, pos, edges, noise_std=noise_std,
-                                           rng=np.random.default_rng(0))
-        for key in ("epsilon_spent", "epsilon_delta"):
-            if key in manifest:
-                metrics[key] = float(manifest[key])
-    except (ValueError, ConfigurationError) as exc:
-        raise InvalidUpdate(f"Evaluation histograms are not usable: {exc}") from None
-    return {k: v if math.isfinite(v) else None for k, v in metrics.items()}
-
-
 def _validate(db: Session, study: Study, rnd: Round, site: Site, payload: bytes) -> int:
+    """The payload checked by :mod:`cardiofed.coordinator.payloads` against the round;
+    returns the sample size it declares."""
     if rnd.kind == EVALUATE:
         if len(payload) > MAX_METRICS_BYTES:
             raise PayloadTooLarge(f"Metrics payload exceeds {MAX_METRICS_BYTES} bytes.")
@@ -400,38 +363,13 @@ def _validate(db: Session, study: Study, rnd: Round, site: Site, payload: bytes)
         arrays, manifest = decode_arrays(payload)
     except DataValidationError as exc:
         raise InvalidUpdate(str(exc)) from None
-    for key, wanted in (("study", study.id), ("round", str(rnd.number)),
-                        ("model_version", str(rnd.model_version)), ("site", site.name)):
-        if manifest.get(key) != wanted:
-            raise InvalidUpdate(f"Manifest field {key!r} is {manifest.get(key)!r}; expected "
-                                f"{wanted!r}.")
-    d = len(study.feature_names)
+    check_manifest(manifest, {"study": study.id, "round": str(rnd.number),
+                              "model_version": str(rnd.model_version), "site": site.name})
     if rnd.kind == STATISTICS:
-        expected_shapes = {"count": (d,), "total": (d,), "total_sq": (d,), "n_missing": (d,)}
-        shape_source = {k: v.shape for k, v in arrays.items() if k != "histogram"}
-        if shape_source != expected_shapes or "histogram" not in arrays \
-                or arrays["histogram"].ndim != 2 or arrays["histogram"].shape[0] != d:
-            raise InvalidUpdate(f"Statistics payload must hold count, total, total_sq, "
-                                f"n_missing of shape ({d},) and histogram of shape ({d}, bins); "
-                                f"got {({k: v.shape for k, v in arrays.items()})}.")
-        return int(arrays["count"].max(initial=0) + arrays["n_missing"].max(initial=0))
+        return check_statistics(arrays, [(lo, hi) for lo, hi in study.feature_ranges])
     expected = {k: (v.shape, v.dtype)
                 for k, v in _load_model(db, study, rnd.model_version).items()}
-    got = {k: (v.shape, v.dtype) for k, v in arrays.items()}
-    if set(got) != set(expected):
-        raise InvalidUpdate(f"Update tensors {sorted(got)} do not match the model's "
-                            f"{sorted(expected)}.")
-    for name, (shape, dtype) in expected.items():
-        if got[name] != (shape, dtype):
-            raise InvalidUpdate(f"Update tensor {name!r} has shape {got[name][0]} and dtype "
-                                f"{got[name][1]}; expected {shape} and {dtype}.")
-    try:
-        num_samples = int(manifest["num_samples"])
-    except (KeyError, ValueError):
-        raise InvalidUpdate("Manifest field 'num_samples' must be a positive integer.") from None
-    if num_samples < 1:
-        raise InvalidUpdate(f"Manifest field 'num_samples' must be >= 1; got {num_samples}.")
-    return num_samples
+    return check_update(arrays, manifest, expected)
 
 
 # ---------------------------------------------------------------- rounds
@@ -491,7 +429,9 @@ def _close(db: Session, study: Study, rnd: Round, updates: list[Update], now: Cl
         state = _load_state(study, algorithm.init_server(weights))
         client_updates = [_client_update(u, name) for u, name in zip(updates, names,
                                                                       strict=True)]
-        new, state = algorithm.server_update(weights, client_updates, state)
+        new, state, report = algorithm.server_update_with_report(weights, client_updates,
+                                                                 state)
+        new, state = _sane(study, rnd, weights, new, state, report)
         study.model_version += 1
         _store_model(db, study, new, version=study.model_version, round_number=rnd.number,
                      participants=names)
@@ -515,6 +455,26 @@ def _close(db: Session, study: Study, rnd: Round, updates: list[Update], now: Cl
     else:
         study.phase = "done"
     db.commit()
+
+
+MAX_ABS_WEIGHT = 1e4  # a logistic or MLP weight on standardised features never gets near
+
+
+def _sane(study: Study, rnd: Round, old: Weights, new: Weights, state: ServerState,
+          report: list[SiteAggregation]) -> tuple[Weights, ServerState]:
+    """The new global model if it is finite and plausible; else the previous one, kept
+    (the version still advances, so the study goes on), with the reason. Records what
+    robust aggregation did to each update on the round."""
+    rnd.aggregation = [r.to_dict() for r in report]
+    worst = max(float(np.max(np.abs(v))) if v.size else 0.0 for v in new.values())
+    if math.isfinite(worst) and worst <= MAX_ABS_WEIGHT:
+        return new, state
+    log.warning("study %s round %d: aggregate refused (largest |weight| %s); the previous "
+                "model is kept", study.id, rnd.number, worst)
+    rnd.aggregation = [*rnd.aggregation, {"refused": f"aggregate refused: largest |weight| "
+                                                     f"{worst:.3g} exceeds {MAX_ABS_WEIGHT:g}; "
+                                                     f"the previous model is kept"}]
+    return old, _load_state(study, state)
 
 
 def _buffered(db: Session, study: Study) -> list[Update]:
@@ -544,10 +504,11 @@ def _publish_buffered(db: Session, study: Study, now: Clock) -> bool:
     weights = _load_model(db, study, study.model_version)
     state = _load_state(study, algorithm.init_server(weights))
     names = [active[u.site_id].name for u in buffer]
-    new, state = publish_buffer(algorithm, weights,
-                                [(_client_update(u, name), u.staleness or 0)
-                                 for u, name in zip(buffer, names, strict=True)],
-                                state, plan.staleness_rule())
+    new, state, report = publish_buffer(algorithm, weights,
+                                        [(_client_update(u, name), u.staleness or 0)
+                                         for u, name in zip(buffer, names, strict=True)],
+                                        state, plan.staleness_rule())
+    new, state = _sane(study, rnd, weights, new, state, report)
     study.model_version += 1
     _store_model(db, study, new, version=study.model_version, round_number=rnd.number,
                  participants=names)
@@ -615,7 +576,21 @@ def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
         "update_share": update_share(db, study),
         "refusals": [{"site": names[r.site_id], "round": r.round_number, "reason": r.reason}
                      for r in _refusals(db, study)],
+        "robust_aggregation": _robust_actions(db, study),
     }
+
+
+def _robust_actions(db: Session, study: Study) -> list[dict[str, object]]:
+    """Per round, the updates robust aggregation clipped or rejected, and any aggregate
+    refused as not finite or implausible."""
+    out: list[dict[str, object]] = []
+    for rnd in db.scalars(select(Round).where(Round.study_id == study.id)
+                          .order_by(Round.number)):
+        for entry in rnd.aggregation or []:
+            if entry.get("clipped") or entry.get("rejected") or "refused" in entry:
+                out.append({"round": rnd.number, **{k: v for k, v in entry.items()
+                                                    if k != "weight_share"}})
+    return out
 
 
 # ---------------------------------------------------------------- models

@@ -142,8 +142,9 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 run.weight_share[u.site] += w / total
                 run.update_share[u.site] += 1
             stale = [s for _, s in buffer]
-            new, state = publish_buffer(algorithm, versions[version], buffer, state,
-                                        staleness_rule, agg)
+            new, state, report = publish_buffer(algorithm, versions[version], buffer, state,
+                                                staleness_rule, agg)
+            run.record_robust(version + 1, report)
             version += 1
             versions[version], published_at, buffer = new, t, []
             if config.buffer_timeout_s is not None:

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cardiofed._pydantic import read_toml
+from cardiofed.aggregation.robust import RobustAggregation
 from cardiofed.aggregation.staleness import StalenessRule
 from cardiofed.algorithms import FederatedAlgorithm, make_algorithm
 from cardiofed.algorithms.weighting import WeightingRule
@@ -58,6 +59,14 @@ class SimulationConfig(BaseModel):
     staleness_exponent: float = Field(0.5, ge=0, allow_inf_nan=False)
     staleness_hinge: int = Field(4, ge=0)
     max_staleness: int = Field(50, ge=0)
+    # Robust aggregation (cardiofed.aggregation.robust). None: off in simulation; a
+    # networked study turns it on ("mean" with the norm bound and weight cap) by default.
+    robust_rule: Literal["mean", "trimmed-mean", "median", "multi-krum",
+                         "centered-clip"] | None = None
+    robust_norm_bound: float | None = Field(3.0, ge=1, allow_inf_nan=False)
+    robust_max_weight_share: float | None = Field(0.5, gt=0, le=1)
+    robust_trim_fraction: float = Field(0.2, ge=0, lt=0.5)
+    robust_byzantine: int = Field(1, ge=0)
 
     @model_validator(mode="after")
     def _dp_compatible(self) -> SimulationConfig:
@@ -134,9 +143,17 @@ class SimulationConfig(BaseModel):
                                    optimizer=self.optimizer, momentum=self.momentum,
                                    weight_decay=self.weight_decay)
 
+    def robust_aggregation(self) -> RobustAggregation | None:
+        if self.robust_rule is None:
+            return None
+        return RobustAggregation(rule=self.robust_rule, norm_bound=self.robust_norm_bound,
+                                 max_weight_share=self.robust_max_weight_share,
+                                 trim_fraction=self.robust_trim_fraction,
+                                 byzantine=self.robust_byzantine)
+
     def make_algorithm(self) -> FederatedAlgorithm:
         return make_algorithm(self.algorithm, self.local_config(), server_lr=self.server_lr,
-                              proximal_mu=self.proximal_mu)
+                              proximal_mu=self.proximal_mu, robust=self.robust_aggregation())
 
 
 def _describe(exc: ValidationError) -> str:

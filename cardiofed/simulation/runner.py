@@ -17,6 +17,7 @@ import numpy as np
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.metrics import roc_auc_score
 
+from cardiofed.aggregation.robust import SiteAggregation
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.algorithms import scaffold as scaffold_cv
 from cardiofed.algorithms.base import LocalTrainer
@@ -52,6 +53,13 @@ class FederatedRun:
     rejected: list[tuple[float, str, str]] = field(default_factory=list)
     # Simulated wall-clock seconds the run took (with site speeds; else 0).
     sim_time_s: float = 0.0
+    # Robust aggregation: updates clipped or rejected, (round or version, site, action).
+    robust_actions: list[tuple[int, str, str]] = field(default_factory=list)
+
+    def record_robust(self, rnd: int, report: Sequence[SiteAggregation]) -> None:
+        """Keep what robust aggregation clipped or rejected in round (or version) `rnd`."""
+        self.robust_actions += [(rnd, r.site, "rejected" if r.rejected else "clipped")
+                                for r in report if r.rejected or r.clipped]
 
 
 def work_samples(site: PreparedSite, config: SimulationConfig) -> int:
@@ -185,7 +193,9 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 for u, w in zip(updates, agg_weights, strict=True):
                     run.weight_share[u.site] += w / total / config.rounds
                     run.update_share[u.site] += 1
-            weights, state = algorithm.server_update(weights, updates, state, agg_weights)
+            weights, state, report = algorithm.server_update_with_report(weights, updates, state,
+                                                                         agg_weights)
+            run.record_robust(rnd, report)
             if scaffold:
                 c_server = scaffold_cv.server_control_update(c_server, control_deltas,
                                                              len(sites))
