@@ -88,6 +88,8 @@ class Round(Base):
     deadline: Mapped[datetime] = mapped_column(DateTime)
     closed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     outcome: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # What robust aggregation did with each site's update when this round was folded.
+    aggregation: Mapped[list[dict[str, object]] | None] = mapped_column(JSON, nullable=True)
 
 
 class Update(Base):
@@ -148,7 +150,8 @@ class RegisteredModel(Base):
 
 
 class ApiKey(Base):
-    """A partner's key to the risk API (stored as a hash), its scopes and rate limit."""
+    """A partner's key to the risk API (stored as a hash), its scopes and rate limit, and
+    the studies whose models it may use (NULL: every study)."""
 
     __tablename__ = "api_keys"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -156,6 +159,7 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     scopes: Mapped[list[str]] = mapped_column(JSON)
     rate_limit_per_minute: Mapped[int] = mapped_column(Integer)
+    studies: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
