@@ -69,6 +69,12 @@ def test_krum_rejects_the_outlier() -> None:
     np.testing.assert_array_equal(krum_selection(x, 1), [True, True, True, True, False])
 
 
+def test_krum_keeps_everything_when_too_few_updates_for_its_guarantee() -> None:
+    x = np.array([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [50.0, -50.0]])  # n = 4 = 2 f + 2
+
+    np.testing.assert_array_equal(krum_selection(x, 1), [True] * 4)
+
+
 def test_centered_clip_stays_near_the_honest_updates() -> None:
     x = np.array([[1.0, 1.0], [1.1, 0.9], [0.9, 1.1], [1e6, -1e6]])
 

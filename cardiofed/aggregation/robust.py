@@ -175,14 +175,16 @@ def trimmed_mean(x: np.ndarray, trim_fraction: float) -> np.ndarray:
 
 def krum_selection(x: np.ndarray, byzantine: int) -> np.ndarray:
     """Multi-Krum: each update's score is the sum of squared distances to its
-    ``n - f - 2`` nearest others; the ``n - f`` lowest scores are kept."""
+    ``n - f - 2`` nearest others; the ``n - f`` lowest scores are kept. Krum needs
+    ``n > 2 f + 2`` updates to guarantee anything; with fewer, all are kept (the weight cap
+    and norm bound still apply)."""
     n = len(x)
-    f = min(byzantine, max(n - 1, 0))
-    keep = max(n - f, 1)
-    if n <= 2 or keep >= n:
+    f = byzantine
+    if f == 0 or n <= 2 * f + 2:
         return np.ones(n, dtype=bool)
+    keep = n - f
     dist = ((x[:, None, :] - x[None, :, :]) ** 2).sum(axis=2)
-    neighbours = max(n - f - 2, 1)
+    neighbours = n - f - 2
     scores = np.array([np.sort(np.delete(dist[i], i))[:neighbours].sum() for i in range(n)])
     kept = np.zeros(n, dtype=bool)
     kept[np.argsort(scores, kind="stable")[:keep]] = True

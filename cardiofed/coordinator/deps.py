@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Path, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,6 +38,8 @@ def bearer(authorization: Annotated[str | None, Header()] = None) -> str | None:
 
 
 DB = Annotated[Session, Depends(get_db)]
+# Round numbers and model versions in paths: bounded, so no database integer overflows.
+PathNumber = Annotated[int, Path(ge=0, le=2**31 - 1)]
 Settings = Annotated[CoordinatorSettings, Depends(get_settings)]
 
 

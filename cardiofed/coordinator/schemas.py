@@ -24,7 +24,7 @@ class TaskResponse(BaseModel):
     round: int
     kind: str = Field(description="statistics, train or evaluate")
     model_version: int
-    deadline: datetime
+    deadline: datetime = Field(description="UTC, with its offset")
     site_index: int
     plan: dict[str, object]
     feature_names: list[str]
@@ -49,7 +49,8 @@ class StudyCreate(BaseModel):
     feature_names: list[str] = Field(min_length=1)
     feature_ranges: list[tuple[float, float]]
     min_sites: int | None = None
-    round_timeout_s: float = 3600.0
+    round_timeout_s: float = Field(3600.0, gt=0, le=30 * 86400, allow_inf_nan=False,
+                                   description="Seconds a round waits (at most 30 days)")
     outcome: str | None = Field(None, description="The label's outcome (e.g. chd_10y), for "
                                                   "the model cards")
 

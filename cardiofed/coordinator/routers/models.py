@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Response
 from sqlalchemy import select
 
 from cardiofed.coordinator import service
-from cardiofed.coordinator.deps import DB, bearer
+from cardiofed.coordinator.deps import DB, PathNumber, bearer
 from cardiofed.coordinator.schemas import ModelInfo
 from cardiofed.coordinator.storage import ModelVersion
 from cardiofed.exceptions import AuthenticationError, NotFound
@@ -37,7 +37,7 @@ def list_models(study_id: str, db: DB,
 
 @router.get("/{study_id}/models/{version}", response_class=Response,
             responses={200: {"content": {SAFETENSORS: {}}}})
-def get_model(study_id: str, version: int, db: DB,
+def get_model(study_id: str, version: PathNumber, db: DB,
               credential: Annotated[str | None, Depends(bearer)]) -> Response:
     _member_or_admin(db, study_id, credential)
     model = service.model_blob(db, study_id, version)

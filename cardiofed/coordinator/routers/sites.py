@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC
+from typing import Annotated
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -32,14 +34,17 @@ def me(site: CurrentSite) -> dict[str, object]:
 
 @router.get("/tasks/next", response_model=TaskResponse,
             responses={204: {"description": "Nothing to do now; poll again."}})
-async def next_task(site: CurrentSite, db: DB, settings: Settings, wait: float = 0.0) -> object:
-    """The site's next task. With ``wait`` (seconds, capped by the server's long-poll
-    limit) the request is held until a task appears or the time is up. While it waits
-    it holds neither a worker thread nor a database connection."""
-    give_up = time.monotonic() + min(max(wait, 0.0), settings.long_poll_s)
+async def next_task(site: CurrentSite, db: DB, settings: Settings, request: Request,
+                    wait: Annotated[float, Query(ge=0, le=3600, allow_inf_nan=False)] = 0.0
+                    ) -> object:
+    """The site's next task. With ``wait`` (seconds, at most 3600, capped by the server's
+    long-poll limit) the request is held until a task appears or the time is up; it
+    ends at once when the client goes away. While it waits it holds neither a worker
+    thread nor a database connection."""
+    give_up = time.monotonic() + min(wait, settings.long_poll_s)
     while True:
         task = await run_in_threadpool(_poll, db, site)
-        if task is not None or time.monotonic() >= give_up:
+        if task is not None or time.monotonic() >= give_up or await request.is_disconnected():
             return task if task is not None else Response(status_code=204)
         await asyncio.sleep(0.2)
 
@@ -52,7 +57,8 @@ def _poll(db: Session, site: Site) -> TaskResponse | None:
             return None
         study = service.get_study(db, task.study_id)
         return TaskResponse(study=task.study_id, round=task.round, kind=task.kind,
-                            model_version=task.model_version, deadline=task.deadline,
+                            model_version=task.model_version,
+                            deadline=task.deadline.replace(tzinfo=UTC),
                             site_index=site.index, plan=study.plan,
                             feature_names=study.feature_names,
                             feature_ranges=study.feature_ranges)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -10,6 +11,7 @@ from cardiofed.coordinator import service
 from cardiofed.coordinator.deps import DB, Admin, bearer
 from cardiofed.coordinator.schemas import StudyCreate, StudyCreated
 from cardiofed.exceptions import AuthenticationError, ConfigurationError, InvalidUpdate
+from cardiofed.schema import canonical_features, encoded_feature_names
 from cardiofed.simulation.config import SimulationConfig
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
@@ -19,6 +21,21 @@ router = APIRouter(prefix="/v1/studies", tags=["studies"])
 def create_study(body: StudyCreate, db: DB, _: Admin) -> StudyCreated:
     if len(body.feature_ranges) != len(body.feature_names):
         raise InvalidUpdate("feature_ranges needs one (low, high) per feature name.")
+    bad = [f"{name}: {list(r)}" for name, r in zip(body.feature_names, body.feature_ranges,
+                                                   strict=True)
+           if not (math.isfinite(r[0]) and math.isfinite(r[1]) and r[0] < r[1])]
+    if bad:
+        raise InvalidUpdate(f"feature_ranges must be finite with low < high; got "
+                            f"{'; '.join(bad[:5])}.")
+    try:
+        features = canonical_features(body.feature_names)
+        known = encoded_feature_names(features) == body.feature_names
+    except (ValueError, KeyError) as exc:
+        raise InvalidUpdate(f"feature_names must be the schema's encoded columns: {exc}") from None
+    if not known:
+        raise InvalidUpdate(f"feature_names {body.feature_names[:20]} are not the encoding of "
+                            f"canonical features {features[:20]}; use "
+                            f"'cardiofed admin create-study --features' to build them.")
     try:
         plan = SimulationConfig.create(**body.plan)
     except ConfigurationError as exc:

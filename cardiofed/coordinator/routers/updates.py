@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from cardiofed.coordinator import service
-from cardiofed.coordinator.deps import DB, CurrentSite, Settings
+from cardiofed.coordinator.deps import DB, CurrentSite, PathNumber, Settings
 from cardiofed.coordinator.schemas import RefusalRequest, SubmitResponse
 from cardiofed.exceptions import PayloadTooLarge
 
@@ -14,8 +14,8 @@ router = APIRouter(prefix="/v1/studies", tags=["updates"])
 
 
 @router.post("/{study_id}/rounds/{round_number}/updates")
-async def submit_update(study_id: str, round_number: int, request: Request, site: CurrentSite,
-                        db: DB, settings: Settings) -> SubmitResponse:
+async def submit_update(study_id: str, round_number: PathNumber, request: Request,
+                        site: CurrentSite, db: DB, settings: Settings) -> SubmitResponse:
     """Accept a site's payload for a round; committed before it is acknowledged."""
     service.ensure_site_access(site, study_id)
     declared = int(request.headers.get("content-length") or 0)
@@ -39,7 +39,7 @@ async def submit_update(study_id: str, round_number: int, request: Request, site
 
 
 @router.post("/{study_id}/rounds/{round_number}/refusal", status_code=204)
-def refuse_task(study_id: str, round_number: int, body: RefusalRequest, site: CurrentSite,
+def refuse_task(study_id: str, round_number: PathNumber, body: RefusalRequest, site: CurrentSite,
                 db: DB) -> None:
     """A site's node refuses its task of a round (outside the plan it pinned); the
     refusal and its reason show in the study's status and the round goes on without it."""

@@ -1,0 +1,122 @@
+"""Abuse of the coordinator by one site or an outsider: each answered with a 4xx, the
+study goes on."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from test_coordinator import SITES, Federation  # type: ignore[import-not-found]
+
+from cardiofed.coordinator import service
+from cardiofed.coordinator.deps import _sessions
+from cardiofed.data.catalog import study_columns
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> Federation:
+    return Federation(tmp_path)
+
+
+def test_concurrent_enrolments_with_one_token_have_exactly_one_winner(fed: Federation) -> None:
+    token, results = fed.tokens[SITES[0]], []
+
+    def enrol() -> None:
+        with _sessions(fed.settings.database_url)() as db:
+            try:
+                results.append(service.enrol(db, token)[1])
+            except service.AuthenticationError:
+                results.append(None)
+
+    threads = [threading.Thread(target=enrol) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert sum(r is not None for r in results) == 1
+
+
+@pytest.mark.parametrize("wait", ["nan", "inf", "-1", "1e300"])
+def test_a_long_poll_wait_must_be_finite_and_bounded(fed: Federation, wait: str) -> None:
+    credential = fed.agent(SITES[0]).credential()
+
+    r = fed.client.get(f"/v1/tasks/next?wait={wait}", headers=fed.auth(credential))
+
+    assert r.status_code == 422
+
+
+@pytest.mark.parametrize("path", ["/v1/studies/s1/rounds/9223372036854775808/updates",
+                                  "/v1/studies/s1/rounds/-1/updates"])
+def test_path_numbers_out_of_range_are_refused(fed: Federation, path: str) -> None:
+    credential = fed.agent(SITES[0]).credential()
+
+    assert fed.client.post(path, content=b"x", headers=fed.auth(credential)).status_code == 422
+
+
+def _create(fed: Federation, **changes: object) -> tuple[int, str]:
+    names, ranges = study_columns("synthetic")
+    body = {"id": "s2", "plan": {"rounds": 2}, "sites": ["a", "b"], "feature_names": names,
+            "feature_ranges": ranges, **changes}
+    r = fed.client.post("/v1/studies", headers={**fed.auth(fed.admin),
+                                                "Content-Type": "application/json"},
+                        content=__import__("json").dumps(body).encode())
+    return r.status_code, r.text
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), 1e300, 0.0, -5.0])
+def test_round_timeout_must_be_finite_and_bounded(fed: Federation, timeout: float) -> None:
+    assert _create(fed, round_timeout_s=timeout)[0] == 422
+
+
+def test_feature_names_outside_the_schema_are_refused(fed: Federation) -> None:
+    status, text = _create(fed, feature_names=["foo", "bar"], feature_ranges=[[0, 1], [0, 1]])
+
+    assert status == 422 and "feature_names must be the schema's encoded columns" in text
+
+
+def test_feature_ranges_must_be_finite_and_ordered(fed: Federation) -> None:
+    names, ranges = study_columns("synthetic")
+    bad = [list(r) for r in ranges]
+    bad[0] = [110, 18]
+
+    status, text = _create(fed, feature_ranges=bad)
+
+    assert status == 422 and "feature_ranges must be finite with low < high" in text
+
+
+def test_a_task_deadline_carries_its_timezone(fed: Federation) -> None:
+    credential = fed.agent(SITES[0]).credential()
+
+    task = fed.client.get("/v1/tasks/next", headers=fed.auth(credential)).json()
+
+    assert datetime.fromisoformat(task["deadline"]).utcoffset() is not None
+
+
+def test_networked_studies_aggregate_robustly_by_default(fed: Federation) -> None:
+    r = fed.client.get("/v1/studies/s1/status", headers=fed.auth(fed.admin))
+    with _sessions(fed.settings.database_url)() as db:
+        plan = service.study_plan(service.get_study(db, "s1"))
+
+    assert r.json()["robust_aggregation"] == []
+    assert plan.robust_rule == service.DEFAULT_NETWORK_RULE == "multi-krum"
+
+
+def test_an_oversized_unauthenticated_body_is_refused_before_parsing(fed: Federation) -> None:
+    body = b'{"token": "' + b"x" * (2 << 20) + b'"}'
+
+    r = fed.client.post("/v1/enrol", content=body, headers={"Content-Type": "application/json"})
+
+    assert r.status_code == 413
+    assert r.json() == {"detail": "The request body exceeds this endpoint's limit of 65,536 "
+                                  "bytes (64 KiB)."}
+
+
+def test_a_422_never_echoes_the_input(fed: Federation) -> None:
+    r = fed.client.post("/v1/enrol", json={"token": ""})
+
+    assert r.status_code == 422
+    assert set(r.json()) == {"detail", "errors", "more_errors"}
+    assert all(set(e) == {"field", "message"} for e in r.json()["errors"])
