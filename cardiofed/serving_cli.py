@@ -128,7 +128,11 @@ def models_export(version: str, out: Annotated[Path, typer.Option(
 @keys_app.command("create")
 def keys_create(
     name: str,
-    scope: Annotated[list[str], typer.Option(help="score, models:read or admin (repeat).")],
+    scope: Annotated[list[str], typer.Option(
+        help="score (the promoted model), score:any-version (also pin other versions), "
+             "models:read or admin (repeat).")],
+    study: Annotated[list[str] | None, typer.Option(
+        help="Limit the key to this study's models (repeat; default: every study).")] = None,
     rate_limit: Annotated[int, typer.Option(help="Requests per minute.")] = 600,
     db: DatabaseUrl = None,
 ) -> None:
@@ -137,7 +141,7 @@ def keys_create(
 
     try:
         with _sessions(db)() as session:
-            secret = create_key(session, name, scope, rate_limit)
+            secret = create_key(session, name, scope, rate_limit, studies=study or None)
     except CardioFedError as exc:
         raise fail(exc) from None
     typer.echo(secret)
@@ -158,16 +162,17 @@ def keys_revoke(name: str, db: DatabaseUrl = None) -> None:
 
 @keys_app.command("list")
 def keys_list(db: DatabaseUrl = None) -> None:
-    """Names, scopes and limits of the keys (never the keys)."""
+    """Names, scopes, studies and limits of the keys (never the keys)."""
     from cardiofed.serving.keys import list_keys
 
     with _sessions(db)() as session:
         rows = list_keys(session)
     table = Table(title="API keys")
-    for column in ("name", "scopes", "requests/min", "revoked", "created"):
+    for column in ("name", "scopes", "studies", "requests/min", "revoked", "created"):
         table.add_column(column)
     for r in rows:
         table.add_row(str(r["name"]), ", ".join(r["scopes"]),  # type: ignore[arg-type]
+                      ", ".join(r["studies"]) if r["studies"] else "all",  # type: ignore[arg-type]
                       str(r["rate_limit_per_minute"]), "yes" if r["revoked"] else "",
                       str(r["created_at"]))
     console.print(table)

@@ -5,19 +5,23 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import inspect
+from sqlalchemy.orm import sessionmaker
 
 from cardiofed.coordinator.deps import _sessions
+from cardiofed.coordinator.storage import make_engine
 from cardiofed.data.synthetic import default_profiles, generate_exports, synthetic_federation
 from cardiofed.exceptions import ConfigurationError, DataValidationError
 from cardiofed.serving import provenance, registry
 from cardiofed.serving.api import ServingSettings, create_serving_app
-from cardiofed.serving.keys import create_key, revoke_key
+from cardiofed.serving.keys import KeyCache, create_key, list_keys, revoke_key
 from cardiofed.serving.model import RiskModel
 from cardiofed.serving.offline import predict_file
 from cardiofed.simulation.config import SimulationConfig
@@ -49,6 +53,7 @@ class Api:
         with self.sessions() as db:
             self.version = registry.register(db, model, promote=True)
             self.score_key = create_key(db, "partner", ["score"], 1000)
+            self.pin_key = create_key(db, "pinner", ["score", "score:any-version"], 1000)
             self.read_key = create_key(db, "reader", ["models:read"], 1000)
             self.admin_key = create_key(db, "admin", ["admin", "models:read", "score"], 1000)
         self.client = TestClient(create_serving_app(ServingSettings(
@@ -174,8 +179,10 @@ def test_batch_scores_in_order_and_names_the_bad_patient(api: Api) -> None:
     assert bad.status_code == 422
     assert bad.json()["errors"][0]["field"] == "patients[3].features.age"
     too_many = api.post("/v1/risk/batch", {"patients": patients * 2})
-    assert too_many.status_code == 413
-    assert too_many.json()["detail"] == "A batch holds at most 5 patients; got 6."
+    assert too_many.status_code == 422
+    assert too_many.json()["errors"] == [{
+        "field": "patients", "message": "List should have at most 5 items after validation, "
+                                        "not 6"}]
 
 
 def test_site_recalibration_is_applied_when_the_card_has_one(api: Api,
@@ -202,9 +209,10 @@ def test_versions_are_pinned_or_the_promoted_one_is_served(api: Api) -> None:
     promote = api.post("/v1/models/demo-v2/promote", {}, key=api.admin_key)
     assert promote.status_code == 200
     assert api.post("/v1/risk", {"features": PATIENT}).json()["model_version"] == "demo-v2"
-    pinned = api.post("/v1/risk", {"features": PATIENT, "model": "demo-v1"}).json()
+    pinned = api.post("/v1/risk", {"features": PATIENT, "model": "demo-v1"},
+                      key=api.pin_key).json()
     assert pinned["model_version"] == "demo-v1"
-    missing = api.post("/v1/risk", {"features": PATIENT, "model": "demo-v9"})
+    missing = api.post("/v1/risk", {"features": PATIENT, "model": "demo-v9"}, key=api.pin_key)
     assert missing.status_code == 404
     assert missing.json()["detail"] == "No model version 'demo-v9' in the registry."
     listed = api.get("/v1/models").json()
@@ -251,6 +259,96 @@ def test_scopes_are_enforced(api: Api) -> None:
                                        "models:read).")
     assert api.post("/v1/models/demo-v1/promote", {}, key=api.score_key).status_code == 403
     assert api.client.post("/v1/risk", json={"features": PATIENT}).status_code == 401
+
+
+def test_a_plain_score_key_scores_only_with_the_promoted_version(api: Api) -> None:
+    with api.sessions() as db:
+        registry.register(db, _trained(seed=1))  # demo-v2, not promoted
+    promoted = api.post("/v1/risk", {"features": PATIENT, "model": "demo-v1"})
+    assert promoted.status_code == 200  # pinning the promoted version itself is fine
+    for path, body in (("/v1/risk", {"features": PATIENT, "model": "demo-v2"}),
+                       ("/v1/risk/batch", {"patients": [{"features": PATIENT}],
+                                           "model": "demo-v2"})):
+        r = api.post(path, body)
+        assert r.status_code == 403
+        assert r.json()["detail"] == (
+            "API key 'partner' may score only with the promoted version (demo-v1); pinning "
+            "'demo-v2' needs the 'score:any-version' scope.")
+    # A version that does not exist is refused the same way: no 404 tells it apart.
+    assert api.post("/v1/risk", {"features": PATIENT, "model": "demo-v9"}).status_code == 403
+    assert api.post("/v1/risk", {"features": PATIENT, "model": "demo-v2"},
+                    key=api.pin_key).json()["model_version"] == "demo-v2"
+
+
+def test_keys_limited_to_studies(api: Api, logistic: RiskModel) -> None:
+    with api.sessions() as db:
+        registry.register(db, logistic.with_card(study="other"))  # other-v1
+        demo_only = create_key(db, "demo-only", ["score"], 100, studies=["demo"])
+        demo_pinner = create_key(db, "demo-pinner", ["score", "score:any-version"], 100,
+                                 studies=["demo"])
+        demo_reader = create_key(db, "demo-reader", ["models:read"], 100, studies=["demo"])
+        demo_admin = create_key(db, "demo-admin", ["admin"], 100, studies=["demo"])
+    assert api.post("/v1/risk", {"features": PATIENT}, key=demo_only).status_code == 200
+    refused = api.post("/v1/risk", {"features": PATIENT, "model": "other-v1"}, key=demo_pinner)
+    assert refused.status_code == 403
+    assert refused.json()["detail"] == ("API key 'demo-pinner' is limited to the models of "
+                                        "'demo'; model 'other-v1' belongs to study 'other'.")
+    # Reading: the list shows only the key's studies, another study's card is refused.
+    listed = api.get("/v1/models", key=demo_reader).json()
+    assert [m["version"] for m in listed] == ["demo-v1"]
+    assert [m["version"] for m in api.get("/v1/models").json()] == ["demo-v1", "other-v1"]
+    assert api.get("/v1/models/other-v1", key=demo_reader).status_code == 403
+    assert api.get("/v1/models/demo-v1", key=demo_reader).status_code == 200
+    # Promoting another study's model is refused; once it is promoted (by an unrestricted
+    # admin) the limited key may not score with it either.
+    assert api.post("/v1/models/other-v1/promote", {}, key=demo_admin).status_code == 403
+    assert api.post("/v1/models/other-v1/promote", {}, key=api.admin_key).status_code == 200
+    promoted_other = api.post("/v1/risk", {"features": PATIENT}, key=demo_only)
+    assert promoted_other.status_code == 403
+    assert "model 'other-v1' belongs to study 'other'" in promoted_other.json()["detail"]
+    assert api.post("/v1/risk", {"features": PATIENT}).json()["model_version"] == "other-v1"
+    assert api.post("/v1/risk", {"features": PATIENT, "model": "demo-v1"},
+                    key=demo_pinner).status_code == 200
+
+
+def test_key_studies_and_scopes_are_validated(api: Api) -> None:
+    with api.sessions() as db:
+        with pytest.raises(ConfigurationError, match="'studies' parameter must be None"):
+            create_key(db, "x", ["score"], studies=[])
+        with pytest.raises(ConfigurationError, match="'score:any-version' scope widens "
+                                                     "'score'; give both"):
+            create_key(db, "x", ["score:any-version"])
+
+
+def test_keys_cli_creates_a_key_limited_to_studies(api: Api) -> None:
+    from typer.testing import CliRunner
+
+    from cardiofed.cli import app
+
+    created = CliRunner().invoke(app, ["keys", "create", "cli", "--scope", "score",
+                                       "--study", "demo", "--study", "other",
+                                       "--db", api.url])
+    assert created.exit_code == 0, created.output
+    assert created.output.startswith("cfk_")
+    with api.sessions() as db:
+        rows = {k["name"]: k for k in list_keys(db)}
+    assert rows["cli"]["studies"] == ["demo", "other"]
+    assert rows["partner"]["studies"] is None
+    listed = CliRunner().invoke(app, ["keys", "list", "--db", api.url])
+    assert "demo, other" in listed.output and "all" in listed.output
+
+
+def test_an_older_database_gains_the_key_studies_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    url = f"sqlite:///{path}"
+    with _sessions(url)() as db:
+        secret = create_key(db, "old", ["score"])
+    with sqlite3.connect(path) as conn:  # as the table was before keys had studies
+        conn.execute("ALTER TABLE api_keys DROP COLUMN studies")
+    engine = make_engine(url)
+    assert "studies" in {c["name"] for c in inspect(engine).get_columns("api_keys")}
+    key = KeyCache(0).authenticate(sessionmaker(engine), secret)
+    assert key.studies is None and key.name == "old"
 
 
 def test_revoked_key_is_refused(api: Api) -> None:

@@ -1,10 +1,15 @@
 """The risk prediction API: ``POST /v1/risk``, ``/v1/risk/batch``, ``GET /v1/models``.
 
-:func:`create_serving_app` builds the standalone service (``cardiofed serve``); the
-same :data:`router` can be mounted in the coordinator. Requests authenticate with an
-API key (``Authorization: Bearer cfk_...``); scopes and per-key rate limits are in
-:mod:`cardiofed.serving.keys`. Logs hold one line per request (request id, method,
-path, status, bytes in and out, latency), never a body, so no patient value is logged.
+:func:`create_serving_app` builds the standalone service (``cardiofed serve``);
+:func:`add_risk_api` mounts the same routes on another application. Requests
+authenticate with an API key (``Authorization: Bearer cfk_...``); scopes, the studies a
+key may use and per-key rate limits are in :mod:`cardiofed.serving.keys`. Request bodies
+are size-limited before anything parses them (:mod:`cardiofed.serving.limits`:
+``CARDIOFED_MAX_BODY_BYTES``, 64 KiB; ``CARDIOFED_MAX_BATCH_BODY_BYTES`` for the batch
+endpoint, by default 2 KiB per patient of ``CARDIOFED_MAX_BATCH``), and refusals have
+bounded bodies (:mod:`cardiofed.serving.errors`). Logs hold one line per request
+(request id, method, path, status, bytes in and out, latency), never a body, so no
+patient value is logged.
 
 Risk categories (configurable, ``CARDIOFED_RISK_THRESHOLDS`` / ``_CATEGORIES``) default
 to the 10-year ASCVD risk categories of the 2019 ACC/AHA Guideline on the Primary
@@ -14,28 +19,31 @@ low < 5%, borderline 5-7.5%, intermediate 7.5-20%, high >= 20%.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cardiofed import __version__
 from cardiofed.coordinator.deps import _sessions, refused
 from cardiofed.coordinator.settings import DEFAULT_DATABASE_URL
 from cardiofed.evaluation.recalibration import Recalibration
-from cardiofed.exceptions import CoordinatorError, InvalidUpdate, PayloadTooLarge
+from cardiofed.exceptions import CoordinatorError, NotFound
 from cardiofed.serving import registry
-from cardiofed.serving.keys import KeyCache, RateLimiter
+from cardiofed.serving.errors import InvalidPatient, RateLimited, invalid_request, responses
+from cardiofed.serving.keys import KeyCache, KeyInfo, RateLimiter
+from cardiofed.serving.limits import BodyLimits, BodySizeLimit
 from cardiofed.serving.model import (
     RISK_CATEGORIES,
     RISK_THRESHOLDS,
@@ -44,16 +52,22 @@ from cardiofed.serving.model import (
     risk_categories,
     sigmoid,
 )
+from cardiofed.serving.request_log import RequestLog
 from cardiofed.serving.schemas import (
     BatchRequest,
     BatchResponse,
     Calibration,
+    ModelSummary,
     RiskRequest,
     RiskResponse,
     RiskResult,
+    batch_request,
 )
 
-log = logging.getLogger("cardiofed.serving")
+# Room per patient in a batch body: one with every feature, units and indentation is
+# under 1 KiB of JSON; the default batch limit is max_batch times this.
+PATIENT_BODY_BYTES = 2 * 1024
+BATCH_PATH = "/v1/risk/batch"
 
 
 class ServingSettings(BaseSettings):
@@ -65,6 +79,11 @@ class ServingSettings(BaseSettings):
     risk_thresholds: list[float] = list(RISK_THRESHOLDS)
     risk_categories: list[str] = list(RISK_CATEGORIES)
     max_batch: int = Field(default=1000, ge=1, le=100_000)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, description=(
+        "Largest request body in bytes, except the batch endpoint's."))
+    max_batch_body_bytes: int | None = Field(default=None, ge=1024, description=(
+        "Largest batch request body in bytes (default: max_batch x 2 KiB, and at least "
+        "max_body_bytes)."))
     key_cache_s: float = Field(default=5.0, ge=0)
     promoted_cache_s: float = Field(default=5.0, ge=0)
 
@@ -77,6 +96,12 @@ class ServingSettings(BaseSettings):
             raise ValueError(f"risk_categories needs {len(t) + 1} names for {len(t)} "
                              f"thresholds; got {self.risk_categories}")
         return self
+
+    def body_limits(self) -> BodyLimits:
+        """The batch endpoint's limit, and ``max_body_bytes`` for every other path."""
+        batch = self.max_batch_body_bytes or max(self.max_body_bytes,
+                                                 self.max_batch * PATIENT_BODY_BYTES)
+        return BodyLimits(default=self.max_body_bytes, prefixes={BATCH_PATH: batch})
 
 
 @lru_cache
@@ -93,18 +118,35 @@ class ServingState:
         self.keys = KeyCache(settings.key_cache_s)
         self.limiter = RateLimiter()
         self._models: dict[str, RiskModel] = {}
-        self._promoted: tuple[float, str] | None = None
+        self._promoted: tuple[float, str | None] | None = None
         self._lock = threading.Lock()
 
-    def model(self, version: str | None) -> RiskModel:
+    def promoted(self) -> str | None:
+        """The promoted version (None if none is), re-read every ``promoted_cache_s``."""
+        now = time.monotonic()
+        cached = self._promoted
+        if cached is None or now - cached[0] >= self.settings.promoted_cache_s:
+            with self.sessions() as db:
+                cached = (now, registry.promoted_or_none(db))
+            self._promoted = cached
+        return cached[1]
+
+    def model_for(self, key: KeyInfo, pinned: str | None) -> RiskModel:
+        """The model a request scores with: `pinned`, or the promoted one. A key without
+        ``score:any-version`` may pin only the promoted version (checked before anything
+        is loaded); a key limited to studies may use only their models."""
+        promoted = self.promoted()
+        if pinned is not None:
+            key.require_pin(pinned, promoted)
+        version = pinned or promoted
         if version is None:
-            now = time.monotonic()
-            cached = self._promoted
-            if cached is None or now - cached[0] >= self.settings.promoted_cache_s:
-                with self.sessions() as db:
-                    cached = (now, registry.promoted_version(db))
-                self._promoted = cached
-            version = cached[1]
+            raise NotFound("No model is promoted yet; promote one with "
+                           "`cardiofed models promote VERSION`.")
+        model = self._load(version)
+        key.require_study(model.card.study, version)
+        return model
+
+    def _load(self, version: str) -> RiskModel:
         model = self._models.get(version)
         if model is None:
             with self.sessions() as db:
@@ -124,45 +166,42 @@ class ServingState:
         return str(self.categories(np.array([risk]))[0])
 
 
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated request: the serving state and the caller's key."""
+
+    state: ServingState
+    key: KeyInfo
+
+    def model(self, pinned: str | None) -> RiskModel:
+        return self.state.model_for(self.key, pinned)
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: "
+                                                   "`Authorization: Bearer cfk_...`.")
+
+
 def _scoped(scope: str) -> Any:
     """A dependency that authenticates the API key, checks its scope and rate limit, and
-    hands the endpoint the serving state. It is ``async`` so that FastAPI runs it on the
-    event loop instead of a worker thread: the work is microseconds (the database is read
-    only on a key-cache miss)."""
-    async def authorised(request: Request, authorization: Annotated[str | None, Header()]
-                         = None) -> ServingState:
+    hands the endpoint the caller. It is ``async`` so that FastAPI runs it on the event
+    loop instead of a worker thread: the work is microseconds (the database is read only
+    on a key-cache miss)."""
+    async def authorised(request: Request, credentials: Annotated[
+            HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
         state: ServingState = request.app.state.serving
-        secret = authorization[7:].strip() if authorization and \
-            authorization.lower().startswith("bearer ") else None
+        secret = credentials.credentials.strip() if credentials else None
         key = state.keys.authenticate(state.sessions, secret)
         key.require(scope)
         wait = state.limiter.retry_after(key)
         if wait:
             raise RateLimited(f"Rate limit of {key.rate_limit_per_minute} requests per minute "
                               f"exceeded for API key {key.name!r}; retry in {wait:g} s.", wait)
-        return state
+        return Caller(state, key)
     return Depends(authorised)
 
 
-class RateLimited(CoordinatorError):
-    status_code = 429
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
-
-
-router = APIRouter(prefix="/v1", tags=["risk"])
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing, unknown or revoked API key"},
-    403: {"description": "The key lacks the scope"},
-    404: {"description": "No such model version (or none promoted)"},
-    422: {"description": "Invalid fields, each named with its allowed range"},
-    429: {"description": "Rate limit exceeded (see Retry-After)"},
-}
+Version = Annotated[str, Path(max_length=100, description="A registered version, e.g. "
+                                                          "`demo-v2`.")]
 
 
 def _calibration(model: RiskModel, site: str | None) -> tuple[Calibration | None,
@@ -211,31 +250,24 @@ def _json(body: RiskResponse | BatchResponse) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-@router.post("/risk", response_model=RiskResponse, responses=ERRORS)
-async def risk(body: RiskRequest,
-               state: Annotated[ServingState, _scoped("score")]) -> Response:
+async def risk(body: RiskRequest, caller: Annotated[Caller, _scoped("score")]) -> Response:
     """One patient's predicted risk, category, and each feature's contribution."""
-    model = state.model(body.model)
+    model = caller.model(body.model)
     try:
         row, imputed = model.encode_patient(body.features, body.units,
                                             impute_missing=body.impute_missing)
     except PatientErrors as exc:
         raise InvalidPatient(exc.problems) from None
     calibration, recal = _calibration(model, body.site)
-    result = _results(state, model, row[None, :], [imputed], recal, body.contributions)[0]
+    result = _results(caller.state, model, row[None, :], [imputed], recal,
+                      body.contributions)[0]
     return _json(RiskResponse(**result.__dict__, model_version=model.card.version,
                               outcome=model.card.outcome, calibration=calibration,
                               attribution=_attribution(model)))
 
 
-@router.post("/risk/batch", response_model=BatchResponse, responses=ERRORS)
-async def risk_batch(body: BatchRequest,
-                     state: Annotated[ServingState, _scoped("score")]) -> Response:
-    """Up to ``max_batch`` (default 1,000) patients in one request."""
-    if len(body.patients) > state.settings.max_batch:
-        raise PayloadTooLarge(f"A batch holds at most {state.settings.max_batch} patients; got "
-                              f"{len(body.patients)}.")
-    model = state.model(body.model)
+async def _risk_batch(body: BatchRequest, caller: Caller) -> Response:
+    model = caller.model(body.model)
     rows, imputed, problems = [], [], []
     for i, patient in enumerate(body.patients):
         try:
@@ -252,93 +284,81 @@ async def risk_batch(body: BatchRequest,
     calibration, recal = _calibration(model, body.site)
     return _json(BatchResponse(model_version=model.card.version, outcome=model.card.outcome,
                                calibration=calibration, attribution=_attribution(model),
-                               results=_results(state, model, np.vstack(rows), imputed, recal,
-                                                body.contributions)))
+                               results=_results(caller.state, model, np.vstack(rows), imputed,
+                                                recal, body.contributions)))
 
 
-@router.get("/models", responses=ERRORS)
-def models(state: Annotated[ServingState, _scoped("models:read")]
-           ) -> list[dict[str, object]]:
-    """Every registered version (the promoted one is marked)."""
-    with state.sessions() as db:
-        return registry.list_models(db)
+def _batch_endpoint(max_batch: int) -> Callable[..., Awaitable[Response]]:
+    """``POST /v1/risk/batch`` whose body holds at most `max_batch` patients: the list
+    length is part of the request model, so a longer list is refused before any patient
+    is validated, and the OpenAPI document states it."""
+    async def risk_batch(body: BatchRequest, caller: Annotated[Caller, _scoped("score")]
+                         ) -> Response:
+        return await _risk_batch(body, caller)
+
+    # FastAPI reads the body's model from the annotation: this deployment's limit.
+    risk_batch.__annotations__["body"] = batch_request(max_batch)
+    risk_batch.__doc__ = f"Up to {max_batch:,} patients in one request (max_batch)."
+    return risk_batch
 
 
-@router.get("/models/{version}", responses=ERRORS)
-def model_card(version: str, state: Annotated[ServingState, _scoped("models:read")]
+def models(caller: Annotated[Caller, _scoped("models:read")]) -> list[dict[str, object]]:
+    """Every registered version the key may see (the promoted one is marked)."""
+    with caller.state.sessions() as db:
+        return registry.list_models(db, caller.key.studies)
+
+
+def model_card(version: Version, caller: Annotated[Caller, _scoped("models:read")]
                ) -> dict[str, object]:
     """The model card: provenance (study, algorithm, settings, sites, epsilon per site,
     schema version, content hash) and metrics per site."""
-    with state.sessions() as db:
-        return registry.card(db, version)
+    with caller.state.sessions() as db:
+        card = registry.card(db, version)
+    caller.key.require_study(str(card["study"]), version)
+    return card
 
 
-@router.post("/models/{version}/promote", responses=ERRORS)
-def promote(version: str, state: Annotated[ServingState, _scoped("admin")]
-            ) -> dict[str, str]:
+def promote(version: Version, caller: Annotated[Caller, _scoped("admin")]) -> dict[str, str]:
     """Serve `version` by default from now on."""
-    with state.sessions() as db:
+    with caller.state.sessions() as db:
+        caller.key.require_study(registry.study_of(db, version), version)
         registry.promote(db, version)
-    state.forget_promoted()
+    caller.state.forget_promoted()
     return {"promoted": version}
 
 
-class InvalidPatient(InvalidUpdate):
-    """422 listing each invalid field."""
-
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
-        super().__init__("; ".join(f"{f}: {m}" for f, m in problems))
-        self.problems = problems
-
-    def body(self) -> dict[str, object]:
-        return super().body() | {"errors": [{"field": f, "message": m}
-                                            for f, m in self.problems]}
-
-
-class RequestLog:
-    """ASGI middleware: a request id header and one log line per request, no bodies."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        request_id = uuid.uuid4().hex[:16]
-        sizes = {"in": 0, "out": 0, "status": 500}
-
-        async def counting_receive() -> Message:
-            message = await receive()
-            sizes["in"] += len(message.get("body", b""))
-            return message
-
-        async def tagged_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                sizes["status"] = message["status"]
-                message["headers"] = [*message.get("headers", []),
-                                      (b"x-request-id", request_id.encode())]
-            elif message["type"] == "http.response.body":
-                sizes["out"] += len(message.get("body", b""))
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tagged_send)
-        finally:
-            log.info("request_id=%s method=%s path=%s status=%d bytes_in=%d bytes_out=%d "
-                     "latency_ms=%.2f", request_id, scope["method"], scope["path"],
-                     sizes["status"], sizes["in"], sizes["out"],
-                     (time.perf_counter() - started) * 1000)
+def risk_router(settings: ServingSettings) -> APIRouter:
+    """The ``/v1`` routes, each declaring every status it answers with its body."""
+    router = APIRouter(prefix="/v1", tags=["risk"])
+    scoring = responses(401, 403, 404, 413, 422, 429)
+    router.add_api_route("/risk", risk, methods=["POST"], response_model=RiskResponse,
+                         responses=scoring)
+    router.add_api_route(BATCH_PATH.removeprefix("/v1"), _batch_endpoint(settings.max_batch),
+                         methods=["POST"], response_model=BatchResponse, responses=scoring)
+    router.add_api_route("/models", models, methods=["GET"],
+                         response_model=list[ModelSummary],
+                         responses=responses(401, 403, 413, 429))
+    by_version = responses(401, 403, 404, 413, 422, 429)
+    router.add_api_route("/models/{version}", model_card, methods=["GET"],
+                         responses=by_version)
+    router.add_api_route("/models/{version}/promote", promote, methods=["POST"],
+                         responses=by_version)
+    return router
 
 
-def add_risk_api(app: FastAPI, settings: ServingSettings) -> None:
-    """Mount the risk API (router, state, error handlers, request log) on `app`."""
+def add_risk_api(app: FastAPI, settings: ServingSettings, *,
+                 body_limits: BodyLimits | None = None) -> None:
+    """Mount the risk API on `app`: routes, state, error handlers, the request log, and
+    the body size limits, which cover every path of `app` (default
+    ``settings.body_limits()``; an application with larger bodies elsewhere passes its
+    own prefixes)."""
     app.state.serving = ServingState(settings)
-    app.include_router(router)
-    app.add_middleware(RequestLog)
+    app.include_router(risk_router(settings))
+    app.add_middleware(BodySizeLimit, limits=body_limits or settings.body_limits())
+    app.add_middleware(RequestLog)  # outermost: requests refused for size are logged too
 
     app.add_exception_handler(CoordinatorError, refused)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
 
 
 def create_serving_app(settings: ServingSettings | None = None) -> FastAPI:
@@ -348,7 +368,7 @@ def create_serving_app(settings: ServingSettings | None = None) -> FastAPI:
                               "with `Authorization: Bearer <API key>`.")
     add_risk_api(app, settings or get_serving_settings())
 
-    @app.get("/healthz", tags=["health"])
+    @app.get("/healthz", tags=["health"], responses=responses(413))
     def health() -> dict[str, str]:
         return {"status": "ok"}
 

@@ -321,15 +321,22 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return out
 
 
+def _shown(value: Any, *, quote: bool = True) -> str:
+    """`value` as an error message names it: cut past 40 characters, so that a refusal
+    says what was sent without echoing a huge input back."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= 40 else f"{text[:24]}... ({len(text):,} characters)"
+
+
 def _encode_value(feature: Feature, value: Any, unit: str | None, row: np.ndarray,
                   cols: list[int]) -> str:
     """Write `value` into `row[cols]`; return a problem message, or '' when valid."""
     if feature.kind is FeatureKind.CONTINUOUS:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            return f"must be a number in {feature.unit}; got {value!r}"
+            return f"must be a number in {feature.unit}; got {_shown(value)}"
         if unit is not None and unit != feature.unit and unit not in feature.unit_factors:
             known = ", ".join([feature.unit, *feature.unit_factors])
-            return f"unit {unit!r} is not known for this feature; use one of {known}"
+            return f"unit {_shown(unit)} is not known for this feature; use one of {known}"
         factor = feature.conversion_factor(unit or feature.unit)
         try:
             converted = float(value) * factor
@@ -337,8 +344,8 @@ def _encode_value(feature: Feature, value: Any, unit: str | None, row: np.ndarra
             converted = math.inf  # reported as out of range below
         low, high = float(feature.low), float(feature.high)  # type: ignore[arg-type]
         if not math.isfinite(converted):
-            return (f"{value} is not a finite number; the plausible range is [{low:g}, "
-                    f"{high:g}] {feature.unit}")
+            return (f"{_shown(value, quote=False)} is not a finite number; the plausible "
+                    f"range is [{low:g}, {high:g}] {feature.unit}")
         if not low <= converted <= high:
             if factor != 1.0:
                 lo_u, hi_u = low / factor, high / factor
@@ -349,19 +356,19 @@ def _encode_value(feature: Feature, value: Any, unit: str | None, row: np.ndarra
         row[cols[0]] = converted
         return ""
     if unit is not None:
-        return f"a {feature.kind} feature takes no unit; got {unit!r}"
+        return f"a {feature.kind} feature takes no unit; got {_shown(unit)}"
     if feature.kind is FeatureKind.BINARY:
         key = str(value).strip().lower() if not isinstance(value, bool) else str(int(value))
         if isinstance(value, float) and value in (0.0, 1.0):
             key = str(int(value))
         if key not in _BINARY_VALUES:
-            return f"must be 0 or 1 (or true/false, yes/no); got {value!r}"
+            return f"must be 0 or 1 (or true/false, yes/no); got {_shown(value)}"
         row[cols[0]] = _BINARY_VALUES[key]
         return ""
     code = str(int(value)) if isinstance(value, int | float) and not isinstance(value, bool) \
         and float(value).is_integer() else str(value)
     if code not in feature.codes:
-        return f"must be one of {', '.join(feature.codes)}; got {value!r}"
+        return f"must be one of {', '.join(feature.codes)}; got {_shown(value)}"
     for col, level in zip(cols, feature.codes[1:], strict=True):
         row[col] = 1.0 if code == level else 0.0
     return ""

@@ -8,6 +8,9 @@ registers every global model version it publishes).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from datetime import UTC
+
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
@@ -66,8 +69,16 @@ def load(db: Session, version: str) -> RiskModel:
     return RiskModel.from_bytes(_row(db, version).artifact, source=f"registry {version}")
 
 
+def study_of(db: Session, version: str) -> str:
+    return _row(db, version).study
+
+
+def promoted_or_none(db: Session) -> str | None:
+    return db.scalar(select(RegisteredModel.version).where(RegisteredModel.promoted))
+
+
 def promoted_version(db: Session) -> str:
-    version = db.scalar(select(RegisteredModel.version).where(RegisteredModel.promoted))
+    version = promoted_or_none(db)
     if version is None:
         raise NotFound("No model is promoted yet; promote one with "
                        "`cardiofed models promote VERSION`.")
@@ -85,12 +96,18 @@ def promote(db: Session, version: str) -> None:
     db.commit()
 
 
-def list_models(db: Session) -> list[dict[str, object]]:
-    """Version, study, promoted flag, content hash and creation time of each model."""
-    rows = db.scalars(select(RegisteredModel).order_by(RegisteredModel.id))
+def list_models(db: Session, studies: Collection[str] | None = None
+                ) -> list[dict[str, object]]:
+    """Version, study, promoted flag, content hash and creation time (UTC, ISO 8601 with
+    offset) of each model; only those of `studies` unless it is None."""
+    query = select(RegisteredModel).order_by(RegisteredModel.id)
+    if studies is not None:
+        query = query.where(RegisteredModel.study.in_(sorted(studies)))
     return [{"version": r.version, "study": r.study, "promoted": r.promoted,
-             "content_sha256": r.content_sha256, "created_at": r.created_at.isoformat() + "Z",
-             "outcome": r.card.get("outcome"), "model": r.card.get("model")} for r in rows]
+             "content_sha256": r.content_sha256,
+             "created_at": r.created_at.replace(tzinfo=UTC).isoformat(),
+             "outcome": r.card.get("outcome"), "model": r.card.get("model")}
+            for r in db.scalars(query)]
 
 
 def card(db: Session, version: str) -> dict[str, object]:

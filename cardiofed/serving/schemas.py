@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, create_model
 
 PATIENT_EXAMPLE: Any = {
     "age": 61, "sex": "male", "total_cholesterol": 5.4, "hdl_cholesterol": 1.1,
     "systolic_bp": 142, "bp_treated": True, "current_smoker": False, "diabetes": False}
 UNITS_EXAMPLE: Any = {"total_cholesterol": "mmol/L", "hdl_cholesterol": "mmol/L"}
+PIN = ("Pin a model version (default: the promoted one). Another version than the "
+       "promoted one needs a key with the `score:any-version` scope.")
 
 
 class Patient(BaseModel):
@@ -18,7 +20,8 @@ class Patient(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"features": PATIENT_EXAMPLE, "units": UNITS_EXAMPLE}]})
-    features: dict[str, float | int | bool | str | None]
+    # An empty object is refused, and the schema says so (minProperties: 1).
+    features: dict[str, float | int | bool | str | None] = Field(min_length=1)
     units: dict[str, str] = Field(default_factory=dict)
     impute_missing: bool = Field(False, description="Fill absent features with the "
                                                     "federation's median (listed in the "
@@ -28,7 +31,7 @@ class Patient(BaseModel):
 class RiskRequest(Patient):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"features": PATIENT_EXAMPLE, "units": UNITS_EXAMPLE, "site": "community_01"}]})
-    model: str | None = Field(None, description="Pin a model version (default: promoted).")
+    model: str | None = Field(None, description=PIN)
     site: str | None = Field(None, description="The caller's site: its recalibration, when "
                                                "the model has one, is applied.")
     contributions: bool = True
@@ -37,11 +40,19 @@ class RiskRequest(Patient):
 class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"patients": [{"features": PATIENT_EXAMPLE, "units": UNITS_EXAMPLE}]}]})
-    # The server's own limit (max_batch) is usually lower; this bounds the parse.
+    # The largest max_batch a server accepts; a server's own is set by batch_request().
     patients: list[Patient] = Field(min_length=1, max_length=100_000)
-    model: str | None = None
+    model: str | None = Field(None, description=PIN)
     site: str | None = None
     contributions: bool = False
+
+
+def batch_request(max_batch: int) -> type[BatchRequest]:
+    """:class:`BatchRequest` holding at most `max_batch` patients. Pydantic refuses a
+    longer list by its length, before it validates a single patient, and the OpenAPI
+    document states the limit (``maxItems``)."""
+    return create_model("BatchRequest", __base__=BatchRequest, __module__=__name__,
+                        patients=(list[Patient], Field(min_length=1, max_length=max_batch)))
 
 
 class Calibration(BaseModel):
@@ -74,6 +85,18 @@ class RiskResponse(RiskResult):
     outcome: str
     calibration: Calibration | None = None
     attribution: str
+
+
+class ModelSummary(BaseModel):
+    """A registered model version, as ``GET /v1/models`` lists it."""
+
+    version: str
+    study: str
+    promoted: bool
+    content_sha256: str
+    created_at: AwareDatetime = Field(description="When it was registered (UTC).")
+    outcome: str | None = None
+    model: str | None = None
 
 
 class BatchResponse(BaseModel):
