@@ -101,7 +101,7 @@ def test_networked_studies_aggregate_robustly_by_default(fed: Federation) -> Non
         plan = service.study_plan(service.get_study(db, "s1"))
 
     assert r.json()["robust_aggregation"] == []
-    assert plan.robust_rule == service.DEFAULT_NETWORK_RULE == "multi-krum"
+    assert plan.robust_rule == service.DEFAULT_NETWORK_RULE == "median"
 
 
 def test_an_oversized_unauthenticated_body_is_refused_before_parsing(fed: Federation) -> None:
@@ -120,3 +120,25 @@ def test_a_422_never_echoes_the_input(fed: Federation) -> None:
     assert r.status_code == 422
     assert set(r.json()) == {"detail", "errors", "more_errors"}
     assert all(set(e) == {"field", "message"} for e in r.json()["errors"])
+
+
+def test_a_stored_payload_that_no_longer_passes_is_quarantined_and_the_round_goes_on(
+        tmp_path: Path) -> None:
+    from cardiofed.coordinator.storage import Update
+
+    fed = Federation(tmp_path, min_sites=2)
+    agents = [fed.agent(s) for s in SITES]
+    assert fed.step(agents[:2]) == 2  # two sites upload their statistics
+    with _sessions(fed.settings.database_url)() as db:  # one payload corrupted at rest
+        first = db.query(Update).order_by(Update.id).first()
+        assert first is not None
+        first.payload = b"not safetensors any more"
+        db.commit()
+
+    assert fed.step(agents[2:]) == 1  # the last report closes the round
+
+    state = fed.status()
+    assert (state["phase"], state["round"]) == ("train", 1)
+    [quarantined] = state["quarantined"]  # type: ignore[misc]
+    assert quarantined["site"] == SITES[0] and quarantined["round"] == 0
+    assert quarantined["reason"].startswith("Payload header length")

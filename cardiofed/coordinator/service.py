@@ -64,6 +64,7 @@ from cardiofed.exceptions import (
     AuthenticationError,
     ConfigurationError,
     Conflict,
+    CoordinatorError,
     DataValidationError,
     InvalidUpdate,
     NotFound,
@@ -411,13 +412,41 @@ def _advance(db: Session, study: Study, now: Clock) -> None:
             return
         if len(usable) < len(active) and now() < rnd.deadline:
             return
+        usable = _foldable(db, study, rnd, usable)
         if not usable or len(usable) < min(study.min_sites, len(active)):
-            rnd.deadline = now() + timedelta(seconds=study.round_timeout_s)
-            rnd.outcome = (f"deadline extended: {len(usable)} of the {study.min_sites} "
-                           f"reports required")
-            db.commit()
+            _extend(db, study, rnd, now, f"{len(usable)} of the {study.min_sites} usable "
+                                         f"reports required")
             return
-        _close(db, study, rnd, usable, now)
+        try:
+            _close(db, study, rnd, usable, now)
+        except ValueError as exc:  # e.g. a column no site observed: the round waits
+            db.rollback()
+            _extend(db, study, rnd, now, str(exc))
+            return
+
+
+def _extend(db: Session, study: Study, rnd: Round, now: Clock, why: str) -> None:
+    rnd.deadline = now() + timedelta(seconds=study.round_timeout_s)
+    rnd.outcome = f"deadline extended: {why}"[:200]
+    db.commit()
+
+
+def _foldable(db: Session, study: Study, rnd: Round, updates: list[Update]) -> list[Update]:
+    """The updates that still pass the payload checks; the others are quarantined with
+    the reason (shown in the status), so one site's payload never stops a round."""
+    sites = {s.id: s for s in db.scalars(select(Site).where(Site.study_id == study.id))}
+    kept = []
+    for u in updates:
+        if u.quarantine is None:
+            try:
+                _validate(db, study, rnd, sites[u.site_id], u.payload)
+            except CoordinatorError as exc:
+                u.quarantine = str(exc)[:300]
+                log.warning("study %s round %d: update of site %s quarantined: %s", study.id,
+                            rnd.number, sites[u.site_id].name, u.quarantine)
+        if u.quarantine is None:
+            kept.append(u)
+    return kept
 
 
 def _close(db: Session, study: Study, rnd: Round, updates: list[Update], now: Clock) -> None:
@@ -467,7 +496,7 @@ def _close(db: Session, study: Study, rnd: Round, updates: list[Update], now: Cl
 
 
 # bench/robustness.py: the rule that held against every attack with the smallest clean cost.
-DEFAULT_NETWORK_RULE = "multi-krum"
+DEFAULT_NETWORK_RULE = "median"
 MAX_ABS_WEIGHT = 1e4  # a logistic or MLP weight on standardised features never gets near
 
 
@@ -503,13 +532,19 @@ def _publish_buffered(db: Session, study: Study, now: Clock) -> bool:
     # A site that refused a training task (e.g. it ran its planned rounds) trains no more.
     refused_training = {r.site_id for r in _refusals(db, study) if r.round_number > 0}
     active = {s.id: s for s in _active_sites(db, study) if s.id not in refused_training}
-    buffer = [u for u in _buffered(db, study) if u.site_id in active]  # revoked drop out
+    buffer = [u for u in _buffered(db, study) if u.site_id in active  # revoked drop out
+              and u.quarantine is None]
     # The round's deadline bounds the wait too: a site that died without being revoked
     # cannot hold training up for longer than round_timeout_s.
     timeout = min(plan.buffer_timeout_s or math.inf, study.round_timeout_s)
     if not buffer_ready(len(buffer), buffer_size=min(plan.buffer_size, len(active)),
                         since_publication_s=(now() - rnd.opened_at).total_seconds(),
                         timeout_s=timeout):
+        return False
+    rounds = {r.id: r for r in db.scalars(select(Round).where(Round.study_id == study.id))}
+    buffer = [u for u in buffer if _foldable(db, study, rounds[u.round_id], [u])]
+    if not buffer:
+        db.commit()
         return False
     algorithm = plan.make_algorithm()
     weights = _load_model(db, study, study.model_version)
@@ -588,6 +623,11 @@ def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
         "refusals": [{"site": names[r.site_id], "round": r.round_number, "reason": r.reason}
                      for r in _refusals(db, study)],
         "robust_aggregation": _robust_actions(db, study),
+        "quarantined": [{"site": names[u.site_id], "round": number, "reason": u.quarantine}
+                        for u, number in db.execute(
+                            select(Update, Round.number).join(Round, Update.round_id == Round.id)
+                            .where(Round.study_id == study.id, Update.quarantine.is_not(None))
+                            .order_by(Update.id)).all()],
     }
 
 

@@ -106,6 +106,8 @@ class Update(Base):
     # arrived, and the version it was folded into (NULL while buffered, or discarded).
     staleness: Mapped[int | None] = mapped_column(Integer, nullable=True)
     aggregated_into: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Why the update was set aside instead of folded (it no longer passes the checks).
+    quarantine: Mapped[str | None] = mapped_column(String(300), nullable=True)
 
 
 class ModelVersion(Base):

@@ -60,8 +60,8 @@ class SimulationConfig(BaseModel):
     staleness_hinge: int = Field(4, ge=0)
     max_staleness: int = Field(50, ge=0)
     # Robust aggregation (cardiofed.aggregation.robust). None: off in simulation; a
-    # networked study turns it on by default (multi-Krum, f = robust_byzantine, with the
-    # weight cap and norm bound).
+    # networked study turns it on by default (coordinate-wise median after the norm
+    # bound; bench/robustness.py).
     robust_rule: Literal["mean", "trimmed-mean", "median", "multi-krum",
                          "centered-clip"] | None = None
     robust_norm_bound: float | None = Field(3.0, ge=1, allow_inf_nan=False)
