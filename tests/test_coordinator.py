@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from cardiofed.coordinator import service
 from cardiofed.coordinator.app import create_app
-from cardiofed.coordinator.deps import _sessions
+from cardiofed.coordinator.deps import _sessions, get_clock
 from cardiofed.coordinator.settings import CoordinatorSettings, get_settings
 from cardiofed.data.catalog import study_columns
 from cardiofed.node.agent import NodeAgent, NodeError
@@ -33,6 +34,7 @@ class Federation:
                  min_sites: int | None = None, database_url: str | None = None,
                  plan: dict[str, object] | None = None) -> None:
         self.tmp = tmp
+        self.now = datetime(2026, 1, 1)  # the coordinator's clock: tests move it, never wait
         self.settings = CoordinatorSettings(
             database_url=database_url or f"sqlite:///{tmp}/coord.db", long_poll_s=0,
             max_update_bytes=max_bytes)
@@ -50,7 +52,15 @@ class Federation:
         """A fresh coordinator application over the same database."""
         self.app = create_app()
         self.app.dependency_overrides[get_settings] = lambda: self.settings
+        self.app.dependency_overrides[get_clock] = lambda: self.clock
         self.client = TestClient(self.app)
+
+    def clock(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Let `seconds` pass on the coordinator's clock."""
+        self.now += timedelta(seconds=seconds)
 
     @staticmethod
     def auth(credential: str) -> dict[str, str]:
@@ -88,7 +98,7 @@ def _until_done(fed: Federation, agents: list[NodeAgent], patience_s: float = 60
         if fed.status()["phase"] == "done":
             return
         if not fed.step(agents):
-            time.sleep(0.2)  # waiting for a deadline
+            fed.advance(3601)  # nothing to do: let the open round's deadline pass
     raise AssertionError(f"federation did not finish: {fed.status()}")
 
 
@@ -274,22 +284,6 @@ def test_oversized_payload_is_rejected(tmp_path: Path) -> None:
     assert r.json()["detail"] == "Payload of 500 bytes exceeds the limit of 100 bytes."
 
 
-def _expire_round(fed: Federation) -> None:
-    """Move the open round's deadline into the past (as if round_timeout_s had elapsed),
-    so a test does not depend on how fast this machine runs the other sites' tasks."""
-    from datetime import timedelta
-
-    from sqlalchemy import select
-
-    from cardiofed.coordinator.storage import Round, utcnow
-
-    with _sessions(fed.settings.database_url)() as db:
-        rnd = db.scalar(select(Round).where(Round.study_id == "s1", Round.closed_at.is_(None)))
-        assert rnd is not None
-        rnd.deadline = utcnow() - timedelta(seconds=1)
-        db.commit()
-
-
 def test_dropped_site_does_not_hang_the_round_after_its_deadline(tmp_path: Path) -> None:
     fed = Federation(tmp_path, min_sites=2)
     agents = [fed.agent(s) for s in SITES[:2]]  # the third site never shows up
@@ -300,7 +294,7 @@ def test_dropped_site_does_not_hang_the_round_after_its_deadline(tmp_path: Path)
         if fed.status()["phase"] == "done":
             break
         if not fed.step(agents):
-            _expire_round(fed)  # the deadline passes: the round closes without it
+            fed.advance(3601)  # the deadline passes: the round closes without it
     assert fed.status()["phase"] == "done"
 
     models = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
@@ -308,9 +302,9 @@ def test_dropped_site_does_not_hang_the_round_after_its_deadline(tmp_path: Path)
 
 
 def test_round_past_deadline_without_enough_reports_is_extended(tmp_path: Path) -> None:
-    fed = Federation(tmp_path, timeout=0.2, min_sites=2)
+    fed = Federation(tmp_path, timeout=60.0, min_sites=2)
     fed.step([fed.agent(SITES[0])])
-    time.sleep(0.3)
+    fed.advance(61)
 
     state = fed.status()
 
@@ -507,12 +501,13 @@ def test_async_update_older_than_max_staleness_is_refused(tmp_path: Path) -> Non
 
 def test_async_buffer_is_published_after_its_timeout(tmp_path: Path) -> None:
     fed = Federation(tmp_path, plan={**ASYNC_PLAN, "buffer_size": 3,
-                                     "buffer_timeout_s": 2.0})
+                                     "buffer_timeout_s": 60.0})
     agents = [fed.agent(s) for s in SITES]
     fed.step(agents)
     _train_once(fed, agents[0])
+    fed.advance(59)
     assert fed.status()["model_version"] == 0
-    time.sleep(2.1)
+    fed.advance(2)
 
     assert fed.status()["model_version"] == 1
     models = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
@@ -555,14 +550,15 @@ def test_unknown_outcome_is_refused(fed: Federation) -> None:
 
 def test_async_training_goes_on_without_a_dead_site_after_the_deadline(tmp_path: Path) -> None:
     # K = 3 and no buffer timeout, but community_01 died after enrolling: the round's
-    # deadline (3 s) bounds the wait, as in a synchronous study.
-    fed = Federation(tmp_path, plan={**ASYNC_PLAN, "buffer_size": 3}, timeout=3.0)
+    # deadline (600 s) bounds the wait, as in a synchronous study.
+    fed = Federation(tmp_path, plan={**ASYNC_PLAN, "buffer_size": 3}, timeout=600.0)
     agents = [fed.agent(s) for s in SITES]
     fed.step(agents)
     for agent in agents[:2]:
         _train_once(fed, agent)
+    fed.advance(599)
     assert fed.status()["model_version"] == 0
-    time.sleep(3.1)
+    fed.advance(2)
     assert fed.status()["model_version"] == 1
 
 

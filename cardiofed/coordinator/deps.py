@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cardiofed.coordinator import service
 from cardiofed.coordinator.settings import CoordinatorSettings, get_settings
-from cardiofed.coordinator.storage import Site, make_engine, make_sessionmaker
+from cardiofed.coordinator.storage import Site, make_engine, make_sessionmaker, utcnow
 from cardiofed.exceptions import CoordinatorError
 
 
@@ -43,8 +43,18 @@ PathNumber = Annotated[int, Path(ge=0, le=2**31 - 1)]
 Settings = Annotated[CoordinatorSettings, Depends(get_settings)]
 
 
-def current_site(db: DB, credential: Annotated[str | None, Depends(bearer)]) -> Site:
-    site = service.authenticate_site(db, credential)
+def get_clock() -> service.Clock:
+    """The coordinator's clock (naive UTC); tests override it to pass deadlines without
+    waiting on the wall clock."""
+    return utcnow
+
+
+Clock = Annotated[service.Clock, Depends(get_clock)]
+
+
+def current_site(db: DB, credential: Annotated[str | None, Depends(bearer)],
+                 clock: Clock) -> Site:
+    site = service.authenticate_site(db, credential, clock)
     db.commit()  # last_seen
     return site
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from cardiofed.coordinator import service
-from cardiofed.coordinator.deps import DB, CurrentSite, Settings
+from cardiofed.coordinator.deps import DB, Clock, CurrentSite, Settings
 from cardiofed.coordinator.schemas import EnrolRequest, EnrolResponse, TaskResponse
 from cardiofed.coordinator.storage import Site
 
@@ -35,6 +35,7 @@ def me(site: CurrentSite) -> dict[str, object]:
 @router.get("/tasks/next", response_model=TaskResponse,
             responses={204: {"description": "Nothing to do now; poll again."}})
 async def next_task(site: CurrentSite, db: DB, settings: Settings, request: Request,
+                    clock: Clock,
                     wait: Annotated[float, Query(ge=0, le=3600, allow_inf_nan=False)] = 0.0
                     ) -> object:
     """The site's next task. With ``wait`` (seconds, at most 3600, capped by the server's
@@ -43,16 +44,16 @@ async def next_task(site: CurrentSite, db: DB, settings: Settings, request: Requ
     thread nor a database connection."""
     give_up = time.monotonic() + min(wait, settings.long_poll_s)
     while True:
-        task = await run_in_threadpool(_poll, db, site)
+        task = await run_in_threadpool(_poll, db, site, clock)
         if task is not None or time.monotonic() >= give_up or await request.is_disconnected():
             return task if task is not None else Response(status_code=204)
         await asyncio.sleep(0.2)
 
 
-def _poll(db: Session, site: Site) -> TaskResponse | None:
+def _poll(db: Session, site: Site, clock: service.Clock) -> TaskResponse | None:
     try:
         db.expire_all()
-        task = service.next_task(db, site)
+        task = service.next_task(db, site, clock)
         if task is None:
             return None
         study = service.get_study(db, task.study_id)

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 
 from cardiofed.coordinator import service
-from cardiofed.coordinator.deps import DB, Admin, bearer
+from cardiofed.coordinator.deps import DB, Admin, Clock, bearer
 from cardiofed.coordinator.schemas import StudyCreate, StudyCreated
 from cardiofed.exceptions import AuthenticationError, ConfigurationError, InvalidUpdate
 from cardiofed.schema import canonical_features, encoded_feature_names
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
 
 @router.post("", status_code=201)
-def create_study(body: StudyCreate, db: DB, _: Admin) -> StudyCreated:
+def create_study(body: StudyCreate, db: DB, _: Admin, clock: Clock) -> StudyCreated:
     if len(body.feature_ranges) != len(body.feature_names):
         raise InvalidUpdate("feature_ranges needs one (low, high) per feature name.")
     bad = [f"{name}: {list(r)}" for name, r in zip(body.feature_names, body.feature_ranges,
@@ -43,20 +43,21 @@ def create_study(body: StudyCreate, db: DB, _: Admin) -> StudyCreated:
     tokens = service.create_study(db, study_id=body.id, plan=plan, sites=body.sites,
                                   feature_names=body.feature_names,
                                   feature_ranges=body.feature_ranges, min_sites=body.min_sites,
-                                  round_timeout_s=body.round_timeout_s, outcome=body.outcome)
+                                  round_timeout_s=body.round_timeout_s, outcome=body.outcome,
+                                  now=clock)
     return StudyCreated(id=body.id, enrolment_tokens=tokens)
 
 
 @router.get("/{study_id}/status")
-def study_status(study_id: str, db: DB,
+def study_status(study_id: str, db: DB, clock: Clock,
                  credential: Annotated[str | None, Depends(bearer)]) -> dict[str, object]:
     """What the federation is doing and which sites it waits for (admin or member site)."""
     try:
         service.authenticate_admin(db, credential)
     except AuthenticationError:
-        site = service.authenticate_site(db, credential)
+        site = service.authenticate_site(db, credential, clock)
         service.ensure_site_access(site, study_id)
-    return service.status(db, service.get_study(db, study_id))
+    return service.status(db, service.get_study(db, study_id), clock)
 
 
 @router.post("/{study_id}/sites/{site_name}/revoke", status_code=204)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from cardiofed.coordinator import service
-from cardiofed.coordinator.deps import DB, CurrentSite, PathNumber, Settings
+from cardiofed.coordinator.deps import DB, Clock, CurrentSite, PathNumber, Settings
 from cardiofed.coordinator.schemas import RefusalRequest, SubmitResponse
 from cardiofed.exceptions import PayloadTooLarge
 
@@ -15,7 +15,8 @@ router = APIRouter(prefix="/v1/studies", tags=["updates"])
 
 @router.post("/{study_id}/rounds/{round_number}/updates")
 async def submit_update(study_id: str, round_number: PathNumber, request: Request,
-                        site: CurrentSite, db: DB, settings: Settings) -> SubmitResponse:
+                        site: CurrentSite, db: DB, settings: Settings,
+                        clock: Clock) -> SubmitResponse:
     """Accept a site's payload for a round; committed before it is acknowledged."""
     service.ensure_site_access(site, study_id)
     declared = int(request.headers.get("content-length") or 0)
@@ -34,14 +35,15 @@ async def submit_update(study_id: str, round_number: PathNumber, request: Reques
     # the thread pool: on the event loop it would stall every other request, including
     # the ones that must finish to release the database lock it waits for.
     digest, new = await run_in_threadpool(service.submit, db, site, round_number=round_number,
-                                          payload=payload, max_bytes=settings.max_update_bytes)
+                                          payload=payload, max_bytes=settings.max_update_bytes,
+                                          now=clock)
     return SubmitResponse(sha256=digest, status="accepted" if new else "already accepted")
 
 
 @router.post("/{study_id}/rounds/{round_number}/refusal", status_code=204)
-def refuse_task(study_id: str, round_number: PathNumber, body: RefusalRequest, site: CurrentSite,
-                db: DB) -> None:
+def refuse_task(study_id: str, round_number: PathNumber, body: RefusalRequest,
+                site: CurrentSite, db: DB, clock: Clock) -> None:
     """A site's node refuses its task of a round (outside the plan it pinned); the
     refusal and its reason show in the study's status and the round goes on without it."""
     service.ensure_site_access(site, study_id)
-    service.refuse(db, site, round_number=round_number, reason=body.reason)
+    service.refuse(db, site, round_number=round_number, reason=body.reason, now=clock)
