@@ -32,6 +32,7 @@ from cardiofed.privacy.budget import (
     data_fingerprint,
     ledger_path,
     open_ledger,
+    site_fingerprint,
 )
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.config import SimulationConfig
@@ -821,8 +822,7 @@ def test_sites_refuse_rounds_beyond_their_budget(dp_federation: FederatedDataset
 
 def _spend_ledger(ledger_dir: Path, site: SiteData) -> None:
     """A ledger for `site`'s records that an earlier study spent beyond epsilon 2."""
-    fingerprint = data_fingerprint(np.vstack([site.x_train, site.x_test]),
-                                   np.concatenate([site.y_train, site.y_test]))
+    fingerprint = site_fingerprint(site)
     ledger = open_ledger(site=site.name, budget=SiteBudget(epsilon_max=2.0),
                          n_records=site.n_train, fingerprint=fingerprint, ledger_dir=ledger_dir)
     ledger.record([event(0.3)], "an earlier study", kind="train", study="earlier",

@@ -131,9 +131,8 @@ def _metric_problem(key: str, value: float) -> str | None:
 def evaluation_metrics(payload: bytes) -> dict[str, Any]:
     """A site's evaluation as metrics: JSON metrics as sent, or, from a private site, the
     metrics (with 95% intervals) computed from its noisy score histograms, plus the
-    epsilon its manifest reports. Raises :class:`InvalidUpdate` naming what is wrong."""
-    if len(payload) > MAX_METRICS_BYTES:
-        raise InvalidUpdate(f"Evaluation payload exceeds {MAX_METRICS_BYTES} bytes.")
+    epsilon its manifest reports. Raises :class:`InvalidUpdate` naming what is wrong.
+    (Its size, at most :data:`MAX_METRICS_BYTES`, is checked at upload with a 413.)"""
     if payload[:1] == b"{":
         try:
             metrics = json.loads(payload)

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 from cardiofed.coordinator.schemas import TaskResponse
 from cardiofed.data.dataset import SiteData
@@ -38,7 +37,7 @@ from cardiofed.node.work import (
     statistics_payload,
     train_payload,
 )
-from cardiofed.privacy.budget import SiteBudget, data_fingerprint, open_ledger
+from cardiofed.privacy.budget import SiteBudget, open_ledger, site_fingerprint
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.wire import decode_arrays
@@ -225,8 +224,7 @@ class NodeAgent:
         if settings is None:
             return None
         if self._privacy is None or self._privacy.study != study:
-            fingerprint = data_fingerprint(np.vstack([site.x_train, site.x_test]),
-                                           np.concatenate([site.y_train, site.y_test]))
+            fingerprint = site_fingerprint(site)
             ledger = open_ledger(
                 site=self._site_name(), n_records=site.n_train, fingerprint=fingerprint,
                 budget=SiteBudget(epsilon_max=settings.epsilon_max, delta=settings.delta,

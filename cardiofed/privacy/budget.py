@@ -29,11 +29,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.privacy.accountant import AccountantKind, GaussianEvent, PrivacyAccountant
+
+if TYPE_CHECKING:
+    from cardiofed.data.dataset import SiteData
 
 LEDGER_VERSION = 2
 RELEASE_KINDS = ("statistics", "train", "evaluate")
@@ -101,6 +105,13 @@ def data_fingerprint(x: np.ndarray, y: np.ndarray) -> str:
         h.update(str(arr.shape).encode())
         h.update(np.nan_to_num(arr, nan=np.inf).tobytes())
     return h.hexdigest()
+
+
+def site_fingerprint(site: SiteData) -> str:
+    """:func:`data_fingerprint` of all of a site's records (training and test splits):
+    the ledger accounts for every patient the site holds."""
+    return data_fingerprint(np.vstack([site.x_train, site.x_test]),
+                            np.concatenate([site.y_train, site.y_test]))
 
 
 class PrivacyLedger:

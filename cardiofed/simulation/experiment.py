@@ -31,8 +31,8 @@ from cardiofed.privacy.budget import (
     RELEASE_KINDS,
     PrivacyLedger,
     SiteBudget,
-    data_fingerprint,
     open_ledger,
+    site_fingerprint,
 )
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.async_runner import run_async
@@ -130,8 +130,7 @@ def site_privacy(dataset: FederatedDataset, config: SimulationConfig,
     study = f"simulation-{dataset.name}-{secrets.token_hex(4)}"
     privacy = {}
     for s in dataset.sites:
-        fingerprint = data_fingerprint(np.vstack([s.x_train, s.x_test]),
-                                       np.concatenate([s.y_train, s.y_test]))
+        fingerprint = site_fingerprint(s)
         if ledger_dir is None:
             ledger = PrivacyLedger(site=s.name, budget=budget, n_records=s.n_train,
                                    fingerprint=fingerprint)
