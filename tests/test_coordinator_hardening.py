@@ -142,3 +142,18 @@ def test_a_stored_payload_that_no_longer_passes_is_quarantined_and_the_round_goe
     [quarantined] = state["quarantined"]  # type: ignore[misc]
     assert quarantined["site"] == SITES[0] and quarantined["round"] == 0
     assert quarantined["reason"].startswith("Payload header length")
+
+
+@pytest.mark.parametrize("setting", [{"seed": int("9" * 400)}, {"seed": 2**64},
+                                     {"lr": float("inf")}, {"batch_size": 10**30}])
+def test_plan_numbers_out_of_range_are_a_422_not_a_500(fed: Federation,
+                                                       setting: dict[str, object]) -> None:
+    names, ranges = study_columns("synthetic")
+    body = {"id": "s9", "plan": {"rounds": 2, **setting}, "sites": ["a"],
+            "feature_names": names, "feature_ranges": ranges}
+    content = __import__("json").dumps(body).replace("Infinity", "1e999").encode()
+
+    r = fed.client.post("/v1/studies", content=content,
+                        headers={**fed.auth(fed.admin), "Content-Type": "application/json"})
+
+    assert r.status_code == 422, r.text

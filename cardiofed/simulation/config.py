@@ -24,19 +24,20 @@ class SimulationConfig(BaseModel):
     model: Literal["logistic", "mlp"] = "logistic"
     algorithm: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "scaffold"] = "fedavg"
     rounds: int = Field(20, ge=1, le=100_000)
-    local_epochs: int = Field(1, ge=1)
-    local_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.05, gt=0)
+    local_epochs: int = Field(1, ge=1, le=10_000)
+    local_steps: int | None = Field(None, ge=1, le=10_000_000)
+    batch_size: int = Field(32, ge=1, le=10_000_000)
+    lr: float = Field(0.05, gt=0, le=1e3, allow_inf_nan=False)
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    proximal_mu: float = Field(0.01, gt=0)
-    server_lr: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
+    proximal_mu: float = Field(0.01, gt=0, allow_inf_nan=False)
+    server_lr: float | None = Field(None, gt=0, le=1e3, allow_inf_nan=False)
     standardisation: Literal["global", "per-site"] = "global"
     fraction_fit: float = Field(1.0, gt=0, le=1)
-    seed: int = Field(0, ge=0)
-    eval_every: int = Field(1, ge=0, description="0 evaluates only after the last round")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    eval_every: int = Field(1, ge=0, le=100_000,
+                            description="0 evaluates only after the last round")
     # Differential privacy (record-level DP-SGD at every site); off when dp_epsilon is None.
     dp_epsilon: float | None = Field(None, gt=0, allow_inf_nan=False)
     dp_delta: float | None = Field(None, gt=0, lt=1)
@@ -44,21 +45,22 @@ class SimulationConfig(BaseModel):
     dp_accountant: Literal["rdp", "prv"] = "rdp"
     # Bias correction (see cardiofed.algorithms.weighting and cardiofed.simulation.experiment).
     weighting: Literal["sample-size", "type-balanced", "qffl", "agnostic"] = "sample-size"
-    qffl_q: float = Field(1.0, ge=0)
-    afl_step: float = Field(0.5, gt=0)
+    qffl_q: float = Field(1.0, ge=0, allow_inf_nan=False)
+    afl_step: float = Field(0.5, gt=0, allow_inf_nan=False)
     covariate_shift: bool = False
     label_quality: bool = False
     recalibrate: bool = False
     # Asynchronous aggregation (cardiofed.aggregation.staleness): with "async", `rounds`
     # is the number of global model versions published.
     aggregation: Literal["sync", "async"] = "sync"
-    buffer_size: int = Field(3, ge=1, description="K: updates per new global model")
+    buffer_size: int = Field(3, ge=1, le=1_000_000,
+                             description="K: updates per new global model")
     buffer_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False,
                                            description="publish after T s with >= 1 update")
     staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
     staleness_exponent: float = Field(0.5, ge=0, allow_inf_nan=False)
-    staleness_hinge: int = Field(4, ge=0)
-    max_staleness: int = Field(50, ge=0)
+    staleness_hinge: int = Field(4, ge=0, le=1_000_000)
+    max_staleness: int = Field(50, ge=0, le=1_000_000)
     # Robust aggregation (cardiofed.aggregation.robust). None: off in simulation; a
     # networked study turns it on by default (coordinate-wise median after the norm
     # bound; bench/robustness.py).
@@ -67,7 +69,7 @@ class SimulationConfig(BaseModel):
     robust_norm_bound: float | None = Field(3.0, ge=1, allow_inf_nan=False)
     robust_max_weight_share: float | None = Field(0.5, gt=0, le=1)
     robust_trim_fraction: float = Field(0.2, ge=0, lt=0.5)
-    robust_byzantine: int = Field(1, ge=0)
+    robust_byzantine: int = Field(1, ge=0, le=1_000_000)
 
     @model_validator(mode="after")
     def _dp_compatible(self) -> SimulationConfig:
