@@ -18,7 +18,12 @@ from cardiofed.exceptions import CardioFedError
 from cardiofed.privacy.audit import audit_tables, run_audit
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import LOCAL, run_experiment
-from cardiofed.simulation.summary import privacy_table, summary_table, write_experiment_report
+from cardiofed.simulation.summary import (
+    privacy_table,
+    robust_summary,
+    summary_table,
+    write_experiment_report,
+)
 
 app = typer.Typer(help="CardioFed: train a cardiovascular risk model across hospitals "
                        "without moving patient records.", no_args_is_help=True)
@@ -55,6 +60,8 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
             console.print(f"[yellow]{site}:[/] {reason}; its updates got no weight.")
     for rnd, _, reason in result.federated.refusals:
         console.print(f"[yellow]round {rnd}:[/] {reason}")
+    if config.robust_rule is not None:
+        console.print(f"Robust aggregation ({config.robust_rule}): {robust_summary(result)}.")
     sections = []
     if LOCAL in next(iter(result.metrics.values())):
         accept = acceptability_from_experiment(result, seed=config.seed)

@@ -107,6 +107,9 @@ def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, ti
         sections.insert(0, ("Data quality", "<ul>" + "".join(
             f"<li>{html.escape(site)}: {html.escape(reason)}; its updates got no weight</li>"
             for site, reason in result.label_quality.reasons.items()) + "</ul>"))
+    if run.robust_actions:
+        sections.append(("Robust aggregation", "<p>" + html.escape(
+            robust_summary(result)) + "</p>"))
     if result.privacy:
         sections.insert(0, ("Differential privacy: epsilon spent per site",
                             _privacy_section(result)))
@@ -114,3 +117,12 @@ def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, ti
                         round_history=result.federated.history,
                         site_predictions=result.predictions, sections=sections,
                         notes=notes or [])
+
+
+def robust_summary(result: ExperimentResult) -> str:
+    """Per site, how many of its updates robust aggregation clipped or rejected."""
+    counts: dict[str, dict[str, int]] = {}
+    for _, site, action in result.federated.robust_actions:
+        counts.setdefault(site, {"clipped": 0, "rejected": 0})[action] += 1
+    return "; ".join(f"{site}: {c['clipped']} clipped, {c['rejected']} rejected"
+                     for site, c in counts.items()) or "no update clipped or rejected"
