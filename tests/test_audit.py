@@ -209,7 +209,12 @@ def test_cli_audit_writes_json_and_markdown(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["canary"]["passed"] is True and report["canary"]["matches"] == []
-    assert [r["epsilon"] for r in report["membership_inference"]] == [None, 1.0]
+    rows = report["membership_inference"]
+    assert [(r["setting"], r["epsilon"]) for r in rows] == [
+        ("as configured", None), ("as configured", 1.0), ("leaky control", None),
+        ("leaky control", 1.0)]
+    assert rows[2]["attack_auc"] > 0.55  # the control: the attack works where it can
+    assert report["canary"]["control_detected"] is True
     assert report["update_inversion"]["dp"]["median_relative_error"] > 0.5
     markdown = out.with_suffix(".md").read_text()
     assert "Canary audit" in markdown and "Membership inference" in markdown

@@ -68,10 +68,13 @@ class CanaryReport:
     bytes_by_kind: dict[str, int]
     bytes_by_site: dict[str, int]
     matches: list[Match] = field(default_factory=list)
+    # Positive control: the same search run on a payload that does hold the canaries
+    # (their rows as float32, as a leaking update would carry them) finds them.
+    control_detected: bool = False
 
     @property
     def passed(self) -> bool:
-        return not self.matches
+        return not self.matches and self.control_detected
 
     def to_dict(self) -> dict[str, object]:
         return {**{k: v for k, v in asdict(self).items() if k != "matches"},
@@ -200,7 +203,9 @@ def canary_audit(dataset: FederatedDataset, config: SimulationConfig, *, seed: i
         bytes_by_kind={k: sum(v) for k, v in by_kind.items()},
         bytes_by_site={s.name: sum(len(d) for name, _, d in captured if name == s.name)
                        for s in dataset.sites},
-        matches=scan_payloads(captured, raw, std))
+        matches=scan_payloads(captured, raw, std),
+        control_detected=bool(scan_payloads(
+            [("control", "update", np.nan_to_num(std).astype("<f4").tobytes())], raw, std)))
 
 
 def _with(config: SimulationConfig, **changes: object) -> SimulationConfig:
@@ -246,6 +251,24 @@ def membership_inference(dataset: FederatedDataset, config: SimulationConfig, *,
                      "site_attack_auc": {s.name: _attack(inside[s.name], outside[s.name])[0]
                                          for s in sites}})
     return rows
+
+
+LEAKY_ROWS = 30
+LEAKY_SETTINGS: dict[str, object] = {"model": "mlp", "rounds": 3, "local_epochs": 20,
+                                     "optimizer": "adam", "lr": 0.01, "batch_size": 16}
+
+
+def leaky_membership(dataset: FederatedDataset, config: SimulationConfig, *, epsilon: float,
+                     seed: int) -> list[dict[str, object]]:
+    """The membership attack's positive control: at most :data:`LEAKY_ROWS` training rows
+    per site and an over-trained MLP (:data:`LEAKY_SETTINGS`), so that without DP the
+    model memorises its members and the attack must succeed; then the same with DP."""
+    small = replace(dataset, sites=[replace(s, x_train=s.x_train[:LEAKY_ROWS],
+                                            y_train=s.y_train[:LEAKY_ROWS])
+                                    for s in dataset.sites])
+    leaky = _with(config, **LEAKY_SETTINGS, algorithm="fedavg", standardisation="global")
+    rows = membership_inference(small, leaky, epsilons=(None, epsilon), seed=seed)
+    return [{**r, "setting": "leaky control"} for r in rows]
 
 
 @lru_cache(maxsize=32)
@@ -369,17 +392,20 @@ def _sections(report: AuditReport) -> list[Section]:
     canary: Section = (
         "Canary audit: what left the sites (federation run without DP noise)",
         f"{c.n_canaries} canary records, {c.n_patterns} encodings searched; canary values "
-        f"found in payloads: {len(c.matches)} ({'PASS' if c.passed else 'FAIL'})",
+        f"found in payloads: {len(c.matches)}; positive control (a payload holding them) "
+        f"{'found' if c.control_detected else 'NOT found'} ({'PASS' if c.passed else 'FAIL'})",
         ["payload kind", "payloads", "bytes", "canary matches"],
         [[k, str(c.payloads_by_kind[k]), str(c.bytes_by_kind[k]),
           str(sum(m.kind == k for m in c.matches))] for k in PAYLOAD_KINDS])
     mia: Section = (
         "Membership inference (loss threshold) on the global model",
-        "AUC 0.5 and advantage 0: the attacker cannot tell members from non-members",
-        ["epsilon", "attack AUC", "advantage", "members", "non-members"],
-        [["no DP" if r["epsilon"] is None else _f(r["epsilon"], "g"), _f(r["attack_auc"]),
-          _f(r["attack_advantage"]), str(r["n_members"]), str(r["n_non_members"])]
-         for r in report.membership])
+        "AUC 0.5 and advantage 0: the attacker cannot tell members from non-members. The "
+        f"leaky control (at most {LEAKY_ROWS} rows per site, an over-trained MLP) shows the "
+        "attack works where there is something to find",
+        ["setting", "epsilon", "attack AUC", "advantage", "members", "non-members"],
+        [[str(r.get("setting", "")), "no DP" if r["epsilon"] is None
+          else _f(r["epsilon"], "g"), _f(r["attack_auc"]), _f(r["attack_advantage"]),
+          str(r["n_members"]), str(r["n_non_members"])] for r in report.membership])
     rows = []
     for label in ("no_dp", "dp"):
         r: dict[str, object] = inv[label]  # type: ignore[assignment]
@@ -410,6 +436,10 @@ def run_audit(dataset: FederatedDataset, config: SimulationConfig, *,
               epsilon: float | None = None, seed: int = 0) -> AuditReport:
     """All three audits; `epsilon` defaults to ``config.dp_epsilon``, else 1.
 
+    Each has a positive control in the same run: the canary search is run on a payload
+    that holds the canaries; the membership attack on a deliberately leaky setting
+    (:func:`leaky_membership`) without DP; the update inversion without DP.
+
     The canary audit runs the federation without DP: noise could mask a value leaked
     inside an update, while without it a leak arrives bit-exact (the stricter test);
     what is encoded and sent is the same either way."""
@@ -419,7 +449,9 @@ def run_audit(dataset: FederatedDataset, config: SimulationConfig, *,
     return AuditReport(
         dataset=dataset.name, config=config.model_dump(), epsilon=eps,
         canary=canary_audit(dataset, _with(config, dp_epsilon=None), seed=seed),
-        membership=membership_inference(dataset, config, epsilons=(None, eps), seed=seed),
+        membership=[{**r, "setting": "as configured"} for r in membership_inference(
+            dataset, config, epsilons=(None, eps), seed=seed)]
+        + leaky_membership(dataset, config, epsilon=eps, seed=seed),
         inversion=update_inversion_audit(dataset, epsilon=eps, delta=config.dp_delta, seed=seed,
                                          standardisation=config.standardisation,
                                          max_grad_norm=config.dp_max_grad_norm, lr=config.lr))
