@@ -57,9 +57,10 @@ def coordinator(
         with os.fdopen(fd, "w") as fh:
             fh.write(key)
         console.print(f"Admin credential written to {admin_key_file} (keep it secret).")
+    # A graceful shutdown waits at most 10 s for requests in flight (long polls included).
     uvicorn.run(create_app(), host=host, port=port, log_level="info",
                 ssl_certfile=str(certfile) if certfile else None,
-                ssl_keyfile=str(keyfile) if keyfile else None)
+                ssl_keyfile=str(keyfile) if keyfile else None, timeout_graceful_shutdown=10)
 
 
 def _admin_client(url: str, key_file: Path, ca_file: Path | None) -> httpx.Client:

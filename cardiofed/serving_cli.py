@@ -64,7 +64,7 @@ def serve(
     # log would add a second one.
     uvicorn.run(create_serving_app(settings), host=host, port=port, log_config=None,
                 access_log=False, ssl_certfile=str(certfile) if certfile else None,
-                ssl_keyfile=str(keyfile) if keyfile else None)
+                ssl_keyfile=str(keyfile) if keyfile else None, timeout_graceful_shutdown=10)
 
 
 @models_app.command("list")
