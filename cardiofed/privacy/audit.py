@@ -260,11 +260,15 @@ LEAKY_SETTINGS: dict[str, object] = {"model": "mlp", "rounds": 3, "local_epochs"
 
 def leaky_membership(dataset: FederatedDataset, config: SimulationConfig, *, epsilon: float,
                      seed: int) -> list[dict[str, object]]:
-    """The membership attack's positive control: at most :data:`LEAKY_ROWS` training rows
-    per site and an over-trained MLP (:data:`LEAKY_SETTINGS`), so that without DP the
+    """The membership attack's positive control: at most :data:`LEAKY_ROWS` training (and
+    as many test) rows per site and an over-trained MLP (:data:`LEAKY_SETTINGS`), so that without DP the
     model memorises its members and the attack must succeed; then the same with DP."""
+    # As many non-members as members at every site: otherwise the attack could tell them
+    # apart by site mix alone (small sites' rows over-represented among members).
     small = replace(dataset, sites=[replace(s, x_train=s.x_train[:LEAKY_ROWS],
-                                            y_train=s.y_train[:LEAKY_ROWS])
+                                            y_train=s.y_train[:LEAKY_ROWS],
+                                            x_test=s.x_test[:LEAKY_ROWS],
+                                            y_test=s.y_test[:LEAKY_ROWS])
                                     for s in dataset.sites])
     leaky = _with(config, **LEAKY_SETTINGS, algorithm="fedavg", standardisation="global")
     rows = membership_inference(small, leaky, epsilons=(None, epsilon), seed=seed)
