@@ -367,7 +367,9 @@ def synthetic_reference() -> ExperimentResult:
     sub = type(data)(name=data.name, feature_names=data.feature_names,
                      feature_ranges=data.feature_ranges,
                      sites=[data.site(s) for s in SYN_SITES], outcome=data.outcome)
-    return run_experiment(sub, SimulationConfig.create(**SYN_PLAN), baselines=False)
+    # A networked study aggregates robustly by default; the simulator, when asked.
+    return run_experiment(sub, SimulationConfig.create(**SYN_PLAN, robust_rule="median"),
+                          baselines=False)
 
 
 def assert_matches_simulator(coordinator: Coordinator, study: str,
@@ -405,7 +407,8 @@ def test_uci_federation_over_loopback_equals_the_simulator(
     data = uci_data
     fed = Federation(procs, shared, "uci", "uci-heart", UCI_SITES, UCI_PLAN, subprocess=True)
     fed.start()
-    sim = run_experiment(data, SimulationConfig.create(**UCI_PLAN), baselines=False)
+    sim = run_experiment(data, SimulationConfig.create(**UCI_PLAN, robust_rule="median"),
+                         baselines=False)
 
     fed.finish()
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Path, Request
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from cardiofed.coordinator import service
 from cardiofed.coordinator.settings import CoordinatorSettings, get_settings
 from cardiofed.coordinator.storage import Site, make_engine, make_sessionmaker, utcnow
 from cardiofed.exceptions import CoordinatorError
+from cardiofed.serving.errors import refusal_body, responses
 
 
 @lru_cache(maxsize=8)
@@ -28,13 +30,38 @@ def get_db(settings: Annotated[CoordinatorSettings, Depends(get_settings)]) -> I
 
 async def refused(_: Request, exc: CoordinatorError) -> JSONResponse:
     """The exception handler of every CardioFed service for its refusals."""
-    return JSONResponse(status_code=exc.status_code, content=exc.body(), headers=exc.headers())
+    return JSONResponse(status_code=exc.status_code, content=refusal_body(exc),
+                        headers=exc.headers())
 
 
-def bearer(authorization: Annotated[str | None, Header()] = None) -> str | None:
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return None
+_bearer = HTTPBearer(auto_error=False, description="An admin or site credential: "
+                                                   "`Authorization: Bearer ...`.")
+
+
+def bearer(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+           ) -> str | None:
+    """The bearer credential, if any; in OpenAPI a security scheme of the operation."""
+    return credentials.credentials.strip() if credentials else None
+
+
+# The coordinator's refusals in OpenAPI: the risk API's bodies, its own descriptions.
+_REFUSALS = {
+    401: "Missing, unknown or revoked credential (admin, or site where the operation "
+         "allows it)",
+    403: "A site's credential, for another study than its own",
+    404: "No such study, round, site or model version",
+    409: "Clashes with what was already accepted: another payload for the round, a closed "
+         "round, or (code `stale_update`) an update trained from too old a model",
+    413: "Request body over this endpoint's size limit (see `detail`)",
+    422: "Invalid fields, each named (at most 20 listed), or an invalid payload (`errors` "
+         "empty, `detail` says why)",
+}
+
+
+def refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a coordinator endpoint answering `codes` besides its
+    success (see :func:`cardiofed.serving.errors.responses`)."""
+    return responses(*codes, descriptions=_REFUSALS)
 
 
 DB = Annotated[Session, Depends(get_db)]

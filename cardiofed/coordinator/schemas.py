@@ -1,14 +1,19 @@
-"""Request and response bodies of the coordinator API (version 1)."""
+"""Request and response bodies of the coordinator API (version 1).
+
+Request bodies are validated strictly: a JSON value of another type than the schema's
+(``"3600"`` or ``true`` for a number, ``0`` for a boolean) is refused, not converted.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 
 class EnrolRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"token": "one-time-token"}]})
+    model_config = ConfigDict(strict=True, json_schema_extra={"examples": [
+        {"token": "one-time-token"}]})
     token: str = Field(min_length=1)
 
 
@@ -19,12 +24,18 @@ class EnrolResponse(BaseModel):
     credential: str
 
 
+class SiteInfo(BaseModel):
+    site: str
+    study: str
+    site_index: int
+
+
 class TaskResponse(BaseModel):
     study: str
     round: int
     kind: str = Field(description="statistics, train or evaluate")
     model_version: int
-    deadline: datetime = Field(description="UTC, with its offset")
+    deadline: AwareDatetime = Field(description="UTC, with its offset")
     site_index: int
     plan: dict[str, object]
     feature_names: list[str]
@@ -32,7 +43,7 @@ class TaskResponse(BaseModel):
 
 
 class RefusalRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     reason: str = Field(min_length=1, max_length=500)
 
 
@@ -42,12 +53,14 @@ class SubmitResponse(BaseModel):
 
 
 class StudyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     plan: dict[str, object]
     sites: list[str] = Field(min_length=1)
     feature_names: list[str] = Field(min_length=1)
-    feature_ranges: list[tuple[float, float]]
+    # (low, high) per feature, as two-item lists: strict validation takes no JSON array
+    # for a tuple.
+    feature_ranges: list[Annotated[list[float], Field(min_length=2, max_length=2)]]
     min_sites: int | None = None
     round_timeout_s: float = Field(3600.0, gt=0, le=30 * 86400, allow_inf_nan=False,
                                    description="Seconds a round waits (at most 30 days)")
@@ -66,4 +79,4 @@ class ModelInfo(BaseModel):
     sha256: str
     participants: list[str]
     metrics: dict[str, object]
-    created_at: datetime
+    created_at: AwareDatetime = Field(description="UTC, with its offset")

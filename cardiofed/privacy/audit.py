@@ -261,8 +261,9 @@ LEAKY_SETTINGS: dict[str, object] = {"model": "mlp", "rounds": 3, "local_epochs"
 def leaky_membership(dataset: FederatedDataset, config: SimulationConfig, *, epsilon: float,
                      seed: int) -> list[dict[str, object]]:
     """The membership attack's positive control: at most :data:`LEAKY_ROWS` training (and
-    as many test) rows per site and an over-trained MLP (:data:`LEAKY_SETTINGS`), so that without DP the
-    model memorises its members and the attack must succeed; then the same with DP."""
+    as many test) rows per site and an over-trained MLP (:data:`LEAKY_SETTINGS`), so that
+    without DP the model memorises its members and the attack has something to find;
+    then the same with DP."""
     # As many non-members as members at every site: otherwise the attack could tell them
     # apart by site mix alone (small sites' rows over-represented among members).
     small = replace(dataset, sites=[replace(s, x_train=s.x_train[:LEAKY_ROWS],

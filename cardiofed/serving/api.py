@@ -34,6 +34,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException
 
 from cardiofed import __version__
 from cardiofed.coordinator.deps import _sessions, refused
@@ -41,7 +42,13 @@ from cardiofed.coordinator.settings import DEFAULT_DATABASE_URL
 from cardiofed.evaluation.recalibration import Recalibration
 from cardiofed.exceptions import CoordinatorError, NotFound
 from cardiofed.serving import registry
-from cardiofed.serving.errors import InvalidPatient, RateLimited, invalid_request, responses
+from cardiofed.serving.errors import (
+    InvalidPatient,
+    RateLimited,
+    invalid_request,
+    responses,
+    unreadable_body,
+)
 from cardiofed.serving.keys import KeyCache, KeyInfo, RateLimiter
 from cardiofed.serving.limits import BodyLimits, BodySizeLimit
 from cardiofed.serving.model import (
@@ -359,6 +366,7 @@ def add_risk_api(app: FastAPI, settings: ServingSettings, *,
 
     app.add_exception_handler(CoordinatorError, refused)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, unreadable_body)  # type: ignore[arg-type]
 
 
 def create_serving_app(settings: ServingSettings | None = None) -> FastAPI:

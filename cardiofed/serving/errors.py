@@ -9,13 +9,15 @@ value, for a list too long the whole list).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cardiofed.exceptions import CoordinatorError, InvalidUpdate
 
@@ -25,7 +27,7 @@ MAX_MESSAGE_CHARS = 240
 
 
 class ErrorBody(BaseModel):
-    """The body of every refusal (401, 403, 404, 413, 429)."""
+    """The body of every refusal (401, 403, 404, 409, 413, 429)."""
 
     detail: str = Field(description="What was refused and why.")
     code: str | None = Field(None, description="A machine-readable kind, where a client "
@@ -38,7 +40,8 @@ class FieldError(BaseModel):
 
 
 class ValidationErrorBody(ErrorBody):
-    """The body of a 422: the first bad fields, and how many more there are."""
+    """The body of a 422: the first bad fields, and how many more there are (none listed
+    when a payload is refused as a whole: `detail` says why)."""
 
     errors: list[FieldError] = Field(max_length=MAX_LISTED_ERRORS)
     more_errors: int = Field(0, ge=0, description="Bad fields not listed in `errors`.")
@@ -104,12 +107,33 @@ async def invalid_request(_: Request, exc: RequestValidationError) -> JSONRespon
                         content=validation_body([_problem(e) for e in exc.errors()]))
 
 
+async def unreadable_body(request: Request, exc: StarletteHTTPException) -> Response:
+    """A JSON body that is not even text (not UTF-8) is invalid JSON like any other: 422,
+    as documented, instead of FastAPI's undocumented 400. Other HTTP errors of the
+    framework (405, ...) are answered as FastAPI does."""
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        return JSONResponse(status_code=422, content=validation_body(
+            [("body", "is not valid JSON (not UTF-8 text)")]))
+    return await http_exception_handler(request, exc)
+
+
+def refusal_body(exc: CoordinatorError) -> dict[str, object]:
+    """The body of a refusal; a 422 always has the fields of :class:`ValidationErrorBody`
+    (`errors` is empty when a payload is refused as a whole: `detail` says why)."""
+    body = exc.body()
+    if exc.status_code == 422 and "errors" not in body:
+        body = {**body, "errors": [], "more_errors": 0}
+    return body
+
+
 # OpenAPI: every status an endpoint answers, each with its body.
 _DESCRIPTIONS: dict[int, tuple[str, type[BaseModel]]] = {
     401: ("Missing, unknown or revoked API key", ErrorBody),
     403: ("The key lacks the scope, may not use this study's models, or pins a version "
           "other than the promoted one without `score:any-version`", ErrorBody),
     404: ("No such model version (or none promoted)", ErrorBody),
+    409: ("Clashes with what was already accepted (see `detail`; `code` names the kind "
+          "where a client acts on it)", ErrorBody),
     413: ("Request body over this endpoint's size limit (see `detail`)", ErrorBody),
     422: ("Invalid fields, each named with its allowed range (at most 20 listed)",
           ValidationErrorBody),
@@ -117,12 +141,16 @@ _DESCRIPTIONS: dict[int, tuple[str, type[BaseModel]]] = {
 }
 
 
-def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI `responses` of an endpoint answering `codes` besides 200."""
+def responses(*codes: int, descriptions: Mapping[int, str] | None = None
+              ) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of an endpoint answering `codes` besides its success, each
+    with its body (:class:`ErrorBody`, for 422 :class:`ValidationErrorBody`); the risk
+    API's descriptions unless `descriptions` gives others (the coordinator's)."""
     out: dict[int | str, dict[str, Any]] = {}
     for code in codes:
         description, model = _DESCRIPTIONS[code]
-        out[code] = {"description": description, "model": model}
+        out[code] = {"description": (descriptions or {}).get(code, description),
+                     "model": model}
     if 429 in out:
         out[429]["headers"] = {"Retry-After": {
             "description": "Seconds until the key may send the next request.",

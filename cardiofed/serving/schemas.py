@@ -1,4 +1,9 @@
-"""Request and response bodies of the risk API (version 1), with OpenAPI examples."""
+"""Request and response bodies of the risk API (version 1), with OpenAPI examples.
+
+Request bodies are validated strictly: a JSON value of another type than the schema's
+(``0`` or ``"true"`` for ``contributions``) is refused, not converted. Each feature's
+value is checked against the scoring model's inputs (:mod:`cardiofed.serving.model`).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ class Patient(BaseModel):
     """One patient's canonical features (the model card lists them), in canonical units
     unless ``units`` states others (e.g. cholesterol in mmol/L)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"features": PATIENT_EXAMPLE, "units": UNITS_EXAMPLE}]})
     # An empty object is refused, and the schema says so (minProperties: 1).
     features: dict[str, float | int | bool | str | None] = Field(min_length=1)
@@ -29,7 +34,7 @@ class Patient(BaseModel):
 
 
 class RiskRequest(Patient):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"features": PATIENT_EXAMPLE, "units": UNITS_EXAMPLE, "site": "community_01"}]})
     model: str | None = Field(None, description=PIN)
     site: str | None = Field(None, description="The caller's site: its recalibration, when "
@@ -38,7 +43,7 @@ class RiskRequest(Patient):
 
 
 class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"patients": [{"features": PATIENT_EXAMPLE, "units": UNITS_EXAMPLE}]}]})
     # The largest max_batch a server accepts; a server's own is set by batch_request().
     patients: list[Patient] = Field(min_length=1, max_length=100_000)

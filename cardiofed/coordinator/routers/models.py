@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 from sqlalchemy import select
 
 from cardiofed.coordinator import service
-from cardiofed.coordinator.deps import DB, PathNumber, bearer
+from cardiofed.coordinator.deps import DB, PathNumber, bearer, refusals
 from cardiofed.coordinator.schemas import ModelInfo
 from cardiofed.coordinator.storage import ModelVersion
 from cardiofed.exceptions import AuthenticationError, NotFound
 
 router = APIRouter(prefix="/v1/studies", tags=["models"])
 SAFETENSORS = "application/octet-stream"
+BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
 def _member_or_admin(db: DB, study_id: str, credential: str | None) -> None:
@@ -24,19 +26,25 @@ def _member_or_admin(db: DB, study_id: str, credential: str | None) -> None:
         service.ensure_site_access(service.authenticate_site(db, credential), study_id)
 
 
-@router.get("/{study_id}/models")
+@router.get("/{study_id}/models", responses=refusals(401, 403, 404, 413, 422))
 def list_models(study_id: str, db: DB,
                 credential: Annotated[str | None, Depends(bearer)]) -> list[ModelInfo]:
+    """Every global model version of the study (version 0: the initial model)."""
     _member_or_admin(db, study_id, credential)
+    service.get_study(db, study_id)  # 404 for a study that does not exist
     models = db.scalars(select(ModelVersion).where(ModelVersion.study_id == study_id)
                         .order_by(ModelVersion.version))
     return [ModelInfo(version=m.version, round=m.round_number, sha256=m.sha256,
-                      participants=m.participants, metrics=m.metrics, created_at=m.created_at)
+                      participants=m.participants, metrics=m.metrics,
+                      created_at=m.created_at.replace(tzinfo=UTC))
             for m in models]
 
 
-@router.get("/{study_id}/models/{version}", response_class=Response,
-            responses={200: {"content": {SAFETENSORS: {}}}})
+@router.get("/{study_id}/models/{version}", response_class=Response, responses={
+    200: {"content": {SAFETENSORS: BINARY}, "headers": {"X-SHA256": {
+        "description": "SHA-256 of the body, hex.", "required": True,
+        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}},
+    **refusals(401, 403, 404, 413, 422)})
 def get_model(study_id: str, version: PathNumber, db: DB,
               credential: Annotated[str | None, Depends(bearer)]) -> Response:
     _member_or_admin(db, study_id, credential)
@@ -44,8 +52,8 @@ def get_model(study_id: str, version: PathNumber, db: DB,
     return Response(model.weights, media_type=SAFETENSORS, headers={"X-SHA256": model.sha256})
 
 
-@router.get("/{study_id}/preprocessor", response_class=Response,
-            responses={200: {"content": {SAFETENSORS: {}}}})
+@router.get("/{study_id}/preprocessor", response_class=Response, responses={
+    200: {"content": {SAFETENSORS: BINARY}}, **refusals(401, 403, 404, 413, 422)})
 def get_preprocessor(study_id: str, db: DB,
                      credential: Annotated[str | None, Depends(bearer)]) -> Response:
     _member_or_admin(db, study_id, credential)

@@ -12,28 +12,29 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from cardiofed.coordinator import service
-from cardiofed.coordinator.deps import DB, Clock, CurrentSite, Settings
-from cardiofed.coordinator.schemas import EnrolRequest, EnrolResponse, TaskResponse
+from cardiofed.coordinator.deps import DB, Clock, CurrentSite, Settings, refusals
+from cardiofed.coordinator.schemas import EnrolRequest, EnrolResponse, SiteInfo, TaskResponse
 from cardiofed.coordinator.storage import Site
 
 router = APIRouter(prefix="/v1", tags=["sites"])
 
 
-@router.post("/enrol")
+@router.post("/enrol", responses=refusals(401, 413, 422))
 def enrol(body: EnrolRequest, db: DB) -> EnrolResponse:
     site, credential = service.enrol(db, body.token)
     return EnrolResponse(study=site.study_id, site=site.name, site_index=site.index,
                          credential=credential)
 
 
-@router.get("/me")
-def me(site: CurrentSite) -> dict[str, object]:
+@router.get("/me", responses=refusals(401, 413))
+def me(site: CurrentSite) -> SiteInfo:
     """The authenticated site's name, study and index."""
-    return {"site": site.name, "study": site.study_id, "site_index": site.index}
+    return SiteInfo(site=site.name, study=site.study_id, site_index=site.index)
 
 
 @router.get("/tasks/next", response_model=TaskResponse,
-            responses={204: {"description": "Nothing to do now; poll again."}})
+            responses={204: {"description": "Nothing to do now; poll again."},
+                       **refusals(401, 413, 422)})
 async def next_task(site: CurrentSite, db: DB, settings: Settings, request: Request,
                     clock: Clock,
                     wait: Annotated[float, Query(ge=0, le=3600, allow_inf_nan=False)] = 0.0

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 
 from cardiofed.coordinator import service
-from cardiofed.coordinator.deps import DB, Admin, Clock, bearer
+from cardiofed.coordinator.deps import DB, Admin, Clock, bearer, refusals
 from cardiofed.coordinator.schemas import StudyCreate, StudyCreated
 from cardiofed.exceptions import AuthenticationError, ConfigurationError, InvalidUpdate
 from cardiofed.schema import canonical_features, encoded_feature_names
@@ -17,7 +17,7 @@ from cardiofed.simulation.config import SimulationConfig
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=refusals(401, 409, 413, 422))
 def create_study(body: StudyCreate, db: DB, _: Admin, clock: Clock) -> StudyCreated:
     if len(body.feature_ranges) != len(body.feature_names):
         raise InvalidUpdate("feature_ranges needs one (low, high) per feature name.")
@@ -42,13 +42,14 @@ def create_study(body: StudyCreate, db: DB, _: Admin, clock: Clock) -> StudyCrea
         raise InvalidUpdate(str(exc)) from None
     tokens = service.create_study(db, study_id=body.id, plan=plan, sites=body.sites,
                                   feature_names=body.feature_names,
-                                  feature_ranges=body.feature_ranges, min_sites=body.min_sites,
+                                  feature_ranges=[(lo, hi) for lo, hi in body.feature_ranges],
+                                  min_sites=body.min_sites,
                                   round_timeout_s=body.round_timeout_s, outcome=body.outcome,
                                   now=clock)
     return StudyCreated(id=body.id, enrolment_tokens=tokens)
 
 
-@router.get("/{study_id}/status")
+@router.get("/{study_id}/status", responses=refusals(401, 403, 404, 413, 422))
 def study_status(study_id: str, db: DB, clock: Clock,
                  credential: Annotated[str | None, Depends(bearer)]) -> dict[str, object]:
     """What the federation is doing and which sites it waits for (admin or member site)."""
@@ -60,6 +61,7 @@ def study_status(study_id: str, db: DB, clock: Clock,
     return service.status(db, service.get_study(db, study_id), clock)
 
 
-@router.post("/{study_id}/sites/{site_name}/revoke", status_code=204)
+@router.post("/{study_id}/sites/{site_name}/revoke", status_code=204,
+             responses=refusals(401, 404, 413, 422))
 def revoke(study_id: str, site_name: str, db: DB, _: Admin) -> None:
     service.revoke_site(db, study_id, site_name)

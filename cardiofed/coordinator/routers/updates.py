@@ -6,14 +6,23 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from cardiofed.coordinator import service
-from cardiofed.coordinator.deps import DB, Clock, CurrentSite, PathNumber, Settings
+from cardiofed.coordinator.deps import DB, Clock, CurrentSite, PathNumber, Settings, refusals
 from cardiofed.coordinator.schemas import RefusalRequest, SubmitResponse
 from cardiofed.exceptions import PayloadTooLarge
 
 router = APIRouter(prefix="/v1/studies", tags=["updates"])
 
 
-@router.post("/{study_id}/rounds/{round_number}/updates")
+# The body is read as bytes, whatever its Content-Type: safetensors, or for an evaluation
+# round a JSON object of metrics (the checks in cardiofed.coordinator.payloads).
+PAYLOAD = {"requestBody": {"required": True, "content": {"application/octet-stream": {
+    "schema": {"type": "string", "format": "binary"}}}, "description": (
+    "The round's result: safetensors (tensors and a manifest), or for an evaluation round "
+    "a JSON object of metrics; read as bytes whatever the Content-Type.")}}
+
+
+@router.post("/{study_id}/rounds/{round_number}/updates", openapi_extra=PAYLOAD,
+             responses=refusals(401, 403, 404, 409, 413, 422))
 async def submit_update(study_id: str, round_number: PathNumber, request: Request,
                         site: CurrentSite, db: DB, settings: Settings,
                         clock: Clock) -> SubmitResponse:
@@ -40,7 +49,8 @@ async def submit_update(study_id: str, round_number: PathNumber, request: Reques
     return SubmitResponse(sha256=digest, status="accepted" if new else "already accepted")
 
 
-@router.post("/{study_id}/rounds/{round_number}/refusal", status_code=204)
+@router.post("/{study_id}/rounds/{round_number}/refusal", status_code=204,
+             responses=refusals(401, 403, 404, 413, 422))
 def refuse_task(study_id: str, round_number: PathNumber, body: RefusalRequest,
                 site: CurrentSite, db: DB, clock: Clock) -> None:
     """A site's node refuses its task of a round (outside the plan it pinned); the
