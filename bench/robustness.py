@@ -15,8 +15,10 @@ Rules: plain FedAvg (no defence), ``mean``, ``trimmed-mean`` (0.2), ``centered-c
 ``multi-krum`` with f = 1 and 2 (none knows how many sites attack), and the networked
 default, the coordinate-wise ``median``; all after the norm bound (3 x the round's
 median norm), the weighted rules with the weight cap 0.5. Flower ships Krum, Bulyan and
-trimmed mean as strategies; these are the same published rules, implemented in
-:mod:`cardiofed.aggregation.robust` (Flower itself is not installed here). Targets:
+trimmed mean as strategies: when ``flwr`` is installed (``pip install flwr``; not a
+project dependency) the same attacks also run through Flower's own aggregation functions
+(``flwr.server.strategy.aggregate``: Krum, Bulyan, trimmed average, median) on the
+same updates, so our rules are measured beside Flower's. Targets:
 with the default rule one malicious site of 8 costs at most 0.01 AUC and two at most
 0.02; the clean run loses at most 0.005 against FedAvg.
 
@@ -98,9 +100,59 @@ class Attacked:
         return self.inner.server_update_with_report(*args, **kwargs)
 
 
+@dataclass(frozen=True)
+class FlowerRule:
+    """The algorithm with Flower's aggregation function in place of its weighted mean
+    (on the deltas: every site starts from the same global model, so distances, medians
+    and trimmed means of deltas and of parameters pick the same updates)."""
+
+    inner: FederatedAlgorithm
+    aggregate: Any  # (list[(list[ndarray], num_examples)]) -> list[ndarray]
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def client_update(self, *args: Any, **kwargs: Any) -> ClientUpdate:
+        return self.inner.client_update(*args, **kwargs)
+
+    def init_server(self, weights: Any) -> Any:
+        return self.inner.init_server(weights)
+
+    def server_update_with_report(self, global_weights: Any, updates: Any, state: Any,
+                                  weights: Any = None) -> Any:
+        if not updates:
+            return global_weights, state, []
+        names = sorted(global_weights)
+        merged = self.aggregate([([u.delta[k] for k in names], u.num_samples)
+                                 for u in updates])
+        delta = {k: np.asarray(v, np.float32) for k, v in zip(names, merged, strict=True)}
+        new, state = self.inner.server.step(global_weights, delta, state)
+        return new, state, []
+
+
+def flower_rules() -> dict[str, Any]:
+    """Flower's aggregation functions, if Flower is installed."""
+    try:
+        from flwr.server.strategy import aggregate as fl
+    except ImportError:
+        return {}
+    return {
+        "Flower Krum (f=1)": lambda r: fl.aggregate_krum(r, num_malicious=1, to_keep=0),
+        # Flower's Bulyan strategy default: Krum as the selection rule.
+        "Flower Bulyan (f=1, Krum)": lambda r: fl.aggregate_bulyan(
+            r, num_malicious=1, aggregation_rule=fl.aggregate_krum, to_keep=0),
+        "Flower trimmed average (0.2)": lambda r: fl.aggregate_trimmed_avg(
+            r, proportiontocut=0.2),
+        "Flower median": fl.aggregate_median,
+    }
+
+
 def pooled_auc(sites: list[Any], cfg: SimulationConfig, malicious: frozenset[str],
-               attack: str | None) -> float:
+               attack: str | None, flower: Any = None) -> float:
     algorithm = cfg.make_algorithm()
+    if flower is not None:
+        algorithm = FlowerRule(algorithm, flower)  # type: ignore[assignment]
     if attack is not None:
         algorithm = Attacked(algorithm, malicious, attack)  # type: ignore[assignment]
     run = run_federated(sites, cfg, algorithm=algorithm)
@@ -129,14 +181,16 @@ def main() -> None:
         by_size = sorted(sites, key=lambda s: -s.n_train)
         results: dict[str, dict[str, float]] = {}
         columns = ["clean"] + [f"{a} ({k})" for a in ATTACKS for k in (1, 2)]
-        for rule, settings in RULES.items():
+        rules = {**{rule: (settings, None) for rule, settings in RULES.items()},
+                 **{rule: ({}, fn) for rule, fn in flower_rules().items()}}
+        for rule, (settings, flower) in rules.items():
             row: dict[str, float] = {}
             for column in columns:
                 attack, k = (None, 0) if column == "clean" else (
                     column.rsplit(" (", 1)[0], int(column[-2]))
                 cfg = SimulationConfig.create(**base, **settings, seed=0)
                 malicious = frozenset(s.name for s in by_size[:k])
-                row[column] = pooled_auc(sites, cfg, malicious, attack)
+                row[column] = pooled_auc(sites, cfg, malicious, attack, flower)
                 print(f"{name} {rule} {column}: {row[column]:.4f}", flush=True)
             results[rule] = row
         fedavg_clean = results["FedAvg (no defence)"]["clean"]
