@@ -23,10 +23,10 @@ from cardiofed.data.synthetic import synthetic_federation
 from cardiofed.serving import provenance, registry
 from cardiofed.serving.api import ServingSettings, create_serving_app
 from cardiofed.serving.keys import create_key, list_keys
-from cardiofed.serving.limits import BodyLimits, BodySizeLimit, describe_size
 from cardiofed.serving.model import RiskModel
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import run_experiment
+from cardiofed.web.limits import BodyLimits, BodySizeLimit, describe_size
 
 PATIENT = {"age": 67.25, "sex": "male", "total_cholesterol": 213.0, "hdl_cholesterol": 47.0,
            "systolic_bp": 143.5, "bp_treated": True, "current_smoker": False,

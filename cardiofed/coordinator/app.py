@@ -11,8 +11,8 @@ from cardiofed.coordinator.deps import refusals, refused
 from cardiofed.coordinator.routers import models, sites, studies, updates
 from cardiofed.coordinator.settings import get_settings
 from cardiofed.exceptions import CoordinatorError
-from cardiofed.serving.errors import invalid_request, unreadable_body
-from cardiofed.serving.limits import BodyLimits, BodySizeLimit
+from cardiofed.web.errors import invalid_request, unreadable_body
+from cardiofed.web.limits import BodyLimits, BodySizeLimit
 
 JSON_BODY_LIMIT = 64 * 1024  # enrolment, refusals: small JSON, often before authentication
 

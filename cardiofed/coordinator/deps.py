@@ -15,7 +15,7 @@ from cardiofed.coordinator import service
 from cardiofed.coordinator.settings import CoordinatorSettings, get_settings
 from cardiofed.coordinator.storage import Site, make_engine, make_sessionmaker, utcnow
 from cardiofed.exceptions import CoordinatorError
-from cardiofed.serving.errors import refusal_body, responses
+from cardiofed.web.errors import refusal_body, responses
 
 
 @lru_cache(maxsize=8)
@@ -60,7 +60,7 @@ _REFUSALS = {
 
 def refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI `responses` of a coordinator endpoint answering `codes` besides its
-    success (see :func:`cardiofed.serving.errors.responses`)."""
+    success (see :func:`cardiofed.web.errors.responses`)."""
     return responses(*codes, descriptions=_REFUSALS)
 
 

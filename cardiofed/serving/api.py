@@ -4,10 +4,10 @@
 :func:`add_risk_api` mounts the same routes on another application. Requests
 authenticate with an API key (``Authorization: Bearer cfk_...``); scopes, the studies a
 key may use and per-key rate limits are in :mod:`cardiofed.serving.keys`. Request bodies
-are size-limited before anything parses them (:mod:`cardiofed.serving.limits`:
+are size-limited before anything parses them (:mod:`cardiofed.web.limits`:
 ``CARDIOFED_MAX_BODY_BYTES``, 64 KiB; ``CARDIOFED_MAX_BATCH_BODY_BYTES`` for the batch
 endpoint, by default 2 KiB per patient of ``CARDIOFED_MAX_BATCH``), and refusals have
-bounded bodies (:mod:`cardiofed.serving.errors`). Logs hold one line per request
+bounded bodies (:mod:`cardiofed.web.errors`). Logs hold one line per request
 (request id, method, path, status, bytes in and out, latency), never a body, so no
 patient value is logged.
 
@@ -42,15 +42,7 @@ from cardiofed.coordinator.settings import DEFAULT_DATABASE_URL
 from cardiofed.evaluation.recalibration import Recalibration
 from cardiofed.exceptions import CoordinatorError, NotFound
 from cardiofed.serving import registry
-from cardiofed.serving.errors import (
-    InvalidPatient,
-    RateLimited,
-    invalid_request,
-    responses,
-    unreadable_body,
-)
 from cardiofed.serving.keys import KeyCache, KeyInfo, RateLimiter
-from cardiofed.serving.limits import BodyLimits, BodySizeLimit
 from cardiofed.serving.model import (
     RISK_CATEGORIES,
     RISK_THRESHOLDS,
@@ -70,6 +62,14 @@ from cardiofed.serving.schemas import (
     RiskResult,
     batch_request,
 )
+from cardiofed.web.errors import (
+    InvalidPatient,
+    RateLimited,
+    invalid_request,
+    responses,
+    unreadable_body,
+)
+from cardiofed.web.limits import BodyLimits, BodySizeLimit
 
 # Room per patient in a batch body: one with every feature, units and indentation is
 # under 1 KiB of JSON; the default batch limit is max_batch times this.
