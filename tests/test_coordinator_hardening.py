@@ -157,3 +157,21 @@ def test_plan_numbers_out_of_range_are_a_422_not_a_500(fed: Federation,
                         headers={**fed.auth(fed.admin), "Content-Type": "application/json"})
 
     assert r.status_code == 422, r.text
+
+
+def test_a_refused_aggregate_keeps_the_previous_model_and_optimiser_state() -> None:
+    import numpy as np
+
+    from cardiofed.aggregation.server_optimizers import ServerState
+    from cardiofed.coordinator.storage import Round, Study
+
+    rnd = Round(number=3)
+    before = ({"w": np.ones(2, np.float32)}, ServerState(step=2, m={"w": np.ones(2)}, v={}))
+    poisoned = ({"w": np.array([np.inf, 0.0], np.float32)},
+                ServerState(step=3, m={"w": np.full(2, 1e30)}, v={}))
+
+    kept = service._sane(rnd, Study(id="s1"), before, poisoned, [])
+
+    assert kept is before
+    assert rnd.aggregation == [{"refused": "aggregate refused: largest |weight| inf exceeds "
+                                           "10000; the previous model is kept"}]

@@ -467,9 +467,9 @@ def _close(db: Session, study: Study, rnd: Round, updates: list[Update], now: Cl
         state = _load_state(study, algorithm.init_server(weights))
         client_updates = [_client_update(u, name) for u, name in zip(updates, names,
                                                                       strict=True)]
-        new, state, report = algorithm.server_update_with_report(weights, client_updates,
-                                                                 state)
-        new, state = _sane(study, rnd, weights, new, state, report)
+        new, new_state, report = algorithm.server_update_with_report(weights, client_updates,
+                                                                     state)
+        new, state = _sane(rnd, study, (weights, state), (new, new_state), report)
         study.model_version += 1
         _store_model(db, study, new, version=study.model_version, round_number=rnd.number,
                      participants=names)
@@ -500,21 +500,22 @@ DEFAULT_NETWORK_RULE = "median"
 MAX_ABS_WEIGHT = 1e4  # a logistic or MLP weight on standardised features never gets near
 
 
-def _sane(study: Study, rnd: Round, old: Weights, new: Weights, state: ServerState,
+def _sane(rnd: Round, study: Study, old: tuple[Weights, ServerState],
+          new: tuple[Weights, ServerState],
           report: list[SiteAggregation]) -> tuple[Weights, ServerState]:
     """The new global model if it is finite and plausible; else the previous one, kept
     (the version still advances, so the study goes on), with the reason. Records what
     robust aggregation did to each update on the round."""
     rnd.aggregation = [r.to_dict() for r in report]
-    worst = max(float(np.max(np.abs(v))) if v.size else 0.0 for v in new.values())
+    worst = max(float(np.max(np.abs(v))) if v.size else 0.0 for v in new[0].values())
     if math.isfinite(worst) and worst <= MAX_ABS_WEIGHT:
-        return new, state
+        return new
     log.warning("study %s round %d: aggregate refused (largest |weight| %s); the previous "
                 "model is kept", study.id, rnd.number, worst)
     rnd.aggregation = [*rnd.aggregation, {"refused": f"aggregate refused: largest |weight| "
                                                      f"{worst:.3g} exceeds {MAX_ABS_WEIGHT:g}; "
                                                      f"the previous model is kept"}]
-    return old, _load_state(study, state)
+    return old  # the model and the server optimiser's state before this aggregate
 
 
 def _buffered(db: Session, study: Study) -> list[Update]:
@@ -550,11 +551,11 @@ def _publish_buffered(db: Session, study: Study, now: Clock) -> bool:
     weights = _load_model(db, study, study.model_version)
     state = _load_state(study, algorithm.init_server(weights))
     names = [active[u.site_id].name for u in buffer]
-    new, state, report = publish_buffer(algorithm, weights,
-                                        [(_client_update(u, name), u.staleness or 0)
-                                         for u, name in zip(buffer, names, strict=True)],
-                                        state, plan.staleness_rule())
-    new, state = _sane(study, rnd, weights, new, state, report)
+    new, new_state, report = publish_buffer(algorithm, weights,
+                                            [(_client_update(u, name), u.staleness or 0)
+                                             for u, name in zip(buffer, names, strict=True)],
+                                            state, plan.staleness_rule())
+    new, state = _sane(rnd, study, (weights, state), (new, new_state), report)
     study.model_version += 1
     _store_model(db, study, new, version=study.model_version, round_number=rnd.number,
                  participants=names)

@@ -28,7 +28,7 @@ from cardiofed.exceptions import (
 )
 from cardiofed.node.config import NodeConfig
 from cardiofed.node.outbound import OutboundLog
-from cardiofed.node.task_policy import TaskPolicy
+from cardiofed.node.task_policy import TaskPolicy, planned_releases
 from cardiofed.node.work import (
     evaluate_payload,
     load_site_data,
@@ -189,7 +189,7 @@ class NodeAgent:
                     "model_version": str(task.model_version), "site": self._site_name()}
         privacy = self._site_privacy(plan, site, study)
         if privacy is not None:
-            allowed = {"statistics": 1, "train": plan.rounds, "evaluate": 1}[task.kind]
+            allowed = planned_releases(task.kind, plan.rounds)
             if len(privacy.ledger.releases(task.kind, study)) >= allowed:
                 raise TaskRefused(f"The privacy ledger already holds {allowed} {task.kind} "
                                   f"release(s) of study {study!r}, all the plan allows.")

@@ -28,6 +28,11 @@ def plan_digest(plan: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def planned_releases(kind: str, rounds: int) -> int:
+    """How many tasks of `kind` a study plan of `rounds` rounds has for one site."""
+    return rounds if kind == "train" else 1
+
+
 class TaskPolicy:
     """The node's record of the plans it pinned and the tasks it ran, at `path`."""
 
@@ -77,7 +82,7 @@ class TaskPolicy:
             if task.round in trained:
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: this site already "
                                   f"trained round {task.round}.")
-            if len(trained) >= rounds:
+            if len(trained) >= planned_releases("train", rounds):
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan has "
                                   f"{rounds} training rounds and this site ran {len(trained)}.")
         elif task.kind == "evaluate":

@@ -47,6 +47,14 @@ MAX_DEFAULT_DELTA = 1e-5
 log = logging.getLogger("cardiofed.privacy")
 
 
+def _kind_index(kind: str) -> int:
+    """Position of a release kind in :data:`RELEASE_KINDS`; an unknown kind is an error."""
+    if kind not in RELEASE_KINDS:
+        raise ConfigurationError(f"Unknown release kind {kind!r}; expected one of "
+                                 f"{', '.join(RELEASE_KINDS)}.")
+    return RELEASE_KINDS.index(kind)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SiteBudget:
     """A site's privacy budget: at most ``epsilon_max`` at ``delta``."""
@@ -76,10 +84,7 @@ class SiteBudget:
 
     def cumulative_share(self, kind: str) -> float:
         """Share of the budget that may be spent once releases of `kind` are made."""
-        if kind not in RELEASE_KINDS:
-            raise ConfigurationError(f"Unknown release kind {kind!r}; expected one of "
-                                     f"{', '.join(RELEASE_KINDS)}.")
-        upto = RELEASE_KINDS[:RELEASE_KINDS.index(kind) + 1]
+        upto = RELEASE_KINDS[:_kind_index(kind) + 1]
         return min(1.0, sum(self.shares[k] for k in upto))
 
     def delta_for(self, n_records: int) -> float:
@@ -181,7 +186,11 @@ class PrivacyLedger:
         by the releases of one `kind` alone."""
         if kind is None:
             return self.accountant.get_epsilon(self.delta)
-        events = [GaussianEvent(**e) for entry in self.entries if entry.get("kind") == kind
+        return self._epsilon_of([e for e in self.entries if e.get("kind") == kind])
+
+    def _epsilon_of(self, entries: list[dict[str, object]]) -> float:
+        """Epsilon of the events of `entries` alone, composed, at the site's delta."""
+        events = [GaussianEvent(**e) for entry in entries
                   for e in entry["events"]]  # type: ignore[attr-defined]
         return PrivacyAccountant(self.budget.accountant, events).get_epsilon(self.delta)
 
@@ -200,9 +209,7 @@ class PrivacyLedger:
     def target(self, kind: str, study: str | None = None) -> float:
         """The total epsilon a release of `kind` may bring the ledger to: what other
         studies spent, plus the kind's cumulative share of the budget that was left."""
-        before = PrivacyAccountant(self.budget.accountant, [
-            GaussianEvent(**e) for entry in self.entries if entry.get("study") != study
-            for e in entry["events"]]).get_epsilon(self.delta)  # type: ignore[attr-defined]
+        before = self._epsilon_of([e for e in self.entries if e.get("study") != study])
         left = max(0.0, self.budget.epsilon_max - before)
         return min(self.budget.epsilon_max, before + self.budget.cumulative_share(kind) * left)
 
@@ -228,9 +235,7 @@ class PrivacyLedger:
     def record(self, events: list[GaussianEvent], what: str, *, kind: str = "train",
                study: str | None = None, **details: object) -> float:
         """Compose `events` into the ledger, persist it, and return epsilon spent."""
-        if kind not in RELEASE_KINDS:
-            raise ConfigurationError(f"Unknown release kind {kind!r}; expected one of "
-                                     f"{', '.join(RELEASE_KINDS)}.")
+        _kind_index(kind)
         for event in events:
             self.accountant.compose(event)
         epsilon = self.spent()

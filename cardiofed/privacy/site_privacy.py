@@ -69,27 +69,27 @@ class SitePrivacy:
             raise PrivacyBudgetExceeded(f"Site {self.ledger.site!r} cannot make a {kind} "
                                         f"release within its budget: {exc}") from None
 
-    def _release(self, kind: str, what: str) -> float:
-        """Calibrate and check one (q = 1) Gaussian release of `kind`; its noise multiplier."""
-        sigma = self._calibrate(kind, 1.0, 1)
-        self.ledger.check([GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)],
-                          what, kind=kind, study=self.study)
-        return sigma
+    def _release(self, kind: str, what: str) -> GaussianEvent:
+        """Calibrate and check one (q = 1) Gaussian release of `kind`."""
+        event = GaussianEvent(noise_multiplier=self._calibrate(kind, 1.0, 1), sample_rate=1.0,
+                              steps=1)
+        self.ledger.check([event], what, kind=kind, study=self.study)
+        return event
 
-    def _record_release(self, kind: str, what: str, sigma: float, **details: object) -> None:
-        self.ledger.record([GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)],
-                           what, kind=kind, study=self.study, noise_multiplier=sigma,
-                           **details)
+    def _record_release(self, kind: str, what: str, event: GaussianEvent,
+                        **details: object) -> None:
+        self.ledger.record([event], what, kind=kind, study=self.study,
+                           noise_multiplier=event.noise_multiplier, **details)
 
     # -- statistics -------------------------------------------------------------------
     def release_statistics(self, x: np.ndarray, edges: np.ndarray) -> SiteStatistics:
         """The site's preprocessing statistics under the Gaussian mechanism (charged)."""
         what = "statistics release"
-        sigma = self._release("statistics", what)
+        event = self._release("statistics", what)
         stats, n_rows = private_site_statistics(
-            x, edges, noise_std=sigma * statistics_sensitivity(x.shape[1]),
+            x, edges, noise_std=event.noise_multiplier * statistics_sensitivity(x.shape[1]),
             rng=secure_numpy_rng())
-        self._record_release("statistics", what, sigma, released_n=n_rows)
+        self._record_release("statistics", what, event, released_n=n_rows)
         return stats
 
     def released_n(self) -> int | None:
@@ -153,8 +153,9 @@ class SitePrivacy:
         from cardiofed.evaluation.private_metrics import release_score_histograms
 
         what = "evaluation release"
-        sigma = self._release("evaluate", what)
-        neg, pos = release_score_histograms(y_true, y_prob, edges, noise_std=sigma,
+        event = self._release("evaluate", what)
+        neg, pos = release_score_histograms(y_true, y_prob, edges,
+                                            noise_std=event.noise_multiplier,
                                             rng=secure_numpy_rng())
-        self._record_release("evaluate", what, sigma)
-        return neg, pos, sigma
+        self._record_release("evaluate", what, event)
+        return neg, pos, event.noise_multiplier
