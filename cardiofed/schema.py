@@ -38,12 +38,19 @@ class Feature:
     codes: tuple[str, ...] = ()
     # Other units a site may export, with the factor that converts them to `unit`.
     unit_factors: dict[str, float] = field(default_factory=dict)
+    # The published CVD equations (D'Agostino 2008, the Pooled Cohort Equations, China-PAR)
+    # model this risk factor on the log scale; the "log" and "clinical" model forms do too.
+    log_scale: bool = False
 
     def __post_init__(self) -> None:
         if self.kind is FeatureKind.CONTINUOUS and (self.low is None or self.high is None):
             raise ValueError(f"Continuous feature {self.name!r} needs a plausible range.")
         if self.kind is FeatureKind.CATEGORICAL and len(self.codes) < 2:
             raise ValueError(f"Categorical feature {self.name!r} needs at least two codes.")
+        if self.log_scale and not (self.kind is FeatureKind.CONTINUOUS and self.low
+                                   and self.low > 0):
+            raise ValueError(f"Feature {self.name!r} is marked log_scale; it needs a "
+                             f"continuous range with a positive lower end.")
 
     def encoded_names(self) -> list[str]:
         """Model input columns: one per continuous or binary feature, one-hot
@@ -87,17 +94,21 @@ _PRESSURE_UNITS = {"kPa": 7.50062}
 
 _CATALOGUE: tuple[Feature, ...] = (
     Feature(name="age", kind=FeatureKind.CONTINUOUS, unit="years", low=18, high=110,
-            description="Age at baseline", unit_factors={"months": 1 / 12}),
+            description="Age at baseline", unit_factors={"months": 1 / 12}, log_scale=True),
     Feature(name="sex", kind=FeatureKind.CATEGORICAL, codes=("female", "male"),
             description="Sex recorded at baseline"),
     Feature(name="total_cholesterol", kind=FeatureKind.CONTINUOUS, unit="mg/dL", low=70,
-            high=700, description="Serum total cholesterol", unit_factors=_CHOLESTEROL_UNITS),
+            high=700, description="Serum total cholesterol", unit_factors=_CHOLESTEROL_UNITS,
+            log_scale=True),
     Feature(name="hdl_cholesterol", kind=FeatureKind.CONTINUOUS, unit="mg/dL", low=10,
-            high=150, description="HDL cholesterol", unit_factors=_CHOLESTEROL_UNITS),
+            high=150, description="HDL cholesterol", unit_factors=_CHOLESTEROL_UNITS,
+            log_scale=True),
     Feature(name="systolic_bp", kind=FeatureKind.CONTINUOUS, unit="mmHg", low=60, high=300,
-            description="Systolic blood pressure", unit_factors=_PRESSURE_UNITS),
+            description="Systolic blood pressure", unit_factors=_PRESSURE_UNITS,
+            log_scale=True),
     Feature(name="diastolic_bp", kind=FeatureKind.CONTINUOUS, unit="mmHg", low=30, high=180,
-            description="Diastolic blood pressure", unit_factors=_PRESSURE_UNITS),
+            description="Diastolic blood pressure", unit_factors=_PRESSURE_UNITS,
+            log_scale=True),
     Feature(name="bp_treated", kind=FeatureKind.BINARY,
             description="On antihypertensive medication"),
     Feature(name="current_smoker", kind=FeatureKind.BINARY, description="Current smoker"),
@@ -108,11 +119,12 @@ _CATALOGUE: tuple[Feature, ...] = (
     Feature(name="prevalent_hypertension", kind=FeatureKind.BINARY,
             description="Diagnosed hypertension"),
     Feature(name="bmi", kind=FeatureKind.CONTINUOUS, unit="kg/m2", low=10, high=80,
-            description="Body-mass index"),
+            description="Body-mass index", log_scale=True),
     Feature(name="heart_rate", kind=FeatureKind.CONTINUOUS, unit="beats/min", low=30,
             high=220, description="Resting heart rate"),
     Feature(name="glucose", kind=FeatureKind.CONTINUOUS, unit="mg/dL", low=30, high=600,
-            description="Fasting plasma glucose", unit_factors=_GLUCOSE_UNITS),
+            description="Fasting plasma glucose", unit_factors=_GLUCOSE_UNITS,
+            log_scale=True),
     Feature(name="education", kind=FeatureKind.CATEGORICAL, codes=("1", "2", "3", "4"),
             description="Education level (1 = some high school ... 4 = college)"),
     # Exercise-test variables of the UCI Heart Disease data.

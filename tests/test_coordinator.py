@@ -137,6 +137,28 @@ def test_networked_run_equals_the_simulator(fed: Federation) -> None:
         np.testing.assert_array_equal(value, sim.federated.weights[name])
 
 
+def test_a_clinical_model_form_trains_over_the_network_as_in_simulation(
+        tmp_path: Path) -> None:
+    plan = {**PLAN, "rounds": 2, "feature_transform": "clinical"}
+    fed = Federation(tmp_path, plan=plan)
+    _until_done(fed, [fed.agent(s) for s in SITES])
+    from cardiofed.data.synthetic import synthetic_federation
+    from cardiofed.serving import registry
+
+    data = synthetic_federation(seed=0)
+    sub = type(data)(name=data.name, feature_names=data.feature_names,
+                     feature_ranges=data.feature_ranges,
+                     sites=[data.site(s) for s in SITES], outcome=data.outcome)
+    sim = run_experiment(sub, SimulationConfig.create(**plan, robust_rule="median"),
+                         baselines=False)
+    with _sessions(fed.settings.database_url)() as db:
+        served = registry.load(db, "s1-v2")
+    assert served.card.feature_transform == "clinical"
+    assert served.weights["linear.weight"].shape == (1, 17)
+    for name, value in served.weights.items():
+        np.testing.assert_array_equal(value, sim.federated.weights[name])
+
+
 def test_networked_run_on_postgresql(tmp_path: Path) -> None:
     url = os.environ.get("CARDIOFED_TEST_POSTGRES_URL")
     if not url:

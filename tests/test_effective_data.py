@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import numpy as np
 import pytest
 
+from cardiofed.data.dataset import FederatedDataset
 from cardiofed.data.synthetic import synthetic_federation
 from cardiofed.evaluation.effective_data import (
     LearningCurveFit,
-    default_sizes,
-    effective_data_equivalent,
-    effective_data_from_experiment,
+    by_site_type,
     fit_learning_curve,
-    learning_curve,
-    learning_curve_detail,
+    site_effective_data,
     stratified_subsample,
 )
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.simulation.config import SimulationConfig
-from cardiofed.simulation.experiment import (
-    FEDERATED,
-    POOLED_TEST,
-    ExperimentResult,
-    run_experiment,
-)
-from cardiofed.simulation.prepare import PreparedSite, prepare_federation
-
-Experiment = tuple[ExperimentResult, list[PreparedSite]]
+from cardiofed.simulation.experiment import FEDERATED, ExperimentResult, run_experiment
 
 SIZES = [int(n) for n in np.round(np.geomspace(50, 5000, 8))]
 
@@ -80,45 +72,6 @@ def test_fit_validation() -> None:
         fit_learning_curve([(0, 0.6), (20, 0.65), (40, 0.7)])
 
 
-# --------------------------------------------------------------------------- the answer
-
-
-def test_effective_data_equivalent_within_range() -> None:
-    fit = fit_learning_curve(curve_points(0.85, 1.2, 0.5))
-    out = effective_data_equivalent(fit, 0.80, 500)
-    # 0.85 - 1.2 / sqrt(n) = 0.80  =>  n = (1.2 / 0.05)^2 = 576
-    assert out["n_equivalent"] == pytest.approx(576, rel=1e-4)
-    assert out["multiple"] == pytest.approx(576 / 500, rel=1e-4)
-    assert out["reachable"] is True and out["extrapolated"] is False
-    assert "576 patients" in out["explanation"] and "1.15x" in out["explanation"]
-
-
-def test_effective_data_equivalent_extrapolated() -> None:
-    fit = fit_learning_curve(curve_points(0.85, 1.2, 0.5))
-    out = effective_data_equivalent(fit, 0.845, 500)  # n = (1.2 / 0.005)^2 = 57,600
-    assert out["n_equivalent"] == pytest.approx(57_600, rel=1e-3)
-    assert out["reachable"] is True and out["extrapolated"] is True
-    assert "Extrapolated beyond the largest subsample (5,000)" in out["explanation"]
-
-
-def test_effective_data_equivalent_unreachable() -> None:
-    fit = fit_learning_curve(curve_points(0.85, 1.2, 0.5))
-    out = effective_data_equivalent(fit, 0.9, 500)
-    assert out["reachable"] is False
-    assert out["n_equivalent"] == math.inf and out["multiple"] == math.inf
-    assert out["extrapolated"] is False
-    assert "not reachable by a single hospital under this curve" in out["explanation"]
-    assert "0.850" in out["explanation"]
-
-
-def test_effective_data_equivalent_validation() -> None:
-    fit = fit_learning_curve(curve_points(0.85, 1.2, 0.5))
-    with pytest.raises(ConfigurationError, match="federated_auc"):
-        effective_data_equivalent(fit, math.nan, 500)
-    with pytest.raises(ConfigurationError, match="largest_site_size"):
-        effective_data_equivalent(fit, 0.8, 0)
-
-
 # --------------------------------------------------------------------------- the curve
 
 
@@ -133,64 +86,60 @@ def test_stratified_subsample_keeps_prevalence() -> None:
         stratified_subsample(y, 1001, rng)
 
 
-def test_default_sizes_geometric() -> None:
-    sizes = default_sizes(870)
-    assert sizes[0] == 50 and sizes[-1] == 870
-    assert sizes == sorted(set(sizes))
-    ratios = np.diff(np.log(sizes))
-    assert ratios == pytest.approx(ratios[0], rel=0.05)
-    assert default_sizes(30) == [30]
-
-
 @pytest.fixture(scope="module")
-def experiment() -> Experiment:
-    data = synthetic_federation(n_sites=4, seed=1, size_scale=0.3)
-    config = SimulationConfig.create(rounds=3, seed=1)
-    result = run_experiment(data, config, baselines=False)
-    return result, prepare_federation(data, config.standardisation)
+def synthetic() -> tuple[FederatedDataset, ExperimentResult]:
+    data = synthetic_federation(n_sites=4, seed=1, size_scale=0.3, eval_size=3000)
+    result = run_experiment(data, SimulationConfig.create(rounds=3, seed=1, eval_every=0))
+    return data, result
 
 
-def test_learning_curve_deterministic_and_shaped(experiment: Experiment) -> None:
-    result, sites = experiment
-    x = np.concatenate([s.x_train for s in sites])
-    y = np.concatenate([s.y_train for s in sites])
-    xt = np.concatenate([s.x_test for s in sites])
-    yt = np.concatenate([s.y_test for s in sites])
-    config = result.config
-    one = learning_curve(x, y, xt, yt, config=config, sizes=[40, 400], repeats=2, seed=7)
-    assert one == learning_curve(x, y, xt, yt, config=config, sizes=[40, 400], repeats=2,
-                                 seed=7)
-    assert [n for n, _ in one] == [40, 400]
-    assert all(0.0 <= auc <= 1.0 for _, auc in one)
-    detail = learning_curve_detail(x, y, xt, yt, config=config, sizes=[40, 400], repeats=2,
-                                   seed=7)
-    assert [(p.size, p.mean_auc) for p in detail] == one
-    assert all(len(p.aucs) == 2 for p in detail)
-    with pytest.raises(ConfigurationError, match="sizes"):
-        learning_curve(x, y, xt, yt, seed=7, config=result.config, sizes=[y.size + 1],
-                       repeats=1)
+def test_fresh_draws_bracket_the_federated_auc(
+        synthetic: tuple[FederatedDataset, ExperimentResult]) -> None:
+    data, result = synthetic
+    out = site_effective_data(data, result, repeats=2, seed=0)
+    assert list(out) == [s.name for s in data.sites]
+    for site in data.sites:
+        e = out[site.name]
+        assert e.method == "fresh draws" and e.own_size == site.n_train
+        assert e.target_auc == result.metrics[site.name][FEDERATED]["auc"]
+        sizes = [p.size for p in e.curve]
+        assert sizes == sorted(sizes) and sizes[0] == max(20, site.n_train // 2)
+        if e.lower_bound:  # never reached: the largest draw is the bound
+            assert math.isinf(e.n_equivalent) and e.multiple == sizes[-1] / site.n_train
+        elif e.upper_bound:
+            assert e.n_equivalent == sizes[0]
+        else:  # reached between the last two sizes, by interpolation
+            assert e.curve[-2].mean_auc < e.target_auc <= e.curve[-1].mean_auc
+            assert sizes[-2] <= e.n_equivalent <= sizes[-1]
+            assert e.multiple == pytest.approx(e.n_equivalent / site.n_train)
+        json.dumps(e.to_dict(), allow_nan=False)
+    again = site_effective_data(data, result, repeats=2, seed=0)
+    assert [p.aucs for p in again[data.sites[0].name].curve] == [
+        p.aucs for p in out[data.sites[0].name].curve]
 
 
-def test_effective_data_from_experiment(experiment: Experiment) -> None:
-    result, sites = experiment
-    out = effective_data_from_experiment(result, sites, repeats=2, seed=0)
-    total = sum(s.n_train for s in sites)
-    assert out["federated_auc"] == result.metrics[POOLED_TEST][FEDERATED]["auc"]
-    assert out["largest_site_size"] == max(s.n_train for s in sites)
-    sizes = [n for n, _ in out["learning_curve"]]
-    assert sizes[0] == 50 and sizes[-1] == total
-    assert set(out["learning_curve_repeats"]) == set(sizes)
-    assert isinstance(out["explanation"], str) and out["explanation"]
-    if out["reachable"]:
-        assert math.isfinite(out["multiple"]) and out["multiple"] > 0
-        assert out["multiple"] == pytest.approx(out["n_equivalent"] / out["largest_site_size"])
-    else:
-        assert "not reachable by a single hospital" in out["explanation"]
-    again = effective_data_from_experiment(result, sites, repeats=2, seed=0)
-    assert again["learning_curve"] == out["learning_curve"]
+def test_without_a_sampler_the_curve_uses_the_site_s_own_rows(
+        synthetic: tuple[FederatedDataset, ExperimentResult]) -> None:
+    data, result = synthetic
+    real = dataclasses.replace(data, sampler=None)
+    out = site_effective_data(real, result, repeats=2, seed=0)
+    for site in real.sites:
+        e = out[site.name]
+        assert e.method == "own subsamples"
+        assert e.curve[-1].size == site.n_train and e.fit is not None
+        assert e.extrapolated == (math.isfinite(e.n_equivalent)
+                                  and e.n_equivalent > site.n_train)
+        assert e.explanation
 
 
-def test_effective_data_from_experiment_checks_sites(experiment: Experiment) -> None:
-    result, sites = experiment
-    with pytest.raises(ConfigurationError, match="not the experiment's sites"):
-        effective_data_from_experiment(result, sites[:2])
+def test_a_site_without_an_auc_is_not_estimable(
+        synthetic: tuple[FederatedDataset, ExperimentResult]) -> None:
+    data, result = synthetic
+    name = data.sites[0].name
+    broken = dataclasses.replace(result, metrics={**result.metrics, name: {
+        FEDERATED: {**result.metrics[name][FEDERATED], "auc": math.nan}}})
+    e = site_effective_data(data, broken, repeats=1)[name]
+    assert math.isnan(e.n_equivalent) and e.curve == ()
+    assert by_site_type({name: e}) == {}
+    with pytest.raises(ConfigurationError, match="repeats"):
+        site_effective_data(data, result, repeats=0)

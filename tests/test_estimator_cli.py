@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from sklearn.exceptions import NotFittedError
@@ -69,22 +71,34 @@ def test_federated_model_as_estimator_matches_the_simulator() -> None:
 
 def test_demo_runs_and_writes_the_report(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "report"
-    result = CliRunner().invoke(app, ["demo", "--sites", "4", "--rounds", "2", "--out", str(out)])
+    result = CliRunner().invoke(app, ["demo", "--sites", "4", "--rounds", "2", "--out", str(out),
+                                      "--eval-size", "2000", "--no-register"],
+                                env={"COLUMNS": "160"})
 
     assert result.exit_code == 0, result.output
-    assert "pooled test" in result.output
+    # The story per site type: intervals, the achievable AUC, the effective data.
+    assert "community (2 sites): federated+recalibrated AUC" in result.output
+    assert "of the AUC achievable at its sites" in result.output
+    assert "median effective data" in result.output
     for name in ("index.html", "roc_curves.png", "calibration_curves.png", "auc_per_round.png",
-                 "summary.json"):
+                 "effective_data.png", "summary.json"):
         assert (out / name).stat().st_size > 0
+    summary = json.loads((out / "summary.json").read_text())
+    value = summary["clinical_value"]
+    assert value["headline_model"] == "federated+recalibrated"
+    assert set(value["effective_data"]) == set(value["sites"])
+    page = (out / "index.html").read_text()
+    assert "What each site gets from the federation" in page
 
 
 @pytest.mark.parametrize(("options", "label_quality"), [
     ([], True), (["--dp-epsilon", "1"], False)])
-def test_demo_switches_label_quality_off_under_dp(monkeypatch: pytest.MonkeyPatch,
-                                                  options: list[str],
-                                                  label_quality: bool) -> None:
-    # The label-quality check crosses non-private local models between sites: with a
-    # privacy budget the demo leaves it off (a config with both is refused).
+def test_demo_switches_exact_releases_off_under_dp(monkeypatch: pytest.MonkeyPatch,
+                                                   options: list[str],
+                                                   label_quality: bool) -> None:
+    # The label-quality check crosses non-private local models between sites and
+    # recalibration fits exact per-site updates: with a privacy budget the demo leaves
+    # both off (a config with either is refused).
     import cardiofed.cli as cli
 
     seen: dict[str, object] = {}
@@ -98,6 +112,8 @@ def test_demo_switches_label_quality_off_under_dp(monkeypatch: pytest.MonkeyPatc
 
     assert result.exit_code == 0, result.output
     assert seen["label_quality"] is label_quality
+    assert seen["recalibrate"] is label_quality
+    assert seen["feature_transform"] == "clinical"
     assert seen["dp_epsilon"] == (1.0 if options else None)
 
 
@@ -124,4 +140,6 @@ def test_simulate_with_config_file(tmp_path) -> None:  # type: ignore[no-untyped
                                       str(config), "--out", str(tmp_path / "r")])
 
     assert result.exit_code == 0, result.output
-    assert "fedyogi, 2 rounds" in result.output
+    assert "fedyogi" in result.output  # the progress bar names the algorithm
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert "clinical_value" in summary

@@ -92,7 +92,7 @@ def test_risk_response_and_exact_contributions(api: Api, logistic: RiskModel) ->
 
 def test_contributions_of_logistic_regression_by_hand(logistic: RiskModel) -> None:
     row, _ = logistic.encode_patient(PATIENT)
-    z = logistic.standardise(row[None])[0]
+    z = logistic.preprocessor.standardise(row[None])[0]
     w = logistic.weights["linear.weight"].ravel().astype(np.float64)
     explained = logistic.explain(row[None])
     sex_columns = [j for j, n in enumerate(["age", "sex=male"]) if n == "sex=male"]
@@ -190,13 +190,36 @@ def test_site_recalibration_is_applied_when_the_card_has_one(api: Api,
     site, fit = next(iter(logistic.card.recalibration.items()))
     raw = api.post("/v1/risk", {"features": PATIENT}).json()
     r = api.post("/v1/risk", {"features": PATIENT, "site": site}).json()
+    terms = {k.removeprefix("term:"): v for k, v in fit.items() if k.startswith("term:")}
     assert r["calibration"] == {"site": site, "applied": True, "intercept": fit["intercept"],
-                                "slope": fit["slope"], "reason": ""}
-    z = fit["intercept"] + fit["slope"] * raw["logit"]
-    assert r["risk"] == pytest.approx(1 / (1 + math.exp(-z)), abs=1e-9)
+                                "slope": fit["slope"], "terms": terms, "reason": ""}
+    row, _ = logistic.encode_patient(PATIENT)
+    z = dict(zip(logistic.column_names, logistic.preprocessor.standardise(row[None])[0],
+                 strict=True))
+    eta = fit["intercept"] + fit["slope"] * raw["logit"] + sum(c * z[k] for k, c in terms.items())
+    assert r["risk"] == pytest.approx(1 / (1 + math.exp(-eta)), abs=1e-9)
     other = api.post("/v1/risk", {"features": PATIENT, "site": "elsewhere"}).json()
     assert other["calibration"]["applied"] is False
     assert other["risk"] == raw["risk"]
+
+
+def test_a_site_update_that_revises_a_term_is_applied_by_the_api_and_offline(
+        tmp_path: Path, logistic: RiskModel) -> None:
+    update = {"intercept": 0.1, "slope": 0.9, "term:age": 0.3}
+    model = logistic.with_card(recalibration={"clinic": update})
+    api = Api(tmp_path, model)
+    raw = api.post("/v1/risk", {"features": PATIENT}).json()
+    r = api.post("/v1/risk", {"features": PATIENT, "site": "clinic"}).json()
+    assert r["calibration"]["terms"] == {"age": 0.3}
+    row, _ = model.encode_patient(PATIENT)
+    z_age = model.preprocessor.standardise(row[None])[0, 0]
+    eta = 0.1 + 0.9 * raw["logit"] + 0.3 * z_age
+    assert r["risk"] == pytest.approx(1 / (1 + math.exp(-eta)), abs=1e-9)
+    csv = tmp_path / "one.csv"
+    pd.DataFrame([{k: (int(v) if isinstance(v, bool) else v) for k, v in PATIENT.items()}]
+                 ).to_csv(csv, index=False)
+    predict_file(model, csv, tmp_path / "out.csv", site="clinic")
+    assert pd.read_csv(tmp_path / "out.csv")["risk"][0] == pytest.approx(r["risk"], abs=1e-9)
 
 
 # ---------------------------------------------------------------- registry and versions

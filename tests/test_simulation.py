@@ -16,13 +16,17 @@ from cardiofed.exceptions import ConfigurationError
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import (
     FEDERATED,
+    FINETUNED,
     LOCAL,
     POOLED,
     POOLED_TEST,
+    RECALIBRATED,
+    TRUE_RISK,
     run_experiment,
 )
 from cardiofed.simulation.prepare import PreparedSite, prepare_federation
 from cardiofed.simulation.runner import run_federated, train_centralised
+from cardiofed.training.personalise import PROXIMAL_GRID
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +189,8 @@ def test_run_experiment_end_to_end(small_federation: FederatedDataset) -> None:
     sites = [s.name for s in small_federation.sites]
     assert list(result.metrics) == [*sites, POOLED_TEST]
     for by_model in result.metrics.values():
-        assert set(by_model) == {FEDERATED, LOCAL, POOLED}
+        # The synthetic cohort knows every test patient's true risk: the yardstick.
+        assert set(by_model) == {FEDERATED, LOCAL, POOLED, TRUE_RISK}
         for metrics in by_model.values():
             assert {"auc", "accuracy", "brier", "calibration_slope"} <= set(metrics)
     assert set(result.predictions) == set(sites)
@@ -196,6 +201,25 @@ def test_run_experiment_end_to_end(small_federation: FederatedDataset) -> None:
     rows = result.summary_rows()
     assert [r["site"] for r in rows] == [*sites, POOLED_TEST]
     assert f"{FEDERATED} auc" in rows[0]
+
+
+def test_personalisation_holds_out_a_calibration_split_at_every_site(
+        small_federation: FederatedDataset) -> None:
+    config = SimulationConfig.create(rounds=3, seed=0, recalibrate=True, finetune=True,
+                                     calibration_fraction=0.3)
+
+    result = run_experiment(small_federation, config)
+
+    for s in small_federation.sites:
+        held = result.calibration_sizes[s.name]
+        assert held == pytest.approx(0.3 * s.n_train, abs=1)
+        prepared = next(p for p in result.sites if p.name == s.name)
+        assert prepared.n_train == s.n_train - held  # the federation never saw them
+        assert {RECALIBRATED, FINETUNED} <= set(result.predictions[s.name])
+        assert result.recalibrations[s.name].reason
+        assert result.personalisations[s.name].lam in (math.inf, *PROXIMAL_GRID)
+    assert result.headline_model == RECALIBRATED
+    assert result.site_sizes == {s.name: s.n_train for s in small_federation.sites}
 
 
 def test_site_with_one_class_in_its_test_split_gets_nan_auc(

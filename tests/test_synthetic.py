@@ -176,3 +176,49 @@ def test_synthetic_federation() -> None:
         assert not np.isnan(s.x_train[:, 0]).any()  # age is never missing
     converted = [r for r in fed.load_reports.values() if r["converted_units"]]
     assert converted
+
+
+def test_test_rows_carry_the_true_risk_their_labels_were_drawn_from(
+        exports: list[SiteExport]) -> None:
+    data = synthetic_federation(seed=0)
+    from cardiofed.data.sites import split_indices
+
+    for k, (site, export) in enumerate(zip(data.sites, exports, strict=True)):
+        _, test = split_indices(export.labels, 0.3, k)
+        np.testing.assert_array_equal(site.y_test, export.labels[test])
+        assert site.true_risk_test is not None
+        np.testing.assert_array_equal(site.true_risk_test, export.true_risk[test])
+
+
+def test_evaluation_cohorts_are_large_new_patients_of_each_site_s_profile(
+        profiles: list[SiteProfile]) -> None:
+    data = synthetic_federation(n_sites=4, seed=3, eval_size=6000)
+    small = default_profiles(4)
+    for site, p in zip(data.sites, small, strict=True):
+        assert site.n_train == p.n_patients  # every record trains; evaluation is apart
+        assert site.n_test == 6000
+        assert site.true_risk_test is not None and site.true_risk_test.shape == (6000,)
+        age = site.x_test[:, 0]
+        assert np.nanmean(age) == pytest.approx(p.age_mean, abs=1.0)
+        # Labels were drawn from these risks (no label noise at these four sites but one).
+        if p.label_noise == 0:
+            assert site.y_test.mean() == pytest.approx(site.true_risk_test.mean(), abs=0.02)
+    again = synthetic_federation(n_sites=4, seed=3, eval_size=6000)
+    np.testing.assert_array_equal(again.sites[0].x_test, data.sites[0].x_test)
+    with pytest.raises(ValueError, match="eval_size must be an integer >= 2"):
+        synthetic_federation(n_sites=4, eval_size=1)
+
+
+def test_the_sampler_draws_fresh_patients_of_one_site() -> None:
+    data = synthetic_federation(n_sites=4, seed=0)
+    assert data.sampler is not None
+    x, y = data.sampler.draw("community_01", 500, seed=1)
+    assert x.shape == (500, len(data.feature_names)) and y.shape == (500,)
+    again, _ = data.sampler.draw("community_01", 500, seed=1)
+    other, _ = data.sampler.draw("community_01", 500, seed=2)
+    np.testing.assert_array_equal(x, again)
+    assert not np.array_equal(np.nan_to_num(x), np.nan_to_num(other))
+    tier3, _ = data.sampler.draw("tier3_01", 2000, seed=1)
+    assert np.nanmean(tier3[:, 0]) > np.nanmean(x[:, 0]) + 8  # older at tier-3 hospitals
+    with pytest.raises(ValueError, match="No synthetic site 'nowhere'"):
+        data.sampler.draw("nowhere", 10, seed=0)

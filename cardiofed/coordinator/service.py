@@ -153,7 +153,8 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
     simulation_only = [name for name, on in (
         ("algorithm scaffold", plan.algorithm == "scaffold"),
         ("weighting", plan.weighting != "sample-size"), ("label_quality", plan.label_quality),
-        ("covariate_shift", plan.covariate_shift), ("recalibrate", plan.recalibrate)) if on]
+        ("covariate_shift", plan.covariate_shift), ("recalibrate", plan.recalibrate),
+        ("finetune", plan.finetune)) if on]
     if simulation_only:
         raise InvalidUpdate(f"The networked federation aggregates with sample-size weights "
                             f"only; {', '.join(simulation_only)} is available in simulation "
@@ -180,7 +181,9 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
         tokens[name] = new_secret()
         db.add(Site(study_id=study_id, name=name, index=index,
                     enrol_token_hash=hash_secret(tokens[name])))
-    initial = get_weights(make_model(plan.model, len(feature_names), seed=plan.seed))
+    form = plan.model_form(feature_names)
+    n_columns = len(feature_names) if form is None else form.n_columns
+    initial = get_weights(make_model(plan.model, n_columns, seed=plan.seed))
     _store_model(db, study, initial, version=0, round_number=0, participants=[])
     db.add(Round(study_id=study_id, number=0, kind=STATISTICS, model_version=0,
                  opened_at=now(), deadline=now() + timedelta(seconds=round_timeout_s)))
@@ -458,8 +461,9 @@ def _close(db: Session, study: Study, rnd: Round, updates: list[Update], now: Cl
         stats = [SiteStatistics(**decode_arrays(u.payload)[0]) for u in updates]
         edges = bin_edges([(lo, hi) for lo, hi in study.feature_ranges],
                           stats[0].histogram.shape[1])
-        pre = merge_statistics(stats, edges, study.feature_names)
-        study.preprocessor = encode_arrays({"fill": pre.fill, "mean": pre.mean, "std": pre.std})
+        pre = merge_statistics(stats, edges, study.feature_names,
+                               plan.model_form(study.feature_names))
+        study.preprocessor = encode_arrays(pre.to_arrays())
         next_kind, version = TRAIN, study.model_version
     elif rnd.kind == TRAIN:
         algorithm = plan.make_algorithm()

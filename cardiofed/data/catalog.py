@@ -12,12 +12,16 @@ DATASETS: tuple[str, ...] = ("synthetic", "uci-heart", "framingham", "csv")
 
 def load_dataset(name: str, *, seed: int = 0, data_dir: str | Path | None = None,
                  csv: list[Path] | None = None, mappings: list[Path] | None = None,
-                 n_sites: int = 12) -> FederatedDataset:
-    """Load a federation by name (see :data:`DATASETS`)."""
+                 n_sites: int = 12, eval_size: int | None = None) -> FederatedDataset:
+    """Load a federation by name (see :data:`DATASETS`); `eval_size` gives each synthetic
+    site an evaluation cohort of that many new patients."""
+    if eval_size is not None and name != "synthetic":
+        raise ConfigurationError(f"eval_size draws new patients from the synthetic sites' "
+                                 f"profiles; data set {name!r} keeps its own test splits.")
     if name == "synthetic":
         from cardiofed.data.synthetic import synthetic_federation
 
-        return synthetic_federation(n_sites, seed=seed)
+        return synthetic_federation(n_sites, seed=seed, eval_size=eval_size)
     if name == "uci-heart":
         from cardiofed.data.uci_heart import load_uci_heart
 

@@ -9,6 +9,7 @@ for categorical variables) with ``NaN`` marking a missing value, to be imputed b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -34,8 +35,14 @@ class SiteData:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    # The true risk each test label was drawn from (synthetic cohorts only): the yardstick
+    # of what any model can achieve at the site.
+    true_risk_test: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.true_risk_test is not None and self.true_risk_test.shape != self.y_test.shape:
+            raise ValueError(f"Site {self.name!r}: true_risk_test must have one risk per test "
+                             f"row; got {self.true_risk_test.shape} for {self.y_test.shape}.")
         for split, x, y in (("train", self.x_train, self.y_train),
                             ("test", self.x_test, self.y_test)):
             if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
@@ -55,6 +62,15 @@ class SiteData:
         return len(self.y_test)
 
 
+class SiteSampler(Protocol):
+    """Draws fresh training rows from a site's own population (synthetic cohorts only):
+    how the effective data of a site is measured without extrapolation."""
+
+    def draw(self, site: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """`n` new patients of `site`: encoded features (NaN = missing) and 0/1 labels."""
+        ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class FederatedDataset:
     """A federation: sites sharing the same encoded feature columns."""
@@ -66,6 +82,17 @@ class FederatedDataset:
     outcome: str
     description: str = ""
     load_reports: dict[str, dict[str, object]] = field(default_factory=dict)
+    sampler: SiteSampler | None = None
+    # The test splits are simulated evaluation cohorts, not records the sites hold.
+    evaluation_cohorts: bool = False
+
+    def own_records(self, site: SiteData) -> tuple[np.ndarray, np.ndarray]:
+        """All rows `site` holds: its training rows, and its test rows unless those are
+        a simulated evaluation cohort."""
+        if self.evaluation_cohorts:
+            return site.x_train, site.y_train
+        return (np.concatenate([site.x_train, site.x_test]),
+                np.concatenate([site.y_train, site.y_test]))
 
     def __post_init__(self) -> None:
         if not self.sites:

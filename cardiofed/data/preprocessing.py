@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cardiofed.data.model_form import ModelForm
+
 DEFAULT_BINS = 256
 # Bins of a private release: fewer bins, less noise summed into each column's totals.
 # DEFAULT_BINS is a multiple, so exact and private releases merge (re-binned).
@@ -115,24 +117,62 @@ def rebin(hist: np.ndarray, n_bins: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Preprocessor:
-    """Fill missing values, then standardise: ``(x - mean) / std``.
+    """Fill missing values, build the model form's terms, then standardise:
+    ``(terms - mean) / std``.
 
-    A column that is constant in training (std 0) is only centred, so a test value that
-    differs from the training constant stays finite.
+    ``fill`` has one value per encoded column; ``mean`` and ``std`` one per model column
+    (the encoded columns themselves when ``form`` is None, the raw form). A column that
+    is constant in training (std 0) is only centred, so a test value that differs from
+    the training constant stays finite.
     """
 
     fill: np.ndarray
     mean: np.ndarray
     std: np.ndarray
+    form: ModelForm | None = None
+
+    def __post_init__(self) -> None:
+        n_in = len(self.fill) if self.form is None else self.form.n_inputs
+        n_out = len(self.fill) if self.form is None else self.form.n_columns
+        if len(self.fill) != n_in or len(self.mean) != n_out or len(self.std) != n_out:
+            raise ValueError(f"A preprocessor of {n_in} encoded and {n_out} model columns "
+                             f"needs {n_in} fill values and {n_out} means and SDs; got "
+                             f"{len(self.fill)}, {len(self.mean)} and {len(self.std)}.")
+
+    @property
+    def n_columns(self) -> int:
+        """Model columns (what the network takes)."""
+        return len(self.mean)
+
+    def columns(self, x: np.ndarray) -> np.ndarray:
+        """Encoded rows filled and turned into the form's terms (not standardised)."""
+        filled = np.where(np.isnan(x), self.fill, x)
+        return filled if self.form is None else self.form.apply(filled)
+
+    def standardise(self, x: np.ndarray) -> np.ndarray:
+        """Encoded rows -> standardised model columns, in float64."""
+        scale = np.where(self.std > 0, self.std, 1.0)
+        out: np.ndarray = (self.columns(np.asarray(x, dtype=np.float64)) - self.mean) / scale
+        return out
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        filled = np.where(np.isnan(x), self.fill, x)
-        scale = np.where(self.std > 0, self.std, 1.0)
-        return ((filled - self.mean) / scale).astype(np.float32)
+        """Encoded rows -> standardised model columns, as float32 for the network."""
+        return self.standardise(x).astype(np.float32)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Fill, means and SDs as named arrays (the form travels as the study's setting)."""
+        return {"fill": self.fill, "mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], form: ModelForm | None = None,
+                    prefix: str = "") -> Preprocessor:
+        return cls(fill=arrays[f"{prefix}fill"], mean=arrays[f"{prefix}mean"],
+                   std=arrays[f"{prefix}std"], form=form)
 
 
 def merge_statistics(stats: list[SiteStatistics], edges: np.ndarray,
-                     names: list[str] | None = None) -> Preprocessor:
+                     names: list[str] | None = None,
+                     form: ModelForm | None = None) -> Preprocessor:
     """Combine sites' aggregates into one global preprocessor.
 
     Mean and (sample, ddof=1) standard deviation are those of the pooled observed
@@ -142,6 +182,8 @@ def merge_statistics(stats: list[SiteStatistics], edges: np.ndarray,
     :data:`DEFAULT_BINS`), mean and SD are the moments of the clipped merged histogram;
     a column whose merged count is below 1, or whose mean falls outside its range, takes
     the range's midpoint and a quarter of its width: data-independent, never a crash.
+    With a model `form`, the terms' means and SDs come from the merged histogram
+    (:meth:`ModelForm.moments`).
     """
     if not stats:
         raise ValueError("merge_statistics needs at least one site's statistics.")
@@ -177,7 +219,9 @@ def merge_statistics(stats: list[SiteStatistics], edges: np.ndarray,
     unusable = (count < 1) | (mean < low) | (mean > high)
     mean = np.where(unusable, (low + high) / 2, mean)
     std = np.where(unusable, (high - low) / 4, np.sqrt(var))
-    return Preprocessor(fill=histogram_median(clipped, coarse), mean=mean, std=std)
+    if form is not None:
+        mean, std = form.moments(clipped, coarse)
+    return Preprocessor(fill=histogram_median(clipped, coarse), mean=mean, std=std, form=form)
 
 
 def histogram_median(hist: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -201,8 +245,10 @@ def histogram_median(hist: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return medians
 
 
-def local_preprocessor(x: np.ndarray, fill: np.ndarray) -> Preprocessor:
+def local_preprocessor(x: np.ndarray, fill: np.ndarray,
+                       form: ModelForm | None = None) -> Preprocessor:
     """A site's own standardisation (FLamby's per-centre option), filling with `fill`."""
     filled = np.where(np.isnan(x), fill, x)
-    std = filled.std(axis=0, ddof=1) if len(filled) > 1 else np.zeros(filled.shape[1])
-    return Preprocessor(fill=fill, mean=filled.mean(axis=0), std=std)
+    terms = filled if form is None else form.apply(filled)
+    std = terms.std(axis=0, ddof=1) if len(terms) > 1 else np.zeros(terms.shape[1])
+    return Preprocessor(fill=fill, mean=terms.mean(axis=0), std=std, form=form)

@@ -27,9 +27,10 @@ def split_indices(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.nd
 
 
 def site_from_export(raw: pd.DataFrame, mapping: SiteMapping, features: list[str], *,
-                     test_fraction: float, seed: int,
+                     test_fraction: float | None, seed: int,
                      source: str = "<data>") -> tuple[SiteData, LoadReport]:
-    """Harmonise `raw` with `mapping`, encode `features` and split it into train and test."""
+    """Harmonise `raw` with `mapping`, encode `features` and split it into train and test
+    (``test_fraction=None``: every row is training data, the test split is empty)."""
     missing = [f for f in features if f not in mapping.columns]
     if missing:
         raise DataValidationError(
@@ -41,7 +42,10 @@ def site_from_export(raw: pd.DataFrame, mapping: SiteMapping, features: list[str
     if len(x) < 2:
         raise DataValidationError(f"{source}: site {mapping.site!r} has {len(x)} rows; "
                                   f"at least 2 are needed for a train/test split.")
-    train, test = split_indices(site.labels, test_fraction, seed)
+    if test_fraction is None:
+        train, test = np.arange(len(x)), np.arange(0)
+    else:
+        train, test = split_indices(site.labels, test_fraction, seed)
     data = SiteData(name=mapping.site, site_type=mapping.site_type,
                     x_train=x[train], y_train=site.labels[train],
                     x_test=x[test], y_test=site.labels[test])

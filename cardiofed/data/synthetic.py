@@ -14,14 +14,16 @@ child per site; the global NumPy random state is never used.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
 from cardiofed.data.dataset import FederatedDataset, SiteData, SiteTypes, feature_ranges_for
-from cardiofed.data.mapping import SiteMapping
-from cardiofed.data.sites import site_from_export
+from cardiofed.data.mapping import SiteMapping, encode, harmonise
+from cardiofed.data.sites import site_from_export, split_indices
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.schema import encoded_feature_names, get_feature
 
@@ -115,6 +117,7 @@ class SiteExport:
     raw: pd.DataFrame
     mapping: SiteMapping
     true_risk: np.ndarray  # 10-year risk each label was drawn from
+    labels: np.ndarray  # the exported outcomes (after any label noise)
     noisy_labels: bool
     truth: pd.DataFrame  # canonical values in canonical units before export quirks
 
@@ -152,6 +155,7 @@ _SEX_CODES = {"MF": {"M": "male", "F": "female"}, "10": {"1": "male", "0": "fema
 _BINARY_CODES = {"10": ("1", "0"), "YN": ("Y", "N")}  # (true, false)
 _LABEL_CODES = {"10": ("1", "0"), "yesno": ("yes", "no")}  # (positive, negative)
 _MISSING_TOKENS = ("", "NA", "-999")
+_EVALUATION_STREAM = 0x6576616C  # evaluation cohorts draw from their own seed stream
 _MISSING_RATES = (0.0, 0.03, 0.05, 0.02)
 # Clip ranges, well inside the schema's plausible ranges so that rounding and mmol/L
 # round trips stay valid.
@@ -273,45 +277,95 @@ def _export(p: SiteProfile, truth: pd.DataFrame, labels: np.ndarray,
     return pd.DataFrame(out, dtype=str)
 
 
-def generate_exports(profiles: list[SiteProfile], *, seed: int) -> list[SiteExport]:
+def _export_of(p: SiteProfile, rng: np.random.Generator) -> SiteExport:
+    truth = _draw_truth(p, rng)
+    risk = dagostino_cvd_risk(
+        male=(truth["sex"] == "male").to_numpy(), age=truth["age"].to_numpy(),
+        total_chol=truth["total_cholesterol"].to_numpy(),
+        hdl=truth["hdl_cholesterol"].to_numpy(), sbp=truth["systolic_bp"].to_numpy(),
+        bp_treated=truth["bp_treated"].to_numpy(),
+        smoker=truth["current_smoker"].to_numpy(), diabetes=truth["diabetes"].to_numpy())
+    labels = (rng.random(len(risk)) < risk).astype(np.int64)
+    n_flip = round(p.label_noise * len(labels))
+    if n_flip:
+        flip = rng.choice(len(labels), size=n_flip, replace=False)
+        labels[flip] = 1 - labels[flip]
+    return SiteExport(raw=_export(p, truth, labels, rng), mapping=_mapping(p), true_risk=risk,
+                      labels=labels, noisy_labels=p.label_noise > 0, truth=truth)
+
+
+def generate_exports(profiles: list[SiteProfile], *,
+                     seed: int | Sequence[int]) -> list[SiteExport]:
     """One raw export and mapping per profile; site k uses child k of ``SeedSequence(seed)``."""
-    exports: list[SiteExport] = []
     children = np.random.SeedSequence(seed).spawn(len(profiles))
-    for p, child in zip(profiles, children, strict=True):
-        rng = np.random.default_rng(child)
-        truth = _draw_truth(p, rng)
-        risk = dagostino_cvd_risk(
-            male=(truth["sex"] == "male").to_numpy(), age=truth["age"].to_numpy(),
-            total_chol=truth["total_cholesterol"].to_numpy(),
-            hdl=truth["hdl_cholesterol"].to_numpy(), sbp=truth["systolic_bp"].to_numpy(),
-            bp_treated=truth["bp_treated"].to_numpy(),
-            smoker=truth["current_smoker"].to_numpy(), diabetes=truth["diabetes"].to_numpy())
-        labels = (rng.random(len(risk)) < risk).astype(np.int64)
-        n_flip = round(p.label_noise * len(labels))
-        if n_flip:
-            flip = rng.choice(len(labels), size=n_flip, replace=False)
-            labels[flip] = 1 - labels[flip]
-        exports.append(SiteExport(raw=_export(p, truth, labels, rng), mapping=_mapping(p),
-                                  true_risk=risk, noisy_labels=p.label_noise > 0,
-                                  truth=truth))
-    return exports
+    return [_export_of(p, np.random.default_rng(child))
+            for p, child in zip(profiles, children, strict=True)]
+
+
+def _rows(export: SiteExport) -> tuple[np.ndarray, np.ndarray]:
+    site = harmonise(export.raw, export.mapping, source=f"synthetic:{export.mapping.site}")
+    return encode(site.frame, SYNTHETIC_FEATURES), site.labels
+
+
+@dataclass(frozen=True)
+class SyntheticSampler:
+    """Fresh patients from a synthetic site's own profile (:class:`SiteSampler`)."""
+
+    profiles: tuple[SiteProfile, ...]
+
+    def draw(self, site: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        profile = next((p for p in self.profiles if p.name == site), None)
+        if profile is None:
+            raise ConfigurationError(f"No synthetic site {site!r}; sites are "
+                                     f"{[p.name for p in self.profiles]}.")
+        export = _export_of(replace(profile, n_patients=n),
+                            np.random.default_rng([seed, zlib.crc32(site.encode())]))
+        return _rows(export)
 
 
 def synthetic_federation(n_sites: int = 12, *, seed: int = 0, test_fraction: float = 0.3,
-                         size_scale: float = 1.0) -> FederatedDataset:
-    """The demo federation, built from synthetic exports exactly as from real ones."""
+                         size_scale: float = 1.0, eval_size: int | None = None
+                         ) -> FederatedDataset:
+    """The demo federation, built from synthetic exports exactly as from real ones.
+
+    Each site's records are split into train and test (`test_fraction`). With
+    `eval_size`, every record of a site is training data and its test split is instead a
+    separate cohort of `eval_size` new patients drawn from the same profile (with the
+    same label noise): large enough to judge the site, while training stays at the
+    site's realistic size. Test rows carry the true risk their labels were drawn from.
+    """
+    if eval_size is not None and (isinstance(eval_size, bool) or not isinstance(eval_size, int)
+                                  or eval_size < 2):
+        raise ConfigurationError(f"eval_size must be an integer >= 2 or None; got "
+                                 f"eval_size={eval_size!r}.")
     profiles = default_profiles(n_sites, size_scale=size_scale)
+    cohorts = (generate_exports([replace(p, n_patients=eval_size) for p in profiles],
+                                seed=[seed, _EVALUATION_STREAM]) if eval_size else None)
     sites: list[SiteData] = []
     reports: dict[str, dict[str, object]] = {}
     for k, export in enumerate(generate_exports(profiles, seed=seed)):
-        site, report = site_from_export(
-            export.raw, export.mapping, SYNTHETIC_FEATURES, test_fraction=test_fraction,
-            seed=seed + k, source=f"synthetic:{export.mapping.site}")
+        source = f"synthetic:{export.mapping.site}"
+        if cohorts is None:
+            _, test = split_indices(export.labels, test_fraction, seed + k)
+            site, report = site_from_export(export.raw, export.mapping, SYNTHETIC_FEATURES,
+                                            test_fraction=test_fraction, seed=seed + k,
+                                            source=source)
+            site = replace(site, true_risk_test=export.true_risk[test])
+        else:
+            site, report = site_from_export(export.raw, export.mapping, SYNTHETIC_FEATURES,
+                                            test_fraction=None, seed=seed + k, source=source)
+            x_eval, y_eval = _rows(cohorts[k])
+            site = replace(site, x_test=x_eval, y_test=y_eval,
+                           true_risk_test=cohorts[k].true_risk)
         sites.append(site)
         reports[site.name] = report.as_dict()
     names = encoded_feature_names(SYNTHETIC_FEATURES)
+    evaluation = (f"; each site evaluated on {eval_size:,} new patients of its own profile"
+                  if eval_size else "")
     return FederatedDataset(
         name="synthetic", feature_names=names, feature_ranges=feature_ranges_for(names),
         sites=sites, outcome=OUTCOME, load_reports=reports,
+        sampler=SyntheticSampler(tuple(profiles)), evaluation_cohorts=cohorts is not None,
         description=f"Synthetic cohort: {len(sites)} sites, seed {seed}, outcomes drawn from "
-                    f"the D'Agostino 2008 general CVD risk equation.")
+                    f"the D'Agostino 2008 general CVD risk equation{evaluation}.")
+

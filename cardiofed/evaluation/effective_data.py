@@ -1,19 +1,25 @@
-"""Effective data equivalent of a federation.
+"""Effective data per site: how many of its own patients a hospital would need.
 
-Fit the learning curve of a single hospital (test AUC against training-set size, by
-training on stratified subsamples of the pooled training rows with the federation's own
-training recipe) and read off how many patients one hospital would need to match the
-federated model. Divided by the largest site's training size, that is the *effective
-data multiple*: "federating was worth as much as making the biggest hospital k times
-larger".
+The question a clinic asks of a federation is "how many of *my own* patients would I
+need to build this model alone?". For each site, local models are trained as the
+local-only baseline is (:func:`~cardiofed.training.alone.train_alone` on the site's own
+preprocessing) on training sets of growing size and scored on the site's own test
+split, giving the site's learning curve; the site's *effective data* is the size at
+which that curve reaches the AUC the site gets from the federation (its personalised
+model when the study personalises), and the *multiple* is that size over the site's own
+training size.
 
-The curve is an inverse power law, AUC(n) = a - b * n**(-c), with asymptote ``a``. When
-the federated AUC is at or above ``a`` no single hospital reaches it under this curve,
-and the result says so instead of returning a meaningless size. Sizes beyond the largest
-subsample are extrapolations and are flagged as such.
+* With a sampler (synthetic cohorts), the training sets are fresh patients of the site's
+  own profile, from half its size doubling upwards until the curve passes the target:
+  the crossing is bracketed and read off by interpolation on log size, never
+  extrapolated.
+* Without one (real data), the training sets are stratified subsamples of the site's own
+  training rows, up to all of them; the inverse power law AUC(n) = a - b n^-c is fitted
+  to the curve and solved for the target, and a size beyond the site's own rows is
+  flagged as an extrapolation. When the federated AUC is at or above the fitted
+  asymptote the site could not reach it alone under this curve, and the result says so.
 
-Simulation only: the learning curve trains on pooled rows, which a real federation never
-holds in one place.
+Simulation only: the local models need every candidate training set in one place.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
@@ -32,18 +38,15 @@ from sklearn.metrics import roc_auc_score
 from cardiofed.exceptions import ConfigurationError
 
 if TYPE_CHECKING:  # the simulation pulls in torch; importing this module should not
-    from cardiofed.simulation.config import SimulationConfig
+    from cardiofed.data.dataset import FederatedDataset, SiteData, SiteSampler
     from cardiofed.simulation.experiment import ExperimentResult
-    from cardiofed.simulation.prepare import PreparedSite
 
 __all__ = [
     "LearningCurveFit",
     "LearningCurvePoint",
-    "effective_data_equivalent",
-    "effective_data_from_experiment",
+    "SiteEffectiveData",
     "fit_learning_curve",
-    "learning_curve",
-    "learning_curve_detail",
+    "site_effective_data",
     "stratified_subsample",
 ]
 
@@ -51,10 +54,9 @@ FloatArray = npt.NDArray[np.float64]
 
 A_BOUNDS = (0.5, 1.0)
 C_BOUNDS = (1e-6, 2.0)  # c in (0, 2]
-DEFAULT_MIN_SIZE = 50
-DEFAULT_N_SIZES = 8
-
-MIN_STEPS = 1500
+MIN_SUBSAMPLE = 20
+MAX_MULTIPLE = 32  # fresh draws: stop at 32 x the site's own size
+MAX_DRAWN = 20_000  # ... or at this many patients (at least the site's own size)
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -103,65 +105,6 @@ class LearningCurvePoint:
     @property
     def std_auc(self) -> float:
         return float(np.std(self.aucs, ddof=1)) if len(self.aucs) > 1 else 0.0
-
-
-def learning_curve_detail(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                          y_test: np.ndarray, *, config: SimulationConfig, sizes: Sequence[int],
-                          repeats: int, seed: int) -> list[LearningCurvePoint]:
-    """Like :func:`learning_curve`, keeping every repeat's AUC."""
-    from cardiofed.models.networks import score
-    from cardiofed.simulation.runner import train_centralised
-
-    repeats = _check_int("repeats", repeats, 1)
-    seed = _check_int("seed", seed, 0)
-    y_tr = np.asarray(y_train)
-    y_te = np.asarray(y_test)
-    if len(x_train) != y_tr.size or len(x_test) != y_te.size:
-        raise ConfigurationError(
-            f"x and y must have the same number of rows; got {len(x_train)} and {y_tr.size} "
-            f"(train), {len(x_test)} and {y_te.size} (test)")
-    if not 0 < int(np.sum(y_te == 1)) < y_te.size:
-        raise ConfigurationError("y_test must contain both outcome classes for an AUC; got "
-                                 f"{int(np.sum(y_te == 1))} events in {y_te.size} rows")
-    checked = [_check_int("sizes", s, 2) for s in sizes]
-    if not checked:
-        raise ConfigurationError("sizes must hold at least one size; got none")
-    too_big = [s for s in checked if s > y_tr.size]
-    if too_big:
-        raise ConfigurationError(f"sizes must be at most the {y_tr.size} pooled training rows; "
-                                 f"got {too_big}")
-    rng = np.random.default_rng(seed)
-    points: list[LearningCurvePoint] = []
-    for size in checked:
-        aucs = []
-        for _ in range(repeats):
-            idx = stratified_subsample(y_tr, size, rng)
-            # A small hospital trains to convergence, not for fewer steps: at least
-            # MIN_STEPS optimiser steps, so the curve measures data, not effort.
-            steps_per_epoch = -(-size // config.batch_size)
-            epochs = max(config.rounds * config.local_epochs, -(-MIN_STEPS // steps_per_epoch))
-            weights = train_centralised(x_train[idx], y_train[idx], config, epochs=epochs,
-                                        seed=int(rng.integers(2**31)))
-            aucs.append(float(roc_auc_score(y_te, score(config.model, weights, x_test))))
-        points.append(LearningCurvePoint(size=size, aucs=tuple(aucs)))
-    return points
-
-
-def learning_curve(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                   y_test: np.ndarray, *, config: SimulationConfig, sizes: Sequence[int],
-                   repeats: int, seed: int) -> list[tuple[int, float]]:
-    """Mean test AUC of a single hospital trained on each of `sizes` patients.
-
-    For each size, `repeats` stratified subsamples (without replacement) of the pooled,
-    preprocessed training rows are each trained with
-    :func:`~cardiofed.simulation.runner.train_centralised` (the federation's recipe, for
-    ``rounds x local_epochs`` epochs but at least ``MIN_STEPS`` steps) and scored on the
-    whole test set. Deterministic
-    given `seed`. Returns ``[(size, mean AUC), ...]`` in the order of `sizes`.
-    """
-    return [(p.size, p.mean_auc) for p in learning_curve_detail(
-        x_train, y_train, x_test, y_test, config=config, sizes=sizes, repeats=repeats,
-        seed=seed)]
 
 
 # --------------------------------------------------------------------------- the fit
@@ -264,99 +207,182 @@ def fit_learning_curve(points: Sequence[tuple[int, float]]) -> LearningCurveFit:
                             n_max=int(n.max()), rmse=math.sqrt(sse / n.size))
 
 
-# --------------------------------------------------------------------------- the answer
+# --------------------------------------------------------------------------- per site
 
 
-def effective_data_equivalent(fit: LearningCurveFit, federated_auc: float,
-                              largest_site_size: int) -> dict[str, Any]:
-    """How many patients one hospital would need to match `federated_auc`.
+@dataclass(frozen=True)
+class SiteEffectiveData:
+    """One site's learning curve and the size at which it reaches the federated AUC.
 
-    Returns a dict with ``n_equivalent`` (inf when unreachable), ``multiple``
-    (n_equivalent / largest_site_size; inf when unreachable), ``reachable`` (False when
-    the federated AUC is at or above the curve's asymptote), ``extrapolated`` (the size
-    lies outside the sizes the curve was fitted on), ``asymptote_at_bound`` (see
-    :attr:`LearningCurveFit.asymptote_at_bound`), the inputs, the asymptote and a
-    one-line ``explanation``.
+    ``n_equivalent`` is inf when the site could not reach the target alone (above the
+    curve's asymptote, or beyond the largest fresh draw: then ``lower_bound`` is True and
+    the multiple is at least the one shown), nan when not estimable (no AUC at the site).
     """
-    if not (isinstance(federated_auc, int | float | np.floating) and math.isfinite(federated_auc)
-            and 0.0 <= federated_auc <= 1.0):
-        raise ConfigurationError(f"federated_auc must be a finite AUC in [0, 1]; "
-                                 f"got {federated_auc!r}")
-    largest = _check_int("largest_site_size", largest_site_size, 1)
-    auc = float(federated_auc)
-    n_eq = fit.size_for(auc)
-    reachable = math.isfinite(n_eq)
-    multiple = n_eq / largest if reachable else math.inf
-    extrapolated = reachable and not fit.n_min <= n_eq <= fit.n_max
-    if not reachable:
-        explanation = (f"Federated AUC {auc:.3f} is at or above the single-hospital curve's "
-                       f"asymptote {fit.a:.3f}: not reachable by a single hospital under "
-                       f"this curve.")
-    else:
-        explanation = (f"A single hospital would need about {n_eq:,.0f} patients to match "
-                       f"the federated AUC {auc:.3f}: {multiple:.2f}x the largest site's "
-                       f"{largest:,}.")
-        if n_eq > fit.n_max:
-            explanation += (f" Extrapolated beyond the largest subsample ({fit.n_max:,}); "
-                            f"treat as indicative.")
-        elif n_eq < fit.n_min:
-            explanation += f" Below the smallest subsample ({fit.n_min:,}); extrapolated."
-    if fit.asymptote_at_bound:
-        explanation += (f" The fitted asymptote sits at its bound {A_BOUNDS[1]:g}: the curve "
-                        f"has not levelled off over the sizes tried.")
-    return {"federated_auc": auc, "asymptote": fit.a, "n_equivalent": n_eq,
-            "largest_site_size": largest, "multiple": multiple, "reachable": reachable,
-            "extrapolated": extrapolated, "asymptote_at_bound": fit.asymptote_at_bound,
-            "explanation": explanation}
+
+    site: str
+    site_type: str
+    own_size: int
+    target_auc: float
+    method: str  # "fresh draws" or "own subsamples"
+    curve: tuple[LearningCurvePoint, ...]
+    n_equivalent: float
+    extrapolated: bool = False
+    lower_bound: bool = False  # not reached by the largest draw: at least the multiple shown
+    upper_bound: bool = False  # reached by the smallest draw: at most the multiple shown
+    fit: LearningCurveFit | None = None
+    explanation: str = ""
+
+    @property
+    def multiple(self) -> float:
+        if self.lower_bound:
+            return self.curve[-1].size / self.own_size
+        return self.n_equivalent / self.own_size
+
+    def to_dict(self) -> dict[str, Any]:
+        def num(v: float) -> float | None:
+            return float(v) if math.isfinite(v) else None
+        return {"site": self.site, "site_type": self.site_type, "own_size": self.own_size,
+                "target_auc": num(self.target_auc), "method": self.method,
+                "n_equivalent": num(self.n_equivalent), "multiple": num(self.multiple),
+                "extrapolated": self.extrapolated, "lower_bound": self.lower_bound,
+                "upper_bound": self.upper_bound,
+                "curve": [[p.size, list(p.aucs)] for p in self.curve],
+                "fit": self.fit.to_dict() if self.fit else None,
+                "explanation": self.explanation}
 
 
-def default_sizes(total: int, *, smallest: int = DEFAULT_MIN_SIZE,
-                  count: int = DEFAULT_N_SIZES) -> list[int]:
-    """A geometric grid of distinct training sizes from ~`smallest` to `total`."""
-    total = _check_int("total", total, 2)
-    low = min(smallest, total)
-    grid = np.unique(np.round(np.geomspace(low, total, num=count)).astype(int))
-    return [int(s) for s in grid if s >= 2]
+@dataclass
+class _Curve:
+    """One site's learning curve: trains its local models and scores them on its test
+    split; ``seed`` and ``index`` (the site's) seed every draw and every training run."""
+
+    site: SiteData
+    result: ExperimentResult
+    feature_ranges: list[tuple[float, float]]
+    feature_names: list[str]
+    target: float
+    repeats: int
+    seed: int
+    index: int
+    points: list[LearningCurvePoint] = field(default_factory=list)
+
+    def add(self, size: int, draws: Sequence[tuple[np.ndarray, np.ndarray]]) -> LearningCurvePoint:
+        from dataclasses import replace
+
+        from cardiofed.models.networks import score
+        from cardiofed.simulation.prepare import prepare_local_only
+        from cardiofed.simulation.runner import derive_seed
+        from cardiofed.training.alone import train_alone
+
+        config = self.result.config
+        form = config.model_form(self.feature_names)
+        aucs = []
+        for r, (x, y) in enumerate(draws):
+            local = prepare_local_only(replace(self.site, x_train=x, y_train=y),
+                                       self.feature_ranges, form)
+            weights = train_alone(local.x_train, local.y_train, config,
+                                  seed=derive_seed(self.seed, 72_000, self.index, r))
+            aucs.append(float(roc_auc_score(local.y_test,
+                                            score(config.model, weights, local.x_test))))
+        point = LearningCurvePoint(size=size, aucs=tuple(aucs))
+        self.points.append(point)
+        return point
+
+    def outcome(self, method: str, n_equivalent: float, explanation: str,
+                **flags: Any) -> SiteEffectiveData:
+        return SiteEffectiveData(site=self.site.name, site_type=self.site.site_type,
+                                 own_size=self.site.n_train, target_auc=self.target,
+                                 method=method, curve=tuple(self.points),
+                                 n_equivalent=n_equivalent, explanation=explanation, **flags)
 
 
-def effective_data_from_experiment(result: ExperimentResult, sites: list[PreparedSite], *,
-                                   repeats: int = 3, seed: int = 0,
-                                   sizes: Sequence[int] | None = None) -> dict[str, Any]:
-    """The effective data equivalent of an experiment's federated model.
+def _interpolate(below: LearningCurvePoint, above: LearningCurvePoint, target: float) -> float:
+    """Size where the mean curve crosses `target`, linear in log size between two points."""
+    if above.mean_auc == below.mean_auc:
+        return float(above.size)
+    t = (target - below.mean_auc) / (above.mean_auc - below.mean_auc)
+    return float(np.exp(np.log(below.size) + t * (np.log(above.size) - np.log(below.size))))
 
-    `sites` are the experiment's prepared sites (:func:`prepare_federation` with the
-    experiment's standardisation). The learning curve trains on their pooled training rows
-    with ``result.config`` and scores on their pooled test rows; the target is the
-    federated pooled-test AUC, the reference the largest site's training size. `sizes`
-    default to a geometric grid from ~50 to the pooled training size.
 
-    Returns :func:`effective_data_equivalent`'s dict plus ``fit`` (the parameters),
-    ``learning_curve`` ([(size, mean AUC)]) and ``learning_curve_repeats`` (each
-    repeat's AUC per size).
-    """
-    from cardiofed.simulation.experiment import FEDERATED, POOLED_TEST
+def site_effective_data(dataset: FederatedDataset, result: ExperimentResult, *,
+                        repeats: int = 3, seed: int = 0,
+                        model: str | None = None) -> dict[str, SiteEffectiveData]:
+    """Each site's effective data (see the module docstring) for `model` (default: the
+    experiment's headline model, personalised when it personalised)."""
+    repeats = _check_int("repeats", repeats, 1)
+    seed = _check_int("seed", seed, 0)
+    label = model or result.headline_model
+    out: dict[str, SiteEffectiveData] = {}
+    for k, site in enumerate(dataset.sites):
+        curve = _Curve(site, result, dataset.feature_ranges, dataset.feature_names,
+                       target=result.metrics[site.name][label]["auc"], repeats=repeats,
+                       seed=seed, index=k)
+        if not math.isfinite(curve.target):
+            out[site.name] = curve.outcome("", math.nan, "no AUC at this site's test split")
+        elif dataset.sampler is not None:
+            out[site.name] = _by_fresh_draws(curve, dataset.sampler)
+        else:
+            out[site.name] = _by_subsamples(curve)
+    return out
 
-    if not sites:
-        raise ConfigurationError("sites must hold at least one prepared site; got none")
-    names = {s.name for s in sites}
-    if result.site_sizes and names != set(result.site_sizes):
-        raise ConfigurationError(f"sites {sorted(names)} are not the experiment's sites "
-                                 f"{sorted(result.site_sizes)}")
-    try:
-        federated_auc = result.metrics[POOLED_TEST][FEDERATED]["auc"]
-    except KeyError:
-        raise ConfigurationError("result has no federated pooled-test AUC "
-                                 f"(metrics[{POOLED_TEST!r}][{FEDERATED!r}]['auc'])") from None
-    x_train = np.concatenate([s.x_train for s in sites])
-    y_train = np.concatenate([s.y_train for s in sites])
-    x_test = np.concatenate([s.x_test for s in sites])
-    y_test = np.concatenate([s.y_test for s in sites])
-    grid = list(sizes) if sizes is not None else default_sizes(y_train.size)
-    detail = learning_curve_detail(x_train, y_train, x_test, y_test, config=result.config,
-                                   sizes=grid, repeats=repeats, seed=seed)
-    curve = [(p.size, p.mean_auc) for p in detail]
-    fit = fit_learning_curve(curve)
-    largest = max(s.n_train for s in sites)
-    return {**effective_data_equivalent(fit, federated_auc, largest),
-            "fit": fit.to_dict(), "learning_curve": curve,
-            "learning_curve_repeats": {p.size: list(p.aucs) for p in detail}}
+
+def _by_fresh_draws(curve: _Curve, sampler: SiteSampler) -> SiteEffectiveData:
+    from cardiofed.simulation.runner import derive_seed
+
+    own, target, method = curve.site.n_train, curve.target, "fresh draws"
+    limit = min(MAX_MULTIPLE * own, max(MAX_DRAWN, own))
+    size = max(MIN_SUBSAMPLE, own // 2)
+    previous: LearningCurvePoint | None = None
+    while True:
+        point = curve.add(size, [sampler.draw(curve.site.name, size, derive_seed(
+            curve.seed, 71_000, curve.index, r, size)) for r in range(curve.repeats)])
+        if point.mean_auc >= target:
+            if previous is None:
+                return curve.outcome(method, float(size), (
+                    f"{size:,} of its own patients, the fewest tried, already match the "
+                    f"federated AUC {target:.3f}: at most {size / own:.1f}x its {own:,}."),
+                    upper_bound=True)
+            n_eq = _interpolate(previous, point, target)
+            return curve.outcome(method, n_eq, (
+                f"about {n_eq:,.0f} of its own patients would match the federated AUC "
+                f"{target:.3f}: {n_eq / own:.1f}x its {own:,}."))
+        if size >= limit:
+            return curve.outcome(method, math.inf, (
+                f"even {size:,} of its own patients ({size / own:.0f}x its {own:,}) reach "
+                f"only AUC {point.mean_auc:.3f} < the federated {target:.3f}: the effective "
+                f"data is more than that."), lower_bound=True)
+        previous, size = point, min(2 * size, limit)
+
+
+def _by_subsamples(curve: _Curve) -> SiteEffectiveData:
+    own, target, method = curve.site.n_train, curve.target, "own subsamples"
+    y = curve.site.y_train
+    rng = np.random.default_rng([curve.seed, 73_000, curve.index])
+    low = min(own, max(MIN_SUBSAMPLE, own // 8))
+    for size in sorted({int(v) for v in np.round(np.geomspace(low, own, num=5))}):
+        idx = [stratified_subsample(y, size, rng) for _ in range(curve.repeats)]
+        curve.add(size, [(curve.site.x_train[i], y[i]) for i in idx])
+    if len(curve.points) < 3:
+        return curve.outcome(method, math.nan, f"{own} training rows are too few for a curve")
+    fit = fit_learning_curve([(p.size, p.mean_auc) for p in curve.points])
+    n_eq = fit.size_for(target)
+    if not math.isfinite(n_eq):
+        return curve.outcome(method, n_eq, (
+            f"the federated AUC {target:.3f} is at or above the asymptote {fit.a:.3f} of its "
+            f"own learning curve: not reachable alone under this curve."), fit=fit)
+    extrapolated = n_eq > own
+    return curve.outcome(method, n_eq, (
+        f"about {n_eq:,.0f} of its own patients would match the federated AUC {target:.3f}: "
+        f"{n_eq / own:.1f}x its {own:,}"
+        + (" (extrapolated beyond its own rows; indicative)." if extrapolated else ".")),
+        fit=fit, extrapolated=extrapolated)
+
+
+def by_site_type(effective: dict[str, SiteEffectiveData]) -> dict[str, dict[str, float]]:
+    """Per site type: the median multiple and how many sites it summarises."""
+    types: dict[str, list[float]] = {}
+    for e in effective.values():
+        if not math.isnan(e.n_equivalent):
+            types.setdefault(e.site_type, []).append(e.multiple)
+    return {t: {"median_multiple": float(np.median(v)), "n_sites": float(len(v))}
+            for t, v in types.items()}

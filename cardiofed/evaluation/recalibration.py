@@ -1,39 +1,42 @@
-"""Per-site logistic recalibration of a trained global model.
+"""A site's update of the global model along the standard hierarchy, on held-out rows.
 
-The federated model is one model for every hospital, but a community clinic's event
-rate and case mix differ from a tier-3 hospital's, so its risks can be systematically
-too high or too spread out there. Logistic recalibration (Cox, "Two further
-applications of a model for binary regression", Biometrika 1958; Steyerberg, "Clinical
-Prediction Models", 2nd ed. 2019, ch. 20) fits, at each site, on the site's own data,
+The federated model is one model for every hospital; a community clinic's event rate
+and case mix may differ enough that its risks are systematically off there. The site
+updates the model's log-odds ``lp`` on its own *calibration split*, rows the federated
+model never trained on, along the updating hierarchy (Steyerberg, Clinical Prediction
+Models, 2nd ed. 2019, ch. 20; Janssen et al., J Clin Epidemiol 2008;61:76-86; the
+closed-testing idea of Vergouwe et al., Stat Med 2017;36:4529-4539):
 
-    logit P(y = 1) = a + b * logit(p)
+1. recalibration in the large: ``lp + a``;
+2. logistic recalibration: ``a + b lp``;
+3. revision of a few terms: ``a + b lp + sum_j c_j z_j`` over standardised model
+   columns ``z_j`` chosen one at a time.
 
-and reports ``sigmoid(a + b * logit(p))`` as the site's calibrated risk. The global model
-is unchanged and ranking (AUC) is preserved when ``b > 0``. ``a = 0, b = 1`` is the
-identity; the fitted ``a`` and ``b`` are the calibration intercept and slope that
-:func:`cardiofed.evaluation.metrics.binary_metrics` reports as ``calibration_slope``.
-
-The fit is unpenalised maximum likelihood by damped Newton-Raphson. A slope estimated
-from a small site is mostly noise (its standard error is about ``1/sqrt(events)``), and
-applying a noisy slope makes calibration worse on new patients, so when the slope's
-standard error exceeds ``max_slope_se`` only the intercept is updated ("recalibration in
-the large", the first step of Steyerberg's updating hierarchy, ch. 20.3), with the slope
-kept at 1. With too few events (or a single class, or separation) no reliable fit
-exists, and :func:`fit_recalibration` returns the identity with ``fitted=False`` and the
-reason.
+Each step is taken only when the evidence is sufficient: a likelihood-ratio test on the
+calibration split prefers it to the model so far (p < ``alpha``; for a term, ``alpha``
+divided by the number of candidate terms, Bonferroni), and the site has at least
+``min_events_per_parameter`` events of its rarer outcome per parameter the step
+estimates. Otherwise the global model is kept as it is: a small site mostly keeps it,
+which is the point (its slope estimate is mostly noise, and applying noise makes
+calibration worse for new patients).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+from scipy.stats import chi2
 
 from cardiofed.evaluation.metrics import fit_logistic, logit, validate_binary_inputs
 from cardiofed.exceptions import ConfigurationError
 
-__all__ = ["Recalibration", "fit_recalibration"]
+__all__ = ["LEVELS", "Recalibration", "fit_update"]
+
+LEVELS = ("none", "intercept", "slope", "terms")
+
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     out: np.ndarray = np.exp(-np.logaddexp(0.0, -z))
@@ -42,87 +45,185 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Recalibration:
-    """``p -> sigmoid(intercept + slope * logit(p))``; the identity when not ``fitted``."""
+    """``logit p' = intercept + slope * logit(p) + sum_j coefficients[j] * z[:, j]``.
+
+    ``coefficients`` maps a model column (index into the standardised model columns
+    ``z``) to its correction; ``level`` is the highest step of the hierarchy taken
+    ("none" is the identity) and ``tests`` the likelihood-ratio tests that decided it,
+    as (step, statistic, p-value).
+    """
 
     intercept: float = 0.0
     slope: float = 1.0
-    fitted: bool = True
-    reason: str = ""  # why the identity or an intercept-only update was used
+    coefficients: dict[int, float] = field(default_factory=dict)
+    level: str = "none"
+    reason: str = ""
+    tests: tuple[tuple[str, float, float], ...] = ()
 
     @classmethod
     def identity(cls, reason: str) -> Recalibration:
-        return cls(0.0, 1.0, fitted=False, reason=reason)
+        return cls(reason=reason)
 
-    def apply(self, p: npt.ArrayLike) -> np.ndarray:
-        """Recalibrated risks (float64, same shape as ``p``); ``p`` itself when not fitted."""
+    @property
+    def fitted(self) -> bool:
+        return self.level != "none"
+
+    def apply(self, p: npt.ArrayLike, z: np.ndarray | None = None) -> np.ndarray:
+        """Updated risks (float64, same shape as ``p``); ``z`` (rows x model columns) is
+        needed when the update revises terms."""
         arr = np.asarray(p, dtype=np.float64)
         if arr.size and (not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 1):
             raise ValueError("p must hold finite risks in [0, 1].")
         if not self.fitted:
             return arr.copy()
-        return _sigmoid(self.intercept + self.slope * logit(arr))
+        eta = self.intercept + self.slope * logit(arr)
+        if self.coefficients:
+            if z is None:
+                raise ValueError("This update revises model terms; pass the standardised "
+                                 "model columns z.")
+            columns = list(self.coefficients)
+            eta = eta + np.asarray(z, dtype=np.float64)[:, columns] @ np.array(
+                [self.coefficients[j] for j in columns])
+        return _sigmoid(eta)
 
 
-def fit_recalibration(y: npt.ArrayLike, p: npt.ArrayLike, *, min_events: int = 10,
-                      max_slope_se: float = 0.1) -> Recalibration:
-    """Fit ``logit P(y = 1) = a + b * logit(p)`` on one site's labels and predicted risks.
+def _loglik(y: np.ndarray, eta: np.ndarray) -> float:
+    return float(np.sum(y * eta - np.logaddexp(0.0, eta)))
+
+
+@dataclass
+class _Step:
+    beta: np.ndarray  # coefficients of [1, lp, z_terms...] (slope fixed at 1 when absent)
+    loglik: float
+    terms: list[int]
+    with_slope: bool
+
+
+def fit_update(y: npt.ArrayLike, p: npt.ArrayLike, z: np.ndarray | None = None, *,
+               alpha: float = 0.05, min_events_per_parameter: int = 10,
+               max_terms: int = 3, term_names: Sequence[str] | None = None) -> Recalibration:
+    """Walk the updating hierarchy on one site's calibration split.
 
     Args:
-        y: 0/1 outcomes at the site.
-        p: the global model's risks for the same patients.
-        min_events: the smaller of the two class counts must be at least this (>= 1);
-            otherwise the intercept and slope are too uncertain to apply and the
-            identity is returned, with ``fitted=False`` and the reason.
-        max_slope_se: largest standard error of the fitted slope (> 0) at which the slope
-            is applied; above it only the intercept is updated (slope 1), and ``reason``
-            says so. ``math.inf`` always applies the fitted slope.
+        y: 0/1 outcomes of the calibration rows.
+        p: the global model's risks for the same rows.
+        z: their standardised model columns (candidates for a term revision); None
+            stops at the slope.
+        alpha: significance level of each likelihood-ratio test, in (0, 1).
+        min_events_per_parameter: events of the rarer outcome needed per estimated
+            parameter (>= 1).
+        max_terms: most terms revised (>= 0).
+        term_names: names of z's columns, for the reason text.
     """
-    if isinstance(min_events, bool) or not isinstance(min_events, int) or min_events < 1:
-        raise ConfigurationError(f"The 'min_events' parameter must be an integer >= 1; "
-                                 f"got {min_events!r}.")
-    if isinstance(max_slope_se, bool) or not isinstance(max_slope_se, (int, float)) \
-            or not max_slope_se > 0:
-        raise ConfigurationError(f"The 'max_slope_se' parameter must be a number > 0; "
-                                 f"got {max_slope_se!r}.")
+    if not (isinstance(alpha, float | int) and 0.0 < alpha < 1.0):
+        raise ConfigurationError(f"The 'alpha' parameter must be in (0, 1); got {alpha!r}.")
+    for name, value, low in (("min_events_per_parameter", min_events_per_parameter, 1),
+                             ("max_terms", max_terms, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigurationError(f"The {name!r} parameter must be an integer >= {low}; "
+                                     f"got {value!r}.")
     yy, pp = validate_binary_inputs(y, p)
+    if z is not None and (z.ndim != 2 or len(z) != len(yy)):
+        raise ConfigurationError(f"z must have one row per outcome; got {z.shape} for "
+                                 f"{len(yy)} outcomes.")
     n_pos = int(yy.sum())
-    n_neg = yy.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        only = "1" if n_pos else "0"
-        return Recalibration.identity(
-            f"y holds a single class (all {yy.size} labels are {only}); recalibration "
-            f"needs both outcomes, so the identity is used.")
-    if min(n_pos, n_neg) < min_events:
-        return Recalibration.identity(
-            f"only {min(n_pos, n_neg)} {'events' if n_pos <= n_neg else 'non-events'} "
-            f"({n_pos} positive, {n_neg} negative) < min_events={min_events}; "
-            f"the identity is used.")
-    design = np.column_stack([np.ones_like(pp), logit(pp)])
-    if np.ptp(design[:, 1]) == 0:
-        return Recalibration.identity("all predicted risks are equal, so no slope can be "
-                                      "fitted; the identity is used.")
-    beta = fit_logistic(design, yy, np.zeros_like(yy), np.array([0.0, 1.0]))
+    events = min(n_pos, yy.size - n_pos)
+    if events == 0:
+        return Recalibration.identity(f"the calibration split holds one outcome class "
+                                      f"({yy.size} rows); the global model is kept.")
+    lp = logit(pp)
+    current = _Step(np.zeros(0), _loglik(yy, lp), [], with_slope=False)
+    intercept_only = False
+    tests: list[tuple[str, float, float]] = []
+    notes: list[str] = []
+
+    def enough(parameters: int, step: str) -> bool:
+        if events >= min_events_per_parameter * parameters:
+            return True
+        notes.append(f"{step} needs {min_events_per_parameter * parameters} events, "
+                     f"the split has {events}")
+        return False
+
+    def better(step: str, candidate: _Step | None, df: int, level: float) -> bool:
+        """Does a likelihood-ratio test on the split prefer `candidate` to `current`?"""
+        if candidate is None:
+            notes.append(f"the {step} fit did not converge")
+            return False
+        stat = max(2.0 * (candidate.loglik - current.loglik), 0.0)
+        p_value = float(chi2.sf(stat, df))
+        tests.append((step, stat, p_value))
+        return p_value < level
+
+    if enough(1, "an intercept"):
+        fit = _fit(yy, lp, z, [], with_slope=False)
+        if better("intercept", fit, 1, alpha) and fit is not None:
+            current, intercept_only = fit, True
+    if enough(2, "a slope"):
+        fit = _fit(yy, lp, z, [], with_slope=True)
+        if better("slope", fit, 1 if intercept_only else 2, alpha) and fit is not None:
+            current = fit
+    if z is not None:
+        candidates = list(range(z.shape[1]))
+        while len(current.terms) < max_terms and enough(3 + len(current.terms), "a term"):
+            best: _Step | None = None
+            for j in candidates:
+                fit = _fit(yy, lp, z, [*current.terms, j], with_slope=True)
+                if fit is not None and (best is None or fit.loglik > best.loglik):
+                    best = fit
+            # A term comes with the intercept and slope: df counts what the step adds.
+            df = 3 + len(current.terms) - _parameters(current)
+            if best is None or not better(f"term {_name(best.terms[-1], term_names)}", best,
+                                          df, alpha / len(candidates)):
+                break
+            candidates.remove(best.terms[-1])
+            current = best
+    level = ("terms" if current.terms else "slope" if current.with_slope
+             else "intercept" if intercept_only else "none")
+    decided = "; ".join(f"{step}: LR {stat:.2f}, p={pv:.3g}" for step, stat, pv in tests)
+    reason = "; ".join(part for part in (decided, *notes) if part)
+    if level == "none":
+        return Recalibration(reason=f"kept the global model ({reason or 'no test run'})",
+                             tests=tuple(tests))
+    beta = current.beta
+    return Recalibration(
+        intercept=float(beta[0]), slope=float(beta[1]) if current.with_slope else 1.0,
+        coefficients={j: float(c) for j, c in zip(current.terms, beta[2:], strict=True)},
+        level=level, reason=reason, tests=tuple(tests))
+
+
+def _parameters(step: _Step) -> int:
+    return len(step.beta)
+
+
+def _name(column: int, names: Sequence[str] | None) -> str:
+    return names[column] if names is not None else f"z[{column}]"
+
+
+def _fit(y: np.ndarray, lp: np.ndarray, z: np.ndarray | None, terms: list[int], *,
+         with_slope: bool) -> _Step | None:
+    """Maximum likelihood of one step; None when it does not converge (separation)."""
+    ones = np.ones_like(y)
+    if not with_slope:
+        beta = fit_logistic(ones[:, None], y, lp, np.zeros(1))
+        if beta is None:
+            return None
+        return _Step(beta, _loglik(y, beta[0] + lp), [], with_slope=False)
+    columns = [ones, lp] + ([z[:, j] for j in terms] if z is not None else [])
+    design = np.column_stack(columns)
+    beta = fit_logistic(design, y, np.zeros_like(y),
+                        np.r_[0.0, 1.0, np.zeros(len(terms))])
     if beta is None or not np.all(np.abs(beta) < 1e6):
-        return Recalibration.identity("the logistic fit did not converge (the outcomes are "
-                                      "separated by the predicted risk); the identity is used.")
-    slope_se = _slope_standard_error(design, beta)
-    if slope_se <= max_slope_se:
-        return Recalibration(intercept=float(beta[0]), slope=float(beta[1]))
-    alpha = fit_logistic(design[:, :1], yy, design[:, 1], np.zeros(1))
-    if alpha is None:
-        return Recalibration.identity("the intercept-only fit did not converge; the "
-                                      "identity is used.")
-    return Recalibration(intercept=float(alpha[0]), slope=1.0, reason=(
-        f"the fitted slope {beta[1]:.3f} has standard error {slope_se:.3f} > "
-        f"max_slope_se={max_slope_se:g} ({n_pos} events), so only the intercept is "
-        f"updated."))
+        return None
+    return _Step(beta, _loglik(y, design @ beta), list(terms), with_slope=True)
 
 
-def _slope_standard_error(design: np.ndarray, beta: np.ndarray) -> float:
-    """Standard error of the slope from the inverse Fisher information at the MLE."""
-    mu = _sigmoid(design @ beta)
-    info = (design * (mu * (1.0 - mu))[:, None]).T @ design
-    try:
-        return float(np.sqrt(np.linalg.inv(info)[1, 1]))
-    except np.linalg.LinAlgError:
-        return float("inf")
+def describe(update: Recalibration, names: Sequence[str] | None = None) -> str:
+    """One line: what the site's update changes."""
+    if not update.fitted:
+        return "global model kept"
+    parts = [f"intercept {update.intercept:+.3f}"]
+    if update.level in ("slope", "terms"):
+        parts.append(f"slope {update.slope:.3f}")
+    parts += [f"{_name(j, names)} {c:+.3f}" for j, c in update.coefficients.items()]
+    return ", ".join(parts)
+

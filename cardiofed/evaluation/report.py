@@ -9,6 +9,7 @@ import html
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -19,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import numpy.typing as npt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
 from cardiofed.evaluation.metrics import (  # noqa: E402
     binary_metrics,
@@ -28,13 +29,14 @@ from cardiofed.evaluation.metrics import (  # noqa: E402
     validate_binary_inputs,
 )
 
-__all__ = ["write_report"]
+__all__ = ["LearningCurve", "write_report"]
 
 Predictions = Mapping[str, Mapping[str, tuple[npt.ArrayLike, npt.ArrayLike]]]
 
 ROC_PNG = "roc_curves.png"
 CALIBRATION_PNG = "calibration_curves.png"
 ROUNDS_PNG = "auc_per_round.png"
+LEARNING_PNG = "effective_data.png"
 MISSING = "\u2013"  # en dash, shown for nan / None
 
 _CSS = """
@@ -130,6 +132,37 @@ def _plot_rounds(path: Path, round_history: Sequence[Mapping[str, float]]) -> No
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class LearningCurve:
+    """A site's local learning curve: mean AUC per training size, the AUC it gets from the
+    federation, its own size, and the size at which the curve reaches that AUC."""
+
+    sizes: Sequence[int]
+    aucs: Sequence[float]
+    target: float
+    own_size: int
+    n_equivalent: float
+
+
+def _plot_learning_curves(path: Path, curves: Mapping[str, LearningCurve]) -> None:
+    fig, axes = _grid(len(curves))
+    for ax, (site, c) in zip(axes, curves.items(), strict=True):
+        ax.plot(c.sizes, c.aucs, marker="o", markersize=3, linewidth=1.2, label="alone")
+        ax.axhline(c.target, color="tab:green", linewidth=1, label="federated")
+        ax.axvline(c.own_size, color="grey", linestyle=":", linewidth=1, label="own size")
+        if math.isfinite(c.n_equivalent):
+            ax.plot([c.n_equivalent], [c.target], marker="*", color="tab:green", markersize=9)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(title=_mpl_text(site), xlabel="Own patients", ylabel="AUC")
+        ax.title.set_fontsize("small")
+        ax.legend(loc="lower right", fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _cell(value: object) -> str:
     if value is None:
         return MISSING
@@ -178,6 +211,8 @@ def write_report(
     site_predictions: Predictions,
     sections: Sequence[tuple[str, str]] = (),
     notes: Sequence[str] = (),
+    learning_curves: Mapping[str, LearningCurve] | None = None,
+    details: Mapping[str, object] | None = None,
 ) -> Path:
     """Write index.html, summary.json and PNG figures into out_dir; return index.html's path.
 
@@ -193,6 +228,8 @@ def write_report(
         sections: extra (heading, HTML fragment) pairs; headings are escaped, fragments are
             inserted verbatim (they must already be escaped).
         notes: short paragraphs shown under the title (escaped).
+        learning_curves: site -> its local learning curve (the effective-data figure).
+        details: further JSON-ready entries for summary.json (nan/inf become null).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,6 +243,10 @@ def write_report(
     if round_history:
         _plot_rounds(out / ROUNDS_PNG, round_history)
         images.append(("AUC per round", ROUNDS_PNG))
+    if learning_curves:
+        _plot_learning_curves(out / LEARNING_PNG, learning_curves)
+        images.append(("Effective data: each site's AUC alone against its number of "
+                       "patients", LEARNING_PNG))
 
     parts = [
         "<!DOCTYPE html>",
@@ -225,7 +266,8 @@ def write_report(
     index = out / "index.html"
     index.write_text("\n".join(parts), encoding="utf-8")
     payload = {"summary_rows": _jsonable(list(summary_rows)),
-               "round_history": _jsonable(list(round_history))}
+               "round_history": _jsonable(list(round_history)),
+               **{str(k): _jsonable(v) for k, v in (details or {}).items()}}
     (out / "summary.json").write_text(
         json.dumps(payload, indent=2, allow_nan=False, ensure_ascii=False) + "\n",
         encoding="utf-8",

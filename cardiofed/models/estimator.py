@@ -71,18 +71,17 @@ class RiskEstimator(ClassifierMixin, BaseEstimator):
     def from_weights(cls, weights: Weights, preprocessor: Preprocessor, *, model: str = "logistic",
                      feature_names: list[str] | None = None) -> RiskEstimator:
         """Wrap a trained (e.g. federated) model and the preprocessor its sites used."""
-        n_features = len(preprocessor.mean)
-        net = make_model(model, n_features, seed=0)
+        net = make_model(model, preprocessor.n_columns, seed=0)
         set_weights(net, weights)  # validates names and shapes
         return cls(model=model, feature_names=feature_names)._set_fitted(
-            weights, preprocessor, n_features)
+            weights, preprocessor, len(preprocessor.fill))
 
     def _set_fitted(self, weights: Weights, pre: Preprocessor, n_features: int) -> RiskEstimator:
         self.weights_ = weights
         self.preprocessor_ = pre
-        self.n_features_in_ = n_features
+        self.n_features_in_ = n_features  # encoded columns; the network takes pre's terms
         self.classes_ = np.array([0, 1])
-        self._net = make_model(self.model, n_features, seed=0)
+        self._net = make_model(self.model, pre.n_columns, seed=0)
         set_weights(self._net, weights)
         return self
 

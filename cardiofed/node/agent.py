@@ -202,7 +202,7 @@ class NodeAgent:
                 privacy)
         if self._pre is None:
             blob = self._request("GET", f"/v1/studies/{study}/preprocessor").content
-            self._pre = site_preprocessor(blob, site, plan)
+            self._pre = site_preprocessor(blob, site, plan, task.feature_names)
         weights, _ = decode_arrays(
             self._request("GET", f"/v1/studies/{study}/models/{task.model_version}").content)
         if task.kind == "evaluate":

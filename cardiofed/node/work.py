@@ -81,12 +81,13 @@ def statistics_payload(site: SiteData, feature_ranges: list[tuple[float, float]]
     return encode_arrays(stats.to_arrays(), manifest)
 
 
-def site_preprocessor(blob: bytes, site: SiteData, plan: SimulationConfig) -> Preprocessor:
+def site_preprocessor(blob: bytes, site: SiteData, plan: SimulationConfig,
+                      feature_names: list[str]) -> Preprocessor:
     """The study's preprocessor, or the site's own standardisation with the shared fill."""
-    arrays, _ = decode_arrays(blob)
-    shared = Preprocessor(fill=arrays["fill"], mean=arrays["mean"], std=arrays["std"])
+    form = plan.model_form(feature_names)
+    shared = Preprocessor.from_arrays(decode_arrays(blob)[0], form)
     if plan.standardisation == "per-site":
-        return local_preprocessor(site.x_train, shared.fill)
+        return local_preprocessor(site.x_train, shared.fill, form)
     return shared
 
 
@@ -95,7 +96,7 @@ def train_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig, wei
                   privacy: SitePrivacy | None) -> bytes:
     """One round of local training from `weights`; the update as safetensors bytes."""
     algorithm = plan.make_algorithm()
-    model = make_model(plan.model, len(pre.mean), seed=plan.seed)
+    model = make_model(plan.model, pre.n_columns, seed=plan.seed)
     trainer: LocalTrainer = train_local
     if privacy is not None:
         trainer = partial(privacy.train, what=f"round {round_number}")

@@ -25,7 +25,6 @@ from rich.table import Table
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from cardiofed.data.dataset import FederatedDataset, SiteData
-from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.models.networks import get_weights, make_model, score
 from cardiofed.privacy.accountant import calibrate_noise
@@ -169,12 +168,6 @@ def _canary_rows(site: SiteData, dataset: FederatedDataset, n: int,
     return rows
 
 
-def _standardise(pre: Preprocessor, x: np.ndarray) -> np.ndarray:
-    """:meth:`Preprocessor.transform` kept in float64 (its float32 cast is transform's)."""
-    filled = np.where(np.isnan(x), pre.fill, x)
-    return np.asarray((filled - pre.mean) / np.where(pre.std > 0, pre.std, 1.0), np.float64)
-
-
 def canary_audit(dataset: FederatedDataset, config: SimulationConfig, *, seed: int,
                  per_site: int = 3) -> CanaryReport:
     """Plant `per_site` canary rows in each site's training split, run the federation
@@ -192,7 +185,7 @@ def canary_audit(dataset: FederatedDataset, config: SimulationConfig, *, seed: i
     result = run_experiment(planted, _with(config, eval_every=0), baselines=False,
                             outbox=lambda site, kind, data: captured.append((site, kind, data)))
     raw = np.vstack(list(canaries.values()))
-    std = np.vstack([_standardise(result.preprocessors[name], rows)
+    std = np.vstack([result.preprocessors[name].standardise(rows)
                      for name, rows in canaries.items()])
     raw[:, _binary(dataset)] = std[:, _binary(dataset)] = np.nan  # 0/1: common to everyone
     n_patterns = sum(len(_patterns(float(v), "")) for v in np.concatenate([raw, std]).ravel())
@@ -269,7 +262,8 @@ def leaky_membership(dataset: FederatedDataset, config: SimulationConfig, *, eps
     small = replace(dataset, sites=[replace(s, x_train=s.x_train[:LEAKY_ROWS],
                                             y_train=s.y_train[:LEAKY_ROWS],
                                             x_test=s.x_test[:LEAKY_ROWS],
-                                            y_test=s.y_test[:LEAKY_ROWS])
+                                            y_test=s.y_test[:LEAKY_ROWS],
+                                            true_risk_test=None)
                                     for s in dataset.sites])
     leaky = _with(config, **LEAKY_SETTINGS, algorithm="fedavg", standardisation="global")
     rows = membership_inference(small, leaky, epsilons=(None, epsilon), seed=seed)

@@ -220,8 +220,9 @@ def _calibration(model: RiskModel, site: str | None) -> tuple[Calibration | None
         return Calibration(site=site, applied=False, reason=(
             f"model {model.card.version} has no recalibration for site {site!r}; the global "
             f"model's risk is returned")), None
-    return Calibration(site=site, applied=True, intercept=recal.intercept,
-                       slope=recal.slope), recal
+    names = model.column_names
+    return Calibration(site=site, applied=True, intercept=recal.intercept, slope=recal.slope,
+                       terms={names[j]: c for j, c in recal.coefficients.items()}), recal
 
 
 def _attribution(model: RiskModel) -> str:
@@ -239,7 +240,8 @@ def _results(state: ServingState, model: RiskModel, rows: np.ndarray, imputed: l
         logits, baseline = model.logits(rows), None
     risks = sigmoid(logits)
     if recal is not None:
-        risks = recal.apply(risks)
+        risks = recal.apply(risks, model.preprocessor.standardise(rows)
+                            if recal.coefficients else None)
     categories = state.categories(risks)
     out = []
     for i, risk in enumerate(risks.tolist()):

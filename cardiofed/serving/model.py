@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from cardiofed.data.model_form import model_form
 from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.evaluation.recalibration import Recalibration
 from cardiofed.exceptions import ConfigurationError, DataValidationError
@@ -49,6 +50,7 @@ from cardiofed.schema import (
 from cardiofed.wire import decode_arrays, encode_arrays
 
 IG_STEPS = 64
+TERM = "term:"  # prefix of a revised model column in a card's recalibration
 # 10-year risk bands of the 2019 ACC/AHA primary-prevention guideline (Arnett et al.,
 # Circulation 2019;140:e596-e646); configurable in the API's settings.
 RISK_THRESHOLDS = (0.05, 0.075, 0.20)
@@ -72,13 +74,16 @@ class ModelCard(BaseModel):
     rounds: int
     sites: list[str]
     features: list[str]  # canonical features, in input order
+    # The model's columns built from the features (cardiofed.data.model_form).
+    feature_transform: str = "raw"
     outcome: str
     outcome_description: str
     horizon_years: float | None
     schema_version: str = SCHEMA_VERSION
     metrics: dict[str, dict[str, float | None]] = {}  # per site
     privacy: dict[str, dict[str, float]] = {}  # per site: epsilon spent, delta
-    recalibration: dict[str, dict[str, float]] = {}  # per site: intercept, slope
+    # per site: intercept, slope and "term:<model column>" corrections of its update
+    recalibration: dict[str, dict[str, float]] = {}
     content_sha256: str = ""
     created_at: str = ""
     notes: list[str] = []
@@ -110,43 +115,65 @@ class RiskModel:
     card: ModelCard
     weights: Weights
     preprocessor: Preprocessor
+    _inputs: list[list[int]] = field(init=False, repr=False, compare=False)
     _groups: list[list[int]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.card.model not in MODEL_KINDS:
             raise ConfigurationError(f"Model card names model {self.card.model!r}; expected "
                                      f"one of {list(MODEL_KINDS)}.")
-        groups, start = [], 0
+        inputs, start = [], 0
         for name in self.card.features:
             width = len(get_feature(name).encoded_names())
-            groups.append(list(range(start, start + width)))
+            inputs.append(list(range(start, start + width)))
             start += width
-        if start != len(self.preprocessor.mean):
+        if start != len(self.preprocessor.fill):
             raise ConfigurationError(f"The card's features encode to {start} columns; the "
-                                     f"preprocessor has {len(self.preprocessor.mean)}.")
-        set_weights(make_model(self.card.model, start, seed=0), self.weights)  # validates
+                                     f"preprocessor has {len(self.preprocessor.fill)}.")
+        form = self.preprocessor.form
+        if (form.kind if form else "raw") != self.card.feature_transform:
+            raise ConfigurationError(f"The card's feature_transform is "
+                                     f"{self.card.feature_transform!r}; the preprocessor's "
+                                     f"form is {form.kind if form else 'raw'!r}.")
+        groups = inputs if form is None else form.feature_groups(self.card.features)
+        set_weights(make_model(self.card.model, self.n_columns, seed=0), self.weights)
+        object.__setattr__(self, "_inputs", inputs)
         object.__setattr__(self, "_groups", groups)
 
     # ------------------------------------------------------------------ building
     @property
+    def n_inputs(self) -> int:
+        """Encoded input columns (one per continuous or binary feature, one-hot otherwise)."""
+        return len(self.preprocessor.fill)
+
+    @property
     def n_columns(self) -> int:
-        return len(self.preprocessor.mean)
+        """Model columns (the form's terms)."""
+        return self.preprocessor.n_columns
 
     def arrays(self) -> dict[str, np.ndarray]:
-        pre = self.preprocessor
         return ({f"weights/{k}": v for k, v in self.weights.items()}
-                | {"preprocessor/fill": pre.fill, "preprocessor/mean": pre.mean,
-                   "preprocessor/std": pre.std})
+                | {f"preprocessor/{k}": v for k, v in self.preprocessor.to_arrays().items()})
 
     def content_hash(self) -> str:
         """SHA-256 of the weights and preprocessor (what scores), not of the card."""
         return hashlib.sha256(encode_arrays(self.arrays())).hexdigest()
 
+    @property
+    def column_names(self) -> list[str]:
+        """Names of the model columns (the form's terms, or the encoded features)."""
+        form = self.preprocessor.form
+        return form.names if form is not None else encoded_feature_names(self.card.features)
+
     def site_recalibration(self, site: str) -> Recalibration | None:
-        """The card's recalibration for `site`, or None when it has none."""
+        """The card's update for `site` (intercept, slope, revised terms), or None."""
         fit = self.card.recalibration.get(site)
-        return None if fit is None else Recalibration(intercept=fit["intercept"],
-                                                      slope=fit["slope"])
+        if fit is None:
+            return None
+        index = {name: j for j, name in enumerate(self.column_names)}
+        terms = {index[k.removeprefix(TERM)]: v for k, v in fit.items() if k.startswith(TERM)}
+        return Recalibration(intercept=fit["intercept"], slope=fit["slope"],
+                             coefficients=terms, level="terms" if terms else "slope")
 
     def with_card(self, **changes: Any) -> RiskModel:
         return RiskModel(card=self.card.model_copy(update=changes), weights=self.weights,
@@ -165,8 +192,8 @@ class RiskModel:
         card = ModelCard.model_validate_json(meta["card"])
         weights = {k.removeprefix("weights/"): v for k, v in arrays.items()
                    if k.startswith("weights/")}
-        pre = Preprocessor(fill=arrays["preprocessor/fill"], mean=arrays["preprocessor/mean"],
-                           std=arrays["preprocessor/std"])
+        form = model_form(card.feature_transform, encoded_feature_names(card.features))
+        pre = Preprocessor.from_arrays(arrays, form, prefix="preprocessor/")
         model = cls(card=card, weights=weights, preprocessor=pre)
         if card.content_sha256 and model.content_hash() != card.content_sha256:
             raise DataValidationError(f"{source}: weights do not match the card's content "
@@ -209,9 +236,9 @@ class RiskModel:
         for name in units:
             if name not in known:
                 problems.append((f"{prefix}units.{name}", "names no input of this model"))
-        row = np.full(self.n_columns, np.nan)
+        row = np.full(self.n_inputs, np.nan)
         imputed = []
-        for name, cols in zip(self.card.features, self._groups, strict=True):
+        for name, cols in zip(self.card.features, self._inputs, strict=True):
             value = features.get(name)
             if value is None:
                 if impute_missing:
@@ -242,11 +269,6 @@ class RiskModel:
         return model
 
     @cached_property
-    def _scale(self) -> np.ndarray:
-        std = self.preprocessor.std.astype(np.float64)
-        return np.where(std > 0, std, 1.0)
-
-    @cached_property
     def _grouping(self) -> np.ndarray:
         """(columns x features) 0/1 matrix: column contributions -> feature contributions."""
         g = np.zeros((self.n_columns, len(self._groups)))
@@ -254,15 +276,9 @@ class RiskModel:
             g[cols, j] = 1.0
         return g
 
-    def standardise(self, x: np.ndarray) -> np.ndarray:
-        """The preprocessor's fill and standardisation, in float64."""
-        x = np.asarray(x, dtype=np.float64)
-        return (np.where(np.isnan(x), self.preprocessor.fill, x) - self.preprocessor.mean) \
-            / self._scale
-
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Log-odds of encoded rows (NaN = missing, filled by the preprocessor)."""
-        z = self.standardise(x)
+        z = self.preprocessor.standardise(x)
         if self._linear is not None:
             w, b = self._linear
             return z @ w + b
@@ -275,7 +291,7 @@ class RiskModel:
 
     def explain(self, x: np.ndarray) -> Explanation:
         """Risks and per-feature contributions (see the module docstring)."""
-        z = self.standardise(x)
+        z = self.preprocessor.standardise(x)
         if self._linear is not None:
             w, b = self._linear
             per_column = z * w
@@ -387,8 +403,10 @@ def build_model(*, study: str, source: str, model: str, algorithm: str,
         raise ConfigurationError(f"Model columns {list(encoded_names)} are not the encoding of "
                                  f"canonical features {features}.")
     described = OUTCOMES.get(outcome or "")
+    form = preprocessor.form
     card = ModelCard(study=study, source=source, model=model, algorithm=algorithm,
                      settings=settings, rounds=rounds, sites=sites, features=features,
+                     feature_transform=form.kind if form else "raw",
                      outcome=outcome or "unspecified",
                      outcome_description=described.description if described
                      else "not stated when the study was created",

@@ -52,7 +52,8 @@ def score_frame(model: RiskModel, frame: pd.DataFrame, *, contributions: bool = 
     else:
         risk = model.risk(x)
     if recalibration is not None:
-        risk = recalibration.apply(risk)
+        risk = recalibration.apply(risk, model.preprocessor.standardise(x)
+                                   if recalibration.coefficients else None)
     out = pd.DataFrame({
         "risk": risk,
         "category": risk_categories(risk, thresholds, categories),

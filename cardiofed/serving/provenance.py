@@ -8,7 +8,7 @@ from typing import Any
 from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.models.networks import Weights
-from cardiofed.serving.model import RiskModel, build_model
+from cardiofed.serving.model import TERM, RiskModel, build_model
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import FEDERATED, ExperimentResult
 from cardiofed.wire import decode_arrays
@@ -37,7 +37,9 @@ def from_experiment(result: ExperimentResult, *, study: str, feature_names: list
                    for site, labels in result.metrics.items() if FEDERATED in labels}
     privacy = {site: {k: v for k, v in p.items() if k.startswith("epsilon") or k == "delta"}
                for site, p in result.privacy.items()}
-    recal = {site: {"intercept": r.intercept, "slope": r.slope}
+    names = pre.form.names if pre.form is not None else feature_names
+    recal = {site: {"intercept": r.intercept, "slope": r.slope,
+                    **{f"{TERM}{names[j]}": c for j, c in r.coefficients.items()}}
              for site, r in result.recalibrations.items() if r.fitted}
     return build_model(study=study, source="simulation", model=config.model,
                        algorithm=config.algorithm, settings=config.model_dump(),
@@ -52,8 +54,8 @@ def from_study(*, study: str, plan: dict[str, Any], feature_names: list[str],
                participants: list[str], round_number: int) -> RiskModel:
     """A global model version of a networked study (metrics arrive with evaluation)."""
     config = SimulationConfig.model_validate(plan)
-    arrays, _ = decode_arrays(preprocessor_blob)
-    pre = Preprocessor(fill=arrays["fill"], mean=arrays["mean"], std=arrays["std"])
+    pre = Preprocessor.from_arrays(decode_arrays(preprocessor_blob)[0],
+                                   config.model_form(feature_names))
     return build_model(study=study, source="network", model=config.model,
                        algorithm=config.algorithm, settings=plan, rounds=round_number,
                        sites=participants, encoded_names=feature_names, outcome=outcome,

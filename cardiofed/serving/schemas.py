@@ -65,6 +65,9 @@ class Calibration(BaseModel):
     applied: bool
     intercept: float | None = None
     slope: float | None = None
+    terms: dict[str, float] = Field(
+        default_factory=dict, description="Corrections of model terms the site's update "
+                                          "revised, on the standardised scale.")
     reason: str = ""
 
 

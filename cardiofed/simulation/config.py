@@ -12,6 +12,7 @@ from cardiofed.aggregation.robust import RobustAggregation
 from cardiofed.aggregation.staleness import StalenessRule
 from cardiofed.algorithms import FederatedAlgorithm, make_algorithm
 from cardiofed.algorithms.weighting import WeightingRule
+from cardiofed.data.model_form import ModelForm, model_form
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.training.local import LocalTrainingConfig
 
@@ -22,6 +23,9 @@ class SimulationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: Literal["logistic", "mlp"] = "logistic"
+    # The model's columns (cardiofed.data.model_form): the encoded features, their log
+    # terms with treated/untreated blood pressure, or those with sex interactions.
+    feature_transform: Literal["raw", "log", "clinical"] = "raw"
     algorithm: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "scaffold"] = "fedavg"
     rounds: int = Field(20, ge=1, le=100_000)
     local_epochs: int = Field(1, ge=1, le=10_000)
@@ -49,7 +53,13 @@ class SimulationConfig(BaseModel):
     afl_step: float = Field(0.5, gt=0, allow_inf_nan=False)
     covariate_shift: bool = False
     label_quality: bool = False
+    # Personalisation (cardiofed.evaluation.recalibration, cardiofed.training.personalise):
+    # each site holds out `calibration_fraction` of its training rows from federated
+    # training, updates the global model on them along the updating hierarchy
+    # (`recalibrate`) and/or fine-tunes it with a proximal term chosen on them (`finetune`).
     recalibrate: bool = False
+    finetune: bool = False
+    calibration_fraction: float = Field(0.25, gt=0, lt=1)
     # Asynchronous aggregation (cardiofed.aggregation.staleness): with "async", `rounds`
     # is the number of global model versions published.
     aggregation: Literal["sync", "async"] = "sync"
@@ -102,6 +112,10 @@ class SimulationConfig(BaseModel):
                              "without noise (one patient moves the intercept), a release "
                              "differential privacy does not cover; switch recalibrate off "
                              "with dp_epsilon")
+        if self.dp_epsilon is not None and self.finetune:
+            raise ValueError("finetune trains each site's personal model without noise and "
+                             "publishes its metrics, a release differential privacy does not "
+                             "cover; switch finetune off with dp_epsilon")
         if self.dp_epsilon is not None and self.standardisation == "per-site":
             raise ValueError("standardisation 'per-site' uses each site's exact mean and SD, "
                              "which differential privacy does not cover; use 'global' "
@@ -139,6 +153,15 @@ class SimulationConfig(BaseModel):
         path = Path(path)
         raw = read_toml(path, "Config file", ConfigurationError)
         return cls.create(**{**raw, **overrides})
+
+    @property
+    def personalised(self) -> bool:
+        """Sites hold out a calibration split for a personal update of the global model."""
+        return self.recalibrate or self.finetune
+
+    def model_form(self, encoded_names: list[str]) -> ModelForm | None:
+        """The plan's model form over a study's encoded columns (None: raw)."""
+        return model_form(self.feature_transform, encoded_names)
 
     def local_config(self) -> LocalTrainingConfig:
         return LocalTrainingConfig(lr=self.lr, batch_size=self.batch_size,

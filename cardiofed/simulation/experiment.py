@@ -2,13 +2,18 @@
 
 Federated evaluation: each site scores a model on its own test split and only the
 metrics leave it. The pooled-test row (all test splits together) is a simulation-only
-view used for reports and benchmarks.
+view used for reports and benchmarks. With personalisation, each site first holds out
+a calibration split of its training rows: the federation trains on the rest, and the
+site updates the global model on the held-out rows (recalibration along the updating
+hierarchy, proximal fine-tuning), so nothing is judged on rows it was fitted on. Where
+the data set knows each test patient's true risk (synthetic cohorts), the true risks are
+scored as one more "model": the yardstick of what is achievable at the site.
 """
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -16,6 +21,7 @@ import numpy as np
 
 from cardiofed.data.dataset import FederatedDataset
 from cardiofed.data.preprocessing import Preprocessor
+from cardiofed.data.sites import split_indices
 from cardiofed.evaluation.label_quality import (
     LabelQuality,
     cross_site_auc_matrix,
@@ -23,7 +29,7 @@ from cardiofed.evaluation.label_quality import (
 )
 from cardiofed.evaluation.metrics import binary_metrics
 from cardiofed.evaluation.private_metrics import metrics_with_uncertainty, score_bin_edges
-from cardiofed.evaluation.recalibration import Recalibration, fit_recalibration
+from cardiofed.evaluation.recalibration import Recalibration, fit_update
 from cardiofed.exceptions import PrivacyBudgetExceeded
 from cardiofed.models.estimator import RiskEstimator
 from cardiofed.models.networks import Weights, score
@@ -45,10 +51,14 @@ from cardiofed.simulation.runner import (
     run_federated,
     train_centralised,
 )
+from cardiofed.training.alone import train_alone
+from cardiofed.training.personalise import Personalisation, finetune
 from cardiofed.wire import encode_arrays, encode_metrics
 
 FEDERATED, LOCAL, POOLED = "federated", "local-only", "pooled"
 RECALIBRATED = "federated+recalibrated"
+FINETUNED = "federated+fine-tuned"
+TRUE_RISK = "true risk"
 POOLED_TEST = "pooled test"
 
 
@@ -74,6 +84,17 @@ class ExperimentResult:
     # site -> metrics of the federated model as its DP evaluation release gives them
     # (point estimates and 95% intervals); what a model card may publish under DP.
     released_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    # site -> its proximal fine-tuning (personal weights and the strength chosen)
+    personalisations: dict[str, Personalisation] = field(default_factory=dict)
+    # site -> training rows the site held out to personalise the model
+    calibration_sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def headline_model(self) -> str:
+        """The model each site would use: personalised when the experiment personalised."""
+        if self.config.recalibrate:
+            return RECALIBRATED
+        return FINETUNED if self.config.finetune else FEDERATED
 
     def estimator(self, site: str) -> RiskEstimator:
         """The federated model as an estimator, with the preprocessing `site` used."""
@@ -174,20 +195,28 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     sites' DP evaluation releases give. The baselines stay non-private references.
     `outbox` sees every payload the sites send (statistics, updates, metrics).
     Bias corrections: ``label_quality`` cross-evaluates the sites' local models (only
-    AUCs cross sites) and gives a site whose labels disagree with the others' no weight;
-    ``recalibrate`` adds each site's logistic recalibration of the federated model,
-    fitted on its own training rows (intercept only when the slope is too uncertain),
-    as the model ``federated+recalibrated``.
+    AUCs cross sites) and gives a site whose labels disagree with the others' no weight.
+    Local-only models are what each site would build alone
+    (:func:`~cardiofed.training.alone.train_alone`: a cross-validated ridge logistic
+    regression). Personalisation (``recalibrate``, ``finetune``): each site holds out
+    ``calibration_fraction`` of its training rows from the federation and updates the
+    global model on them, reported as ``federated+recalibrated`` and
+    ``federated+fine-tuned``. Local-only models train on all of a site's training rows;
+    the pooled model on the rows the federation trained on.
     """
     privacy = site_privacy(dataset, config, ledger_dir)
-    sites = prepare_federation(dataset, config.standardisation, outbox,
-                               covariate_shift=config.covariate_shift, privacy=privacy or None)
+    form = config.model_form(dataset.feature_names)
+    federation, held_out = _hold_out_calibration(dataset, config)
+    sites = prepare_federation(federation, config.standardisation, outbox,
+                               covariate_shift=config.covariate_shift, privacy=privacy or None,
+                               form=form)
     local_sites: list[PreparedSite] = []
     local_weights: list[Weights] = []
     if baselines or config.label_quality:
-        local_sites = [prepare_local_only(s, dataset.feature_ranges) for s in dataset.sites]
-        local_weights = [train_centralised(s.x_train, s.y_train, config,
-                                           seed=derive_seed(config.seed, 10_000, k))
+        local_sites = [prepare_local_only(s, dataset.feature_ranges, form)
+                       for s in dataset.sites]
+        local_weights = [train_alone(s.x_train, s.y_train, config,
+                                     seed=derive_seed(config.seed, 10_000, k))
                          for k, s in enumerate(local_sites)]
     quality = _label_quality(dataset, config, local_sites, local_weights) \
         if config.label_quality else None
@@ -200,9 +229,10 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
                             outbox=outbox, site_multipliers=multipliers)
     result = ExperimentResult(dataset=dataset.name, config=config, federated=run,
                               site_types={s.name: s.site_type for s in sites},
-                              site_sizes={s.name: s.n_train for s in sites},
+                              site_sizes={s.name: s.n_train for s in dataset.sites},
                               preprocessors={s.name: s.preprocessor for s in sites},
-                              label_quality=quality, sites=sites)
+                              label_quality=quality, sites=sites,
+                              calibration_sizes={k: len(v[1]) for k, v in held_out.items()})
     if privacy:
         _released_evaluation(result, privacy, sites, outbox)
     for name, p in privacy.items():
@@ -220,20 +250,64 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
                 local_sites)
     _record(result, FEDERATED, {s.name: score(config.model, run.weights, s.x_test)
                                 for s in sites}, sites, None if privacy else outbox)
-    if config.recalibrate:
-        recalibrated = {}
-        for s in sites:
-            fit = fit_recalibration(s.y_train, score(config.model, run.weights, s.x_train))
-            result.recalibrations[s.name] = fit
-            recalibrated[s.name] = fit.apply(score(config.model, run.weights, s.x_test))
-        _record(result, RECALIBRATED, recalibrated, sites)
+    _personalise(result, sites, held_out,
+                 form.names if form is not None else dataset.feature_names)
     if baselines:
         x_pool = np.concatenate([s.x_train for s in sites])
         y_pool = np.concatenate([s.y_train for s in sites])
         pooled = train_centralised(x_pool, y_pool, config, seed=derive_seed(config.seed, 20_000))
         _record(result, POOLED, {s.name: score(config.model, pooled, s.x_test) for s in sites},
                 sites)
+    truth = {s.name: s.true_risk_test for s in dataset.sites if s.true_risk_test is not None}
+    if len(truth) == len(sites):
+        _record(result, TRUE_RISK, truth, sites)
     return result
+
+
+def _hold_out_calibration(dataset: FederatedDataset, config: SimulationConfig
+                          ) -> tuple[FederatedDataset, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Without personalisation, the data set as it is. With it, each site's training rows
+    minus a seeded, stratified calibration split, and those splits (encoded rows, labels)."""
+    if not config.personalised:
+        return dataset, {}
+    sites, held_out = [], {}
+    for k, s in enumerate(dataset.sites):
+        fit, cal = split_indices(s.y_train, config.calibration_fraction,
+                                 derive_seed(config.seed, 50_000, k))
+        sites.append(replace(s, x_train=s.x_train[fit], y_train=s.y_train[fit]))
+        held_out[s.name] = (s.x_train[cal], s.y_train[cal])
+    return replace(dataset, sites=sites), held_out
+
+
+def _personalise(result: ExperimentResult, sites: list[PreparedSite],
+                 held_out: dict[str, tuple[np.ndarray, np.ndarray]],
+                 column_names: list[str]) -> None:
+    """Each site's update of the global model on its calibration split."""
+    config, weights = result.config, result.federated.weights
+    if config.recalibrate:
+        updated = {}
+        for s in sites:
+            x_cal, y_cal = held_out[s.name]
+            z_cal = s.preprocessor.standardise(x_cal)
+            fit = (fit_update(y_cal, score(config.model, weights, z_cal), z_cal,
+                              term_names=column_names) if len(y_cal)
+                   else Recalibration.identity("no calibration rows"))
+            result.recalibrations[s.name] = fit
+            updated[s.name] = fit.apply(score(config.model, weights, s.x_test),
+                                        s.x_test.astype(np.float64))
+        _record(result, RECALIBRATED, updated, sites)
+    if config.finetune:
+        personal = {}
+        for k, s in enumerate(sites):
+            x_cal, y_cal = held_out[s.name]
+            chosen = finetune(config.model, weights, s.x_train, s.y_train,
+                              s.preprocessor.transform(x_cal), y_cal,
+                              config=config.local_config(),
+                              epochs=config.rounds * config.local_epochs,
+                              seed=derive_seed(config.seed, 60_000, k))
+            result.personalisations[s.name] = chosen
+            personal[s.name] = score(config.model, chosen.weights, s.x_test)
+        _record(result, FINETUNED, personal, sites)
 
 
 def _label_quality(dataset: FederatedDataset, config: SimulationConfig,
@@ -243,8 +317,7 @@ def _label_quality(dataset: FederatedDataset, config: SimulationConfig,
     counts are shared. A site whose labels the others' models cannot predict is flagged."""
     predictors = [partial(_score_raw, config.model, w, s.preprocessor)
                   for s, w in zip(local_sites, local_weights, strict=True)]
-    evaluation_sets = [(np.concatenate([s.x_train, s.x_test]),
-                        np.concatenate([s.y_train, s.y_test])) for s in dataset.sites]
+    evaluation_sets = [dataset.own_records(s) for s in dataset.sites]
     matrix = cross_site_auc_matrix(predictors, evaluation_sets)
     counts = [(int(y.sum()), int(len(y) - y.sum())) for _, y in evaluation_sets]
     return detect_label_disagreement(matrix, [s.name for s in dataset.sites],

@@ -10,6 +10,7 @@ import numpy as np
 
 from cardiofed.aggregation.covariate_shift import covariate_weights
 from cardiofed.data.dataset import FederatedDataset, SiteData
+from cardiofed.data.model_form import ModelForm
 from cardiofed.data.preprocessing import (
     PRIVATE_BINS,
     Preprocessor,
@@ -59,7 +60,8 @@ def _prepared(site: SiteData, pre: Preprocessor) -> PreparedSite:
 def prepare_federation(dataset: FederatedDataset, standardisation: Standardisation = "global",
                        outbox: Callable[[str, str, bytes], None] | None = None, *,
                        covariate_shift: bool = False,
-                       privacy: Mapping[str, SitePrivacy] | None = None) -> list[PreparedSite]:
+                       privacy: Mapping[str, SitePrivacy] | None = None,
+                       form: ModelForm | None = None) -> list[PreparedSite]:
     """Impute and standardise every site with federated statistics.
 
     ``global``: one preprocessor from merged site statistics (equal to pooled ones).
@@ -70,7 +72,8 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
     distribution, from its own and the merged histograms (no rows move).
     A site in `privacy` releases its statistics through its DP wrapper (charged to its
     ledger, :data:`PRIVATE_BINS` bins); a site whose budget refuses the release
-    contributes nothing and still receives the merged preprocessor.
+    contributes nothing and still receives the merged preprocessor. `form` builds the
+    model's columns from the encoded ones (:mod:`cardiofed.data.model_form`).
     """
     if standardisation not in ("global", "per-site"):
         raise ConfigurationError(f"The 'standardisation' parameter must be 'global' or "
@@ -93,9 +96,9 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
     if not released:
         raise PrivacyBudgetExceeded("No site has privacy budget left for its statistics "
                                     "release; the federation cannot start.")
-    merged = merge_statistics(released, edges, dataset.feature_names)
+    merged = merge_statistics(released, edges, dataset.feature_names, form)
     prepared = [_prepared(s, merged if standardisation == "global"
-                          else local_preprocessor(s.x_train, merged.fill))
+                          else local_preprocessor(s.x_train, merged.fill, form))
                 for s in dataset.sites]
     if not covariate_shift:
         return prepared
@@ -111,11 +114,12 @@ def _via_wire(site: str, stats: SiteStatistics,
     return SiteStatistics(**decode_arrays(payload)[0])
 
 
-def prepare_local_only(site: SiteData, feature_ranges: list[tuple[float, float]]) -> PreparedSite:
+def prepare_local_only(site: SiteData, feature_ranges: list[tuple[float, float]],
+                       form: ModelForm | None = None) -> PreparedSite:
     """A site on its own: its own median fill and its own standardisation."""
     edges = bin_edges(feature_ranges)
     own = site_statistics(site.x_train, edges)
     # A column the site never records is filled with the range's low end: constant, so
     # it standardises to 0 and carries no signal.
     fill = np.where(own.count > 0, histogram_median(own.histogram, edges), edges[:, 0])
-    return _prepared(site, local_preprocessor(site.x_train, fill))
+    return _prepared(site, local_preprocessor(site.x_train, fill, form))

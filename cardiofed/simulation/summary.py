@@ -6,8 +6,10 @@ import html
 import math
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
 
+from cardiofed.evaluation.clinical_value import ClinicalValue
 from cardiofed.simulation.experiment import (
     FEDERATED,
     LOCAL,
@@ -22,31 +24,6 @@ _MODELS = (LOCAL, FEDERATED, POOLED)
 def _fmt(value: float) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else f"{value:.3f}"
-
-
-def summary_table(result: ExperimentResult) -> Table:
-    """Per site: AUC of local-only, federated and pooled models; federated calibration."""
-    table = Table(title=f"{result.dataset}: {result.config.algorithm}, "
-                        f"{result.config.rounds} rounds, {result.config.model}",
-                  caption="AUC at each site's own test split; calibration of the federated "
-                          "model: slope, calibration-in-the-large (CITL), ECE")
-    table.add_column("site", no_wrap=True)
-    table.add_column("type")
-    table.add_column("n", justify="right")
-    models = [m for m in _MODELS if any(m in v for v in result.metrics.values())]
-    for m in models:
-        table.add_column(f"{m.split('-')[0]}\nAUC", justify="right")
-    table.add_column("slope", justify="right")
-    table.add_column("CITL", justify="right")
-    table.add_column("ECE", justify="right")
-    for site, by_model in result.metrics.items():
-        fed = by_model[FEDERATED]
-        table.add_row(site, result.site_types.get(site, ""),
-                      str(result.site_sizes.get(site, sum(result.site_sizes.values()))),
-                      *[_fmt(by_model[m]["auc"]) for m in models],
-                      _fmt(fed["calibration_slope"]), _fmt(fed["calibration_intercept"]),
-                      _fmt(fed["ece"]), end_section=site == "pooled test")
-    return table
 
 
 _PRIVACY_COLUMNS = (("n_records", "n"), ("delta", "delta"), ("epsilon_max", "eps max"),
@@ -81,11 +58,36 @@ def _privacy_section(result: ExperimentResult) -> str:
             + (f"<p>Refused rounds:</p><ul>{refusals}</ul>" if refusals else ""))
 
 
+def clinical_table(value: ClinicalValue) -> Table:
+    """The clinical value of the federation per site (console): AUC alone, with the
+    federation (interval), pooled and of the true risks; calibration; verdict; the
+    significant difference to the site alone (+ better, - worse, = none); effective data
+    as a multiple of the site's own training size (* extrapolated)."""
+    table = Table(title=f"AUC at each site's own test patients: alone, {value.headline}, "
+                        f"pooled, true risks", box=box.SIMPLE_HEAD, padding=(0, 1),
+                  caption="ok?: AUC, slope and CITL judged on 95% intervals (ok, no, ? "
+                          "insufficient evidence); vs alone: + or - only when significant "
+                          "(DeLong); eff. data: own patients needed alone, as a multiple of "
+                          "its own")
+    rows = value.compact_rows()
+    for j, h in enumerate(value.compact_header):
+        if j == 0:  # the site name wraps when the terminal is narrow; numbers never do
+            table.add_column(h, justify="left")
+        else:
+            table.add_column(h, justify="right", no_wrap=True,
+                             min_width=max(len(h), *(len(r[j]) for r in rows)))
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, title: str,
                             notes: list[str] | None = None,
-                            extra_sections: list[tuple[str, str]] | None = None) -> Path:
-    """HTML page, PNG figures and summary.json for an experiment."""
-    from cardiofed.evaluation.report import write_report  # loads matplotlib only here
+                            extra_sections: list[tuple[str, str]] | None = None,
+                            value: ClinicalValue | None = None) -> Path:
+    """HTML page, PNG figures and summary.json for an experiment (with `value`, the
+    clinical value per site and its effective-data figure)."""
+    from cardiofed.evaluation.report import LearningCurve, write_report  # loads matplotlib
 
     cfg = result.config
     settings = ", ".join(f"{k}={v}" for k, v in cfg.model_dump().items() if v is not None)
@@ -113,10 +115,18 @@ def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, ti
     if result.privacy:
         sections.insert(0, ("Differential privacy: epsilon spent per site",
                             _privacy_section(result)))
+    curves = {} if value is None else {
+        site: LearningCurve(sizes=[p.size for p in e.curve], aucs=[p.mean_auc for p in e.curve],
+                            target=e.target_auc, own_size=e.own_size,
+                            n_equivalent=e.n_equivalent)
+        for site, e in value.effective.items() if e.curve}
+    if value is not None:
+        sections.insert(0, ("What each site gets from the federation", value.to_html()))
     return write_report(out_dir, title=title, summary_rows=result.summary_rows(),
                         round_history=result.federated.history,
                         site_predictions=result.predictions, sections=sections,
-                        notes=notes or [])
+                        notes=notes or [], learning_curves=curves,
+                        details={"clinical_value": value.to_dict()} if value else None)
 
 
 def robust_summary(result: ExperimentResult) -> str:
