@@ -105,3 +105,11 @@ def test_validation() -> None:
         fit_update([0, 1], [0.2, 0.8], np.zeros((3, 2)))
     with pytest.raises(DataValidationError, match="y_true must contain only 0 and 1"):
         fit_update([0, 2], [0.2, 0.8])
+
+
+def test_a_reversed_slope_is_never_applied() -> None:
+    """Labels that run against the model (a coding error) are no calibration to fix."""
+    y, p, z = _site(0.0, -0.8, 3000, seed=5)
+    r = fit_update(y, p, z)
+    assert r.level in ("none", "intercept") and r.slope == 1.0
+    assert "would reverse the model's ranking" in r.reason

@@ -45,11 +45,11 @@ def _shown(value: Interval) -> str:
 
 
 def _multiple(e: SiteEffectiveData | None) -> str:
-    if e is None or math.isnan(e.n_equivalent):
+    if e is None or e.status == "not estimable":
         return MISSING
-    if not math.isfinite(e.multiple):
-        return "not reachable alone"
-    prefix = ">" if e.lower_bound else "<=" if e.upper_bound else ""
+    if e.status == "not reachable alone":
+        return e.status
+    prefix = {"at least": ">", "at most": "<="}.get(e.status, "")
     suffix = " (extrapolated)" if e.extrapolated else ""
     return f"{prefix}{e.multiple:.1f}x{suffix}"
 

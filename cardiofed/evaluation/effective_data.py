@@ -233,6 +233,18 @@ class SiteEffectiveData:
     explanation: str = ""
 
     @property
+    def status(self) -> str:
+        """"estimated", "at least" / "at most" (a bound from the sizes tried), "not
+        reachable alone" (above the curve's asymptote) or "not estimable"."""
+        if self.lower_bound:
+            return "at least"
+        if self.upper_bound:
+            return "at most"
+        if math.isnan(self.n_equivalent):
+            return "not estimable"
+        return "estimated" if math.isfinite(self.n_equivalent) else "not reachable alone"
+
+    @property
     def multiple(self) -> float:
         if self.lower_bound:
             return self.curve[-1].size / self.own_size
@@ -243,6 +255,7 @@ class SiteEffectiveData:
             return float(v) if math.isfinite(v) else None
         return {"site": self.site, "site_type": self.site_type, "own_size": self.own_size,
                 "target_auc": num(self.target_auc), "method": self.method,
+                "status": self.status,
                 "n_equivalent": num(self.n_equivalent), "multiple": num(self.multiple),
                 "extrapolated": self.extrapolated, "lower_bound": self.lower_bound,
                 "upper_bound": self.upper_bound,

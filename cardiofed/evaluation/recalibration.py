@@ -16,9 +16,11 @@ Each step is taken only when the evidence is sufficient: a likelihood-ratio test
 calibration split prefers it to the model so far (p < ``alpha``; for a term, ``alpha``
 divided by the number of candidate terms, Bonferroni), and the site has at least
 ``min_events_per_parameter`` events of its rarer outcome per parameter the step
-estimates. Otherwise the global model is kept as it is: a small site mostly keeps it,
-which is the point (its slope estimate is mostly noise, and applying noise makes
-calibration worse for new patients).
+estimates. A slope at or below 0 is never applied: it would reverse the model's ranking,
+which says the site's labels disagree with the model, not that it is miscalibrated.
+Otherwise the global model is kept as it is: a small site mostly keeps it, which is the
+point (its slope estimate is mostly noise, and applying noise makes calibration worse
+for new patients).
 """
 
 from __future__ import annotations
@@ -148,6 +150,12 @@ def fit_update(y: npt.ArrayLike, p: npt.ArrayLike, z: np.ndarray | None = None, 
         """Does a likelihood-ratio test on the split prefer `candidate` to `current`?"""
         if candidate is None:
             notes.append(f"the {step} fit did not converge")
+            return False
+        if candidate.with_slope and candidate.beta[1] <= 0:
+            # A slope <= 0 would reverse the model's ranking: the site's labels disagree
+            # with the model (see the label-quality check), not a calibration to apply.
+            notes.append(f"the {step} fit has slope {candidate.beta[1]:.2f} <= 0, which "
+                         f"would reverse the model's ranking")
             return False
         stat = max(2.0 * (candidate.loglik - current.loglik), 0.0)
         p_value = float(chi2.sf(stat, df))

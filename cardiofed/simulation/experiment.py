@@ -88,6 +88,9 @@ class ExperimentResult:
     personalisations: dict[str, Personalisation] = field(default_factory=dict)
     # site -> training rows the site held out to personalise the model
     calibration_sizes: dict[str, int] = field(default_factory=dict)
+    # site -> summed log-loss of the federated model on the site's calibration split:
+    # validation data, on which settings (e.g. the model form) may be chosen
+    calibration_loss: dict[str, float] = field(default_factory=dict)
 
     @property
     def headline_model(self) -> str:
@@ -283,7 +286,15 @@ def _personalise(result: ExperimentResult, sites: list[PreparedSite],
                  held_out: dict[str, tuple[np.ndarray, np.ndarray]],
                  column_names: list[str]) -> None:
     """Each site's update of the global model on its calibration split."""
+    if not held_out:
+        return
     config, weights = result.config, result.federated.weights
+    for s in sites:
+        x_cal, y_cal = held_out[s.name]
+        p = np.clip(score(config.model, weights, s.preprocessor.transform(x_cal)), 1e-7,
+                    1 - 1e-7)
+        result.calibration_loss[s.name] = float(-np.sum(y_cal * np.log(p)
+                                                        + (1 - y_cal) * np.log1p(-p)))
     if config.recalibrate:
         updated = {}
         for s in sites:
