@@ -68,10 +68,13 @@ def test_a_term_the_model_misses_is_revised_by_name() -> None:
 def test_a_small_site_lacks_the_events_for_more_than_an_intercept() -> None:
     y, p, z = _site(0.0, 0.5, 300, seed=4)
     y[:] = 0
-    y[:15] = 1  # 15 events: an intercept (10 needed), not a slope (20)
+    y[:30] = 1  # 30 events: an intercept (25 needed), not a slope (50)
     r = fit_update(y, p, z)
-    assert "a slope needs 20 events, the split has 15" in r.reason
+    assert "a slope needs 50 events, the split has 30" in r.reason
     assert r.level in ("none", "intercept")
+    y[:] = 0
+    y[:15] = 1
+    assert "an intercept needs 25 events, the split has 15" in fit_update(y, p, z).reason
 
 
 def test_one_class_keeps_the_model() -> None:
