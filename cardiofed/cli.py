@@ -140,8 +140,8 @@ def demo(
     private = dp_epsilon is not None
     # Under DP the recipe bench/privacy_utility.py measured (raw form, one local epoch):
     # twice the DP-SGD steps would need more noise per step for the same epsilon.
-    _run("synthetic", {**({} if private else DEMO_SETTINGS), "rounds": rounds, "algorithm": algorithm, "seed": seed,
-                       "dp_epsilon": dp_epsilon,
+    _run("synthetic", {**({} if private else DEMO_SETTINGS), "rounds": rounds,
+                       "algorithm": algorithm, "seed": seed, "dp_epsilon": dp_epsilon,
                        # Both use exact per-site releases that DP does not cover.
                        "label_quality": not private, "recalibrate": not private},
          config_file=None, out=out, n_sites=sites,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from cardiofed.data.catalog import study_columns
 from cardiofed.node.agent import NodeAgent, NodeError
 from cardiofed.node.config import NodeConfig
 from cardiofed.simulation.config import SimulationConfig
-from cardiofed.simulation.experiment import FEDERATED, run_experiment
+from cardiofed.simulation.experiment import FEDERATED, ExperimentResult, run_experiment
 from cardiofed.wire import encode_arrays
 
 SITES = ["tier3_01", "tier2_01", "community_01"]
@@ -102,6 +103,17 @@ def _until_done(fed: Federation, agents: list[NodeAgent], patience_s: float = 60
     raise AssertionError(f"federation did not finish: {fed.status()}")
 
 
+def _simulated(plan: dict[str, object]) -> ExperimentResult:
+    """The simulator's run of SITES under `plan`, as a networked study runs it."""
+    from cardiofed.data.synthetic import synthetic_federation
+
+    data = synthetic_federation(seed=0)
+    sub = dataclasses.replace(data, sites=[data.site(s) for s in SITES])
+    # A networked study aggregates robustly by default; the simulator does so when asked.
+    return run_experiment(sub, SimulationConfig.create(**plan, robust_rule="median"),
+                          baselines=False)
+
+
 def test_networked_run_equals_the_simulator(fed: Federation) -> None:
     agents = [fed.agent(s) for s in SITES]
 
@@ -110,15 +122,7 @@ def test_networked_run_equals_the_simulator(fed: Federation) -> None:
     models = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
     final = models[-1]
     assert final["version"] == PLAN["rounds"] and final["participants"] == SITES
-    from cardiofed.data.synthetic import synthetic_federation
-
-    data = synthetic_federation(seed=0)
-    sub = type(data)(name=data.name, feature_names=data.feature_names,
-                     feature_ranges=data.feature_ranges,
-                     sites=[data.site(s) for s in SITES], outcome=data.outcome)
-    # A networked study aggregates robustly by default; the simulator does so when asked.
-    sim = run_experiment(sub, SimulationConfig.create(**PLAN, robust_rule="median"),
-                         baselines=False)
+    sim = _simulated(PLAN)
     for site in SITES:  # same code, same seeds: the same model to float32 precision
         assert final["metrics"][site]["auc"] == pytest.approx(
             sim.metrics[site][FEDERATED]["auc"], abs=1e-6)
@@ -142,15 +146,9 @@ def test_a_clinical_model_form_trains_over_the_network_as_in_simulation(
     plan = {**PLAN, "rounds": 2, "feature_transform": "clinical"}
     fed = Federation(tmp_path, plan=plan)
     _until_done(fed, [fed.agent(s) for s in SITES])
-    from cardiofed.data.synthetic import synthetic_federation
     from cardiofed.serving import registry
 
-    data = synthetic_federation(seed=0)
-    sub = type(data)(name=data.name, feature_names=data.feature_names,
-                     feature_ranges=data.feature_ranges,
-                     sites=[data.site(s) for s in SITES], outcome=data.outcome)
-    sim = run_experiment(sub, SimulationConfig.create(**plan, robust_rule="median"),
-                         baselines=False)
+    sim = _simulated(plan)
     with _sessions(fed.settings.database_url)() as db:
         served = registry.load(db, "s1-v2")
     assert served.card.feature_transform == "clinical"

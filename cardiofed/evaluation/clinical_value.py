@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cardiofed.evaluation.acceptability import AcceptabilityReport, acceptability_from_experiment
-from cardiofed.evaluation.effective_data import SiteEffectiveData
+from cardiofed.evaluation.effective_data import SiteEffectiveData, by_site_type
 from cardiofed.evaluation.metrics import binary_metrics
 from cardiofed.evaluation.uncertainty import auc_interval
 
@@ -92,10 +92,10 @@ class ClinicalValue:
                           else f"{min(shares):.1%} to {max(shares):.1%}")
                 parts.append(f"{spread} of the AUC achievable at its sites")
             parts.append(", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts)))
-            multiples = [self.effective[s].multiple for s in members
-                         if s in self.effective and not math.isnan(self.effective[s].n_equivalent)]
-            if multiples:
-                parts.append(f"median effective data {np.median(multiples):.1f}x own "
+            effective = by_site_type({s: self.effective[s] for s in members
+                                      if s in self.effective}).get(site_type)
+            if effective:
+                parts.append(f"median effective data {effective['median_multiple']:.1f}x own "
                              f"training size")
             lines.append("; ".join(parts) + ".")
         return lines

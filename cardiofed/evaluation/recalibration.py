@@ -38,9 +38,7 @@ from scipy.stats import chi2
 from cardiofed.evaluation.metrics import fit_logistic, logit, validate_binary_inputs
 from cardiofed.exceptions import ConfigurationError
 
-__all__ = ["LEVELS", "Recalibration", "fit_update"]
-
-LEVELS = ("none", "intercept", "slope", "terms")
+__all__ = ["Recalibration", "describe", "fit_update"]
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -54,8 +52,8 @@ class Recalibration:
 
     ``coefficients`` maps a model column (index into the standardised model columns
     ``z``) to its correction; ``level`` is the highest step of the hierarchy taken
-    ("none" is the identity) and ``tests`` the likelihood-ratio tests that decided it,
-    as (step, statistic, p-value).
+    ("none" is the identity, then "intercept", "slope", "terms") and ``tests`` the
+    likelihood-ratio tests that decided it, as (step, statistic, p-value).
     """
 
     intercept: float = 0.0

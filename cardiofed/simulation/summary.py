@@ -10,6 +10,7 @@ from rich import box
 from rich.table import Table
 
 from cardiofed.evaluation.clinical_value import ClinicalValue
+from cardiofed.evaluation.recalibration import describe
 from cardiofed.simulation.experiment import (
     FEDERATED,
     LOCAL,
@@ -109,6 +110,13 @@ def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, ti
         sections.insert(0, ("Data quality", "<ul>" + "".join(
             f"<li>{html.escape(site)}: {html.escape(reason)}; its updates got no weight</li>"
             for site, reason in result.label_quality.reasons.items()) + "</ul>"))
+    if result.recalibrations:
+        form = next(iter(result.preprocessors.values())).form
+        columns = form.names if form is not None else None
+        sections.append(("Each site's update on its held-out calibration rows", "<ul>" + "".join(
+            f"<li>{html.escape(site)} ({result.calibration_sizes.get(site, 0)} rows): "
+            f"{html.escape(describe(update, columns))}; {html.escape(update.reason)}</li>"
+            for site, update in result.recalibrations.items()) + "</ul>"))
     if run.robust_actions:
         sections.append(("Robust aggregation", "<p>" + html.escape(
             robust_summary(result)) + "</p>"))
