@@ -10,19 +10,11 @@ import typer
 
 from cardiofed import network_cli, serving_cli
 from cardiofed._console import console, fail
-from cardiofed.data.catalog import DATASETS, load_dataset
-from cardiofed.evaluation.clinical_value import clinical_value
-from cardiofed.evaluation.effective_data import site_effective_data
+from cardiofed.data.catalog import DATASETS
 from cardiofed.exceptions import CardioFedError
-from cardiofed.privacy.audit import audit_tables, run_audit
-from cardiofed.simulation.config import SimulationConfig
-from cardiofed.simulation.experiment import LOCAL, run_experiment
-from cardiofed.simulation.summary import (
-    clinical_table,
-    privacy_table,
-    robust_summary,
-    write_experiment_report,
-)
+
+# Every command imports what it needs when it runs (PyTorch, scikit-learn, the services):
+# `cardiofed --help` and each command's help load none of it.
 
 app = typer.Typer(help="CardioFed: train a cardiovascular risk model across hospitals "
                        "without moving patient records.", no_args_is_help=True)
@@ -46,6 +38,18 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
          registry_url: str | None = None, eval_size: int | None = None,
          effective_data: bool = True) -> None:
     import torch
+
+    from cardiofed.data.catalog import load_dataset
+    from cardiofed.evaluation.clinical_value import clinical_value
+    from cardiofed.evaluation.effective_data import site_effective_data
+    from cardiofed.simulation.config import SimulationConfig
+    from cardiofed.simulation.experiment import LOCAL, run_experiment
+    from cardiofed.simulation.summary import (
+        clinical_table,
+        privacy_table,
+        robust_summary,
+        write_experiment_report,
+    )
 
     torch.set_num_threads(1)  # tiny models: one thread is fastest, and on a shared machine
     given = {k: v for k, v in settings.items() if v is not None}
@@ -229,6 +233,10 @@ def audit(
 ) -> None:
     """Audit what leaves the sites: canary records, membership inference, update inversion."""
     import torch
+
+    from cardiofed.data.catalog import load_dataset
+    from cardiofed.privacy.audit import audit_tables, run_audit
+    from cardiofed.simulation.config import SimulationConfig
 
     torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
     try:

@@ -7,16 +7,19 @@ import logging
 import os
 import ssl
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import httpx
 import typer
 from rich.table import Table
 
 from cardiofed._console import console, fail
-from cardiofed.coordinator.settings import DEFAULT_DATABASE_URL
+from cardiofed.defaults import DEFAULT_DATABASE_URL
 from cardiofed.exceptions import CardioFedError
-from cardiofed.node.config import NodeConfig
+
+if TYPE_CHECKING:  # loaded when a command runs, not for --help
+    import httpx
+
+    from cardiofed.node.config import NodeConfig
 
 admin_app = typer.Typer(help="Administer studies on a running coordinator.",
                         no_args_is_help=True)
@@ -64,6 +67,8 @@ def coordinator(
 
 
 def _admin_client(url: str, key_file: Path, ca_file: Path | None) -> httpx.Client:
+    import httpx
+
     if not key_file.exists():
         raise fail(f"Admin key file {key_file} does not exist (the coordinator writes it on "
                     f"first start).")
@@ -151,6 +156,7 @@ def status(study: Annotated[str, typer.Option()], url: Url = "https://127.0.0.1:
 def node_run(config: Annotated[Path, typer.Option(help="The node's TOML config.")]) -> None:
     """Enrol if needed, then poll for tasks and run them until the study is done."""
     from cardiofed.node.agent import NodeAgent
+    from cardiofed.node.config import NodeConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -168,6 +174,7 @@ def node_audit(
                             "the site's own training values.")] = False,
 ) -> None:
     """Summarise everything that left this site (from the node's outbound log)."""
+    from cardiofed.node.config import NodeConfig
     from cardiofed.node.outbound import OutboundLog
 
     try:

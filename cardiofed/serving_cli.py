@@ -11,16 +11,17 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from sqlalchemy.orm import Session, sessionmaker
 
 from cardiofed._console import console, fail
-from cardiofed.coordinator.settings import DEFAULT_DATABASE_URL
+from cardiofed.defaults import DEFAULT_DATABASE_URL
 from cardiofed.exceptions import CardioFedError
+
+if TYPE_CHECKING:  # loaded when a command runs, not for --help
+    from sqlalchemy.orm import Session, sessionmaker
 
 models_app = typer.Typer(help="The model registry: list, show, promote, export.",
                          no_args_is_help=True)
@@ -196,6 +197,8 @@ def predict(
     db: DatabaseUrl = None,
 ) -> None:
     """Score a CSV file offline with a registered or exported model."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     from cardiofed.data.mapping import SiteMapping
     from cardiofed.serving import registry
     from cardiofed.serving.api import ServingSettings

@@ -143,3 +143,17 @@ def test_simulate_with_config_file(tmp_path) -> None:  # type: ignore[no-untyped
     assert "fedyogi" in result.output  # the progress bar names the algorithm
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert "clinical_value" in summary
+
+
+def test_the_command_line_loads_no_heavy_library_until_a_command_runs() -> None:
+    """`cardiofed --help` must be instant: PyTorch, Opacus, scikit-learn, the services'
+    libraries load only when a command needs them (bench/cli.py times it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cardiofed.cli; heavy = {'torch', 'opacus', 'sklearn', 'scipy', "
+            "'sqlalchemy', 'httpx', 'fastapi', 'pandas', 'matplotlib', 'numpy'}; "
+            "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"

@@ -7,7 +7,9 @@ from functools import lru_cache
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_DATABASE_URL = "sqlite:///cardiofed-coordinator.db"
+from cardiofed.defaults import DEFAULT_DATABASE_URL
+
+__all__ = ["DEFAULT_DATABASE_URL", "CoordinatorSettings", "get_settings"]
 
 
 class CoordinatorSettings(BaseSettings):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cardiofed.data.dataset import FederatedDataset
 from cardiofed.exceptions import ConfigurationError
+
+if TYPE_CHECKING:  # the command line reads DATASETS without loading NumPy
+    from cardiofed.data.dataset import FederatedDataset
 
 DATASETS: tuple[str, ...] = ("synthetic", "uci-heart", "framingham", "csv")
 
