@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cardiofed.data.dataset import FederatedDataset
-from cardiofed.data.paths import data_dir
+from cardiofed.data.paths import data_dir, require
 from cardiofed.data.synthetic import synthetic_federation
 
 # The models are tiny: one thread is fastest, and it avoids OpenMP spin-waiting when the
@@ -27,8 +27,9 @@ def _require_reference(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def uci_dir() -> Path:
-    """The folder holding the four UCI Heart Disease ``processed.*.data`` files."""
-    folder = data_dir() / "uci_heart"
+    """The folder holding the four UCI Heart Disease ``processed.*.data`` files (the data
+    folder's, else the copy packaged with CardioFed: never skipped)."""
+    folder = require("uci_heart")
     for name in UCI_FILES:
         _require_reference(folder / name)
     return folder

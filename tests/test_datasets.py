@@ -132,3 +132,29 @@ def test_framingham_other_seed_other_partition(framingham: FederatedDataset,
 
     assert sum(site_rows(other).values()) == 4240
     assert site_rows(other) != site_rows(framingham)
+
+
+def test_the_uci_files_ship_with_the_package_byte_for_byte(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh install has no data folder: --dataset uci-heart reads the packaged copy
+    (CC BY 4.0, with its licence and citation beside it)."""
+    import hashlib
+
+    from cardiofed.data.paths import PACKAGED
+    from cardiofed.data.uci_heart import load_uci_heart
+
+    md5 = {"processed.cleveland.data": "2d91a8ff69cfd9616aa47b59d6f843db",
+           "processed.hungarian.data": "22e96bee155b5973568101c93b3705f6",
+           "processed.switzerland.data": "9a87f7577310b3917730d06ba9349e20",
+           "processed.va.data": "4249d03ca7711e84f4444768c9426170"}
+    for name, digest in md5.items():
+        assert hashlib.md5((PACKAGED / "uci_heart" / name).read_bytes()).hexdigest() == digest
+    readme = (PACKAGED / "uci_heart" / "README.md").read_text()
+    assert "CC BY 4.0" in readme and "doi:10.24432/C52P4X" in readme
+    monkeypatch.setenv("CARDIOFED_DATA_DIR", str(tmp_path))  # an empty data folder
+    data = load_uci_heart()
+    assert [s.n_train for s in data.sites] == [199, 172, 30, 85]
+    with pytest.raises(FileNotFoundError, match="framingham"):
+        from cardiofed.data.framingham import load_framingham
+
+        load_framingham()

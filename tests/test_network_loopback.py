@@ -49,7 +49,6 @@ from cardiofed.wire import decode_arrays
 HOST = "127.0.0.1"  # the only address these tests ever connect to
 STARTUP_S = 60.0    # a process importing torch on a busy 2-core machine
 STUDY_S = 120.0     # a whole (small) study, node start-up included
-UCI_FILES = tuple(f"processed.{c}.data" for c in ("cleveland", "hungarian", "switzerland", "va"))
 UCI_SITES = ["cleveland", "hungarian", "switzerland", "va"]
 UCI_PLAN = {"rounds": 5, "local_steps": 20, "batch_size": 4, "lr": 0.01, "seed": 3}
 SYN_SITES = ["tier3_01", "tier2_01", "community_01"]
@@ -391,12 +390,7 @@ def assert_matches_simulator(coordinator: Coordinator, study: str,
 
 @pytest.fixture(scope="module")
 def uci_data() -> FederatedDataset:
-    """The four UCI hospitals (skips, before any process starts, when the files are absent)."""
-    folder = data_dir() / "uci_heart"
-    missing = [f for f in UCI_FILES if not (folder / f).exists()]
-    if missing:
-        pytest.skip(f"UCI reference data not found in {folder} ({', '.join(missing)}); "
-                    f"set CARDIOFED_DATA_DIR")
+    """The four UCI hospitals (the data folder's files, else the packaged copy)."""
     from cardiofed.data.uci_heart import load_uci_heart
 
     return load_uci_heart()
