@@ -37,11 +37,10 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
          ledger_dir: Path | None = None, register_as: str | None = None,
          registry_url: str | None = None, eval_size: int | None = None,
          effective_data: bool = True) -> None:
-    import torch
-
     from cardiofed.data.catalog import load_dataset
     from cardiofed.evaluation.clinical_value import clinical_value
     from cardiofed.evaluation.effective_data import site_effective_data
+    from cardiofed.models.networks import set_threads
     from cardiofed.simulation.config import SimulationConfig
     from cardiofed.simulation.experiment import LOCAL, run_experiment
     from cardiofed.simulation.summary import (
@@ -51,9 +50,9 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
         write_experiment_report,
     )
 
-    torch.set_num_threads(1)  # tiny models: one thread is fastest, and on a shared machine
     given = {k: v for k, v in settings.items() if v is not None}
     try:
+        set_threads()
         config = (SimulationConfig.from_toml(config_file, **given) if config_file
                   else SimulationConfig.create(**given))
         dataset = load_dataset(dataset_name, seed=config.seed, data_dir=data_dir, csv=csv,
@@ -63,7 +62,10 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
     sizes = ", ".join(f"{s.name} {s.n_train}" for s in dataset.sites)
     console.print(f"[bold]{dataset.description or dataset.name}[/]\n"
                   f"{len(dataset.sites)} sites (train rows: {sizes})")
-    result = run_experiment(dataset, config, progress=True, ledger_dir=ledger_dir)
+    try:
+        result = run_experiment(dataset, config, progress=True, ledger_dir=ledger_dir)
+    except CardioFedError as exc:
+        raise fail(exc) from None
     if result.privacy:
         console.print(privacy_table(result))
     if result.label_quality is not None:
@@ -232,14 +234,13 @@ def audit(
         = Path("audit.json"),
 ) -> None:
     """Audit what leaves the sites: canary records, membership inference, update inversion."""
-    import torch
-
     from cardiofed.data.catalog import load_dataset
+    from cardiofed.models.networks import set_threads
     from cardiofed.privacy.audit import audit_tables, run_audit
     from cardiofed.simulation.config import SimulationConfig
 
-    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
     try:
+        set_threads()
         config = SimulationConfig.create(rounds=rounds, seed=seed, dp_epsilon=dp_epsilon,
                                          dp_delta=dp_delta)
         data = load_dataset(dataset, seed=seed, data_dir=data_dir, n_sites=sites)

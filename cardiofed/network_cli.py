@@ -155,11 +155,13 @@ def status(study: Annotated[str, typer.Option()], url: Url = "https://127.0.0.1:
 @node_app.command("run")
 def node_run(config: Annotated[Path, typer.Option(help="The node's TOML config.")]) -> None:
     """Enrol if needed, then poll for tasks and run them until the study is done."""
+    from cardiofed.models.networks import set_threads
     from cardiofed.node.agent import NodeAgent
     from cardiofed.node.config import NodeConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
+        set_threads()
         tasks = NodeAgent(NodeConfig.from_toml(config)).run()
     except CardioFedError as exc:
         raise fail(exc) from None

@@ -200,12 +200,14 @@ def predict(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cardiofed.data.mapping import SiteMapping
+    from cardiofed.models.networks import set_threads
     from cardiofed.serving import registry
     from cardiofed.serving.api import ServingSettings
     from cardiofed.serving.model import RiskModel
     from cardiofed.serving.offline import predict_file
 
     try:
+        set_threads()
         if model is not None and model.endswith(".safetensors"):
             risk_model = RiskModel.load(model)
         else:

@@ -157,3 +157,22 @@ def test_the_command_line_loads_no_heavy_library_until_a_command_runs() -> None:
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True).stdout.strip()
     assert loaded == "[]"
+
+
+def test_torch_threads_default_to_one_and_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from cardiofed.exceptions import ConfigurationError
+    from cardiofed.models.networks import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("CARDIOFED_TORCH_THREADS", raising=False)
+        assert set_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("CARDIOFED_TORCH_THREADS", "2")
+        assert set_threads() == 2
+        monkeypatch.setenv("CARDIOFED_TORCH_THREADS", "many")
+        with pytest.raises(ConfigurationError, match="CARDIOFED_TORCH_THREADS.*'many'"):
+            set_threads()
+    finally:
+        torch.set_num_threads(before)

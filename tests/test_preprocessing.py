@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from cardiofed.data.preprocessing import (
     merge_statistics,
     site_statistics,
 )
-from cardiofed.exceptions import ConfigurationError
+from cardiofed.exceptions import ConfigurationError, DataValidationError
 from cardiofed.simulation.prepare import prepare_federation, prepare_local_only
 
 # Columns: total cholesterol (mg/dL), age (years), a binary flag.
@@ -97,9 +98,29 @@ def test_column_never_observed_at_any_site_is_an_error() -> None:
     edges = bin_edges(RANGES)
     x = np.array([[200.0, np.nan, 1.0], [220.0, np.nan, 0.0]])
 
-    with pytest.raises(ValueError, match=re.escape(
-            "Columns [1] have no observed value at any site.")):
+    with pytest.raises(DataValidationError, match=re.escape(
+            "Columns [1] have no observed value at any site: every site's export")):
         merge_statistics([site_statistics(x, edges), site_statistics(x[:1], edges)], edges)
+
+
+def test_a_column_no_site_records_is_a_clean_command_line_error(tmp_path: Path) -> None:
+    """No traceback from any command on bad data: the error names the column."""
+    from typer.testing import CliRunner
+
+    from cardiofed.cli import app
+
+    csv = tmp_path / "a.csv"
+    csv.write_text("AGE,SEX,Y\n,M,1\n,F,0\n,M,0\n,F,1\n")
+    mapping = tmp_path / "a.toml"
+    mapping.write_text('site = "a"\noutcome = "chd_10y"\n[label]\ncolumn = "Y"\n'
+                       '[columns.age]\nsource = "AGE"\n[columns.sex]\nsource = "SEX"\n'
+                       'codes = { M = "male", F = "female" }\n')
+    result = CliRunner().invoke(app, ["simulate", "--dataset", "csv", "--csv", str(csv),
+                                      "--mapping", str(mapping), "--rounds", "1",
+                                      "--no-effective-data", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert "['age'] have no observed value at any site" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_merge_needs_at_least_one_site() -> None:

@@ -464,3 +464,24 @@ def test_federation_from_csv_rejects_a_feature_a_site_does_not_map(tmp_path: Pat
             f"{csvs[1]}: the mapping for site 'clinic_b' does not map features ['diabetes'] "
             "that the study uses.")):
         federation_from_csv(csvs, mappings, features=["age", "diabetes"])
+
+
+def test_label_and_category_codes_are_compared_ignoring_case() -> None:
+    mapping = SiteMapping.from_dict({
+        "site": "s", "outcome": "chd_10y",
+        "label": {"column": "Y", "positive": ["Yes"], "negative": ["No"]},
+        "columns": {"sex": {"source": "SEX", "codes": {"M": "male", "F": "female"}},
+                    "education": {"source": "EDU"}}})
+    raw = pd.DataFrame({"Y": ["yes", "NO", "Yes"], "SEX": ["m", "F", "M"],
+                        "EDU": ["1", "4", "2"]}, dtype=str)
+    site = harmonise(raw, mapping)
+    assert site.labels.tolist() == [1, 0, 1]
+    assert site.frame["sex"].tolist() == ["male", "female", "male"]
+    with pytest.raises(DataValidationError, match="differ only in case"):
+        SiteMapping.from_dict({"site": "s", "outcome": "chd_10y", "label": {"column": "Y"},
+                               "columns": {"sex": {"source": "S",
+                                                   "codes": {"M": "male", "m": "female"}}}})
+    with pytest.raises(DataValidationError, match="both positive and negative"):
+        SiteMapping.from_dict({"site": "s", "outcome": "chd_10y",
+                               "label": {"column": "Y", "positive": ["Y"], "negative": ["y"]},
+                               "columns": {"age": {"source": "A"}}})

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from cardiofed.exceptions import DataValidationError
 from cardiofed.schema import get_feature
 
 
@@ -41,17 +42,18 @@ class SiteData:
 
     def __post_init__(self) -> None:
         if self.true_risk_test is not None and self.true_risk_test.shape != self.y_test.shape:
-            raise ValueError(f"Site {self.name!r}: true_risk_test must have one risk per test "
-                             f"row; got {self.true_risk_test.shape} for {self.y_test.shape}.")
+            raise DataValidationError(
+                f"Site {self.name!r}: true_risk_test must have one risk per test row; got "
+                f"{self.true_risk_test.shape} for {self.y_test.shape}.")
         for split, x, y in (("train", self.x_train, self.y_train),
                             ("test", self.x_test, self.y_test)):
             if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
-                raise ValueError(
+                raise DataValidationError(
                     f"Site {self.name!r}: {split} features must be 2-D with one label per row; "
                     f"got features {x.shape} and labels {y.shape}."
                 )
             if len(y) and not np.isin(y, (0, 1)).all():
-                raise ValueError(f"Site {self.name!r}: {split} labels must be 0 or 1.")
+                raise DataValidationError(f"Site {self.name!r}: {split} labels must be 0 or 1.")
 
     @property
     def n_train(self) -> int:
@@ -96,16 +98,17 @@ class FederatedDataset:
 
     def __post_init__(self) -> None:
         if not self.sites:
-            raise ValueError(f"Federated dataset {self.name!r} has no sites.")
+            raise DataValidationError(f"Federated dataset {self.name!r} has no sites.")
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
-            raise ValueError(f"Federated dataset {self.name!r}: site names repeat: {names}.")
+            raise DataValidationError(
+                f"Federated dataset {self.name!r}: site names repeat: {names}.")
         if len(self.feature_ranges) != len(self.feature_names):
-            raise ValueError("feature_ranges must have one (low, high) per feature name.")
+            raise DataValidationError("feature_ranges must have one (low, high) per feature name.")
         d = len(self.feature_names)
         for s in self.sites:
             if s.x_train.shape[1] != d or s.x_test.shape[1] != d:
-                raise ValueError(
+                raise DataValidationError(
                     f"Site {s.name!r} has {s.x_train.shape[1]} feature columns; "
                     f"the federation has {d}."
                 )

@@ -105,9 +105,13 @@ class SiteMapping(BaseModel):
                             f"columns.{name}.codes: {local!r} maps to {canonical!r}, which is "
                             f"not a code of {name!r} (expected one of {sorted(allowed)})"
                         )
-        overlap = set(self.label.positive) & set(self.label.negative)
+        for name, col in self.columns.items():
+            _unique_ignoring_case(f"columns.{name}.codes", list(col.codes))
+        overlap = ({c.lower() for c in self.label.positive}
+                   & {c.lower() for c in self.label.negative})
         if overlap:
-            raise ValueError(f"label codes {sorted(overlap)} are both positive and negative")
+            raise ValueError(f"label codes {sorted(overlap)} are both positive and negative "
+                             f"(codes are compared ignoring case)")
         return self
 
     @classmethod
@@ -128,6 +132,15 @@ class SiteMapping(BaseModel):
     @property
     def features(self) -> list[str]:
         return list(self.columns)
+
+
+def _unique_ignoring_case(where: str, codes: list[str]) -> None:
+    seen: dict[str, str] = {}
+    for code in codes:
+        if code.lower() in seen:
+            raise ValueError(f"{where}: {seen[code.lower()]!r} and {code!r} differ only in case; "
+                             f"codes are compared ignoring case")
+        seen[code.lower()] = code
 
 
 @dataclass
@@ -245,14 +258,15 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
         table = {**_BINARY_DEFAULT_CODES, **{k.lower(): v for k, v in col.codes.items()}}
         mapped = text.str.lower().map(table)
     else:
-        table = {c: c for c in feature.codes}
+        table = {c.lower(): c for c in feature.codes}
         table.update({f"{c}.0": c for c in feature.codes if c.isdigit()})
-        table.update(col.codes)
-        mapped = text.map(table)
+        table.update({k.lower(): v for k, v in col.codes.items()})
+        mapped = text.str.lower().map(table)
     unknown = (~missing & mapped.isna()).to_numpy()
     if unknown.any() and on_invalid == "error":
         i = _first_bad(unknown)
-        expected = sorted(set(table))
+        expected = (sorted({"0", "1", *col.codes}) if feature.kind is FeatureKind.BINARY
+                    else sorted({*feature.codes, *col.codes}))
         raise DataValidationError(
             f"{where}, row {row_offset + i + 1}: value {text.iloc[i]!r} is not a known code; "
             f"expected one of {expected} or a missing-value token."
@@ -277,8 +291,9 @@ def _parse_numbers(text: pd.Series, missing: np.ndarray) -> np.ndarray:
 def _harmonise_label(values: pd.Series, mapping: SiteMapping, source: str,
                      row_offset: int = 0) -> np.ndarray:
     text = _clean(values)
-    positive = text.isin(mapping.label.positive).to_numpy()
-    negative = text.isin(mapping.label.negative).to_numpy()
+    lowered = text.str.lower()  # codes are compared ignoring case, as features' codes are
+    positive = lowered.isin([c.lower() for c in mapping.label.positive]).to_numpy()
+    negative = lowered.isin([c.lower() for c in mapping.label.negative]).to_numpy()
     unknown = ~(positive | negative)
     if unknown.any():
         i = _first_bad(unknown)

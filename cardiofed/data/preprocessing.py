@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cardiofed.data.model_form import ModelForm
+from cardiofed.exceptions import DataValidationError
 
 DEFAULT_BINS = 256
 # Bins of a private release: fewer bins, less noise summed into each column's totals.
@@ -195,7 +196,10 @@ def merge_statistics(stats: list[SiteStatistics], edges: np.ndarray,
     empty = np.flatnonzero(count == 0)
     if empty.size:
         shown = [names[j] for j in empty] if names else empty.tolist()
-        raise ValueError(f"Columns {shown} have no observed value at any site.")
+        raise DataValidationError(
+            f"Columns {shown} have no observed value at any site: every site's export is "
+            f"missing them. Map them in the sites' mapping files, or leave them out of the "
+            f"study's features.")
     low, high = edges[:, 0], edges[:, -1]
     coarse = np.array([np.linspace(lo, hi, n_bins + 1) for lo, hi in zip(low, high,
                                                                            strict=True)])

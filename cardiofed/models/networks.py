@@ -47,6 +47,21 @@ class MLP(nn.Module):
         return self.net(x).squeeze(-1)
 
 
+def set_threads() -> int:
+    """PyTorch's intra-op threads for CardioFed's models: one, unless
+    ``$CARDIOFED_TORCH_THREADS`` asks for more. The built-in models are tiny: a second
+    thread only spins, and on a shared machine the spinning threads starve each other (the
+    demo ran 10x slower beside one busy process). Returns the number set."""
+    import os
+
+    raw = os.environ.get("CARDIOFED_TORCH_THREADS", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigurationError(f"CARDIOFED_TORCH_THREADS must be a whole number >= 1; got "
+                                 f"{raw!r}.")
+    torch.set_num_threads(int(raw))
+    return int(raw)
+
+
 def make_model(kind: str, n_features: int, *, seed: int) -> nn.Module:
     """A freshly initialised model; the same seed gives the same initial weights."""
     if kind not in MODEL_KINDS:
