@@ -62,6 +62,8 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
     sizes = ", ".join(f"{s.name} {s.n_train}" for s in dataset.sites)
     console.print(f"[bold]{dataset.description or dataset.name}[/]\n"
                   f"{len(dataset.sites)} sites (train rows: {sizes})")
+    if any(r.rows for r in dataset.load_reports.values()):
+        console.print(_load_table(dataset.load_reports, only_problems=True))
     try:
         result = run_experiment(dataset, config, progress=True, ledger_dir=ledger_dir)
     except CardioFedError as exc:
@@ -90,7 +92,8 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
                               f"{value.report.achievable[site].auc:.3f} < "
                               f"{value.report.criteria.min_auc:g} on its recorded outcomes: "
                               f"the case mix or the labels, not the model, limit this site.")
-    page = write_experiment_report(result, out, title=title, value=value, notes=[
+    page = write_experiment_report(result, out, title=title, value=value,
+                                   load_reports=dataset.load_reports, notes=[
         dataset.description,
         "Local-only: each site alone, a cross-validated ridge logistic regression on its own "
         "rows. Federated: only model updates left the sites. Personalised: the federated "
@@ -101,6 +104,23 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
     console.print(f"Report written to [bold]{page}[/]")
     if register_as is not None:
         _register(result, dataset.feature_names, dataset.outcome, register_as, registry_url)
+
+
+def _load_table(reports: dict[str, Any], *, only_problems: bool = False) -> Any:
+    """Per site and feature: values parsed, missing, and set missing by reason."""
+    from rich.table import Table
+
+    table = Table(title="What loading each export did (values per column)" + (
+        "; columns without missing or invalid values left out" if only_problems else ""))
+    for heading in ("site", "feature", "parsed", "missing", "not a number", "out of range",
+                    "unknown code", "unit converted"):
+        table.add_column(heading, justify="left" if heading in ("site", "feature") else "right")
+    for site, report in reports.items():
+        for row in report.columns():
+            if only_problems and row["parsed"] == report.rows:
+                continue
+            table.add_row(site, *(str(v) for v in row.values()))
+    return table
 
 
 def _register(result: Any, feature_names: list[str], outcome: str, study: str,
@@ -255,6 +275,39 @@ def audit(
     for table in audit_tables(report):
         console.print(table)
     console.print(f"Audit written to [bold]{out}[/] and [bold]{out.with_suffix('.md')}[/]")
+
+
+@app.command()
+def check(
+    csv: Annotated[Path, typer.Option(help="The site's export (CSV).")],
+    mapping: Annotated[Path, typer.Option(help="Its mapping file.")],
+) -> None:
+    """Check a mapping against an export without training: what each column would give."""
+    from cardiofed.data.mapping import SiteMapping, harmonise, read_export
+
+    try:
+        site_mapping = SiteMapping.from_toml(mapping)
+        raw = read_export(csv)
+        # Count every problem instead of stopping at the first: load as if invalid values
+        # were set missing, then say what the mapping's own policy would do.
+        lenient = site_mapping.model_copy(update={"on_invalid": "missing", "columns": {
+            name: col.model_copy(update={"on_invalid": "missing"})
+            for name, col in site_mapping.columns.items()}})
+        site = harmonise(raw, lenient, source=str(csv))
+    except CardioFedError as exc:
+        raise fail(exc) from None
+    console.print(_load_table({site_mapping.site: site.report}))
+    labels = site.labels
+    console.print(f"{len(labels):,} rows, {int(labels.sum()):,} with the outcome "
+                  f"{site_mapping.outcome!r} ({labels.mean():.1%}).")
+    try:
+        harmonise(raw, site_mapping, source=str(csv))
+    except CardioFedError as exc:
+        raise fail(f"Loading with this mapping stops: {exc}") from None
+    bad = sum(site.report.invalid_set_missing.values())
+    console.print("The export loads with this mapping" + (
+        f"; {bad:,} invalid values are set missing (on_invalid = \"missing\")." if bad
+        else " with no invalid value."))
 
 
 app.command("coordinator")(network_cli.coordinator)

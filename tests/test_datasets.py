@@ -103,12 +103,12 @@ def test_framingham_missing_counts_match_sources(framingham: FederatedDataset) -
 
     # SOURCES.md: glucose 388, education 105, BPMeds 53, totChol 50, cigsPerDay 29,
     # BMI 19, heartRate 1; every other column is complete.
-    missing = {k: v for k, v in report["missing"].items() if v}  # type: ignore[attr-defined]
+    missing = {k: v for k, v in report.missing.items() if v}
     assert missing == {"glucose": 388, "education": 105, "bp_treated": 53,
                        "total_cholesterol": 50, "cigs_per_day": 29, "bmi": 19,
                        "heart_rate": 1}
-    assert report["rows"] == 4240
-    assert not any(report["invalid_set_missing"].values())  # type: ignore[attr-defined]
+    assert report.rows == 4240
+    assert not any(report.invalid_set_missing.values())
 
 
 def test_framingham_label_prevalence(framingham: FederatedDataset) -> None:

@@ -87,6 +87,9 @@ def test_demo_runs_and_writes_the_report(tmp_path) -> None:  # type: ignore[no-u
     value = summary["clinical_value"]
     assert value["headline_model"] == "federated+recalibrated"
     assert set(value["effective_data"]) == set(value["sites"])
+    # What loading each export did, per site and column, travels with the report.
+    assert set(summary["load_reports"]) == set(value["sites"])
+    assert "share of the aggregation weight" in (out / "index.html").read_text()
     page = (out / "index.html").read_text()
     assert "What each site gets from the federation" in page
 

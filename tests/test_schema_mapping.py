@@ -433,7 +433,7 @@ def test_federation_from_two_csv_exports(tmp_path: Path) -> None:
     np.testing.assert_allclose(chol[:7], expected, rtol=1e-12)
     assert np.isnan(chol[7])
     assert int(np.concatenate([b.y_train, b.y_test]).sum()) == 3
-    assert fed.load_reports["clinic_b"]["missing"] == {
+    assert fed.load_reports["clinic_b"].missing == {
         "total_cholesterol": 1, "age": 0, "sex": 0, "bmi": 0}
     assert set(fed.load_reports) == {"hospital_a", "clinic_b"}
 
@@ -485,3 +485,32 @@ def test_label_and_category_codes_are_compared_ignoring_case() -> None:
         SiteMapping.from_dict({"site": "s", "outcome": "chd_10y",
                                "label": {"column": "Y", "positive": ["Y"], "negative": ["y"]},
                                "columns": {"age": {"source": "A"}}})
+
+
+def test_check_counts_every_problem_per_column_before_any_training(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cardiofed.cli import app
+
+    csv = tmp_path / "a.csv"
+    csv.write_text("AGE,GENDER,CHOL,Y\n54,M,210,1\nold,F,199,0\n61,X,5000,0\n47,F,,1\n")
+    mapping = tmp_path / "a.toml"
+    mapping.write_text('site = "a"\noutcome = "chd_10y"\n[label]\ncolumn = "Y"\n'
+                       '[columns.age]\nsource = "AGE"\n[columns.sex]\nsource = "GENDER"\n'
+                       'codes = { M = "male", F = "female" }\n'
+                       '[columns.total_cholesterol]\nsource = "CHOL"\n')
+    result = CliRunner().invoke(app, ["check", "--csv", str(csv), "--mapping", str(mapping)],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 2  # the mapping says on_invalid = "error"
+    rows = {line.split("│")[2].strip(): [c.strip() for c in line.split("│")[3:8]]
+            for line in result.output.splitlines() if line.count("│") > 8}
+    # parsed, missing, not a number, out of range, unknown code
+    assert rows["age"] == ["3", "0", "1", "0", "0"]
+    assert rows["sex"] == ["3", "0", "0", "0", "1"]
+    assert rows["total_cholesterol"] == ["2", "1", "0", "1", "0"]
+    assert "4 rows, 2 with the outcome 'chd_10y'" in result.output
+    assert "Loading with this mapping stops: " in result.output and "'old'" in result.output
+    lenient = tmp_path / "b.toml"
+    lenient.write_text('on_invalid = "missing"\n' + mapping.read_text())
+    ok = CliRunner().invoke(app, ["check", "--csv", str(csv), "--mapping", str(lenient)])
+    assert ok.exit_code == 0 and "3 invalid values are set missing" in ok.output

@@ -174,7 +174,7 @@ def test_synthetic_federation() -> None:
     for s in fed.sites:
         assert s.n_test == pytest.approx(0.3 * (s.n_train + s.n_test), abs=1)
         assert not np.isnan(s.x_train[:, 0]).any()  # age is never missing
-    converted = [r for r in fed.load_reports.values() if r["converted_units"]]
+    converted = [r for r in fed.load_reports.values() if r.converted_units]
     assert converted
 
 

@@ -9,12 +9,15 @@ for categorical variables) with ``NaN`` marking a missing value, to be imputed b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from cardiofed.exceptions import DataValidationError
 from cardiofed.schema import get_feature
+
+if TYPE_CHECKING:
+    from cardiofed.data.mapping import LoadReport
 
 
 class SiteTypes:
@@ -83,7 +86,7 @@ class FederatedDataset:
     sites: list[SiteData]
     outcome: str
     description: str = ""
-    load_reports: dict[str, dict[str, object]] = field(default_factory=dict)
+    load_reports: dict[str, LoadReport] = field(default_factory=dict)  # site -> its load
     sampler: SiteSampler | None = None
     # The test splits are simulated evaluation cohorts, not records the sites hold.
     evaluation_cohorts: bool = False

@@ -113,6 +113,6 @@ def load_framingham(data_dir: str | Path | None = None, *, seed: int = 0,
     names = encoded_feature_names(FEATURES)
     return FederatedDataset(
         name="framingham", feature_names=names, feature_ranges=feature_ranges_for(names),
-        sites=sites, outcome="chd_10y", load_reports={"framingham": site.report.as_dict()},
+        sites=sites, outcome="chd_10y", load_reports={"framingham": site.report},
         description="Framingham teaching data set, 8 hospitals by a seeded severity rule",
     )

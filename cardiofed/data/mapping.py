@@ -149,16 +149,31 @@ class LoadReport:
 
     source: str
     rows: int = 0
-    missing: dict[str, int] = field(default_factory=dict)
-    invalid_set_missing: dict[str, int] = field(default_factory=dict)
+    missing: dict[str, int] = field(default_factory=dict)  # a missing-value token
+    invalid_set_missing: dict[str, int] = field(default_factory=dict)  # the three below
+    not_a_number: dict[str, int] = field(default_factory=dict)
+    out_of_range: dict[str, int] = field(default_factory=dict)
+    unknown_code: dict[str, int] = field(default_factory=dict)
     converted_units: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {
             "source": self.source, "rows": self.rows, "missing": dict(self.missing),
             "invalid_set_missing": dict(self.invalid_set_missing),
+            "not_a_number": dict(self.not_a_number), "out_of_range": dict(self.out_of_range),
+            "unknown_code": dict(self.unknown_code),
             "converted_units": dict(self.converted_units),
         }
+
+    def columns(self) -> list[dict[str, object]]:
+        """One row per feature: values parsed, missing, and set missing by reason."""
+        return [{"feature": name, "parsed": self.rows - missing
+                 - self.invalid_set_missing.get(name, 0), "missing": missing,
+                 "not a number": self.not_a_number.get(name, 0),
+                 "out of range": self.out_of_range.get(name, 0),
+                 "unknown code": self.unknown_code.get(name, 0),
+                 "unit": self.converted_units.get(name, "")}
+                for name, missing in self.missing.items()]
 
 
 @dataclass(frozen=True)
@@ -250,6 +265,8 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
                 )
         bad = unparseable | out_of_range
         report.invalid_set_missing[name] = int(bad.sum())
+        report.not_a_number[name] = int(unparseable.sum())
+        report.out_of_range[name] = int(out_of_range.sum())
         converted[bad | missing] = np.nan
         return pd.Series(converted, index=values.index, name=name)
 
@@ -272,6 +289,7 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
             f"expected one of {expected} or a missing-value token."
         )
     report.invalid_set_missing[name] = int(unknown.sum())
+    report.unknown_code[name] = int(unknown.sum())
     mapped = mapped.where(~(missing | unknown))
     if feature.kind is FeatureKind.BINARY:
         return mapped.astype("float64").rename(name)  # canonical "0" / "1" / missing

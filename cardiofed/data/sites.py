@@ -78,7 +78,7 @@ def federation_from_csv(csv_paths: list[Path], mapping_paths: list[Path], *,
                                         test_fraction=test_fraction, seed=seed + k,
                                         source=str(csv))
         sites.append(site)
-        reports[site.name] = report.as_dict()
+        reports[site.name] = report
     names = encoded_feature_names(features)
     return FederatedDataset(name=name, feature_names=names,
                             feature_ranges=feature_ranges_for(names), sites=sites,

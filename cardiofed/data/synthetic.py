@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from cardiofed.data.dataset import FederatedDataset, SiteData, SiteTypes, feature_ranges_for
-from cardiofed.data.mapping import SiteMapping, encode, harmonise
+from cardiofed.data.mapping import LoadReport, SiteMapping, encode, harmonise
 from cardiofed.data.sites import site_from_export, split_indices
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.schema import encoded_feature_names, get_feature
@@ -342,7 +342,7 @@ def synthetic_federation(n_sites: int = 12, *, seed: int = 0, test_fraction: flo
     cohorts = (generate_exports([replace(p, n_patients=eval_size) for p in profiles],
                                 seed=[seed, _EVALUATION_STREAM]) if eval_size else None)
     sites: list[SiteData] = []
-    reports: dict[str, dict[str, object]] = {}
+    reports: dict[str, LoadReport] = {}
     for k, export in enumerate(generate_exports(profiles, seed=seed)):
         source = f"synthetic:{export.mapping.site}"
         if cohorts is None:
@@ -358,7 +358,7 @@ def synthetic_federation(n_sites: int = 12, *, seed: int = 0, test_fraction: flo
             site = replace(site, x_test=x_eval, y_test=y_eval,
                            true_risk_test=cohorts[k].true_risk)
         sites.append(site)
-        reports[site.name] = report.as_dict()
+        reports[site.name] = report
     names = encoded_feature_names(SYNTHETIC_FEATURES)
     evaluation = (f"; each site evaluated on {eval_size:,} new patients of its own profile"
                   if eval_size else "")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 from rich import box
 from rich.table import Table
 
+from cardiofed.data.mapping import LoadReport
 from cardiofed.evaluation.clinical_value import ClinicalValue
 from cardiofed.evaluation.recalibration import describe
 from cardiofed.simulation.experiment import (
@@ -82,10 +84,24 @@ def clinical_table(value: ClinicalValue) -> Table:
     return table
 
 
+def _load_section(reports: Mapping[str, LoadReport]) -> str:
+    rows = [(site, row) for site, report in reports.items() for row in report.columns()]
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ("site", *rows[0][1]))
+    body = "".join(f"<tr><td>{html.escape(site)}</td>" + "".join(
+        f"<td>{html.escape(str(v))}</td>" for v in row.values()) + "</tr>"
+        for site, row in rows)
+    return (f"<table><tr>{head}</tr>{body}</table><p>Nothing is dropped: a value that is "
+            f"missing, not a number, outside the feature's plausible range or an unknown code "
+            f"is missing in training, and counted here.</p>")
+
+
 def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, title: str,
                             notes: list[str] | None = None,
                             extra_sections: list[tuple[str, str]] | None = None,
-                            value: ClinicalValue | None = None) -> Path:
+                            value: ClinicalValue | None = None,
+                            load_reports: Mapping[str, LoadReport] | None = None) -> Path:
     """HTML page, PNG figures and summary.json for an experiment (with `value`, the
     clinical value per site and its effective-data figure)."""
     from cardiofed.evaluation.report import LearningCurve, write_report  # loads matplotlib
@@ -95,14 +111,16 @@ def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, ti
     run = result.federated
     participation = "".join(
         f"<tr><td>{html.escape(site)}</td><td>{n}</td>"
-        f"<td>{run.update_share.get(site, 0.0):.1%}</td></tr>"
+        f"<td>{run.update_share.get(site, 0.0):.1%}</td>"
+        f"<td>{run.weight_share.get(site, 0.0):.1%}</td></tr>"
         for site, n in run.participation.items())
     stale = "".join(f"<li>{t / 3600:.2f} h (simulated): {html.escape(site)}: "
                     f"{html.escape(reason)}</li>" for t, site, reason in run.rejected)
     sections = [("Training settings", f"<p>{html.escape(settings)}</p>"),
                 ("Each site's part in training",
                  "<table><tr><th>site</th><th>updates trained</th>"
-                 f"<th>share of the updates in the final model</th></tr>{participation}"
+                 "<th>share of the updates in the final model</th>"
+                 f"<th>share of the aggregation weight</th></tr>{participation}"
                  "</table>" + (f"<p>Updates refused as stale:</p><ul>{stale}</ul>"
                                if stale else ""))]
     sections[:0] = extra_sections or []
@@ -130,11 +148,16 @@ def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, ti
         for site, e in value.effective.items() if e.curve}
     if value is not None:
         sections.insert(0, ("What each site gets from the federation", value.to_html()))
+    loading = _load_section(load_reports or {})
+    if loading:
+        sections.append(("What loading each site's export did", loading))
     return write_report(out_dir, title=title, summary_rows=result.summary_rows(),
                         round_history=result.federated.history,
                         site_predictions=result.predictions, sections=sections,
                         notes=notes or [], learning_curves=curves,
-                        details={"clinical_value": value.to_dict()} if value else None)
+                        details={"load_reports": {site: r.as_dict() for site, r in
+                                                  (load_reports or {}).items()},
+                                 **({"clinical_value": value.to_dict()} if value else {})})
 
 
 def robust_summary(result: ExperimentResult) -> str:
