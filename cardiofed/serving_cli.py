@@ -194,6 +194,12 @@ def predict(
         help="Apply this site's recalibration from the model card.")] = None,
     id_column: Annotated[str | None, typer.Option(
         help="Input column copied to the output to identify rows.")] = None,
+    impute_missing: Annotated[bool, typer.Option(
+        "--impute-missing", help="Score rows with missing features, filled with the "
+                                 "federation's medians (as the API's impute_missing).")] = False,
+    max_rejected: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Largest fraction of rows that may be rejected before "
+                               "nothing is written.")] = 0.01,
     db: DatabaseUrl = None,
 ) -> None:
     """Score a CSV file offline with a registered or exported model."""
@@ -222,12 +228,16 @@ def predict(
         with bar:
             task = bar.add_task("rows", total=total)
             settings = ServingSettings(database_url=database_url(db))  # risk categories
-            rows = predict_file(risk_model, input_csv, out, mapping=site_mapping,
+            done = predict_file(risk_model, input_csv, out, mapping=site_mapping,
                                 contributions=contributions, site=site, id_column=id_column,
+                                impute_missing=impute_missing, max_rejected=max_rejected,
                                 thresholds=settings.risk_thresholds,
                                 categories=settings.risk_categories,
                                 on_rows=lambda n: bar.advance(task, n))
     except (CardioFedError, OSError, ValueError) as exc:
         raise fail(exc) from None
-    console.print(f"Scored {rows:,} rows with model {risk_model.card.version or model}; "
-                  f"wrote {out}.")
+    console.print(f"Scored {done.scored:,} of {done.rows:,} rows with model "
+                  f"{risk_model.card.version or model}; wrote {out}.")
+    if done.rejected:
+        console.print(f"[yellow]{done.rejected:,} rows not scored[/] (missing or invalid "
+                      f"features); their row numbers and reasons are in {done.rejected_file}.")

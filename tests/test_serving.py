@@ -420,12 +420,13 @@ def test_predict_file_with_a_site_mapping(tmp_path: Path, logistic: RiskModel) -
     csv = tmp_path / "patients.csv"
     export.raw.to_csv(csv, index=False)
 
-    rows = predict_file(logistic, csv, tmp_path / "risks.parquet", mapping=export.mapping,
-                        contributions=True)
+    done = predict_file(logistic, csv, tmp_path / "risks.parquet", mapping=export.mapping,
+                        contributions=True, impute_missing=True)
 
     out = pd.read_parquet(tmp_path / "risks.parquet")
-    assert rows == len(export.raw) == len(out)
-    assert list(out.columns[:3]) == ["risk", "category", "n_imputed"]
+    assert done.rows == done.scored == len(export.raw) == len(out)
+    assert list(out.columns[:4]) == ["row", "risk", "category", "n_imputed"]
+    assert out["row"].tolist() == list(range(1, len(out) + 1))
     assert out["risk"].between(0, 1).all()
     # The same risks as the API's path for one row.
     from cardiofed.data.mapping import encode, harmonise
@@ -460,12 +461,48 @@ def test_predict_cli_on_canonical_columns(tmp_path: Path, logistic: RiskModel) -
     assert bad.exit_code == 2 and "must end in .csv or .parquet" in bad.output
 
 
-def test_predict_reports_the_row_of_a_bad_value(tmp_path: Path, logistic: RiskModel) -> None:
+def test_predict_lists_rows_it_cannot_score_and_refuses_beyond_the_limit(
+        tmp_path: Path, logistic: RiskModel) -> None:
     csv = tmp_path / "in.csv"
-    pd.DataFrame([PATIENT, {**PATIENT, "systolic_bp": 999}]).to_csv(csv, index=False)
-    with pytest.raises(DataValidationError, match=r"row 2: value 999 mmHg is outside the "
-                                                  r"plausible range \[60, 300\] mmHg"):
-        predict_file(logistic, csv, tmp_path / "out.csv")
+    pd.DataFrame([PATIENT, {**PATIENT, "systolic_bp": 999}, PATIENT]).to_csv(csv, index=False)
+    out = tmp_path / "out.csv"
+    with pytest.raises(DataValidationError, match=r"1 of 3 rows \(33.3%\) cannot be scored, "
+                                                  r"more than the 1.0% allowed"):
+        predict_file(logistic, csv, out)
+    assert not out.exists()
+    side = pd.read_csv(tmp_path / "out.rejected.csv")
+    assert side.to_dict("records") == [
+        {"row": 2, "reason": "systolic_bp outside the plausible range [60, 300] mmHg"}]
+    assert "999" not in (tmp_path / "out.rejected.csv").read_text()  # reasons, not values
+    done = predict_file(logistic, csv, out, max_rejected=0.5)
+    assert (done.scored, done.rejected) == (2, 1)
+    assert pd.read_csv(out)["row"].tolist() == [1, 3]
+
+
+def test_malformed_rows_are_never_scored_silently(tmp_path: Path,
+                                                  logistic: RiskModel) -> None:
+    """A whole line in one quoted field: every other column is empty. The API's rule:
+    missing features are filled only when asked."""
+    header = ",".join(PATIENT)
+    good = ",".join(str(int(v) if isinstance(v, bool) else v) for v in PATIENT.values())
+    csv = tmp_path / "in.csv"
+    csv.write_text(f"id,{header}\np1,{good}\n\"p2,{good}\",,,,,,,,\np3,{good}\n")
+    out = tmp_path / "out.csv"
+    done = predict_file(logistic, csv, out, id_column="id", max_rejected=0.5)
+    assert (done.rows, done.scored, done.rejected) == (3, 2, 1)
+    side = pd.read_csv(done.rejected_file)
+    assert side["id"].tolist() == ["p2," + good]  # the id column, as the file has it
+    assert side["reason"][0] == "no feature of the model present (a malformed line?)"
+    assert pd.read_csv(out)["id"].tolist() == ["p1", "p3"]
+    imputed = predict_file(logistic, csv, out, id_column="id", impute_missing=True,
+                           max_rejected=0.5)
+    assert imputed.rejected == 1  # even imputation does not score an empty line
+    one_missing = tmp_path / "one.csv"
+    one_missing.write_text(f"id,{header}\np1,{good}\np2,{good.replace('67.25', '', 1)}\n")
+    refused = predict_file(logistic, one_missing, out, id_column="id", max_rejected=0.5)
+    assert pd.read_csv(refused.rejected_file)["reason"].tolist() == ["age missing"]
+    assert predict_file(logistic, one_missing, out, id_column="id",
+                        impute_missing=True).rejected == 0
 
 
 def test_huge_numbers_and_batch_units_are_named(api: Api) -> None:
@@ -544,3 +581,22 @@ def test_predict_file_names_each_bad_input(tmp_path: Path, logistic: RiskModel) 
     empty.write_text(",".join(PATIENT) + "\n")
     with pytest.raises(DataValidationError, match="empty.csv has no data rows."):
         predict_file(logistic, empty, out)
+
+
+def test_predict_cli_counts_the_rows_it_did_not_score(tmp_path: Path,
+                                                      logistic: RiskModel) -> None:
+    from typer.testing import CliRunner
+
+    from cardiofed.cli import app
+
+    model_file, _ = logistic.save(tmp_path / "m.safetensors")
+    csv = tmp_path / "in.csv"
+    pd.DataFrame([PATIENT, {**PATIENT, "age": None}, PATIENT]).to_csv(csv, index=False)
+    out = tmp_path / "out.csv"
+    args = ["predict", str(csv), "--model", str(model_file), "--out", str(out)]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "1 of 3 rows (33.3%) cannot be scored" in refused.output
+    result = CliRunner().invoke(app, [*args, "--max-rejected", "0.5"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Scored 2 of 3 rows" in result.output and "1 rows not scored" in result.output

@@ -183,6 +183,9 @@ class HarmonisedSite:
     frame: pd.DataFrame
     labels: np.ndarray
     report: LoadReport
+    # feature -> {row position in `frame`: why its value was invalid and set missing};
+    # the reasons never quote the value
+    problems: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
 def read_export(path: str | Path) -> pd.DataFrame:
@@ -211,12 +214,14 @@ def harmonise(raw: pd.DataFrame, mapping: SiteMapping, source: str = "<data>", *
         )
     report = LoadReport(source=source, rows=len(raw))
     out: dict[str, pd.Series] = {}
+    problems: dict[str, dict[int, str]] = {}
     for name, col in mapping.columns.items():
         out[name] = _harmonise_column(raw[col.source], name, col, mapping, source, report,
-                                      row_offset)
+                                      row_offset, problems.setdefault(name, {}))
     y = (_harmonise_label(raw[mapping.label.column], mapping, source, row_offset) if labels
          else np.empty(0, dtype=np.int64))
-    return HarmonisedSite(frame=pd.DataFrame(out), labels=y, report=report)
+    return HarmonisedSite(frame=pd.DataFrame(out), labels=y, report=report,
+                          problems={k: v for k, v in problems.items() if v})
 
 
 def _clean(text: pd.Series) -> pd.Series:
@@ -228,7 +233,8 @@ def _first_bad(mask: np.ndarray) -> int:
 
 
 def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping: SiteMapping,
-                      source: str, report: LoadReport, row_offset: int = 0) -> pd.Series:
+                      source: str, report: LoadReport, row_offset: int = 0,
+                      problems: dict[int, str] | None = None) -> pd.Series:
     feature = get_feature(name)
     text = _clean(values)
     missing = text.isin([*mapping.missing_values, *col.missing_values]).to_numpy()
@@ -264,6 +270,12 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
                     f"[{feature.low:g}, {feature.high:g}] {feature.unit}."
                 )
         bad = unparseable | out_of_range
+        if problems is not None:  # reasons name no value: they may be written beside output
+            problems.update(dict.fromkeys(np.flatnonzero(unparseable).tolist(),
+                                          "not a number"))
+            problems.update(dict.fromkeys(np.flatnonzero(out_of_range).tolist(),
+                                          f"outside the plausible range [{feature.low:g}, "
+                                          f"{feature.high:g}] {feature.unit}"))
         report.invalid_set_missing[name] = int(bad.sum())
         report.not_a_number[name] = int(unparseable.sum())
         report.out_of_range[name] = int(out_of_range.sum())
@@ -290,6 +302,8 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
         )
     report.invalid_set_missing[name] = int(unknown.sum())
     report.unknown_code[name] = int(unknown.sum())
+    if problems is not None:
+        problems.update(dict.fromkeys(np.flatnonzero(unknown).tolist(), "not a known code"))
     mapped = mapped.where(~(missing | unknown))
     if feature.kind is FeatureKind.BINARY:
         return mapped.astype("float64").rename(name)  # canonical "0" / "1" / missing
