@@ -36,8 +36,9 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
          mappings: list[Path] | None = None, n_sites: int = 12,
          ledger_dir: Path | None = None, register_as: str | None = None,
          registry_url: str | None = None, eval_size: int | None = None,
-         effective_data: bool = True) -> None:
+         effective_data: bool = True, features_file: Path | None = None) -> None:
     from cardiofed.data.catalog import load_dataset
+    from cardiofed.data.study_features import StudyFeatures
     from cardiofed.evaluation.clinical_value import clinical_value
     from cardiofed.evaluation.effective_data import site_effective_data
     from cardiofed.models.networks import set_threads
@@ -53,10 +54,13 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
     given = {k: v for k, v in settings.items() if v is not None}
     try:
         set_threads()
+        if features_file is not None:
+            given["study_features"] = StudyFeatures.from_toml(features_file)
         config = (SimulationConfig.from_toml(config_file, **given) if config_file
                   else SimulationConfig.create(**given))
         dataset = load_dataset(dataset_name, seed=config.seed, data_dir=data_dir, csv=csv,
-                               mappings=mappings, n_sites=n_sites, eval_size=eval_size)
+                               mappings=mappings, n_sites=n_sites, eval_size=eval_size,
+                               catalogue=config.catalogue())
     except (CardioFedError, FileNotFoundError) as exc:
         raise fail(exc) from None
     sizes = ", ".join(f"{s.name} {s.n_train}" for s in dataset.sites)
@@ -184,6 +188,9 @@ def simulate(
     csv: Annotated[list[Path] | None, typer.Option(help="A site's CSV export (repeat).")] = None,
     mapping: Annotated[list[Path] | None, typer.Option(
         help="The site's mapping file, in the same order as --csv (repeat).")] = None,
+    features: Annotated[Path | None, typer.Option(
+        help="The study's own features and outcome (TOML), besides the built-in ones "
+             "(cardiofed features lists those).")] = None,
     data_dir: Annotated[Path | None, typer.Option(
         help="Folder with uci_heart/ and framingham/ (default: $CARDIOFED_DATA_DIR or "
              "../shared/data).")] = None,
@@ -234,7 +241,7 @@ def simulate(
     _run(dataset, settings, config_file=config, out=out, data_dir=data_dir, csv=csv,
          mappings=mapping, title=f"CardioFed simulation: {dataset}", ledger_dir=ledger_dir,
          register_as=dataset if register else None, registry_url=db, eval_size=eval_size,
-         effective_data=effective_data)
+         effective_data=effective_data, features_file=features)
 
 
 @app.command()
@@ -277,16 +284,57 @@ def audit(
     console.print(f"Audit written to [bold]{out}[/] and [bold]{out.with_suffix('.md')}[/]")
 
 
+@app.command("features")
+def features_command(
+    features: Annotated[Path | None, typer.Option(
+        help="Also list a study's own features and outcome (TOML).")] = None,
+) -> None:
+    """The feature catalogue: every built-in feature (kind, unit, plausible range, codes)
+    and outcome, and a study's own."""
+    from rich.table import Table
+
+    from cardiofed.data.study_features import StudyFeatures, catalogue_of
+    from cardiofed.schema import CATALOGUE
+
+    try:
+        catalogue = catalogue_of(StudyFeatures.from_toml(features) if features else None)
+    except CardioFedError as exc:
+        raise fail(exc) from None
+    table = Table(title="Features (a mapping file's [columns.<name>])")
+    for heading in ("name", "kind", "unit", "plausible range or codes", "other units",
+                    "log scale", "description", "declared by"):
+        table.add_column(heading)
+    for name, f in catalogue.features.items():
+        values = (", ".join(f.codes) if f.codes else
+                  f"[{f.low:g}, {f.high:g}]" if f.low is not None and f.high is not None
+                  else "0 or 1")
+        table.add_row(name, str(f.kind), f.unit, values, ", ".join(f.unit_factors),
+                      "yes" if f.log_scale else "", f.description,
+                      "built in" if name in CATALOGUE.features else "study")
+    console.print(table)
+    outcomes = Table(title="Outcomes (a mapping file's outcome)")
+    for heading in ("name", "horizon (years)", "description", "declared by"):
+        outcomes.add_column(heading)
+    for name, o in catalogue.outcomes.items():
+        outcomes.add_row(name, "" if o.horizon_years is None else f"{o.horizon_years:g}",
+                         o.description, "built in" if name in CATALOGUE.outcomes else "study")
+    console.print(outcomes)
+
+
 @app.command()
 def check(
     csv: Annotated[Path, typer.Option(help="The site's export (CSV).")],
     mapping: Annotated[Path, typer.Option(help="Its mapping file.")],
+    features: Annotated[Path | None, typer.Option(
+        help="The study's own features and outcome (TOML), if it declares any.")] = None,
 ) -> None:
     """Check a mapping against an export without training: what each column would give."""
     from cardiofed.data.mapping import SiteMapping, harmonise, read_export
+    from cardiofed.data.study_features import StudyFeatures, catalogue_of
 
     try:
-        site_mapping = SiteMapping.from_toml(mapping)
+        catalogue = catalogue_of(StudyFeatures.from_toml(features) if features else None)
+        site_mapping = SiteMapping.from_toml(mapping, catalogue)
         raw = read_export(csv)
         # Count every problem instead of stopping at the first: load as if invalid values
         # were set missing, then say what the mapping's own policy would do.

@@ -91,6 +91,9 @@ def create_study(
         help="Take the feature columns of uci-heart, framingham or synthetic.")] = None,
     features: Annotated[str | None, typer.Option(
         help="Comma-separated canonical features (as in the sites' mapping files).")] = None,
+    features_file: Annotated[Path | None, typer.Option(
+        help="The study's own features and outcome (TOML); they travel with the plan.")]
+        = None,
     config: Annotated[Path | None, typer.Option(help="TOML training plan.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Override the plan's rounds.")] = None,
     min_sites: Annotated[int | None, typer.Option(
@@ -107,20 +110,27 @@ def create_study(
 ) -> None:
     """Create a study; prints one one-time enrolment token per site."""
     from cardiofed.data.catalog import study_columns
+    from cardiofed.data.study_features import StudyFeatures
     from cardiofed.simulation.config import SimulationConfig
 
     try:
         plan = (SimulationConfig.from_toml(config) if config else SimulationConfig.create())
-        if rounds is not None:
-            plan = SimulationConfig.create(**{**plan.model_dump(), "rounds": rounds})
-        names, ranges = study_columns(dataset, features.split(",") if features else None)
+        changes: dict[str, object] = {} if rounds is None else {"rounds": rounds}
+        if features_file is not None:
+            changes["study_features"] = StudyFeatures.from_toml(features_file)
+        if changes:
+            plan = SimulationConfig.create(**{**plan.model_dump(), **changes})
+        names, ranges = study_columns(dataset, features.split(",") if features else None,
+                                      plan.catalogue())
     except CardioFedError as exc:
         raise fail(exc) from None
     from cardiofed.serving.provenance import OUTCOME_OF_DATASET
 
     body = {"id": study, "plan": plan.model_dump(), "sites": site, "feature_names": names,
             "feature_ranges": ranges, "min_sites": min_sites, "round_timeout_s": round_timeout,
-            "outcome": outcome or OUTCOME_OF_DATASET.get(dataset or "")}
+            "outcome": outcome or OUTCOME_OF_DATASET.get(dataset or "") or (
+                plan.study_features.outcome.name if plan.study_features is not None
+                and plan.study_features.outcome is not None else None)}
     with _admin_client(url, admin_key_file, ca_file) as client:
         tokens = _checked(client.post("/v1/studies", json=body)).json()["enrolment_tokens"]
     if as_json:
@@ -196,6 +206,7 @@ def node_audit(
 
 def _scan_outbox(cfg: NodeConfig) -> None:
     """The privacy audit's canary search, with the site's real rows as the canaries."""
+    from cardiofed.data.study_features import StudyFeatures, catalogue_of
     from cardiofed.node.work import load_site_data
     from cardiofed.privacy.audit import scan_payloads
 
@@ -203,7 +214,9 @@ def _scan_outbox(cfg: NodeConfig) -> None:
     if not sent:
         raise fail(f"No sent payloads kept in {cfg.state_dir / 'outbox'}.")
     names = json.loads((cfg.state_dir / "feature_names.json").read_text())
-    site = load_site_data(cfg.data, names)
+    declared = cfg.state_dir / "study_features.json"
+    site = load_site_data(cfg.data, names, catalogue_of(
+        StudyFeatures.model_validate_json(declared.read_text()) if declared.exists() else None))
     matches = scan_payloads([("this site", p.stem, p.read_bytes()) for p in sent], site.x_train)
     console.print(f"Searched {len(sent)} sent payloads for the values of {site.n_train} "
                   f"training records: {len(matches)} found.")

@@ -1,10 +1,14 @@
 """The canonical clinical schema every site's export is harmonised to.
 
 Each :class:`Feature` has a canonical unit, a plausible range, a kind (continuous,
-binary or categorical with its code list) and the other units a site may export it
-in, with the factor that converts them. The label is an event within a horizon
-(:class:`Outcome`). Sites map their own column names, units and codes onto these
-features with a mapping file (:mod:`cardiofed.data.mapping`).
+binary, categorical with its code list, or ordinal with its ordered levels) and the
+other units a site may export it in, with the factor that converts them. The label is
+an event within a horizon (:class:`Outcome`). Sites map their own column names, units
+and codes onto these features with a mapping file (:mod:`cardiofed.data.mapping`).
+
+The built-in :data:`CATALOGUE` is every study's default; a study may declare features
+and an outcome of its own (:mod:`cardiofed.data.study_features`), which extend it into
+the study's :class:`Catalogue`. A built-in name never changes meaning within a study.
 
 The schema is versioned: a saved model records :data:`SCHEMA_VERSION`, and the
 meaning of a feature never changes without a new version.
@@ -23,6 +27,7 @@ class FeatureKind(StrEnum):
     CONTINUOUS = "continuous"
     BINARY = "binary"
     CATEGORICAL = "categorical"
+    ORDINAL = "ordinal"  # ordered levels, encoded as one column: the level's position
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,8 +50,9 @@ class Feature:
     def __post_init__(self) -> None:
         if self.kind is FeatureKind.CONTINUOUS and (self.low is None or self.high is None):
             raise ValueError(f"Continuous feature {self.name!r} needs a plausible range.")
-        if self.kind is FeatureKind.CATEGORICAL and len(self.codes) < 2:
-            raise ValueError(f"Categorical feature {self.name!r} needs at least two codes.")
+        if self.kind in (FeatureKind.CATEGORICAL, FeatureKind.ORDINAL) and len(self.codes) < 2:
+            raise ValueError(f"{self.kind.title()} feature {self.name!r} needs at least two "
+                             f"codes.")
         if self.log_scale and not (self.kind is FeatureKind.CONTINUOUS and self.low
                                    and self.low > 0):
             raise ValueError(f"Feature {self.name!r} is marked log_scale; it needs a "
@@ -61,6 +67,8 @@ class Feature:
 
     def encoded_range(self) -> tuple[float, float]:
         """Plausible range of each encoded column, used for histogram bin edges."""
+        if self.kind is FeatureKind.ORDINAL:
+            return (0.0, float(len(self.codes) - 1))
         if self.low is not None and self.high is not None:
             return (self.low, self.high)
         return (0.0, 1.0)
@@ -159,19 +167,42 @@ OUTCOMES: dict[str, Outcome] = {
 }
 
 
-def get_feature(name: str) -> Feature:
-    """The catalogue entry for `name`, with an error that lists the known names."""
-    try:
-        return FEATURES[name]
-    except KeyError:
-        raise ValueError(
-            f"Unknown canonical feature {name!r}; known features: {', '.join(FEATURES)}."
-        ) from None
+@dataclass(frozen=True)
+class Catalogue:
+    """The features and outcomes a study may use: the built-in ones and its own."""
+
+    features: dict[str, Feature]
+    outcomes: dict[str, Outcome]
+
+    def feature(self, name: str) -> Feature:
+        """The entry for `name`, with an error that lists the known names."""
+        try:
+            return self.features[name]
+        except KeyError:
+            raise ValueError(f"Unknown canonical feature {name!r}; known features: "
+                             f"{', '.join(self.features)}.") from None
+
+    def encoded_names(self, features: Sequence[str]) -> list[str]:
+        """Model input column names for a list of canonical features, in order."""
+        return [col for name in features for col in self.feature(name).encoded_names()]
+
+    def ranges(self, encoded_names: Sequence[str]) -> list[tuple[float, float]]:
+        """Plausible range of each encoded column."""
+        return [self.feature(name.split("=", 1)[0]).encoded_range() for name in encoded_names]
 
 
-def encoded_feature_names(features: list[str]) -> list[str]:
+CATALOGUE = Catalogue(features=FEATURES, outcomes=OUTCOMES)
+
+
+def get_feature(name: str, catalogue: Catalogue | None = None) -> Feature:
+    """The entry for `name` in `catalogue` (default: the built-in one)."""
+    return (catalogue or CATALOGUE).feature(name)
+
+
+def encoded_feature_names(features: Sequence[str],
+                          catalogue: Catalogue | None = None) -> list[str]:
     """Model input column names for a list of canonical features, in order."""
-    return [col for name in features for col in get_feature(name).encoded_names()]
+    return (catalogue or CATALOGUE).encoded_names(features)
 
 
 def canonical_features(encoded_names: Sequence[str]) -> list[str]:

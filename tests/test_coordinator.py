@@ -564,8 +564,9 @@ def test_unknown_outcome_is_refused(fed: Federation) -> None:
         "id": "s3", "plan": PLAN, "sites": SITES, "feature_names": names,
         "feature_ranges": ranges, "outcome": "stroke_5y"})
     assert r.status_code == 422
-    assert r.json()["detail"] == ("outcome must be one of cvd_10y, chd_10y, heart_disease; "
-                                  "got 'stroke_5y'.")
+    assert r.json()["detail"] == ("outcome must be one of cvd_10y, chd_10y, heart_disease "
+                                  "(built in or declared in plan.study_features); got "
+                                  "'stroke_5y'.")
 
 
 def test_async_training_goes_on_without_a_dead_site_after_the_deadline(tmp_path: Path) -> None:

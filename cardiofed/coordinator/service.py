@@ -73,7 +73,6 @@ from cardiofed.exceptions import (
     StaleUpdateRefused,
 )
 from cardiofed.models.networks import Weights, get_weights, make_model
-from cardiofed.schema import OUTCOMES
 from cardiofed.serving import provenance, registry
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.runner import shares
@@ -169,8 +168,10 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
         raise InvalidUpdate(f"min_sites must be in [1, {len(sites)}]; got {min_sites}.")
     if round_timeout_s <= 0:
         raise InvalidUpdate(f"round_timeout_s must be > 0; got {round_timeout_s}.")
-    if outcome is not None and outcome not in OUTCOMES:
-        raise InvalidUpdate(f"outcome must be one of {', '.join(OUTCOMES)}; got {outcome!r}.")
+    outcomes = plan.catalogue().outcomes
+    if outcome is not None and outcome not in outcomes:
+        raise InvalidUpdate(f"outcome must be one of {', '.join(outcomes)} (built in or "
+                            f"declared in plan.study_features); got {outcome!r}.")
     study = Study(id=study_id, plan=plan.model_dump(), feature_names=feature_names,
                   feature_ranges=[list(r) for r in feature_ranges], min_sites=min_sites,
                   round_timeout_s=round_timeout_s, outcome=outcome)

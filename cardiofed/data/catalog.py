@@ -9,15 +9,18 @@ from cardiofed.exceptions import ConfigurationError
 
 if TYPE_CHECKING:  # the command line reads DATASETS without loading NumPy
     from cardiofed.data.dataset import FederatedDataset
+    from cardiofed.schema import Catalogue
 
 DATASETS: tuple[str, ...] = ("synthetic", "uci-heart", "framingham", "csv")
 
 
 def load_dataset(name: str, *, seed: int = 0, data_dir: str | Path | None = None,
                  csv: list[Path] | None = None, mappings: list[Path] | None = None,
-                 n_sites: int = 12, eval_size: int | None = None) -> FederatedDataset:
+                 n_sites: int = 12, eval_size: int | None = None,
+                 catalogue: Catalogue | None = None) -> FederatedDataset:
     """Load a federation by name (see :data:`DATASETS`); `eval_size` gives each synthetic
-    site an evaluation cohort of that many new patients."""
+    site an evaluation cohort of that many new patients; `catalogue` holds a ``csv``
+    study's own features and outcome."""
     if eval_size is not None and name != "synthetic":
         raise ConfigurationError(f"eval_size draws new patients from the synthetic sites' "
                                  f"profiles; data set {name!r} keeps its own test splits.")
@@ -39,15 +42,17 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | Path | None = None
         if not csv:
             raise ConfigurationError("The 'csv' data set needs --csv FILE (one per site) and "
                                      "--mapping FILE (one per site, same order).")
-        return federation_from_csv(csv, mappings or [], seed=seed)
+        return federation_from_csv(csv, mappings or [], seed=seed, catalogue=catalogue)
     raise ConfigurationError(f"The 'dataset' parameter must be one of {list(DATASETS)}; "
                              f"got {name!r}.")
 
 
-def study_columns(dataset: str | None = None,
-                  features: list[str] | None = None) -> tuple[list[str], list[tuple[float, float]]]:
+def study_columns(dataset: str | None = None, features: list[str] | None = None,
+                  catalogue: Catalogue | None = None
+                  ) -> tuple[list[str], list[tuple[float, float]]]:
     """Encoded column names and plausible ranges of a study, from a reference data set's
-    name or a list of canonical features (as in the sites' mapping files)."""
+    name or a list of canonical features (as in the sites' mapping files, looked up in
+    `catalogue`, default the built-in one)."""
     from cardiofed.data.dataset import feature_ranges_for
     from cardiofed.schema import encoded_feature_names
 
@@ -68,6 +73,7 @@ def study_columns(dataset: str | None = None,
     elif dataset is not None:
         raise ConfigurationError(f"The 'dataset' parameter must be one of {list(DATASETS[:3])}; "
                                  f"got {dataset!r}.")
-    assert features is not None
-    names = encoded_feature_names(features)
-    return names, feature_ranges_for(names)
+    if features is None:  # unreachable: exactly one of the two was given
+        raise ConfigurationError("Give either a data set name or a list of canonical features.")
+    names = encoded_feature_names(features, catalogue)
+    return names, feature_ranges_for(names, catalogue)

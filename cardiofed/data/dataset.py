@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from cardiofed.exceptions import DataValidationError
-from cardiofed.schema import get_feature
+from cardiofed.schema import CATALOGUE, Catalogue
 
 if TYPE_CHECKING:
     from cardiofed.data.mapping import LoadReport
@@ -132,6 +132,7 @@ class FederatedDataset:
                 np.concatenate([s.y_test for s in self.sites]))
 
 
-def feature_ranges_for(encoded_names: list[str]) -> list[tuple[float, float]]:
-    """Plausible range of each encoded column, from the schema catalogue."""
-    return [get_feature(name.split("=", 1)[0]).encoded_range() for name in encoded_names]
+def feature_ranges_for(encoded_names: list[str],
+                       catalogue: Catalogue | None = None) -> list[tuple[float, float]]:
+    """Plausible range of each encoded column, from the catalogue (default: built-in)."""
+    return (catalogue or CATALOGUE).ranges(encoded_names)

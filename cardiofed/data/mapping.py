@@ -35,11 +35,19 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from cardiofed._pydantic import read_toml, validation_problems
 from cardiofed.exceptions import DataValidationError
-from cardiofed.schema import OUTCOMES, FeatureKind, get_feature
+from cardiofed.schema import CATALOGUE, Catalogue, FeatureKind
 
 OnInvalid = Literal["error", "missing"]
 
@@ -57,7 +65,9 @@ class ColumnMapping(BaseModel):
 
     source: str = Field(min_length=1)
     unit: str | None = None
-    codes: dict[str, str] = Field(default_factory=dict)
+    # Local value -> canonical code (binary, categorical, ordinal) or number (continuous:
+    # e.g. an age band "70-74" = 72).
+    codes: dict[str, str | int | float] = Field(default_factory=dict)
     missing_values: list[str] = Field(default_factory=list)
     on_invalid: OnInvalid | None = None
 
@@ -82,29 +92,39 @@ class SiteMapping(BaseModel):
     on_invalid: OnInvalid = "error"
     label: LabelMapping
     columns: dict[str, ColumnMapping] = Field(min_length=1)
+    _catalogue: Catalogue = PrivateAttr(default=CATALOGUE)
 
     @model_validator(mode="after")
-    def _check_against_schema(self) -> SiteMapping:
-        if self.outcome not in OUTCOMES:
+    def _check_against_schema(self, info: ValidationInfo) -> SiteMapping:
+        catalogue: Catalogue = (info.context or {}).get("catalogue", CATALOGUE)
+        self._catalogue = catalogue
+        if self.outcome not in catalogue.outcomes:
             raise ValueError(
                 f"outcome {self.outcome!r} is not a known outcome; expected one of "
-                f"{', '.join(OUTCOMES)}"
+                f"{', '.join(catalogue.outcomes)} (a study declares its own in its feature "
+                f"file)"
             )
         for name, col in self.columns.items():
-            feature = get_feature(name)
+            feature = catalogue.feature(name)
             if col.unit is not None:
                 if feature.kind is not FeatureKind.CONTINUOUS:
                     raise ValueError(f"columns.{name}: a {feature.kind} feature has no unit")
                 feature.conversion_factor(col.unit)  # raises on an unknown unit
-            if feature.kind is not FeatureKind.CONTINUOUS:
-                categorical = feature.kind is FeatureKind.CATEGORICAL
-                allowed = set(feature.codes) if categorical else {"0", "1"}
-                for local, canonical in col.codes.items():
-                    if canonical not in allowed:
+            if feature.kind is FeatureKind.CONTINUOUS:
+                for local, number in col.codes.items():
+                    if _number(number) is None:
                         raise ValueError(
-                            f"columns.{name}.codes: {local!r} maps to {canonical!r}, which is "
-                            f"not a code of {name!r} (expected one of {sorted(allowed)})"
-                        )
+                            f"columns.{name}.codes: {local!r} maps to {number!r}; codes of a "
+                            f"numeric feature map local values to numbers in the column's "
+                            f"unit, e.g. {{ \"70-74\" = 72 }}")
+                continue
+            allowed = {"0", "1"} if feature.kind is FeatureKind.BINARY else set(feature.codes)
+            for local, canonical in col.codes.items():
+                if _code(canonical) not in allowed:
+                    raise ValueError(
+                        f"columns.{name}.codes: {local!r} maps to {canonical!r}, which is "
+                        f"not a code of {name!r} (expected one of {sorted(allowed)})"
+                    )
         for name, col in self.columns.items():
             _unique_ignoring_case(f"columns.{name}.codes", list(col.codes))
         overlap = ({c.lower() for c in self.label.positive}
@@ -115,16 +135,17 @@ class SiteMapping(BaseModel):
         return self
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> SiteMapping:
-        """Read and validate a mapping file."""
+    def from_toml(cls, path: str | Path, catalogue: Catalogue | None = None) -> SiteMapping:
+        """Read and validate a mapping file against `catalogue` (default: built-in)."""
         path = Path(path)
         raw = read_toml(path, "Mapping file", DataValidationError)
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(raw, source=str(path), catalogue=catalogue)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, object], source: str = "<mapping>") -> SiteMapping:
+    def from_dict(cls, raw: dict[str, object], source: str = "<mapping>",
+                  catalogue: Catalogue | None = None) -> SiteMapping:
         try:
-            return cls.model_validate(raw)
+            return cls.model_validate(raw, context={"catalogue": catalogue or CATALOGUE})
         except ValidationError as exc:
             raise DataValidationError(f"Mapping {source} is invalid: "
                                       f"{validation_problems(exc, 'mapping')}") from None
@@ -132,6 +153,31 @@ class SiteMapping(BaseModel):
     @property
     def features(self) -> list[str]:
         return list(self.columns)
+
+    @property
+    def catalogue(self) -> Catalogue:
+        """The catalogue the mapping was validated against."""
+        return self._catalogue
+
+
+def _number(value: object) -> float | None:
+    """`value` as a finite number, or None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
+def _code(value: object) -> str:
+    """A mapping's canonical code as text (TOML may give 1 for "1")."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _unique_ignoring_case(where: str, codes: list[str]) -> None:
@@ -235,7 +281,7 @@ def _first_bad(mask: np.ndarray) -> int:
 def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping: SiteMapping,
                       source: str, report: LoadReport, row_offset: int = 0,
                       problems: dict[int, str] | None = None) -> pd.Series:
-    feature = get_feature(name)
+    feature = mapping.catalogue.feature(name)
     text = _clean(values)
     missing = text.isin([*mapping.missing_values, *col.missing_values]).to_numpy()
     report.missing[name] = int(missing.sum())
@@ -243,6 +289,10 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
     where = f"{source}: column {col.source!r} ({name})"
 
     if feature.kind is FeatureKind.CONTINUOUS:
+        if col.codes:  # bands coded as numbers, e.g. "70-74" -> 72
+            coded = {k.lower(): str(v) for k, v in col.codes.items()}
+            lowered = text.str.lower()
+            text = lowered.map(coded).where(lowered.isin(list(coded)), text)
         numbers = _parse_numbers(text, missing)
         unparseable = ~missing & np.isnan(numbers)
         factor = feature.conversion_factor(col.unit or feature.unit)
@@ -282,15 +332,15 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
         converted[bad | missing] = np.nan
         return pd.Series(converted, index=values.index, name=name)
 
-    # Binary and categorical: map local codes to canonical codes.
+    # Binary, categorical and ordinal: map local codes to canonical codes.
+    local = {k.lower(): _code(v) for k, v in col.codes.items()}
     if feature.kind is FeatureKind.BINARY:
-        table = {**_BINARY_DEFAULT_CODES, **{k.lower(): v for k, v in col.codes.items()}}
-        mapped = text.str.lower().map(table)
+        table = {**_BINARY_DEFAULT_CODES, **local}
     else:
         table = {c.lower(): c for c in feature.codes}
         table.update({f"{c}.0": c for c in feature.codes if c.isdigit()})
-        table.update({k.lower(): v for k, v in col.codes.items()})
-        mapped = text.str.lower().map(table)
+        table.update(local)
+    mapped = text.str.lower().map(table)
     unknown = (~missing & mapped.isna()).to_numpy()
     if unknown.any() and on_invalid == "error":
         i = _first_bad(unknown)
@@ -307,6 +357,9 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
     mapped = mapped.where(~(missing | unknown))
     if feature.kind is FeatureKind.BINARY:
         return mapped.astype("float64").rename(name)  # canonical "0" / "1" / missing
+    if feature.kind is FeatureKind.ORDINAL:  # the level's position, 0 for the first
+        position = {code: float(i) for i, code in enumerate(feature.codes)}
+        return mapped.map(position).astype("float64").rename(name)
     return mapped.astype(object).rename(name)
 
 
@@ -338,14 +391,15 @@ def _harmonise_label(values: pd.Series, mapping: SiteMapping, source: str,
     return positive.astype(np.int64)
 
 
-def encode(frame: pd.DataFrame, features: list[str]) -> np.ndarray:
+def encode(frame: pd.DataFrame, features: list[str],
+           catalogue: Catalogue | None = None) -> np.ndarray:
     """Canonical frame -> model input matrix (float64), one-hot for categorical features.
 
     A missing categorical value gives NaN in all its one-hot columns.
     """
     blocks: list[np.ndarray] = []
     for name in features:
-        feature = get_feature(name)
+        feature = (catalogue or CATALOGUE).feature(name)
         if name not in frame.columns:
             raise DataValidationError(f"Canonical feature {name!r} is missing from the data.")
         col = frame[name]

@@ -42,7 +42,7 @@ from typing import Literal
 import numpy as np
 
 from cardiofed.exceptions import ConfigurationError
-from cardiofed.schema import get_feature
+from cardiofed.schema import Catalogue, get_feature
 
 FeatureTransform = Literal["raw", "log", "clinical"]
 FEATURE_TRANSFORMS: tuple[str, ...] = ("raw", "log", "clinical")
@@ -144,7 +144,8 @@ class ModelForm:
         return groups
 
 
-def model_form(kind: str, encoded_names: Sequence[str]) -> ModelForm | None:
+def model_form(kind: str, encoded_names: Sequence[str],
+               catalogue: Catalogue | None = None) -> ModelForm | None:
     """The terms of form `kind` (see the module docstring) over `encoded_names`; None for
     ``raw``, whose columns are the encoded ones."""
     if kind not in FEATURE_TRANSFORMS:
@@ -157,7 +158,7 @@ def model_form(kind: str, encoded_names: Sequence[str]) -> ModelForm | None:
     treated = position.get(TREATED)
     base: list[Term] = []
     for j, name in enumerate(names):
-        feature = get_feature(name.split("=", 1)[0])
+        feature = get_feature(name.split("=", 1)[0], catalogue)
         logged = feature.log_scale
         low, high = feature.encoded_range()
         centre = (math.log(math.sqrt(low * high)) if logged else (low + high) / 2)

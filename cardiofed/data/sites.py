@@ -11,7 +11,7 @@ from sklearn.model_selection import train_test_split
 from cardiofed.data.dataset import FederatedDataset, SiteData, feature_ranges_for
 from cardiofed.data.mapping import LoadReport, SiteMapping, encode, harmonise, read_export
 from cardiofed.exceptions import DataValidationError
-from cardiofed.schema import encoded_feature_names
+from cardiofed.schema import Catalogue, encoded_feature_names
 
 
 def split_indices(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +38,7 @@ def site_from_export(raw: pd.DataFrame, mapping: SiteMapping, features: list[str
             f"that the study uses."
         )
     site = harmonise(raw, mapping, source=source)
-    x = encode(site.frame, features)
+    x = encode(site.frame, features, mapping.catalogue)
     if len(x) < 2:
         raise DataValidationError(f"{source}: site {mapping.site!r} has {len(x)} rows; "
                                   f"at least 2 are needed for a train/test split.")
@@ -54,17 +54,19 @@ def site_from_export(raw: pd.DataFrame, mapping: SiteMapping, features: list[str
 
 def federation_from_csv(csv_paths: list[Path], mapping_paths: list[Path], *,
                         features: list[str] | None = None, test_fraction: float = 0.3,
-                        seed: int = 0, name: str = "csv") -> FederatedDataset:
+                        seed: int = 0, name: str = "csv",
+                        catalogue: Catalogue | None = None) -> FederatedDataset:
     """A federation from a user's own exports, one CSV and one mapping file per site.
 
     `features` defaults to the features every mapping maps, in the first mapping's order.
+    `catalogue` holds the study's own features and outcome besides the built-in ones.
     """
     if len(csv_paths) != len(mapping_paths) or not csv_paths:
         raise DataValidationError(
             f"Give one mapping file per CSV file; got {len(csv_paths)} CSV and "
             f"{len(mapping_paths)} mapping files."
         )
-    mappings = [SiteMapping.from_toml(p) for p in mapping_paths]
+    mappings = [SiteMapping.from_toml(p, catalogue) for p in mapping_paths]
     outcomes = {m.outcome for m in mappings}
     if len(outcomes) > 1:
         raise DataValidationError(
@@ -79,7 +81,7 @@ def federation_from_csv(csv_paths: list[Path], mapping_paths: list[Path], *,
                                         source=str(csv))
         sites.append(site)
         reports[site.name] = report
-    names = encoded_feature_names(features)
+    names = encoded_feature_names(features, catalogue)
     return FederatedDataset(name=name, feature_names=names,
-                            feature_ranges=feature_ranges_for(names), sites=sites,
+                            feature_ranges=feature_ranges_for(names, catalogue), sites=sites,
                             outcome=mappings[0].outcome, load_reports=reports)

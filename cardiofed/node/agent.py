@@ -20,6 +20,7 @@ import httpx
 from cardiofed.coordinator.schemas import TaskResponse
 from cardiofed.data.dataset import SiteData
 from cardiofed.data.preprocessing import Preprocessor
+from cardiofed.data.study_features import StudyFeatures, catalogue_of
 from cardiofed.exceptions import (
     CardioFedError,
     PrivacyBudgetExceeded,
@@ -39,6 +40,7 @@ from cardiofed.node.work import (
 )
 from cardiofed.privacy.budget import SiteBudget, open_ledger, site_fingerprint
 from cardiofed.privacy.site_privacy import SitePrivacy
+from cardiofed.schema import Catalogue
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.wire import decode_arrays
 
@@ -147,8 +149,9 @@ class NodeAgent:
             payload = cache.read_bytes()  # computed before a restart: send the same bytes
         else:
             try:
+                catalogue = self._agreed_features(task)
                 self.policy.admit(task, own_feature_ranges(self.config.data,
-                                                           task.feature_names))
+                                                           task.feature_names, catalogue))
                 payload = self._compute(task)
             except (TaskRefused, PrivacyBudgetExceeded) as exc:
                 log.warning("round %d (%s) refused: %s", number, kind, exc)
@@ -178,12 +181,35 @@ class NodeAgent:
             raise
         log.info("round %d (%s): %s, %d bytes", number, kind, ack.json()["status"], len(payload))
 
+    def _agreed_features(self, task: TaskResponse) -> Catalogue:
+        """The catalogue of the study's plan, refused unless its declared features are
+        exactly those of the feature file in the node's own config."""
+        try:
+            declared = SimulationConfig.model_validate(task.plan).study_features
+        except ValueError as exc:
+            raise TaskRefused(f"The task's plan is not a valid plan: {exc}") from None
+        path = self.config.data.features
+        own = None if path is None else StudyFeatures.from_toml(path)
+        if declared != own:
+            raise TaskRefused(
+                "The study declares its own features, and this node's config names no "
+                "feature file (data.features)" if own is None else
+                f"The study's declared features differ from those in {path}, which this "
+                f"site agreed to" if declared is not None else
+                f"This node's config names the feature file {path}, but the study declares "
+                f"no features of its own")
+        return catalogue_of(own)
+
     def _compute(self, task: TaskResponse) -> bytes:
         plan = SimulationConfig.model_validate(task.plan)
         if self._site is None:
-            self._site = load_site_data(self.config.data, task.feature_names)
+            self._site = load_site_data(self.config.data, task.feature_names,
+                                        self._agreed_features(task))
             # Kept for `cardiofed node audit --scan-rows`.
             (self.state_dir / "feature_names.json").write_text(json.dumps(task.feature_names))
+            if plan.study_features is not None:
+                (self.state_dir / "study_features.json").write_text(
+                    plan.study_features.model_dump_json())
         site, study = self._site, task.study
         manifest = {"study": study, "round": str(task.round),
                     "model_version": str(task.model_version), "site": self._site_name()}
@@ -198,7 +224,8 @@ class NodeAgent:
                                   "SD, which its privacy budget does not cover.")
         if task.kind == "statistics":
             return statistics_payload(
-                site, own_feature_ranges(self.config.data, task.feature_names), manifest,
+                site, own_feature_ranges(self.config.data, task.feature_names,
+                                         self._agreed_features(task)), manifest,
                 privacy)
         if self._pre is None:
             blob = self._request("GET", f"/v1/studies/{study}/preprocessor").content

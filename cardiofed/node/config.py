@@ -37,6 +37,9 @@ class DataSource(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     csv: Path | None = None
     mapping: Path | None = None
+    # The study's own feature file the site agreed to: a plan that declares features must
+    # declare exactly these (the coordinator cannot redefine them).
+    features: Path | None = None
     dataset: str | None = None
     site: str | None = None
     data_dir: Path | None = None
@@ -97,7 +100,7 @@ class NodeConfig(BaseModel):
         path = Path(path)
         raw = read_toml(path, "Node config", ConfigurationError)
         base = path.parent
-        for key in ("csv", "mapping", "data_dir"):
+        for key in ("csv", "mapping", "features", "data_dir"):
             if key in raw.get("data", {}):
                 raw["data"][key] = str(base / raw["data"][key])
         raw["state_dir"] = str(base / raw.get("state_dir", "."))

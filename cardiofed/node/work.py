@@ -32,17 +32,20 @@ from cardiofed.exceptions import DataValidationError, TaskRefused
 from cardiofed.models.networks import Weights, make_model, score
 from cardiofed.node.config import DataSource
 from cardiofed.privacy.site_privacy import SitePrivacy
-from cardiofed.schema import canonical_features
+from cardiofed.schema import Catalogue, canonical_features
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.runner import derive_seed, update_manifest
 from cardiofed.training.local import train_local
 from cardiofed.wire import decode_arrays, encode_arrays, encode_metrics
 
 
-def load_site_data(source: DataSource, feature_names: list[str]) -> SiteData:
-    """The site's own rows, encoded to the study's feature columns."""
+def load_site_data(source: DataSource, feature_names: list[str],
+                   catalogue: Catalogue | None = None) -> SiteData:
+    """The site's own rows, encoded to the study's feature columns (`catalogue`: the
+    study's features besides the built-in ones)."""
     if source.csv is not None and source.mapping is not None:
-        site, _ = site_from_export(read_export(source.csv), SiteMapping.from_toml(source.mapping),
+        mapping = SiteMapping.from_toml(source.mapping, catalogue)
+        site, _ = site_from_export(read_export(source.csv), mapping,
                                    canonical_features(feature_names),
                                    test_fraction=source.test_fraction, seed=source.seed,
                                    source=str(source.csv))
@@ -56,7 +59,8 @@ def load_site_data(source: DataSource, feature_names: list[str]) -> SiteData:
     return site
 
 
-def own_feature_ranges(source: DataSource, feature_names: list[str]) -> list[tuple[float, float]]:
+def own_feature_ranges(source: DataSource, feature_names: list[str],
+                       catalogue: Catalogue | None = None) -> list[tuple[float, float]]:
     """The plausible ranges of the study's columns as the site knows them (the reference
     data set's, or the schema's): they set the statistics' bin edges, not the task."""
     if source.dataset is not None:
@@ -64,7 +68,7 @@ def own_feature_ranges(source: DataSource, feature_names: list[str]) -> list[tup
         if names == feature_names:
             return ranges
     try:
-        return feature_ranges_for(feature_names)
+        return feature_ranges_for(feature_names, catalogue)
     except (KeyError, ValueError) as exc:
         raise TaskRefused(f"The study's feature columns are not all in the schema ({exc}); "
                           f"this site cannot set their bin edges.") from None

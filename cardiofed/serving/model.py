@@ -35,17 +35,16 @@ from pydantic import BaseModel, ConfigDict
 
 from cardiofed.data.model_form import model_form
 from cardiofed.data.preprocessing import Preprocessor
+from cardiofed.data.study_features import StudyFeatures, catalogue_of
 from cardiofed.evaluation.recalibration import Recalibration
 from cardiofed.exceptions import ConfigurationError, DataValidationError
 from cardiofed.models.networks import MODEL_KINDS, Weights, make_model, set_weights
 from cardiofed.schema import (
-    OUTCOMES,
     SCHEMA_VERSION,
+    Catalogue,
     Feature,
     FeatureKind,
     canonical_features,
-    encoded_feature_names,
-    get_feature,
 )
 from cardiofed.wire import decode_arrays, encode_arrays
 
@@ -76,6 +75,9 @@ class ModelCard(BaseModel):
     features: list[str]  # canonical features, in input order
     # The model's columns built from the features (cardiofed.data.model_form).
     feature_transform: str = "raw"
+    # The study's own features and outcome, where it declared any: the API validates
+    # requests against them (cardiofed.data.study_features).
+    study_features: StudyFeatures | None = None
     outcome: str
     outcome_description: str
     horizon_years: float | None
@@ -124,7 +126,7 @@ class RiskModel:
                                      f"one of {list(MODEL_KINDS)}.")
         inputs, start = [], 0
         for name in self.card.features:
-            width = len(get_feature(name).encoded_names())
+            width = len(self.catalogue.feature(name).encoded_names())
             inputs.append(list(range(start, start + width)))
             start += width
         if start != len(self.preprocessor.fill):
@@ -160,10 +162,16 @@ class RiskModel:
         return hashlib.sha256(encode_arrays(self.arrays())).hexdigest()
 
     @property
+    def catalogue(self) -> Catalogue:
+        """The features the model takes: built in, and the study's own."""
+        return catalogue_of(self.card.study_features)
+
+    @property
     def column_names(self) -> list[str]:
         """Names of the model columns (the form's terms, or the encoded features)."""
         form = self.preprocessor.form
-        return form.names if form is not None else encoded_feature_names(self.card.features)
+        return (form.names if form is not None
+                else self.catalogue.encoded_names(self.card.features))
 
     def site_recalibration(self, site: str) -> Recalibration | None:
         """The card's update for `site` (intercept, slope, revised terms), or None."""
@@ -192,7 +200,9 @@ class RiskModel:
         card = ModelCard.model_validate_json(meta["card"])
         weights = {k.removeprefix("weights/"): v for k, v in arrays.items()
                    if k.startswith("weights/")}
-        form = model_form(card.feature_transform, encoded_feature_names(card.features))
+        catalogue = catalogue_of(card.study_features)
+        form = model_form(card.feature_transform, catalogue.encoded_names(card.features),
+                          catalogue)
         pre = Preprocessor.from_arrays(arrays, form, prefix="preprocessor/")
         model = cls(card=card, weights=weights, preprocessor=pre)
         if card.content_sha256 and model.content_hash() != card.content_sha256:
@@ -246,7 +256,8 @@ class RiskModel:
                 else:
                     problems.append((f"{prefix}features.{name}", REQUIRED))
                 continue
-            message = _encode_value(get_feature(name), value, units.get(name), row, cols)
+            message = _encode_value(self.catalogue.feature(name), value, units.get(name), row,
+                                    cols)
             if message:
                 problems.append((f"{prefix}features.{name}", message))
         if problems:
@@ -383,10 +394,14 @@ def _encode_value(feature: Feature, value: Any, unit: str | None, row: np.ndarra
         return ""
     code = str(int(value)) if isinstance(value, int | float) and not isinstance(value, bool) \
         and float(value).is_integer() else str(value)
-    if code not in feature.codes:
+    canonical = {c.lower(): c for c in feature.codes}.get(code.strip().lower())
+    if canonical is None:
         return f"must be one of {', '.join(feature.codes)}; got {_shown(value)}"
+    if feature.kind is FeatureKind.ORDINAL:  # the level's position, as in training
+        row[cols[0]] = float(feature.codes.index(canonical))
+        return ""
     for col, level in zip(cols, feature.codes[1:], strict=True):
-        row[col] = 1.0 if code == level else 0.0
+        row[col] = 1.0 if canonical == level else 0.0
     return ""
 
 
@@ -396,13 +411,15 @@ def build_model(*, study: str, source: str, model: str, algorithm: str,
                 preprocessor: Preprocessor, metrics: dict[str, dict[str, float | None]] | None
                 = None, privacy: dict[str, dict[str, float]] | None = None,
                 recalibration: dict[str, dict[str, float]] | None = None,
-                notes: list[str] | None = None) -> RiskModel:
+                notes: list[str] | None = None,
+                study_features: StudyFeatures | None = None) -> RiskModel:
     """A :class:`RiskModel` with its card filled in (content hash, time, outcome)."""
+    catalogue = catalogue_of(study_features)
     features = canonical_features(encoded_names)
-    if encoded_feature_names(features) != list(encoded_names):
+    if catalogue.encoded_names(features) != list(encoded_names):
         raise ConfigurationError(f"Model columns {list(encoded_names)} are not the encoding of "
                                  f"canonical features {features}.")
-    described = OUTCOMES.get(outcome or "")
+    described = catalogue.outcomes.get(outcome or "")
     form = preprocessor.form
     card = ModelCard(study=study, source=source, model=model, algorithm=algorithm,
                      settings=settings, rounds=rounds, sites=sites, features=features,
@@ -413,6 +430,7 @@ def build_model(*, study: str, source: str, model: str, algorithm: str,
                      horizon_years=described.horizon_years if described else None,
                      metrics=metrics or {}, privacy=privacy or {},
                      recalibration=recalibration or {}, notes=notes or [],
+                     study_features=study_features,
                      created_at=datetime.now(UTC).isoformat(timespec="seconds"))
     risk_model = RiskModel(card=card, weights=weights, preprocessor=preprocessor)
     return risk_model.with_card(content_sha256=risk_model.content_hash())

@@ -28,16 +28,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from cardiofed.data.mapping import (
-    ColumnMapping,
     HarmonisedSite,
-    LabelMapping,
     SiteMapping,
     encode,
     harmonise,
 )
 from cardiofed.evaluation.recalibration import Recalibration
 from cardiofed.exceptions import ConfigurationError, DataValidationError
-from cardiofed.schema import OUTCOMES
 from cardiofed.serving.model import (
     RISK_CATEGORIES,
     RISK_THRESHOLDS,
@@ -52,9 +49,12 @@ OUTPUT_SUFFIXES = (".csv", ".parquet")
 def canonical_mapping(model: RiskModel) -> SiteMapping:
     """A mapping for a file whose columns are the model's canonical features (no label
     is read, so the outcome is only there to satisfy the mapping's schema)."""
-    outcome = model.card.outcome if model.card.outcome in OUTCOMES else next(iter(OUTCOMES))
-    return SiteMapping(site="input", outcome=outcome, label=LabelMapping(column="-"),
-                       columns={name: ColumnMapping(source=name) for name in model.card.features})
+    outcomes = model.catalogue.outcomes
+    outcome = model.card.outcome if model.card.outcome in outcomes else next(iter(outcomes))
+    return SiteMapping.from_dict({"site": "input", "outcome": outcome, "label": {"column": "-"},
+                                  "columns": {name: {"source": name}
+                                              for name in model.card.features}},
+                                 catalogue=model.catalogue)
 
 
 def score_frame(model: RiskModel, frame: pd.DataFrame, *, contributions: bool = False,
@@ -62,7 +62,7 @@ def score_frame(model: RiskModel, frame: pd.DataFrame, *, contributions: bool = 
                 thresholds: Sequence[float] = RISK_THRESHOLDS,
                 categories: Sequence[str] = RISK_CATEGORIES) -> pd.DataFrame:
     """Scores of canonical rows (one column per feature, NaN where missing)."""
-    x = encode(frame, model.card.features)
+    x = encode(frame, model.card.features, model.catalogue)
     if contributions:
         explained = model.explain(x)
         risk = explained.risk

@@ -46,7 +46,8 @@ def from_experiment(result: ExperimentResult, *, study: str, feature_names: list
                        rounds=config.rounds, sites=list(result.site_sizes),
                        encoded_names=feature_names, outcome=outcome,
                        weights=result.federated.weights, preprocessor=pre, metrics=metrics,
-                       privacy=privacy, recalibration=recal, notes=notes)
+                       privacy=privacy, recalibration=recal, notes=notes,
+                       study_features=config.study_features)
 
 
 def from_study(*, study: str, plan: dict[str, Any], feature_names: list[str],
@@ -59,7 +60,8 @@ def from_study(*, study: str, plan: dict[str, Any], feature_names: list[str],
     return build_model(study=study, source="network", model=config.model,
                        algorithm=config.algorithm, settings=plan, rounds=round_number,
                        sites=participants, encoded_names=feature_names, outcome=outcome,
-                       weights=weights, preprocessor=pre)
+                       weights=weights, preprocessor=pre,
+                       study_features=config.study_features)
 
 
 def _finite(value: float) -> float | None:

@@ -13,7 +13,9 @@ from cardiofed.aggregation.staleness import StalenessRule
 from cardiofed.algorithms import FederatedAlgorithm, make_algorithm
 from cardiofed.algorithms.weighting import WeightingRule
 from cardiofed.data.model_form import ModelForm, model_form
+from cardiofed.data.study_features import StudyFeatures, catalogue_of
 from cardiofed.exceptions import ConfigurationError
+from cardiofed.schema import Catalogue
 from cardiofed.training.local import LocalTrainingConfig
 
 
@@ -26,6 +28,9 @@ class SimulationConfig(BaseModel):
     # The model's columns (cardiofed.data.model_form): the encoded features, their log
     # terms with treated/untreated blood pressure, or those with sex interactions.
     feature_transform: Literal["raw", "log", "clinical"] = "raw"
+    # The study's own features and outcome beside the built-in catalogue
+    # (cardiofed.data.study_features); they travel with the plan.
+    study_features: StudyFeatures | None = None
     algorithm: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "scaffold"] = "fedavg"
     rounds: int = Field(20, ge=1, le=100_000)
     local_epochs: int = Field(1, ge=1, le=10_000)
@@ -159,9 +164,13 @@ class SimulationConfig(BaseModel):
         """Sites hold out a calibration split for a personal update of the global model."""
         return self.recalibrate or self.finetune
 
+    def catalogue(self) -> Catalogue:
+        """The features and outcomes the study may use."""
+        return catalogue_of(self.study_features)
+
     def model_form(self, encoded_names: list[str]) -> ModelForm | None:
         """The plan's model form over a study's encoded columns (None: raw)."""
-        return model_form(self.feature_transform, encoded_names)
+        return model_form(self.feature_transform, encoded_names, self.catalogue())
 
     def local_config(self) -> LocalTrainingConfig:
         return LocalTrainingConfig(lr=self.lr, batch_size=self.batch_size,

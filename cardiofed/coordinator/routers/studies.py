@@ -11,7 +11,7 @@ from cardiofed.coordinator import service
 from cardiofed.coordinator.deps import DB, Admin, Clock, bearer, refusals
 from cardiofed.coordinator.schemas import StudyCreate, StudyCreated
 from cardiofed.exceptions import AuthenticationError, ConfigurationError, InvalidUpdate
-from cardiofed.schema import canonical_features, encoded_feature_names
+from cardiofed.schema import canonical_features
 from cardiofed.simulation.config import SimulationConfig
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
@@ -28,18 +28,20 @@ def create_study(body: StudyCreate, db: DB, _: Admin, clock: Clock) -> StudyCrea
         raise InvalidUpdate(f"feature_ranges must be finite with low < high; got "
                             f"{'; '.join(bad[:5])}.")
     try:
+        plan = SimulationConfig.create(**body.plan)
+    except ConfigurationError as exc:
+        raise InvalidUpdate(str(exc)) from None
+    catalogue = plan.catalogue()  # the built-in features and the study's own
+    try:
         features = canonical_features(body.feature_names)
-        known = encoded_feature_names(features) == body.feature_names
+        known = catalogue.encoded_names(features) == body.feature_names
     except (ValueError, KeyError) as exc:
-        raise InvalidUpdate(f"feature_names must be the schema's encoded columns: {exc}") from None
+        raise InvalidUpdate(f"feature_names must be the encoded columns of built-in or "
+                            f"declared features (plan.study_features): {exc}") from None
     if not known:
         raise InvalidUpdate(f"feature_names {body.feature_names[:20]} are not the encoding of "
                             f"canonical features {features[:20]}; use "
                             f"'cardiofed admin create-study --features' to build them.")
-    try:
-        plan = SimulationConfig.create(**body.plan)
-    except ConfigurationError as exc:
-        raise InvalidUpdate(str(exc)) from None
     tokens = service.create_study(db, study_id=body.id, plan=plan, sites=body.sites,
                                   feature_names=body.feature_names,
                                   feature_ranges=[(lo, hi) for lo, hi in body.feature_ranges],
