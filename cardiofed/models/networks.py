@@ -48,17 +48,21 @@ class MLP(nn.Module):
 
 
 def set_threads() -> int:
-    """PyTorch's intra-op threads for CardioFed's models: one, unless
-    ``$CARDIOFED_TORCH_THREADS`` asks for more. The built-in models are tiny: a second
-    thread only spins, and on a shared machine the spinning threads starve each other (the
-    demo ran 10x slower beside one busy process). Returns the number set."""
+    """Threads for CardioFed's numerical work: one, unless ``$CARDIOFED_TORCH_THREADS``
+    asks for more, for PyTorch and for the BLAS and OpenMP pools NumPy, SciPy and
+    scikit-learn use. The built-in models are tiny: a second thread mostly spins, and on
+    a shared machine spinning threads starve each other (the demo ran 10x slower beside
+    one busy process). Returns the number set."""
     import os
+
+    from threadpoolctl import threadpool_limits
 
     raw = os.environ.get("CARDIOFED_TORCH_THREADS", "1")
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigurationError(f"CARDIOFED_TORCH_THREADS must be a whole number >= 1; got "
                                  f"{raw!r}.")
     torch.set_num_threads(int(raw))
+    threadpool_limits(limits=int(raw))
     return int(raw)
 
 
