@@ -323,19 +323,20 @@ def features_command(
 
 @app.command()
 def check(
-    csv: Annotated[Path, typer.Option(help="The site's export (CSV).")],
-    mapping: Annotated[Path, typer.Option(help="Its mapping file.")],
+    csv: Annotated[Path, typer.Option(help="The site's export (CSV or Parquet), or its OMOP "
+                                           "database (a folder of tables or a .db file).")],
+    mapping: Annotated[Path, typer.Option(help="Its mapping file (or OMOP mapping file).")],
     features: Annotated[Path | None, typer.Option(
         help="The study's own features and outcome (TOML), if it declares any.")] = None,
 ) -> None:
     """Check a mapping against an export without training: what each column would give."""
-    from cardiofed.data.mapping import SiteMapping, harmonise, read_export
+    from cardiofed.data.mapping import harmonise
+    from cardiofed.data.sites import load_site_rows
     from cardiofed.data.study_features import StudyFeatures, catalogue_of
 
     try:
         catalogue = catalogue_of(StudyFeatures.from_toml(features) if features else None)
-        site_mapping = SiteMapping.from_toml(mapping, catalogue)
-        raw = read_export(csv)
+        raw, site_mapping, excluded = load_site_rows(csv, mapping, catalogue)
         # Count every problem instead of stopping at the first: load as if invalid values
         # were set missing, then say what the mapping's own policy would do.
         lenient = site_mapping.model_copy(update={"on_invalid": "missing", "columns": {
@@ -345,6 +346,8 @@ def check(
     except CardioFedError as exc:
         raise fail(exc) from None
     console.print(_load_table({site_mapping.site: site.report}))
+    for reason, count in excluded.items():
+        console.print(f"{count:,} people left out: {reason}.")
     labels = site.labels
     console.print(f"{len(labels):,} rows, {int(labels.sum()):,} with the outcome "
                   f"{site_mapping.outcome!r} ({labels.mean():.1%}).")

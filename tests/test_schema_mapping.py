@@ -514,3 +514,14 @@ def test_check_counts_every_problem_per_column_before_any_training(tmp_path: Pat
     lenient.write_text('on_invalid = "missing"\n' + mapping.read_text())
     ok = CliRunner().invoke(app, ["check", "--csv", str(csv), "--mapping", str(lenient)])
     assert ok.exit_code == 0 and "3 invalid values are set missing" in ok.output
+
+
+def test_a_parquet_export_loads_like_its_csv(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"AGE": [54, 61, None], "GENDER": ["M", "F", None],
+                          "SMOKER": [True, False, True], "CHOL": [5.2, None, 6.0],
+                          "Y": [1, 0, 0]})
+    frame.to_parquet(tmp_path / "a.parquet")
+    raw = read_export(tmp_path / "a.parquet")
+    assert raw.to_dict("list") == {"AGE": ["54", "61", ""], "GENDER": ["M", "F", ""],
+                                   "SMOKER": ["1", "0", "1"], "CHOL": ["5.2", "", "6"],
+                                   "Y": ["1", "0", "0"]}

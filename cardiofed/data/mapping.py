@@ -201,10 +201,13 @@ class LoadReport:
     out_of_range: dict[str, int] = field(default_factory=dict)
     unknown_code: dict[str, int] = field(default_factory=dict)
     converted_units: dict[str, str] = field(default_factory=dict)
+    # people left out before loading, by reason (an OMOP site: not at risk, lost)
+    excluded: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "source": self.source, "rows": self.rows, "missing": dict(self.missing),
+            "source": self.source, "rows": self.rows, "excluded": dict(self.excluded),
+            "missing": dict(self.missing),
             "invalid_set_missing": dict(self.invalid_set_missing),
             "not_a_number": dict(self.not_a_number), "out_of_range": dict(self.out_of_range),
             "unknown_code": dict(self.unknown_code),
@@ -235,11 +238,26 @@ class HarmonisedSite:
 
 
 def read_export(path: str | Path) -> pd.DataFrame:
-    """Read a CSV export as text, so that the mapping decides what is missing."""
+    """Read a CSV or Parquet export as text, so that the mapping decides what is missing
+    (a Parquet null is the empty string, a missing-value token by default)."""
     path = Path(path)
     if not path.exists():
         raise DataValidationError(f"Data file {path} does not exist.")
+    if path.suffix.lower() == ".parquet":
+        frame = pd.read_parquet(path)
+        return pd.DataFrame({c: ["" if v is None or (isinstance(v, float) and np.isnan(v))
+                                 else _text(v) for v in frame[c].tolist()]
+                             for c in frame.columns}, dtype=str)
     return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+
+
+def _text(value: object) -> str:
+    """A typed Parquet value as an export would write it (1 for 1.0, true as 1)."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def harmonise(raw: pd.DataFrame, mapping: SiteMapping, source: str = "<data>", *,

@@ -10,6 +10,7 @@ from sklearn.model_selection import train_test_split
 
 from cardiofed.data.dataset import FederatedDataset, SiteData, feature_ranges_for
 from cardiofed.data.mapping import LoadReport, SiteMapping, encode, harmonise, read_export
+from cardiofed.data.omop import is_omop_mapping, omop_site_rows
 from cardiofed.exceptions import DataValidationError
 from cardiofed.schema import Catalogue, encoded_feature_names
 
@@ -52,11 +53,23 @@ def site_from_export(raw: pd.DataFrame, mapping: SiteMapping, features: list[str
     return data, site.report
 
 
+def load_site_rows(path: Path, mapping_path: Path, catalogue: Catalogue | None
+               ) -> tuple[pd.DataFrame, SiteMapping, dict[str, int]]:
+    """A site's rows, their mapping and who was left out: a CSV or Parquet export with its
+    mapping file, or an OMOP database (a folder of tables, a .db file) with an OMOP
+    mapping file (one that names an index date)."""
+    if is_omop_mapping(mapping_path):
+        raw, mapping, excluded = omop_site_rows(path, mapping_path, catalogue)
+        return raw, mapping, dict(excluded)
+    return read_export(path), SiteMapping.from_toml(mapping_path, catalogue), {}
+
+
 def federation_from_csv(csv_paths: list[Path], mapping_paths: list[Path], *,
                         features: list[str] | None = None, test_fraction: float = 0.3,
                         seed: int = 0, name: str = "csv",
                         catalogue: Catalogue | None = None) -> FederatedDataset:
-    """A federation from a user's own exports, one CSV and one mapping file per site.
+    """A federation from a user's own exports, one file (CSV, Parquet, or an OMOP
+    database with an OMOP mapping, :mod:`cardiofed.data.omop`) and one mapping per site.
 
     `features` defaults to the features every mapping maps, in the first mapping's order.
     `catalogue` holds the study's own features and outcome besides the built-in ones.
@@ -66,7 +79,9 @@ def federation_from_csv(csv_paths: list[Path], mapping_paths: list[Path], *,
             f"Give one mapping file per CSV file; got {len(csv_paths)} CSV and "
             f"{len(mapping_paths)} mapping files."
         )
-    mappings = [SiteMapping.from_toml(p, catalogue) for p in mapping_paths]
+    loaded = [load_site_rows(csv, p, catalogue) for csv, p in zip(csv_paths, mapping_paths,
+                                                               strict=True)]
+    mappings = [mapping for _, mapping, _ in loaded]
     outcomes = {m.outcome for m in mappings}
     if len(outcomes) > 1:
         raise DataValidationError(
@@ -76,9 +91,11 @@ def federation_from_csv(csv_paths: list[Path], mapping_paths: list[Path], *,
         features = [f for f in mappings[0].features if f in shared]
     sites, reports = [], {}
     for k, (csv, mapping) in enumerate(zip(csv_paths, mappings, strict=True)):
-        site, report = site_from_export(read_export(csv), mapping, features,
+        raw, _, excluded = loaded[k]
+        site, report = site_from_export(raw, mapping, features,
                                         test_fraction=test_fraction, seed=seed + k,
                                         source=str(csv))
+        report.excluded.update(excluded)
         sites.append(site)
         reports[site.name] = report
     names = encoded_feature_names(features, catalogue)

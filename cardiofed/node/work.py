@@ -16,7 +16,6 @@ import numpy as np
 from cardiofed.algorithms.base import LocalTrainer
 from cardiofed.data.catalog import load_dataset, study_columns
 from cardiofed.data.dataset import SiteData, feature_ranges_for
-from cardiofed.data.mapping import SiteMapping, read_export
 from cardiofed.data.preprocessing import (
     DEFAULT_BINS,
     PRIVATE_BINS,
@@ -25,7 +24,7 @@ from cardiofed.data.preprocessing import (
     local_preprocessor,
     site_statistics,
 )
-from cardiofed.data.sites import site_from_export
+from cardiofed.data.sites import load_site_rows, site_from_export
 from cardiofed.evaluation.metrics import binary_metrics
 from cardiofed.evaluation.private_metrics import score_bin_edges
 from cardiofed.exceptions import DataValidationError, TaskRefused
@@ -44,8 +43,8 @@ def load_site_data(source: DataSource, feature_names: list[str],
     """The site's own rows, encoded to the study's feature columns (`catalogue`: the
     study's features besides the built-in ones)."""
     if source.csv is not None and source.mapping is not None:
-        mapping = SiteMapping.from_toml(source.mapping, catalogue)
-        site, _ = site_from_export(read_export(source.csv), mapping,
+        raw, mapping, _ = load_site_rows(source.csv, source.mapping, catalogue)
+        site, _ = site_from_export(raw, mapping,
                                    canonical_features(feature_names),
                                    test_fraction=source.test_fraction, seed=source.seed,
                                    source=str(source.csv))
