@@ -172,7 +172,8 @@ def _number(value: object) -> float | None:
 
 
 def _code(value: object) -> str:
-    """A mapping's canonical code as text (TOML may give 1 for "1")."""
+    """A typed value as text, as an export writes it: 1 for 1.0 or true (a TOML code, a
+    Parquet cell)."""
     if isinstance(value, bool):
         return str(int(value))
     if isinstance(value, float) and value.is_integer():
@@ -246,18 +247,9 @@ def read_export(path: str | Path) -> pd.DataFrame:
     if path.suffix.lower() == ".parquet":
         frame = pd.read_parquet(path)
         return pd.DataFrame({c: ["" if v is None or (isinstance(v, float) and np.isnan(v))
-                                 else _text(v) for v in frame[c].tolist()]
+                                 else _code(v) for v in frame[c].tolist()]
                              for c in frame.columns}, dtype=str)
     return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
-
-
-def _text(value: object) -> str:
-    """A typed Parquet value as an export would write it (1 for 1.0, true as 1)."""
-    if isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
 
 
 def harmonise(raw: pd.DataFrame, mapping: SiteMapping, source: str = "<data>", *,
