@@ -167,3 +167,19 @@ def test_calibration_points() -> None:
     mean_p, frac, count = calibration_points([0, 1], [0.05, 0.95], n_bins=10)
     np.testing.assert_allclose(mean_p, [0.05, 0.95])
     np.testing.assert_array_equal(count, [1, 1])
+
+
+def test_grouped_auc_equals_sklearn_per_group_with_ties_and_one_class_groups() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from cardiofed.evaluation.metrics import grouped_auc
+
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 6, 3000)
+    p = np.round(rng.random(3000), 2)  # ties
+    y = (rng.random(3000) < p).astype(int)
+    y[groups == 5] = 0  # one class: no AUC
+    got = grouped_auc(y, p, groups, 7)  # group 6 is empty
+    for g in range(5):
+        assert got[g] == pytest.approx(roc_auc_score(y[groups == g], p[groups == g]))
+    assert np.isnan(got[5]) and np.isnan(got[6])

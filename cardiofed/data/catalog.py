@@ -12,6 +12,9 @@ if TYPE_CHECKING:  # the command line reads DATASETS without loading NumPy
     from cardiofed.schema import Catalogue
 
 DATASETS: tuple[str, ...] = ("synthetic", "uci-heart", "framingham", "csv")
+# More synthetic sites than this: the national federation (cardiofed.data.national), with
+# the size mix of a country's hospitals, generated in bulk.
+NATIONAL_FROM = 1000
 
 
 def load_dataset(name: str, *, seed: int = 0, data_dir: str | Path | None = None,
@@ -24,6 +27,14 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | Path | None = None
     if eval_size is not None and name != "synthetic":
         raise ConfigurationError(f"eval_size draws new patients from the synthetic sites' "
                                  f"profiles; data set {name!r} keeps its own test splits.")
+    if name == "synthetic" and n_sites > NATIONAL_FROM:
+        from cardiofed.data.national import national_federation
+
+        if eval_size is not None:
+            raise ConfigurationError(f"eval_size applies to the demo's federation (up to "
+                                     f"{NATIONAL_FROM} sites); a national one of {n_sites} "
+                                     f"keeps a test split per site.")
+        return national_federation(n_sites, seed=seed)
     if name == "synthetic":
         from cardiofed.data.synthetic import synthetic_federation
 

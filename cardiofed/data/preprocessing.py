@@ -108,6 +108,14 @@ def private_site_statistics(x: np.ndarray, edges: np.ndarray, *, noise_std: floa
     return stats, n_rows
 
 
+def add_statistics(a: SiteStatistics, b: SiteStatistics) -> SiteStatistics:
+    """The statistics of two sites' rows together (same bins): what merging needs, so a
+    federation of any size keeps one running total instead of every site's histograms."""
+    return SiteStatistics(count=a.count + b.count, total=a.total + b.total,
+                          total_sq=a.total_sq + b.total_sq, n_missing=a.n_missing + b.n_missing,
+                          histogram=a.histogram + b.histogram)
+
+
 def rebin(hist: np.ndarray, n_bins: int) -> np.ndarray:
     """(d, B) histogram summed into (d, n_bins) bins; B must be a multiple of n_bins."""
     d, b = hist.shape

@@ -94,7 +94,7 @@ class SiteProfile:
 
     def __post_init__(self) -> None:
         checks = {
-            "site_type": self.site_type in _TYPE_PARAMS,
+            "site_type": self.site_type in TYPE_PARAMS,
             "n_patients": self.n_patients >= 2,
             "column_style": 0 <= self.column_style < len(_COLUMN_STYLES),
             "chol_unit": self.chol_unit in ("mg/dL", "mmol/L"),
@@ -123,7 +123,7 @@ class SiteExport:
 
 
 # Per-type distributions and size ranges (largest, smallest) at size_scale = 1.
-_TYPE_PARAMS: dict[str, dict[str, float]] = {
+TYPE_PARAMS: dict[str, dict[str, float]] = {
     SiteTypes.TIER3: dict(age_mean=62, age_sd=9, male_fraction=0.55, tc_mean=205, tc_sd=40,
                           hdl_mean=47, hdl_sd=12, sbp_mean=140, sbp_sd=19, treated_rate=0.45,
                           smoker_rate=0.20, diabetes_rate=0.22),
@@ -159,7 +159,7 @@ _EVALUATION_STREAM = 0x6576616C  # evaluation cohorts draw from their own seed s
 _MISSING_RATES = (0.0, 0.03, 0.05, 0.02)
 # Clip ranges, well inside the schema's plausible ranges so that rounding and mmol/L
 # round trips stay valid.
-_CLIP = {"age": (30, 79), "total_cholesterol": (100, 400), "hdl_cholesterol": (20, 100),
+CLIP = {"age": (30, 79), "total_cholesterol": (100, 400), "hdl_cholesterol": (20, 100),
          "systolic_bp": (90, 220)}
 
 
@@ -194,7 +194,7 @@ def default_profiles(n_sites: int = 12, *, size_scale: float = 1.0) -> list[Site
             profiles.append(SiteProfile(
                 name=f"{site_type}_{j + 1:02d}", site_type=site_type,
                 n_patients=max(20, round(float(size) * size_scale)),
-                **_TYPE_PARAMS[site_type],
+                **TYPE_PARAMS[site_type],
                 column_style=i % 3,
                 chol_unit="mmol/L" if i % 4 == 1 else "mg/dL",
                 sex_coding=("MF", "10", "word")[(i + 1) % 3],
@@ -211,7 +211,7 @@ def _draw_truth(p: SiteProfile, rng: np.random.Generator) -> pd.DataFrame:
     n = p.n_patients
 
     def clipped(name: str, values: np.ndarray) -> np.ndarray:
-        return np.round(np.clip(values, *_CLIP[name]))
+        return np.round(np.clip(values, *CLIP[name]))
 
     male = rng.random(n) < p.male_fraction
     age = clipped("age", rng.normal(p.age_mean, p.age_sd, n))

@@ -47,6 +47,10 @@ class SimulationConfig(BaseModel):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     eval_every: int = Field(1, ge=0, le=100_000,
                             description="0 evaluates only after the last round")
+    # How the simulator trains a round's sites: "vectorised" all at once
+    # (cardiofed.training.batched), "loop" one after another; "auto" vectorises whenever
+    # it can (plain SGD, no DP, no SCAFFOLD) and gives the same models either way.
+    backend: Literal["auto", "loop", "vectorised"] = "auto"
     # Differential privacy (record-level DP-SGD at every site); off when dp_epsilon is None.
     dp_epsilon: float | None = Field(None, gt=0, allow_inf_nan=False)
     dp_delta: float | None = Field(None, gt=0, lt=1)
@@ -125,6 +129,9 @@ class SimulationConfig(BaseModel):
             raise ValueError("standardisation 'per-site' uses each site's exact mean and SD, "
                              "which differential privacy does not cover; use 'global' "
                              "(from the sites' noisy statistics) with dp_epsilon")
+        if self.backend == "vectorised" and self.vectorised_refusal() is not None:
+            raise ValueError(f"backend 'vectorised' cannot run this plan: "
+                             f"{self.vectorised_refusal()}; use backend 'auto' or 'loop'")
         if self.dp_epsilon is not None and self.covariate_shift:
             raise ValueError("covariate_shift reweights samples, which DP-SGD here does not "
                              "support; switch one of them off")
@@ -158,6 +165,17 @@ class SimulationConfig(BaseModel):
         path = Path(path)
         raw = read_toml(path, "Config file", ConfigurationError)
         return cls.create(**{**raw, **overrides})
+
+    def vectorised_refusal(self) -> str | None:
+        """Why this plan's rounds need the per-site loop, or None."""
+        from cardiofed.training.batched import batchable
+
+        if self.dp_epsilon is not None:
+            return ("DP-SGD clips and noises each site's per-sample gradients through its own "
+                    "ledger; it runs site by site")
+        if self.algorithm == "scaffold":
+            return "SCAFFOLD's control variates correct each site's steps; it runs site by site"
+        return batchable(self.local_config())
 
     @property
     def personalised(self) -> bool:

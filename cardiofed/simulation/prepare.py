@@ -15,6 +15,7 @@ from cardiofed.data.preprocessing import (
     PRIVATE_BINS,
     Preprocessor,
     SiteStatistics,
+    add_statistics,
     bin_edges,
     histogram_median,
     local_preprocessor,
@@ -84,6 +85,9 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
     edges = bin_edges(dataset.feature_ranges)
     private_edges = bin_edges(dataset.feature_ranges, PRIVATE_BINS)
     released: list[SiteStatistics] = []
+    # Exact releases fold into one running total (what merging needs), so memory does not
+    # grow with the federation; covariate shift needs each site's histogram.
+    streaming = privacy is None and not covariate_shift
     for s in dataset.sites:
         if privacy is None or s.name not in privacy:
             stats = site_statistics(s.x_train, edges)
@@ -92,7 +96,11 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
                 stats = privacy[s.name].release_statistics(s.x_train, private_edges)
             except PrivacyBudgetExceeded:
                 continue  # the site releases nothing; its training is refused likewise
-        released.append(stats if outbox is None else _via_wire(s.name, stats, outbox))
+        stats = stats if outbox is None else _via_wire(s.name, stats, outbox)
+        if streaming and released:
+            released[0] = add_statistics(released[0], stats)
+        else:
+            released.append(stats)
     if not released:
         raise PrivacyBudgetExceeded("No site has privacy budget left for its statistics "
                                     "release; the federation cannot start.")

@@ -21,12 +21,14 @@ from cardiofed.aggregation.robust import SiteAggregation
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.algorithms import scaffold as scaffold_cv
 from cardiofed.algorithms.base import LocalTrainer
+from cardiofed.evaluation.metrics import grouped_auc
 from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.models.networks import Weights, get_weights, make_model, score
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.clock import SiteSpeed
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.prepare import PreparedSite
+from cardiofed.training.batched import train_batched
 from cardiofed.training.local import train_local
 from cardiofed.wire import decode_arrays, encode_arrays
 
@@ -89,10 +91,11 @@ def round_metrics(model_kind: str, weights: Weights,
                   sites: Sequence[PreparedSite]) -> dict[str, float]:
     """Pooled-test AUC and each site's test AUC for one global model."""
     p_all = score(model_kind, weights, np.concatenate([s.x_test for s in sites]))
-    out = {"pooled_auc": _auc(np.concatenate([s.y_test for s in sites]), p_all)}
-    probs = np.split(p_all, np.cumsum([len(s.y_test) for s in sites])[:-1])
-    for s, p in zip(sites, probs, strict=True):
-        out[f"auc/{s.name}"] = _auc(s.y_test, p)
+    y_all = np.concatenate([s.y_test for s in sites])
+    out = {"pooled_auc": _auc(y_all, p_all)}
+    groups = np.repeat(np.arange(len(sites)), [len(s.y_test) for s in sites])
+    for s, auc in zip(sites, grouped_auc(y_all, p_all, groups, len(sites)), strict=True):
+        out[f"auc/{s.name}"] = float(auc)
     return out
 
 
@@ -138,12 +141,14 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     weights = get_weights(model)
     state = algorithm.init_server(weights)
     c_server = scaffold_cv.zeros_like(weights)
-    c_site = {s.name: scaffold_cv.zeros_like(weights) for s in sites}
+    c_site = {s.name: scaffold_cv.zeros_like(weights) for s in sites} if scaffold else {}
     rng = np.random.default_rng(config.seed)
     run = FederatedRun(weights=weights, participation={s.name: 0 for s in sites},
                        weight_share={s.name: 0.0 for s in sites},
                        update_share={s.name: 0.0 for s in sites})
     n_pick = max(1, round(config.fraction_fit * len(sites)))
+    vectorised = config.backend != "loop" and privacy is None and \
+        config.vectorised_refusal() is None
     clocks = site_clocks(sites, config, speeds) if speeds is not None else None
     now = 0.0
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
@@ -160,7 +165,14 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             if clocks is not None:
                 now = max(clocks[0][k].finish(now, clocks[0][k].task_seconds(
                     work_samples(sites[k], config), clocks[1][k])) for k in chosen)
-            for k in chosen:
+            if vectorised:
+                for update in batched_updates(algorithm, config.model, weights,
+                                              [sites[k] for k in chosen],
+                                              [derive_seed(config.seed, rnd, int(k))
+                                               for k in chosen], rule.needs_loss):
+                    updates.append(update if outbox is None else via_wire(update, rnd, outbox))
+                    run.participation[update.site] += 1
+            for k in ([] if vectorised else chosen):
                 site = sites[k]
                 trainer: LocalTrainer = train_local
                 if privacy is not None:
@@ -216,6 +228,26 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     run.sim_time_s = now
     run.update_share = shares(run.update_share)
     return run
+
+
+def batched_updates(algorithm: FederatedAlgorithm, model_kind: str, weights: Weights,
+                    sites: Sequence[PreparedSite], seeds: Sequence[int],
+                    report_global_loss: bool) -> list[ClientUpdate]:
+    """One round's client updates of `sites`, all trained at once
+    (:func:`~cardiofed.training.batched.train_batched`): the updates the per-site loop's
+    :meth:`FederatedAlgorithm.client_update` gives, to float tolerance."""
+    result = train_batched(model_kind, weights, [s.x_train for s in sites],
+                           [s.y_train for s in sites], algorithm.local, seeds,
+                           [s.sample_weight for s in sites])
+    losses = [float("nan")] * len(sites)
+    if report_global_loss:
+        for i, s in enumerate(sites):
+            p = np.clip(score(model_kind, weights, s.x_train), 1e-12, 1 - 1e-12)
+            losses[i] = float(-np.mean(s.y_train * np.log(p) + (1 - s.y_train) * np.log1p(-p)))
+    return [ClientUpdate(site=s.name, delta=delta, num_samples=s.n_train, num_steps=steps,
+                         train_loss=loss, global_loss=global_loss)
+            for s, delta, steps, loss, global_loss in zip(
+                sites, result.deltas, result.steps, result.mean_loss, losses, strict=True)]
 
 
 def shares(counts: Mapping[str, float]) -> dict[str, float]:
