@@ -367,8 +367,9 @@ def synthetic_reference() -> ExperimentResult:
                      feature_ranges=data.feature_ranges,
                      sites=[data.site(s) for s in SYN_SITES], outcome=data.outcome)
     # A networked study aggregates robustly by default; the simulator, when asked.
-    return run_experiment(sub, SimulationConfig.create(**SYN_PLAN, robust_rule="median"),
-                          baselines=False)
+    # Nodes train one site each: the simulator's per-site backend is the exact twin.
+    plan = {**SYN_PLAN, "robust_rule": "median", "backend": "loop"}
+    return run_experiment(sub, SimulationConfig.create(**plan), baselines=False)
 
 
 def assert_matches_simulator(coordinator: Coordinator, study: str,
@@ -401,8 +402,8 @@ def test_uci_federation_over_loopback_equals_the_simulator(
     data = uci_data
     fed = Federation(procs, shared, "uci", "uci-heart", UCI_SITES, UCI_PLAN, subprocess=True)
     fed.start()
-    sim = run_experiment(data, SimulationConfig.create(**UCI_PLAN, robust_rule="median"),
-                         baselines=False)
+    plan = {**UCI_PLAN, "robust_rule": "median", "backend": "loop"}
+    sim = run_experiment(data, SimulationConfig.create(**plan), baselines=False)
 
     fed.finish()
 

@@ -30,12 +30,12 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from cardiofed.aggregation.robust import SiteAggregation
@@ -59,7 +59,12 @@ from cardiofed.coordinator.storage import (
     Update,
     utcnow,
 )
-from cardiofed.data.preprocessing import SiteStatistics, bin_edges, merge_statistics
+from cardiofed.data.preprocessing import (
+    SiteStatistics,
+    add_statistics,
+    bin_edges,
+    merge_statistics,
+)
 from cardiofed.exceptions import (
     AuthenticationError,
     ConfigurationError,
@@ -261,7 +266,12 @@ def _active_sites(db: Session, study: Study) -> list[Site]:
                            .order_by(Site.index)))
 
 
-def _reported(db: Session, rnd: Round) -> dict[int, Update]:
+def _reported(db: Session, rnd: Round, site: Site) -> Update | None:
+    return db.scalar(select(Update).where(Update.round_id == rnd.id,
+                                          Update.site_id == site.id))
+
+
+def _round_updates(db: Session, rnd: Round) -> dict[int, Update]:
     return {u.site_id: u for u in db.scalars(select(Update).where(Update.round_id == rnd.id))}
 
 
@@ -307,7 +317,7 @@ def next_task(db: Session, site: Site, now: Clock = utcnow) -> Task | None:
     if study.phase == "done":
         return None
     rnd = _round(db, study)
-    if site.id in _reported(db, rnd) or site.id in _refused(db, study, rnd.number):
+    if _reported(db, rnd, site) is not None or site.id in _refused(db, study, rnd.number):
         return None
     return Task(study.id, rnd.number, rnd.kind, rnd.model_version, rnd.deadline)
 
@@ -317,34 +327,74 @@ def submit(db: Session, site: Site, *, round_number: int, payload: bytes, max_by
     """Validate and durably store a site's payload for a round.
 
     Returns (sha256, newly_accepted). A byte-identical retry is acknowledged again.
+    Uploads do not wait for each other: the payload is checked before any lock, and the
+    insert holds only a shared lock on its round (PostgreSQL), which closing the round
+    takes exclusively, so an update is either in the round it was accepted for or refused
+    (one process on SQLite: a process lock).
     """
     if len(payload) > max_bytes:
         raise PayloadTooLarge(f"Payload of {len(payload)} bytes exceeds the limit of "
                               f"{max_bytes} bytes.")
     study = get_study(db, site.study_id)
     digest = sha256(payload)
-    with _serialised(db, study):
-        rnd = _round(db, study, round_number)
-        existing = _reported(db, rnd).get(site.id)
+    rnd = _round(db, study, round_number)
+    existing = _reported(db, rnd, site)
+    if existing is None:
+        _refuse_closed(study, rnd, site)
+        staleness = _staleness(study, rnd, site)
+        num_samples = _validate(db, study, rnd, site, payload)
+    with _admitting(db, study, rnd):
+        existing = _reported(db, rnd, site)
         if existing is not None:
             if existing.sha256 == digest:
                 return digest, False
             raise Conflict(f"Site {site.name!r} already submitted a different payload for "
                            f"round {round_number} (sha256 {existing.sha256[:12]}...).")
-        if rnd.closed_at is not None and _is_async(study) and rnd.kind == TRAIN:
-            raise StaleUpdateRefused(f"Stale update from site {site.name!r}: training "
-                                     f"finished at version {study.model_version}; the "
-                                     f"update is discarded.")
-        if rnd.closed_at is not None:
-            raise Conflict(f"Round {round_number} of study {study.id!r} is closed "
-                           f"({rnd.outcome}); the current round is {study.current_round}.")
-        staleness = _staleness(study, rnd, site)
-        num_samples = _validate(db, study, rnd, site, payload)
+        _refuse_closed(study, rnd, site)
         db.add(Update(round_id=rnd.id, site_id=site.id, payload=payload, sha256=digest,
                       num_samples=num_samples, received_at=now(), staleness=staleness))
-        db.commit()  # durable before acknowledged
-        advance(db, study, now)
+    advance(db, study, now)  # the insert is committed (durable) before this returns
     return digest, True
+
+
+def _refuse_closed(study: Study, rnd: Round, site: Site) -> None:
+    if rnd.closed_at is not None and _is_async(study) and rnd.kind == TRAIN:
+        raise StaleUpdateRefused(f"Stale update from site {site.name!r}: training "
+                                 f"finished at version {study.model_version}; the "
+                                 f"update is discarded.")
+    if rnd.closed_at is not None:
+        raise Conflict(f"Round {rnd.number} of study {study.id!r} is closed "
+                       f"({rnd.outcome}); the current round is {study.current_round}.")
+
+
+@contextmanager
+def _admitting(db: Session, study: Study, rnd: Round) -> Iterator[None]:
+    """Hold `rnd` open while one update goes in: on PostgreSQL a shared lock on the
+    round's row (uploads share it; closing the round waits for them and they for it),
+    elsewhere the process-wide lock. Commits at the end."""
+    db.commit()
+    if _shared_locks(db):
+        db.expire_all()
+        db.execute(select(Round.id).where(Round.id == rnd.id).with_for_update(read=True))
+        db.refresh(rnd)
+        db.refresh(study)
+        try:
+            yield
+        except BaseException:
+            db.rollback()
+            raise
+        db.commit()
+        return
+    with _serialised(db, study):
+        db.refresh(rnd)
+        yield
+
+
+def _shared_locks(db: Session) -> bool:
+    """The database serialises round transitions itself (several coordinator processes
+    may share it): PostgreSQL."""
+    bind = db.get_bind()
+    return bind.dialect.name == "postgresql"
 
 
 def _is_async(study: Study) -> bool:
@@ -389,9 +439,31 @@ def _validate(db: Session, study: Study, rnd: Round, site: Site, payload: bytes)
 # ---------------------------------------------------------------- rounds
 
 def advance(db: Session, study: Study, now: Clock = utcnow) -> None:
-    """Close the current round if it is complete (or past its deadline), and open the next."""
+    """Close the current round if it is complete (or past its deadline), and open the next.
+
+    Every poll and upload asks; three counts answer a synchronous round that is still
+    waiting, without a lock, so thousands of sites do not queue behind each other."""
+    if _still_waiting(db, study, now):
+        return
     with _serialised(db, study):
         _advance(db, study, now)
+
+
+def _still_waiting(db: Session, study: Study, now: Clock) -> bool:
+    """The current synchronous round is open, before its deadline, with reports missing."""
+    if study.phase == "done" or (study.phase == TRAIN and _is_async(study)):
+        return False
+    rnd = db.scalar(select(Round).where(Round.study_id == study.id,
+                                        Round.number == study.current_round))
+    if rnd is None or rnd.closed_at is not None or now() >= rnd.deadline:
+        return False
+    active = db.scalar(select(func.count()).select_from(Site).where(
+        Site.study_id == study.id, ~Site.revoked)) or 0
+    refused = db.scalar(select(func.count()).select_from(Refusal).where(
+        Refusal.study_id == study.id, Refusal.round_number == rnd.number)) or 0
+    reported = db.scalar(select(func.count()).select_from(Update).where(
+        Update.round_id == rnd.id)) or 0
+    return reported < active - refused
 
 
 def _advance(db: Session, study: Study, now: Clock) -> None:
@@ -403,8 +475,9 @@ def _advance(db: Session, study: Study, now: Clock) -> None:
         rnd = _round(db, study)
         refused = _refused(db, study, rnd.number)
         active = [s for s in _active_sites(db, study) if s.id not in refused]
-        reported = _reported(db, rnd)
-        usable = [reported[s.id] for s in active if s.id in reported]  # revoked sites drop out
+        reported = _reported_ids(db, rnd)
+        # In site order (the simulator's order, so the sums match it); revoked sites drop out.
+        usable = [reported[s.id] for s in active if s.id in reported]
         if not active and refused:
             # Every remaining site refused this round: nobody is left to wait for.
             rnd.closed_at = now()
@@ -416,17 +489,73 @@ def _advance(db: Session, study: Study, now: Clock) -> None:
             return
         if len(usable) < len(active) and now() < rnd.deadline:
             return
-        usable = _foldable(db, study, rnd, usable)
-        if not usable or len(usable) < min(study.min_sites, len(active)):
-            _extend(db, study, rnd, now, f"{len(usable)} of the {study.min_sites} usable "
-                                         f"reports required")
+        folded = _fold(db, study, rnd, usable)
+        if not folded.names or len(folded.names) < min(study.min_sites, len(active)):
+            _extend(db, study, rnd, now, f"{len(folded.names)} of the {study.min_sites} "
+                                         f"usable reports required")
             return
         try:
-            _close(db, study, rnd, usable, now)
+            _close(db, study, rnd, folded, now)
         except ValueError as exc:  # e.g. a column no site observed: the round waits
             db.rollback()
             _extend(db, study, rnd, now, str(exc))
             return
+
+
+def _reported_ids(db: Session, rnd: Round) -> dict[int, int]:
+    """site id -> update id of every report of `rnd` (no payload is read)."""
+    return {site: update for update, site in db.execute(
+        select(Update.id, Update.site_id).where(Update.round_id == rnd.id))}
+
+
+FOLD_BATCH = 500  # updates decoded at a time when a round closes
+
+
+@dataclass
+class _Folded:
+    """What a round's usable reports give, read a batch at a time: the sites' names (in
+    site order), and the statistics' running totals, the decoded updates or the metrics."""
+
+    names: list[str] = field(default_factory=list)
+    statistics: dict[int, SiteStatistics] = field(default_factory=dict)  # by bin count
+    updates: list[ClientUpdate] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Folded:
+    """Check every report again and fold it (payloads are read FOLD_BATCH at a time and
+    dropped once folded); a report that no longer passes is quarantined with the reason,
+    so one site's payload never stops a round."""
+    sites = {s.id: s for s in db.scalars(select(Site).where(Site.study_id == study.id))}
+    out = _Folded()
+    for start in range(0, len(update_ids), FOLD_BATCH):
+        batch = update_ids[start:start + FOLD_BATCH]
+        rows = {u.id: u for u in db.scalars(select(Update).where(Update.id.in_(batch)))}
+        for update_id in batch:
+            u, site = rows[update_id], sites[rows[update_id].site_id]
+            if u.quarantine is None:
+                try:
+                    _validate(db, study, rnd, site, u.payload)
+                except CoordinatorError as exc:
+                    u.quarantine = str(exc)[:300]
+                    log.warning("study %s round %d: update of site %s quarantined: %s",
+                                study.id, rnd.number, site.name, u.quarantine)
+            if u.quarantine is not None:
+                continue
+            out.names.append(site.name)
+            if rnd.kind == STATISTICS:
+                stats = SiteStatistics(**decode_arrays(u.payload)[0])
+                bins = stats.histogram.shape[1]
+                total = out.statistics.get(bins)
+                out.statistics[bins] = stats if total is None else add_statistics(total, stats)
+            elif rnd.kind == TRAIN:
+                out.updates.append(_client_update(u, site.name))
+            else:
+                out.metrics[site.name] = evaluation_metrics(u.payload)
+        db.flush()  # quarantine marks
+        for u in rows.values():
+            db.expunge(u)  # the payloads go; only what was folded stays
+    return out
 
 
 def _extend(db: Session, study: Study, rnd: Round, now: Clock, why: str) -> None:
@@ -453,15 +582,13 @@ def _foldable(db: Session, study: Study, rnd: Round, updates: list[Update]) -> l
     return kept
 
 
-def _close(db: Session, study: Study, rnd: Round, updates: list[Update], now: Clock) -> None:
+def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -> None:
     plan = study_plan(study)
-    sites = {s.id: s for s in db.scalars(select(Site).where(Site.study_id == study.id))}
-    updates = sorted(updates, key=lambda u: sites[u.site_id].index)
-    names = [sites[u.site_id].name for u in updates]
+    names = folded.names
     if rnd.kind == STATISTICS:
-        stats = [SiteStatistics(**decode_arrays(u.payload)[0]) for u in updates]
+        stats = list(folded.statistics.values())
         edges = bin_edges([(lo, hi) for lo, hi in study.feature_ranges],
-                          stats[0].histogram.shape[1])
+                          max(s.histogram.shape[1] for s in stats))
         pre = merge_statistics(stats, edges, study.feature_names,
                                plan.model_form(study.feature_names))
         study.preprocessor = encode_arrays(pre.to_arrays())
@@ -470,9 +597,7 @@ def _close(db: Session, study: Study, rnd: Round, updates: list[Update], now: Cl
         algorithm = plan.make_algorithm()
         weights = _load_model(db, study, study.model_version)
         state = _load_state(study, algorithm.init_server(weights))
-        client_updates = [_client_update(u, name) for u, name in zip(updates, names,
-                                                                      strict=True)]
-        new, new_state, report = algorithm.server_update_with_report(weights, client_updates,
+        new, new_state, report = algorithm.server_update_with_report(weights, folded.updates,
                                                                      state)
         new, state = _sane(rnd, study, (weights, state), (new, new_state), report)
         study.model_version += 1
@@ -483,12 +608,12 @@ def _close(db: Session, study: Study, rnd: Round, updates: list[Update], now: Cl
                               study.model_version)
     else:
         model = model_blob(db, study.id, study.model_version)
-        model.metrics = {name: evaluation_metrics(u.payload)
-                         for u, name in zip(updates, names, strict=True)}
+        model.metrics = folded.metrics
         _card_metrics(db, study, model.metrics)
         next_kind, version = "", study.model_version
     rnd.closed_at = now()
-    rnd.outcome = f"closed with {len(updates)} reports: {', '.join(names)}"
+    rnd.outcome = (f"closed with {len(names)} reports: {', '.join(names[:20])}"
+                   + (f" and {len(names) - 20} more" if len(names) > 20 else ""))[:200]
     if next_kind:
         study.current_round += 1
         db.add(Round(study_id=study.id, number=study.current_round, kind=next_kind,
@@ -609,7 +734,7 @@ def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
     """What the federation is doing and what it waits for."""
     advance(db, study, now)
     rnd = _round(db, study)
-    reported = _reported(db, rnd)
+    reported = _round_updates(db, rnd)
     active = _active_sites(db, study)
     refused = _refused(db, study, rnd.number)
     waiting = [s.name for s in active if s.id not in reported and s.id not in refused]
