@@ -431,9 +431,26 @@ def _validate(db: Session, study: Study, rnd: Round, site: Site, payload: bytes)
                               "model_version": str(rnd.model_version), "site": site.name})
     if rnd.kind == STATISTICS:
         return check_statistics(arrays, [(lo, hi) for lo, hi in study.feature_ranges])
-    expected = {k: (v.shape, v.dtype)
-                for k, v in _load_model(db, study, rnd.model_version).items()}
-    return check_update(arrays, manifest, expected)
+    return check_update(arrays, manifest, _expected_tensors(db, study, rnd.model_version))
+
+
+_TENSORS: dict[str, dict[str, tuple[tuple[int, ...], np.dtype[Any]]]] = {}
+
+
+def _expected_tensors(db: Session, study: Study, version: int
+                      ) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]:
+    """The tensors of a model version, decoded once per process per model digest
+    (one small query per upload instead of reading and decoding the model)."""
+    sha = db.scalar(select(ModelVersion.sha256).where(
+        ModelVersion.study_id == study.id, ModelVersion.version == version))
+    if sha is None or sha not in _TENSORS:
+        if len(_TENSORS) > 1024:
+            _TENSORS.clear()
+        tensors = {k: (v.shape, v.dtype) for k, v in _load_model(db, study, version).items()}
+        if sha is None:
+            return tensors
+        _TENSORS[sha] = tensors
+    return _TENSORS[sha]
 
 
 # ---------------------------------------------------------------- rounds
