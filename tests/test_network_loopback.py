@@ -176,14 +176,17 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
 
 
 class Coordinator:
-    """``cardiofed coordinator`` on a free loopback port, with its own SQLite database."""
+    """``cardiofed coordinator`` on a free loopback port, with its own SQLite database
+    unless given a `database_url` (and the `key_file` of a coordinator sharing it)."""
 
     def __init__(self, procs: Processes, name: str = "coordinator",
-                 tls: tuple[Path, Path] | None = None) -> None:
+                 tls: tuple[Path, Path] | None = None, database_url: str | None = None,
+                 key_file: Path | None = None) -> None:
         self.procs, self.name, self.tls = procs, name, tls
         self.port = free_port()
         self.db_path = procs.root / f"{name}.db"
-        self.key_file = procs.root / f"{name}-admin.key"
+        self.database_url = database_url or f"sqlite:///{self.db_path}"
+        self.key_file = key_file or procs.root / f"{name}-admin.key"
         self.url = f"{'https' if tls else 'http'}://{HOST}:{self.port}"
         self.starts = 0
         self.launch()
@@ -203,7 +206,7 @@ class Coordinator:
         label = self.name if not self.starts else f"{self.name}-restart{self.starts}"
         self.proc = self.procs.start(label, "coordinator", *transport, "--host", HOST,
                                      "--port", str(self.port),
-                                     "--database-url", f"sqlite:///{self.db_path}",
+                                     "--database-url", self.database_url,
                                      "--admin-key-file", self.key_file)
         self.starts += 1
 
@@ -531,6 +534,48 @@ def test_node_sigkill_and_restart_resends_the_same_bytes(
     assert all(len(d) == 1 for d in digests.values()), digests  # same round, same bytes
     resent = len(fed.outbound(victim)) - len(digests)
     print(f"\n{victim} killed mid-upload; payloads re-sent after its restart: {resent}")
+
+
+def test_two_coordinator_processes_on_postgresql_serve_one_study(
+        procs: Processes, synthetic_reference: ExperimentResult) -> None:
+    """Scale-out: nodes split across two coordinator processes on one database, one of
+    them SIGKILLed mid-training and restarted; rounds close once, nothing is lost."""
+    url = os.environ.get("CARDIOFED_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("set CARDIOFED_TEST_POSTGRES_URL (.ci/run does) to test several "
+                    "coordinator processes on PostgreSQL")
+    from cardiofed.coordinator.storage import Base, make_engine
+
+    engine = make_engine(url)
+    Base.metadata.drop_all(engine)  # a clean schema for this run
+    engine.dispose()
+    first = Coordinator(procs, "pg-a", database_url=url).ready()  # creates the schema
+    second = Coordinator(procs, "pg-b", database_url=url, key_file=first.key_file).ready()
+    to_second = {site: {"coordinator_url": second.url} for site in SYN_SITES[1:]}
+    fed = Federation(procs, first, "scaled", "synthetic", SYN_SITES, SYN_PLAN,
+                     node_settings=to_second)
+    fed.start()
+    fed.wait_for_round(3)
+
+    second.kill()  # its nodes retry until it is back; the other process goes on
+    second.start()
+
+    fed.finish()
+    assert_matches_simulator(first, "scaled", synthetic_reference)
+    assert_matches_simulator(second, "scaled", synthetic_reference)  # one shared state
+    with first.client() as client:
+        rounds = client.get("/v1/studies/scaled/models").json()
+    assert [m["version"] for m in rounds] == list(range(SYN_PLAN["rounds"] + 1))
+
+
+def test_coordinator_workers_need_postgresql(procs: Processes) -> None:
+    result = procs.run("coordinator", "--insecure", "--host", HOST, "--port",
+                       str(free_port()), "--workers", "2",
+                       "--database-url", f"sqlite:///{procs.root}/workers.db",
+                       "--admin-key-file", procs.root / "workers.key")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--workers 2 needs a PostgreSQL --database-url" in result.stderr
+    assert not (procs.root / "workers.key").exists()
 
 
 def test_coordinator_refuses_plain_http_without_insecure(procs: Processes) -> None:
