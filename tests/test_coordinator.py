@@ -176,6 +176,71 @@ def test_networked_run_on_postgresql(tmp_path: Path) -> None:
     assert final["version"] == PLAN["rounds"] and set(final["metrics"]) == set(SITES)
 
 
+def test_postgresql_round_close_waits_for_an_upload_in_flight() -> None:
+    """A round closing past its deadline reads its reports only once the uploads holding
+    the round's shared lock have committed: none is acknowledged and left out."""
+    import threading
+
+    from sqlalchemy import select, text
+
+    from cardiofed.coordinator.storage import Base, Round, Update, make_engine, make_sessionmaker
+
+    url = os.environ.get("CARDIOFED_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("set CARDIOFED_TEST_POSTGRES_URL to test PostgreSQL's row locks")
+    engine = make_engine(url)
+    Base.metadata.drop_all(engine)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    start = datetime(2026, 1, 1)
+    names, ranges = study_columns("synthetic")
+    with sessions() as db:
+        tokens = service.create_study(db, study_id="race", plan=SimulationConfig(**PLAN),
+                                      sites=SITES, feature_names=names, feature_ranges=ranges,
+                                      min_sites=1, round_timeout_s=60, now=lambda: start)
+        db.commit()
+        site_id = service.enrol(db, tokens[SITES[0]])[0].id
+    inserted, release = threading.Event(), threading.Event()
+
+    def upload() -> None:  # what submit does once the payload has passed its checks
+        with sessions() as db:
+            study = service.get_study(db, "race")
+            rnd = service._round(db, study, 0)
+            with service._admitting(db, study, rnd):
+                db.add(Update(round_id=rnd.id, site_id=site_id, payload=b"not stats",
+                              sha256="0" * 64, num_samples=1, received_at=start))
+                db.flush()
+                inserted.set()
+                assert release.wait(60)
+
+    def close() -> None:  # a poll past the deadline
+        with sessions() as db:
+            service.advance(db, service.get_study(db, "race"),
+                            lambda: start + timedelta(seconds=61))
+
+    uploader = threading.Thread(target=upload)
+    uploader.start()
+    assert inserted.wait(60)
+    closer = threading.Thread(target=close)
+    closer.start()
+    with engine.connect() as conn:  # the close is queued behind the upload's lock
+        give_up = time.monotonic() + 60
+        while not conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                               ).scalar():
+            assert time.monotonic() < give_up and closer.is_alive()
+            time.sleep(0.01)
+    release.set()
+    uploader.join(60)
+    closer.join(60)
+    with sessions() as db:
+        update = db.scalar(select(Update))
+        rnd = db.scalar(select(Round).where(Round.number == 0))
+    assert update is not None and rnd is not None
+    assert update.quarantine is not None  # the close read it (and refused its payload)
+    assert rnd.outcome is not None and "deadline extended" in rnd.outcome
+    engine.dispose()
+
+
 def test_requests_without_or_with_wrong_credentials_are_refused(fed: Federation) -> None:
     assert fed.client.get("/v1/tasks/next").status_code == 401
     r = fed.client.get("/v1/tasks/next", headers=fed.auth("not-a-credential"))

@@ -90,5 +90,13 @@ def require_admin(db: DB, credential: Annotated[str | None, Depends(bearer)]) ->
     service.authenticate_admin(db, credential)
 
 
+def uploading_site(db: DB, credential: Annotated[str | None, Depends(bearer)],
+                   clock: Clock) -> Site:
+    """:func:`current_site` for an upload: ``last_seen`` is committed with the upload
+    (one commit per accepted upload; a refused one is not recorded as contact)."""
+    return service.authenticate_site(db, credential, clock)
+
+
 CurrentSite = Annotated[Site, Depends(current_site)]
+UploadingSite = Annotated[Site, Depends(uploading_site)]
 Admin = Annotated[None, Depends(require_admin)]

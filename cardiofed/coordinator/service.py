@@ -35,7 +35,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import func, inspect, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from cardiofed.aggregation.robust import SiteAggregation
@@ -253,9 +254,13 @@ def study_plan(study: Study) -> SimulationConfig:
     return SimulationConfig.model_validate(study.plan)
 
 
-def _round(db: Session, study: Study, number: int | None = None) -> Round:
+def _round(db: Session, study: Study, number: int | None = None, *,
+           lock: bool = False) -> Round:
     number = study.current_round if number is None else number
-    rnd = db.scalar(select(Round).where(Round.study_id == study.id, Round.number == number))
+    query = select(Round).where(Round.study_id == study.id, Round.number == number)
+    if lock and _shared_locks(db):
+        query = query.with_for_update()
+    rnd = db.scalar(query)
     if rnd is None:
         raise NotFound(f"Study {study.id!r} has no round {number}.")
     return rnd
@@ -338,23 +343,38 @@ def submit(db: Session, site: Site, *, round_number: int, payload: bytes, max_by
     study = get_study(db, site.study_id)
     digest = sha256(payload)
     rnd = _round(db, study, round_number)
-    existing = _reported(db, rnd, site)
-    if existing is None:
+    try:
         _refuse_closed(study, rnd, site)
         staleness = _staleness(study, rnd, site)
         num_samples = _validate(db, study, rnd, site, payload)
-    with _admitting(db, study, rnd):
-        existing = _reported(db, rnd, site)
-        if existing is not None:
-            if existing.sha256 == digest:
-                return digest, False
-            raise Conflict(f"Site {site.name!r} already submitted a different payload for "
-                           f"round {round_number} (sha256 {existing.sha256[:12]}...).")
-        _refuse_closed(study, rnd, site)
-        db.add(Update(round_id=rnd.id, site_id=site.id, payload=payload, sha256=digest,
-                      num_samples=num_samples, received_at=now(), staleness=staleness))
+    except CoordinatorError:
+        if _acknowledged(db, rnd, site, digest):  # a retry of what was accepted
+            return digest, False
+        raise
+    try:
+        with _admitting(db, study, rnd):
+            _refuse_closed(study, rnd, site)
+            db.add(Update(round_id=rnd.id, site_id=site.id, payload=payload, sha256=digest,
+                          num_samples=num_samples, received_at=now(), staleness=staleness))
+    except IntegrityError:  # the site's report of the round is in: a retry, or a race
+        db.rollback()
+        if not _acknowledged(db, _round(db, study, round_number), site, digest):
+            raise
+        return digest, False
     advance(db, study, now)  # the insert is committed (durable) before this returns
     return digest, True
+
+
+def _acknowledged(db: Session, rnd: Round, site: Site, digest: str) -> bool:
+    """True if `site` already reported exactly `digest` for `rnd`; a different report
+    for the round is a conflict."""
+    existing = _reported(db, rnd, site)
+    if existing is None:
+        return False
+    if existing.sha256 != digest:
+        raise Conflict(f"Site {site.name!r} already submitted a different payload for "
+                       f"round {rnd.number} (sha256 {existing.sha256[:12]}...).")
+    return True
 
 
 def _refuse_closed(study: Study, rnd: Round, site: Site) -> None:
@@ -371,13 +391,9 @@ def _refuse_closed(study: Study, rnd: Round, site: Site) -> None:
 def _admitting(db: Session, study: Study, rnd: Round) -> Iterator[None]:
     """Hold `rnd` open while one update goes in: on PostgreSQL a shared lock on the
     round's row (uploads share it; closing the round waits for them and they for it),
-    elsewhere the process-wide lock. Commits at the end."""
-    db.commit()
+    re-read once the lock is held; elsewhere the process-wide lock. Commits at the end."""
     if _shared_locks(db):
-        db.expire_all()
-        db.execute(select(Round.id).where(Round.id == rnd.id).with_for_update(read=True))
-        db.refresh(rnd)
-        db.refresh(study)
+        db.refresh(rnd, with_for_update={"read": True})
         try:
             yield
         except BaseException:
@@ -434,23 +450,20 @@ def _validate(db: Session, study: Study, rnd: Round, site: Site, payload: bytes)
     return check_update(arrays, manifest, _expected_tensors(db, study, rnd.model_version))
 
 
-_TENSORS: dict[str, dict[str, tuple[tuple[int, ...], np.dtype[Any]]]] = {}
+_TENSORS: dict[tuple[str, datetime, int], dict[str, tuple[tuple[int, ...], np.dtype[Any]]]] = {}
 
 
 def _expected_tensors(db: Session, study: Study, version: int
                       ) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]:
-    """The tensors of a model version, decoded once per process per model digest
-    (one small query per upload instead of reading and decoding the model)."""
-    sha = db.scalar(select(ModelVersion.sha256).where(
-        ModelVersion.study_id == study.id, ModelVersion.version == version))
-    if sha is None or sha not in _TENSORS:
+    """The tensors of a model version, decoded once per process (a stored version never
+    changes; a study's creation time tells a re-created study of the same id apart)."""
+    key = (study.id, study.created_at, version)
+    if key not in _TENSORS:
         if len(_TENSORS) > 1024:
             _TENSORS.clear()
-        tensors = {k: (v.shape, v.dtype) for k, v in _load_model(db, study, version).items()}
-        if sha is None:
-            return tensors
-        _TENSORS[sha] = tensors
-    return _TENSORS[sha]
+        _TENSORS[key] = {k: (v.shape, v.dtype)
+                         for k, v in _load_model(db, study, version).items()}
+    return _TENSORS[key]
 
 
 # ---------------------------------------------------------------- rounds
@@ -458,29 +471,34 @@ def _expected_tensors(db: Session, study: Study, version: int
 def advance(db: Session, study: Study, now: Clock = utcnow) -> None:
     """Close the current round if it is complete (or past its deadline), and open the next.
 
-    Every poll and upload asks; three counts answer a synchronous round that is still
-    waiting, without a lock, so thousands of sites do not queue behind each other."""
-    if _still_waiting(db, study, now):
+    Every poll and upload asks; one query without a lock answers a synchronous round
+    that is still waiting, so thousands of sites do not queue behind each other."""
+    identity = inspect(study).identity  # its id, without re-reading an expired study
+    if identity is not None and _still_waiting(db, identity[0], now):
         return
     with _serialised(db, study):
         _advance(db, study, now)
 
 
-def _still_waiting(db: Session, study: Study, now: Clock) -> bool:
+def _still_waiting(db: Session, study_id: str, now: Clock) -> bool:
     """The current synchronous round is open, before its deadline, with reports missing."""
-    if study.phase == "done" or (study.phase == TRAIN and _is_async(study)):
+    active = select(func.count()).select_from(Site).where(
+        Site.study_id == Study.id, ~Site.revoked).scalar_subquery()
+    refused = select(func.count()).select_from(Refusal).where(
+        Refusal.study_id == Study.id, Refusal.round_number == Round.number).scalar_subquery()
+    reported = select(func.count()).select_from(Update).where(
+        Update.round_id == Round.id).scalar_subquery()
+    row = db.execute(
+        select(Study.phase, Study.plan["aggregation"].as_string(), Round.closed_at,
+               Round.deadline, active, refused, reported)
+        .join(Round, (Round.study_id == Study.id) & (Round.number == Study.current_round))
+        .where(Study.id == study_id)).one_or_none()
+    if row is None:
         return False
-    rnd = db.scalar(select(Round).where(Round.study_id == study.id,
-                                        Round.number == study.current_round))
-    if rnd is None or rnd.closed_at is not None or now() >= rnd.deadline:
+    phase, aggregation, closed_at, deadline, n_active, n_refused, n_reported = row
+    if phase == "done" or (phase == TRAIN and aggregation == "async"):
         return False
-    active = db.scalar(select(func.count()).select_from(Site).where(
-        Site.study_id == study.id, ~Site.revoked)) or 0
-    refused = db.scalar(select(func.count()).select_from(Refusal).where(
-        Refusal.study_id == study.id, Refusal.round_number == rnd.number)) or 0
-    reported = db.scalar(select(func.count()).select_from(Update).where(
-        Update.round_id == rnd.id)) or 0
-    return reported < active - refused
+    return closed_at is None and now() < deadline and n_reported < n_active - n_refused
 
 
 def _advance(db: Session, study: Study, now: Clock) -> None:
@@ -489,7 +507,9 @@ def _advance(db: Session, study: Study, now: Clock) -> None:
             if not _publish_buffered(db, study, now):
                 return
             continue
-        rnd = _round(db, study)
+        # Exclusively on PostgreSQL: uploads in flight (a shared lock) commit first and
+        # are folded; later ones see the round closed.
+        rnd = _round(db, study, lock=True)
         refused = _refused(db, study, rnd.number)
         active = [s for s in _active_sites(db, study) if s.id not in refused]
         reported = _reported_ids(db, rnd)

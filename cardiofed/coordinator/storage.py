@@ -166,10 +166,19 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+# Per coordinator process: four processes stay within PostgreSQL's default
+# max_connections of 100; more requests than this wait for a connection.
+POOL_SIZE = 20
+
+
 def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL, full fsync and foreign keys."""
-    connect_args = {"check_same_thread": False} if url.startswith("sqlite") else {}
-    engine = create_engine(url, connect_args=connect_args)
+    """An engine for `url`; SQLite gets WAL, full fsync and foreign keys. A server
+    database gets a pool of POOL_SIZE connections kept open (no overflow: a connection
+    opened and closed per burst costs a server process each time)."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+    else:
+        engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=0, pool_timeout=60)
     if url.startswith("sqlite"):
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -6,7 +6,15 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from cardiofed.coordinator import service
-from cardiofed.coordinator.deps import DB, Clock, CurrentSite, PathNumber, Settings, refusals
+from cardiofed.coordinator.deps import (
+    DB,
+    Clock,
+    CurrentSite,
+    PathNumber,
+    Settings,
+    UploadingSite,
+    refusals,
+)
 from cardiofed.coordinator.schemas import RefusalRequest, SubmitResponse
 from cardiofed.exceptions import PayloadTooLarge
 
@@ -24,7 +32,7 @@ PAYLOAD = {"requestBody": {"required": True, "content": {"application/octet-stre
 @router.post("/{study_id}/rounds/{round_number}/updates", openapi_extra=PAYLOAD,
              responses=refusals(401, 403, 404, 409, 413, 422))
 async def submit_update(study_id: str, round_number: PathNumber, request: Request,
-                        site: CurrentSite, db: DB, settings: Settings,
+                        site: UploadingSite, db: DB, settings: Settings,
                         clock: Clock) -> SubmitResponse:
     """Accept a site's payload for a round; committed before it is acknowledged."""
     service.ensure_site_access(site, study_id)
