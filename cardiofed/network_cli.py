@@ -154,6 +154,30 @@ def create_study(
     console.print(table)
 
 
+@admin_app.command("new-key")
+def new_key(key_file: Annotated[Path, typer.Option(help="Where to write the new credential "
+                                                    "(must not exist).")],
+            role: Annotated[str, typer.Option(help="admin, or viewer: reads the API and the "
+                                                   "dashboard, changes nothing.")] = "viewer",
+            database_url: Annotated[str, typer.Option(
+                envvar="CARDIOFED_DATABASE_URL", help="The coordinator's database.")
+            ] = DEFAULT_DATABASE_URL) -> None:
+    """Make another credential in the coordinator's database (run where it runs)."""
+    from cardiofed.coordinator import service
+    from cardiofed.coordinator.deps import _sessions
+
+    if key_file.exists():
+        raise fail(f"{key_file} exists; choose a new file for the new credential.")
+    if role not in (service.ADMIN, service.VIEWER):
+        raise fail(f"--role must be {service.ADMIN} or {service.VIEWER}; got {role!r}.")
+    with _sessions(database_url)() as db:
+        key = service.create_admin_key(db, role)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key)
+    console.print(f"A {role} credential written to {key_file} (keep it secret).")
+
+
 @admin_app.command("revoke")
 def revoke(study: Annotated[str, typer.Option()], site: Annotated[str, typer.Option()],
            url: Url = "https://127.0.0.1:8443",

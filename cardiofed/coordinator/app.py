@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from typing import Annotated
+
+from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from sqlalchemy import func, select
 from starlette.exceptions import HTTPException
 
 from cardiofed import __version__
-from cardiofed.coordinator.deps import refusals, refused
+from cardiofed.coordinator import dashboard, service
+from cardiofed.coordinator.deps import DB, bearer, refusals, refused
 from cardiofed.coordinator.routers import models, sites, studies, updates
 from cardiofed.coordinator.settings import get_settings
+from cardiofed.coordinator.storage import Round, Update
 from cardiofed.exceptions import CoordinatorError
 from cardiofed.web.errors import invalid_request, unreadable_body
 from cardiofed.web.limits import BodyLimits, BodySizeLimit
+from cardiofed.web.metrics import RequestMetrics, ServiceMetrics
 
 JSON_BODY_LIMIT = 64 * 1024  # enrolment, refusals: small JSON, often before authentication
 
@@ -22,7 +29,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="CardioFed coordinator", version=__version__,
                   description="Coordinates federated training of a cardiovascular risk model. "
                               "Sites send model updates, metrics and statistics, never rows.")
-    for module in (studies, sites, updates, models):
+    for module in (studies, sites, updates, models, dashboard):
         app.include_router(module.router)
 
     app.add_exception_handler(CoordinatorError, refused)  # type: ignore[arg-type]
@@ -34,6 +41,28 @@ def create_app() -> FastAPI:
     # configured update size, everything else 64 KiB.
     app.add_middleware(BodySizeLimit, limits=BodyLimits(
         default=JSON_BODY_LIMIT, prefixes={"/v1/studies": get_settings().max_update_bytes}))
+    metrics = app.state.metrics = ServiceMetrics()
+    # accepted, already accepted, refused (any 4xx, the reason in the request metrics)
+    app.state.uploads = metrics.counter("cardiofed_uploads", "Site uploads answered",
+                                        ["outcome"])
+    rounds_closed = metrics.gauge("cardiofed_rounds_closed", "Rounds closed, all studies")
+    rounds_open = metrics.gauge("cardiofed_rounds_open", "Rounds open, all studies")
+    buffered = metrics.gauge("cardiofed_updates_buffered",
+                             "Accepted updates of open rounds not yet aggregated")
+    app.add_middleware(RequestMetrics, metrics=metrics)
+
+    @app.get("/metrics", tags=["health"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}}, **refusals(401, 413)})
+    def prometheus(db: DB, credential: Annotated[str | None, Depends(bearer)]) -> Response:
+        """Prometheus metrics (an admin or viewer credential as the scrape's bearer)."""
+        service.authenticate_admin(db, credential, write=False)
+        closed = Round.closed_at.is_not(None)
+        rounds_closed.set(db.scalar(select(func.count()).where(closed)) or 0)
+        rounds_open.set(db.scalar(select(func.count()).select_from(Round).where(~closed)) or 0)
+        buffered.set(db.scalar(select(func.count()).select_from(Update).join(
+            Round, Update.round_id == Round.id).where(~closed, Update.aggregated_into.is_(None)))
+            or 0)
+        return metrics.response()
 
     @app.get("/healthz", tags=["health"], responses=refusals(413))
     def health() -> dict[str, str]:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cardiofed.coordinator import service
 from cardiofed.coordinator.settings import CoordinatorSettings, get_settings
-from cardiofed.coordinator.storage import Site, make_engine, make_sessionmaker, utcnow
+from cardiofed.coordinator.storage import AdminKey, Site, make_engine, make_sessionmaker, utcnow
 from cardiofed.exceptions import CoordinatorError
 from cardiofed.web.errors import refusal_body, responses
 
@@ -86,8 +86,8 @@ def current_site(db: DB, credential: Annotated[str | None, Depends(bearer)],
     return site
 
 
-def require_admin(db: DB, credential: Annotated[str | None, Depends(bearer)]) -> None:
-    service.authenticate_admin(db, credential)
+def require_admin(db: DB, credential: Annotated[str | None, Depends(bearer)]) -> AdminKey:
+    return service.authenticate_admin(db, credential)
 
 
 def uploading_site(db: DB, credential: Annotated[str | None, Depends(bearer)],
@@ -99,4 +99,4 @@ def uploading_site(db: DB, credential: Annotated[str | None, Depends(bearer)],
 
 CurrentSite = Annotated[Site, Depends(current_site)]
 UploadingSite = Annotated[Site, Depends(uploading_site)]
-Admin = Annotated[None, Depends(require_admin)]
+Admin = Annotated[AdminKey, Depends(require_admin)]

@@ -51,9 +51,12 @@ from cardiofed.coordinator.payloads import (
     evaluation_metrics,
 )
 from cardiofed.coordinator.storage import (
+    TALLY_SHARDS,
     AdminKey,
+    AuditEvent,
     ModelVersion,
     Refusal,
+    ReportTally,
     Round,
     Site,
     Study,
@@ -125,25 +128,46 @@ def _serialised(db: Session, study: Study) -> Iterator[None]:
 
 # ---------------------------------------------------------------- administration
 
-def create_admin_key(db: Session) -> str:
-    """A new admin credential (shown once; stored as a hash)."""
+ADMIN, VIEWER = "admin", "viewer"  # a viewer reads what an admin reads, changes nothing
+
+
+def create_admin_key(db: Session, role: str = ADMIN) -> str:
+    """A new admin (or viewer) credential (shown once; stored as a hash)."""
+    if role not in (ADMIN, VIEWER):
+        raise ConfigurationError(f"role must be {ADMIN!r} or {VIEWER!r}; got {role!r}.")
     key = new_secret()
-    db.add(AdminKey(key_hash=hash_secret(key)))
+    db.add(AdminKey(key_hash=hash_secret(key), role=role))
     db.commit()
     return key
 
 
-def authenticate_admin(db: Session, credential: str | None) -> None:
-    if not credential or db.scalar(
-            select(AdminKey).where(AdminKey.key_hash == hash_secret(credential))) is None:
+def authenticate_admin(db: Session, credential: str | None, *, write: bool = True
+                       ) -> AdminKey:
+    """The admin key of `credential`; with `write`, a viewer's is refused."""
+    key = db.scalar(select(AdminKey).where(AdminKey.key_hash == hash_secret(credential))
+                    ) if credential else None
+    if key is None:
         raise AuthenticationError("An admin credential is required for this request.")
+    if write and key.role == VIEWER:
+        raise PermissionDenied("A viewer credential reads but cannot change anything; "
+                               "this request needs an admin credential.")
+    return key
+
+
+def audit(db: Session, key: AdminKey, via: str, action: str, study_id: str | None,
+          detail: str = "", now: Clock = utcnow) -> None:
+    """Record an administrative act (committed with the change it describes)."""
+    db.add(AuditEvent(at=now(), actor=f"{key.role or ADMIN} key #{key.id} ({via})",
+                      action=action, study_id=study_id, detail=detail[:300]))
 
 
 def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: list[str],
                  feature_names: list[str], feature_ranges: list[tuple[float, float]],
                  min_sites: int | None = None, round_timeout_s: float = 3600.0,
-                 outcome: str | None = None, now: Clock = utcnow) -> dict[str, str]:
-    """Create a study and its sites; returns a one-time enrolment token per site."""
+                 outcome: str | None = None, now: Clock = utcnow,
+                 by: tuple[AdminKey, str] | None = None) -> dict[str, str]:
+    """Create a study and its sites; returns a one-time enrolment token per site.
+    `by`: the admin key and the door it came through, for the audit log."""
     if db.get(Study, study_id) is not None:
         raise Conflict(f"Study {study_id!r} already exists.")
     if registry.has_study(db, study_id):
@@ -180,7 +204,7 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
                             f"declared in plan.study_features); got {outcome!r}.")
     study = Study(id=study_id, plan=plan.model_dump(), feature_names=feature_names,
                   feature_ranges=[list(r) for r in feature_ranges], min_sites=min_sites,
-                  round_timeout_s=round_timeout_s, outcome=outcome)
+                  round_timeout_s=round_timeout_s, outcome=outcome, active_sites=len(sites))
     db.add(study)
     db.flush()
     tokens = {}
@@ -194,15 +218,24 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
     _store_model(db, study, initial, version=0, round_number=0, participants=[])
     db.add(Round(study_id=study_id, number=0, kind=STATISTICS, model_version=0,
                  opened_at=now(), deadline=now() + timedelta(seconds=round_timeout_s)))
+    if by is not None:
+        audit(db, *by, "create study", study_id, f"{len(sites)} sites: {', '.join(sites)}",
+              now)
     db.commit()
     return tokens
 
 
-def revoke_site(db: Session, study_id: str, site_name: str) -> None:
+def revoke_site(db: Session, study_id: str, site_name: str,
+                by: tuple[AdminKey, str] | None = None, now: Clock = utcnow) -> None:
     site = db.scalar(select(Site).where(Site.study_id == study_id, Site.name == site_name))
     if site is None:
         raise NotFound(f"Study {study_id!r} has no site {site_name!r}.")
+    if not site.revoked:
+        db.execute(update(Study).where(Study.id == study_id, Study.active_sites.is_not(None))
+                   .values(active_sites=Study.active_sites - 1))
     site.revoked = True
+    if by is not None:
+        audit(db, *by, "revoke site", study_id, site_name, now)
     db.commit()
 
 
@@ -356,6 +389,8 @@ def submit(db: Session, site: Site, *, round_number: int, payload: bytes, max_by
             _refuse_closed(study, rnd, site)
             db.add(Update(round_id=rnd.id, site_id=site.id, payload=payload, sha256=digest,
                           num_samples=num_samples, received_at=now(), staleness=staleness))
+            db.flush()  # a second report of the site fails here, before it is tallied
+            _tally(db, rnd.id, site.id)
     except IntegrityError:  # the site's report of the round is in: a retry, or a race
         db.rollback()
         if not _acknowledged(db, _round(db, study, round_number), site, digest):
@@ -375,6 +410,19 @@ def _acknowledged(db: Session, rnd: Round, site: Site, digest: str) -> bool:
         raise Conflict(f"Site {site.name!r} already submitted a different payload for "
                        f"round {rnd.number} (sha256 {existing.sha256[:12]}...).")
     return True
+
+
+def _tally(db: Session, round_id: int, site_id: int) -> None:
+    """One more report of the round, in the site's shard of its tally (an upsert: both
+    dialects spell it ``INSERT ... ON CONFLICT DO UPDATE``)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite
+    table = ReportTally.__table__
+    db.execute(dialect.insert(ReportTally)
+               .values(round_id=round_id, shard=site_id % TALLY_SHARDS, reports=1)
+               .on_conflict_do_update(index_elements=["round_id", "shard"],
+                                      set_={"reports": table.c.reports + 1}))
 
 
 def _refuse_closed(study: Study, rnd: Round, site: Site) -> None:
@@ -482,12 +530,13 @@ def advance(db: Session, study: Study, now: Clock = utcnow) -> None:
 
 def _still_waiting(db: Session, study_id: str, now: Clock) -> bool:
     """The current synchronous round is open, before its deadline, with reports missing."""
-    active = select(func.count()).select_from(Site).where(
+    counted = select(func.count()).select_from(Site).where(
         Site.study_id == Study.id, ~Site.revoked).scalar_subquery()
+    active = func.coalesce(Study.active_sites, counted)
     refused = select(func.count()).select_from(Refusal).where(
         Refusal.study_id == Study.id, Refusal.round_number == Round.number).scalar_subquery()
-    reported = select(func.count()).select_from(Update).where(
-        Update.round_id == Round.id).scalar_subquery()
+    reported = select(func.coalesce(func.sum(ReportTally.reports), 0)).where(
+        ReportTally.round_id == Round.id).scalar_subquery()
     row = db.execute(
         select(Study.phase, Study.plan["aggregation"].as_string(), Round.closed_at,
                Round.deadline, active, refused, reported)

@@ -1,6 +1,7 @@
 """The coordinator's durable state, in SQLAlchemy (SQLite by default, PostgreSQL by URL).
 
-Tables: studies, sites, rounds, updates, models; the model registry and the risk
+Tables: studies, sites, rounds, updates, models, dashboard sessions, the admin
+audit log; the model registry and the risk
 API's keys (:mod:`cardiofed.serving`). Secrets (enrolment tokens, site and
 admin credentials) are stored only as SHA-256 hashes. Binary payloads (model weights,
 optimiser state, updates) are safetensors bytes. On SQLite the journal is WAL with
@@ -44,6 +45,42 @@ class AdminKey(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # "viewer": reads everything, changes nothing; NULL (keys made before roles): admin
+    role: Mapped[str | None] = mapped_column(String(16), nullable=True)
+
+
+class ReportTally(Base):
+    """How many reports a round has, in TALLY_SHARDS rows per round (an upload adds one
+    to its site's row in its own transaction), so that "is the round complete?" is a
+    sum of a few rows, not a count over thousands, and uploads rarely share a row."""
+    __tablename__ = "report_tallies"
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    reports: Mapped[int] = mapped_column(Integer)
+
+
+TALLY_SHARDS = 16
+
+
+class UiSession(Base):
+    """A dashboard login, by the hash of its cookie's token (the CSRF token is derived
+    from the token itself)."""
+    __tablename__ = "ui_sessions"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    admin_key_id: Mapped[int] = mapped_column(ForeignKey("admin_keys.id"))
+    role: Mapped[str] = mapped_column(String(16))
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class AuditEvent(Base):
+    """Who (which admin key, through which door) did what to which study, when."""
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))
+    study_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[str] = mapped_column(String(300), default="")
 
 
 class Study(Base):
@@ -61,6 +98,9 @@ class Study(Base):
     preprocessor: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     server_state: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Sites not revoked (kept by create_study and revoke_site; NULL in databases made
+    # before it: counted then).
+    active_sites: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Site(Base):

@@ -195,16 +195,20 @@ def _scoped(scope: str) -> Any:
     on a key-cache miss)."""
     async def authorised(request: Request, credentials: Annotated[
             HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
-        state: ServingState = request.app.state.serving
         secret = credentials.credentials.strip() if credentials else None
-        key = state.keys.authenticate(state.sessions, secret)
-        key.require(scope)
-        wait = state.limiter.retry_after(key)
-        if wait:
-            raise RateLimited(f"Rate limit of {key.rate_limit_per_minute} requests per minute "
-                              f"exceeded for API key {key.name!r}; retry in {wait:g} s.", wait)
-        return Caller(state, key)
+        return caller_of(request.app.state.serving, secret, scope)
     return Depends(authorised)
+
+
+def caller_of(state: ServingState, secret: str | None, scope: str) -> Caller:
+    """The caller of API key `secret`, its scope and rate limit checked."""
+    key = state.keys.authenticate(state.sessions, secret)
+    key.require(scope)
+    wait = state.limiter.retry_after(key)
+    if wait:
+        raise RateLimited(f"Rate limit of {key.rate_limit_per_minute} requests per minute "
+                          f"exceeded for API key {key.name!r}; retry in {wait:g} s.", wait)
+    return Caller(state, key)
 
 
 Version = Annotated[str, Path(max_length=100, description="A registered version, e.g. "

@@ -21,7 +21,7 @@ BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 def _member_or_admin(db: DB, study_id: str, credential: str | None) -> None:
     try:
-        service.authenticate_admin(db, credential)
+        service.authenticate_admin(db, credential, write=False)
     except AuthenticationError:
         service.ensure_site_access(service.authenticate_site(db, credential), study_id)
 

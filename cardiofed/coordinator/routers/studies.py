@@ -17,8 +17,8 @@ from cardiofed.simulation.config import SimulationConfig
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
 
-@router.post("", status_code=201, responses=refusals(401, 409, 413, 422))
-def create_study(body: StudyCreate, db: DB, _: Admin, clock: Clock) -> StudyCreated:
+@router.post("", status_code=201, responses=refusals(401, 403, 409, 413, 422))
+def create_study(body: StudyCreate, db: DB, key: Admin, clock: Clock) -> StudyCreated:
     if len(body.feature_ranges) != len(body.feature_names):
         raise InvalidUpdate("feature_ranges needs one (low, high) per feature name.")
     bad = [f"{name}: {list(r)}" for name, r in zip(body.feature_names, body.feature_ranges,
@@ -47,7 +47,7 @@ def create_study(body: StudyCreate, db: DB, _: Admin, clock: Clock) -> StudyCrea
                                   feature_ranges=[(lo, hi) for lo, hi in body.feature_ranges],
                                   min_sites=body.min_sites,
                                   round_timeout_s=body.round_timeout_s, outcome=body.outcome,
-                                  now=clock)
+                                  now=clock, by=(key, "api"))
     return StudyCreated(id=body.id, enrolment_tokens=tokens)
 
 
@@ -56,7 +56,7 @@ def study_status(study_id: str, db: DB, clock: Clock,
                  credential: Annotated[str | None, Depends(bearer)]) -> dict[str, object]:
     """What the federation is doing and which sites it waits for (admin or member site)."""
     try:
-        service.authenticate_admin(db, credential)
+        service.authenticate_admin(db, credential, write=False)
     except AuthenticationError:
         site = service.authenticate_site(db, credential, clock)
         service.ensure_site_access(site, study_id)
@@ -64,6 +64,6 @@ def study_status(study_id: str, db: DB, clock: Clock,
 
 
 @router.post("/{study_id}/sites/{site_name}/revoke", status_code=204,
-             responses=refusals(401, 404, 413, 422))
-def revoke(study_id: str, site_name: str, db: DB, _: Admin) -> None:
-    service.revoke_site(db, study_id, site_name)
+             responses=refusals(401, 403, 404, 413, 422))
+def revoke(study_id: str, site_name: str, db: DB, key: Admin, clock: Clock) -> None:
+    service.revoke_site(db, study_id, site_name, by=(key, "api"), now=clock)

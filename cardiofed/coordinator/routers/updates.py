@@ -16,7 +16,7 @@ from cardiofed.coordinator.deps import (
     refusals,
 )
 from cardiofed.coordinator.schemas import RefusalRequest, SubmitResponse
-from cardiofed.exceptions import PayloadTooLarge
+from cardiofed.exceptions import CoordinatorError, PayloadTooLarge
 
 router = APIRouter(prefix="/v1/studies", tags=["updates"])
 
@@ -51,9 +51,15 @@ async def submit_update(study_id: str, round_number: PathNumber, request: Reques
     # Blocking database work (and, for the last report, the round's aggregation) runs in
     # the thread pool: on the event loop it would stall every other request, including
     # the ones that must finish to release the database lock it waits for.
-    digest, new = await run_in_threadpool(service.submit, db, site, round_number=round_number,
-                                          payload=payload, max_bytes=settings.max_update_bytes,
-                                          now=clock)
+    uploads = request.app.state.uploads
+    try:
+        digest, new = await run_in_threadpool(
+            service.submit, db, site, round_number=round_number, payload=payload,
+            max_bytes=settings.max_update_bytes, now=clock)
+    except CoordinatorError:
+        uploads.labels("refused").inc()
+        raise
+    uploads.labels("accepted" if new else "already accepted").inc()
     return SubmitResponse(sha256=digest, status="accepted" if new else "already accepted")
 
 

@@ -1,0 +1,266 @@
+"""The operator dashboard (``/ui``): server-rendered pages over the coordinator's state.
+
+Login exchanges an admin (or viewer) credential for a session cookie (HttpOnly,
+SameSite=Strict, Secure under TLS; the database keeps only its hash). Every
+state-changing form carries a CSRF token derived from the session's secret, which a
+page of another origin can neither read nor compute. Pages refresh themselves while a
+study runs; everything they load ships in the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import timedelta
+from importlib.resources import files
+from typing import Annotated, Any
+from urllib.parse import parse_qs, quote
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from jinja2 import Environment, PackageLoader, select_autoescape
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from cardiofed.coordinator import service
+from cardiofed.coordinator.deps import DB, Clock
+from cardiofed.coordinator.storage import (
+    AdminKey,
+    AuditEvent,
+    ModelVersion,
+    Refusal,
+    Round,
+    Site,
+    Study,
+    UiSession,
+    Update,
+)
+from cardiofed.exceptions import AuthenticationError, CoordinatorError, PermissionDenied
+
+COOKIE = "cardiofed_session"
+SESSION_HOURS = 8
+REFRESH_S = 5
+router = APIRouter(prefix="/ui", include_in_schema=False)
+_templates = Environment(loader=PackageLoader("cardiofed.coordinator", "templates"),
+                         autoescape=select_autoescape(["html"]))
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def _csrf(token: str) -> str:
+    return hmac.new(token.encode(), b"cardiofed-csrf", hashlib.sha256).hexdigest()
+
+
+class Login:
+    """The signed-in operator of a request: role, key and CSRF token."""
+
+    def __init__(self, session: UiSession, token: str) -> None:
+        self.role, self.key_id, self.csrf = session.role, session.admin_key_id, _csrf(token)
+        self.token_hash = session.token_hash
+
+    @property
+    def can_change(self) -> bool:
+        return self.role == service.ADMIN
+
+
+def current_login(request: Request, db: DB, clock: Clock) -> Login | None:
+    token = request.cookies.get(COOKIE)
+    if not token:
+        return None
+    session = db.get(UiSession, service.hash_secret(token))
+    if session is None or session.expires_at <= clock():
+        return None
+    return Login(session, token)
+
+
+OptionalLogin = Annotated[Login | None, Depends(current_login)]
+
+
+def _page(name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    return HTMLResponse(_templates.get_template(name).render(**context),
+                        status_code=status_code, headers=NO_STORE)
+
+
+def _to_login() -> RedirectResponse:
+    return RedirectResponse("/ui/login", status_code=303)
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """An urlencoded form (the body is bounded by the app's body limit)."""
+    fields = parse_qs((await request.body()).decode("utf-8", "replace"))
+    return {k: v[0] for k, v in fields.items()}
+
+
+def _checked(login: Login | None, form: dict[str, str]) -> Login:
+    """The login of a state-changing form, its CSRF token verified."""
+    if login is None:
+        raise AuthenticationError("Your dashboard session has ended; log in again.")
+    if not hmac.compare_digest(form.get("csrf", ""), login.csrf):
+        raise PermissionDenied("The form's CSRF token is missing or wrong; reload the page "
+                               "and try again.")
+    return login
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(login: OptionalLogin) -> Response:
+    return RedirectResponse("/ui", status_code=303) if login else _page("login.html")
+
+
+@router.post("/login", response_class=HTMLResponse)
+async def log_in(request: Request, db: DB, clock: Clock) -> Response:
+    form = await _form(request)
+    try:
+        key = service.authenticate_admin(db, form.get("credential", "").strip(), write=False)
+    except AuthenticationError:
+        return _page("login.html", 401, error="Unknown credential.")
+    token = service.new_secret()
+    db.add(UiSession(token_hash=service.hash_secret(token), admin_key_id=key.id,
+                     role=key.role or service.ADMIN,
+                     expires_at=clock() + timedelta(hours=SESSION_HOURS)))
+    db.execute(delete(UiSession).where(UiSession.expires_at <= clock()))
+    service.audit(db, key, "dashboard", "log in", None, now=clock)
+    db.commit()
+    response = RedirectResponse("/ui", status_code=303)
+    response.set_cookie(COOKIE, token, max_age=SESSION_HOURS * 3600, path="/ui",
+                        httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
+    return response
+
+
+@router.post("/logout")
+async def log_out(request: Request, db: DB, login: OptionalLogin) -> Response:
+    form = await _form(request)
+    if login is not None:
+        _checked(login, form)
+        db.execute(delete(UiSession).where(UiSession.token_hash == login.token_hash))
+        db.commit()
+    response = _to_login()
+    response.delete_cookie(COOKIE, path="/ui")
+    return response
+
+
+@router.get("", response_class=HTMLResponse)
+def studies_page(db: DB, login: OptionalLogin, clock: Clock) -> Response:
+    if login is None:
+        return _to_login()
+    rows = []
+    for study in db.scalars(select(Study).order_by(Study.created_at)):
+        rounds = service.study_plan(study).rounds
+        sites = db.scalar(select(func.count()).select_from(Site).where(
+            Site.study_id == study.id)) or 0
+        rows.append({"id": study.id, "phase": study.phase, "round": study.current_round,
+                     "rounds": rounds, "sites": sites, "version": study.model_version,
+                     "progress": _progress(study, rounds), "created": study.created_at})
+    running = any(r["phase"] != "done" for r in rows)
+    return _page("studies.html", login=login, studies=rows, refresh=REFRESH_S if running else 0)
+
+
+def _progress(study: Study, rounds: int) -> float:
+    """Share of the study's rounds closed (statistics, training rounds, evaluation)."""
+    return 1.0 if study.phase == "done" else min(1.0, study.current_round / (rounds + 2))
+
+
+@router.get("/studies/{study_id}", response_class=HTMLResponse)
+def study_page(study_id: str, db: DB, login: OptionalLogin, clock: Clock) -> Response:
+    if login is None:
+        return _to_login()
+    try:
+        study = service.get_study(db, study_id)
+    except CoordinatorError as exc:
+        return _page("error.html", exc.status_code, login=login, message=str(exc))
+    state = service.status(db, study, clock)
+    return _page("study.html", login=login, study=study, state=state,
+                 sites=_sites(db, study, state), rounds=_rounds(db, study, clock),
+                 models=_models(db, study), auc_chart=_auc_chart(db, study),
+                 refresh=REFRESH_S if study.phase != "done" else 0, quote=quote)
+
+
+def _sites(db: Session, study: Study, state: dict[str, Any]) -> list[dict[str, Any]]:
+    refusals: dict[str, list[str]] = {}
+    for r in state["refusals"]:
+        refusals.setdefault(r["site"], []).append(f"round {r['round']}: {r['reason']}")
+    quarantines: dict[str, list[str]] = {}
+    for q in state["quarantined"]:
+        quarantines.setdefault(q["site"], []).append(f"round {q['round']}: {q['reason']}")
+    shares = state["update_share"]
+    epsilon = _epsilon(db, study)
+    return [{"name": s.name, "revoked": s.revoked, "last_seen": s.last_seen,
+             "share": shares.get(s.name, 0.0), "refusals": refusals.get(s.name, []),
+             "quarantines": quarantines.get(s.name, []), "epsilon": epsilon.get(s.name, {}),
+             "reported": s.name in state["reported"], "waiting": s.name in state["waiting_for"]}
+            for s in db.scalars(select(Site).where(Site.study_id == study.id)
+                                .order_by(Site.index))]
+
+
+def _epsilon(db: Session, study: Study) -> dict[str, dict[str, float]]:
+    """Epsilon spent per site and release kind, as each site's metrics report it."""
+    final = db.scalar(select(ModelVersion).where(ModelVersion.study_id == study.id)
+                      .order_by(ModelVersion.version.desc()).limit(1))
+    out: dict[str, dict[str, float]] = {}
+    for site, metrics in ((final.metrics or {}) if final else {}).items():
+        if isinstance(metrics, dict):
+            spent = {k: float(v) for k, v in metrics.items()
+                     if k.startswith("epsilon") and isinstance(v, int | float)}
+            if spent:
+                out[site] = spent
+    return out
+
+
+def _rounds(db: Session, study: Study, clock: Clock) -> list[dict[str, Any]]:
+    counts = dict(db.execute(select(Update.round_id, func.count()).join(
+        Round, Update.round_id == Round.id).where(Round.study_id == study.id)
+        .group_by(Update.round_id)).all())
+    refused = dict(db.execute(select(Refusal.round_number, func.count()).where(
+        Refusal.study_id == study.id).group_by(Refusal.round_number)).all())
+    now = clock()
+    return [{"number": r.number, "kind": r.kind, "opened": r.opened_at, "closed": r.closed_at,
+             "open_for_s": None if r.closed_at else (now - r.opened_at).total_seconds(),
+             "reports": counts.get(r.id, 0), "refusals": refused.get(r.number, 0),
+             "outcome": r.outcome or ""}
+            for r in db.scalars(select(Round).where(Round.study_id == study.id)
+                                .order_by(Round.number.desc()))]
+
+
+def _models(db: Session, study: Study) -> list[dict[str, Any]]:
+    return [{"version": m.version, "round": m.round_number, "created": m.created_at,
+             "participants": len(m.participants), "sha256": m.sha256, "metrics": m.metrics}
+            for m in db.scalars(select(ModelVersion).where(ModelVersion.study_id == study.id)
+                                .order_by(ModelVersion.version.desc()))]
+
+
+def _auc_chart(db: Session, study: Study) -> list[dict[str, Any]]:
+    """Per-site AUC (with its interval where the site sent one) of every evaluated
+    model version, as bars: version, site, value, low, high in [0, 1]."""
+    bars = []
+    for m in db.scalars(select(ModelVersion).where(ModelVersion.study_id == study.id)
+                        .order_by(ModelVersion.version)):
+        for site, metrics in (m.metrics or {}).items():
+            if isinstance(metrics, dict) and isinstance(metrics.get("auc"), int | float):
+                bars.append({"version": m.version, "site": site, "auc": float(metrics["auc"]),
+                             "low": metrics.get("auc_low"), "high": metrics.get("auc_high")})
+    return bars
+
+
+@router.post("/studies/{study_id}/sites/{site_name}/revoke")
+async def revoke(study_id: str, site_name: str, request: Request, db: DB,
+                 login: OptionalLogin, clock: Clock) -> Response:
+    checked = _checked(login, await _form(request))
+    if not checked.can_change:
+        raise PermissionDenied("A viewer cannot revoke sites.")
+    key = db.get(AdminKey, checked.key_id)
+    assert key is not None  # a session's key is never deleted
+    service.revoke_site(db, study_id, site_name, by=(key, "dashboard"), now=clock)
+    return RedirectResponse(f"/ui/studies/{quote(study_id)}", status_code=303)
+
+
+@router.get("/audit", response_class=HTMLResponse)
+def audit_page(db: DB, login: OptionalLogin) -> Response:
+    if login is None:
+        return _to_login()
+    events = db.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(500))
+    return _page("audit.html", login=login, events=list(events))
+
+
+@router.get("/static/style.css")
+def stylesheet() -> Response:
+    css = files("cardiofed.coordinator").joinpath("templates/style.css").read_text()
+    return Response(css, media_type="text/css", headers={"Cache-Control": "max-age=3600"})

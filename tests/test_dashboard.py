@@ -1,0 +1,140 @@
+"""The operator dashboard and /metrics of the coordinator, in-process."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from test_coordinator import SITES, Federation, _until_done  # type: ignore[import-not-found]
+
+from cardiofed.coordinator import service
+from cardiofed.coordinator.deps import _sessions
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> Federation:
+    return Federation(tmp_path)
+
+
+def _login(fed: Federation, credential: str) -> TestClient:
+    client = TestClient(fed.app, base_url="https://testserver")  # cookies marked Secure
+    r = client.post("/ui/login", data={"credential": credential}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui", r.text
+    return client
+
+
+def _csrf(page: str) -> str:
+    match = re.search(r'name="csrf" value="([0-9a-f]{64})"', page)
+    assert match, page[:500]
+    return match.group(1)
+
+
+def test_login_sets_a_strict_httponly_cookie_and_only_its_hash_is_stored(
+        fed: Federation) -> None:
+    client = TestClient(fed.app, base_url="https://testserver")
+    r = client.post("/ui/login", data={"credential": fed.admin}, follow_redirects=False)
+
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Secure" in cookie
+    token = cookie.split(";")[0].split("=", 1)[1]
+    db_bytes = b"".join(p.read_bytes() for p in fed.tmp.glob("coord.db*"))
+    assert token.encode() not in db_bytes and fed.admin.encode() not in db_bytes
+    assert client.get("/ui").status_code == 200
+    plain = TestClient(fed.app).post("/ui/login", data={"credential": fed.admin},
+                                     follow_redirects=False)
+    assert "Secure" not in plain.headers["set-cookie"]  # plain HTTP (a test machine)
+
+
+def test_pages_need_a_login_and_a_wrong_credential_is_refused(fed: Federation) -> None:
+    anonymous = TestClient(fed.app)
+    for page in ("/ui", "/ui/studies/s1", "/ui/audit"):
+        r = anonymous.get(page, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+    r = anonymous.post("/ui/login", data={"credential": "nope"})
+    assert r.status_code == 401 and "Unknown credential" in r.text
+    forged = TestClient(fed.app, cookies={"cardiofed_session": "forged"})
+    assert forged.get("/ui", follow_redirects=False).status_code == 303
+
+
+def test_study_page_follows_a_run_to_done(fed: Federation) -> None:
+    client = _login(fed, fed.admin)
+    page = client.get("/ui/studies/s1").text
+    assert "waiting" in page and all(s in page for s in SITES)
+    assert 'http-equiv="refresh"' in page  # it refreshes itself while the study runs
+
+    _until_done(fed, [fed.agent(s) for s in SITES])
+
+    page = client.get("/ui/studies/s1").text
+    assert ">done<" in page and 'http-equiv="refresh"' not in page
+    assert "AUC per site" in page and "<svg" in page and "<rect" in page
+    for site in SITES:
+        assert f'data-site="{site}"' in page
+    studies = client.get("/ui").text
+    assert 'href="/ui/studies/s1"' in studies and ">done<" in studies
+
+
+def test_revoke_through_the_dashboard_needs_the_csrf_token_and_is_audited(
+        fed: Federation) -> None:
+    client = _login(fed, fed.admin)
+    csrf = _csrf(client.get("/ui/studies/s1").text)
+    target = f"/ui/studies/s1/sites/{SITES[2]}/revoke"
+
+    for token in ("", "0" * 64):
+        r = client.post(target, data={"csrf": token} if token else {})
+        assert r.status_code == 403 and "CSRF" in r.json()["detail"]
+    assert fed.status()["revoked"] == []
+
+    r = client.post(target, data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303
+    assert fed.status()["revoked"] == [SITES[2]]
+    audit = client.get("/ui/audit").text
+    assert "revoke site" in audit and SITES[2] in audit and "(dashboard)" in audit
+    assert "log in" in audit
+
+    # The study goes on without the revoked site.
+    _until_done(fed, [fed.agent(s) for s in SITES[:2]])
+    assert fed.status()["phase"] == "done"
+
+
+def test_a_viewer_sees_everything_and_changes_nothing(fed: Federation) -> None:
+    with _sessions(fed.settings.database_url)() as db:
+        viewer = service.create_admin_key(db, service.VIEWER)
+    client = _login(fed, viewer)
+    page = client.get("/ui/studies/s1").text
+    assert SITES[0] in page and "Revoke" not in page
+    csrf = _csrf(page)  # the logout form's
+    r = client.post(f"/ui/studies/s1/sites/{SITES[0]}/revoke", data={"csrf": csrf})
+    assert r.status_code == 403 and "viewer" in r.json()["detail"]
+    api = fed.client.post(f"/v1/studies/s1/sites/{SITES[0]}/revoke", headers=fed.auth(viewer))
+    assert api.status_code == 403
+    assert fed.client.get("/v1/studies/s1/status", headers=fed.auth(viewer)).status_code == 200
+    assert fed.status()["revoked"] == []
+
+
+def test_logout_ends_the_session(fed: Federation) -> None:
+    client = _login(fed, fed.admin)
+    csrf = _csrf(client.get("/ui").text)
+    cookie = client.cookies.get("cardiofed_session")
+    r = client.post("/ui/logout", data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303
+    again = TestClient(fed.app, base_url="https://testserver",
+                       cookies={"cardiofed_session": str(cookie)})
+    assert again.get("/ui", follow_redirects=False).status_code == 303
+
+
+def test_metrics_count_requests_uploads_and_rounds(fed: Federation) -> None:
+    assert fed.client.get("/metrics").status_code == 401
+    _until_done(fed, [fed.agent(s) for s in SITES])
+
+    r = fed.client.get("/metrics", headers=fed.auth(fed.admin))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    upload_route = "/v1/studies/{study_id}/rounds/{round_number}/updates"
+    assert re.search(rf'cardiofed_http_requests_total{{method="POST",route="{re.escape(upload_route)}",status="200"}} \d', text)
+    assert 'cardiofed_uploads_total{outcome="accepted"}' in text
+    assert "cardiofed_http_request_duration_seconds_bucket" in text
+    closed = re.search(r"^cardiofed_rounds_closed (\S+)$", text, re.M)
+    assert closed and float(closed.group(1)) == 1 + 3 + 1  # statistics, 3 training, evaluation
+    assert "s1" not in text  # route templates, never the values in a path
