@@ -132,7 +132,8 @@ def test_metrics_count_requests_uploads_and_rounds(fed: Federation) -> None:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
     upload_route = "/v1/studies/{study_id}/rounds/{round_number}/updates"
-    assert re.search(rf'cardiofed_http_requests_total{{method="POST",route="{re.escape(upload_route)}",status="200"}} \d', text)
+    answered = f'cardiofed_http_requests_total{{method="POST",route="{upload_route}",status="200"}}'
+    assert answered in text
     assert 'cardiofed_uploads_total{outcome="accepted"}' in text
     assert "cardiofed_http_request_duration_seconds_bucket" in text
     closed = re.search(r"^cardiofed_rounds_closed (\S+)$", text, re.M)

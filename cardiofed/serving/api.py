@@ -70,6 +70,7 @@ from cardiofed.web.errors import (
     unreadable_body,
 )
 from cardiofed.web.limits import BodyLimits, BodySizeLimit
+from cardiofed.web.metrics import RequestMetrics, ServiceMetrics
 
 # Room per patient in a batch body: one with every feature, units and indentation is
 # under 1 KiB of JSON; the default batch limit is max_batch times this.
@@ -367,7 +368,17 @@ def add_risk_api(app: FastAPI, settings: ServingSettings, *,
     own prefixes)."""
     app.state.serving = ServingState(settings)
     app.include_router(risk_router(settings))
+    metrics = ServiceMetrics()
+
+    async def prometheus(caller: Annotated[Caller, _scoped("admin")]) -> Response:
+        """Prometheus metrics (an API key with the ``admin`` scope as the scrape's bearer)."""
+        return metrics.response()
+
+    app.add_api_route("/metrics", prometheus, methods=["GET"], tags=["health"],
+                      response_class=Response, responses={
+                          200: {"content": {"text/plain": {}}}, **responses(401, 403, 413, 429)})
     app.add_middleware(BodySizeLimit, limits=body_limits or settings.body_limits())
+    app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(RequestLog)  # outermost: requests refused for size are logged too
 
     app.add_exception_handler(CoordinatorError, refused)  # type: ignore[arg-type]
@@ -381,6 +392,9 @@ def create_serving_app(settings: ServingSettings | None = None) -> FastAPI:
                   description="Cardiovascular risk from a federated model. Authenticate "
                               "with `Authorization: Bearer <API key>`.")
     add_risk_api(app, settings or get_serving_settings())
+    from cardiofed.serving import calculator
+
+    app.include_router(calculator.router)
 
     @app.get("/healthz", tags=["health"], responses=responses(413))
     def health() -> dict[str, str]:
