@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from cardiofed.data.synthetic import _draw_truth, dagostino_cvd_risk, default_profiles
 from cardiofed.exceptions import ConfigurationError
@@ -36,13 +37,15 @@ class InterventionSite:
     outcome: np.ndarray  # 0/1
     risk_untreated: np.ndarray
     risk_treated: np.ndarray
+    propensity: np.ndarray  # the true one
 
 
 def _site(profile_name: str, site_type: str, x: np.ndarray, rng: np.random.Generator,
           hazard_ratio: float) -> InterventionSite:
     logit = INTERCEPT + sum(c * (x[:, COVARIATES.index(k)] - centre)
                             for k, (c, centre) in PROPENSITY.items())
-    treated = (rng.random(len(x)) < 1 / (1 + np.exp(-logit))).astype(int)
+    e = 1 / (1 + np.exp(-logit))
+    treated = (rng.random(len(x)) < e).astype(int)
     col = {k: x[:, i] for i, k in enumerate(COVARIATES)}
     r0 = dagostino_cvd_risk(male=col["male"], age=col["age"], total_chol=col["total_cholesterol"],
                             hdl=col["hdl_cholesterol"], sbp=col["systolic_bp"],
@@ -50,13 +53,10 @@ def _site(profile_name: str, site_type: str, x: np.ndarray, rng: np.random.Gener
                             diabetes=col["diabetes"])
     r1 = 1 - (1 - r0) ** hazard_ratio
     outcome = (rng.random(len(x)) < np.where(treated == 1, r1, r0)).astype(int)
-    return InterventionSite(profile_name, site_type, x, treated, outcome, r0, r1)
+    return InterventionSite(profile_name, site_type, x, treated, outcome, r0, r1, e)
 
 
-def _covariates(frame: object) -> np.ndarray:
-    import pandas as pd
-
-    assert isinstance(frame, pd.DataFrame)
+def _covariates(frame: pd.DataFrame) -> np.ndarray:
     frame = frame.assign(male=(frame["sex"] == "male").astype(int))
     return frame[COVARIATES].to_numpy(dtype=float)
 
@@ -64,7 +64,7 @@ def _covariates(frame: object) -> np.ndarray:
 def synthetic_intervention(n_sites: int = 12, *, seed: int = 0, hazard_ratio: float = 0.75,
                            size_scale: float = 1.0) -> list[InterventionSite]:
     """The design's sites (the demo's profiles), every draw from `seed`."""
-    if not 0 < hazard_ratio:
+    if not hazard_ratio > 0:
         raise ConfigurationError(f"hazard_ratio must be > 0; got {hazard_ratio!r}.")
     rng = np.random.default_rng([seed, 0xCA05A1])
     sites = []
@@ -80,17 +80,21 @@ class Truth:
     ate_rr: float
     att_rd: float
     att_rr: float
+    ato_rd: float  # the overlap population's (weights e(1 - e))
 
 
 def design_truth(n_sites: int = 12, *, hazard_ratio: float = 0.75, draws: int = 40,
                  seed: int = 10_000) -> Truth:
     """The population effects, from the true risks of `draws` federations."""
-    r0, r1, t = [], [], []
+    r0, r1, t, e = [], [], [], []
     for k in range(draws):
         for s in synthetic_intervention(n_sites, seed=seed + k, hazard_ratio=hazard_ratio):
             r0.append(s.risk_untreated)
             r1.append(s.risk_treated)
             t.append(s.treated)
+            e.append(s.propensity)
     a0, a1, at = np.concatenate(r0), np.concatenate(r1), np.concatenate(t) == 1
+    overlap = np.concatenate(e) * (1 - np.concatenate(e))
     return Truth(float(np.mean(a1 - a0)), float(np.mean(a1) / np.mean(a0)),
-                 float(np.mean(a1[at] - a0[at])), float(np.mean(a1[at]) / np.mean(a0[at])))
+                 float(np.mean(a1[at] - a0[at])), float(np.mean(a1[at]) / np.mean(a0[at])),
+                 float(np.sum(overlap * (a1 - a0)) / np.sum(overlap)))
