@@ -431,10 +431,26 @@ def report(runs: list[dict[str, Any]]) -> str:
                          x.get("close_s", float("nan")), x.get("round_wall_s", float("nan")),
                          f"{x['updates_in_db']}/{x['distinct_sites_in_db']}",
                          "yes" if r["killed_process"] is not None and kind == "train" else ""])
+    best = max(r[k]["uploads_per_s"] for r in runs for k in ("statistics", "train"))
+    lines = [f"Best: {best:.0f} accepted uploads/s (target >= 500: "
+             f"{'met' if best >= 500 else 'missed'})."]
+    for r in runs:
+        if r["killed_process"] is None:
+            continue
+        wall = r["train"].get("round_wall_s", float("inf"))
+        exact = (r["train"]["updates_in_db"] == r["train"]["distinct_sites_in_db"] == r["sites"]
+                 == r["participants"] and r["max_abs_model_difference"] == 0.0)
+        lines.append(f"{r['sites']:,}-update round with a process SIGKILLed: {wall:.0f} s "
+                     f"(target < 120 s: {'met' if wall < 120 else 'missed'}); "
+                     f"{r['train']['updates_in_db']:,} updates from as many distinct sites, "
+                     f"published model {'equal to' if exact else 'DIFFERENT from'} the "
+                     f"aggregate of the payloads sent ({'no' if exact else 'some'} update "
+                     f"lost or counted twice).")
     return ("## The coordinator scaled out on PostgreSQL\n\n"
             + markdown_table(["sites", "processes", "round", "payload bytes", "uploads/s",
                               "p50 ms", "p99 ms", "close s", "round wall s",
-                              "updates / distinct sites in DB", "SIGKILL mid-round"], rows, 1))
+                              "updates / distinct sites in DB", "SIGKILL mid-round"], rows, 1)
+            + "\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
