@@ -16,6 +16,7 @@ from importlib.resources import files
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -170,7 +171,7 @@ def study_page(study_id: str, db: DB, login: OptionalLogin, clock: Clock) -> Res
     state = service.status(db, study, clock)
     return _page("study.html", login=login, study=study, state=state,
                  sites=_sites(db, study, state), rounds=_rounds(db, study, clock),
-                 models=_models(db, study), auc_chart=_auc_chart(db, study),
+                 models=_models(db, study), charts=_auc_charts(db, study),
                  refresh=REFRESH_S if study.phase != "done" else 0, quote=quote)
 
 
@@ -221,23 +222,44 @@ def _rounds(db: Session, study: Study, clock: Clock) -> list[dict[str, Any]]:
 
 
 def _models(db: Session, study: Study) -> list[dict[str, Any]]:
-    return [{"version": m.version, "round": m.round_number, "created": m.created_at,
-             "participants": len(m.participants), "sha256": m.sha256, "metrics": m.metrics}
-            for m in db.scalars(select(ModelVersion).where(ModelVersion.study_id == study.id)
-                                .order_by(ModelVersion.version.desc()))]
+    """Every version, newest first, with the median of its sites' AUCs (the newest
+    evaluated one also with every site's metrics)."""
+    out, detailed = [], False
+    for m in db.scalars(select(ModelVersion).where(ModelVersion.study_id == study.id)
+                        .order_by(ModelVersion.version.desc())):
+        aucs = _aucs(m)
+        out.append({"version": m.version, "round": m.round_number, "created": m.created_at,
+                    "participants": len(m.participants), "sha256": m.sha256,
+                    "evaluated": len(m.metrics or {}),
+                    "median_auc": float(np.median([a for a, _, _ in aucs.values()]))
+                    if aucs else None,
+                    "metrics": m.metrics if m.metrics and not detailed else None})
+        detailed = detailed or bool(m.metrics)
+    return out
 
 
-def _auc_chart(db: Session, study: Study) -> list[dict[str, Any]]:
-    """Per-site AUC (with its interval where the site sent one) of every evaluated
-    model version, as bars: version, site, value, low, high in [0, 1]."""
-    bars = []
+def _aucs(m: ModelVersion) -> dict[str, tuple[float, Any, Any]]:
+    """site -> (AUC, low, high) of the sites that sent an AUC for `m`."""
+    return {site: (float(v["auc"]), v.get("auc_low"), v.get("auc_high"))
+            for site, v in (m.metrics or {}).items()
+            if isinstance(v, dict) and isinstance(v.get("auc"), int | float)}
+
+
+def _auc_charts(db: Session, study: Study) -> dict[str, Any]:
+    """The newest evaluated version's AUC per site (with intervals where sent), and the
+    spread of the sites' AUCs over every evaluated version (min, median, max)."""
+    trend, latest = [], []
     for m in db.scalars(select(ModelVersion).where(ModelVersion.study_id == study.id)
                         .order_by(ModelVersion.version)):
-        for site, metrics in (m.metrics or {}).items():
-            if isinstance(metrics, dict) and isinstance(metrics.get("auc"), int | float):
-                bars.append({"version": m.version, "site": site, "auc": float(metrics["auc"]),
-                             "low": metrics.get("auc_low"), "high": metrics.get("auc_high")})
-    return bars
+        aucs = _aucs(m)
+        if not aucs:
+            continue
+        values = np.array([a for a, _, _ in aucs.values()])
+        trend.append({"version": m.version, "min": float(values.min()),
+                      "median": float(np.median(values)), "max": float(values.max())})
+        latest = [{"version": m.version, "site": site, "auc": a, "low": lo, "high": hi}
+                  for site, (a, lo, hi) in aucs.items()]
+    return {"latest": latest, "trend": trend}
 
 
 @router.post("/studies/{study_id}/sites/{site_name}/revoke")
