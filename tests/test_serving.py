@@ -600,3 +600,16 @@ def test_predict_cli_counts_the_rows_it_did_not_score(tmp_path: Path,
                                 env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "Scored 2 of 3 rows" in result.output and "1 rows not scored" in result.output
+
+
+def test_promotion_is_in_the_admin_audit_log(api: Api) -> None:
+    from cardiofed.coordinator.storage import AuditEvent
+
+    r = api.client.post(f"/v1/models/{api.version}/promote",
+                        headers={"Authorization": f"Bearer {api.admin_key}"})
+    assert r.status_code == 200, r.text
+    with api.sessions() as db:
+        events = db.query(AuditEvent).all()
+    assert [(e.action, e.detail, e.study_id) for e in events] == [
+        ("promote model", api.version, "demo")]
+    assert events[0].actor == "API key admin (risk API)"

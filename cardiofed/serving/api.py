@@ -336,7 +336,7 @@ def promote(version: Version, caller: Annotated[Caller, _scoped("admin")]) -> di
     """Serve `version` by default from now on."""
     with caller.state.sessions() as db:
         caller.key.require_study(registry.study_of(db, version), version)
-        registry.promote(db, version)
+        registry.promote(db, version, by=f"API key {caller.key.name} (risk API)")
     caller.state.forget_promoted()
     return {"promoted": version}
 

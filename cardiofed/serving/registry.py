@@ -14,7 +14,7 @@ from datetime import UTC
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from cardiofed.coordinator.storage import RegisteredModel, Study, utcnow
+from cardiofed.coordinator.storage import AuditEvent, RegisteredModel, Study, utcnow
 from cardiofed.exceptions import Conflict, NotFound
 from cardiofed.serving.model import RiskModel
 
@@ -90,9 +90,13 @@ def _promote(db: Session, version: str) -> None:
     db.execute(update(RegisteredModel).values(promoted=RegisteredModel.version == version))
 
 
-def promote(db: Session, version: str) -> None:
-    """Make `version` the one the API serves by default (exactly one is promoted)."""
+def promote(db: Session, version: str, *, by: str = "command line") -> None:
+    """Make `version` the one the API serves by default (exactly one is promoted); `by`
+    goes into the admin audit log (the dashboard shows it where the coordinator and the
+    registry share a database)."""
     _promote(db, version)
+    db.add(AuditEvent(actor=by[:64], action="promote model", study_id=_row(db, version).study,
+                      detail=version))
     db.commit()
 
 
