@@ -9,7 +9,6 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from test_network_loopback import (  # type: ignore[import-not-found]  # noqa: E
     Federation,
     Processes,
     free_port,
+    procs,  # noqa: F401, F811  (the fixture)
 )
 from test_serving import PATIENT, Api, _trained  # type: ignore[import-not-found]  # noqa: E402
 
@@ -41,15 +41,6 @@ def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[s
     return {**browser_type_launch_args, "executable_path": CHROMIUM}
 
 
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    registry = Processes(tmp_path)
-    try:
-        yield registry
-    finally:
-        registry.kill_all()
-
-
 def _shot(page: Page, name: str) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
@@ -57,7 +48,7 @@ def _shot(page: Page, name: str) -> None:
 
 
 def test_dashboard_follows_a_study_revokes_a_site_and_refuses_a_forged_form(
-        page: Page, procs: Processes) -> None:
+        page: Page, procs: Processes) -> None:  # noqa: F811
     coordinator = Coordinator(procs, "ui").ready()
     fed = Federation(procs, coordinator, "browser", "synthetic", SYN_SITES,
                      {**SYN_PLAN, "rounds": 3})
