@@ -9,13 +9,13 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import Page, expect  # noqa: E402
+from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
 from test_network_loopback import (  # type: ignore[import-not-found]  # noqa: E402
     HOST,
     STUDY_S,
@@ -36,9 +36,21 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=(
 SHOTS = os.environ.get("CARDIOFED_SCREENSHOTS")
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
-    return {**browser_type_launch_args, "executable_path": CHROMIUM}
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Browser]:
+    """The browser for this module only: Playwright's sync API keeps an event loop
+    running while it is open, which later tests calling asyncio.run must not meet."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(chromium: Browser) -> Iterator[Page]:
+    context = chromium.new_context()
+    yield context.new_page()
+    context.close()
 
 
 def _shot(page: Page, name: str) -> None:
