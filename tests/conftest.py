@@ -3,6 +3,7 @@ federations that every test module can build in milliseconds."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,19 @@ def _registry_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Commands that write the model registry (``cardiofed demo``) write it under the
     test's own folder, never into the working directory."""
     monkeypatch.setenv("CARDIOFED_DATABASE_URL", f"sqlite:///{tmp_path}/registry.db")
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """``CARDIOFED_TEST_POSTGRES_URL`` with every coordinator table dropped (a clean
+    schema for the test); the test is skipped when it is not set."""
+    url = os.environ.get("CARDIOFED_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("set CARDIOFED_TEST_POSTGRES_URL (e.g. postgresql+psycopg://u:p@127.0.0.1/db; "
+                    ".ci/run does when a PostgreSQL server is installed) to test PostgreSQL")
+    from cardiofed.coordinator.storage import Base, make_engine
+
+    engine = make_engine(url)
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+    return url

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 import time
@@ -158,17 +157,8 @@ def test_a_clinical_model_form_trains_over_the_network_as_in_simulation(
         np.testing.assert_array_equal(value, sim.federated.weights[name])
 
 
-def test_networked_run_on_postgresql(tmp_path: Path) -> None:
-    url = os.environ.get("CARDIOFED_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("set CARDIOFED_TEST_POSTGRES_URL (e.g. postgresql+psycopg://u:p@127.0.0.1/db; "
-                    ".ci/run does when a PostgreSQL server is installed) to test PostgreSQL")
-    from cardiofed.coordinator.storage import Base, make_engine
-
-    engine = make_engine(url)
-    Base.metadata.drop_all(engine)  # a clean schema for this run
-    engine.dispose()
-    fed = Federation(tmp_path, database_url=url)
+def test_networked_run_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    fed = Federation(tmp_path, database_url=postgres_url)
 
     _until_done(fed, [fed.agent(s) for s in SITES])
 
@@ -176,21 +166,16 @@ def test_networked_run_on_postgresql(tmp_path: Path) -> None:
     assert final["version"] == PLAN["rounds"] and set(final["metrics"]) == set(SITES)
 
 
-def test_postgresql_round_close_waits_for_an_upload_in_flight() -> None:
+def test_postgresql_round_close_waits_for_an_upload_in_flight(postgres_url: str) -> None:
     """A round closing past its deadline reads its reports only once the uploads holding
     the round's shared lock have committed: none is acknowledged and left out."""
     import threading
 
     from sqlalchemy import select, text
 
-    from cardiofed.coordinator.storage import Base, Round, Update, make_engine, make_sessionmaker
+    from cardiofed.coordinator.storage import Round, Update, make_engine, make_sessionmaker
 
-    url = os.environ.get("CARDIOFED_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("set CARDIOFED_TEST_POSTGRES_URL to test PostgreSQL's row locks")
-    engine = make_engine(url)
-    Base.metadata.drop_all(engine)
-    engine = make_engine(url)
+    engine = make_engine(postgres_url)
     sessions = make_sessionmaker(engine)
     start = datetime(2026, 1, 1)
     names, ranges = study_columns("synthetic")

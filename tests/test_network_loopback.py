@@ -536,20 +536,13 @@ def test_node_sigkill_and_restart_resends_the_same_bytes(
     print(f"\n{victim} killed mid-upload; payloads re-sent after its restart: {resent}")
 
 
-def test_two_coordinator_processes_on_postgresql_serve_one_study(procs: Processes) -> None:
+def test_two_coordinator_processes_on_postgresql_serve_one_study(
+        procs: Processes, postgres_url: str) -> None:
     """Scale-out: nodes split across two coordinator processes on one database, one of
     them SIGKILLed mid-training and restarted; rounds close once, nothing is lost."""
-    url = os.environ.get("CARDIOFED_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("set CARDIOFED_TEST_POSTGRES_URL (.ci/run does) to test several "
-                    "coordinator processes on PostgreSQL")
-    from cardiofed.coordinator.storage import Base, make_engine
-
-    engine = make_engine(url)
-    Base.metadata.drop_all(engine)  # a clean schema for this run
-    engine.dispose()
-    first = Coordinator(procs, "pg-a", database_url=url).ready()  # creates the schema
-    second = Coordinator(procs, "pg-b", database_url=url, key_file=first.key_file).ready()
+    first = Coordinator(procs, "pg-a", database_url=postgres_url).ready()
+    second = Coordinator(procs, "pg-b", database_url=postgres_url,
+                         key_file=first.key_file).ready()
     to_second = {site: {"coordinator_url": second.url} for site in SYN_SITES[1:]}
     plan = {**SYN_PLAN, "rounds": 4}
     fed = Federation(procs, first, "scaled", "synthetic", SYN_SITES, plan,
