@@ -9,7 +9,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from typer.testing import CliRunner
 
-from cardiofed.causal.design import design_truth
+from cardiofed.causal.design import design_truth, synthetic_intervention
 from cardiofed.causal.estimators import (
     e_value,
     e_value_limit,
@@ -19,7 +19,7 @@ from cardiofed.causal.propensity import fit_propensity
 from cardiofed.causal.sources import synthetic_sites
 from cardiofed.causal.study import SiteArrays, run_attribution
 from cardiofed.cli import app
-from cardiofed.exceptions import ConfigurationError
+from cardiofed.exceptions import ConfigurationError, DataValidationError
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +130,15 @@ def test_attribution_cli_writes_its_report(tmp_path: Path) -> None:
     bad = CliRunner().invoke(app, ["attribution", "--estimand", "ATE", "--method",
                                    "matching", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "matching estimates the ATT" in bad.output
+
+
+def test_bad_data_is_refused_by_name() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 2))
+    with pytest.raises(DataValidationError, match="constant across every site"):
+        fit_propensity([np.column_stack([x, np.ones(200)])], [rng.integers(0, 2, 200)])
+    separated = (x[:, 0] > 0).astype(int)  # treatment decided by a covariate: no overlap
+    with pytest.raises(DataValidationError, match="perfectly predicted by the covariates"):
+        fit_propensity([x], [separated])
+    with pytest.raises(ConfigurationError, match="hazard_ratio must be > 0"):
+        synthetic_intervention(hazard_ratio=0.0)

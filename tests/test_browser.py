@@ -34,6 +34,8 @@ CHROMIUM = next((p for p in (os.environ.get("CARDIOFED_CHROMIUM"), shutil.which(
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=(
     "no Chromium on PATH (.ci/run installs the distribution's; or set CARDIOFED_CHROMIUM)"))
 SHOTS = os.environ.get("CARDIOFED_SCREENSHOTS")
+# A loaded machine answers slower than the browser expects by default (5 s).
+expect.set_options(timeout=60_000)
 
 
 @pytest.fixture(scope="module")

@@ -139,3 +139,27 @@ def test_metrics_count_requests_uploads_and_rounds(fed: Federation) -> None:
     closed = re.search(r"^cardiofed_rounds_closed (\S+)$", text, re.M)
     assert closed and float(closed.group(1)) == 1 + 3 + 1  # statistics, 3 training, evaluation
     assert "s1" not in text  # route templates, never the values in a path
+
+
+def test_viewer_keys_are_made_by_role_and_bad_requests_are_refused(
+        fed: Federation, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cardiofed.cli import app
+    from cardiofed.exceptions import ConfigurationError
+
+    with _sessions(fed.settings.database_url)() as db, \
+            pytest.raises(ConfigurationError, match="role must be 'admin' or 'viewer'"):
+        service.create_admin_key(db, "owner")
+    key_file = tmp_path / "viewer.key"
+    args = ["admin", "new-key", "--key-file", str(key_file), "--database-url",
+            fed.settings.database_url]
+    made = CliRunner().invoke(app, args)
+    assert made.exit_code == 0, made.output
+    assert fed.client.get("/v1/studies/s1/status",
+                          headers=fed.auth(key_file.read_text())).status_code == 200
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "exists" in again.output
+    bad = CliRunner().invoke(app, [*args[:2], "--key-file", str(tmp_path / "x.key"),
+                                   "--role", "owner", *args[4:]])
+    assert bad.exit_code == 2 and "--role must be admin or viewer" in bad.output

@@ -88,7 +88,8 @@ def fit_propensity(xs: Sequence[np.ndarray], ts: Sequence[np.ndarray], *,
         except np.linalg.LinAlgError:
             raise DataValidationError("The propensity model cannot be fitted: its "
                                       "information matrix is singular (a covariate is a "
-                                      "combination of others).") from None
+                                      "combination of others, or treatment is perfectly "
+                                      "predicted by the covariates: no overlap).") from None
         beta = beta + step
         if np.max(np.abs(step)) < tol:
             return PropensityModel(standardiser, beta, iteration)
