@@ -227,10 +227,9 @@ def e_value_limit(low: float, high: float) -> float:
     return e_value(low if low > 1 else high)
 
 
-def caliper_of(model: PropensityModel, xs: list[np.ndarray]) -> float:
-    """0.2 SD of the propensity logit over every site (from per-site sums)."""
-    logits = [model.logit(x) for x in xs]
-    n = sum(len(v) for v in logits)
-    mean = sum(v.sum() for v in logits) / n
-    var = sum(((v - mean) ** 2).sum() for v in logits) / (n - 1)
-    return CALIPER_SD * math.sqrt(var)
+def caliper_of(model: PropensityModel, n: float, s1: np.ndarray, cross: np.ndarray) -> float:
+    """0.2 SD of the propensity logit over every site, from the federation's row count,
+    sums of x and of x x' (the logit is linear in x: its variance is a' Cov(x) a)."""
+    a = model.beta[1:] / model.standardiser.sd
+    scatter = cross - np.outer(s1, s1) / n
+    return CALIPER_SD * math.sqrt(max(float(a @ scatter @ a), 0.0) / (n - 1))

@@ -27,9 +27,12 @@ class Standardiser:
 
     @classmethod
     def from_sites(cls, xs: Sequence[np.ndarray]) -> Standardiser:
-        n = sum(len(x) for x in xs)
-        s1 = sum(x.sum(axis=0) for x in xs)
-        s2 = sum((x ** 2).sum(axis=0) for x in xs)
+        return cls.from_sums(sum(len(x) for x in xs), sum(x.sum(axis=0) for x in xs),
+                             sum((x ** 2).sum(axis=0) for x in xs))
+
+    @classmethod
+    def from_sums(cls, n: float, s1: np.ndarray, s2: np.ndarray) -> Standardiser:
+        """From the federation's row count, sums of x and sums of x^2."""
         mean = s1 / n
         sd = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
         if np.any(sd == 0):
@@ -81,18 +84,27 @@ def fit_propensity(xs: Sequence[np.ndarray], ts: Sequence[np.ndarray], *,
     beta = np.zeros(zs[0].shape[1])
     for iteration in range(1, MAX_NEWTON + 1):
         terms = [newton_terms(z, t, beta) for z, t in zip(zs, ts, strict=True)]
-        grad = sum(g for g, _, _ in terms)
-        info = sum(h for _, h, _ in terms)
-        try:
-            step = np.linalg.solve(info, grad)
-        except np.linalg.LinAlgError:
-            raise DataValidationError("The propensity model cannot be fitted: its "
-                                      "information matrix is singular (a covariate is a "
-                                      "combination of others, or treatment is perfectly "
-                                      "predicted by the covariates: no overlap).") from None
-        beta = beta + step
-        if np.max(np.abs(step)) < tol:
+        beta, converged = newton_step(beta, sum(g for g, _, _ in terms),
+                                      sum(h for _, h, _ in terms), iteration, tol)
+        if converged:
             return PropensityModel(standardiser, beta, iteration)
-    raise DataValidationError(f"The propensity model did not converge in {MAX_NEWTON} "
-                              f"Newton steps: treatment may be perfectly predicted by the "
-                              f"covariates (no overlap).")
+    raise AssertionError("newton_step raises past MAX_NEWTON")
+
+
+def newton_step(beta: np.ndarray, grad: np.ndarray, info: np.ndarray, iteration: int,
+                tol: float = 1e-10) -> tuple[np.ndarray, bool]:
+    """One Newton-Raphson step from the summed site terms: the new coefficients, and
+    whether the step was below `tol` (converged). Raises when the fit cannot go on."""
+    try:
+        step = np.linalg.solve(info, grad)
+    except np.linalg.LinAlgError:
+        raise DataValidationError("The propensity model cannot be fitted: its "
+                                  "information matrix is singular (a covariate is a "
+                                  "combination of others, or treatment is perfectly "
+                                  "predicted by the covariates: no overlap).") from None
+    converged = bool(np.max(np.abs(step)) < tol)
+    if not converged and iteration >= MAX_NEWTON:
+        raise DataValidationError(f"The propensity model did not converge in {MAX_NEWTON} "
+                                  f"Newton steps: treatment may be perfectly predicted by "
+                                  f"the covariates (no overlap).")
+    return beta + step, converged
