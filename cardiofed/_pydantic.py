@@ -9,10 +9,13 @@ from typing import Any
 from pydantic import ValidationError
 
 
-def validation_problems(exc: ValidationError, root: str) -> str:
-    """``field.path: message; ...`` (``root`` names errors of the whole object)."""
+def validation_problems(exc: ValidationError, root: str, *, values: bool = False) -> str:
+    """``field.path: message; ...`` (``root`` names errors of the whole object);
+    `values`: each field's error ends with the value given."""
     return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or root}: "
-                     f"{err['msg'].removeprefix('Value error, ')}" for err in exc.errors())
+                     f"{err['msg'].removeprefix('Value error, ')}"
+                     + (f" (got {err['input']!r})" if values and err["loc"] else "")
+                     for err in exc.errors())
 
 
 def read_toml(path: Path, label: str, error: type[Exception]) -> dict[str, Any]:

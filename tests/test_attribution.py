@@ -116,7 +116,7 @@ def test_settings_are_validated(federation) -> None:  # type: ignore[no-untyped-
         run_attribution(sites, covariates, estimand="ATE", methods=["matching"])
     with pytest.raises(ConfigurationError, match="methods.0: Input should be"):
         run_attribution(sites, covariates, methods=["regression"])
-    with pytest.raises(ConfigurationError, match=r"trim: Input should be less than 0.5 \(got 0.6\)"):
+    with pytest.raises(ConfigurationError, match=r"trim: Input should be less than 0.5 \(got 0.6\)"):  # noqa: E501
         run_attribution(sites, covariates, trim=0.6)
 
 

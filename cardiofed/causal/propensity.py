@@ -84,8 +84,9 @@ def fit_propensity(xs: Sequence[np.ndarray], ts: Sequence[np.ndarray], *,
     beta = np.zeros(zs[0].shape[1])
     for iteration in range(1, MAX_NEWTON + 1):
         terms = [newton_terms(z, t, beta) for z, t in zip(zs, ts, strict=True)]
-        beta, converged = newton_step(beta, sum(g for g, _, _ in terms),
-                                      sum(h for _, h, _ in terms), iteration, tol)
+        grad = np.sum([g for g, _, _ in terms], axis=0)
+        info = np.sum([h for _, h, _ in terms], axis=0)
+        beta, converged = newton_step(beta, grad, info, iteration, tol)
         if converged:
             return PropensityModel(standardiser, beta, iteration)
     raise AssertionError("newton_step raises past MAX_NEWTON")

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cardiofed._pydantic import validation_problems
 from cardiofed.causal.estimators import (
     ArmSums,
     Effect,
@@ -100,11 +101,9 @@ class AttributionPlan(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg'].removeprefix('Value error, ')}"
-                + (f" (got {e['input']!r})" if e["loc"] else "")
-                for e in exc.errors())
-            raise ConfigurationError(f"Invalid attribution plan: {problems}.") from None
+            raise ConfigurationError(f"Invalid attribution plan: "
+                                     f"{validation_problems(exc, 'plan', values=True)}."
+                                     ) from None
 
 
 @dataclass(frozen=True)
