@@ -66,7 +66,7 @@ def main() -> None:
         y = np.concatenate([s.outcome for s in sites])
         for estimand, methods in (("ATE", ["iptw", "overlap"]), ("ATT", ["iptw", "matching"])):
             start = time.perf_counter()
-            result = run_attribution(sites, covariates, estimand=estimand,  # type: ignore[arg-type]
+            result = run_attribution(sites, covariates, estimand=estimand,
                                      methods=methods, seed=r)
             seconds.append(time.perf_counter() - start)
             for method in methods:

@@ -384,11 +384,10 @@ def attribution(
 
     from cardiofed.causal import sources
     from cardiofed.causal.report import write_report
-    from cardiofed.causal.study import METHODS, SMD_LIMIT, run_attribution
+    from cardiofed.causal.study import SMD_LIMIT, run_attribution
 
     if dataset not in ("synthetic", "framingham"):
         raise fail(f"--dataset must be synthetic or framingham; got {dataset!r}.")
-    methods = method or [m for m in METHODS if m != "matching" or estimand == "ATT"]
     try:
         if dataset == "synthetic":
             federation, covariates = sources.synthetic_sites(sites, seed=seed,
@@ -397,8 +396,8 @@ def attribution(
         else:
             federation, covariates = sources.framingham_sites(data_dir, seed=seed)
             caveats = sources.FRAMINGHAM_CAVEATS
-        result = run_attribution(federation, covariates, estimand=estimand,  # type: ignore[arg-type]
-                                 methods=methods, trim=trim, seed=seed)
+        result = run_attribution(federation, covariates, estimand=estimand,
+                                 methods=method or None, trim=trim, seed=seed)
     except CardioFedError as exc:
         raise fail(exc) from None
     title = f"Attribution on {dataset}: {estimand}"
