@@ -119,6 +119,8 @@ _CATALOGUE: tuple[Feature, ...] = (
             log_scale=True),
     Feature(name="bp_treated", kind=FeatureKind.BINARY,
             description="On antihypertensive medication"),
+    Feature(name="lipid_lowering", kind=FeatureKind.BINARY,
+            description="On lipid-lowering medication (a statin)"),
     Feature(name="current_smoker", kind=FeatureKind.BINARY, description="Current smoker"),
     Feature(name="cigs_per_day", kind=FeatureKind.CONTINUOUS, unit="cigarettes/day", low=0,
             high=100, description="Cigarettes smoked per day"),

@@ -32,7 +32,10 @@ PLAN = {"rounds": 3, "local_epochs": 1, "batch_size": 32, "lr": 0.05, "seed": 5}
 class Federation:
     def __init__(self, tmp: Path, *, max_bytes: int = 1 << 24, timeout: float = 3600.0,
                  min_sites: int | None = None, database_url: str | None = None,
-                 plan: dict[str, object] | None = None) -> None:
+                 plan: dict[str, object] | None = None,
+                 study: dict[str, object] | None = None) -> None:
+        """`study`: fields of the study's creation request besides (or instead of) the
+        defaults."""
         self.tmp = tmp
         self.now = datetime(2026, 1, 1)  # the coordinator's clock: tests move it, never wait
         self.settings = CoordinatorSettings(
@@ -44,7 +47,8 @@ class Federation:
         names, ranges = study_columns("synthetic")
         response = self.client.post("/v1/studies", headers=self.auth(self.admin), json={
             "id": "s1", "plan": plan or PLAN, "sites": SITES, "feature_names": names,
-            "feature_ranges": ranges, "min_sites": min_sites, "round_timeout_s": timeout})
+            "feature_ranges": ranges, "min_sites": min_sites, "round_timeout_s": timeout,
+            **(study or {})})
         assert response.status_code == 201, response.text
         self.tokens = response.json()["enrolment_tokens"]
 

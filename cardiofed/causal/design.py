@@ -20,10 +20,12 @@ import pandas as pd
 from cardiofed.data.synthetic import _draw_truth, dagostino_cvd_risk, default_profiles
 from cardiofed.exceptions import ConfigurationError
 
-COVARIATES = ["age", "male", "total_cholesterol", "hdl_cholesterol", "systolic_bp",
+# The covariates' model columns (the schema's encoding) and the treatment (the schema's).
+COVARIATES = ["age", "sex=male", "total_cholesterol", "hdl_cholesterol", "systolic_bp",
               "bp_treated", "current_smoker", "diabetes"]
+TREATMENT = "lipid_lowering"
 # logit P(treated) = INTERCEPT + sum(coef * (x - centre))
-PROPENSITY = {"age": (0.06, 55.0), "male": (0.4, 0.0), "total_cholesterol": (0.012, 200.0),
+PROPENSITY = {"age": (0.06, 55.0), "sex=male": (0.4, 0.0), "total_cholesterol": (0.012, 200.0),
               "systolic_bp": (0.015, 130.0), "diabetes": (0.8, 0.0)}
 INTERCEPT = -1.2
 
@@ -47,8 +49,9 @@ def _site(profile_name: str, site_type: str, x: np.ndarray, rng: np.random.Gener
     e = 1 / (1 + np.exp(-logit))
     treated = (rng.random(len(x)) < e).astype(int)
     col = {k: x[:, i] for i, k in enumerate(COVARIATES)}
-    r0 = dagostino_cvd_risk(male=col["male"], age=col["age"], total_chol=col["total_cholesterol"],
-                            hdl=col["hdl_cholesterol"], sbp=col["systolic_bp"],
+    r0 = dagostino_cvd_risk(male=col["sex=male"], age=col["age"],
+                            total_chol=col["total_cholesterol"], hdl=col["hdl_cholesterol"],
+                            sbp=col["systolic_bp"],
                             bp_treated=col["bp_treated"], smoker=col["current_smoker"],
                             diabetes=col["diabetes"])
     r1 = 1 - (1 - r0) ** hazard_ratio
@@ -57,7 +60,7 @@ def _site(profile_name: str, site_type: str, x: np.ndarray, rng: np.random.Gener
 
 
 def _covariates(frame: pd.DataFrame) -> np.ndarray:
-    frame = frame.assign(male=(frame["sex"] == "male").astype(int))
+    frame = frame.assign(**{"sex=male": (frame["sex"] == "male").astype(int)})
     return frame[COVARIATES].to_numpy(dtype=float)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from cardiofed.causal.design import COVARIATES, synthetic_intervention
 from cardiofed.causal.study import SiteArrays
 
-FRAMINGHAM_COVARIATES = ["age", "male", "systolic_bp", "diastolic_bp", "total_cholesterol",
+FRAMINGHAM_COVARIATES = ["age", "sex=male", "systolic_bp", "diastolic_bp", "total_cholesterol",
                          "bmi", "current_smoker", "diabetes"]
 # What an analysis of Framingham cannot claim; shown with its results.
 FRAMINGHAM_CAVEATS = (
@@ -38,7 +38,7 @@ def framingham_sites(data_dir: str | Path | None = None, *, seed: int = 0
 
     path = require("framingham/framingham.csv", data_dir)
     site = harmonise(read_export(path), framingham_mapping(), source=str(path))
-    frame = site.frame.assign(male=(site.frame["sex"] == "male").astype(float))
+    frame = site.frame.assign(**{"sex=male": (site.frame["sex"] == "male").astype(float)})
     values = {c: frame[c].to_numpy(dtype=float) for c in
               ("age", "systolic_bp", "prevalent_hypertension", "diabetes", "bp_treated")}
     assignment = partition(values, seed)

@@ -49,6 +49,29 @@ def _bounded_int(manifest: dict[str, str], key: str, low: int, high: int) -> int
     return int(raw)
 
 
+# Arrays of an attribution step that count patients (cardiofed.causal.study).
+_ATTRIBUTION_COUNTS = ("n", "kept", "overlap.treated", "overlap.control")
+
+
+def check_attribution(arrays: dict[str, np.ndarray],
+                      expected: dict[str, tuple[int, ...]]) -> int:
+    """An attribution step's sums against the arrays the step sends (names and shapes),
+    finite float64, counts non-negative integers; returns the rows declared (moments)."""
+    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+    if shapes != expected:
+        raise InvalidUpdate(f"Attribution payload must hold exactly {expected}; got {shapes}.")
+    for key, value in arrays.items():
+        if value.dtype != np.float64 or not np.isfinite(value).all():
+            raise InvalidUpdate(f"Attribution field {key!r} must hold finite float64 values.")
+        if key in _ATTRIBUTION_COUNTS and ((value < 0).any() or (value > MAX_RECORDS).any()
+                                           or (value != np.round(value)).any()):
+            raise InvalidUpdate(f"Attribution field {key!r} counts patients: non-negative "
+                                f"integers up to {MAX_RECORDS}.")
+    if "n" in arrays and arrays["n"][0] < 1:
+        raise InvalidUpdate("Attribution field 'n' must be at least 1.")
+    return int(arrays["n"][0]) if "n" in arrays else 0
+
+
 def check_statistics(arrays: dict[str, np.ndarray],
                      feature_ranges: list[tuple[float, float]]) -> int:
     """A statistics release against the study's columns; returns the declared records."""

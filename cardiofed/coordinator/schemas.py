@@ -6,7 +6,7 @@ Request bodies are validated strictly: a JSON value of another type than the sch
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -33,13 +33,17 @@ class SiteInfo(BaseModel):
 class TaskResponse(BaseModel):
     study: str
     round: int
-    kind: str = Field(description="statistics, train or evaluate")
+    kind: str = Field(description="statistics, train or evaluate; an attribution study's "
+                                  "moments, newton, estimate or sandwich")
     model_version: int
     deadline: AwareDatetime = Field(description="UTC, with its offset")
     site_index: int
     plan: dict[str, object]
     feature_names: list[str]
     feature_ranges: list[list[float]]
+    outcome: str | None = Field(None, description="The study's outcome (its label)")
+    attribution: dict[str, Any] | None = Field(
+        None, description="An attribution study: the step and what it is computed at")
 
 
 class RefusalRequest(BaseModel):
@@ -57,10 +61,11 @@ class StudyCreate(BaseModel):
     id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     plan: dict[str, object]
     sites: list[str] = Field(min_length=1)
-    feature_names: list[str] = Field(min_length=1)
+    # An attribution study (plan.attribution) may leave both out: its covariates' encoding.
+    feature_names: list[str] | None = Field(None, min_length=1)
     # (low, high) per feature, as two-item lists: strict validation takes no JSON array
     # for a tuple.
-    feature_ranges: list[Annotated[list[float], Field(min_length=2, max_length=2)]]
+    feature_ranges: list[Annotated[list[float], Field(min_length=2, max_length=2)]] | None = None
     min_sites: int | None = None
     round_timeout_s: float = Field(3600.0, gt=0, le=30 * 86400, allow_inf_nan=False,
                                    description="Seconds a round waits (at most 30 days)")

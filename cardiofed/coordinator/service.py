@@ -43,6 +43,8 @@ from cardiofed.aggregation.robust import SiteAggregation
 from cardiofed.aggregation.server_optimizers import ServerState
 from cardiofed.aggregation.staleness import StaleUpdate, buffer_ready, publish_buffer
 from cardiofed.algorithms import ClientUpdate
+from cardiofed.causal.study import add as add_sums
+from cardiofed.coordinator import attribution
 from cardiofed.coordinator.payloads import (
     MAX_METRICS_BYTES,
     check_manifest,
@@ -202,6 +204,13 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
     if outcome is not None and outcome not in outcomes:
         raise InvalidUpdate(f"outcome must be one of {', '.join(outcomes)} (built in or "
                             f"declared in plan.study_features); got {outcome!r}.")
+    if plan.attribution is not None:
+        if feature_names != attribution.columns_of(plan.attribution, plan.catalogue()):
+            raise InvalidUpdate("An attribution study's feature columns are its covariates' "
+                                "encoding.")
+        if outcome is None:
+            raise InvalidUpdate("An attribution study names its outcome (the sites' mapping "
+                                "files' outcome, e.g. chd_10y).")
     study = Study(id=study_id, plan=plan.model_dump(), feature_names=feature_names,
                   feature_ranges=[list(r) for r in feature_ranges], min_sites=min_sites,
                   round_timeout_s=round_timeout_s, outcome=outcome, active_sites=len(sites))
@@ -212,11 +221,15 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
         tokens[name] = new_secret()
         db.add(Site(study_id=study_id, name=name, index=index,
                     enrol_token_hash=hash_secret(tokens[name])))
-    form = plan.model_form(feature_names)
-    n_columns = len(feature_names) if form is None else form.n_columns
-    initial = get_weights(make_model(plan.model, n_columns, seed=plan.seed))
-    _store_model(db, study, initial, version=0, round_number=0, participants=[])
-    db.add(Round(study_id=study_id, number=0, kind=STATISTICS, model_version=0,
+    if plan.attribution is not None:
+        first = attribution.begin(study, plan.attribution, feature_names)
+    else:
+        form = plan.model_form(feature_names)
+        n_columns = len(feature_names) if form is None else form.n_columns
+        initial = get_weights(make_model(plan.model, n_columns, seed=plan.seed))
+        _store_model(db, study, initial, version=0, round_number=0, participants=[])
+        first = STATISTICS
+    db.add(Round(study_id=study_id, number=0, kind=first, model_version=0,
                  opened_at=now(), deadline=now() + timedelta(seconds=round_timeout_s)))
     if by is not None:
         audit(db, *by, "create study", study_id, f"{len(sites)} sites: {', '.join(sites)}",
@@ -493,6 +506,9 @@ def _validate(db: Session, study: Study, rnd: Round, site: Site, payload: bytes)
         raise InvalidUpdate(str(exc)) from None
     check_manifest(manifest, {"study": study.id, "round": str(rnd.number),
                               "model_version": str(rnd.model_version), "site": site.name})
+    plan = study_plan(study)
+    if plan.attribution is not None:
+        return attribution.check_payload(plan.attribution, study, rnd.kind, arrays)
     if rnd.kind == STATISTICS:
         return check_statistics(arrays, [(lo, hi) for lo, hi in study.feature_ranges])
     return check_update(arrays, manifest, _expected_tensors(db, study, rnd.model_version))
@@ -606,6 +622,7 @@ class _Folded:
     statistics: dict[int, SiteStatistics] = field(default_factory=dict)  # by bin count
     updates: list[ClientUpdate] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    totals: dict[str, np.ndarray] | None = None  # an attribution step's sums
 
 
 def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Folded:
@@ -636,6 +653,8 @@ def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Fold
                 out.statistics[bins] = stats if total is None else add_statistics(total, stats)
             elif rnd.kind == TRAIN:
                 out.updates.append(_client_update(u, site.name))
+            elif rnd.kind in attribution.ATTRIBUTION_STEPS:
+                out.totals = add_sums(out.totals, decode_arrays(u.payload)[0])
             else:
                 out.metrics[site.name] = evaluation_metrics(u.payload)
         db.flush()  # quarantine marks
@@ -671,6 +690,10 @@ def _foldable(db: Session, study: Study, rnd: Round, updates: list[Update]) -> l
 def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -> None:
     plan = study_plan(study)
     names = folded.names
+    if plan.attribution is not None:
+        attribution.close_round(db, study, plan.attribution, rnd, names, folded.totals, now())
+        db.commit()
+        return
     if rnd.kind == STATISTICS:
         stats = list(folded.statistics.values())
         edges = bin_edges([(lo, hi) for lo, hi in study.feature_ranges],
@@ -840,6 +863,7 @@ def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
         "refusals": [{"site": names[r.site_id], "round": r.round_number, "reason": r.reason}
                      for r in _refusals(db, study)],
         "robust_aggregation": _robust_actions(db, study),
+        "attribution": attribution.summary(study),
         "quarantined": [{"site": names[u.site_id], "round": number, "reason": u.quarantine}
                         for u, number in db.execute(
                             select(Update, Round.number).join(Round, Update.round_id == Round.id)

@@ -101,6 +101,9 @@ class Study(Base):
     # Sites not revoked (kept by create_study and revoke_site; NULL in databases made
     # before it: counted then).
     active_sites: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # An attribution study's analysis (cardiofed.causal.study): the state between its
+    # steps, then its result or the error that stopped it.
+    analysis: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Site(Base):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from cardiofed.causal.study import AttributionPlan, SiteArrays, site_step
 from cardiofed.coordinator.schemas import TaskResponse
 from cardiofed.data.dataset import SiteData
 from cardiofed.data.preprocessing import Preprocessor
@@ -31,6 +32,7 @@ from cardiofed.node.config import NodeConfig
 from cardiofed.node.outbound import OutboundLog
 from cardiofed.node.task_policy import TaskPolicy, planned_releases
 from cardiofed.node.work import (
+    attribution_site,
     evaluate_payload,
     load_site_data,
     own_feature_ranges,
@@ -42,7 +44,7 @@ from cardiofed.privacy.budget import SiteBudget, open_ledger, site_fingerprint
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.schema import Catalogue
 from cardiofed.simulation.config import SimulationConfig
-from cardiofed.wire import decode_arrays
+from cardiofed.wire import decode_arrays, encode_arrays
 
 log = logging.getLogger("cardiofed.node")
 
@@ -72,6 +74,7 @@ class NodeAgent:
         self.outbound = OutboundLog(self.state_dir / "outbound.jsonl")
         self.policy = TaskPolicy(self.state_dir / "tasks.json")
         self._site: SiteData | None = None
+        self._rows: SiteArrays | None = None  # an attribution study's
         self._pre: Preprocessor | None = None
         self._privacy: SitePrivacy | None = None
         self._name: str | None = None
@@ -150,8 +153,9 @@ class NodeAgent:
         else:
             try:
                 catalogue = self._agreed_features(task)
-                self.policy.admit(task, own_feature_ranges(self.config.data,
-                                                           task.feature_names, catalogue))
+                self.policy.admit(task, None if task.attribution is not None else
+                                  own_feature_ranges(self.config.data, task.feature_names,
+                                                     catalogue))
                 payload = self._compute(task)
             except (TaskRefused, PrivacyBudgetExceeded) as exc:
                 log.warning("round %d (%s) refused: %s", number, kind, exc)
@@ -202,6 +206,8 @@ class NodeAgent:
 
     def _compute(self, task: TaskResponse) -> bytes:
         plan = SimulationConfig.model_validate(task.plan)
+        if plan.attribution is not None:
+            return self._attribution(task, plan.attribution)
         if self._site is None:
             self._site = load_site_data(self.config.data, task.feature_names,
                                         self._agreed_features(task))
@@ -211,8 +217,7 @@ class NodeAgent:
                 (self.state_dir / "study_features.json").write_text(
                     plan.study_features.model_dump_json())
         site, study = self._site, task.study
-        manifest = {"study": study, "round": str(task.round),
-                    "model_version": str(task.model_version), "site": self._site_name()}
+        manifest = self._manifest(task)
         privacy = self._site_privacy(plan, site, study)
         if privacy is not None:
             allowed = planned_releases(task.kind, plan.rounds)
@@ -237,6 +242,31 @@ class NodeAgent:
                                     publish=self.config.publish_metrics)
         return train_payload(site, self._pre, plan, weights, round_number=task.round,
                              site_index=task.site_index, manifest=manifest, privacy=privacy)
+
+    def _manifest(self, task: TaskResponse) -> dict[str, str]:
+        return {"study": task.study, "round": str(task.round),
+                "model_version": str(task.model_version), "site": self._site_name()}
+
+    def _attribution(self, task: TaskResponse, plan: AttributionPlan) -> bytes:
+        """An attribution step's sums over the site's rows. A site with a privacy budget
+        refuses: the sums are exact, which no budget covers."""
+        if self.config.privacy is not None:
+            raise TaskRefused("This site has a privacy budget, and an attribution study "
+                              "releases exact sums of its rows, which the budget does not "
+                              "cover (attribution has no differentially private release).")
+        state = task.attribution
+        if state is None or state.get("step") != task.kind:
+            raise TaskRefused(f"The {task.kind} task of an attribution study carries no "
+                              f"state for that step.")
+        if self._rows is None:
+            self._rows = attribution_site(self.config.data, plan, task.feature_names,
+                                          task.outcome, self._agreed_features(task))
+        try:
+            arrays = site_step(plan, state, self._rows, task.site_index)
+        except (KeyError, TypeError, ValueError, CardioFedError) as exc:
+            raise TaskRefused(f"The {task.kind} task's state is not one this site can "
+                              f"compute with: {type(exc).__name__}: {exc}") from None
+        return encode_arrays(arrays, self._manifest(task))
 
     def _site_name(self) -> str:
         if self._name is None:

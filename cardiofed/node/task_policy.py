@@ -6,7 +6,8 @@ runs at most: one statistics task (round 0), ``plan.rounds`` training tasks, eac
 round at most once, and one evaluation, of the final published model (version
 ``plan.rounds``) only. Release parameters come from the site, never from the task: the
 statistics' bin edges from the schema's (or the reference data set's) plausible
-ranges, so a task whose ranges differ is refused. What the node ran is kept in a JSON
+ranges, so a task whose ranges differ is refused. An attribution study's steps are bounded
+by :data:`ATTRIBUTION_RELEASES`. What the node ran is kept in a JSON
 file in its state directory; a site with a privacy budget is additionally bounded by
 its ledger, which lives elsewhere and survives a deleted state directory.
 """
@@ -19,8 +20,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cardiofed.causal.propensity import MAX_NEWTON
 from cardiofed.coordinator.schemas import TaskResponse
 from cardiofed.exceptions import TaskRefused
+
+# What one site releases for an attribution study at most: its steps
+# (cardiofed.causal.study) over ATTRIBUTION_STARTS starts (the analysis restarts when a
+# site leaves it), each start at most MAX_NEWTON Newton steps.
+ATTRIBUTION_STARTS = 3
+ATTRIBUTION_RELEASES = {"moments": ATTRIBUTION_STARTS, "newton": ATTRIBUTION_STARTS * MAX_NEWTON,
+                        "estimate": ATTRIBUTION_STARTS, "sandwich": ATTRIBUTION_STARTS}
 
 
 def plan_digest(plan: dict[str, Any]) -> str:
@@ -92,6 +101,16 @@ class TaskPolicy:
             if task.model_version != rounds:
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan evaluates "
                                   f"only the final model, version {rounds}.")
+        elif task.kind in ATTRIBUTION_RELEASES:
+            ran = done.get(task.kind, [])
+            limit = ATTRIBUTION_RELEASES[task.kind]
+            if task.round in ran:
+                raise TaskRefused(f"Refused {where} of study {task.study!r}: this site already "
+                                  f"ran round {task.round}.")
+            if len(ran) >= limit:
+                raise TaskRefused(f"Refused {where} of study {task.study!r}: an attribution "
+                                  f"analysis has at most {limit} {task.kind} releases "
+                                  f"({ATTRIBUTION_STARTS} starts) and this site ran {len(ran)}.")
         else:
             raise TaskRefused(f"Refused {where} of study {task.study!r}: unknown task kind.")
 

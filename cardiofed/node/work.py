@@ -4,18 +4,22 @@ Statistics: :func:`cardiofed.data.preprocessing.site_statistics`. Training:
 ``FederatedAlgorithm.client_update`` with the seed the simulator derives for the same
 round and site index, through the site's DP wrapper when it has a budget. Evaluation:
 :func:`cardiofed.evaluation.metrics.binary_metrics` on the site's own test split.
+Attribution: :func:`cardiofed.causal.study.site_step` on every row of the site.
 Each function returns the exact bytes to upload.
 """
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import numpy as np
 
 from cardiofed.algorithms.base import LocalTrainer
+from cardiofed.causal.study import AttributionPlan, SiteArrays
 from cardiofed.data.catalog import load_dataset, study_columns
 from cardiofed.data.dataset import SiteData, feature_ranges_for
+from cardiofed.data.mapping import encode, harmonise
 from cardiofed.data.preprocessing import (
     DEFAULT_BINS,
     PRIVATE_BINS,
@@ -32,10 +36,13 @@ from cardiofed.models.networks import Weights, make_model, score
 from cardiofed.node.config import DataSource
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.schema import Catalogue, canonical_features
+from cardiofed.serving.provenance import OUTCOME_OF_DATASET
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.runner import derive_seed, update_manifest
 from cardiofed.training.local import train_local
 from cardiofed.wire import decode_arrays, encode_arrays, encode_metrics
+
+log = logging.getLogger("cardiofed.node")
 
 
 def load_site_data(source: DataSource, feature_names: list[str],
@@ -82,6 +89,59 @@ def statistics_payload(site: SiteData, feature_ranges: list[tuple[float, float]]
         stats = privacy.release_statistics(site.x_train,
                                            bin_edges(feature_ranges, PRIVATE_BINS))
     return encode_arrays(stats.to_arrays(), manifest)
+
+
+def attribution_site(source: DataSource, plan: AttributionPlan, columns: list[str],
+                     outcome: str | None, catalogue: Catalogue | None = None) -> SiteArrays:
+    """The site's rows for an attribution study: covariates (`columns`, the schema's
+    encoding), treatment and outcome, every row that has all of them (no test split).
+    Refused, naming why, when the site's data does not hold what the plan names."""
+    if source.dataset is not None:
+        return _reference_attribution_site(source, plan, columns, outcome)
+    assert source.csv is not None and source.mapping is not None  # by DataSource
+    raw, mapping, _ = load_site_rows(source.csv, source.mapping, catalogue)
+    if outcome is not None and mapping.outcome != outcome:
+        raise TaskRefused(f"The study's outcome is {outcome!r}; this site's mapping labels "
+                          f"{mapping.outcome!r}.")
+    missing = [f for f in [*plan.covariates, plan.treatment] if f not in mapping.columns]
+    if missing:
+        raise TaskRefused(f"This site's mapping does not map {missing}, which the attribution "
+                          f"plan uses.")
+    site = harmonise(raw, mapping, source=str(source.csv))
+    x = encode(site.frame, plan.covariates, mapping.catalogue)
+    t = encode(site.frame, [plan.treatment], mapping.catalogue)[:, 0]
+    complete = np.isfinite(x).all(axis=1) & np.isfinite(t)
+    log.info("attribution: %d of %d rows have every covariate and the treatment",
+             int(complete.sum()), len(x))
+    return SiteArrays(mapping.site, x[complete], t[complete].astype(int),
+                      site.labels[complete].astype(int))
+
+
+def _reference_attribution_site(source: DataSource, plan: AttributionPlan,
+                                columns: list[str], outcome: str | None) -> SiteArrays:
+    """A reference federation's site: the synthetic intervention (12 sites drawn with the
+    source's seed) or Framingham's hypertensive patients (BPMEDS)."""
+    from cardiofed.causal import design, sources
+
+    if source.dataset == "synthetic":
+        sites, own, treatment = (*sources.synthetic_sites(12, seed=source.seed),
+                                 design.TREATMENT)
+    elif source.dataset == "framingham":
+        sites, own = sources.framingham_sites(source.data_dir, seed=source.seed)
+        treatment = "bp_treated"
+    else:
+        raise TaskRefused(f"Data set {source.dataset!r} has no treatment to attribute; "
+                          f"attribution runs on synthetic, framingham or a site's export.")
+    expected = (treatment, own, OUTCOME_OF_DATASET[source.dataset])
+    if (plan.treatment, columns, outcome or expected[2]) != expected:
+        raise TaskRefused(f"Data set {source.dataset!r} holds treatment {treatment!r}, "
+                          f"covariates {own} and outcome {expected[2]!r}; the study asks for "
+                          f"{plan.treatment!r}, {columns} and {outcome!r}.")
+    by_name = {s.name: s for s in sites}
+    if source.site not in by_name:
+        raise TaskRefused(f"Data set {source.dataset!r} has no site {source.site!r}; its "
+                          f"sites: {', '.join(by_name)}.")
+    return by_name[source.site]
 
 
 def site_preprocessor(blob: bytes, site: SiteData, plan: SimulationConfig,

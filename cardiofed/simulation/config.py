@@ -12,6 +12,7 @@ from cardiofed.aggregation.robust import RobustAggregation
 from cardiofed.aggregation.staleness import StalenessRule
 from cardiofed.algorithms import FederatedAlgorithm, make_algorithm
 from cardiofed.algorithms.weighting import WeightingRule
+from cardiofed.causal.study import AttributionPlan
 from cardiofed.data.model_form import ModelForm, model_form
 from cardiofed.data.study_features import StudyFeatures, catalogue_of
 from cardiofed.exceptions import ConfigurationError
@@ -31,6 +32,9 @@ class SimulationConfig(BaseModel):
     # The study's own features and outcome beside the built-in catalogue
     # (cardiofed.data.study_features); they travel with the plan.
     study_features: StudyFeatures | None = None
+    # A causal attribution study instead of a model (cardiofed.causal.study): networked
+    # studies take it from the plan; in simulation `cardiofed attribution` runs one.
+    attribution: AttributionPlan | None = None
     algorithm: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "scaffold"] = "fedavg"
     rounds: int = Field(20, ge=1, le=100_000)
     local_epochs: int = Field(1, ge=1, le=10_000)
@@ -217,6 +221,8 @@ def _describe(exc: ValidationError) -> str:
             parts.append(err["msg"].removeprefix("Value error, "))
         elif err["type"] == "extra_forbidden":
             parts.append(f"unknown setting {name!r}")
+        elif err["type"] == "value_error":  # a check of a nested setting, e.g. attribution
+            parts.append(f"{name}: {err['msg'].removeprefix('Value error, ')}")
         else:
             msg = err["msg"].replace("Input should be", "must be")
             parts.append(f"the {name!r} parameter {msg}; got {err['input']!r}")

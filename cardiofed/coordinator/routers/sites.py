@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from cardiofed.coordinator import service
+from cardiofed.coordinator import attribution, service
 from cardiofed.coordinator.deps import DB, Clock, CurrentSite, Settings, refusals
 from cardiofed.coordinator.schemas import EnrolRequest, EnrolResponse, SiteInfo, TaskResponse
 from cardiofed.coordinator.storage import Site
@@ -63,6 +63,7 @@ def _poll(db: Session, site: Site, clock: service.Clock) -> TaskResponse | None:
                             deadline=task.deadline.replace(tzinfo=UTC),
                             site_index=site.index, plan=study.plan,
                             feature_names=study.feature_names,
-                            feature_ranges=study.feature_ranges)
+                            feature_ranges=study.feature_ranges,
+                            outcome=study.outcome, attribution=attribution.task_state(study))
     finally:
         db.rollback()  # end the transaction: the connection goes back to the pool

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from cardiofed.coordinator import service
+from cardiofed.coordinator import attribution, service
 from cardiofed.coordinator.deps import DB, Admin, Clock, bearer, refusals
 from cardiofed.coordinator.schemas import StudyCreate, StudyCreated
-from cardiofed.exceptions import AuthenticationError, ConfigurationError, InvalidUpdate
-from cardiofed.schema import canonical_features
+from cardiofed.data.dataset import feature_ranges_for
+from cardiofed.exceptions import AuthenticationError, ConfigurationError, InvalidUpdate, NotFound
+from cardiofed.schema import Catalogue, canonical_features
 from cardiofed.simulation.config import SimulationConfig
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
@@ -19,6 +21,33 @@ router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
 @router.post("", status_code=201, responses=refusals(401, 403, 409, 413, 422))
 def create_study(body: StudyCreate, db: DB, key: Admin, clock: Clock) -> StudyCreated:
+    """A model study (feature_names and feature_ranges required), or an attribution study
+    (plan.attribution: its columns are its covariates' encoding)."""
+    try:
+        plan = SimulationConfig.create(**body.plan)
+    except ConfigurationError as exc:
+        raise InvalidUpdate(str(exc)) from None
+    catalogue = plan.catalogue()  # the built-in features and the study's own
+    ranges: Sequence[Sequence[float]]
+    if plan.attribution is not None:
+        names = attribution.columns_of(plan.attribution, catalogue)
+        ranges = feature_ranges_for(names, catalogue)
+    else:
+        names, ranges = _model_columns(body, catalogue)
+    tokens = service.create_study(db, study_id=body.id, plan=plan, sites=body.sites,
+                                  feature_names=body.feature_names or names,
+                                  feature_ranges=[(lo, hi) for lo, hi in ranges],
+                                  min_sites=body.min_sites,
+                                  round_timeout_s=body.round_timeout_s, outcome=body.outcome,
+                                  now=clock, by=(key, "api"))
+    return StudyCreated(id=body.id, enrolment_tokens=tokens)
+
+
+def _model_columns(body: StudyCreate, catalogue: Catalogue
+                   ) -> tuple[list[str], list[list[float]]]:
+    if body.feature_names is None or body.feature_ranges is None:
+        raise InvalidUpdate("A model study needs feature_names and feature_ranges (only an "
+                            "attribution study, plan.attribution, derives them).")
     if len(body.feature_ranges) != len(body.feature_names):
         raise InvalidUpdate("feature_ranges needs one (low, high) per feature name.")
     bad = [f"{name}: {list(r)}" for name, r in zip(body.feature_names, body.feature_ranges,
@@ -27,11 +56,6 @@ def create_study(body: StudyCreate, db: DB, key: Admin, clock: Clock) -> StudyCr
     if bad:
         raise InvalidUpdate(f"feature_ranges must be finite with low < high; got "
                             f"{'; '.join(bad[:5])}.")
-    try:
-        plan = SimulationConfig.create(**body.plan)
-    except ConfigurationError as exc:
-        raise InvalidUpdate(str(exc)) from None
-    catalogue = plan.catalogue()  # the built-in features and the study's own
     try:
         features = canonical_features(body.feature_names)
         known = catalogue.encoded_names(features) == body.feature_names
@@ -42,25 +66,38 @@ def create_study(body: StudyCreate, db: DB, key: Admin, clock: Clock) -> StudyCr
         raise InvalidUpdate(f"feature_names {body.feature_names[:20]} are not the encoding of "
                             f"canonical features {features[:20]}; use "
                             f"'cardiofed admin create-study --features' to build them.")
-    tokens = service.create_study(db, study_id=body.id, plan=plan, sites=body.sites,
-                                  feature_names=body.feature_names,
-                                  feature_ranges=[(lo, hi) for lo, hi in body.feature_ranges],
-                                  min_sites=body.min_sites,
-                                  round_timeout_s=body.round_timeout_s, outcome=body.outcome,
-                                  now=clock, by=(key, "api"))
-    return StudyCreated(id=body.id, enrolment_tokens=tokens)
+    return body.feature_names, body.feature_ranges
+
+
+def _reader(db: DB, credential: str | None, clock: Clock, study_id: str) -> None:
+    """An admin or viewer credential, or a site of `study_id`."""
+    try:
+        service.authenticate_admin(db, credential, write=False)
+    except AuthenticationError:
+        site = service.authenticate_site(db, credential, clock)
+        service.ensure_site_access(site, study_id)
 
 
 @router.get("/{study_id}/status", responses=refusals(401, 403, 404, 413, 422))
 def study_status(study_id: str, db: DB, clock: Clock,
                  credential: Annotated[str | None, Depends(bearer)]) -> dict[str, object]:
     """What the federation is doing and which sites it waits for (admin or member site)."""
-    try:
-        service.authenticate_admin(db, credential, write=False)
-    except AuthenticationError:
-        site = service.authenticate_site(db, credential, clock)
-        service.ensure_site_access(site, study_id)
+    _reader(db, credential, clock, study_id)
     return service.status(db, service.get_study(db, study_id), clock)
+
+
+@router.get("/{study_id}/attribution", responses=refusals(401, 403, 404, 409, 413, 422))
+def attribution_result(study_id: str, db: DB, clock: Clock,
+                       credential: Annotated[str | None, Depends(bearer)]
+                       ) -> dict[str, object]:
+    """A finished attribution study's estimates (95% intervals, E-values), balance,
+    overlap and card (admin, viewer or member site); 409 until it is finished."""
+    _reader(db, credential, clock, study_id)
+    study = service.get_study(db, study_id)
+    plan = service.study_plan(study).attribution
+    if plan is None:
+        raise NotFound(f"Study {study_id!r} is not an attribution study.")
+    return attribution.report(study, plan)
 
 
 @router.post("/{study_id}/sites/{site_name}/revoke", status_code=204,

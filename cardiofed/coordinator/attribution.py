@@ -1,0 +1,148 @@
+"""Attribution studies on the coordinator: the rounds are the steps of
+:mod:`cardiofed.causal.study`, and a round's reports are summed in site order.
+
+The analysis uses one set of sites throughout: those that reported its first round
+(``moments``). A site outside it gets no task (a refusal row names why); if a site of
+the set is missing from a later round that closes anyway (revoked, or the deadline
+passed with ``min_sites`` reports), the analysis starts again from ``moments`` with the
+sites that reported, and the round's outcome says so. An analysis that cannot go on
+(no overlap, too few pairs) ends the study with the error in place of a result.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cardiofed.causal.study import (
+    STEPS,
+    AttributionPlan,
+    expected_arrays,
+    next_state,
+    start,
+)
+from cardiofed.coordinator.payloads import check_attribution
+from cardiofed.coordinator.storage import Refusal, Round, Site, Study
+from cardiofed.exceptions import CardioFedError, Conflict, InvalidUpdate
+from cardiofed.schema import Catalogue, FeatureKind, encoded_feature_names
+
+ATTRIBUTION_STEPS = STEPS[:-1]  # the round kinds; "done" ends the study
+
+
+def columns_of(plan: AttributionPlan, catalogue: Catalogue) -> list[str]:
+    """The covariates' model columns, after checking the plan against the schema."""
+    if plan.treatment not in catalogue.features or (
+            catalogue.feature(plan.treatment).kind is not FeatureKind.BINARY):
+        binary = [f for f, v in catalogue.features.items() if v.kind is FeatureKind.BINARY]
+        raise InvalidUpdate(f"attribution.treatment must be a binary feature of the schema "
+                            f"or of the study's features ({', '.join(binary)}); got "
+                            f"{plan.treatment!r}.")
+    unknown = [c for c in plan.covariates if c not in catalogue.features]
+    if unknown:
+        raise InvalidUpdate(f"attribution.covariates {unknown} are not features of the schema "
+                            f"or of the study's features.")
+    return encoded_feature_names(plan.covariates, catalogue)
+
+
+def begin(study: Study, plan: AttributionPlan, columns: list[str]) -> str:
+    """Set the study's analysis to its first step; returns the first round's kind."""
+    study.analysis = start(plan, columns)
+    study.phase = "moments"
+    return "moments"
+
+
+def task_state(study: Study) -> dict[str, Any] | None:
+    """What a site needs of the analysis for the current round: the step and its inputs."""
+    if study.analysis is None:
+        return None
+    return {k: study.analysis[k] for k in ("step", "inputs", "columns", "iterations")}
+
+
+def check_payload(plan: AttributionPlan, study: Study, kind: str,
+                  arrays: dict[str, np.ndarray]) -> int:
+    return check_attribution(arrays, expected_arrays(plan, kind, len(study.feature_names)))
+
+
+def close_round(db: Session, study: Study, plan: AttributionPlan, rnd: Round,
+                names: list[str], totals: dict[str, np.ndarray] | None,
+                now: datetime) -> None:
+    """Fold a closed round's sums into the analysis and open the next round (or finish)."""
+    state = dict(study.analysis or {})
+    outcome = f"closed with {len(names)} reports"
+    if rnd.kind != "moments" and names != state["sites"]:
+        left = [n for n in state["sites"] if n not in names]
+        state = {**start(plan, state["columns"]), "sites": names,
+                 "restarts": state.get("restarts", 0) + 1}
+        outcome = (f"analysis restarted from its first step without {', '.join(left)} "
+                   f"(it uses one set of sites throughout)")
+    else:
+        if rnd.kind == "moments":
+            state["sites"] = names
+        try:
+            assert totals is not None
+            state = next_state(plan, state, totals, len(names))
+        except CardioFedError as exc:
+            state = {**state, "step": "done", "error": str(exc)}
+            outcome = f"analysis stopped: {exc}"
+    rnd.closed_at = now
+    rnd.outcome = outcome[:200]
+    study.analysis = state
+    if state["step"] == "done":
+        study.phase = "done"
+        return
+    study.current_round += 1
+    study.phase = state["step"]
+    db.add(Round(study_id=study.id, number=study.current_round, kind=state["step"],
+                 model_version=0, opened_at=now,
+                 deadline=now + timedelta(seconds=study.round_timeout_s)))
+    members = set(state["sites"])
+    for site in db.scalars(select(Site).where(Site.study_id == study.id, ~Site.revoked)):
+        if site.name not in members:
+            db.add(Refusal(study_id=study.id, site_id=site.id, round_number=study.current_round,
+                           reason="not in the analysis: an attribution study uses the sites "
+                                  "of its first step throughout", created_at=now))
+
+
+ASSUMPTIONS = ("No unmeasured confounding given the covariates, positivity (every patient "
+               "could have been treated or not: see the overlap) and a well-specified "
+               "propensity model (see the balance); each site released exact sums of its "
+               "rows, not differentially private ones.")
+
+
+def summary(study: Study) -> dict[str, Any] | None:
+    """The analysis's progress for the status (None for a model study)."""
+    a = study.analysis
+    if a is None:
+        return None
+    return {"step": a["step"], "newton_steps": a["iterations"], "sites": a.get("sites"),
+            "restarts": a.get("restarts", 0), "error": a.get("error"),
+            "finished": "result" in a}
+
+
+def report(study: Study, plan: AttributionPlan) -> dict[str, Any]:
+    """A finished study's estimates with intervals, balance, overlap and card."""
+    a = study.analysis or {}
+    if "error" in a:
+        raise Conflict(f"The analysis of study {study.id!r} stopped: {a['error']}")
+    if "result" not in a:
+        raise Conflict(f"The analysis of study {study.id!r} is not finished (step "
+                       f"{a['step']!r}); ask again when its status says finished.")
+    result = a["result"]
+    return {
+        "study": study.id,
+        "estimand": result["estimand"],
+        "estimate": result["effects"],
+        "balance": result["balance"], "balanced": result["balanced"],
+        "overlap": {"bins": len(result["overlap"]["treated"]), **result["overlap"]},
+        "card": {"treatment": plan.treatment, "outcome": study.outcome,
+                 "covariates": plan.covariates, "columns": result["covariates"],
+                 "methods": plan.chosen_methods, "trim": plan.trim, "sites": a["sites"],
+                 "patients": int(a["moments"]["n"]), "trimmed": result["trimmed"],
+                 "propensity_newton_steps": result["propensity_newton_steps"],
+                 "restarts": a.get("restarts", 0), "notes": result["notes"],
+                 "assumptions": ASSUMPTIONS},
+    }

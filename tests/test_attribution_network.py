@@ -1,0 +1,145 @@
+"""Attribution as a networked study: coordinator and nodes in-process (ASGI transport)
+give the simulator's analysis exactly; bad plans, payloads and sites are refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_coordinator import Federation, _until_done  # type: ignore[import-not-found]
+
+from cardiofed.causal.design import COVARIATES, TREATMENT
+from cardiofed.causal.sources import synthetic_sites
+from cardiofed.causal.study import run_attribution
+from cardiofed.node.agent import NodeAgent
+from cardiofed.wire import encode_arrays
+
+SITES = ["tier3_01", "tier2_01", "community_01", "community_02"]
+CANONICAL = ["age", "sex", "total_cholesterol", "hdl_cholesterol", "systolic_bp", "bp_treated",
+             "current_smoker", "diabetes"]
+ATTRIBUTION = {"treatment": TREATMENT, "covariates": CANONICAL, "estimand": "ATT", "seed": 4}
+
+
+def _federation(tmp: Path, attribution: dict[str, object] | None = None,
+                **study: object) -> Federation:
+    return Federation(tmp, study={"plan": {"attribution": attribution or ATTRIBUTION},
+                                  "sites": SITES, "feature_names": None,
+                                  "feature_ranges": None, "outcome": "cvd_10y", **study})
+
+
+def _simulated(sites: list[str] = SITES):  # type: ignore[no-untyped-def]
+    federation, covariates = synthetic_sites(12, seed=0)
+    by_name = {s.name: s for s in federation}
+    return run_attribution([by_name[s] for s in sites], covariates, estimand="ATT", seed=4)
+
+
+def _result(fed: Federation) -> dict[str, object]:
+    response = fed.client.get("/v1/studies/s1/attribution", headers=fed.auth(fed.admin))
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def test_networked_attribution_equals_the_simulator(tmp_path: Path) -> None:
+    fed = _federation(tmp_path)
+    assert fed.client.get("/v1/studies/s1/attribution",
+                          headers=fed.auth(fed.admin)).status_code == 409  # not yet
+    agents = [fed.agent(s) for s in SITES]
+    _until_done(fed, agents)
+    status = fed.status()
+    assert status["attribution"]["finished"] and status["attribution"]["sites"] == SITES
+    body = _result(fed)
+    expected = _simulated()
+    assert body["card"]["columns"] == COVARIATES and body["card"]["sites"] == SITES
+    assert body["card"]["propensity_newton_steps"] == expected.propensity.iterations
+    for method, effect in expected.effects.items():
+        got = body["estimate"][method]
+        for key in ("risk_difference", "rd_low", "rd_high", "risk_ratio", "rr_low", "rr_high"):
+            assert got[key] == getattr(effect, key), (method, key)  # the same sums: equal
+    assert body["balanced"] == {k: bool(np.all(np.abs(v) < 0.1))
+                                for k, v in expected.balance.items()}
+    # One round per step: moments, the Newton steps, estimate, sandwich.
+    assert status["round"] == expected.propensity.iterations + 2
+
+
+def test_a_site_leaving_restarts_the_analysis_without_it(tmp_path: Path) -> None:
+    fed = _federation(tmp_path)
+    agents = [fed.agent(s) for s in SITES]
+    for _ in range(3):  # moments and two Newton steps
+        fed.step(agents)
+    response = fed.client.post(f"/v1/studies/s1/sites/{SITES[-1]}/revoke",
+                               headers=fed.auth(fed.admin))
+    assert response.status_code == 204
+    _until_done(fed, agents[:-1])
+    body = _result(fed)
+    assert body["card"]["restarts"] == 1 and body["card"]["sites"] == SITES[:-1]
+    expected = _simulated(SITES[:-1])
+    assert body["estimate"]["iptw"]["risk_difference"] == \
+        expected.effects["iptw"].risk_difference
+
+
+def test_a_site_outside_the_first_step_takes_no_part(tmp_path: Path) -> None:
+    fed = _federation(tmp_path, min_sites=3)
+    agents = [fed.agent(s) for s in SITES]
+    fed.step(agents[:-1])  # the last site misses the moments round
+    fed.advance(3601)
+    _until_done(fed, agents)
+    status = fed.status()
+    assert status["attribution"]["sites"] == SITES[:-1]
+    assert any(r["site"] == SITES[-1] and "not in the analysis" in r["reason"]
+               for r in status["refusals"])
+    assert _result(fed)["card"]["restarts"] == 0
+
+
+@pytest.mark.parametrize(("attribution", "message"), [
+    ({**ATTRIBUTION, "treatment": "glucose"}, "attribution.treatment must be a binary feature"),
+    ({**ATTRIBUTION, "treatment": "age"}, "attribution: the treatment 'age' is also a covariate"),
+    ({**ATTRIBUTION, "covariates": ["age", "statin_dose"]}, "are not features of the schema"),
+    ({**ATTRIBUTION, "estimand": "ATE", "methods": ["matching"]}, "matching estimates the ATT"),
+    ({**ATTRIBUTION, "trim": 0.7}, "trim"),
+])
+def test_bad_attribution_plans_are_refused_by_name(tmp_path: Path,
+                                                   attribution: dict[str, object],
+                                                   message: str) -> None:
+    with pytest.raises(AssertionError, match=message):
+        _federation(tmp_path, attribution)
+
+
+def test_an_attribution_study_needs_its_outcome(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError, match="names its outcome"):
+        _federation(tmp_path, outcome=None)
+
+
+def test_malformed_sums_are_refused_with_a_reason(tmp_path: Path) -> None:
+    fed = _federation(tmp_path)
+    agent = fed.agent(SITES[0])
+    credential = agent.credential()
+    manifest = {"study": "s1", "round": "0", "model_version": "0", "site": SITES[0]}
+    k = len(COVARIATES)
+    good = {"n": np.array([10.0]), "sum": np.zeros(k), "cross": np.eye(k)}
+    for arrays, reason in (
+            ({**good, "sum": np.zeros(k + 1)}, "must hold exactly"),
+            ({**good, "n": np.array([2.5])}, "counts patients"),
+            ({**good, "cross": np.full((k, k), np.nan)}, "non-finite"),
+            ({**good, "cross": np.eye(k, dtype=np.float32)}, "finite float64"),
+            ({**good, "extra": np.zeros(1)}, "must hold exactly")):
+        r = fed.client.post("/v1/studies/s1/rounds/0/updates", headers=fed.auth(credential),
+                            content=encode_arrays(arrays, manifest))
+        assert r.status_code == 422 and reason in r.json()["detail"], r.text
+
+
+def test_a_site_with_a_privacy_budget_refuses_exact_sums(tmp_path: Path) -> None:
+    fed = _federation(tmp_path)
+    agent = fed.agent(SITES[0], privacy={"epsilon_max": 4.0,
+                                         "ledger_dir": str(tmp_path / "ledger")})
+    agent.run(max_tasks=1)
+    refusals = fed.status()["refusals"]
+    assert refusals and "releases exact sums" in refusals[0]["reason"]
+
+
+def test_a_site_whose_data_lacks_the_treatment_refuses(tmp_path: Path) -> None:
+    fed = _federation(tmp_path, attribution={**ATTRIBUTION, "treatment": "bp_treated",
+                                             "covariates": ["age", "sex"]})
+    NodeAgent.run(fed.agent(SITES[0]), max_tasks=1)
+    reason = fed.status()["refusals"][0]["reason"]
+    assert "holds treatment 'lipid_lowering'" in reason
