@@ -143,3 +143,36 @@ def test_a_site_whose_data_lacks_the_treatment_refuses(tmp_path: Path) -> None:
     NodeAgent.run(fed.agent(SITES[0]), max_tasks=1)
     reason = fed.status()["refusals"][0]["reason"]
     assert "holds treatment 'lipid_lowering'" in reason
+
+
+def test_the_risk_api_serves_a_finished_study_to_keys_with_the_scope(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from cardiofed.coordinator.deps import _sessions
+    from cardiofed.serving.api import ServingSettings, create_serving_app
+    from cardiofed.serving.keys import create_key
+
+    fed = _federation(tmp_path)
+    url = fed.settings.database_url
+    with _sessions(url)() as db:
+        keys = {name: create_key(db, name, scopes, 1000, studies=studies) for name, scopes,
+                studies in (("reader", ["attribution:read"], None),
+                            ("scorer", ["score"], None),
+                            ("other", ["attribution:read"], ["another-study"]))}
+    api = TestClient(create_serving_app(ServingSettings(database_url=url, key_cache_s=0)))
+
+    def ask(key: str, study: str = "s1"):  # type: ignore[no-untyped-def]
+        return api.post("/v1/attribution", json={"study": study},
+                        headers={"Authorization": f"Bearer {keys[key]}"})
+
+    assert ask("reader").status_code == 409  # not finished yet
+    _until_done(fed, [fed.agent(s) for s in SITES])
+    r = ask("reader")
+    assert r.status_code == 200, r.text
+    assert r.json() == _result(fed)
+    assert r.json()["card"]["treatment"] == TREATMENT and r.json()["card"]["patients"] > 0
+    assert ask("scorer").status_code == 403 and "attribution:read" in ask("scorer").text
+    assert ask("other").status_code == 403
+    assert ask("reader", "nope").status_code == 404
+    assert api.post("/v1/attribution", json={"study": 3},
+                    headers={"Authorization": f"Bearer {keys['reader']}"}).status_code == 422

@@ -26,9 +26,11 @@ from cardiofed.causal.study import (
     start,
 )
 from cardiofed.coordinator.payloads import check_attribution
+from cardiofed.coordinator.schemas import AttributionResponse
 from cardiofed.coordinator.storage import Refusal, Round, Site, Study
-from cardiofed.exceptions import CardioFedError, Conflict, InvalidUpdate
+from cardiofed.exceptions import CardioFedError, Conflict, InvalidUpdate, NotFound
 from cardiofed.schema import Catalogue, FeatureKind, encoded_feature_names
+from cardiofed.simulation.config import SimulationConfig
 
 ATTRIBUTION_STEPS = STEPS[:-1]  # the round kinds; "done" ends the study
 
@@ -123,16 +125,19 @@ def summary(study: Study) -> dict[str, Any] | None:
             "finished": "result" in a}
 
 
-def report(study: Study, plan: AttributionPlan) -> dict[str, Any]:
+def report(study: Study) -> AttributionResponse:
     """A finished study's estimates with intervals, balance, overlap and card."""
-    a = study.analysis or {}
+    plan = SimulationConfig.model_validate(study.plan).attribution
+    a = study.analysis
+    if plan is None or a is None:
+        raise NotFound(f"Study {study.id!r} is not an attribution study.")
     if "error" in a:
         raise Conflict(f"The analysis of study {study.id!r} stopped: {a['error']}")
     if "result" not in a:
         raise Conflict(f"The analysis of study {study.id!r} is not finished (step "
                        f"{a['step']!r}); ask again when its status says finished.")
     result = a["result"]
-    return {
+    return AttributionResponse.model_validate({
         "study": study.id,
         "estimand": result["estimand"],
         "estimate": result["effects"],
@@ -145,4 +150,4 @@ def report(study: Study, plan: AttributionPlan) -> dict[str, Any]:
                  "propensity_newton_steps": result["propensity_newton_steps"],
                  "restarts": a.get("restarts", 0), "notes": result["notes"],
                  "assumptions": ASSUMPTIONS},
-    }
+    })

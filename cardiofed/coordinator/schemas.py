@@ -85,3 +85,62 @@ class ModelInfo(BaseModel):
     participants: list[str]
     metrics: dict[str, object]
     created_at: AwareDatetime = Field(description="UTC, with its offset")
+
+
+class AttributionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"study": "statins-2026"}]})
+    study: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class EffectEstimate(BaseModel):
+    """One estimator's effect: risks by arm, risk difference and ratio with 95% intervals,
+    the E-values of the estimate and of the interval's limit nearest 1."""
+
+    treated_risk: float
+    control_risk: float
+    risk_difference: float
+    rd_low: float
+    rd_high: float
+    risk_ratio: float
+    rr_low: float
+    rr_high: float
+    n_treated: float
+    n_control: float
+    e_value: float
+    e_value_ci: float
+
+
+class Overlap(BaseModel):
+    bins: int = Field(description="Equal-width bins of the propensity score over [0, 1]")
+    treated: list[float]
+    control: list[float]
+
+
+class AttributionCard(BaseModel):
+    treatment: str
+    outcome: str | None
+    covariates: list[str]
+    columns: list[str] = Field(description="The covariates' model columns")
+    methods: list[str]
+    trim: float
+    sites: list[str]
+    patients: int
+    trimmed: int
+    propensity_newton_steps: int
+    restarts: int
+    notes: list[str]
+    assumptions: str
+
+
+class AttributionResponse(BaseModel):
+    """A finished attribution study: estimates, balance (SMD per covariate before and
+    after each estimator; |SMD| < 0.1 counts as balanced), overlap and card."""
+
+    study: str
+    estimand: str
+    estimate: dict[str, EffectEstimate]
+    balance: dict[str, dict[str, float]]
+    balanced: dict[str, bool]
+    overlap: Overlap
+    card: AttributionCard

@@ -1,4 +1,5 @@
-"""The risk prediction API: ``POST /v1/risk``, ``/v1/risk/batch``, ``GET /v1/models``.
+"""The risk prediction API: ``POST /v1/risk``, ``/v1/risk/batch``, ``GET /v1/models``,
+``POST /v1/attribution``.
 
 :func:`create_serving_app` builds the standalone service (``cardiofed serve``);
 :func:`add_risk_api` mounts the same routes on another application. Requests
@@ -37,10 +38,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException
 
 from cardiofed import __version__
+from cardiofed.coordinator.attribution import report as attribution_report
 from cardiofed.coordinator.deps import _sessions, refused
+from cardiofed.coordinator.schemas import AttributionRequest, AttributionResponse
 from cardiofed.coordinator.settings import DEFAULT_DATABASE_URL
+from cardiofed.coordinator.storage import Study
 from cardiofed.evaluation.recalibration import Recalibration
-from cardiofed.exceptions import CoordinatorError, NotFound
+from cardiofed.exceptions import CoordinatorError, NotFound, PermissionDenied
 from cardiofed.serving import registry
 from cardiofed.serving.keys import KeyCache, KeyInfo, RateLimiter
 from cardiofed.serving.model import (
@@ -341,6 +345,21 @@ def promote(version: Version, caller: Annotated[Caller, _scoped("admin")]) -> di
     return {"promoted": version}
 
 
+def attribution(body: AttributionRequest,
+                caller: Annotated[Caller, _scoped("attribution:read")]) -> AttributionResponse:
+    """A finished attribution study's estimates (risk difference and ratio with 95%
+    intervals, E-values), balance, overlap and card; 409 until it is finished."""
+    if not caller.key.may_see(body.study):
+        raise PermissionDenied(f"API key {caller.key.name!r} is limited to studies "
+                               f"{', '.join(repr(s) for s in sorted(caller.key.studies or ()))}"
+                               f"; not {body.study!r}.")
+    with caller.state.sessions() as db:
+        study = db.get(Study, body.study)
+        if study is None:
+            raise NotFound(f"No study {body.study!r}.")
+        return attribution_report(study)
+
+
 def risk_router(settings: ServingSettings) -> APIRouter:
     """The ``/v1`` routes, each declaring every status it answers with its body."""
     router = APIRouter(prefix="/v1", tags=["risk"])
@@ -357,6 +376,8 @@ def risk_router(settings: ServingSettings) -> APIRouter:
                          responses=by_version)
     router.add_api_route("/models/{version}/promote", promote, methods=["POST"],
                          responses=by_version)
+    router.add_api_route("/attribution", attribution, methods=["POST"],
+                         responses=responses(401, 403, 404, 409, 413, 422, 429))
     return router
 
 

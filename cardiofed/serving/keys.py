@@ -31,7 +31,7 @@ from cardiofed.exceptions import (
 )
 
 ANY_VERSION = "score:any-version"
-SCOPES = ("score", ANY_VERSION, "models:read", "admin")
+SCOPES = ("score", ANY_VERSION, "models:read", "attribution:read", "admin")
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from fastapi import APIRouter, Depends
 
 from cardiofed.coordinator import attribution, service
 from cardiofed.coordinator.deps import DB, Admin, Clock, bearer, refusals
-from cardiofed.coordinator.schemas import StudyCreate, StudyCreated
+from cardiofed.coordinator.schemas import AttributionResponse, StudyCreate, StudyCreated
 from cardiofed.data.dataset import feature_ranges_for
-from cardiofed.exceptions import AuthenticationError, ConfigurationError, InvalidUpdate, NotFound
+from cardiofed.exceptions import AuthenticationError, ConfigurationError, InvalidUpdate
 from cardiofed.schema import Catalogue, canonical_features
 from cardiofed.simulation.config import SimulationConfig
 
@@ -89,15 +89,11 @@ def study_status(study_id: str, db: DB, clock: Clock,
 @router.get("/{study_id}/attribution", responses=refusals(401, 403, 404, 409, 413, 422))
 def attribution_result(study_id: str, db: DB, clock: Clock,
                        credential: Annotated[str | None, Depends(bearer)]
-                       ) -> dict[str, object]:
+                       ) -> AttributionResponse:
     """A finished attribution study's estimates (95% intervals, E-values), balance,
     overlap and card (admin, viewer or member site); 409 until it is finished."""
     _reader(db, credential, clock, study_id)
-    study = service.get_study(db, study_id)
-    plan = service.study_plan(study).attribution
-    if plan is None:
-        raise NotFound(f"Study {study_id!r} is not an attribution study.")
-    return attribution.report(study, plan)
+    return attribution.report(service.get_study(db, study_id))
 
 
 @router.post("/{study_id}/sites/{site_name}/revoke", status_code=204,
