@@ -10,7 +10,14 @@ weighted difference in means) with the same weights. Reported: the largest |fede
 pooled| risk difference, the 95% intervals' coverage of the design's true effect, the
 largest post-adjustment |SMD|, and the seconds per federated analysis.
 
-    python bench/attribution.py [--replications 200]
+Loopback (``--loopback``, on by default): the same 12-site analysis (ATT: IPTW, overlap,
+matching) as a networked study, a ``cardiofed coordinator`` process (SQLite) on
+127.0.0.1 and one :class:`~cardiofed.node.agent.NodeAgent` per site in threads (its own
+HTTP client and state, each computing its steps on its own rows as ``cardiofed node
+run`` does); timed from the nodes' start to the result, per round from the
+coordinator's own records, and compared with the simulation's estimate.
+
+    python bench/attribution.py [--replications 200] [--no-loopback]
 """
 
 from __future__ import annotations
@@ -44,10 +51,80 @@ def pooled_rd(x: np.ndarray, t: np.ndarray, y: np.ndarray, method: str, estimand
     return float(fit.params[1])
 
 
+def loopback(n_sites: int, seed: int) -> dict[str, Any]:
+    """One networked attribution study over loopback, against its simulation."""
+    import tempfile
+    import threading
+
+    from network import Coordinator
+
+    from cardiofed.causal.design import TREATMENT
+    from cardiofed.causal.sources import synthetic_sites
+    from cardiofed.causal.study import run_attribution
+    from cardiofed.node.agent import NodeAgent
+    from cardiofed.node.config import NodeConfig
+
+    sites, covariates = synthetic_sites(12, seed=seed)
+    sites = sites[:n_sites]
+    start = time.perf_counter()
+    simulated = run_attribution(sites, covariates, estimand="ATT", seed=seed)
+    simulation_s = time.perf_counter() - start
+    canonical = ["age", "sex", "total_cholesterol", "hdl_cholesterol", "systolic_bp",
+                 "bp_treated", "current_smoker", "diabetes"]
+    plan = {"attribution": {"treatment": TREATMENT, "covariates": canonical,
+                            "estimand": "ATT", "seed": seed}}
+    names = [s.name for s in sites]
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        coordinator = Coordinator(workdir, "attribution")
+        try:
+            tokens = coordinator.create_study("att", names, plan, feature_names=None,
+                                              feature_ranges=None, outcome="cvd_10y")
+            agents = [NodeAgent(NodeConfig.create(
+                coordinator_url=coordinator.url, state_dir=str(workdir / name),
+                enrolment_token=tokens[name], poll_wait_s=30,
+                data={"dataset": "synthetic", "site": name, "seed": seed})) for name in names]
+            errors: list[BaseException] = []
+
+            def work(agent: NodeAgent) -> None:
+                try:
+                    agent.run()
+                except BaseException as exc:  # reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=work, args=(a,), daemon=True) for a in agents]
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=600)
+            wall = time.perf_counter() - start
+            if errors or any(t.is_alive() for t in threads):
+                raise RuntimeError(f"loopback study failed: {errors[:1]} "
+                                   f"{coordinator.status('att')}")
+            result = coordinator.client.get("/v1/studies/att/attribution").json()
+            rounds = coordinator.rounds("att")
+            server_errors = coordinator.server_errors()
+            for a in agents:
+                a.client.close()
+        finally:
+            coordinator.stop()
+    differences = {m: abs(result["estimate"][m]["risk_difference"] - e.risk_difference)
+                   for m, e in simulated.effects.items()}
+    analysis_s = (rounds[-1][3] - rounds[0][2]).total_seconds()  # type: ignore[operator]
+    return {"sites": n_sites, "simulation_s": simulation_s, "loopback_wall_s": wall,
+            "loopback_rounds": len(rounds), "first_round_open_to_last_close_s": analysis_s,
+            "round_s_median": float(np.median([(c - o).total_seconds()
+                                               for _, _, o, c in rounds if c])),
+            "max_abs_networked_minus_simulated_rd": max(differences.values()),
+            "coordinator_5xx": server_errors}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replications", type=int, default=200)
     parser.add_argument("--sites", type=int, default=12)
+    parser.add_argument("--loopback", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     from cardiofed.causal.design import design_truth
     from cardiofed.causal.sources import synthetic_sites
@@ -101,6 +178,17 @@ def main() -> None:
                             f"max |SMD| after (< {SMD_LIMIT})"], rows, 4)
           + f"\n\nMedian seconds per federated analysis (12 sites, simulation): "
             f"{np.median(seconds):.3f}.\n")
+    if args.loopback:
+        out["loopback"] = run = loopback(args.sites, seed=0)
+        md += ("\n## The same analysis as a networked study over loopback (ATT: IPTW, "
+               "overlap, matching)\n\n"
+               + markdown_table(["sites", "simulation s", "loopback wall s (nodes' start to "
+                                 "result)", "rounds", "median s per round",
+                                 "max |networked - simulated| RD", "coordinator 5xx"],
+                                [[run["sites"], run["simulation_s"], run["loopback_wall_s"],
+                                  run["loopback_rounds"], run["round_s_median"],
+                                  f"{run['max_abs_networked_minus_simulated_rd']:.1e}",
+                                  run["coordinator_5xx"]]], 3) + "\n")
     write_results("attribution", out, md)
 
 

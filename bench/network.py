@@ -107,13 +107,17 @@ class Coordinator:
             time.sleep(0.2)
         raise RuntimeError(f"coordinator not healthy after {STARTUP_S:.0f} s")
 
-    def create_study(self, study: str, sites: list[str], plan: dict[str, Any]) -> dict[str, str]:
+    def create_study(self, study: str, sites: list[str], plan: dict[str, Any],
+                     **fields: Any) -> dict[str, str]:
+        """A study of the synthetic cohort's columns; `fields` add to (or replace) the
+        creation request's."""
         from cardiofed.data.catalog import study_columns
 
         names, ranges = study_columns("synthetic")
         r = self.client.post("/v1/studies", json={
             "id": study, "plan": plan, "sites": sites, "feature_names": names,
-            "feature_ranges": ranges, "min_sites": None, "round_timeout_s": 3600.0})
+            "feature_ranges": ranges, "min_sites": None, "round_timeout_s": 3600.0,
+            **fields})
         if r.status_code != 201:
             raise RuntimeError(f"create study {study}: {r.status_code} {r.text}")
         return dict(r.json()["enrolment_tokens"])

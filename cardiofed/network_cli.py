@@ -104,7 +104,9 @@ def create_study(
     features_file: Annotated[Path | None, typer.Option(
         help="The study's own features and outcome (TOML); they travel with the plan.")]
         = None,
-    config: Annotated[Path | None, typer.Option(help="TOML training plan.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="TOML plan: training, or an [attribution] table for an attribution study.")]
+        = None,
     rounds: Annotated[int | None, typer.Option(help="Override the plan's rounds.")] = None,
     min_sites: Annotated[int | None, typer.Option(
         help="Reports a round needs once its deadline passed (default: all sites).")] = None,
@@ -130,8 +132,9 @@ def create_study(
             changes["study_features"] = StudyFeatures.from_toml(features_file)
         if changes:
             plan = SimulationConfig.create(**{**plan.model_dump(), **changes})
-        names, ranges = study_columns(dataset, features.split(",") if features else None,
-                                      plan.catalogue())
+        # An attribution study's columns are its covariates' encoding (the coordinator's).
+        names, ranges = (None, None) if plan.attribution is not None else study_columns(
+            dataset, features.split(",") if features else None, plan.catalogue())
     except CardioFedError as exc:
         raise fail(exc) from None
     from cardiofed.serving.provenance import OUTCOME_OF_DATASET

@@ -46,17 +46,20 @@ async def next_task(site: CurrentSite, db: DB, settings: Settings, request: Requ
     give_up = time.monotonic() + min(wait, settings.long_poll_s)
     while True:
         task = await run_in_threadpool(_poll, db, site, clock)
-        if task is not None or time.monotonic() >= give_up or await request.is_disconnected():
-            return task if task is not None else Response(status_code=204)
+        if isinstance(task, TaskResponse):
+            return task
+        if task == "done" or time.monotonic() >= give_up or await request.is_disconnected():
+            return Response(status_code=204)  # a finished study answers at once
         await asyncio.sleep(0.2)
 
 
-def _poll(db: Session, site: Site, clock: service.Clock) -> TaskResponse | None:
+def _poll(db: Session, site: Site, clock: service.Clock) -> TaskResponse | str | None:
+    """The site's task, "done" when its study has finished, or None."""
     try:
         db.expire_all()
         task = service.next_task(db, site, clock)
         if task is None:
-            return None
+            return "done" if service.get_study(db, site.study_id).phase == "done" else None
         study = service.get_study(db, task.study_id)
         return TaskResponse(study=task.study_id, round=task.round, kind=task.kind,
                             model_version=task.model_version,
