@@ -157,6 +157,27 @@ def create_study(
     console.print(table)
 
 
+@admin_app.command("attribution-report")
+def attribution_report(
+    study: Annotated[str, typer.Option(help="A finished attribution study.")],
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("cardiofed-attribution"),
+    url: Url = "https://127.0.0.1:8443",
+    admin_key_file: KeyFile = Path("cardiofed-admin.key"),
+    ca_file: CaFile = None,
+) -> None:
+    """Write a networked attribution study's report (JSON, HTML, Love plot, overlap)."""
+    from cardiofed.causal.report import write_report
+    from cardiofed.coordinator.attribution import ASSUMPTIONS, result_of
+
+    with _admin_client(url, admin_key_file, ca_file) as client:
+        body = _checked(client.get(f"/v1/studies/{study}/attribution")).json()
+    card = body["card"]
+    write_report(result_of(body), out, caveats=ASSUMPTIONS, title=(
+        f"Attribution study {study}: {card['treatment']} on {card['outcome']}, "
+        f"{body['estimand']}"))
+    console.print(f"Report: {out / 'attribution.html'}")
+
+
 @admin_app.command("new-key")
 def new_key(key_file: Annotated[Path, typer.Option(help="Where to write the new credential "
                                                     "(must not exist).")],

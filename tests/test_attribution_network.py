@@ -12,6 +12,7 @@ from test_coordinator import Federation, _until_done  # type: ignore[import-not-
 from cardiofed.causal.design import COVARIATES, TREATMENT
 from cardiofed.causal.sources import synthetic_sites
 from cardiofed.causal.study import run_attribution
+from cardiofed.coordinator.attribution import result_of
 from cardiofed.node.agent import NodeAgent
 from cardiofed.wire import encode_arrays
 
@@ -60,6 +61,9 @@ def test_networked_attribution_equals_the_simulator(tmp_path: Path) -> None:
                                 for k, v in expected.balance.items()}
     # One round per step: moments, the Newton steps, estimate, sandwich.
     assert status["round"] == expected.propensity.iterations + 2
+    again = result_of(body)  # what `cardiofed admin attribution-report` renders
+    assert again.effects == expected.effects and again.covariates == expected.covariates
+    np.testing.assert_array_equal(again.propensity.beta, expected.propensity.beta)
 
 
 def test_a_site_leaving_restarts_the_analysis_without_it(tmp_path: Path) -> None:

@@ -486,6 +486,41 @@ def test_async_study_over_loopback_does_not_wait_for_a_slow_node(
     assert trained == {SYN_SITES[0]: 4, SYN_SITES[1]: 4, slow: 1}
 
 
+def test_attribution_study_over_loopback_equals_the_simulator(
+        procs: Processes, shared: Coordinator) -> None:
+    """``cardiofed admin create-study`` with an [attribution] plan and three ``cardiofed
+    node run`` processes: the analysis's estimates are the simulator's exactly, and the
+    nodes sent nothing but the steps' sums."""
+    from cardiofed.causal.design import TREATMENT
+    from cardiofed.causal.sources import synthetic_sites
+    from cardiofed.causal.study import run_attribution
+
+    covariates = ["age", "sex", "total_cholesterol", "hdl_cholesterol", "systolic_bp",
+                  "bp_treated", "current_smoker", "diabetes"]
+    fed = Federation(procs, shared, "att", "synthetic", SYN_SITES, {"attribution": {
+        "treatment": TREATMENT, "covariates": covariates, "estimand": "ATT"}})
+    fed.start()
+
+    fed.finish()
+
+    with shared.client() as client:
+        result = client.get("/v1/studies/att/attribution").json()
+    rows, columns = synthetic_sites(12, seed=0)
+    by_name = {s.name: s for s in rows}
+    expected = run_attribution([by_name[s] for s in SYN_SITES], columns, estimand="ATT")
+    for method, effect in expected.effects.items():
+        assert result["estimate"][method]["risk_difference"] == effect.risk_difference
+        assert result["estimate"][method]["rr_high"] == effect.rr_high
+    kinds = [e["kind"] for e in fed.outbound(SYN_SITES[0])]
+    assert kinds[0] == "moments" and kinds[-2:] == ["estimate", "sandwich"]
+    assert set(kinds[1:-2]) == {"newton"}
+    report = procs.root / "att-report"
+    done = in_process("admin", "attribution-report", "--url", shared.url, "--admin-key-file",
+                      str(shared.key_file), "--study", "att", "--out", str(report))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "lipid_lowering on cvd_10y" in (report / "attribution.html").read_text()
+
+
 def test_coordinator_sigkill_mid_training_loses_nothing(
         procs: Processes, coordinators: dict[str, Coordinator],
         synthetic_reference: ExperimentResult) -> None:

@@ -340,6 +340,7 @@ def test_every_status_is_declared_with_its_body(risk: Risk) -> None:
         ("get", "/v1/models/{version}"): {"200", "401", "403", "404", "413", "422", "429"},
         ("post", "/v1/models/{version}/promote"): {"200", "401", "403", "404", "413", "422",
                                                   "429"},
+        ("post", "/v1/attribution"): {"200", "401", "403", "404", "409", "413", "422", "429"},
         ("get", "/healthz"): {"200", "413"},
         ("get", "/metrics"): {"200", "401", "403", "413", "429"},
     }

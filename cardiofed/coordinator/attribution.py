@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from cardiofed.causal.study import (
     STEPS,
     AttributionPlan,
+    AttributionResult,
     expected_arrays,
     next_state,
     start,
@@ -143,6 +144,7 @@ def report(study: Study) -> AttributionResponse:
         "estimate": result["effects"],
         "balance": result["balance"], "balanced": result["balanced"],
         "overlap": {"bins": len(result["overlap"]["treated"]), **result["overlap"]},
+        "propensity": result["propensity"],
         "card": {"treatment": plan.treatment, "outcome": study.outcome,
                  "covariates": plan.covariates, "columns": result["covariates"],
                  "methods": plan.chosen_methods, "trim": plan.trim, "sites": a["sites"],
@@ -151,3 +153,16 @@ def report(study: Study) -> AttributionResponse:
                  "restarts": a.get("restarts", 0), "notes": result["notes"],
                  "assumptions": ASSUMPTIONS},
     })
+
+
+def result_of(body: dict[str, Any]) -> AttributionResult:
+    """The analysis of a :func:`report` body (as the API returns it), for
+    :func:`cardiofed.causal.report.write_report`."""
+    card = body["card"]
+    return AttributionResult.from_dict({
+        "estimand": body["estimand"], "covariates": card["columns"],
+        "propensity": body["propensity"],
+        "propensity_newton_steps": card["propensity_newton_steps"],
+        "effects": body["estimate"], "balance": body["balance"],
+        "overlap": {arm: body["overlap"][arm] for arm in ("treated", "control")},
+        "trimmed": card["trimmed"], "sites": len(card["sites"]), "notes": card["notes"]})

@@ -117,6 +117,15 @@ class Overlap(BaseModel):
     control: list[float]
 
 
+class Propensity(BaseModel):
+    """The propensity model: logistic coefficients (intercept first) on the covariates'
+    columns standardised with the federation's mean and SD."""
+
+    coefficients: list[float]
+    mean: list[float]
+    sd: list[float]
+
+
 class AttributionCard(BaseModel):
     treatment: str
     outcome: str | None
@@ -143,4 +152,5 @@ class AttributionResponse(BaseModel):
     balance: dict[str, dict[str, float]]
     balanced: dict[str, bool]
     overlap: Overlap
+    propensity: Propensity
     card: AttributionCard
