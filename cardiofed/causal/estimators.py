@@ -110,10 +110,17 @@ def _effect(mu1: float, mu0: float, var_rd: float, var_log_rr: float, n1: float,
                   rr * math.exp(-Z95 * se_lrr), rr * math.exp(Z95 * se_lrr), n1, n0)
 
 
-def weighting_effect(sums: WeightedSums, a: np.ndarray, b: np.ndarray, n1: float, n0: float
-                     ) -> Effect:
-    """The effect from the combined sums and the sandwich ``A^-1 B A^-T``."""
+def weighting_effect(sums: WeightedSums, a: np.ndarray, b: np.ndarray, n1: float, n0: float,
+                     noise: tuple[float, float] | None = None) -> Effect:
+    """The effect from the combined sums and the sandwich ``A^-1 B A^-T``. `noise`: the
+    variance per entry of the Gaussian noise on the propensity model's last gradient and
+    on the weighted sums (a private analysis); it adds to the estimating equations'
+    variance (B), so the interval covers the noise too (to first order)."""
     mu1, mu0 = sums.means()
+    if noise is not None:
+        grad_var, sums_var = noise
+        p = len(b) - 2
+        b = b + np.diag([grad_var] * p + [sums_var * (1 + mu1 ** 2), sums_var * (1 + mu0 ** 2)])
     a_inv = np.linalg.inv(a)
     v = a_inv @ b @ a_inv.T
     c_rd = np.zeros(len(v))

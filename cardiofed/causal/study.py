@@ -17,6 +17,7 @@ Then the effects, balance and E-values. The state between steps is JSON.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -43,14 +44,28 @@ from cardiofed.causal.estimators import (
     weights,
 )
 from cardiofed.causal.propensity import (
+    MAX_NEWTON,
     PropensityModel,
     Standardiser,
     newton_step,
     newton_terms,
+    sigmoid,
 )
 from cardiofed.exceptions import ConfigurationError, DataValidationError
 
 METHODS = ("iptw", "overlap", "matching")
+# A private analysis (AttributionPlan.private): every row clipped to the schema's ranges;
+# noisy moments of the covariates (scaled to [-1, 1] by those ranges) set the
+# standardiser; each row's standardised covariates clipped to an L2 norm of
+# PRIVATE_Z_NORM * sqrt(k) (a winsorisation of outlying patients, which bounds every
+# row's part in every sum); a fixed number of Newton steps; weighting only (iptw with
+# trim > 0). Each of these releases is one Gaussian mechanism at the site.
+PRIVATE_NEWTON_STEPS = 6
+PRIVATE_Z_NORM = 2.0
+PRIVATE_MIN_SD = 0.05  # of the half range: the floor of a noisy standard deviation
+# The weighted sums (the effect's numerators and denominators) and the means' parts of
+# the sandwich get this many times the share of each other block of their step.
+PRIVATE_PRIORITY = 4.0
 STEPS = ("moments", "newton", "estimate", "sandwich", "done")
 OVERLAP_BINS = 20
 SMD_LIMIT = 0.1
@@ -71,9 +86,19 @@ class AttributionPlan(BaseModel):
     trim: float = Field(0.0, ge=0, lt=0.5, description="weighting leaves out scores below "
                                                        "trim or above 1 - trim")
     seed: int = Field(0, description="the matching order (not a private release)")
+    private: bool = Field(False, description="a schedule sites with a privacy budget can "
+                                             "take part in (see PRIVATE_SCHEDULE)")
+    newton_steps: int | None = Field(None, ge=1, le=MAX_NEWTON, description=(
+        "a fixed number of Newton steps (default: until converged; private: 8)"))
 
     @model_validator(mode="after")
     def _consistent(self) -> AttributionPlan:
+        if self.private and "matching" in (self.methods or []):
+            raise ValueError("matching cannot be private (one patient can change every "
+                             "later match); use iptw or overlap")
+        if self.private and "iptw" in self.chosen_methods and self.trim <= 0:
+            raise ValueError("a private analysis with iptw needs trim > 0 (the weights "
+                             "must be bounded); e.g. trim = 0.02, or use overlap only")
         if self.methods is not None and not self.methods:
             raise ValueError("methods: name at least one of iptw, overlap, matching")
         if self.methods is not None and len(set(self.methods)) != len(self.methods):
@@ -89,7 +114,19 @@ class AttributionPlan(BaseModel):
     def chosen_methods(self) -> list[str]:
         if self.methods is not None:
             return list(self.methods)
-        return [m for m in METHODS if m != "matching" or self.estimand == "ATT"]
+        return [m for m in METHODS if m != "matching" or (self.estimand == "ATT"
+                                                            and not self.private)]
+
+    @property
+    def fixed_steps(self) -> int | None:
+        """The number of Newton steps when it is fixed in advance."""
+        return self.newton_steps or (PRIVATE_NEWTON_STEPS if self.private else None)
+
+    @property
+    def releases(self) -> int:
+        """The Gaussian releases a site makes in a private analysis (moments, Newton,
+        estimate, sandwich)."""
+        return (self.fixed_steps or MAX_NEWTON) + 3
 
     @property
     def weighting(self) -> list[str]:
@@ -179,9 +216,33 @@ class AttributionResult:
 
 # ---------------------------------------------------------------- the steps
 
-def start(plan: AttributionPlan, columns: list[str]) -> dict[str, Any]:
-    """The state before the first step (`columns`: the covariates' model columns)."""
-    return {"step": "moments", "inputs": {}, "columns": columns, "iterations": 0}
+def start(plan: AttributionPlan, columns: list[str],
+          ranges: Sequence[Sequence[float]] | None = None) -> dict[str, Any]:
+    """The state before the first step (`columns`: the covariates' model columns;
+    `ranges`: their schema ranges, which a private analysis clips to)."""
+    state: dict[str, Any] = {"step": "moments", "inputs": {}, "columns": columns,
+                             "iterations": 0}
+    if plan.private:
+        if ranges is None or len(ranges) != len(columns):
+            raise ConfigurationError("A private analysis needs the schema's range of every "
+                                     "covariate column.")
+        state["ranges"] = [list(map(float, r)) for r in ranges]
+    return state
+
+
+def _scaled(x: np.ndarray, ranges: Sequence[Sequence[float]]) -> np.ndarray:
+    """Rows clipped to `ranges`, scaled to [-1, 1]."""
+    low, high = np.array(ranges, dtype=float).T
+    out: np.ndarray = (np.clip(x, low, high) - (low + high) / 2) / ((high - low) / 2)
+    return out
+
+
+def _clipped_design(model: PropensityModel, x: np.ndarray, bound: float) -> np.ndarray:
+    """The design with each row's standardised covariates clipped to L2 norm `bound`."""
+    z = model.standardiser.design(x)
+    norms = np.linalg.norm(z[:, 1:], axis=1)
+    z[:, 1:] *= np.minimum(1.0, bound / np.maximum(norms, 1e-300))[:, None]
+    return z
 
 
 def _model(state: dict[str, Any]) -> PropensityModel:
@@ -202,7 +263,9 @@ def _site_weights(plan: AttributionPlan, method: str, e: np.ndarray, t: np.ndarr
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Each patient's weight and its derivative; zero for the trimmed."""
     keep = _kept(plan, e)
-    w, dw = weights(e, t, "overlap" if method == "overlap" else "iptw", plan.estimand)
+    # A trimmed patient's score is replaced before weighting: 1/e may be infinite.
+    w, dw = weights(np.where(keep, e, 0.5), t, "overlap" if method == "overlap" else "iptw",
+                    plan.estimand)
     return w * keep, dw * keep
 
 
@@ -212,19 +275,33 @@ def _kept(plan: AttributionPlan, e: np.ndarray) -> np.ndarray:
 
 
 def site_step(plan: AttributionPlan, state: dict[str, Any], site: SiteArrays,
-              site_index: int) -> Arrays:
-    """What `site` sends for the state's step: sums over its rows, never a row."""
+              site_index: int, ranges: Sequence[Sequence[float]] | None = None) -> Arrays:
+    """What `site` sends for the state's step: sums over its rows, never a row. In a
+    private analysis the rows are first clipped to `ranges` (the site's schema ranges),
+    which bound each row's part in every sum (:func:`release_blocks`)."""
     step = state["step"]
     site.check(len(state["columns"]))
     x, t, y = site.x, site.treated, site.outcome
+    if plan.private:
+        if ranges is None:
+            raise ConfigurationError("A private analysis clips each row to the schema's "
+                                     "ranges; give them.")
+        if step == "moments":
+            u = _scaled(x, ranges)
+            return {"n": np.array([float(len(u))]), "sum": u.sum(axis=0),
+                    "sumsq": (u ** 2).sum(axis=0)}
+        low, high = np.array(ranges, dtype=float).T
+        x = np.clip(x, low, high)
     if step == "moments":
         return {"n": np.array([float(len(x))]), "sum": x.sum(axis=0), "cross": x.T @ x}
     model = _model(state)
-    z = model.standardiser.design(x)
+    z = (_clipped_design(model, x, _z_norm(len(state["columns"]))) if plan.private
+         else model.standardiser.design(x))
+    cols = z[:, 1:]  # balance on the standardised columns (an SMD does not change)
     if step == "newton":
-        grad, info, loglik = newton_terms(z, t, model.beta)
-        return {"grad": grad, "info": info, "loglik": np.array([loglik])}
-    e = model.score(x)
+        grad, info, _ = newton_terms(z, t, model.beta)
+        return {"grad": grad, "info": info}
+    e = sigmoid(z @ model.beta)
     out: Arrays = {}
     if step == "estimate":
         edges = np.linspace(0, 1, OVERLAP_BINS + 1)
@@ -232,25 +309,124 @@ def site_step(plan: AttributionPlan, state: dict[str, Any], site: SiteArrays,
         out["overlap.control"] = np.histogram(e[t == 0], edges)[0].astype(float)
         keep = _kept(plan, e)
         out["kept"] = np.array([float(np.sum(keep & (t == 0))), float(np.sum(keep & (t == 1)))])
-        out.update(_arm_arrays("before", arm_sums(x, t)))
+        out["rows"] = np.array([float(len(x))])
+        out.update(_arm_arrays("before", arm_sums(cols, t)))
         for method in plan.weighting:
             w, _ = _site_weights(plan, method, e, t)
             out[f"{method}.sums"] = np.array(weighted_sums(w, t, y).astuple())
-            out.update(_arm_arrays(method, arm_sums(x, t, w)))
+            out.update(_arm_arrays(method, arm_sums(cols, t, w)))
         if "matching" in plan.chosen_methods:
             rng = np.random.default_rng([plan.seed, 0x3A7C, site_index])
             pairs = match_within_site(model.logit(x), t, state["inputs"]["caliper"], rng)
             out["matching.pairs"] = np.array(list(pair_sums(y, t, pairs).__dict__.values()))
             rows = pairs.ravel()
-            out.update(_arm_arrays("matching", arm_sums(x[rows], t[rows])))
+            out.update(_arm_arrays("matching", arm_sums(cols[rows], t[rows])))
         return out
     if step == "sandwich":
         for method in plan.weighting:
             w, dw = _site_weights(plan, method, e, t)
             a, b = sandwich_terms(z, t, y, e, w, dw, tuple(state["inputs"]["means"][method]))
-            out[f"{method}.a"], out[f"{method}.b"] = a, b
+            out.update(_sandwich_blocks(method, a, b))
         return out
     raise ConfigurationError(f"step must be one of {', '.join(STEPS[:-1])}; got {step!r}.")
+
+
+def _sandwich_blocks(method: str, a: np.ndarray, b: np.ndarray) -> Arrays:
+    """The sandwich's matrices in blocks: propensity (bb), mean by propensity (mb), means
+    (mm; A's is diagonal), which a private release bounds separately."""
+    p = len(a) - 2
+    return {f"{method}.a_bb": a[:p, :p], f"{method}.a_mb": a[p:, :p],
+            f"{method}.a_mm": np.diag(a[p:, p:]).copy(), f"{method}.b_bb": b[:p, :p],
+            f"{method}.b_mb": b[p:, :p], f"{method}.b_mm": b[p:, p:]}
+
+
+def _sandwich_matrices(totals: dict[str, Any], method: str) -> tuple[np.ndarray, np.ndarray]:
+    """The sums of :func:`_sandwich_blocks`, put together again (B symmetric)."""
+    def block(name: str) -> np.ndarray:
+        return np.asarray(totals[f"{method}.{name}"])
+
+    a = np.block([[block("a_bb"), np.zeros((len(block("a_bb")), 2))],
+                  [block("a_mb"), np.diag(block("a_mm"))]])
+    b = np.block([[block("b_bb"), block("b_mb").T], [block("b_mb"), block("b_mm")]])
+    return a, b
+
+
+# ---------------------------------------------------------------- private releases
+
+def _weight_bounds(plan: AttributionPlan, method: str) -> tuple[float, float]:
+    """The largest weight and |d weight / d logit| of a kept patient (scores in
+    [trim, 1 - trim])."""
+    if method == "overlap":
+        return 1.0, 0.25
+    odds = (1 - plan.trim) / plan.trim
+    return (1 / plan.trim if plan.estimand == "ATE" else max(1.0, odds)), odds
+
+
+def _z_norm(k: int) -> float:
+    return PRIVATE_Z_NORM * math.sqrt(k)
+
+
+def release_blocks(plan: AttributionPlan, step: str, k: int,
+                   means: dict[str, list[float]] | None = None
+                   ) -> dict[str, tuple[list[str], float]]:
+    """The arrays of `step` in blocks, each with the L2 norm one patient's part in it can
+    have at most: rows scaled to [-1, 1] (moments), or standardised covariates clipped
+    to norm ``PRIVATE_Z_NORM * sqrt(k)``; weights bounded by the trim; for the sandwich
+    |y - mu| is at most the largest of |mu| and |1 - mu| for the federation's `means`.
+    One patient touches every block; :func:`release` shares the release's sensitivity
+    out among them."""
+    c = _z_norm(k)
+    r = math.sqrt(1.0 + c * c)  # ||z|| with the intercept
+    if step == "moments":
+        return {"n": (["n"], 1.0), "sum": (["sum"], math.sqrt(k)),
+                "sumsq": (["sumsq"], math.sqrt(k))}
+    if step == "newton":
+        return {"grad": (["grad"], r), "info": (["info"], r * r / 4)}
+    if step == "estimate":
+        blocks = {"overlap": (["overlap.treated", "overlap.control"], 1.0),
+                  "counts": (["kept", "rows"], math.sqrt(2)),
+                  "before.w": (["before.w"], 1.0), "before.wx": (["before.wx"], c),
+                  "before.wx2": (["before.wx2"], c * c)}
+        for m in plan.weighting:
+            w, _ = _weight_bounds(plan, m)
+            blocks.update({f"{m}.sums": ([f"{m}.sums"], w * math.sqrt(2)),
+                           f"{m}.w": ([f"{m}.w"], w), f"{m}.wx": ([f"{m}.wx"], w * c),
+                           f"{m}.wx2": ([f"{m}.wx2"], w * c * c)})
+        return blocks
+    if step == "sandwich":
+        blocks = {}
+        for m in plan.weighting:
+            w, dw = _weight_bounds(plan, m)
+            u = max(1.0, *(abs(v) for mu in (means or {}).get(m, []) for v in (mu, 1 - mu)))
+            bounds = {"a_bb": r * r / 4, "a_mb": dw * u * r, "a_mm": w, "b_bb": r * r,
+                      "b_mb": w * u * r, "b_mm": (w * u) ** 2}
+            blocks.update({f"{m}.{k}": ([f"{m}.{k}"], v) for k, v in bounds.items()})
+        return blocks
+    raise ConfigurationError(f"A private analysis releases nothing in step {step!r}.")
+
+
+def release(plan: AttributionPlan, state: dict[str, Any], arrays: Arrays,
+            noise_multiplier: float, rng: np.random.Generator | None) -> Arrays:
+    """A private analysis's arrays as a site releases them: one Gaussian mechanism of
+    ``noise_multiplier`` (none for a site without a budget: 0) over the step's blocks,
+    and each block's noise variance per entry as ``noise_var.<block>``, which the
+    intervals take into account."""
+    blocks = release_blocks(plan, state["step"], len(state["columns"]),
+                            state["inputs"].get("means"))
+    # Block j is released scaled by sqrt(a_j) / bound_j (shares a_j summing to 1): the
+    # release's sensitivity is 1 and block j's noise noise_multiplier * bound_j / sqrt(a_j).
+    priority = {b: PRIVATE_PRIORITY if b.endswith((".sums", ".b_mm", ".a_mm")) else 1.0
+                for b in blocks}
+    total = sum(priority.values())
+    out = dict(arrays)
+    for block, (names, bound) in blocks.items():
+        std = noise_multiplier * bound * math.sqrt(total / priority[block])
+        if std > 0:
+            assert rng is not None, "noise needs the site's secret generator"
+            for name in names:
+                out[name] = arrays[name] + rng.normal(0.0, std, arrays[name].shape)
+        out[f"noise_var.{block}"] = np.array([std * std])
+    return out
 
 
 def expected_arrays(plan: AttributionPlan, step: str, k: int) -> dict[str, tuple[int, ...]]:
@@ -260,22 +436,29 @@ def expected_arrays(plan: AttributionPlan, step: str, k: int) -> dict[str, tuple
     def arms(prefix: str) -> dict[str, tuple[int, ...]]:
         return {f"{prefix}.w": (2,), f"{prefix}.wx": (2, k), f"{prefix}.wx2": (2, k)}
 
+    out: dict[str, tuple[int, ...]]
     if step == "moments":
-        return {"n": (1,), "sum": (k,), "cross": (k, k)}
-    if step == "newton":
-        return {"grad": (p,), "info": (p, p), "loglik": (1,)}
-    if step == "estimate":
+        out = ({"n": (1,), "sum": (k,), "sumsq": (k,)} if plan.private
+               else {"n": (1,), "sum": (k,), "cross": (k, k)})
+    elif step == "newton":
+        out = {"grad": (p,), "info": (p, p)}
+    elif step == "estimate":
         out = {"overlap.treated": (OVERLAP_BINS,), "overlap.control": (OVERLAP_BINS,),
-               "kept": (2,), **arms("before")}
+               "kept": (2,), "rows": (1,), **arms("before")}
         for method in plan.weighting:
             out.update({f"{method}.sums": (4,), **arms(method)})
         if "matching" in plan.chosen_methods:
             out.update({"matching.pairs": (len(PairSums.__dataclass_fields__),),
                         **arms("matching")})
-        return out
-    if step == "sandwich":
-        return {f"{m}.{ab}": (p + 2, p + 2) for m in plan.weighting for ab in "ab"}
-    raise ConfigurationError(f"No site sends anything in step {step!r}.")
+    elif step == "sandwich":
+        shapes = {"a_bb": (p, p), "a_mb": (2, p), "a_mm": (2,), "b_bb": (p, p),
+                  "b_mb": (2, p), "b_mm": (2, 2)}
+        out = {f"{m}.{k}": v for m in plan.weighting for k, v in shapes.items()}
+    else:
+        raise ConfigurationError(f"No site sends anything in step {step!r}.")
+    if plan.private:
+        out.update({f"noise_var.{b}": (1,) for b in release_blocks(plan, step, k)})
+    return out
 
 
 def add(total: Arrays | None, arrays: Arrays) -> Arrays:
@@ -291,26 +474,34 @@ def next_state(plan: AttributionPlan, state: dict[str, Any], totals: Arrays,
     state = dict(state)
     step = state["step"]
     if step == "moments":
-        n, s1, cross = float(totals["n"][0]), totals["sum"], totals["cross"]
+        n, s1 = float(totals["n"][0]), totals["sum"]
         if n < 2:
             raise DataValidationError(f"The sites hold {n:g} rows in all; an analysis "
                                       f"needs more.")
-        standardiser = Standardiser.from_sums(n, s1, np.diag(cross))
-        state["moments"] = {"n": n, "sum": s1.tolist(), "cross": cross.tolist()}
+        if plan.private:
+            standardiser = _private_standardiser(n, s1, totals["sumsq"], state["ranges"])
+        else:
+            standardiser = Standardiser.from_sums(n, s1, np.diag(totals["cross"]))
+            state["moments"] = {"n": n, "sum": s1.tolist(), "cross": totals["cross"].tolist()}
         state["inputs"] = {"mean": standardiser.mean.tolist(), "sd": standardiser.sd.tolist(),
                            "beta": [0.0] * (len(s1) + 1)}
         state["step"] = "newton"
     elif step == "newton":
         state["iterations"] += 1
+        fixed = plan.fixed_steps
         beta, converged = newton_step(np.asarray(state["inputs"]["beta"]), totals["grad"],
-                                      totals["info"], state["iterations"])
+                                      totals["info"], 0 if fixed else state["iterations"])
         state["inputs"] = {**state["inputs"], "beta": beta.tolist()}
-        state["loglik"] = float(totals["loglik"][0])
-        if converged:
+        if "noise_var.grad" in totals:  # the last step's gradient noise stays in beta
+            state["grad_noise_var"] = float(totals["noise_var.grad"][0])
+        if fixed is not None:
+            converged = state["iterations"] >= fixed
+        if converged and "matching" in plan.chosen_methods:
             moments = state["moments"]
             state["inputs"]["caliper"] = caliper_of(
                 _model(state), moments["n"], np.asarray(moments["sum"]),
                 np.asarray(moments["cross"]))
+        if converged:
             state["step"] = "estimate"
     elif step == "estimate":
         state["estimate"] = {k: v.tolist() for k, v in totals.items()}
@@ -327,17 +518,35 @@ def next_state(plan: AttributionPlan, state: dict[str, Any], totals: Arrays,
     return state
 
 
+def _private_standardiser(n: float, s1: np.ndarray, s2: np.ndarray,
+                          ranges: Sequence[Sequence[float]]) -> Standardiser:
+    """From noisy moments of the rows scaled to [-1, 1]: the mean kept in range and the
+    SD at least PRIVATE_MIN_SD of the half range."""
+    low, high = np.array(ranges, dtype=float).T
+    half = (high - low) / 2
+    mean_u = np.clip(s1 / n, -1, 1)
+    sd_u = np.sqrt(np.maximum(s2 / n - mean_u ** 2, PRIVATE_MIN_SD ** 2))
+    return Standardiser((low + high) / 2 + half * mean_u, half * sd_u)
+
+
 def _result(plan: AttributionPlan, state: dict[str, Any], sites: int) -> AttributionResult:
     est = state["estimate"]
     effects: dict[str, Effect] = {}
     balance = {"before": _arms(est, "before").smd()}
     kept = est["kept"]
-    for method in plan.weighting:
-        effects[method] = weighting_effect(
-            WeightedSums(*est[f"{method}.sums"]), np.asarray(state["sandwich"][f"{method}.a"]),
-            np.asarray(state["sandwich"][f"{method}.b"]), kept[1], kept[0])
-        balance[method] = _arms(est, method).smd()
     notes = []
+    for method in plan.weighting:
+        noise = None
+        if plan.private:
+            noise = (state.get("grad_noise_var", 0.0), est[f"noise_var.{method}.sums"][0])
+        effects[method] = weighting_effect(
+            WeightedSums(*est[f"{method}.sums"]),
+            *_sandwich_matrices(state["sandwich"], method), kept[1], kept[0], noise=noise)
+        balance[method] = _arms(est, method).smd()
+    if plan.private:
+        notes.append("private: every site's sums carry Gaussian noise (none from a site "
+                     "without a budget); the intervals add the noise's variance, the "
+                     "balance and counts are noisy")
     if "matching" in plan.chosen_methods:
         pairs = PairSums(*est["matching.pairs"])
         try:
@@ -352,25 +561,47 @@ def _result(plan: AttributionPlan, state: dict[str, Any], sites: int) -> Attribu
                              {m: effects[m] for m in plan.chosen_methods}, balance,
                              {arm: np.asarray(est[f"overlap.{arm}"])
                               for arm in ("treated", "control")},
-                             int(state["moments"]["n"] - sum(kept)), sites, notes)
+                             max(0, round(est["rows"][0] - sum(kept))), sites, notes)
 
 
 # ---------------------------------------------------------------- in simulation
 
 def run_attribution(sites: Sequence[SiteArrays], covariates: list[str], *,
                     estimand: str = "ATE", methods: Sequence[str] | None = None,
-                    trim: float = 0.0, seed: int = 0) -> AttributionResult:
+                    trim: float = 0.0, seed: int = 0, private: bool = False,
+                    epsilon: float | None = None, delta: float = 1e-5,
+                    ranges: Sequence[Sequence[float]] | None = None) -> AttributionResult:
     """Every requested estimator over `sites`, step by step as a networked study runs.
     `trim`: leave out patients whose score is below `trim` or above ``1 - trim``
-    (weighting only); `seed`: the matching order."""
+    (weighting only); `seed`: the matching order. `private` (implied by `epsilon`): the
+    private schedule, rows clipped to `ranges` (default: the schema's for `covariates`);
+    `epsilon`: every site spends it (at `delta`) on its releases, with noise from a
+    secret source."""
     plan = AttributionPlan.parse({"covariates": covariates, "estimand": estimand,
                                   "methods": None if methods is None else list(methods),
-                                  "trim": trim, "seed": seed})
-    state = start(plan, covariates)
+                                  "trim": trim, "seed": seed,
+                                  "private": private or epsilon is not None})
+    sigma, rng = 0.0, None
+    if plan.private:
+        if ranges is None:
+            from cardiofed.data.dataset import feature_ranges_for
+
+            ranges = feature_ranges_for(covariates)
+        if epsilon is not None:
+            from cardiofed.privacy.accountant import calibrate_noise
+            from cardiofed.privacy.randomness import secure_numpy_rng
+
+            sigma = calibrate_noise(target_epsilon=epsilon, delta=delta, sample_rate=1.0,
+                                    steps=plan.releases)
+            rng = secure_numpy_rng()
+    state = start(plan, covariates, ranges)
     while state["step"] != "done":
         totals: Arrays | None = None
         for index, site in enumerate(sites):
-            totals = add(totals, site_step(plan, state, site, index))
+            arrays = site_step(plan, state, site, index, ranges)
+            if plan.private:
+                arrays = release(plan, state, arrays, sigma, rng)
+            totals = add(totals, arrays)
         if totals is None:
             raise DataValidationError("An analysis needs at least one site.")
         state = next_state(plan, state, totals, len(sites))
