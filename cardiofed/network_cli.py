@@ -167,12 +167,13 @@ def attribution_report(
 ) -> None:
     """Write a networked attribution study's report (JSON, HTML, Love plot, overlap)."""
     from cardiofed.causal.report import write_report
-    from cardiofed.coordinator.attribution import ASSUMPTIONS, result_of
+    from cardiofed.coordinator.attribution import result_of
 
     with _admin_client(url, admin_key_file, ca_file) as client:
         body = _checked(client.get(f"/v1/studies/{study}/attribution")).json()
     card = body["card"]
-    write_report(result_of(body), out, caveats=ASSUMPTIONS, title=(
+    write_report(result_of(body), out, caveats=f"{card['assumptions']} {card['releases']}",
+                 title=(
         f"Attribution study {study}: {card['treatment']} on {card['outcome']}, "
         f"{body['estimand']}"))
     console.print(f"Report: {out / 'attribution.html'}")

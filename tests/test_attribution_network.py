@@ -132,13 +132,63 @@ def test_malformed_sums_are_refused_with_a_reason(tmp_path: Path) -> None:
         assert r.status_code == 422 and reason in r.json()["detail"], r.text
 
 
-def test_a_site_with_a_privacy_budget_refuses_exact_sums(tmp_path: Path) -> None:
+def _budget(tmp_path: Path, site: str, epsilon: float = 8.0) -> dict[str, object]:
+    return {"privacy": {"epsilon_max": epsilon, "ledger_dir": str(tmp_path / f"ledger-{site}")}}
+
+
+def test_a_site_with_a_privacy_budget_refuses_a_plan_that_is_not_private(
+        tmp_path: Path) -> None:
     fed = _federation(tmp_path)
-    agent = fed.agent(SITES[0], privacy={"epsilon_max": 4.0,
-                                         "ledger_dir": str(tmp_path / "ledger")})
-    agent.run(max_tasks=1)
+    fed.agent(SITES[0], **_budget(tmp_path, SITES[0])).run(max_tasks=1)
     refusals = fed.status()["refusals"]
-    assert refusals and "releases exact sums" in refusals[0]["reason"]
+    assert refusals and "the attribution plan is not private" in refusals[0]["reason"]
+
+
+PRIVATE = {**ATTRIBUTION, "private": True, "methods": ["overlap", "iptw"], "trim": 0.05}
+
+
+def test_a_private_study_charges_each_budget_and_adds_noise_only_there(
+        tmp_path: Path) -> None:
+    """Two sites with budgets, two without: the study finishes; each budgeted site's
+    ledger holds one attribution release per step, within its budget; its sums carry
+    noise (a non-integer row count, a noise variance > 0), the others' are exact."""
+    import json
+
+    from cardiofed.causal.study import AttributionPlan
+    from cardiofed.wire import decode_arrays
+
+    fed = _federation(tmp_path, PRIVATE)
+    budgets = {s: _budget(tmp_path, s) for s in SITES[:2]}
+    agents = [fed.agent(s, **budgets.get(s, {})) for s in SITES]
+    _until_done(fed, agents)
+    body = _result(fed)
+    assert any("private" in note for note in body["card"]["notes"])
+    plan = AttributionPlan.model_validate(PRIVATE)
+    for site, agent in zip(SITES, agents, strict=True):
+        sent = [e for e in agent.outbound.entries()]
+        assert [e["kind"] for e in sent] == ["moments", *["newton"] * 6, "estimate",
+                                            "sandwich"]
+        moments = decode_arrays((tmp_path / site / "outbox" / "s1-round0.bin").read_bytes())[0]
+        if site in budgets:
+            ledger = json.loads(next((tmp_path / f"ledger-{site}").glob("*.json")).read_text())
+            releases = [e for e in ledger["entries"] if e["kind"] == "attribution"]
+            assert len(releases) == plan.releases == len(sent)
+            assert releases[-1]["epsilon_after"] <= 8.0 + 1e-9
+            assert moments["noise_var.n"][0] > 0 and moments["n"][0] != round(moments["n"][0])
+        else:
+            assert moments["noise_var.n"][0] == 0 and moments["n"][0] == round(moments["n"][0])
+    effect = body["estimate"]["overlap"]
+    assert effect["rd_low"] < effect["risk_difference"] < effect["rd_high"]
+
+
+@pytest.mark.parametrize(("attribution", "message"), [
+    ({**PRIVATE, "methods": ["matching"]}, "matching cannot be private"),
+    ({**PRIVATE, "trim": 0.0}, "needs trim > 0"),
+])
+def test_bad_private_plans_are_refused_by_name(tmp_path: Path, attribution: dict[str, object],
+                                               message: str) -> None:
+    with pytest.raises(AssertionError, match=message):
+        _federation(tmp_path, attribution)
 
 
 def test_a_site_whose_data_lacks_the_treatment_refuses(tmp_path: Path) -> None:

@@ -397,7 +397,7 @@ def release_blocks(plan: AttributionPlan, step: str, k: int,
         blocks = {}
         for m in plan.weighting:
             w, dw = _weight_bounds(plan, m)
-            u = max(1.0, *(abs(v) for mu in (means or {}).get(m, []) for v in (mu, 1 - mu)))
+            u = max([1.0, *(abs(v) for mu in (means or {}).get(m, []) for v in (mu, 1 - mu))])
             bounds = {"a_bb": r * r / 4, "a_mb": dw * u * r, "a_mm": w, "b_bb": r * r,
                       "b_mb": w * u * r, "b_mm": (w * u) ** 2}
             blocks.update({f"{m}.{k}": ([f"{m}.{k}"], v) for k, v in bounds.items()})

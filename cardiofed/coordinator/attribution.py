@@ -51,11 +51,15 @@ def columns_of(plan: AttributionPlan, catalogue: Catalogue) -> list[str]:
     return encoded_feature_names(plan.covariates, catalogue)
 
 
-def begin(study: Study, plan: AttributionPlan, columns: list[str]) -> str:
+def begin(study: Study, plan: AttributionPlan) -> str:
     """Set the study's analysis to its first step; returns the first round's kind."""
-    study.analysis = start(plan, columns)
+    study.analysis = _start(study, plan)
     study.phase = "moments"
     return "moments"
+
+
+def _start(study: Study, plan: AttributionPlan) -> dict[str, Any]:
+    return start(plan, study.feature_names, study.feature_ranges)
 
 
 def task_state(study: Study) -> dict[str, Any] | None:
@@ -78,7 +82,7 @@ def close_round(db: Session, study: Study, plan: AttributionPlan, rnd: Round,
     outcome = f"closed with {len(names)} reports"
     if rnd.kind != "moments" and names != state["sites"]:
         left = [n for n in state["sites"] if n not in names]
-        state = {**start(plan, state["columns"]), "sites": names,
+        state = {**_start(study, plan), "sites": names,
                  "restarts": state.get("restarts", 0) + 1}
         outcome = (f"analysis restarted from its first step without {', '.join(left)} "
                    f"(it uses one set of sites throughout)")
@@ -112,8 +116,11 @@ def close_round(db: Session, study: Study, plan: AttributionPlan, rnd: Round,
 
 ASSUMPTIONS = ("No unmeasured confounding given the covariates, positivity (every patient "
                "could have been treated or not: see the overlap) and a well-specified "
-               "propensity model (see the balance); each site released exact sums of its "
-               "rows, not differentially private ones.")
+               "propensity model (see the balance).")
+RELEASES = {False: "Each site released exact sums of its rows (no differential privacy).",
+            True: "Private plan: each site with a privacy budget released its sums with "
+                  "Gaussian noise, charged to its own ledger; a site without one, exact "
+                  "sums. The intervals include the noise; counts and balance are noisy."}
 
 
 def summary(study: Study) -> dict[str, Any] | None:
@@ -148,7 +155,9 @@ def report(study: Study) -> AttributionResponse:
         "card": {"treatment": plan.treatment, "outcome": study.outcome,
                  "covariates": plan.covariates, "columns": result["covariates"],
                  "methods": plan.chosen_methods, "trim": plan.trim, "sites": a["sites"],
-                 "patients": int(a["moments"]["n"]), "trimmed": result["trimmed"],
+                 "patients": max(0, round(a["estimate"]["rows"][0])),
+                 "trimmed": result["trimmed"], "private": plan.private,
+                 "releases": RELEASES[plan.private],
                  "propensity_newton_steps": result["propensity_newton_steps"],
                  "restarts": a.get("restarts", 0), "notes": result["notes"],
                  "assumptions": ASSUMPTIONS},

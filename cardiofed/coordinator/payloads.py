@@ -56,20 +56,26 @@ _ATTRIBUTION_COUNTS = ("n", "kept", "overlap.treated", "overlap.control")
 def check_attribution(arrays: dict[str, np.ndarray],
                       expected: dict[str, tuple[int, ...]]) -> int:
     """An attribution step's sums against the arrays the step sends (names and shapes),
-    finite float64, counts non-negative integers; returns the rows declared (moments)."""
+    finite float64; counts non-negative integers in an exact release (a private one,
+    with a noise variance > 0, only bounded); returns the rows declared (moments)."""
     shapes = {k: tuple(v.shape) for k, v in arrays.items()}
     if shapes != expected:
         raise InvalidUpdate(f"Attribution payload must hold exactly {expected}; got {shapes}.")
+    noise = [v for k, v in arrays.items() if k.startswith("noise_var.")]
+    if any(v.dtype == np.float64 and (v < 0).any() for v in noise):
+        raise InvalidUpdate("Attribution fields 'noise_var.*' are variances: >= 0.")
+    noisy = any((v > 0).any() for v in noise)
     for key, value in arrays.items():
         if value.dtype != np.float64 or not np.isfinite(value).all():
             raise InvalidUpdate(f"Attribution field {key!r} must hold finite float64 values.")
-        if key in _ATTRIBUTION_COUNTS and ((value < 0).any() or (value > MAX_RECORDS).any()
-                                           or (value != np.round(value)).any()):
+        if key in _ATTRIBUTION_COUNTS and ((np.abs(value) > MAX_RECORDS).any() or not noisy
+                                           and ((value < 0).any()
+                                                or (value != np.round(value)).any())):
             raise InvalidUpdate(f"Attribution field {key!r} counts patients: non-negative "
                                 f"integers up to {MAX_RECORDS}.")
-    if "n" in arrays and arrays["n"][0] < 1:
+    if "n" in arrays and not noisy and arrays["n"][0] < 1:
         raise InvalidUpdate("Attribution field 'n' must be at least 1.")
-    return int(arrays["n"][0]) if "n" in arrays else 0
+    return max(0, round(float(arrays["n"][0]))) if "n" in arrays else 0
 
 
 def check_statistics(arrays: dict[str, np.ndarray],

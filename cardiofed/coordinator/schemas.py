@@ -140,6 +140,8 @@ class AttributionCard(BaseModel):
     restarts: int
     notes: list[str]
     assumptions: str
+    private: bool
+    releases: str = Field(description="What the sites released: exact or noisy sums")
 
 
 class AttributionResponse(BaseModel):

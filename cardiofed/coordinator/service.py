@@ -222,7 +222,7 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
         db.add(Site(study_id=study_id, name=name, index=index,
                     enrol_token_hash=hash_secret(tokens[name])))
     if plan.attribution is not None:
-        first = attribution.begin(study, plan.attribution, feature_names)
+        first = attribution.begin(study, plan.attribution)
     else:
         form = plan.model_form(feature_names)
         n_columns = len(feature_names) if form is None else form.n_columns

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
-from cardiofed.causal.study import AttributionPlan, SiteArrays, site_step
+from cardiofed.causal.study import AttributionPlan, SiteArrays, release, site_step
 from cardiofed.coordinator.schemas import TaskResponse
 from cardiofed.data.dataset import SiteData
 from cardiofed.data.preprocessing import Preprocessor
@@ -40,7 +41,12 @@ from cardiofed.node.work import (
     statistics_payload,
     train_payload,
 )
-from cardiofed.privacy.budget import SiteBudget, open_ledger, site_fingerprint
+from cardiofed.privacy.budget import (
+    SiteBudget,
+    data_fingerprint,
+    open_ledger,
+    site_fingerprint,
+)
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.schema import Catalogue
 from cardiofed.simulation.config import SimulationConfig
@@ -153,9 +159,8 @@ class NodeAgent:
         else:
             try:
                 catalogue = self._agreed_features(task)
-                self.policy.admit(task, None if task.attribution is not None else
-                                  own_feature_ranges(self.config.data, task.feature_names,
-                                                     catalogue))
+                self.policy.admit(task, own_feature_ranges(self.config.data,
+                                                           task.feature_names, catalogue))
                 payload = self._compute(task)
             except (TaskRefused, PrivacyBudgetExceeded) as exc:
                 log.warning("round %d (%s) refused: %s", number, kind, exc)
@@ -249,24 +254,51 @@ class NodeAgent:
 
     def _attribution(self, task: TaskResponse, plan: AttributionPlan) -> bytes:
         """An attribution step's sums over the site's rows. A site with a privacy budget
-        refuses: the sums are exact, which no budget covers."""
-        if self.config.privacy is not None:
-            raise TaskRefused("This site has a privacy budget, and an attribution study "
-                              "releases exact sums of its rows, which the budget does not "
-                              "cover (attribution has no differentially private release).")
+        takes part only in a private plan, and releases each step through its ledger;
+        the clipping ranges are the site's own (the task's must equal them)."""
+        if self.config.privacy is not None and not plan.private:
+            raise TaskRefused("This site has a privacy budget, and the attribution plan is "
+                              "not private: its sums would be exact. A private plan "
+                              "(attribution.private = true) lets this site take part.")
         state = task.attribution
         if state is None or state.get("step") != task.kind:
             raise TaskRefused(f"The {task.kind} task of an attribution study carries no "
                               f"state for that step.")
+        catalogue = self._agreed_features(task)
         if self._rows is None:
             self._rows = attribution_site(self.config.data, plan, task.feature_names,
-                                          task.outcome, self._agreed_features(task))
+                                          task.outcome, catalogue)
+        ranges = own_feature_ranges(self.config.data, task.feature_names, catalogue)
         try:
-            arrays = site_step(plan, state, self._rows, task.site_index)
+            arrays = site_step(plan, state, self._rows, task.site_index, ranges)
         except (KeyError, TypeError, ValueError, CardioFedError) as exc:
             raise TaskRefused(f"The {task.kind} task's state is not one this site can "
                               f"compute with: {type(exc).__name__}: {exc}") from None
+        if plan.private:
+            privacy = self._attribution_privacy(task.study)
+            what = f"attribution {task.kind} (round {task.round})"
+            arrays = (release(plan, state, arrays, 0.0, None) if privacy is None
+                      else privacy.release_attribution(plan, state, arrays, what))
         return encode_arrays(arrays, self._manifest(task))
+
+    def _attribution_privacy(self, study: str) -> SitePrivacy | None:
+        """The site's DP wrapper over its ledger, bound to its attribution rows."""
+        settings = self.config.privacy
+        if settings is None:
+            return None
+        assert self._rows is not None
+        if self._privacy is None or self._privacy.study != study:
+            rows = self._rows
+            fingerprint = data_fingerprint(np.column_stack([rows.x, rows.treated]),
+                                           rows.outcome)
+            ledger = open_ledger(
+                site=self._site_name(), n_records=len(rows.outcome), fingerprint=fingerprint,
+                budget=SiteBudget(epsilon_max=settings.epsilon_max, delta=settings.delta,
+                                  accountant=settings.accountant, shares=settings.shares),
+                ledger_dir=settings.ledger_dir, reset=settings.reset_privacy_ledger,
+                markers=(self.state_dir / f"privacy-ledger-{fingerprint[:16]}.created",))
+            self._privacy = SitePrivacy(ledger=ledger, study=study)
+        return self._privacy
 
     def _site_name(self) -> str:
         if self._name is None:

@@ -47,11 +47,19 @@ MAX_DEFAULT_DELTA = 1e-5
 log = logging.getLogger("cardiofed.privacy")
 
 
+# An attribution study's releases (cardiofed.causal.study): a study of their own, with no
+# shares, which may spend what the site's budget has left.
+ATTRIBUTION = "attribution"
+
+
 def _kind_index(kind: str) -> int:
-    """Position of a release kind in :data:`RELEASE_KINDS`; an unknown kind is an error."""
+    """Position of a release kind in :data:`RELEASE_KINDS` (ATTRIBUTION after them); an
+    unknown kind is an error."""
+    if kind == ATTRIBUTION:
+        return len(RELEASE_KINDS)
     if kind not in RELEASE_KINDS:
         raise ConfigurationError(f"Unknown release kind {kind!r}; expected one of "
-                                 f"{', '.join(RELEASE_KINDS)}.")
+                                 f"{', '.join(RELEASE_KINDS)} or {ATTRIBUTION}.")
     return RELEASE_KINDS.index(kind)
 
 
@@ -195,8 +203,10 @@ class PrivacyLedger:
         return PrivacyAccountant(self.budget.accountant, events).get_epsilon(self.delta)
 
     def spent_by_kind(self) -> dict[str, float]:
-        """Epsilon of each release kind alone, and the composed ``total``."""
-        return {**{k: self.spent(k) for k in RELEASE_KINDS}, "total": self.spent()}
+        """Epsilon of each release kind alone (attribution when it has any), and the
+        composed ``total``."""
+        kinds = [*RELEASE_KINDS, *([ATTRIBUTION] if self.releases(ATTRIBUTION) else [])]
+        return {**{k: self.spent(k) for k in kinds}, "total": self.spent()}
 
     def remaining(self) -> float:
         return max(0.0, self.budget.epsilon_max - self.spent())

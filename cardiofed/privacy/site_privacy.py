@@ -12,12 +12,14 @@ budget, and records what it spent:
   :func:`cardiofed.training.local.train_local`, so any algorithm's client step runs
   privately by being handed it (no algorithm is subclassed for DP);
 * :meth:`release_evaluation`: noisy score histograms per label of the site's test split
-  (:mod:`cardiofed.evaluation.private_metrics`), from which metrics are computed.
+  (:mod:`cardiofed.evaluation.private_metrics`), from which metrics are computed;
+* :meth:`release_attribution`: one step of a private attribution analysis.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
@@ -31,10 +33,13 @@ from cardiofed.data.preprocessing import (
 from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.models.networks import Weights
 from cardiofed.privacy.accountant import GaussianEvent, calibrate_noise
-from cardiofed.privacy.budget import PrivacyLedger
+from cardiofed.privacy.budget import ATTRIBUTION, PrivacyLedger
 from cardiofed.privacy.randomness import secure_numpy_rng
 from cardiofed.training.dp import DPConfig, dp_schedule, train_local_dp
 from cardiofed.training.local import LocalResult, LocalTrainingConfig
+
+if TYPE_CHECKING:
+    from cardiofed.causal.study import AttributionPlan
 
 
 @dataclass
@@ -144,6 +149,23 @@ class SitePrivacy:
                            noise_multiplier=dp.noise_multiplier,
                            max_grad_norm=dp.max_grad_norm)
         return result
+
+    # -- attribution ------------------------------------------------------------------
+    def release_attribution(self, plan: AttributionPlan, state: dict[str, Any],
+                            arrays: dict[str, np.ndarray], what: str
+                            ) -> dict[str, np.ndarray]:
+        """One step of a private attribution analysis (:func:`cardiofed.causal.study.
+        release`), its noise calibrated once for the plan's releases (charged)."""
+        from cardiofed.causal.study import release
+
+        earlier = self.ledger.releases(ATTRIBUTION, self.study)
+        sigma = (float(earlier[0]["noise_multiplier"]) if earlier  # type: ignore[arg-type]
+                 else self._calibrate(ATTRIBUTION, 1.0, plan.releases))
+        event = GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)
+        self.ledger.check([event], what, kind=ATTRIBUTION, study=self.study)
+        out = release(plan, state, arrays, sigma, secure_numpy_rng())
+        self._record_release(ATTRIBUTION, what, event)
+        return out
 
     # -- evaluation -------------------------------------------------------------------
     def release_evaluation(self, y_true: np.ndarray, y_prob: np.ndarray,
