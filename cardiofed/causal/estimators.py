@@ -102,12 +102,17 @@ class Effect:
         return dict(self.__dict__)
 
 
+# Risks below this count as this for the risk ratio: a noisy (private) mean can be <= 0.
+MIN_RISK = 1e-6
+
+
 def _effect(mu1: float, mu0: float, var_rd: float, var_log_rr: float, n1: float, n0: float
             ) -> Effect:
     rd, se_rd = mu1 - mu0, math.sqrt(max(var_rd, 0.0))
-    rr, se_lrr = mu1 / mu0, math.sqrt(max(var_log_rr, 0.0))
-    return Effect(mu1, mu0, rd, rd - Z95 * se_rd, rd + Z95 * se_rd, rr,
-                  rr * math.exp(-Z95 * se_lrr), rr * math.exp(Z95 * se_lrr), n1, n0)
+    rr, se_lrr = max(mu1, MIN_RISK) / max(mu0, MIN_RISK), math.sqrt(max(var_log_rr, 0.0))
+    spread = math.exp(min(Z95 * se_lrr, 700.0))
+    return Effect(mu1, mu0, rd, rd - Z95 * se_rd, rd + Z95 * se_rd, rr, rr / spread,
+                  rr * spread, n1, n0)
 
 
 def weighting_effect(sums: WeightedSums, a: np.ndarray, b: np.ndarray, n1: float, n0: float,
@@ -126,7 +131,7 @@ def weighting_effect(sums: WeightedSums, a: np.ndarray, b: np.ndarray, n1: float
     c_rd = np.zeros(len(v))
     c_rd[-2:] = (1.0, -1.0)
     c_rr = np.zeros(len(v))
-    c_rr[-2:] = (1 / mu1, -1 / mu0)
+    c_rr[-2:] = (1 / max(mu1, MIN_RISK), -1 / max(mu0, MIN_RISK))
     return _effect(mu1, mu0, float(c_rd @ v @ c_rd), float(c_rr @ v @ c_rr), n1, n0)
 
 
