@@ -174,3 +174,39 @@ def test_private_noise_comes_from_a_secret_source_and_the_interval_covers_it() -
                             epsilon=10.0).effects["overlap"]
         covered += e.rd_low <= truth.ato_rd <= e.rd_high
     assert covered / 30 >= 0.8
+
+
+def test_each_patients_part_in_a_private_release_is_within_its_blocks_bound() -> None:
+    """The sensitivity the noise is calibrated to: for single patients (drawn from the
+    design and at the ranges' corners), at coefficients and means a coordinator might
+    send (large, or means outside [0, 1]), every block's part is within its bound."""
+    from cardiofed.causal.study import AttributionPlan, release_blocks, site_step
+    from cardiofed.data.dataset import feature_ranges_for
+
+    sites, covariates = synthetic_sites(12, seed=2)
+    ranges = feature_ranges_for(covariates)
+    rng = np.random.default_rng(0)
+    low, high = np.array(ranges).T
+    rows = [sites[0].x[i] for i in range(15)] + [
+        np.where(rng.random(len(low)) < 0.5, low, high) * 1.5 for _ in range(15)]
+    k = len(covariates)
+    for estimand, methods in (("ATE", ["iptw", "overlap"]), ("ATT", ["iptw"])):
+        plan = AttributionPlan(covariates=covariates, estimand=estimand, methods=methods,
+                               trim=0.05, private=True)
+        for trial in range(8):
+            inputs = {"mean": (low + (high - low) * rng.random(k)).tolist(),
+                      "sd": ((high - low) * rng.uniform(0.01, 1, k)).tolist(),
+                      "beta": rng.normal(0, 3 if trial % 2 else 0.3, k + 1).tolist(),
+                      "means": {m: rng.uniform(-0.5, 1.5, 2).tolist() for m in methods}}
+            for step in ("moments", "newton", "estimate", "sandwich"):
+                state = {"step": step, "inputs": inputs, "columns": covariates,
+                         "iterations": 0}
+                blocks = release_blocks(plan, step, k, inputs["means"])
+                for x in rows:
+                    for t in (0, 1):
+                        for y in (0, 1):
+                            one = SiteArrays("one", x[None, :], np.array([t]), np.array([y]))
+                            part = site_step(plan, state, one, 0, ranges)
+                            for block, (names, bound) in blocks.items():
+                                norm = np.sqrt(sum(np.sum(part[n] ** 2) for n in names))
+                                assert norm <= bound * (1 + 1e-9), (step, block, norm, bound)
