@@ -316,8 +316,8 @@ def site_step(plan: AttributionPlan, state: dict[str, Any], site: SiteArrays,
             out[f"{method}.sums"] = np.array(weighted_sums(w, t, y).astuple())
             out.update(_arm_arrays(method, arm_sums(cols, t, w)))
         if "matching" in plan.chosen_methods:
-            rng = np.random.default_rng([plan.seed, 0x3A7C, site_index])
-            pairs = match_within_site(model.logit(x), t, state["inputs"]["caliper"], rng)
+            pairs = match_within_site(model.logit(x), t, state["inputs"]["caliper"],
+                                      matching_order(plan.seed, site_index))
             out["matching.pairs"] = np.array(list(pair_sums(y, t, pairs).__dict__.values()))
             rows = pairs.ravel()
             out.update(_arm_arrays("matching", arm_sums(cols[rows], t[rows])))
@@ -329,6 +329,11 @@ def site_step(plan: AttributionPlan, state: dict[str, Any], site: SiteArrays,
             out.update(_sandwich_blocks(method, a, b))
         return out
     raise ConfigurationError(f"step must be one of {', '.join(STEPS[:-1])}; got {step!r}.")
+
+
+def matching_order(seed: int, site_index: int) -> np.random.Generator:
+    """The order a site matches its treated patients in (public: not a private release)."""
+    return np.random.default_rng([seed, 0x3A7C, site_index])
 
 
 def _sandwich_blocks(method: str, a: np.ndarray, b: np.ndarray) -> Arrays:
