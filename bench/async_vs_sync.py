@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -123,7 +122,7 @@ def simulate(name: str, data_dir: str | None, seeds: list[int]) -> dict[str, Any
 # ------------------------------------------------------------------ loopback
 
 def loopback(workdir: Path, aggregation: str) -> dict[str, Any]:
-    from network import Coordinator
+    from network import Coordinator, run_nodes
     from sklearn.metrics import roc_auc_score
 
     from cardiofed.data.preprocessing import Preprocessor
@@ -152,22 +151,10 @@ def loopback(workdir: Path, aggregation: str) -> dict[str, Any]:
                 data={"dataset": "synthetic", "site": name, "seed": 0}))
             agent._site = data.site(name)  # loaded once, as in bench/network.py
             agents.append(agent)
-        errors: list[BaseException] = []
-
-        def work(agent: NodeAgent) -> None:
-            try:
-                agent.run()
-            except BaseException as exc:  # reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=work, args=(a,), daemon=True) for a in agents]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=STUDY_LIMIT_S)
-        if errors or any(t.is_alive() for t in threads):
-            raise RuntimeError(f"{aggregation}: nodes failed or hung: {errors[:1]} "
-                               f"{coordinator.status(study)}")
+        try:
+            run_nodes(agents, STUDY_LIMIT_S)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{aggregation}: {exc} {coordinator.status(study)}") from None
         state = coordinator.status(study)
         rounds = coordinator.rounds(study)
         start = next(o for _, kind, o, _ in rounds if kind == "train")

@@ -58,9 +58,8 @@ def pooled_rd(x: np.ndarray, t: np.ndarray, y: np.ndarray, method: str, estimand
 def loopback(n_sites: int, seed: int) -> dict[str, Any]:
     """One networked attribution study over loopback, against its simulation."""
     import tempfile
-    import threading
 
-    from network import Coordinator
+    from network import Coordinator, run_nodes
 
     from cardiofed.causal.design import TREATMENT
     from cardiofed.causal.sources import synthetic_sites
@@ -88,24 +87,10 @@ def loopback(n_sites: int, seed: int) -> dict[str, Any]:
                 coordinator_url=coordinator.url, state_dir=str(workdir / name),
                 enrolment_token=tokens[name], poll_wait_s=30,
                 data={"dataset": "synthetic", "site": name, "seed": seed})) for name in names]
-            errors: list[BaseException] = []
-
-            def work(agent: NodeAgent) -> None:
-                try:
-                    agent.run()
-                except BaseException as exc:  # reported below
-                    errors.append(exc)
-
-            threads = [threading.Thread(target=work, args=(a,), daemon=True) for a in agents]
-            start = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=600)
-            wall = time.perf_counter() - start
-            if errors or any(t.is_alive() for t in threads):
-                raise RuntimeError(f"loopback study failed: {errors[:1]} "
-                                   f"{coordinator.status('att')}")
+            try:
+                wall = run_nodes(agents, 600)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc} {coordinator.status('att')}") from None
             result = coordinator.client.get("/v1/studies/att/attribution").json()
             rounds = coordinator.rounds("att")
             server_errors = coordinator.server_errors()

@@ -155,6 +155,28 @@ class Coordinator:
         self._log_fh.close()
 
 
+def run_nodes(agents: list[Any], timeout_s: float) -> float:
+    """Run each node's ``run()`` in its own thread until the study is done; returns the
+    wall seconds. Raises if a node failed or was still running after `timeout_s`."""
+    errors: list[BaseException] = []
+
+    def work(agent: Any) -> None:
+        try:
+            agent.run()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(a,), daemon=True) for a in agents]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_s)
+    if errors or any(t.is_alive() for t in threads):
+        raise RuntimeError(f"nodes failed or hung: {errors[:1]}")
+    return time.perf_counter() - start
+
+
 class _CappedTransport(httpx.BaseTransport):
     """Lets at most ``len(slots)`` requests of all nodes be in flight: long-polls for a
     task take one kind of slot, every other request (uploads, model downloads, status)
