@@ -4,9 +4,10 @@ created with ``cardiofed admin create-study``. Faults: the coordinator or a node
 with SIGKILL mid-study.
 
 Every wait is bounded, and every child process is killed in fixture teardown. Each
-``cardiofed`` process spends seconds importing torch, so short admin commands (study
-creation after the first, audits) run in this process through typer's test runner,
-over the same loopback HTTP.
+``cardiofed`` process spends seconds importing torch, so short commands (study
+creation after the first, audits, refusals) run in this process through typer's test
+runner, and the tests that kill no node run their nodes in threads
+(:meth:`Federation.run_here`), all over the same loopback HTTP.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -37,6 +39,8 @@ from cardiofed.data.paths import data_dir
 from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.data.synthetic import synthetic_federation
 from cardiofed.models.networks import score
+from cardiofed.node.agent import NodeAgent
+from cardiofed.node.config import NodeConfig
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import (
     FEDERATED,
@@ -322,7 +326,7 @@ class Federation:
         folder.mkdir(parents=True, exist_ok=True)
         values: dict[str, object] = {"coordinator_url": self.coordinator.url,
                                      "state_dir": "state", "enrolment_token": token,
-                                     "poll_wait_s": 1}
+                                     "poll_wait_s": 1, "retry_max_delay_s": 1}
         if self.ca_file is not None:
             values["ca_file"] = self.ca_file
         values.update(self.node_settings.get(site, {}))
@@ -335,6 +339,18 @@ class Federation:
         for site in sites or self.sites:
             self.procs.start(f"{self.study}-{site}", "node", "run", "--config",
                              self.configs[site])
+
+    def run_here(self) -> list[NodeAgent]:
+        """Run the nodes in this process (threads), over the same loopback HTTP, until
+        the study is done: the tests that need no node process spare its start-up."""
+        agents = [NodeAgent(NodeConfig.from_toml(self.configs[s])) for s in self.sites]
+        threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=STUDY_S)
+        assert self.coordinator.status(self.study)["phase"] == "done", self.tails()
+        return agents
 
     def kill(self, site: str) -> None:
         self.procs.kill(f"{self.study}-{site}")
@@ -488,9 +504,9 @@ def test_async_study_over_loopback_does_not_wait_for_a_slow_node(
 
 def test_attribution_study_over_loopback_equals_the_simulator(
         procs: Processes, shared: Coordinator) -> None:
-    """``cardiofed admin create-study`` with an [attribution] plan and three ``cardiofed
-    node run`` processes: the analysis's estimates are the simulator's exactly, and the
-    nodes sent nothing but the steps' sums."""
+    """``cardiofed admin create-study`` with an [attribution] plan, three nodes over
+    loopback HTTP: the analysis's estimates are the simulator's exactly, the nodes sent
+    the steps' sums only, and ``cardiofed admin attribution-report`` writes the report."""
     from cardiofed.causal.design import TREATMENT
     from cardiofed.causal.sources import synthetic_sites
     from cardiofed.causal.study import run_attribution
@@ -499,9 +515,7 @@ def test_attribution_study_over_loopback_equals_the_simulator(
                   "bp_treated", "current_smoker", "diabetes"]
     fed = Federation(procs, shared, "att", "synthetic", SYN_SITES, {"attribution": {
         "treatment": TREATMENT, "covariates": covariates, "estimand": "ATT"}})
-    fed.start()
-
-    fed.finish()
+    agents = fed.run_here()
 
     with shared.client() as client:
         result = client.get("/v1/studies/att/attribution").json()
@@ -511,7 +525,7 @@ def test_attribution_study_over_loopback_equals_the_simulator(
     for method, effect in expected.effects.items():
         assert result["estimate"][method]["risk_difference"] == effect.risk_difference
         assert result["estimate"][method]["rr_high"] == effect.rr_high
-    kinds = [e["kind"] for e in fed.outbound(SYN_SITES[0])]
+    kinds = [e["kind"] for e in agents[0].outbound.entries()]
     assert kinds[0] == "moments" and kinds[-2:] == ["estimate", "sandwich"]
     assert set(kinds[1:-2]) == {"newton"}
     report = procs.root / "att-report"
@@ -611,9 +625,9 @@ def test_coordinator_workers_need_postgresql(procs: Processes) -> None:
 
 
 def test_coordinator_refuses_plain_http_without_insecure(procs: Processes) -> None:
-    result = procs.run("coordinator", "--host", HOST, "--port", str(free_port()),
-                       "--database-url", f"sqlite:///{procs.root}/refused.db",
-                       "--admin-key-file", procs.root / "refused.key")
+    result = in_process("coordinator", "--host", HOST, "--port", str(free_port()),
+                        "--database-url", f"sqlite:///{procs.root}/refused.db",
+                        "--admin-key-file", str(procs.root / "refused.key"))
     assert result.returncode == 2, result.stdout + result.stderr
     assert "--insecure" in result.stderr
     assert not (procs.root / "refused.key").exists()
@@ -632,9 +646,8 @@ def test_tls_federation_with_a_self_signed_certificate(
     fed = Federation(procs, coordinator, "tls", "synthetic", [site], {**SYN_PLAN, "rounds": 2},
                      ca_file="ca.pem")
     shutil.copy(coordinator.tls[0], fed.configs[site].parent / "ca.pem")
-    fed.start()
+    fed.run_here()
 
-    fed.finish()
     final, _ = coordinator.final_model("tls")
     assert final["version"] == 2 and final["participants"] == [site]
     metrics = final["metrics"]

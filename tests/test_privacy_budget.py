@@ -246,7 +246,8 @@ def test_an_unknown_release_kind_is_refused() -> None:
     ledger = PrivacyLedger(site="a", budget=SiteBudget(epsilon_max=5.0), n_records=100)
 
     with pytest.raises(ConfigurationError, match=re.escape(
-            "Unknown release kind 'predict'; expected one of statistics, train, evaluate.")):
+            "Unknown release kind 'predict'; expected one of statistics, train, evaluate or "
+            "attribution.")):
         ledger.record([event(4.0)], "?", kind="predict")
     assert ledger.entries == [] and ledger.spent() == 0.0
 

@@ -123,7 +123,7 @@ class NodeAgent:
                     return response
                 log.warning("coordinator error %d; retry %d", response.status_code, attempt)
             time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, self.config.retry_max_delay_s)
         raise NodeError(f"Coordinator unreachable after {retries} attempts: {method} {url}.")
 
     # -- the loop ------------------------------------------------------------------

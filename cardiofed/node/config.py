@@ -94,6 +94,9 @@ class NodeConfig(BaseModel):
     # Seconds to wait after each training task before uploading: rehearses a slow site
     # (benchmarks, demos of asynchronous studies). 0 in production.
     train_delay_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # The longest wait between retries while the coordinator is unreachable (the wait
+    # doubles from 0.5 s up to this).
+    retry_max_delay_s: float = Field(default=10.0, gt=0, le=600, allow_inf_nan=False)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> NodeConfig:
