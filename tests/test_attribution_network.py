@@ -230,3 +230,17 @@ def test_the_risk_api_serves_a_finished_study_to_keys_with_the_scope(tmp_path: P
     assert ask("reader", "nope").status_code == 404
     assert api.post("/v1/attribution", json={"study": 3},
                     headers={"Authorization": f"Bearer {keys['reader']}"}).status_code == 422
+
+
+def test_the_dashboard_follows_an_attribution_study(tmp_path: Path) -> None:
+    from test_dashboard import _login  # type: ignore[import-not-found]
+
+    fed = _federation(tmp_path)
+    ui = _login(fed, fed.admin)
+    assert ui.get("/ui/studies/s1").status_code == 200  # before any model or result
+    _until_done(fed, [fed.agent(s) for s in SITES])
+    page = ui.get("/ui/studies/s1")
+    assert page.status_code == 200 and 'id="effects"' in page.text
+    expected = _simulated().effects["iptw"]
+    assert f"{expected.risk_difference:+.4f} ({expected.rd_low:+.4f}" in page.text
+    assert ui.get("/ui").status_code == 200

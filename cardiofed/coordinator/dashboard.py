@@ -23,7 +23,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from cardiofed.coordinator import service
+from cardiofed.coordinator import attribution, service
 from cardiofed.coordinator.deps import DB, Clock
 from cardiofed.coordinator.storage import (
     AdminKey,
@@ -169,7 +169,9 @@ def study_page(study_id: str, db: DB, login: OptionalLogin, clock: Clock) -> Res
     except CoordinatorError as exc:
         return _page("error.html", exc.status_code, login=login, message=str(exc))
     state = service.status(db, study, clock)
+    finished = (study.analysis or {}).get("result") is not None
     return _page("study.html", login=login, study=study, state=state,
+                 attribution=attribution.report(study).model_dump() if finished else None,
                  sites=_sites(db, study, state), rounds=_rounds(db, study, clock),
                  models=_models(db, study), charts=_auc_charts(db, study),
                  refresh=REFRESH_S if study.phase != "done" else 0, quote=quote)
