@@ -468,6 +468,8 @@ def test_node_audit_finds_no_record_values_in_what_was_sent(fed: Federation) -> 
      "Invalid node config: privacy.ledger_dir: Field required."),
     ({"data": {"dataset": "synthetic", "site": "a"}, "train_delay_s": -1},
      "Invalid node config: train_delay_s: Input should be greater than or equal to 0."),
+    ({"data": {"dataset": "synthetic", "site": "a"}, "retry_max_delay_s": 0},
+     "Invalid node config: retry_max_delay_s: Input should be greater than 0."),
 ])
 def test_node_config_errors_name_the_field(values: dict[str, object], message: str) -> None:
     from cardiofed.exceptions import ConfigurationError
