@@ -269,6 +269,9 @@ def _scan_outbox(cfg: NodeConfig) -> None:
     from cardiofed.node.work import load_site_data
     from cardiofed.privacy.audit import scan_payloads
 
+    if cfg.data is None:
+        raise fail("--scan-rows searches a site's payloads for its rows; this node relays a "
+                   "region and holds no rows.")
     sent = sorted((cfg.state_dir / "outbox").glob("*.bin"))
     if not sent:
         raise fail(f"No sent payloads kept in {cfg.state_dir / 'outbox'}.")

@@ -139,6 +139,9 @@ COORDINATOR_EXCLUDED: dict[str, set[str]] = {
     # The body is safetensors (or JSON metrics) whose tensors, manifest and sizes must fit
     # the study's model and round: bytes to JSON Schema.
     "POST /v1/studies/{study_id}/rounds/{round_number}/updates": {"positive_data_acceptance"},
+    # A relay study's preprocessor and models are safetensors of its model's tensors.
+    "PUT /v1/studies/{study_id}/relay/preprocessor": {"positive_data_acceptance"},
+    "PUT /v1/studies/{study_id}/relay/models/{version}": {"positive_data_acceptance"},
 }
 
 

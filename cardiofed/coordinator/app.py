@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from cardiofed import __version__
 from cardiofed.coordinator import dashboard, service
 from cardiofed.coordinator.deps import DB, bearer, refusals, refused
-from cardiofed.coordinator.routers import models, sites, studies, updates
+from cardiofed.coordinator.routers import models, relay, sites, studies, updates
 from cardiofed.coordinator.settings import get_settings
 from cardiofed.coordinator.storage import Round, Update
 from cardiofed.exceptions import CoordinatorError
@@ -29,7 +29,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="CardioFed coordinator", version=__version__,
                   description="Coordinates federated training of a cardiovascular risk model. "
                               "Sites send model updates, metrics and statistics, never rows.")
-    for module in (studies, sites, updates, models, dashboard):
+    for module in (studies, sites, updates, models, relay, dashboard):
         app.include_router(module.router)
 
     app.add_exception_handler(CoordinatorError, refused)  # type: ignore[arg-type]

@@ -6,9 +6,9 @@ Request bodies are validated strictly: a JSON value of another type than the sch
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
 
 class EnrolRequest(BaseModel):
@@ -71,6 +71,25 @@ class StudyCreate(BaseModel):
                                    description="Seconds a round waits (at most 30 days)")
     outcome: str | None = Field(None, description="The label's outcome (e.g. chd_10y), for "
                                                   "the model cards")
+    relay: bool = Field(False, description="A regional study relayed into a national one: "
+                                           "its rounds are opened by the region's node")
+
+
+def _whole(value: object) -> object:
+    """JSON Schema's integers include 3.0; strict validation takes them, not "3" or true."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole)]
+
+
+class RelayRoundRequest(BaseModel):
+    """The national round a region's node opens in its relay study."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    number: WholeNumber = Field(ge=1, le=1_000_000)
+    kind: Literal["train", "evaluate"]
+    model_version: WholeNumber = Field(ge=0, le=1_000_000)
 
 
 class StudyCreated(BaseModel):

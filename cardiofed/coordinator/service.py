@@ -44,7 +44,7 @@ from cardiofed.aggregation.server_optimizers import ServerState
 from cardiofed.aggregation.staleness import StaleUpdate, buffer_ready, publish_buffer
 from cardiofed.algorithms import ClientUpdate
 from cardiofed.causal.study import add as add_sums
-from cardiofed.coordinator import attribution
+from cardiofed.coordinator import attribution, relay
 from cardiofed.coordinator.payloads import (
     MAX_METRICS_BYTES,
     check_manifest,
@@ -92,6 +92,8 @@ from cardiofed.wire import decode_arrays, encode_arrays
 log = logging.getLogger("cardiofed.coordinator")
 Clock = Callable[[], datetime]
 STATISTICS, TRAIN, EVALUATE = "statistics", "train", "evaluate"
+# A relay study between rounds: it waits for its region's node to open the next one.
+RELAY = "relay"
 
 
 def hash_secret(secret: str) -> str:
@@ -166,9 +168,10 @@ def audit(db: Session, key: AdminKey, via: str, action: str, study_id: str | Non
 def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: list[str],
                  feature_names: list[str], feature_ranges: list[tuple[float, float]],
                  min_sites: int | None = None, round_timeout_s: float = 3600.0,
-                 outcome: str | None = None, now: Clock = utcnow,
+                 outcome: str | None = None, relay: bool = False, now: Clock = utcnow,
                  by: tuple[AdminKey, str] | None = None) -> dict[str, str]:
     """Create a study and its sites; returns a one-time enrolment token per site.
+    `relay`: a regional study of a national one (:mod:`cardiofed.coordinator.relay`).
     `by`: the admin key and the door it came through, for the audit log."""
     if db.get(Study, study_id) is not None:
         raise Conflict(f"Study {study_id!r} already exists.")
@@ -204,6 +207,10 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
     if outcome is not None and outcome not in outcomes:
         raise InvalidUpdate(f"outcome must be one of {', '.join(outcomes)} (built in or "
                             f"declared in plan.study_features); got {outcome!r}.")
+    if relay and (plan.attribution is not None or plan.aggregation == "async"):
+        raise InvalidUpdate("A relay study runs the rounds its region's node opens for the "
+                            "national study: it cannot be an attribution study, and its own "
+                            "aggregation is 'sync' (the national plan may be asynchronous).")
     if plan.attribution is not None:
         if feature_names != attribution.columns_of(plan.attribution, plan.catalogue()):
             raise InvalidUpdate("An attribution study's feature columns are its covariates' "
@@ -213,7 +220,8 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
                                 "files' outcome, e.g. chd_10y).")
     study = Study(id=study_id, plan=plan.model_dump(), feature_names=feature_names,
                   feature_ranges=[list(r) for r in feature_ranges], min_sites=min_sites,
-                  round_timeout_s=round_timeout_s, outcome=outcome, active_sites=len(sites))
+                  round_timeout_s=round_timeout_s, outcome=outcome, active_sites=len(sites),
+                  relay=relay or None)
     db.add(study)
     db.flush()
     tokens = {}
@@ -224,10 +232,9 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
     if plan.attribution is not None:
         first = attribution.begin(study, plan.attribution)
     else:
-        form = plan.model_form(feature_names)
-        n_columns = len(feature_names) if form is None else form.n_columns
-        initial = get_weights(make_model(plan.model, n_columns, seed=plan.seed))
-        _store_model(db, study, initial, version=0, round_number=0, participants=[])
+        if not relay:  # a relay study's models are the national study's
+            _store_model(db, study, _initial_weights(plan, feature_names), version=0,
+                         round_number=0, participants=[])
         first = STATISTICS
     db.add(Round(study_id=study_id, number=0, kind=first, model_version=0,
                  opened_at=now(), deadline=now() + timedelta(seconds=round_timeout_s)))
@@ -236,6 +243,12 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
               now)
     db.commit()
     return tokens
+
+
+def _initial_weights(plan: SimulationConfig, feature_names: list[str]) -> Weights:
+    form = plan.model_form(feature_names)
+    n_columns = len(feature_names) if form is None else form.n_columns
+    return get_weights(make_model(plan.model, n_columns, seed=plan.seed))
 
 
 def revoke_site(db: Session, study_id: str, site_name: str,
@@ -365,10 +378,11 @@ def next_task(db: Session, site: Site, now: Clock = utcnow) -> Task | None:
     """The task `site` should run now, or None (finished, or already reported)."""
     study = get_study(db, site.study_id)
     advance(db, study, now)
-    if study.phase == "done":
+    if study.phase in ("done", RELAY):
         return None
     rnd = _round(db, study)
-    if _reported(db, rnd, site) is not None or site.id in _refused(db, study, rnd.number):
+    if rnd.closed_at is not None or _reported(db, rnd, site) is not None \
+            or site.id in _refused(db, study, rnd.number):
         return None
     return Task(study.id, rnd.number, rnd.kind, rnd.model_version, rnd.deadline)
 
@@ -561,13 +575,15 @@ def _still_waiting(db: Session, study_id: str, now: Clock) -> bool:
     if row is None:
         return False
     phase, aggregation, closed_at, deadline, n_active, n_refused, n_reported = row
+    if phase == RELAY:  # nothing to close until the region's node opens a round
+        return True
     if phase == "done" or (phase == TRAIN and aggregation == "async"):
         return False
     return closed_at is None and now() < deadline and n_reported < n_active - n_refused
 
 
 def _advance(db: Session, study: Study, now: Clock) -> None:
-    while study.phase != "done":
+    while study.phase not in ("done", RELAY):
         if study.phase == TRAIN and _is_async(study):
             if not _publish_buffered(db, study, now):
                 return
@@ -690,6 +706,9 @@ def _foldable(db: Session, study: Study, rnd: Round, updates: list[Update]) -> l
 def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -> None:
     plan = study_plan(study)
     names = folded.names
+    if study.relay:
+        _close_relayed(db, study, plan, rnd, folded, now)
+        return
     if plan.attribution is not None:
         attribution.close_round(db, study, plan.attribution, rnd, names, folded.totals, now())
         db.commit()
@@ -721,8 +740,7 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         _card_metrics(db, study, model.metrics)
         next_kind, version = "", study.model_version
     rnd.closed_at = now()
-    rnd.outcome = (f"closed with {len(names)} reports: {', '.join(names[:20])}"
-                   + (f" and {len(names) - 20} more" if len(names) > 20 else ""))[:200]
+    rnd.outcome = _closed_with(names)
     if next_kind:
         study.current_round += 1
         db.add(Round(study_id=study.id, number=study.current_round, kind=next_kind,
@@ -731,6 +749,29 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         study.phase = next_kind
     else:
         study.phase = "done"
+    db.commit()
+
+
+def _closed_with(names: list[str]) -> str:
+    return (f"closed with {len(names)} reports: {', '.join(names[:20])}"
+            + (f" and {len(names) - 20} more" if len(names) > 20 else ""))[:200]
+
+
+def _close_relayed(db: Session, study: Study, plan: SimulationConfig, rnd: Round,
+                   folded: _Folded, now: Clock) -> None:
+    """A relay study's round closes into the aggregate its region sends upward; the
+    study then waits for the next round the region's node opens (done after evaluation)."""
+    if rnd.kind == STATISTICS:
+        rnd.relay_result = relay.statistics_result(list(folded.statistics.values()))
+    elif rnd.kind == TRAIN:
+        rnd.relay_result, report = relay.update_result(plan, folded.updates)
+        rnd.aggregation = [r.to_dict() for r in report]
+    else:
+        rnd.relay_result = relay.metrics_result(folded.metrics)
+        model_blob(db, study.id, study.model_version).metrics = folded.metrics
+    rnd.closed_at = now()
+    rnd.outcome = _closed_with(names=folded.names)
+    study.phase = "done" if rnd.kind == EVALUATE else RELAY
     db.commit()
 
 
@@ -864,6 +905,7 @@ def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
                      for r in _refusals(db, study)],
         "robust_aggregation": _robust_actions(db, study),
         "attribution": attribution.summary(study),
+        "relay": bool(study.relay),
         "quarantined": [{"site": names[u.site_id], "round": number, "reason": u.quarantine}
                         for u, number in db.execute(
                             select(Update, Round.number).join(Round, Update.round_id == Round.id)
@@ -951,3 +993,124 @@ def ensure_site_access(site: Site, study_id: str) -> None:
     if site.study_id != study_id:
         raise PermissionDenied(f"Site {site.name!r} belongs to study {site.study_id!r}, not "
                                f"{study_id!r}.")
+
+
+# ---------------------------------------------------------------- relay (a regional study)
+
+def _relay_study(db: Session, study_id: str) -> Study:
+    study = get_study(db, study_id)
+    if not study.relay:
+        raise Conflict(f"Study {study_id!r} is not a relay study: only a regional study "
+                       f"created with relay = true takes a national study's model from its "
+                       f"region's node.")
+    return study
+
+
+def relay_info(db: Session, study_id: str) -> dict[str, object]:
+    """What the region's node checks against its national task: the regional plan and
+    columns, and where the regional study stands."""
+    study = _relay_study(db, study_id)
+    return {"study": study.id, "plan": study.plan, "feature_names": study.feature_names,
+            "feature_ranges": study.feature_ranges, "outcome": study.outcome,
+            "phase": study.phase, "round": study.current_round,
+            "model_version": study.model_version,
+            "preprocessor_sha256": None if study.preprocessor is None
+            else sha256(study.preprocessor),
+            "model_versions": list(db.scalars(select(ModelVersion.version).where(
+                ModelVersion.study_id == study.id).order_by(ModelVersion.version)))}
+
+
+def relay_model(db: Session, study_id: str, version: int, blob: bytes) -> None:
+    """Store national model `version` in the relay study (a repeat of the same weights is
+    acknowledged; other weights for a stored version are a conflict)."""
+    study = _relay_study(db, study_id)
+    try:
+        weights, _ = decode_arrays(blob)
+    except DataValidationError as exc:
+        raise InvalidUpdate(f"Model version {version} is not a model: {exc}") from None
+    expected = {k: (v.shape, v.dtype) for k, v in
+                _initial_weights(study_plan(study), study.feature_names).items()}
+    got = {k: (v.shape, v.dtype) for k, v in weights.items()}
+    if got != expected:
+        raise InvalidUpdate(f"Model version {version} holds tensors {got}; the study's model "
+                            f"has {expected}.")
+    with _serialised(db, study):
+        existing = db.scalar(select(ModelVersion).where(ModelVersion.study_id == study.id,
+                                                        ModelVersion.version == version))
+        if existing is None:
+            _store_model(db, study, weights, version=version,
+                         round_number=study.current_round, participants=[])
+        elif any(not np.array_equal(v, weights[k])
+                 for k, v in decode_arrays(existing.weights)[0].items()):
+            raise Conflict(f"Study {study.id!r} already holds a different model version "
+                           f"{version}.")
+
+
+def relay_preprocessor(db: Session, study_id: str, blob: bytes) -> None:
+    """Set the national study's preprocessor in the relay study (once; a repeat of the
+    same bytes is acknowledged)."""
+    from cardiofed.data.preprocessing import Preprocessor
+
+    study = _relay_study(db, study_id)
+    try:
+        Preprocessor.from_arrays(decode_arrays(blob)[0],
+                                 study_plan(study).model_form(study.feature_names))
+    except (DataValidationError, KeyError, TypeError, ValueError) as exc:
+        raise InvalidUpdate(f"The preprocessor is not one of this study's columns: "
+                            f"{type(exc).__name__}: {exc}") from None
+    with _serialised(db, study):
+        if study.preprocessor is not None and study.preprocessor != blob:
+            raise Conflict(f"Study {study.id!r} already holds a different preprocessor.")
+        study.preprocessor = blob
+
+
+def relay_round(db: Session, study_id: str, *, number: int, kind: str, model_version: int,
+                now: Clock = utcnow) -> None:
+    """Open round `number` of the relay study (the national round's number) for its sites,
+    to `kind` from stored model `model_version`. A round still open (its region fell
+    behind) closes without an aggregate. Repeating an opened round is acknowledged."""
+    if kind not in (TRAIN, EVALUATE):
+        raise InvalidUpdate(f"A relayed round trains or evaluates; got kind {kind!r} (the "
+                            f"statistics round opens with the study).")
+    study = _relay_study(db, study_id)
+    with _serialised(db, study):
+        existing = db.scalar(select(Round).where(Round.study_id == study.id,
+                                                 Round.number == number))
+        if existing is not None:
+            if (existing.kind, existing.model_version) != (kind, model_version):
+                raise Conflict(f"Round {number} of study {study.id!r} is open to "
+                               f"{existing.kind} from model version "
+                               f"{existing.model_version}, not to {kind} from "
+                               f"{model_version}.")
+            return
+        if number <= study.current_round:
+            raise Conflict(f"Round {number} is behind study {study.id!r}'s round "
+                           f"{study.current_round}: relayed rounds only move forward.")
+        if study.preprocessor is None:
+            raise Conflict(f"Study {study.id!r} has no preprocessor yet: relay the national "
+                           f"one first.")
+        if db.scalar(select(ModelVersion.id).where(ModelVersion.study_id == study.id,
+                                                   ModelVersion.version == model_version)
+                     ) is None:
+            raise Conflict(f"Study {study.id!r} has no model version {model_version}: relay "
+                           f"the national model first.")
+        current = _round(db, study)
+        if current.closed_at is None:
+            current.closed_at = now()
+            current.outcome = f"superseded: the national study moved on to round {number}"
+        db.add(Round(study_id=study.id, number=number, kind=kind,
+                     model_version=model_version, opened_at=now(),
+                     deadline=now() + timedelta(seconds=study.round_timeout_s)))
+        study.current_round, study.phase, study.model_version = number, kind, model_version
+
+
+def relay_result(db: Session, study_id: str, number: int, now: Clock = utcnow
+                 ) -> bytes | None:
+    """Round `number`'s aggregate, or None while the round waits for its sites."""
+    study = _relay_study(db, study_id)
+    advance(db, study, now)
+    rnd = _round(db, study, number)
+    if rnd.relay_result is None and rnd.closed_at is not None:
+        raise Conflict(f"Round {number} of study {study.id!r} closed without an aggregate "
+                       f"({rnd.outcome}).")
+    return rnd.relay_result

@@ -104,6 +104,10 @@ class Study(Base):
     # An attribution study's analysis (cardiofed.causal.study): the state between its
     # steps, then its result or the error that stopped it.
     analysis: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # A regional study relayed into a national one (cardiofed.coordinator.relay): its
+    # training and evaluation rounds are opened by the region's node with the national
+    # model, and each closed round keeps the aggregate that node sends upward.
+    relay: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
 
 
 class Site(Base):
@@ -133,6 +137,8 @@ class Round(Base):
     outcome: Mapped[str | None] = mapped_column(String(200), nullable=True)
     # What robust aggregation did with each site's update when this round was folded.
     aggregation: Mapped[list[dict[str, object]] | None] = mapped_column(JSON, nullable=True)
+    # A relay study's round, once closed: the aggregate its region sends upward.
+    relay_result: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class Update(Base):

@@ -29,9 +29,11 @@ from cardiofed.exceptions import (
     StaleUpdateRefused,
     TaskRefused,
 )
-from cardiofed.node.config import NodeConfig
+from cardiofed.node.config import DataSource, NodeConfig
 from cardiofed.node.outbound import OutboundLog
+from cardiofed.node.relay import RegionRelay
 from cardiofed.node.task_policy import TaskPolicy, planned_releases
+from cardiofed.node.transport import NodeError, send
 from cardiofed.node.work import (
     attribution_site,
     evaluate_payload,
@@ -55,21 +57,12 @@ from cardiofed.wire import decode_arrays, encode_arrays
 log = logging.getLogger("cardiofed.node")
 
 
-class NodeError(CardioFedError):
-    """The coordinator refused the node's request, or the node cannot go on."""
-
-    def __init__(self, message: str, status_code: int | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.code = code  # the coordinator's kind of refusal, e.g. "stale_update"
-
-
 class NodeAgent:
     """Runs one site's part of a study. ``client`` may be any ``httpx.Client`` (tests pass
     one over an in-process ASGI transport)."""
 
-    def __init__(self, config: NodeConfig, client: httpx.Client | None = None) -> None:
+    def __init__(self, config: NodeConfig, client: httpx.Client | None = None,
+                 region_client: httpx.Client | None = None) -> None:
         self.config = config
         self.state_dir = config.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -84,6 +77,8 @@ class NodeAgent:
         self._pre: Preprocessor | None = None
         self._privacy: SitePrivacy | None = None
         self._name: str | None = None
+        self.region = None if config.region is None else RegionRelay(
+            config.region, region_client, config.retry_max_delay_s)
 
     # -- credentials ---------------------------------------------------------------
     @property
@@ -106,29 +101,13 @@ class NodeAgent:
     def _request(self, method: str, url: str, *, auth: bool = True, retries: int = 30,
                  **kwargs: object) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.credential()}"} if auth else {}
-        delay = 0.5
-        for attempt in range(retries):
-            try:
-                response = self.client.request(method, url, headers=headers, **kwargs)  # type: ignore[arg-type]
-            except httpx.TransportError as exc:
-                log.warning("coordinator unreachable (%s); retry %d", type(exc).__name__, attempt)
-            else:
-                if response.status_code < 500:
-                    if response.status_code >= 400:
-                        body = response.json()
-                        raise NodeError(f"Coordinator refused {method} {url}: "
-                                        f"{response.status_code} "
-                                        f"{body.get('detail', response.text)}",
-                                        response.status_code, body.get("code"))
-                    return response
-                log.warning("coordinator error %d; retry %d", response.status_code, attempt)
-            time.sleep(delay)
-            delay = min(delay * 2, self.config.retry_max_delay_s)
-        raise NodeError(f"Coordinator unreachable after {retries} attempts: {method} {url}.")
+        return send(self.client, method, url, headers=headers, retries=retries,
+                    max_delay_s=self.config.retry_max_delay_s, **kwargs)
 
     # -- the loop ------------------------------------------------------------------
     def run(self, *, max_tasks: int | None = None) -> int:
-        """Work until the study is done (or `max_tasks` tasks ran); returns tasks run."""
+        """Work until the study is done (or `max_tasks` tasks ran); returns tasks run.
+        A region's node counts each look at a regional round still waiting as a task run."""
         done = 0
         while max_tasks is None or done < max_tasks:
             asked = time.monotonic()
@@ -142,15 +121,19 @@ class NodeAgent:
                         "phase"] == "done":
                     return done
                 continue
-            self.run_task(TaskResponse.model_validate(response.json()))
+            finished = self.run_task(TaskResponse.model_validate(response.json()))
             done += 1
+            if not finished and self.region is not None and done != max_tasks:
+                time.sleep(self.region.settings.poll_s)
         return done
 
     def _study_id(self) -> str | None:
         path = self.state_dir / "study"
         return path.read_text().strip() if path.exists() else None
 
-    def run_task(self, task: TaskResponse) -> None:
+    def run_task(self, task: TaskResponse) -> bool:
+        """Run `task` and upload its result (or refuse it); False while a region's node
+        waits for its regional round."""
         study, number, kind = task.study, task.round, task.kind
         (self.state_dir / "study").write_text(study)
         cache = self.state_dir / "outbox" / f"{study}-round{number}.bin"
@@ -158,15 +141,21 @@ class NodeAgent:
             payload = cache.read_bytes()  # computed before a restart: send the same bytes
         else:
             try:
-                catalogue = self._agreed_features(task)
-                self.policy.admit(task, own_feature_ranges(self.config.data,
-                                                           task.feature_names, catalogue))
-                payload = self._compute(task)
+                if self.region is not None:
+                    self.policy.admit(task)  # the region's sites check their own ranges
+                    relayed = self.region.payload(task, self._national, self._manifest(task))
+                    if relayed is None:
+                        return False
+                    payload = relayed
+                else:
+                    self.policy.admit(task, own_feature_ranges(
+                        self._data, task.feature_names, self._agreed_features(task)))
+                    payload = self._compute(task)
             except (TaskRefused, PrivacyBudgetExceeded) as exc:
                 log.warning("round %d (%s) refused: %s", number, kind, exc)
                 self._request("POST", f"/v1/studies/{study}/rounds/{number}/refusal",
                               json={"reason": str(exc)[:500]})
-                return
+                return True
             self.policy.record(task)
             if kind == "train" and self.config.train_delay_s:
                 time.sleep(self.config.train_delay_s)  # rehearsing a slow site
@@ -186,9 +175,19 @@ class NodeAgent:
                 # Asynchronous study: the model moved on too far while this site trained.
                 log.warning("round %d: update refused as stale; training on the newest "
                             "model next", number)
-                return
+                return True
             raise
         log.info("round %d (%s): %s, %d bytes", number, kind, ack.json()["status"], len(payload))
+        return True
+
+    @property
+    def _data(self) -> DataSource:
+        if self.config.data is None:
+            raise NodeError("This node relays a region ([region]) and holds no data.")
+        return self.config.data
+
+    def _national(self, url: str) -> bytes:
+        return self._request("GET", url).content
 
     def _agreed_features(self, task: TaskResponse) -> Catalogue:
         """The catalogue of the study's plan, refused unless its declared features are
@@ -197,7 +196,7 @@ class NodeAgent:
             declared = SimulationConfig.model_validate(task.plan).study_features
         except ValueError as exc:
             raise TaskRefused(f"The task's plan is not a valid plan: {exc}") from None
-        path = self.config.data.features
+        path = self._data.features
         own = None if path is None else StudyFeatures.from_toml(path)
         if declared != own:
             raise TaskRefused(
@@ -214,7 +213,7 @@ class NodeAgent:
         if plan.attribution is not None:
             return self._attribution(task, plan.attribution)
         if self._site is None:
-            self._site = load_site_data(self.config.data, task.feature_names,
+            self._site = load_site_data(self._data, task.feature_names,
                                         self._agreed_features(task))
             # Kept for `cardiofed node audit --scan-rows`.
             (self.state_dir / "feature_names.json").write_text(json.dumps(task.feature_names))
@@ -234,7 +233,7 @@ class NodeAgent:
                                   "SD, which its privacy budget does not cover.")
         if task.kind == "statistics":
             return statistics_payload(
-                site, own_feature_ranges(self.config.data, task.feature_names,
+                site, own_feature_ranges(self._data, task.feature_names,
                                          self._agreed_features(task)), manifest,
                 privacy)
         if self._pre is None:
@@ -266,9 +265,9 @@ class NodeAgent:
                               f"state for that step.")
         catalogue = self._agreed_features(task)
         if self._rows is None:
-            self._rows = attribution_site(self.config.data, plan, task.feature_names,
+            self._rows = attribution_site(self._data, plan, task.feature_names,
                                           task.outcome, catalogue)
-        ranges = own_feature_ranges(self.config.data, task.feature_names, catalogue)
+        ranges = own_feature_ranges(self._data, task.feature_names, catalogue)
         try:
             arrays = site_step(plan, state, self._rows, task.site_index, ranges)
         except (KeyError, TypeError, ValueError, CardioFedError) as exc:

@@ -17,6 +17,19 @@ Example::
     delta = 1e-5                            # default min(1e-5, 1/(10 n))
     max_grad_norm = 1.0
     shares = { statistics = 0.1, train = 0.8, evaluate = 0.1 }   # of epsilon_max
+
+A region of a hierarchical federation (:mod:`cardiofed.coordinator.relay`) is a node
+of the national study with a ``[region]`` table instead of ``[data]``: it holds no
+patient data and relays each national task to its regional coordinator's relay study::
+
+    coordinator_url = "https://national.example.org:8443"
+    state_dir = "/var/lib/cardiofed-region"
+    enrolment_token = "..."                 # the region's, in the national study
+
+    [region]
+    coordinator_url = "https://region-east.example.org:8443"
+    study = "heart-east"                    # created there with relay = true
+    admin_key_file = "/etc/cardiofed/region-admin.key"
 """
 
 from __future__ import annotations
@@ -80,11 +93,24 @@ class NodePrivacy(BaseModel):
         return self
 
 
+class RegionSettings(BaseModel):
+    """The regional coordinator a region's node drives, with its admin credential."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    coordinator_url: str = Field(pattern=r"^https?://")
+    study: str = Field(min_length=1, max_length=64)
+    admin_key_file: Path
+    ca_file: Path | None = None
+    # Seconds between looks at the regional round while its sites train.
+    poll_s: float = Field(default=2.0, gt=0, le=600, allow_inf_nan=False)
+
+
 class NodeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     coordinator_url: str = Field(pattern=r"^https?://")
     state_dir: Path
-    data: DataSource
+    data: DataSource | None = None
+    region: RegionSettings | None = None
     enrolment_token: str | None = None
     ca_file: Path | None = None
     poll_wait_s: float = Field(default=10.0, ge=0)
@@ -98,6 +124,17 @@ class NodeConfig(BaseModel):
     # doubles from 0.5 s up to this).
     retry_max_delay_s: float = Field(default=10.0, gt=0, le=600, allow_inf_nan=False)
 
+    @model_validator(mode="after")
+    def _one_role(self) -> NodeConfig:
+        if (self.data is None) == (self.region is None):
+            raise ValueError("give either [data] (a site with its records) or [region] (a "
+                             "region relaying its sites), not both or neither")
+        if self.region is not None and self.privacy is not None:
+            raise ValueError("a region releases nothing of its own (its sites' releases "
+                             "carry their noise): [privacy] belongs in each site's node "
+                             "config, not the region's")
+        return self
+
     @classmethod
     def from_toml(cls, path: str | Path) -> NodeConfig:
         path = Path(path)
@@ -109,6 +146,9 @@ class NodeConfig(BaseModel):
         raw["state_dir"] = str(base / raw.get("state_dir", "."))
         if "ca_file" in raw:
             raw["ca_file"] = str(base / raw["ca_file"])
+        for key in ("admin_key_file", "ca_file"):
+            if isinstance(raw.get("region"), dict) and key in raw["region"]:
+                raw["region"][key] = str(base / raw["region"][key])
         if isinstance(raw.get("privacy"), dict) and "ledger_dir" in raw["privacy"]:
             raw["privacy"]["ledger_dir"] = str(base / raw["privacy"]["ledger_dir"])
         return cls.create(**raw)

@@ -39,6 +39,7 @@ def create_study(body: StudyCreate, db: DB, key: Admin, clock: Clock) -> StudyCr
                                   feature_ranges=[(lo, hi) for lo, hi in ranges],
                                   min_sites=body.min_sites,
                                   round_timeout_s=body.round_timeout_s, outcome=body.outcome,
+                                  relay=body.relay,
                                   now=clock, by=(key, "api"))
     return StudyCreated(id=body.id, enrolment_tokens=tokens)
 

@@ -1,0 +1,110 @@
+"""Hierarchical federation: a regional study relayed into a national one.
+
+Sites -> region -> nation. A province runs its own coordinator; its sites enrol there,
+in a *relay* study whose plan is the national plan. The region's node (a node config
+with a ``[region]`` table, :mod:`cardiofed.node.relay`) is one site of the national
+study: for each national task it hands the national model (and preprocessor) to its
+regional study, which opens a round of the same number for its sites, and once that
+round closes it sends the round's aggregate upward. What crosses the boundary is the
+regional aggregate only: summed statistics, one aggregated update with the region's
+summed sample count, one evaluation summary.
+
+With ``robust_rule = "mean"`` (and no weight cap or norm bound) at both levels, a
+region's update is the sample-weighted mean of its sites' updates, weighted upward by
+their summed sample count: the national model is FedAvg over every site, exactly as a
+flat federation of the same updates (tested). The default median at either level is
+robust aggregation over that level's members, a different estimator.
+
+Pure functions here; :mod:`cardiofed.coordinator.service` stores and serves them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from cardiofed.aggregation.robust import SiteAggregation
+from cardiofed.aggregation.weighted_mean import sample_size_weights, weighted_mean
+from cardiofed.algorithms import ClientUpdate
+from cardiofed.data.preprocessing import SiteStatistics, add_statistics, rebin
+from cardiofed.simulation.config import SimulationConfig
+from cardiofed.wire import encode_arrays
+
+# Plan fields the regional study may set for itself: how its coordinator aggregates its
+# own sites. Every other field (model, local training, seed, rounds, features) must be
+# the national plan's, since the region's sites train for the national study.
+REGIONAL_FIELDS = ("robust_rule", "robust_norm_bound", "robust_max_weight_share",
+                   "robust_trim_fraction", "robust_byzantine", "aggregation", "buffer_size",
+                   "buffer_timeout_s", "staleness", "staleness_exponent", "staleness_hinge",
+                   "max_staleness")
+
+
+def plan_differences(national: dict[str, Any], regional: dict[str, Any]) -> list[str]:
+    """The plan fields, besides :data:`REGIONAL_FIELDS`, in which two plans differ."""
+    keys = (set(national) | set(regional)) - set(REGIONAL_FIELDS)
+    return sorted(k for k in keys if national.get(k) != regional.get(k))
+
+
+def statistics_result(stats: list[SiteStatistics]) -> bytes:
+    """The region's statistics: its sites' sums (re-binned to the coarsest bin count
+    when exact and private releases mix, which makes the sum a private-style release)."""
+    bins = min(s.histogram.shape[1] for s in stats)
+    total: SiteStatistics | None = None
+    for s in stats:
+        if s.histogram.shape[1] != bins:
+            s = SiteStatistics(count=s.count, total=s.total, total_sq=s.total_sq,
+                               n_missing=s.n_missing, histogram=rebin(s.histogram, bins))
+        total = s if total is None else add_statistics(total, s)
+    assert total is not None  # a round closes with at least one report
+    return encode_arrays(total.to_arrays())
+
+
+def update_result(plan: SimulationConfig, updates: list[ClientUpdate]
+                  ) -> tuple[bytes, list[SiteAggregation]]:
+    """The region's update: its sites' deltas aggregated by the regional plan's rule
+    (sample-size weights), with their summed sample count and mean training loss; and
+    what robust aggregation did with each site's update."""
+    weights = sample_size_weights([u.num_samples for u in updates])
+    robust = plan.robust_aggregation()
+    report: list[SiteAggregation] = []
+    if robust is None:
+        delta = weighted_mean([u.delta for u in updates], weights)
+    else:
+        delta, report = robust.aggregate([u.delta for u in updates], weights,
+                                         [u.site for u in updates])
+    losses = [(u.train_loss, u.num_samples) for u in updates if math.isfinite(u.train_loss)]
+    manifest = {"num_samples": str(sum(u.num_samples for u in updates)),
+                "sites": str(len(updates))}
+    if losses:
+        manifest["train_loss"] = repr(sum(x * n for x, n in losses) / max(1, sum(
+            n for _, n in losses)))
+    return encode_arrays({k: np.asarray(v, np.float32) for k, v in delta.items()},
+                         manifest), report
+
+
+def metrics_result(metrics: dict[str, dict[str, Any]]) -> bytes:
+    """The region's evaluation summary: the sample-weighted mean of each metric over the
+    sites that published one (within-site discrimination and calibration, not the pooled
+    metric), their total ``n`` and count; the largest epsilon a site reports spending.
+    Intervals are not combined. Each site's own figures stay on the regional coordinator."""
+    published = {site: m for site, m in metrics.items() if m}
+    if not published:
+        return b"{}"
+    size = {site: float(m.get("n") or 0.0) for site, m in published.items()}
+    out: dict[str, float] = {"n": sum(size.values()), "sites": float(len(published))}
+    keys = sorted({k for m in published.values() for k, v in m.items() if v is not None
+                   and "_ci_" not in k and not k.startswith("epsilon_") and k != "n"})
+    for key in keys:
+        values = [(float(m[key]), size[s]) for s, m in published.items()
+                  if m.get(key) is not None]
+        weight = sum(w for _, w in values)
+        out[key] = (sum(v * w for v, w in values) / weight if weight > 0
+                    else sum(v for v, _ in values) / len(values))
+    for key in ("epsilon_spent", "epsilon_delta"):
+        spent = [float(m[key]) for m in published.values() if m.get(key) is not None]
+        if spent:
+            out[key] = max(spent)
+    return json.dumps(out, sort_keys=True).encode()

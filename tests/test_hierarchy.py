@@ -1,0 +1,203 @@
+"""Hierarchical federation in-process: sites -> regional coordinators -> national one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cardiofed.coordinator.relay import metrics_result, plan_differences
+from cardiofed.data.preprocessing import (
+    DEFAULT_BINS,
+    Preprocessor,
+    SiteStatistics,
+    bin_edges,
+    merge_statistics,
+)
+from cardiofed.exceptions import ConfigurationError
+from cardiofed.node.agent import NodeAgent
+from cardiofed.node.config import DataSource, NodeConfig
+from cardiofed.node.work import load_site_data, statistics_payload, train_payload
+from cardiofed.simulation.config import SimulationConfig
+from cardiofed.wire import decode_arrays, encode_arrays
+from tests.test_coordinator import PLAN, Federation
+
+# The plain weighted mean at both levels: the national model is FedAvg over every site.
+MEAN = {**PLAN, "robust_rule": "mean", "robust_norm_bound": None,
+        "robust_max_weight_share": None}
+REGIONS = {"east": ["tier3_01", "community_01", "community_02"],
+           "west": ["tier2_01", "tier2_02"]}
+
+
+class Hierarchy:
+    """A national coordinator whose sites are regions, each a coordinator of its own."""
+
+    def __init__(self, tmp: Path, plan: dict[str, object] = MEAN,
+                 regional: dict[str, object] | None = None) -> None:
+        for name in ("nation", *REGIONS):
+            (tmp / name).mkdir()
+        self.nation = Federation(tmp / "nation", plan=plan, study={"sites": list(REGIONS)})
+        self.regions = {name: Federation(tmp / name, plan=regional or plan,
+                                         study={"sites": sites, "relay": True})
+                        for name, sites in REGIONS.items()}
+        self.relays = []
+        for name, region in self.regions.items():
+            key = tmp / f"{name}-admin.key"
+            key.write_text(region.admin)
+            config = NodeConfig.create(
+                coordinator_url="http://testserver", state_dir=str(tmp / f"{name}-node"),
+                enrolment_token=self.nation.tokens[name], poll_wait_s=0,
+                region={"coordinator_url": "http://testserver", "study": "s1",
+                        "admin_key_file": str(key)})
+            self.relays.append(NodeAgent(config, client=self.nation.client,
+                                         region_client=region.client))
+        self.sites = {name: [region.agent(s) for s in REGIONS[name]]
+                      for name, region in self.regions.items()}
+
+    def run(self, steps: int = 200) -> None:
+        for _ in range(steps):
+            if self.nation.status()["phase"] == "done":
+                return
+            self.nation.step(self.relays)
+            for name, region in self.regions.items():
+                region.step(self.sites[name])
+        raise AssertionError(f"the national study did not finish: {self.nation.status()}")
+
+    def national_model(self, version: int) -> dict[str, np.ndarray]:
+        blob = self.nation.client.get(f"/v1/studies/s1/models/{version}",
+                                      headers=self.nation.auth(self.nation.admin)).content
+        return decode_arrays(blob)[0]
+
+
+def _site(name: str, feature_names: list[str]):  # type: ignore[no-untyped-def]
+    return load_site_data(DataSource(dataset="synthetic", site=name, seed=0), feature_names)
+
+
+def test_a_hierarchy_equals_fedavg_over_every_site(tmp_path: Path) -> None:
+    h = Hierarchy(tmp_path)
+    h.run()
+    status = h.nation.status()
+    assert status["phase"] == "done" and status["refusals"] == []
+    not_relay = h.nation.client.get("/v1/studies/s1/relay",
+                                    headers=h.nation.auth(h.nation.admin))
+    assert not_relay.status_code == 409 and "not a relay study" in not_relay.json()["detail"]
+    study = h.nation.client.get("/v1/studies/s1/models",
+                                headers=h.nation.auth(h.nation.admin)).json()
+    assert [m["participants"] for m in study[1:]] == [["east", "west"]] * PLAN["rounds"]
+
+    # The national preprocessor is the flat merge of every site's statistics.
+    task_plan = SimulationConfig.model_validate(_stored_plan(h))
+    feature_names, ranges = _columns(h)
+    sites = {s: _site(s, feature_names) for region in REGIONS.values() for s in region}
+    stats = [SiteStatistics(**decode_arrays(statistics_payload(site, ranges, {}))[0])
+             for site in sites.values()]
+    flat = merge_statistics(stats, bin_edges(ranges, DEFAULT_BINS), feature_names,
+                            task_plan.model_form(feature_names))
+    blob = h.nation.client.get("/v1/studies/s1/preprocessor",
+                               headers=h.nation.auth(h.nation.admin)).content
+    pre = Preprocessor.from_arrays(decode_arrays(blob)[0], task_plan.model_form(feature_names))
+    for key, value in flat.to_arrays().items():
+        np.testing.assert_allclose(pre.to_arrays()[key], value, rtol=1e-9, atol=1e-12)
+
+    # Each national version: the previous one plus the sample-weighted mean of every
+    # site's update (each site trains with its seed in its region, as its node did).
+    for version in range(1, PLAN["rounds"] + 1):
+        start = h.national_model(version - 1)
+        deltas, sizes = [], []
+        for region in REGIONS.values():
+            for index, name in enumerate(region):
+                payload = train_payload(sites[name], pre, task_plan, start,
+                                        round_number=version, site_index=index,
+                                        manifest={"site": name}, privacy=None)
+                arrays, manifest = decode_arrays(payload)
+                deltas.append(arrays)
+                sizes.append(int(manifest["num_samples"]))
+        share = np.array(sizes) / sum(sizes)
+        got = h.national_model(version)
+        for key in start:
+            expected = start[key] + sum(w * d[key].astype(np.float64)
+                                        for w, d in zip(share, deltas, strict=True))
+            np.testing.assert_allclose(got[key], expected, atol=2e-6)
+
+    # The national model card holds one evaluation summary per region.
+    card = h.nation.client.get("/v1/studies/s1/models",
+                               headers=h.nation.auth(h.nation.admin)).json()[-1]["metrics"]
+    assert set(card) == {"east", "west"}
+    assert card["east"]["sites"] == 3 and card["west"]["sites"] == 2
+    assert card["east"]["n"] == sum(sites[s].n_test for s in REGIONS["east"])
+    # ...and each region's coordinator every site's own.
+    regional = h.regions["west"].client.get(
+        "/v1/studies/s1/models", headers=h.regions["west"].auth(h.regions["west"].admin)
+    ).json()[-1]["metrics"]
+    assert set(regional) == set(REGIONS["west"])
+    assert h.regions["east"].status()["phase"] == "done"
+
+
+def _stored_plan(h: Hierarchy) -> dict[str, object]:
+    return h.regions["east"].client.get("/v1/studies/s1/relay", headers=h.regions["east"].auth(
+        h.regions["east"].admin)).json()["plan"]
+
+
+def _columns(h: Hierarchy) -> tuple[list[str], list[tuple[float, float]]]:
+    info = h.regions["east"].client.get("/v1/studies/s1/relay", headers=h.regions[
+        "east"].auth(h.regions["east"].admin)).json()
+    return info["feature_names"], [(lo, hi) for lo, hi in info["feature_ranges"]]
+
+
+def test_a_region_refuses_a_national_task_of_another_plan(tmp_path: Path) -> None:
+    h = Hierarchy(tmp_path, regional={**MEAN, "lr": 0.5})
+    h.nation.step(h.relays)
+    refusals = h.nation.status()["refusals"]
+    assert {r["site"] for r in refusals} == {"east", "west"}
+    assert all("lr differ" in r["reason"] for r in refusals)
+
+
+def test_the_relay_endpoints_refuse_what_does_not_fit(tmp_path: Path) -> None:
+    region = Federation(tmp_path, plan=MEAN, study={"sites": ["tier3_01"], "relay": True})
+    admin = region.auth(region.admin)
+    c = region.client
+    assert c.post("/v1/studies/s1/relay/rounds", headers=admin, json={
+        "number": 1, "kind": "train", "model_version": 0}).json()["detail"].endswith(
+        "relay the national one first.")
+    bad = c.put("/v1/studies/s1/relay/models/0", headers=admin,
+                content=encode_arrays({"w": np.zeros(3, np.float32)}))
+    assert bad.status_code == 422 and "tensors" in bad.json()["detail"]
+    assert c.put("/v1/studies/s1/relay/models/0", headers=admin,
+                 content=b"not safetensors").status_code == 422
+    assert c.post("/v1/studies/s1/relay/rounds", headers=admin, json={
+        "number": 1, "kind": "statistics", "model_version": 0}).status_code == 422
+    assert c.get("/v1/studies/s1/relay/rounds/0").status_code == 401  # admin only
+    assert c.get("/v1/studies/s1/relay/rounds/0", headers=admin).status_code == 204
+    made = c.post("/v1/studies", headers=admin, json={
+        "id": "r2", "plan": {**MEAN, "aggregation": "async", "buffer_size": 1},
+        "sites": ["a"], "relay": True, "feature_names": ["age"],
+        "feature_ranges": [[18.0, 100.0]]})
+    assert made.status_code == 422 and "'sync'" in made.json()["detail"]
+
+
+def test_a_region_node_config_names_its_role(tmp_path: Path) -> None:
+    region = {"coordinator_url": "http://r", "study": "s", "admin_key_file": "k"}
+    data = {"dataset": "synthetic", "site": "tier3_01"}
+    base = {"coordinator_url": "http://n", "state_dir": str(tmp_path)}
+    with pytest.raises(ConfigurationError, match="not both or neither"):
+        NodeConfig.create(**base, data=data, region=region)
+    with pytest.raises(ConfigurationError, match="not both or neither"):
+        NodeConfig.create(**base)
+    with pytest.raises(ConfigurationError, match=r"\[privacy\] belongs"):
+        NodeConfig.create(**base, region=region, privacy={"epsilon_max": 1.0,
+                                                          "ledger_dir": str(tmp_path)})
+    with pytest.raises(ConfigurationError, match="admin_key_file"):
+        NodeAgent(NodeConfig.create(**base, region=region))
+
+
+def test_a_region_reports_the_sample_weighted_mean_of_its_sites_metrics() -> None:
+    import json
+
+    summary = json.loads(metrics_result({
+        "a": {"n": 100, "auc": 0.8, "auc_ci_low": 0.7, "epsilon_spent": 1.0},
+        "b": {"n": 300, "auc": 0.6, "epsilon_spent": 2.0}, "c": {}}))
+    assert summary == {"n": 400.0, "sites": 2.0, "auc": pytest.approx(0.65),
+                       "epsilon_spent": 2.0}
+    assert plan_differences({"lr": 1, "robust_rule": "median"},
+                            {"lr": 1, "robust_rule": "mean"}) == []
