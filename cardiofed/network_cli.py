@@ -119,6 +119,9 @@ def create_study(
         "--json", help="Print the tokens as a JSON object {site: token}.")] = False,
     outcome: Annotated[str | None, typer.Option(
         help="The label's outcome for the model cards (default: the data set's).")] = None,
+    relay: Annotated[bool, typer.Option(
+        help="A regional study of a national one (the national plan, the region's "
+             "sites): its rounds are opened by the region's node.")] = False,
 ) -> None:
     """Create a study; prints one one-time enrolment token per site."""
     from cardiofed.data.catalog import study_columns
@@ -143,7 +146,7 @@ def create_study(
             "feature_ranges": ranges, "min_sites": min_sites, "round_timeout_s": round_timeout,
             "outcome": outcome or OUTCOME_OF_DATASET.get(dataset or "") or (
                 plan.study_features.outcome.name if plan.study_features is not None
-                and plan.study_features.outcome is not None else None)}
+                and plan.study_features.outcome is not None else None), "relay": relay}
     with _admin_client(url, admin_key_file, ca_file) as client:
         tokens = _checked(client.post("/v1/studies", json=body)).json()["enrolment_tokens"]
     if as_json:

@@ -201,3 +201,13 @@ def test_a_region_reports_the_sample_weighted_mean_of_its_sites_metrics() -> Non
                        "epsilon_spent": 2.0}
     assert plan_differences({"lr": 1, "robust_rule": "median"},
                             {"lr": 1, "robust_rule": "mean"}) == []
+
+
+def test_a_region_node_config_reads_from_toml(tmp_path: Path) -> None:
+    (tmp_path / "region.toml").write_text(
+        'coordinator_url = "https://nation:8443"\nstate_dir = "state"\n'
+        '[region]\ncoordinator_url = "https://east:8443"\nstudy = "east"\n'
+        'admin_key_file = "east-admin.key"\n')
+    config = NodeConfig.from_toml(tmp_path / "region.toml")
+    assert config.data is None and config.region is not None
+    assert config.region.admin_key_file == tmp_path / "east-admin.key"
