@@ -35,7 +35,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, inspect, select, update
+from sqlalchemy import bindparam, func, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -558,8 +558,9 @@ def advance(db: Session, study: Study, now: Clock = utcnow) -> None:
         _advance(db, study, now)
 
 
-def _still_waiting(db: Session, study_id: str, now: Clock) -> bool:
-    """The current synchronous round is open, before its deadline, with reports missing."""
+def _waiting_query() -> Any:
+    """The current round's state and counts, in one statement (built once: building it
+    cost more than running it)."""
     counted = select(func.count()).select_from(Site).where(
         Site.study_id == Study.id, ~Site.revoked).scalar_subquery()
     active = func.coalesce(Study.active_sites, counted)
@@ -567,11 +568,18 @@ def _still_waiting(db: Session, study_id: str, now: Clock) -> bool:
         Refusal.study_id == Study.id, Refusal.round_number == Round.number).scalar_subquery()
     reported = select(func.coalesce(func.sum(ReportTally.reports), 0)).where(
         ReportTally.round_id == Round.id).scalar_subquery()
-    row = db.execute(
-        select(Study.phase, Study.plan["aggregation"].as_string(), Round.closed_at,
-               Round.deadline, active, refused, reported)
-        .join(Round, (Round.study_id == Study.id) & (Round.number == Study.current_round))
-        .where(Study.id == study_id)).one_or_none()
+    return (select(Study.phase, Study.plan["aggregation"].as_string(), Round.closed_at,
+                   Round.deadline, active, refused, reported)
+            .join(Round, (Round.study_id == Study.id) & (Round.number == Study.current_round))
+            .where(Study.id == bindparam("study_id")))
+
+
+_WAITING = _waiting_query()
+
+
+def _still_waiting(db: Session, study_id: str, now: Clock) -> bool:
+    """The current synchronous round is open, before its deadline, with reports missing."""
+    row = db.execute(_WAITING, {"study_id": study_id}).one_or_none()
     if row is None:
         return False
     phase, aggregation, closed_at, deadline, n_active, n_refused, n_reported = row
