@@ -114,7 +114,7 @@ def _simulated(plan: dict[str, object]) -> ExperimentResult:
     sub = dataclasses.replace(data, sites=[data.site(s) for s in SITES])
     # A networked study aggregates robustly by default; the simulator does so when asked.
     # Nodes train one site each: the simulator's per-site backend is the exact twin.
-    plan = {**plan, "robust_rule": "median", "backend": "loop"}
+    plan = {"robust_rule": "median", **plan, "backend": "loop"}
     return run_experiment(sub, SimulationConfig.create(**plan), baselines=False)
 
 
@@ -159,6 +159,23 @@ def test_a_clinical_model_form_trains_over_the_network_as_in_simulation(
     assert served.weights["linear.weight"].shape == (1, 17)
     for name, value in served.weights.items():
         np.testing.assert_array_equal(value, sim.federated.weights[name])
+
+
+def test_a_mean_round_streams_to_the_simulators_robust_mean(tmp_path: Path) -> None:
+    """The robust mean (weight cap and norm bound on: the largest site is capped) is a
+    running sum over the payloads, never every update at once; the same model."""
+    plan = {**PLAN, "rounds": 2, "robust_rule": "mean"}
+    fed = Federation(tmp_path, plan=plan)
+    _until_done(fed, [fed.agent(s) for s in SITES])
+    from cardiofed.serving import registry
+
+    sim = _simulated(plan)
+    with _sessions(fed.settings.database_url)() as db:
+        served = registry.load(db, "s1-v2")
+    for name, value in served.weights.items():
+        np.testing.assert_allclose(value, sim.federated.weights[name], rtol=0, atol=1e-6)
+    shares = fed.client.get("/v1/studies/s1/status", headers=fed.auth(fed.admin)).json()
+    assert shares["phase"] == "done"
 
 
 def test_networked_run_on_postgresql(tmp_path: Path, postgres_url: str) -> None:

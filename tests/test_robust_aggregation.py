@@ -126,3 +126,32 @@ def test_mismatched_updates_are_refused() -> None:
     with pytest.raises(ValueError, match="do not match"):
         RobustAggregation().aggregate([{"w": np.zeros(2)}, {"v": np.zeros(2)}], [1, 1],
                                       ["a", "b"])
+
+
+def test_the_streamed_mean_is_the_robust_mean_without_holding_the_updates() -> None:
+    from cardiofed.aggregation.robust import streamed_mean, update_norm
+    from cardiofed.aggregation.weighted_mean import weighted_mean
+
+    rng = np.random.default_rng(3)
+    deltas = [{"w": rng.normal(0, 1, (4, 3)).astype(np.float32),
+               "b": rng.normal(0, 1, 2).astype(np.float32)} for _ in range(9)]
+    deltas[2] = {k: v * 100 for k, v in deltas[2].items()}  # clipped by the norm bound
+    weights = [float(n) for n in rng.integers(10, 1000, 9)]
+    weights[5] = 1e6  # capped
+    sites = [f"s{i}" for i in range(9)]
+    norms = [update_norm(d) for d in deltas]
+    robust = RobustAggregation(rule="mean")
+    expected, report = robust.aggregate(deltas, weights, sites)
+    got, streamed = streamed_mean(robust, sites, weights, norms,
+                                  [deltas[:4], deltas[4:7], deltas[7:]])
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-6, atol=1e-7)
+    assert streamed == report and report[2].clipped and report[5].weight_share == 0.5
+    plain, none = streamed_mean(None, sites, weights, norms, [deltas])
+    for k, v in weighted_mean(deltas, weights).items():
+        np.testing.assert_allclose(plain[k], v, rtol=1e-6, atol=1e-7)
+    assert none == []
+    with pytest.raises(ValueError, match="needs every update"):
+        streamed_mean(RobustAggregation(rule="median"), sites, weights, norms, [deltas])
+    with pytest.raises(ValueError, match="got 4 updates for 9"):
+        streamed_mean(robust, sites, weights, norms, [deltas[:4]])

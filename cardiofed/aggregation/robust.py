@@ -22,7 +22,7 @@ site's guarantee.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -130,6 +130,47 @@ class RobustAggregation:
             result[k] = out[offset:offset + size].reshape(shapes[k]).astype(np.float32)
             offset += size
         return result, report
+
+
+def update_norm(delta: Weights) -> float:
+    """An update's L2 norm, as :meth:`RobustAggregation.aggregate` measures it."""
+    return float(np.linalg.norm(np.concatenate(
+        [np.asarray(delta[k], np.float64).ravel() for k in sorted(delta)])))
+
+
+def streamed_mean(robust: RobustAggregation | None, sites: Sequence[str],
+                  weights: Sequence[float], norms: Sequence[float],
+                  batches: Iterable[Sequence[Weights]]) -> tuple[Weights, list[SiteAggregation]]:
+    """The (robust) weighted mean of updates read a batch at a time, keeping one running
+    sum: :meth:`RobustAggregation.aggregate` with rule ``mean`` (``robust`` None: the
+    plain weighted mean, no report), given each update's weight and
+    :func:`update_norm` up front, in the order `batches` yields the updates."""
+    if robust is not None and robust.rule != "mean":
+        raise ValueError(f"Only the mean streams; rule {robust.rule!r} needs every update.")
+    shares = cap_shares(weights, None if robust is None else robust.max_weight_share)
+    norm = np.asarray(norms, dtype=np.float64)
+    scale = np.ones(len(norm))
+    if robust is not None and robust.norm_bound is not None:
+        scale = clip_scales(norm, robust.norm_bound)
+    total: dict[str, np.ndarray] = {}
+    seen = 0
+    for batch in batches:
+        for delta in batch:
+            if not all(np.isfinite(v).all() for v in delta.values()):
+                raise ValueError("Updates must be finite.")
+            factor = shares[seen] * scale[seen]
+            for k, v in delta.items():
+                part = factor * np.asarray(v, np.float64)
+                total[k] = part if k not in total else total[k] + part
+            seen += 1
+    if seen != len(shares) or not len(shares) == len(sites) == len(norm):
+        raise ValueError(f"streamed_mean got {seen} updates for {len(shares)} weights, "
+                         f"{len(norm)} norms and {len(sites)} sites.")
+    report = [] if robust is None else [
+        SiteAggregation(site=s, norm=float(n), clipped=bool(c < 1.0), rejected=False,
+                        weight_share=float(w))
+        for s, n, c, w in zip(sites, norm, scale, shares, strict=True)]
+    return {k: v.astype(np.float32) for k, v in total.items()}, report
 
 
 def cap_shares(weights: Sequence[float], cap: float | None) -> np.ndarray:

@@ -99,13 +99,17 @@ class FederatedAlgorithm:
         (empty without robust aggregation)."""
         if not updates:
             return global_weights, state, []
-        if weights is None:
-            weights = sample_size_weights([u.num_samples for u in updates])
-        report: list[SiteAggregation] = []
-        if self.robust is None:
-            mean_delta = weighted_mean([u.delta for u in updates], weights)
-        else:
-            mean_delta, report = self.robust.aggregate([u.delta for u in updates], weights,
-                                                       [u.site for u in updates])
+        mean_delta, report = self.aggregate(updates, weights)
         new, state = self.server.step(global_weights, mean_delta, state)
         return new, state, report
+
+    def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
+                  ) -> tuple[Weights, list[SiteAggregation]]:
+        """The updates' aggregate delta (sample-size weights unless `weights` are given)
+        and what robust aggregation did with each (empty without it)."""
+        if weights is None:
+            weights = sample_size_weights([u.num_samples for u in updates])
+        if self.robust is None:
+            return weighted_mean([u.delta for u in updates], weights), []
+        return self.robust.aggregate([u.delta for u in updates], weights,
+                                     [u.site for u in updates])

@@ -26,11 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from cardiofed.aggregation.robust import SiteAggregation
-from cardiofed.aggregation.weighted_mean import sample_size_weights, weighted_mean
-from cardiofed.algorithms import ClientUpdate
 from cardiofed.data.preprocessing import SiteStatistics, add_statistics, rebin
-from cardiofed.simulation.config import SimulationConfig
+from cardiofed.models.networks import Weights
 from cardiofed.wire import encode_arrays
 
 # Plan fields the regional study may set for itself: how its coordinator aggregates its
@@ -62,27 +59,15 @@ def statistics_result(stats: list[SiteStatistics]) -> bytes:
     return encode_arrays(total.to_arrays())
 
 
-def update_result(plan: SimulationConfig, updates: list[ClientUpdate]
-                  ) -> tuple[bytes, list[SiteAggregation]]:
-    """The region's update: its sites' deltas aggregated by the regional plan's rule
-    (sample-size weights), with their summed sample count and mean training loss; and
-    what robust aggregation did with each site's update."""
-    weights = sample_size_weights([u.num_samples for u in updates])
-    robust = plan.robust_aggregation()
-    report: list[SiteAggregation] = []
-    if robust is None:
-        delta = weighted_mean([u.delta for u in updates], weights)
-    else:
-        delta, report = robust.aggregate([u.delta for u in updates], weights,
-                                         [u.site for u in updates])
-    losses = [(u.train_loss, u.num_samples) for u in updates if math.isfinite(u.train_loss)]
-    manifest = {"num_samples": str(sum(u.num_samples for u in updates)),
-                "sites": str(len(updates))}
-    if losses:
-        manifest["train_loss"] = repr(sum(x * n for x, n in losses) / max(1, sum(
-            n for _, n in losses)))
-    return encode_arrays({k: np.asarray(v, np.float32) for k, v in delta.items()},
-                         manifest), report
+def update_result(delta: Weights, sizes: list[int], losses: list[float]) -> bytes:
+    """The region's update: its sites' aggregate delta (the regional plan's rule, sample
+    size weights) with their summed sample count and mean training loss."""
+    finite = [(x, n) for x, n in zip(losses, sizes, strict=True) if math.isfinite(x)]
+    manifest = {"num_samples": str(sum(sizes)), "sites": str(len(sizes))}
+    if finite:
+        manifest["train_loss"] = repr(sum(x * n for x, n in finite) / max(1, sum(
+            n for _, n in finite)))
+    return encode_arrays({k: np.asarray(v, np.float32) for k, v in delta.items()}, manifest)
 
 
 def metrics_result(metrics: dict[str, dict[str, Any]]) -> bytes:

@@ -39,10 +39,10 @@ from sqlalchemy import bindparam, func, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from cardiofed.aggregation.robust import SiteAggregation
+from cardiofed.aggregation.robust import SiteAggregation, streamed_mean, update_norm
 from cardiofed.aggregation.server_optimizers import ServerState
 from cardiofed.aggregation.staleness import StaleUpdate, buffer_ready, publish_buffer
-from cardiofed.algorithms import ClientUpdate
+from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.causal.study import add as add_sums
 from cardiofed.coordinator import attribution, relay
 from cardiofed.coordinator.payloads import (
@@ -645,8 +645,19 @@ class _Folded:
     names: list[str] = field(default_factory=list)
     statistics: dict[int, SiteStatistics] = field(default_factory=dict)  # by bin count
     updates: list[ClientUpdate] = field(default_factory=list)
+    # A (robust) mean round keeps no update: (update id, num_samples, norm, train_loss)
+    # each, and the aggregate is a running sum over the payloads read again in batches.
+    streamed: list[tuple[int, int, float, float]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     totals: dict[str, np.ndarray] | None = None  # an attribution step's sums
+
+    def sizes(self) -> list[int]:
+        return ([n for _, n, _, _ in self.streamed] if self.streamed
+                else [u.num_samples for u in self.updates])
+
+    def losses(self) -> list[float]:
+        return ([x for _, _, _, x in self.streamed] if self.streamed
+                else [u.train_loss for u in self.updates])
 
 
 def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Folded:
@@ -654,6 +665,7 @@ def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Fold
     dropped once folded); a report that no longer passes is quarantined with the reason,
     so one site's payload never stops a round."""
     sites = {s.id: s for s in db.scalars(select(Site).where(Site.study_id == study.id))}
+    streams = study_plan(study).robust_rule in (None, "mean")
     out = _Folded()
     for start in range(0, len(update_ids), FOLD_BATCH):
         batch = update_ids[start:start + FOLD_BATCH]
@@ -675,6 +687,10 @@ def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Fold
                 bins = stats.histogram.shape[1]
                 total = out.statistics.get(bins)
                 out.statistics[bins] = stats if total is None else add_statistics(total, stats)
+            elif rnd.kind == TRAIN and streams:
+                delta, manifest = decode_arrays(u.payload)
+                out.streamed.append((u.id, u.num_samples, update_norm(delta),
+                                     float(manifest.get("train_loss", "nan"))))
             elif rnd.kind == TRAIN:
                 out.updates.append(_client_update(u, site.name))
             elif rnd.kind in attribution.ATTRIBUTION_STEPS:
@@ -685,6 +701,26 @@ def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Fold
         for u in rows.values():
             db.expunge(u)  # the payloads go; only what was folded stays
     return out
+
+
+def _round_delta(db: Session, algorithm: FederatedAlgorithm, folded: _Folded
+                 ) -> tuple[Weights, list[SiteAggregation]]:
+    """A training round's aggregate delta and what robust aggregation did: a running sum
+    over the payloads, read FOLD_BATCH at a time, for the (robust) mean; the decoded
+    updates for the rules that need every update at once."""
+    if not folded.streamed:
+        return algorithm.aggregate(folded.updates)
+    ids = [i for i, _, _, _ in folded.streamed]
+
+    def batches() -> Iterator[list[Weights]]:
+        for start in range(0, len(ids), FOLD_BATCH):
+            batch = ids[start:start + FOLD_BATCH]
+            payloads = dict(db.execute(select(Update.id, Update.payload)
+                                       .where(Update.id.in_(batch))).all())
+            yield [decode_arrays(payloads[i])[0] for i in batch]
+
+    return streamed_mean(algorithm.robust, folded.names, folded.sizes(),
+                         [n for _, _, n, _ in folded.streamed], batches())
 
 
 def _extend(db: Session, study: Study, rnd: Round, now: Clock, why: str) -> None:
@@ -733,9 +769,9 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         algorithm = plan.make_algorithm()
         weights = _load_model(db, study, study.model_version)
         state = _load_state(study, algorithm.init_server(weights))
-        new, new_state, report = algorithm.server_update_with_report(weights, folded.updates,
-                                                                     state)
-        new, state = _sane(rnd, study, (weights, state), (new, new_state), report)
+        delta, report = _round_delta(db, algorithm, folded)
+        new, state = _sane(rnd, study, (weights, state),
+                           algorithm.server.step(weights, delta, state), report)
         study.model_version += 1
         _store_model(db, study, new, version=study.model_version, round_number=rnd.number,
                      participants=names)
@@ -772,7 +808,8 @@ def _close_relayed(db: Session, study: Study, plan: SimulationConfig, rnd: Round
     if rnd.kind == STATISTICS:
         rnd.relay_result = relay.statistics_result(list(folded.statistics.values()))
     elif rnd.kind == TRAIN:
-        rnd.relay_result, report = relay.update_result(plan, folded.updates)
+        delta, report = _round_delta(db, plan.make_algorithm(), folded)
+        rnd.relay_result = relay.update_result(delta, folded.sizes(), folded.losses())
         rnd.aggregation = [r.to_dict() for r in report]
     else:
         rnd.relay_result = relay.metrics_result(folded.metrics)
