@@ -81,8 +81,8 @@ def close_round(workdir: Path, n_sites: int, model: str, rule: str) -> dict[str,
         study.phase, study.current_round = "train", 1
         db.flush()
         shapes = {k: v.shape for k, v in service._load_model(db, study, 0).items()}
-        ids = dict(db.execute(select(Site.name, Site.id).where(
-            Site.study_id == "national")).tuples().all())
+        ids = {name: i for name, i in db.execute(
+            select(Site.name, Site.id).where(Site.study_id == "national"))}
         for start in range(0, n_sites, 2000):
             batch = sites[start:start + 2000]
             db.execute(insert(Update), [{

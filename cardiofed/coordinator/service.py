@@ -330,6 +330,12 @@ def _active_sites(db: Session, study: Study) -> list[Site]:
                            .order_by(Site.index)))
 
 
+def _active_ids(db: Session, study: Study) -> list[int]:
+    """The ids of :func:`_active_sites`, without loading a site."""
+    return list(db.scalars(select(Site.id).where(Site.study_id == study.id, ~Site.revoked)
+                           .order_by(Site.index)))
+
+
 def _reported(db: Session, rnd: Round, site: Site) -> Update | None:
     return db.scalar(select(Update).where(Update.round_id == rnd.id,
                                           Update.site_id == site.id))
@@ -406,7 +412,7 @@ def submit(db: Session, site: Site, *, round_number: int, payload: bytes, max_by
     try:
         _refuse_closed(study, rnd, site)
         staleness = _staleness(study, rnd, site)
-        num_samples = _validate(db, study, rnd, site, payload)
+        num_samples = _check(db, study, rnd, site.name, payload).num_samples
     except CoordinatorError:
         if _acknowledged(db, rnd, site, digest):  # a retry of what was accepted
             return digest, False
@@ -506,26 +512,38 @@ def _staleness(study: Study, rnd: Round, site: Site) -> int | None:
     return staleness
 
 
-def _validate(db: Session, study: Study, rnd: Round, site: Site, payload: bytes) -> int:
-    """The payload checked by :mod:`cardiofed.coordinator.payloads` against the round;
-    returns the sample size it declares."""
+@dataclass(frozen=True)
+class _Checked:
+    """A payload that passed the checks: its declared sample size and what it holds."""
+
+    num_samples: int
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    manifest: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] | None = None  # an evaluation's
+
+
+def _check(db: Session, study: Study, rnd: Round, site_name: str, payload: bytes
+           ) -> _Checked:
+    """The payload checked by :mod:`cardiofed.coordinator.payloads` against the round."""
     if rnd.kind == EVALUATE:
         if len(payload) > MAX_METRICS_BYTES:
             raise PayloadTooLarge(f"Metrics payload exceeds {MAX_METRICS_BYTES} bytes.")
-        evaluation_metrics(payload)
-        return 0
+        return _Checked(0, metrics=evaluation_metrics(payload))
     try:
         arrays, manifest = decode_arrays(payload)
     except DataValidationError as exc:
         raise InvalidUpdate(str(exc)) from None
     check_manifest(manifest, {"study": study.id, "round": str(rnd.number),
-                              "model_version": str(rnd.model_version), "site": site.name})
-    plan = study_plan(study)
-    if plan.attribution is not None:
-        return attribution.check_payload(plan.attribution, study, rnd.kind, arrays)
-    if rnd.kind == STATISTICS:
-        return check_statistics(arrays, [(lo, hi) for lo, hi in study.feature_ranges])
-    return check_update(arrays, manifest, _expected_tensors(db, study, rnd.model_version))
+                              "model_version": str(rnd.model_version), "site": site_name})
+    if study.plan.get("attribution") is not None:
+        plan = study_plan(study).attribution
+        assert plan is not None
+        n = attribution.check_payload(plan, study, rnd.kind, arrays)
+    elif rnd.kind == STATISTICS:
+        n = check_statistics(arrays, [(lo, hi) for lo, hi in study.feature_ranges])
+    else:
+        n = check_update(arrays, manifest, _expected_tensors(db, study, rnd.model_version))
+    return _Checked(n, arrays, manifest)
 
 
 _TENSORS: dict[tuple[str, datetime, int], dict[str, tuple[tuple[int, ...], np.dtype[Any]]]] = {}
@@ -600,10 +618,10 @@ def _advance(db: Session, study: Study, now: Clock) -> None:
         # are folded; later ones see the round closed.
         rnd = _round(db, study, lock=True)
         refused = _refused(db, study, rnd.number)
-        active = [s for s in _active_sites(db, study) if s.id not in refused]
+        active = [i for i in _active_ids(db, study) if i not in refused]
         reported = _reported_ids(db, rnd)
         # In site order (the simulator's order, so the sums match it); revoked sites drop out.
-        usable = [reported[s.id] for s in active if s.id in reported]
+        usable = [reported[i] for i in active if i in reported]
         if not active and refused:
             # Every remaining site refused this round: nobody is left to wait for.
             rnd.closed_at = now()
@@ -664,42 +682,49 @@ def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Fold
     """Check every report again and fold it (payloads are read FOLD_BATCH at a time and
     dropped once folded); a report that no longer passes is quarantined with the reason,
     so one site's payload never stops a round."""
-    sites = {s.id: s for s in db.scalars(select(Site).where(Site.study_id == study.id))}
+    names = {i: name for i, name in db.execute(
+        select(Site.id, Site.name).where(Site.study_id == study.id))}
     streams = study_plan(study).robust_rule in (None, "mean")
     out = _Folded()
     for start in range(0, len(update_ids), FOLD_BATCH):
         batch = update_ids[start:start + FOLD_BATCH]
-        rows = {u.id: u for u in db.scalars(select(Update).where(Update.id.in_(batch)))}
+        rows = {r.id: r for r in db.execute(
+            select(Update.id, Update.site_id, Update.payload, Update.num_samples,
+                   Update.quarantine).where(Update.id.in_(batch)))}
         for update_id in batch:
-            u, site = rows[update_id], sites[rows[update_id].site_id]
-            if u.quarantine is None:
-                try:
-                    _validate(db, study, rnd, site, u.payload)
-                except CoordinatorError as exc:
-                    u.quarantine = str(exc)[:300]
-                    log.warning("study %s round %d: update of site %s quarantined: %s",
-                                study.id, rnd.number, site.name, u.quarantine)
-            if u.quarantine is not None:
+            row = rows[update_id]
+            name = names[row.site_id]
+            if row.quarantine is not None:
                 continue
-            out.names.append(site.name)
+            try:
+                checked = _check(db, study, rnd, name, row.payload)
+            except CoordinatorError as exc:
+                reason = str(exc)[:300]
+                db.execute(update(Update).where(Update.id == update_id)
+                           .values(quarantine=reason))
+                log.warning("study %s round %d: update of site %s quarantined: %s",
+                            study.id, rnd.number, name, reason)
+                continue
+            out.names.append(name)
             if rnd.kind == STATISTICS:
-                stats = SiteStatistics(**decode_arrays(u.payload)[0])
+                stats = SiteStatistics(**checked.arrays)
                 bins = stats.histogram.shape[1]
                 total = out.statistics.get(bins)
                 out.statistics[bins] = stats if total is None else add_statistics(total, stats)
-            elif rnd.kind == TRAIN and streams:
-                delta, manifest = decode_arrays(u.payload)
-                out.streamed.append((u.id, u.num_samples, update_norm(delta),
-                                     float(manifest.get("train_loss", "nan"))))
             elif rnd.kind == TRAIN:
-                out.updates.append(_client_update(u, site.name))
+                loss = float(checked.manifest.get("train_loss", "nan"))
+                if streams:
+                    out.streamed.append((update_id, row.num_samples,
+                                         update_norm(checked.arrays), loss))
+                else:
+                    out.updates.append(ClientUpdate(site=name, delta=checked.arrays,
+                                                    num_samples=row.num_samples,
+                                                    num_steps=0, train_loss=loss))
             elif rnd.kind in attribution.ATTRIBUTION_STEPS:
-                out.totals = add_sums(out.totals, decode_arrays(u.payload)[0])
+                out.totals = add_sums(out.totals, checked.arrays)
             else:
-                out.metrics[site.name] = evaluation_metrics(u.payload)
-        db.flush()  # quarantine marks
-        for u in rows.values():
-            db.expunge(u)  # the payloads go; only what was folded stays
+                assert checked.metrics is not None
+                out.metrics[name] = checked.metrics
     return out
 
 
@@ -737,7 +762,7 @@ def _foldable(db: Session, study: Study, rnd: Round, updates: list[Update]) -> l
     for u in updates:
         if u.quarantine is None:
             try:
-                _validate(db, study, rnd, sites[u.site_id], u.payload)
+                _check(db, study, rnd, sites[u.site_id].name, u.payload)
             except CoordinatorError as exc:
                 u.quarantine = str(exc)[:300]
                 log.warning("study %s round %d: update of site %s quarantined: %s", study.id,
