@@ -9,10 +9,12 @@ import shutil
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from cardiofed.coordinator import service
 from cardiofed.coordinator.app import create_app
@@ -145,16 +147,23 @@ def test_networked_run_equals_the_simulator(fed: Federation) -> None:
         np.testing.assert_array_equal(value, sim.federated.weights[name])
 
 
-def test_a_clinical_model_form_trains_over_the_network_as_in_simulation(
-        tmp_path: Path) -> None:
-    plan = {**PLAN, "rounds": 2, "feature_transform": "clinical"}
-    fed = Federation(tmp_path, plan=plan)
-    _until_done(fed, [fed.agent(s) for s in SITES])
+def _networked_and_simulated(tmp_path: Path, plan: dict[str, object]
+                             ) -> tuple[Federation, Any, ExperimentResult]:
+    """A networked study of `plan` run to the end, its last registered model, and the
+    simulator's run of the same plan."""
     from cardiofed.serving import registry
 
-    sim = _simulated(plan)
+    fed = Federation(tmp_path, plan=plan)
+    _until_done(fed, [fed.agent(s) for s in SITES])
     with _sessions(fed.settings.database_url)() as db:
-        served = registry.load(db, "s1-v2")
+        served = registry.load(db, f"s1-v{plan['rounds']}")
+    return fed, served, _simulated(plan)
+
+
+def test_a_clinical_model_form_trains_over_the_network_as_in_simulation(
+        tmp_path: Path) -> None:
+    _, served, sim = _networked_and_simulated(
+        tmp_path, {**PLAN, "rounds": 2, "feature_transform": "clinical"})
     assert served.card.feature_transform == "clinical"
     assert served.weights["linear.weight"].shape == (1, 17)
     for name, value in served.weights.items():
@@ -164,18 +173,17 @@ def test_a_clinical_model_form_trains_over_the_network_as_in_simulation(
 def test_a_mean_round_streams_to_the_simulators_robust_mean(tmp_path: Path) -> None:
     """The robust mean (weight cap and norm bound on: the largest site is capped) is a
     running sum over the payloads, never every update at once; the same model."""
-    plan = {**PLAN, "rounds": 2, "robust_rule": "mean"}
-    fed = Federation(tmp_path, plan=plan)
-    _until_done(fed, [fed.agent(s) for s in SITES])
-    from cardiofed.serving import registry
-
-    sim = _simulated(plan)
-    with _sessions(fed.settings.database_url)() as db:
-        served = registry.load(db, "s1-v2")
+    fed, served, sim = _networked_and_simulated(
+        tmp_path, {**PLAN, "rounds": 2, "robust_rule": "mean"})
     for name, value in served.weights.items():
         np.testing.assert_allclose(value, sim.federated.weights[name], rtol=0, atol=1e-6)
-    shares = fed.client.get("/v1/studies/s1/status", headers=fed.auth(fed.admin)).json()
-    assert shares["phase"] == "done"
+    from cardiofed.coordinator.storage import Round
+
+    with _sessions(fed.settings.database_url)() as db:
+        first = db.scalar(select(Round).where(Round.number == 1))
+        assert first is not None and first.aggregation is not None
+        shares = {a["site"]: a["weight_share"] for a in first.aggregation}
+    assert shares["tier3_01"] == pytest.approx(0.5)  # 2,100 of 3,010 rows, capped
 
 
 def test_networked_run_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
