@@ -19,6 +19,11 @@ acknowledged; a repeated identical upload is acknowledged again, a different one
 the same round is a conflict. Accepting an update and closing a round are serialised
 (:func:`_serialised`), so concurrent requests never close a round twice nor accept an
 update into a round that has just closed.
+
+A *relay* study (``relay`` set at creation; :mod:`cardiofed.coordinator.relay`) is a
+region of a national study: its statistics round opens with it, its later rounds are
+opened by the region's node with the national model, and each closed round keeps the
+aggregate that node sends upward, the study waiting (phase ``relay``) in between.
 """
 
 from __future__ import annotations
