@@ -76,6 +76,12 @@ class Conflict(CoordinatorError):
     status_code = 409
 
 
+class RoundClosed(Conflict):
+    """An upload for a synchronous round that has closed (it went on without the site)."""
+
+    code = "round_closed"
+
+
 class StaleUpdateRefused(Conflict):
     """An asynchronous study refused an update trained from too old a model."""
 

@@ -401,6 +401,28 @@ def test_dropped_site_does_not_hang_the_round_after_its_deadline(tmp_path: Path)
     assert models[-1]["participants"] == SITES[:2]
 
 
+def test_a_result_for_a_round_that_closed_without_it_does_not_stop_the_node(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from cardiofed.coordinator.schemas import TaskResponse
+
+    fed = Federation(tmp_path, min_sites=2)
+    agents = [fed.agent(s) for s in SITES]
+    fed.step(agents)  # statistics
+    late = agents[2]
+    task = TaskResponse.model_validate(fed.client.get(
+        "/v1/tasks/next", headers=fed.auth(late.credential())).json())
+    assert task.kind == "train"
+    fed.step(agents[:2])
+    fed.advance(3601)  # round 1 closes without the late site
+    assert fed.status()["round"] == 2
+    assert late.run_task(task) is True  # its upload: 409 round_closed, logged, not raised
+    assert "closed before this result arrived" in caplog.text
+    r = fed.client.post("/v1/studies/s1/rounds/1/updates", headers=fed.auth(
+        late.credential()), content=(late.state_dir / "outbox" / "s1-round1.bin").read_bytes())
+    assert r.status_code == 409 and r.json()["code"] == "round_closed"
+    _until_done(fed, agents)  # and it takes part in the next rounds
+
+
 def test_round_past_deadline_without_enough_reports_is_extended(tmp_path: Path) -> None:
     fed = Federation(tmp_path, timeout=60.0, min_sites=2)
     fed.step([fed.agent(SITES[0])])

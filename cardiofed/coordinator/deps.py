@@ -51,7 +51,8 @@ _REFUSALS = {
     403: "A site's credential, for another study than its own",
     404: "No such study, round, site or model version",
     409: "Clashes with what was already accepted: another payload for the round, a closed "
-         "round, or (code `stale_update`) an update trained from too old a model",
+         "round (code `round_closed`), or (code `stale_update`) an update trained from too "
+         "old a model",
     413: "Request body over this endpoint's size limit (see `detail`)",
     422: "Invalid fields, each named (at most 20 listed), or an invalid payload (`errors` "
          "empty, `detail` says why)",

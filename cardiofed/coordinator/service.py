@@ -86,6 +86,7 @@ from cardiofed.exceptions import (
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
+    RoundClosed,
     StaleUpdateRefused,
 )
 from cardiofed.models.networks import Weights, get_weights, make_model
@@ -469,7 +470,7 @@ def _refuse_closed(study: Study, rnd: Round, site: Site) -> None:
                                  f"finished at version {study.model_version}; the "
                                  f"update is discarded.")
     if rnd.closed_at is not None:
-        raise Conflict(f"Round {rnd.number} of study {study.id!r} is closed "
+        raise RoundClosed(f"Round {rnd.number} of study {study.id!r} is closed "
                        f"({rnd.outcome}); the current round is {study.current_round}.")
 
 

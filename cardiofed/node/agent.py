@@ -26,6 +26,7 @@ from cardiofed.data.study_features import StudyFeatures, catalogue_of
 from cardiofed.exceptions import (
     CardioFedError,
     PrivacyBudgetExceeded,
+    RoundClosed,
     StaleUpdateRefused,
     TaskRefused,
 )
@@ -175,6 +176,10 @@ class NodeAgent:
                 # Asynchronous study: the model moved on too far while this site trained.
                 log.warning("round %d: update refused as stale; training on the newest "
                             "model next", number)
+                return True
+            if exc.code == RoundClosed.code:  # e.g. a slow region past the deadline
+                log.warning("round %d closed before this result arrived; on with the "
+                            "study's next task", number)
                 return True
             raise
         log.info("round %d (%s): %s, %d bytes", number, kind, ack.json()["status"], len(payload))
