@@ -140,7 +140,8 @@ def test_simulate_with_config_file(tmp_path) -> None:  # type: ignore[no-untyped
     config = tmp_path / "settings.toml"
     config.write_text('algorithm = "fedyogi"\nrounds = 2\nserver_lr = 0.03\n')
     result = CliRunner().invoke(app, ["simulate", "--dataset", "synthetic", "--config",
-                                      str(config), "--out", str(tmp_path / "r")])
+                                      str(config), "--out", str(tmp_path / "r"),
+                                      "--no-effective-data"])  # the demo's test runs it
 
     assert result.exit_code == 0, result.output
     assert "fedyogi" in result.output  # the progress bar names the algorithm

@@ -24,7 +24,7 @@ from cardiofed.wire import decode_arrays, encode_arrays
 from tests.test_coordinator import PLAN, Federation
 
 # The plain weighted mean at both levels: the national model is FedAvg over every site.
-MEAN = {**PLAN, "robust_rule": "mean", "robust_norm_bound": None,
+MEAN = {**PLAN, "rounds": 2, "robust_rule": "mean", "robust_norm_bound": None,
         "robust_max_weight_share": None}
 REGIONS = {"east": ["tier3_01", "community_01", "community_02"],
            "west": ["tier2_01", "tier2_02"]}
@@ -84,7 +84,7 @@ def test_a_hierarchy_equals_fedavg_over_every_site(tmp_path: Path) -> None:
     assert not_relay.status_code == 409 and "not a relay study" in not_relay.json()["detail"]
     study = h.nation.client.get("/v1/studies/s1/models",
                                 headers=h.nation.auth(h.nation.admin)).json()
-    assert [m["participants"] for m in study[1:]] == [["east", "west"]] * PLAN["rounds"]
+    assert [m["participants"] for m in study[1:]] == [["east", "west"]] * MEAN["rounds"]
 
     # The national preprocessor is the flat merge of every site's statistics.
     task_plan = SimulationConfig.model_validate(_stored_plan(h))
@@ -102,7 +102,7 @@ def test_a_hierarchy_equals_fedavg_over_every_site(tmp_path: Path) -> None:
 
     # Each national version: the previous one plus the sample-weighted mean of every
     # site's update (each site trains with its seed in its region, as its node did).
-    for version in range(1, PLAN["rounds"] + 1):
+    for version in range(1, MEAN["rounds"] + 1):
         start = h.national_model(version - 1)
         deltas, sizes = [], []
         for region in REGIONS.values():

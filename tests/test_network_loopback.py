@@ -54,7 +54,7 @@ HOST = "127.0.0.1"  # the only address these tests ever connect to
 STARTUP_S = 60.0    # a process importing torch on a busy 2-core machine
 STUDY_S = 120.0     # a whole (small) study, node start-up included
 UCI_SITES = ["cleveland", "hungarian", "switzerland", "va"]
-UCI_PLAN = {"rounds": 5, "local_steps": 20, "batch_size": 4, "lr": 0.01, "seed": 3}
+UCI_PLAN = {"rounds": 3, "local_steps": 20, "batch_size": 4, "lr": 0.01, "seed": 3}
 SYN_SITES = ["tier3_01", "tier2_01", "community_01"]
 SYN_PLAN = {"rounds": 8, "local_steps": 20, "batch_size": 16, "lr": 0.05, "seed": 7}
 
@@ -593,7 +593,7 @@ def test_two_coordinator_processes_on_postgresql_serve_one_study(
     second = Coordinator(procs, "pg-b", database_url=postgres_url,
                          key_file=first.key_file).ready()
     to_second = {site: {"coordinator_url": second.url} for site in SYN_SITES[1:]}
-    plan = {**SYN_PLAN, "rounds": 4}
+    plan = {**SYN_PLAN, "rounds": 3}
     fed = Federation(procs, first, "scaled", "synthetic", SYN_SITES, plan,
                      node_settings=to_second)
     fed.start()
