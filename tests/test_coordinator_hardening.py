@@ -145,6 +145,34 @@ def test_a_stored_payload_that_no_longer_passes_is_quarantined_and_the_round_goe
     assert quarantined["reason"].startswith("Payload header length")
 
 
+def test_an_asynchronous_buffer_quarantines_a_payload_that_no_longer_passes(
+        tmp_path: Path) -> None:
+    from cardiofed.coordinator.storage import Round, Update
+
+    fed = Federation(tmp_path, plan={"rounds": 2, "local_epochs": 1, "batch_size": 32,
+                                     "lr": 0.05, "seed": 5, "aggregation": "async",
+                                     "buffer_size": 3})
+    agents = [fed.agent(s) for s in SITES]
+    assert fed.step(agents) == 3  # statistics
+    assert fed.step(agents[:2]) == 2  # two training updates wait in the buffer
+    with _sessions(fed.settings.database_url)() as db:
+        first = db.query(Update).join(Round, Update.round_id == Round.id).filter(
+            Round.kind == "train").order_by(Update.id).first()
+        assert first is not None
+        first.payload = b"not safetensors any more"
+        db.commit()
+
+    assert fed.step(agents[2:]) == 1  # the buffer is full: a version is published
+
+    state = fed.status()
+    assert state["model_version"] == 1
+    [quarantined] = state["quarantined"]  # type: ignore[misc]
+    assert quarantined["site"] == SITES[0] and quarantined["round"] == 1
+    assert quarantined["reason"].startswith("Payload header length")
+    models = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
+    assert models[1]["participants"] == SITES[1:]
+
+
 @pytest.mark.parametrize("setting", [{"seed": int("9" * 400)}, {"seed": 2**64},
                                      {"lr": float("inf")}, {"batch_size": 10**30}])
 def test_plan_numbers_out_of_range_are_a_422_not_a_500(fed: Federation,

@@ -702,14 +702,8 @@ def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Fold
             name = names[row.site_id]
             if row.quarantine is not None:
                 continue
-            try:
-                checked = _check(db, study, rnd, name, row.payload)
-            except CoordinatorError as exc:
-                reason = str(exc)[:300]
-                db.execute(update(Update).where(Update.id == update_id)
-                           .values(quarantine=reason))
-                log.warning("study %s round %d: update of site %s quarantined: %s",
-                            study.id, rnd.number, name, reason)
+            checked = _checked_or_quarantined(db, study, rnd, name, update_id, row.payload)
+            if checked is None:
                 continue
             out.names.append(name)
             if rnd.kind == STATISTICS:
@@ -760,22 +754,19 @@ def _extend(db: Session, study: Study, rnd: Round, now: Clock, why: str) -> None
     db.commit()
 
 
-def _foldable(db: Session, study: Study, rnd: Round, updates: list[Update]) -> list[Update]:
-    """The updates that still pass the payload checks; the others are quarantined with
-    the reason (shown in the status), so one site's payload never stops a round."""
-    sites = {s.id: s for s in db.scalars(select(Site).where(Site.study_id == study.id))}
-    kept = []
-    for u in updates:
-        if u.quarantine is None:
-            try:
-                _check(db, study, rnd, sites[u.site_id].name, u.payload)
-            except CoordinatorError as exc:
-                u.quarantine = str(exc)[:300]
-                log.warning("study %s round %d: update of site %s quarantined: %s", study.id,
-                            rnd.number, sites[u.site_id].name, u.quarantine)
-        if u.quarantine is None:
-            kept.append(u)
-    return kept
+def _checked_or_quarantined(db: Session, study: Study, rnd: Round, site_name: str,
+                            update_id: int, payload: bytes) -> _Checked | None:
+    """The update's payload checked again before it is folded; one that no longer passes
+    is quarantined with the reason (shown in the status) and None returned, so one site's
+    payload never stops a round."""
+    try:
+        return _check(db, study, rnd, site_name, payload)
+    except CoordinatorError as exc:
+        reason = str(exc)[:300]
+        db.execute(update(Update).where(Update.id == update_id).values(quarantine=reason))
+        log.warning("study %s round %d: update of site %s quarantined: %s", study.id,
+                    rnd.number, site_name, reason)
+        return None
 
 
 def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -> None:
@@ -899,7 +890,8 @@ def _publish_buffered(db: Session, study: Study, now: Clock) -> bool:
                         timeout_s=timeout):
         return False
     rounds = {r.id: r for r in db.scalars(select(Round).where(Round.study_id == study.id))}
-    buffer = [u for u in buffer if _foldable(db, study, rounds[u.round_id], [u])]
+    buffer = [u for u in buffer if _checked_or_quarantined(
+        db, study, rounds[u.round_id], active[u.site_id].name, u.id, u.payload) is not None]
     if not buffer:
         db.commit()
         return False
