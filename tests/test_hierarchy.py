@@ -34,12 +34,14 @@ class Hierarchy:
     """A national coordinator whose sites are regions, each a coordinator of its own."""
 
     def __init__(self, tmp: Path, plan: dict[str, object] = MEAN,
-                 regional: dict[str, object] | None = None) -> None:
+                 regional: dict[str, object] | None = None,
+                 regional_study: dict[str, object] | None = None) -> None:
         for name in ("nation", *REGIONS):
             (tmp / name).mkdir()
         self.nation = Federation(tmp / "nation", plan=plan, study={"sites": list(REGIONS)})
         self.regions = {name: Federation(tmp / name, plan=regional or plan,
-                                         study={"sites": sites, "relay": True})
+                                         study={"sites": sites, "relay": True,
+                                                **(regional_study or {})})
                         for name, sites in REGIONS.items()}
         self.relays = []
         for name, region in self.regions.items():
@@ -153,6 +155,15 @@ def test_a_region_refuses_a_national_task_of_another_plan(tmp_path: Path) -> Non
     assert all("lr differ" in r["reason"] for r in refusals)
 
 
+def test_a_region_refuses_a_national_task_for_another_outcome(tmp_path: Path) -> None:
+    h = Hierarchy(tmp_path, regional_study={"outcome": "chd_10y"})
+    h.nation.step(h.relays)
+    reasons = [r["reason"] for r in h.nation.status()["refusals"]]
+    assert len(reasons) == 2
+    assert all("has other feature columns, ranges or outcome than the national study" in r
+               for r in reasons)
+
+
 def test_the_relay_endpoints_refuse_what_does_not_fit(tmp_path: Path) -> None:
     region = Federation(tmp_path, plan=MEAN, study={"sites": ["tier3_01"], "relay": True})
     admin = region.auth(region.admin)
@@ -163,10 +174,12 @@ def test_the_relay_endpoints_refuse_what_does_not_fit(tmp_path: Path) -> None:
     bad = c.put("/v1/studies/s1/relay/models/0", headers=admin,
                 content=encode_arrays({"w": np.zeros(3, np.float32)}))
     assert bad.status_code == 422 and "tensors" in bad.json()["detail"]
-    assert c.put("/v1/studies/s1/relay/models/0", headers=admin,
-                 content=b"not safetensors").status_code == 422
-    assert c.post("/v1/studies/s1/relay/rounds", headers=admin, json={
-        "number": 1, "kind": "statistics", "model_version": 0}).status_code == 422
+    garbage = c.put("/v1/studies/s1/relay/models/0", headers=admin, content=b"not safetensors")
+    assert garbage.status_code == 422
+    assert garbage.json()["detail"].startswith("Model version 0 is not a model")
+    kind = c.post("/v1/studies/s1/relay/rounds", headers=admin, json={
+        "number": 1, "kind": "statistics", "model_version": 0})
+    assert kind.status_code == 422 and kind.json()["errors"][0]["field"] == "kind"
     assert c.get("/v1/studies/s1/relay/rounds/0").status_code == 401  # admin only
     assert c.get("/v1/studies/s1/relay/rounds/0", headers=admin).status_code == 204
     made = c.post("/v1/studies", headers=admin, json={
@@ -211,3 +224,67 @@ def test_a_region_node_config_reads_from_toml(tmp_path: Path) -> None:
     config = NodeConfig.from_toml(tmp_path / "region.toml")
     assert config.data is None and config.region is not None
     assert config.region.admin_key_file == tmp_path / "east-admin.key"
+    from typer.testing import CliRunner
+
+    from cardiofed.cli import app
+
+    audit = CliRunner().invoke(app, ["node", "audit", "--config", str(tmp_path / "region.toml"),
+                                     "--scan-rows"])
+    assert audit.exit_code == 2
+    assert "this node relays a region and holds no rows" in audit.output
+
+
+def test_the_relay_endpoints_name_each_conflict(tmp_path: Path) -> None:
+    """Preprocessor and models are set once; rounds only move forward; a superseded
+    round has no aggregate."""
+    from cardiofed.coordinator import service
+
+    region = Federation(tmp_path, plan=MEAN, study={"sites": ["tier3_01"], "relay": True})
+    admin, c = region.auth(region.admin), region.client
+    info = c.get("/v1/studies/s1/relay", headers=admin).json()
+    names, ranges = info["feature_names"], [(lo, hi) for lo, hi in info["feature_ranges"]]
+    plan = SimulationConfig.model_validate(info["plan"])
+
+    def preprocessor(site: str) -> bytes:
+        stats = SiteStatistics(**decode_arrays(statistics_payload(
+            _site(site, names), ranges, {}))[0])
+        return encode_arrays(merge_statistics([stats], bin_edges(ranges, DEFAULT_BINS), names,
+                                              plan.model_form(names)).to_arrays())
+
+    def detail(r) -> str:  # type: ignore[no-untyped-def]
+        return str(r.json()["detail"])
+
+    bad = c.put("/v1/studies/s1/relay/preprocessor", headers=admin, content=b"nonsense")
+    assert bad.status_code == 422 and "not one of this study's columns" in detail(bad)
+    pre = preprocessor("tier3_01")
+    for _ in range(2):  # a repeat is acknowledged
+        assert c.put("/v1/studies/s1/relay/preprocessor", headers=admin,
+                     content=pre).status_code == 204
+    other = c.put("/v1/studies/s1/relay/preprocessor", headers=admin,
+                  content=preprocessor("tier2_01"))
+    assert other.status_code == 409 and "already holds a different preprocessor" in detail(other)
+
+    weights = service._initial_weights(plan, names)
+    for _ in range(2):
+        assert c.put("/v1/studies/s1/relay/models/0", headers=admin,
+                     content=encode_arrays(weights)).status_code == 204
+    moved = {k: v + 1 for k, v in weights.items()}
+    clash = c.put("/v1/studies/s1/relay/models/0", headers=admin, content=encode_arrays(moved))
+    assert clash.status_code == 409 and "already holds a different model version 0" in detail(
+        clash)
+
+    def open_round(number: int, kind: str = "train", version: int = 0):  # type: ignore[no-untyped-def]
+        return c.post("/v1/studies/s1/relay/rounds", headers=admin,
+                      json={"number": number, "kind": kind, "model_version": version})
+
+    missing = open_round(1, version=1)
+    assert missing.status_code == 409 and "has no model version 1" in detail(missing)
+    assert open_round(1).status_code == 204 and open_round(1).status_code == 204
+    other_kind = open_round(1, "evaluate")
+    assert other_kind.status_code == 409 and "is open to train from model version 0, not to " \
+        "evaluate from 0" in detail(other_kind)
+    assert open_round(3).status_code == 204  # round 1 is superseded
+    behind = open_round(2)
+    assert behind.status_code == 409 and "relayed rounds only move forward" in detail(behind)
+    gone = c.get("/v1/studies/s1/relay/rounds/1", headers=admin)
+    assert gone.status_code == 409 and "closed without an aggregate (superseded" in detail(gone)
