@@ -95,7 +95,7 @@ def uploading_site(db: DB, credential: Annotated[str | None, Depends(bearer)],
                    clock: Clock) -> Site:
     """:func:`current_site` for an upload: ``last_seen`` is committed with the upload
     (one commit per accepted upload; a refused one is not recorded as contact)."""
-    return service.authenticate_site(db, credential, clock)
+    return service.authenticate_site(db, credential, clock, record_contact=False)
 
 
 CurrentSite = Annotated[Site, Depends(current_site)]

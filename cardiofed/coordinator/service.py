@@ -43,6 +43,7 @@ import numpy as np
 from sqlalchemy import bindparam, func, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from cardiofed.aggregation.robust import SiteAggregation, streamed_mean, update_norm
 from cardiofed.aggregation.server_optimizers import ServerState
@@ -296,7 +297,10 @@ def enrol(db: Session, token: str) -> tuple[Site, str]:
     return site, credential
 
 
-def authenticate_site(db: Session, credential: str | None, now: Clock = utcnow) -> Site:
+def authenticate_site(db: Session, credential: str | None, now: Clock = utcnow, *,
+                      record_contact: bool = True) -> Site:
+    """The site whose credential this is; `record_contact` sets its ``last_seen`` (an
+    upload records it with the upload itself)."""
     if not credential:
         raise AuthenticationError("A site credential is required (Authorization: Bearer ...).")
     site = db.scalar(select(Site).where(Site.credential_hash == hash_secret(credential)))
@@ -304,7 +308,8 @@ def authenticate_site(db: Session, credential: str | None, now: Clock = utcnow) 
         raise AuthenticationError("Unknown site credential.")
     if site.revoked:
         raise AuthenticationError(f"Site {site.name!r} has been revoked.")
-    site.last_seen = now()
+    if record_contact:
+        site.last_seen = now()
     return site
 
 
@@ -426,10 +431,14 @@ def submit(db: Session, site: Site, *, round_number: int, payload: bytes, max_by
     try:
         with _admitting(db, study, rnd):
             _refuse_closed(study, rnd, site)
-            db.add(Update(round_id=rnd.id, site_id=site.id, payload=payload, sha256=digest,
-                          num_samples=num_samples, received_at=now(), staleness=staleness))
-            db.flush()  # a second report of the site fails here, before it is tallied
-            _tally(db, rnd.id, site.id)
+            received = now()
+            # Core statements: the ORM's unit of work cost more than the database did.
+            db.execute(_INSERT_UPDATE, {  # a second report of the site fails here
+                "round_id": rnd.id, "site_id": site.id, "payload": payload, "sha256": digest,
+                "num_samples": num_samples, "received_at": received,
+                "staleness": staleness})
+            db.execute(_tally(db), {"t_round": rnd.id, "t_shard": site.id % TALLY_SHARDS})
+            db.execute(_TOUCH, {"t_site": site.id, "t_seen": received})
     except IntegrityError:  # the site's report of the round is in: a retry, or a race
         db.rollback()
         if not _acknowledged(db, _round(db, study, round_number), site, digest):
@@ -451,17 +460,27 @@ def _acknowledged(db: Session, rnd: Round, site: Site, digest: str) -> bool:
     return True
 
 
-def _tally(db: Session, round_id: int, site_id: int) -> None:
-    """One more report of the round, in the site's shard of its tally (an upsert: both
-    dialects spell it ``INSERT ... ON CONFLICT DO UPDATE``)."""
-    from sqlalchemy.dialects import postgresql, sqlite
+_INSERT_UPDATE = Update.__table__.insert()
+_TOUCH = (update(Site.__table__).where(Site.__table__.c.id == bindparam("t_site"))
+          .values(last_seen=bindparam("t_seen")))
+_TALLY: dict[str, Any] = {}
 
-    dialect = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite
-    table = ReportTally.__table__
-    db.execute(dialect.insert(ReportTally)
-               .values(round_id=round_id, shard=site_id % TALLY_SHARDS, reports=1)
-               .on_conflict_do_update(index_elements=["round_id", "shard"],
-                                      set_={"reports": table.c.reports + 1}))
+
+def _tally(db: Session) -> Any:
+    """One more report of a round, in the site's shard of its tally (an upsert: both
+    dialects spell it ``INSERT ... ON CONFLICT DO UPDATE``; built once per dialect)."""
+    name = db.get_bind().dialect.name
+    if name not in _TALLY:
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        table = ReportTally.__table__
+        dialect = postgresql if name == "postgresql" else sqlite
+        _TALLY[name] = (dialect.insert(table)
+                        .values(round_id=bindparam("t_round"), shard=bindparam("t_shard"),
+                                reports=1)
+                        .on_conflict_do_update(index_elements=["round_id", "shard"],
+                                               set_={"reports": table.c.reports + 1}))
+    return _TALLY[name]
 
 
 def _refuse_closed(study: Study, rnd: Round, site: Site) -> None:
@@ -480,7 +499,9 @@ def _admitting(db: Session, study: Study, rnd: Round) -> Iterator[None]:
     round's row (uploads share it; closing the round waits for them and they for it),
     re-read once the lock is held; elsewhere the process-wide lock. Commits at the end."""
     if _shared_locks(db):
-        db.refresh(rnd, with_for_update={"read": True})
+        closed_at, outcome = db.execute(_SHARE_ROUND, {"round_id": rnd.id}).one()
+        set_committed_value(rnd, "closed_at", closed_at)
+        set_committed_value(rnd, "outcome", outcome)
         try:
             yield
         except BaseException:
@@ -491,6 +512,11 @@ def _admitting(db: Session, study: Study, rnd: Round) -> Iterator[None]:
     with _serialised(db, study):
         db.refresh(rnd)
         yield
+
+
+_SHARE_ROUND = (select(Round.__table__.c.closed_at, Round.__table__.c.outcome)
+                .where(Round.__table__.c.id == bindparam("round_id"))
+                .with_for_update(read=True))
 
 
 def _shared_locks(db: Session) -> bool:
@@ -603,7 +629,7 @@ _WAITING = _waiting_query()
 
 def _still_waiting(db: Session, study_id: str, now: Clock) -> bool:
     """The current synchronous round is open, before its deadline, with reports missing."""
-    row = db.execute(_WAITING, {"study_id": study_id}).one_or_none()
+    row = db.connection().execute(_WAITING, {"study_id": study_id}).one_or_none()
     if row is None:
         return False
     phase, aggregation, closed_at, deadline, n_active, n_refused, n_reported = row
