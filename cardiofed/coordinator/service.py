@@ -40,7 +40,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import bindparam, func, inspect, select, update
+from sqlalchemy import bindparam, func, insert, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -460,9 +460,8 @@ def _acknowledged(db: Session, rnd: Round, site: Site, digest: str) -> bool:
     return True
 
 
-_INSERT_UPDATE = Update.__table__.insert()
-_TOUCH = (update(Site.__table__).where(Site.__table__.c.id == bindparam("t_site"))
-          .values(last_seen=bindparam("t_seen")))
+_INSERT_UPDATE = insert(Update)
+_TOUCH = update(Site).where(Site.id == bindparam("t_site")).values(last_seen=bindparam("t_seen"))
 _TALLY: dict[str, Any] = {}
 
 
