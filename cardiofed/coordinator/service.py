@@ -513,8 +513,7 @@ def _admitting(db: Session, study: Study, rnd: Round) -> Iterator[None]:
         yield
 
 
-_SHARE_ROUND = (select(Round.__table__.c.closed_at, Round.__table__.c.outcome)
-                .where(Round.__table__.c.id == bindparam("round_id"))
+_SHARE_ROUND = (select(Round.closed_at, Round.outcome).where(Round.id == bindparam("round_id"))
                 .with_for_update(read=True))
 
 
