@@ -375,6 +375,37 @@ def test_duplicate_upload_is_idempotent_and_a_different_one_conflicts(fed: Feder
     assert "already submitted a different payload for round 0" in other.json()["detail"]
 
 
+def test_an_upload_holds_no_database_connection_while_its_body_arrives(
+        fed: Federation) -> None:
+    """Slow uploads must not pin pooled connections: with more of them in flight than
+    the pool has connections, the pool ran dry (500s: ``QueuePool limit ... reached``)."""
+    import asyncio
+
+    import httpx
+
+    credential = fed.agent(SITES[0]).credential()
+    payload = _statistics_payload(fed, SITES[0])
+    pool = _sessions(fed.settings.database_url).kw["bind"].pool
+    held: list[int] = []
+
+    async def body() -> Any:  # pulled by the endpoint as it reads the request
+        held.append(pool.checkedout())
+        yield payload[:100]
+        held.append(pool.checkedout())
+        yield payload[100:]
+
+    async def upload() -> httpx.Response:
+        transport = httpx.ASGITransport(app=fed.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.post("/v1/studies/s1/rounds/0/updates", content=body(),
+                                     headers=fed.auth(credential))
+
+    r = asyncio.run(upload())
+
+    assert r.status_code == 200 and r.json()["status"] == "accepted"
+    assert held == [0, 0]
+
+
 def test_oversized_payload_is_rejected(tmp_path: Path) -> None:
     fed = Federation(tmp_path, max_bytes=100)
     credential = fed.agent(SITES[0]).credential()

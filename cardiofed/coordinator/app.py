@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from sqlalchemy import func, select
@@ -12,7 +10,7 @@ from starlette.exceptions import HTTPException
 
 from cardiofed import __version__
 from cardiofed.coordinator import dashboard, service
-from cardiofed.coordinator.deps import DB, bearer, refusals, refused
+from cardiofed.coordinator.deps import DB, Credential, refusals, refused
 from cardiofed.coordinator.routers import models, relay, sites, studies, updates
 from cardiofed.coordinator.settings import get_settings
 from cardiofed.coordinator.storage import Round, Update
@@ -53,7 +51,7 @@ def create_app() -> FastAPI:
 
     @app.get("/metrics", tags=["health"], response_class=Response,
              responses={200: {"content": {"text/plain": {}}}, **refusals(401, 413)})
-    def prometheus(db: DB, credential: Annotated[str | None, Depends(bearer)]) -> Response:
+    def prometheus(db: DB, credential: Credential) -> Response:
         """Prometheus metrics (an admin or viewer credential as the scrape's bearer)."""
         service.authenticate_admin(db, credential, write=False)
         closed = Round.closed_at.is_not(None)

@@ -38,10 +38,14 @@ _bearer = HTTPBearer(auto_error=False, description="An admin or site credential:
                                                    "`Authorization: Bearer ...`.")
 
 
-def bearer(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-           ) -> str | None:
-    """The bearer credential, if any; in OpenAPI a security scheme of the operation."""
+async def bearer(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+                 ) -> str | None:
+    """The bearer credential, if any; in OpenAPI a security scheme of the operation
+    (``async``, like :func:`get_clock`: a sync dependency costs a thread-pool hop)."""
     return credentials.credentials.strip() if credentials else None
+
+
+Credential = Annotated[str | None, Depends(bearer)]
 
 
 # The coordinator's refusals in OpenAPI: the risk API's bodies, its own descriptions.
@@ -71,7 +75,7 @@ PathNumber = Annotated[int, Path(ge=0, le=2**31 - 1)]
 Settings = Annotated[CoordinatorSettings, Depends(get_settings)]
 
 
-def get_clock() -> service.Clock:
+async def get_clock() -> service.Clock:
     """The coordinator's clock (naive UTC); tests override it to pass deadlines without
     waiting on the wall clock."""
     return utcnow
@@ -80,24 +84,16 @@ def get_clock() -> service.Clock:
 Clock = Annotated[service.Clock, Depends(get_clock)]
 
 
-def current_site(db: DB, credential: Annotated[str | None, Depends(bearer)],
+def current_site(db: DB, credential: Credential,
                  clock: Clock) -> Site:
     site = service.authenticate_site(db, credential, clock)
     db.commit()  # last_seen
     return site
 
 
-def require_admin(db: DB, credential: Annotated[str | None, Depends(bearer)]) -> AdminKey:
+def require_admin(db: DB, credential: Credential) -> AdminKey:
     return service.authenticate_admin(db, credential)
 
 
-def uploading_site(db: DB, credential: Annotated[str | None, Depends(bearer)],
-                   clock: Clock) -> Site:
-    """:func:`current_site` for an upload: ``last_seen`` is committed with the upload
-    (one commit per accepted upload; a refused one is not recorded as contact)."""
-    return service.authenticate_site(db, credential, clock, record_contact=False)
-
-
 CurrentSite = Annotated[Site, Depends(current_site)]
-UploadingSite = Annotated[Site, Depends(uploading_site)]
 Admin = Annotated[AdminKey, Depends(require_admin)]

@@ -37,10 +37,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import bindparam, func, insert, inspect, select, update
+from sqlalchemy import Table, bindparam, func, insert, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -432,13 +432,15 @@ def submit(db: Session, site: Site, *, round_number: int, payload: bytes, max_by
         with _admitting(db, study, rnd):
             _refuse_closed(study, rnd, site)
             received = now()
-            # Core statements: the ORM's unit of work cost more than the database did.
-            db.execute(_INSERT_UPDATE, {  # a second report of the site fails here
+            # Core statements on the session's connection: the ORM's unit of work, and
+            # even its execution of a Core statement, cost more than the database did.
+            conn = db.connection()
+            conn.execute(_INSERT_UPDATE, {  # a second report of the site fails here
                 "round_id": rnd.id, "site_id": site.id, "payload": payload, "sha256": digest,
                 "num_samples": num_samples, "received_at": received,
                 "staleness": staleness})
-            db.execute(_tally(db), {"t_round": rnd.id, "t_shard": site.id % TALLY_SHARDS})
-            db.execute(_TOUCH, {"t_site": site.id, "t_seen": received})
+            conn.execute(_tally(db), {"t_round": rnd.id, "t_shard": site.id % TALLY_SHARDS})
+            conn.execute(_TOUCH, {"t_site": site.id, "t_seen": received})
     except IntegrityError:  # the site's report of the round is in: a retry, or a race
         db.rollback()
         if not _acknowledged(db, _round(db, study, round_number), site, digest):
@@ -460,8 +462,10 @@ def _acknowledged(db: Session, rnd: Round, site: Site, digest: str) -> bool:
     return True
 
 
-_INSERT_UPDATE = insert(Update)
-_TOUCH = update(Site).where(Site.id == bindparam("t_site")).values(last_seen=bindparam("t_seen"))
+# On the tables, not the entities: an entity's insert takes the ORM's bulk path.
+_INSERT_UPDATE = insert(cast(Table, Update.__table__))
+_TOUCH = (update(cast(Table, Site.__table__)).where(Site.__table__.c.id == bindparam("t_site"))
+          .values(last_seen=bindparam("t_seen")))
 _TALLY: dict[str, Any] = {}
 
 
@@ -498,7 +502,7 @@ def _admitting(db: Session, study: Study, rnd: Round) -> Iterator[None]:
     round's row (uploads share it; closing the round waits for them and they for it),
     re-read once the lock is held; elsewhere the process-wide lock. Commits at the end."""
     if _shared_locks(db):
-        closed_at, outcome = db.execute(_SHARE_ROUND, {"round_id": rnd.id}).one()
+        closed_at, outcome = db.connection().execute(_SHARE_ROUND, {"round_id": rnd.id}).one()
         set_committed_value(rnd, "closed_at", closed_at)
         set_committed_value(rnd, "outcome", outcome)
         try:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 from sqlalchemy import select
 
 from cardiofed.coordinator import service
-from cardiofed.coordinator.deps import DB, PathNumber, bearer, refusals
+from cardiofed.coordinator.deps import DB, Credential, PathNumber, refusals
 from cardiofed.coordinator.schemas import ModelInfo
 from cardiofed.coordinator.storage import ModelVersion
 from cardiofed.exceptions import AuthenticationError, NotFound
@@ -28,7 +27,7 @@ def _member_or_admin(db: DB, study_id: str, credential: str | None) -> None:
 
 @router.get("/{study_id}/models", responses=refusals(401, 403, 404, 413, 422))
 def list_models(study_id: str, db: DB,
-                credential: Annotated[str | None, Depends(bearer)]) -> list[ModelInfo]:
+                credential: Credential) -> list[ModelInfo]:
     """Every global model version of the study (version 0: the initial model)."""
     _member_or_admin(db, study_id, credential)
     service.get_study(db, study_id)  # 404 for a study that does not exist
@@ -46,7 +45,7 @@ def list_models(study_id: str, db: DB,
         "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}},
     **refusals(401, 403, 404, 413, 422)})
 def get_model(study_id: str, version: PathNumber, db: DB,
-              credential: Annotated[str | None, Depends(bearer)]) -> Response:
+              credential: Credential) -> Response:
     _member_or_admin(db, study_id, credential)
     model = service.model_blob(db, study_id, version)
     return Response(model.weights, media_type=SAFETENSORS, headers={"X-SHA256": model.sha256})
@@ -55,7 +54,7 @@ def get_model(study_id: str, version: PathNumber, db: DB,
 @router.get("/{study_id}/preprocessor", response_class=Response, responses={
     200: {"content": {SAFETENSORS: BINARY}}, **refusals(401, 403, 404, 413, 422)})
 def get_preprocessor(study_id: str, db: DB,
-                     credential: Annotated[str | None, Depends(bearer)]) -> Response:
+                     credential: Credential) -> Response:
     _member_or_admin(db, study_id, credential)
     study = service.get_study(db, study_id)
     if study.preprocessor is None:

@@ -3,13 +3,11 @@ node with an admin credential (:mod:`cardiofed.coordinator.relay`)."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from cardiofed.coordinator import service
-from cardiofed.coordinator.deps import DB, Admin, Clock, PathNumber, bearer, refusals
+from cardiofed.coordinator.deps import DB, Admin, Clock, Credential, PathNumber, refusals
 from cardiofed.coordinator.routers.models import BINARY, SAFETENSORS
 from cardiofed.coordinator.schemas import RelayRoundRequest
 
@@ -19,7 +17,7 @@ BODY = {"requestBody": {"required": True, "content": {SAFETENSORS: BINARY}}}
 
 @router.get("/{study_id}/relay", responses=refusals(401, 404, 409, 413, 422))
 def relay_info(study_id: str, db: DB,
-               credential: Annotated[str | None, Depends(bearer)]) -> dict[str, object]:
+               credential: Credential) -> dict[str, object]:
     """The relay study's plan, columns and where it stands (admin or viewer)."""
     service.authenticate_admin(db, credential, write=False)
     return service.relay_info(db, study_id)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
 from cardiofed.coordinator import attribution, service
-from cardiofed.coordinator.deps import DB, Admin, Clock, bearer, refusals
+from cardiofed.coordinator.deps import DB, Admin, Clock, Credential, refusals
 from cardiofed.coordinator.schemas import AttributionResponse, StudyCreate, StudyCreated
 from cardiofed.data.dataset import feature_ranges_for
 from cardiofed.exceptions import AuthenticationError, ConfigurationError, InvalidUpdate
@@ -81,7 +80,7 @@ def _reader(db: DB, credential: str | None, clock: Clock, study_id: str) -> None
 
 @router.get("/{study_id}/status", responses=refusals(401, 403, 404, 413, 422))
 def study_status(study_id: str, db: DB, clock: Clock,
-                 credential: Annotated[str | None, Depends(bearer)]) -> dict[str, object]:
+                 credential: Credential) -> dict[str, object]:
     """What the federation is doing and which sites it waits for (admin or member site)."""
     _reader(db, credential, clock, study_id)
     return service.status(db, service.get_study(db, study_id), clock)
@@ -89,7 +88,7 @@ def study_status(study_id: str, db: DB, clock: Clock,
 
 @router.get("/{study_id}/attribution", responses=refusals(401, 403, 404, 409, 413, 422))
 def attribution_result(study_id: str, db: DB, clock: Clock,
-                       credential: Annotated[str | None, Depends(bearer)]
+                       credential: Credential
                        ) -> AttributionResponse:
     """A finished attribution study's estimates (95% intervals, E-values), balance,
     overlap and card (admin, viewer or member site); 409 until it is finished."""

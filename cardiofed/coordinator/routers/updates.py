@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session, sessionmaker
 
 from cardiofed.coordinator import service
 from cardiofed.coordinator.deps import (
     DB,
     Clock,
+    Credential,
     CurrentSite,
     PathNumber,
     Settings,
-    UploadingSite,
+    _sessions,
     refusals,
 )
 from cardiofed.coordinator.schemas import RefusalRequest, SubmitResponse
+from cardiofed.coordinator.storage import Site
 from cardiofed.exceptions import CoordinatorError, PayloadTooLarge
 
 router = APIRouter(prefix="/v1/studies", tags=["updates"])
@@ -32,10 +35,15 @@ PAYLOAD = {"requestBody": {"required": True, "content": {"application/octet-stre
 @router.post("/{study_id}/rounds/{round_number}/updates", openapi_extra=PAYLOAD,
              responses=refusals(401, 403, 404, 409, 413, 422))
 async def submit_update(study_id: str, round_number: PathNumber, request: Request,
-                        site: UploadingSite, db: DB, settings: Settings,
+                        credential: Credential, settings: Settings,
                         clock: Clock) -> SubmitResponse:
     """Accept a site's payload for a round; committed before it is acknowledged."""
-    service.ensure_site_access(site, study_id)
+    # The hot path of a round: two hops to the thread pool (authenticate, then store),
+    # each with its own session, so no database connection is held while the body
+    # arrives or while the request waits for a worker thread (sync dependencies would
+    # cost a hop each, and a session opened by one would pin its connection throughout).
+    sessions = _sessions(settings.database_url)
+    site = await run_in_threadpool(_authenticate, sessions, credential, clock, study_id)
     declared = int(request.headers.get("content-length") or 0)
     if declared > settings.max_update_bytes:
         raise PayloadTooLarge(f"Payload of {declared} bytes exceeds the limit of "
@@ -47,20 +55,37 @@ async def submit_update(study_id: str, round_number: PathNumber, request: Reques
             raise PayloadTooLarge(f"Payload exceeds the limit of {settings.max_update_bytes} "
                                   f"bytes.")
         chunks.append(chunk)
-    payload = b"".join(chunks)
     # Blocking database work (and, for the last report, the round's aggregation) runs in
     # the thread pool: on the event loop it would stall every other request, including
     # the ones that must finish to release the database lock it waits for.
     uploads = request.app.state.uploads
     try:
         digest, new = await run_in_threadpool(
-            service.submit, db, site, round_number=round_number, payload=payload,
-            max_bytes=settings.max_update_bytes, now=clock)
+            _store, sessions, site, round_number, b"".join(chunks),
+            settings.max_update_bytes, clock)
     except CoordinatorError:
         uploads.labels("refused").inc()
         raise
     uploads.labels("accepted" if new else "already accepted").inc()
     return SubmitResponse(sha256=digest, status="accepted" if new else "already accepted")
+
+
+def _authenticate(sessions: sessionmaker[Session], credential: str | None,
+                  clock: service.Clock, study_id: str) -> Site:
+    """The uploading site, detached (its ``last_seen`` is stored with the upload; a
+    refused upload is not recorded as contact)."""
+    with sessions() as db:
+        site = service.authenticate_site(db, credential, clock, record_contact=False)
+        service.ensure_site_access(site, study_id)
+        db.expunge(site)
+        return site
+
+
+def _store(sessions: sessionmaker[Session], site: Site, round_number: int, payload: bytes,
+           max_bytes: int, clock: service.Clock) -> tuple[str, bool]:
+    with sessions() as db:
+        return service.submit(db, db.merge(site, load=False), round_number=round_number,
+                              payload=payload, max_bytes=max_bytes, now=clock)
 
 
 @router.post("/{study_id}/rounds/{round_number}/refusal", status_code=204,
