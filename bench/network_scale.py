@@ -144,10 +144,17 @@ def published_model(url: str, study: str, version: int) -> tuple[dict[str, np.nd
 class Coordinators:
     """`n` coordinator processes on free loopback ports, one database."""
 
-    def __init__(self, workdir: Path, url: str, n: int) -> None:
+    def __init__(self, workdir: Path, url: str, n: int, command: Any = None,
+                 health: str = "/healthz") -> None:
+        """`command(port)`: another server's command line (default: the coordinator's),
+        up once `health` answers 200."""
         exe = shutil.which("cardiofed")
         if exe is None:
             raise SystemExit("The cardiofed console script is not on PATH (pip install -e .).")
+        if command is None:
+            def command(port: int) -> list[str]:
+                return [exe, "coordinator", "--insecure", "--host", HOST, "--port", str(port),
+                        "--database-url", url, "--admin-key-file", str(workdir / "admin.key")]
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARDIOFED_")}
         env["PYTHONUNBUFFERED"] = "1"
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -161,9 +168,7 @@ class Coordinators:
             self.logs.append(log)
             with open(log, "wb") as fh:
                 self.procs.append(subprocess.Popen(
-                    [exe, "coordinator", "--insecure", "--host", HOST, "--port", str(port),
-                     "--database-url", url, "--admin-key-file", str(workdir / "admin.key")],
-                    stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=workdir))
+                    command(port), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=workdir))
             self.ports.append(port)
         give_up = time.monotonic() + STARTUP_S
         for proc, port, log in zip(self.procs, self.ports, self.logs, strict=True):
@@ -173,7 +178,7 @@ class Coordinators:
                     self.stop()
                     raise RuntimeError(f"coordinator exited: {log.read_text()[-2000:]}")
                 try:
-                    if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    if httpx.get(f"{base}{health}", timeout=2).status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
