@@ -590,19 +590,21 @@ def test_two_coordinator_processes_on_postgresql_serve_one_study(
     """Scale-out: nodes split across two coordinator processes on one database, one of
     them SIGKILLed mid-training and restarted; rounds close once, nothing is lost."""
     first = Coordinator(procs, "pg-a", database_url=postgres_url).ready()
-    second = Coordinator(procs, "pg-b", database_url=postgres_url,
-                         key_file=first.key_file).ready()
+    # The second starts while the nodes do (its nodes retry until it serves).
+    second = Coordinator(procs, "pg-b", database_url=postgres_url, key_file=first.key_file)
     to_second = {site: {"coordinator_url": second.url} for site in SYN_SITES[1:]}
     plan = {**SYN_PLAN, "rounds": 3}
     fed = Federation(procs, first, "scaled", "synthetic", SYN_SITES, plan,
                      node_settings=to_second)
     fed.start()
+    second.ready()
     fed.wait_for_round(2)
 
     second.kill()  # its nodes retry until it is back; the other process goes on
-    second.start()
+    second.launch()
 
     fed.finish()
+    second.ready()
     final, weights = first.final_model("scaled")
     _, same = second.final_model("scaled")  # one shared state
     assert final["version"] == plan["rounds"] and final["participants"] == SYN_SITES

@@ -23,8 +23,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from cardiofed.exceptions import ConfigurationError
@@ -79,6 +77,11 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
     yt = torch.as_tensor(y, dtype=torch.float32)
     sample_rate, steps = dp_schedule(len(yt), config)
     generator = insecure_generator or secure_torch_generator()
+    # Imported here: Opacus costs about 1.5 s at import, paid by every coordinator and
+    # node process that imports this module without training privately.
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
     gsm = GradSampleModule(model, loss_reduction="sum")
     params = [p for p in gsm.parameters() if p.requires_grad]
     base: torch.optim.Optimizer
