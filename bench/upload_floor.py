@@ -44,10 +44,7 @@ from _common import markdown_table, write_results  # noqa: E402
 from network_scale import (  # noqa: E402
     HOST,
     Coordinators,
-    create_study,
-    published_model,
-    reset,
-    statistics_payloads,
+    run_study,
     train_payload,
     train_updates,
     upload_round,
@@ -104,28 +101,8 @@ def serve(port: int, url: str | None) -> None:
 def run(workdir: Path, url: str, server: str, processes: int, n: int, in_flight: int,
         names: list[str], credentials: dict[str, str], payloads: dict[str, bytes],
         study: str) -> dict[str, Any]:
-    if server == "coordinator":
-        # A fresh statistics round, then the measured training round, as network_scale.
-        from cardiofed.data.national import national_federation
-
-        reset(url)
-        credentials = create_study(url, study, names)
-        data = national_federation(n, seed=0)
-        stats = dict(zip(names, statistics_payloads(study, names,
-                                                    [s.x_train for s in data.sites]),
-                         strict=True))
-        servers: Coordinators = Coordinators(workdir, url, processes)
-        try:
-            asyncio.run(upload_round(servers.ports, study, 0, stats, credentials, in_flight))
-            weights0, _ = published_model(url, study, 0)
-            updates = train_updates(names, [len(s.y_train) for s in data.sites],
-                                    {k: v.shape for k, v in weights0.items()},
-                                    np.random.default_rng(1))
-            payloads = {u.site: train_payload(study, u) for u in updates}
-            out = asyncio.run(upload_round(servers.ports, study, 1, payloads, credentials,
-                                           in_flight))
-        finally:
-            servers.stop()
+    if server == "coordinator":  # network_scale's study: its training round is measured
+        out = run_study(workdir, url, processes, n, in_flight)["train"]
     else:
         from sqlalchemy import create_engine
 
