@@ -1,8 +1,9 @@
 """CPU cost of one accepted upload in the coordinator's own code, without HTTP.
 
 One process, one thread: for each of ``--uploads`` sites of a fresh study, a session
-authenticates the site and :func:`cardiofed.coordinator.service.submit` validates and
-commits its statistics payload (as ``bench/network_scale.py`` sends them), on PostgreSQL.
+authenticates the site and reads its round, and another one
+(:func:`cardiofed.coordinator.service.submit`) validates and commits its statistics
+payload (as ``bench/network_scale.py`` sends them), on PostgreSQL.
 Measured: CPU milliseconds of this Python process per upload (``time.process_time``;
 PostgreSQL's own work is in another process) and wall milliseconds, after
 ``--warm-up`` uploads. The floor this sets on the HTTP service: a core spending this
@@ -46,10 +47,12 @@ def measure(url: str, uploads: int, warm_up: int) -> dict[str, float]:
     engine = make_engine(url)
     sessions = make_sessionmaker(engine)
 
-    def upload(i: int) -> None:
+    def upload(i: int) -> None:  # as the endpoint does: one session for each step
         with sessions() as db:
-            site = service.authenticate_site(db, credentials[names[i]], record_contact=False)
-            service.submit(db, site, round_number=0, payload=payloads[i], max_bytes=1 << 24)
+            target = service.authenticate_upload(db, credentials[names[i]], "cost", 0)
+            db.expunge_all()
+        with sessions() as db:
+            service.submit(db, target, payload=payloads[i], max_bytes=1 << 24)
 
     for i in range(warm_up):
         upload(i)

@@ -20,6 +20,7 @@ from cardiofed.coordinator import service
 from cardiofed.coordinator.app import create_app
 from cardiofed.coordinator.deps import _sessions, get_clock
 from cardiofed.coordinator.settings import CoordinatorSettings, get_settings
+from cardiofed.coordinator.storage import TALLY_SHARDS
 from cardiofed.data.catalog import study_columns
 from cardiofed.node.agent import NodeAgent, NodeError
 from cardiofed.node.config import NodeConfig
@@ -216,16 +217,13 @@ def test_postgresql_round_close_waits_for_an_upload_in_flight(postgres_url: str)
         site_id = service.enrol(db, tokens[SITES[0]])[0].id
     inserted, release = threading.Event(), threading.Event()
 
-    def upload() -> None:  # what submit does once the payload has passed its checks
-        with sessions() as db:
-            study = service.get_study(db, "race")
-            rnd = service._round(db, study, 0)
-            with service._admitting(db, study, rnd):
-                db.add(Update(round_id=rnd.id, site_id=site_id, payload=b"not stats",
-                              sha256="0" * 64, num_samples=1, received_at=start))
-                db.flush()
-                inserted.set()
-                assert release.wait(60)
+    def upload() -> None:  # submit's one statement, held in a transaction until released
+        with engine.begin() as conn:
+            round_id = conn.execute(select(Round.id).where(Round.number == 0)).scalar_one()
+            assert conn.execute(service._ADMIT, _admission(round_id, site_id, start)
+                                ).scalar_one() == 1
+            inserted.set()
+            assert release.wait(60)
 
     def close() -> None:  # a poll past the deadline
         with sessions() as db:
@@ -252,6 +250,58 @@ def test_postgresql_round_close_waits_for_an_upload_in_flight(postgres_url: str)
     assert update is not None and rnd is not None
     assert update.quarantine is not None  # the close read it (and refused its payload)
     assert rnd.outcome is not None and "deadline extended" in rnd.outcome
+    engine.dispose()
+
+
+def _admission(round_id: int, site_id: int, at: datetime) -> dict[str, object]:
+    """The parameters of submit's statement, for an update that fails the round's checks."""
+    return {"round_id": round_id, "site_id": site_id, "payload": b"not stats",
+            "sha256": "0" * 64, "num_samples": 1, "received_at": at, "staleness": None,
+            "shard": site_id % TALLY_SHARDS}
+
+
+def test_postgresql_upload_waiting_on_a_closing_round_is_not_admitted(postgres_url: str
+                                                                       ) -> None:
+    """An upload whose statement waits for a round being closed finds it closed once the
+    close commits, and inserts nothing: no update lands in a closed round."""
+    import threading
+
+    from sqlalchemy import func, text, update
+
+    from cardiofed.coordinator.storage import Round, Update, make_engine, make_sessionmaker
+
+    engine = make_engine(postgres_url)
+    sessions = make_sessionmaker(engine)
+    start = datetime(2026, 1, 1)
+    names, ranges = study_columns("synthetic")
+    with sessions() as db:
+        tokens = service.create_study(db, study_id="race", plan=SimulationConfig(**PLAN),
+                                      sites=SITES, feature_names=names, feature_ranges=ranges,
+                                      min_sites=1, round_timeout_s=60, now=lambda: start)
+        db.commit()
+        site_id = service.enrol(db, tokens[SITES[0]])[0].id
+    admitted: list[int] = []
+    with engine.begin() as closing:  # what closing a round does: lock it, then close it
+        round_id = closing.execute(select(Round.id).where(Round.number == 0)
+                                   .with_for_update()).scalar_one()
+
+        def upload() -> None:
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                admitted.append(conn.execute(service._ADMIT, _admission(
+                    round_id, site_id, start)).scalar_one())
+
+        uploader = threading.Thread(target=upload)
+        uploader.start()
+        with engine.connect() as conn:  # the upload is queued behind the close's lock
+            give_up = time.monotonic() + 60
+            while not conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                                   ).scalar():
+                assert time.monotonic() < give_up and uploader.is_alive()
+                time.sleep(0.01)
+        closing.execute(update(Round).where(Round.id == round_id).values(closed_at=start))
+    uploader.join(60)
+    with sessions() as db:
+        assert admitted == [0] and db.scalar(select(func.count()).select_from(Update)) == 0
     engine.dispose()
 
 

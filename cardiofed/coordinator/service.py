@@ -40,10 +40,21 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import Table, bindparam, func, insert, inspect, select, update
+from sqlalchemy import (
+    Integer,
+    Table,
+    bindparam,
+    exists,
+    func,
+    insert,
+    inspect,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm import Session, defer
 
 from cardiofed.aggregation.robust import SiteAggregation, streamed_mean, update_norm
 from cardiofed.aggregation.server_optimizers import ServerState
@@ -299,18 +310,69 @@ def enrol(db: Session, token: str) -> tuple[Site, str]:
 
 def authenticate_site(db: Session, credential: str | None, now: Clock = utcnow, *,
                       record_contact: bool = True) -> Site:
-    """The site whose credential this is; `record_contact` sets its ``last_seen`` (an
-    upload records it with the upload itself)."""
+    """The site whose credential this is; `record_contact` sets its ``last_seen``."""
+    site = _usable(db.scalar(select(Site).where(
+        Site.credential_hash == _credential_hash(credential))))
+    if record_contact:
+        site.last_seen = now()
+    return site
+
+
+def _credential_hash(credential: str | None) -> str:
     if not credential:
         raise AuthenticationError("A site credential is required (Authorization: Bearer ...).")
-    site = db.scalar(select(Site).where(Site.credential_hash == hash_secret(credential)))
+    return hash_secret(credential)
+
+
+def _usable(site: Site | None) -> Site:
     if site is None:
         raise AuthenticationError("Unknown site credential.")
     if site.revoked:
         raise AuthenticationError(f"Site {site.name!r} has been revoked.")
-    if record_contact:
-        site.last_seen = now()
     return site
+
+
+@dataclass(frozen=True)
+class UploadTarget:
+    """Who uploads for which round: the site, its study, and the round (None if the study
+    has no round of that number), as read before the payload arrives."""
+
+    site: Site
+    study: Study
+    round: Round | None
+    round_number: int
+
+
+# The site, its study and the round, in one statement; the study's and the round's
+# binary columns are not needed by an upload.
+_UPLOADER = (select(Site, Study, Round).join(Study, Study.id == Site.study_id)
+             .outerjoin(Round, (Round.study_id == Site.study_id)
+                        & (Round.number == bindparam("round_number")))
+             .where(Site.credential_hash == bindparam("credential_hash"))
+             .options(defer(Study.preprocessor), defer(Study.server_state),
+                      defer(Round.relay_result), defer(Round.aggregation)))
+
+
+def authenticate_upload(db: Session, credential: str | None, study_id: str,
+                        round_number: int) -> UploadTarget:
+    """An upload's site, checked as by :func:`authenticate_site` and for access to
+    `study_id` (its ``last_seen`` is stored with the upload: a refused upload is not
+    recorded as contact), in one statement. `db` is a fresh session."""
+    _statement_transactions(db)
+    row = db.execute(_UPLOADER, {"credential_hash": _credential_hash(credential),
+                                 "round_number": round_number}).one_or_none()
+    site = _usable(row.Site if row else None)
+    ensure_site_access(site, study_id)
+    assert row is not None
+    return UploadTarget(site, row.Study, row.Round, round_number)
+
+
+def _statement_transactions(db: Session) -> None:
+    """On PostgreSQL, run each of a fresh session's statements as its own transaction
+    (no BEGIN and COMMIT round trips): for an upload's reads, and its write, which is
+    one statement."""
+    if _shared_locks(db):
+        db.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
 
 
 def get_study(db: Session, study_id: str) -> Study:
@@ -404,22 +466,25 @@ def next_task(db: Session, site: Site, now: Clock = utcnow) -> Task | None:
     return Task(study.id, rnd.number, rnd.kind, rnd.model_version, rnd.deadline)
 
 
-def submit(db: Session, site: Site, *, round_number: int, payload: bytes, max_bytes: int,
+def submit(db: Session, target: UploadTarget, *, payload: bytes, max_bytes: int,
            now: Clock = utcnow) -> tuple[str, bool]:
-    """Validate and durably store a site's payload for a round.
+    """Validate and durably store a site's payload for a round (`db`: a fresh session).
 
     Returns (sha256, newly_accepted). A byte-identical retry is acknowledged again.
-    Uploads do not wait for each other: the payload is checked before any lock, and the
-    insert holds only a shared lock on its round (PostgreSQL), which closing the round
-    takes exclusively, so an update is either in the round it was accepted for or refused
-    (one process on SQLite: a process lock).
+    Uploads do not wait for each other: the payload is checked before any lock, and on
+    PostgreSQL one statement takes a shared lock on the round (which closing the round
+    takes exclusively), inserts the update if the round is still open, counts it and
+    records the site's contact, so an update is either in the round it was accepted for
+    or refused (one process on SQLite: a process lock).
     """
     if len(payload) > max_bytes:
         raise PayloadTooLarge(f"Payload of {len(payload)} bytes exceeds the limit of "
                               f"{max_bytes} bytes.")
-    study = get_study(db, site.study_id)
+    site, study, rnd = target.site, target.study, target.round
+    if rnd is None:
+        raise NotFound(f"Study {study.id!r} has no round {target.round_number}.")
+    _statement_transactions(db)
     digest = sha256(payload)
-    rnd = _round(db, study, round_number)
     try:
         _refuse_closed(study, rnd, site)
         staleness = _staleness(study, rnd, site)
@@ -428,25 +493,27 @@ def submit(db: Session, site: Site, *, round_number: int, payload: bytes, max_by
         if _acknowledged(db, rnd, site, digest):  # a retry of what was accepted
             return digest, False
         raise
+    row = {"round_id": rnd.id, "site_id": site.id, "payload": payload, "sha256": digest,
+           "num_samples": num_samples, "received_at": now(), "staleness": staleness,
+           "shard": site.id % TALLY_SHARDS}
     try:
-        with _admitting(db, study, rnd):
-            _refuse_closed(study, rnd, site)
-            received = now()
-            # Core statements on the session's connection: the ORM's unit of work, and
-            # even its execution of a Core statement, cost more than the database did.
-            conn = db.connection()
-            conn.execute(_INSERT_UPDATE, {  # a second report of the site fails here
-                "round_id": rnd.id, "site_id": site.id, "payload": payload, "sha256": digest,
-                "num_samples": num_samples, "received_at": received,
-                "staleness": staleness})
-            conn.execute(_tally(db), {"t_round": rnd.id, "t_shard": site.id % TALLY_SHARDS})
-            conn.execute(_TOUCH, {"t_site": site.id, "t_seen": received})
+        if _shared_locks(db):
+            admitted = db.connection().execute(_ADMIT, row).scalar_one() == 1
+        else:
+            admitted = _admit_serialised(db, study, rnd, row)
     except IntegrityError:  # the site's report of the round is in: a retry, or a race
         db.rollback()
-        if not _acknowledged(db, _round(db, study, round_number), site, digest):
+        if not _acknowledged(db, rnd, site, digest):
             raise
         return digest, False
-    advance(db, study, now)  # the insert is committed (durable) before this returns
+    if not admitted:  # the round closed while the payload arrived
+        rnd = _round(db, study, rnd.number)
+        if _acknowledged(db, rnd, site, digest):
+            return digest, False
+        _refuse_closed(study, rnd, site)
+    # The update is committed (durable); does the round close now?
+    if not _still_waiting(db, study.id, now):
+        advance(db, db.merge(study, load=False), now)
     return digest, True
 
 
@@ -462,28 +529,55 @@ def _acknowledged(db: Session, rnd: Round, site: Site, digest: str) -> bool:
     return True
 
 
-# On the tables, not the entities: an entity's insert takes the ORM's bulk path.
+def _admit_statement() -> Any:
+    """PostgreSQL, one statement: a shared lock on the round if it is open, the update
+    inserted into it (a second report of the site fails here), one more report in the
+    site's shard of the round's tally (:class:`ReportTally`), and the site's
+    ``last_seen``; it returns 1, or 0 if the round is closed. On the tables, not the
+    entities (the ORM's unit of work cost more than the database did)."""
+    rounds, updates, tallies, sites = (cast(Table, t.__table__)
+                                       for t in (Round, Update, ReportTally, Site))
+    columns = ["round_id", "site_id", "payload", "sha256", "num_samples", "received_at",
+               "staleness"]
+    open_round = (select(rounds.c.id).where(rounds.c.id == bindparam("round_id"),
+                                            rounds.c.closed_at.is_(None))
+                  .with_for_update(read=True).cte("open_round"))
+    inserted = (insert(updates).from_select(columns, select(
+        open_round.c.id, *(bindparam(c, type_=updates.c[c].type) for c in columns[1:])))
+        .returning(updates.c.round_id).cte("inserted"))
+    tallied = (postgresql.insert(tallies).from_select(["round_id", "shard", "reports"], select(
+        inserted.c.round_id, bindparam("shard", type_=Integer), literal(1)))
+        .on_conflict_do_update(index_elements=["round_id", "shard"],
+                               set_={"reports": tallies.c.reports + 1}).cte("tallied"))
+    touched = (update(sites).where(sites.c.id == bindparam("site_id"),
+                                   exists(select(inserted.c.round_id)))
+               .values(last_seen=bindparam("received_at")).cte("touched"))
+    return select(func.count()).select_from(inserted).add_cte(tallied, touched)
+
+
+_ADMIT = _admit_statement()
 _INSERT_UPDATE = insert(cast(Table, Update.__table__))
 _TOUCH = (update(cast(Table, Site.__table__)).where(Site.__table__.c.id == bindparam("t_site"))
           .values(last_seen=bindparam("t_seen")))
-_TALLY: dict[str, Any] = {}
+_TALLY = (sqlite.insert(cast(Table, ReportTally.__table__))
+          .values(round_id=bindparam("t_round"), shard=bindparam("t_shard"), reports=1)
+          .on_conflict_do_update(index_elements=["round_id", "shard"],
+                                 set_={"reports": ReportTally.__table__.c.reports + 1}))
 
 
-def _tally(db: Session) -> Any:
-    """One more report of a round, in the site's shard of its tally (an upsert: both
-    dialects spell it ``INSERT ... ON CONFLICT DO UPDATE``; built once per dialect)."""
-    name = db.get_bind().dialect.name
-    if name not in _TALLY:
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        table = ReportTally.__table__
-        dialect = postgresql if name == "postgresql" else sqlite
-        _TALLY[name] = (dialect.insert(table)
-                        .values(round_id=bindparam("t_round"), shard=bindparam("t_shard"),
-                                reports=1)
-                        .on_conflict_do_update(index_elements=["round_id", "shard"],
-                                               set_={"reports": table.c.reports + 1}))
-    return _TALLY[name]
+def _admit_serialised(db: Session, study: Study, rnd: Round, row: dict[str, Any]) -> bool:
+    """SQLite (one process): the update, its tally and ``last_seen`` in one transaction,
+    under the process-wide lock, if the round is still open; committed."""
+    study, rnd = db.merge(study, load=False), db.merge(rnd, load=False)
+    with _serialised(db, study):
+        db.refresh(rnd)
+        if rnd.closed_at is not None:
+            return False
+        conn = db.connection()
+        conn.execute(_INSERT_UPDATE, {k: v for k, v in row.items() if k != "shard"})
+        conn.execute(_TALLY, {"t_round": row["round_id"], "t_shard": row["shard"]})
+        conn.execute(_TOUCH, {"t_site": row["site_id"], "t_seen": row["received_at"]})
+    return True
 
 
 def _refuse_closed(study: Study, rnd: Round, site: Site) -> None:
@@ -494,31 +588,6 @@ def _refuse_closed(study: Study, rnd: Round, site: Site) -> None:
     if rnd.closed_at is not None:
         raise RoundClosed(f"Round {rnd.number} of study {study.id!r} is closed "
                        f"({rnd.outcome}); the current round is {study.current_round}.")
-
-
-@contextmanager
-def _admitting(db: Session, study: Study, rnd: Round) -> Iterator[None]:
-    """Hold `rnd` open while one update goes in: on PostgreSQL a shared lock on the
-    round's row (uploads share it; closing the round waits for them and they for it),
-    re-read once the lock is held; elsewhere the process-wide lock. Commits at the end."""
-    if _shared_locks(db):
-        closed_at, outcome = db.connection().execute(_SHARE_ROUND, {"round_id": rnd.id}).one()
-        set_committed_value(rnd, "closed_at", closed_at)
-        set_committed_value(rnd, "outcome", outcome)
-        try:
-            yield
-        except BaseException:
-            db.rollback()
-            raise
-        db.commit()
-        return
-    with _serialised(db, study):
-        db.refresh(rnd)
-        yield
-
-
-_SHARE_ROUND = (select(Round.closed_at, Round.outcome).where(Round.id == bindparam("round_id"))
-                .with_for_update(read=True))
 
 
 def _shared_locks(db: Session) -> bool:

@@ -18,7 +18,6 @@ from cardiofed.coordinator.deps import (
     refusals,
 )
 from cardiofed.coordinator.schemas import RefusalRequest, SubmitResponse
-from cardiofed.coordinator.storage import Site
 from cardiofed.exceptions import CoordinatorError, PayloadTooLarge
 
 router = APIRouter(prefix="/v1/studies", tags=["updates"])
@@ -43,7 +42,8 @@ async def submit_update(study_id: str, round_number: PathNumber, request: Reques
     # arrives or while the request waits for a worker thread (sync dependencies would
     # cost a hop each, and a session opened by one would pin its connection throughout).
     sessions = _sessions(settings.database_url)
-    site = await run_in_threadpool(_authenticate, sessions, credential, clock, study_id)
+    target = await run_in_threadpool(_authenticate, sessions, credential, study_id,
+                                     round_number)
     declared = int(request.headers.get("content-length") or 0)
     if declared > settings.max_update_bytes:
         raise PayloadTooLarge(f"Payload of {declared} bytes exceeds the limit of "
@@ -61,7 +61,7 @@ async def submit_update(study_id: str, round_number: PathNumber, request: Reques
     uploads = request.app.state.uploads
     try:
         digest, new = await run_in_threadpool(
-            _store, sessions, site, round_number, b"".join(chunks),
+            _store, sessions, target, b"".join(chunks),
             settings.max_update_bytes, clock)
     except CoordinatorError:
         uploads.labels("refused").inc()
@@ -70,22 +70,19 @@ async def submit_update(study_id: str, round_number: PathNumber, request: Reques
     return SubmitResponse(sha256=digest, status="accepted" if new else "already accepted")
 
 
-def _authenticate(sessions: sessionmaker[Session], credential: str | None,
-                  clock: service.Clock, study_id: str) -> Site:
-    """The uploading site, detached (its ``last_seen`` is stored with the upload; a
-    refused upload is not recorded as contact)."""
+def _authenticate(sessions: sessionmaker[Session], credential: str | None, study_id: str,
+                  round_number: int) -> service.UploadTarget:
+    """The uploading site, its study and the round, detached."""
     with sessions() as db:
-        site = service.authenticate_site(db, credential, clock, record_contact=False)
-        service.ensure_site_access(site, study_id)
-        db.expunge(site)
-        return site
+        target = service.authenticate_upload(db, credential, study_id, round_number)
+        db.expunge_all()
+        return target
 
 
-def _store(sessions: sessionmaker[Session], site: Site, round_number: int, payload: bytes,
+def _store(sessions: sessionmaker[Session], target: service.UploadTarget, payload: bytes,
            max_bytes: int, clock: service.Clock) -> tuple[str, bool]:
     with sessions() as db:
-        return service.submit(db, db.merge(site, load=False), round_number=round_number,
-                              payload=payload, max_bytes=max_bytes, now=clock)
+        return service.submit(db, target, payload=payload, max_bytes=max_bytes, now=clock)
 
 
 @router.post("/{study_id}/rounds/{round_number}/refusal", status_code=204,
