@@ -101,7 +101,8 @@ def main() -> None:
     from fastapi.testclient import TestClient
 
     from cardiofed.coordinator.app import create_app
-    from cardiofed.coordinator.settings import CoordinatorSettings, get_settings
+    from cardiofed.coordinator.deps import app_settings
+    from cardiofed.coordinator.settings import CoordinatorSettings
     from cardiofed.serving import provenance, registry
     from cardiofed.serving.api import ServingSettings, create_serving_app
     from cardiofed.serving.keys import create_key
@@ -110,7 +111,7 @@ def main() -> None:
         url = f"sqlite:///{tmp}/dashboard.db"
         admin = build(url, args.sites, args.versions)
         app = create_app()
-        app.dependency_overrides[get_settings] = lambda: CoordinatorSettings(database_url=url)
+        app.dependency_overrides[app_settings] = lambda: CoordinatorSettings(database_url=url)
         client = TestClient(app)
         assert client.post("/ui/login", data={"credential": admin}).status_code == 200
         pages = {"/ui (studies)": "/ui", "/ui/studies/national": "/ui/studies/national",

@@ -18,8 +18,8 @@ from sqlalchemy import select
 
 from cardiofed.coordinator import service
 from cardiofed.coordinator.app import create_app
-from cardiofed.coordinator.deps import _sessions, get_clock
-from cardiofed.coordinator.settings import CoordinatorSettings, get_settings
+from cardiofed.coordinator.deps import _sessions, app_settings, get_clock
+from cardiofed.coordinator.settings import CoordinatorSettings
 from cardiofed.coordinator.storage import TALLY_SHARDS
 from cardiofed.data.catalog import study_columns
 from cardiofed.node.agent import NodeAgent, NodeError
@@ -58,8 +58,15 @@ class Federation:
     def restart(self) -> None:
         """A fresh coordinator application over the same database."""
         self.app = create_app()
-        self.app.dependency_overrides[get_settings] = lambda: self.settings
-        self.app.dependency_overrides[get_clock] = lambda: self.clock
+
+        async def settings() -> CoordinatorSettings:  # async, as the ones they replace
+            return self.settings
+
+        async def clock() -> service.Clock:
+            return self.clock
+
+        self.app.dependency_overrides[app_settings] = settings
+        self.app.dependency_overrides[get_clock] = clock
         self.client = TestClient(self.app)
 
     def clock(self) -> datetime:
@@ -454,6 +461,29 @@ def test_an_upload_holds_no_database_connection_while_its_body_arrives(
 
     assert r.status_code == 200 and r.json()["status"] == "accepted"
     assert held == [0, 0]
+
+
+def test_an_upload_makes_two_trips_to_the_thread_pool(fed: Federation,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Authenticate, then store: a sync dependency (settings, say) would add a trip, each
+    one a hand-over between threads on the hot path of a round."""
+    import anyio.to_thread
+
+    credential = fed.agent(SITES[0]).credential()
+    payload = _statistics_payload(fed, SITES[0])
+    trips: list[str] = []
+    run_sync = anyio.to_thread.run_sync
+
+    async def counted(func: Any, *args: Any, **kwargs: Any) -> Any:
+        trips.append(getattr(getattr(func, "func", func), "__name__", repr(func)))
+        return await run_sync(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    r = fed.client.post("/v1/studies/s1/rounds/0/updates", content=payload,
+                        headers=fed.auth(credential))
+
+    assert r.status_code == 200, r.text
+    assert trips == ["_authenticate", "_store"]
 
 
 def test_oversized_payload_is_rejected(tmp_path: Path) -> None:

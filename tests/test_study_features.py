@@ -166,7 +166,7 @@ def test_a_networked_study_carries_its_declaration_to_every_node(
 
     from cardiofed.coordinator import service
     from cardiofed.coordinator.app import create_app
-    from cardiofed.coordinator.deps import _sessions, get_settings
+    from cardiofed.coordinator.deps import _sessions, app_settings
     from cardiofed.coordinator.settings import CoordinatorSettings
     from cardiofed.node.agent import NodeAgent
     from cardiofed.node.config import NodeConfig
@@ -175,7 +175,7 @@ def test_a_networked_study_carries_its_declaration_to_every_node(
     csvs, mappings = survey
     settings = CoordinatorSettings(database_url=f"sqlite:///{tmp_path}/c.db", long_poll_s=0)
     app = create_app()
-    app.dependency_overrides[get_settings] = lambda: settings
+    app.dependency_overrides[app_settings] = lambda: settings
     client = TestClient(app)
     with _sessions(settings.database_url)() as db:
         admin = service.create_admin_key(db)

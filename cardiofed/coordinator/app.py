@@ -23,7 +23,8 @@ JSON_BODY_LIMIT = 64 * 1024  # enrolment, refusals: small JSON, often before aut
 
 
 def create_app() -> FastAPI:
-    """The coordinator API; settings come from :func:`get_settings` (override in tests)."""
+    """The coordinator API; settings come from :func:`get_settings` (tests override the
+    dependency :func:`cardiofed.coordinator.deps.app_settings`)."""
     app = FastAPI(title="CardioFed coordinator", version=__version__,
                   description="Coordinates federated training of a cardiovascular risk model. "
                               "Sites send model updates, metrics and statistics, never rows.")

@@ -23,7 +23,16 @@ def _sessions(url: str) -> sessionmaker[Session]:
     return make_sessionmaker(make_engine(url))
 
 
-def get_db(settings: Annotated[CoordinatorSettings, Depends(get_settings)]) -> Iterator[Session]:
+async def app_settings() -> CoordinatorSettings:
+    """The coordinator's settings (:func:`get_settings`; tests override this dependency).
+    ``async``, like :func:`get_clock`: a sync dependency costs a thread-pool hop."""
+    return get_settings()
+
+
+Settings = Annotated[CoordinatorSettings, Depends(app_settings)]
+
+
+def get_db(settings: Settings) -> Iterator[Session]:
     with _sessions(settings.database_url)() as db:
         yield db
 
@@ -72,7 +81,6 @@ def refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
 DB = Annotated[Session, Depends(get_db)]
 # Round numbers and model versions in paths: bounded, so no database integer overflows.
 PathNumber = Annotated[int, Path(ge=0, le=2**31 - 1)]
-Settings = Annotated[CoordinatorSettings, Depends(get_settings)]
 
 
 async def get_clock() -> service.Clock:
