@@ -203,31 +203,51 @@ def test_networked_run_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
     assert final["version"] == PLAN["rounds"] and set(final["metrics"]) == set(SITES)
 
 
+START = datetime(2026, 1, 1)
+
+
+def _race_study(postgres_url: str) -> tuple[Any, int]:
+    """An engine on a fresh PostgreSQL study "race" (opened at START), and the id of its
+    first site, enrolled."""
+    from cardiofed.coordinator.storage import make_engine, make_sessionmaker
+
+    engine = make_engine(postgres_url)
+    names, ranges = study_columns("synthetic")
+    with make_sessionmaker(engine)() as db:
+        tokens = service.create_study(db, study_id="race", plan=SimulationConfig(**PLAN),
+                                      sites=SITES, feature_names=names, feature_ranges=ranges,
+                                      min_sites=1, round_timeout_s=60, now=lambda: START)
+        db.commit()
+        return engine, service.enrol(db, tokens[SITES[0]])[0].id
+
+
+def _until_queued(engine: Any, waiter: Any) -> None:
+    """Until some statement waits for a lock (`waiter`, a thread, must still be alive)."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        give_up = time.monotonic() + 60
+        while not conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                               ).scalar():
+            assert time.monotonic() < give_up and waiter.is_alive()
+            time.sleep(0.01)
+
+
 def test_postgresql_round_close_waits_for_an_upload_in_flight(postgres_url: str) -> None:
     """A round closing past its deadline reads its reports only once the uploads holding
     the round's shared lock have committed: none is acknowledged and left out."""
     import threading
 
-    from sqlalchemy import select, text
+    from cardiofed.coordinator.storage import Round, Update, make_sessionmaker
 
-    from cardiofed.coordinator.storage import Round, Update, make_engine, make_sessionmaker
-
-    engine = make_engine(postgres_url)
+    engine, site_id = _race_study(postgres_url)
     sessions = make_sessionmaker(engine)
-    start = datetime(2026, 1, 1)
-    names, ranges = study_columns("synthetic")
-    with sessions() as db:
-        tokens = service.create_study(db, study_id="race", plan=SimulationConfig(**PLAN),
-                                      sites=SITES, feature_names=names, feature_ranges=ranges,
-                                      min_sites=1, round_timeout_s=60, now=lambda: start)
-        db.commit()
-        site_id = service.enrol(db, tokens[SITES[0]])[0].id
     inserted, release = threading.Event(), threading.Event()
 
     def upload() -> None:  # submit's one statement, held in a transaction until released
         with engine.begin() as conn:
             round_id = conn.execute(select(Round.id).where(Round.number == 0)).scalar_one()
-            assert conn.execute(service._ADMIT, _admission(round_id, site_id, start)
+            assert conn.execute(service._ADMIT, _admission(round_id, site_id, START)
                                 ).scalar_one() == 1
             inserted.set()
             assert release.wait(60)
@@ -235,19 +255,14 @@ def test_postgresql_round_close_waits_for_an_upload_in_flight(postgres_url: str)
     def close() -> None:  # a poll past the deadline
         with sessions() as db:
             service.advance(db, service.get_study(db, "race"),
-                            lambda: start + timedelta(seconds=61))
+                            lambda: START + timedelta(seconds=61))
 
     uploader = threading.Thread(target=upload)
     uploader.start()
     assert inserted.wait(60)
     closer = threading.Thread(target=close)
     closer.start()
-    with engine.connect() as conn:  # the close is queued behind the upload's lock
-        give_up = time.monotonic() + 60
-        while not conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")
-                               ).scalar():
-            assert time.monotonic() < give_up and closer.is_alive()
-            time.sleep(0.01)
+    _until_queued(engine, closer)  # the close, behind the upload's lock
     release.set()
     uploader.join(60)
     closer.join(60)
@@ -273,20 +288,12 @@ def test_postgresql_upload_waiting_on_a_closing_round_is_not_admitted(postgres_u
     close commits, and inserts nothing: no update lands in a closed round."""
     import threading
 
-    from sqlalchemy import func, text, update
+    from sqlalchemy import func, update
 
-    from cardiofed.coordinator.storage import Round, Update, make_engine, make_sessionmaker
+    from cardiofed.coordinator.storage import Round, Update, make_sessionmaker
 
-    engine = make_engine(postgres_url)
+    engine, site_id = _race_study(postgres_url)
     sessions = make_sessionmaker(engine)
-    start = datetime(2026, 1, 1)
-    names, ranges = study_columns("synthetic")
-    with sessions() as db:
-        tokens = service.create_study(db, study_id="race", plan=SimulationConfig(**PLAN),
-                                      sites=SITES, feature_names=names, feature_ranges=ranges,
-                                      min_sites=1, round_timeout_s=60, now=lambda: start)
-        db.commit()
-        site_id = service.enrol(db, tokens[SITES[0]])[0].id
     admitted: list[int] = []
     with engine.begin() as closing:  # what closing a round does: lock it, then close it
         round_id = closing.execute(select(Round.id).where(Round.number == 0)
@@ -295,17 +302,12 @@ def test_postgresql_upload_waiting_on_a_closing_round_is_not_admitted(postgres_u
         def upload() -> None:
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 admitted.append(conn.execute(service._ADMIT, _admission(
-                    round_id, site_id, start)).scalar_one())
+                    round_id, site_id, START)).scalar_one())
 
         uploader = threading.Thread(target=upload)
         uploader.start()
-        with engine.connect() as conn:  # the upload is queued behind the close's lock
-            give_up = time.monotonic() + 60
-            while not conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")
-                                   ).scalar():
-                assert time.monotonic() < give_up and uploader.is_alive()
-                time.sleep(0.01)
-        closing.execute(update(Round).where(Round.id == round_id).values(closed_at=start))
+        _until_queued(engine, uploader)  # the upload, behind the close's lock
+        closing.execute(update(Round).where(Round.id == round_id).values(closed_at=START))
     uploader.join(60)
     with sessions() as db:
         assert admitted == [0] and db.scalar(select(func.count()).select_from(Update)) == 0
