@@ -146,7 +146,7 @@ def loopback(workdir: Path, aggregation: str) -> dict[str, Any]:
         for name in names:
             agent = NodeAgent(NodeConfig.create(
                 coordinator_url=coordinator.url, state_dir=str(workdir / study / name),
-                enrolment_token=tokens[name], poll_wait_s=5.0,
+                enrolment_token=tokens[name], poll_wait_s=5.0, privacy="off",
                 train_delay_s=LOOPBACK_DELAYS[name],
                 data={"dataset": "synthetic", "site": name, "seed": 0}))
             agent._site = data.site(name)  # loaded once, as in bench/network.py

@@ -85,7 +85,8 @@ def loopback(n_sites: int, seed: int) -> dict[str, Any]:
                                               feature_ranges=None, outcome="cvd_10y")
             agents = [NodeAgent(NodeConfig.create(
                 coordinator_url=coordinator.url, state_dir=str(workdir / name),
-                enrolment_token=tokens[name], poll_wait_s=30,
+                enrolment_token=tokens[name], poll_wait_s=30, privacy="off",
+                opt_in=["exact_attribution"],
                 data={"dataset": "synthetic", "site": name, "seed": seed})) for name in names]
             try:
                 wall = run_nodes(agents, 600)

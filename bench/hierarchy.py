@@ -67,7 +67,7 @@ def _site_agent(url: str, workdir: Path, name: str, token: str) -> Any:
 
     return NodeAgent(NodeConfig.create(
         coordinator_url=url, state_dir=str(workdir / name), enrolment_token=token,
-        poll_wait_s=30, retry_max_delay_s=1,
+        poll_wait_s=30, retry_max_delay_s=1, privacy="off",
         data={"dataset": "synthetic", "site": name, "seed": 0}))
 
 
@@ -160,7 +160,7 @@ def fedavg_gap(plan: dict[str, Any], regions: dict[str, list[str]], models: list
     from cardiofed.simulation.config import SimulationConfig
     from cardiofed.wire import decode_arrays
 
-    names, _ = study_columns("synthetic")
+    names, ranges = study_columns("synthetic")
     config = SimulationConfig.create(**plan)
     pre = Preprocessor.from_arrays(decode_arrays(preprocessor)[0], config.model_form(names))
     gap = 0.0
@@ -171,7 +171,8 @@ def fedavg_gap(plan: dict[str, Any], regions: dict[str, list[str]], models: list
                 site = load_site_data(DataSource(dataset="synthetic", site=name), names)
                 arrays, manifest = decode_arrays(train_payload(
                     site, pre, config, models[version - 1], round_number=version,
-                    site_index=index, manifest={"site": name}, privacy=None))
+                    site_index=index, manifest={"site": name}, privacy=None,
+                    ranges=ranges))
                 deltas.append(arrays)
                 sizes.append(int(manifest["num_samples"]))
         share = np.array(sizes, dtype=np.float64) / sum(sizes)
@@ -193,7 +194,7 @@ def pooled_auc(plan: dict[str, Any], weights: Any, preprocessor: bytes,
     from cardiofed.simulation.config import SimulationConfig
     from cardiofed.wire import decode_arrays
 
-    names, _ = study_columns("synthetic")
+    names, ranges = study_columns("synthetic")
     config = SimulationConfig.create(**plan)
     pre = Preprocessor.from_arrays(decode_arrays(preprocessor)[0], config.model_form(names))
     data = [load_site_data(DataSource(dataset="synthetic", site=s), names) for s in sites]

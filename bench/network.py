@@ -271,7 +271,7 @@ def networked_study(workdir: Path, n_sites: int, size_scale: float, rounds: int,
         for name in names:
             config = NodeConfig.create(
                 coordinator_url=coordinator.url, state_dir=str(workdir / study / name),
-                enrolment_token=tokens[name], poll_wait_s=poll_wait_s,
+                enrolment_token=tokens[name], poll_wait_s=poll_wait_s, privacy="off",
                 data={"dataset": "synthetic", "site": name, "seed": 0})
             client = None
             if max_in_flight:

@@ -4,7 +4,9 @@
     ├── DataValidationError   a site's export does not fit the schema or its mapping
     │                         (also a ValueError)
     ├── ConfigurationError    invalid settings; the message names parameter and value
-    │                         (also a ValueError)
+    │   │                     (also a ValueError)
+    │   └── PrivacyLedgerError    the site's privacy ledger is missing, moved, edited or
+    │                             unsealed: the node stops rather than start from zero
     ├── PrivacyBudgetExceeded a site refuses a release that would exceed its budget
     ├── TaskRefused           a node refuses a task outside the study plan it pinned
     └── CoordinatorError      a request the coordinator refuses (HTTP status in brackets)
@@ -31,6 +33,11 @@ class DataValidationError(CardioFedError, ValueError):
 
 class ConfigurationError(CardioFedError, ValueError):
     """A setting is invalid; the message names the parameter and the value."""
+
+
+class PrivacyLedgerError(ConfigurationError):
+    """The site's privacy ledger cannot be trusted as it is (missing, moved, edited, or its
+    seal lost): the node stops; the message says what happened and how to reset."""
 
 
 class PrivacyBudgetExceeded(CardioFedError):

@@ -266,6 +266,61 @@ def node_audit(
         _scan_outbox(cfg)
 
 
+@node_app.command("ledger")
+def node_ledger(config: Annotated[Path, typer.Option(help="The node's TOML config.")]) -> None:
+    """Show the hospital's privacy ledger (verified against its seal): epsilon per study and
+    kind of release, the composed total and what is left."""
+    from cardiofed.node.config import NodeConfig
+    from cardiofed.privacy.budget import open_site_ledger
+    from cardiofed.privacy.ledger_file import open_ledger_file
+
+    try:
+        cfg = NodeConfig.from_toml(config)
+        if cfg.private is None:
+            raise fail("This node is not private (privacy = \"off\"): it keeps no ledger.")
+        ledger_dir, seal_file = cfg.ledger_location()
+        open_ledger_file(ledger_dir, seal_file=seal_file)  # never creates one
+        ledger = open_site_ledger(site="this site", budget=cfg.private.budget(),
+                                  ledger_dir=ledger_dir, seal_file=seal_file)
+    except CardioFedError as exc:
+        raise fail(exc) from None
+    table = Table(title=f"Privacy ledger {ledger_dir} (delta {ledger.delta:.3g})")
+    for column in ("study", "kind", "releases", "epsilon alone"):
+        table.add_column(column)
+    seen: dict[tuple[str, str], list[dict[str, object]]] = {}
+    for entry in ledger.entries:
+        seen.setdefault((str(entry.get("study")), str(entry["kind"])), []).append(entry)
+    for (study, kind), entries in seen.items():
+        table.add_row(study, kind, str(len(entries)), f"{ledger.epsilon_of(entries):.3f}")
+    console.print(table)
+    console.print(f"Composed over every release: epsilon {ledger.spent():.3f} of "
+                  f"{ledger.budget.epsilon_max:g}; {ledger.remaining():.3f} left.")
+
+
+@node_app.command("reset-ledger")
+def node_reset_ledger(
+    config: Annotated[Path, typer.Option(help="The node's TOML config.")],
+    reason: Annotated[str, typer.Option(help="Why (recorded in the new ledger and logged).")],
+) -> None:
+    """Start a new privacy ledger deliberately: the old ledger and seal are archived beside
+    them, and the new ledger records the reset. Only when the records' privacy is accounted
+    elsewhere (e.g. a restored backup is not available and nothing was released)."""
+    from cardiofed.node.config import NodeConfig
+    from cardiofed.privacy.ledger_file import reset_ledger
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg = NodeConfig.from_toml(config)
+        if cfg.private is None:
+            raise fail("This node is not private (privacy = \"off\"): it keeps no ledger.")
+        ledger_dir, seal_file = cfg.ledger_location()
+        path = reset_ledger(ledger_dir, seal_file=seal_file, reason=reason,
+                            create=cfg.private.budget().ledger_header())
+    except CardioFedError as exc:
+        raise fail(exc) from None
+    console.print(f"New privacy ledger {path}; the old one is archived beside it.")
+
+
 def _scan_outbox(cfg: NodeConfig) -> None:
     """The privacy audit's canary search, with the site's real rows as the canaries."""
     from cardiofed.data.study_features import StudyFeatures, catalogue_of

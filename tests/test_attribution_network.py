@@ -35,6 +35,11 @@ def _simulated(sites: list[str] = SITES):  # type: ignore[no-untyped-def]
     return run_attribution([by_name[s] for s in sites], covariates, estimand="ATT", seed=4)
 
 
+def exact(fed: Federation, site: str, **settings: object) -> NodeAgent:
+    """A non-private node that opted in to exact attribution sums."""
+    return fed.agent(site, opt_in=["exact_attribution"], **settings)
+
+
 def _result(fed: Federation) -> dict[str, object]:
     response = fed.client.get("/v1/studies/s1/attribution", headers=fed.auth(fed.admin))
     assert response.status_code == 200, response.text
@@ -45,7 +50,7 @@ def test_networked_attribution_equals_the_simulator(tmp_path: Path) -> None:
     fed = _federation(tmp_path)
     assert fed.client.get("/v1/studies/s1/attribution",
                           headers=fed.auth(fed.admin)).status_code == 409  # not yet
-    agents = [fed.agent(s) for s in SITES]
+    agents = [exact(fed, s) for s in SITES]
     _until_done(fed, agents)
     status = fed.status()
     assert status["attribution"]["finished"] and status["attribution"]["sites"] == SITES
@@ -68,7 +73,7 @@ def test_networked_attribution_equals_the_simulator(tmp_path: Path) -> None:
 
 def test_a_site_leaving_restarts_the_analysis_without_it(tmp_path: Path) -> None:
     fed = _federation(tmp_path)
-    agents = [fed.agent(s) for s in SITES]
+    agents = [exact(fed, s) for s in SITES]
     for _ in range(3):  # moments and two Newton steps
         fed.step(agents)
     response = fed.client.post(f"/v1/studies/s1/sites/{SITES[-1]}/revoke",
@@ -84,7 +89,7 @@ def test_a_site_leaving_restarts_the_analysis_without_it(tmp_path: Path) -> None
 
 def test_a_site_outside_the_first_step_takes_no_part(tmp_path: Path) -> None:
     fed = _federation(tmp_path, min_sites=3)
-    agents = [fed.agent(s) for s in SITES]
+    agents = [exact(fed, s) for s in SITES]
     fed.step(agents[:-1])  # the last site misses the moments round
     fed.advance(3601)
     _until_done(fed, agents)
@@ -116,7 +121,7 @@ def test_an_attribution_study_needs_its_outcome(tmp_path: Path) -> None:
 
 def test_malformed_sums_are_refused_with_a_reason(tmp_path: Path) -> None:
     fed = _federation(tmp_path)
-    agent = fed.agent(SITES[0])
+    agent = exact(fed, SITES[0])
     credential = agent.credential()
     manifest = {"study": "s1", "round": "0", "model_version": "0", "site": SITES[0]}
     k = len(COVARIATES)
@@ -152,14 +157,14 @@ def test_a_private_study_charges_each_budget_and_adds_noise_only_there(
     """Two sites with budgets, two without: the study finishes; each budgeted site's
     ledger holds one attribution release per step, within its budget; its sums carry
     noise (a non-integer row count, a noise variance > 0), the others' are exact."""
-    import json
-
     from cardiofed.causal.study import AttributionPlan
+    from cardiofed.privacy.ledger_file import open_ledger_file
     from cardiofed.wire import decode_arrays
 
     fed = _federation(tmp_path, PRIVATE)
     budgets = {s: _budget(tmp_path, s) for s in SITES[:2]}
-    agents = [fed.agent(s, **budgets.get(s, {})) for s in SITES]
+    agents = [fed.agent(s, **budgets[s]) if s in budgets else exact(fed, s)
+              for s in SITES]
     _until_done(fed, agents)
     body = _result(fed)
     assert any("private" in note for note in body["card"]["notes"])
@@ -170,8 +175,8 @@ def test_a_private_study_charges_each_budget_and_adds_noise_only_there(
                                             "sandwich"]
         moments = decode_arrays((tmp_path / site / "outbox" / "s1-round0.bin").read_bytes())[0]
         if site in budgets:
-            ledger = json.loads(next((tmp_path / f"ledger-{site}").glob("*.json")).read_text())
-            releases = [e for e in ledger["entries"] if e["kind"] == "attribution"]
+            entries = open_ledger_file(tmp_path / f"ledger-{site}").entries
+            releases = [e for e in entries if e["kind"] == "attribution"]
             assert len(releases) == plan.releases == len(sent)
             assert releases[-1]["epsilon_after"] <= 8.0 + 1e-9
             assert moments["noise_var.n"][0] > 0 and moments["n"][0] != round(moments["n"][0])
@@ -194,7 +199,7 @@ def test_bad_private_plans_are_refused_by_name(tmp_path: Path, attribution: dict
 def test_a_site_whose_data_lacks_the_treatment_refuses(tmp_path: Path) -> None:
     fed = _federation(tmp_path, attribution={**ATTRIBUTION, "treatment": "bp_treated",
                                              "covariates": ["age", "sex"]})
-    NodeAgent.run(fed.agent(SITES[0]), max_tasks=1)
+    NodeAgent.run(exact(fed, SITES[0]), max_tasks=1)
     reason = fed.status()["refusals"][0]["reason"]
     assert "holds treatment 'lipid_lowering'" in reason
 
@@ -220,7 +225,7 @@ def test_the_risk_api_serves_a_finished_study_to_keys_with_the_scope(tmp_path: P
                         headers={"Authorization": f"Bearer {keys[key]}"})
 
     assert ask("reader").status_code == 409  # not finished yet
-    _until_done(fed, [fed.agent(s) for s in SITES])
+    _until_done(fed, [exact(fed, s) for s in SITES])
     r = ask("reader")
     assert r.status_code == 200, r.text
     assert r.json() == _result(fed)
@@ -238,7 +243,7 @@ def test_the_dashboard_follows_an_attribution_study(tmp_path: Path) -> None:
     fed = _federation(tmp_path)
     ui = _login(fed, fed.admin)
     assert ui.get("/ui/studies/s1").status_code == 200  # before any model or result
-    _until_done(fed, [fed.agent(s) for s in SITES])
+    _until_done(fed, [exact(fed, s) for s in SITES])
     page = ui.get("/ui/studies/s1")
     assert page.status_code == 200 and 'id="effects"' in page.text
     expected = _simulated().effects["iptw"]

@@ -23,7 +23,7 @@ from cardiofed.coordinator.settings import CoordinatorSettings
 from cardiofed.coordinator.storage import TALLY_SHARDS
 from cardiofed.data.catalog import study_columns
 from cardiofed.node.agent import NodeAgent, NodeError
-from cardiofed.node.config import NodeConfig
+from cardiofed.node.config import NodeConfig, NodePrivacy
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import FEDERATED, ExperimentResult, run_experiment
 from cardiofed.wire import encode_arrays
@@ -81,11 +81,12 @@ class Federation:
         return {"Authorization": f"Bearer {credential}"}
 
     def agent(self, site: str, **settings: object) -> NodeAgent:
-        """A node for `site`; `settings` add to its config (e.g. ``privacy``)."""
-        config = NodeConfig.create(
-            coordinator_url="http://testserver", state_dir=str(self.tmp / site),
-            enrolment_token=self.tokens[site], poll_wait_s=0,
-            data={"dataset": "synthetic", "site": site, "seed": 0}, **settings)
+        """A node for `site`; `settings` add to its config (e.g. ``privacy``; without
+        it the node is explicitly non-private, to compare with the simulator)."""
+        config = NodeConfig.create(**{
+            "coordinator_url": "http://testserver", "state_dir": str(self.tmp / site),
+            "enrolment_token": self.tokens[site], "poll_wait_s": 0, "privacy": "off",
+            "data": {"dataset": "synthetic", "site": site, "seed": 0}, **settings})
         return NodeAgent(config, client=self.client)
 
     def status(self) -> dict[str, object]:
@@ -606,7 +607,7 @@ def test_node_audit_finds_no_record_values_in_what_was_sent(fed: Federation) -> 
     _until_done(fed, agents)
     config = fed.tmp / "node.toml"
     config.write_text(f'coordinator_url = "http://testserver"\nstate_dir = "{SITES[0]}"\n'
-                      f'[data]\ndataset = "synthetic"\nsite = "{SITES[0]}"\n')
+                      f'privacy = "off"\n[data]\ndataset = "synthetic"\nsite = "{SITES[0]}"\n')
 
     result = CliRunner().invoke(app, ["node", "audit", "--config", str(config), "--scan-rows"])
 
@@ -624,8 +625,26 @@ def test_node_audit_finds_no_record_values_in_what_was_sent(fed: Federation) -> 
     ({"data": {"dataset": "synthetic", "site": "a"},
       "privacy": {"epsilon_max": 0, "ledger_dir": "ledgers"}},
      "Invalid node config: privacy.epsilon_max: Input should be greater than 0."),
-    ({"data": {"dataset": "synthetic", "site": "a"}, "privacy": {"epsilon_max": 1.0}},
-     "Invalid node config: privacy.ledger_dir: Field required."),
+    ({"data": {"dataset": "synthetic", "site": "a"}, "privacy": "on"},
+     "Invalid node config: config: privacy must be a [privacy] table or \"off\"; "
+     "got 'on'."),
+    ({"data": {"dataset": "synthetic", "site": "a"}, "privacy": {"ledger_dir": "s/ledger"}},
+     "Invalid node config: config: privacy.ledger_dir (s/ledger) must lie outside "
+     "state_dir (s): clearing the node's state must not reset what the hospital has spent."),
+    ({"data": {"dataset": "synthetic", "site": "a"},
+      "privacy": {"ledger_dir": "l", "seal_file": "l/seal"}},
+     "Invalid node config: config: privacy.seal_file (l/seal) must lie outside "
+     "privacy.ledger_dir (l)."),
+    ({"data": {"dataset": "synthetic", "site": "a"}, "opt_in": ["small_batches"]},
+     "Invalid node config: config: opt_in applies to a non-private site (privacy "
+     "= \"off\"); a private site's releases carry noise whatever the plan."),
+    ({"data": {"dataset": "synthetic", "site": "a"}, "privacy": "off", "opt_in": ["everything"]},
+     "Invalid node config: opt_in.0: Input should be 'small_batches' or 'exact_attribution'."),
+    ({"data": {"dataset": "synthetic", "site": "a"},
+      "privacy": {"epsilon_max": 1.0, "reset_privacy_ledger": True}},
+     "Invalid node config: privacy.reset_privacy_ledger is no longer a setting (left in a "
+     "config it would reset the ledger at every start). Reset deliberately, once, with "
+     "`cardiofed node reset-ledger --config <node.toml> --reason \"...\"`."),
     ({"data": {"dataset": "synthetic", "site": "a"}, "train_delay_s": -1},
      "Invalid node config: train_delay_s: Input should be greater than or equal to 0."),
     ({"data": {"dataset": "synthetic", "site": "a"}, "retry_max_delay_s": 0},
@@ -655,13 +674,19 @@ def test_node_config_paths_are_relative_to_the_file_and_privacy_defaults(
     assert config.privacy is not None
     assert config.privacy.ledger_dir == tmp_path / "etc" / ".." / "ledgers"
     assert config.privacy.shares == {"statistics": 0.2, "train": 0.6, "evaluate": 0.2}
-    assert config.privacy.reset_privacy_ledger is False
+    assert config.ledger_location() == (tmp_path / "etc" / ".." / "ledgers",
+                                        tmp_path / "etc" / ".." / "ledgers.seal")
     assert config.publish_metrics is True
+    # Private by default: the documented budget, the ledger beside state_dir.
     default = NodeConfig.create(coordinator_url="http://x", state_dir="s",
-                                data={"dataset": "synthetic", "site": "a"},
-                                privacy={"epsilon_max": 1.0, "ledger_dir": "l"})
-    assert default.privacy is not None
-    assert default.privacy.shares == {"statistics": 0.1, "train": 0.8, "evaluate": 0.1}
+                                data={"dataset": "synthetic", "site": "a"})
+    assert default.privacy is None and default.private == NodePrivacy()
+    assert (default.private.epsilon_max, default.private.study_epsilon) == (3.0, 1.0)
+    assert default.private.shares == {"statistics": 0.1, "train": 0.8, "evaluate": 0.1}
+    assert default.ledger_location() == (Path("s-privacy"), Path("s-privacy.seal"))
+    off = NodeConfig.create(coordinator_url="http://x", state_dir="s", privacy="off",
+                            data={"dataset": "synthetic", "site": "a"})
+    assert off.private is None and off.opt_in == []
 
 
 def test_bias_corrections_the_network_does_not_run_are_refused(fed: Federation) -> None:
@@ -1039,10 +1064,12 @@ def _private_agent(fed: Federation, site: str, **settings: object) -> NodeAgent:
                      **settings)
 
 
-def _ledger(agent: NodeAgent) -> dict[str, object]:
-    assert agent.config.privacy is not None
-    [path] = agent.config.privacy.ledger_dir.glob("*.json")
-    return json.loads(path.read_text(encoding="utf-8"))
+def _ledger(agent: NodeAgent) -> list[dict[str, Any]]:
+    """The entries of the agent's hospital ledger, verified against its seal."""
+    from cardiofed.privacy.ledger_file import open_ledger_file
+
+    ledger_dir, seal_file = agent.config.ledger_location()
+    return open_ledger_file(ledger_dir, seal_file=seal_file).entries
 
 
 def test_private_nodes_release_everything_under_their_ledgers(fed: Federation) -> None:
@@ -1073,20 +1100,21 @@ def test_private_nodes_release_everything_under_their_ledgers(fed: Federation) -
         assert not any(k.startswith("epsilon") for k in card["metrics"][site])
         assert card["privacy"][site]["epsilon_spent"] == final["metrics"][site]["epsilon_spent"]
     for agent, site in zip(agents, SITES, strict=True):
-        ledger = _ledger(agent)
-        kinds = [e["kind"] for e in ledger["entries"]]  # type: ignore[index]
+        entries = _ledger(agent)
+        kinds = [e["kind"] for e in entries]
         assert kinds == ["statistics", "train", "train", "train"] + (
             ["evaluate"] if site != "community_01" else [])
-        assert {e["study"] for e in ledger["entries"]} == {"s1"}  # type: ignore[index]
-        assert ledger["entries"][-1]["epsilon_after"] <= 2.0  # type: ignore[index]
-        # The ledger lives in ledger_dir; the node's state keeps a marker that it exists.
-        assert len(list(agent.state_dir.glob("privacy-ledger-*.created"))) == 1
+        assert {e["study"] for e in entries} == {"s1"}
+        assert entries[-1]["epsilon_after"] <= 1.0 + 1e-9  # study_epsilon, by default 1
+        # The ledger lives in ledger_dir, its seal beside it; nothing in the node's state.
+        assert (fed.tmp / "ledgers" / f"{site}.seal").is_file()
+        assert not list(agent.state_dir.glob("*ledger*"))
     # Training updates declare the noisy count and no training loss.
     from cardiofed.wire import decode_arrays
 
     _, manifest = decode_arrays((agents[0].state_dir / "outbox" / "s1-round1.bin").read_bytes())
     assert "train_loss" not in manifest
-    released_n = _ledger(agents[0])["entries"][0]["released_n"]  # type: ignore[index]
+    released_n = _ledger(agents[0])[0]["released_n"]
     assert int(manifest["num_samples"]) == max(1, round(released_n))
 
 
@@ -1100,15 +1128,14 @@ def _second_study(fed: Federation, study: str = "s2") -> dict[str, str]:
 
 
 def test_a_private_nodes_ledger_outlives_its_state_dir(tmp_path: Path) -> None:
-    # The operator wipes the node's state between studies: the ledger, in its own
-    # ledger_dir, is found again (bound to the records) and the second study composes
-    # on top of the first.
+    # The operator wipes the node's state between studies: the hospital's one ledger is
+    # found again and the second study composes on top of the first.
     fed = Federation(tmp_path, plan=PLAN)
     site = SITES[0]
     agents = [_private_agent(fed, site), *[fed.agent(s) for s in SITES[1:]]]
     _until_done(fed, agents)
     first = _ledger(agents[0])
-    spent_first = first["entries"][-1]["epsilon_after"]  # type: ignore[index]
+    spent_first = first[-1]["epsilon_after"]
 
     shutil.rmtree(agents[0].state_dir)
     tokens = _second_study(fed)
@@ -1120,36 +1147,48 @@ def test_a_private_nodes_ledger_outlives_its_state_dir(tmp_path: Path) -> None:
     node = NodeAgent(config, client=fed.client)
     node.run(max_tasks=5)
 
-    second = _ledger(node)
-    entries = second["entries"]  # type: ignore[index]
+    entries = _ledger(node)
     assert [e["study"] for e in entries] == ["s1"] * 5 + ["s2"] * 5
-    assert spent_first < entries[-1]["epsilon_after"] <= 2.0  # it keeps composing
-    assert entries[5]["noise_multiplier"] > first["entries"][0]["noise_multiplier"]  # type: ignore[index]
+    assert spent_first < entries[5]["epsilon_after"]  # it keeps composing
+    assert entries[-1]["epsilon_after"] <= 2.0
 
 
-def test_a_deleted_ledger_stops_the_node_unless_reset(
-        fed: Federation, caplog: pytest.LogCaptureFixture) -> None:
-    # The ledger_dir is lost mid-study; the marker in the node's state remembers that a
-    # ledger existed, so a restarted node refuses to start again from zero.
-    from cardiofed.exceptions import ConfigurationError
+@pytest.mark.parametrize("loss", ["ledger_dir deleted", "ledger_dir moved", "seal deleted",
+                                  "config points elsewhere"])
+def test_a_lost_ledger_stops_the_node_until_a_deliberate_reset(
+        fed: Federation, caplog: pytest.LogCaptureFixture, loss: str) -> None:
+    from typer.testing import CliRunner
+
+    from cardiofed.cli import app
+    from cardiofed.exceptions import PrivacyLedgerError
 
     agents = [_private_agent(fed, SITES[0]), *[fed.agent(s) for s in SITES[1:]]]
     fed.step(agents)  # statistics, charged to the ledger
-    assert agents[0].config.privacy is not None
-    shutil.rmtree(agents[0].config.privacy.ledger_dir)
-    restarted = _private_agent(fed, SITES[0])
+    ledger_dir, seal = agents[0].config.ledger_location()
+    settings: dict[str, object] = {"epsilon_max": 2.0, "ledger_dir": str(ledger_dir)}
+    if loss == "ledger_dir deleted":
+        shutil.rmtree(ledger_dir)
+    elif loss == "ledger_dir moved":
+        ledger_dir.rename(ledger_dir.with_name("elsewhere"))
+    elif loss == "seal deleted":
+        seal.unlink()
+    else:
+        settings["ledger_dir"] = str(fed.tmp / "ledgers" / "new")
+        settings["seal_file"] = str(seal)
 
-    with pytest.raises(ConfigurationError, match=(
-            r"The privacy ledger .* of site 'tier3_01' existed for these records "
-            r"\(fingerprint [0-9a-f]{12}\.\.\.\) but is gone: refusing to start again from "
-            r"zero")):
-        restarted.run(max_tasks=1)
-    assert not list(agents[0].config.privacy.ledger_dir.glob("*.json"))
+    with pytest.raises(PrivacyLedgerError, match="cardiofed node reset-ledger"):
+        fed.agent(SITES[0], privacy=settings)
 
-    reset = fed.agent(SITES[0], privacy={
-        "epsilon_max": 2.0, "ledger_dir": str(fed.tmp / "ledgers" / SITES[0]),
-        "reset_privacy_ledger": True})
+    config = fed.tmp / "node.toml"
+    config.write_text(f'coordinator_url = "http://testserver"\nstate_dir = "{SITES[0]}"\n'
+                      f'[data]\ndataset = "synthetic"\nsite = "{SITES[0]}"\n[privacy]\n'
+                      + "".join(f'{k} = {json.dumps(v)}\n' for k, v in settings.items()))
     with caplog.at_level("WARNING", logger="cardiofed.privacy"):
-        assert reset.run(max_tasks=1) == 1
-    assert any("RESET by explicit override" in r.getMessage() for r in caplog.records)
-    assert [e["kind"] for e in _ledger(reset)["entries"]] == ["train"]  # type: ignore[index]
+        result = CliRunner().invoke(app, ["node", "reset-ledger", "--config", str(config),
+                                          "--reason", "restored server, nothing released"])
+    assert result.exit_code == 0, result.output
+    assert any("RESET deliberately" in r.getMessage() for r in caplog.records)
+    reset = fed.agent(SITES[0], privacy=settings)
+    assert reset.ledger is not None and reset.ledger.entries == []
+    assert reset.ledger.file is not None
+    assert reset.ledger.file.header["reset"]["reason"] == "restored server, nothing released"

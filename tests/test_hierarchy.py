@@ -111,7 +111,8 @@ def test_a_hierarchy_equals_fedavg_over_every_site(tmp_path: Path) -> None:
             for index, name in enumerate(region):
                 payload = train_payload(sites[name], pre, task_plan, start,
                                         round_number=version, site_index=index,
-                                        manifest={"site": name}, privacy=None)
+                                        manifest={"site": name}, privacy=None,
+                                        ranges=ranges)
                 arrays, manifest = decode_arrays(payload)
                 deltas.append(arrays)
                 sizes.append(int(manifest["num_samples"]))

@@ -326,7 +326,8 @@ class Federation:
         folder.mkdir(parents=True, exist_ok=True)
         values: dict[str, object] = {"coordinator_url": self.coordinator.url,
                                      "state_dir": "state", "enrolment_token": token,
-                                     "poll_wait_s": 1, "retry_max_delay_s": 1}
+                                     "poll_wait_s": 1, "retry_max_delay_s": 1,
+                                     "privacy": "off"}
         if self.ca_file is not None:
             values["ca_file"] = self.ca_file
         values.update(self.node_settings.get(site, {}))
@@ -419,7 +420,9 @@ def uci_data() -> FederatedDataset:
 def test_uci_federation_over_loopback_equals_the_simulator(
         uci_data: FederatedDataset, procs: Processes, shared: Coordinator) -> None:
     data = uci_data
-    fed = Federation(procs, shared, "uci", "uci-heart", UCI_SITES, UCI_PLAN, subprocess=True)
+    # FLamby's batch of 4: below a non-private node's floor, so each site opts in.
+    fed = Federation(procs, shared, "uci", "uci-heart", UCI_SITES, UCI_PLAN, subprocess=True,
+                     node_settings={s: {"opt_in": ["small_batches"]} for s in UCI_SITES})
     fed.start()
     plan = {**UCI_PLAN, "robust_rule": "median", "backend": "loop"}
     sim = run_experiment(data, SimulationConfig.create(**plan), baselines=False)
@@ -514,7 +517,8 @@ def test_attribution_study_over_loopback_equals_the_simulator(
     covariates = ["age", "sex", "total_cholesterol", "hdl_cholesterol", "systolic_bp",
                   "bp_treated", "current_smoker", "diabetes"]
     fed = Federation(procs, shared, "att", "synthetic", SYN_SITES, {"attribution": {
-        "treatment": TREATMENT, "covariates": covariates, "estimand": "ATT"}})
+        "treatment": TREATMENT, "covariates": covariates, "estimand": "ATT"}},
+        node_settings={s: {"opt_in": ["exact_attribution"]} for s in SYN_SITES})
     agents = fed.run_here()
 
     with shared.client() as client:

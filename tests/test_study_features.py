@@ -192,7 +192,7 @@ def test_a_networked_study_carries_its_declaration_to_every_node(
     def agent(site: str, csv: Path, mapping: Path, **data: str) -> NodeAgent:
         return NodeAgent(NodeConfig.create(
             coordinator_url="http://testserver", state_dir=str(tmp_path / site),
-            enrolment_token=tokens[site], poll_wait_s=0,
+            enrolment_token=tokens[site], poll_wait_s=0, privacy="off",
             data={"csv": str(csv), "mapping": str(mapping), **data}), client=client)
 
     # The site decides: a node with no feature file of its own refuses the declaration.

@@ -274,6 +274,68 @@ def _kept(plan: AttributionPlan, e: np.ndarray) -> np.ndarray:
     return out
 
 
+STATE_MAX = 1e3  # the largest |coefficient| or outcome mean a state may carry
+
+
+def check_state(plan: AttributionPlan, state: dict[str, Any],
+                ranges: Sequence[Sequence[float]]) -> None:
+    """The release gate of an attribution step: raise :class:`ConfigurationError`, naming
+    the value, unless the coordinator's state is one a site can compute with safely: a
+    known step, one column per range, finite coefficients and outcome means at most
+    :data:`STATE_MAX` in absolute value, positive SDs; in a private analysis means within
+    the site's ranges and SDs at least ``PRIVATE_MIN_SD`` of the half range (so every
+    standardised covariate is bounded before it is clipped). Depends only on the state
+    and the site's declared ranges, never on a record."""
+    step = state.get("step")
+    if step not in STEPS[:-1]:
+        raise ConfigurationError(f"step must be one of {', '.join(STEPS[:-1])}; got {step!r}.")
+    k = len(ranges)
+    if not isinstance(state.get("columns"), list) or len(state["columns"]) != k:
+        raise ConfigurationError(f"The state names {state.get('columns')!r}; this site has "
+                                 f"{k} covariate columns.")
+    if step == "moments":
+        return
+    inputs = state.get("inputs")
+    if not isinstance(inputs, dict):
+        raise ConfigurationError("The state carries no inputs for its step.")
+
+    def vector(name: str, size: int) -> np.ndarray:
+        value = np.asarray(inputs.get(name), dtype=np.float64)
+        if value.shape != (size,) or not np.isfinite(value).all() \
+                or np.abs(value).max(initial=0.0) > STATE_MAX:
+            raise ConfigurationError(f"The state's {name!r} must be {size} finite numbers at "
+                                     f"most {STATE_MAX:g} in absolute value; got "
+                                     f"{inputs.get(name)!r}.")
+        return value
+
+    mean, sd, _ = vector("mean", k), vector("sd", k), vector("beta", k + 1)
+    low, high = np.array(ranges, dtype=np.float64).T
+    floor = PRIVATE_MIN_SD * (high - low) / 2 if plan.private else np.zeros(k)
+    if plan.private and ((mean < low) | (mean > high)).any():
+        raise ConfigurationError(f"The state's means {mean.tolist()} must lie within the "
+                                 f"site's ranges.")
+    if (sd <= 0).any() or (sd < floor).any():
+        raise ConfigurationError(f"The state's SDs {sd.tolist()} must be > 0"
+                                 + (f" and at least {PRIVATE_MIN_SD:g} of each half range"
+                                    if plan.private else "") + ".")
+    if "caliper" in inputs:
+        caliper = inputs["caliper"]
+        if not (isinstance(caliper, int | float) and math.isfinite(caliper) and caliper >= 0):
+            raise ConfigurationError(f"The state's caliper must be finite and >= 0; got "
+                                     f"{caliper!r}.")
+    if step == "sandwich":
+        means = inputs.get("means")
+        if not isinstance(means, dict) or set(means) != set(plan.weighting):
+            raise ConfigurationError(f"The state's outcome means must name "
+                                     f"{plan.weighting}; got {means!r}.")
+        for method in plan.weighting:
+            value = np.asarray(means[method], dtype=np.float64)
+            if value.shape != (2,) or not np.isfinite(value).all() \
+                    or np.abs(value).max() > STATE_MAX:
+                raise ConfigurationError(f"The state's outcome means of {method} must be 2 "
+                                         f"finite numbers; got {means[method]!r}.")
+
+
 def site_step(plan: AttributionPlan, state: dict[str, Any], site: SiteArrays,
               site_index: int, ranges: Sequence[Sequence[float]] | None = None) -> Arrays:
     """What `site` sends for the state's step: sums over its rows, never a row. In a

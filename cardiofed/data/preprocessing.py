@@ -80,7 +80,8 @@ def statistics_sensitivity(n_features: int) -> float:
 
 
 def private_site_statistics(x: np.ndarray, edges: np.ndarray, *, noise_std: float,
-                            rng: np.random.Generator) -> tuple[SiteStatistics, float]:
+                            rng: np.random.Generator, released_n: float | None = None
+                            ) -> tuple[SiteStatistics, float]:
     """A Gaussian-mechanism release of a site's statistics, and its noisy record count.
 
     Each column's histogram over `edges` and the number of rows get independent noise
@@ -90,12 +91,15 @@ def private_site_statistics(x: np.ndarray, edges: np.ndarray, *, noise_std: floa
     sums of squares come from the histogram's bin midpoints (plus the within-bin
     variance, width^2 / 12); missing counts are the noisy row count minus the column's.
     Noisy counts may be negative: they are unbiased, and the merge clips what must be.
-    `rng` must be secret (:func:`cardiofed.privacy.randomness.secure_numpy_rng`)."""
+    `rng` must be secret (:func:`cardiofed.privacy.randomness.secure_numpy_rng`).
+    `released_n`: the noisy record count, when the site drew it already (to charge its
+    ledger with it before computing the rest)."""
     if not (noise_std > 0 and math.isfinite(noise_std)):
         raise ValueError(f"The 'noise_std' parameter must be finite and > 0; got {noise_std!r}.")
     exact = site_statistics(x, edges)
     hist = exact.histogram + rng.normal(0.0, noise_std, exact.histogram.shape)
-    n_rows = float(len(x)) + float(rng.normal(0.0, noise_std))
+    n_rows = (float(len(x)) + float(rng.normal(0.0, noise_std)) if released_n is None
+              else float(released_n))
     binary = (edges[:, 0] == 0.0) & (edges[:, -1] == 1.0)
     hist[binary, 1:-1] = 0.0
     mids = (edges[:, :-1] + edges[:, 1:]) / 2

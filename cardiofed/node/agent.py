@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from cardiofed.causal.study import AttributionPlan, SiteArrays, release, site_step
+from cardiofed.causal.study import AttributionPlan, SiteArrays, check_state, release, site_step
 from cardiofed.coordinator.schemas import TaskResponse
 from cardiofed.data.dataset import SiteData
 from cardiofed.data.preprocessing import Preprocessor
@@ -30,7 +30,7 @@ from cardiofed.exceptions import (
     StaleUpdateRefused,
     TaskRefused,
 )
-from cardiofed.node.config import DataSource, NodeConfig
+from cardiofed.node.config import MIN_EXACT_BATCH, DataSource, NodeConfig
 from cardiofed.node.outbound import OutboundLog
 from cardiofed.node.relay import RegionRelay
 from cardiofed.node.task_policy import TaskPolicy, planned_releases
@@ -42,18 +42,14 @@ from cardiofed.node.work import (
     own_feature_ranges,
     site_preprocessor,
     statistics_payload,
+    study_weights,
     train_payload,
 )
-from cardiofed.privacy.budget import (
-    SiteBudget,
-    data_fingerprint,
-    open_ledger,
-    site_fingerprint,
-)
+from cardiofed.privacy.budget import PrivacyLedger, open_site_ledger
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.schema import Catalogue
 from cardiofed.simulation.config import SimulationConfig
-from cardiofed.wire import decode_arrays, encode_arrays
+from cardiofed.wire import encode_arrays
 
 log = logging.getLogger("cardiofed.node")
 
@@ -80,6 +76,13 @@ class NodeAgent:
         self._name: str | None = None
         self.region = None if config.region is None else RegionRelay(
             config.region, region_client, config.retry_max_delay_s)
+        # The hospital's one ledger, opened (and verified) before anything runs: a
+        # missing, moved or edited ledger stops the node here.
+        self.ledger: PrivacyLedger | None = None
+        if config.private is not None:
+            ledger_dir, seal_file = config.ledger_location()
+            self.ledger = open_site_ledger(site="this site", budget=config.private.budget(),
+                                           ledger_dir=ledger_dir, seal_file=seal_file)
 
     # -- credentials ---------------------------------------------------------------
     @property
@@ -217,9 +220,9 @@ class NodeAgent:
         plan = SimulationConfig.model_validate(task.plan)
         if plan.attribution is not None:
             return self._attribution(task, plan.attribution)
+        catalogue = self._agreed_features(task)
         if self._site is None:
-            self._site = load_site_data(self._data, task.feature_names,
-                                        self._agreed_features(task))
+            self._site = load_site_data(self._data, task.feature_names, catalogue)
             # Kept for `cardiofed node audit --scan-rows`.
             (self.state_dir / "feature_names.json").write_text(json.dumps(task.feature_names))
             if plan.study_features is not None:
@@ -227,6 +230,7 @@ class NodeAgent:
                     plan.study_features.model_dump_json())
         site, study = self._site, task.study
         manifest = self._manifest(task)
+        ranges = own_feature_ranges(self._data, task.feature_names, catalogue)
         privacy = self._site_privacy(plan, site, study)
         if privacy is not None:
             allowed = planned_releases(task.kind, plan.rounds)
@@ -236,21 +240,29 @@ class NodeAgent:
             if plan.standardisation == "per-site":
                 raise TaskRefused("standardisation 'per-site' uses the site's exact mean and "
                                   "SD, which its privacy budget does not cover.")
+            if task.kind == "train" and privacy.released_n() is None:
+                raise TaskRefused("This site trains privately only after the study's "
+                                  "statistics release: its noisy record count plans DP-SGD "
+                                  "(the exact count never leaves the site).")
+        elif task.kind == "train" and plan.batch_size < MIN_EXACT_BATCH \
+                and "small_batches" not in self.config.opt_in:
+            raise TaskRefused(f"The plan's batch_size {plan.batch_size} is below "
+                              f"{MIN_EXACT_BATCH}: this site's exact updates would expose "
+                              f"single records. It takes part only if its config opts in "
+                              f"(opt_in = [\"small_batches\"]).")
         if task.kind == "statistics":
-            return statistics_payload(
-                site, own_feature_ranges(self._data, task.feature_names,
-                                         self._agreed_features(task)), manifest,
-                privacy)
+            return statistics_payload(site, ranges, manifest, privacy)
         if self._pre is None:
             blob = self._request("GET", f"/v1/studies/{study}/preprocessor").content
-            self._pre = site_preprocessor(blob, site, plan, task.feature_names)
-        weights, _ = decode_arrays(
-            self._request("GET", f"/v1/studies/{study}/models/{task.model_version}").content)
+            self._pre = site_preprocessor(blob, site, plan, task.feature_names, ranges)
+        weights = study_weights(plan, self._pre, self._request(
+            "GET", f"/v1/studies/{study}/models/{task.model_version}").content)
         if task.kind == "evaluate":
-            return evaluate_payload(site, self._pre, plan, weights, privacy,
+            return evaluate_payload(site, self._pre, plan, weights, privacy, ranges=ranges,
                                     publish=self.config.publish_metrics)
         return train_payload(site, self._pre, plan, weights, round_number=task.round,
-                             site_index=task.site_index, manifest=manifest, privacy=privacy)
+                             site_index=task.site_index, manifest=manifest, privacy=privacy,
+                             ranges=ranges)
 
     def _manifest(self, task: TaskResponse) -> dict[str, str]:
         return {"study": task.study, "round": str(task.round),
@@ -258,12 +270,19 @@ class NodeAgent:
 
     def _attribution(self, task: TaskResponse, plan: AttributionPlan) -> bytes:
         """An attribution step's sums over the site's rows. A site with a privacy budget
-        takes part only in a private plan, and releases each step through its ledger;
-        the clipping ranges are the site's own (the task's must equal them)."""
-        if self.config.privacy is not None and not plan.private:
+        takes part only in a private plan, and releases each step through its ledger
+        (charged before the sums are computed); a non-private site releases exact sums,
+        and only if its config opts in. The clipping ranges are the site's own; the step's
+        state passes the release gate (:func:`cardiofed.causal.study.check_state`)."""
+        if self.ledger is not None and not plan.private:
             raise TaskRefused("This site has a privacy budget, and the attribution plan is "
                               "not private: its sums would be exact. A private plan "
                               "(attribution.private = true) lets this site take part.")
+        if self.ledger is None and "exact_attribution" not in self.config.opt_in:
+            raise TaskRefused("This site is not private (privacy = \"off\"): its attribution "
+                              "sums would be exact, and a coordinator's coefficients can make "
+                              "them single records. It takes part only if its config opts in "
+                              "(opt_in = [\"exact_attribution\"]).")
         state = task.attribution
         if state is None or state.get("step") != task.kind:
             raise TaskRefused(f"The {task.kind} task of an attribution study carries no "
@@ -272,36 +291,41 @@ class NodeAgent:
         if self._rows is None:
             self._rows = attribution_site(self._data, plan, task.feature_names,
                                           task.outcome, catalogue)
+        rows = self._rows
         ranges = own_feature_ranges(self._data, task.feature_names, catalogue)
         try:
-            arrays = site_step(plan, state, self._rows, task.site_index, ranges)
+            check_state(plan, state, ranges)
         except (KeyError, TypeError, ValueError, CardioFedError) as exc:
             raise TaskRefused(f"The {task.kind} task's state is not one this site can "
                               f"compute with: {type(exc).__name__}: {exc}") from None
-        if plan.private:
-            privacy = self._attribution_privacy(task.study)
-            what = f"attribution {task.kind} (round {task.round})"
-            arrays = (release(plan, state, arrays, 0.0, None) if privacy is None
-                      else privacy.release_attribution(plan, state, arrays, what))
+
+        def compute() -> dict[str, np.ndarray]:
+            return site_step(plan, state, rows, task.site_index, ranges)
+
+        if self.ledger is None:  # exact sums, by the site's choice
+            try:
+                arrays = compute()
+            except (KeyError, TypeError, ValueError, CardioFedError) as exc:
+                raise TaskRefused(f"The {task.kind} task's state is not one this site can "
+                                  f"compute with: {type(exc).__name__}: {exc}") from None
+            if plan.private:
+                arrays = release(plan, state, arrays, 0.0, None)
+        else:
+            arrays = self._study_privacy(task.study, len(rows.outcome)).release_attribution(
+                plan, state, compute, f"attribution {task.kind} (round {task.round})")
         return encode_arrays(arrays, self._manifest(task))
 
-    def _attribution_privacy(self, study: str) -> SitePrivacy | None:
-        """The site's DP wrapper over its ledger, bound to its attribution rows."""
-        settings = self.config.privacy
-        if settings is None:
-            return None
-        assert self._rows is not None
+    def _study_privacy(self, study: str, n_records: int,
+                       plan: SimulationConfig | None = None) -> SitePrivacy:
+        """The site's DP wrapper for `study` over the hospital's one ledger."""
+        assert self.ledger is not None and self.config.private is not None
         if self._privacy is None or self._privacy.study != study:
-            rows = self._rows
-            fingerprint = data_fingerprint(np.column_stack([rows.x, rows.treated]),
-                                           rows.outcome)
-            ledger = open_ledger(
-                site=self._site_name(), n_records=len(rows.outcome), fingerprint=fingerprint,
-                budget=SiteBudget(epsilon_max=settings.epsilon_max, delta=settings.delta,
-                                  accountant=settings.accountant, shares=settings.shares),
-                ledger_dir=settings.ledger_dir, reset=settings.reset_privacy_ledger,
-                markers=(self.state_dir / f"privacy-ledger-{fingerprint[:16]}.created",))
-            self._privacy = SitePrivacy(ledger=ledger, study=study)
+            self.ledger.site = self._site_name()  # for messages only
+            self.ledger.check_records(n_records)
+            self._privacy = SitePrivacy(
+                ledger=self.ledger, local=None if plan is None else plan.local_config(),
+                rounds=1 if plan is None else plan.rounds,
+                max_grad_norm=self.config.private.max_grad_norm, study=study)
         return self._privacy
 
     def _site_name(self) -> str:
@@ -311,20 +335,7 @@ class NodeAgent:
 
     def _site_privacy(self, plan: SimulationConfig, site: SiteData,
                       study: str) -> SitePrivacy | None:
-        """The site's DP wrapper for `study`, over its ledger (bound to its records, kept
-        in the configured ledger_dir, refused if it existed and is gone)."""
-        settings = self.config.privacy
-        if settings is None:
+        """The site's DP wrapper for `study` (None for a non-private site)."""
+        if self.ledger is None:
             return None
-        if self._privacy is None or self._privacy.study != study:
-            fingerprint = site_fingerprint(site)
-            ledger = open_ledger(
-                site=self._site_name(), n_records=site.n_train, fingerprint=fingerprint,
-                budget=SiteBudget(epsilon_max=settings.epsilon_max, delta=settings.delta,
-                                  accountant=settings.accountant, shares=settings.shares),
-                ledger_dir=settings.ledger_dir, reset=settings.reset_privacy_ledger,
-                markers=(self.state_dir / f"privacy-ledger-{fingerprint[:16]}.created",))
-            self._privacy = SitePrivacy(ledger=ledger, local=plan.local_config(),
-                                        rounds=plan.rounds,
-                                        max_grad_norm=settings.max_grad_norm, study=study)
-        return self._privacy
+        return self._study_privacy(study, site.n_train + len(site.y_test), plan)

@@ -11,12 +11,21 @@ Example::
     csv = "/data/export.csv"
     mapping = "/data/mapping.toml"
 
-    [privacy]                               # optional: DP for everything this site releases
-    epsilon_max = 1.0
-    ledger_dir = "/var/lib/cardiofed-privacy"   # required: keep it outside state_dir
-    delta = 1e-5                            # default min(1e-5, 1/(10 n))
+    [privacy]                               # optional: these are the defaults
+    epsilon_max = 3.0                       # what the hospital ever releases, all studies
+    study_epsilon = 1.0                     # the most one study may add
+    ledger_dir = "/var/lib/cardiofed-privacy"   # default: <state_dir>-privacy
+    seal_file = "/etc/cardiofed/ledger.seal"    # default: <ledger_dir>.seal
+    delta = 1e-5                            # fixed when the ledger is created
     max_grad_norm = 1.0
-    shares = { statistics = 0.1, train = 0.8, evaluate = 0.1 }   # of epsilon_max
+    shares = { statistics = 0.1, train = 0.8, evaluate = 0.1 }   # of each study's epsilon
+
+A node is private unless its config says ``privacy = "off"``: then what it releases is
+exact, and it still refuses plans whose batches are smaller than
+:data:`MIN_EXACT_BATCH` and exact attribution sums unless ``opt_in`` names them
+(``opt_in = ["small_batches", "exact_attribution"]``). All the hospital's nodes should
+name one ``ledger_dir``: it is the hospital's one privacy ledger
+(:mod:`cardiofed.privacy.ledger_file`).
 
 A region of a hierarchical federation (:mod:`cardiofed.coordinator.relay`) is a node
 of the national study with a ``[region]`` table instead of ``[data]``: it holds no
@@ -42,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cardiofed._pydantic import read_toml, validation_problems
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.privacy.budget import DEFAULT_SHARES, SiteBudget
+from cardiofed.privacy.ledger_file import default_seal_file
 
 
 class DataSource(BaseModel):
@@ -71,26 +81,39 @@ class DataSource(BaseModel):
         return self
 
 
+# The smallest batch a non-private node trains on unless it opted in: a gradient of one
+# record's batch is that record, nearly in the clear.
+MIN_EXACT_BATCH = 16
+OptIn = Literal["small_batches", "exact_attribution"]
+DEFAULT_EPSILON_MAX = 3.0
+DEFAULT_STUDY_EPSILON = 1.0
+
+
 class NodePrivacy(BaseModel):
-    """The site's own privacy budget; nothing the coordinator sends changes it."""
+    """The hospital's own privacy budget; nothing the coordinator sends changes it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    epsilon_max: float = Field(gt=0, allow_inf_nan=False)
-    # Where the site's ledger lives, bound to its records: outside state_dir, so that
-    # clearing the node's state never resets what the data has spent.
-    ledger_dir: Path
+    epsilon_max: float = Field(default=DEFAULT_EPSILON_MAX, gt=0, allow_inf_nan=False)
+    study_epsilon: float | None = Field(default=DEFAULT_STUDY_EPSILON, gt=0,
+                                        allow_inf_nan=False)
+    # The hospital's one ledger (default <state_dir>-privacy, outside state_dir, so that
+    # clearing the node's state never resets what the hospital has spent) and its seal.
+    ledger_dir: Path | None = None
+    seal_file: Path | None = None
     delta: float | None = Field(default=None, gt=0, lt=1)
     max_grad_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     accountant: Literal["rdp", "prv"] = "rdp"
     shares: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SHARES))
-    # Start a new ledger although one existed for these records and is gone. Logged.
-    reset_privacy_ledger: bool = False
 
     @model_validator(mode="after")
     def _valid_budget(self) -> NodePrivacy:
-        SiteBudget(epsilon_max=self.epsilon_max, delta=self.delta, accountant=self.accountant,
-                   shares=self.shares)  # raises, naming the parameter, at load time
+        self.budget()  # raises, naming the parameter, at load time
         return self
+
+    def budget(self) -> SiteBudget:
+        return SiteBudget(epsilon_max=self.epsilon_max, delta=self.delta,
+                          accountant=self.accountant, shares=self.shares,
+                          study_epsilon=self.study_epsilon)
 
 
 class RegionSettings(BaseModel):
@@ -114,7 +137,12 @@ class NodeConfig(BaseModel):
     enrolment_token: str | None = None
     ca_file: Path | None = None
     poll_wait_s: float = Field(default=10.0, ge=0)
+    # DP for everything the site releases (the defaults of NodePrivacy when left out);
+    # `privacy = "off"` in the file sets privacy_off: exact releases.
     privacy: NodePrivacy | None = None
+    privacy_off: bool = False
+    # Exact releases a non-private site accepts although they expose single records.
+    opt_in: list[OptIn] = Field(default_factory=list)
     # Whether the site's evaluation of the final model goes into the model card.
     publish_metrics: bool = True
     # Seconds to wait after each training task before uploading: rehearses a slow site
@@ -124,16 +152,55 @@ class NodeConfig(BaseModel):
     # doubles from 0.5 s up to this).
     retry_max_delay_s: float = Field(default=10.0, gt=0, le=600, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _privacy_off(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("privacy"), str):
+            if data["privacy"] != "off":
+                raise ValueError(f"privacy must be a [privacy] table or \"off\"; got "
+                                 f"{data['privacy']!r}")
+            data = {**data, "privacy": None, "privacy_off": True}
+        return data
+
     @model_validator(mode="after")
     def _one_role(self) -> NodeConfig:
         if (self.data is None) == (self.region is None):
             raise ValueError("give either [data] (a site with its records) or [region] (a "
                              "region relaying its sites), not both or neither")
+        if self.privacy_off and self.privacy is not None:
+            raise ValueError("privacy_off and a [privacy] table contradict each other")
         if self.region is not None and self.privacy is not None:
             raise ValueError("a region releases nothing of its own (its sites' releases "
                              "carry their noise): [privacy] belongs in each site's node "
                              "config, not the region's")
+        if self.opt_in and self.private is not None:
+            raise ValueError("opt_in applies to a non-private site (privacy = \"off\"); a "
+                             "private site's releases carry noise whatever the plan")
+        if self.private is not None:
+            ledger_dir, seal = self.ledger_location()
+            for path, what in ((ledger_dir, "privacy.ledger_dir"), (seal, "privacy.seal_file")):
+                if path.resolve().is_relative_to(self.state_dir.resolve()):
+                    raise ValueError(f"{what} ({path}) must lie outside state_dir "
+                                     f"({self.state_dir}): clearing the node's state must "
+                                     f"not reset what the hospital has spent")
+            if seal.resolve().is_relative_to(ledger_dir.resolve()):
+                raise ValueError(f"privacy.seal_file ({seal}) must lie outside "
+                                 f"privacy.ledger_dir ({ledger_dir})")
         return self
+
+    @property
+    def private(self) -> NodePrivacy | None:
+        """The site's privacy settings; None for a non-private site or a region."""
+        if self.region is not None or self.privacy_off:
+            return None
+        return self.privacy or NodePrivacy()
+
+    def ledger_location(self) -> tuple[Path, Path]:
+        """The hospital's ledger folder and its seal (defaults filled in)."""
+        settings = self.private or NodePrivacy()
+        ledger_dir = settings.ledger_dir or self.state_dir.with_name(
+            self.state_dir.name + "-privacy")
+        return ledger_dir, settings.seal_file or default_seal_file(ledger_dir)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> NodeConfig:
@@ -149,12 +216,20 @@ class NodeConfig(BaseModel):
         for key in ("admin_key_file", "ca_file"):
             if isinstance(raw.get("region"), dict) and key in raw["region"]:
                 raw["region"][key] = str(base / raw["region"][key])
-        if isinstance(raw.get("privacy"), dict) and "ledger_dir" in raw["privacy"]:
-            raw["privacy"]["ledger_dir"] = str(base / raw["privacy"]["ledger_dir"])
+        for key in ("ledger_dir", "seal_file"):
+            if isinstance(raw.get("privacy"), dict) and key in raw["privacy"]:
+                raw["privacy"][key] = str(base / raw["privacy"][key])
         return cls.create(**raw)
 
     @classmethod
     def create(cls, **values: object) -> NodeConfig:
+        privacy = values.get("privacy")
+        if isinstance(privacy, dict) and "reset_privacy_ledger" in privacy:
+            raise ConfigurationError(
+                "Invalid node config: privacy.reset_privacy_ledger is no longer a setting "
+                "(left in a config it would reset the ledger at every start). Reset "
+                "deliberately, once, with `cardiofed node reset-ledger --config <node.toml> "
+                "--reason \"...\"`.")
         try:
             return cls.model_validate(values)
         except ValidationError as exc:

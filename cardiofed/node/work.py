@@ -5,7 +5,10 @@ Statistics: :func:`cardiofed.data.preprocessing.site_statistics`. Training:
 round and site index, through the site's DP wrapper when it has a budget. Evaluation:
 :func:`cardiofed.evaluation.metrics.binary_metrics` on the site's own test split.
 Attribution: :func:`cardiofed.causal.study.site_step` on every row of the site.
-Each function returns the exact bytes to upload.
+Each function returns the exact bytes to upload. Everything the coordinator sent passes
+the release gate first (:mod:`cardiofed.privacy.release_gate`): the preprocessor and
+weights are checked against the site's own ranges, and the rows are bounded before any
+model sees them.
 """
 
 from __future__ import annotations
@@ -32,8 +35,14 @@ from cardiofed.data.sites import load_site_rows, site_from_export
 from cardiofed.evaluation.metrics import binary_metrics
 from cardiofed.evaluation.private_metrics import score_bin_edges
 from cardiofed.exceptions import DataValidationError, TaskRefused
-from cardiofed.models.networks import Weights, make_model, score
+from cardiofed.models.networks import Weights, get_weights, make_model, score
 from cardiofed.node.config import DataSource
+from cardiofed.privacy.release_gate import (
+    bounded_rows,
+    check_preprocessor,
+    check_weights,
+    floored_scales,
+)
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.schema import Catalogue, canonical_features
 from cardiofed.serving.provenance import OUTCOME_OF_DATASET
@@ -145,26 +154,45 @@ def _reference_attribution_site(source: DataSource, plan: AttributionPlan,
 
 
 def site_preprocessor(blob: bytes, site: SiteData, plan: SimulationConfig,
-                      feature_names: list[str]) -> Preprocessor:
-    """The study's preprocessor, or the site's own standardisation with the shared fill."""
+                      feature_names: list[str],
+                      ranges: list[tuple[float, float]]) -> Preprocessor:
+    """The study's preprocessor, through the release gate (checked against the site's
+    `ranges`, scales floored), or the site's own standardisation with the shared fill."""
     form = plan.model_form(feature_names)
-    shared = Preprocessor.from_arrays(decode_arrays(blob)[0], form)
+    try:
+        shared = Preprocessor.from_arrays(decode_arrays(blob)[0], form)
+    except (KeyError, ValueError) as exc:
+        raise TaskRefused(f"The study's preprocessor does not fit its plan: {exc}") from None
+    shared = check_preprocessor(shared, ranges)
     if plan.standardisation == "per-site":
-        return local_preprocessor(site.x_train, shared.fill, form)
+        return floored_scales(local_preprocessor(site.x_train, shared.fill, form), ranges)
     return shared
+
+
+def study_weights(plan: SimulationConfig, pre: Preprocessor, blob: bytes) -> Weights:
+    """The coordinator's model, through the release gate: the plan's model's names and
+    shapes, finite and bounded."""
+    try:
+        weights = decode_arrays(blob)[0]
+    except ValueError as exc:
+        raise TaskRefused(f"The study's model is not a valid payload: {exc}") from None
+    return check_weights(weights, get_weights(make_model(plan.model, pre.n_columns, seed=0)))
 
 
 def train_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig, weights: Weights, *,
                   round_number: int, site_index: int, manifest: dict[str, str],
-                  privacy: SitePrivacy | None) -> bytes:
-    """One round of local training from `weights`; the update as safetensors bytes."""
+                  privacy: SitePrivacy | None,
+                  ranges: list[tuple[float, float]]) -> bytes:
+    """One round of local training from `weights` on the site's bounded rows; the update
+    as safetensors bytes."""
     algorithm = plan.make_algorithm()
     model = make_model(plan.model, pre.n_columns, seed=plan.seed)
     trainer: LocalTrainer = train_local
     if privacy is not None:
         trainer = partial(privacy.train, what=f"round {round_number}")
     update = algorithm.client_update(
-        model, weights, pre.transform(site.x_train), site.y_train.astype(np.float32),
+        model, weights, bounded_rows(pre, site.x_train, ranges),
+        site.y_train.astype(np.float32),
         site=manifest["site"], seed=derive_seed(plan.seed, round_number, site_index),
         trainer=trainer)
     if privacy is not None:
@@ -174,14 +202,15 @@ def train_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig, wei
 
 def evaluate_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig,
                      weights: Weights, privacy: SitePrivacy | None = None, *,
-                     publish: bool = True) -> bytes:
-    """The final model's evaluation on the site's own test split. Without a budget: exact
-    metrics (JSON). With one: noisy score histograms per label (charged), with the
-    epsilon the ledger has spent in their manifest. A site that declines to publish
-    sends an empty JSON object and releases nothing."""
+                     ranges: list[tuple[float, float]], publish: bool = True) -> bytes:
+    """The final model's evaluation on the site's own bounded test rows. Without a
+    budget: exact metrics (JSON). With one: noisy score histograms per label (charged),
+    with the epsilon the ledger has spent in their manifest. A site that declines to
+    publish sends an empty JSON object and releases nothing."""
     if not publish:
         return encode_metrics({})
-    probs = score(plan.model, weights, pre.transform(site.x_test))
+    with np.errstate(over="ignore"):
+        probs = score(plan.model, weights, bounded_rows(pre, site.x_test, ranges))
     if privacy is None:
         return encode_metrics(binary_metrics(site.y_test, probs))
     neg, pos, noise_std = privacy.release_evaluation(site.y_test, probs, score_bin_edges())

@@ -1,45 +1,39 @@
 """The site's own privacy budget and the ledger of what it has spent.
 
-The budget ``(epsilon_max, delta)`` belongs to the site's configuration; delta defaults
-to ``min(1e-5, 1 / (10 n))`` for ``n`` records and must be below ``1 / n``. The budget
-is split across the kinds of release a site makes (``statistics``, ``train``,
-``evaluate``; :data:`DEFAULT_SHARES`): each kind's noise is calibrated so that the
-total composed after it stays within the cumulative share of the budget, so the total
-never exceeds ``epsilon_max`` and the report shows epsilon per kind and in total.
+The budget ``(epsilon_max, delta)`` belongs to the site's configuration. It is split
+across the kinds of release a site makes (``statistics``, ``train``, ``evaluate``;
+:data:`DEFAULT_SHARES`): each kind's noise is calibrated so that the total composed
+after it stays within the cumulative share of what the study may spend, so the total
+never exceeds ``epsilon_max`` and the report shows epsilon per kind and in total. A
+study may spend what earlier studies left, or at most ``study_epsilon`` of it.
 
-The ledger is a JSON file at the site, rewritten atomically after every release, so it
-survives restarts. It is bound to the site's data: a fingerprint of the records names
-the file (:func:`ledger_path`) and is checked on load, and a marker beside it (and one
-in the node's state) remembers that it existed, so a deleted ledger is refused rather
-than silently recreated at zero (:func:`open_ledger`; an explicit, logged ``reset``
-overrides). Before any release the site checks the planned events against its budget
+:class:`PrivacyLedger` composes every release the site has made, whatever the study or
+kind, into one total (Opacus' RDP or PRV accountant, :mod:`cardiofed.privacy.accountant`)
 and refuses (:class:`PrivacyBudgetExceeded`, with the numbers) a release that would
-exceed it. Nothing the coordinator sends can change the budget: it is read only from
-the site's own configuration and ledger.
+exceed the budget. A hospital node's ledger is one file for the hospital
+(:mod:`cardiofed.privacy.ledger_file`: append-only, hash-chained, sealed with a key kept
+outside the ledger's folder), opened with :func:`open_site_ledger`; the simulator's
+ledgers live in memory. A release is charged *before* it is computed
+(:meth:`PrivacyLedger.charge`, under the file's lock), so no failure in the computation
+leaves it uncharged. Nothing the coordinator sends can change the budget.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import numpy as np
+from typing import Any
 
 from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.privacy.accountant import AccountantKind, GaussianEvent, PrivacyAccountant
+from cardiofed.privacy.ledger_file import LEDGER_FILE, LedgerFile, open_ledger_file
 
-if TYPE_CHECKING:
-    from cardiofed.data.dataset import SiteData
-
-LEDGER_VERSION = 2
 RELEASE_KINDS = ("statistics", "train", "evaluate")
 # Shares of epsilon_max, in the order a study releases them.
 DEFAULT_SHARES: dict[str, float] = {"statistics": 0.1, "train": 0.8, "evaluate": 0.1}
@@ -71,6 +65,8 @@ class SiteBudget:
     delta: float | None = None
     accountant: AccountantKind = "rdp"
     shares: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SHARES))
+    # The most one study may add to the ledger's total (None: all that is left).
+    study_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         if not (self.epsilon_max > 0 and math.isfinite(self.epsilon_max)):
@@ -79,6 +75,10 @@ class SiteBudget:
         if self.delta is not None and not 0 < self.delta < 1:
             raise ConfigurationError(f"The 'delta' parameter must be in (0, 1); "
                                      f"got {self.delta!r}.")
+        if self.study_epsilon is not None and not (
+                self.study_epsilon > 0 and math.isfinite(self.study_epsilon)):
+            raise ConfigurationError(f"The 'study_epsilon' parameter must be finite and > 0; "
+                                     f"got {self.study_epsilon!r}.")
         if self.accountant not in ("rdp", "prv"):
             raise ConfigurationError(f"The 'accountant' parameter must be 'rdp' or 'prv'; "
                                      f"got {self.accountant!r}.")
@@ -95,6 +95,12 @@ class SiteBudget:
         upto = RELEASE_KINDS[:_kind_index(kind) + 1]
         return min(1.0, sum(self.shares[k] for k in upto))
 
+    def ledger_header(self) -> dict[str, Any]:
+        """What a new ledger file fixes for its life: delta (default
+        :data:`MAX_DEFAULT_DELTA`) and the accountant."""
+        return {"delta": self.delta if self.delta is not None else MAX_DEFAULT_DELTA,
+                "accountant": self.accountant}
+
     def delta_for(self, n_records: int) -> float:
         """The delta in force for a site of `n_records` (default ``min(1e-5, 1 / (10 n))``)."""
         if n_records < 1:
@@ -109,97 +115,78 @@ class SiteBudget:
         return self.delta
 
 
-def data_fingerprint(x: np.ndarray, y: np.ndarray) -> str:
-    """SHA-256 of a site's training records (features, NaN-aware, and labels).
-
-    Stays at the site, in its ledger: it binds the ledger to the data it accounts for."""
-    h = hashlib.sha256()
-    for arr in (np.ascontiguousarray(x, dtype=np.float64), np.ascontiguousarray(y, np.float64)):
-        h.update(str(arr.shape).encode())
-        h.update(np.nan_to_num(arr, nan=np.inf).tobytes())
-    return h.hexdigest()
-
-
-def site_fingerprint(site: SiteData) -> str:
-    """:func:`data_fingerprint` of all of a site's records (training and test splits):
-    the ledger accounts for every patient the site holds."""
-    return data_fingerprint(np.vstack([site.x_train, site.x_test]),
-                            np.concatenate([site.y_train, site.y_test]))
-
-
 class PrivacyLedger:
-    """Spent privacy of one site, persisted at `path` (in memory when `path` is None).
+    """Everything one site has released, composed; in memory, or in its ledger file.
 
-    ``fingerprint`` (of the records, :func:`data_fingerprint`) is stored and checked:
-    a ledger written for other data is refused."""
+    ``n_records`` sets the default delta of an in-memory ledger (:meth:`SiteBudget.
+    delta_for`); a ledger file fixes delta and accountant in its header when it is
+    created, and :meth:`check_records` checks delta against each data set it covers."""
 
-    def __init__(self, *, site: str, budget: SiteBudget, n_records: int,
-                 path: str | Path | None = None, fingerprint: str | None = None) -> None:
+    def __init__(self, *, site: str, budget: SiteBudget, n_records: int | None = None,
+                 file: LedgerFile | None = None) -> None:
         self.site = site
         self.budget = budget
+        self.file = file
+        if file is not None:
+            self.delta = float(file.header["delta"])
+            if budget.delta is not None and budget.delta != self.delta:
+                raise ConfigurationError(
+                    f"The 'delta' parameter is {budget.delta!r}, but the site's ledger "
+                    f"{file.path} accounts at delta {self.delta!r} since it was created; a "
+                    f"ledger keeps one delta (leave delta out, or reset the ledger).")
+            if file.header.get("accountant") != budget.accountant:
+                raise ConfigurationError(
+                    f"The 'accountant' parameter is {budget.accountant!r}, but the site's "
+                    f"ledger {file.path} composes with {file.header.get('accountant')!r}.")
+        else:
+            if n_records is None:
+                raise ConfigurationError("An in-memory privacy ledger needs n_records.")
+            self.delta = budget.delta_for(n_records)
         self.n_records = n_records
-        self.delta = budget.delta_for(n_records)
-        self.path = Path(path) if path is not None else None
-        self.fingerprint = fingerprint
         self.accountant = PrivacyAccountant(budget.accountant)
-        self.entries: list[dict[str, object]] = []
-        if self.path is not None and self.path.exists():
-            self._load(self.path)
+        self.entries: list[dict[str, Any]] = []
+        self._sync()
 
-    def _load(self, path: Path) -> None:
-        try:  # ValueError: invalid JSON (JSONDecodeError) or not UTF-8 (UnicodeDecodeError)
-            state = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise ConfigurationError(f"Privacy ledger {path} is corrupt ({exc}); refusing "
-                                     f"to guess what was spent.") from None
-        if not isinstance(state, dict):
-            raise ConfigurationError(f"Privacy ledger {path} is corrupt (not a JSON object); "
-                                     f"refusing to guess what was spent.")
-        if state.get("version") not in (1, LEDGER_VERSION) or state.get("site") != self.site:
-            raise ConfigurationError(
-                f"Privacy ledger {path} belongs to site {state.get('site')!r} (version "
-                f"{state.get('version')!r}), not to {self.site!r} (version {LEDGER_VERSION}).")
-        stored = state.get("fingerprint")
-        if stored is not None and self.fingerprint is not None and stored != self.fingerprint:
-            raise ConfigurationError(
-                f"Privacy ledger {path} accounts for other records (data fingerprint "
-                f"{str(stored)[:12]}..., these records {self.fingerprint[:12]}...); it is not "
-                f"this data's ledger.")
-        try:
-            accountant = PrivacyAccountant.from_state_dict(state["accountant"])
-            entries = [{"kind": "train", **e} for e in state["entries"]]  # v1: DP-SGD only
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ConfigurationError(f"Privacy ledger {path} is corrupt ({type(exc).__name__}: "
-                                     f"{exc}); refusing to guess what was spent.") from None
-        self.accountant, self.entries = accountant, entries
-        self.fingerprint = self.fingerprint or stored
-
-    def _save(self) -> None:
-        if self.path is None:
+    def _sync(self) -> None:
+        """Entries and accountant from the ledger file's newest verified state."""
+        if self.file is None:
             return
-        state = {"version": LEDGER_VERSION, "site": self.site, "n_records": self.n_records,
-                 "fingerprint": self.fingerprint, "epsilon_max": self.budget.epsilon_max,
-                 "delta": self.delta, "accountant": self.accountant.state_dict(),
-                 "entries": self.entries}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(state, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        self.entries = list(self.file.entries)
+        self.accountant = PrivacyAccountant(self.budget.accountant, [
+            GaussianEvent(**e) for entry in self.entries for e in entry["events"]])
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the ledger file's lock (re-entrant), with its newest entries loaded, so
+        that a calibration and the charge it leads to see the same ledger."""
+        if self.file is None:
+            yield
+            return
+        with self.file.locked():
+            self._sync()
+            yield
+
+    def check_records(self, n_records: int) -> None:
+        """Raise unless the ledger's delta is below 1/n for a data set of `n_records`."""
+        if n_records < 1:
+            raise ConfigurationError(f"A privacy budget needs n_records >= 1; got {n_records}.")
+        if self.delta >= 1.0 / n_records:
+            raise ConfigurationError(
+                f"The site's ledger accounts at delta {self.delta:.3g}, not below 1/n = "
+                f"{1 / n_records:.3g} for a data set of {n_records} records (delta >= 1/n "
+                f"allows releasing a record outright): set [privacy] delta lower when the "
+                f"ledger is created.")
 
     def spent(self, kind: str | None = None) -> float:
         """Epsilon spent so far at the site's delta: in total (all releases composed), or
         by the releases of one `kind` alone."""
         if kind is None:
             return self.accountant.get_epsilon(self.delta)
-        return self._epsilon_of([e for e in self.entries if e.get("kind") == kind])
+        return self.epsilon_of([e for e in self.entries if e.get("kind") == kind])
 
-    def _epsilon_of(self, entries: list[dict[str, object]]) -> float:
-        """Epsilon of the events of `entries` alone, composed, at the site's delta."""
-        events = [GaussianEvent(**e) for entry in entries
-                  for e in entry["events"]]  # type: ignore[attr-defined]
+    def epsilon_of(self, entries: list[dict[str, Any]]) -> float:
+        """Epsilon of the events of `entries` alone, composed, at the ledger's delta."""
+        events = [GaussianEvent(**e) for entry in entries for e in entry["events"]]
         return PrivacyAccountant(self.budget.accountant, events).get_epsilon(self.delta)
 
     def spent_by_kind(self) -> dict[str, float]:
@@ -211,84 +198,104 @@ class PrivacyLedger:
     def remaining(self) -> float:
         return max(0.0, self.budget.epsilon_max - self.spent())
 
-    def releases(self, kind: str, study: str | None = None) -> list[dict[str, object]]:
+    def releases(self, kind: str, study: str | None = None) -> list[dict[str, Any]]:
         """The ledger's entries of one kind (for one study)."""
         return [e for e in self.entries if e.get("kind") == kind
                 and (study is None or e.get("study") == study)]
 
     def target(self, kind: str, study: str | None = None) -> float:
         """The total epsilon a release of `kind` may bring the ledger to: what other
-        studies spent, plus the kind's cumulative share of the budget that was left."""
-        before = self._epsilon_of([e for e in self.entries if e.get("study") != study])
+        studies spent, plus the kind's cumulative share of what this study may spend
+        (what was left, at most ``study_epsilon``)."""
+        before = self.epsilon_of([e for e in self.entries if e.get("study") != study])
         left = max(0.0, self.budget.epsilon_max - before)
+        if self.budget.study_epsilon is not None:
+            left = min(left, self.budget.study_epsilon)
         return min(self.budget.epsilon_max, before + self.budget.cumulative_share(kind) * left)
 
     def check(self, planned: list[GaussianEvent], what: str, *, kind: str | None = None,
               study: str | None = None) -> float:
         """Epsilon after `planned`; raises :class:`PrivacyBudgetExceeded` if over budget,
         or, for a release of `kind`, over that kind's cumulative share (:meth:`target`),
-        so that one kind never eats the share kept for the kinds after it."""
+        so that one kind never eats the share kept for the kinds after it. The numbers
+        in a refusal are rounded to 2 decimals."""
         after = self.accountant.get_epsilon(self.delta, planned)
         if kind is not None and after > (limit := self.target(kind, study)) + 1e-9:
             raise PrivacyBudgetExceeded(
                 f"Site {self.site!r} refuses {what}: it would bring epsilon from "
-                f"{self.spent():.4f} to {after:.4f}, above {limit:.4f}, what its budget share "
+                f"{self.spent():.2f} to {after:.2f}, above {limit:.2f}, what its budget share "
                 f"allows once {kind} releases are made (epsilon_max "
                 f"{self.budget.epsilon_max:g}, delta {self.delta:.3g}).")
         if after > self.budget.epsilon_max:
             raise PrivacyBudgetExceeded(
                 f"Site {self.site!r} refuses {what}: it would bring epsilon from "
-                f"{self.spent():.4f} to {after:.4f}, above the site's epsilon_max "
+                f"{self.spent():.2f} to {after:.2f}, above the site's epsilon_max "
                 f"{self.budget.epsilon_max:g} (delta {self.delta:.3g}).")
         return after
 
     def record(self, events: list[GaussianEvent], what: str, *, kind: str = "train",
                study: str | None = None, **details: object) -> float:
-        """Compose `events` into the ledger, persist it, and return epsilon spent."""
+        """Compose `events` into the ledger, persist them, and return epsilon spent."""
+        with self.locked():
+            return self._append(events, what, kind, study, details)
+
+    def charge(self, events: list[GaussianEvent], what: str, *, kind: str,
+               study: str | None = None, **details: object) -> float:
+        """Check `events` against the budget (:meth:`check`) and record them, in one step
+        under the ledger file's lock: what a release does *before* it is computed."""
+        with self.locked():
+            self.check(events, what, kind=kind, study=study)
+            return self._append(events, what, kind, study, details)
+
+    def _append(self, events: list[GaussianEvent], what: str, kind: str, study: str | None,
+                details: dict[str, object]) -> float:
         _kind_index(kind)
         for event in events:
             self.accountant.compose(event)
         epsilon = self.spent()
-        self.entries.append({"time": time.time(), "kind": kind, "study": study, "what": what,
-                             "epsilon_after": epsilon, "events": [e.__dict__ for e in events],
-                             **details})
-        self._save()
+        entry = {"time": time.time(), "kind": kind, "study": study, "what": what,
+                 "epsilon_after": epsilon, "events": [e.__dict__ for e in events], **details}
+        if self.file is not None:
+            self.file.append(entry)  # fsynced, and the seal advanced, before it counts
+            self.entries = list(self.file.entries)
+        else:
+            self.entries.append(entry)
         return epsilon
 
 
-def ledger_path(ledger_dir: str | Path, site: str, fingerprint: str) -> Path:
-    """Where a site's ledger for these records lives: one file per (site, data)."""
-    return Path(ledger_dir) / f"{site}-{fingerprint[:16]}.json"
-
-
-def open_ledger(*, site: str, budget: SiteBudget, n_records: int, fingerprint: str,
-                ledger_dir: str | Path, markers: tuple[Path, ...] = (),
-                reset: bool = False) -> PrivacyLedger:
-    """The site's ledger for these records, refusing to recreate one that existed.
-
-    A marker file (``<ledger>.created`` beside it, and each of `markers`, e.g. in the
-    node's state directory) records that the ledger was created. If a marker exists but
-    the ledger does not, the ledger was deleted: starting again at zero would hand out
-    the budget twice, so this raises :class:`ConfigurationError` unless `reset` is
-    given, which is logged as a warning with the fingerprint.
-    """
-    path = ledger_path(ledger_dir, site, fingerprint)
-    own_markers = (path.with_name(path.name + ".created"), *markers)
-    if not path.exists() and any(m.exists() for m in own_markers):
-        if not reset:
-            raise ConfigurationError(
-                f"The privacy ledger {path} of site {site!r} existed for these records "
-                f"(fingerprint {fingerprint[:12]}...) but is gone: refusing to start again "
-                f"from zero, which would spend the budget twice. Restore the ledger from "
-                f"backup; only if the records' privacy was never at risk, override with "
-                f"reset_privacy_ledger (logged).")
-        log.warning("privacy ledger %s of site %s (fingerprint %s) RESET by explicit "
-                    "override; what was spent before is no longer accounted", path, site,
-                    fingerprint[:12])
-    ledger = PrivacyLedger(site=site, budget=budget, n_records=n_records, path=path,
-                           fingerprint=fingerprint)
-    ledger._save()
-    for marker in own_markers:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"ledger": str(path), "fingerprint": fingerprint}))
+def open_site_ledger(*, site: str, budget: SiteBudget, ledger_dir: str | Path,
+                     seal_file: str | Path | None = None) -> PrivacyLedger:
+    """The hospital's one ledger in `ledger_dir` (:mod:`cardiofed.privacy.ledger_file`),
+    created with the budget's delta (default :data:`MAX_DEFAULT_DELTA`) and accountant if
+    neither it nor its seal exists. Ledgers of earlier releases found there (one JSON file
+    per site and data set) are imported into a new ledger entry by entry, so what they
+    spent still counts. `site` names the site in messages only, never in a path."""
+    ledger_dir = Path(ledger_dir)
+    fresh = not (ledger_dir / LEDGER_FILE).exists()
+    legacy = sorted(ledger_dir.glob("*.json")) if fresh and ledger_dir.is_dir() else []
+    file = open_ledger_file(ledger_dir, seal_file=seal_file, create=budget.ledger_header())
+    ledger = PrivacyLedger(site=site, budget=budget, file=file)
+    if fresh and not ledger.entries:
+        for path in legacy:
+            _import_legacy(ledger, path)
     return ledger
+
+
+def _import_legacy(ledger: PrivacyLedger, path: Path) -> None:
+    """The entries of an earlier release's ledger file (format 1 or 2), recorded again."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        entries = state["entries"] if state.get("version") in (1, 2) else None
+    except (ValueError, KeyError, AttributeError):
+        entries = None
+    if entries is None:
+        log.warning("privacy ledger import: %s is not a ledger of an earlier release; "
+                    "skipped", path)
+        return
+    for entry in entries:
+        events = [GaussianEvent(**e) for e in entry["events"]]
+        kind = entry.get("kind", "train")
+        ledger.record(events, str(entry.get("what", "imported release")), kind=kind,
+                      study=entry.get("study"), imported_from=path.name)
+    log.warning("privacy ledger import: %d releases of %s now count in the site's one "
+                "ledger", len(entries), path)

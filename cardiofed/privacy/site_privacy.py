@@ -1,10 +1,15 @@
-"""DP as a wrapper around everything a site releases: calibrate, check, release, record.
+"""DP as a wrapper around everything a site releases: calibrate, charge, then compute.
 
 :class:`SitePrivacy` owns the site's ledger and the study's planned schedule. Each of
 its release methods draws its noise from a secret source at the site
 (:mod:`cardiofed.privacy.randomness`), calibrates it so that the ledger's total stays
-within the release kind's cumulative share of the budget, refuses a release over
-budget, and records what it spent:
+within the release kind's cumulative share of the budget, and charges the ledger
+*before* it computes anything from the records (a release over budget is refused). The
+charge depends only on public values: the plan, the site's budget and the noisy record
+count of the study's statistics release, never on the exact count, so neither the
+ledger's epsilon nor the noise it implies tells anyone how many records the site holds.
+Whatever fails inside a computation yields a release that does not depend on the
+records (pure noise for DP-SGD, the neutral score for an evaluation), already charged:
 
 * :meth:`release_statistics`: the federated preprocessing statistics (Gaussian noise on
   histograms and the record count, :func:`~cardiofed.data.preprocessing.private_site_statistics`);
@@ -18,10 +23,14 @@ budget, and records what it spent:
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from cardiofed.algorithms.base import ClientUpdate
@@ -31,15 +40,17 @@ from cardiofed.data.preprocessing import (
     statistics_sensitivity,
 )
 from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
-from cardiofed.models.networks import Weights
+from cardiofed.models.networks import Weights, get_weights, set_weights
 from cardiofed.privacy.accountant import GaussianEvent, calibrate_noise
 from cardiofed.privacy.budget import ATTRIBUTION, PrivacyLedger
-from cardiofed.privacy.randomness import secure_numpy_rng
-from cardiofed.training.dp import DPConfig, dp_schedule, train_local_dp
+from cardiofed.privacy.randomness import secure_numpy_rng, secure_torch_generator
+from cardiofed.training.dp import DPConfig, check_dp_training, dp_schedule, train_local_dp
 from cardiofed.training.local import LocalResult, LocalTrainingConfig
 
 if TYPE_CHECKING:
     from cardiofed.causal.study import AttributionPlan
+
+log = logging.getLogger("cardiofed.privacy")
 
 
 @dataclass
@@ -58,14 +69,19 @@ class SitePrivacy:
     study: str | None = None
     dp: DPConfig | None = None
 
-    def _calibrate(self, kind: str, sample_rate: float, steps: int) -> float:
+    def _target(self, kind: str) -> float:
+        """The total a release of `kind` may bring the ledger to; refused if spent."""
         target = self.ledger.target(kind, self.study)
         spent = self.ledger.spent()
         if target <= spent:
             raise PrivacyBudgetExceeded(
-                f"Site {self.ledger.site!r} has spent epsilon {spent:.4f}; its budget share "
-                f"for {kind} releases allows {target:.4f} (epsilon_max "
+                f"Site {self.ledger.site!r} has spent epsilon {spent:.2f}; its budget share "
+                f"for {kind} releases allows {target:.2f} (epsilon_max "
                 f"{self.ledger.budget.epsilon_max:g}): it makes no further {kind} release.")
+        return target
+
+    def _calibrate(self, kind: str, sample_rate: float, steps: int) -> float:
+        target = self._target(kind)
         try:
             return calibrate_noise(target_epsilon=target, delta=self.ledger.delta,
                                    sample_rate=sample_rate, steps=steps,
@@ -74,27 +90,30 @@ class SitePrivacy:
             raise PrivacyBudgetExceeded(f"Site {self.ledger.site!r} cannot make a {kind} "
                                         f"release within its budget: {exc}") from None
 
-    def _release(self, kind: str, what: str) -> GaussianEvent:
-        """Calibrate and check one (q = 1) Gaussian release of `kind`."""
-        event = GaussianEvent(noise_multiplier=self._calibrate(kind, 1.0, 1), sample_rate=1.0,
-                              steps=1)
-        self.ledger.check([event], what, kind=kind, study=self.study)
+    def _charge(self, kind: str, what: str, **details: object) -> GaussianEvent:
+        """Calibrate one (q = 1) Gaussian release of `kind` and charge it to the ledger."""
+        with self.ledger.locked():  # calibrate on the newest ledger, then charge
+            event = GaussianEvent(noise_multiplier=self._calibrate(kind, 1.0, 1),
+                                  sample_rate=1.0, steps=1)
+            self.ledger.charge([event], what, kind=kind, study=self.study,
+                               noise_multiplier=event.noise_multiplier, **details)
         return event
-
-    def _record_release(self, kind: str, what: str, event: GaussianEvent,
-                        **details: object) -> None:
-        self.ledger.record([event], what, kind=kind, study=self.study,
-                           noise_multiplier=event.noise_multiplier, **details)
 
     # -- statistics -------------------------------------------------------------------
     def release_statistics(self, x: np.ndarray, edges: np.ndarray) -> SiteStatistics:
-        """The site's preprocessing statistics under the Gaussian mechanism (charged)."""
-        what = "statistics release"
-        event = self._release("statistics", what)
-        stats, n_rows = private_site_statistics(
-            x, edges, noise_std=event.noise_multiplier * statistics_sensitivity(x.shape[1]),
-            rng=secure_numpy_rng())
-        self._record_release("statistics", what, event, released_n=n_rows)
+        """The site's preprocessing statistics under the Gaussian mechanism (charged
+        first: the noisy record count is drawn before and kept in the ledger)."""
+        rng = secure_numpy_rng()
+        noise_unit = float(rng.standard_normal())
+        with self.ledger.locked():
+            sigma = self._calibrate("statistics", 1.0, 1)
+            noise_std = sigma * statistics_sensitivity(x.shape[1])
+            released_n = float(len(x)) + noise_std * noise_unit
+            event = GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)
+            self.ledger.charge([event], "statistics release", kind="statistics",
+                               study=self.study, noise_multiplier=sigma, released_n=released_n)
+        stats, _ = private_site_statistics(x, edges, noise_std=noise_std, rng=rng,
+                                           released_n=released_n)
         return stats
 
     def released_n(self) -> int | None:
@@ -103,7 +122,7 @@ class SitePrivacy:
         released = self.ledger.releases("statistics", self.study)
         if not released:
             return None
-        return max(1, round(float(released[-1]["released_n"])))  # type: ignore[arg-type]
+        return max(1, round(float(released[-1]["released_n"])))
 
     def declare(self, update: ClientUpdate) -> ClientUpdate:
         """The update as the site declares it: its sample size is the noisy count of its
@@ -113,17 +132,30 @@ class SitePrivacy:
                        train_loss=float("nan"), global_loss=float("nan"))
 
     # -- training ---------------------------------------------------------------------
-    def training_noise(self, n_records: int) -> DPConfig:
+    def public_n(self) -> int:
+        """The record count DP-SGD's schedule is planned on: the noisy count of this
+        study's statistics release. Training without one is refused, so nothing that
+        leaves the site (nor the ledger's epsilon) depends on the exact count."""
+        n = self.released_n()
+        if n is None:
+            raise PrivacyBudgetExceeded(
+                f"Site {self.ledger.site!r} trains privately only after the study's "
+                f"statistics release: its noisy record count plans the DP-SGD schedule (the "
+                f"exact count is never used in a release).")
+        return n
+
+    def training_noise(self) -> DPConfig:
         """The DP-SGD noise of this study (calibrated once, kept in the ledger)."""
         if self.dp is None:
             earlier = self.ledger.releases("train", self.study)
             if earlier:  # after a restart: the noise calibrated for the whole schedule
-                sigma = float(earlier[-1]["noise_multiplier"])  # type: ignore[arg-type]
+                sigma = float(earlier[-1]["noise_multiplier"])
             else:
                 if self.local is None:
                     raise ConfigurationError("SitePrivacy needs the study's local training "
                                              "config ('local') to calibrate DP-SGD.")
-                sample_rate, steps = dp_schedule(n_records, self.local)
+                self._target("train")  # a spent ledger says so before anything else
+                sample_rate, steps = dp_schedule(self.public_n(), self.local)
                 sigma = self._calibrate("train", sample_rate, steps * self.rounds)
             self.dp = DPConfig(noise_multiplier=sigma, max_grad_norm=self.max_grad_norm)
         return self.dp
@@ -132,52 +164,97 @@ class SitePrivacy:
               config: LocalTrainingConfig, *, seed: int, anchor: Weights | None = None,
               sample_weight: np.ndarray | None = None,
               what: str = "a training round") -> LocalResult:
-        """Check the budget, run DP-SGD, record the spend; refuse if over budget.
+        """Charge the round (refused if over budget), then run DP-SGD on the schedule of
+        the public record count. If DP-SGD fails or its result is not finite, the model
+        moves by noise alone (already charged): nothing about the failure depends on a
+        record that the noise would not hide.
 
         `seed` (public: derived from the plan) is deliberately unused: DP-SGD's noise and
         sampling come from a secret source at the site."""
         if sample_weight is not None:
             raise ConfigurationError("DP-SGD does not take per-sample weights (covariate-shift "
                                      "correction); switch one of them off.")
-        dp = self.training_noise(len(y))
-        sample_rate, steps = dp_schedule(len(y), config)
-        planned = GaussianEvent(noise_multiplier=dp.noise_multiplier,
-                                sample_rate=sample_rate, steps=steps)
-        self.ledger.check([planned], what, kind="train", study=self.study)
-        result, event = train_local_dp(model, x, y, config, dp)
-        self.ledger.record([event], what, kind="train", study=self.study,
-                           noise_multiplier=dp.noise_multiplier,
-                           max_grad_norm=dp.max_grad_norm)
-        return result
+        check_dp_training(config)  # a plan DP-SGD cannot run is refused before any charge
+        with self.ledger.locked():
+            dp = self.training_noise()
+            n_public = self.public_n()
+            schedule = dp_schedule(n_public, config)
+            planned = GaussianEvent(noise_multiplier=dp.noise_multiplier,
+                                    sample_rate=schedule[0], steps=schedule[1])
+            self.ledger.charge([planned], what, kind="train", study=self.study,
+                               noise_multiplier=dp.noise_multiplier,
+                               max_grad_norm=dp.max_grad_norm)
+        start = get_weights(model)
+        try:
+            result, _ = train_local_dp(model, x, y, config, dp, n_public=n_public)
+            if all(np.isfinite(v).all() for v in get_weights(model).values()):
+                return result
+        except Exception as exc:  # noqa: BLE001 - any failure gets the same release
+            log.warning("DP-SGD failed (%s); releasing noise alone", type(exc).__name__)
+        set_weights(model, start)
+        _noise_only_step(model, config, dp, n_public)
+        return LocalResult(num_steps=schedule[1], mean_loss=float("nan"))
 
     # -- attribution ------------------------------------------------------------------
     def release_attribution(self, plan: AttributionPlan, state: dict[str, Any],
-                            arrays: dict[str, np.ndarray], what: str
+                            compute: Callable[[], dict[str, np.ndarray]], what: str
                             ) -> dict[str, np.ndarray]:
-        """One step of a private attribution analysis (:func:`cardiofed.causal.study.
-        release`), its noise calibrated once for the plan's releases (charged)."""
-        from cardiofed.causal.study import release
+        """One step of a private attribution analysis: charged (its noise calibrated once
+        for the plan's releases), then `compute` gives the step's sums over the site's
+        rows and :func:`cardiofed.causal.study.release` adds the noise. If `compute`
+        fails or a sum is not finite, the step's sums are released as zeros plus the
+        same noise (already charged)."""
+        from cardiofed.causal.study import expected_arrays, release
 
-        earlier = self.ledger.releases(ATTRIBUTION, self.study)
-        sigma = (float(earlier[0]["noise_multiplier"]) if earlier  # type: ignore[arg-type]
-                 else self._calibrate(ATTRIBUTION, 1.0, plan.releases))
-        event = GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)
-        self.ledger.check([event], what, kind=ATTRIBUTION, study=self.study)
-        out = release(plan, state, arrays, sigma, secure_numpy_rng())
-        self._record_release(ATTRIBUTION, what, event)
-        return out
+        with self.ledger.locked():
+            earlier = self.ledger.releases(ATTRIBUTION, self.study)
+            sigma = (float(earlier[0]["noise_multiplier"]) if earlier
+                     else self._calibrate(ATTRIBUTION, 1.0, plan.releases))
+            event = GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)
+            self.ledger.charge([event], what, kind=ATTRIBUTION, study=self.study,
+                               noise_multiplier=sigma)
+        shapes = {name: shape for name, shape in expected_arrays(
+            plan, state["step"], len(state["columns"])).items()
+                  if not name.startswith("noise_var.")}
+        try:
+            arrays = compute()
+            if set(arrays) != set(shapes) or not all(
+                    np.shape(arrays[k]) == shapes[k] and np.isfinite(arrays[k]).all()
+                    for k in shapes):
+                raise ArithmeticError("a sum is missing, misshapen or not finite")
+        except Exception as exc:  # noqa: BLE001 - any failure gets the same release
+            log.warning("attribution step failed (%s); releasing noise alone",
+                        type(exc).__name__)
+            arrays = {k: np.zeros(shape) for k, shape in shapes.items()}
+        return release(plan, state, arrays, sigma, secure_numpy_rng())
 
     # -- evaluation -------------------------------------------------------------------
     def release_evaluation(self, y_true: np.ndarray, y_prob: np.ndarray,
                            edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """Noisy score histograms (negatives, positives) of the site's test split over
-        `edges`, and the noise's standard deviation (charged)."""
+        `edges`, and the noise's standard deviation (charged first). A score that is not
+        a probability (NaN, or outside [0, 1]) counts as 0.5, clipped into [0, 1]: the
+        release is computed whatever the scores are."""
         from cardiofed.evaluation.private_metrics import release_score_histograms
 
-        what = "evaluation release"
-        event = self._release("evaluate", what)
-        neg, pos = release_score_histograms(y_true, y_prob, edges,
+        event = self._charge("evaluate", "evaluation release")
+        probs = np.nan_to_num(np.clip(np.asarray(y_prob, dtype=np.float64), 0.0, 1.0),
+                              nan=0.5)
+        neg, pos = release_score_histograms(y_true, probs, edges,
                                             noise_std=event.noise_multiplier,
                                             rng=secure_numpy_rng())
-        self._record_release("evaluate", what, event)
         return neg, pos, event.noise_multiplier
+
+
+def _noise_only_step(model: nn.Module, config: LocalTrainingConfig, dp: DPConfig,
+                     n_public: int) -> None:
+    """What DP-SGD releases when every clipped gradient is zero: each step adds Gaussian
+    noise of std ``noise_multiplier * max_grad_norm / expected batch`` times the step size
+    (plain SGD's), from a secret source."""
+    sample_rate, steps = dp_schedule(n_public, config)
+    expected = max(1, round(sample_rate * n_public))
+    std = config.lr * dp.noise_multiplier * dp.max_grad_norm / expected * math.sqrt(steps)
+    generator = secure_torch_generator()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)

@@ -33,12 +33,12 @@ from cardiofed.evaluation.recalibration import Recalibration, fit_update
 from cardiofed.exceptions import PrivacyBudgetExceeded
 from cardiofed.models.estimator import RiskEstimator
 from cardiofed.models.networks import Weights, score
+from cardiofed.names import safe_name
 from cardiofed.privacy.budget import (
     RELEASE_KINDS,
     PrivacyLedger,
     SiteBudget,
-    open_ledger,
-    site_fingerprint,
+    open_site_ledger,
 )
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.async_runner import run_async
@@ -146,7 +146,9 @@ PRIVACY_DISCLOSURE = (
 
 def site_privacy(dataset: FederatedDataset, config: SimulationConfig,
                  ledger_dir: Path | None = None) -> dict[str, SitePrivacy]:
-    """Each site's DP wrapper and ledger (bound to its records; kept in `ledger_dir`)."""
+    """Each site's DP wrapper and ledger: in memory, or each site's one sealed ledger in
+    ``ledger_dir/<site>`` (:func:`~cardiofed.privacy.budget.open_site_ledger`), which
+    later simulations of the same sites keep charging."""
     if config.dp_epsilon is None:
         return {}
     budget = SiteBudget(epsilon_max=config.dp_epsilon, delta=config.dp_delta,
@@ -154,13 +156,12 @@ def site_privacy(dataset: FederatedDataset, config: SimulationConfig,
     study = f"simulation-{dataset.name}-{secrets.token_hex(4)}"
     privacy = {}
     for s in dataset.sites:
-        fingerprint = site_fingerprint(s)
         if ledger_dir is None:
-            ledger = PrivacyLedger(site=s.name, budget=budget, n_records=s.n_train,
-                                   fingerprint=fingerprint)
+            ledger = PrivacyLedger(site=s.name, budget=budget, n_records=s.n_train)
         else:
-            ledger = open_ledger(site=s.name, budget=budget, n_records=s.n_train,
-                                 fingerprint=fingerprint, ledger_dir=ledger_dir)
+            ledger = open_site_ledger(site=s.name, budget=budget,
+                                      ledger_dir=Path(ledger_dir) / safe_name(s.name))
+            ledger.check_records(s.n_train)
         privacy[s.name] = SitePrivacy(ledger=ledger, local=config.local_config(),
                                       rounds=config.rounds,
                                       max_grad_norm=config.dp_max_grad_norm, study=study)
@@ -245,7 +246,7 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
             **{f"epsilon_{kind}": by_kind[kind] for kind in RELEASE_KINDS},
             "delta": p.ledger.delta,
             "noise_multiplier": p.dp.noise_multiplier if p.dp else float("nan"),
-            "max_grad_norm": p.max_grad_norm, "n_records": float(p.ledger.n_records),
+            "max_grad_norm": p.max_grad_norm, "n_records": float(result.site_sizes[name]),
             "rounds_trained": float(run.participation[name])}
     if baselines:
         _record(result, LOCAL, {s.name: score(config.model, w, s.x_test)

@@ -23,6 +23,7 @@ from cardiofed.data.preprocessing import (
     site_statistics,
 )
 from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
+from cardiofed.privacy.release_gate import bounded_rows, floored_scales
 from cardiofed.wire import decode_arrays, encode_arrays
 
 if TYPE_CHECKING:
@@ -50,11 +51,15 @@ class PreparedSite:
         return len(self.y_train)
 
 
-def _prepared(site: SiteData, pre: Preprocessor) -> PreparedSite:
+def _prepared(site: SiteData, pre: Preprocessor,
+              ranges: list[tuple[float, float]]) -> PreparedSite:
+    """The site's rows as a node bounds them (:mod:`cardiofed.privacy.release_gate`):
+    clipped into the declared ranges, scales floored, standardised values clipped."""
+    pre = floored_scales(pre, ranges)
     return PreparedSite(name=site.name, site_type=site.site_type,
-                        x_train=pre.transform(site.x_train),
+                        x_train=bounded_rows(pre, site.x_train, ranges),
                         y_train=site.y_train.astype(np.float32),
-                        x_test=pre.transform(site.x_test), y_test=site.y_test,
+                        x_test=bounded_rows(pre, site.x_test, ranges), y_test=site.y_test,
                         preprocessor=pre)
 
 
@@ -106,7 +111,8 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
                                     "release; the federation cannot start.")
     merged = merge_statistics(released, edges, dataset.feature_names, form)
     prepared = [_prepared(s, merged if standardisation == "global"
-                          else local_preprocessor(s.x_train, merged.fill, form))
+                          else local_preprocessor(s.x_train, merged.fill, form),
+                          dataset.feature_ranges)
                 for s in dataset.sites]
     if not covariate_shift:
         return prepared
@@ -130,4 +136,4 @@ def prepare_local_only(site: SiteData, feature_ranges: list[tuple[float, float]]
     # A column the site never records is filled with the range's low end: constant, so
     # it standardises to 0 and carries no signal.
     fill = np.where(own.count > 0, histogram_median(own.histogram, edges), edges[:, 0])
-    return _prepared(site, local_preprocessor(site.x_train, fill, form))
+    return _prepared(site, local_preprocessor(site.x_train, fill, form), feature_ranges)

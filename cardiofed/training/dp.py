@@ -49,6 +49,14 @@ class DPConfig:
                                      f"got {self.max_grad_norm!r}.")
 
 
+def check_dp_training(config: LocalTrainingConfig) -> None:
+    """Raise :class:`ConfigurationError` for local training DP-SGD does not run."""
+    if config.proximal_mu > 0:
+        raise ConfigurationError("DP-SGD does not support FedProx's proximal term "
+                                 f"(proximal_mu={config.proximal_mu!r}); use fedavg, fedadam "
+                                 "or fedyogi with differential privacy.")
+
+
 def dp_schedule(n_records: int, config: LocalTrainingConfig) -> tuple[float, int]:
     """(Poisson sampling rate, steps) of one round of DP-SGD on `n_records` rows."""
     if n_records < 1:
@@ -57,9 +65,15 @@ def dp_schedule(n_records: int, config: LocalTrainingConfig) -> tuple[float, int
 
 
 def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: LocalTrainingConfig,
-                   dp: DPConfig, *, insecure_generator: torch.Generator | None = None
+                   dp: DPConfig, *, n_public: int | None = None,
+                   insecure_generator: torch.Generator | None = None
                    ) -> tuple[LocalResult, GaussianEvent]:
     """Train `model` in place with DP-SGD; return the result and the privacy event.
+
+    ``n_public`` (the noisy record count a site released) plans the schedule: sampling
+    rate, steps and the expected batch size that scales the noisy sum. Then nothing in the
+    update's distribution, nor the event, depends on the exact count; left None, the
+    exact count plans it (the simulator's baselines and tests).
 
     ``insecure_generator`` replaces the secret noise source with one the caller holds:
     the release is then NOT private (anyone with the generator's seed can remove the
@@ -69,13 +83,11 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
     from cardiofed.privacy.accountant import GaussianEvent
     from cardiofed.privacy.randomness import secure_torch_generator
 
-    if config.proximal_mu > 0:
-        raise ConfigurationError("DP-SGD does not support FedProx's proximal term "
-                                 f"(proximal_mu={config.proximal_mu!r}); use fedavg, fedadam "
-                                 "or fedyogi with differential privacy.")
+    check_dp_training(config)
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.float32)
-    sample_rate, steps = dp_schedule(len(yt), config)
+    n_plan = len(yt) if n_public is None else n_public
+    sample_rate, steps = dp_schedule(n_plan, config)
     generator = insecure_generator or secure_torch_generator()
     # Imported here: Opacus costs about 1.5 s at import, paid by every coordinator and
     # node process that imports this module without training privately.
@@ -90,7 +102,7 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
     else:
         base = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
-    expected = max(1, round(sample_rate * len(yt)))
+    expected = max(1, round(sample_rate * n_plan))
     optimizer = DPOptimizer(base, noise_multiplier=dp.noise_multiplier,
                             max_grad_norm=dp.max_grad_norm, expected_batch_size=expected,
                             loss_reduction="mean", generator=generator)
