@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
+from cardiofed.names import NAME_PATTERN
+
 
 class EnrolRequest(BaseModel):
     model_config = ConfigDict(strict=True, json_schema_extra={"examples": [
@@ -58,9 +60,9 @@ class SubmitResponse(BaseModel):
 
 class StudyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    id: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
     plan: dict[str, object]
-    sites: list[str] = Field(min_length=1)
+    sites: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(min_length=1)
     # An attribution study (plan.attribution) may leave both out: its covariates' encoding.
     feature_names: list[str] | None = Field(None, min_length=1)
     # (low, high) per feature, as two-item lists: strict validation takes no JSON array
@@ -109,7 +111,7 @@ class ModelInfo(BaseModel):
 class AttributionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"study": "statins-2026"}]})
-    study: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    study: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
 
 
 class EffectEstimate(BaseModel):

@@ -102,6 +102,7 @@ from cardiofed.exceptions import (
     StaleUpdateRefused,
 )
 from cardiofed.models.networks import Weights, get_weights, make_model
+from cardiofed.names import is_safe_name
 from cardiofed.serving import provenance, registry
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.runner import shares
@@ -198,6 +199,10 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
                        f"(from a simulation); choose another study id.")
     if not sites or len(set(sites)) != len(sites):
         raise InvalidUpdate(f"A study needs distinct site names; got {sites}.")
+    unsafe = [name for name in [study_id, *sites] if not is_safe_name(name)]
+    if unsafe:
+        raise InvalidUpdate(f"Study and site names must start with a letter or digit and have "
+                            f"at most 64 letters, digits, '_', '.' or '-'; got {unsafe}.")
     try:
         plan.check_buffer_size(len(sites))
     except ConfigurationError as exc:

@@ -66,8 +66,8 @@ def check_preprocessor(pre: Preprocessor, ranges: Sequence[Sequence[float]]) -> 
     bad = np.flatnonzero(~np.isfinite(fill) | (fill < low) | (fill > high))
     if bad.size:
         j = int(bad[0])
-        raise TaskRefused(f"The preprocessor's fill value of column {j} ({fill[j]!r}) is not "
-                          f"within the site's range [{low[j]:g}, {high[j]:g}].")
+        raise TaskRefused(f"The preprocessor's fill value of column {j} ({float(fill[j])!r}) "
+                          f"is not within the site's range [{low[j]:g}, {high[j]:g}].")
     if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std >= 0).all()):
         raise TaskRefused("The preprocessor's means and scales must be finite, scales >= 0.")
     lowest, highest = column_bounds(pre, ranges)
@@ -75,7 +75,7 @@ def check_preprocessor(pre: Preprocessor, ranges: Sequence[Sequence[float]]) -> 
     far = np.flatnonzero((mean < lowest - span) | (mean > highest + span))
     if far.size:
         k = int(far[0])
-        raise TaskRefused(f"The preprocessor's mean of model column {k} ({mean[k]!r}) is "
+        raise TaskRefused(f"The preprocessor's mean of model column {k} ({float(mean[k])!r}) is "
                           f"more than a span away from the values the site's ranges allow.")
     return floored_scales(pre, ranges)
 
