@@ -154,3 +154,25 @@ def test_a_name_the_coordinator_sends_never_becomes_a_path(fed: Federation) -> N
     assert created and all(p.is_relative_to(fed.tmp) for p in created)
     assert not any("outside" in p.name for p in created)
     assert len(open_ledger_file(fed.tmp / f"{SITES[0]}-privacy").entries) == 1
+
+
+def test_a_non_private_site_is_marked_in_status_dashboard_and_card(fed: Federation) -> None:
+    from fastapi.testclient import TestClient
+
+    from cardiofed.coordinator.deps import _sessions
+    from cardiofed.serving import registry
+
+    agents = [default_agent(fed, s) for s in SITES[:2]] + [fed.agent(SITES[2])]  # off
+    _until_done(fed, agents)
+
+    assert fed.status()["non_private_sites"] == [SITES[2]]
+    with _sessions(fed.settings.database_url)() as db:
+        notes = registry.card(db, "s1-v3")["notes"]
+    assert any(note.startswith(f"Not private: {SITES[2]} released exact") for note in notes)
+    client = TestClient(fed.app)
+    client.post("/ui/login", data={"credential": fed.admin}, follow_redirects=False)
+    page = client.get("/ui/studies/s1").text
+    row = page[page.index(f'<tr data-site="{SITES[2]}">'):]
+    assert "not private: exact releases" in row[:row.index("</tr>")]
+    private_row = page[page.index(f'<tr data-site="{SITES[0]}">'):]
+    assert "differential privacy" in private_row[:private_row.index("</tr>")]

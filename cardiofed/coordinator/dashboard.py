@@ -189,6 +189,7 @@ def _sites(db: Session, study: Study, state: dict[str, Any]) -> list[dict[str, A
     return [{"name": s.name, "revoked": s.revoked, "last_seen": s.last_seen,
              "share": shares.get(s.name, 0.0), "refusals": refusals.get(s.name, []),
              "quarantines": quarantines.get(s.name, []), "epsilon": epsilon.get(s.name, {}),
+             "privacy": s.privacy,
              "reported": s.name in state["reported"], "waiting": s.name in state["waiting_for"]}
             for s in db.scalars(select(Site).where(Site.study_id == study.id)
                                 .order_by(Site.index))]

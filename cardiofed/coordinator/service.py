@@ -776,6 +776,7 @@ class _Folded:
     streamed: list[tuple[int, int, float, float]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     totals: dict[str, np.ndarray] | None = None  # an attribution step's sums
+    privacy: dict[str, str] = field(default_factory=dict)  # what each site declared
 
     def sizes(self) -> list[int]:
         return ([n for _, n, _, _ in self.streamed] if self.streamed
@@ -808,6 +809,9 @@ def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Fold
             if checked is None:
                 continue
             out.names.append(name)
+            declared = checked.manifest.get("privacy")
+            if declared in PRIVACY_MODES:
+                out.privacy[name] = declared
             if rnd.kind == STATISTICS:
                 stats = SiteStatistics(**checked.arrays)
                 bins = stats.histogram.shape[1]
@@ -874,6 +878,12 @@ def _checked_or_quarantined(db: Session, study: Study, rnd: Round, site_name: st
 def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -> None:
     plan = study_plan(study)
     names = folded.names
+    for mode in PRIVACY_MODES:
+        declared = [n for n, m in folded.privacy.items() if m == mode]
+        for start in range(0, len(declared), FOLD_BATCH):
+            db.execute(update(Site).where(Site.study_id == study.id,
+                                          Site.name.in_(declared[start:start + FOLD_BATCH]))
+                       .values(privacy=mode))
     if study.relay:
         _close_relayed(db, study, plan, rnd, folded, now)
         return
@@ -1050,6 +1060,10 @@ def update_share(db: Session, study: Study) -> dict[str, float]:
     return shares(counts)
 
 
+# What a node declares in its payloads' manifest: its own DP noise, or exact releases.
+PRIVACY_MODES = ("dp", "off")
+
+
 def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
     """What the federation is doing and what it waits for."""
     advance(db, study, now)
@@ -1076,6 +1090,9 @@ def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
         "robust_aggregation": _robust_actions(db, study),
         "attribution": attribution.summary(study),
         "relay": bool(study.relay),
+        # Sites that release exact sums and updates (no DP noise of their own).
+        "non_private_sites": sorted(db.scalars(select(Site.name).where(
+            Site.study_id == study.id, Site.privacy == "off"))),
         "quarantined": [{"site": names[u.site_id], "round": number, "reason": u.quarantine}
                         for u, number in db.execute(
                             select(Update, Round.number).join(Round, Update.round_id == Round.id)
@@ -1126,9 +1143,15 @@ def _card_metrics(db: Session, study: Study, metrics: dict[str, Any]) -> None:
     cards = {site: {k: v for k, v in m.items() if not k.startswith("epsilon_")}
              for site, m in metrics.items()}
     cards = {site: m for site, m in cards.items() if m}  # a site may decline to publish
+    exact = sorted(db.scalars(select(Site.name).where(Site.study_id == study.id,
+                                                      Site.privacy == "off")))
+    version = f"{study.id}-v{study.model_version}"
     try:
-        registry.update_card(db, f"{study.id}-v{study.model_version}", metrics=cards,
-                             privacy=privacy)
+        notes = registry.load(db, version).card.notes
+        if exact:
+            notes = [*notes, f"Not private: {', '.join(exact)} released exact statistics and "
+                             f"updates (no differential privacy of their own)."]
+        registry.update_card(db, version, metrics=cards, privacy=privacy, notes=notes)
     except NotFound as exc:  # e.g. a version published before the registry existed
         log.warning("study %s: final metrics not added to the model card: %s", study.id, exc)
 

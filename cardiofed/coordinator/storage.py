@@ -121,6 +121,9 @@ class Site(Base):
     credential_hash: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     last_seen: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # How the site declared its releases in its first report: "dp" (its own noise) or
+    # "off" (exact); None until then (or a node of an earlier release).
+    privacy: Mapped[str | None] = mapped_column(String(8), nullable=True)
 
 
 class Round(Base):

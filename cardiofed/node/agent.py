@@ -265,8 +265,11 @@ class NodeAgent:
                              ranges=ranges)
 
     def _manifest(self, task: TaskResponse) -> dict[str, str]:
-        return {"study": task.study, "round": str(task.round),
-                "model_version": str(task.model_version), "site": self._site_name()}
+        manifest = {"study": task.study, "round": str(task.round),
+                    "model_version": str(task.model_version), "site": self._site_name()}
+        if self.region is None:  # a site says whether its releases carry its own noise
+            manifest["privacy"] = "off" if self.ledger is None else "dp"
+        return manifest
 
     def _attribution(self, task: TaskResponse, plan: AttributionPlan) -> bytes:
         """An attribution step's sums over the site's rows. A site with a privacy budget
