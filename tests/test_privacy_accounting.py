@@ -309,7 +309,8 @@ def zero_gradient_problem(n_rows: int, n_features: int) -> tuple[LogisticRegress
 
 def test_one_step_moves_parameters_by_gaussian_noise_of_the_calibrated_scale() -> None:
     # 200 rows, lots of 50: q = 0.25, expected batch 50. The step is
-    # -lr * N(0, (sigma C)^2) / 50 per parameter, so std = 1.0 * 1.5 * 2.0 / 50 = 0.06.
+    # -lr * N(0, (sigma S)^2) / 50 per parameter, S the sensitivity sqrt(C^2 + 1) of the
+    # weights' bound C = 2 and the intercept's 1: std = 1.0 * 1.5 * sqrt(5) / 50 = 0.067.
     # The noise comes from the secret source (no seed), so the draws differ every run:
     # 8,000 parameters keep the tolerances many standard errors wide.
     model, x, y = zero_gradient_problem(200, 8000)
@@ -321,7 +322,8 @@ def test_one_step_moves_parameters_by_gaussian_noise_of_the_calibrated_scale() -
 
     after = get_weights(model)
     step = np.concatenate([(after[k] - before[k]).ravel() for k in before]).astype(np.float64)
-    expected_std = config.lr * dp.noise_multiplier * dp.max_grad_norm / 50
+    expected_std = config.lr * dp.noise_multiplier * math.sqrt(5.0) / 50
+    assert dp.sensitivity == pytest.approx(math.sqrt(5.0))
     assert step.size == 8001
     # 8001 draws: the sample std has relative SE 1/sqrt(2 * 8000) ~ 0.8%; 5% is > 6 SE.
     assert step.std() == pytest.approx(expected_std, rel=0.05)

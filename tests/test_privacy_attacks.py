@@ -43,8 +43,10 @@ def _replayed_inversion(x: np.ndarray, y: np.ndarray, sigma: float, round_number
     model = make_model("logistic", D, seed=PLAN_SEED)
     start = _flat(model)
     generator = torch.Generator().manual_seed(seed) if seeded else None
+    # One flat clipping bound: the record is the ratio of the weights' to the bias's
+    # gradient only while both are scaled alike.
     train_local_dp(model, x, y, LocalTrainingConfig(lr=LR, batch_size=1, local_steps=1),
-                   DPConfig(noise_multiplier=sigma, max_grad_norm=CLIP),
+                   DPConfig(noise_multiplier=sigma, max_grad_norm=CLIP, intercept_clip=None),
                    insecure_generator=generator)
     noisy_grad = -(_flat(model) - start) / LR  # q = 1, expected batch 1: no scaling
     # train_local_dp's draws, in order: the Poisson mask over the rows, then Opacus'

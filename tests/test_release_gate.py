@@ -165,7 +165,8 @@ def test_one_patient_moves_a_dp_sgd_step_by_at_most_the_clipping_bound(
     # preprocessor and (huge) weights that pass the gate; one full-batch step with the
     # same noise draw: the two models differ by lr x the patient's clipped gradient /
     # the public expected batch, at most lr * C / expected batch. Without the gate the
-    # difference is NaN or unbounded (the old behaviour).
+    # difference is NaN or unbounded (the old behaviour). The bound is the sensitivity:
+    # the weights' clipping bound and the output bias's, sqrt(2^2 + 1^2).
     x, y = site_rows()
     low, high = np.array(RANGES).T
     mean = low + where * (high - low)  # anywhere within a span of the column's values
@@ -174,15 +175,15 @@ def test_one_patient_moves_a_dp_sgd_step_by_at_most_the_clipping_bound(
     model = make_model(model_kind, D, seed=seed)
     weights = {k: np.clip(v * scale, -WEIGHT_MAX, WEIGHT_MAX)
                for k, v in get_weights(model).items()}
-    lr, clip, n_public = 0.1, 1.0, 50
+    lr, n_public = 0.1, 50
+    dp = DPConfig(noise_multiplier=1e-6, max_grad_norm=2.0)  # the output bias's bound: 1
     config = LocalTrainingConfig(lr=lr, batch_size=10_000, local_steps=1)
 
     def step(rows: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
         m = make_model(model_kind, D, seed=0)
         set_weights(m, check_weights(weights, get_weights(m)))
-        train_local_dp(m, bounded_rows(pre, rows, RANGES), labels, config,
-                       DPConfig(noise_multiplier=1e-6, max_grad_norm=clip), n_public=n_public,
-                       insecure_generator=torch.Generator().manual_seed(7))
+        train_local_dp(m, bounded_rows(pre, rows, RANGES), labels, config, dp,
+                       n_public=n_public, insecure_generator=torch.Generator().manual_seed(7))
         return get_weights(m)
 
     without = step(x, y)
@@ -194,7 +195,7 @@ def test_one_patient_moves_a_dp_sgd_step_by_at_most_the_clipping_bound(
     largest = max(float(np.abs(v).max()) for v in without.values())
     params = sum(v.size for v in without.values())
     rounding = 2 * math.sqrt(params) * float(np.spacing(np.float32(max(largest, 1.0))))
-    assert diff <= lr * clip / n_public * (1 + 1e-3) + rounding
+    assert diff <= lr * dp.sensitivity / n_public * (1 + 1e-3) + rounding
 
 
 def test_a_failure_inside_dp_sgd_releases_noise_alone_and_is_charged(

@@ -17,7 +17,7 @@ Example::
     ledger_dir = "/var/lib/cardiofed-privacy"   # default: <state_dir>-privacy
     seal_file = "/etc/cardiofed/ledger.seal"    # default: <ledger_dir>.seal
     delta = 1e-5                            # fixed when the ledger is created
-    max_grad_norm = 1.0
+    max_grad_norm = 2.0                     # DP-SGD's bound (the intercept's: 1)
     shares = { statistics = 0.1, train = 0.8, evaluate = 0.1 }   # of each study's epsilon
 
 A node is private unless its config says ``privacy = "off"``: then what it releases is
@@ -101,7 +101,7 @@ class NodePrivacy(BaseModel):
     ledger_dir: Path | None = None
     seal_file: Path | None = None
     delta: float | None = Field(default=None, gt=0, lt=1)
-    max_grad_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    max_grad_norm: float = Field(default=2.0, gt=0, allow_inf_nan=False)
     accountant: Literal["rdp", "prv"] = "rdp"
     shares: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SHARES))
 

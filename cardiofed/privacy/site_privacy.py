@@ -65,7 +65,7 @@ class SitePrivacy:
     ledger: PrivacyLedger
     local: LocalTrainingConfig | None = None
     rounds: int = 1
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 2.0
     study: str | None = None
     dp: DPConfig | None = None
 
@@ -183,7 +183,8 @@ class SitePrivacy:
                                     sample_rate=schedule[0], steps=schedule[1])
             self.ledger.charge([planned], what, kind="train", study=self.study,
                                noise_multiplier=dp.noise_multiplier,
-                               max_grad_norm=dp.max_grad_norm)
+                               max_grad_norm=dp.max_grad_norm,
+                               intercept_clip=dp.intercept_clip)
         start = get_weights(model)
         try:
             result, _ = train_local_dp(model, x, y, config, dp, n_public=n_public)
@@ -249,11 +250,11 @@ class SitePrivacy:
 def _noise_only_step(model: nn.Module, config: LocalTrainingConfig, dp: DPConfig,
                      n_public: int) -> None:
     """What DP-SGD releases when every clipped gradient is zero: each step adds Gaussian
-    noise of std ``noise_multiplier * max_grad_norm / expected batch`` times the step size
+    noise of std ``noise_multiplier * sensitivity / expected batch`` times the step size
     (plain SGD's), from a secret source."""
     sample_rate, steps = dp_schedule(n_public, config)
     expected = max(1, round(sample_rate * n_public))
-    std = config.lr * dp.noise_multiplier * dp.max_grad_norm / expected * math.sqrt(steps)
+    std = config.lr * dp.noise_multiplier * dp.sensitivity / expected * math.sqrt(steps)
     generator = secure_torch_generator()
     with torch.no_grad():
         for p in model.parameters():

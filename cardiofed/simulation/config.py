@@ -58,7 +58,10 @@ class SimulationConfig(BaseModel):
     # Differential privacy (record-level DP-SGD at every site); off when dp_epsilon is None.
     dp_epsilon: float | None = Field(None, gt=0, allow_inf_nan=False)
     dp_delta: float | None = Field(None, gt=0, lt=1)
-    dp_max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
+    # DP-SGD's clipping bound of each record's weight gradient; its output-bias part has
+    # a bound of its own, 1 (cardiofed.training.dp.DPConfig). 2 clips only the largest
+    # gradients of a standardised model (bench/privacy_utility.py).
+    dp_max_grad_norm: float = Field(2.0, gt=0, allow_inf_nan=False)
     dp_accountant: Literal["rdp", "prv"] = "rdp"
     # Bias correction (see cardiofed.algorithms.weighting and cardiofed.simulation.experiment).
     weighting: Literal["sample-size", "type-balanced", "qffl", "agnostic"] = "sample-size"
