@@ -18,6 +18,10 @@ the plan (its seed, rounds, site index), the global weights and the preprocessor
    against single full-batch updates of 30-record sites, with bootstrap intervals and
    the advantage bound of (epsilon, delta)-DP, (e^eps - 1 + 2 delta) / (e^eps + 1).
 
+7-12: an *active* coordinator (``bench/_active_attacks.py``): NaN channels in training,
+attribution and evaluation, the ledger bound to names and encodings, the exact record
+count, path traversal, and exact releases of a non-private node.
+
 Reports hold counts, rates and error summaries only, never a patient value.
 
     python bench/privacy_attacks.py [--quick] [--data-dir DIR]
@@ -39,6 +43,7 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _active_attacks as active  # noqa: E402
 from _common import markdown_table, single_threaded, write_results  # noqa: E402
 
 from cardiofed.coordinator.schemas import TaskResponse  # noqa: E402
@@ -56,7 +61,7 @@ from cardiofed.evaluation.private_metrics import score_bin_edges  # noqa: E402
 from cardiofed.exceptions import TaskRefused  # noqa: E402
 from cardiofed.models.networks import Weights, get_weights, make_model, score  # noqa: E402
 from cardiofed.node.task_policy import TaskPolicy  # noqa: E402
-from cardiofed.privacy.accountant import calibrate_noise  # noqa: E402
+from cardiofed.privacy.accountant import GaussianEvent, calibrate_noise  # noqa: E402
 from cardiofed.privacy.budget import PrivacyLedger, SiteBudget  # noqa: E402
 from cardiofed.privacy.site_privacy import SitePrivacy  # noqa: E402
 from cardiofed.simulation.config import SimulationConfig  # noqa: E402
@@ -117,8 +122,14 @@ def replay_noise(seed: int, n_rows: int, d: int, std: float) -> np.ndarray:
 
 
 def one_record_budget(n: int) -> SitePrivacy:
-    return SitePrivacy(ledger=PrivacyLedger(site="attacked", n_records=n,
-                                            budget=SiteBudget(epsilon_max=EPSILON, delta=DELTA)))
+    """A site's DP wrapper after its statistics release (a negligible charge here, its
+    noisy count taken as n): DP-SGD plans on that public count."""
+    privacy = SitePrivacy(ledger=PrivacyLedger(
+        site="attacked", n_records=n, budget=SiteBudget(epsilon_max=EPSILON, delta=DELTA)))
+    privacy.ledger.record([GaussianEvent(noise_multiplier=1e4, sample_rate=1.0, steps=1)],
+                          "statistics release", kind="statistics", study=None,
+                          released_n=float(n))
+    return privacy
 
 
 # -- 1. noise replay ------------------------------------------------------------------
@@ -137,7 +148,9 @@ def noise_replay(site: PreparedSite, n_records: int) -> dict[str, Any]:
             start = get_weights(model)
             x, y = site.x_train[i:i + 1], site.y_train[i:i + 1]
             gen = torch.Generator().manual_seed(seed) if seeded else None
-            train_local_dp(model, x, y, local, DPConfig(noise_multiplier=sigma, max_grad_norm=CLIP),
+            # One flat bound: the attacker's inversion needs weights and bias scaled alike.
+            train_local_dp(model, x, y, local, DPConfig(noise_multiplier=sigma,
+                                                        max_grad_norm=CLIP, intercept_clip=None),
                            insecure_generator=gen)
             noisy_grad = -update_of(model, start) / LR  # expected batch 1: no further scaling
             noise = replay_noise(seed, 1, d, sigma * CLIP)
@@ -539,6 +552,20 @@ def main() -> None:
                               lambda: loss_differencing(site)),
         "gradient_alignment": ("6b. Gradient-alignment membership",
                                lambda: gradient_alignment(site, size["trials"], size["boot"])),
+        "nan_channel_training": ("7. NaN channel, DP-SGD (overflowing scale)",
+                                 lambda: active.nan_channel_training(dataset, raw,
+                                                                     site.preprocessor)),
+        "nan_channel_attribution": ("8. NaN channel, private attribution",
+                                    active.nan_channel_attribution),
+        "evaluation_crash_channel": ("9. Evaluation crash channel (NaN scores)",
+                                     lambda: active.evaluation_crash_channel(
+                                         dataset, raw, site.preprocessor)),
+        "ledger_binding": ("10. One hospital, 11 studies (orders, subsets, names, exports)",
+                           lambda: active.ledger_binding(raw)),
+        "exact_count": ("11. Exact record count (epsilon_spent, num_samples)",
+                        lambda: active.exact_count(raw)),
+        "names_and_exact_releases": ("12. Path traversal; batch 1 and exact attribution",
+                                     active.names_and_exact_releases),
     }
     results, rows = {}, []
     for key, (title, run) in attacks.items():
@@ -557,7 +584,8 @@ def main() -> None:
             "standardised units; a record counts as reconstructed below "
             f"{REL_TOL:g}. Tracker: the protected node's single admitted evaluation is a "
             "noisy score-histogram release with the whole budget (generous to the "
-            "attacker). Run time "
+            "attacker). 7-12: the control rebuilds the node's computation before the "
+            "release gate and the one ledger from the same library functions. Run time "
             f"{elapsed:.0f} s.\n")
     write_results("privacy_attacks", {"dataset": dataset.name, "site": site.name,
                                       "epsilon": EPSILON, "delta": DELTA,

@@ -7,7 +7,11 @@ attack must fail). The full attacks, with counts, live in ``bench/privacy_attack
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import pytest
 import torch
 
 from cardiofed.data.preprocessing import PRIVATE_BINS, bin_edges, site_statistics
@@ -138,3 +142,43 @@ def test_private_statistics_reveal_no_more_bins_than_chance() -> None:
     # Assert: chance is 1 / 16 = 0.0625 over 240 columns (SE 0.016); the noise (SD ~90
     # counts per bin) drowns a difference of 1, so 0.2025 (+9 SE) is generous.
     assert hits / (40 * D) <= 1 / PRIVATE_BINS + 0.14
+
+
+# --- The active coordinator (bench/_active_attacks.py): each attack's control succeeds on
+# the computation before the release gate and the one ledger, and fails on the node's code.
+
+@pytest.fixture(scope="module")
+def active_attacks() -> Any:
+    import importlib
+    import sys
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        return importlib.import_module("_active_attacks")
+    finally:
+        sys.path.remove(str(bench))
+
+
+@pytest.fixture(scope="module")
+def uci_site() -> Any:
+    from cardiofed.data.uci_heart import load_uci_heart
+    from cardiofed.simulation.prepare import prepare_federation
+
+    data = load_uci_heart()
+    return data, data.sites[0], prepare_federation(data, "global")[0].preprocessor
+
+
+@pytest.mark.parametrize("attack", ["nan_channel_training", "nan_channel_attribution",
+                                    "evaluation_crash_channel", "ledger_binding",
+                                    "exact_count", "names_and_exact_releases"])
+def test_an_active_coordinators_attack_fails_on_the_node_and_its_control_succeeds(
+        active_attacks: Any, uci_site: Any, attack: str) -> None:
+    data, raw, pre = uci_site
+    arguments = {"nan_channel_training": (data, raw, pre),
+                 "evaluation_crash_channel": (data, raw, pre),
+                 "ledger_binding": (raw,), "exact_count": (raw,)}.get(attack, ())
+
+    result = getattr(active_attacks, attack)(*arguments)
+
+    assert result["passed"], result

@@ -30,10 +30,10 @@ from cardiofed.exceptions import (
     StaleUpdateRefused,
     TaskRefused,
 )
-from cardiofed.node.config import MIN_EXACT_BATCH, DataSource, NodeConfig
+from cardiofed.node.config import DataSource, NodeConfig
 from cardiofed.node.outbound import OutboundLog
 from cardiofed.node.relay import RegionRelay
-from cardiofed.node.task_policy import TaskPolicy, planned_releases
+from cardiofed.node.task_policy import TaskPolicy, check_exact_releases, planned_releases
 from cardiofed.node.transport import NodeError, send
 from cardiofed.node.work import (
     attribution_site,
@@ -218,6 +218,7 @@ class NodeAgent:
 
     def _compute(self, task: TaskResponse) -> bytes:
         plan = SimulationConfig.model_validate(task.plan)
+        check_exact_releases(plan, private=self.ledger is not None, opt_in=self.config.opt_in)
         if plan.attribution is not None:
             return self._attribution(task, plan.attribution)
         catalogue = self._agreed_features(task)
@@ -244,12 +245,6 @@ class NodeAgent:
                 raise TaskRefused("This site trains privately only after the study's "
                                   "statistics release: its noisy record count plans DP-SGD "
                                   "(the exact count never leaves the site).")
-        elif task.kind == "train" and plan.batch_size < MIN_EXACT_BATCH \
-                and "small_batches" not in self.config.opt_in:
-            raise TaskRefused(f"The plan's batch_size {plan.batch_size} is below "
-                              f"{MIN_EXACT_BATCH}: this site's exact updates would expose "
-                              f"single records. It takes part only if its config opts in "
-                              f"(opt_in = [\"small_batches\"]).")
         if task.kind == "statistics":
             return statistics_payload(site, ranges, manifest, privacy)
         if self._pre is None:
@@ -281,11 +276,6 @@ class NodeAgent:
             raise TaskRefused("This site has a privacy budget, and the attribution plan is "
                               "not private: its sums would be exact. A private plan "
                               "(attribution.private = true) lets this site take part.")
-        if self.ledger is None and "exact_attribution" not in self.config.opt_in:
-            raise TaskRefused("This site is not private (privacy = \"off\"): its attribution "
-                              "sums would be exact, and a coordinator's coefficients can make "
-                              "them single records. It takes part only if its config opts in "
-                              "(opt_in = [\"exact_attribution\"]).")
         state = task.attribution
         if state is None or state.get("step") != task.kind:
             raise TaskRefused(f"The {task.kind} task of an attribution study carries no "

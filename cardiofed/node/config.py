@@ -22,7 +22,8 @@ Example::
 
 A node is private unless its config says ``privacy = "off"``: then what it releases is
 exact, and it still refuses plans whose batches are smaller than
-:data:`MIN_EXACT_BATCH` and exact attribution sums unless ``opt_in`` names them
+:data:`~cardiofed.node.task_policy.MIN_EXACT_BATCH` and exact attribution sums unless
+``opt_in`` names them
 (``opt_in = ["small_batches", "exact_attribution"]``). All the hospital's nodes should
 name one ``ledger_dir``: it is the hospital's one privacy ledger
 (:mod:`cardiofed.privacy.ledger_file`).
@@ -50,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cardiofed._pydantic import read_toml, validation_problems
 from cardiofed.exceptions import ConfigurationError
+from cardiofed.node.task_policy import OptIn
 from cardiofed.privacy.budget import DEFAULT_SHARES, SiteBudget
 from cardiofed.privacy.ledger_file import default_seal_file
 
@@ -81,10 +83,6 @@ class DataSource(BaseModel):
         return self
 
 
-# The smallest batch a non-private node trains on unless it opted in: a gradient of one
-# record's batch is that record, nearly in the clear.
-MIN_EXACT_BATCH = 16
-OptIn = Literal["small_batches", "exact_attribution"]
 DEFAULT_EPSILON_MAX = 3.0
 DEFAULT_STUDY_EPSILON = 1.0
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cardiofed.causal.propensity import MAX_NEWTON
 from cardiofed.coordinator.schemas import TaskResponse
 from cardiofed.exceptions import TaskRefused
+from cardiofed.simulation.config import SimulationConfig
 
 # What one site releases for an attribution study at most: its steps
 # (cardiofed.causal.study) over ATTRIBUTION_STARTS starts (the analysis restarts when a
@@ -30,6 +32,33 @@ from cardiofed.exceptions import TaskRefused
 ATTRIBUTION_STARTS = 3
 ATTRIBUTION_RELEASES = {"moments": ATTRIBUTION_STARTS, "newton": ATTRIBUTION_STARTS * MAX_NEWTON,
                         "estimate": ATTRIBUTION_STARTS, "sandwich": ATTRIBUTION_STARTS}
+
+
+# The smallest batch a non-private node trains on unless it opted in: a gradient of one
+# record's batch is that record, nearly in the clear.
+MIN_EXACT_BATCH = 16
+OptIn = Literal["small_batches", "exact_attribution"]
+
+
+def check_exact_releases(plan: SimulationConfig, *, private: bool,
+                         opt_in: Sequence[str] = ()) -> None:
+    """Raise :class:`TaskRefused` for a plan whose exact releases would expose single
+    records, unless the site opted in by name: batches below :data:`MIN_EXACT_BATCH`, and
+    attribution sums (whose coefficients the coordinator chooses). A private site's
+    releases carry noise whatever the plan."""
+    if private:
+        return
+    if plan.attribution is not None and "exact_attribution" not in opt_in:
+        raise TaskRefused("This site is not private (privacy = \"off\"): its attribution "
+                          "sums would be exact, and a coordinator's coefficients can make "
+                          "them single records. It takes part only if its config opts in "
+                          "(opt_in = [\"exact_attribution\"]).")
+    if plan.attribution is None and plan.batch_size < MIN_EXACT_BATCH \
+            and "small_batches" not in opt_in:
+        raise TaskRefused(f"The plan's batch_size {plan.batch_size} is below "
+                          f"{MIN_EXACT_BATCH}: this site's exact updates would expose "
+                          f"single records. It takes part only if its config opts in "
+                          f"(opt_in = [\"small_batches\"]).")
 
 
 def plan_digest(plan: dict[str, Any]) -> str:
