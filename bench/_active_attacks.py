@@ -465,28 +465,20 @@ def names_and_exact_releases() -> dict[str, Any]:
         ledger_dir = Path(tmp) / "a" / "b" / "ledgers"
         old = (ledger_dir / f"{name}-0123456789abcdef.json").resolve()
         escaped = not old.is_relative_to(ledger_dir.resolve())
-    refusals = []
-    for plan, private, opt_in in (
-            ({"batch_size": 1, "local_steps": 1}, False, []),
-            ({"attribution": {**PRIVATE_PLAN, "private": False, "methods": ["iptw"]}}, False,
-             []),
-            ({"attribution": PRIVATE_PLAN}, False, [])):
-        try:
-            check_exact_releases(SimulationConfig.model_validate(plan), private=private,
-                                 opt_in=opt_in)
-            refusals.append(False)
-        except TaskRefused:
-            refusals.append(True)
-    opted = []
-    for plan, opt_in in (({"batch_size": 1, "local_steps": 1}, ["small_batches"]),
-                         ({"attribution": {**PRIVATE_PLAN, "private": False,
-                                           "methods": ["iptw"]}}, ["exact_attribution"])):
+    batch_one = {"batch_size": 1, "local_steps": 1}
+    exact = {"attribution": {**PRIVATE_PLAN, "private": False, "methods": ["iptw"]}}
+
+    def admitted(plan: dict[str, Any], opt_in: list[str]) -> bool:
         try:
             check_exact_releases(SimulationConfig.model_validate(plan), private=False,
                                  opt_in=opt_in)
-            opted.append(True)
+            return True
         except TaskRefused:
-            opted.append(False)
+            return False
+
+    refusals = [not admitted(plan, []) for plan in (batch_one, exact,
+                                                     {"attribution": PRIVATE_PLAN})]
+    opted = [admitted(batch_one, ["small_batches"]), admitted(exact, ["exact_attribution"])]
     out = {"control": {"ledger_path_escapes": escaped},
            "protected": {"name_accepted": is_safe_name(name),
                          "refused": sum(refusals), "of": len(refusals),

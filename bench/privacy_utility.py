@@ -33,6 +33,7 @@ calibration slope in [0.8, 1.2].
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, single_threaded, write_results  # noqa: E402
+from _common import RESULTS, markdown_table, single_threaded, write_results  # noqa: E402
 
 from cardiofed.data.catalog import load_dataset  # noqa: E402
 from cardiofed.evaluation.acceptability import (  # noqa: E402
@@ -55,6 +56,7 @@ from cardiofed.simulation.experiment import FEDERATED, run_experiment  # noqa: E
 EPSILONS: tuple[float | None, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, None)
 DELTA = 1e-5
 NOISY_LABELS = "tier2_04"
+RESULTS_FILE = RESULTS / "privacy_utility.json"
 SHORT = {Verdict.ACCEPTABLE: "ok", Verdict.INSUFFICIENT: "?", Verdict.NOT_ACCEPTABLE: "no"}
 SETUPS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
     "demo": (dict(algorithm="fedavg", rounds=20), (0,)),
@@ -163,7 +165,9 @@ def main() -> None:
     args = parser.parse_args()
     payload: dict[str, Any] = {"delta": DELTA, "criteria": "AUC >= 0.7, slope in [0.8, 1.2], "
                                                            "|CITL| <= 0.1 on 95% intervals"}
-    md = ""
+    if args.only and RESULTS_FILE.exists():  # keep the other setups' last figures
+        payload.update({k: v for k, v in json.loads(RESULTS_FILE.read_text()).items()
+                        if k in SETUPS})
     for name in args.only or list(SETUPS):
         settings, seeds = SETUPS[name]
         runs = {("no DP" if eps is None else f"{eps:g}"): [
@@ -179,12 +183,13 @@ def main() -> None:
             targets["pooled_auc_gap_at_eps1"] = (exact["pooled_test"]["auc"]
                                                  - one["pooled_test"]["auc"])
             targets["pooled_slope_at_eps1"] = one["pooled_test"]["slope"]
-        payload[name] = {"settings": settings, "seeds": list(seeds), "runs": runs,
-                         "figures": figures, "targets": targets}
-        md += section + "At epsilon 1: " + "; ".join(
+        section += "At epsilon 1: " + "; ".join(
             f"{k.replace('_', ' ')} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
             for k, v in targets.items() if v is not None) + ".\n\n"
-    write_results("privacy_utility", payload, md)
+        payload[name] = {"settings": settings, "seeds": list(seeds), "runs": runs,
+                         "figures": figures, "targets": targets, "markdown": section}
+    write_results("privacy_utility", payload,
+                  "".join(payload[name]["markdown"] for name in SETUPS if name in payload))
 
 
 if __name__ == "__main__":

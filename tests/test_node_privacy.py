@@ -176,3 +176,28 @@ def test_a_non_private_site_is_marked_in_status_dashboard_and_card(fed: Federati
     assert "not private: exact releases" in row[:row.index("</tr>")]
     private_row = page[page.index(f'<tr data-site="{SITES[0]}">'):]
     assert "differential privacy" in private_row[:private_row.index("</tr>")]
+
+
+def test_the_ledger_command_shows_each_study_and_the_composed_total(fed: Federation) -> None:
+    from typer.testing import CliRunner
+
+    from cardiofed.cli import app
+
+    agents = [default_agent(fed, s) for s in SITES]
+    _until_done(fed, agents)
+    config = fed.tmp / "node.toml"
+    config.write_text(f'coordinator_url = "http://testserver"\nstate_dir = "{SITES[0]}"\n'
+                      f'[data]\ndataset = "synthetic"\nsite = "{SITES[0]}"\n')
+
+    result = CliRunner().invoke(app, ["node", "ledger", "--config", str(config)],
+                                env={"COLUMNS": "120"})
+
+    assert result.exit_code == 0, result.output
+    ledger = open_ledger_file(fed.tmp / f"{SITES[0]}-privacy")
+    total = ledger.entries[-1]["epsilon_after"]
+    assert f"epsilon {total:.3f} of 3; {3 - total:.3f} left" in result.output
+    for kind in ("statistics", "train", "evaluate"):
+        assert kind in result.output
+    missing = CliRunner().invoke(app, ["node", "ledger", "--config", str(config.with_name(
+        "other.toml"))])
+    assert missing.exit_code != 0

@@ -85,8 +85,9 @@ class PrivacyAccountant:
         rdp = RDPAccountant()
         rdp.history = history
         with warnings.catch_warnings():
-            # Very small events are best at the largest order: the bound is valid, if loose.
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            # Very small (large) events are best at the largest (smallest) order: the bound
+            # is valid, if loose.
+            warnings.filterwarnings("ignore", message="Optimal order is the")
             return float(rdp.get_epsilon(delta=delta, alphas=[*RDPAccountant.DEFAULT_ALPHAS,
                                                                    *_EXTRA_RDP_ORDERS]))
 
