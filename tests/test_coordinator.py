@@ -737,6 +737,63 @@ def test_async_study_publishes_every_k_updates_without_waiting_for_the_slowest(
                                             "community_01": 0.0}
 
 
+def test_async_buffer_takes_one_update_per_site(tmp_path: Path) -> None:
+    # The attack (issue 29): training rounds stay open while newer versions appear, so a
+    # site that uploads into several open rounds used to fill the buffer alone (a
+    # version published from [community_03, community_03, community_03]).
+    from cardiofed.coordinator.schemas import TaskResponse
+
+    fed = Federation(tmp_path, plan=ASYNC_PLAN)
+    agents = [fed.agent(s) for s in SITES]
+    fed.step(agents)  # statistics
+    attacker = agents[0]
+    old_task = fed.client.get("/v1/tasks/next", headers=fed.auth(attacker.credential())).json()
+    _train_once(fed, agents[1])
+    _train_once(fed, agents[2])  # version 1; round 1 stays open for slow sites
+    assert fed.status()["model_version"] == 1
+    _train_once(fed, attacker)  # into round 2: one update of the attacker is buffered
+
+    again = attacker._compute(TaskResponse.model_validate(old_task))  # round 1, stale by 1
+    r = fed.client.post("/v1/studies/s1/rounds/1/updates", content=again,
+                        headers=fed.auth(attacker.credential()))
+
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"] == (
+        "Site 'tier3_01' already has an update in the buffer (round 2); an asynchronous "
+        "study takes one update per site until the next version is published.")
+    assert fed.status()["buffered"] == 1 and fed.status()["model_version"] == 1
+    _train_once(fed, agents[1])
+    models = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
+    assert models[-1]["participants"] == ["tier3_01", "tier2_01"]
+
+
+def test_async_updates_that_raced_into_one_buffer_count_once(tmp_path: Path) -> None:
+    # Two uploads of one site that raced past the check: the buffer folds the first,
+    # quarantines the second, and waits for another site.
+    fed = Federation(tmp_path, plan=ASYNC_PLAN)
+    agents = [fed.agent(s) for s in SITES]
+    fed.step(agents)
+    _train_once(fed, agents[1])
+    _train_once(fed, agents[2])  # version 1; tier3_01 reported nothing in round 1
+    _train_once(fed, agents[0])  # round 2
+    with _sessions(fed.settings.database_url)() as db:
+        from cardiofed.coordinator.storage import Round, Update
+
+        first = db.scalars(select(Update).join(Round, Update.round_id == Round.id).where(
+            Round.number == 2)).one()
+        old_round = db.scalars(select(Round).where(Round.number == 1)).one()
+        db.add(Update(round_id=old_round.id, site_id=first.site_id, payload=first.payload,
+                      sha256="0" * 64, num_samples=first.num_samples,
+                      received_at=first.received_at, staleness=1))
+        db.commit()
+
+    status = fed.status()
+
+    assert status["model_version"] == 1  # one site's two updates are not two sites
+    assert [q["reason"] for q in status["quarantined"]] == [
+        "a second update of the same site in one buffer"]
+
+
 def test_async_update_older_than_max_staleness_is_refused(tmp_path: Path) -> None:
     fed = Federation(tmp_path, plan={**ASYNC_PLAN, "buffer_size": 1, "max_staleness": 0})
     agents = [fed.agent(s) for s in SITES]

@@ -493,6 +493,8 @@ def submit(db: Session, target: UploadTarget, *, payload: bytes, max_bytes: int,
     try:
         _refuse_closed(study, rnd, site)
         staleness = _staleness(study, rnd, site)
+        if staleness is not None:
+            _refuse_second_in_buffer(db, study, rnd, site)
         num_samples = _check(db, study, rnd, site.name, payload).num_samples
     except CoordinatorError:
         if _acknowledged(db, rnd, site, digest):  # a retry of what was accepted
@@ -618,6 +620,33 @@ def _staleness(study: Study, rnd: Round, site: Site) -> int | None:
         raise StaleUpdateRefused(f"Stale update from site {site.name!r}: {exc}; train again "
                                  f"on version {study.model_version}.") from None
     return staleness
+
+
+def _refuse_second_in_buffer(db: Session, study: Study, rnd: Round, site: Site) -> None:
+    """An asynchronous study takes at most one update per site into its buffer: a site
+    with an update still waiting there (in any open round) is refused another, so no
+    site can fill the buffer alone by uploading into several open rounds."""
+    waiting = db.scalar(
+        select(Round.number).join(Update, Update.round_id == Round.id)
+        .where(Round.study_id == study.id, Round.kind == TRAIN, Round.closed_at.is_(None),
+               Round.id != rnd.id, Update.site_id == site.id,
+               Update.aggregated_into.is_(None), Update.quarantine.is_(None)).limit(1))
+    if waiting is not None:
+        raise Conflict(f"Site {site.name!r} already has an update in the buffer (round "
+                       f"{waiting}); an asynchronous study takes one update per site until "
+                       f"the next version is published.")
+
+
+def _one_per_site(buffer: list[Update]) -> list[Update]:
+    """The buffer with each site's first update only; any later one (two uploads that
+    raced past :func:`_refuse_second_in_buffer`) is quarantined, never folded."""
+    kept: dict[int, Update] = {}
+    for u in buffer:
+        if u.site_id in kept:
+            u.quarantine = "a second update of the same site in one buffer"
+        else:
+            kept[u.site_id] = u
+    return list(kept.values())
 
 
 @dataclass(frozen=True)
@@ -992,8 +1021,9 @@ def _publish_buffered(db: Session, study: Study, now: Clock) -> bool:
     # A site that refused a training task (e.g. it ran its planned rounds) trains no more.
     refused_training = {r.site_id for r in _refusals(db, study) if r.round_number > 0}
     active = {s.id: s for s in _active_sites(db, study) if s.id not in refused_training}
-    buffer = [u for u in _buffered(db, study) if u.site_id in active  # revoked drop out
-              and u.quarantine is None]
+    buffer = _one_per_site([u for u in _buffered(db, study)
+                                if u.site_id in active  # revoked drop out
+                                and u.quarantine is None])
     # The round's deadline bounds the wait too: a site that died without being revoked
     # cannot hold training up for longer than round_timeout_s.
     timeout = min(plan.buffer_timeout_s or math.inf, study.round_timeout_s)
