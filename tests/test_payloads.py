@@ -116,3 +116,60 @@ def test_a_null_manifest_decodes_as_empty_and_a_bad_one_is_refused() -> None:
     assert decode_arrays(with_metadata(None))[1] == {}
     with pytest.raises(DataValidationError, match="not valid safetensors|strings to strings"):
         decode_arrays(with_metadata({"num_samples": 5}))
+
+
+# --- Metrics are reports, not facts (issue 29): names and ranges are checked ---------------
+
+@pytest.mark.parametrize(("metrics", "message"), [
+    ({"auc": 0.99, "auc_ci_low": -1e300, "auc_ci_high": 1e300},
+     "auc_ci_low = -1e+300 is outside [0, 1]"),
+    ({"auc": 0.7, "auc_ci_low": 0.8, "auc_ci_high": 0.6}, "auc_ci_low > auc_ci_high"),
+    ({"calibration_slope": 1e6}, "calibration_slope = 1000000.0 is outside [-100, 100]"),
+    ({"auc": 0.7, "my_favourite_metric": 1.0},
+     "Unknown evaluation metrics ['my_favourite_metric']"),
+])
+def test_self_reported_metrics_outside_their_names_or_ranges_are_refused(
+        metrics: dict[str, float], message: str) -> None:
+    from cardiofed.coordinator.payloads import evaluation_metrics
+
+    with pytest.raises(InvalidUpdate, match=re.escape(message)):
+        evaluation_metrics(json.dumps(metrics).encode())
+
+
+def test_any_accepted_report_holds_known_metrics_within_their_ranges() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from cardiofed.coordinator.payloads import KNOWN_METRICS, evaluation_metrics
+
+    names = st.sampled_from(sorted(KNOWN_METRICS) + ["auc_low", "x", "n_sites"])
+    values = st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False,
+                                            min_value=-1e6, max_value=1e6))
+
+    @settings(max_examples=300, deadline=None)
+    @given(report=st.dictionaries(names, values, max_size=12))
+    def check(report: dict[str, float | None]) -> None:
+        try:
+            accepted = evaluation_metrics(json.dumps(report).encode())
+        except InvalidUpdate:
+            return
+        assert set(accepted) <= KNOWN_METRICS
+        for key, value in accepted.items():
+            if value is not None and key.startswith(("auc", "prevalence", "brier")):
+                assert 0.0 <= value <= 1.0
+
+    check()
+
+
+def test_a_regions_summary_caps_each_sites_weight() -> None:
+    from cardiofed.coordinator.relay import SUMMARY_WEIGHT_CAP, metrics_result
+
+    honest = {f"s{k}": {"auc": 0.70, "n": 500.0} for k in range(4)}
+    inflated = {**honest, "liar": {"auc": 0.99, "n": 10_000_000.0}}
+
+    summary = json.loads(metrics_result(inflated))
+
+    capped = (4 * 500 * 0.70 + SUMMARY_WEIGHT_CAP * 500 * 0.99) / (4 * 500
+                                                                     + SUMMARY_WEIGHT_CAP * 500)
+    assert summary["auc"] == pytest.approx(capped)  # not 0.99: one site is not the region
+    assert summary["n"] == 10_002_000.0 and summary["sites"] == 5.0

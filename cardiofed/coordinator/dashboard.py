@@ -243,7 +243,7 @@ def _models(db: Session, study: Study) -> list[dict[str, Any]]:
 
 def _aucs(m: ModelVersion) -> dict[str, tuple[float, Any, Any]]:
     """site -> (AUC, low, high) of the sites that sent an AUC for `m`."""
-    return {site: (float(v["auc"]), v.get("auc_low"), v.get("auc_high"))
+    return {site: (float(v["auc"]), v.get("auc_ci_low"), v.get("auc_ci_high"))
             for site, v in (m.metrics or {}).items()
             if isinstance(v, dict) and isinstance(v.get("auc"), int | float)}
 

@@ -32,6 +32,16 @@ MAX_METRICS = 64
 # Metrics that are proportions or probabilities, and their intervals.
 _UNIT_INTERVAL = ("auc", "accuracy", "brier", "ece", "prevalence", "mean_predicted",
                   "sensitivity", "specificity")
+# Calibration on the logit scale: far beyond any model's, never a page's coordinates.
+_CALIBRATION = ("calibration_slope", "calibration_intercept")
+CALIBRATION_LIMIT = 100.0
+# What a site may report (cardiofed.evaluation: binary_metrics, metrics_with_uncertainty):
+# each metric, its 95% interval, the record count and the epsilon its ledger spent.
+KNOWN_METRICS = frozenset({
+    *_UNIT_INTERVAL, *_CALIBRATION, "n", "epsilon_spent", "epsilon_delta",
+    "sites",  # a region's summary: how many of its sites published
+    *(f"{base}_ci_{end}" for base in (*_UNIT_INTERVAL, *_CALIBRATION)
+      for end in ("low", "high"))})
 
 
 def check_manifest(manifest: dict[str, str], expected: dict[str, str]) -> None:
@@ -146,8 +156,10 @@ def _finite_text(text: str) -> bool:
 
 def _metric_problem(key: str, value: float) -> str | None:
     base = key.removesuffix("_ci_low").removesuffix("_ci_high")
-    if base in _UNIT_INTERVAL and key == base and not 0 <= value <= 1:
+    if base in _UNIT_INTERVAL and not 0 <= value <= 1:
         return f"{key} = {value!r} is outside [0, 1]"
+    if base in _CALIBRATION and not abs(value) <= CALIBRATION_LIMIT:
+        return f"{key} = {value!r} is outside [-{CALIBRATION_LIMIT:g}, {CALIBRATION_LIMIT:g}]"
     if key in ("n", "epsilon_spent") and value < 0:
         return f"{key} = {value!r} is negative"
     if key == "n" and value > MAX_RECORDS:
@@ -175,8 +187,17 @@ def evaluation_metrics(payload: bytes) -> dict[str, Any]:
                                 f"names (<= 64 characters) to finite numbers or null.")
     else:
         metrics = _histogram_metrics(payload)
+    unknown = sorted(k for k in metrics if k not in KNOWN_METRICS)
+    if unknown:
+        known = ", ".join(sorted(k for k in KNOWN_METRICS if "_ci_" not in k))
+        raise InvalidUpdate(f"Unknown evaluation metrics {unknown[:5]}; a site reports only "
+                            f"{known} and their intervals (<metric>_ci_low, <metric>_ci_high).")
     problems = [p for k, v in metrics.items() if v is not None
                 and (p := _metric_problem(k, float(v))) is not None]
+    problems += [f"{base}_ci_low > {base}_ci_high" for base in (*_UNIT_INTERVAL, *_CALIBRATION)
+                 if isinstance(low := metrics.get(f"{base}_ci_low"), int | float)
+                 and isinstance(high := metrics.get(f"{base}_ci_high"), int | float)
+                 and low > high]
     if problems:
         raise InvalidUpdate(f"Evaluation metrics out of range: {'; '.join(problems[:5])}.")
     return metrics
@@ -215,4 +236,9 @@ def _histogram_metrics(payload: bytes) -> dict[str, Any]:
                 metrics[key] = float(manifest[key][:40])
     except (ValueError, ConfigurationError) as exc:
         raise InvalidUpdate(f"Evaluation histograms are not usable: {exc}") from None
+    # Bootstrap intervals of noisy proportions can reach past [0, 1]: a proportion's
+    # interval is clipped to where proportions lie.
+    for key, value in metrics.items():
+        if key.removesuffix("_ci_low").removesuffix("_ci_high") in _UNIT_INTERVAL:
+            metrics[key] = min(max(value, 0.0), 1.0)
     return {k: v if math.isfinite(v) else None for k, v in metrics.items()}

@@ -70,16 +70,25 @@ def update_result(delta: Weights, sizes: list[int], losses: list[float]) -> byte
     return encode_arrays({k: np.asarray(v, np.float32) for k, v in delta.items()}, manifest)
 
 
+# A site's weight in a region's summary is its reported n, capped at this many times the
+# median n of the sites that published: a self-declared n cannot make one site the summary.
+SUMMARY_WEIGHT_CAP = 3.0
+
+
 def metrics_result(metrics: dict[str, dict[str, Any]]) -> bytes:
-    """The region's evaluation summary: the sample-weighted mean of each metric over the
-    sites that published one (within-site discrimination and calibration, not the pooled
-    metric), their total ``n`` and count; the largest epsilon a site reports spending.
-    Intervals are not combined. Each site's own figures stay on the regional coordinator."""
+    """The region's evaluation summary: the weighted mean of each metric over the sites
+    that published one (within-site discrimination and calibration, not the pooled
+    metric), each weighted by its reported ``n`` capped at :data:`SUMMARY_WEIGHT_CAP`
+    times the median; their total ``n`` and count; the largest epsilon a site reports
+    spending. Intervals are not combined. Each site's own figures stay on the regional
+    coordinator."""
     published = {site: m for site, m in metrics.items() if m}
     if not published:
         return b"{}"
-    size = {site: float(m.get("n") or 0.0) for site, m in published.items()}
-    out: dict[str, float] = {"n": sum(size.values()), "sites": float(len(published))}
+    reported = {site: float(m.get("n") or 0.0) for site, m in published.items()}
+    cap = SUMMARY_WEIGHT_CAP * float(np.median(list(reported.values())))
+    size = {site: min(n, cap) for site, n in reported.items()}
+    out: dict[str, float] = {"n": sum(reported.values()), "sites": float(len(published))}
     keys = sorted({k for m in published.values() for k, v in m.items() if v is not None
                    and "_ci_" not in k and not k.startswith("epsilon_") and k != "n"})
     for key in keys:

@@ -1177,7 +1177,9 @@ def _card_metrics(db: Session, study: Study, metrics: dict[str, Any]) -> None:
                                                       Site.privacy == "off")))
     version = f"{study.id}-v{study.model_version}"
     try:
-        notes = registry.load(db, version).card.notes
+        notes = [*registry.load(db, version).card.notes,
+                 "Metrics are as each site reported them: the coordinator checks their names "
+                 "and ranges, not their truth."]
         if exact:
             notes = [*notes, f"Not private: {', '.join(exact)} released exact statistics and "
                              f"updates (no differential privacy of their own)."]
