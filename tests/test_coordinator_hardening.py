@@ -115,6 +115,31 @@ def test_an_oversized_unauthenticated_body_is_refused_before_parsing(fed: Federa
                                   "bytes (64 KiB)."}
 
 
+@pytest.mark.parametrize(("path", "limit"), [
+    ("/v1/studies/s1/sites/tier3_01/revoke", "65,536 bytes (64 KiB)"),
+    ("/v1/studies/s1/rounds/1/refusal", "65,536 bytes (64 KiB)"),
+    ("/v1/studies/s1/relay/rounds", "65,536 bytes (64 KiB)"),
+    ("/v1/studies", "4,194,304 bytes (4 MiB)"),
+])
+def test_only_the_upload_routes_take_large_bodies(fed: Federation, path: str,
+                                                  limit: str) -> None:
+    # Issue 29: every path under /v1/studies took 16 MiB, and FastAPI parses a JSON body
+    # before the credential is checked: 4 such bodies took the coordinator to 2 GiB.
+    body = b'{"reason": "' + b"x" * (5 << 20) + b'"}'
+
+    r = fed.client.post(path, content=body, headers={"Content-Type": "application/json"})
+
+    assert r.status_code == 413
+    assert r.json() == {"detail": f"The request body exceeds this endpoint's limit of {limit}."}
+
+
+def test_an_upload_route_checks_the_credential_before_it_reads_a_large_body(
+        fed: Federation) -> None:
+    r = fed.client.post("/v1/studies/s1/rounds/0/updates", content=b"\0" * (5 << 20))
+
+    assert r.status_code == 401
+
+
 def test_a_422_never_echoes_the_input(fed: Federation) -> None:
     r = fed.client.post("/v1/enrol", json={"token": ""})
 

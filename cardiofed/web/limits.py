@@ -11,6 +11,7 @@ endpoint; later the coordinator's model uploads). Pure ASGI: no FastAPI, no pars
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -29,15 +30,20 @@ def describe_size(n_bytes: int) -> str:
 
 @dataclass(frozen=True)
 class BodyLimits:
-    """Request body limits in bytes: `default`, or that of the longest prefix in
-    `prefixes` that matches the path at a segment boundary (``/v1/risk/batch`` matches
-    ``/v1/risk/batch`` and ``/v1/risk/batch/x``, not ``/v1/risk/batches``)."""
+    """Request body limits in bytes: that of the first of `routes` (regular expressions)
+    the whole path matches, else that of the longest prefix in `prefixes` that matches
+    the path at a segment boundary (``/v1/risk/batch`` matches ``/v1/risk/batch`` and
+    ``/v1/risk/batch/x``, not ``/v1/risk/batches``), else `default`."""
 
     default: int
     prefixes: Mapping[str, int] = field(default_factory=dict)
+    routes: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for where, limit in [("default", self.default), *self.prefixes.items()]:
+        object.__setattr__(self, "_compiled", [(re.compile(pattern), limit)
+                                               for pattern, limit in self.routes.items()])
+        for where, limit in [("default", self.default), *self.prefixes.items(),
+                             *self.routes.items()]:
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
                 raise ValueError(f"The body limit of {where!r} must be an integer >= 0 "
                                  f"bytes; got {limit!r}.")
@@ -47,6 +53,9 @@ class BodyLimits:
                                  f"{prefix!r}.")
 
     def for_path(self, path: str) -> int:
+        for pattern, route_limit in self._compiled:  # type: ignore[attr-defined]
+            if pattern.fullmatch(path):
+                return int(route_limit)
         best, limit = -1, self.default
         for prefix, prefix_limit in self.prefixes.items():
             stem = prefix.rstrip("/")
