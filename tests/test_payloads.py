@@ -78,6 +78,8 @@ def update(**manifest: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
                                    f"[1, {MAX_RECORDS}]"),
     ({"num_samples": "9" * 400}, "Manifest field 'num_samples' must be an integer"),
     ({"num_samples": "-5"}, "Manifest field 'num_samples' must be an integer"),
+    ({"num_samples": "\u00b2"}, "Manifest field 'num_samples' must be an integer"),  # was a 500
+    ({"num_samples": "\u0661\u0662"}, "Manifest field 'num_samples' must be an integer"),
 ])
 def test_bad_update_manifests_are_refused(manifest: dict[str, str], message: str) -> None:
     arrays, full = update(**manifest)

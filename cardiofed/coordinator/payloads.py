@@ -53,7 +53,9 @@ def check_manifest(manifest: dict[str, str], expected: dict[str, str]) -> None:
 
 def _bounded_int(manifest: dict[str, str], key: str, low: int, high: int) -> int:
     raw = manifest.get(key)
-    if raw is None or not raw.isdigit() or len(raw) > 12 or not low <= int(raw) <= high:
+    # ASCII digits only: "²".isdigit() is true, and int("²") raises.
+    if raw is None or not (raw.isascii() and raw.isdigit()) or len(raw) > 12 \
+            or not low <= int(raw) <= high:
         raise InvalidUpdate(f"Manifest field {key!r} must be an integer in [{low}, {high}]; "
                             f"got {raw!r}.")
     return int(raw)

@@ -58,7 +58,7 @@ def set_threads() -> int:
     from threadpoolctl import threadpool_limits
 
     raw = os.environ.get("CARDIOFED_TORCH_THREADS", "1")
-    if not raw.isdigit() or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
         raise ConfigurationError(f"CARDIOFED_TORCH_THREADS must be a whole number >= 1; got "
                                  f"{raw!r}.")
     torch.set_num_threads(int(raw))
