@@ -229,3 +229,23 @@ def test_a_refused_aggregate_keeps_the_previous_model_and_optimiser_state() -> N
     assert kept is before
     assert rnd.aggregation == [{"refused": "aggregate refused: largest |weight| inf exceeds "
                                            "10000; the previous model is kept"}]
+
+
+def test_concurrent_revocations_count_a_site_out_once(fed: Federation) -> None:
+    # Issue 29: 20 concurrent revokes drove active_sites to -7.
+    import threading
+
+    from cardiofed.coordinator.storage import Study
+
+    def revoke() -> None:
+        with _sessions(fed.settings.database_url)() as db:
+            service.revoke_site(db, "s1", "tier3_01")
+
+    threads = [threading.Thread(target=revoke) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+    with _sessions(fed.settings.database_url)() as db:
+        assert db.get(Study, "s1").active_sites == 2  # 3 sites, one revoked

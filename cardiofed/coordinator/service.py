@@ -279,10 +279,13 @@ def revoke_site(db: Session, study_id: str, site_name: str,
     site = db.scalar(select(Site).where(Site.study_id == study_id, Site.name == site_name))
     if site is None:
         raise NotFound(f"Study {study_id!r} has no site {site_name!r}.")
-    if not site.revoked:
+    # A conditional update: of any number of concurrent revocations exactly one flips the
+    # flag, and only that one counts the site out of the study's active sites.
+    flipped = db.execute(update(Site).where(Site.id == site.id, Site.revoked.is_(False))
+                         .values(revoked=True).returning(Site.id)).first()
+    if flipped is not None:
         db.execute(update(Study).where(Study.id == study_id, Study.active_sites.is_not(None))
                    .values(active_sites=Study.active_sites - 1))
-    site.revoked = True
     if by is not None:
         audit(db, *by, "revoke site", study_id, site_name, now)
     db.commit()
