@@ -13,6 +13,7 @@ import re
 from cardiofed.exceptions import ConfigurationError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+NAME_RULE = "start with a letter or digit and have at most 64 letters, digits, '_', '.' or '-'"
 _NAME = re.compile(NAME_PATTERN)
 
 
@@ -25,6 +26,5 @@ def safe_name(value: object, what: str = "name") -> str:
     """`value` if it is a safe name; otherwise :class:`ConfigurationError` naming it."""
     if not is_safe_name(value):
         raise ConfigurationError(
-            f"The {what} must start with a letter or digit and have at most 64 letters, "
-            f"digits, '_', '.' or '-'; got {value!r}.")
+            f"The {what} must {NAME_RULE}; got {value!r}.")
     return str(value)

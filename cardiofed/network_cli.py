@@ -271,7 +271,7 @@ def node_ledger(config: Annotated[Path, typer.Option(help="The node's TOML confi
     """Show the hospital's privacy ledger (verified against its seal): epsilon per study and
     kind of release, the composed total and what is left."""
     from cardiofed.node.config import NodeConfig
-    from cardiofed.privacy.budget import open_site_ledger
+    from cardiofed.privacy.budget import PrivacyLedger
     from cardiofed.privacy.ledger_file import open_ledger_file
 
     try:
@@ -279,9 +279,8 @@ def node_ledger(config: Annotated[Path, typer.Option(help="The node's TOML confi
         if cfg.private is None:
             raise fail("This node is not private (privacy = \"off\"): it keeps no ledger.")
         ledger_dir, seal_file = cfg.ledger_location()
-        open_ledger_file(ledger_dir, seal_file=seal_file)  # never creates one
-        ledger = open_site_ledger(site="this site", budget=cfg.private.budget(),
-                                  ledger_dir=ledger_dir, seal_file=seal_file)
+        ledger = PrivacyLedger(site="this site", budget=cfg.private.budget(),
+                               file=open_ledger_file(ledger_dir, seal_file=seal_file))
     except CardioFedError as exc:
         raise fail(exc) from None
     table = Table(title=f"Privacy ledger {ledger_dir} (delta {ledger.delta:.3g})")

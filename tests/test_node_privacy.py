@@ -201,3 +201,19 @@ def test_the_ledger_command_shows_each_study_and_the_composed_total(fed: Federat
     missing = CliRunner().invoke(app, ["node", "ledger", "--config", str(config.with_name(
         "other.toml"))])
     assert missing.exit_code != 0
+
+
+def test_the_service_refuses_unsafe_names_whoever_calls_it(fed: Federation) -> None:
+    from cardiofed.coordinator import service
+    from cardiofed.coordinator.deps import _sessions
+    from cardiofed.exceptions import InvalidUpdate
+    from cardiofed.simulation.config import SimulationConfig
+
+    names, ranges = study_columns("synthetic")
+    with _sessions(fed.settings.database_url)() as db, pytest.raises(InvalidUpdate) as err:
+        service.create_study(db, study_id="s2", plan=SimulationConfig.create(**PLAN),
+                             sites=["tier3_01", "../../outside/tier2_a"],
+                             feature_names=names, feature_ranges=ranges)
+    assert str(err.value) == (
+        "Study and site names must start with a letter or digit and have at most 64 "
+        "letters, digits, '_', '.' or '-'; got ['../../outside/tier2_a'].")

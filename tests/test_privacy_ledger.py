@@ -82,7 +82,7 @@ def _charge_in_process(folder: str, count: int) -> None:
 
 
 def test_concurrent_processes_lose_no_release(tmp_path: Path) -> None:
-    ledger_at(tmp_path / "l")  # created once
+    # No ledger yet: three node processes starting at once create one, then share it.
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=_charge_in_process, args=(str(tmp_path / "l"), 10))
                for _ in range(3)]
@@ -255,6 +255,43 @@ def test_ledgers_of_the_previous_release_are_imported_not_forgotten(tmp_path: Pa
     assert ledger.spent() == pytest.approx(
         PrivacyAccountant(events=[event(4.0), event(5.0), event(6.0)]).get_epsilon(1e-5))
     assert len(ledger_at(folder).entries) == 3  # imported once
+
+
+def test_an_import_cut_short_is_resumed_not_repeated(tmp_path: Path) -> None:
+    folder = tmp_path / "l"
+    folder.mkdir()
+    (folder / "tier2_a-0123456789abcdef.json").write_text(json.dumps({
+        "version": 2, "site": "tier2_a", "entries": [
+            {"kind": "train", "study": "old", "what": f"round {k}",
+             "events": [event(s).__dict__]} for k, s in enumerate((4.0, 5.0, 6.0))]}))
+    # As if the first open had died after importing one entry.
+    fresh = open_site_ledger(site="a", budget=BUDGET, ledger_dir=tmp_path / "other")
+    fresh.record([event(4.0)], "round 0", kind="train", study="old",
+                 imported_from="tier2_a-0123456789abcdef.json")
+    for name in (LEDGER_FILE, "ledger.lock"):
+        (tmp_path / "other" / name).rename(folder / name)
+    (tmp_path / "other.seal").rename(tmp_path / "l.seal")
+
+    resumed = ledger_at(folder)
+
+    assert [e["what"] for e in resumed.entries] == ["round 0", "round 1", "round 2"]
+    assert resumed.spent() == pytest.approx(
+        PrivacyAccountant(events=[event(4.0), event(5.0), event(6.0)]).get_epsilon(1e-5))
+
+
+def test_a_reset_archives_the_earlier_ledgers_it_would_import_again(tmp_path: Path) -> None:
+    folder = tmp_path / "l"
+    folder.mkdir()
+    (folder / "tier2_a-0123456789abcdef.json").write_text(json.dumps({
+        "version": 2, "site": "tier2_a", "entries": [
+            {"kind": "train", "study": "old", "what": "round", "events": [event(4.0).__dict__]}]}))
+    assert len(ledger_at(folder).entries) == 1
+
+    reset_ledger(folder, reason="restored server", create=BUDGET.ledger_header())
+
+    assert ledger_at(folder).entries == []
+    assert sorted(p.name.split(".reset-")[0] for p in folder.glob("*.reset-*")) == [
+        LEDGER_FILE, "tier2_a-0123456789abcdef.json"]
 
 
 def test_reading_a_ledger_never_creates_one(tmp_path: Path) -> None:

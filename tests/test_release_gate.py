@@ -324,6 +324,7 @@ def test_a_saturating_state_is_refused_naming_the_value() -> None:
 
 # --- names --------------------------------------------------------------------------------------
 
+@settings(deadline=None)
 @given(name=st.text(max_size=80))
 def test_a_name_is_safe_only_in_the_safe_character_set(name: str) -> None:
     if is_safe_name(name):

@@ -102,7 +102,7 @@ from cardiofed.exceptions import (
     StaleUpdateRefused,
 )
 from cardiofed.models.networks import Weights, get_weights, make_model
-from cardiofed.names import is_safe_name
+from cardiofed.names import NAME_RULE, is_safe_name
 from cardiofed.serving import provenance, registry
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.runner import shares
@@ -201,8 +201,7 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
         raise InvalidUpdate(f"A study needs distinct site names; got {sites}.")
     unsafe = [name for name in [study_id, *sites] if not is_safe_name(name)]
     if unsafe:
-        raise InvalidUpdate(f"Study and site names must start with a letter or digit and have "
-                            f"at most 64 letters, digits, '_', '.' or '-'; got {unsafe}.")
+        raise InvalidUpdate(f"Study and site names must {NAME_RULE}; got {unsafe}.")
     try:
         plan.check_buffer_size(len(sites))
     except ConfigurationError as exc:
@@ -842,7 +841,7 @@ def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Fold
                 continue
             out.names.append(name)
             declared = checked.manifest.get("privacy")
-            if declared in PRIVACY_MODES:
+            if rnd.number == 0 and declared in PRIVACY_MODES:  # a site's first report
                 out.privacy[name] = declared
             if rnd.kind == STATISTICS:
                 stats = SiteStatistics(**checked.arrays)
@@ -1097,6 +1096,12 @@ def update_share(db: Session, study: Study) -> dict[str, float]:
 PRIVACY_MODES = ("dp", "off")
 
 
+def _non_private_sites(db: Session, study: Study) -> list[str]:
+    """The sites that declared exact releases (no DP noise of their own)."""
+    return sorted(db.scalars(select(Site.name).where(Site.study_id == study.id,
+                                                     Site.privacy == "off")))
+
+
 def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
     """What the federation is doing and what it waits for."""
     advance(db, study, now)
@@ -1123,9 +1128,7 @@ def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
         "robust_aggregation": _robust_actions(db, study),
         "attribution": attribution.summary(study),
         "relay": bool(study.relay),
-        # Sites that release exact sums and updates (no DP noise of their own).
-        "non_private_sites": sorted(db.scalars(select(Site.name).where(
-            Site.study_id == study.id, Site.privacy == "off"))),
+        "non_private_sites": _non_private_sites(db, study),
         "quarantined": [{"site": names[u.site_id], "round": number, "reason": u.quarantine}
                         for u, number in db.execute(
                             select(Update, Round.number).join(Round, Update.round_id == Round.id)
@@ -1176,8 +1179,7 @@ def _card_metrics(db: Session, study: Study, metrics: dict[str, Any]) -> None:
     cards = {site: {k: v for k, v in m.items() if not k.startswith("epsilon_")}
              for site, m in metrics.items()}
     cards = {site: m for site, m in cards.items() if m}  # a site may decline to publish
-    exact = sorted(db.scalars(select(Site.name).where(Site.study_id == study.id,
-                                                      Site.privacy == "off")))
+    exact = _non_private_sites(db, study)
     version = f"{study.id}-v{study.model_version}"
     try:
         notes = [*registry.load(db, version).card.notes,

@@ -286,23 +286,20 @@ class NodeAgent:
                                           task.outcome, catalogue)
         rows = self._rows
         ranges = own_feature_ranges(self._data, task.feature_names, catalogue)
-        try:
-            check_state(plan, state, ranges)
-        except (KeyError, TypeError, ValueError, CardioFedError) as exc:
-            raise TaskRefused(f"The {task.kind} task's state is not one this site can "
-                              f"compute with: {type(exc).__name__}: {exc}") from None
 
         def compute() -> dict[str, np.ndarray]:
             return site_step(plan, state, rows, task.site_index, ranges)
 
-        if self.ledger is None:  # exact sums, by the site's choice
-            try:
-                arrays = compute()
-            except (KeyError, TypeError, ValueError, CardioFedError) as exc:
-                raise TaskRefused(f"The {task.kind} task's state is not one this site can "
-                                  f"compute with: {type(exc).__name__}: {exc}") from None
-            if plan.private:
-                arrays = release(plan, state, arrays, 0.0, None)
+        try:
+            check_state(plan, state, ranges)
+            # Exact sums (the site's choice) are computed here; a private site's only
+            # once they are charged, and whatever fails then releases noise alone.
+            exact = compute() if self.ledger is None else None
+        except (KeyError, TypeError, ValueError, CardioFedError) as exc:
+            raise TaskRefused(f"The {task.kind} task's state is not one this site can "
+                              f"compute with: {type(exc).__name__}: {exc}") from None
+        if exact is not None:
+            arrays = release(plan, state, exact, 0.0, None) if plan.private else exact
         else:
             arrays = self._study_privacy(task.study, len(rows.outcome)).release_attribution(
                 plan, state, compute, f"attribution {task.kind} (round {task.round})")

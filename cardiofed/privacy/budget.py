@@ -32,7 +32,7 @@ from typing import Any
 
 from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.privacy.accountant import AccountantKind, GaussianEvent, PrivacyAccountant
-from cardiofed.privacy.ledger_file import LEDGER_FILE, LedgerFile, open_ledger_file
+from cardiofed.privacy.ledger_file import LedgerFile, open_ledger_file
 
 RELEASE_KINDS = ("statistics", "train", "evaluate")
 # Shares of epsilon_max, in the order a study releases them.
@@ -142,7 +142,6 @@ class PrivacyLedger:
             if n_records is None:
                 raise ConfigurationError("An in-memory privacy ledger needs n_records.")
             self.delta = budget.delta_for(n_records)
-        self.n_records = n_records
         self.accountant = PrivacyAccountant(budget.accountant)
         self.entries: list[dict[str, Any]] = []
         self._sync()
@@ -268,21 +267,22 @@ def open_site_ledger(*, site: str, budget: SiteBudget, ledger_dir: str | Path,
     """The hospital's one ledger in `ledger_dir` (:mod:`cardiofed.privacy.ledger_file`),
     created with the budget's delta (default :data:`MAX_DEFAULT_DELTA`) and accountant if
     neither it nor its seal exists. Ledgers of earlier releases found there (one JSON file
-    per site and data set) are imported into a new ledger entry by entry, so what they
-    spent still counts. `site` names the site in messages only, never in a path."""
-    ledger_dir = Path(ledger_dir)
-    fresh = not (ledger_dir / LEDGER_FILE).exists()
-    legacy = sorted(ledger_dir.glob("*.json")) if fresh and ledger_dir.is_dir() else []
+    per site and data set) are imported entry by entry, so what they spent still counts;
+    an import cut short is resumed at the next open, never repeated. `site` names the
+    site in messages only, never in a path."""
     file = open_ledger_file(ledger_dir, seal_file=seal_file, create=budget.ledger_header())
     ledger = PrivacyLedger(site=site, budget=budget, file=file)
-    if fresh and not ledger.entries:
-        for path in legacy:
-            _import_legacy(ledger, path)
+    legacy = sorted(Path(ledger_dir).glob("*.json"))
+    if legacy:
+        with ledger.locked():
+            for path in legacy:
+                _import_legacy(ledger, path)
     return ledger
 
 
 def _import_legacy(ledger: PrivacyLedger, path: Path) -> None:
-    """The entries of an earlier release's ledger file (format 1 or 2), recorded again."""
+    """The entries of an earlier release's ledger file (format 1 or 2) that the ledger
+    does not hold yet (counted by ``imported_from``), recorded again."""
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
         entries = state["entries"] if state.get("version") in (1, 2) else None
@@ -292,10 +292,12 @@ def _import_legacy(ledger: PrivacyLedger, path: Path) -> None:
         log.warning("privacy ledger import: %s is not a ledger of an earlier release; "
                     "skipped", path)
         return
-    for entry in entries:
+    done = sum(e.get("imported_from") == path.name for e in ledger.entries)
+    for entry in entries[done:]:
         events = [GaussianEvent(**e) for e in entry["events"]]
         kind = entry.get("kind", "train")
         ledger.record(events, str(entry.get("what", "imported release")), kind=kind,
                       study=entry.get("study"), imported_from=path.name)
-    log.warning("privacy ledger import: %d releases of %s now count in the site's one "
-                "ledger", len(entries), path)
+    if len(entries) > done:
+        log.warning("privacy ledger import: %d releases of %s now count in the site's one "
+                    "ledger", len(entries) - done, path)

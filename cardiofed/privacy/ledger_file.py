@@ -108,10 +108,6 @@ class LedgerFile:
     def path(self) -> Path:
         return self.ledger_dir / LEDGER_FILE
 
-    @property
-    def ledger_id(self) -> str:
-        return str(self.header["ledger_id"])
-
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the ledger's exclusive lock, with the newest entries read and verified
@@ -124,8 +120,7 @@ class LedgerFile:
                 finally:
                     self._depth -= 1
                 return
-            with open(_lock_path(self.ledger_dir), "a+b") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with _exclusive(self.ledger_dir):
                 self._depth = 1
                 try:
                     self.header, self.entries, self._seal = _read_verified(
@@ -133,7 +128,6 @@ class LedgerFile:
                     yield
                 finally:
                     self._depth = 0
-                    fcntl.flock(lock, fcntl.LOCK_UN)
 
     def append(self, entry: dict[str, Any]) -> None:
         """Append `entry` (call inside :meth:`locked`), fsync it, then advance the seal."""
@@ -241,29 +235,35 @@ def open_ledger_file(ledger_dir: str | Path, *, seal_file: str | Path | None = N
     seal_path = Path(seal_file) if seal_file is not None else default_seal_file(ledger_dir)
     _check_places(ledger_dir, seal_path)
     ledger_path = ledger_dir / LEDGER_FILE
-    if not seal_path.exists():
-        if ledger_path.exists():
-            raise PrivacyLedgerError(
-                f"The privacy ledger {ledger_path} has no seal at {seal_path} (the key that "
-                f"proves it was not edited): the seal was deleted or moved, or the config "
-                f"names another. Put the seal back, or set [privacy] seal_file to it. "
-                f"{_how_to_reset(ledger_dir)}")
-        if create is None:
-            raise PrivacyLedgerError(f"There is no privacy ledger in {ledger_dir} (and no seal "
-                                     f"at {seal_path}).")
-        _create(ledger_dir, seal_path, create)
-    with open(_lock_path(ledger_dir), "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            header, entries, seal = _read_verified(ledger_dir, seal_path)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    absent = PrivacyLedgerError(f"There is no privacy ledger in {ledger_dir} (and no seal "
+                                f"at {seal_path}).")
+    if create is None and not (seal_path.exists() or ledger_path.exists()):
+        raise absent  # before the lock, whose file would make the folder
+    with _exclusive(ledger_dir):  # two nodes starting at once create one ledger
+        if not seal_path.exists():
+            if ledger_path.exists():
+                raise PrivacyLedgerError(
+                    f"The privacy ledger {ledger_path} has no seal at {seal_path} (the key "
+                    f"that proves it was not edited): the seal was deleted or moved, or the "
+                    f"config names another. Put the seal back, or set [privacy] seal_file to "
+                    f"it. {_how_to_reset(ledger_dir)}")
+            if create is None:
+                raise absent
+            _create(ledger_dir, seal_path, create)
+        header, entries, seal = _read_verified(ledger_dir, seal_path)
     return LedgerFile(ledger_dir, seal_path, seal, header, entries)
 
 
-def _lock_path(ledger_dir: Path) -> Path:
+@contextlib.contextmanager
+def _exclusive(ledger_dir: Path) -> Iterator[None]:
+    """The ledger folder's exclusive ``flock`` (the folder is made if need be)."""
     ledger_dir.mkdir(parents=True, exist_ok=True)
-    return ledger_dir / LOCK_FILE
+    with open(ledger_dir / LOCK_FILE, "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _create(ledger_dir: Path, seal_file: Path, header: dict[str, Any]) -> None:
@@ -299,7 +299,9 @@ def reset_ledger(ledger_dir: str | Path, *, reason: str, create: dict[str, Any],
             previous = {"ledger_id": seal.ledger_id, "releases": seal.entries}
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     archived = []
-    for path in (ledger_dir / LEDGER_FILE, seal_path):
+    # The ledger, its seal, and ledgers of earlier releases (JSON), which a new ledger
+    # would otherwise import again.
+    for path in (ledger_dir / LEDGER_FILE, seal_path, *sorted(ledger_dir.glob("*.json"))):
         if path.exists():
             target = path.with_name(f"{path.name}.reset-{stamp}")
             os.replace(path, target)

@@ -77,17 +77,21 @@ def check_preprocessor(pre: Preprocessor, ranges: Sequence[Sequence[float]]) -> 
         k = int(far[0])
         raise TaskRefused(f"The preprocessor's mean of model column {k} ({float(mean[k])!r}) is "
                           f"more than a span away from the values the site's ranges allow.")
-    return floored_scales(pre, ranges)
+    return _floored(pre, span)
 
 
 def floored_scales(pre: Preprocessor, ranges: Sequence[Sequence[float]]) -> Preprocessor:
     """`pre` with every positive scale at least :data:`SCALE_FLOOR` of its column's span
     over the declared ranges (a zero scale, a constant column, stays zero: only centred)."""
     lowest, highest = column_bounds(pre, ranges)
-    floor = SCALE_FLOOR * (highest - lowest)
+    return _floored(pre, highest - lowest)
+
+
+def _floored(pre: Preprocessor, span: np.ndarray) -> Preprocessor:
     std = np.asarray(pre.std, dtype=np.float64)
     return Preprocessor(fill=pre.fill, mean=pre.mean,
-                        std=np.where(std > 0, np.maximum(std, floor), 0.0), form=pre.form)
+                        std=np.where(std > 0, np.maximum(std, SCALE_FLOOR * span), 0.0),
+                        form=pre.form)
 
 
 def bounded_rows(pre: Preprocessor, x: np.ndarray,
@@ -96,9 +100,8 @@ def bounded_rows(pre: Preprocessor, x: np.ndarray,
     into the declared ranges, filled, standardised, clipped to ``[-Z_MAX, Z_MAX]``."""
     low, high = np.array(ranges, dtype=np.float64).T
     x = np.asarray(x, dtype=np.float64)
-    clipped = np.where(np.isnan(x), np.nan, np.clip(x, low, high))
     with np.errstate(all="ignore"):
-        z = pre.standardise(clipped)
+        z = pre.standardise(np.clip(x, low, high))  # a missing value stays NaN: filled
     return np.clip(np.nan_to_num(z, nan=0.0, posinf=Z_MAX, neginf=-Z_MAX),
                    -Z_MAX, Z_MAX).astype(np.float32)
 

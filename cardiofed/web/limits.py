@@ -38,10 +38,12 @@ class BodyLimits:
     default: int
     prefixes: Mapping[str, int] = field(default_factory=dict)
     routes: Mapping[str, int] = field(default_factory=dict)
+    _compiled: tuple[tuple[re.Pattern[str], int], ...] = field(
+        init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_compiled", [(re.compile(pattern), limit)
-                                               for pattern, limit in self.routes.items()])
+        object.__setattr__(self, "_compiled", tuple(
+            (re.compile(pattern), limit) for pattern, limit in self.routes.items()))
         for where, limit in [("default", self.default), *self.prefixes.items(),
                              *self.routes.items()]:
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
@@ -53,9 +55,9 @@ class BodyLimits:
                                  f"{prefix!r}.")
 
     def for_path(self, path: str) -> int:
-        for pattern, route_limit in self._compiled:  # type: ignore[attr-defined]
+        for pattern, route_limit in self._compiled:
             if pattern.fullmatch(path):
-                return int(route_limit)
+                return route_limit
         best, limit = -1, self.default
         for prefix, prefix_limit in self.prefixes.items():
             stem = prefix.rstrip("/")
