@@ -6,6 +6,8 @@
   beside it (a pure-Python loop, the kind of neighbour a shared hospital server has);
   target: within 1.5x of the quiet time (one PyTorch thread per process, so neither
   starves the other).
+* the same demo with ``--dp-epsilon 1`` (every site's releases under DP), alone;
+  target: within 2x of the non-private demo.
 
     python bench/cli.py [--repeats 5] [--demo-args "..."]
 """
@@ -26,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, write_results  # noqa: E402
 
 COMMANDS = ["", "demo", "simulate", "check", "audit", "coordinator", "status",
-            "admin create-study", "node run", "node audit", "serve", "predict",
+            "admin create-study", "node run", "node audit", "node ledger",
+            "node reset-ledger", "serve", "predict",
             "models list", "keys create"]
 CARDIOFED = [sys.executable, "-m", "cardiofed.cli"]
 
@@ -65,7 +68,9 @@ def main() -> None:
         finally:
             stop.set()
             neighbour.join()
+        private = _wall([*demo, "--dp-epsilon", "1"], cwd=folder)
     ratio = busy / quiet
+    dp_ratio = private / quiet
     slowest = max(r[1] for r in help_rows)
     md = (f"## Help screens (fresh process, median of {args.repeats})\n\n"
           + markdown_table(["command", "median s", "max s"], help_rows)
@@ -74,9 +79,14 @@ def main() -> None:
           + "## The demo beside a CPU-bound process\n\n"
           + markdown_table(["run", "wall s"], [["alone", quiet], ["beside a busy process",
                                                                  busy]])
-          + f"\nRatio {ratio:.2f} (target <= 1.5: {'met' if ratio <= 1.5 else 'missed'}).\n")
+          + f"\nRatio {ratio:.2f} (target <= 1.5: {'met' if ratio <= 1.5 else 'missed'}).\n\n"
+          + "## The demo with differential privacy (--dp-epsilon 1)\n\n"
+          + markdown_table(["run", "wall s"], [["without DP", quiet], ["epsilon 1", private]])
+          + f"\nRatio {dp_ratio:.2f} (target <= 2: "
+            f"{'met' if dp_ratio <= 2 else 'missed'}).\n")
     write_results("cli", {"help": help_rows, "demo_quiet_s": quiet, "demo_busy_s": busy,
-                          "ratio": ratio, "demo_args": args.demo_args}, md)
+                          "ratio": ratio, "demo_dp_s": private, "dp_ratio": dp_ratio,
+                          "demo_args": args.demo_args}, md)
 
 
 if __name__ == "__main__":
