@@ -57,6 +57,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
 from cardiofed.aggregation.robust import SiteAggregation, streamed_mean, update_norm
+from cardiofed.aggregation.robust_statistics import (
+    Moments,
+    StatisticsGate,
+    consistent,
+    gate_factors,
+    scaled,
+    site_moments,
+)
 from cardiofed.aggregation.server_optimizers import ServerState
 from cardiofed.aggregation.staleness import StaleUpdate, buffer_ready, publish_buffer
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
@@ -83,6 +91,7 @@ from cardiofed.coordinator.storage import (
     utcnow,
 )
 from cardiofed.data.preprocessing import (
+    DEFAULT_BINS,
     SiteStatistics,
     add_statistics,
     bin_edges,
@@ -800,7 +809,9 @@ class _Folded:
     site order), and the statistics' running totals, the decoded updates or the metrics."""
 
     names: list[str] = field(default_factory=list)
-    statistics: dict[int, SiteStatistics] = field(default_factory=dict)  # by bin count
+    # A statistics round keeps each release's (update id, count, mean, SD) per column;
+    # the gate's factors come from them, and the releases are read again to be summed.
+    moments: list[tuple[int, Moments]] = field(default_factory=list)
     updates: list[ClientUpdate] = field(default_factory=list)
     # A (robust) mean round keeps no update: (update id, num_samples, norm, train_loss)
     # each, and the aggregate is a running sum over the payloads read again in batches.
@@ -825,6 +836,7 @@ def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Fold
     names = {i: name for i, name in db.execute(
         select(Site.id, Site.name).where(Site.study_id == study.id))}
     streams = study_plan(study).robust_rule in (None, "mean")
+    edges = _edges(study) if rnd.kind == STATISTICS else None
     out = _Folded()
     for start in range(0, len(update_ids), FOLD_BATCH):
         batch = update_ids[start:start + FOLD_BATCH]
@@ -843,11 +855,9 @@ def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Fold
             declared = checked.manifest.get("privacy")
             if rnd.number == 0 and declared in PRIVACY_MODES:  # a site's first report
                 out.privacy[name] = declared
-            if rnd.kind == STATISTICS:
-                stats = SiteStatistics(**checked.arrays)
-                bins = stats.histogram.shape[1]
-                total = out.statistics.get(bins)
-                out.statistics[bins] = stats if total is None else add_statistics(total, stats)
+            if edges is not None:
+                out.moments.append((update_id, site_moments(SiteStatistics(**checked.arrays),
+                                                            edges)))
             elif rnd.kind == TRAIN:
                 loss = float(checked.manifest.get("train_loss", "nan"))
                 if streams:
@@ -862,6 +872,36 @@ def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Fold
             else:
                 assert checked.metrics is not None
                 out.metrics[name] = checked.metrics
+    return out
+
+
+def _edges(study: Study) -> np.ndarray:
+    return bin_edges([(lo, hi) for lo, hi in study.feature_ranges], DEFAULT_BINS)
+
+
+def _gated_statistics(db: Session, study: Study, rnd: Round, folded: _Folded
+                      ) -> dict[int, SiteStatistics]:
+    """The round's releases through the statistics gate
+    (:mod:`cardiofed.aggregation.robust_statistics`), summed by bin count; what the gate
+    cut is recorded in the round's aggregation report."""
+    edges = _edges(study)
+    ids = [i for i, _ in folded.moments]
+    factors = gate_factors([m for _, m in folded.moments], edges[:, 0], edges[:, -1])
+    cut = StatisticsGate(factors).down_weighted()
+    rnd.aggregation = [{"site": name, "clipped": True,
+                        "statistics_down_weighted": [study.feature_names[j] for j in cols]}
+                       for name, cols in zip(folded.names, cut, strict=True) if cols]
+    out: dict[int, SiteStatistics] = {}
+    for start in range(0, len(ids), FOLD_BATCH):
+        batch = ids[start:start + FOLD_BATCH]
+        payloads = dict(db.execute(select(Update.id, Update.payload)
+                                   .where(Update.id.in_(batch))).all())
+        for k, update_id in enumerate(batch, start):
+            stats = scaled(consistent(SiteStatistics(**decode_arrays(payloads[update_id])[0]),
+                                      edges), factors[k])
+            bins = stats.histogram.shape[1]
+            total = out.get(bins)
+            out[bins] = stats if total is None else add_statistics(total, stats)
     return out
 
 
@@ -923,7 +963,7 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         db.commit()
         return
     if rnd.kind == STATISTICS:
-        stats = list(folded.statistics.values())
+        stats = list(_gated_statistics(db, study, rnd, folded).values())
         edges = bin_edges([(lo, hi) for lo, hi in study.feature_ranges],
                           max(s.histogram.shape[1] for s in stats))
         pre = merge_statistics(stats, edges, study.feature_names,
@@ -971,7 +1011,8 @@ def _close_relayed(db: Session, study: Study, plan: SimulationConfig, rnd: Round
     """A relay study's round closes into the aggregate its region sends upward; the
     study then waits for the next round the region's node opens (done after evaluation)."""
     if rnd.kind == STATISTICS:
-        rnd.relay_result = relay.statistics_result(list(folded.statistics.values()))
+        rnd.relay_result = relay.statistics_result(
+            list(_gated_statistics(db, study, rnd, folded).values()))
     elif rnd.kind == TRAIN:
         delta, report = _round_delta(db, plan.make_algorithm(), folded)
         rnd.relay_result = relay.update_result(delta, folded.sizes(), folded.losses())

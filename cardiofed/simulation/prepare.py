@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
@@ -9,6 +10,13 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from cardiofed.aggregation.covariate_shift import covariate_weights
+from cardiofed.aggregation.robust_statistics import (
+    Moments,
+    consistent,
+    gate_factors,
+    scaled,
+    site_moments,
+)
 from cardiofed.data.dataset import FederatedDataset, SiteData
 from cardiofed.data.model_form import ModelForm
 from cardiofed.data.preprocessing import (
@@ -67,10 +75,13 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
                        outbox: Callable[[str, str, bytes], None] | None = None, *,
                        covariate_shift: bool = False,
                        privacy: Mapping[str, SitePrivacy] | None = None,
-                       form: ModelForm | None = None) -> list[PreparedSite]:
+                       form: ModelForm | None = None, robust: bool = False
+                       ) -> list[PreparedSite]:
     """Impute and standardise every site with federated statistics.
 
-    ``global``: one preprocessor from merged site statistics (equal to pooled ones).
+    ``global``: one preprocessor from merged site statistics (equal to pooled ones);
+    `robust` passes them through the coordinator's statistics gate first
+    (:mod:`cardiofed.aggregation.robust_statistics`, what a networked study does).
     ``per-site``: missing values filled with the federated median, then each site
     standardises with its own training mean and standard deviation (FLamby's choice).
     With `outbox`, each site's statistics pass through it as wire payloads. With
@@ -90,8 +101,10 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
     edges = bin_edges(dataset.feature_ranges)
     private_edges = bin_edges(dataset.feature_ranges, PRIVATE_BINS)
     released: list[SiteStatistics] = []
-    # Exact releases fold into one running total (what merging needs), so memory does not
-    # grow with the federation; covariate shift needs each site's histogram.
+    moments: list[Moments] = []
+    # Exact releases are summed as they come (what merging needs), so memory does not
+    # grow with the federation; behind the gate they are computed again once its
+    # factors are known. Covariate shift needs each site's histogram.
     streaming = privacy is None and not covariate_shift
     for s in dataset.sites:
         if privacy is None or s.name not in privacy:
@@ -102,14 +115,22 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
             except PrivacyBudgetExceeded:
                 continue  # the site releases nothing; its training is refused likewise
         stats = stats if outbox is None else _via_wire(s.name, stats, outbox)
-        if streaming and released:
+        moments.append(site_moments(stats, edges))
+        if streaming and released and not robust:
             released[0] = add_statistics(released[0], stats)
-        else:
+        elif not (streaming and robust):
             released.append(stats)
-    if not released:
+    if not moments:
         raise PrivacyBudgetExceeded("No site has privacy budget left for its statistics "
                                     "release; the federation cannot start.")
-    merged = merge_statistics(released, edges, dataset.feature_names, form)
+    gated = released
+    if robust:
+        factors = gate_factors(moments, edges[:, 0], edges[:, -1])
+        again = ((site_statistics(s.x_train, edges) for s in dataset.sites) if streaming
+                 else iter(released))
+        gated = [functools.reduce(add_statistics, (
+            scaled(consistent(st, edges), f) for st, f in zip(again, factors, strict=True)))]
+    merged = merge_statistics(gated, edges, dataset.feature_names, form)
     prepared = [_prepared(s, merged if standardisation == "global"
                           else local_preprocessor(s.x_train, merged.fill, form),
                           dataset.feature_ranges)
