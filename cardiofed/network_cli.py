@@ -43,6 +43,10 @@ def coordinator(
     admin_key_file: KeyFile = Path("cardiofed-admin.key"),
     workers: Annotated[int, typer.Option(
         min=1, help="Worker processes sharing the port (more than one needs PostgreSQL).")] = 1,
+    max_connections: Annotated[int, typer.Option(
+        min=1, help="Connections each worker holds at once; beyond, a 503 (slow clients "
+                    "cannot queue without bound). Put a reverse proxy with header "
+                    "timeouts in front on the internet.")] = 1024,
 ) -> None:
     """Run the coordinator (FastAPI under uvicorn); state lives in the database, so
     several processes (``--workers``, or coordinators on other machines) can share it."""
@@ -73,7 +77,8 @@ def coordinator(
     uvicorn.run(app, factory=workers > 1, workers=workers, host=host, port=port,
                 log_level="info",
                 ssl_certfile=str(certfile) if certfile else None,
-                ssl_keyfile=str(keyfile) if keyfile else None, timeout_graceful_shutdown=10)
+                ssl_keyfile=str(keyfile) if keyfile else None, timeout_graceful_shutdown=10,
+                limit_concurrency=max_connections, timeout_keep_alive=5)
 
 
 def _admin_client(url: str, key_file: Path, ca_file: Path | None) -> httpx.Client:
@@ -206,6 +211,43 @@ def new_key(key_file: Annotated[Path, typer.Option(help="Where to write the new 
     console.print(f"A {role} credential written to {key_file} (keep it secret).")
 
 
+@admin_app.command("keys")
+def keys(database_url: Annotated[str, typer.Option(
+        envvar="CARDIOFED_DATABASE_URL", help="The coordinator's database.")
+        ] = DEFAULT_DATABASE_URL) -> None:
+    """List the admin and viewer credentials (ids and roles; never the keys)."""
+    from sqlalchemy import select
+
+    from cardiofed.coordinator.deps import _sessions
+    from cardiofed.coordinator.storage import AdminKey
+
+    with _sessions(database_url)() as db:
+        for key in db.scalars(select(AdminKey).order_by(AdminKey.id)):
+            state = (f"revoked {key.revoked_at:%Y-%m-%d %H:%M} UTC" if key.revoked_at
+                     else "active")
+            console.print(f"#{key.id}  {key.role or 'admin':6}  created "
+                          f"{key.created_at:%Y-%m-%d %H:%M} UTC  {state}")
+
+
+@admin_app.command("revoke-key")
+def revoke_key(key_id: Annotated[int, typer.Option("--id", help="The key's number (see "
+                                                   "'cardiofed admin keys').")],
+               database_url: Annotated[str, typer.Option(
+                   envvar="CARDIOFED_DATABASE_URL", help="The coordinator's database.")
+               ] = DEFAULT_DATABASE_URL) -> None:
+    """Revoke an admin or viewer credential (run where the coordinator runs): it stops
+    working at once and its dashboard sessions end."""
+    from cardiofed.coordinator import service
+    from cardiofed.coordinator.deps import _sessions
+
+    with _sessions(database_url)() as db:
+        try:
+            key = service.revoke_admin_key(db, key_id)
+        except CardioFedError as exc:
+            raise fail(exc) from None
+    console.print(f"Key #{key.id} ({key.role or 'admin'}) revoked; its sessions ended.")
+
+
 @admin_app.command("revoke")
 def revoke(study: Annotated[str, typer.Option()], site: Annotated[str, typer.Option()],
            url: Url = "https://127.0.0.1:8443",
@@ -214,6 +256,63 @@ def revoke(study: Annotated[str, typer.Option()], site: Annotated[str, typer.Opt
     with _admin_client(url, admin_key_file, ca_file) as client:
         _checked(client.post(f"/v1/studies/{study}/sites/{site}/revoke"))
     console.print(f"Site {site} of study {study} revoked.")
+
+
+@admin_app.command("pause")
+def pause(study: Annotated[str, typer.Option()],
+          reason: Annotated[str, typer.Option(help="Why (kept in the status and audit log).")],
+          url: Url = "https://127.0.0.1:8443",
+          admin_key_file: KeyFile = Path("cardiofed-admin.key"), ca_file: CaFile = None) -> None:
+    """Pause a study: no round closes and no task is handed out until resume."""
+    with _admin_client(url, admin_key_file, ca_file) as client:
+        _checked(client.post(f"/v1/studies/{study}/pause", json={"reason": reason}))
+    console.print(f"Study {study} paused.")
+
+
+@admin_app.command("resume")
+def resume(study: Annotated[str, typer.Option()], url: Url = "https://127.0.0.1:8443",
+           admin_key_file: KeyFile = Path("cardiofed-admin.key"), ca_file: CaFile = None) -> None:
+    """Resume a paused study; its open round gets a fresh deadline."""
+    with _admin_client(url, admin_key_file, ca_file) as client:
+        _checked(client.post(f"/v1/studies/{study}/resume"))
+    console.print(f"Study {study} resumed.")
+
+
+@admin_app.command("cancel")
+def cancel(study: Annotated[str, typer.Option()],
+           reason: Annotated[str, typer.Option(help="Why (kept in the status and audit log).")],
+           url: Url = "https://127.0.0.1:8443",
+           admin_key_file: KeyFile = Path("cardiofed-admin.key"), ca_file: CaFile = None) -> None:
+    """End a study where it stands; nodes stop, the models published so far stay."""
+    with _admin_client(url, admin_key_file, ca_file) as client:
+        _checked(client.post(f"/v1/studies/{study}/cancel", json={"reason": reason}))
+    console.print(f"Study {study} cancelled.")
+
+
+@admin_app.command("add-site")
+def add_site(study: Annotated[str, typer.Option()], site: Annotated[str, typer.Option()],
+             url: Url = "https://127.0.0.1:8443",
+             admin_key_file: KeyFile = Path("cardiofed-admin.key"),
+             ca_file: CaFile = None) -> None:
+    """Add a site to a running study and print its one-time enrolment token."""
+    with _admin_client(url, admin_key_file, ca_file) as client:
+        token = _checked(client.post(f"/v1/studies/{study}/sites",
+                                     json={"name": site})).json()["enrolment_token"]
+    console.print(f"Site {site} added to study {study}; its enrolment token (give it to the "
+                  f"site's node, once): {token}")
+
+
+@admin_app.command("readmit")
+def readmit(study: Annotated[str, typer.Option()], site: Annotated[str, typer.Option()],
+            url: Url = "https://127.0.0.1:8443",
+            admin_key_file: KeyFile = Path("cardiofed-admin.key"),
+            ca_file: CaFile = None) -> None:
+    """Re-admit a revoked site and print its new one-time enrolment token."""
+    with _admin_client(url, admin_key_file, ca_file) as client:
+        token = _checked(client.post(
+            f"/v1/studies/{study}/sites/{site}/readmit")).json()["enrolment_token"]
+    console.print(f"Site {site} of study {study} re-admitted; its new enrolment token "
+                  f"(give it to the site's node, once): {token}")
 
 
 def status(study: Annotated[str, typer.Option()], url: Url = "https://127.0.0.1:8443",

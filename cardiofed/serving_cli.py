@@ -49,6 +49,9 @@ def serve(
     db: DatabaseUrl = None,
     certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    max_connections: Annotated[int, typer.Option(
+        min=1, help="Connections held at once; beyond, a 503 (slow clients cannot queue "
+                    "without bound).")] = 1024,
 ) -> None:
     """Serve the risk API (one uvicorn worker) on the registry's promoted model."""
     import uvicorn
@@ -65,7 +68,8 @@ def serve(
     # log would add a second one.
     uvicorn.run(create_serving_app(settings), host=host, port=port, log_config=None,
                 access_log=False, ssl_certfile=str(certfile) if certfile else None,
-                ssl_keyfile=str(keyfile) if keyfile else None, timeout_graceful_shutdown=10)
+                ssl_keyfile=str(keyfile) if keyfile else None, timeout_graceful_shutdown=10,
+                limit_concurrency=max_connections, timeout_keep_alive=5)
 
 
 @models_app.command("list")

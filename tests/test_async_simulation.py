@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cardiofed.data.synthetic import synthetic_federation
 from cardiofed.exceptions import ConfigurationError
@@ -183,3 +185,28 @@ def test_buffer_shrinks_to_the_sites_still_training(sites: list[PreparedSite]) -
                     speeds=_speeds(sites, [10.0, 20.0, 30.0, 40.0]),
                     site_multipliers={sites[3].name: 0.0})
     assert [h["time_s"] for h in run.history] == pytest.approx([30.0, 60.0])
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
+@given(seconds=st.lists(st.floats(1.0, 5000.0), min_size=4, max_size=4),
+       timeout=st.sampled_from([None, 1.0, 600.0]), buffer_size=st.integers(3, 4))
+def test_no_version_is_built_from_fewer_than_2f_plus_1_sites(
+        sites: list[PreparedSite], monkeypatch: pytest.MonkeyPatch, seconds: list[float],
+        timeout: float | None, buffer_size: int) -> None:
+    # Issue 29: a timeout published a version from whatever had arrived (one update);
+    # under a robust rule tolerating f = 1 every version needs 3 distinct sites.
+    import cardiofed.simulation.async_runner as runner
+
+    built: list[list[str]] = []
+    real = runner.publish_buffer
+
+    def recording(algorithm, weights, buffer, *args, **kwargs):  # type: ignore[no-untyped-def]
+        built.append([u.site for u, _ in buffer])
+        return real(algorithm, weights, buffer, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "publish_buffer", recording)
+    config = _async(rounds=3, buffer_size=buffer_size, buffer_timeout_s=timeout,
+                    robust_rule="median", robust_byzantine=1)
+    run_async(sites, config, speeds=_speeds(sites, seconds))
+    assert built and all(len(set(names)) == len(names) >= 3 for names in built)

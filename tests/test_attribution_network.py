@@ -72,7 +72,7 @@ def test_networked_attribution_equals_the_simulator(tmp_path: Path) -> None:
 
 
 def test_a_site_leaving_restarts_the_analysis_without_it(tmp_path: Path) -> None:
-    fed = _federation(tmp_path)
+    fed = _federation(tmp_path, min_sites=3)
     agents = [exact(fed, s) for s in SITES]
     for _ in range(3):  # moments and two Newton steps
         fed.step(agents)

@@ -65,7 +65,7 @@ def test_dashboard_follows_a_study_revokes_a_site_and_refuses_a_forged_form(
         page: Page, procs: Processes) -> None:  # noqa: F811
     coordinator = Coordinator(procs, "ui").ready()
     fed = Federation(procs, coordinator, "browser", "synthetic", SYN_SITES,
-                     {**SYN_PLAN, "rounds": 3})
+                     {**SYN_PLAN, "rounds": 3}, min_sites=2)
     page.goto(f"{coordinator.url}/ui")
     expect(page).to_have_url(f"{coordinator.url}/ui/login")
     _shot(page, "login")
@@ -87,6 +87,9 @@ def test_dashboard_follows_a_study_revokes_a_site_and_refuses_a_forged_form(
     expect(row).not_to_contain_text("revoked")
 
     row.get_by_role("button", name=f"Revoke {absent}").click()
+    expect(page.locator("h1")).to_contain_text(f"Revoke site {absent} of study browser?")
+    _shot(page, "confirm-revoke")
+    page.get_by_role("button", name=f"Revoke {absent}").click()
     expect(page.locator(f'tr[data-site="{absent}"]')).to_contain_text("revoked")
     # The page refreshes itself; the study goes on without the revoked site.
     expect(page.locator("h1 .phase")).to_have_text("done", timeout=STUDY_S * 1000)

@@ -79,3 +79,11 @@ def test_risk_api_metrics_need_an_admin_key(api: Api) -> None:
     r = api.get("/metrics", key=api.admin_key)
     assert r.status_code == 200
     assert 'cardiofed_http_requests_total{method="POST",route="/v1/risk",status="200"}' in r.text
+
+
+def test_the_risk_api_sends_security_headers(api: Api) -> None:
+    for path in ("/calculator", "/healthz"):
+        r = api.client.get(path)
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    assert "content-security-policy" not in api.client.get("/docs").headers  # CDN bundles

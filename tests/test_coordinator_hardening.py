@@ -176,7 +176,7 @@ def test_an_asynchronous_buffer_quarantines_a_payload_that_no_longer_passes(
 
     fed = Federation(tmp_path, plan={"rounds": 2, "local_epochs": 1, "batch_size": 32,
                                      "lr": 0.05, "seed": 5, "aggregation": "async",
-                                     "buffer_size": 3})
+                                     "buffer_size": 3, "robust_byzantine": 0})
     agents = [fed.agent(s) for s in SITES]
     assert fed.step(agents) == 3  # statistics
     assert fed.step(agents[:2]) == 2  # two training updates wait in the buffer

@@ -245,7 +245,8 @@ class Coordinator:
         return dict(r.json())
 
     def create_study(self, study: str, dataset: str, sites: list[str],
-                     plan: Mapping[str, object], *, subprocess: bool = False) -> dict[str, str]:
+                     plan: Mapping[str, object], *, subprocess: bool = False,
+                     min_sites: int | None = None) -> dict[str, str]:
         """``cardiofed admin create-study --json``: the one-time token of each site.
 
         As a child process with `subprocess`, else in this process."""
@@ -255,7 +256,7 @@ class Coordinator:
         args = ["admin", "create-study", "--url", self.url, "--admin-key-file",
                 str(self.key_file), "--study", study, "--dataset", dataset,
                 *[a for s in sites for a in ("--site", s)], "--config", str(plan_file),
-                "--json", *tls]
+                "--json", *tls, *(["--min-sites", str(min_sites)] if min_sites else [])]
         result = self.procs.run(*args) if subprocess else in_process(*args)
         assert result.returncode == 0, result.stdout + result.stderr
         tokens = json.loads(result.stdout)
@@ -314,11 +315,13 @@ class Federation:
     def __init__(self, procs: Processes, coordinator: Coordinator, study: str, dataset: str,
                  sites: list[str], plan: Mapping[str, object], *, subprocess: bool = False,
                  ca_file: str | None = None,
-                 node_settings: Mapping[str, Mapping[str, object]] | None = None) -> None:
+                 node_settings: Mapping[str, Mapping[str, object]] | None = None,
+                 min_sites: int | None = None) -> None:
         self.procs, self.coordinator, self.study = procs, coordinator, study
         self.sites, self.dataset, self.ca_file = sites, dataset, ca_file
         self.node_settings = node_settings or {}
-        tokens = coordinator.create_study(study, dataset, sites, plan, subprocess=subprocess)
+        tokens = coordinator.create_study(study, dataset, sites, plan, subprocess=subprocess,
+                                          min_sites=min_sites)
         self.configs = {site: self._config(site, tokens[site]) for site in sites}
 
     def _config(self, site: str, token: str) -> Path:
@@ -486,7 +489,8 @@ def test_async_study_over_loopback_does_not_wait_for_a_slow_node(
     """Buffered asynchronous aggregation (K = 2) with one node 12 s slower per update:
     the other two publish every version; the slow node's late update is refused as
     stale, the node carries on, and every node evaluates the final model."""
-    plan = {**SYN_PLAN, "aggregation": "async", "buffer_size": 2, "rounds": 4}
+    plan = {**SYN_PLAN, "aggregation": "async", "buffer_size": 2, "rounds": 4,
+            "robust_byzantine": 0}  # versions of 2 updates: f = 0
     slow = SYN_SITES[2]
     fed = Federation(procs, shared, "async", "synthetic", SYN_SITES, plan,
                      node_settings={slow: {"train_delay_s": 12.0}})

@@ -66,7 +66,7 @@ def test_one_site_of_eight_moves_no_mean_or_sd_far(victim, bins, records, skew) 
     attacked[victim] = _release(edges, bins, records, skew)
     merged = _merged(attacked, edges)
     width = edges[:, -1] - edges[:, 0]
-    assert np.max(np.abs(merged.mean - clean.mean) / width) <= 0.10
+    assert np.max(np.abs(merged.mean - clean.mean) / width) <= 0.12
     assert np.max(np.abs(merged.std / clean.std - 1)) <= 0.45
     continuous = width > 1  # a 0/1 column's fill is its majority category, and sex is 50:50
     assert np.max(np.abs(merged.fill - clean.fill)[continuous] / width[continuous]) <= 0.10

@@ -104,12 +104,13 @@ def publish_buffer(algorithm: FederatedAlgorithm, weights: Weights,
 
 
 def buffer_ready(count: int, *, buffer_size: int, since_publication_s: float,
-                 timeout_s: float | None) -> bool:
-    """Whether a buffer holding `count` updates should produce a new global model:
-    ``buffer_size`` updates, or (with `timeout_s`) at least one update once `timeout_s`
-    seconds have passed since the last model was published."""
-    if count == 0:
-        return False  # a version is never published from nothing
+                 timeout_s: float | None, min_count: int = 1) -> bool:
+    """Whether a buffer holding `count` updates (of distinct sites) should produce a new
+    global model: ``buffer_size`` updates, or (with `timeout_s`) at least `min_count`
+    once `timeout_s` seconds have passed since the last model was published. Never from
+    fewer than `min_count` (2f + 1 under a robust rule tolerating f sites)."""
+    if count < max(min_count, 1):
+        return False  # a version is never published from nothing, nor from too few
     if count >= buffer_size:
         return True
     return timeout_s is not None and since_publication_s >= timeout_s

@@ -18,6 +18,7 @@ from cardiofed.exceptions import CoordinatorError
 from cardiofed.web.errors import invalid_request, unreadable_body
 from cardiofed.web.limits import BodyLimits, BodySizeLimit
 from cardiofed.web.metrics import RequestMetrics, ServiceMetrics
+from cardiofed.web.security import SecurityHeaders
 
 JSON_BODY_LIMIT = 64 * 1024  # enrolment, refusals: small JSON, often before authentication
 STUDY_BODY_LIMIT = 4 << 20  # a study plan with its sites, before the admin key is checked
@@ -56,6 +57,7 @@ def create_app() -> FastAPI:
     buffered = metrics.gauge("cardiofed_updates_buffered",
                              "Accepted updates of open rounds not yet aggregated")
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(SecurityHeaders)
 
     @app.get("/metrics", tags=["health"], response_class=Response,
              responses={200: {"content": {"text/plain": {}}}, **refusals(401, 413)})

@@ -14,7 +14,7 @@ import hmac
 from datetime import timedelta
 from importlib.resources import files
 from typing import Annotated, Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -70,6 +70,9 @@ def current_login(request: Request, db: DB, clock: Clock) -> Login | None:
     session = db.get(UiSession, service.hash_secret(token))
     if session is None or session.expires_at <= clock():
         return None
+    key = db.get(AdminKey, session.admin_key_id)  # checked on every request
+    if key is None or key.revoked_at is not None:
+        return None
     return Login(session, token)
 
 
@@ -86,7 +89,13 @@ def _to_login() -> RedirectResponse:
 
 
 async def _form(request: Request) -> dict[str, str]:
-    """An urlencoded form (the body is bounded by the app's body limit)."""
+    """An urlencoded form (the body is bounded by the app's body limit), posted from this
+    dashboard: a browser's ``Origin`` (or, without one, ``Referer``) must name this host,
+    so no other site can post a form here, a login included (login CSRF)."""
+    source = request.headers.get("origin") or request.headers.get("referer")
+    if source is not None and urlsplit(source).netloc != request.headers.get("host"):
+        raise PermissionDenied("The form was posted from another site; open the dashboard "
+                               "at its own address and try again.")
     fields = parse_qs((await request.body()).decode("utf-8", "replace"))
     return {k: v[0] for k, v in fields.items()}
 
@@ -268,9 +277,14 @@ def _auc_charts(db: Session, study: Study) -> dict[str, Any]:
 @router.post("/studies/{study_id}/sites/{site_name}/revoke")
 async def revoke(study_id: str, site_name: str, request: Request, db: DB,
                  login: OptionalLogin, clock: Clock) -> Response:
-    checked = _checked(login, await _form(request))
+    form = await _form(request)
+    checked = _checked(login, form)
     if not checked.can_change:
         raise PermissionDenied("A viewer cannot revoke sites.")
+    study = service.get_study(db, study_id)
+    if form.get("confirm") != "yes":  # the first press asks; the second revokes
+        return _page("confirm.html", login=checked, study=study.id, site=site_name,
+                     min_sites=study.min_sites, quote=quote)
     key = db.get(AdminKey, checked.key_id)
     assert key is not None  # a session's key is never deleted
     service.revoke_site(db, study_id, site_name, by=(key, "dashboard"), now=clock)

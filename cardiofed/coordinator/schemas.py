@@ -99,6 +99,23 @@ class StudyCreated(BaseModel):
     enrolment_tokens: dict[str, str]
 
 
+class Reason(BaseModel):
+    """Why an operator pauses or cancels a study (kept in the status and audit log)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    reason: str = Field(min_length=1, max_length=200)
+
+
+class SiteAdded(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
+
+
+class EnrolmentToken(BaseModel):
+    site: str
+    enrolment_token: str
+
+
 class ModelInfo(BaseModel):
     version: int
     round: int

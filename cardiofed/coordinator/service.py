@@ -10,8 +10,9 @@ says which sites it waits for.
 With ``aggregation = "async"`` in the plan, training has no barrier (see
 :mod:`cardiofed.aggregation.staleness`): training round ``r`` means "trained from model
 version ``r - 1``" and stays open while newer versions appear. Updates wait in a
-buffer (rows with ``aggregated_into`` NULL); once ``buffer_size`` have arrived (or
-``buffer_timeout_s`` after the last publication, with at least one) they are folded,
+buffer (rows with ``aggregated_into`` NULL; one per site); once ``buffer_size`` have
+arrived (or ``buffer_timeout_s`` after the last publication, from at least 2f + 1 distinct
+sites under a robust rule tolerating f) they are folded,
 discounted by staleness, into a new version and the next round opens. Updates older
 than ``max_staleness`` versions are refused. After ``rounds`` versions, the evaluation
 round gathers metrics as in a synchronous study. Each accepted update is committed before it is
@@ -44,6 +45,7 @@ from sqlalchemy import (
     Integer,
     Table,
     bindparam,
+    delete,
     exists,
     func,
     insert,
@@ -87,6 +89,7 @@ from cardiofed.coordinator.storage import (
     Round,
     Site,
     Study,
+    UiSession,
     Update,
     utcnow,
 )
@@ -176,13 +179,34 @@ def create_admin_key(db: Session, role: str = ADMIN) -> str:
 def authenticate_admin(db: Session, credential: str | None, *, write: bool = True
                        ) -> AdminKey:
     """The admin key of `credential`; with `write`, a viewer's is refused."""
-    key = db.scalar(select(AdminKey).where(AdminKey.key_hash == hash_secret(credential))
+    key = db.scalar(select(AdminKey).where(AdminKey.key_hash == hash_secret(credential),
+                                           AdminKey.revoked_at.is_(None))
                     ) if credential else None
     if key is None:
         raise AuthenticationError("An admin credential is required for this request.")
     if write and key.role == VIEWER:
         raise PermissionDenied("A viewer credential reads but cannot change anything; "
                                "this request needs an admin credential.")
+    return key
+
+
+def revoke_admin_key(db: Session, key_id: int, now: Clock = utcnow) -> AdminKey:
+    """Revoke an admin or viewer credential: it authenticates nothing from now on and its
+    dashboard sessions end. The last admin key is kept (make another first)."""
+    key = db.get(AdminKey, key_id)
+    if key is None:
+        raise NotFound(f"There is no admin or viewer key #{key_id}.")
+    if key.revoked_at is not None:
+        raise Conflict(f"Key #{key_id} was revoked on {key.revoked_at:%Y-%m-%d %H:%M} UTC.")
+    if key.role != VIEWER and not db.scalar(select(AdminKey.id).where(
+            AdminKey.id != key.id, AdminKey.revoked_at.is_(None),
+            (AdminKey.role.is_(None)) | (AdminKey.role == ADMIN)).limit(1)):
+        raise Conflict(f"Key #{key_id} is the last admin key: make another admin key before "
+                       f"revoking it, or nobody can administer the coordinator.")
+    key.revoked_at = now()
+    db.execute(delete(UiSession).where(UiSession.admin_key_id == key.id))
+    audit(db, key, "cli", "revoke key", None, f"key #{key.id} ({key.role or ADMIN})", now)
+    db.commit()
     return key
 
 
@@ -211,10 +235,6 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
     unsafe = [name for name in [study_id, *sites] if not is_safe_name(name)]
     if unsafe:
         raise InvalidUpdate(f"Study and site names must {NAME_RULE}; got {unsafe}.")
-    try:
-        plan.check_buffer_size(len(sites))
-    except ConfigurationError as exc:
-        raise InvalidUpdate(str(exc)) from None
     simulation_only = [name for name, on in (
         ("algorithm scaffold", plan.algorithm == "scaffold"),
         ("weighting", plan.weighting != "sample-size"), ("label_quality", plan.label_quality),
@@ -242,6 +262,10 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
         raise InvalidUpdate("A relay study runs the rounds its region's node opens for the "
                             "national study: it cannot be an attribution study, and its own "
                             "aggregation is 'sync' (the national plan may be asynchronous).")
+    try:
+        plan.check_buffer_size(len(sites))
+    except ConfigurationError as exc:
+        raise InvalidUpdate(str(exc)) from None
     if plan.attribution is not None:
         if feature_names != attribution.columns_of(plan.attribution, plan.catalogue()):
             raise InvalidUpdate("An attribution study's feature columns are its covariates' "
@@ -297,6 +321,147 @@ def revoke_site(db: Session, study_id: str, site_name: str,
     if by is not None:
         audit(db, *by, "revoke site", study_id, site_name, now)
     db.commit()
+
+
+# ---------------------------------------------------------------- operator controls
+
+PAUSED, CANCELLED, FEW_SITES = "paused", "cancelled", "waiting for sites"
+
+
+def _active_count(db: Session, study: Study) -> int:
+    return int(db.scalar(select(func.count()).select_from(Site)
+                         .where(Site.study_id == study.id, ~Site.revoked)) or 0)
+
+
+def pause_study(db: Session, study_id: str, reason: str,
+                by: tuple[AdminKey, str] | None = None, now: Clock = utcnow) -> None:
+    """Stop a study from advancing until :func:`resume_study`: no round closes, no task
+    is handed out; what sites upload meanwhile waits in its round."""
+    study = get_study(db, study_id)
+    with _serialised(db, study):
+        _refuse_finished(study, "pause")
+        study.halted = f"{PAUSED} by an operator: {reason}"[:300]
+        if by is not None:
+            audit(db, *by, "pause study", study_id, reason, now)
+        db.commit()
+
+
+def resume_study(db: Session, study_id: str, by: tuple[AdminKey, str] | None = None,
+                 now: Clock = utcnow) -> None:
+    """Let a paused study go on; its open round gets a fresh deadline."""
+    study = get_study(db, study_id)
+    with _serialised(db, study):
+        _refuse_finished(study, "resume")
+        if study.halted is None:
+            raise Conflict(f"Study {study_id!r} is not paused.")
+        study.halted = None
+        rnd = _round(db, study)
+        rnd.deadline = now() + timedelta(seconds=study.round_timeout_s)
+        if by is not None:
+            audit(db, *by, "resume study", study_id, "", now)
+        db.commit()
+        _advance(db, study, now)
+
+
+def cancel_study(db: Session, study_id: str, reason: str,
+                 by: tuple[AdminKey, str] | None = None, now: Clock = utcnow) -> None:
+    """End a study where it stands: its open rounds close, nodes stop, the models
+    published so far stay (the status says it was cancelled, and why)."""
+    study = get_study(db, study_id)
+    with _serialised(db, study):
+        _refuse_finished(study, "cancel")
+        for rnd in db.scalars(select(Round).where(Round.study_id == study.id,
+                                                  Round.closed_at.is_(None))):
+            rnd.closed_at = now()
+            rnd.outcome = f"{CANCELLED}: {reason}"[:200]
+        study.phase = "done"
+        study.halted = f"{CANCELLED} by an operator: {reason}"[:300]
+        if by is not None:
+            audit(db, *by, "cancel study", study_id, reason, now)
+        db.commit()
+
+
+def _refuse_finished(study: Study, action: str) -> None:
+    if study.phase == "done":
+        raise Conflict(f"Study {study.id!r} is over ({study.halted or 'done'}); there is "
+                       f"nothing to {action}.")
+
+
+def add_site(db: Session, study_id: str, site_name: str,
+             by: tuple[AdminKey, str] | None = None, now: Clock = utcnow) -> str:
+    """Enrol a new site into a running study; returns its one-time enrolment token. It
+    takes part from the next task it is given (the merged preprocessor is shared)."""
+    study = get_study(db, study_id)
+    if not is_safe_name(site_name):
+        raise InvalidUpdate(f"Site names must {NAME_RULE}; got {site_name!r}.")
+    with _serialised(db, study):
+        _refuse_finished(study, "add a site to")
+        if study.relay or study.plan.get("attribution") is not None:
+            raise Conflict(f"Study {study_id!r} fixes its sites at creation (a relay or "
+                           f"attribution study).")
+        if db.scalar(select(Site.id).where(Site.study_id == study.id,
+                                           Site.name == site_name)) is not None:
+            raise Conflict(f"Study {study_id!r} already has a site {site_name!r}; re-admit "
+                           f"it if it was revoked.")
+        token = new_secret()
+        index = db.scalar(select(func.max(Site.index)).where(Site.study_id == study.id))
+        db.add(Site(study_id=study.id, name=site_name, index=(index or 0) + 1,
+                    enrol_token_hash=hash_secret(token)))
+        db.execute(update(Study).where(Study.id == study.id, Study.active_sites.is_not(None))
+                   .values(active_sites=Study.active_sites + 1))
+        if by is not None:
+            audit(db, *by, "add site", study_id, site_name, now)
+        db.commit()
+        return token
+
+
+def readmit_site(db: Session, study_id: str, site_name: str,
+                 by: tuple[AdminKey, str] | None = None, now: Clock = utcnow) -> str:
+    """Re-admit a revoked site with a new one-time enrolment token (its old credential
+    stays dead); returns the token."""
+    study = get_study(db, study_id)
+    with _serialised(db, study):
+        _refuse_finished(study, "re-admit a site to")
+        site = db.scalar(select(Site).where(Site.study_id == study.id,
+                                            Site.name == site_name))
+        if site is None:
+            raise NotFound(f"Study {study_id!r} has no site {site_name!r}.")
+        token = new_secret()
+        flipped = db.execute(update(Site).where(Site.id == site.id, Site.revoked.is_(True))
+                             .values(revoked=False, credential_hash=None,
+                                     enrol_token_hash=hash_secret(token))
+                             .returning(Site.id)).first()
+        if flipped is None:
+            raise Conflict(f"Site {site_name!r} of study {study_id!r} is not revoked.")
+        db.execute(update(Study).where(Study.id == study.id, Study.active_sites.is_not(None))
+                   .values(active_sites=Study.active_sites + 1))
+        if by is not None:
+            audit(db, *by, "re-admit site", study_id, site_name, now)
+        db.commit()
+        return token
+
+
+def _held(db: Session, study: Study, now: Clock) -> bool:
+    """Whether the study must not advance: paused by an operator, or with fewer active
+    sites than ``min_sites`` (it pauses itself and says why, and goes on once enough
+    sites are active again)."""
+    if study.halted is not None and study.halted.startswith(PAUSED):
+        return True
+    active = _active_count(db, study)
+    if active < study.min_sites:
+        why = (f"{FEW_SITES}: {active} active of the {study.min_sites} required "
+               f"(min_sites); re-admit or add sites, or cancel the study")
+        if study.halted != why:
+            study.halted = why
+            db.commit()
+        return True
+    if study.halted is not None:  # enough sites again
+        study.halted = None
+        rnd = _round(db, study)
+        if rnd.closed_at is None:
+            rnd.deadline = max(rnd.deadline, now() + timedelta(seconds=study.round_timeout_s))
+        db.commit()
+    return False
 
 
 # ---------------------------------------------------------------- sites
@@ -476,8 +641,8 @@ def next_task(db: Session, site: Site, now: Clock = utcnow) -> Task | None:
     if study.phase in ("done", RELAY):
         return None
     rnd = _round(db, study)
-    if rnd.closed_at is not None or _reported(db, rnd, site) is not None \
-            or site.id in _refused(db, study, rnd.number):
+    if study.halted is not None or rnd.closed_at is not None \
+            or _reported(db, rnd, site) is not None or site.id in _refused(db, study, rnd.number):
         return None
     return Task(study.id, rnd.number, rnd.kind, rnd.model_version, rnd.deadline)
 
@@ -636,7 +801,15 @@ def _staleness(study: Study, rnd: Round, site: Site) -> int | None:
 def _refuse_second_in_buffer(db: Session, study: Study, rnd: Round, site: Site) -> None:
     """An asynchronous study takes at most one update per site into its buffer: a site
     with an update still waiting there (in any open round) is refused another, so no
-    site can fill the buffer alone by uploading into several open rounds."""
+    site can fill the buffer alone by uploading into several open rounds; nor does it
+    take an update into a round older than one the site already reported to."""
+    newer = db.scalar(
+        select(Round.number).join(Update, Update.round_id == Round.id)
+        .where(Round.study_id == study.id, Round.number > rnd.number,
+               Update.site_id == site.id).limit(1))
+    if newer is not None:
+        raise StaleUpdateRefused(f"Site {site.name!r} already reported to round {newer}; an "
+                                 f"update for the older round {rnd.number} is discarded.")
     waiting = db.scalar(
         select(Round.number).join(Update, Update.round_id == Round.id)
         .where(Round.study_id == study.id, Round.kind == TRAIN, Round.closed_at.is_(None),
@@ -735,7 +908,7 @@ def _waiting_query() -> Any:
     reported = select(func.coalesce(func.sum(ReportTally.reports), 0)).where(
         ReportTally.round_id == Round.id).scalar_subquery()
     return (select(Study.phase, Study.plan["aggregation"].as_string(), Round.closed_at,
-                   Round.deadline, active, refused, reported)
+                   Round.deadline, active, refused, reported, Study.min_sites, Study.halted)
             .join(Round, (Round.study_id == Study.id) & (Round.number == Study.current_round))
             .where(Study.id == bindparam("study_id")))
 
@@ -748,15 +921,20 @@ def _still_waiting(db: Session, study_id: str, now: Clock) -> bool:
     row = db.connection().execute(_WAITING, {"study_id": study_id}).one_or_none()
     if row is None:
         return False
-    phase, aggregation, closed_at, deadline, n_active, n_refused, n_reported = row
+    (phase, aggregation, closed_at, deadline, n_active, n_refused, n_reported, min_sites,
+     halted) = row
     if phase == RELAY:  # nothing to close until the region's node opens a round
         return True
+    if halted is not None or n_active < min_sites:
+        return False  # _advance says why it holds, or lets it go on
     if phase == "done" or (phase == TRAIN and aggregation == "async"):
         return False
     return closed_at is None and now() < deadline and n_reported < n_active - n_refused
 
 
 def _advance(db: Session, study: Study, now: Clock) -> None:
+    if study.phase in ("done", RELAY) or _held(db, study, now):
+        return
     while study.phase not in ("done", RELAY):
         if study.phase == TRAIN and _is_async(study):
             if not _publish_buffered(db, study, now):
@@ -905,6 +1083,13 @@ def _gated_statistics(db: Session, study: Study, rnd: Round, folded: _Folded
     return out
 
 
+def _released_statistics(db: Session, folded: _Folded) -> list[SiteStatistics]:
+    ids = [i for i, _ in folded.moments]
+    payloads = dict(db.execute(select(Update.id, Update.payload)
+                               .where(Update.id.in_(ids))).all())
+    return [SiteStatistics(**decode_arrays(payloads[i])[0]) for i in ids]
+
+
 def _round_delta(db: Session, algorithm: FederatedAlgorithm, folded: _Folded
                  ) -> tuple[Weights, list[SiteAggregation]]:
     """A training round's aggregate delta and what robust aggregation did: a running sum
@@ -1011,8 +1196,8 @@ def _close_relayed(db: Session, study: Study, plan: SimulationConfig, rnd: Round
     """A relay study's round closes into the aggregate its region sends upward; the
     study then waits for the next round the region's node opens (done after evaluation)."""
     if rnd.kind == STATISTICS:
-        rnd.relay_result = relay.statistics_result(
-            list(_gated_statistics(db, study, rnd, folded).values()))
+        # A region sends its sites' exact sum; the study above gates it as one site's.
+        rnd.relay_result = relay.statistics_result(_released_statistics(db, folded))
     elif rnd.kind == TRAIN:
         delta, report = _round_delta(db, plan.make_algorithm(), folded)
         rnd.relay_result = relay.update_result(delta, folded.sizes(), folded.losses())
@@ -1070,14 +1255,21 @@ def _publish_buffered(db: Session, study: Study, now: Clock) -> bool:
     # The round's deadline bounds the wait too: a site that died without being revoked
     # cannot hold training up for longer than round_timeout_s.
     timeout = min(plan.buffer_timeout_s or math.inf, study.round_timeout_s)
+    if len(active) < plan.min_buffer():
+        why = (f"waiting: {len(active)} active sites; a version needs "
+               f"{plan.min_buffer()} distinct sites")
+        if rnd.outcome != why:
+            rnd.outcome = why
+            db.commit()
+        return False
     if not buffer_ready(len(buffer), buffer_size=min(plan.buffer_size, len(active)),
                         since_publication_s=(now() - rnd.opened_at).total_seconds(),
-                        timeout_s=timeout):
+                        timeout_s=timeout, min_count=plan.min_buffer()):
         return False
     rounds = {r.id: r for r in db.scalars(select(Round).where(Round.study_id == study.id))}
     buffer = [u for u in buffer if _checked_or_quarantined(
         db, study, rounds[u.round_id], active[u.site_id].name, u.id, u.payload) is not None]
-    if not buffer:
+    if len(buffer) < plan.min_buffer():
         db.commit()
         return False
     algorithm = plan.make_algorithm()
@@ -1158,7 +1350,7 @@ def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
         "reported": sorted(s.name for s in active if s.id in reported),
         "waiting_for": [] if study.phase == "done" else waiting,
         "deadline": rnd.deadline.isoformat() + "Z", "min_sites": study.min_sites,
-        "round_outcome": rnd.outcome,
+        "round_outcome": rnd.outcome, "halted": study.halted,
         "revoked": sorted(s.name for s in db.scalars(
             select(Site).where(Site.study_id == study.id, Site.revoked))),
         "aggregation": "async" if _is_async(study) else "sync",

@@ -47,6 +47,8 @@ class AdminKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     # "viewer": reads everything, changes nothing; NULL (keys made before roles): admin
     role: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # When the key was revoked: it authenticates nothing since, its dashboard sessions end.
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class ReportTally(Base):
@@ -108,6 +110,9 @@ class Study(Base):
     # training and evaluation rounds are opened by the region's node with the national
     # model, and each closed round keeps the aggregate that node sends upward.
     relay: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    # Why the study does not advance: paused by an operator or for want of active sites
+    # (min_sites), or cancelled (then phase is "done"); None while it runs.
+    halted: Mapped[str | None] = mapped_column(String(300), nullable=True)
 
 
 class Site(Base):

@@ -75,6 +75,7 @@ from cardiofed.web.errors import (
 )
 from cardiofed.web.limits import BodyLimits, BodySizeLimit
 from cardiofed.web.metrics import RequestMetrics, ServiceMetrics
+from cardiofed.web.security import STRICT_POLICY, SecurityHeaders
 
 # Room per patient in a batch body: one with every feature, units and indentation is
 # under 1 KiB of JSON; the default batch limit is max_batch times this.
@@ -416,6 +417,9 @@ def create_serving_app(settings: ServingSettings | None = None) -> FastAPI:
     from cardiofed.serving import calculator
 
     app.include_router(calculator.router)
+    # The calculator page carries its own small stylesheet inline.
+    app.add_middleware(SecurityHeaders, policy=STRICT_POLICY.replace(
+        "style-src 'self'", "style-src 'self' 'unsafe-inline'"))
 
     @app.get("/healthz", tags=["health"], responses=responses(413))
     def health() -> dict[str, str]:

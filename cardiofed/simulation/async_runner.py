@@ -51,7 +51,8 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
               privacy: Mapping[str, SitePrivacy] | None = None,
               outbox: Outbox | None = None,
               site_multipliers: Mapping[str, float] | None = None,
-              max_time_s: float | None = None) -> FederatedRun:
+              max_time_s: float | None = None,
+              algorithm: FederatedAlgorithm | None = None) -> FederatedRun:
     """Publish ``config.rounds`` model versions by buffered asynchronous aggregation.
 
     `speeds` default to :func:`~cardiofed.simulation.clock.default_speeds` by site type.
@@ -70,7 +71,7 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     site_types = {s.name: s.site_type for s in sites}
     clocks, rngs = site_clocks(sites, config, default_speeds(site_types, config.seed)
                                if speeds is None else speeds)
-    algorithm = config.make_algorithm()
+    algorithm = algorithm or config.make_algorithm()
     model = make_model(config.model, sites[0].x_train.shape[1], seed=config.seed)
     versions: dict[int, Weights] = {0: get_weights(model)}
     state = algorithm.init_server(versions[0])
@@ -132,9 +133,10 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 except StaleUpdate as exc:
                     run.rejected.append((t, site.name, str(exc)))
                 waiting.add(k)
-        if buffer and (kind == _TIMEOUT or buffer_ready(
+        if len(buffer) >= config.min_buffer() and (kind == _TIMEOUT or buffer_ready(
                 len(buffer), buffer_size=min(config.buffer_size, len(training)),
-                since_publication_s=t - published_at, timeout_s=config.buffer_timeout_s)):
+                since_publication_s=t - published_at, timeout_s=config.buffer_timeout_s,
+                min_count=config.min_buffer())):
             updates = [u for u, _ in buffer]
             agg, mixture = rule.weights(updates, site_types, mixture)
             total = sum(agg)

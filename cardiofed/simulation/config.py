@@ -152,12 +152,25 @@ class SimulationConfig(BaseModel):
         return StalenessRule(kind=self.staleness, exponent=self.staleness_exponent,
                              hinge=self.staleness_hinge, max_staleness=self.max_staleness)
 
+    def min_buffer(self) -> int:
+        """The fewest distinct sites an asynchronous version is built from: 2f + 1 under
+        a robust rule tolerating f malicious sites (a median of fewer is theirs), else 1."""
+        return 2 * self.robust_byzantine + 1 if self.robust_rule is not None else 1
+
     def check_buffer_size(self, n_sites: int) -> None:
         """Each site contributes at most one update per model version, so a buffer larger
-        than the federation would never fill."""
-        if self.aggregation == "async" and self.buffer_size > n_sites:
+        than the federation would never fill; under a robust rule a buffer holds at least
+        :meth:`min_buffer` sites."""
+        if self.aggregation != "async":
+            return
+        if self.buffer_size > n_sites:
             raise ConfigurationError(f"The 'buffer_size' parameter must be at most the number "
                                      f"of sites ({n_sites}); got {self.buffer_size}.")
+        if self.buffer_size < self.min_buffer():
+            raise ConfigurationError(
+                f"The 'buffer_size' parameter must be at least 2 x robust_byzantine + 1 = "
+                f"{self.min_buffer()} under robust_rule {self.robust_rule!r} (a version built "
+                f"from fewer sites is the malicious ones'); got {self.buffer_size}.")
 
     @classmethod
     def create(cls, **settings: object) -> SimulationConfig:

@@ -9,7 +9,14 @@ from fastapi import APIRouter
 
 from cardiofed.coordinator import attribution, service
 from cardiofed.coordinator.deps import DB, Admin, Clock, Credential, refusals
-from cardiofed.coordinator.schemas import AttributionResponse, StudyCreate, StudyCreated
+from cardiofed.coordinator.schemas import (
+    AttributionResponse,
+    EnrolmentToken,
+    Reason,
+    SiteAdded,
+    StudyCreate,
+    StudyCreated,
+)
 from cardiofed.data.dataset import feature_ranges_for
 from cardiofed.exceptions import AuthenticationError, ConfigurationError, InvalidUpdate
 from cardiofed.schema import Catalogue, canonical_features
@@ -100,3 +107,42 @@ def attribution_result(study_id: str, db: DB, clock: Clock,
              responses=refusals(401, 403, 404, 413, 422))
 def revoke(study_id: str, site_name: str, db: DB, key: Admin, clock: Clock) -> None:
     service.revoke_site(db, study_id, site_name, by=(key, "api"), now=clock)
+
+
+@router.post("/{study_id}/pause", status_code=204,
+             responses=refusals(401, 403, 404, 409, 413, 422))
+def pause(study_id: str, body: Reason, db: DB, key: Admin, clock: Clock) -> None:
+    """Stop the study from advancing (no round closes, no task is handed out)."""
+    service.pause_study(db, study_id, body.reason, by=(key, "api"), now=clock)
+
+
+@router.post("/{study_id}/resume", status_code=204,
+             responses=refusals(401, 403, 404, 409, 413, 422))
+def resume(study_id: str, db: DB, key: Admin, clock: Clock) -> None:
+    """Let a paused study go on (its open round gets a fresh deadline)."""
+    service.resume_study(db, study_id, by=(key, "api"), now=clock)
+
+
+@router.post("/{study_id}/cancel", status_code=204,
+             responses=refusals(401, 403, 404, 409, 413, 422))
+def cancel(study_id: str, body: Reason, db: DB, key: Admin, clock: Clock) -> None:
+    """End the study where it stands; the models published so far stay."""
+    service.cancel_study(db, study_id, body.reason, by=(key, "api"), now=clock)
+
+
+@router.post("/{study_id}/sites", status_code=201,
+             responses=refusals(401, 403, 404, 409, 413, 422))
+def add_site(study_id: str, body: SiteAdded, db: DB, key: Admin,
+             clock: Clock) -> EnrolmentToken:
+    """Add a site to a running study; returns its one-time enrolment token."""
+    token = service.add_site(db, study_id, body.name, by=(key, "api"), now=clock)
+    return EnrolmentToken(site=body.name, enrolment_token=token)
+
+
+@router.post("/{study_id}/sites/{site_name}/readmit", status_code=201,
+             responses=refusals(401, 403, 404, 409, 413, 422))
+def readmit(study_id: str, site_name: str, db: DB, key: Admin,
+            clock: Clock) -> EnrolmentToken:
+    """Re-admit a revoked site with a new one-time enrolment token."""
+    token = service.readmit_site(db, study_id, site_name, by=(key, "api"), now=clock)
+    return EnrolmentToken(site=site_name, enrolment_token=token)
