@@ -23,8 +23,9 @@ regression, FedAvg, 20 rounds, 1 local epoch, batch 32, lr 0.05.
    coefficient, per rule.
 3. **Asynchronous buffer.** The fastest one or two sites attack every update they send
    (sign flip, x1e6, the targeted update); versions are published from K = 3
-   distinct sites (f = 1) or K = 5 (f = 2), median after the norm bound; the cost in
-   pooled AUC against the clean asynchronous run with the same settings.
+   distinct sites (f = 1) or K = 5 (f = 2), median or weighted median after the norm
+   bound; the cost in pooled AUC against the clean asynchronous run with the same
+   settings.
 
     python bench/targeted_attacks.py [--data-dir DIR] [--quick]
 """
@@ -68,9 +69,12 @@ RULES: dict[str, dict[str, Any]] = {
     "trimmed mean (cap, bound)": {"robust_rule": "trimmed-mean"},
     "centred clipping (cap, bound)": {"robust_rule": "centered-clip"},
     "multi-Krum f=2 (cap, bound)": {"robust_rule": "multi-krum", "robust_byzantine": 2},
-    "default: median (bound)": {"robust_rule": "median"},
+    "median (bound)": {"robust_rule": "median"},
+    "weighted median f=1 (cap 1/3, bound)": {"robust_rule": "weighted-median"},
+    "default: weighted median f=2 (cap 1/5, bound)": {"robust_rule": "weighted-median",
+                                                      "robust_byzantine": 2},
 }
-DEFAULT = "default: median (bound)"
+DEFAULT = "default: weighted median f=2 (cap 1/5, bound)"
 CATEGORIES = ((0.05, "low"), (0.075, "borderline"), (0.20, "intermediate"),
               (float("inf"), "high"))
 
@@ -236,9 +240,11 @@ def async_attacks(sites: list[PreparedSite], base: dict[str, Any]) -> dict[str, 
     fastest = sorted(sites, key=lambda s: -s.n_train)  # the tier-3 hospitals train fastest
     x_test = np.concatenate([s.x_test for s in sites])
     out: dict[str, Any] = {}
-    for label, f, k in (("K=3 (f=1)", 1, 3), ("K=5 (f=2)", 2, 5)):
+    for label, rule, f, k in (("median, K=3 (f=1)", "median", 1, 3),
+                              ("median, K=5 (f=2)", "median", 2, 5),
+                              ("default: weighted median, K=5 (f=2)", "weighted-median", 2, 5)):
         cfg = SimulationConfig.create(**{**base, "aggregation": "async", "buffer_size": k,
-                                         "robust_rule": "median", "robust_byzantine": f})
+                                         "robust_rule": rule, "robust_byzantine": f})
         clean = run_async(sites, cfg)
         auc = float(round_metrics(cfg.model, clean.weights, sites)["pooled_auc"])
         patient = x_test[int(np.argmin(np.abs(score("logistic", clean.weights, x_test)

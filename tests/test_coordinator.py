@@ -125,8 +125,8 @@ def _simulated(plan: dict[str, object]) -> ExperimentResult:
     sub = dataclasses.replace(data, sites=[data.site(s) for s in SITES])
     # A networked study aggregates robustly by default; the simulator does so when asked.
     # Nodes train one site each: the simulator's per-site backend is the exact twin.
-    plan = {"robust_rule": "median", **plan, "backend": "loop"}
-    return run_experiment(sub, SimulationConfig.create(**plan), baselines=False)
+    config = service.network_plan(SimulationConfig.create(**plan, backend="loop"), len(SITES))
+    return run_experiment(sub, config, baselines=False)
 
 
 def test_networked_run_equals_the_simulator(fed: Federation) -> None:
@@ -996,7 +996,7 @@ def test_async_buffer_smaller_than_2f_plus_1_is_refused(fed: Federation) -> None
         "feature_names": names, "feature_ranges": ranges})
     assert r.status_code == 422
     assert ("'buffer_size' parameter must be at least 2 x robust_byzantine + 1 = 3 under "
-            "robust_rule 'median'") in r.text
+            "robust_rule 'weighted-median'") in r.text
 
 
 def test_async_buffer_larger_than_the_federation_is_refused(fed: Federation) -> None:

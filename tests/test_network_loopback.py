@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from cardiofed.coordinator.service import network_plan
 from cardiofed.data.dataset import FederatedDataset
 from cardiofed.data.paths import data_dir
 from cardiofed.data.preprocessing import Preprocessor
@@ -391,8 +392,8 @@ def synthetic_reference() -> ExperimentResult:
                      sites=[data.site(s) for s in SYN_SITES], outcome=data.outcome)
     # A networked study aggregates robustly by default; the simulator, when asked.
     # Nodes train one site each: the simulator's per-site backend is the exact twin.
-    plan = {**SYN_PLAN, "robust_rule": "median", "backend": "loop"}
-    return run_experiment(sub, SimulationConfig.create(**plan), baselines=False)
+    plan = network_plan(SimulationConfig.create(**SYN_PLAN, backend="loop"), len(SYN_SITES))
+    return run_experiment(sub, plan, baselines=False)
 
 
 def assert_matches_simulator(coordinator: Coordinator, study: str,
@@ -427,8 +428,8 @@ def test_uci_federation_over_loopback_equals_the_simulator(
     fed = Federation(procs, shared, "uci", "uci-heart", UCI_SITES, UCI_PLAN, subprocess=True,
                      node_settings={s: {"opt_in": ["small_batches"]} for s in UCI_SITES})
     fed.start()
-    plan = {**UCI_PLAN, "robust_rule": "median", "backend": "loop"}
-    sim = run_experiment(data, SimulationConfig.create(**plan), baselines=False)
+    plan = network_plan(SimulationConfig.create(**UCI_PLAN, backend="loop"), len(UCI_SITES))
+    sim = run_experiment(data, plan, baselines=False)
 
     fed.finish()
 

@@ -6,6 +6,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cardiofed.aggregation.robust import (
     RobustAggregation,
@@ -14,6 +16,7 @@ from cardiofed.aggregation.robust import (
     clip_scales,
     krum_selection,
     trimmed_mean,
+    weighted_median,
 )
 from cardiofed.exceptions import ConfigurationError
 
@@ -83,8 +86,8 @@ def test_centered_clip_stays_near_the_honest_updates() -> None:
     assert np.linalg.norm(v - [1.0, 1.0]) < 0.5
 
 
-@pytest.mark.parametrize("rule", ["mean", "trimmed-mean", "median", "multi-krum",
-                                  "centered-clip"])
+@pytest.mark.parametrize("rule", ["mean", "trimmed-mean", "median", "weighted-median",
+                                  "multi-krum", "centered-clip"])
 def test_one_scaled_update_cannot_move_the_model_far(rule: str) -> None:
     honest = [[0.1, -0.1, 0.05], [0.12, -0.08, 0.04], [0.09, -0.11, 0.06], [0.11, -0.1, 0.05]]
     attacker = [1e6, 1e6, 1e6]
@@ -155,3 +158,28 @@ def test_the_streamed_mean_is_the_robust_mean_without_holding_the_updates() -> N
         streamed_mean(RobustAggregation(rule="median"), sites, weights, norms, [deltas])
     with pytest.raises(ValueError, match="got 4 updates for 9"):
         streamed_mean(robust, sites, weights, norms, [deltas[:4]])
+
+
+def test_weighted_median_by_hand() -> None:
+    x = np.array([[1.0, 10.0], [2.0, 20.0], [30.0, 0.0]])
+    assert weighted_median(x, np.array([0.1, 0.1, 0.8])).tolist() == [30.0, 0.0]
+    assert weighted_median(x, np.full(3, 1 / 3)).tolist() == [2.0, 10.0]
+    assert weighted_median(x[:2], np.array([0.5, 0.5])).tolist() == [1.5, 15.0]
+
+
+@settings(max_examples=50, deadline=None)
+@given(honest=st.lists(st.integers(1, 2000), min_size=5, max_size=12),
+       tiny=st.lists(st.integers(1, 80), min_size=2, max_size=2),
+       push=st.floats(-1e3, 1e3, allow_nan=False))
+def test_two_tiny_colluding_sites_move_the_weighted_median_only_within_the_honest_range(
+        honest: list[int], tiny: list[int], push: float) -> None:
+    # Issue 29: the median gave a 71-patient clinic the vote of a 969-patient hospital;
+    # weighted by capped sample share, two small clinics stay inside the honest spread.
+    rng = np.random.default_rng(len(honest))
+    good = rng.normal(0.1, 0.02, size=(len(honest), 3))
+    rows = [*good.tolist(), *[[push, push, push]] * 2]
+    robust = RobustAggregation(rule="weighted-median", norm_bound=None, byzantine=2)
+    out, _ = robust.aggregate([{"w": np.array(r, np.float32)} for r in rows],
+                              [*honest, *tiny], [f"s{i}" for i in range(len(rows))])
+    assert (out["w"] >= good.min(axis=0) - 1e-6).all()
+    assert (out["w"] <= good.max(axis=0) + 1e-6).all()

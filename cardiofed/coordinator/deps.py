@@ -69,6 +69,7 @@ _REFUSALS = {
     413: "Request body over this endpoint's size limit (see `detail`)",
     422: "Invalid fields, each named (at most 20 listed), or an invalid payload (`errors` "
          "empty, `detail` says why)",
+    429: "Too many uploads of this site in progress (see Retry-After)",
 }
 
 

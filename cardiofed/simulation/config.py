@@ -90,7 +90,7 @@ class SimulationConfig(BaseModel):
     # Robust aggregation (cardiofed.aggregation.robust). None: off in simulation; a
     # networked study turns it on by default (coordinate-wise median after the norm
     # bound; bench/robustness.py).
-    robust_rule: Literal["mean", "trimmed-mean", "median", "multi-krum",
+    robust_rule: Literal["mean", "trimmed-mean", "median", "weighted-median", "multi-krum",
                          "centered-clip"] | None = None
     robust_norm_bound: float | None = Field(3.0, ge=1, allow_inf_nan=False)
     robust_max_weight_share: float | None = Field(0.5, gt=0, le=1)

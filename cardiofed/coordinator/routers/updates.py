@@ -18,9 +18,16 @@ from cardiofed.coordinator.deps import (
     refusals,
 )
 from cardiofed.coordinator.schemas import RefusalRequest, SubmitResponse
+from cardiofed.coordinator.settings import CoordinatorSettings
 from cardiofed.exceptions import CoordinatorError, PayloadTooLarge
+from cardiofed.web.errors import RateLimited
 
 router = APIRouter(prefix="/v1/studies", tags=["updates"])
+
+# Uploads of one site this process holds at once (a node uploads one at a time; a retry
+# may overlap it): beyond, a 429, so one credential cannot pin the workers' memory.
+MAX_UPLOADS_IN_FLIGHT = 2
+_in_flight: dict[int, int] = {}  # site id -> uploads being received or stored
 
 
 # The body is read as bytes, whatever its Content-Type: safetensors, or for an evaluation
@@ -32,7 +39,7 @@ PAYLOAD = {"requestBody": {"required": True, "content": {"application/octet-stre
 
 
 @router.post("/{study_id}/rounds/{round_number}/updates", openapi_extra=PAYLOAD,
-             responses=refusals(401, 403, 404, 409, 413, 422))
+             responses=refusals(401, 403, 404, 409, 413, 422, 429))
 async def submit_update(study_id: str, round_number: PathNumber, request: Request,
                         credential: Credential, settings: Settings,
                         clock: Clock) -> SubmitResponse:
@@ -44,6 +51,22 @@ async def submit_update(study_id: str, round_number: PathNumber, request: Reques
     sessions = _sessions(settings.database_url)
     target = await run_in_threadpool(_authenticate, sessions, credential, study_id,
                                      round_number)
+    site_id = target.site.id
+    if _in_flight.get(site_id, 0) >= MAX_UPLOADS_IN_FLIGHT:
+        raise RateLimited(f"Site {target.site.name!r} already has {MAX_UPLOADS_IN_FLIGHT} "
+                          f"uploads in progress; retry when one has finished.", 1.0)
+    _in_flight[site_id] = _in_flight.get(site_id, 0) + 1
+    try:
+        return await _receive(request, sessions, target, settings, clock)
+    finally:
+        _in_flight[site_id] -= 1
+        if not _in_flight[site_id]:
+            del _in_flight[site_id]
+
+
+async def _receive(request: Request, sessions: sessionmaker[Session],
+                   target: service.UploadTarget, settings: CoordinatorSettings,
+                   clock: service.Clock) -> SubmitResponse:
     declared = int(request.headers.get("content-length") or 0)
     if declared > settings.max_update_bytes:
         raise PayloadTooLarge(f"Payload of {declared} bytes exceeds the limit of "
