@@ -183,3 +183,20 @@ def test_two_tiny_colluding_sites_move_the_weighted_median_only_within_the_hones
                               [*honest, *tiny], [f"s{i}" for i in range(len(rows))])
     assert (out["w"] >= good.min(axis=0) - 1e-6).all()
     assert (out["w"] <= good.max(axis=0) + 1e-6).all()
+
+
+@settings(max_examples=50, deadline=None)
+@given(honest=st.lists(st.integers(1, 2000), min_size=5, max_size=12),
+       declared=st.lists(st.integers(1, 2**62), min_size=2, max_size=2),
+       push=st.floats(-1e3, 1e3, allow_nan=False))
+def test_two_sites_of_any_declared_size_stay_inside_the_honest_range(
+        honest: list[int], declared: list[int], push: float) -> None:
+    rng = np.random.default_rng(len(honest))
+    good = rng.normal(0.1, 0.02, size=(len(honest), 3))
+    rows = [*good.tolist(), *[[push, push, push]] * 2]
+    robust = RobustAggregation(rule="weighted-median", norm_bound=None, byzantine=2)
+    out, report = robust.aggregate([{"w": np.array(r, np.float32)} for r in rows],
+                                   [*honest, *declared], [f"s{i}" for i in range(len(rows))])
+    assert (out["w"] >= good.min(axis=0) - 1e-6).all()
+    assert (out["w"] <= good.max(axis=0) + 1e-6).all()
+    assert sum(r.weight_share for r in report[-2:]) <= 0.4 + 1e-9

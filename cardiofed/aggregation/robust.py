@@ -10,11 +10,12 @@ Pure functions on the round's model deltas. :class:`RobustAggregation` applies, 
    ordinary-sized update);
 3. **a rule**: ``mean`` (weighted mean), ``trimmed-mean`` and ``median``
    (coordinate-wise, Yin et al. 2018), ``weighted-median`` (coordinate-wise, each site
-   weighted by its capped sample share, no share above ``1 / (2f + 1)``: f sites hold
-   less than half the weight, and a 70-patient clinic does not get the vote of a
-   1,000-patient hospital), ``multi-krum`` (Blanchard et al. 2017: keep the
-   ``n - f`` updates closest to their neighbours), or ``centered-clip`` (Karimireddy et
-   al. 2021: iteratively clipped steps around a robust centre).
+   weighted by its sample count up to the median site's, no share above
+   ``1 / (2f + 1)``: a 70-patient clinic does not get the vote of a 1,000-patient
+   hospital, and no hospital more than the median site's), ``multi-krum`` (Blanchard
+   et al. 2017: keep the ``n - f`` updates closest to their neighbours), or
+   ``centered-clip`` (Karimireddy et al. 2021: iteratively clipped steps around a
+   robust centre).
 
 Every step reports, per site, what it did (:class:`SiteAggregation`), so the status and
 reports can show which updates were clipped or rejected. Under differential privacy all
@@ -116,8 +117,9 @@ class RobustAggregation:
         elif self.rule == "median":
             out = np.median(x, axis=0)
         elif self.rule == "weighted-median":
-            shares = cap_shares(weights, min(self.max_weight_share or 1.0,
-                                             1.0 / (2 * self.byzantine + 1)))
+            sizes = np.asarray(weights, dtype=np.float64)
+            shares = cap_shares(np.minimum(sizes, np.median(sizes)).tolist(),
+                                min(self.max_weight_share or 1.0, 1.0 / (2 * self.byzantine + 1)))
             out = weighted_median(x, shares)
         elif self.rule == "multi-krum":
             kept = krum_selection(x, self.byzantine)
