@@ -613,3 +613,14 @@ def test_promotion_is_in_the_admin_audit_log(api: Api) -> None:
     assert [(e.action, e.detail, e.study_id) for e in events] == [
         ("promote model", api.version, "demo")]
     assert events[0].actor == "API key admin (risk API)"
+
+
+@pytest.mark.parametrize("path", ["/v1/risk", "/v1/risk/batch"])
+def test_a_60_kb_site_is_refused_without_being_echoed(api: Api, path: str) -> None:
+    # Issue 29: the risk API echoed a 60 KB `site` back.
+    site = "x" * 60_000
+    body: dict[str, object] = ({"features": PATIENT, "site": site} if path == "/v1/risk"
+                               else {"patients": [{"features": PATIENT}], "site": site})
+    r = api.post(path, body)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "site"
+    assert len(r.content) < 2_000 and site[:100] not in r.text

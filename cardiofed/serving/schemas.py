@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, create_model
 
+from cardiofed.names import NAME_PATTERN
+
 PATIENT_EXAMPLE: Any = {
     "age": 61, "sex": "male", "total_cholesterol": 5.4, "hdl_cholesterol": 1.1,
     "systolic_bp": 142, "bp_treated": True, "current_smoker": False, "diabetes": False}
@@ -36,9 +38,10 @@ class Patient(BaseModel):
 class RiskRequest(Patient):
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"features": PATIENT_EXAMPLE, "units": UNITS_EXAMPLE, "site": "community_01"}]})
-    model: str | None = Field(None, description=PIN)
-    site: str | None = Field(None, description="The caller's site: its recalibration, when "
-                                               "the model has one, is applied.")
+    model: str | None = Field(None, max_length=200, description=PIN)
+    site: str | None = Field(None, pattern=NAME_PATTERN,
+                             description="The caller's site: its recalibration, when "
+                                         "the model has one, is applied.")
     contributions: bool = True
 
 
@@ -47,8 +50,8 @@ class BatchRequest(BaseModel):
         {"patients": [{"features": PATIENT_EXAMPLE, "units": UNITS_EXAMPLE}]}]})
     # The largest max_batch a server accepts; a server's own is set by batch_request().
     patients: list[Patient] = Field(min_length=1, max_length=100_000)
-    model: str | None = Field(None, description=PIN)
-    site: str | None = None
+    model: str | None = Field(None, max_length=200, description=PIN)
+    site: str | None = Field(None, pattern=NAME_PATTERN)
     contributions: bool = False
 
 
