@@ -7,7 +7,7 @@ import logging
 import os
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -248,69 +248,70 @@ def revoke_key(key_id: Annotated[int, typer.Option("--id", help="The key's numbe
     console.print(f"Key #{key.id} ({key.role or 'admin'}) revoked; its sessions ended.")
 
 
+def _admin_post(url: str, key_file: Path, ca_file: Path | None, path: str,
+                body: dict[str, str] | None = None) -> dict[str, Any]:
+    """POST an admin request; the JSON answer ({} for none), or exit with its refusal."""
+    with _admin_client(url, key_file, ca_file) as client:
+        response = _checked(client.post(path, json=body))
+    return response.json() if response.content else {}
+
+
+StudyId = Annotated[str, typer.Option(help="The study.")]
+SiteName = Annotated[str, typer.Option(help="The site.")]
+Reason = Annotated[str, typer.Option(help="Why (kept in the status and audit log).")]
+DEFAULT_URL = "https://127.0.0.1:8443"
+
+
 @admin_app.command("revoke")
-def revoke(study: Annotated[str, typer.Option()], site: Annotated[str, typer.Option()],
-           url: Url = "https://127.0.0.1:8443",
+def revoke(study: StudyId, site: SiteName, url: Url = DEFAULT_URL,
            admin_key_file: KeyFile = Path("cardiofed-admin.key"), ca_file: CaFile = None) -> None:
     """Revoke a site: its credential stops working at once."""
-    with _admin_client(url, admin_key_file, ca_file) as client:
-        _checked(client.post(f"/v1/studies/{study}/sites/{site}/revoke"))
+    _admin_post(url, admin_key_file, ca_file, f"/v1/studies/{study}/sites/{site}/revoke")
     console.print(f"Site {site} of study {study} revoked.")
 
 
 @admin_app.command("pause")
-def pause(study: Annotated[str, typer.Option()],
-          reason: Annotated[str, typer.Option(help="Why (kept in the status and audit log).")],
-          url: Url = "https://127.0.0.1:8443",
+def pause(study: StudyId, reason: Reason, url: Url = DEFAULT_URL,
           admin_key_file: KeyFile = Path("cardiofed-admin.key"), ca_file: CaFile = None) -> None:
     """Pause a study: no round closes and no task is handed out until resume."""
-    with _admin_client(url, admin_key_file, ca_file) as client:
-        _checked(client.post(f"/v1/studies/{study}/pause", json={"reason": reason}))
+    _admin_post(url, admin_key_file, ca_file, f"/v1/studies/{study}/pause", {"reason": reason})
     console.print(f"Study {study} paused.")
 
 
 @admin_app.command("resume")
-def resume(study: Annotated[str, typer.Option()], url: Url = "https://127.0.0.1:8443",
+def resume(study: StudyId, url: Url = DEFAULT_URL,
            admin_key_file: KeyFile = Path("cardiofed-admin.key"), ca_file: CaFile = None) -> None:
     """Resume a paused study; its open round gets a fresh deadline."""
-    with _admin_client(url, admin_key_file, ca_file) as client:
-        _checked(client.post(f"/v1/studies/{study}/resume"))
+    _admin_post(url, admin_key_file, ca_file, f"/v1/studies/{study}/resume")
     console.print(f"Study {study} resumed.")
 
 
 @admin_app.command("cancel")
-def cancel(study: Annotated[str, typer.Option()],
-           reason: Annotated[str, typer.Option(help="Why (kept in the status and audit log).")],
-           url: Url = "https://127.0.0.1:8443",
+def cancel(study: StudyId, reason: Reason, url: Url = DEFAULT_URL,
            admin_key_file: KeyFile = Path("cardiofed-admin.key"), ca_file: CaFile = None) -> None:
     """End a study where it stands; nodes stop, the models published so far stay."""
-    with _admin_client(url, admin_key_file, ca_file) as client:
-        _checked(client.post(f"/v1/studies/{study}/cancel", json={"reason": reason}))
+    _admin_post(url, admin_key_file, ca_file, f"/v1/studies/{study}/cancel", {"reason": reason})
     console.print(f"Study {study} cancelled.")
 
 
 @admin_app.command("add-site")
-def add_site(study: Annotated[str, typer.Option()], site: Annotated[str, typer.Option()],
-             url: Url = "https://127.0.0.1:8443",
+def add_site(study: StudyId, site: SiteName, url: Url = DEFAULT_URL,
              admin_key_file: KeyFile = Path("cardiofed-admin.key"),
              ca_file: CaFile = None) -> None:
     """Add a site to a running study and print its one-time enrolment token."""
-    with _admin_client(url, admin_key_file, ca_file) as client:
-        token = _checked(client.post(f"/v1/studies/{study}/sites",
-                                     json={"name": site})).json()["enrolment_token"]
+    token = _admin_post(url, admin_key_file, ca_file, f"/v1/studies/{study}/sites",
+                        {"name": site})["enrolment_token"]
     console.print(f"Site {site} added to study {study}; its enrolment token (give it to the "
                   f"site's node, once): {token}")
 
 
 @admin_app.command("readmit")
-def readmit(study: Annotated[str, typer.Option()], site: Annotated[str, typer.Option()],
-            url: Url = "https://127.0.0.1:8443",
+def readmit(study: StudyId, site: SiteName, url: Url = DEFAULT_URL,
             admin_key_file: KeyFile = Path("cardiofed-admin.key"),
             ca_file: CaFile = None) -> None:
     """Re-admit a revoked site and print its new one-time enrolment token."""
-    with _admin_client(url, admin_key_file, ca_file) as client:
-        token = _checked(client.post(
-            f"/v1/studies/{study}/sites/{site}/readmit")).json()["enrolment_token"]
+    token = _admin_post(url, admin_key_file, ca_file,
+                        f"/v1/studies/{study}/sites/{site}/readmit")["enrolment_token"]
     console.print(f"Site {site} of study {study} re-admitted; its new enrolment token "
                   f"(give it to the site's node, once): {token}")
 

@@ -663,3 +663,33 @@ def test_tls_federation_with_a_self_signed_certificate(
     assert final["version"] == 2 and final["participants"] == [site]
     metrics = final["metrics"]
     assert isinstance(metrics, dict) and set(metrics) == {site}
+
+
+def test_an_operator_steers_a_study_from_the_command_line(
+        procs: Processes, shared: Coordinator) -> None:
+    Federation(procs, shared, "steer", "synthetic", SYN_SITES, SYN_PLAN)
+    key = ["--url", shared.url, "--admin-key-file", str(shared.key_file), "--study", "steer"]
+
+    def admin(*args: str) -> str:
+        done = in_process("admin", *args, *key)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def halted() -> object:
+        with shared.client() as client:
+            return client.get("/v1/studies/steer/status").json()["halted"]
+
+    assert "paused" in admin("pause", "--reason", "data check")
+    assert halted() == "paused by an operator: data check"
+    admin("resume")
+    assert halted() is None
+    assert "enrolment token" in admin("add-site", "--site", "community_09")
+    admin("revoke", "--site", SYN_SITES[0])
+    assert halted() is None  # 3 of the 4 sites still meet min_sites (3)
+    admin("revoke", "--site", SYN_SITES[1])
+    assert str(halted()).startswith("waiting for sites: 2 active of the 3 required")
+    assert "re-admitted" in admin("readmit", "--site", SYN_SITES[0])
+    assert halted() is None
+    admin("cancel", "--reason", "rehearsal over")
+    refused = in_process("admin", "pause", "--reason", "again", *key)
+    assert refused.returncode != 0 and "is over" in refused.stdout + refused.stderr
