@@ -1,12 +1,14 @@
 """Unauthenticated flood: memory and liveness of a real coordinator under oversized bodies.
 
 Starts ``cardiofed coordinator --insecure`` on loopback, reads its resident memory
-(``/proc/<pid>/status`` VmRSS, sampled every 10 ms) at idle, then sends 4 concurrent
-40 MB POSTs to ``/v1/enrol`` (no credential) with a Content-Length, and 4 more streamed
-in chunks without one, while ``/healthz`` is polled. Reports the status codes, the peak
-RSS above idle and the slowest ``/healthz`` answer. Target (issue 12): every oversized
-body refused with 413, and peak RSS within 100 MB of idle. Loopback only; every request
-loop is bounded.
+(``/proc/<pid>/status`` VmRSS, sampled every 10 ms) at idle, then, for each target,
+sends 4 concurrent POSTs (no credential) with a Content-Length and 4 more streamed in
+chunks without one, while ``/healthz`` is polled: 40 MB to ``/v1/enrol`` (64 KiB limit),
+16 MiB to ``/v1/studies`` (4 MiB) and 16 MiB to a site's upload route (which takes 16 MiB
+from a site, and checks the credential before it reads a byte). Reports the status
+codes, the peak RSS above idle and the slowest ``/healthz`` answer. Targets (issues 12
+and 29): every body refused (413, or 401 on the upload route), peak RSS within 100 MB of
+idle, ``/healthz`` under 0.5 s. Loopback only; every request loop is bounded.
 
     python bench/coordinator_flood.py
 """
@@ -23,14 +25,17 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, write_results  # noqa: E402
 
-BODY_MB = 40
 CONCURRENT = 4
+# path, body size in MB, the refusals expected (-1: the connection closed on a refusal)
+TARGETS = (("/v1/enrol", 40, {413, -1}), ("/v1/studies", 16, {413, -1}),
+           ("/v1/studies/s1/rounds/0/updates", 16, {401, -1}))
 
 
 def _free_port() -> int:
@@ -46,10 +51,59 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _chunks() -> Iterator[bytes]:
+def _chunks(mb: int) -> Iterator[bytes]:
     block = b"x" * (1 << 20)
-    for _ in range(BODY_MB):
+    for _ in range(mb):
         yield block
+
+
+def flood(url: str, pid: int, path: str, mb: int, expected: set[int]) -> dict[str, Any]:
+    """One target's flood, with memory and /healthz watched."""
+    idle = _rss_mb(pid)
+    samples: list[float] = []
+    health: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(_rss_mb(pid))
+            time.sleep(0.01)
+
+    def probe() -> None:
+        while not done.is_set():
+            start = time.perf_counter()
+            httpx.get(f"{url}/healthz", timeout=30)
+            health.append(time.perf_counter() - start)
+            time.sleep(0.05)
+
+    body = b"x" * (mb << 20)
+
+    def post(streamed: bool) -> int:
+        try:
+            return httpx.post(f"{url}{path}", content=_chunks(mb) if streamed else body,
+                              timeout=60, headers={"Content-Type": "application/json"}
+                              ).status_code
+        except httpx.TransportError:
+            return -1  # the server closed the connection after refusing
+
+    watchers = [threading.Thread(target=f) for f in (sample, probe)]
+    for w in watchers:
+        w.start()
+    with ThreadPoolExecutor(2 * CONCURRENT) as pool:
+        declared = list(pool.map(post, [False] * CONCURRENT))
+        streamed = list(pool.map(post, [True] * CONCURRENT))
+    time.sleep(0.5)
+    done.set()
+    for w in watchers:
+        w.join()
+    peak = max(samples) if samples else float("nan")
+    slowest = max(health) if health else float("nan")
+    return {"path": path, "body_mb": mb, "idle_rss_mb": idle, "peak_rss_mb": peak,
+            "peak_above_idle_mb": peak - idle, "statuses_with_length": declared,
+            "statuses_streamed": streamed, "healthz_max_s": slowest,
+            "healthz_answers": len(health),
+            "target_met": set(declared + streamed) <= expected and peak - idle <= 100
+            and slowest < 0.5}
 
 
 def main() -> None:
@@ -70,66 +124,26 @@ def main() -> None:
                     pass
                 time.sleep(0.1)
             time.sleep(1.0)
-            idle = _rss_mb(proc.pid)
-            samples: list[float] = []
-            health: list[float] = []
-            done = threading.Event()
-
-            def sample() -> None:
-                while not done.is_set():
-                    samples.append(_rss_mb(proc.pid))
-                    time.sleep(0.01)
-
-            def probe() -> None:
-                while not done.is_set():
-                    start = time.perf_counter()
-                    httpx.get(f"{url}/healthz", timeout=30)
-                    health.append(time.perf_counter() - start)
-                    time.sleep(0.05)
-
-            body = b"x" * (BODY_MB << 20)
-
-            def post(streamed: bool) -> int:
-                try:
-                    content = _chunks() if streamed else body
-                    return httpx.post(f"{url}/v1/enrol", content=content, timeout=60,
-                                      headers={"Content-Type": "application/json"}).status_code
-                except httpx.TransportError:
-                    return -1  # the server closed the connection after refusing
-
-            watchers = [threading.Thread(target=f) for f in (sample, probe)]
-            for w in watchers:
-                w.start()
-            started = time.perf_counter()
-            with ThreadPoolExecutor(2 * CONCURRENT) as pool:
-                declared = list(pool.map(post, [False] * CONCURRENT))
-                streamed = list(pool.map(post, [True] * CONCURRENT))
-            elapsed = time.perf_counter() - started
-            time.sleep(0.5)
-            done.set()
-            for w in watchers:
-                w.join()
+            rows = [flood(url, proc.pid, path, mb, expected) for path, mb, expected in TARGETS]
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    peak = max(samples) if samples else float("nan")
-    result = {"body_mb": BODY_MB, "concurrent": CONCURRENT, "idle_rss_mb": idle,
-              "peak_rss_mb": peak, "peak_above_idle_mb": peak - idle,
-              "statuses_with_length": declared, "statuses_streamed": streamed,
-              "flood_seconds": elapsed, "healthz_max_s": max(health) if health else None,
-              "healthz_answers": len(health),
-              "target_met": all(s in (413, -1) for s in declared + streamed)
-              and peak - idle <= 100}
+    result = {"concurrent": CONCURRENT, "targets": rows,
+              "target_met": all(r["target_met"] for r in rows)}
     md = ("## Unauthenticated flood of a real coordinator (loopback)\n\n"
           + markdown_table(
-              ["bodies", "statuses (Content-Length)", "statuses (chunked)", "idle RSS (MB)",
-               "peak RSS (MB)", "peak above idle (MB)", "slowest /healthz (s)"],
-              [[f"{2 * CONCURRENT} x {BODY_MB} MB", " ".join(map(str, declared)),
-                " ".join(map(str, streamed)), idle, peak, peak - idle,
-                result["healthz_max_s"]]])
-          + "\n-1: the server closed the connection after answering 413 before the client "
-            "finished sending. Target: 413 for all, peak within 100 MB of idle: "
-          + ("met" if result["target_met"] else "NOT met") + ".\n")
+              ["route", "bodies", "statuses (Content-Length)", "statuses (chunked)",
+               "idle RSS (MB)", "peak RSS (MB)", "peak above idle (MB)",
+               "slowest /healthz (s)"],
+              [[r["path"], f"{2 * CONCURRENT} x {r['body_mb']} MB",
+                " ".join(map(str, r["statuses_with_length"])),
+                " ".join(map(str, r["statuses_streamed"])), r["idle_rss_mb"],
+                r["peak_rss_mb"], r["peak_above_idle_mb"], r["healthz_max_s"]]
+               for r in rows])
+          + "\n-1: the server closed the connection after refusing, before the client "
+            "finished sending. Targets: every body refused, peak within 100 MB of idle, "
+            "/healthz under 0.5 s: " + ("met" if result["target_met"] else "NOT met")
+          + ".\n")
     write_results("coordinator_flood", result, md)
 
 
