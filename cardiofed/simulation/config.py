@@ -88,8 +88,8 @@ class SimulationConfig(BaseModel):
     staleness_hinge: int = Field(4, ge=0, le=1_000_000)
     max_staleness: int = Field(50, ge=0, le=1_000_000)
     # Robust aggregation (cardiofed.aggregation.robust). None: off in simulation; a
-    # networked study turns it on by default (coordinate-wise median after the norm
-    # bound; bench/robustness.py).
+    # networked study turns it on by default (the weighted median after the norm bound,
+    # cardiofed.coordinator.service.network_plan; bench/robustness.py).
     robust_rule: Literal["mean", "trimmed-mean", "median", "weighted-median", "multi-krum",
                          "centered-clip"] | None = None
     robust_norm_bound: float | None = Field(3.0, ge=1, allow_inf_nan=False)

@@ -115,21 +115,25 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
             except PrivacyBudgetExceeded:
                 continue  # the site releases nothing; its training is refused likewise
         stats = stats if outbox is None else _via_wire(s.name, stats, outbox)
-        moments.append(site_moments(stats, edges))
+        if robust:
+            moments.append(site_moments(stats, edges))
         if streaming and released and not robust:
             released[0] = add_statistics(released[0], stats)
         elif not (streaming and robust):
             released.append(stats)
-    if not moments:
+    if not (moments or released):
         raise PrivacyBudgetExceeded("No site has privacy budget left for its statistics "
                                     "release; the federation cannot start.")
     gated = released
     if robust:
         factors = gate_factors(moments, edges[:, 0], edges[:, -1])
-        again = ((site_statistics(s.x_train, edges) for s in dataset.sites) if streaming
-                 else iter(released))
-        gated = [functools.reduce(add_statistics, (
-            scaled(consistent(st, edges), f) for st, f in zip(again, factors, strict=True)))]
+        if streaming:  # every release exact: one running total of the recomputed ones
+            gated = [functools.reduce(add_statistics, (
+                scaled(consistent(site_statistics(s.x_train, edges), edges), f)
+                for s, f in zip(dataset.sites, factors, strict=True)))]
+        else:  # exact and private releases may mix: merging re-bins them
+            gated = [scaled(consistent(st, edges), f)
+                     for st, f in zip(released, factors, strict=True)]
     merged = merge_statistics(gated, edges, dataset.feature_names, form)
     prepared = [_prepared(s, merged if standardisation == "global"
                           else local_preprocessor(s.x_train, merged.fill, form),
