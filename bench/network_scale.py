@@ -16,8 +16,10 @@ bench shortcut for 36,000 enrolment requests, which are not what is measured):
 * the statistics round: every site's preprocessing statistics, as a private site
   sends them (16 bins per feature), from the rows of the national synthetic federation
   (:func:`cardiofed.data.national.national_federation`: its sizes and risk factors);
-* the first training round of logistic regression (the networked default robust rule,
-  the coordinate-wise median): one delta per site with the right tensors and its
+* the first training round of logistic regression (the networked default robust rule:
+  the coordinate-wise median when these figures were taken, the weighted median since;
+  over 36,000 updates of 18 values it takes 87 ms against the median's 17 ms): one
+  delta per site with the right tensors and its
   sample size (random values: validation and aggregation cost do not depend on them).
 
 Measured per round: uploads/s (accepted and committed, first request sent to last

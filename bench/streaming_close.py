@@ -10,8 +10,8 @@ its seconds.
 
 The robust mean (and the plain mean) streams: each payload is checked and its norm
 taken in one pass, and the aggregate is a running sum over the payloads read again 500
-at a time. The coordinate-wise median (the networked default), trimmed mean, Krum and
-centered clipping need every update at once.
+at a time. The coordinate-wise median, the weighted median (the networked default),
+trimmed mean, Krum and centered clipping need every update at once.
 
     python bench/streaming_close.py [--sites 36000] [--models logistic mlp]
 """

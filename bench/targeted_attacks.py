@@ -20,7 +20,8 @@ regression, FedAvg, 20 rounds, 1 local epoch, batch 32, lr 0.05.
    0.25), or where it makes smoking protective (all of it on the smoking coefficient).
    The table shows the patient's risk and risk category (low < 5%, borderline 5 to
    7.5%, intermediate 7.5 to 20%, high >= 20%) and the sign of every smoking
-   coefficient, per rule.
+   coefficient, per rule, Flower's aggregation functions included when ``flwr`` is
+   installed (as in bench/robustness.py).
 3. **Asynchronous buffer.** The fastest one or two sites attack every update they send
    (sign flip, x1e6, the targeted update); versions are published from K = 3
    distinct sites (f = 1) or K = 5 (f = 2), median or weighted median after the norm
@@ -42,6 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, single_threaded, write_results  # noqa: E402
+from robustness import FlowerRule, flower_rules  # noqa: E402
 
 from cardiofed.aggregation.robust_statistics import robust_site_statistics  # noqa: E402
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm  # noqa: E402
@@ -211,20 +213,29 @@ def targeted_attacks(data: FederatedDataset, sites: list[PreparedSite],
     out: dict[str, Any] = {"patient_clean_risk": float(risks[np.argmin(np.abs(risks - 0.25))]),
                            "smoking_columns": [data.feature_names[j] for j in smoking],
                            "rules": {}}
-    for rule, settings in RULES.items():
+    rules = {**{rule: (settings, None) for rule, settings in RULES.items()},
+             **{rule: ({}, fn) for rule, fn in flower_rules().items()}}
+    for rule, (settings, flower) in rules.items():
         cfg = SimulationConfig.create(**base, **settings)
-        clean = run_federated(sites, cfg).weights
+
+        clean = run_federated(sites, cfg, algorithm=_honest(cfg, flower)).weights
         row: dict[str, Any] = {"clean": _summary(clean, patient, smoking)}
         for k in (2, 3):
             malicious = frozenset(s.name for s in smallest[:k])
             for attack, target in (("lower the patient's risk", lower_risk_of(patient, clean)),
                                    ("smoking protective", protective(smoking, clean))):
-                algorithm = Targeted(cfg.make_algorithm(), malicious, target)
+                algorithm = Targeted(_honest(cfg, flower), malicious, target)
                 weights = run_federated(sites, cfg, algorithm=algorithm).weights
                 row[f"{attack} ({k})"] = _summary(weights, patient, smoking)
         out["rules"][rule] = row
         print(f"targeted {rule}: {row}", flush=True)
     return out
+
+
+def _honest(cfg: SimulationConfig, flower: Any) -> Any:
+    """The plan's algorithm, with Flower's aggregation function in place of ours if given."""
+    inner = cfg.make_algorithm()
+    return inner if flower is None else FlowerRule(inner, flower)
 
 
 def _summary(weights: dict[str, np.ndarray], patient: np.ndarray,

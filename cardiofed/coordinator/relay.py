@@ -12,8 +12,8 @@ summed sample count, one evaluation summary.
 With ``robust_rule = "mean"`` (and no weight cap or norm bound) at both levels, a
 region's update is the sample-weighted mean of its sites' updates, weighted upward by
 their summed sample count: the national model is FedAvg over every site, exactly as a
-flat federation of the same updates (tested). The default median at either level is
-robust aggregation over that level's members, a different estimator.
+flat federation of the same updates (tested). The default weighted median at either
+level is robust aggregation over that level's members, a different estimator.
 
 Pure functions here; :mod:`cardiofed.coordinator.service` stores and serves them.
 """
