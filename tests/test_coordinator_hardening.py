@@ -291,3 +291,25 @@ def test_a_site_holds_at_most_two_uploads_in_flight(tmp_path: Path) -> None:
     assert r.status_code == 429 and r.headers["retry-after"] == "1"
     assert "2 uploads in progress" in r.json()["detail"]
     assert fed.step([agent]) == 1  # once they finish, it uploads
+
+
+def test_a_database_of_the_previous_release_gains_the_new_columns(tmp_path: Path) -> None:
+    # studies.halted and admin_keys.revoked_at arrived with operator controls (issue 29).
+    import sqlite3
+
+    from sqlalchemy import inspect
+
+    from cardiofed.coordinator.storage import make_engine
+
+    fed = Federation(tmp_path)
+    path = tmp_path / "coord.db"
+    with sqlite3.connect(path) as conn:  # as the tables were before
+        conn.execute("ALTER TABLE studies DROP COLUMN halted")
+        conn.execute("ALTER TABLE admin_keys DROP COLUMN revoked_at")
+    engine = make_engine(f"sqlite:///{path}")
+    columns = {t: {c["name"] for c in inspect(engine).get_columns(t)}
+               for t in ("studies", "admin_keys")}
+    assert "halted" in columns["studies"] and "revoked_at" in columns["admin_keys"]
+    engine.dispose()
+    fed.restart()
+    assert fed.status()["halted"] is None
