@@ -249,7 +249,7 @@ def revoke_key(key_id: Annotated[int, typer.Option("--id", help="The key's numbe
 
 
 def _admin_post(url: str, key_file: Path, ca_file: Path | None, path: str,
-                body: dict[str, str] | None = None) -> dict[str, Any]:
+                body: dict[str, object] | None = None) -> dict[str, Any]:
     """POST an admin request; the JSON answer ({} for none), or exit with its refusal."""
     with _admin_client(url, key_file, ca_file) as client:
         response = _checked(client.post(path, json=body))
@@ -292,6 +292,18 @@ def cancel(study: StudyId, reason: Reason, url: Url = DEFAULT_URL,
     """End a study where it stands; nodes stop, the models published so far stay."""
     _admin_post(url, admin_key_file, ca_file, f"/v1/studies/{study}/cancel", {"reason": reason})
     console.print(f"Study {study} cancelled.")
+
+
+@admin_app.command("min-sites")
+def min_sites(study: StudyId, sites: Annotated[int, typer.Option(
+                  "--sites", min=1, help="Active sites the study needs from now on.")],
+              url: Url = DEFAULT_URL, admin_key_file: KeyFile = Path("cardiofed-admin.key"),
+              ca_file: CaFile = None) -> None:
+    """Change how many active sites a study needs (a study paused for want of sites goes
+    on if it has enough)."""
+    _admin_post(url, admin_key_file, ca_file, f"/v1/studies/{study}/min-sites",
+                {"min_sites": sites})
+    console.print(f"Study {study} now needs {sites} active sites.")
 
 
 @admin_app.command("add-site")

@@ -374,7 +374,7 @@ def test_a_study_pauses_when_revocations_leave_fewer_than_min_sites(tmp_path: Pa
     state = fed.status()
     assert state["round"] == 1 and state["model_version"] == 0
     assert state["halted"] == ("waiting for sites: 1 active of the 2 required (min_sites); "
-                               "re-admit or add sites, or cancel the study")
+                               "re-admit or add sites, lower min_sites, or cancel the study")
 
     r = fed.client.post(f"/v1/studies/s1/sites/{SITES[2]}/readmit",
                         headers=fed.auth(fed.admin))
@@ -383,6 +383,25 @@ def test_a_study_pauses_when_revocations_leave_fewer_than_min_sites(tmp_path: Pa
                            state_dir=str(tmp_path / "readmitted"))
     assert fed.status()["halted"] is None
     _until_done(fed, [agents[0], readmitted])
+    assert fed.status()["phase"] == "done"
+
+
+def test_lowering_min_sites_lets_a_paused_study_go_on(tmp_path: Path) -> None:
+    fed = Federation(tmp_path)  # min_sites: every site
+    agents = [fed.agent(s) for s in SITES]
+    admin = fed.auth(fed.admin)
+    fed.step(agents)
+    assert fed.client.post(f"/v1/studies/s1/sites/{SITES[2]}/revoke",
+                           headers=admin).status_code == 204
+    assert str(fed.status()["halted"]).startswith("waiting for sites: 2 active of the 3")
+    zero = fed.client.post("/v1/studies/s1/min-sites", headers=admin, json={"min_sites": 0})
+    assert zero.status_code == 422
+    r = fed.client.post("/v1/studies/s1/min-sites", headers=admin, json={"min_sites": 4})
+    assert r.status_code == 409 and "min_sites must be in [1, 3]" in r.json()["detail"]
+    assert fed.client.post("/v1/studies/s1/min-sites", headers=admin,
+                           json={"min_sites": 2}).status_code == 204
+    assert fed.status()["halted"] is None
+    _until_done(fed, agents[:2])
     assert fed.status()["phase"] == "done"
 
 
@@ -432,6 +451,7 @@ def test_operator_controls_need_an_admin(fed: Federation) -> None:
     with _sessions(fed.settings.database_url)() as db:
         viewer = service.create_admin_key(db, service.VIEWER)
     for path, body in (("pause", {"reason": "x"}), ("resume", None),
+                       ("min-sites", {"min_sites": 1}),
                        ("cancel", {"reason": "x"}), ("sites", {"name": "x"}),
                        (f"sites/{SITES[0]}/readmit", None)):
         assert fed.client.post(f"/v1/studies/s1/{path}", json=body).status_code == 401

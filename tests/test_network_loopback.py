@@ -688,6 +688,10 @@ def test_an_operator_steers_a_study_from_the_command_line(
     assert halted() is None  # 3 of the 4 sites still meet min_sites (3)
     admin("revoke", "--site", SYN_SITES[1])
     assert str(halted()).startswith("waiting for sites: 2 active of the 3 required")
+    assert "now needs 2 active sites" in admin("min-sites", "--sites", "2")
+    assert halted() is None
+    admin("min-sites", "--sites", "3")
+    assert str(halted()).startswith("waiting for sites")
     assert "re-admitted" in admin("readmit", "--site", SYN_SITES[0])
     assert halted() is None
     admin("cancel", "--reason", "rehearsal over")

@@ -106,6 +106,16 @@ class Reason(BaseModel):
     reason: str = Field(min_length=1, max_length=200)
 
 
+def _integral(value: object) -> object:
+    """JSON's 3.0 is the integer 3 (as JSON Schema counts it); 3.5 stays a float."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+class MinSites(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    min_sites: Annotated[int, BeforeValidator(_integral)] = Field(ge=1, le=1_000_000)
+
+
 class SiteAdded(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)

@@ -380,6 +380,26 @@ def cancel_study(db: Session, study_id: str, reason: str,
         db.commit()
 
 
+def set_min_sites(db: Session, study_id: str, min_sites: int,
+                  by: tuple[AdminKey, str] | None = None, now: Clock = utcnow) -> None:
+    """Change how many active sites the study needs (at least 1, at most its sites); a
+    study paused for want of sites goes on at once if it has enough for the new value."""
+    study = get_study(db, study_id)
+    with _serialised(db, study):
+        _refuse_finished(study, "change")
+        n_sites = int(db.scalar(select(func.count()).select_from(Site)
+                                .where(Site.study_id == study.id)) or 0)
+        if min_sites > n_sites:  # the schema bounds it below; the study's sites above
+            raise Conflict(f"min_sites must be in [1, {n_sites}] (the study's sites); got "
+                           f"{min_sites}.")
+        before = study.min_sites
+        study.min_sites = min_sites
+        if by is not None:
+            audit(db, *by, "set min_sites", study_id, f"{before} -> {min_sites}", now)
+        db.commit()
+        _advance(db, study, now)
+
+
 def _refuse_finished(study: Study, action: str) -> None:
     if study.phase == "done":
         raise Conflict(f"Study {study.id!r} is over ({study.halted or 'done'}); there is "
@@ -449,7 +469,7 @@ def _held(db: Session, study: Study, now: Clock) -> bool:
     active = _active_count(db, study)
     if active < study.min_sites:
         why = (f"{FEW_SITES}: {active} active of the {study.min_sites} required "
-               f"(min_sites); re-admit or add sites, or cancel the study")
+               f"(min_sites); re-admit or add sites, lower min_sites, or cancel the study")
         if study.halted != why:
             study.halted = why
             db.commit()

@@ -12,6 +12,7 @@ from cardiofed.coordinator.deps import DB, Admin, Clock, Credential, refusals
 from cardiofed.coordinator.schemas import (
     AttributionResponse,
     EnrolmentToken,
+    MinSites,
     Reason,
     SiteAdded,
     StudyCreate,
@@ -128,6 +129,13 @@ def resume(study_id: str, db: DB, key: Admin, clock: Clock) -> None:
 def cancel(study_id: str, body: Reason, db: DB, key: Admin, clock: Clock) -> None:
     """End the study where it stands; the models published so far stay."""
     service.cancel_study(db, study_id, body.reason, by=(key, "api"), now=clock)
+
+
+@router.post("/{study_id}/min-sites", status_code=204,
+             responses=refusals(401, 403, 404, 409, 413, 422))
+def min_sites(study_id: str, body: MinSites, db: DB, key: Admin, clock: Clock) -> None:
+    """Change how many active sites the study needs (a paused study may go on)."""
+    service.set_min_sites(db, study_id, body.min_sites, by=(key, "api"), now=clock)
 
 
 @router.post("/{study_id}/sites", status_code=201,
