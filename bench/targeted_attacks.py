@@ -43,7 +43,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, single_threaded, write_results  # noqa: E402
-from robustness import FlowerRule, flower_rules  # noqa: E402
+from robustness import DEFAULT, FlowerRule, flower_rules  # noqa: E402
+from robustness import RULES as ROBUSTNESS_RULES  # noqa: E402
 
 from cardiofed.aggregation.robust_statistics import robust_site_statistics  # noqa: E402
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm  # noqa: E402
@@ -65,18 +66,9 @@ from cardiofed.simulation.runner import round_metrics, run_federated  # noqa: E4
 
 BASE = dict(model="logistic", algorithm="fedavg", rounds=20, local_epochs=1, batch_size=32,
             lr=0.05, standardisation="global", eval_every=0, seed=0, backend="loop")
-RULES: dict[str, dict[str, Any]] = {
-    "FedAvg (no defence)": {},
-    "mean (cap, bound)": {"robust_rule": "mean"},
-    "trimmed mean (cap, bound)": {"robust_rule": "trimmed-mean"},
-    "centred clipping (cap, bound)": {"robust_rule": "centered-clip"},
-    "multi-Krum f=2 (cap, bound)": {"robust_rule": "multi-krum", "robust_byzantine": 2},
-    "median (bound)": {"robust_rule": "median"},
-    "weighted median f=1 (cap 1/3, bound)": {"robust_rule": "weighted-median"},
-    "default: weighted median f=2 (cap 1/5, bound)": {"robust_rule": "weighted-median",
-                                                      "robust_byzantine": 2},
-}
-DEFAULT = "default: weighted median f=2 (cap 1/5, bound)"
+# bench/robustness.py's rules, less multi-Krum with f = 1 (f = 2 stands for Krum here).
+RULES: dict[str, dict[str, Any]] = {rule: settings for rule, settings in ROBUSTNESS_RULES.items()
+                                    if rule != "multi-Krum f=1 (cap, bound)"}
 CATEGORIES = ((0.05, "low"), (0.075, "borderline"), (0.20, "intermediate"),
               (float("inf"), "high"))
 

@@ -87,8 +87,6 @@ def consistent(stats: SiteStatistics, edges: np.ndarray) -> SiteStatistics:
         return stats
     hist = np.maximum(stats.histogram, 0.0)
     lo_e, hi_e = edges[:, :-1], edges[:, 1:]
-    if lo_e.shape != hist.shape:
-        return stats
     total = np.clip(stats.total, (hist * lo_e).sum(axis=1), (hist * hi_e).sum(axis=1))
     sq_lo = np.where((lo_e <= 0) & (hi_e >= 0), 0.0, np.minimum(lo_e**2, hi_e**2))
     sq_hi = np.maximum(lo_e**2, hi_e**2)

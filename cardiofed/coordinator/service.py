@@ -30,6 +30,7 @@ aggregate that node sends upward, the study waiting (phase ``relay``) in between
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import secrets
@@ -1099,24 +1100,27 @@ def _gated_statistics(db: Session, study: Study, rnd: Round, folded: _Folded
                         "statistics_down_weighted": [study.feature_names[j] for j in cols]}
                        for name, cols in zip(folded.names, cut, strict=True) if cols]
     out: dict[int, SiteStatistics] = {}
-    for start in range(0, len(ids), FOLD_BATCH):
-        batch = ids[start:start + FOLD_BATCH]
-        payloads = dict(db.execute(select(Update.id, Update.payload)
-                                   .where(Update.id.in_(batch))).all())
-        for k, update_id in enumerate(batch, start):
-            stats = scaled(consistent(SiteStatistics(**decode_arrays(payloads[update_id])[0]),
-                                      edges), factors[k])
-            bins = stats.histogram.shape[1]
-            total = out.get(bins)
-            out[bins] = stats if total is None else add_statistics(total, stats)
+    released = itertools.chain.from_iterable(_decoded_batches(db, ids))
+    for arrays, factor in zip(released, factors, strict=True):
+        stats = scaled(consistent(SiteStatistics(**arrays), edges), factor)
+        bins = stats.histogram.shape[1]
+        total = out.get(bins)
+        out[bins] = stats if total is None else add_statistics(total, stats)
     return out
 
 
 def _released_statistics(db: Session, folded: _Folded) -> list[SiteStatistics]:
-    ids = [i for i, _ in folded.moments]
-    payloads = dict(db.execute(select(Update.id, Update.payload)
-                               .where(Update.id.in_(ids))).all())
-    return [SiteStatistics(**decode_arrays(payloads[i])[0]) for i in ids]
+    return [SiteStatistics(**arrays) for batch in
+            _decoded_batches(db, [i for i, _ in folded.moments]) for arrays in batch]
+
+
+def _decoded_batches(db: Session, ids: list[int]) -> Iterator[list[dict[str, np.ndarray]]]:
+    """The updates' payloads decoded, FOLD_BATCH at a time, in the order of `ids`."""
+    for start in range(0, len(ids), FOLD_BATCH):
+        batch = ids[start:start + FOLD_BATCH]
+        payloads = dict(db.execute(select(Update.id, Update.payload)
+                                   .where(Update.id.in_(batch))).all())
+        yield [decode_arrays(payloads[i])[0] for i in batch]
 
 
 def _round_delta(db: Session, algorithm: FederatedAlgorithm, folded: _Folded
@@ -1127,16 +1131,8 @@ def _round_delta(db: Session, algorithm: FederatedAlgorithm, folded: _Folded
     if not folded.streamed:
         return algorithm.aggregate(folded.updates)
     ids = [i for i, _, _, _ in folded.streamed]
-
-    def batches() -> Iterator[list[Weights]]:
-        for start in range(0, len(ids), FOLD_BATCH):
-            batch = ids[start:start + FOLD_BATCH]
-            payloads = dict(db.execute(select(Update.id, Update.payload)
-                                       .where(Update.id.in_(batch))).all())
-            yield [decode_arrays(payloads[i])[0] for i in batch]
-
     return streamed_mean(algorithm.robust, folded.names, folded.sizes(),
-                         [n for _, _, n, _ in folded.streamed], batches())
+                         [n for _, _, n, _ in folded.streamed], _decoded_batches(db, ids))
 
 
 def _extend(db: Session, study: Study, rnd: Round, now: Clock, why: str) -> None:
