@@ -439,12 +439,14 @@ def test_a_site_is_added_to_a_running_study(fed: Federation) -> None:
     assert r.status_code == 201
     late = fed.agent("tier3_02", enrolment_token=r.json()["enrolment_token"])
     assert fed.step([*agents, late]) == 4  # it trains from the next round
-    assert fed.client.post("/v1/studies/s1/sites", headers=admin,
-                           json={"name": "tier3_02"}).status_code == 409
-    assert fed.client.post("/v1/studies/s1/sites", headers=admin,
-                           json={"name": "../x"}).status_code == 422
-    assert fed.client.post(f"/v1/studies/s1/sites/{SITES[0]}/readmit",
-                           headers=admin).status_code == 409  # not revoked
+    again = fed.client.post("/v1/studies/s1/sites", headers=admin, json={"name": "tier3_02"})
+    assert again.status_code == 409 and again.json()["detail"] == (
+        "Study 's1' already has a site 'tier3_02'; re-admit it if it was revoked.")
+    bad = fed.client.post("/v1/studies/s1/sites", headers=admin, json={"name": "../x"})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "name"
+    live = fed.client.post(f"/v1/studies/s1/sites/{SITES[0]}/readmit", headers=admin)
+    assert live.status_code == 409 and live.json()["detail"] == (
+        f"Site {SITES[0]!r} of study 's1' is not revoked.")
 
 
 def test_operator_controls_need_an_admin(fed: Federation) -> None:
