@@ -41,10 +41,10 @@ from cardiofed.names import is_safe_name
 from cardiofed.node.task_policy import check_exact_releases
 from cardiofed.privacy.accountant import GaussianEvent, PrivacyAccountant, calibrate_noise
 from cardiofed.privacy.budget import PrivacyLedger, SiteBudget, open_site_ledger
+from cardiofed.privacy.dp_sgd import DPConfig, dp_schedule, train_local_dp
 from cardiofed.privacy.release_gate import bounded_rows, check_preprocessor, check_weights
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.config import SimulationConfig
-from cardiofed.training.dp import DPConfig, dp_schedule, train_local_dp
 from cardiofed.training.local import LocalTrainingConfig
 
 EPSILON, DELTA = 1.0, 1e-5

@@ -40,8 +40,8 @@ from _common import markdown_table, single_threaded, write_results  # noqa: E402
 from cardiofed.data.framingham import load_framingham  # noqa: E402
 from cardiofed.data.synthetic import synthetic_federation  # noqa: E402
 from cardiofed.data.uci_heart import load_uci_heart  # noqa: E402
-from cardiofed.evaluation.acceptability import acceptability_from_experiment  # noqa: E402
-from cardiofed.evaluation.effective_data import site_effective_data  # noqa: E402
+from cardiofed.experiments.acceptability import acceptability_from_experiment  # noqa: E402
+from cardiofed.experiments.effective_data import site_effective_data  # noqa: E402
 from cardiofed.simulation.config import SimulationConfig  # noqa: E402
 from cardiofed.simulation.experiment import (  # noqa: E402
     FEDERATED,

@@ -29,7 +29,9 @@ def build(url: str, n_sites: int, versions: int) -> str:
     import numpy as np
 
     from cardiofed.coordinator import service
-    from cardiofed.coordinator.storage import (
+    from cardiofed.data.catalog import study_columns
+    from cardiofed.simulation.config import SimulationConfig
+    from cardiofed.store import (
         ModelVersion,
         Round,
         Study,
@@ -38,8 +40,6 @@ def build(url: str, n_sites: int, versions: int) -> str:
         make_sessionmaker,
         utcnow,
     )
-    from cardiofed.data.catalog import study_columns
-    from cardiofed.simulation.config import SimulationConfig
 
     sessions = make_sessionmaker(make_engine(url))
     names, ranges = study_columns("synthetic")
@@ -104,7 +104,8 @@ def main() -> None:
     from cardiofed.coordinator.deps import app_settings
     from cardiofed.coordinator.settings import CoordinatorSettings
     from cardiofed.serving import provenance, registry
-    from cardiofed.serving.api import ServingSettings, create_serving_app
+    from cardiofed.serving.api import ServingSettings
+    from cardiofed.serving.app import create_serving_app
     from cardiofed.serving.keys import create_key
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,9 +130,9 @@ def main() -> None:
                                            feature_names=data.feature_names,
                                            outcome=data.outcome)
         serving_url = f"sqlite:///{tmp}/serving.db"
-        from cardiofed.coordinator.deps import _sessions
+        from cardiofed.store import session_factory
 
-        with _sessions(serving_url)() as db:
+        with session_factory(serving_url)() as db:
             registry.register(db, model, promote=True)
             create_key(db, "bench", ["score"], 10**6)
         serving = TestClient(create_serving_app(ServingSettings(database_url=serving_url)))

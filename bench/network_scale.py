@@ -74,7 +74,7 @@ def reset(url: str) -> None:
     """Drop every coordinator table and create them again."""
     from sqlalchemy import create_engine
 
-    from cardiofed.coordinator.storage import Base, make_engine
+    from cardiofed.store import Base, make_engine
 
     engine = create_engine(url)
     Base.metadata.drop_all(engine)
@@ -87,9 +87,9 @@ def create_study(url: str, study: str, names: list[str]) -> dict[str, str]:
     from sqlalchemy import update
 
     from cardiofed.coordinator import service
-    from cardiofed.coordinator.storage import Site, make_engine, make_sessionmaker
     from cardiofed.data.catalog import study_columns
     from cardiofed.simulation.config import SimulationConfig
+    from cardiofed.store import Site, hash_secret, make_engine, make_sessionmaker, new_secret
 
     columns, ranges = study_columns("synthetic")
     engine = make_engine(url)
@@ -97,10 +97,10 @@ def create_study(url: str, study: str, names: list[str]) -> dict[str, str]:
         service.create_study(db, study_id=study, plan=SimulationConfig(**PLAN), sites=names,
                              feature_names=columns, feature_ranges=ranges,
                              round_timeout_s=3600.0)
-        credentials = {name: service.new_secret() for name in names}
+        credentials = {name: new_secret() for name in names}
         ids = dict(db.execute(Site.__table__.select().with_only_columns(
             Site.name, Site.id).where(Site.study_id == study)).all())
-        db.execute(update(Site), [{"id": ids[n], "credential_hash": service.hash_secret(c),
+        db.execute(update(Site), [{"id": ids[n], "credential_hash": hash_secret(c),
                                    "enrol_token_hash": None} for n, c in credentials.items()])
         db.commit()
     engine.dispose()
@@ -111,7 +111,7 @@ def round_record(url: str, study: str, number: int) -> dict[str, Any]:
     """The coordinator's own record of a round: its updates and when it closed."""
     from sqlalchemy import func, select
 
-    from cardiofed.coordinator.storage import Round, Update, make_engine, make_sessionmaker
+    from cardiofed.store import Round, Update, make_engine, make_sessionmaker
 
     engine = make_engine(url)
     with make_sessionmaker(engine)() as db:
@@ -128,7 +128,7 @@ def round_record(url: str, study: str, number: int) -> dict[str, Any]:
 
 def published_model(url: str, study: str, version: int) -> tuple[dict[str, np.ndarray], int]:
     from cardiofed.coordinator import service
-    from cardiofed.coordinator.storage import make_engine, make_sessionmaker
+    from cardiofed.store import make_engine, make_sessionmaker
     from cardiofed.wire import decode_arrays
 
     engine = make_engine(url)

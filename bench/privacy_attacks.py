@@ -46,7 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _active_attacks as active  # noqa: E402
 from _common import markdown_table, single_threaded, write_results  # noqa: E402
 
-from cardiofed.coordinator.schemas import TaskResponse  # noqa: E402
 from cardiofed.data.dataset import FederatedDataset, SiteData  # noqa: E402
 from cardiofed.data.preprocessing import (  # noqa: E402
     DEFAULT_BINS,
@@ -63,11 +62,12 @@ from cardiofed.models.networks import Weights, get_weights, make_model, score  #
 from cardiofed.node.task_policy import TaskPolicy  # noqa: E402
 from cardiofed.privacy.accountant import GaussianEvent, calibrate_noise  # noqa: E402
 from cardiofed.privacy.budget import PrivacyLedger, SiteBudget  # noqa: E402
+from cardiofed.privacy.dp_sgd import DPConfig, train_local_dp  # noqa: E402
 from cardiofed.privacy.site_privacy import SitePrivacy  # noqa: E402
+from cardiofed.protocol.schemas import TaskResponse  # noqa: E402
 from cardiofed.simulation.config import SimulationConfig  # noqa: E402
 from cardiofed.simulation.prepare import PreparedSite, prepare_federation  # noqa: E402
 from cardiofed.simulation.runner import derive_seed, update_manifest  # noqa: E402
-from cardiofed.training.dp import DPConfig, train_local_dp  # noqa: E402
 from cardiofed.training.local import LocalTrainingConfig, train_local  # noqa: E402
 
 EPSILON, DELTA = 1.0, 1e-5

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, markdown_table, single_threaded, write_results  # noqa: E402
 
 from cardiofed.data.catalog import load_dataset  # noqa: E402
-from cardiofed.evaluation.acceptability import (  # noqa: E402
+from cardiofed.experiments.acceptability import (  # noqa: E402
     Verdict,
     acceptability_from_experiment,
     assess,

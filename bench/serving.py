@@ -48,12 +48,12 @@ OFFLINE_ROWS = 1_000_000
 
 def prepare(workdir: Path) -> tuple[str, str, Any]:
     """Train and register the demo model; returns (database URL, API key, model)."""
-    from cardiofed.coordinator.deps import _sessions
     from cardiofed.data.synthetic import synthetic_federation
     from cardiofed.serving import provenance, registry
     from cardiofed.serving.keys import create_key
     from cardiofed.simulation.config import SimulationConfig
     from cardiofed.simulation.experiment import run_experiment
+    from cardiofed.store import session_factory
 
     data = synthetic_federation(seed=0)
     result = run_experiment(data, SimulationConfig.create(rounds=20, eval_every=0),
@@ -61,7 +61,7 @@ def prepare(workdir: Path) -> tuple[str, str, Any]:
     model = provenance.from_experiment(result, study="demo", feature_names=data.feature_names,
                                        outcome=data.outcome)
     url = f"sqlite:///{workdir}/registry.db"
-    with _sessions(url)() as db:
+    with session_factory(url)() as db:
         registry.register(db, model, promote=True)
         key = create_key(db, "bench", ["score"], rate_limit_per_minute=10**9)
     return url, key, model

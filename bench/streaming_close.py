@@ -37,17 +37,6 @@ def close_round(workdir: Path, n_sites: int, model: str, rule: str) -> dict[str,
     from sqlalchemy import insert, select
 
     from cardiofed.coordinator import service
-    from cardiofed.coordinator.storage import (
-        TALLY_SHARDS,
-        ReportTally,
-        Round,
-        Site,
-        Study,
-        Update,
-        make_engine,
-        make_sessionmaker,
-        utcnow,
-    )
     from cardiofed.data.catalog import study_columns
     from cardiofed.data.preprocessing import (
         DEFAULT_BINS,
@@ -56,6 +45,18 @@ def close_round(workdir: Path, n_sites: int, model: str, rule: str) -> dict[str,
         site_statistics,
     )
     from cardiofed.simulation.config import SimulationConfig
+    from cardiofed.store import (
+        TALLY_SHARDS,
+        ReportTally,
+        Round,
+        Site,
+        Study,
+        Update,
+        make_engine,
+        make_sessionmaker,
+        sha256,
+        utcnow,
+    )
     from cardiofed.wire import encode_arrays
 
     names, ranges = study_columns("synthetic")
@@ -91,7 +92,7 @@ def close_round(workdir: Path, n_sites: int, model: str, rule: str) -> dict[str,
                     {k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in shapes.items()},
                     {"study": "national", "round": "1", "model_version": "0", "site": name,
                      "num_samples": str(int(n)), "train_loss": "0.5"})),
-                "sha256": service.sha256(payload), "received_at": utcnow()}
+                "sha256": sha256(payload), "received_at": utcnow()}
                 for name, n in zip(batch, rng.integers(20, 5000, len(batch)), strict=True)])
         db.execute(insert(ReportTally), [{"round_id": train.id, "shard": s,
                                           "reports": sum(1 for i in ids.values()

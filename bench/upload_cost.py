@@ -33,8 +33,8 @@ from network_scale import create_study, reset, statistics_payloads  # noqa: E402
 
 def measure(url: str, uploads: int, warm_up: int) -> dict[str, float]:
     from cardiofed.coordinator import service
-    from cardiofed.coordinator.storage import make_engine, make_sessionmaker
     from cardiofed.data.catalog import study_columns
+    from cardiofed.store import make_engine, make_sessionmaker
 
     reset(url)
     names = [f"site{i:05d}" for i in range(warm_up + uploads + 1)]  # the round stays open

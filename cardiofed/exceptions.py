@@ -101,3 +101,8 @@ class PayloadTooLarge(CoordinatorError):
 
 class InvalidUpdate(CoordinatorError):
     status_code = 422
+
+
+class SchemaOutOfDate(CardioFedError, RuntimeError):
+    """The store's database is at an older schema revision than this release: run
+    ``cardiofed db upgrade`` (after a backup)."""

@@ -63,7 +63,7 @@ def postgres_url() -> str:
     if not url:
         pytest.skip("set CARDIOFED_TEST_POSTGRES_URL (e.g. postgresql+psycopg://u:p@127.0.0.1/db; "
                     ".ci/run does when a PostgreSQL server is installed) to test PostgreSQL")
-    from cardiofed.coordinator.storage import Base, make_engine
+    from cardiofed.store import Base, make_engine
 
     engine = make_engine(url)
     Base.metadata.drop_all(engine)

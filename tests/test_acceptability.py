@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cardiofed.evaluation.acceptability import (
+from cardiofed.evaluation.metrics import binary_metrics
+from cardiofed.exceptions import ConfigurationError
+from cardiofed.experiments.acceptability import (
     AcceptabilityCriteria,
     Verdict,
     acceptability_report,
     assess,
 )
-from cardiofed.evaluation.metrics import binary_metrics
-from cardiofed.exceptions import ConfigurationError
 
 
 def _expit(x: np.ndarray | float) -> np.ndarray:

@@ -27,13 +27,14 @@ from schemathesis.checks import CHECKS, load_all_checks
 from test_coordinator import SITES, Federation  # type: ignore[import-not-found]
 
 from cardiofed.coordinator.app import create_app
-from cardiofed.coordinator.deps import _sessions
 from cardiofed.data.synthetic import synthetic_federation
 from cardiofed.serving import provenance, registry
-from cardiofed.serving.api import ServingSettings, create_serving_app
+from cardiofed.serving.api import ServingSettings
+from cardiofed.serving.app import create_serving_app
 from cardiofed.serving.keys import SCOPES, create_key
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import run_experiment
+from cardiofed.store import session_factory
 
 load_all_checks()
 # Every check schemathesis has (max_response_time needs a limit: timing is no contract).
@@ -164,7 +165,7 @@ def risk_api(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
     model = provenance.from_experiment(result, study="demo", feature_names=data.feature_names,
                                        outcome=data.outcome)
     url = f"sqlite:///{tmp_path_factory.mktemp('risk')}/serving.db"
-    with _sessions(url)() as db:
+    with session_factory(url)() as db:
         registry.register(db, model, promote=True)
         CREDENTIALS["api"] = create_key(db, "everything", list(SCOPES), 1_000_000)
     app = create_serving_app(ServingSettings(database_url=url, max_batch=MAX_BATCH,

@@ -146,8 +146,8 @@ def test_async_settings_are_validated(sites: list[PreparedSite]) -> None:
 
 
 def test_dp_budgets_hold_in_an_asynchronous_experiment(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from cardiofed.experiments.summary import write_experiment_report
     from cardiofed.simulation.experiment import FEDERATED, run_experiment
-    from cardiofed.simulation.summary import write_experiment_report
 
     data = synthetic_federation(n_sites=4, seed=2, size_scale=0.2)
     config = _async(rounds=6, buffer_size=2, dp_epsilon=1.0, eval_every=0)

@@ -12,8 +12,8 @@ from test_coordinator import Federation, _until_done  # type: ignore[import-not-
 from cardiofed.causal.design import COVARIATES, TREATMENT
 from cardiofed.causal.sources import synthetic_sites
 from cardiofed.causal.study import run_attribution
-from cardiofed.coordinator.attribution import result_of
 from cardiofed.node.agent import NodeAgent
+from cardiofed.serving.attribution import result_of
 from cardiofed.wire import encode_arrays
 
 SITES = ["tier3_01", "tier2_01", "community_01", "community_02"]
@@ -207,13 +207,14 @@ def test_a_site_whose_data_lacks_the_treatment_refuses(tmp_path: Path) -> None:
 def test_the_risk_api_serves_a_finished_study_to_keys_with_the_scope(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from cardiofed.coordinator.deps import _sessions
-    from cardiofed.serving.api import ServingSettings, create_serving_app
+    from cardiofed.serving.api import ServingSettings
+    from cardiofed.serving.app import create_serving_app
     from cardiofed.serving.keys import create_key
+    from cardiofed.store import session_factory
 
     fed = _federation(tmp_path)
     url = fed.settings.database_url
-    with _sessions(url)() as db:
+    with session_factory(url)() as db:
         keys = {name: create_key(db, name, scopes, 1000, studies=studies) for name, scopes,
                 studies in (("reader", ["attribution:read"], None),
                             ("scorer", ["score"], None),

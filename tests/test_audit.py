@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import cardiofed.privacy.audit as audit_module
+import cardiofed.experiments.privacy_audit as audit_module
 from cardiofed.cli import app
 from cardiofed.data.dataset import FederatedDataset
 from cardiofed.data.synthetic import synthetic_federation
 from cardiofed.exceptions import ConfigurationError
-from cardiofed.privacy.audit import (
+from cardiofed.experiments.privacy_audit import (
     CanaryReport,
     canary_audit,
     membership_inference,

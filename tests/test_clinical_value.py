@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cardiofed.data.synthetic import synthetic_federation
-from cardiofed.evaluation.clinical_value import ClinicalValue, clinical_value
+from cardiofed.experiments.clinical_value import ClinicalValue, clinical_value
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import (
     FEDERATED,

@@ -18,14 +18,14 @@ from sqlalchemy import select
 
 from cardiofed.coordinator import service
 from cardiofed.coordinator.app import create_app
-from cardiofed.coordinator.deps import _sessions, app_settings, get_clock
+from cardiofed.coordinator.deps import app_settings, get_clock
 from cardiofed.coordinator.settings import CoordinatorSettings
-from cardiofed.coordinator.storage import TALLY_SHARDS
 from cardiofed.data.catalog import study_columns
 from cardiofed.node.agent import NodeAgent, NodeError
 from cardiofed.node.config import NodeConfig, NodePrivacy
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import FEDERATED, ExperimentResult, run_experiment
+from cardiofed.store import TALLY_SHARDS, session_factory
 from cardiofed.wire import decode_arrays, encode_arrays
 
 SITES = ["tier3_01", "tier2_01", "community_01"]
@@ -45,7 +45,7 @@ class Federation:
             database_url=database_url or f"sqlite:///{tmp}/coord.db", long_poll_s=0,
             max_update_bytes=max_bytes)
         self.restart()
-        with _sessions(self.settings.database_url)() as db:
+        with session_factory(self.settings.database_url)() as db:
             self.admin = service.create_admin_key(db)
         names, ranges = study_columns("synthetic")
         response = self.client.post("/v1/studies", headers=self.auth(self.admin), json={
@@ -144,7 +144,7 @@ def test_networked_run_equals_the_simulator(fed: Federation) -> None:
     # Every published version is in the model registry; the final one carries metrics.
     from cardiofed.serving import registry
 
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         versions = [m["version"] for m in registry.list_models(db)]
         card = registry.card(db, "s1-v3")
         served = registry.load(db, "s1-v3")
@@ -164,7 +164,7 @@ def _networked_and_simulated(tmp_path: Path, plan: dict[str, object]
 
     fed = Federation(tmp_path, plan=plan)
     _until_done(fed, [fed.agent(s) for s in SITES])
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         served = registry.load(db, f"s1-v{plan['rounds']}")
     return fed, served, _simulated(plan)
 
@@ -186,9 +186,9 @@ def test_a_mean_round_streams_to_the_simulators_robust_mean(tmp_path: Path) -> N
         tmp_path, {**PLAN, "rounds": 2, "robust_rule": "mean"})
     for name, value in served.weights.items():
         np.testing.assert_allclose(value, sim.federated.weights[name], rtol=0, atol=1e-6)
-    from cardiofed.coordinator.storage import Round
+    from cardiofed.store import Round
 
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         first = db.scalar(select(Round).where(Round.number == 1))
         assert first is not None and first.aggregation is not None
         shares = {a["site"]: a["weight_share"] for a in first.aggregation}
@@ -210,7 +210,7 @@ START = datetime(2026, 1, 1)
 def _race_study(postgres_url: str) -> tuple[Any, int]:
     """An engine on a fresh PostgreSQL study "race" (opened at START), and the id of its
     first site, enrolled."""
-    from cardiofed.coordinator.storage import make_engine, make_sessionmaker
+    from cardiofed.store import make_engine, make_sessionmaker
 
     engine = make_engine(postgres_url)
     names, ranges = study_columns("synthetic")
@@ -239,7 +239,7 @@ def test_postgresql_round_close_waits_for_an_upload_in_flight(postgres_url: str)
     the round's shared lock have committed: none is acknowledged and left out."""
     import threading
 
-    from cardiofed.coordinator.storage import Round, Update, make_sessionmaker
+    from cardiofed.store import Round, Update, make_sessionmaker
 
     engine, site_id = _race_study(postgres_url)
     sessions = make_sessionmaker(engine)
@@ -291,7 +291,7 @@ def test_postgresql_upload_waiting_on_a_closing_round_is_not_admitted(postgres_u
 
     from sqlalchemy import func, update
 
-    from cardiofed.coordinator.storage import Round, Update, make_sessionmaker
+    from cardiofed.store import Round, Update, make_sessionmaker
 
     engine, site_id = _race_study(postgres_url)
     sessions = make_sessionmaker(engine)
@@ -450,7 +450,7 @@ def test_a_site_is_added_to_a_running_study(fed: Federation) -> None:
 
 
 def test_operator_controls_need_an_admin(fed: Federation) -> None:
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         viewer = service.create_admin_key(db, service.VIEWER)
     for path, body in (("pause", {"reason": "x"}), ("resume", None),
                        ("min-sites", {"min_sites": 1}),
@@ -590,7 +590,7 @@ def test_an_upload_holds_no_database_connection_while_its_body_arrives(
 
     credential = fed.agent(SITES[0]).credential()
     payload = _statistics_payload(fed, SITES[0])
-    pool = _sessions(fed.settings.database_url).kw["bind"].pool
+    pool = session_factory(fed.settings.database_url).kw["bind"].pool
     held: list[int] = []
 
     async def body() -> Any:  # pulled by the endpoint as it reads the request
@@ -662,7 +662,7 @@ def test_dropped_site_does_not_hang_the_round_after_its_deadline(tmp_path: Path)
 
 def test_a_result_for_a_round_that_closed_without_it_does_not_stop_the_node(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from cardiofed.coordinator.schemas import TaskResponse
+    from cardiofed.protocol.schemas import TaskResponse
 
     fed = Federation(tmp_path, min_sites=2)
     agents = [fed.agent(s) for s in SITES]
@@ -699,7 +699,7 @@ def test_node_restart_resends_the_cached_payload(fed: Federation) -> None:
     fed.step(agents)
     # A node that crashed after computing round 1 but before the upload finished:
     task = fed.client.get("/v1/tasks/next", headers=fed.auth(agents[0].credential()))
-    from cardiofed.coordinator.schemas import TaskResponse
+    from cardiofed.protocol.schemas import TaskResponse
 
     parsed = TaskResponse.model_validate(task.json())
     cache = agents[0].state_dir / "outbox" / "s1-round1.bin"
@@ -888,7 +888,7 @@ def test_async_buffer_takes_one_update_per_site(tmp_path: Path) -> None:
     # The attack (issue 29): training rounds stay open while newer versions appear, so a
     # site that uploads into several open rounds used to fill the buffer alone (a
     # version published from [community_03, community_03, community_03]).
-    from cardiofed.coordinator.schemas import TaskResponse
+    from cardiofed.protocol.schemas import TaskResponse
 
     fed = Federation(tmp_path, plan=ASYNC_PLAN)
     agents = [fed.agent(s) for s in SITES]
@@ -923,8 +923,8 @@ def test_async_updates_that_raced_into_one_buffer_count_once(tmp_path: Path) -> 
     _train_once(fed, agents[1])
     _train_once(fed, agents[2])  # version 1; tier3_01 reported nothing in round 1
     _train_once(fed, agents[0])  # round 2
-    with _sessions(fed.settings.database_url)() as db:
-        from cardiofed.coordinator.storage import Round, Update
+    with session_factory(fed.settings.database_url)() as db:
+        from cardiofed.store import Round, Update
 
         first = db.scalars(select(Update).join(Round, Update.round_id == Round.id).where(
             Round.number == 2)).one()
@@ -950,7 +950,7 @@ def test_async_update_older_than_max_staleness_is_refused(tmp_path: Path) -> Non
     assert task.json()["model_version"] == 0
     _train_once(fed, agents[0])  # version 1 is out while the slow site trains on 0
 
-    from cardiofed.coordinator.schemas import TaskResponse
+    from cardiofed.protocol.schemas import TaskResponse
 
     payload = slow._compute(TaskResponse.model_validate(task.json()))
     r = fed.client.post("/v1/studies/s1/rounds/1/updates", content=payload,
@@ -1098,7 +1098,7 @@ def test_a_study_id_taken_by_simulated_models_is_refused(fed: Federation) -> Non
     names, ranges = study_columns("synthetic")
     agents = [fed.agent(s) for s in SITES]
     _until_done(fed, agents)
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         trained = registry.load(db, "s1-v1")
         with pytest.raises(Conflict, match="is a networked study's name"):
             registry.register(db, trained.with_card(study="s1"))
@@ -1113,7 +1113,7 @@ def test_a_study_id_taken_by_simulated_models_is_refused(fed: Federation) -> Non
 def test_an_older_database_gains_the_new_columns(tmp_path: Path) -> None:
     import sqlite3
 
-    from cardiofed.coordinator.storage import make_engine
+    from cardiofed.store import make_engine
 
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as con:  # the updates table as an earlier release made it
@@ -1130,9 +1130,9 @@ def test_an_older_database_gains_the_new_columns(tmp_path: Path) -> None:
 
 def _set_plan(fed: Federation, plan: dict[str, object]) -> None:
     """Change the study's plan in the coordinator's database (a misbehaving coordinator)."""
-    from cardiofed.coordinator.storage import Study
+    from cardiofed.store import Study
 
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         study = db.get(Study, "s1")
         assert study is not None
         study.plan = plan
@@ -1142,9 +1142,9 @@ def _set_plan(fed: Federation, plan: dict[str, object]) -> None:
 def _set_round_version(fed: Federation, number: int, version: int) -> None:
     from sqlalchemy import select
 
-    from cardiofed.coordinator.storage import Round
+    from cardiofed.store import Round
 
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         rnd = db.scalar(select(Round).where(Round.study_id == "s1", Round.number == number))
         assert rnd is not None
         rnd.model_version = version
@@ -1160,7 +1160,7 @@ def test_a_changed_plan_is_refused_shown_in_the_status_and_the_node_goes_on(
         fed: Federation) -> None:
     agents = [fed.agent(s) for s in SITES]
     fed.step(agents)  # statistics: every node pins the plan
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         pinned = dict(service.get_study(db, "s1").plan)
 
     _set_plan(fed, {**pinned, "lr": 5.0})  # the coordinator changes the plan mid-study
@@ -1322,7 +1322,7 @@ def test_private_nodes_release_everything_under_their_ledgers(fed: Federation) -
     assert final["metrics"]["community_01"] == {}
     from cardiofed.serving import registry
 
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         card = registry.card(db, "s1-v3")
     assert set(card["metrics"]) == set(SITES[:2])  # a site that declines is left out
     for site in SITES[:2]:

@@ -11,8 +11,8 @@ import pytest
 from test_coordinator import SITES, Federation  # type: ignore[import-not-found]
 
 from cardiofed.coordinator import service
-from cardiofed.coordinator.deps import _sessions
 from cardiofed.data.catalog import study_columns
+from cardiofed.store import session_factory
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def test_concurrent_enrolments_with_one_token_have_exactly_one_winner(fed: Feder
     token, results = fed.tokens[SITES[0]], []
 
     def enrol() -> None:
-        with _sessions(fed.settings.database_url)() as db:
+        with session_factory(fed.settings.database_url)() as db:
             try:
                 results.append(service.enrol(db, token)[1])
             except service.AuthenticationError:
@@ -98,7 +98,7 @@ def test_a_task_deadline_carries_its_timezone(fed: Federation) -> None:
 
 def test_networked_studies_aggregate_robustly_by_default(fed: Federation) -> None:
     r = fed.client.get("/v1/studies/s1/status", headers=fed.auth(fed.admin))
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         plan = service.study_plan(service.get_study(db, "s1"))
 
     assert r.json()["robust_aggregation"] == []
@@ -151,12 +151,12 @@ def test_a_422_never_echoes_the_input(fed: Federation) -> None:
 
 def test_a_stored_payload_that_no_longer_passes_is_quarantined_and_the_round_goes_on(
         tmp_path: Path) -> None:
-    from cardiofed.coordinator.storage import Update
+    from cardiofed.store import Update
 
     fed = Federation(tmp_path, min_sites=2)
     agents = [fed.agent(s) for s in SITES]
     assert fed.step(agents[:2]) == 2  # two sites upload their statistics
-    with _sessions(fed.settings.database_url)() as db:  # one payload corrupted at rest
+    with session_factory(fed.settings.database_url)() as db:  # one payload corrupted at rest
         first = db.query(Update).order_by(Update.id).first()
         assert first is not None
         first.payload = b"not safetensors any more"
@@ -173,7 +173,7 @@ def test_a_stored_payload_that_no_longer_passes_is_quarantined_and_the_round_goe
 
 def test_an_asynchronous_buffer_quarantines_a_payload_that_no_longer_passes(
         tmp_path: Path) -> None:
-    from cardiofed.coordinator.storage import Round, Update
+    from cardiofed.store import Round, Update
 
     fed = Federation(tmp_path, plan={"rounds": 2, "local_epochs": 1, "batch_size": 32,
                                      "lr": 0.05, "seed": 5, "aggregation": "async",
@@ -181,7 +181,7 @@ def test_an_asynchronous_buffer_quarantines_a_payload_that_no_longer_passes(
     agents = [fed.agent(s) for s in SITES]
     assert fed.step(agents) == 3  # statistics
     assert fed.step(agents[:2]) == 2  # two training updates wait in the buffer
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         first = db.query(Update).join(Round, Update.round_id == Round.id).filter(
             Round.kind == "train").order_by(Update.id).first()
         assert first is not None
@@ -218,7 +218,7 @@ def test_a_refused_aggregate_keeps_the_previous_model_and_optimiser_state() -> N
     import numpy as np
 
     from cardiofed.aggregation.server_optimizers import ServerState
-    from cardiofed.coordinator.storage import Round, Study
+    from cardiofed.store import Round, Study
 
     rnd = Round(number=3)
     before = ({"w": np.ones(2, np.float32)}, ServerState(step=2, m={"w": np.ones(2)}, v={}))
@@ -236,10 +236,10 @@ def test_concurrent_revocations_count_a_site_out_once(fed: Federation) -> None:
     # Issue 29: 20 concurrent revokes drove active_sites to -7.
     import threading
 
-    from cardiofed.coordinator.storage import Study
+    from cardiofed.store import Study
 
     def revoke() -> None:
-        with _sessions(fed.settings.database_url)() as db:
+        with session_factory(fed.settings.database_url)() as db:
             service.revoke_site(db, "s1", "tier3_01")
 
     threads = [threading.Thread(target=revoke) for _ in range(20)]
@@ -248,7 +248,7 @@ def test_concurrent_revocations_count_a_site_out_once(fed: Federation) -> None:
     for t in threads:
         t.join(60)
 
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         assert db.get(Study, "s1").active_sites == 2  # 3 sites, one revoked
 
 
@@ -281,7 +281,7 @@ def test_a_site_holds_at_most_two_uploads_in_flight(tmp_path: Path) -> None:
     fed = Federation(tmp_path)
     agent = fed.agent(SITES[0])
     credential = agent.credential()
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         site_id = db.scalar(service.select(service.Site.id).where(
             service.Site.name == SITES[0]))
     updates._in_flight[site_id] = updates.MAX_UPLOADS_IN_FLIGHT
@@ -301,7 +301,7 @@ def test_a_database_of_the_previous_release_gains_the_new_columns(tmp_path: Path
 
     from sqlalchemy import inspect
 
-    from cardiofed.coordinator.storage import make_engine
+    from cardiofed.store import make_engine
 
     fed = Federation(tmp_path)
     path = tmp_path / "coord.db"

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from test_coordinator import SITES, Federation, _until_done  # type: ignore[import-not-found]
 
 from cardiofed.coordinator import service
-from cardiofed.coordinator.deps import _sessions
+from cardiofed.store import session_factory
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_revoke_through_the_dashboard_needs_the_csrf_token_and_is_audited(
 
 
 def test_a_viewer_sees_everything_and_changes_nothing(fed: Federation) -> None:
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         viewer = service.create_admin_key(db, service.VIEWER)
     client = _login(fed, viewer)
     page = client.get("/ui/studies/s1").text
@@ -151,7 +151,7 @@ def test_viewer_keys_are_made_by_role_and_bad_requests_are_refused(
     from cardiofed.cli import app
     from cardiofed.exceptions import ConfigurationError
 
-    with _sessions(fed.settings.database_url)() as db, \
+    with session_factory(fed.settings.database_url)() as db, \
             pytest.raises(ConfigurationError, match="role must be 'admin' or 'viewer'"):
         service.create_admin_key(db, "owner")
     key_file = tmp_path / "viewer.key"
@@ -202,9 +202,9 @@ def test_a_revoked_key_stops_working_and_its_sessions_end(fed: Federation) -> No
     from typer.testing import CliRunner
 
     from cardiofed.cli import app
-    from cardiofed.coordinator.storage import AdminKey
+    from cardiofed.store import AdminKey, hash_secret
 
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         viewer = service.create_admin_key(db, service.VIEWER)
         second = service.create_admin_key(db)
         ids = {k.role: k.id for k in db.query(AdminKey)}
@@ -222,11 +222,11 @@ def test_a_revoked_key_stops_working_and_its_sessions_end(fed: Federation) -> No
                           headers=fed.auth(viewer)).status_code == 401
     again = runner.invoke(app, ["admin", "revoke-key", "--id", str(ids["viewer"]), *url])
     assert again.exit_code != 0 and "was revoked" in again.output
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         service.revoke_admin_key(db, db.query(AdminKey).filter(
-            AdminKey.key_hash == service.hash_secret(second)).one().id)
+            AdminKey.key_hash == hash_secret(second)).one().id)
         admin_id = db.query(AdminKey).filter(
-            AdminKey.key_hash == service.hash_secret(fed.admin)).one().id
+            AdminKey.key_hash == hash_secret(fed.admin)).one().id
     last = runner.invoke(app, ["admin", "revoke-key", "--id", str(admin_id), *url])
     assert last.exit_code != 0 and "last admin key" in last.output
     assert fed.status()["study"] == "s1"  # the remaining admin still works

@@ -1,4 +1,4 @@
-"""Tests for cardiofed.evaluation.effective_data."""
+"""Tests for cardiofed.experiments.effective_data."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import pytest
 
 from cardiofed.data.dataset import FederatedDataset
 from cardiofed.data.synthetic import synthetic_federation
-from cardiofed.evaluation.effective_data import (
+from cardiofed.exceptions import ConfigurationError
+from cardiofed.experiments.effective_data import (
     LearningCurveFit,
     by_site_type,
     fit_learning_curve,
     site_effective_data,
     stratified_subsample,
 )
-from cardiofed.exceptions import ConfigurationError
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import FEDERATED, ExperimentResult, run_experiment
 

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from cardiofed.cli import app
 from cardiofed.data.synthetic import synthetic_federation
-from cardiofed.models.estimator import RiskEstimator
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import FEDERATED, run_experiment
+from cardiofed.training.estimator import RiskEstimator
 
 
 def _toy(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +102,7 @@ def test_demo_switches_exact_releases_off_under_dp(monkeypatch: pytest.MonkeyPat
     # The label-quality check crosses non-private local models between sites and
     # recalibration fits exact per-site updates: with a privacy budget the demo leaves
     # both off (a config with either is refused).
-    import cardiofed.cli as cli
+    import cardiofed.cli.experiments as cli
 
     seen: dict[str, object] = {}
 

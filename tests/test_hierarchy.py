@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cardiofed.coordinator.relay import metrics_result, plan_differences
 from cardiofed.data.preprocessing import (
     DEFAULT_BINS,
     Preprocessor,
@@ -19,6 +18,7 @@ from cardiofed.exceptions import ConfigurationError
 from cardiofed.node.agent import NodeAgent
 from cardiofed.node.config import DataSource, NodeConfig
 from cardiofed.node.work import load_site_data, statistics_payload, train_payload
+from cardiofed.protocol.relay import metrics_result, plan_differences
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.wire import decode_arrays, encode_arrays
 from tests.test_coordinator import PLAN, Federation

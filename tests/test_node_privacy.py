@@ -120,8 +120,8 @@ def test_a_private_node_does_not_train_without_the_statistics_release(
         fed: Federation) -> None:
     # A coordinator that skips the statistics round would read the exact record count
     # off num_samples (and off the epsilon of DP-SGD's schedule): the node refuses.
-    from cardiofed.coordinator.schemas import TaskResponse
     from cardiofed.exceptions import TaskRefused
+    from cardiofed.protocol.schemas import TaskResponse
 
     agent = default_agent(fed, SITES[0])
     names, ranges = study_columns("synthetic")
@@ -159,14 +159,14 @@ def test_a_name_the_coordinator_sends_never_becomes_a_path(fed: Federation) -> N
 def test_a_non_private_site_is_marked_in_status_dashboard_and_card(fed: Federation) -> None:
     from fastapi.testclient import TestClient
 
-    from cardiofed.coordinator.deps import _sessions
     from cardiofed.serving import registry
+    from cardiofed.store import session_factory
 
     agents = [default_agent(fed, s) for s in SITES[:2]] + [fed.agent(SITES[2])]  # off
     _until_done(fed, agents)
 
     assert fed.status()["non_private_sites"] == [SITES[2]]
-    with _sessions(fed.settings.database_url)() as db:
+    with session_factory(fed.settings.database_url)() as db:
         notes = registry.card(db, "s1-v3")["notes"]
     assert any(note.startswith(f"Not private: {SITES[2]} released exact") for note in notes)
     client = TestClient(fed.app)
@@ -205,12 +205,12 @@ def test_the_ledger_command_shows_each_study_and_the_composed_total(fed: Federat
 
 def test_the_service_refuses_unsafe_names_whoever_calls_it(fed: Federation) -> None:
     from cardiofed.coordinator import service
-    from cardiofed.coordinator.deps import _sessions
     from cardiofed.exceptions import InvalidUpdate
     from cardiofed.simulation.config import SimulationConfig
+    from cardiofed.store import session_factory
 
     names, ranges = study_columns("synthetic")
-    with _sessions(fed.settings.database_url)() as db, pytest.raises(InvalidUpdate) as err:
+    with session_factory(fed.settings.database_url)() as db, pytest.raises(InvalidUpdate) as err:
         service.create_study(db, study_id="s2", plan=SimulationConfig.create(**PLAN),
                              sites=["tier3_01", "../../outside/tier2_a"],
                              feature_names=names, feature_ranges=ranges)

@@ -164,7 +164,7 @@ def test_any_accepted_report_holds_known_metrics_within_their_ranges() -> None:
 
 
 def test_a_regions_summary_caps_each_sites_weight() -> None:
-    from cardiofed.coordinator.relay import SUMMARY_WEIGHT_CAP, metrics_result
+    from cardiofed.protocol.relay import SUMMARY_WEIGHT_CAP, metrics_result
 
     honest = {f"s{k}": {"auc": 0.70, "n": 500.0} for k in range(4)}
     inflated = {**honest, "liar": {"auc": 0.99, "n": 10_000_000.0}}

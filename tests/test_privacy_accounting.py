@@ -31,7 +31,7 @@ from cardiofed.privacy.accountant import (
     PrivacyAccountant,
     calibrate_noise,
 )
-from cardiofed.training.dp import DPConfig, train_local_dp
+from cardiofed.privacy.dp_sgd import DPConfig, train_local_dp
 from cardiofed.training.local import LocalTrainingConfig
 
 # Abadi et al. (2016), MNIST: sigma 1.1, lots of 256 of 60,000 images, 60 epochs.

@@ -18,9 +18,9 @@ from cardiofed.data.preprocessing import PRIVATE_BINS, bin_edges, site_statistic
 from cardiofed.models.networks import get_weights, make_model
 from cardiofed.privacy.accountant import calibrate_noise
 from cardiofed.privacy.budget import PrivacyLedger, SiteBudget
+from cardiofed.privacy.dp_sgd import DPConfig, train_local_dp
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.runner import derive_seed
-from cardiofed.training.dp import DPConfig, train_local_dp
 from cardiofed.training.local import LocalTrainingConfig
 
 PLAN_SEED, LR, CLIP = 42, 0.05, 1.0

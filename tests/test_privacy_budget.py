@@ -23,13 +23,13 @@ from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.models.networks import get_weights, make_model
 from cardiofed.privacy.accountant import GaussianEvent, PrivacyAccountant
 from cardiofed.privacy.budget import PrivacyLedger, SiteBudget, open_site_ledger
+from cardiofed.privacy.dp_sgd import DPConfig, train_local_dp
 from cardiofed.privacy.ledger_file import open_ledger_file
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import ExperimentResult, run_experiment, site_privacy
 from cardiofed.simulation.prepare import prepare_federation
 from cardiofed.simulation.runner import run_federated
-from cardiofed.training.dp import DPConfig, train_local_dp
 from cardiofed.training.local import LocalTrainingConfig
 
 

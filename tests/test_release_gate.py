@@ -34,6 +34,7 @@ from cardiofed.models.networks import get_weights, make_model, score, set_weight
 from cardiofed.names import is_safe_name, safe_name
 from cardiofed.privacy.accountant import GaussianEvent
 from cardiofed.privacy.budget import PrivacyLedger, SiteBudget
+from cardiofed.privacy.dp_sgd import DPConfig, train_local_dp
 from cardiofed.privacy.release_gate import (
     WEIGHT_MAX,
     Z_MAX,
@@ -42,7 +43,6 @@ from cardiofed.privacy.release_gate import (
     check_weights,
 )
 from cardiofed.privacy.site_privacy import SitePrivacy
-from cardiofed.training.dp import DPConfig, train_local_dp
 from cardiofed.training.local import LocalTrainingConfig
 
 RANGES = [(18.0, 110.0), (0.0, 1.0), (60.0, 300.0), (0.0, 700.0)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cardiofed.privacy.audit import scan_payloads
+from cardiofed.experiments.privacy_audit import scan_payloads
 
 
 def test_a_row_of_integers_dumped_as_floats_is_found() -> None:

@@ -15,17 +15,17 @@ from fastapi.testclient import TestClient
 from sqlalchemy import inspect
 from sqlalchemy.orm import sessionmaker
 
-from cardiofed.coordinator.deps import _sessions
-from cardiofed.coordinator.storage import make_engine
 from cardiofed.data.synthetic import default_profiles, generate_exports, synthetic_federation
 from cardiofed.exceptions import ConfigurationError, DataValidationError
 from cardiofed.serving import provenance, registry
-from cardiofed.serving.api import ServingSettings, create_serving_app
+from cardiofed.serving.api import ServingSettings
+from cardiofed.serving.app import create_serving_app
 from cardiofed.serving.keys import KeyCache, create_key, list_keys, revoke_key
 from cardiofed.serving.model import RiskModel
 from cardiofed.serving.offline import predict_file
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import run_experiment
+from cardiofed.store import make_engine, session_factory
 
 PATIENT = {"age": 67.25, "sex": "male", "total_cholesterol": 213.0, "hdl_cholesterol": 47.0,
            "systolic_bp": 143.5, "bp_treated": True, "current_smoker": False,
@@ -49,7 +49,7 @@ def logistic() -> RiskModel:
 class Api:
     def __init__(self, tmp: Path, model: RiskModel) -> None:
         self.url = f"sqlite:///{tmp}/serving.db"
-        self.sessions = _sessions(self.url)
+        self.sessions = session_factory(self.url)
         with self.sessions() as db:
             self.version = registry.register(db, model, promote=True)
             self.score_key = create_key(db, "partner", ["score"], 1000)
@@ -364,7 +364,7 @@ def test_keys_cli_creates_a_key_limited_to_studies(api: Api) -> None:
 def test_an_older_database_gains_the_key_studies_column(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     url = f"sqlite:///{path}"
-    with _sessions(url)() as db:
+    with session_factory(url)() as db:
         secret = create_key(db, "old", ["score"])
     with sqlite3.connect(path) as conn:  # as the table was before keys had studies
         conn.execute("ALTER TABLE api_keys DROP COLUMN studies")
@@ -534,7 +534,7 @@ def test_key_settings_and_duplicates_name_the_problem(api: Api) -> None:
 def test_registry_errors_name_the_version(tmp_path: Path, logistic: RiskModel) -> None:
     from cardiofed.exceptions import Conflict, NotFound
 
-    with _sessions(f"sqlite:///{tmp_path}/r.db")() as db:
+    with session_factory(f"sqlite:///{tmp_path}/r.db")() as db:
         with pytest.raises(NotFound, match="No model is promoted yet; promote one with "
                                            "`cardiofed models promote VERSION`."):
             registry.promoted_version(db)
@@ -603,7 +603,7 @@ def test_predict_cli_counts_the_rows_it_did_not_score(tmp_path: Path,
 
 
 def test_promotion_is_in_the_admin_audit_log(api: Api) -> None:
-    from cardiofed.coordinator.storage import AuditEvent
+    from cardiofed.store import AuditEvent
 
     r = api.client.post(f"/v1/models/{api.version}/promote",
                         headers={"Authorization": f"Bearer {api.admin_key}"})

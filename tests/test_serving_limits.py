@@ -18,14 +18,15 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.types import Message, Receive, Scope, Send
 
-from cardiofed.coordinator.deps import _sessions
 from cardiofed.data.synthetic import synthetic_federation
 from cardiofed.serving import provenance, registry
-from cardiofed.serving.api import ServingSettings, create_serving_app
+from cardiofed.serving.api import ServingSettings
+from cardiofed.serving.app import create_serving_app
 from cardiofed.serving.keys import create_key, list_keys
 from cardiofed.serving.model import RiskModel
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import run_experiment
+from cardiofed.store import session_factory
 from cardiofed.web.limits import BodyLimits, BodySizeLimit, describe_size
 
 PATIENT = {"age": 67.25, "sex": "male", "total_cholesterol": 213.0, "hdl_cholesterol": 47.0,
@@ -50,7 +51,7 @@ class Risk:
 
     def __init__(self, tmp: Path, model: RiskModel, **settings: Any) -> None:
         url = f"sqlite:///{tmp}/serving.db"
-        with _sessions(url)() as db:
+        with session_factory(url)() as db:
             registry.register(db, model, promote=True)
             self.key = create_key(db, "partner", ["score"], 1000)
         self.app = create_serving_app(ServingSettings(
@@ -363,7 +364,7 @@ def test_every_status_is_declared_with_its_body(risk: Risk) -> None:
 
 def test_the_declared_statuses_are_the_ones_answered(risk: Risk) -> None:
     """Each status POST /v1/risk declares is produced, with a `detail` string."""
-    with _sessions(risk.app.state.serving.settings.database_url)() as db:
+    with session_factory(risk.app.state.serving.settings.database_url)() as db:
         slow = create_key(db, "slow", ["score"], 1)
         reader = create_key(db, "reader", ["models:read"], 10)
         pinner = create_key(db, "pinner", ["score", "score:any-version"], 10)
@@ -391,7 +392,7 @@ def test_the_declared_statuses_are_the_ones_answered(risk: Risk) -> None:
 
 
 def test_timestamps_are_utc_with_an_offset(risk: Risk) -> None:
-    with _sessions(risk.app.state.serving.settings.database_url)() as db:
+    with session_factory(risk.app.state.serving.settings.database_url)() as db:
         reader = create_key(db, "reader", ["models:read"], 10)
         keys = list_keys(db)
     listed = risk.client.get("/v1/models", headers={"Authorization": f"Bearer {reader}"})

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from cardiofed.aggregation.server_optimizers import ServerSGD
-from cardiofed.aggregation.staleness import (
+from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
+from cardiofed.algorithms.staleness import (
     StalenessRule,
     StaleUpdate,
     buffer_ready,
     discounted,
 )
-from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.training.local import LocalTrainingConfig
 

@@ -166,18 +166,19 @@ def test_a_networked_study_carries_its_declaration_to_every_node(
 
     from cardiofed.coordinator import service
     from cardiofed.coordinator.app import create_app
-    from cardiofed.coordinator.deps import _sessions, app_settings
+    from cardiofed.coordinator.deps import app_settings
     from cardiofed.coordinator.settings import CoordinatorSettings
     from cardiofed.node.agent import NodeAgent
     from cardiofed.node.config import NodeConfig
     from cardiofed.serving import registry
+    from cardiofed.store import session_factory
 
     csvs, mappings = survey
     settings = CoordinatorSettings(database_url=f"sqlite:///{tmp_path}/c.db", long_poll_s=0)
     app = create_app()
     app.dependency_overrides[app_settings] = lambda: settings
     client = TestClient(app)
-    with _sessions(settings.database_url)() as db:
+    with session_factory(settings.database_url)() as db:
         admin = service.create_admin_key(db)
     plan = SimulationConfig.create(rounds=2, seed=0, study_features=declared)
     features = list(SiteMapping.from_toml(mappings[0], plan.catalogue()).columns)
@@ -207,7 +208,7 @@ def test_a_networked_study_carries_its_declaration_to_every_node(
     for _ in range(10):
         for node in agents:
             node.run(max_tasks=1)
-    with _sessions(settings.database_url)() as db:
+    with session_factory(settings.database_url)() as db:
         card = registry.card(db, "survey-v2")
     assert card["outcome"] == "heart_disease_ever"
     assert card["study_features"]["features"]["general_health"]["kind"] == "ordinal"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from cardiofed.coordinator.schemas import TaskResponse
 from cardiofed.data.catalog import study_columns
 from cardiofed.exceptions import TaskRefused
 from cardiofed.node.task_policy import TaskPolicy, plan_digest
+from cardiofed.protocol.schemas import TaskResponse
 from cardiofed.simulation.config import SimulationConfig
 
 NAMES, RANGES = study_columns("synthetic")

@@ -128,6 +128,18 @@ class AttributionPlan(BaseModel):
         estimate, sandwich)."""
         return (self.fixed_steps or MAX_NEWTON) + 3
 
+    def release_shapes(self, state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        """The sums a site computes for the analysis step in `state` (before noise)."""
+        return {name: shape for name, shape in expected_arrays(
+            self, state["step"], len(state["columns"])).items()
+                if not name.startswith("noise_var.")}
+
+    def add_noise(self, state: dict[str, Any], arrays: Arrays, noise_multiplier: float,
+                  rng: np.random.Generator) -> Arrays:
+        """The step's sums as released (:func:`release`): the privacy package's
+        :class:`~cardiofed.privacy.site_privacy.PrivateAnalysis` interface."""
+        return release(self, state, arrays, noise_multiplier, rng)
+
     @property
     def weighting(self) -> list[str]:
         return [m for m in self.chosen_methods if m != "matching"]

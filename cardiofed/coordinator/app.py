@@ -10,12 +10,12 @@ from starlette.exceptions import HTTPException
 
 from cardiofed import __version__
 from cardiofed.coordinator import dashboard, service
-from cardiofed.coordinator.deps import DB, Credential, refusals, refused
+from cardiofed.coordinator.deps import DB, Credential, refusals
 from cardiofed.coordinator.routers import models, relay, sites, studies, updates
 from cardiofed.coordinator.settings import get_settings
-from cardiofed.coordinator.storage import Round, Update
 from cardiofed.exceptions import CoordinatorError
-from cardiofed.web.errors import invalid_request, unreadable_body
+from cardiofed.store import Round, Update
+from cardiofed.web.errors import invalid_request, refused, unreadable_body
 from cardiofed.web.limits import BodyLimits, BodySizeLimit
 from cardiofed.web.metrics import RequestMetrics, ServiceMetrics
 from cardiofed.web.security import SecurityHeaders

@@ -21,17 +21,14 @@ from sqlalchemy.orm import Session
 from cardiofed.causal.study import (
     STEPS,
     AttributionPlan,
-    AttributionResult,
     expected_arrays,
     next_state,
     start,
 )
 from cardiofed.coordinator.payloads import check_attribution
-from cardiofed.coordinator.schemas import AttributionResponse
-from cardiofed.coordinator.storage import Refusal, Round, Site, Study
-from cardiofed.exceptions import CardioFedError, Conflict, InvalidUpdate, NotFound
+from cardiofed.exceptions import CardioFedError, InvalidUpdate
 from cardiofed.schema import Catalogue, FeatureKind, encoded_feature_names
-from cardiofed.simulation.config import SimulationConfig
+from cardiofed.store import Refusal, Round, Site, Study
 
 ATTRIBUTION_STEPS = STEPS[:-1]  # the round kinds; "done" ends the study
 
@@ -114,15 +111,6 @@ def close_round(db: Session, study: Study, plan: AttributionPlan, rnd: Round,
                                   "of its first step throughout", created_at=now))
 
 
-ASSUMPTIONS = ("No unmeasured confounding given the covariates, positivity (every patient "
-               "could have been treated or not: see the overlap) and a well-specified "
-               "propensity model (see the balance).")
-RELEASES = {False: "Each site released exact sums of its rows (no differential privacy).",
-            True: "Private plan: each site with a privacy budget released its sums with "
-                  "Gaussian noise, charged to its own ledger; a site without one, exact "
-                  "sums. The intervals include the noise; counts and balance are noisy."}
-
-
 def summary(study: Study) -> dict[str, Any] | None:
     """The analysis's progress for the status (None for a model study)."""
     a = study.analysis
@@ -131,47 +119,3 @@ def summary(study: Study) -> dict[str, Any] | None:
     return {"step": a["step"], "newton_steps": a["iterations"], "sites": a.get("sites"),
             "restarts": a.get("restarts", 0), "error": a.get("error"),
             "finished": "result" in a}
-
-
-def report(study: Study) -> AttributionResponse:
-    """A finished study's estimates with intervals, balance, overlap and card."""
-    plan = SimulationConfig.model_validate(study.plan).attribution
-    a = study.analysis
-    if plan is None or a is None:
-        raise NotFound(f"Study {study.id!r} is not an attribution study.")
-    if "error" in a:
-        raise Conflict(f"The analysis of study {study.id!r} stopped: {a['error']}")
-    if "result" not in a:
-        raise Conflict(f"The analysis of study {study.id!r} is not finished (step "
-                       f"{a['step']!r}); ask again when its status says finished.")
-    result = a["result"]
-    return AttributionResponse.model_validate({
-        "study": study.id,
-        "estimand": result["estimand"],
-        "estimate": result["effects"],
-        "balance": result["balance"], "balanced": result["balanced"],
-        "overlap": {"bins": len(result["overlap"]["treated"]), **result["overlap"]},
-        "propensity": result["propensity"],
-        "card": {"treatment": plan.treatment, "outcome": study.outcome,
-                 "covariates": plan.covariates, "columns": result["covariates"],
-                 "methods": plan.chosen_methods, "trim": plan.trim, "sites": a["sites"],
-                 "patients": max(0, round(a["estimate"]["rows"][0])),
-                 "trimmed": result["trimmed"], "private": plan.private,
-                 "releases": RELEASES[plan.private],
-                 "propensity_newton_steps": result["propensity_newton_steps"],
-                 "restarts": a.get("restarts", 0), "notes": result["notes"],
-                 "assumptions": ASSUMPTIONS},
-    })
-
-
-def result_of(body: dict[str, Any]) -> AttributionResult:
-    """The analysis of a :func:`report` body (as the API returns it), for
-    :func:`cardiofed.causal.report.write_report`."""
-    card = body["card"]
-    return AttributionResult.from_dict({
-        "estimand": body["estimand"], "covariates": card["columns"],
-        "propensity": body["propensity"],
-        "propensity_newton_steps": card["propensity_newton_steps"],
-        "effects": body["estimate"], "balance": body["balance"],
-        "overlap": {arm: body["overlap"][arm] for arm in ("treated", "control")},
-        "trimmed": card["trimmed"], "sites": len(card["sites"]), "notes": card["notes"]})

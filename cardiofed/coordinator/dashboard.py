@@ -23,9 +23,11 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from cardiofed.coordinator import attribution, service
+from cardiofed.coordinator import service
 from cardiofed.coordinator.deps import DB, Clock
-from cardiofed.coordinator.storage import (
+from cardiofed.exceptions import AuthenticationError, CoordinatorError, PermissionDenied
+from cardiofed.serving import attribution as attribution_answer
+from cardiofed.store import (
     AdminKey,
     AuditEvent,
     ModelVersion,
@@ -35,8 +37,9 @@ from cardiofed.coordinator.storage import (
     Study,
     UiSession,
     Update,
+    hash_secret,
+    new_secret,
 )
-from cardiofed.exceptions import AuthenticationError, CoordinatorError, PermissionDenied
 
 COOKIE = "cardiofed_session"
 SESSION_HOURS = 8
@@ -67,7 +70,7 @@ def current_login(request: Request, db: DB, clock: Clock) -> Login | None:
     token = request.cookies.get(COOKIE)
     if not token:
         return None
-    session = db.get(UiSession, service.hash_secret(token))
+    session = db.get(UiSession, hash_secret(token))
     if session is None or session.expires_at <= clock():
         return None
     key = db.get(AdminKey, session.admin_key_id)  # checked on every request
@@ -122,8 +125,8 @@ async def log_in(request: Request, db: DB, clock: Clock) -> Response:
         key = service.authenticate_admin(db, form.get("credential", "").strip(), write=False)
     except AuthenticationError:
         return _page("login.html", 401, error="Unknown credential.")
-    token = service.new_secret()
-    db.add(UiSession(token_hash=service.hash_secret(token), admin_key_id=key.id,
+    token = new_secret()
+    db.add(UiSession(token_hash=hash_secret(token), admin_key_id=key.id,
                      role=key.role or service.ADMIN,
                      expires_at=clock() + timedelta(hours=SESSION_HOURS)))
     db.execute(delete(UiSession).where(UiSession.expires_at <= clock()))
@@ -180,7 +183,7 @@ def study_page(study_id: str, db: DB, login: OptionalLogin, clock: Clock) -> Res
     state = service.status(db, study, clock)
     finished = (study.analysis or {}).get("result") is not None
     return _page("study.html", login=login, study=study, state=state,
-                 attribution=attribution.report(study).model_dump() if finished else None,
+                 attribution=attribution_answer.report(study).model_dump() if finished else None,
                  sites=_sites(db, study, state), rounds=_rounds(db, study, clock),
                  models=_models(db, study), charts=_auc_charts(db, study),
                  refresh=REFRESH_S if study.phase != "done" else 0, quote=quote)

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import lru_cache
 from typing import Annotated, Any
 
-from fastapi import Depends, Path, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, Path
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from cardiofed.coordinator import service
 from cardiofed.coordinator.settings import CoordinatorSettings, get_settings
-from cardiofed.coordinator.storage import AdminKey, Site, make_engine, make_sessionmaker, utcnow
-from cardiofed.exceptions import CoordinatorError
-from cardiofed.web.errors import refusal_body, responses
-
-
-@lru_cache(maxsize=8)
-def _sessions(url: str) -> sessionmaker[Session]:
-    return make_sessionmaker(make_engine(url))
+from cardiofed.store import AdminKey, Site, session_factory, utcnow
+from cardiofed.web.errors import responses
 
 
 async def app_settings() -> CoordinatorSettings:
@@ -33,14 +25,8 @@ Settings = Annotated[CoordinatorSettings, Depends(app_settings)]
 
 
 def get_db(settings: Settings) -> Iterator[Session]:
-    with _sessions(settings.database_url)() as db:
+    with session_factory(settings.database_url)() as db:
         yield db
-
-
-async def refused(_: Request, exc: CoordinatorError) -> JSONResponse:
-    """The exception handler of every CardioFed service for its refusals."""
-    return JSONResponse(status_code=exc.status_code, content=refusal_body(exc),
-                        headers=exc.headers())
 
 
 _bearer = HTTPBearer(auto_error=False, description="An admin or site credential: "

@@ -8,7 +8,7 @@ every active site has reported, or when its deadline passes with at least
 says which sites it waits for.
 
 With ``aggregation = "async"`` in the plan, training has no barrier (see
-:mod:`cardiofed.aggregation.staleness`): training round ``r`` means "trained from model
+:mod:`cardiofed.algorithms.staleness`): training round ``r`` means "trained from model
 version ``r - 1``" and stays open while newer versions appear. Updates wait in a
 buffer (rows with ``aggregated_into`` NULL; one per site); once ``buffer_size`` have
 arrived (or ``buffer_timeout_s`` after the last publication, from at least 2f + 1 distinct
@@ -21,7 +21,7 @@ the same round is a conflict. Accepting an update and closing a round are serial
 (:func:`_serialised`), so concurrent requests never close a round twice nor accept an
 update into a round that has just closed.
 
-A *relay* study (``relay`` set at creation; :mod:`cardiofed.coordinator.relay`) is a
+A *relay* study (``relay`` set at creation; :mod:`cardiofed.protocol.relay`) is a
 region of a national study: its statistics round opens with it, its later rounds are
 opened by the region's node with the national model, and each closed round keeps the
 aggregate that node sends upward, the study waiting (phase ``relay``) in between.
@@ -29,11 +29,9 @@ aggregate that node sends upward, the study waiting (phase ``relay``) in between
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import math
-import secrets
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -69,30 +67,16 @@ from cardiofed.aggregation.robust_statistics import (
     site_moments,
 )
 from cardiofed.aggregation.server_optimizers import ServerState
-from cardiofed.aggregation.staleness import StaleUpdate, buffer_ready, publish_buffer
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
+from cardiofed.algorithms.staleness import StaleUpdate, buffer_ready, publish_buffer
 from cardiofed.causal.study import add as add_sums
-from cardiofed.coordinator import attribution, relay
+from cardiofed.coordinator import attribution
 from cardiofed.coordinator.payloads import (
     MAX_METRICS_BYTES,
     check_manifest,
     check_statistics,
     check_update,
     evaluation_metrics,
-)
-from cardiofed.coordinator.storage import (
-    TALLY_SHARDS,
-    AdminKey,
-    AuditEvent,
-    ModelVersion,
-    Refusal,
-    ReportTally,
-    Round,
-    Site,
-    Study,
-    UiSession,
-    Update,
-    utcnow,
 )
 from cardiofed.data.preprocessing import (
     DEFAULT_BINS,
@@ -116,9 +100,27 @@ from cardiofed.exceptions import (
 )
 from cardiofed.models.networks import Weights, get_weights, make_model
 from cardiofed.names import NAME_RULE, is_safe_name
+from cardiofed.protocol import relay
 from cardiofed.serving import provenance, registry
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.runner import shares
+from cardiofed.store import (
+    TALLY_SHARDS,
+    AdminKey,
+    AuditEvent,
+    ModelVersion,
+    Refusal,
+    ReportTally,
+    Round,
+    Site,
+    Study,
+    UiSession,
+    Update,
+    hash_secret,
+    new_secret,
+    sha256,
+    utcnow,
+)
 from cardiofed.wire import decode_arrays, encode_arrays
 
 log = logging.getLogger("cardiofed.coordinator")
@@ -126,18 +128,6 @@ Clock = Callable[[], datetime]
 STATISTICS, TRAIN, EVALUATE = "statistics", "train", "evaluate"
 # A relay study between rounds: it waits for its region's node to open the next one.
 RELAY = "relay"
-
-
-def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def new_secret() -> str:
-    return secrets.token_urlsafe(32)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # One coordinator process serves many threads (uvicorn's thread pool, long polls).
@@ -224,7 +214,7 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
                  outcome: str | None = None, relay: bool = False, now: Clock = utcnow,
                  by: tuple[AdminKey, str] | None = None) -> dict[str, str]:
     """Create a study and its sites; returns a one-time enrolment token per site.
-    `relay`: a regional study of a national one (:mod:`cardiofed.coordinator.relay`).
+    `relay`: a regional study of a national one (:mod:`cardiofed.protocol.relay`).
     `by`: the admin key and the door it came through, for the audit log."""
     if db.get(Study, study_id) is not None:
         raise Conflict(f"Study {study_id!r} already exists.")

@@ -19,7 +19,6 @@ import httpx
 import numpy as np
 
 from cardiofed.causal.study import AttributionPlan, SiteArrays, check_state, release, site_step
-from cardiofed.coordinator.schemas import TaskResponse
 from cardiofed.data.dataset import SiteData
 from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.data.study_features import StudyFeatures, catalogue_of
@@ -47,6 +46,7 @@ from cardiofed.node.work import (
 )
 from cardiofed.privacy.budget import PrivacyLedger, open_site_ledger
 from cardiofed.privacy.site_privacy import SitePrivacy
+from cardiofed.protocol.schemas import TaskResponse
 from cardiofed.schema import Catalogue
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.wire import encode_arrays

@@ -28,7 +28,7 @@ exact, and it still refuses plans whose batches are smaller than
 name one ``ledger_dir``: it is the hospital's one privacy ledger
 (:mod:`cardiofed.privacy.ledger_file`).
 
-A region of a hierarchical federation (:mod:`cardiofed.coordinator.relay`) is a node
+A region of a hierarchical federation (:mod:`cardiofed.protocol.relay`) is a node
 of the national study with a ``[region]`` table instead of ``[data]``: it holds no
 patient data and relays each national task to its regional coordinator's relay study::
 

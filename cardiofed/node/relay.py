@@ -1,5 +1,5 @@
 """A region's node: one site of the national study that relays each national task to its
-regional coordinator's relay study (:mod:`cardiofed.coordinator.relay`).
+regional coordinator's relay study (:mod:`cardiofed.protocol.relay`).
 
 For the statistics task it waits for the regional round 0 (opened with the study) and
 sends its sums; for a training or evaluation task it hands the national preprocessor
@@ -17,11 +17,11 @@ from typing import Any
 
 import httpx
 
-from cardiofed.coordinator.relay import plan_differences
-from cardiofed.coordinator.schemas import TaskResponse
 from cardiofed.exceptions import ConfigurationError, TaskRefused
 from cardiofed.node.config import RegionSettings
 from cardiofed.node.transport import send
+from cardiofed.protocol.relay import plan_differences
+from cardiofed.protocol.schemas import TaskResponse
 from cardiofed.wire import decode_arrays, encode_arrays
 
 Fetch = Callable[[str], bytes]  # GET on the national coordinator, the region's credential

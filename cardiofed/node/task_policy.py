@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cardiofed.causal.propensity import MAX_NEWTON
-from cardiofed.coordinator.schemas import TaskResponse
 from cardiofed.exceptions import TaskRefused
+from cardiofed.protocol.schemas import TaskResponse
 from cardiofed.simulation.config import SimulationConfig
 
 # What one site releases for an attribution study at most: its steps

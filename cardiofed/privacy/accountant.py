@@ -75,7 +75,7 @@ class PrivacyAccountant:
             key = (e.noise_multiplier, e.sample_rate)
             merged[key] = merged.get(key, 0) + e.steps
         history = [(sigma, q, steps) for (sigma, q), steps in merged.items()]
-        # Imported here, as in cardiofed.training.dp: Opacus costs about 1.5 s at import.
+        # Imported here, as in cardiofed.privacy.dp_sgd: Opacus costs about 1.5 s at import.
         from opacus.accountants import PRVAccountant, RDPAccountant
 
         if self.kind == "prv":

@@ -27,7 +27,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -43,12 +43,25 @@ from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.models.networks import Weights, get_weights, set_weights
 from cardiofed.privacy.accountant import GaussianEvent, calibrate_noise
 from cardiofed.privacy.budget import ATTRIBUTION, PrivacyLedger
+from cardiofed.privacy.dp_sgd import DPConfig, check_dp_training, dp_schedule, train_local_dp
 from cardiofed.privacy.randomness import secure_numpy_rng, secure_torch_generator
-from cardiofed.training.dp import DPConfig, check_dp_training, dp_schedule, train_local_dp
 from cardiofed.training.local import LocalResult, LocalTrainingConfig
 
-if TYPE_CHECKING:
-    from cardiofed.causal.study import AttributionPlan
+
+class PrivateAnalysis(Protocol):
+    """What a multi-step private analysis declares to be released through
+    :meth:`SitePrivacy.release_attribution` (the causal package's ``AttributionPlan``):
+    how many Gaussian releases it makes, the arrays each step sends, and how a step's
+    arrays get their noise. Privacy knows the interface, not the analysis."""
+
+    @property
+    def releases(self) -> int: ...
+
+    def release_shapes(self, state: dict[str, Any]) -> dict[str, tuple[int, ...]]: ...
+
+    def add_noise(self, state: dict[str, Any], arrays: dict[str, np.ndarray],
+                  noise_multiplier: float, rng: np.random.Generator
+                  ) -> dict[str, np.ndarray]: ...
 
 log = logging.getLogger("cardiofed.privacy")
 
@@ -197,16 +210,13 @@ class SitePrivacy:
         return LocalResult(num_steps=schedule[1], mean_loss=float("nan"))
 
     # -- attribution ------------------------------------------------------------------
-    def release_attribution(self, plan: AttributionPlan, state: dict[str, Any],
+    def release_attribution(self, plan: PrivateAnalysis, state: dict[str, Any],
                             compute: Callable[[], dict[str, np.ndarray]], what: str
                             ) -> dict[str, np.ndarray]:
         """One step of a private attribution analysis: charged (its noise calibrated once
         for the plan's releases), then `compute` gives the step's sums over the site's
-        rows and :func:`cardiofed.causal.study.release` adds the noise. If `compute`
-        fails or a sum is not finite, the step's sums are released as zeros plus the
-        same noise (already charged)."""
-        from cardiofed.causal.study import expected_arrays, release
-
+        rows and the plan adds the noise. If `compute` fails or a sum is not finite,
+        the step's sums are released as zeros plus the same noise (already charged)."""
         with self.ledger.locked():
             earlier = self.ledger.releases(ATTRIBUTION, self.study)
             sigma = (float(earlier[0]["noise_multiplier"]) if earlier
@@ -214,9 +224,7 @@ class SitePrivacy:
             event = GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)
             self.ledger.charge([event], what, kind=ATTRIBUTION, study=self.study,
                                noise_multiplier=sigma)
-        shapes = {name: shape for name, shape in expected_arrays(
-            plan, state["step"], len(state["columns"])).items()
-                  if not name.startswith("noise_var.")}
+        shapes = plan.release_shapes(state)
         try:
             arrays = compute()
             if set(arrays) != set(shapes) or not all(
@@ -227,7 +235,7 @@ class SitePrivacy:
             log.warning("attribution step failed (%s); releasing noise alone",
                         type(exc).__name__)
             arrays = {k: np.zeros(shape) for k, shape in shapes.items()}
-        return release(plan, state, arrays, sigma, secure_numpy_rng())
+        return plan.add_noise(state, arrays, sigma, secure_numpy_rng())
 
     # -- evaluation -------------------------------------------------------------------
     def release_evaluation(self, y_true: np.ndarray, y_prob: np.ndarray,

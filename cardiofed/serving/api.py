@@ -1,8 +1,8 @@
 """The risk prediction API: ``POST /v1/risk``, ``/v1/risk/batch``, ``GET /v1/models``,
 ``POST /v1/attribution``.
 
-:func:`create_serving_app` builds the standalone service (``cardiofed serve``);
-:func:`add_risk_api` mounts the same routes on another application. Requests
+:func:`cardiofed.serving.app.create_serving_app` builds the standalone service
+(``cardiofed serve``); :func:`add_risk_api` mounts the same routes on another application. Requests
 authenticate with an API key (``Authorization: Bearer cfk_...``); scopes, the studies a
 key may use and per-key rate limits are in :mod:`cardiofed.serving.keys`. Request bodies
 are size-limited before anything parses them (:mod:`cardiofed.web.limits`:
@@ -37,15 +37,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException
 
-from cardiofed import __version__
-from cardiofed.coordinator.attribution import report as attribution_report
-from cardiofed.coordinator.deps import _sessions, refused
-from cardiofed.coordinator.schemas import AttributionRequest, AttributionResponse
-from cardiofed.coordinator.settings import DEFAULT_DATABASE_URL
-from cardiofed.coordinator.storage import Study
+from cardiofed.defaults import DEFAULT_DATABASE_URL
 from cardiofed.evaluation.recalibration import Recalibration
 from cardiofed.exceptions import CoordinatorError, NotFound, PermissionDenied
+from cardiofed.protocol.schemas import AttributionRequest, AttributionResponse
 from cardiofed.serving import registry
+from cardiofed.serving.attribution import report as attribution_report
 from cardiofed.serving.keys import KeyCache, KeyInfo, RateLimiter
 from cardiofed.serving.model import (
     RISK_CATEGORIES,
@@ -66,16 +63,17 @@ from cardiofed.serving.schemas import (
     RiskResult,
     batch_request,
 )
+from cardiofed.store import Study, session_factory
 from cardiofed.web.errors import (
     InvalidPatient,
     RateLimited,
     invalid_request,
+    refused,
     responses,
     unreadable_body,
 )
 from cardiofed.web.limits import BodyLimits, BodySizeLimit
 from cardiofed.web.metrics import RequestMetrics, ServiceMetrics
-from cardiofed.web.security import STRICT_POLICY, SecurityHeaders
 
 # Room per patient in a batch body: one with every feature, units and indentation is
 # under 1 KiB of JSON; the default batch limit is max_batch times this.
@@ -127,7 +125,7 @@ class ServingState:
 
     def __init__(self, settings: ServingSettings) -> None:
         self.settings = settings
-        self.sessions: sessionmaker[Session] = _sessions(settings.database_url)
+        self.sessions: sessionmaker[Session] = session_factory(settings.database_url)
         self.keys = KeyCache(settings.key_cache_s)
         self.limiter = RateLimiter()
         self._models: dict[str, RiskModel] = {}
@@ -406,23 +404,3 @@ def add_risk_api(app: FastAPI, settings: ServingSettings, *,
     app.add_exception_handler(CoordinatorError, refused)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, unreadable_body)  # type: ignore[arg-type]
-
-
-def create_serving_app(settings: ServingSettings | None = None) -> FastAPI:
-    """The standalone risk API (``cardiofed serve``)."""
-    app = FastAPI(title="CardioFed risk API", version=__version__,
-                  description="Cardiovascular risk from a federated model. Authenticate "
-                              "with `Authorization: Bearer <API key>`.")
-    add_risk_api(app, settings or get_serving_settings())
-    from cardiofed.serving import calculator
-
-    app.include_router(calculator.router)
-    # The calculator page carries its own small stylesheet inline.
-    app.add_middleware(SecurityHeaders, policy=STRICT_POLICY.replace(
-        "style-src 'self'", "style-src 'self' 'unsafe-inline'"))
-
-    @app.get("/healthz", tags=["health"], responses=responses(413))
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    return app

@@ -20,8 +20,6 @@ from datetime import UTC
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cardiofed.coordinator.service import hash_secret, new_secret
-from cardiofed.coordinator.storage import ApiKey
 from cardiofed.exceptions import (
     AuthenticationError,
     ConfigurationError,
@@ -29,6 +27,7 @@ from cardiofed.exceptions import (
     NotFound,
     PermissionDenied,
 )
+from cardiofed.store import ApiKey, hash_secret, new_secret
 
 ANY_VERSION = "score:any-version"
 SCOPES = ("score", ANY_VERSION, "models:read", "attribution:read", "admin")

@@ -14,9 +14,9 @@ from datetime import UTC
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from cardiofed.coordinator.storage import AuditEvent, RegisteredModel, Study, utcnow
 from cardiofed.exceptions import Conflict, NotFound
 from cardiofed.serving.model import RiskModel
+from cardiofed.store import AuditEvent, RegisteredModel, Study, utcnow
 
 
 def register(db: Session, model: RiskModel, *, number: int | None = None,

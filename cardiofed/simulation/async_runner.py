@@ -5,7 +5,7 @@ Every site trains on the newest global model it has, for as long as its
 updates into a buffer and publishes a new version once ``buffer_size`` updates have
 arrived (or ``buffer_timeout_s`` simulated seconds after the last publication with at
 least one waiting), discounting each by its staleness
-(:mod:`cardiofed.aggregation.staleness`). A site trains at most once per model
+(:mod:`cardiofed.algorithms.staleness`). A site trains at most once per model
 version: when it finishes before a new version is out it waits for one, as a node
 waits on the coordinator. ``config.rounds`` is the number of versions published.
 
@@ -22,9 +22,9 @@ from functools import partial
 import numpy as np
 from torch import nn
 
-from cardiofed.aggregation.staleness import StaleUpdate, buffer_ready, publish_buffer
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.algorithms.base import LocalTrainer
+from cardiofed.algorithms.staleness import StaleUpdate, buffer_ready, publish_buffer
 from cardiofed.exceptions import PrivacyBudgetExceeded
 from cardiofed.models.networks import Weights, get_weights, make_model
 from cardiofed.privacy.site_privacy import SitePrivacy

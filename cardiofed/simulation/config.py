@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cardiofed._pydantic import read_toml
 from cardiofed.aggregation.robust import RobustAggregation
-from cardiofed.aggregation.staleness import StalenessRule
 from cardiofed.algorithms import FederatedAlgorithm, make_algorithm
+from cardiofed.algorithms.staleness import StalenessRule
 from cardiofed.algorithms.weighting import WeightingRule
 from cardiofed.causal.study import AttributionPlan
 from cardiofed.data.model_form import ModelForm, model_form
@@ -59,7 +59,7 @@ class SimulationConfig(BaseModel):
     dp_epsilon: float | None = Field(None, gt=0, allow_inf_nan=False)
     dp_delta: float | None = Field(None, gt=0, lt=1)
     # DP-SGD's clipping bound of each record's weight gradient; its output-bias part has
-    # a bound of its own, 1 (cardiofed.training.dp.DPConfig). 2 clips only the largest
+    # a bound of its own, 1 (cardiofed.privacy.dp_sgd.DPConfig). 2 clips only the largest
     # gradients of a standardised model (bench/privacy_utility.py).
     dp_max_grad_norm: float = Field(2.0, gt=0, allow_inf_nan=False)
     dp_accountant: Literal["rdp", "prv"] = "rdp"
@@ -76,7 +76,7 @@ class SimulationConfig(BaseModel):
     recalibrate: bool = False
     finetune: bool = False
     calibration_fraction: float = Field(0.25, gt=0, lt=1)
-    # Asynchronous aggregation (cardiofed.aggregation.staleness): with "async", `rounds`
+    # Asynchronous aggregation (cardiofed.algorithms.staleness): with "async", `rounds`
     # is the number of global model versions published.
     aggregation: Literal["sync", "async"] = "sync"
     buffer_size: int = Field(3, ge=1, le=1_000_000,

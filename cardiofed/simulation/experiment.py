@@ -31,7 +31,6 @@ from cardiofed.evaluation.metrics import binary_metrics
 from cardiofed.evaluation.private_metrics import metrics_with_uncertainty, score_bin_edges
 from cardiofed.evaluation.recalibration import Recalibration, fit_update
 from cardiofed.exceptions import PrivacyBudgetExceeded
-from cardiofed.models.estimator import RiskEstimator
 from cardiofed.models.networks import Weights, score
 from cardiofed.names import safe_name
 from cardiofed.privacy.budget import (
@@ -41,6 +40,7 @@ from cardiofed.privacy.budget import (
     open_site_ledger,
 )
 from cardiofed.privacy.site_privacy import SitePrivacy
+from cardiofed.simulation.alone import train_alone
 from cardiofed.simulation.async_runner import run_async
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.prepare import PreparedSite, prepare_federation, prepare_local_only
@@ -51,7 +51,7 @@ from cardiofed.simulation.runner import (
     run_federated,
     train_centralised,
 )
-from cardiofed.training.alone import train_alone
+from cardiofed.training.estimator import RiskEstimator
 from cardiofed.training.personalise import Personalisation, finetune
 from cardiofed.wire import encode_arrays, encode_metrics
 
@@ -201,7 +201,7 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     Bias corrections: ``label_quality`` cross-evaluates the sites' local models (only
     AUCs cross sites) and gives a site whose labels disagree with the others' no weight.
     Local-only models are what each site would build alone
-    (:func:`~cardiofed.training.alone.train_alone`: a cross-validated ridge logistic
+    (:func:`~cardiofed.simulation.alone.train_alone`: a cross-validated ridge logistic
     regression). Personalisation (``recalibrate``, ``finetune``): each site holds out
     ``calibration_fraction`` of its training rows from the federation and updates the
     global model on them, reported as ``federated+recalibrated`` and

@@ -126,6 +126,12 @@ def refusal_body(exc: CoordinatorError) -> dict[str, object]:
     return body
 
 
+async def refused(_: Request, exc: CoordinatorError) -> JSONResponse:
+    """The exception handler of every CardioFed service for its refusals."""
+    return JSONResponse(status_code=exc.status_code, content=refusal_body(exc),
+                        headers=exc.headers())
+
+
 # OpenAPI: every status an endpoint answers, each with its body.
 _DESCRIPTIONS: dict[int, tuple[str, type[BaseModel]]] = {
     401: ("Missing, unknown or revoked API key", ErrorBody),

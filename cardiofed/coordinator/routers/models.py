@@ -9,9 +9,9 @@ from sqlalchemy import select
 
 from cardiofed.coordinator import service
 from cardiofed.coordinator.deps import DB, Credential, PathNumber, refusals
-from cardiofed.coordinator.schemas import ModelInfo
-from cardiofed.coordinator.storage import ModelVersion
 from cardiofed.exceptions import AuthenticationError, NotFound
+from cardiofed.protocol.schemas import ModelInfo
+from cardiofed.store import ModelVersion
 
 router = APIRouter(prefix="/v1/studies", tags=["models"])
 SAFETENSORS = "application/octet-stream"

@@ -1,5 +1,5 @@
 """Relay: a regional study's side of a hierarchical federation, driven by its region's
-node with an admin credential (:mod:`cardiofed.coordinator.relay`)."""
+node with an admin credential (:mod:`cardiofed.protocol.relay`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from cardiofed.coordinator import service
 from cardiofed.coordinator.deps import DB, Admin, Clock, Credential, PathNumber, refusals
 from cardiofed.coordinator.routers.models import BINARY, SAFETENSORS
-from cardiofed.coordinator.schemas import RelayRoundRequest
+from cardiofed.protocol.schemas import RelayRoundRequest
 
 router = APIRouter(prefix="/v1/studies", tags=["relay"])
 BODY = {"requestBody": {"required": True, "content": {SAFETENSORS: BINARY}}}

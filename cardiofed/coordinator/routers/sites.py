@@ -13,8 +13,8 @@ from starlette.concurrency import run_in_threadpool
 
 from cardiofed.coordinator import attribution, service
 from cardiofed.coordinator.deps import DB, Clock, CurrentSite, Settings, refusals
-from cardiofed.coordinator.schemas import EnrolRequest, EnrolResponse, SiteInfo, TaskResponse
-from cardiofed.coordinator.storage import Site
+from cardiofed.protocol.schemas import EnrolRequest, EnrolResponse, SiteInfo, TaskResponse
+from cardiofed.store import Site
 
 router = APIRouter(prefix="/v1", tags=["sites"])
 

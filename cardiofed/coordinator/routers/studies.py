@@ -9,7 +9,9 @@ from fastapi import APIRouter
 
 from cardiofed.coordinator import attribution, service
 from cardiofed.coordinator.deps import DB, Admin, Clock, Credential, refusals
-from cardiofed.coordinator.schemas import (
+from cardiofed.data.dataset import feature_ranges_for
+from cardiofed.exceptions import AuthenticationError, ConfigurationError, InvalidUpdate
+from cardiofed.protocol.schemas import (
     AttributionResponse,
     EnrolmentToken,
     MinSites,
@@ -18,9 +20,8 @@ from cardiofed.coordinator.schemas import (
     StudyCreate,
     StudyCreated,
 )
-from cardiofed.data.dataset import feature_ranges_for
-from cardiofed.exceptions import AuthenticationError, ConfigurationError, InvalidUpdate
 from cardiofed.schema import Catalogue, canonical_features
+from cardiofed.serving import attribution as attribution_answer
 from cardiofed.simulation.config import SimulationConfig
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
@@ -101,7 +102,7 @@ def attribution_result(study_id: str, db: DB, clock: Clock,
     """A finished attribution study's estimates (95% intervals, E-values), balance,
     overlap and card (admin, viewer or member site); 409 until it is finished."""
     _reader(db, credential, clock, study_id)
-    return attribution.report(service.get_study(db, study_id))
+    return attribution_answer.report(service.get_study(db, study_id))
 
 
 @router.post("/{study_id}/sites/{site_name}/revoke", status_code=204,

@@ -14,12 +14,12 @@ from cardiofed.coordinator.deps import (
     CurrentSite,
     PathNumber,
     Settings,
-    _sessions,
     refusals,
 )
-from cardiofed.coordinator.schemas import RefusalRequest, SubmitResponse
 from cardiofed.coordinator.settings import CoordinatorSettings
 from cardiofed.exceptions import CoordinatorError, PayloadTooLarge
+from cardiofed.protocol.schemas import RefusalRequest, SubmitResponse
+from cardiofed.store import session_factory
 from cardiofed.web.errors import RateLimited
 
 router = APIRouter(prefix="/v1/studies", tags=["updates"])
@@ -48,7 +48,7 @@ async def submit_update(study_id: str, round_number: PathNumber, request: Reques
     # each with its own session, so no database connection is held while the body
     # arrives or while the request waits for a worker thread (sync dependencies would
     # cost a hop each, and a session opened by one would pin its connection throughout).
-    sessions = _sessions(settings.database_url)
+    sessions = session_factory(settings.database_url)
     target = await run_in_threadpool(_authenticate, sessions, credential, study_id,
                                      round_number)
     site_id = target.site.id

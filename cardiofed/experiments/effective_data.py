@@ -2,7 +2,7 @@
 
 The question a clinic asks of a federation is "how many of *my own* patients would I
 need to build this model alone?". For each site, local models are trained as the
-local-only baseline is (:func:`~cardiofed.training.alone.train_alone` on the site's own
+local-only baseline is (:func:`~cardiofed.simulation.alone.train_alone` on the site's own
 preprocessing) on training sets of growing size and scored on the site's own test
 split, giving the site's learning curve; the site's *effective data* is the size at
 which that curve reaches the AUC the site gets from the federation (its personalised
@@ -283,9 +283,9 @@ class _Curve:
         from dataclasses import replace
 
         from cardiofed.models.networks import score
+        from cardiofed.simulation.alone import train_alone
         from cardiofed.simulation.prepare import prepare_local_only
         from cardiofed.simulation.runner import derive_seed
-        from cardiofed.training.alone import train_alone
 
         config = self.result.config
         form = config.model_form(self.feature_names)

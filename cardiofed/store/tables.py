@@ -1,11 +1,11 @@
-"""The coordinator's durable state, in SQLAlchemy (SQLite by default, PostgreSQL by URL).
+"""The tables of CardioFed's one store (SQLite by default, PostgreSQL by URL).
 
-Tables: studies, sites, rounds, updates, models, dashboard sessions, the admin
-audit log; the model registry and the risk
-API's keys (:mod:`cardiofed.serving`). Secrets (enrolment tokens, site and
-admin credentials) are stored only as SHA-256 hashes. Binary payloads (model weights,
-optimiser state, updates) are safetensors bytes. On SQLite the journal is WAL with
-``synchronous=FULL``, so a committed update survives SIGKILL and power loss.
+The coordinator's studies, sites, rounds, updates, models, dashboard sessions and admin
+audit log; the risk API's model registry and keys (:mod:`cardiofed.serving`). Secrets
+(enrolment tokens, site and admin credentials, API keys) are stored only as SHA-256
+hashes (:mod:`cardiofed.store.credentials`). Binary payloads (model weights, optimiser
+state, updates) are safetensors bytes. The schema evolves through the Alembic
+migrations of :mod:`cardiofed.store.migrations`.
 """
 
 from __future__ import annotations
@@ -17,19 +17,14 @@ from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
-    Engine,
     Float,
     ForeignKey,
     Integer,
     LargeBinary,
     String,
     UniqueConstraint,
-    create_engine,
-    event,
-    inspect,
-    text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 def utcnow() -> datetime:
@@ -106,7 +101,7 @@ class Study(Base):
     # An attribution study's analysis (cardiofed.causal.study): the state between its
     # steps, then its result or the error that stopped it.
     analysis: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    # A regional study relayed into a national one (cardiofed.coordinator.relay): its
+    # A regional study relayed into a national one (cardiofed.protocol.relay): its
     # training and evaluation rounds are opened by the region's node with the national
     # model, and each closed round keeps the aggregate that node sends upward.
     relay: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
@@ -221,51 +216,3 @@ class ApiKey(Base):
     studies: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-
-
-# Per coordinator process: four processes stay within PostgreSQL's default
-# max_connections of 100; more requests than this wait for a connection.
-POOL_SIZE = 20
-
-
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL, full fsync and foreign keys. A server
-    database gets a pool of POOL_SIZE connections kept open (no overflow: a connection
-    opened and closed per burst costs a server process each time)."""
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False})
-    else:
-        engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=0, pool_timeout=60)
-    if url.startswith("sqlite"):
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-    Base.metadata.create_all(engine)
-    _add_missing_columns(engine)
-    return engine
-
-
-def _add_missing_columns(engine: Engine) -> None:
-    """Bring a database created by an earlier version up to date: ``create_all`` makes
-    missing tables but never alters existing ones, so nullable columns added since
-    (e.g. ``updates.staleness``) are added here."""
-    existing = inspect(engine)
-    with engine.begin() as conn:
-        for table in Base.metadata.sorted_tables:
-            have = {c["name"] for c in existing.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in have:
-                    continue
-                if not column.nullable:
-                    raise RuntimeError(f"Database table {table.name!r} lacks column "
-                                       f"{column.name!r}, which cannot be added in place.")
-                kind = column.type.compile(dialect=engine.dialect)
-                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
-
-
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)

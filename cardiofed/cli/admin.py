@@ -1,9 +1,9 @@
-"""Command-line entry points of the networked federation: coordinator, admin, node, status."""
+"""``cardiofed admin`` and ``cardiofed status``: administer studies on a running
+coordinator (over HTTPS with the admin credential, or on its database for keys)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import ssl
 from pathlib import Path
@@ -19,66 +19,12 @@ from cardiofed.exceptions import CardioFedError
 if TYPE_CHECKING:  # loaded when a command runs, not for --help
     import httpx
 
-    from cardiofed.node.config import NodeConfig
-
 admin_app = typer.Typer(help="Administer studies on a running coordinator.",
                         no_args_is_help=True)
-node_app = typer.Typer(help="Run a hospital node next to its records.", no_args_is_help=True)
 
 KeyFile = Annotated[Path, typer.Option(help="File holding the admin credential.")]
 Url = Annotated[str, typer.Option(help="Coordinator URL.")]
 CaFile = Annotated[Path | None, typer.Option(help="CA certificate to verify the coordinator.")]
-
-
-def coordinator(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8443,
-    database_url: Annotated[str, typer.Option(
-        help="SQLAlchemy URL: sqlite:///file.db (default) or postgresql://...")] =
-        DEFAULT_DATABASE_URL,
-    certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
-    keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
-    insecure: Annotated[bool, typer.Option(
-        "--insecure", help="Serve plain HTTP (local testing only).")] = False,
-    admin_key_file: KeyFile = Path("cardiofed-admin.key"),
-    workers: Annotated[int, typer.Option(
-        min=1, help="Worker processes sharing the port (more than one needs PostgreSQL).")] = 1,
-    max_connections: Annotated[int, typer.Option(
-        min=1, help="Connections each worker holds at once; beyond, a 503 (slow clients "
-                    "cannot queue without bound). Put a reverse proxy with header "
-                    "timeouts in front on the internet.")] = 1024,
-) -> None:
-    """Run the coordinator (FastAPI under uvicorn); state lives in the database, so
-    several processes (``--workers``, or coordinators on other machines) can share it."""
-    import uvicorn
-
-    from cardiofed.coordinator import service
-    from cardiofed.coordinator.app import create_app
-    from cardiofed.coordinator.deps import _sessions
-
-    if not insecure and (certfile is None or keyfile is None):
-        raise fail("TLS needs --certfile and --keyfile; use --insecure for plain HTTP on a "
-                    "test machine.")
-    if workers > 1 and not database_url.startswith("postgresql"):
-        raise fail(f"--workers {workers} needs a PostgreSQL --database-url: round "
-                    f"transitions are serialised by row locks, which SQLite does not have.")
-    os.environ["CARDIOFED_DATABASE_URL"] = database_url
-    sessions = _sessions(database_url)  # schema created or upgraded once, before workers
-    if not admin_key_file.exists():
-        with sessions() as db:
-            key = service.create_admin_key(db)
-        fd = os.open(admin_key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key)
-        console.print(f"Admin credential written to {admin_key_file} (keep it secret).")
-    # A graceful shutdown waits at most 10 s for requests in flight (long polls included).
-    # One process runs the app itself; several import it by name, each in its own process.
-    app = create_app() if workers == 1 else "cardiofed.coordinator.app:create_app"
-    uvicorn.run(app, factory=workers > 1, workers=workers, host=host, port=port,
-                log_level="info",
-                ssl_certfile=str(certfile) if certfile else None,
-                ssl_keyfile=str(keyfile) if keyfile else None, timeout_graceful_shutdown=10,
-                limit_concurrency=max_connections, timeout_keep_alive=5)
 
 
 def _admin_client(url: str, key_file: Path, ca_file: Path | None) -> httpx.Client:
@@ -175,7 +121,7 @@ def attribution_report(
 ) -> None:
     """Write a networked attribution study's report (JSON, HTML, Love plot, overlap)."""
     from cardiofed.causal.report import write_report
-    from cardiofed.coordinator.attribution import result_of
+    from cardiofed.serving.attribution import result_of
 
     with _admin_client(url, admin_key_file, ca_file) as client:
         body = _checked(client.get(f"/v1/studies/{study}/attribution")).json()
@@ -197,13 +143,13 @@ def new_key(key_file: Annotated[Path, typer.Option(help="Where to write the new 
             ] = DEFAULT_DATABASE_URL) -> None:
     """Make another credential in the coordinator's database (run where it runs)."""
     from cardiofed.coordinator import service
-    from cardiofed.coordinator.deps import _sessions
+    from cardiofed.store import session_factory
 
     if key_file.exists():
         raise fail(f"{key_file} exists; choose a new file for the new credential.")
     if role not in (service.ADMIN, service.VIEWER):
         raise fail(f"--role must be {service.ADMIN} or {service.VIEWER}; got {role!r}.")
-    with _sessions(database_url)() as db:
+    with session_factory(database_url)() as db:
         key = service.create_admin_key(db, role)
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -218,10 +164,9 @@ def keys(database_url: Annotated[str, typer.Option(
     """List the admin and viewer credentials (ids and roles; never the keys)."""
     from sqlalchemy import select
 
-    from cardiofed.coordinator.deps import _sessions
-    from cardiofed.coordinator.storage import AdminKey
+    from cardiofed.store import AdminKey, session_factory
 
-    with _sessions(database_url)() as db:
+    with session_factory(database_url)() as db:
         for key in db.scalars(select(AdminKey).order_by(AdminKey.id)):
             state = (f"revoked {key.revoked_at:%Y-%m-%d %H:%M} UTC" if key.revoked_at
                      else "active")
@@ -238,9 +183,9 @@ def revoke_key(key_id: Annotated[int, typer.Option("--id", help="The key's numbe
     """Revoke an admin or viewer credential (run where the coordinator runs): it stops
     working at once and its dashboard sessions end."""
     from cardiofed.coordinator import service
-    from cardiofed.coordinator.deps import _sessions
+    from cardiofed.store import session_factory
 
-    with _sessions(database_url)() as db:
+    with session_factory(database_url)() as db:
         try:
             key = service.revoke_admin_key(db, key_id)
         except CardioFedError as exc:
@@ -336,121 +281,3 @@ def status(study: Annotated[str, typer.Option()], url: Url = "https://127.0.0.1:
     console.print_json(json.dumps(state))
 
 
-@node_app.command("run")
-def node_run(config: Annotated[Path, typer.Option(help="The node's TOML config.")]) -> None:
-    """Enrol if needed, then poll for tasks and run them until the study is done."""
-    from cardiofed.models.networks import set_threads
-    from cardiofed.node.agent import NodeAgent
-    from cardiofed.node.config import NodeConfig
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        set_threads()
-        tasks = NodeAgent(NodeConfig.from_toml(config)).run()
-    except CardioFedError as exc:
-        raise fail(exc) from None
-    console.print(f"Study finished; this node ran {tasks} tasks.")
-
-
-@node_app.command("audit")
-def node_audit(
-    config: Annotated[Path, typer.Option(help="The node's TOML config.")],
-    scan_rows: Annotated[bool, typer.Option(
-        "--scan-rows", help="Also search every sent payload (kept in the node's outbox) for "
-                            "the site's own training values.")] = False,
-) -> None:
-    """Summarise everything that left this site (from the node's outbound log)."""
-    from cardiofed.node.config import NodeConfig
-    from cardiofed.node.outbound import OutboundLog
-
-    try:
-        cfg = NodeConfig.from_toml(config)
-    except CardioFedError as exc:
-        raise fail(exc) from None
-    summary = OutboundLog(cfg.state_dir / "outbound.jsonl").summary()
-    table = Table(title="Outbound payloads (model updates, statistics, metrics; never rows)")
-    for column in ("kind", "payloads", "bytes"):
-        table.add_column(column)
-    for kind, row in summary.items():
-        table.add_row(kind, str(row["payloads"]), str(row["bytes"]))
-    console.print(table)
-    if scan_rows:
-        _scan_outbox(cfg)
-
-
-@node_app.command("ledger")
-def node_ledger(config: Annotated[Path, typer.Option(help="The node's TOML config.")]) -> None:
-    """Show the hospital's privacy ledger (verified against its seal): epsilon per study and
-    kind of release, the composed total and what is left."""
-    from cardiofed.node.config import NodeConfig
-    from cardiofed.privacy.budget import PrivacyLedger
-    from cardiofed.privacy.ledger_file import open_ledger_file
-
-    try:
-        cfg = NodeConfig.from_toml(config)
-        if cfg.private is None:
-            raise fail("This node is not private (privacy = \"off\"): it keeps no ledger.")
-        ledger_dir, seal_file = cfg.ledger_location()
-        ledger = PrivacyLedger(site="this site", budget=cfg.private.budget(),
-                               file=open_ledger_file(ledger_dir, seal_file=seal_file))
-    except CardioFedError as exc:
-        raise fail(exc) from None
-    table = Table(title=f"Privacy ledger {ledger_dir} (delta {ledger.delta:.3g})")
-    for column in ("study", "kind", "releases", "epsilon alone"):
-        table.add_column(column)
-    seen: dict[tuple[str, str], list[dict[str, object]]] = {}
-    for entry in ledger.entries:
-        seen.setdefault((str(entry.get("study")), str(entry["kind"])), []).append(entry)
-    for (study, kind), entries in seen.items():
-        table.add_row(study, kind, str(len(entries)), f"{ledger.epsilon_of(entries):.3f}")
-    console.print(table)
-    console.print(f"Composed over every release: epsilon {ledger.spent():.3f} of "
-                  f"{ledger.budget.epsilon_max:g}; {ledger.remaining():.3f} left.")
-
-
-@node_app.command("reset-ledger")
-def node_reset_ledger(
-    config: Annotated[Path, typer.Option(help="The node's TOML config.")],
-    reason: Annotated[str, typer.Option(help="Why (recorded in the new ledger and logged).")],
-) -> None:
-    """Start a new privacy ledger deliberately: the old ledger and seal are archived beside
-    them, and the new ledger records the reset. Only when the records' privacy is accounted
-    elsewhere (e.g. a restored backup is not available and nothing was released)."""
-    from cardiofed.node.config import NodeConfig
-    from cardiofed.privacy.ledger_file import reset_ledger
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        cfg = NodeConfig.from_toml(config)
-        if cfg.private is None:
-            raise fail("This node is not private (privacy = \"off\"): it keeps no ledger.")
-        ledger_dir, seal_file = cfg.ledger_location()
-        path = reset_ledger(ledger_dir, seal_file=seal_file, reason=reason,
-                            create=cfg.private.budget().ledger_header())
-    except CardioFedError as exc:
-        raise fail(exc) from None
-    console.print(f"New privacy ledger {path}; the old one is archived beside it.")
-
-
-def _scan_outbox(cfg: NodeConfig) -> None:
-    """The privacy audit's canary search, with the site's real rows as the canaries."""
-    from cardiofed.data.study_features import StudyFeatures, catalogue_of
-    from cardiofed.node.work import load_site_data
-    from cardiofed.privacy.audit import scan_payloads
-
-    if cfg.data is None:
-        raise fail("--scan-rows searches a site's payloads for its rows; this node relays a "
-                   "region and holds no rows.")
-    sent = sorted((cfg.state_dir / "outbox").glob("*.bin"))
-    if not sent:
-        raise fail(f"No sent payloads kept in {cfg.state_dir / 'outbox'}.")
-    names = json.loads((cfg.state_dir / "feature_names.json").read_text())
-    declared = cfg.state_dir / "study_features.json"
-    site = load_site_data(cfg.data, names, catalogue_of(
-        StudyFeatures.model_validate_json(declared.read_text()) if declared.exists() else None))
-    matches = scan_payloads([("this site", p.stem, p.read_bytes()) for p in sent], site.x_train)
-    console.print(f"Searched {len(sent)} sent payloads for the values of {site.n_train} "
-                  f"training records: {len(matches)} found.")
-    if matches:
-        raise fail("Record values were found in sent payloads: " + ", ".join(
-            f"{m.kind} (feature {m.feature}, {m.encoding})" for m in matches[:10]))

@@ -1,4 +1,5 @@
-"""The ``cardiofed`` command line."""
+"""``cardiofed demo``, ``simulate``, ``audit``, ``features``, ``check`` and
+``attribution``: experiments on data at hand, in one process."""
 
 from __future__ import annotations
 
@@ -8,17 +9,13 @@ from typing import Annotated, Any
 
 import typer
 
-from cardiofed import network_cli, serving_cli
 from cardiofed._console import console, fail
+from cardiofed.cli.db import DatabaseUrl, database_url, sessions
 from cardiofed.data.catalog import DATASETS
 from cardiofed.exceptions import CardioFedError
 
 # Every command imports what it needs when it runs (PyTorch, scikit-learn, the services):
 # `cardiofed --help` and each command's help load none of it.
-
-app = typer.Typer(help="CardioFed: train a cardiovascular risk model across hospitals "
-                       "without moving patient records.", no_args_is_help=True)
-
 
 DpEpsilon = Annotated[float | None, typer.Option(
     help="Train with record-level DP-SGD; each site's epsilon_max.")]
@@ -39,17 +36,17 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
          effective_data: bool = True, features_file: Path | None = None) -> None:
     from cardiofed.data.catalog import load_dataset
     from cardiofed.data.study_features import StudyFeatures
-    from cardiofed.evaluation.clinical_value import clinical_value
-    from cardiofed.evaluation.effective_data import site_effective_data
-    from cardiofed.models.networks import set_threads
-    from cardiofed.simulation.config import SimulationConfig
-    from cardiofed.simulation.experiment import LOCAL, run_experiment
-    from cardiofed.simulation.summary import (
+    from cardiofed.experiments.clinical_value import clinical_value
+    from cardiofed.experiments.effective_data import site_effective_data
+    from cardiofed.experiments.summary import (
         clinical_table,
         privacy_table,
         robust_summary,
         write_experiment_report,
     )
+    from cardiofed.models.networks import set_threads
+    from cardiofed.simulation.config import SimulationConfig
+    from cardiofed.simulation.experiment import LOCAL, run_experiment
 
     given = {k: v for k, v in settings.items() if v is not None}
     try:
@@ -135,12 +132,12 @@ def _register(result: Any, feature_names: list[str], outcome: str, study: str,
     try:
         model = provenance.from_experiment(result, study=study, feature_names=feature_names,
                                            outcome=outcome)
-        with serving_cli._sessions(url)() as db:
+        with sessions(url)() as db:
             version = registry.register(db, model)
     except CardioFedError as exc:
         raise fail(exc) from None
     console.print(f"Model registered as [bold]{version}[/] in "
-                  f"{serving_cli.database_url(url)} (serve it: cardiofed models promote "
+                  f"{database_url(url)} (serve it: cardiofed models promote "
                   f"{version}; cardiofed serve).")
 
 
@@ -153,7 +150,6 @@ DEMO_SETTINGS: dict[str, Any] = {"feature_transform": "clinical", "local_epochs"
 DEMO_EVAL_SIZE = 20_000
 
 
-@app.command()
 def demo(
     sites: Annotated[int, typer.Option(help="Number of synthetic hospitals.")] = 12,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 20,
@@ -162,7 +158,7 @@ def demo(
     dp_epsilon: DpEpsilon = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("cardiofed-report"),
     register: Register = True,
-    db: serving_cli.DatabaseUrl = None,
+    db: DatabaseUrl = None,
     eval_size: EvalSize = DEMO_EVAL_SIZE,
     effective_data: EffectiveData = True,
 ) -> None:
@@ -180,7 +176,6 @@ def demo(
          effective_data=effective_data)
 
 
-@app.command()
 def simulate(
     dataset: Annotated[str, typer.Option(help=f"One of {', '.join(DATASETS)}.")] = "synthetic",
     config: Annotated[Path | None, typer.Option(help="TOML file of simulation settings; "
@@ -224,7 +219,7 @@ def simulate(
         help="Folder of the sites' privacy ledgers (kept across runs).")] = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("cardiofed-report"),
     register: Register = False,
-    db: serving_cli.DatabaseUrl = None,
+    db: DatabaseUrl = None,
     eval_size: EvalSize = None,
     effective_data: EffectiveData = True,
 ) -> None:
@@ -244,7 +239,6 @@ def simulate(
          effective_data=effective_data, features_file=features)
 
 
-@app.command()
 def audit(
     dataset: Annotated[str, typer.Option(
         help="synthetic, uci-heart or framingham.")] = "synthetic",
@@ -262,8 +256,8 @@ def audit(
 ) -> None:
     """Audit what leaves the sites: canary records, membership inference, update inversion."""
     from cardiofed.data.catalog import load_dataset
+    from cardiofed.experiments.privacy_audit import audit_tables, run_audit
     from cardiofed.models.networks import set_threads
-    from cardiofed.privacy.audit import audit_tables, run_audit
     from cardiofed.simulation.config import SimulationConfig
 
     try:
@@ -284,7 +278,6 @@ def audit(
     console.print(f"Audit written to [bold]{out}[/] and [bold]{out.with_suffix('.md')}[/]")
 
 
-@app.command("features")
 def features_command(
     features: Annotated[Path | None, typer.Option(
         help="Also list a study's own features and outcome (TOML).")] = None,
@@ -321,7 +314,6 @@ def features_command(
     console.print(outcomes)
 
 
-@app.command()
 def check(
     csv: Annotated[Path, typer.Option(help="The site's export (CSV or Parquet), or its OMOP "
                                            "database (a folder of tables or a .db file).")],
@@ -361,7 +353,6 @@ def check(
         else " with no invalid value."))
 
 
-@app.command()
 def attribution(
     dataset: Annotated[str, typer.Option(help="synthetic (an intervention with a known "
                                               "effect) or framingham (blood-pressure "
@@ -416,16 +407,3 @@ def attribution(
                   f"Report: {out / 'attribution.html'}")
     if caveats:
         console.print(caveats)
-
-
-app.command("coordinator")(network_cli.coordinator)
-app.command("status")(network_cli.status)
-app.add_typer(network_cli.admin_app, name="admin")
-app.add_typer(network_cli.node_app, name="node")
-app.command("serve")(serving_cli.serve)
-app.command("predict")(serving_cli.predict)
-app.add_typer(serving_cli.models_app, name="models")
-app.add_typer(serving_cli.keys_app, name="keys")
-
-if __name__ == "__main__":
-    app()

@@ -11,8 +11,8 @@ from rich import box
 from rich.table import Table
 
 from cardiofed.data.mapping import LoadReport
-from cardiofed.evaluation.clinical_value import ClinicalValue
 from cardiofed.evaluation.recalibration import describe
+from cardiofed.experiments.clinical_value import ClinicalValue
 from cardiofed.simulation.experiment import (
     FEDERATED,
     LOCAL,

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cardiofed.evaluation.acceptability import AcceptabilityReport, acceptability_from_experiment
-from cardiofed.evaluation.effective_data import SiteEffectiveData, by_site_type
 from cardiofed.evaluation.metrics import binary_metrics
 from cardiofed.evaluation.uncertainty import auc_interval
+from cardiofed.experiments.acceptability import AcceptabilityReport, acceptability_from_experiment
+from cardiofed.experiments.effective_data import SiteEffectiveData, by_site_type
 
 if TYPE_CHECKING:
     from cardiofed.simulation.experiment import ExperimentResult

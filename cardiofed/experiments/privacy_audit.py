@@ -28,6 +28,7 @@ from cardiofed.data.dataset import FederatedDataset, SiteData
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.models.networks import get_weights, make_model, score
 from cardiofed.privacy.accountant import calibrate_noise
+from cardiofed.privacy.dp_sgd import DPConfig, train_local_dp
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import (
     PRIVACY_DISCLOSURE,
@@ -36,7 +37,6 @@ from cardiofed.simulation.experiment import (
 )
 from cardiofed.simulation.prepare import PreparedSite, Standardisation, prepare_federation
 from cardiofed.simulation.runner import derive_seed, run_federated
-from cardiofed.training.dp import DPConfig, train_local_dp
 from cardiofed.training.local import LocalTrainingConfig, train_local
 from cardiofed.wire import PAYLOAD_KINDS
 

@@ -1,0 +1,3 @@
+from cardiofed.cli import app
+
+app()
