@@ -61,9 +61,9 @@ def loopback(n_sites: int, seed: int) -> dict[str, Any]:
 
     from network import Coordinator, run_nodes
 
+    from cardiofed.causal.combine import run_attribution
     from cardiofed.causal.design import TREATMENT
     from cardiofed.causal.sources import synthetic_sites
-    from cardiofed.causal.study import run_attribution
     from cardiofed.node.agent import NodeAgent
     from cardiofed.node.config import NodeConfig
 
@@ -137,8 +137,8 @@ def private_runs(replications: int, n_sites: int, truth: Any) -> dict[str, Any]:
     """The private schedule (ATE: overlap weights, IPTW trimmed at PRIVATE_TRIM) with
     every site spending epsilon at delta 1e-5, against the truth and against the exact
     analysis of the same replication (same trim)."""
+    from cardiofed.causal.combine import run_attribution
     from cardiofed.causal.sources import synthetic_sites
-    from cardiofed.causal.study import run_attribution
 
     methods = ["overlap", "iptw"]
     target = {"overlap": truth.ato_rd, "iptw": truth.ate_rd}
@@ -171,9 +171,10 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=12)
     parser.add_argument("--loopback", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
+    from cardiofed.causal.combine import run_attribution
     from cardiofed.causal.design import design_truth
     from cardiofed.causal.sources import synthetic_sites
-    from cardiofed.causal.study import SMD_LIMIT, run_attribution
+    from cardiofed.causal.study import SMD_LIMIT
 
     truth = design_truth(args.sites)
     target = {("ATE", "iptw"): truth.ate_rd, ("ATT", "iptw"): truth.att_rd,

@@ -28,7 +28,7 @@ def build(url: str, n_sites: int, versions: int) -> str:
     """The study; returns the admin credential."""
     import numpy as np
 
-    from cardiofed.coordinator import service
+    from cardiofed.coordinator import administration, studies
     from cardiofed.data.catalog import study_columns
     from cardiofed.simulation.config import SimulationConfig
     from cardiofed.store import (
@@ -46,9 +46,9 @@ def build(url: str, n_sites: int, versions: int) -> str:
     sites = [f"site_{i:03d}" for i in range(n_sites)]
     rng = np.random.default_rng(0)
     with sessions() as db:
-        admin = service.create_admin_key(db)
-        key = service.authenticate_admin(db, admin)
-        service.create_study(db, study_id="national", plan=SimulationConfig(rounds=versions),
+        admin = administration.create_admin_key(db)
+        key = administration.authenticate_admin(db, admin)
+        administration.create_study(db, study_id="national", plan=SimulationConfig(rounds=versions),
                              sites=sites, feature_names=names, feature_ranges=ranges,
                              by=(key, "bench"))
         now = utcnow()
@@ -70,7 +70,7 @@ def build(url: str, n_sites: int, versions: int) -> str:
         assert study is not None
         study.phase, study.current_round, study.model_version = "train", versions + 1, versions
         db.flush()
-        site_ids = [s.id for s in service._active_sites(db, study)]
+        site_ids = [s.id for s in studies.active_sites(db, study)]
         for site_id in site_ids:
             db.add(Update(round_id=last.id, site_id=site_id, payload=b"x", sha256="1" * 64,
                           num_samples=100, received_at=now))

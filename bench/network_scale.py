@@ -86,7 +86,7 @@ def create_study(url: str, study: str, names: list[str]) -> dict[str, str]:
     """The study and its sites; returns a credential per site (set directly: see above)."""
     from sqlalchemy import update
 
-    from cardiofed.coordinator import service
+    from cardiofed.coordinator import administration
     from cardiofed.data.catalog import study_columns
     from cardiofed.simulation.config import SimulationConfig
     from cardiofed.store import Site, hash_secret, make_engine, make_sessionmaker, new_secret
@@ -94,7 +94,7 @@ def create_study(url: str, study: str, names: list[str]) -> dict[str, str]:
     columns, ranges = study_columns("synthetic")
     engine = make_engine(url)
     with make_sessionmaker(engine)() as db:
-        service.create_study(db, study_id=study, plan=SimulationConfig(**PLAN), sites=names,
+        administration.create_study(db, study_id=study, plan=SimulationConfig(**PLAN), sites=names,
                              feature_names=columns, feature_ranges=ranges,
                              round_timeout_s=3600.0)
         credentials = {name: new_secret() for name in names}
@@ -127,13 +127,13 @@ def round_record(url: str, study: str, number: int) -> dict[str, Any]:
 
 
 def published_model(url: str, study: str, version: int) -> tuple[dict[str, np.ndarray], int]:
-    from cardiofed.coordinator import service
+    from cardiofed.coordinator import models
     from cardiofed.store import make_engine, make_sessionmaker
     from cardiofed.wire import decode_arrays
 
     engine = make_engine(url)
     with make_sessionmaker(engine)() as db:
-        blob = service.model_blob(db, study, version)
+        blob = models.model_blob(db, study, version)
         weights, participants = decode_arrays(blob.weights)[0], len(blob.participants)
     engine.dispose()
     return weights, participants
@@ -332,6 +332,7 @@ def run_study(workdir: Path, url: str, processes: int, n_sites: int, in_flight: 
               kill: bool = False) -> dict[str, Any]:
     """One study of `n_sites` over `processes` coordinators: both rounds measured."""
     from cardiofed.coordinator.service import network_plan
+
     from cardiofed.data.national import national_federation
     from cardiofed.simulation.config import SimulationConfig
 

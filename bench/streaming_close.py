@@ -36,7 +36,7 @@ from _common import markdown_table, write_results  # noqa: E402
 def close_round(workdir: Path, n_sites: int, model: str, rule: str) -> dict[str, Any]:
     from sqlalchemy import insert, select
 
-    from cardiofed.coordinator import service
+    from cardiofed.coordinator import administration, models, rounds
     from cardiofed.data.catalog import study_columns
     from cardiofed.data.preprocessing import (
         DEFAULT_BINS,
@@ -65,7 +65,7 @@ def close_round(workdir: Path, n_sites: int, model: str, rule: str) -> dict[str,
     sites = [f"site{i:05d}" for i in range(n_sites)]
     rng = np.random.default_rng(0)
     with make_sessionmaker(engine)() as db:
-        service.create_study(db, study_id="national", plan=plan, sites=sites,
+        administration.create_study(db, study_id="national", plan=plan, sites=sites,
                              feature_names=names, feature_ranges=ranges)
         study = db.get(Study, "national")
         assert study is not None
@@ -81,7 +81,7 @@ def close_round(workdir: Path, n_sites: int, model: str, rule: str) -> dict[str,
         db.add(train)
         study.phase, study.current_round = "train", 1
         db.flush()
-        shapes = {k: v.shape for k, v in service._load_model(db, study, 0).items()}
+        shapes = {k: v.shape for k, v in models.load_model(db, study, 0).items()}
         ids = {name: i for name, i in db.execute(
             select(Site.name, Site.id).where(Site.study_id == "national"))}
         for start in range(0, n_sites, 2000):
@@ -105,7 +105,7 @@ def close_round(workdir: Path, n_sites: int, model: str, rule: str) -> dict[str,
         assert study is not None
         tracemalloc.start()
         start_s = time.perf_counter()
-        service.advance(db, study)
+        rounds.advance(db, study)
         seconds = time.perf_counter() - start_s
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()

@@ -32,7 +32,7 @@ from network_scale import create_study, reset, statistics_payloads  # noqa: E402
 
 
 def measure(url: str, uploads: int, warm_up: int) -> dict[str, float]:
-    from cardiofed.coordinator import service
+    from cardiofed.coordinator import enrolment, uploads
     from cardiofed.data.catalog import study_columns
     from cardiofed.store import make_engine, make_sessionmaker
 
@@ -49,10 +49,10 @@ def measure(url: str, uploads: int, warm_up: int) -> dict[str, float]:
 
     def upload(i: int) -> None:  # as the endpoint does: one session for each step
         with sessions() as db:
-            target = service.authenticate_upload(db, credentials[names[i]], "cost", 0)
+            target = enrolment.authenticate_upload(db, credentials[names[i]], "cost", 0)
             db.expunge_all()
         with sessions() as db:
-            service.submit(db, target, payload=payloads[i], max_bytes=1 << 24)
+            uploads.submit(db, target, payload=payloads[i], max_bytes=1 << 24)
 
     for i in range(warm_up):
         upload(i)

@@ -57,15 +57,19 @@ def _registry_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def postgres_url() -> str:
-    """``CARDIOFED_TEST_POSTGRES_URL`` with every coordinator table dropped (a clean
+    """``CARDIOFED_TEST_POSTGRES_URL`` with every table of the store dropped (a clean
     schema for the test); the test is skipped when it is not set."""
     url = os.environ.get("CARDIOFED_TEST_POSTGRES_URL")
     if not url:
         pytest.skip("set CARDIOFED_TEST_POSTGRES_URL (e.g. postgresql+psycopg://u:p@127.0.0.1/db; "
                     ".ci/run does when a PostgreSQL server is installed) to test PostgreSQL")
+    from sqlalchemy import text
+
     from cardiofed.store import Base, make_engine
 
-    engine = make_engine(url)
+    engine = make_engine(url, check_schema=False)
     Base.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
     engine.dispose()
     return url

@@ -9,6 +9,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from typer.testing import CliRunner
 
+from cardiofed.causal.combine import run_attribution
 from cardiofed.causal.design import design_truth, synthetic_intervention
 from cardiofed.causal.estimators import (
     e_value,
@@ -17,7 +18,7 @@ from cardiofed.causal.estimators import (
 )
 from cardiofed.causal.propensity import fit_propensity
 from cardiofed.causal.sources import synthetic_sites
-from cardiofed.causal.study import SiteArrays, run_attribution
+from cardiofed.causal.study import SiteArrays
 from cardiofed.cli import app
 from cardiofed.exceptions import ConfigurationError, DataValidationError
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from test_coordinator import Federation, _until_done  # type: ignore[import-not-found]
 
+from cardiofed.causal.combine import run_attribution
 from cardiofed.causal.design import COVARIATES, TREATMENT
 from cardiofed.causal.sources import synthetic_sites
-from cardiofed.causal.study import run_attribution
 from cardiofed.node.agent import NodeAgent
 from cardiofed.serving.attribution import result_of
 from cardiofed.wire import encode_arrays

@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from cardiofed.coordinator import service
+from cardiofed.coordinator import administration, enrolment, payloads, rounds, studies, uploads
 from cardiofed.coordinator.app import create_app
 from cardiofed.coordinator.deps import app_settings, get_clock
 from cardiofed.coordinator.settings import CoordinatorSettings
@@ -46,7 +46,7 @@ class Federation:
             max_update_bytes=max_bytes)
         self.restart()
         with session_factory(self.settings.database_url)() as db:
-            self.admin = service.create_admin_key(db)
+            self.admin = administration.create_admin_key(db)
         names, ranges = study_columns("synthetic")
         response = self.client.post("/v1/studies", headers=self.auth(self.admin), json={
             "id": "s1", "plan": plan or PLAN, "sites": SITES, "feature_names": names,
@@ -62,7 +62,7 @@ class Federation:
         async def settings() -> CoordinatorSettings:  # async, as the ones they replace
             return self.settings
 
-        async def clock() -> service.Clock:
+        async def clock() -> studies.Clock:
             return self.clock
 
         self.app.dependency_overrides[app_settings] = settings
@@ -125,7 +125,7 @@ def _simulated(plan: dict[str, object]) -> ExperimentResult:
     sub = dataclasses.replace(data, sites=[data.site(s) for s in SITES])
     # A networked study aggregates robustly by default; the simulator does so when asked.
     # Nodes train one site each: the simulator's per-site backend is the exact twin.
-    config = service.network_plan(SimulationConfig.create(**plan, backend="loop"), len(SITES))
+    config = studies.network_plan(SimulationConfig.create(**plan, backend="loop"), len(SITES))
     return run_experiment(sub, config, baselines=False)
 
 
@@ -215,11 +215,11 @@ def _race_study(postgres_url: str) -> tuple[Any, int]:
     engine = make_engine(postgres_url)
     names, ranges = study_columns("synthetic")
     with make_sessionmaker(engine)() as db:
-        tokens = service.create_study(db, study_id="race", plan=SimulationConfig(**PLAN),
+        tokens = administration.create_study(db, study_id="race", plan=SimulationConfig(**PLAN),
                                       sites=SITES, feature_names=names, feature_ranges=ranges,
                                       min_sites=1, round_timeout_s=60, now=lambda: START)
         db.commit()
-        return engine, service.enrol(db, tokens[SITES[0]])[0].id
+        return engine, enrolment.enrol(db, tokens[SITES[0]])[0].id
 
 
 def _until_queued(engine: Any, waiter: Any) -> None:
@@ -248,14 +248,14 @@ def test_postgresql_round_close_waits_for_an_upload_in_flight(postgres_url: str)
     def upload() -> None:  # submit's one statement, held in a transaction until released
         with engine.begin() as conn:
             round_id = conn.execute(select(Round.id).where(Round.number == 0)).scalar_one()
-            assert conn.execute(service._ADMIT, _admission(round_id, site_id, START)
+            assert conn.execute(uploads._ADMIT, _admission(round_id, site_id, START)
                                 ).scalar_one() == 1
             inserted.set()
             assert release.wait(60)
 
     def close() -> None:  # a poll past the deadline
         with sessions() as db:
-            service.advance(db, service.get_study(db, "race"),
+            rounds.advance(db, studies.get_study(db, "race"),
                             lambda: START + timedelta(seconds=61))
 
     uploader = threading.Thread(target=upload)
@@ -302,7 +302,7 @@ def test_postgresql_upload_waiting_on_a_closing_round_is_not_admitted(postgres_u
 
         def upload() -> None:
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                admitted.append(conn.execute(service._ADMIT, _admission(
+                admitted.append(conn.execute(uploads._ADMIT, _admission(
                     round_id, site_id, START)).scalar_one())
 
         uploader = threading.Thread(target=upload)
@@ -451,7 +451,7 @@ def test_a_site_is_added_to_a_running_study(fed: Federation) -> None:
 
 def test_operator_controls_need_an_admin(fed: Federation) -> None:
     with session_factory(fed.settings.database_url)() as db:
-        viewer = service.create_admin_key(db, service.VIEWER)
+        viewer = administration.create_admin_key(db, administration.VIEWER)
     for path, body in (("pause", {"reason": "x"}), ("resume", None),
                        ("min-sites", {"min_sites": 1}),
                        ("cancel", {"reason": "x"}), ("sites", {"name": "x"}),
@@ -1110,22 +1110,6 @@ def test_a_study_id_taken_by_simulated_models_is_refused(fed: Federation) -> Non
     assert "already holds models named 'sim'-v<n>" in r.json()["detail"]
 
 
-def test_an_older_database_gains_the_new_columns(tmp_path: Path) -> None:
-    import sqlite3
-
-    from cardiofed.store import make_engine
-
-    path = tmp_path / "old.db"
-    with sqlite3.connect(path) as con:  # the updates table as an earlier release made it
-        con.execute("CREATE TABLE updates (id INTEGER PRIMARY KEY, round_id INTEGER, "
-                    "site_id INTEGER, payload BLOB, sha256 VARCHAR(64), num_samples INTEGER, "
-                    "received_at DATETIME)")
-    make_engine(f"sqlite:///{path}").dispose()
-    with sqlite3.connect(path) as con:
-        columns = [row[1] for row in con.execute("PRAGMA table_info(updates)")]
-    assert columns[-3:] == ["staleness", "aggregated_into", "quarantine"]
-
-
 # ---------------------------------------------------------------- the node's own plan
 
 def _set_plan(fed: Federation, plan: dict[str, object]) -> None:
@@ -1161,7 +1145,7 @@ def test_a_changed_plan_is_refused_shown_in_the_status_and_the_node_goes_on(
     agents = [fed.agent(s) for s in SITES]
     fed.step(agents)  # statistics: every node pins the plan
     with session_factory(fed.settings.database_url)() as db:
-        pinned = dict(service.get_study(db, "s1").plan)
+        pinned = dict(studies.get_study(db, "s1").plan)
 
     _set_plan(fed, {**pinned, "lr": 5.0})  # the coordinator changes the plan mid-study
     assert fed.step(agents[:1]) == 1  # tier3_01 takes round 1, refuses it, reports why
@@ -1265,27 +1249,27 @@ def test_evaluation_histograms_become_metrics_with_intervals() -> None:
                             {"noise_std": "2.0", "epsilon_spent": "0.9",
                              "epsilon_delta": "1e-05"})
 
-    metrics = service.evaluation_metrics(payload)
+    metrics = payloads.evaluation_metrics(payload)
 
     assert set(metrics) >= PRIVATE_KEYS
     assert metrics["auc_ci_low"] < metrics["auc_ci_high"] and 0.5 < metrics["auc"] <= 1.0
     assert (metrics["epsilon_spent"], metrics["epsilon_delta"]) == (0.9, 1e-5)
-    assert service.evaluation_metrics(b'{"auc": 0.7, "n": 10}') == {"auc": 0.7, "n": 10}
-    assert service.evaluation_metrics(b"{}") == {}  # a site that does not publish
+    assert payloads.evaluation_metrics(b'{"auc": 0.7, "n": 10}') == {"auc": 0.7, "n": 10}
+    assert payloads.evaluation_metrics(b"{}") == {}  # a site that does not publish
     with pytest.raises(InvalidUpdate, match=re.escape(
             "Evaluation metrics out of range: auc = 99.0 is outside [0, 1]; epsilon_spent = "
             "-3.0 is negative.")):
-        service.evaluation_metrics(b'{"auc": 99, "epsilon_spent": -3}')
+        payloads.evaluation_metrics(b'{"auc": 99, "epsilon_spent": -3}')
     with pytest.raises(InvalidUpdate, match=re.escape(
             "Evaluation histograms must be 'negatives' and 'positives', two 1-D arrays of "
             "one length (4 to 1000 bins);")):
-        service.evaluation_metrics(encode_arrays({"negatives": neg, "positives": pos[:-1]},
+        payloads.evaluation_metrics(encode_arrays({"negatives": neg, "positives": pos[:-1]},
                                                  {"noise_std": "2.0"}))
     with pytest.raises(InvalidUpdate, match="Evaluation histograms are not usable"):
-        service.evaluation_metrics(encode_arrays({"negatives": neg[:5], "positives": pos[:5]},
+        payloads.evaluation_metrics(encode_arrays({"negatives": neg[:5], "positives": pos[:5]},
                                                  {"noise_std": "2.0"}))
     with pytest.raises(InvalidUpdate, match="neither JSON metrics nor score histograms"):
-        service.evaluation_metrics(b"garbage")
+        payloads.evaluation_metrics(b"garbage")
 
 
 def _private_agent(fed: Federation, site: str, **settings: object) -> NodeAgent:

@@ -8,11 +8,13 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from test_coordinator import SITES, Federation  # type: ignore[import-not-found]
 
-from cardiofed.coordinator import service
+from cardiofed.coordinator import administration, enrolment, models, studies, uploads
 from cardiofed.data.catalog import study_columns
-from cardiofed.store import session_factory
+from cardiofed.exceptions import AuthenticationError
+from cardiofed.store import Site, session_factory
 
 
 @pytest.fixture
@@ -26,8 +28,8 @@ def test_concurrent_enrolments_with_one_token_have_exactly_one_winner(fed: Feder
     def enrol() -> None:
         with session_factory(fed.settings.database_url)() as db:
             try:
-                results.append(service.enrol(db, token)[1])
-            except service.AuthenticationError:
+                results.append(enrolment.enrol(db, token)[1])
+            except AuthenticationError:
                 results.append(None)
 
     threads = [threading.Thread(target=enrol) for _ in range(12)]
@@ -99,10 +101,10 @@ def test_a_task_deadline_carries_its_timezone(fed: Federation) -> None:
 def test_networked_studies_aggregate_robustly_by_default(fed: Federation) -> None:
     r = fed.client.get("/v1/studies/s1/status", headers=fed.auth(fed.admin))
     with session_factory(fed.settings.database_url)() as db:
-        plan = service.study_plan(service.get_study(db, "s1"))
+        plan = studies.study_plan(studies.get_study(db, "s1"))
 
     assert r.json()["robust_aggregation"] == []
-    assert plan.robust_rule == service.DEFAULT_NETWORK_RULE == "weighted-median"
+    assert plan.robust_rule == studies.DEFAULT_NETWORK_RULE == "weighted-median"
     assert plan.robust_byzantine == 1  # of 3 sites; 2 from 5 sites on
 
 
@@ -225,7 +227,7 @@ def test_a_refused_aggregate_keeps_the_previous_model_and_optimiser_state() -> N
     poisoned = ({"w": np.array([np.inf, 0.0], np.float32)},
                 ServerState(step=3, m={"w": np.full(2, 1e30)}, v={}))
 
-    kept = service._sane(rnd, Study(id="s1"), before, poisoned, [])
+    kept = models.plausible_model(rnd, Study(id="s1"), before, poisoned, [])
 
     assert kept is before
     assert rnd.aggregation == [{"refused": "aggregate refused: largest |weight| inf exceeds "
@@ -240,7 +242,7 @@ def test_concurrent_revocations_count_a_site_out_once(fed: Federation) -> None:
 
     def revoke() -> None:
         with session_factory(fed.settings.database_url)() as db:
-            service.revoke_site(db, "s1", "tier3_01")
+            administration.revoke_site(db, "s1", "tier3_01")
 
     threads = [threading.Thread(target=revoke) for _ in range(20)]
     for t in threads:
@@ -268,9 +270,9 @@ def test_an_identical_retry_is_found_by_its_hash_before_any_check(
     def no_check(*args: object) -> None:
         raise AssertionError("validated again")
 
-    monkeypatch.setattr(service, "_check", no_check)
+    monkeypatch.setattr(uploads, "check_report", no_check)
     # Small payloads validate faster than the look-up; this one stands for a large one.
-    monkeypatch.setattr(service, "HASH_FIRST_BYTES", 0)
+    monkeypatch.setattr(uploads, "HASH_FIRST_BYTES", 0)
     again = fed.client.post(url, content=body, headers=fed.auth(credential))
     assert again.status_code == 200 and again.json()["status"] == "already accepted"
 
@@ -282,8 +284,8 @@ def test_a_site_holds_at_most_two_uploads_in_flight(tmp_path: Path) -> None:
     agent = fed.agent(SITES[0])
     credential = agent.credential()
     with session_factory(fed.settings.database_url)() as db:
-        site_id = db.scalar(service.select(service.Site.id).where(
-            service.Site.name == SITES[0]))
+        site_id = db.scalar(select(Site.id).where(
+            Site.name == SITES[0]))
     updates._in_flight[site_id] = updates.MAX_UPLOADS_IN_FLIGHT
     try:
         r = fed.client.post("/v1/studies/s1/rounds/0/updates", content=b"x" * 100,

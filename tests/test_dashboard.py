@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from test_coordinator import SITES, Federation, _until_done  # type: ignore[import-not-found]
 
-from cardiofed.coordinator import service
+from cardiofed.coordinator import administration
 from cardiofed.store import session_factory
 
 
@@ -103,7 +103,7 @@ def test_revoke_through_the_dashboard_needs_the_csrf_token_and_is_audited(
 
 def test_a_viewer_sees_everything_and_changes_nothing(fed: Federation) -> None:
     with session_factory(fed.settings.database_url)() as db:
-        viewer = service.create_admin_key(db, service.VIEWER)
+        viewer = administration.create_admin_key(db, administration.VIEWER)
     client = _login(fed, viewer)
     page = client.get("/ui/studies/s1").text
     assert SITES[0] in page and "Revoke" not in page
@@ -153,7 +153,7 @@ def test_viewer_keys_are_made_by_role_and_bad_requests_are_refused(
 
     with session_factory(fed.settings.database_url)() as db, \
             pytest.raises(ConfigurationError, match="role must be 'admin' or 'viewer'"):
-        service.create_admin_key(db, "owner")
+        administration.create_admin_key(db, "owner")
     key_file = tmp_path / "viewer.key"
     args = ["admin", "new-key", "--key-file", str(key_file), "--database-url",
             fed.settings.database_url]
@@ -205,8 +205,8 @@ def test_a_revoked_key_stops_working_and_its_sessions_end(fed: Federation) -> No
     from cardiofed.store import AdminKey, hash_secret
 
     with session_factory(fed.settings.database_url)() as db:
-        viewer = service.create_admin_key(db, service.VIEWER)
-        second = service.create_admin_key(db)
+        viewer = administration.create_admin_key(db, administration.VIEWER)
+        second = administration.create_admin_key(db)
         ids = {k.role: k.id for k in db.query(AdminKey)}
     client = _login(fed, viewer)
     assert client.get("/ui/studies/s1").status_code == 200
@@ -223,7 +223,7 @@ def test_a_revoked_key_stops_working_and_its_sessions_end(fed: Federation) -> No
     again = runner.invoke(app, ["admin", "revoke-key", "--id", str(ids["viewer"]), *url])
     assert again.exit_code != 0 and "was revoked" in again.output
     with session_factory(fed.settings.database_url)() as db:
-        service.revoke_admin_key(db, db.query(AdminKey).filter(
+        administration.revoke_admin_key(db, db.query(AdminKey).filter(
             AdminKey.key_hash == hash_secret(second)).one().id)
         admin_id = db.query(AdminKey).filter(
             AdminKey.key_hash == hash_secret(fed.admin)).one().id

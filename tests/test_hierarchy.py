@@ -238,7 +238,7 @@ def test_a_region_node_config_reads_from_toml(tmp_path: Path) -> None:
 def test_the_relay_endpoints_name_each_conflict(tmp_path: Path) -> None:
     """Preprocessor and models are set once; rounds only move forward; a superseded
     round has no aggregate."""
-    from cardiofed.coordinator import service
+    from cardiofed.coordinator import models
 
     region = Federation(tmp_path, plan=MEAN, study={"sites": ["tier3_01"], "relay": True})
     admin, c = region.auth(region.admin), region.client
@@ -265,7 +265,7 @@ def test_the_relay_endpoints_name_each_conflict(tmp_path: Path) -> None:
                   content=preprocessor("tier2_01"))
     assert other.status_code == 409 and "already holds a different preprocessor" in detail(other)
 
-    weights = service._initial_weights(plan, names)
+    weights = models.initial_weights(plan, names)
     for _ in range(2):
         assert c.put("/v1/studies/s1/relay/models/0", headers=admin,
                      content=encode_arrays(weights)).status_code == 204

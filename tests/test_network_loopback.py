@@ -32,9 +32,9 @@ from typing import TypeVar
 import httpx
 import numpy as np
 import pytest
+from cardiofed.coordinator.service import network_plan
 from sklearn.metrics import roc_auc_score
 
-from cardiofed.coordinator.service import network_plan
 from cardiofed.data.dataset import FederatedDataset
 from cardiofed.data.paths import data_dir
 from cardiofed.data.preprocessing import Preprocessor
@@ -515,9 +515,9 @@ def test_attribution_study_over_loopback_equals_the_simulator(
     """``cardiofed admin create-study`` with an [attribution] plan, three nodes over
     loopback HTTP: the analysis's estimates are the simulator's exactly, the nodes sent
     the steps' sums only, and ``cardiofed admin attribution-report`` writes the report."""
+    from cardiofed.causal.combine import run_attribution
     from cardiofed.causal.design import TREATMENT
     from cardiofed.causal.sources import synthetic_sites
-    from cardiofed.causal.study import run_attribution
 
     covariates = ["age", "sex", "total_cholesterol", "hdl_cholesterol", "systolic_bp",
                   "bp_treated", "current_smoker", "diabetes"]

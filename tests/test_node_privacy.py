@@ -204,14 +204,14 @@ def test_the_ledger_command_shows_each_study_and_the_composed_total(fed: Federat
 
 
 def test_the_service_refuses_unsafe_names_whoever_calls_it(fed: Federation) -> None:
-    from cardiofed.coordinator import service
+    from cardiofed.coordinator import administration
     from cardiofed.exceptions import InvalidUpdate
     from cardiofed.simulation.config import SimulationConfig
     from cardiofed.store import session_factory
 
     names, ranges = study_columns("synthetic")
     with session_factory(fed.settings.database_url)() as db, pytest.raises(InvalidUpdate) as err:
-        service.create_study(db, study_id="s2", plan=SimulationConfig.create(**PLAN),
+        administration.create_study(db, study_id="s2", plan=SimulationConfig.create(**PLAN),
                              sites=["tier3_01", "../../outside/tier2_a"],
                              feature_names=names, feature_ranges=ranges)
     assert str(err.value) == (

@@ -164,7 +164,7 @@ def test_a_networked_study_carries_its_declaration_to_every_node(
     own unedited survey export with it, and the final card names the study's outcome."""
     from fastapi.testclient import TestClient
 
-    from cardiofed.coordinator import service
+    from cardiofed.coordinator import administration
     from cardiofed.coordinator.app import create_app
     from cardiofed.coordinator.deps import app_settings
     from cardiofed.coordinator.settings import CoordinatorSettings
@@ -179,7 +179,7 @@ def test_a_networked_study_carries_its_declaration_to_every_node(
     app.dependency_overrides[app_settings] = lambda: settings
     client = TestClient(app)
     with session_factory(settings.database_url)() as db:
-        admin = service.create_admin_key(db)
+        admin = administration.create_admin_key(db)
     plan = SimulationConfig.create(rounds=2, seed=0, study_features=declared)
     features = list(SiteMapping.from_toml(mappings[0], plan.catalogue()).columns)
     names = plan.catalogue().encoded_names(features)

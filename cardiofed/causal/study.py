@@ -30,24 +30,19 @@ from cardiofed.causal.estimators import (
     ArmSums,
     Effect,
     PairSums,
-    WeightedSums,
     arm_sums,
-    caliper_of,
     e_value,
     e_value_limit,
     match_within_site,
-    matching_effect,
     pair_sums,
     sandwich_terms,
     weighted_sums,
-    weighting_effect,
     weights,
 )
 from cardiofed.causal.propensity import (
     MAX_NEWTON,
     PropensityModel,
     Standardiser,
-    newton_step,
     newton_terms,
     sigmoid,
 )
@@ -257,7 +252,7 @@ def _clipped_design(model: PropensityModel, x: np.ndarray, bound: float) -> np.n
     return z
 
 
-def _model(state: dict[str, Any]) -> PropensityModel:
+def propensity_model(state: dict[str, Any]) -> PropensityModel:
     inputs = state["inputs"]
     return PropensityModel(Standardiser(np.asarray(inputs["mean"]), np.asarray(inputs["sd"])),
                            np.asarray(inputs["beta"]), state["iterations"])
@@ -267,7 +262,7 @@ def _arm_arrays(prefix: str, sums: ArmSums) -> Arrays:
     return {f"{prefix}.w": sums.w, f"{prefix}.wx": sums.wx, f"{prefix}.wx2": sums.wx2}
 
 
-def _arms(totals: dict[str, Any], prefix: str) -> ArmSums:
+def summed_arms(totals: dict[str, Any], prefix: str) -> ArmSums:
     return ArmSums(*(np.asarray(totals[f"{prefix}.{k}"]) for k in ("w", "wx", "wx2")))
 
 
@@ -368,7 +363,7 @@ def site_step(plan: AttributionPlan, state: dict[str, Any], site: SiteArrays,
         x = np.clip(x, low, high)
     if step == "moments":
         return {"n": np.array([float(len(x))]), "sum": x.sum(axis=0), "cross": x.T @ x}
-    model = _model(state)
+    model = propensity_model(state)
     z = (_clipped_design(model, x, _z_norm(len(state["columns"]))) if plan.private
          else model.standardiser.design(x))
     cols = z[:, 1:]  # balance on the standardised columns (an SMD does not change)
@@ -419,7 +414,7 @@ def _sandwich_blocks(method: str, a: np.ndarray, b: np.ndarray) -> Arrays:
             f"{method}.b_mb": b[p:, :p], f"{method}.b_mm": b[p:, p:]}
 
 
-def _sandwich_matrices(totals: dict[str, Any], method: str) -> tuple[np.ndarray, np.ndarray]:
+def sandwich_matrices(totals: dict[str, Any], method: str) -> tuple[np.ndarray, np.ndarray]:
     """The sums of :func:`_sandwich_blocks`, put together again (B symmetric)."""
     def block(name: str) -> np.ndarray:
         return np.asarray(totals[f"{method}.{name}"])
@@ -538,150 +533,3 @@ def expected_arrays(plan: AttributionPlan, step: str, k: int) -> dict[str, tuple
     if plan.private:
         out.update({f"noise_var.{b}": (1,) for b in release_blocks(plan, step, k)})
     return out
-
-
-def add(total: Arrays | None, arrays: Arrays) -> Arrays:
-    """The running sum of the sites' arrays (in site order)."""
-    if total is None:
-        return {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
-    return {k: total[k] + arrays[k] for k in total}
-
-
-def next_state(plan: AttributionPlan, state: dict[str, Any], totals: Arrays,
-               sites: int) -> dict[str, Any]:
-    """The coordinator's move once every site's arrays of the step are summed."""
-    state = dict(state)
-    step = state["step"]
-    if step == "moments":
-        n, s1 = float(totals["n"][0]), totals["sum"]
-        if n < 2:
-            raise DataValidationError(f"The sites hold {n:g} rows in all; an analysis "
-                                      f"needs more.")
-        if plan.private:
-            standardiser = _private_standardiser(n, s1, totals["sumsq"], state["ranges"])
-        else:
-            standardiser = Standardiser.from_sums(n, s1, np.diag(totals["cross"]))
-            state["moments"] = {"n": n, "sum": s1.tolist(), "cross": totals["cross"].tolist()}
-        state["inputs"] = {"mean": standardiser.mean.tolist(), "sd": standardiser.sd.tolist(),
-                           "beta": [0.0] * (len(s1) + 1)}
-        state["step"] = "newton"
-    elif step == "newton":
-        state["iterations"] += 1
-        fixed = plan.fixed_steps
-        beta, converged = newton_step(np.asarray(state["inputs"]["beta"]), totals["grad"],
-                                      totals["info"], 0 if fixed else state["iterations"])
-        state["inputs"] = {**state["inputs"], "beta": beta.tolist()}
-        if "noise_var.grad" in totals:  # the last step's gradient noise stays in beta
-            state["grad_noise_var"] = float(totals["noise_var.grad"][0])
-        if fixed is not None:
-            converged = state["iterations"] >= fixed
-        if converged and "matching" in plan.chosen_methods:
-            moments = state["moments"]
-            state["inputs"]["caliper"] = caliper_of(
-                _model(state), moments["n"], np.asarray(moments["sum"]),
-                np.asarray(moments["cross"]))
-        if converged:
-            state["step"] = "estimate"
-    elif step == "estimate":
-        state["estimate"] = {k: v.tolist() for k, v in totals.items()}
-        means = {m: list(WeightedSums(*totals[f"{m}.sums"]).means()) for m in plan.weighting}
-        state["inputs"] = {**state["inputs"], "means": means}
-        state["step"] = "sandwich" if plan.weighting else "done"
-    elif step == "sandwich":
-        state["sandwich"] = {k: v.tolist() for k, v in totals.items()}
-        state["step"] = "done"
-    else:
-        raise ConfigurationError(f"The analysis is {step!r}; nothing comes next.")
-    if state["step"] == "done":
-        state["result"] = _result(plan, state, sites).to_dict()
-    return state
-
-
-def _private_standardiser(n: float, s1: np.ndarray, s2: np.ndarray,
-                          ranges: Sequence[Sequence[float]]) -> Standardiser:
-    """From noisy moments of the rows scaled to [-1, 1]: the mean kept in range and the
-    SD at least PRIVATE_MIN_SD of the half range."""
-    low, high = np.array(ranges, dtype=float).T
-    half = (high - low) / 2
-    mean_u = np.clip(s1 / n, -1, 1)
-    sd_u = np.sqrt(np.maximum(s2 / n - mean_u ** 2, PRIVATE_MIN_SD ** 2))
-    return Standardiser((low + high) / 2 + half * mean_u, half * sd_u)
-
-
-def _result(plan: AttributionPlan, state: dict[str, Any], sites: int) -> AttributionResult:
-    est = state["estimate"]
-    effects: dict[str, Effect] = {}
-    balance = {"before": _arms(est, "before").smd()}
-    kept = est["kept"]
-    notes = []
-    for method in plan.weighting:
-        noise = None
-        if plan.private:
-            noise = (state.get("grad_noise_var", 0.0), est[f"noise_var.{method}.sums"][0])
-        effects[method] = weighting_effect(
-            WeightedSums(*est[f"{method}.sums"]),
-            *_sandwich_matrices(state["sandwich"], method), kept[1], kept[0], noise=noise)
-        balance[method] = _arms(est, method).smd()
-    if plan.private:
-        notes.append("private: every site's sums carry Gaussian noise (none from a site "
-                     "without a budget); the intervals add the noise's variance, the "
-                     "balance and counts are noisy")
-    if "matching" in plan.chosen_methods:
-        pairs = PairSums(*est["matching.pairs"])
-        try:
-            effects["matching"] = matching_effect(pairs)
-        except ValueError as exc:
-            raise DataValidationError(str(exc)) from None
-        balance["matching"] = _arms(est, "matching").smd()
-        notes.append(f"matching: {pairs.pairs:g} pairs within a caliper of 0.2 SD of the "
-                     f"propensity logit ({pairs.unmatched_treated:g} treated unmatched); "
-                     f"its ATT is that of the matched treated")
-    return AttributionResult(plan.estimand, state["columns"], _model(state),
-                             {m: effects[m] for m in plan.chosen_methods}, balance,
-                             {arm: np.asarray(est[f"overlap.{arm}"])
-                              for arm in ("treated", "control")},
-                             max(0, round(est["rows"][0] - sum(kept))), sites, notes)
-
-
-# ---------------------------------------------------------------- in simulation
-
-def run_attribution(sites: Sequence[SiteArrays], covariates: list[str], *,
-                    estimand: str = "ATE", methods: Sequence[str] | None = None,
-                    trim: float = 0.0, seed: int = 0, private: bool = False,
-                    epsilon: float | None = None, delta: float = 1e-5,
-                    ranges: Sequence[Sequence[float]] | None = None) -> AttributionResult:
-    """Every requested estimator over `sites`, step by step as a networked study runs.
-    `trim`: leave out patients whose score is below `trim` or above ``1 - trim``
-    (weighting only); `seed`: the matching order. `private` (implied by `epsilon`): the
-    private schedule, rows clipped to `ranges` (default: the schema's for `covariates`);
-    `epsilon`: every site spends it (at `delta`) on its releases, with noise from a
-    secret source."""
-    plan = AttributionPlan.parse({"covariates": covariates, "estimand": estimand,
-                                  "methods": None if methods is None else list(methods),
-                                  "trim": trim, "seed": seed,
-                                  "private": private or epsilon is not None})
-    sigma, rng = 0.0, None
-    if plan.private:
-        if ranges is None:
-            from cardiofed.data.dataset import feature_ranges_for
-
-            ranges = feature_ranges_for(covariates)
-        if epsilon is not None:
-            from cardiofed.privacy.accountant import calibrate_noise
-            from cardiofed.privacy.randomness import secure_numpy_rng
-
-            sigma = calibrate_noise(target_epsilon=epsilon, delta=delta, sample_rate=1.0,
-                                    steps=plan.releases)
-            rng = secure_numpy_rng()
-    state = start(plan, covariates, ranges)
-    while state["step"] != "done":
-        totals: Arrays | None = None
-        for index, site in enumerate(sites):
-            arrays = site_step(plan, state, site, index, ranges)
-            if plan.private:
-                arrays = release(plan, state, arrays, sigma, rng)
-            totals = add(totals, arrays)
-        if totals is None:
-            raise DataValidationError("An analysis needs at least one site.")
-        state = next_state(plan, state, totals, len(sites))
-    return AttributionResult.from_dict(state["result"])

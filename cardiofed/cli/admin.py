@@ -142,15 +142,16 @@ def new_key(key_file: Annotated[Path, typer.Option(help="Where to write the new 
                 envvar="CARDIOFED_DATABASE_URL", help="The coordinator's database.")
             ] = DEFAULT_DATABASE_URL) -> None:
     """Make another credential in the coordinator's database (run where it runs)."""
-    from cardiofed.coordinator import service
+    from cardiofed.coordinator import administration
     from cardiofed.store import session_factory
 
     if key_file.exists():
         raise fail(f"{key_file} exists; choose a new file for the new credential.")
-    if role not in (service.ADMIN, service.VIEWER):
-        raise fail(f"--role must be {service.ADMIN} or {service.VIEWER}; got {role!r}.")
+    if role not in (administration.ADMIN, administration.VIEWER):
+        raise fail(f"--role must be {administration.ADMIN} or {administration.VIEWER}; "
+                   f"got {role!r}.")
     with session_factory(database_url)() as db:
-        key = service.create_admin_key(db, role)
+        key = administration.create_admin_key(db, role)
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(key)
@@ -182,12 +183,12 @@ def revoke_key(key_id: Annotated[int, typer.Option("--id", help="The key's numbe
                ] = DEFAULT_DATABASE_URL) -> None:
     """Revoke an admin or viewer credential (run where the coordinator runs): it stops
     working at once and its dashboard sessions end."""
-    from cardiofed.coordinator import service
+    from cardiofed.coordinator import administration
     from cardiofed.store import session_factory
 
     with session_factory(database_url)() as db:
         try:
-            key = service.revoke_admin_key(db, key_id)
+            key = administration.revoke_admin_key(db, key_id)
         except CardioFedError as exc:
             raise fail(exc) from None
     console.print(f"Key #{key.id} ({key.role or 'admin'}) revoked; its sessions ended.")

@@ -35,7 +35,7 @@ def coordinator(
     several processes (``--workers``, or coordinators on other machines) can share it."""
     import uvicorn
 
-    from cardiofed.coordinator import service
+    from cardiofed.coordinator import administration
     from cardiofed.coordinator.app import create_app
     from cardiofed.store import session_factory
 
@@ -49,7 +49,7 @@ def coordinator(
     sessions = session_factory(database_url)  # schema created or upgraded once, before workers
     if not admin_key_file.exists():
         with sessions() as db:
-            key = service.create_admin_key(db)
+            key = administration.create_admin_key(db)
         fd = os.open(admin_key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(key)

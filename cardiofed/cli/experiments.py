@@ -374,8 +374,9 @@ def attribution(
     from rich.table import Table
 
     from cardiofed.causal import sources
+    from cardiofed.causal.combine import run_attribution
     from cardiofed.causal.report import write_report
-    from cardiofed.causal.study import SMD_LIMIT, run_attribution
+    from cardiofed.causal.study import SMD_LIMIT
 
     if dataset not in ("synthetic", "framingham"):
         raise fail(f"--dataset must be synthetic or framingham; got {dataset!r}.")

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from starlette.exceptions import HTTPException
 
 from cardiofed import __version__
-from cardiofed.coordinator import dashboard, service
+from cardiofed.coordinator import administration, dashboard
 from cardiofed.coordinator.deps import DB, Credential, refusals
 from cardiofed.coordinator.routers import models, relay, sites, studies, updates
 from cardiofed.coordinator.settings import get_settings
@@ -63,7 +63,7 @@ def create_app() -> FastAPI:
              responses={200: {"content": {"text/plain": {}}}, **refusals(401, 413)})
     def prometheus(db: DB, credential: Credential) -> Response:
         """Prometheus metrics (an admin or viewer credential as the scrape's bearer)."""
-        service.authenticate_admin(db, credential, write=False)
+        administration.authenticate_admin(db, credential, write=False)
         closed = Round.closed_at.is_not(None)
         rounds_closed.set(db.scalar(select(func.count()).where(closed)) or 0)
         rounds_open.set(db.scalar(select(func.count()).select_from(Round).where(~closed)) or 0)

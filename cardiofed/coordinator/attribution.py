@@ -18,13 +18,8 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cardiofed.causal.study import (
-    STEPS,
-    AttributionPlan,
-    expected_arrays,
-    next_state,
-    start,
-)
+from cardiofed.causal.combine import next_state
+from cardiofed.causal.study import STEPS, AttributionPlan, expected_arrays, start
 from cardiofed.coordinator.payloads import check_attribution
 from cardiofed.exceptions import CardioFedError, InvalidUpdate
 from cardiofed.schema import Catalogue, FeatureKind, encoded_feature_names

@@ -23,7 +23,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from cardiofed.coordinator import service
+from cardiofed.coordinator import administration, status, studies
 from cardiofed.coordinator.deps import DB, Clock
 from cardiofed.exceptions import AuthenticationError, CoordinatorError, PermissionDenied
 from cardiofed.serving import attribution as attribution_answer
@@ -63,7 +63,7 @@ class Login:
 
     @property
     def can_change(self) -> bool:
-        return self.role == service.ADMIN
+        return self.role == administration.ADMIN
 
 
 def current_login(request: Request, db: DB, clock: Clock) -> Login | None:
@@ -122,15 +122,15 @@ def login_page(login: OptionalLogin) -> Response:
 async def log_in(request: Request, db: DB, clock: Clock) -> Response:
     form = await _form(request)
     try:
-        key = service.authenticate_admin(db, form.get("credential", "").strip(), write=False)
+        key = administration.authenticate_admin(db, form.get("credential", "").strip(), write=False)
     except AuthenticationError:
         return _page("login.html", 401, error="Unknown credential.")
     token = new_secret()
     db.add(UiSession(token_hash=hash_secret(token), admin_key_id=key.id,
-                     role=key.role or service.ADMIN,
+                     role=key.role or administration.ADMIN,
                      expires_at=clock() + timedelta(hours=SESSION_HOURS)))
     db.execute(delete(UiSession).where(UiSession.expires_at <= clock()))
-    service.audit(db, key, "dashboard", "log in", None, now=clock)
+    administration.audit(db, key, "dashboard", "log in", None, now=clock)
     db.commit()
     response = RedirectResponse("/ui", status_code=303)
     response.set_cookie(COOKIE, token, max_age=SESSION_HOURS * 3600, path="/ui",
@@ -157,7 +157,7 @@ def studies_page(db: DB, login: OptionalLogin, clock: Clock) -> Response:
         return _to_login()
     rows = []
     for study in db.scalars(select(Study).order_by(Study.created_at)):
-        rounds = service.study_plan(study).rounds
+        rounds = studies.study_plan(study).rounds
         sites = db.scalar(select(func.count()).select_from(Site).where(
             Site.study_id == study.id)) or 0
         rows.append({"id": study.id, "phase": study.phase, "round": study.current_round,
@@ -177,10 +177,10 @@ def study_page(study_id: str, db: DB, login: OptionalLogin, clock: Clock) -> Res
     if login is None:
         return _to_login()
     try:
-        study = service.get_study(db, study_id)
+        study = studies.get_study(db, study_id)
     except CoordinatorError as exc:
         return _page("error.html", exc.status_code, login=login, message=str(exc))
-    state = service.status(db, study, clock)
+    state = status.status(db, study, clock)
     finished = (study.analysis or {}).get("result") is not None
     return _page("study.html", login=login, study=study, state=state,
                  attribution=attribution_answer.report(study).model_dump() if finished else None,
@@ -284,13 +284,13 @@ async def revoke(study_id: str, site_name: str, request: Request, db: DB,
     checked = _checked(login, form)
     if not checked.can_change:
         raise PermissionDenied("A viewer cannot revoke sites.")
-    study = service.get_study(db, study_id)
+    study = studies.get_study(db, study_id)
     if form.get("confirm") != "yes":  # the first press asks; the second revokes
         return _page("confirm.html", login=checked, study=study.id, site=site_name,
                      min_sites=study.min_sites, quote=quote)
     key = db.get(AdminKey, checked.key_id)
     assert key is not None  # a session's key is never deleted
-    service.revoke_site(db, study_id, site_name, by=(key, "dashboard"), now=clock)
+    administration.revoke_site(db, study_id, site_name, by=(key, "dashboard"), now=clock)
     return RedirectResponse(f"/ui/studies/{quote(study_id)}", status_code=303)
 
 

@@ -9,7 +9,7 @@ from fastapi import Depends, Path
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from cardiofed.coordinator import service
+from cardiofed.coordinator import administration, enrolment, studies
 from cardiofed.coordinator.settings import CoordinatorSettings, get_settings
 from cardiofed.store import AdminKey, Site, session_factory, utcnow
 from cardiofed.web.errors import responses
@@ -70,24 +70,24 @@ DB = Annotated[Session, Depends(get_db)]
 PathNumber = Annotated[int, Path(ge=0, le=2**31 - 1)]
 
 
-async def get_clock() -> service.Clock:
+async def get_clock() -> studies.Clock:
     """The coordinator's clock (naive UTC); tests override it to pass deadlines without
     waiting on the wall clock."""
     return utcnow
 
 
-Clock = Annotated[service.Clock, Depends(get_clock)]
+Clock = Annotated[studies.Clock, Depends(get_clock)]
 
 
 def current_site(db: DB, credential: Credential,
                  clock: Clock) -> Site:
-    site = service.authenticate_site(db, credential, clock)
+    site = enrolment.authenticate_site(db, credential, clock)
     db.commit()  # last_seen
     return site
 
 
 def require_admin(db: DB, credential: Credential) -> AdminKey:
-    return service.authenticate_admin(db, credential)
+    return administration.authenticate_admin(db, credential)
 
 
 CurrentSite = Annotated[Site, Depends(current_site)]

@@ -15,7 +15,8 @@ their summed sample count: the national model is FedAvg over every site, exactly
 flat federation of the same updates (tested). The default weighted median at either
 level is robust aggregation over that level's members, a different estimator.
 
-Pure functions here; :mod:`cardiofed.coordinator.service` stores and serves them.
+Pure functions here; :mod:`cardiofed.coordinator.rounds` and
+:mod:`cardiofed.coordinator.regional` store and serve them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from cardiofed.coordinator import service
+from cardiofed.coordinator import administration, regional
 from cardiofed.coordinator.deps import DB, Admin, Clock, Credential, PathNumber, refusals
 from cardiofed.coordinator.routers.models import BINARY, SAFETENSORS
 from cardiofed.protocol.schemas import RelayRoundRequest
@@ -19,15 +19,15 @@ BODY = {"requestBody": {"required": True, "content": {SAFETENSORS: BINARY}}}
 def relay_info(study_id: str, db: DB,
                credential: Credential) -> dict[str, object]:
     """The relay study's plan, columns and where it stands (admin or viewer)."""
-    service.authenticate_admin(db, credential, write=False)
-    return service.relay_info(db, study_id)
+    administration.authenticate_admin(db, credential, write=False)
+    return regional.relay_info(db, study_id)
 
 
 @router.put("/{study_id}/relay/preprocessor", status_code=204, openapi_extra=BODY,
             responses=refusals(401, 403, 404, 409, 413, 422))
 async def relay_preprocessor(study_id: str, request: Request, db: DB, _: Admin) -> None:
     """The national study's preprocessor (safetensors), set once."""
-    await run_in_threadpool(service.relay_preprocessor, db, study_id, await request.body())
+    await run_in_threadpool(regional.relay_preprocessor, db, study_id, await request.body())
 
 
 @router.put("/{study_id}/relay/models/{version}", status_code=204, openapi_extra=BODY,
@@ -35,7 +35,7 @@ async def relay_preprocessor(study_id: str, request: Request, db: DB, _: Admin) 
 async def relay_model(study_id: str, version: PathNumber, request: Request, db: DB,
                       _: Admin) -> None:
     """National model `version` (safetensors), for the relay study's sites."""
-    await run_in_threadpool(service.relay_model, db, study_id, version, await request.body())
+    await run_in_threadpool(regional.relay_model, db, study_id, version, await request.body())
 
 
 @router.post("/{study_id}/relay/rounds", status_code=204,
@@ -43,7 +43,7 @@ async def relay_model(study_id: str, version: PathNumber, request: Request, db: 
 def relay_round(study_id: str, body: RelayRoundRequest, db: DB, _: Admin,
                 clock: Clock) -> None:
     """Open the national round `number` for the relay study's sites."""
-    service.relay_round(db, study_id, number=body.number, kind=body.kind,
+    regional.relay_round(db, study_id, number=body.number, kind=body.kind,
                         model_version=body.model_version, now=clock)
 
 
@@ -55,7 +55,7 @@ def relay_result(study_id: str, number: PathNumber, db: DB, _: Admin,
                  clock: Clock) -> Response:
     """Round `number`'s aggregate once it closed: statistics or an update (safetensors),
     or the evaluation summary (JSON); 204 while it waits for its sites."""
-    result = service.relay_result(db, study_id, number, clock)
+    result = regional.relay_result(db, study_id, number, clock)
     if result is None:
         return Response(status_code=204)
     return Response(result, media_type="application/json" if result[:1] == b"{"

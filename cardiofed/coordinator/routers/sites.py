@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from cardiofed.coordinator import attribution, service
+from cardiofed.coordinator import attribution, enrolment, studies
 from cardiofed.coordinator.deps import DB, Clock, CurrentSite, Settings, refusals
 from cardiofed.protocol.schemas import EnrolRequest, EnrolResponse, SiteInfo, TaskResponse
 from cardiofed.store import Site
@@ -21,7 +21,7 @@ router = APIRouter(prefix="/v1", tags=["sites"])
 
 @router.post("/enrol", responses=refusals(401, 413, 422))
 def enrol(body: EnrolRequest, db: DB) -> EnrolResponse:
-    site, credential = service.enrol(db, body.token)
+    site, credential = enrolment.enrol(db, body.token)
     return EnrolResponse(study=site.study_id, site=site.name, site_index=site.index,
                          credential=credential)
 
@@ -53,14 +53,14 @@ async def next_task(site: CurrentSite, db: DB, settings: Settings, request: Requ
         await asyncio.sleep(0.2)
 
 
-def _poll(db: Session, site: Site, clock: service.Clock) -> TaskResponse | str | None:
+def _poll(db: Session, site: Site, clock: studies.Clock) -> TaskResponse | str | None:
     """The site's task, "done" when its study has finished, or None."""
     try:
         db.expire_all()
-        task = service.next_task(db, site, clock)
+        task = enrolment.next_task(db, site, clock)
         if task is None:
-            return "done" if service.get_study(db, site.study_id).phase == "done" else None
-        study = service.get_study(db, task.study_id)
+            return "done" if studies.get_study(db, site.study_id).phase == "done" else None
+        study = studies.get_study(db, task.study_id)
         return TaskResponse(study=task.study_id, round=task.round, kind=task.kind,
                             model_version=task.model_version,
                             deadline=task.deadline.replace(tzinfo=UTC),

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from fastapi import APIRouter
 
-from cardiofed.coordinator import attribution, service
+from cardiofed.coordinator import administration, attribution, enrolment, status, studies
 from cardiofed.coordinator.deps import DB, Admin, Clock, Credential, refusals
 from cardiofed.data.dataset import feature_ranges_for
 from cardiofed.exceptions import AuthenticationError, ConfigurationError, InvalidUpdate
@@ -42,7 +42,7 @@ def create_study(body: StudyCreate, db: DB, key: Admin, clock: Clock) -> StudyCr
         ranges = feature_ranges_for(names, catalogue)
     else:
         names, ranges = _model_columns(body, catalogue)
-    tokens = service.create_study(db, study_id=body.id, plan=plan, sites=body.sites,
+    tokens = administration.create_study(db, study_id=body.id, plan=plan, sites=body.sites,
                                   feature_names=body.feature_names or names,
                                   feature_ranges=[(lo, hi) for lo, hi in ranges],
                                   min_sites=body.min_sites,
@@ -81,10 +81,10 @@ def _model_columns(body: StudyCreate, catalogue: Catalogue
 def _reader(db: DB, credential: str | None, clock: Clock, study_id: str) -> None:
     """An admin or viewer credential, or a site of `study_id`."""
     try:
-        service.authenticate_admin(db, credential, write=False)
+        administration.authenticate_admin(db, credential, write=False)
     except AuthenticationError:
-        site = service.authenticate_site(db, credential, clock)
-        service.ensure_site_access(site, study_id)
+        site = enrolment.authenticate_site(db, credential, clock)
+        studies.ensure_site_access(site, study_id)
 
 
 @router.get("/{study_id}/status", responses=refusals(401, 403, 404, 413, 422))
@@ -92,7 +92,7 @@ def study_status(study_id: str, db: DB, clock: Clock,
                  credential: Credential) -> dict[str, object]:
     """What the federation is doing and which sites it waits for (admin or member site)."""
     _reader(db, credential, clock, study_id)
-    return service.status(db, service.get_study(db, study_id), clock)
+    return status.status(db, studies.get_study(db, study_id), clock)
 
 
 @router.get("/{study_id}/attribution", responses=refusals(401, 403, 404, 409, 413, 422))
@@ -102,41 +102,41 @@ def attribution_result(study_id: str, db: DB, clock: Clock,
     """A finished attribution study's estimates (95% intervals, E-values), balance,
     overlap and card (admin, viewer or member site); 409 until it is finished."""
     _reader(db, credential, clock, study_id)
-    return attribution_answer.report(service.get_study(db, study_id))
+    return attribution_answer.report(studies.get_study(db, study_id))
 
 
 @router.post("/{study_id}/sites/{site_name}/revoke", status_code=204,
              responses=refusals(401, 403, 404, 413, 422))
 def revoke(study_id: str, site_name: str, db: DB, key: Admin, clock: Clock) -> None:
-    service.revoke_site(db, study_id, site_name, by=(key, "api"), now=clock)
+    administration.revoke_site(db, study_id, site_name, by=(key, "api"), now=clock)
 
 
 @router.post("/{study_id}/pause", status_code=204,
              responses=refusals(401, 403, 404, 409, 413, 422))
 def pause(study_id: str, body: Reason, db: DB, key: Admin, clock: Clock) -> None:
     """Stop the study from advancing (no round closes, no task is handed out)."""
-    service.pause_study(db, study_id, body.reason, by=(key, "api"), now=clock)
+    administration.pause_study(db, study_id, body.reason, by=(key, "api"), now=clock)
 
 
 @router.post("/{study_id}/resume", status_code=204,
              responses=refusals(401, 403, 404, 409, 413, 422))
 def resume(study_id: str, db: DB, key: Admin, clock: Clock) -> None:
     """Let a paused study go on (its open round gets a fresh deadline)."""
-    service.resume_study(db, study_id, by=(key, "api"), now=clock)
+    administration.resume_study(db, study_id, by=(key, "api"), now=clock)
 
 
 @router.post("/{study_id}/cancel", status_code=204,
              responses=refusals(401, 403, 404, 409, 413, 422))
 def cancel(study_id: str, body: Reason, db: DB, key: Admin, clock: Clock) -> None:
     """End the study where it stands; the models published so far stay."""
-    service.cancel_study(db, study_id, body.reason, by=(key, "api"), now=clock)
+    administration.cancel_study(db, study_id, body.reason, by=(key, "api"), now=clock)
 
 
 @router.post("/{study_id}/min-sites", status_code=204,
              responses=refusals(401, 403, 404, 409, 413, 422))
 def min_sites(study_id: str, body: MinSites, db: DB, key: Admin, clock: Clock) -> None:
     """Change how many active sites the study needs (a paused study may go on)."""
-    service.set_min_sites(db, study_id, body.min_sites, by=(key, "api"), now=clock)
+    administration.set_min_sites(db, study_id, body.min_sites, by=(key, "api"), now=clock)
 
 
 @router.post("/{study_id}/sites", status_code=201,
@@ -144,7 +144,7 @@ def min_sites(study_id: str, body: MinSites, db: DB, key: Admin, clock: Clock) -
 def add_site(study_id: str, body: SiteAdded, db: DB, key: Admin,
              clock: Clock) -> EnrolmentToken:
     """Add a site to a running study; returns its one-time enrolment token."""
-    token = service.add_site(db, study_id, body.name, by=(key, "api"), now=clock)
+    token = administration.add_site(db, study_id, body.name, by=(key, "api"), now=clock)
     return EnrolmentToken(site=body.name, enrolment_token=token)
 
 
@@ -153,5 +153,5 @@ def add_site(study_id: str, body: SiteAdded, db: DB, key: Admin,
 def readmit(study_id: str, site_name: str, db: DB, key: Admin,
             clock: Clock) -> EnrolmentToken:
     """Re-admit a revoked site with a new one-time enrolment token."""
-    token = service.readmit_site(db, study_id, site_name, by=(key, "api"), now=clock)
+    token = administration.readmit_site(db, study_id, site_name, by=(key, "api"), now=clock)
     return EnrolmentToken(site=site_name, enrolment_token=token)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
-from cardiofed.coordinator import service
+from cardiofed.coordinator import enrolment, studies, uploads
 from cardiofed.coordinator.deps import (
     DB,
     Clock,
@@ -65,8 +65,8 @@ async def submit_update(study_id: str, round_number: PathNumber, request: Reques
 
 
 async def _receive(request: Request, sessions: sessionmaker[Session],
-                   target: service.UploadTarget, settings: CoordinatorSettings,
-                   clock: service.Clock) -> SubmitResponse:
+                   target: enrolment.UploadTarget, settings: CoordinatorSettings,
+                   clock: studies.Clock) -> SubmitResponse:
     declared = int(request.headers.get("content-length") or 0)
     if declared > settings.max_update_bytes:
         raise PayloadTooLarge(f"Payload of {declared} bytes exceeds the limit of "
@@ -94,18 +94,18 @@ async def _receive(request: Request, sessions: sessionmaker[Session],
 
 
 def _authenticate(sessions: sessionmaker[Session], credential: str | None, study_id: str,
-                  round_number: int) -> service.UploadTarget:
+                  round_number: int) -> enrolment.UploadTarget:
     """The uploading site, its study and the round, detached."""
     with sessions() as db:
-        target = service.authenticate_upload(db, credential, study_id, round_number)
+        target = enrolment.authenticate_upload(db, credential, study_id, round_number)
         db.expunge_all()
         return target
 
 
-def _store(sessions: sessionmaker[Session], target: service.UploadTarget, payload: bytes,
-           max_bytes: int, clock: service.Clock) -> tuple[str, bool]:
+def _store(sessions: sessionmaker[Session], target: enrolment.UploadTarget, payload: bytes,
+           max_bytes: int, clock: studies.Clock) -> tuple[str, bool]:
     with sessions() as db:
-        return service.submit(db, target, payload=payload, max_bytes=max_bytes, now=clock)
+        return uploads.submit(db, target, payload=payload, max_bytes=max_bytes, now=clock)
 
 
 @router.post("/{study_id}/rounds/{round_number}/refusal", status_code=204,
@@ -114,5 +114,5 @@ def refuse_task(study_id: str, round_number: PathNumber, body: RefusalRequest,
                 site: CurrentSite, db: DB, clock: Clock) -> None:
     """A site's node refuses its task of a round (outside the plan it pinned); the
     refusal and its reason show in the study's status and the round goes on without it."""
-    service.ensure_site_access(site, study_id)
-    service.refuse(db, site, round_number=round_number, reason=body.reason, now=clock)
+    studies.ensure_site_access(site, study_id)
+    enrolment.refuse(db, site, round_number=round_number, reason=body.reason, now=clock)

@@ -1,0 +1,396 @@
+"""Rounds: when the current round closes (every active site reported, or the deadline
+passed with at least ``min_sites`` reports; with fewer it is extended and the status says
+which sites it waits for), what its reports fold into, and the round that opens next.
+
+Statistics pass through the statistics gate
+(:mod:`cardiofed.aggregation.robust_statistics`); training updates are folded by the
+plan's algorithm, the same ``server_update`` the simulator uses, a batch of payloads at a
+time; the final round's metrics go into the model card. A relay study's round closes
+into the aggregate its region sends upward (:mod:`cardiofed.coordinator.regional`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import (
+    bindparam,
+    func,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session
+
+from cardiofed.aggregation.robust import SiteAggregation, streamed_mean, update_norm
+from cardiofed.aggregation.robust_statistics import (
+    Moments,
+    StatisticsGate,
+    consistent,
+    gate_factors,
+    scaled,
+    site_moments,
+)
+from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
+from cardiofed.causal.combine import add as add_sums
+from cardiofed.coordinator import attribution
+from cardiofed.coordinator.buffer import publish_buffered
+from cardiofed.coordinator.checks import checked_or_quarantined
+from cardiofed.coordinator.models import (
+    card_metrics,
+    dump_state,
+    load_model,
+    load_state,
+    model_blob,
+    plausible_model,
+    store_model,
+)
+from cardiofed.coordinator.studies import (
+    EVALUATE,
+    PRIVACY_MODES,
+    RELAY,
+    STATISTICS,
+    TRAIN,
+    Clock,
+    active_ids,
+    held,
+    is_async,
+    refused_ids,
+    round_of,
+    serialised,
+    study_plan,
+)
+from cardiofed.data.preprocessing import (
+    DEFAULT_BINS,
+    SiteStatistics,
+    add_statistics,
+    bin_edges,
+    merge_statistics,
+)
+from cardiofed.models.networks import Weights
+from cardiofed.protocol import relay
+from cardiofed.simulation.config import SimulationConfig
+from cardiofed.store import (
+    Refusal,
+    ReportTally,
+    Round,
+    Site,
+    Study,
+    Update,
+    utcnow,
+)
+from cardiofed.wire import decode_arrays, encode_arrays
+
+log = logging.getLogger("cardiofed.coordinator")
+
+
+def advance(db: Session, study: Study, now: Clock = utcnow) -> None:
+    """Close the current round if it is complete (or past its deadline), and open the next.
+
+    Every poll and upload asks; one query without a lock answers a synchronous round
+    that is still waiting, so thousands of sites do not queue behind each other."""
+    identity = inspect(study).identity  # its id, without re-reading an expired study
+    if identity is not None and still_waiting(db, identity[0], now):
+        return
+    with serialised(db, study):
+        advance_locked(db, study, now)
+
+
+def _waiting_query() -> Any:
+    """The current round's state and counts, in one statement (built once: building it
+    cost more than running it)."""
+    counted = select(func.count()).select_from(Site).where(
+        Site.study_id == Study.id, ~Site.revoked).scalar_subquery()
+    active = func.coalesce(Study.active_sites, counted)
+    refused = select(func.count()).select_from(Refusal).where(
+        Refusal.study_id == Study.id, Refusal.round_number == Round.number).scalar_subquery()
+    reported = select(func.coalesce(func.sum(ReportTally.reports), 0)).where(
+        ReportTally.round_id == Round.id).scalar_subquery()
+    return (select(Study.phase, Study.plan["aggregation"].as_string(), Round.closed_at,
+                   Round.deadline, active, refused, reported, Study.min_sites, Study.halted)
+            .join(Round, (Round.study_id == Study.id) & (Round.number == Study.current_round))
+            .where(Study.id == bindparam("study_id")))
+
+
+_WAITING = _waiting_query()
+
+
+def still_waiting(db: Session, study_id: str, now: Clock) -> bool:
+    """The current synchronous round is open, before its deadline, with reports missing."""
+    row = db.connection().execute(_WAITING, {"study_id": study_id}).one_or_none()
+    if row is None:
+        return False
+    (phase, aggregation, closed_at, deadline, n_active, n_refused, n_reported, min_sites,
+     halted) = row
+    if phase == RELAY:  # nothing to close until the region's node opens a round
+        return True
+    if halted is not None or n_active < min_sites:
+        return False  # advance_locked says why it holds, or lets it go on
+    if phase == "done" or (phase == TRAIN and aggregation == "async"):
+        return False
+    return closed_at is None and now() < deadline and n_reported < n_active - n_refused
+
+
+def advance_locked(db: Session, study: Study, now: Clock) -> None:
+    if study.phase in ("done", RELAY) or held(db, study, now):
+        return
+    while study.phase not in ("done", RELAY):
+        if study.phase == TRAIN and is_async(study):
+            if not publish_buffered(db, study, now):
+                return
+            continue
+        # Exclusively on PostgreSQL: uploads in flight (a shared lock) commit first and
+        # are folded; later ones see the round closed.
+        rnd = round_of(db, study, lock=True)
+        refused = refused_ids(db, study, rnd.number)
+        active = [i for i in active_ids(db, study) if i not in refused]
+        reported = _reported_ids(db, rnd)
+        # In site order (the simulator's order, so the sums match it); revoked sites drop out.
+        usable = [reported[i] for i in active if i in reported]
+        if not active and refused:
+            # Every remaining site refused this round: nobody is left to wait for.
+            rnd.closed_at = now()
+            rnd.outcome = "study stopped: every active site refused this round"
+            study.phase = "done"
+            log.warning("study %s stopped: every active site refused round %d", study.id,
+                        rnd.number)
+            db.commit()
+            return
+        if len(usable) < len(active) and now() < rnd.deadline:
+            return
+        folded = _fold(db, study, rnd, usable)
+        if not folded.names or len(folded.names) < min(study.min_sites, len(active)):
+            _extend(db, study, rnd, now, f"{len(folded.names)} of the {study.min_sites} "
+                                         f"usable reports required")
+            return
+        try:
+            _close(db, study, rnd, folded, now)
+        except ValueError as exc:  # e.g. a column no site observed: the round waits
+            db.rollback()
+            _extend(db, study, rnd, now, str(exc))
+            return
+
+
+def _reported_ids(db: Session, rnd: Round) -> dict[int, int]:
+    """site id -> update id of every report of `rnd` (no payload is read)."""
+    return {site: update for update, site in db.execute(
+        select(Update.id, Update.site_id).where(Update.round_id == rnd.id))}
+
+
+FOLD_BATCH = 500  # updates decoded at a time when a round closes
+
+
+@dataclass
+class _Folded:
+    """What a round's usable reports give, read a batch at a time: the sites' names (in
+    site order), and the statistics' running totals, the decoded updates or the metrics."""
+
+    names: list[str] = field(default_factory=list)
+    # A statistics round keeps each release's (update id, count, mean, SD) per column;
+    # the gate's factors come from them, and the releases are read again to be summed.
+    moments: list[tuple[int, Moments]] = field(default_factory=list)
+    updates: list[ClientUpdate] = field(default_factory=list)
+    # A (robust) mean round keeps no update: (update id, num_samples, norm, train_loss)
+    # each, and the aggregate is a running sum over the payloads read again in batches.
+    streamed: list[tuple[int, int, float, float]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    totals: dict[str, np.ndarray] | None = None  # an attribution step's sums
+    privacy: dict[str, str] = field(default_factory=dict)  # what each site declared
+
+    def sizes(self) -> list[int]:
+        return ([n for _, n, _, _ in self.streamed] if self.streamed
+                else [u.num_samples for u in self.updates])
+
+    def losses(self) -> list[float]:
+        return ([x for _, _, _, x in self.streamed] if self.streamed
+                else [u.train_loss for u in self.updates])
+
+
+def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Folded:
+    """Check every report again and fold it (payloads are read FOLD_BATCH at a time and
+    dropped once folded); a report that no longer passes is quarantined with the reason,
+    so one site's payload never stops a round."""
+    names = {i: name for i, name in db.execute(
+        select(Site.id, Site.name).where(Site.study_id == study.id))}
+    streams = study_plan(study).robust_rule in (None, "mean")
+    edges = _edges(study) if rnd.kind == STATISTICS else None
+    out = _Folded()
+    for start in range(0, len(update_ids), FOLD_BATCH):
+        batch = update_ids[start:start + FOLD_BATCH]
+        rows = {r.id: r for r in db.execute(
+            select(Update.id, Update.site_id, Update.payload, Update.num_samples,
+                   Update.quarantine).where(Update.id.in_(batch)))}
+        for update_id in batch:
+            row = rows[update_id]
+            name = names[row.site_id]
+            if row.quarantine is not None:
+                continue
+            checked = checked_or_quarantined(db, study, rnd, name, update_id, row.payload)
+            if checked is None:
+                continue
+            out.names.append(name)
+            declared = checked.manifest.get("privacy")
+            if rnd.number == 0 and declared in PRIVACY_MODES:  # a site's first report
+                out.privacy[name] = declared
+            if edges is not None:
+                out.moments.append((update_id, site_moments(SiteStatistics(**checked.arrays),
+                                                            edges)))
+            elif rnd.kind == TRAIN:
+                loss = float(checked.manifest.get("train_loss", "nan"))
+                if streams:
+                    out.streamed.append((update_id, row.num_samples,
+                                         update_norm(checked.arrays), loss))
+                else:
+                    out.updates.append(ClientUpdate(site=name, delta=checked.arrays,
+                                                    num_samples=row.num_samples,
+                                                    num_steps=0, train_loss=loss))
+            elif rnd.kind in attribution.ATTRIBUTION_STEPS:
+                out.totals = add_sums(out.totals, checked.arrays)
+            else:
+                assert checked.metrics is not None
+                out.metrics[name] = checked.metrics
+    return out
+
+
+def _edges(study: Study) -> np.ndarray:
+    return bin_edges([(lo, hi) for lo, hi in study.feature_ranges], DEFAULT_BINS)
+
+
+def _gated_statistics(db: Session, study: Study, rnd: Round, folded: _Folded
+                      ) -> dict[int, SiteStatistics]:
+    """The round's releases through the statistics gate
+    (:mod:`cardiofed.aggregation.robust_statistics`), summed by bin count; what the gate
+    cut is recorded in the round's aggregation report."""
+    edges = _edges(study)
+    ids = [i for i, _ in folded.moments]
+    factors = gate_factors([m for _, m in folded.moments], edges[:, 0], edges[:, -1])
+    cut = StatisticsGate(factors).down_weighted()
+    rnd.aggregation = [{"site": name, "clipped": True,
+                        "statistics_down_weighted": [study.feature_names[j] for j in cols]}
+                       for name, cols in zip(folded.names, cut, strict=True) if cols]
+    out: dict[int, SiteStatistics] = {}
+    released = itertools.chain.from_iterable(decoded_batches(db, ids))
+    for arrays, factor in zip(released, factors, strict=True):
+        stats = scaled(consistent(SiteStatistics(**arrays), edges), factor)
+        bins = stats.histogram.shape[1]
+        total = out.get(bins)
+        out[bins] = stats if total is None else add_statistics(total, stats)
+    return out
+
+
+def _released_statistics(db: Session, folded: _Folded) -> list[SiteStatistics]:
+    return [SiteStatistics(**arrays) for batch in
+            decoded_batches(db, [i for i, _ in folded.moments]) for arrays in batch]
+
+
+def decoded_batches(db: Session, ids: list[int]) -> Iterator[list[dict[str, np.ndarray]]]:
+    """The updates' payloads decoded, FOLD_BATCH at a time, in the order of `ids`."""
+    for start in range(0, len(ids), FOLD_BATCH):
+        batch = ids[start:start + FOLD_BATCH]
+        payloads = dict(db.execute(select(Update.id, Update.payload)
+                                   .where(Update.id.in_(batch))).all())
+        yield [decode_arrays(payloads[i])[0] for i in batch]
+
+
+def _round_delta(db: Session, algorithm: FederatedAlgorithm, folded: _Folded
+                 ) -> tuple[Weights, list[SiteAggregation]]:
+    """A training round's aggregate delta and what robust aggregation did: a running sum
+    over the payloads, read FOLD_BATCH at a time, for the (robust) mean; the decoded
+    updates for the rules that need every update at once."""
+    if not folded.streamed:
+        return algorithm.aggregate(folded.updates)
+    ids = [i for i, _, _, _ in folded.streamed]
+    return streamed_mean(algorithm.robust, folded.names, folded.sizes(),
+                         [n for _, _, n, _ in folded.streamed], decoded_batches(db, ids))
+
+
+def _extend(db: Session, study: Study, rnd: Round, now: Clock, why: str) -> None:
+    rnd.deadline = now() + timedelta(seconds=study.round_timeout_s)
+    rnd.outcome = f"deadline extended: {why}"[:200]
+    db.commit()
+
+
+def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -> None:
+    plan = study_plan(study)
+    names = folded.names
+    for mode in PRIVACY_MODES:
+        declared = [n for n, m in folded.privacy.items() if m == mode]
+        for start in range(0, len(declared), FOLD_BATCH):
+            db.execute(update(Site).where(Site.study_id == study.id,
+                                          Site.name.in_(declared[start:start + FOLD_BATCH]))
+                       .values(privacy=mode))
+    if study.relay:
+        _close_relayed(db, study, plan, rnd, folded, now)
+        return
+    if plan.attribution is not None:
+        attribution.close_round(db, study, plan.attribution, rnd, names, folded.totals, now())
+        db.commit()
+        return
+    if rnd.kind == STATISTICS:
+        stats = list(_gated_statistics(db, study, rnd, folded).values())
+        edges = bin_edges([(lo, hi) for lo, hi in study.feature_ranges],
+                          max(s.histogram.shape[1] for s in stats))
+        pre = merge_statistics(stats, edges, study.feature_names,
+                               plan.model_form(study.feature_names))
+        study.preprocessor = encode_arrays(pre.to_arrays())
+        next_kind, version = TRAIN, study.model_version
+    elif rnd.kind == TRAIN:
+        algorithm = plan.make_algorithm()
+        weights = load_model(db, study, study.model_version)
+        state = load_state(study, algorithm.init_server(weights))
+        delta, report = _round_delta(db, algorithm, folded)
+        new, state = plausible_model(rnd, study, (weights, state),
+                           algorithm.server.step(weights, delta, state), report)
+        study.model_version += 1
+        store_model(db, study, new, version=study.model_version, round_number=rnd.number,
+                     participants=names)
+        study.server_state = dump_state(state)
+        next_kind, version = (TRAIN if rnd.number < plan.rounds else EVALUATE,
+                              study.model_version)
+    else:
+        model = model_blob(db, study.id, study.model_version)
+        model.metrics = folded.metrics
+        card_metrics(db, study, model.metrics)
+        next_kind, version = "", study.model_version
+    rnd.closed_at = now()
+    rnd.outcome = _closed_with(names)
+    if next_kind:
+        study.current_round += 1
+        db.add(Round(study_id=study.id, number=study.current_round, kind=next_kind,
+                     model_version=version, opened_at=now(),
+                     deadline=now() + timedelta(seconds=study.round_timeout_s)))
+        study.phase = next_kind
+    else:
+        study.phase = "done"
+    db.commit()
+
+
+def _closed_with(names: list[str]) -> str:
+    return (f"closed with {len(names)} reports: {', '.join(names[:20])}"
+            + (f" and {len(names) - 20} more" if len(names) > 20 else ""))[:200]
+
+
+def _close_relayed(db: Session, study: Study, plan: SimulationConfig, rnd: Round,
+                   folded: _Folded, now: Clock) -> None:
+    """A relay study's round closes into the aggregate its region sends upward; the
+    study then waits for the next round the region's node opens (done after evaluation)."""
+    if rnd.kind == STATISTICS:
+        # A region sends its sites' exact sum; the study above gates it as one site's.
+        rnd.relay_result = relay.statistics_result(_released_statistics(db, folded))
+    elif rnd.kind == TRAIN:
+        delta, report = _round_delta(db, plan.make_algorithm(), folded)
+        rnd.relay_result = relay.update_result(delta, folded.sizes(), folded.losses())
+        rnd.aggregation = [r.to_dict() for r in report]
+    else:
+        rnd.relay_result = relay.metrics_result(folded.metrics)
+        model_blob(db, study.id, study.model_version).metrics = folded.metrics
+    rnd.closed_at = now()
+    rnd.outcome = _closed_with(names=folded.names)
+    study.phase = "done" if rnd.kind == EVALUATE else RELAY
+    db.commit()
