@@ -331,8 +331,7 @@ async def upload_round(ports: list[int], study: str, number: int,
 def run_study(workdir: Path, url: str, processes: int, n_sites: int, in_flight: int, *,
               kill: bool = False) -> dict[str, Any]:
     """One study of `n_sites` over `processes` coordinators: both rounds measured."""
-    from cardiofed.coordinator.service import network_plan
-
+    from cardiofed.coordinator.studies import network_plan
     from cardiofed.data.national import national_federation
     from cardiofed.simulation.config import SimulationConfig
 

@@ -4,7 +4,7 @@ A coordinator database (SQLite in a temporary folder) holds one study of ``--sit
 sites whose first training round has every site's update (random deltas of the
 model's tensors and a sample size, inserted directly: the uploads are not what is
 measured, ``bench/network_scale.py`` measures them). The round is then closed by the
-coordinator's own code (:func:`cardiofed.coordinator.service.advance`, its deadline
+coordinator's own code (:func:`cardiofed.coordinator.rounds.advance`, its deadline
 passed), under ``tracemalloc``: the peak of Python allocations during the close, and
 its seconds.
 

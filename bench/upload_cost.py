@@ -2,7 +2,7 @@
 
 One process, one thread: for each of ``--uploads`` sites of a fresh study, a session
 authenticates the site and reads its round, and another one
-(:func:`cardiofed.coordinator.service.submit`) validates and commits its statistics
+(:func:`cardiofed.coordinator.uploads.submit`) validates and commits its statistics
 payload (as ``bench/network_scale.py`` sends them), on PostgreSQL.
 Measured: CPU milliseconds of this Python process per upload (``time.process_time``;
 PostgreSQL's own work is in another process) and wall milliseconds, after

@@ -136,7 +136,7 @@ def main() -> None:
         parser.error("--database-url (or CARDIOFED_BENCH_POSTGRES_URL) must name a PostgreSQL "
                      "database this bench may wipe")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    from cardiofed.coordinator.service import new_secret
+    from cardiofed.store import new_secret
 
     study = "floor"
     names = [f"site{i:05d}" for i in range(args.uploads)]

@@ -32,9 +32,9 @@ from typing import TypeVar
 import httpx
 import numpy as np
 import pytest
-from cardiofed.coordinator.service import network_plan
 from sklearn.metrics import roc_auc_score
 
+from cardiofed.coordinator.studies import network_plan
 from cardiofed.data.dataset import FederatedDataset
 from cardiofed.data.paths import data_dir
 from cardiofed.data.preprocessing import Preprocessor

@@ -89,7 +89,7 @@ class SimulationConfig(BaseModel):
     max_staleness: int = Field(50, ge=0, le=1_000_000)
     # Robust aggregation (cardiofed.aggregation.robust). None: off in simulation; a
     # networked study turns it on by default (the weighted median after the norm bound,
-    # cardiofed.coordinator.service.network_plan; bench/robustness.py).
+    # cardiofed.coordinator.studies.network_plan; bench/robustness.py).
     robust_rule: Literal["mean", "trimmed-mean", "median", "weighted-median", "multi-krum",
                          "centered-clip"] | None = None
     robust_norm_bound: float | None = Field(3.0, ge=1, allow_inf_nan=False)
