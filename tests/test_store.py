@@ -123,3 +123,13 @@ def test_a_table_without_a_required_column_is_refused(tmp_path: Path) -> None:
     engine.dispose()
     result = CliRunner().invoke(app, ["db", "upgrade", "--database-url", f"sqlite:///{path}"])
     assert result.exit_code != 0 and "lacks column" in _said(result)
+
+
+@pytest.mark.parametrize("command", [["coordinator", "--insecure", "--database-url"],
+                                     ["serve", "--db"]])
+def test_the_services_refuse_an_older_database_and_name_the_upgrade(
+        tmp_path: Path, command: list[str]) -> None:
+    url = f"sqlite:///{tmp_path}/old.db"
+    _previous_release_database(url)
+    result = CliRunner().invoke(app, [*command, url])
+    assert result.exit_code != 0 and "cardiofed db upgrade" in _said(result)

@@ -11,6 +11,7 @@ import typer
 from cardiofed._console import console, fail
 from cardiofed.cli.admin import KeyFile
 from cardiofed.defaults import DEFAULT_DATABASE_URL
+from cardiofed.exceptions import CardioFedError
 
 
 def coordinator(
@@ -46,7 +47,10 @@ def coordinator(
         raise fail(f"--workers {workers} needs a PostgreSQL --database-url: round "
                     f"transitions are serialised by row locks, which SQLite does not have.")
     os.environ["CARDIOFED_DATABASE_URL"] = database_url
-    sessions = session_factory(database_url)  # schema created or upgraded once, before workers
+    try:  # the schema is created (or an older one refused) once, before any worker
+        sessions = session_factory(database_url)
+    except CardioFedError as exc:
+        raise fail(exc) from None
     if not admin_key_file.exists():
         with sessions() as db:
             key = administration.create_admin_key(db)

@@ -23,18 +23,19 @@ DatabaseUrl = Annotated[str | None, typer.Option(
          f"{DEFAULT_DATABASE_URL}).")]
 
 
-def database_url(given: str | None) -> str:
+def chosen_url(given: str | None) -> str:
+    """`given`, else $CARDIOFED_DATABASE_URL, else the default database."""
     return given or os.environ.get("CARDIOFED_DATABASE_URL") or DEFAULT_DATABASE_URL
 
 
 def sessions(url: str | None) -> sessionmaker[Session]:
     from cardiofed.store import session_factory
 
-    return session_factory(database_url(url))
+    return session_factory(chosen_url(url))
 
 
 @db_app.command("upgrade")
-def upgrade(database_url_: Annotated[str | None, typer.Option(
+def upgrade(database_url: Annotated[str | None, typer.Option(
         "--database-url", help=f"SQLAlchemy URL (default $CARDIOFED_DATABASE_URL or "
                                f"{DEFAULT_DATABASE_URL}).")] = None) -> None:
     """Migrate the database to this release's schema (back it up first; stop the
@@ -42,7 +43,7 @@ def upgrade(database_url_: Annotated[str | None, typer.Option(
     from cardiofed.store import make_engine
     from cardiofed.store.migrations import upgrade as migrate
 
-    url = database_url(database_url_)
+    url = chosen_url(database_url)
     engine = make_engine(url, check_schema=False)
     try:
         before, after = migrate(engine)
@@ -59,13 +60,13 @@ def upgrade(database_url_: Annotated[str | None, typer.Option(
 
 
 @db_app.command("current")
-def current(database_url_: Annotated[str | None, typer.Option(
+def current(database_url: Annotated[str | None, typer.Option(
         "--database-url", help="SQLAlchemy URL (default as for upgrade).")] = None) -> None:
     """The database's schema revision, and this release's."""
     from cardiofed.store import make_engine
     from cardiofed.store.migrations import HEAD, revision_of
 
-    engine = make_engine(database_url(database_url_), check_schema=False)
+    engine = make_engine(chosen_url(database_url), check_schema=False)
     with engine.connect() as conn:
         revision = revision_of(conn)
     engine.dispose()

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from cardiofed._console import console, fail
-from cardiofed.cli.db import DatabaseUrl, database_url, sessions
+from cardiofed.cli.db import DatabaseUrl, chosen_url, sessions
 from cardiofed.data.catalog import DATASETS
 from cardiofed.exceptions import CardioFedError
 
@@ -137,7 +137,7 @@ def _register(result: Any, feature_names: list[str], outcome: str, study: str,
     except CardioFedError as exc:
         raise fail(exc) from None
     console.print(f"Model registered as [bold]{version}[/] in "
-                  f"{database_url(url)} (serve it: cardiofed models promote "
+                  f"{chosen_url(url)} (serve it: cardiofed models promote "
                   f"{version}; cardiofed serve).")
 
 

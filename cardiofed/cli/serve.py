@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from cardiofed._console import console, fail
-from cardiofed.cli.db import DatabaseUrl, database_url, sessions
+from cardiofed.cli.db import DatabaseUrl, chosen_url, sessions
 from cardiofed.exceptions import CardioFedError
 
 
@@ -37,12 +37,16 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         force=True)
     try:
-        settings = ServingSettings(database_url=database_url(db))
+        settings = ServingSettings(database_url=chosen_url(db))
     except ValueError as exc:
+        raise fail(exc) from None
+    try:
+        app = create_serving_app(settings)
+    except CardioFedError as exc:  # e.g. a database at an older schema revision
         raise fail(exc) from None
     # One log line per request comes from the API itself (no bodies); uvicorn's access
     # log would add a second one.
-    uvicorn.run(create_serving_app(settings), host=host, port=port, log_config=None,
+    uvicorn.run(app, host=host, port=port, log_config=None,
                 access_log=False, ssl_certfile=str(certfile) if certfile else None,
                 ssl_keyfile=str(keyfile) if keyfile else None, timeout_graceful_shutdown=10,
                 limit_concurrency=max_connections, timeout_keep_alive=5)
@@ -96,7 +100,7 @@ def predict(
                        console=console)
         with bar:
             task = bar.add_task("rows", total=total)
-            settings = ServingSettings(database_url=database_url(db))  # risk categories
+            settings = ServingSettings(database_url=chosen_url(db))  # risk categories
             done = predict_file(risk_model, input_csv, out, mapping=site_mapping,
                                 contributions=contributions, site=site, id_column=id_column,
                                 impute_missing=impute_missing, max_rejected=max_rejected,
