@@ -32,7 +32,8 @@ from network_scale import create_study, reset, statistics_payloads  # noqa: E402
 
 
 def measure(url: str, uploads: int, warm_up: int) -> dict[str, float]:
-    from cardiofed.coordinator import enrolment, uploads
+    from cardiofed.coordinator import enrolment
+    from cardiofed.coordinator.uploads import submit
     from cardiofed.data.catalog import study_columns
     from cardiofed.store import make_engine, make_sessionmaker
 
@@ -52,7 +53,7 @@ def measure(url: str, uploads: int, warm_up: int) -> dict[str, float]:
             target = enrolment.authenticate_upload(db, credentials[names[i]], "cost", 0)
             db.expunge_all()
         with sessions() as db:
-            uploads.submit(db, target, payload=payloads[i], max_bytes=1 << 24)
+            submit(db, target, payload=payloads[i], max_bytes=1 << 24)
 
     for i in range(warm_up):
         upload(i)

@@ -304,13 +304,16 @@ def test_a_database_of_the_previous_release_gains_the_new_columns(tmp_path: Path
     from sqlalchemy import inspect
 
     from cardiofed.store import make_engine
+    from cardiofed.store.migrations import upgrade
 
     fed = Federation(tmp_path)
     path = tmp_path / "coord.db"
-    with sqlite3.connect(path) as conn:  # as the tables were before
+    with sqlite3.connect(path) as conn:  # as the tables were before, without migrations
         conn.execute("ALTER TABLE studies DROP COLUMN halted")
         conn.execute("ALTER TABLE admin_keys DROP COLUMN revoked_at")
-    engine = make_engine(f"sqlite:///{path}")
+        conn.execute("DROP TABLE alembic_version")
+    engine = make_engine(f"sqlite:///{path}", check_schema=False)
+    upgrade(engine)  # cardiofed db upgrade
     columns = {t: {c["name"] for c in inspect(engine).get_columns(t)}
                for t in ("studies", "admin_keys")}
     assert "halted" in columns["studies"] and "revoked_at" in columns["admin_keys"]

@@ -26,6 +26,7 @@ from cardiofed.serving.offline import predict_file
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import run_experiment
 from cardiofed.store import make_engine, session_factory
+from cardiofed.store.migrations import upgrade
 
 PATIENT = {"age": 67.25, "sex": "male", "total_cholesterol": 213.0, "hdl_cholesterol": 47.0,
            "systolic_bp": 143.5, "bp_treated": True, "current_smoker": False,
@@ -368,7 +369,9 @@ def test_an_older_database_gains_the_key_studies_column(tmp_path: Path) -> None:
         secret = create_key(db, "old", ["score"])
     with sqlite3.connect(path) as conn:  # as the table was before keys had studies
         conn.execute("ALTER TABLE api_keys DROP COLUMN studies")
-    engine = make_engine(url)
+        conn.execute("DROP TABLE alembic_version")  # and before migrations
+    engine = make_engine(url, check_schema=False)
+    upgrade(engine)  # cardiofed db upgrade
     assert "studies" in {c["name"] for c in inspect(engine).get_columns("api_keys")}
     key = KeyCache(0).authenticate(sessionmaker(engine), secret)
     assert key.studies is None and key.name == "old"

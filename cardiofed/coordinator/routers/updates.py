@@ -81,15 +81,15 @@ async def _receive(request: Request, sessions: sessionmaker[Session],
     # Blocking database work (and, for the last report, the round's aggregation) runs in
     # the thread pool: on the event loop it would stall every other request, including
     # the ones that must finish to release the database lock it waits for.
-    uploads = request.app.state.uploads
+    counted = request.app.state.uploads
     try:
         digest, new = await run_in_threadpool(
             _store, sessions, target, b"".join(chunks),
             settings.max_update_bytes, clock)
     except CoordinatorError:
-        uploads.labels("refused").inc()
+        counted.labels("refused").inc()
         raise
-    uploads.labels("accepted" if new else "already accepted").inc()
+    counted.labels("accepted" if new else "already accepted").inc()
     return SubmitResponse(sha256=digest, status="accepted" if new else "already accepted")
 
 
