@@ -71,13 +71,15 @@ PLAN: dict[str, Any] = dict(model="logistic", algorithm="fedavg", rounds=1, loca
 # ------------------------------------------------------------------ database
 
 def reset(url: str) -> None:
-    """Drop every coordinator table and create them again."""
-    from sqlalchemy import create_engine
+    """Drop every table of the store (and its schema revision) and create them again."""
+    from sqlalchemy import create_engine, text
 
     from cardiofed.store import Base, make_engine
 
     engine = create_engine(url)
     Base.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
     engine.dispose()
     make_engine(url).dispose()
 

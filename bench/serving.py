@@ -159,14 +159,15 @@ def offline(workdir: Path, model: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"rows": OFFLINE_ROWS, "input_mb": csv.stat().st_size / 1e6}
     for suffix in (".csv", ".parquet"):
         started = time.perf_counter()
-        rows = predict_file(model, csv, workdir / f"risks{suffix}", mapping=export.mapping)
+        rows = predict_file(model, csv, workdir / f"risks{suffix}",
+                            mapping=export.mapping).scored
         seconds = time.perf_counter() - started
         assert rows == OFFLINE_ROWS
         out[f"end_to_end{suffix}_s"] = seconds
         out[f"end_to_end{suffix}_rows_per_s"] = rows / seconds
     started = time.perf_counter()
-    rows = predict_file(model, csv, workdir / "contrib.parquet", mapping=export.mapping,
-                        contributions=True)
+    predict_file(model, csv, workdir / "contrib.parquet", mapping=export.mapping,
+                 contributions=True)
     out["end_to_end_contributions.parquet_s"] = time.perf_counter() - started
     x = encode(harmonise(big, export.mapping, labels=False).frame, model.card.features)
     started = time.perf_counter()
