@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich import box
+from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
 
 from cardiofed._console import console, fail
@@ -275,10 +278,64 @@ def readmit(study: StudyId, site: SiteName, url: Url = DEFAULT_URL,
 
 
 def status(study: Annotated[str, typer.Option()], url: Url = "https://127.0.0.1:8443",
-           admin_key_file: KeyFile = Path("cardiofed-admin.key"), ca_file: CaFile = None) -> None:
+           admin_key_file: KeyFile = Path("cardiofed-admin.key"), ca_file: CaFile = None,
+           as_json: Annotated[bool, typer.Option(
+               "--json", help="The coordinator's status document, as JSON.")] = False) -> None:
     """What the federation is doing and which sites it waits for."""
     with _admin_client(url, admin_key_file, ca_file) as client:
         state = _checked(client.get(f"/v1/studies/{study}/status")).json()
-    console.print_json(json.dumps(state))
+    if as_json:
+        console.print_json(json.dumps(state))
+    else:
+        console.print(status_view(state))
+
+
+def _names(names: list[str], most: int = 12) -> str:
+    shown = ", ".join(names[:most]) + (f" and {len(names) - most} more"
+                                        if len(names) > most else "")
+    return shown or "none"
+
+
+def status_view(state: dict[str, Any]) -> Group:
+    """A study's status as tables that wrap to the terminal (80 columns included): where
+    it stands, then refusals, quarantined updates and robust aggregation's cuts."""
+    overview = Table(box=box.SIMPLE, show_header=False, title=escape(
+        f"Study {state['study']}"), title_justify="left", expand=False)
+    overview.add_column(no_wrap=True, style="bold")
+    overview.add_column(overflow="fold")
+    rows = [
+        ("phase", f"{state['phase']} (round {state['round']}, {state['kind']})"),
+        ("model version", f"{state['model_version']} of {state['rounds_planned']} rounds "
+                          f"({state['aggregation']})"),
+        ("halted", state["halted"] or "no"),
+        ("reported", _names(state["reported"])),
+        ("waiting for", _names(state["waiting_for"])),
+        ("deadline", f"{state['deadline']} (min_sites {state['min_sites']})"),
+        ("last round", state["round_outcome"] or ""),
+        ("revoked", _names(state["revoked"])),
+        ("exact releases", _names(state["non_private_sites"])),
+    ]
+    if state["aggregation"] == "async":
+        rows.append(("buffered updates", str(state["buffered"])))
+    for key, value in rows:
+        overview.add_row(key, escape(str(value)))
+    parts: list[Table] = [overview]
+    for title, key, fields in (
+            ("Refusals", "refusals", ("site", "round", "reason")),
+            ("Quarantined updates", "quarantined", ("site", "round", "reason")),
+            ("Robust aggregation", "robust_aggregation", ("round", "site", "what"))):
+        entries = state.get(key) or []
+        if not entries:
+            continue
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+        for name in fields:
+            table.add_column(name, overflow="fold", no_wrap=name != fields[-1])
+        for entry in entries:
+            what = entry.get("reason") or ", ".join(
+                f"{k}: {v}" for k, v in entry.items() if k not in ("round", "site"))
+            table.add_row(*(escape(str(entry.get(f, what if f == "what" else "")))
+                            for f in fields))
+        parts.append(table)
+    return Group(*parts)
 
 
