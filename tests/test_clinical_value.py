@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
 from sklearn.metrics import roc_auc_score
 
 from cardiofed.data.synthetic import synthetic_federation
-from cardiofed.experiments.clinical_value import ClinicalValue, clinical_value
+from cardiofed.evaluation.uncertainty import PairedComparison
+from cardiofed.experiments.clinical_value import ClinicalValue, clinical_value, effective_claim
+from cardiofed.experiments.effective_data import LearningCurvePoint, SiteEffectiveData
+from cardiofed.experiments.summary import clinical_tables
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import (
     FEDERATED,
@@ -61,3 +70,61 @@ def test_the_story_names_gains_verdicts_and_the_achievable(value: Valued) -> Non
     assert len(v.compact_rows()[0]) == len(v.compact_header)
     assert v.to_markdown().count("\n|") >= len(v.sites)
     json.dumps(v.to_dict(), allow_nan=False)
+
+
+# ---------------------------------------------------------------- one answer per site
+
+_STATUSES = ("estimated", "at least", "at most", "not reachable alone", "extrapolated")
+
+
+@st.composite
+def _effective(draw: st.DrawFn) -> tuple[SiteEffectiveData, PairedComparison]:
+    own = draw(st.integers(20, 5000))
+    sizes = sorted(draw(st.sets(st.integers(10, 40 * own), min_size=1, max_size=6)))
+    kind = draw(st.sampled_from(_STATUSES))
+    n_eq = draw(st.floats(0.0, 1e12))
+    e = SiteEffectiveData(
+        site="s", site_type="t", own_size=own, target_auc=0.7, method="m",
+        curve=tuple(LearningCurvePoint(size=n, aucs=(0.6,)) for n in sizes),
+        n_equivalent=math.inf if kind == "not reachable alone" else n_eq,
+        extrapolated=kind == "extrapolated", lower_bound=kind == "at least",
+        upper_bound=kind == "at most")
+    difference = draw(st.floats(-0.2, 0.2))
+    p = draw(st.floats(0.0, 1.0))
+    comp = PairedComparison(auc_a=0.7, auc_b=0.7 - difference, difference=difference,
+                            interval=(difference - 0.01, difference + 0.01), p_value=p,
+                            alpha=0.05)
+    return e, comp
+
+
+@settings(max_examples=300, deadline=None)
+@given(_effective())
+def test_effective_data_agrees_with_vs_alone_and_stays_in_the_measured_range(
+        case: tuple[SiteEffectiveData, PairedComparison]) -> None:
+    e, comp = case
+    claim, figure = effective_claim(e, comp)
+    measured = max(p.size for p in e.curve) / e.own_size
+    numbers = [float(x) for x in re.findall(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?", claim)]
+    assert all(x <= measured + 0.05 or x == 1.0 for x in numbers), (claim, measured)
+    if comp.status == "worse":
+        assert claim == "< 1x"
+    elif comp.status == "no significant difference":
+        assert claim == "~1x"
+    else:  # better: more than the site's own rows, as a figure or a bound
+        assert claim.startswith((">", "<=")) or (figure is not None and figure > 1)
+        assert all(x >= 1.0 for x in numbers)
+    assert "inf" not in claim and "nan" not in claim
+
+
+def test_the_console_answer_fits_80_columns_and_keeps_every_site(value: Valued) -> None:
+    _, v = value
+    out = io.StringIO()
+    console = Console(file=out, width=80, color_system=None)
+    for table in clinical_tables(v):
+        console.print(table)
+    text = out.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for site, row in zip(v.sites, v.compact_rows(), strict=True):
+        line = next(line for line in text.splitlines() if line.strip().startswith(site))
+        assert row[v.compact_header.index("vs alone")] in line
+        assert row[v.compact_header.index("eff. data")] in line

@@ -39,7 +39,7 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
     from cardiofed.experiments.clinical_value import clinical_value
     from cardiofed.experiments.effective_data import site_effective_data
     from cardiofed.experiments.summary import (
-        clinical_table,
+        clinical_tables,
         privacy_table,
         robust_summary,
         write_experiment_report,
@@ -83,7 +83,8 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
         effective = (site_effective_data(dataset, result, repeats=2, seed=config.seed)
                      if effective_data else {})
         value = clinical_value(result, effective)
-        console.print(clinical_table(value))
+        for table in clinical_tables(value):
+            console.print(table)
         for line in value.type_lines():
             console.print(line)
         if value.report.achievable:

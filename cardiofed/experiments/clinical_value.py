@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cardiofed.evaluation.metrics import binary_metrics
-from cardiofed.evaluation.uncertainty import auc_interval
+from cardiofed.evaluation.uncertainty import PairedComparison, auc_interval
 from cardiofed.experiments.acceptability import AcceptabilityReport, acceptability_from_experiment
-from cardiofed.experiments.effective_data import SiteEffectiveData, by_site_type
+from cardiofed.experiments.effective_data import SiteEffectiveData
 
 if TYPE_CHECKING:
     from cardiofed.simulation.experiment import ExperimentResult
@@ -44,14 +44,36 @@ def _shown(value: Interval) -> str:
     return f"{auc:.3f} [{low:.3f}, {high:.3f}]" if math.isfinite(low) else f"{auc:.3f}"
 
 
-def _multiple(e: SiteEffectiveData | None) -> str:
-    if e is None or e.status == "not estimable":
+def effective_claim(e: SiteEffectiveData | None, comp: PairedComparison | None
+                    ) -> tuple[str, float | None]:
+    """A site's effective data as the report states it, and the multiple when it is a
+    figure (None for a bound). One comparison decides (the federation against the site's
+    own model, DeLong): worse gives "< 1x", no significant difference "~1x"; better, a
+    multiple above 1, read off the site's learning curve only within the sizes it
+    measured: beyond them, "> Nx" with N the largest multiple measured. So effective
+    data never disagrees with "vs alone", and no figure lies beyond what was measured."""
+    if e is None or e.status == "not estimable" or not e.curve:
+        return MISSING, None
+    if comp is not None and comp.status == "worse":
+        return "< 1x", None
+    if comp is not None and comp.status != "better":
+        return "~1x", None
+    smallest, largest = (f(p.size for p in e.curve) / e.own_size for f in (min, max))
+    floor = 1.0 if comp is not None else 0.0  # better than alone: more than its own rows
+    if (e.status == "estimated" and not e.extrapolated
+            and floor < e.multiple <= largest):
+        return f"{e.multiple:.1f}x", e.multiple
+    if e.status == "at most" and floor < min(e.multiple, smallest):
+        return f"<= {min(e.multiple, smallest):.3g}x", None
+    return f"> {max(floor, min(largest, e.multiple)):.3g}x", None
+
+
+def _versus(comp: PairedComparison | None) -> str:
+    """The signed AUC difference to the site alone, and whether it is significant."""
+    if comp is None or not math.isfinite(comp.difference):
         return MISSING
-    if e.status == "not reachable alone":
-        return e.status
-    prefix = {"at least": ">", "at most": "<="}.get(e.status, "")
-    suffix = " (extrapolated)" if e.extrapolated else ""
-    return f"{prefix}{e.multiple:.1f}x{suffix}"
+    word = {"better": "better", "worse": "worse"}.get(comp.status, "n.s.")
+    return f"{comp.difference:+.3f} {word}"
 
 
 @dataclass(frozen=True)
@@ -92,11 +114,13 @@ class ClinicalValue:
                           else f"{min(shares):.1%} to {max(shares):.1%}")
                 parts.append(f"{spread} of the AUC achievable at its sites")
             parts.append(", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts)))
-            effective = by_site_type({s: self.effective[s] for s in members
-                                      if s in self.effective}).get(site_type)
-            if effective:
-                parts.append(f"median effective data {effective['median_multiple']:.1f}x own "
-                             f"training size")
+            claims = [effective_claim(self.effective.get(s), self.report.comparisons.get(s))
+                      for s in members if s in self.effective]
+            figures = [m for _, m in claims if m is not None]
+            if figures:
+                parts.append(f"effective data {float(np.median(figures)):.1f}x own training "
+                             f"size (median of {len(figures)} site"
+                             f"{'s' if len(figures) > 1 else ''} with a measured figure)")
             lines.append("; ".join(parts) + ".")
         return lines
 
@@ -115,7 +139,7 @@ class ClinicalValue:
                         str(a.verdict),
                         (f"{comp.status} ({comp.difference:+.3f})" if comp and
                          math.isfinite(comp.difference) else MISSING),
-                        _multiple(self.effective.get(site))])
+                        effective_claim(self.effective.get(site), comp)[0]])
         for site_type, by_model in self.types.items():
             a = self.report.types[site_type]
             out.append([f"all {site_type}", site_type, "",
@@ -141,16 +165,14 @@ class ClinicalValue:
                         f"{by_model[POOLED][0]:.3f}" if POOLED in by_model else MISSING,
                         f"{by_model[TRUE_RISK][0]:.3f}" if TRUE_RISK in by_model else MISSING,
                         f"{a.checks[1].value:.2f}", f"{a.checks[2].value:+.2f}", short,
-                        ({"better": "+", "worse": "-"}.get(comp.status, "=") +
-                         f"{abs(comp.difference):.3f}" if comp and
-                         math.isfinite(comp.difference) else MISSING),
-                        _multiple(self.effective.get(site)).replace(" (extrapolated)", "*")])
+                        _versus(comp),
+                        effective_claim(self.effective.get(site), comp)[0]])
         return out
 
     @property
     def compact_header(self) -> list[str]:
         return ["site", "n", "alone", "federated (95% CI)", "pooled", "true", "slope", "CITL",
-                "ok?", "vs alone", "eff. data"]
+                "ok?", "vs alone", "eff. data"]  # summary.clinical_tables picks by name
 
     @property
     def header(self) -> list[str]:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from cardiofed.data.mapping import LoadReport
@@ -61,27 +62,42 @@ def _privacy_section(result: ExperimentResult) -> str:
             + (f"<p>Refused rounds:</p><ul>{refusals}</ul>" if refusals else ""))
 
 
-def clinical_table(value: ClinicalValue) -> Table:
-    """The clinical value of the federation per site (console): AUC alone, with the
-    federation (interval), pooled and of the true risks; calibration; verdict; the
-    significant difference to the site alone (+ better, - worse, = none); effective data
-    as a multiple of the site's own training size (* extrapolated)."""
-    table = Table(title=f"AUC at each site's own test patients: alone, {value.headline}, "
-                        f"pooled, true risks", box=box.SIMPLE_HEAD, padding=(0, 1),
-                  caption="ok?: AUC, slope and CITL judged on 95% intervals (ok, no, ? "
-                          "insufficient evidence); vs alone: + or - only when significant "
-                          "(DeLong); eff. data: own patients needed alone, as a multiple of "
-                          "its own")
+_VERDICT = ("site", "n", "alone", "federated (95% CI)", "vs alone", "ok?", "eff. data")
+_DETAIL = ("site", "slope", "CITL", "pooled", "true")
+
+
+def clinical_tables(value: ClinicalValue) -> list[Table]:
+    """The clinical value of the federation per site (console), as two tables that fit
+    80 columns: first the answer (AUC alone and with the federation, the signed
+    difference and whether it is significant, the calibration verdict, effective data),
+    then the calibration figures and the reference AUCs (pooled, true risks)."""
     rows = value.compact_rows()
-    for j, h in enumerate(value.compact_header):
-        if j == 0:  # the site name wraps when the terminal is narrow; numbers never do
-            table.add_column(h, justify="left")
-        else:
-            table.add_column(h, justify="right", no_wrap=True,
-                             min_width=max(len(h), *(len(r[j]) for r in rows)))
-    for row in rows:
-        table.add_row(*row)
-    return table
+    index = {h: j for j, h in enumerate(value.compact_header)}
+    out = []
+    for columns, title, caption in (
+            (_VERDICT, f"Each site's answer: AUC on its own test patients, alone and "
+                       f"with the federation ({value.headline})",
+             "vs alone: the difference, 'better'/'worse' only when significant (DeLong), "
+             "else 'n.s.'; ok?: AUC, slope and CITL judged on 95% intervals (ok, no, ? "
+             "insufficient evidence); eff. data: own patients the site would need alone "
+             "for the same AUC, as a multiple of its own ('> N': beyond what was "
+             "measured)"),
+            (_DETAIL, "Calibration, and the AUC of the pooled model and of the true risks",
+             "slope and CITL of the model above; pooled: one model on every site's rows "
+             "(simulation only); true: the risks the outcomes were drawn from")):
+        table = Table(title=escape(title), caption=escape(caption), box=box.SIMPLE_HEAD,
+                      collapse_padding=True, pad_edge=False)
+        for h in columns:
+            j = index[h]
+            width = max(len(h), *(len(r[j]) for r in rows))
+            if j == 0:  # a long site name folds onto a second line; it is never dropped
+                table.add_column(h, overflow="fold", min_width=min(width, 14))
+            else:  # numbers never wrap
+                table.add_column(h, justify="right", no_wrap=True, min_width=width)
+        for row in rows:
+            table.add_row(*(escape(row[index[h]]) for h in columns))
+        out.append(table)
+    return out
 
 
 def _load_section(reports: Mapping[str, LoadReport]) -> str:
