@@ -9,8 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 from test_coordinator import SITES, Federation  # type: ignore[import-not-found]
+from typer.testing import CliRunner
 
 from cardiofed._console import fail
+from cardiofed.cli import app
 from cardiofed.cli.admin import status_view
 
 
@@ -50,3 +52,22 @@ def test_a_refusal_reason_is_printed_as_given_within_80_columns(reason: str) -> 
 def test_an_error_keeps_its_brackets(capsys: object) -> None:
     fail("column [age] is missing")
     assert "column [age] is missing" in capsys.readouterr().err  # type: ignore[attr-defined]
+
+
+def test_help_keeps_its_brackets() -> None:
+    result = CliRunner().invoke(app, ["admin", "create-study", "--help"],
+                                env={"COLUMNS": "80"})
+    assert "an [attribution] table" in " ".join(result.output.split())
+
+
+def test_every_feature_name_is_whole_at_80_columns() -> None:
+    from cardiofed.schema import CATALOGUE
+
+    result = CliRunner().invoke(app, ["features"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    first_words = {line.split()[0] for line in lines if line.strip()}
+    assert set(CATALOGUE.features) <= first_words
+    assert set(CATALOGUE.outcomes) <= first_words
+    assert "[columns.<name>]" in result.output

@@ -16,8 +16,10 @@ import typer
 
 from cardiofed.cli import admin, coordinator, db, experiments, keys, models, node, serve
 
-app = typer.Typer(help="CardioFed: train a cardiovascular risk model across hospitals "
-                       "without moving patient records.", no_args_is_help=True)
+app = typer.Typer(
+    rich_markup_mode=None,  # help is plain text: brackets stay brackets
+    help="CardioFed: train a cardiovascular risk model across hospitals "
+    "without moving patient records.", no_args_is_help=True)
 app.command("demo")(experiments.demo)
 app.command("simulate")(experiments.simulate)
 app.command("audit")(experiments.audit)

@@ -22,8 +22,10 @@ from cardiofed.exceptions import CardioFedError
 if TYPE_CHECKING:  # loaded when a command runs, not for --help
     import httpx
 
-admin_app = typer.Typer(help="Administer studies on a running coordinator.",
-                        no_args_is_help=True)
+admin_app = typer.Typer(
+    rich_markup_mode=None,  # help is plain text: brackets stay brackets
+    help="Administer studies on a running coordinator.",
+    no_args_is_help=True)
 
 KeyFile = Annotated[Path, typer.Option(help="File holding the admin credential.")]
 Url = Annotated[str, typer.Option(help="Coordinator URL.")]

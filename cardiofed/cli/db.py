@@ -15,8 +15,10 @@ from cardiofed.exceptions import CardioFedError
 if TYPE_CHECKING:  # loaded when a command runs, not for --help
     from sqlalchemy.orm import Session, sessionmaker
 
-db_app = typer.Typer(help="The database both services share: schema upgrade and revision.",
-                     no_args_is_help=True)
+db_app = typer.Typer(
+    rich_markup_mode=None,  # help is plain text: brackets stay brackets
+    help="The database both services share: schema upgrade and revision.",
+    no_args_is_help=True)
 
 DatabaseUrl = Annotated[str | None, typer.Option(
     help=f"SQLAlchemy URL of the database (default $CARDIOFED_DATABASE_URL or "

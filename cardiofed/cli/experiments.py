@@ -285,6 +285,8 @@ def features_command(
 ) -> None:
     """The feature catalogue: every built-in feature (kind, unit, plausible range, codes)
     and outcome, and a study's own."""
+    from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     from cardiofed.data.study_features import StudyFeatures, catalogue_of
@@ -294,24 +296,39 @@ def features_command(
         catalogue = catalogue_of(StudyFeatures.from_toml(features) if features else None)
     except CardioFedError as exc:
         raise fail(exc) from None
-    table = Table(title="Features (a mapping file's [columns.<name>])")
-    for heading in ("name", "kind", "unit", "plausible range or codes", "other units",
-                    "log scale", "description", "declared by"):
-        table.add_column(heading)
+    # Names are what a user types into a mapping file: never wrapped or cut; the
+    # description and its notes fold to the terminal's width (80 columns included).
+    table = Table(title=escape("Features (a mapping file's [columns.<name>])"),
+                  box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    table.add_column("name", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("unit", no_wrap=True)
+    table.add_column("range or codes", overflow="fold")
+    table.add_column("description", overflow="fold", ratio=1)
     for name, f in catalogue.features.items():
         values = (", ".join(f.codes) if f.codes else
                   f"[{f.low:g}, {f.high:g}]" if f.low is not None and f.high is not None
                   else "0 or 1")
-        table.add_row(name, str(f.kind), f.unit, values, ", ".join(f.unit_factors),
-                      "yes" if f.log_scale else "", f.description,
-                      "built in" if name in CATALOGUE.features else "study")
+        notes = [f.description]
+        if f.unit_factors:
+            notes.append(f"other units: {', '.join(f.unit_factors)}")
+        if f.log_scale:
+            notes.append("log scale")
+        if name not in CATALOGUE.features:
+            notes.append("declared by the study")
+        table.add_row(*(escape(v) for v in (name, str(f.kind), f.unit, values,
+                                            "; ".join(notes))))
     console.print(table)
-    outcomes = Table(title="Outcomes (a mapping file's outcome)")
-    for heading in ("name", "horizon (years)", "description", "declared by"):
-        outcomes.add_column(heading)
+    outcomes = Table(title="Outcomes (a mapping file's outcome)", box=box.SIMPLE_HEAD,
+                     collapse_padding=True, pad_edge=False)
+    outcomes.add_column("name", no_wrap=True)
+    outcomes.add_column("horizon", no_wrap=True)
+    outcomes.add_column("description", overflow="fold", ratio=1)
     for name, o in catalogue.outcomes.items():
-        outcomes.add_row(name, "" if o.horizon_years is None else f"{o.horizon_years:g}",
-                         o.description, "built in" if name in CATALOGUE.outcomes else "study")
+        horizon = "none" if o.horizon_years is None else f"{o.horizon_years:g} years"
+        notes = o.description + ("" if name in CATALOGUE.outcomes
+                                 else "; declared by the study")
+        outcomes.add_row(escape(name), horizon, escape(notes))
     console.print(outcomes)
 
 

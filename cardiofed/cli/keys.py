@@ -11,8 +11,10 @@ from cardiofed._console import console, fail
 from cardiofed.cli.db import DatabaseUrl, sessions
 from cardiofed.exceptions import CardioFedError
 
-keys_app = typer.Typer(help="API keys of the risk API: create, list, revoke.",
-                       no_args_is_help=True)
+keys_app = typer.Typer(
+    rich_markup_mode=None,  # help is plain text: brackets stay brackets
+    help="API keys of the risk API: create, list, revoke.",
+    no_args_is_help=True)
 
 
 @keys_app.command("create")

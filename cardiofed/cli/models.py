@@ -13,8 +13,10 @@ from cardiofed._console import console, fail
 from cardiofed.cli.db import DatabaseUrl, sessions
 from cardiofed.exceptions import CardioFedError
 
-models_app = typer.Typer(help="The model registry: list, show, promote, export.",
-                         no_args_is_help=True)
+models_app = typer.Typer(
+    rich_markup_mode=None,  # help is plain text: brackets stay brackets
+    help="The model registry: list, show, promote, export.",
+    no_args_is_help=True)
 
 
 @models_app.command("list")

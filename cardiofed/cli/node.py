@@ -16,7 +16,9 @@ from cardiofed.exceptions import CardioFedError
 if TYPE_CHECKING:  # loaded when a command runs, not for --help
     from cardiofed.node.config import NodeConfig
 
-node_app = typer.Typer(help="Run a hospital node next to its records.", no_args_is_help=True)
+node_app = typer.Typer(
+    rich_markup_mode=None,  # help is plain text: brackets stay brackets
+    help="Run a hospital node next to its records.", no_args_is_help=True)
 
 
 @node_app.command("run")
