@@ -326,9 +326,9 @@ def features_command(
     outcomes.add_column("description", overflow="fold", ratio=1)
     for name, o in catalogue.outcomes.items():
         horizon = "none" if o.horizon_years is None else f"{o.horizon_years:g} years"
-        notes = o.description + ("" if name in CATALOGUE.outcomes
+        about = o.description + ("" if name in CATALOGUE.outcomes
                                  else "; declared by the study")
-        outcomes.add_row(escape(name), horizon, escape(notes))
+        outcomes.add_row(escape(name), horizon, escape(about))
     console.print(outcomes)
 
 
