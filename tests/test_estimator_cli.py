@@ -189,3 +189,24 @@ def test_torch_threads_default_to_one_and_are_validated(monkeypatch: pytest.Monk
             set_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_demo_refuses_a_networked_study_name_before_training(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    # The quick-start's coordinator database holds a networked study named "demo".
+    from cardiofed.simulation import experiment
+    from cardiofed.store import Study, session_factory
+
+    url = f"sqlite:///{tmp_path}/coordinator.db"
+    with session_factory(url)() as db:
+        db.add(Study(id="demo", plan={}, feature_names=[], feature_ranges=[], min_sites=1,
+                     round_timeout_s=60.0))
+        db.commit()
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained before the name was checked")
+
+    monkeypatch.setattr(experiment, "run_experiment", never)
+    result = CliRunner().invoke(app, ["demo", "--rounds", "1", "--db", url])
+    assert result.exit_code != 0
+    assert "networked study's name" in " ".join(result.output.split())

@@ -49,6 +49,14 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
     from cardiofed.simulation.experiment import LOCAL, run_experiment
 
     given = {k: v for k, v in settings.items() if v is not None}
+    if register_as is not None:  # before training: a name that cannot be used fails now
+        from cardiofed.serving.registry import check_simulation_name
+
+        try:
+            with sessions(registry_url)() as db:
+                check_simulation_name(db, register_as)
+        except CardioFedError as exc:
+            raise fail(exc) from None
     try:
         set_threads()
         if features_file is not None:

@@ -24,9 +24,7 @@ def register(db: Session, model: RiskModel, *, number: int | None = None,
     """Store `model` as the study's version `number` (default: the next); returns its name."""
     study = model.card.study
     if number is None:
-        if db.get(Study, study) is not None:
-            raise Conflict(f"{study!r} is a networked study's name; the coordinator numbers "
-                           f"its versions. Register the simulation under another name.")
+        check_simulation_name(db, study)
         number = (db.scalar(select(func.max(RegisteredModel.number))
                             .where(RegisteredModel.study == study)) or 0) + 1
     version = f"{study}-v{number}"
@@ -51,6 +49,15 @@ def update_card(db: Session, version: str, **changes: object) -> None:
     row = _row(db, version)
     row.artifact = model.to_bytes()
     row.card = model.card.model_dump(mode="json")
+
+
+def check_simulation_name(db: Session, study: str) -> None:
+    """Refuse to number a simulation's models under a networked study's name (the
+    coordinator numbers those)."""
+    if db.get(Study, study) is not None:
+        raise Conflict(f"{study!r} is a networked study's name in this database; the "
+                       f"coordinator numbers its versions. Register the simulation under "
+                       f"another name (or into another database, or not at all).")
 
 
 def has_study(db: Session, study: str) -> bool:
