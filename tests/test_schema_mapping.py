@@ -521,7 +521,8 @@ def test_a_parquet_export_loads_like_its_csv(tmp_path: Path) -> None:
                           "SMOKER": [True, False, True], "CHOL": [5.2, None, 6.0],
                           "Y": [1, 0, 0]})
     frame.to_parquet(tmp_path / "a.parquet")
-    raw = read_export(tmp_path / "a.parquet")
+    raw, malformed = read_export(tmp_path / "a.parquet")
+    assert malformed == {}
     assert raw.to_dict("list") == {"AGE": ["54", "61", ""], "GENDER": ["M", "F", ""],
                                    "SMOKER": ["1", "0", "1"], "CHOL": ["5.2", "", "6"],
                                    "Y": ["1", "0", "0"]}

@@ -508,6 +508,26 @@ def test_malformed_rows_are_never_scored_silently(tmp_path: Path,
                         impute_missing=True).rejected == 0
 
 
+def test_a_malformed_line_is_one_rejected_row_and_blank_lines_shift_nothing(
+        tmp_path: Path, logistic: RiskModel) -> None:
+    header = ",".join(PATIENT)
+    good = ",".join(str(int(v) if isinstance(v, bool) else v) for v in PATIENT.values())
+    csv = tmp_path / "in.csv"
+    csv.write_bytes(f"id,{header}\np1,{good}\n\np2,{good},extra\n".encode()
+                    + f"p3,\"{good}\n".encode() + b"p4,\xff" + f",{good[3:]}\n".encode()
+                    + f"p5,{good}\n".encode())
+    done = predict_file(logistic, csv, tmp_path / "out.csv", id_column="id",
+                        max_rejected=0.9)
+    assert (done.rows, done.scored, done.rejected) == (5, 2, 3)
+    scored = pd.read_csv(tmp_path / "out.csv")
+    assert scored["row"].tolist() == [1, 6] and scored["id"].tolist() == ["p1", "p5"]
+    side = pd.read_csv(done.rejected_file).fillna("")
+    assert side["row"].tolist() == [3, 4, 5]
+    assert side["reason"].str.startswith(("line 4 ", "line 5 ", "line 6 ")).all()
+    assert [w in r for w, r in zip(("fields", "unbalanced quote", "not UTF-8"),
+                                   side["reason"], strict=True)] == [True] * 3
+
+
 def test_huge_numbers_and_batch_units_are_named(api: Api) -> None:
     r = api.post("/v1/risk", {"features": {**PATIENT, "age": 10**309}})
     assert r.status_code == 422

@@ -37,7 +37,7 @@ def framingham_sites(data_dir: str | Path | None = None, *, seed: int = 0
     from cardiofed.data.paths import require
 
     path = require("framingham/framingham.csv", data_dir)
-    site = harmonise(read_export(path), framingham_mapping(), source=str(path))
+    site = harmonise(read_export(path)[0], framingham_mapping(), source=str(path))
     frame = site.frame.assign(**{"sex=male": (site.frame["sex"] == "male").astype(float)})
     values = {c: frame[c].to_numpy(dtype=float) for c in
               ("age", "systolic_bp", "prevalent_hypertension", "diabetes", "bp_treated")}

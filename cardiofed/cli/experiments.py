@@ -365,7 +365,7 @@ def check(
         raise fail(exc) from None
     console.print(_load_table({site_mapping.site: site.report}))
     for reason, count in excluded.items():
-        console.print(f"{count:,} people left out: {reason}.")
+        console.print(f"{count:,} left out: {reason}.")
     labels = site.labels
     console.print(f"{len(labels):,} rows, {int(labels.sum()):,} with the outcome "
                   f"{site_mapping.outcome!r} ({labels.mean():.1%}).")

@@ -97,7 +97,7 @@ def load_framingham(data_dir: str | Path | None = None, *, seed: int = 0,
     """Framingham as eight hospitals (see the module docstring for the rule)."""
     path = require("framingham/framingham.csv", data_dir)
     mapping = framingham_mapping()
-    site = harmonise(read_export(path), mapping, source=str(path))
+    site = harmonise(read_export(path)[0], mapping, source=str(path))
     frame = site.frame
     assignment = partition({c: frame[c].to_numpy(dtype=float) for c in
                             ("age", "systolic_bp", "prevalent_hypertension", "diabetes",

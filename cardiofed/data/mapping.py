@@ -46,6 +46,7 @@ from pydantic import (
 )
 
 from cardiofed._pydantic import read_toml, validation_problems
+from cardiofed.data.csv_lines import read_csv_export
 from cardiofed.exceptions import DataValidationError
 from cardiofed.schema import CATALOGUE, Catalogue, FeatureKind
 
@@ -238,9 +239,15 @@ class HarmonisedSite:
     problems: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
-def read_export(path: str | Path) -> pd.DataFrame:
+# LoadReport.excluded's key for CSV lines that are no record (cardiofed.data.csv_lines)
+MALFORMED = "malformed lines (not UTF-8, an unbalanced quote, or the wrong number of fields)"
+
+
+def read_export(path: str | Path) -> tuple[pd.DataFrame, dict[int, str]]:
     """Read a CSV or Parquet export as text, so that the mapping decides what is missing
-    (a Parquet null is the empty string, a missing-value token by default)."""
+    (a Parquet null is the empty string, a missing-value token by default), and the CSV
+    lines that are no record (:mod:`cardiofed.data.csv_lines`), left out: row number ->
+    reason."""
     path = Path(path)
     if not path.exists():
         raise DataValidationError(f"Data file {path} does not exist.")
@@ -248,17 +255,20 @@ def read_export(path: str | Path) -> pd.DataFrame:
         frame = pd.read_parquet(path)
         return pd.DataFrame({c: ["" if v is None or (isinstance(v, float) and np.isnan(v))
                                  else _code(v) for v in frame[c].tolist()]
-                             for c in frame.columns}, dtype=str)
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+                             for c in frame.columns}, dtype=str), {}
+    export = read_csv_export(path)
+    return export.frame, export.malformed
 
 
 def harmonise(raw: pd.DataFrame, mapping: SiteMapping, source: str = "<data>", *,
-              labels: bool = True, row_offset: int = 0) -> HarmonisedSite:
+              labels: bool = True, row_offset: int = 0,
+              rows: np.ndarray | None = None) -> HarmonisedSite:
     """Map a raw export (all columns as text) onto the canonical schema.
 
-    Rows are numbered from 1, the first data row after the header (plus `row_offset`
-    when `raw` is a later chunk of a file). Without `labels` (scoring new patients) the
-    label column is not needed and ``labels`` is empty.
+    Messages number rows from 1, the first data row after the header (plus `row_offset`
+    when `raw` is a later chunk of a file), or by `rows`, each row's number in its file
+    (:class:`~cardiofed.data.csv_lines.CsvChunk`). Without `labels` (scoring new
+    patients) the label column is not needed and ``labels`` is empty.
     """
     needed = [c.source for c in mapping.columns.values()] + (
         [mapping.label.column] if labels else [])
@@ -269,12 +279,13 @@ def harmonise(raw: pd.DataFrame, mapping: SiteMapping, source: str = "<data>", *
             f"in the file (it has {list(raw.columns)})."
         )
     report = LoadReport(source=source, rows=len(raw))
+    row_numbers = (np.arange(len(raw)) + row_offset + 1) if rows is None else np.asarray(rows)
     out: dict[str, pd.Series] = {}
     problems: dict[str, dict[int, str]] = {}
     for name, col in mapping.columns.items():
         out[name] = _harmonise_column(raw[col.source], name, col, mapping, source, report,
-                                      row_offset, problems.setdefault(name, {}))
-    y = (_harmonise_label(raw[mapping.label.column], mapping, source, row_offset) if labels
+                                      row_numbers, problems.setdefault(name, {}))
+    y = (_harmonise_label(raw[mapping.label.column], mapping, source, row_numbers) if labels
          else np.empty(0, dtype=np.int64))
     return HarmonisedSite(frame=pd.DataFrame(out), labels=y, report=report,
                           problems={k: v for k, v in problems.items() if v})
@@ -289,7 +300,7 @@ def _first_bad(mask: np.ndarray) -> int:
 
 
 def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping: SiteMapping,
-                      source: str, report: LoadReport, row_offset: int = 0,
+                      source: str, report: LoadReport, row_numbers: np.ndarray,
                       problems: dict[int, str] | None = None) -> pd.Series:
     feature = mapping.catalogue.feature(name)
     text = _clean(values)
@@ -317,7 +328,7 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
             if unparseable.any():
                 i = _first_bad(unparseable)
                 raise DataValidationError(
-                    f"{where}, row {row_offset + i + 1}: value {text.iloc[i]!r} is not a number."
+                    f"{where}, row {row_numbers[i]}: value {text.iloc[i]!r} is not a number."
                 )
             if out_of_range.any():
                 i = _first_bad(out_of_range)
@@ -325,7 +336,7 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
                 if col.unit and col.unit != feature.unit:
                     shown += f" = {converted[i]:g} {feature.unit}"
                 raise DataValidationError(
-                    f"{where}, row {row_offset + i + 1}: value {shown} is outside the plausible "
+                    f"{where}, row {row_numbers[i]}: value {shown} is outside the plausible "
                     f"range "
                     f"[{feature.low:g}, {feature.high:g}] {feature.unit}."
                 )
@@ -357,7 +368,7 @@ def _harmonise_column(values: pd.Series, name: str, col: ColumnMapping, mapping:
         expected = (sorted({"0", "1", *col.codes}) if feature.kind is FeatureKind.BINARY
                     else sorted({*feature.codes, *col.codes}))
         raise DataValidationError(
-            f"{where}, row {row_offset + i + 1}: value {text.iloc[i]!r} is not a known code; "
+            f"{where}, row {row_numbers[i]}: value {text.iloc[i]!r} is not a known code; "
             f"expected one of {expected} or a missing-value token."
         )
     report.invalid_set_missing[name] = int(unknown.sum())
@@ -384,7 +395,7 @@ def _parse_numbers(text: pd.Series, missing: np.ndarray) -> np.ndarray:
 
 
 def _harmonise_label(values: pd.Series, mapping: SiteMapping, source: str,
-                     row_offset: int = 0) -> np.ndarray:
+                     row_numbers: np.ndarray) -> np.ndarray:
     text = _clean(values)
     lowered = text.str.lower()  # codes are compared ignoring case, as features' codes are
     positive = lowered.isin([c.lower() for c in mapping.label.positive]).to_numpy()
@@ -393,7 +404,7 @@ def _harmonise_label(values: pd.Series, mapping: SiteMapping, source: str,
     if unknown.any():
         i = _first_bad(unknown)
         raise DataValidationError(
-            f"{source}: label column {mapping.label.column!r}, row {row_offset + i + 1}: value "
+            f"{source}: label column {mapping.label.column!r}, row {row_numbers[i]}: value "
             f"{text.iloc[i]!r} is neither positive {mapping.label.positive} nor negative "
             f"{mapping.label.negative}. A row without an outcome cannot be used for training; "
             f"remove it from the export or code it explicitly."

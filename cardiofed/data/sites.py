@@ -9,7 +9,14 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from cardiofed.data.dataset import FederatedDataset, SiteData, feature_ranges_for
-from cardiofed.data.mapping import LoadReport, SiteMapping, encode, harmonise, read_export
+from cardiofed.data.mapping import (
+    MALFORMED,
+    LoadReport,
+    SiteMapping,
+    encode,
+    harmonise,
+    read_export,
+)
 from cardiofed.data.omop import is_omop_mapping, omop_site_rows
 from cardiofed.exceptions import DataValidationError
 from cardiofed.schema import Catalogue, encoded_feature_names
@@ -61,7 +68,9 @@ def load_site_rows(path: Path, mapping_path: Path, catalogue: Catalogue | None
     if is_omop_mapping(mapping_path):
         raw, mapping, excluded = omop_site_rows(path, mapping_path, catalogue)
         return raw, mapping, dict(excluded)
-    return read_export(path), SiteMapping.from_toml(mapping_path, catalogue), {}
+    raw, malformed = read_export(path)
+    return (raw, SiteMapping.from_toml(mapping_path, catalogue),
+            {MALFORMED: len(malformed)} if malformed else {})
 
 
 def federation_from_csv(csv_paths: list[Path], mapping_paths: list[Path], *,

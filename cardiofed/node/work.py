@@ -59,7 +59,9 @@ def load_site_data(source: DataSource, feature_names: list[str],
     """The site's own rows, encoded to the study's feature columns (`catalogue`: the
     study's features besides the built-in ones)."""
     if source.csv is not None and source.mapping is not None:
-        raw, mapping, _ = load_site_rows(source.csv, source.mapping, catalogue)
+        raw, mapping, excluded = load_site_rows(source.csv, source.mapping, catalogue)
+        for reason, count in excluded.items():  # counts only: never a row
+            log.warning("%s: %d left out: %s", source.csv, count, reason)
         site, _ = site_from_export(raw, mapping,
                                    canonical_features(feature_names),
                                    test_fraction=source.test_fraction, seed=source.seed,

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from cardiofed.data.csv_lines import read_csv_chunks
 from cardiofed.data.mapping import (
     HarmonisedSite,
     SiteMapping,
@@ -155,30 +156,31 @@ def predict_file(model: RiskModel, input_csv: Path, out: Path, *,
         name: col.model_copy(update={"on_invalid": "missing"})
         for name, col in mapping.columns.items()}})
     parts, rejected, done = [], [], 0
-    for chunk in pd.read_csv(input_csv, dtype=str, keep_default_na=False, na_filter=False,
-                             chunksize=CHUNK_ROWS):
-        if id_column is not None and id_column not in chunk.columns:
+    for chunk in read_csv_chunks(input_csv, CHUNK_ROWS):
+        frame = chunk.frame
+        if id_column is not None and id_column not in frame.columns:
             raise DataValidationError(f"{input_csv}: no column {id_column!r} (it has "
-                                      f"{list(chunk.columns)}).")
-        site_rows = harmonise(chunk, lenient, str(input_csv), labels=False, row_offset=done)
+                                      f"{list(frame.columns)}).")
+        site_rows = harmonise(frame, lenient, str(input_csv), labels=False, rows=chunk.rows)
         reasons = _rejections(site_rows, mapping, model.card.features, impute_missing)
-        keep = np.ones(len(chunk), dtype=bool)
+        keep = np.ones(len(frame), dtype=bool)
         keep[list(reasons)] = False
         scored = score_frame(model, site_rows.frame[keep], contributions=contributions,
                              recalibration=recal, thresholds=thresholds, categories=categories)
-        scored.insert(0, "row", np.flatnonzero(keep) + done + 1)
+        scored.insert(0, "row", chunk.rows[keep])
         if id_column is not None:
-            scored.insert(1, id_column, chunk[id_column].to_numpy()[keep])
+            scored.insert(1, id_column, frame[id_column].to_numpy()[keep])
         parts.append(scored)
-        if reasons:
-            bad = pd.DataFrame({"row": np.array(list(reasons)) + done + 1,
-                                "reason": list(reasons.values())})
+        bad = pd.DataFrame({"row": [*chunk.rows[list(reasons)], *chunk.malformed],
+                            "reason": [*reasons.values(), *chunk.malformed.values()]})
+        if len(bad):
             if id_column is not None:
-                bad.insert(1, id_column, chunk[id_column].to_numpy()[list(reasons)])
-            rejected.append(bad)
-        done += len(chunk)
+                bad.insert(1, id_column, [*frame[id_column].to_numpy()[list(reasons)],
+                                          *[""] * len(chunk.malformed)])
+            rejected.append(bad.sort_values("row", kind="stable"))
+        done += chunk.size
         if on_rows is not None:
-            on_rows(len(chunk))
+            on_rows(chunk.size)
     if done == 0:  # no chunk at all, or only a header
         raise DataValidationError(f"{input_csv} has no data rows.")
     side = rejected_path(out)

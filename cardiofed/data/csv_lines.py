@@ -1,0 +1,130 @@
+"""CSV exports read line by line, so that one malformed line is one rejected row.
+
+A hospital's export is one record per line under a header. A line that cannot be one
+record is set aside with its line number and the reason, never quoted, and the rest of
+the file is read: a line that is not UTF-8, one with an unbalanced quote (an
+unterminated quoted value, or a line break inside one), one with more or fewer fields
+than the header. Blank lines are not records and are skipped, and numbering stays
+faithful: a record's ``row`` is its line number minus the header's line, whatever came
+before it. Every field is text; the mapping decides what is missing or invalid.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cardiofed.exceptions import DataValidationError
+
+
+@dataclass
+class CsvChunk:
+    """Up to a chunk's worth of records: their fields (text), each record's row number
+    (its line number minus 1), and the malformed lines' row numbers with the reason."""
+
+    frame: pd.DataFrame
+    rows: np.ndarray
+    malformed: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        """Records and malformed lines: every line that should have been a record."""
+        return len(self.frame) + len(self.malformed)
+
+
+def read_csv_chunks(path: str | Path, chunk_lines: int = 200_000) -> Iterator[CsvChunk]:
+    """The records of `path`, `chunk_lines` lines at a time (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataValidationError(f"Data file {path} does not exist.")
+    header = _header(path)
+    with path.open("rb") as fh:
+        fh.readline()
+        lines: list[bytes] = []
+        number = 1
+        for raw in fh:
+            lines.append(raw)
+            if len(lines) == chunk_lines:
+                yield _chunk(lines, number + 1, header)
+                number += len(lines)
+                lines = []
+        if lines:
+            yield _chunk(lines, number + 1, header)
+
+
+def read_csv_export(path: str | Path) -> CsvChunk:
+    """The whole file as one chunk (its records, their row numbers, its malformed
+    lines)."""
+    chunks = list(read_csv_chunks(path))
+    if not chunks:  # only a header
+        return _chunk([], 2, _header(Path(path)))
+    return CsvChunk(pd.concat([c.frame for c in chunks], ignore_index=True),
+                    np.concatenate([c.rows for c in chunks]),
+                    {k: v for c in chunks for k, v in c.malformed.items()})
+
+
+def _header(path: Path) -> list[str]:
+    """The first line's column names (repeated names numbered as pandas numbers them:
+    ``x``, ``x.1``, ...)."""
+    with path.open("rb") as fh:
+        first = fh.readline()
+    try:
+        header = next(csv.reader([first.decode("utf-8-sig").rstrip("\r\n")]))
+    except (UnicodeDecodeError, StopIteration, csv.Error):
+        raise DataValidationError(f"{path}: the first line is not a CSV header of UTF-8 "
+                                  f"text.") from None
+    if not any(name.strip() for name in header):
+        raise DataValidationError(f"{path}: the first line (the header) is empty.")
+    return _unique(header)
+
+
+def _unique(header: list[str]) -> list[str]:
+    """Repeated column names numbered as pandas numbers them (``x``, ``x.1``, ...)."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in header:
+        count = seen.get(name, 0)
+        out.append(name if count == 0 else f"{name}.{count}")
+        seen[name] = count + 1
+    return out
+
+
+def _chunk(lines: list[bytes], first_line: int, header: list[str]) -> CsvChunk:
+    good: list[str] = []
+    rows: list[int] = []
+    malformed: dict[int, str] = {}
+    expected = len(header)
+    for offset, raw in enumerate(lines):
+        line = first_line + offset
+        try:
+            text = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            malformed[line - 1] = f"line {line} is not UTF-8 text (byte {exc.start + 1})"
+            continue
+        if not text.strip():
+            continue  # a blank line is no record
+        if '"' in text:
+            if text.count('"') % 2:
+                malformed[line - 1] = (f"line {line} has an unbalanced quote (an "
+                                       f"unterminated value, or a line break inside one)")
+                continue
+            fields = len(next(csv.reader([text])))
+        else:
+            fields = text.count(",") + 1
+        if fields != expected:
+            malformed[line - 1] = (f"line {line} has {fields} fields; the header has "
+                                   f"{expected}")
+            continue
+        good.append(text)
+        rows.append(line - 1)
+    frame = (pd.read_csv(io.StringIO("\n".join(good)), header=None, names=header,
+                         dtype=str, keep_default_na=False, na_filter=False,
+                         skip_blank_lines=False)
+             if good else pd.DataFrame({name: pd.Series(dtype=str) for name in header}))
+    return CsvChunk(frame, np.asarray(rows, dtype=np.int64), malformed)
