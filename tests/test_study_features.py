@@ -131,7 +131,13 @@ def test_a_survey_trains_with_all_its_predictors_and_gains_from_them(
 
 
 def test_the_card_carries_the_declaration_and_the_api_validates_against_it(
-        trained: dict[str, object], tmp_path: Path) -> None:
+        trained: dict[str, object], survey: tuple[list[Path], list[Path]],
+        tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cardiofed.cli import app
+
+    survey_files = survey
     everything, result = trained["all"], trained["all_result"]
     model = provenance.from_experiment(result, study="survey",  # type: ignore[arg-type]
                                        feature_names=everything.feature_names,  # type: ignore[attr-defined]
@@ -156,6 +162,15 @@ def test_the_card_carries_the_declaration_and_the_api_validates_against_it(
         fields["features.general_health"]
     assert "outside the plausible range [1, 24] hours" in fields["features.sleep_hours"]
     np.testing.assert_allclose(again.risk(row[None]), model.risk(row[None]))
+    # Offline scoring of a site's own export reads its mapping with the card's
+    # declarations (the mapping names the study's outcome and features).
+    csvs, mappings = survey_files
+    out = tmp_path / "risks.csv"
+    scored = CliRunner().invoke(app, ["predict", str(csvs[0]), "--model", str(path),
+                                      "--mapping", str(mappings[0]), "--out", str(out),
+                                      "--max-rejected", "0.5"])
+    assert scored.exit_code == 0, scored.output
+    assert len(pd.read_csv(out)) > 0
 
 
 def test_a_networked_study_carries_its_declaration_to_every_node(

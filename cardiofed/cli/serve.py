@@ -92,7 +92,9 @@ def predict(
         else:
             with sessions(db)() as session:
                 risk_model = registry.load(session, model or registry.promoted_version(session))
-        site_mapping = SiteMapping.from_toml(mapping) if mapping else None
+        # The model's own declarations (a study's features and outcome) read the mapping.
+        site_mapping = (SiteMapping.from_toml(mapping, risk_model.catalogue) if mapping
+                        else None)
         with open(input_csv, "rb") as fh:
             total = max(sum(1 for _ in fh) - 1, 0)
         bar = Progress(TextColumn("[bold]scoring"), BarColumn(),
