@@ -228,3 +228,22 @@ def test_a_networked_study_carries_its_declaration_to_every_node(
     assert card["outcome"] == "heart_disease_ever"
     assert card["study_features"]["features"]["general_health"]["kind"] == "ordinal"
     assert set(card["metrics"]) == set(sites)  # the refusal cost survey_b only round 0
+
+
+def test_the_readme_commands_on_the_shipped_example_exports_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from cardiofed.cli import app
+
+    readme = (EXAMPLES.parents[1] / "README.md").read_text()
+    block = readme[readme.index("cd examples/survey"):]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    commands = [line.split()[1:] for line in block.splitlines()
+                if line.startswith("cardiofed ")]
+    assert [c[0] for c in commands] == ["check", "simulate"]
+    monkeypatch.chdir(EXAMPLES)
+    for command in commands:
+        extra = ["--out", str(tmp_path / "report")] if command[0] == "simulate" else []
+        result = CliRunner().invoke(app, [*command, *extra], env={"COLUMNS": "100"})
+        assert result.exit_code == 0, result.output
