@@ -100,7 +100,11 @@ def test_demo_runs_and_writes_the_report(tmp_path) -> None:  # type: ignore[no-u
     assert set(summary["load_reports"]) == set(value["sites"])
     assert "share of the aggregation weight" in (out / "index.html").read_text()
     page = (out / "index.html").read_text()
-    assert "What each site gets from the federation" in page
+    # The answer opens the page: verdict, comparison and effective data first of its row.
+    assert page.index("What each site gets from the federation") < page.index(
+        "<h2>Summary</h2>")
+    head = page[page.index("federated+recalibrated verdict"):]
+    assert head.index("vs local-only") < head.index("effective data") < head.index("AUC [")
 
 
 @pytest.mark.parametrize(("options", "label_quality"), [

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from cardiofed._console import console, fail
 from cardiofed.cli.db import DatabaseUrl, chosen_url, sessions
@@ -81,7 +82,8 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
         console.print(privacy_table(result))
     if result.label_quality is not None:
         for site, reason in result.label_quality.reasons.items():
-            console.print(f"[yellow]{site}:[/] {reason}; its updates got no weight.")
+            console.print(f"[yellow]{escape(site)}:[/] {escape(reason)}; its updates were "
+                          f"trained but given no aggregation weight.")
     for rnd, _, reason in result.federated.refusals:
         console.print(f"[yellow]round {rnd}:[/] {reason}")
     if config.robust_rule is not None:
@@ -294,7 +296,6 @@ def features_command(
     """The feature catalogue: every built-in feature (kind, unit, plausible range, codes)
     and outcome, and a study's own."""
     from rich import box
-    from rich.markup import escape
     from rich.table import Table
 
     from cardiofed.data.study_features import StudyFeatures, catalogue_of

@@ -46,6 +46,10 @@ th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
 th { background: #f2f2f2; }
 td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+div.wide { overflow-x: auto; }  /* a wide table scrolls; the page does not */
+div.wide td:first-child, div.wide th:first-child { position: sticky; left: 0;
+  background: #fff; }
+div.wide th:first-child { background: #f2f2f2; }
 p.note { color: #555; }
 """
 
@@ -210,6 +214,7 @@ def write_report(
     round_history: Sequence[Mapping[str, float]],
     site_predictions: Predictions,
     sections: Sequence[tuple[str, str]] = (),
+    first: Sequence[tuple[str, str]] = (),
     notes: Sequence[str] = (),
     learning_curves: Mapping[str, LearningCurve] | None = None,
     details: Mapping[str, object] | None = None,
@@ -227,6 +232,7 @@ def write_report(
             probabilities are risks in [0, 1].
         sections: extra (heading, HTML fragment) pairs; headings are escaped, fragments are
             inserted verbatim (they must already be escaped).
+        first: sections shown before everything else, under the title (the answer).
         notes: short paragraphs shown under the title (escaped).
         learning_curves: site -> its local learning curve (the effective-data figure).
         details: further JSON-ready entries for summary.json (nan/inf become null).
@@ -254,9 +260,12 @@ def write_report(
         f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>",
         f"<h1>{esc(title)}</h1>",
         *(f'<p class="note">{esc(note)}</p>' for note in notes),
-        "<h2>Summary</h2>",
-        _table(summary_rows) if summary_rows else "<p>No summary rows.</p>",
     ]
+    for heading, fragment in first:
+        parts += [f"<h2>{esc(heading)}</h2>", fragment]
+    parts += ["<h2>Summary</h2>",
+              (f'<div class="wide">{_table(summary_rows)}</div>' if summary_rows
+               else "<p>No summary rows.</p>")]
     for heading, src in images:
         parts += [f"<h2>{esc(heading)}</h2>", f'<img src="{src}" alt="{esc(heading)}">']
     for heading, fragment in sections:

@@ -125,27 +125,28 @@ class ClinicalValue:
         return lines
 
     def rows(self) -> list[list[str]]:
-        """Table rows: one per site, then one per type."""
-
+        """Table rows: one per site (the answer first: verdict, comparison with the site
+        alone, effective data; then each model's AUC and the calibration), then one per
+        site type, whose patients pool its sites' test patients."""
         out = []
         for site, by_model in self.sites.items():
             a = self.report.sites[site]
             comp = self.report.comparisons.get(site)
             share = self.report.share_of_achievable(site)
             out.append([site, self.site_types[site], f"{self.own_sizes[site]:,}",
-                        *[_shown(by_model.get(m, (math.nan,) * 3)) for m in self.models],
-                        f"{share:.1%}" if math.isfinite(share) else MISSING,
-                        f"{a.checks[1].value:.2f}", f"{a.checks[2].value:+.3f}",
                         str(a.verdict),
                         (f"{comp.status} ({comp.difference:+.3f})" if comp and
                          math.isfinite(comp.difference) else MISSING),
-                        effective_claim(self.effective.get(site), comp)[0]])
+                        effective_claim(self.effective.get(site), comp)[0],
+                        *[_shown(by_model.get(m, (math.nan,) * 3)) for m in self.models],
+                        f"{share:.1%}" if math.isfinite(share) else MISSING,
+                        f"{a.checks[1].value:.2f}", f"{a.checks[2].value:+.3f}"])
         for site_type, by_model in self.types.items():
             a = self.report.types[site_type]
-            out.append([f"all {site_type}", site_type, "",
-                        *[_shown(by_model.get(m, (math.nan,) * 3)) for m in self.models],
-                        "", f"{a.checks[1].value:.2f}", f"{a.checks[2].value:+.3f}",
-                        str(a.verdict), "", ""])
+            out.append([f"all {site_type} (pooled patients)", site_type, "", str(a.verdict),
+                        "", "", *[_shown(by_model.get(m, (math.nan,) * 3))
+                                  for m in self.models],
+                        "", f"{a.checks[1].value:.2f}", f"{a.checks[2].value:+.3f}"])
         return out
 
     def compact_rows(self) -> list[list[str]]:
@@ -177,9 +178,9 @@ class ClinicalValue:
     @property
     def header(self) -> list[str]:
         pct = f"{self.report.criteria.ci_level:.0%}"
-        return ["site", "type", "own n", *[f"{m} AUC [{pct} CI]" for m in self.models],
-                "share of achievable", "slope", "CITL", f"{self.headline} verdict",
-                "vs local-only", "effective data"]
+        return ["site", "type", "own n", f"{self.headline} verdict", "vs local-only",
+                "effective data", *[f"{m} AUC [{pct} CI]" for m in self.models],
+                "share of achievable", "slope", "CITL"]
 
     def to_markdown(self) -> str:
         lines = ["| " + " | ".join(self.header) + " |",
@@ -193,8 +194,8 @@ class ClinicalValue:
         head = "".join(f"<th>{esc(h)}</th>" for h in self.header)
         body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
                        for row in self.rows())
-        return (f"<ul>{story}</ul><table><thead><tr>{head}</tr></thead><tbody>{body}"
-                f"</tbody></table>")
+        return (f"<ul>{story}</ul><div class=\"wide\"><table><thead><tr>{head}</tr></thead>"
+                f"<tbody>{body}</tbody></table></div>")
 
     def to_dict(self) -> dict[str, Any]:
         def interval(v: Interval) -> list[float | None]:

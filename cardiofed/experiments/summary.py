@@ -142,7 +142,8 @@ def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, ti
     sections[:0] = extra_sections or []
     if result.label_quality is not None and result.label_quality.reasons:
         sections.insert(0, ("Data quality", "<ul>" + "".join(
-            f"<li>{html.escape(site)}: {html.escape(reason)}; its updates got no weight</li>"
+            f"<li>{html.escape(site)}: {html.escape(reason)}; its updates were trained but "
+            f"given no aggregation weight (0% in the table of each site's part)</li>"
             for site, reason in result.label_quality.reasons.items()) + "</ul>"))
     if result.recalibrations:
         form = next(iter(result.preprocessors.values())).form
@@ -162,14 +163,14 @@ def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, ti
                             target=e.target_auc, own_size=e.own_size,
                             n_equivalent=e.n_equivalent)
         for site, e in value.effective.items() if e.curve}
-    if value is not None:
-        sections.insert(0, ("What each site gets from the federation", value.to_html()))
+    first = ([] if value is None else
+             [("What each site gets from the federation", value.to_html())])
     loading = _load_section(load_reports or {})
     if loading:
         sections.append(("What loading each site's export did", loading))
     return write_report(out_dir, title=title, summary_rows=result.summary_rows(),
                         round_history=result.federated.history,
-                        site_predictions=result.predictions, sections=sections,
+                        site_predictions=result.predictions, sections=sections, first=first,
                         notes=notes or [], learning_curves=curves,
                         details={"load_reports": {site: r.as_dict() for site, r in
                                                   (load_reports or {}).items()},
