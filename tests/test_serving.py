@@ -21,8 +21,8 @@ from cardiofed.serving import provenance, registry
 from cardiofed.serving.api import ServingSettings
 from cardiofed.serving.app import create_serving_app
 from cardiofed.serving.keys import KeyCache, create_key, list_keys, revoke_key
-from cardiofed.serving.model import RiskModel
-from cardiofed.serving.offline import predict_file
+from cardiofed.serving.model import RISK_CATEGORIES, RiskModel
+from cardiofed.serving.offline import predict_file, score_frame
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import run_experiment
 from cardiofed.store import make_engine, session_factory
@@ -521,11 +521,37 @@ def test_a_malformed_line_is_one_rejected_row_and_blank_lines_shift_nothing(
     assert (done.rows, done.scored, done.rejected) == (5, 2, 3)
     scored = pd.read_csv(tmp_path / "out.csv")
     assert scored["row"].tolist() == [1, 6] and scored["id"].tolist() == ["p1", "p5"]
-    side = pd.read_csv(done.rejected_file).fillna("")
+    side = pd.read_csv(done.rejected_file)
     assert side["row"].tolist() == [3, 4, 5]
     assert side["reason"].str.startswith(("line 4 ", "line 5 ", "line 6 ")).all()
     assert [w in r for w, r in zip(("fields", "unbalanced quote", "not UTF-8"),
                                    side["reason"], strict=True)] == [True] * 3
+
+
+def test_risk_categories_only_for_the_horizon_they_were_defined_for(
+        tmp_path: Path, logistic: RiskModel) -> None:
+    assert logistic.card.horizon_years == 10 and logistic.categorised
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ten_year = Api(tmp_path / "a", logistic).post("/v1/risk", {"features": PATIENT}).json()
+    assert ten_year["category"] in RISK_CATEGORIES
+    assert ten_year["risk_of"].endswith("(10-year horizon)")
+    prevalent = logistic.with_card(horizon_years=None,
+                                   outcome_description="Ever reported CHD or MI")
+    api = Api(tmp_path / "b", prevalent)
+    one = api.post("/v1/risk", {"features": PATIENT}).json()
+    assert one["category"] is None
+    assert one["risk_of"] == "Ever reported CHD or MI (no time horizon)"
+    batch = api.post("/v1/risk/batch", {"patients": [{"features": PATIENT}]}).json()
+    assert batch["results"][0]["category"] is None and batch["risk_of"] == one["risk_of"]
+    form = {"api_key": api.score_key, **{f"f.{k}": str(int(v) if isinstance(v, bool) else v)
+                                         for k, v in PATIENT.items()}}
+    page = api.client.post("/calculator", data=form)
+    assert page.status_code == 200 and "No risk category" in page.text
+    assert "Ever reported CHD or MI (no time horizon)" in page.text
+    frame = pd.DataFrame([PATIENT])
+    assert score_frame(prevalent, frame)["category"].tolist() == [""]
+    assert score_frame(logistic, frame)["category"].tolist()[0] in RISK_CATEGORIES
 
 
 def test_huge_numbers_and_batch_units_are_named(api: Api) -> None:

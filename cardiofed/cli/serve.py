@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from cardiofed._console import console, fail
 from cardiofed.cli.db import DatabaseUrl, chosen_url, sessions
@@ -112,7 +113,11 @@ def predict(
     except (CardioFedError, OSError, ValueError) as exc:
         raise fail(exc) from None
     console.print(f"Scored {done.scored:,} of {done.rows:,} rows with model "
-                  f"{risk_model.card.version or model}; wrote {out}.")
+                  f"{risk_model.card.version or model}; wrote {out}. The risk is of: "
+                  f"{escape(risk_model.risk_of)}.")
+    if not risk_model.categorised:
+        console.print("No risk categories: they are 10-year risk bands, and this model's "
+                      "outcome has no 10-year horizon.")
     if done.rejected:
         console.print(f"[yellow]{done.rejected:,} rows not scored[/] (missing or invalid "
                       f"features); their row numbers and reasons are in {done.rejected_file}.")

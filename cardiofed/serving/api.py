@@ -250,7 +250,8 @@ def _results(state: ServingState, model: RiskModel, rows: np.ndarray, imputed: l
     if recal is not None:
         risks = recal.apply(risks, model.preprocessor.standardise(rows)
                             if recal.coefficients else None)
-    categories = state.categories(risks)
+    categories = (state.categories(risks) if model.categorised
+                  else [None] * len(risks))
     out = []
     for i, risk in enumerate(risks.tolist()):
         out.append(RiskResult(
@@ -279,8 +280,8 @@ async def risk(body: RiskRequest, caller: Annotated[Caller, _scoped("score")]) -
     result = _results(caller.state, model, row[None, :], [imputed], recal,
                       body.contributions)[0]
     return _json(RiskResponse(**result.__dict__, model_version=model.card.version,
-                              outcome=model.card.outcome, calibration=calibration,
-                              attribution=_attribution(model)))
+                              outcome=model.card.outcome, risk_of=model.risk_of,
+                              calibration=calibration, attribution=_attribution(model)))
 
 
 async def _risk_batch(body: BatchRequest, caller: Caller) -> Response:
@@ -300,7 +301,8 @@ async def _risk_batch(body: BatchRequest, caller: Caller) -> Response:
         raise InvalidPatient(problems)
     calibration, recal = _calibration(model, body.site)
     return _json(BatchResponse(model_version=model.card.version, outcome=model.card.outcome,
-                               calibration=calibration, attribution=_attribution(model),
+                               risk_of=model.risk_of, calibration=calibration,
+                               attribution=_attribution(model),
                                results=_results(caller.state, model, np.vstack(rows), imputed,
                                                 recal, body.contributions)))
 

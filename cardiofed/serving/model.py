@@ -54,6 +54,7 @@ TERM = "term:"  # prefix of a revised model column in a card's recalibration
 # Circulation 2019;140:e596-e646); configurable in the API's settings.
 RISK_THRESHOLDS = (0.05, 0.075, 0.20)
 RISK_CATEGORIES = ("low", "borderline", "intermediate", "high")
+CATEGORY_HORIZON_YEARS = 10.0  # the horizon those bands were defined for
 REQUIRED = "is required (or set impute_missing to fill it with the federation's median)"
 IG_BLOCK_ROWS = 4096
 _BINARY_VALUES = {"0": 0.0, "1": 1.0, "false": 0.0, "true": 1.0, "no": 0.0, "yes": 1.0}
@@ -172,6 +173,20 @@ class RiskModel:
         form = self.preprocessor.form
         return (form.names if form is not None
                 else self.catalogue.encoded_names(self.card.features))
+
+    @property
+    def categorised(self) -> bool:
+        """Whether risk categories apply: the outcome's horizon is the one the categories
+        were defined for (:data:`CATEGORY_HORIZON_YEARS`). A model of prevalent disease
+        (no horizon) or of another horizon gets a risk, never a category."""
+        return self.card.horizon_years == CATEGORY_HORIZON_YEARS
+
+    @property
+    def risk_of(self) -> str:
+        """What the risk is the probability of, in words."""
+        horizon = ("no time horizon" if self.card.horizon_years is None
+                   else f"{self.card.horizon_years:g}-year horizon")
+        return f"{self.card.outcome_description} ({horizon})"
 
     def site_recalibration(self, site: str) -> Recalibration | None:
         """The card's update for `site` (intercept, slope, revised terms), or None."""

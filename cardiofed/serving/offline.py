@@ -74,7 +74,9 @@ def score_frame(model: RiskModel, frame: pd.DataFrame, *, contributions: bool = 
                                    if recalibration.coefficients else None)
     out = pd.DataFrame({
         "risk": risk,
-        "category": risk_categories(risk, thresholds, categories),
+        # A model without the categories' horizon gets none (an empty column).
+        "category": (risk_categories(risk, thresholds, categories) if model.categorised
+                     else np.full(len(risk), "", dtype=object)),
         "n_imputed": frame[model.card.features].isna().sum(axis=1).to_numpy()})
     if contributions:
         for j, name in enumerate(model.card.features):

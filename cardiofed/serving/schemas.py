@@ -77,7 +77,9 @@ class Calibration(BaseModel):
 class RiskResult(BaseModel):
     risk: float = Field(description="Predicted probability of the model's outcome "
                                     "(e.g. 10-year CHD), after the site's calibration if any.")
-    category: str
+    category: str | None = Field(description=(
+        "Risk category (by default the 10-year bands of the 2019 ACC/AHA guideline); null "
+        "when the model's outcome has no 10-year horizon, which the bands are defined for."))
     logit: float
     baseline_logit: float | None = Field(
         None, description="Log-odds of the federation's average patient; plus the "
@@ -91,9 +93,12 @@ class RiskResponse(RiskResult):
         "risk": 0.142, "category": "intermediate", "logit": -1.80, "baseline_logit": -2.31,
         "contributions": {"age": 0.52, "sex": 0.21, "systolic_bp": 0.18},
         "imputed": [], "model_version": "demo-v1", "outcome": "cvd_10y",
+        "risk_of": "First cardiovascular event within 10 years (10-year horizon)",
         "calibration": None, "attribution": "exact (logistic regression)"}]})
     model_version: str
     outcome: str
+    risk_of: str = Field(description="What the risk is the probability of: the outcome "
+                                     "and its time horizon, as the model card states.")
     calibration: Calibration | None = None
     attribution: str
 
@@ -113,6 +118,7 @@ class ModelSummary(BaseModel):
 class BatchResponse(BaseModel):
     model_version: str
     outcome: str
+    risk_of: str
     calibration: Calibration | None = None
     attribution: str
     results: list[RiskResult]
