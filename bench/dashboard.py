@@ -104,9 +104,9 @@ def main() -> None:
     from cardiofed.coordinator.deps import app_settings
     from cardiofed.coordinator.settings import CoordinatorSettings
     from cardiofed.serving import provenance, registry
-    from cardiofed.serving.api import ServingSettings
     from cardiofed.serving.app import create_serving_app
     from cardiofed.serving.keys import create_key
+    from cardiofed.serving.settings import ServingSettings
 
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/dashboard.db"

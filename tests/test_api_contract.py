@@ -29,9 +29,9 @@ from test_coordinator import SITES, Federation  # type: ignore[import-not-found]
 from cardiofed.coordinator.app import create_app
 from cardiofed.data.synthetic import synthetic_federation
 from cardiofed.serving import provenance, registry
-from cardiofed.serving.api import ServingSettings
 from cardiofed.serving.app import create_serving_app
 from cardiofed.serving.keys import SCOPES, create_key
+from cardiofed.serving.settings import ServingSettings
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import run_experiment
 from cardiofed.store import session_factory

@@ -207,9 +207,9 @@ def test_a_site_whose_data_lacks_the_treatment_refuses(tmp_path: Path) -> None:
 def test_the_risk_api_serves_a_finished_study_to_keys_with_the_scope(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from cardiofed.serving.api import ServingSettings
     from cardiofed.serving.app import create_serving_app
     from cardiofed.serving.keys import create_key
+    from cardiofed.serving.settings import ServingSettings
     from cardiofed.store import session_factory
 
     fed = _federation(tmp_path)

@@ -109,8 +109,8 @@ def test_dashboard_follows_a_study_revokes_a_site_and_refuses_a_forged_form(
 def test_calculator_in_the_browser_equals_the_api(page: Page, tmp_path: Path) -> None:
     import uvicorn
 
-    from cardiofed.serving.api import ServingSettings
     from cardiofed.serving.app import create_serving_app
+    from cardiofed.serving.settings import ServingSettings
 
     api = Api(tmp_path, _trained())
     port = free_port()

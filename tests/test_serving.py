@@ -18,11 +18,11 @@ from sqlalchemy.orm import sessionmaker
 from cardiofed.data.synthetic import default_profiles, generate_exports, synthetic_federation
 from cardiofed.exceptions import ConfigurationError, DataValidationError
 from cardiofed.serving import provenance, registry
-from cardiofed.serving.api import ServingSettings
 from cardiofed.serving.app import create_serving_app
 from cardiofed.serving.keys import KeyCache, create_key, list_keys, revoke_key
 from cardiofed.serving.model import RISK_CATEGORIES, RiskModel
 from cardiofed.serving.offline import predict_file, score_frame
+from cardiofed.serving.settings import ServingSettings
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import run_experiment
 from cardiofed.store import make_engine, session_factory

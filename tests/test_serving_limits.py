@@ -20,10 +20,10 @@ from starlette.types import Message, Receive, Scope, Send
 
 from cardiofed.data.synthetic import synthetic_federation
 from cardiofed.serving import provenance, registry
-from cardiofed.serving.api import ServingSettings
 from cardiofed.serving.app import create_serving_app
 from cardiofed.serving.keys import create_key, list_keys
 from cardiofed.serving.model import RiskModel
+from cardiofed.serving.settings import ServingSettings
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import run_experiment
 from cardiofed.store import session_factory

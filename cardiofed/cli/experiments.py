@@ -45,7 +45,7 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
         robust_summary,
         write_experiment_report,
     )
-    from cardiofed.models.networks import set_threads
+    from cardiofed.models.kinds import set_threads
     from cardiofed.simulation.config import SimulationConfig
     from cardiofed.simulation.experiment import LOCAL, run_experiment
 
@@ -268,7 +268,7 @@ def audit(
     """Audit what leaves the sites: canary records, membership inference, update inversion."""
     from cardiofed.data.catalog import load_dataset
     from cardiofed.experiments.privacy_audit import audit_tables, run_audit
-    from cardiofed.models.networks import set_threads
+    from cardiofed.models.kinds import set_threads
     from cardiofed.simulation.config import SimulationConfig
 
     try:

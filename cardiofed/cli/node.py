@@ -24,7 +24,7 @@ node_app = typer.Typer(
 @node_app.command("run")
 def node_run(config: Annotated[Path, typer.Option(help="The node's TOML config.")]) -> None:
     """Enrol if needed, then poll for tasks and run them until the study is done."""
-    from cardiofed.models.networks import set_threads
+    from cardiofed.models.kinds import set_threads
     from cardiofed.node.agent import NodeAgent
     from cardiofed.node.config import NodeConfig
 

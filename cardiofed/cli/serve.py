@@ -32,8 +32,8 @@ def serve(
     """Serve the risk API (one uvicorn worker) on the registry's promoted model."""
     import uvicorn
 
-    from cardiofed.serving.api import ServingSettings
     from cardiofed.serving.app import create_serving_app
+    from cardiofed.serving.settings import ServingSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         force=True)
@@ -80,17 +80,18 @@ def predict(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cardiofed.data.mapping import SiteMapping
-    from cardiofed.models.networks import set_threads
-    from cardiofed.serving import registry
-    from cardiofed.serving.api import ServingSettings
+    from cardiofed.models.kinds import set_threads
     from cardiofed.serving.model import RiskModel
     from cardiofed.serving.offline import predict_file
+    from cardiofed.serving.settings import ServingSettings
 
     try:
         set_threads()
         if model is not None and model.endswith(".safetensors"):
             risk_model = RiskModel.load(model)
-        else:
+        else:  # the registry's database, only when the model comes from it
+            from cardiofed.serving import registry
+
             with sessions(db)() as session:
                 risk_model = registry.load(session, model or registry.promoted_version(session))
         # The model's own declarations (a study's features and outcome) read the mapping.

@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.metrics import roc_auc_score, roc_curve
 
 from cardiofed.exceptions import ConfigurationError, DataValidationError
 
@@ -203,6 +202,8 @@ def binary_metrics(y_true: npt.ArrayLike, y_prob: npt.ArrayLike, *, threshold: f
     tp = float(np.sum(pred & pos))
     tn = float(np.sum(~pred & ~pos))
 
+    from sklearn.metrics import roc_auc_score  # 0.7 s to import: only when scoring
+
     auc = float(roc_auc_score(y, p)) if 0 < n_pos < n else math.nan
     mean_p, frac_pos, counts = _binned(y, p, n_bins)
     slope, intercept = _calibration_fits(y, p)
@@ -259,6 +260,8 @@ def roc_points(y_true: npt.ArrayLike, y_prob: npt.ArrayLike) -> tuple[FloatArray
         raise DataValidationError(
             f"y_true must contain both classes for a ROC curve; got only {int(y[0])}"
         )
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(y, p)
     return np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
 

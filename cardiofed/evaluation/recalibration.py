@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
-from scipy.stats import chi2
 
 from cardiofed.evaluation.metrics import fit_logistic, logit, validate_binary_inputs
 from cardiofed.exceptions import ConfigurationError
@@ -159,6 +158,8 @@ def fit_update(y: npt.ArrayLike, p: npt.ArrayLike, z: np.ndarray | None = None, 
                          f"would reverse the model's ranking")
             return False
         stat = max(2.0 * (candidate.loglik - current.loglik), 0.0)
+        from scipy.stats import chi2  # only when a recalibration is fitted
+
         p_value = float(chi2.sf(stat, df))
         tests.append((step, stat, p_value))
         return p_value < level

@@ -1,12 +1,2 @@
-"""Risk models: PyTorch networks and the scikit-learn style estimator."""
-
-from cardiofed.models.networks import (
-    MODEL_KINDS,
-    Weights,
-    get_weights,
-    make_model,
-    predict_proba,
-    set_weights,
-)
-
-__all__ = ["MODEL_KINDS", "Weights", "get_weights", "make_model", "predict_proba", "set_weights"]
+"""Risk models: their kinds and weights (:mod:`~cardiofed.models.kinds`, no PyTorch)
+and the PyTorch networks (:mod:`~cardiofed.models.networks`)."""

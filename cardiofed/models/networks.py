@@ -6,17 +6,16 @@ Weights travel between sites and the coordinator as ``dict[str, np.ndarray]`` (t
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 from torch import nn
 
 from cardiofed.exceptions import ConfigurationError
+from cardiofed.models.kinds import MODEL_KINDS, ModelKind, Weights, set_threads
 
-Weights = dict[str, np.ndarray]
-ModelKind = Literal["logistic", "mlp"]
-MODEL_KINDS: tuple[str, ...] = ("logistic", "mlp")
+__all__ = ["MLP", "MODEL_KINDS", "LogisticRegression", "ModelKind", "Weights", "get_weights",
+           "make_model", "predict_logits", "predict_proba", "score", "set_threads",
+           "set_weights"]
 
 
 class LogisticRegression(nn.Module):
@@ -45,25 +44,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)
-
-
-def set_threads() -> int:
-    """Threads for CardioFed's numerical work: one, unless ``$CARDIOFED_TORCH_THREADS``
-    asks for more, for PyTorch and for the BLAS and OpenMP pools NumPy, SciPy and
-    scikit-learn use. The built-in models are tiny: a second thread mostly spins, and on
-    a shared machine spinning threads starve each other (the demo ran 10x slower beside
-    one busy process). Returns the number set."""
-    import os
-
-    from threadpoolctl import threadpool_limits
-
-    raw = os.environ.get("CARDIOFED_TORCH_THREADS", "1")
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-        raise ConfigurationError(f"CARDIOFED_TORCH_THREADS must be a whole number >= 1; got "
-                                 f"{raw!r}.")
-    torch.set_num_threads(int(raw))
-    threadpool_limits(limits=int(raw))
-    return int(raw)
 
 
 def make_model(kind: str, n_features: int, *, seed: int) -> nn.Module:

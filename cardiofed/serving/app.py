@@ -7,7 +7,8 @@ from fastapi import FastAPI
 
 from cardiofed import __version__
 from cardiofed.serving import calculator
-from cardiofed.serving.api import ServingSettings, add_risk_api, get_serving_settings
+from cardiofed.serving.api import add_risk_api
+from cardiofed.serving.settings import ServingSettings, get_serving_settings
 from cardiofed.web.errors import responses
 from cardiofed.web.security import STRICT_POLICY, SecurityHeaders
 

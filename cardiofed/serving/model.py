@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from cardiofed.data.model_form import model_form
@@ -38,7 +37,7 @@ from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.data.study_features import StudyFeatures, catalogue_of
 from cardiofed.evaluation.recalibration import Recalibration
 from cardiofed.exceptions import ConfigurationError, DataValidationError
-from cardiofed.models.networks import MODEL_KINDS, Weights, make_model, set_weights
+from cardiofed.models.kinds import MODEL_KINDS, Weights
 from cardiofed.schema import (
     SCHEMA_VERSION,
     Catalogue,
@@ -47,6 +46,9 @@ from cardiofed.schema import (
     canonical_features,
 )
 from cardiofed.wire import decode_arrays, encode_arrays
+
+if TYPE_CHECKING:  # PyTorch is loaded only for a network (an MLP)
+    import torch
 
 IG_STEPS = 64
 TERM = "term:"  # prefix of a revised model column in a card's recalibration
@@ -139,7 +141,7 @@ class RiskModel:
                                      f"{self.card.feature_transform!r}; the preprocessor's "
                                      f"form is {form.kind if form else 'raw'!r}.")
         groups = inputs if form is None else form.feature_groups(self.card.features)
-        set_weights(make_model(self.card.model, self.n_columns, seed=0), self.weights)
+        self._check_weights()
         object.__setattr__(self, "_inputs", inputs)
         object.__setattr__(self, "_groups", groups)
 
@@ -287,8 +289,22 @@ class RiskModel:
         return (self.weights["linear.weight"].astype(np.float64).ravel(),
                 float(self.weights["linear.bias"].ravel()[0]))
 
+    def _check_weights(self) -> None:
+        """The weights fit the card's model: checked with NumPy for a logistic regression
+        (scoring it needs no PyTorch), by loading them into the network otherwise."""
+        if self.card.model == "logistic":
+            expected = {"linear.weight": (1, self.n_columns), "linear.bias": (1,)}
+            got = {k: tuple(np.shape(v)) for k, v in self.weights.items()}
+            if got != expected:
+                raise ConfigurationError(f"A logistic model of {self.n_columns} columns has "
+                                         f"weights {expected}; got {got}.")
+        else:
+            _ = self._torch_model
+
     @cached_property
     def _torch_model(self) -> torch.nn.Module:
+        from cardiofed.models.networks import make_model, set_weights
+
         model = make_model(self.card.model, self.n_columns, seed=0)
         set_weights(model, self.weights)
         model.eval()
@@ -308,6 +324,8 @@ class RiskModel:
         if self._linear is not None:
             w, b = self._linear
             return z @ w + b
+        import torch
+
         with torch.no_grad():
             return self._torch_model(torch.from_numpy(z.astype(np.float32))).numpy().astype(
                 np.float64)
@@ -334,6 +352,8 @@ class RiskModel:
         return by_feature
 
     def _integrated_gradients(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        import torch
+
         model = self._torch_model
         alphas = (torch.arange(IG_STEPS, dtype=torch.float32) + 0.5) / IG_STEPS
         parts = []
