@@ -236,7 +236,7 @@ def test_the_readme_commands_on_the_shipped_example_exports_run(
 
     from cardiofed.cli import app
 
-    readme = (EXAMPLES.parents[1] / "README.md").read_text()
+    readme = (EXAMPLES.parents[1] / "docs" / "simulation.md").read_text()
     block = readme[readme.index("cd examples/survey"):]
     block = block[:block.index("```")].replace("\\\n", " ")
     commands = [line.split()[1:] for line in block.splitlines()

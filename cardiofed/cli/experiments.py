@@ -233,6 +233,9 @@ def simulate(
     db: DatabaseUrl = None,
     eval_size: EvalSize = None,
     effective_data: EffectiveData = True,
+    sites: Annotated[int, typer.Option(
+        min=1, help="Synthetic data: the number of hospitals (above 1,000, the national "
+                    "federation).")] = 12,
 ) -> None:
     """Simulate a federation on a reference data set or your own CSV exports."""
     settings = {"model": model, "feature_transform": feature_transform,
@@ -247,7 +250,7 @@ def simulate(
     _run(dataset, settings, config_file=config, out=out, data_dir=data_dir, csv=csv,
          mappings=mapping, title=f"CardioFed simulation: {dataset}", ledger_dir=ledger_dir,
          register_as=dataset if register else None, registry_url=db, eval_size=eval_size,
-         effective_data=effective_data, features_file=features)
+         effective_data=effective_data, features_file=features, n_sites=sites)
 
 
 def audit(
