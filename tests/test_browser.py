@@ -142,6 +142,11 @@ def test_calculator_in_the_browser_equals_the_api(page: Page, tmp_path: Path) ->
         expect(page.locator("#category")).to_have_text(expected["category"])
         expect(page.locator("#model-version")).to_have_text(expected["model_version"])
         _shot(page, "calculator")
+        # At phone width the page is one column, nothing wider than the screen.
+        page.set_viewport_size({"width": 400, "height": 800})
+        assert page.evaluate("document.documentElement.scrollWidth") <= 400
+        expect(page.locator("#risk")).to_be_visible()
+        assert "216-1320 months" in page.content()  # the hint in every unit offered
     finally:
         server.should_exit = True
         thread.join(30)

@@ -32,6 +32,16 @@ _templates = Environment(loader=PackageLoader("cardiofed.serving", "templates"),
 NO_STORE = {"Cache-Control": "no-store"}
 
 
+def _ranges(feature: Any) -> str:
+    """The plausible range in every unit the form offers (the hint whatever unit is
+    chosen), e.g. ``18-110 years, 216-1320 months``."""
+    if feature.low is None or feature.high is None or not feature.unit:
+        return ""
+    return ", ".join(
+        f"{feature.low / factor:.4g}-{feature.high / factor:.4g} {unit}"
+        for unit, factor in [(feature.unit, 1.0), *feature.unit_factors.items()])
+
+
 def _fields(model: RiskModel) -> list[dict[str, Any]]:
     """The form's inputs: one per feature of the model, with its units or codes."""
     out = []
@@ -39,7 +49,8 @@ def _fields(model: RiskModel) -> list[dict[str, Any]]:
         f = model.catalogue.feature(name)
         out.append({"name": name, "kind": f.kind.value, "description": f.description,
                     "units": [f.unit, *f.unit_factors] if f.unit else [],
-                    "codes": list(f.codes), "low": f.low, "high": f.high})
+                    "codes": list(f.codes), "low": f.low, "high": f.high,
+                    "ranges": _ranges(f)})
     return out
 
 
