@@ -16,7 +16,12 @@ from sklearn.metrics import roc_auc_score
 
 from cardiofed.data.synthetic import synthetic_federation
 from cardiofed.evaluation.uncertainty import PairedComparison
-from cardiofed.experiments.clinical_value import ClinicalValue, clinical_value, effective_claim
+from cardiofed.experiments.clinical_value import (
+    MISSING,
+    ClinicalValue,
+    clinical_value,
+    effective_claim,
+)
 from cardiofed.experiments.effective_data import LearningCurvePoint, SiteEffectiveData
 from cardiofed.experiments.summary import clinical_tables
 from cardiofed.simulation.config import SimulationConfig
@@ -128,3 +133,49 @@ def test_the_console_answer_fits_80_columns_and_keeps_every_site(value: Valued) 
         line = next(line for line in text.splitlines() if line.strip().startswith(site))
         assert row[v.compact_header.index("vs alone")] in line
         assert row[v.compact_header.index("eff. data")] in line
+
+
+def _statements_agree(v: ClinicalValue) -> None:
+    """The consistency rules of one answer per site (docs/reading-the-report.md)."""
+    header = v.header
+    verdict, versus, effective = (header.index(h) for h in (
+        f"{v.headline} verdict", "vs local-only", "effective data"))
+    for site, row in zip(v.sites, v.rows(), strict=False):
+        comp = v.report.comparisons.get(site)
+        claim, figure = effective_claim(v.effective.get(site), comp)
+        assert row[effective] == claim
+        text = " ".join(row)
+        assert "inf" not in text and "nan" not in text, row
+        if comp is None:
+            continue
+        assert row[versus].startswith(comp.status)
+        assert f"{comp.difference:+.3f}" in row[versus]
+        if comp.status == "worse":
+            assert claim in ("< 1x", MISSING)
+        elif comp.status == "better":
+            assert claim == MISSING or claim.startswith((">", "<=")) or (figure or 0) > 1
+        else:
+            assert claim in ("~1x", MISSING)
+        e = v.effective.get(site)
+        if figure is not None and e is not None:
+            assert figure <= max(p.size for p in e.curve) / e.own_size
+        assert row[verdict] in ("acceptable", "not acceptable", "insufficient evidence")
+
+
+def test_uci_sites_get_one_consistent_answer_each() -> None:
+    # Real data (the four UCI hospitals ship with the package): learning curves from the
+    # sites' own rows, so a site better off federated can only read "> 1x".
+    from cardiofed.data.catalog import load_dataset
+    from cardiofed.experiments.effective_data import site_effective_data
+
+    data = load_dataset("uci-heart", seed=0)
+    result = run_experiment(data, SimulationConfig.create(rounds=10, eval_every=0))
+    v = clinical_value(result, site_effective_data(data, result, repeats=2))
+    assert set(v.effective) == set(v.sites)
+    _statements_agree(v)
+    text = "\n".join(v.type_lines())
+    assert "inf" not in text and "nan" not in text
+
+
+def test_synthetic_sites_get_one_consistent_answer_each(value: Valued) -> None:
+    _statements_agree(value[1])
