@@ -71,6 +71,13 @@ def test_study_page_follows_a_run_to_done(fed: Federation) -> None:
     assert "AUC per site" in page and "<svg" in page and "<rect" in page
     for site in SITES:
         assert f'data-site="{site}"' in page
+    # Calibration beside AUC, judged as the report judges it.
+    table = page[page.index('<table class="calibration">'):]
+    table = table[:table.index("</table>")]
+    assert all(f"<td>{site}</td>" in table for site in SITES)
+    assert table.count("<tr>") == len(SITES) + 1
+    assert sum(table.count(f"<td>{v}</td>") for v in (
+        "acceptable", "not acceptable", "insufficient evidence")) == len(SITES)
     studies = client.get("/ui").text
     assert 'href="/ui/studies/s1"' in studies and ">done<" in studies
 

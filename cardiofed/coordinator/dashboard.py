@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from datetime import timedelta
 from importlib.resources import files
 from typing import Annotated, Any
@@ -26,6 +27,7 @@ from sqlalchemy.orm import Session
 from cardiofed.coordinator import administration, status, studies
 from cardiofed.coordinator.deps import DB, Clock
 from cardiofed.exceptions import AuthenticationError, CoordinatorError, PermissionDenied
+from cardiofed.experiments.acceptability import Check, Verdict, calibration_checks
 from cardiofed.serving import attribution as attribution_answer
 from cardiofed.store import (
     AdminKey,
@@ -272,9 +274,38 @@ def _auc_charts(db: Session, study: Study) -> dict[str, Any]:
         values = np.array([a for a, _, _ in aucs.values()])
         trend.append({"version": m.version, "min": float(values.min()),
                       "median": float(np.median(values)), "max": float(values.max())})
-        latest = [{"version": m.version, "site": site, "auc": a, "low": lo, "high": hi}
+        latest = [{"version": m.version, "site": site, "auc": a, "low": lo, "high": hi,
+                   **_calibration((m.metrics or {})[site])}
                   for site, (a, lo, hi) in aucs.items()]
     return {"latest": latest, "trend": trend}
+
+
+def _calibration(metrics: Any) -> dict[str, str]:
+    """A site's reported calibration slope and calibration-in-the-large with their
+    intervals, and the verdict the report gives them (the acceptability criteria)."""
+    def number(key: str) -> float:
+        value = metrics.get(key)
+        return float(value) if isinstance(value, int | float) else math.nan
+
+    slope, citl = calibration_checks(
+        number("calibration_slope"), (number("calibration_slope_ci_low"),
+                                      number("calibration_slope_ci_high")),
+        number("calibration_intercept"), (number("calibration_intercept_ci_low"),
+                                          number("calibration_intercept_ci_high")))
+    verdicts = {slope.verdict, citl.verdict}
+    verdict = (Verdict.NOT_ACCEPTABLE if Verdict.NOT_ACCEPTABLE in verdicts
+               else Verdict.INSUFFICIENT if Verdict.INSUFFICIENT in verdicts
+               else Verdict.ACCEPTABLE)
+    return {"slope": _shown(slope), "citl": _shown(citl), "calibration": str(verdict)}
+
+
+def _shown(check: Check) -> str:
+    lo, hi = check.interval
+    if not math.isfinite(check.value):
+        return "not reported"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{check.value:.2f}"
+    return f"{check.value:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 @router.post("/studies/{study_id}/sites/{site_name}/revoke")

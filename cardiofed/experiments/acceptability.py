@@ -214,18 +214,29 @@ def assess(y: npt.ArrayLike, p: npt.ArrayLike,
     c = criteria or AcceptabilityCriteria()
     metrics = binary_metrics(y, p, threshold=c.threshold)
     calibration = calibration_intervals(y, p, level=c.ci_level)
-    low, high = c.slope_range
-    limit = c.max_abs_citl
     checks = (
         _check("AUC", metrics["auc"], auc_interval(y, p, level=c.ci_level), c.min_auc, 1.0,
                f">= {c.min_auc:g}"),
-        _check("calibration slope", metrics["calibration_slope"],
-               calibration["calibration_slope"], low, high, f"[{low:g}, {high:g}]"),
-        _check("calibration-in-the-large", metrics["calibration_intercept"],
-               calibration["calibration_intercept"], -limit, limit,
-               f"[{-limit:g}, {limit:g}]"),
+        *calibration_checks(metrics["calibration_slope"], calibration["calibration_slope"],
+                            metrics["calibration_intercept"],
+                            calibration["calibration_intercept"], c),
     )
     return SiteAssessment(metrics=metrics, checks=checks)
+
+
+def calibration_checks(slope: float, slope_interval: tuple[float, float], citl: float,
+                       citl_interval: tuple[float, float],
+                       criteria: AcceptabilityCriteria | None = None
+                       ) -> tuple[Check, Check]:
+    """The calibration slope and calibration-in-the-large judged on their intervals, as
+    :func:`assess` judges them (also for metrics a site reported, on the dashboard)."""
+    c = criteria or AcceptabilityCriteria()
+    low, high = c.slope_range
+    limit = c.max_abs_citl
+    return (_check("calibration slope", slope, slope_interval, low, high,
+                   f"[{low:g}, {high:g}]"),
+            _check("calibration-in-the-large", citl, citl_interval, -limit, limit,
+                   f"[{-limit:g}, {limit:g}]"))
 
 
 def _json_float(value: float) -> float | None:
