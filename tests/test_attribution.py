@@ -160,21 +160,23 @@ def test_the_private_schedule_without_noise_gives_the_exact_estimate(federation)
 
 
 def test_private_noise_comes_from_a_secret_source_and_the_interval_covers_it() -> None:
-    """Two runs with the same seed differ (nothing to replay); over 30 replications at
+    """Two runs with the same seed differ (nothing to replay); over 60 replications at
     epsilon 10 per site, the overlap-weights interval covers the truth at least 0.8 of
-    the time (the bench measures 200)."""
+    the time. Measured coverage here is about 0.94 (0.95 over 200 fresh draws), so a
+    correct interval fails this with probability about 5e-5 (30 replications failed
+    about 1 run in 300); one covering 0.7 of the time passes with probability 0.06."""
     truth = design_truth(draws=10)
     sites, covariates = synthetic_sites(12, seed=7)
     runs = [run_attribution(sites, covariates, estimand="ATE", methods=["overlap"],
                             epsilon=10.0).effects["overlap"].risk_difference for _ in range(2)]
     assert runs[0] != runs[1]
     covered = 0
-    for r in range(30):
+    for r in range(60):
         sites, covariates = synthetic_sites(12, seed=300 + r)
         e = run_attribution(sites, covariates, estimand="ATE", methods=["overlap"],
                             epsilon=10.0).effects["overlap"]
         covered += e.rd_low <= truth.ato_rd <= e.rd_high
-    assert covered / 30 >= 0.8
+    assert covered / 60 >= 0.8
 
 
 def test_each_patients_part_in_a_private_release_is_within_its_blocks_bound() -> None:
