@@ -263,8 +263,12 @@ def write_report(
     ]
     for heading, fragment in first:
         parts += [f"<h2>{esc(heading)}</h2>", fragment]
+    compared = (" The comparisons, with intervals and significance, are in the first "
+                "section." if first else "")
     parts += ["<h2>Summary</h2>",
-              (f'<div class="wide">{_table(summary_rows)}</div>' if summary_rows
+              (f'<p class="note">Point estimates of every model at every site; a row pooling '
+               f'every site\'s test patients is not compared.{compared}</p>'
+               f'<div class="wide">{_table(summary_rows)}</div>' if summary_rows
                else "<p>No summary rows.</p>")]
     for heading, src in images:
         parts += [f"<h2>{esc(heading)}</h2>", f'<img src="{src}" alt="{esc(heading)}">']

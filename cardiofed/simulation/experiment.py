@@ -106,11 +106,12 @@ class ExperimentResult:
         return RiskEstimator.from_weights(self.federated.weights, self.preprocessors[site],
                                           model=self.config.model)
 
-    def summary_rows(self, metric_names: tuple[str, ...] = ("auc", "accuracy",
-                                                            "calibration_slope",
+    def summary_rows(self, metric_names: tuple[str, ...] = ("auc", "calibration_slope",
                                                             "calibration_intercept")
                      ) -> list[dict[str, object]]:
-        """One row per site (and the pooled test): each model's headline metrics."""
+        """One row per site (and the pooled test): each model's discrimination and
+        calibration, point estimates (accuracy at a 0.5 threshold says little at a low
+        prevalence, and is in ``metrics``)."""
         rows: list[dict[str, object]] = []
         for site, by_model in self.metrics.items():
             row: dict[str, object] = {"site": site, "type": self.site_types.get(site, ""),
