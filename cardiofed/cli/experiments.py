@@ -70,8 +70,8 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
     except (CardioFedError, FileNotFoundError) as exc:
         raise fail(exc) from None
     sizes = ", ".join(f"{s.name} {s.n_train}" for s in dataset.sites)
-    console.print(f"[bold]{dataset.description or dataset.name}[/]\n"
-                  f"{len(dataset.sites)} sites (train rows: {sizes})")
+    console.print(f"[bold]{escape(dataset.description or dataset.name)}[/]\n"
+                  f"{len(dataset.sites)} sites (train rows: {escape(sizes)})")
     if any(r.rows for r in dataset.load_reports.values()):
         console.print(_load_table(dataset.load_reports, only_problems=True))
     try:
@@ -85,9 +85,10 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
             console.print(f"[yellow]{escape(site)}:[/] {escape(reason)}; its updates were "
                           f"trained but given no aggregation weight.")
     for rnd, _, reason in result.federated.refusals:
-        console.print(f"[yellow]round {rnd}:[/] {reason}")
+        console.print(f"[yellow]round {rnd}:[/] {escape(reason)}")
     if config.robust_rule is not None:
-        console.print(f"Robust aggregation ({config.robust_rule}): {robust_summary(result)}.")
+        console.print(f"Robust aggregation ({config.robust_rule}): "
+                      f"{escape(robust_summary(result))}.")
     value = None
     if LOCAL in next(iter(result.metrics.values())):
         effective = (site_effective_data(dataset, result, repeats=2, seed=config.seed)
@@ -96,11 +97,11 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
         for table in clinical_tables(value):
             console.print(table)
         for line in value.type_lines():
-            console.print(line)
+            console.print(escape(line))
         if value.report.achievable:
             limited = value.report.summary["limited_by_case_mix"]
             for site in limited:
-                console.print(f"[yellow]{site}:[/] even the true risks reach AUC "
+                console.print(f"[yellow]{escape(site)}:[/] even the true risks reach AUC "
                               f"{value.report.achievable[site].auc:.3f} < "
                               f"{value.report.criteria.min_auc:g} on its recorded outcomes: "
                               f"the case mix or the labels, not the model, limit this site.")
