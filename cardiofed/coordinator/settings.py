@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cardiofed.defaults import DEFAULT_DATABASE_URL
 
-__all__ = ["DEFAULT_DATABASE_URL", "CoordinatorSettings", "get_settings"]
+__all__ = ["CoordinatorSettings", "get_settings"]
 
 
 class CoordinatorSettings(BaseSettings):

@@ -3,7 +3,7 @@ API's), the engine and session factory, credentials as stored, and the schema's
 migrations. Neither service owns it; both depend on it."""
 
 from cardiofed.store.credentials import hash_secret, new_secret, sha256
-from cardiofed.store.engine import POOL_SIZE, make_engine, make_sessionmaker, session_factory
+from cardiofed.store.engine import make_engine, make_sessionmaker, session_factory
 from cardiofed.store.tables import (
     TALLY_SHARDS,
     AdminKey,
@@ -23,7 +23,7 @@ from cardiofed.store.tables import (
 )
 
 __all__ = [
-    "POOL_SIZE", "TALLY_SHARDS", "AdminKey", "ApiKey", "AuditEvent", "Base", "ModelVersion",
+    "TALLY_SHARDS", "AdminKey", "ApiKey", "AuditEvent", "Base", "ModelVersion",
     "Refusal", "RegisteredModel", "ReportTally", "Round", "Site", "Study", "UiSession",
     "Update", "hash_secret", "make_engine", "make_sessionmaker", "new_secret",
     "session_factory", "sha256", "utcnow",
