@@ -12,9 +12,9 @@ import pytest
 from cardiofed.data.dataset import FederatedDataset
 from cardiofed.data.synthetic import synthetic_federation
 from cardiofed.exceptions import ConfigurationError
+from cardiofed.experiments.clinical_value import MISSING, effective_claim
 from cardiofed.experiments.effective_data import (
     LearningCurveFit,
-    by_site_type,
     fit_learning_curve,
     site_effective_data,
     stratified_subsample,
@@ -140,6 +140,6 @@ def test_a_site_without_an_auc_is_not_estimable(
         FEDERATED: {**result.metrics[name][FEDERATED], "auc": math.nan}}})
     e = site_effective_data(data, broken, repeats=1)[name]
     assert math.isnan(e.n_equivalent) and e.curve == ()
-    assert by_site_type({name: e}) == {}
+    assert effective_claim(e, None) == (MISSING, None)  # no figure, in no summary
     with pytest.raises(ConfigurationError, match="repeats"):
         site_effective_data(data, result, repeats=0)

@@ -389,13 +389,3 @@ def _by_subsamples(curve: _Curve) -> SiteEffectiveData:
         f"{n_eq / own:.1f}x its {own:,}"
         + (" (extrapolated beyond its own rows; indicative)." if extrapolated else ".")),
         fit=fit, extrapolated=extrapolated)
-
-
-def by_site_type(effective: dict[str, SiteEffectiveData]) -> dict[str, dict[str, float]]:
-    """Per site type: the median multiple and how many sites it summarises."""
-    types: dict[str, list[float]] = {}
-    for e in effective.values():
-        if not math.isnan(e.n_equivalent):
-            types.setdefault(e.site_type, []).append(e.multiple)
-    return {t: {"median_multiple": float(np.median(v)), "n_sites": float(len(v))}
-            for t, v in types.items()}
