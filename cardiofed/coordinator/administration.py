@@ -201,8 +201,7 @@ def revoke_site(db: Session, study_id: str, site_name: str,
     flipped = db.execute(update(Site).where(Site.id == site.id, Site.revoked.is_(False))
                          .values(revoked=True).returning(Site.id)).first()
     if flipped is not None:
-        db.execute(update(Study).where(Study.id == study_id, Study.active_sites.is_not(None))
-                   .values(active_sites=Study.active_sites - 1))
+        _count_active(db, study_id, -1)
     if by is not None:
         audit(db, *by, "revoke site", study_id, site_name, now)
     db.commit()
@@ -276,6 +275,13 @@ def set_min_sites(db: Session, study_id: str, min_sites: int,
         advance_locked(db, study, now)
 
 
+def _count_active(db: Session, study_id: str, change: int) -> None:
+    """Move the study's stored count of active sites by `change`, in the database (so
+    concurrent changes add up), where the study keeps one."""
+    db.execute(update(Study).where(Study.id == study_id, Study.active_sites.is_not(None))
+               .values(active_sites=Study.active_sites + change))
+
+
 def _refuse_finished(study: Study, action: str) -> None:
     if study.phase == "done":
         raise Conflict(f"Study {study.id!r} is over ({study.halted or 'done'}); there is "
@@ -302,8 +308,7 @@ def add_site(db: Session, study_id: str, site_name: str,
         index = db.scalar(select(func.max(Site.index)).where(Site.study_id == study.id))
         db.add(Site(study_id=study.id, name=site_name, index=(index or 0) + 1,
                     enrol_token_hash=hash_secret(token)))
-        db.execute(update(Study).where(Study.id == study.id, Study.active_sites.is_not(None))
-                   .values(active_sites=Study.active_sites + 1))
+        _count_active(db, study.id, +1)
         if by is not None:
             audit(db, *by, "add site", study_id, site_name, now)
         db.commit()
@@ -328,8 +333,7 @@ def readmit_site(db: Session, study_id: str, site_name: str,
                              .returning(Site.id)).first()
         if flipped is None:
             raise Conflict(f"Site {site_name!r} of study {study_id!r} is not revoked.")
-        db.execute(update(Study).where(Study.id == study.id, Study.active_sites.is_not(None))
-                   .values(active_sites=Study.active_sites + 1))
+        _count_active(db, study.id, +1)
         if by is not None:
             audit(db, *by, "re-admit site", study_id, site_name, now)
         db.commit()

@@ -27,7 +27,12 @@ from sqlalchemy.orm import Session
 from cardiofed.coordinator import administration, status, studies
 from cardiofed.coordinator.deps import DB, Clock
 from cardiofed.exceptions import AuthenticationError, CoordinatorError, PermissionDenied
-from cardiofed.experiments.acceptability import Check, Verdict, calibration_checks
+from cardiofed.experiments.acceptability import (
+    Check,
+    calibration_checks,
+    combined,
+    interval_text,
+)
 from cardiofed.serving import attribution as attribution_answer
 from cardiofed.store import (
     AdminKey,
@@ -292,20 +297,12 @@ def _calibration(metrics: Any) -> dict[str, str]:
                                       number("calibration_slope_ci_high")),
         number("calibration_intercept"), (number("calibration_intercept_ci_low"),
                                           number("calibration_intercept_ci_high")))
-    verdicts = {slope.verdict, citl.verdict}
-    verdict = (Verdict.NOT_ACCEPTABLE if Verdict.NOT_ACCEPTABLE in verdicts
-               else Verdict.INSUFFICIENT if Verdict.INSUFFICIENT in verdicts
-               else Verdict.ACCEPTABLE)
-    return {"slope": _shown(slope), "citl": _shown(citl), "calibration": str(verdict)}
+    return {"slope": _shown(slope), "citl": _shown(citl),
+            "calibration": str(combined((slope, citl)))}
 
 
 def _shown(check: Check) -> str:
-    lo, hi = check.interval
-    if not math.isfinite(check.value):
-        return "not reported"
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{check.value:.2f}"
-    return f"{check.value:.2f} [{lo:.2f}, {hi:.2f}]"
+    return interval_text(check, 2) if math.isfinite(check.value) else "not reported"
 
 
 @router.post("/studies/{study_id}/sites/{site_name}/revoke")

@@ -170,10 +170,7 @@ class SiteAssessment:
 
     @property
     def verdict(self) -> Verdict:
-        verdicts = {c.verdict for c in self.checks}
-        if Verdict.NOT_ACCEPTABLE in verdicts:
-            return Verdict.NOT_ACCEPTABLE
-        return Verdict.ACCEPTABLE if verdicts == {Verdict.ACCEPTABLE} else Verdict.INSUFFICIENT
+        return combined(self.checks)
 
     @property
     def acceptable(self) -> bool:
@@ -224,6 +221,15 @@ def assess(y: npt.ArrayLike, p: npt.ArrayLike,
     return SiteAssessment(metrics=metrics, checks=checks)
 
 
+def combined(checks: Sequence[Check]) -> Verdict:
+    """One verdict of several checks: not acceptable if any is, acceptable if all are,
+    else insufficient evidence."""
+    verdicts = {c.verdict for c in checks}
+    if Verdict.NOT_ACCEPTABLE in verdicts:
+        return Verdict.NOT_ACCEPTABLE
+    return Verdict.ACCEPTABLE if verdicts == {Verdict.ACCEPTABLE} else Verdict.INSUFFICIENT
+
+
 def calibration_checks(slope: float, slope_interval: tuple[float, float], citl: float,
                        citl_interval: tuple[float, float],
                        criteria: AcceptabilityCriteria | None = None
@@ -243,7 +249,8 @@ def _json_float(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _interval(check: Check, digits: int = 3) -> str:
+def interval_text(check: Check, digits: int = 3) -> str:
+    """A check's estimate and interval as a table shows them, e.g. ``0.95 [0.81, 1.09]``."""
     lo, hi = check.interval
     if not (math.isfinite(check.value) and math.isfinite(lo)):
         return _fmt(check.value)
@@ -378,8 +385,8 @@ class AcceptabilityReport:
             auc, slope, citl = a.checks
             vs = (f"{row['vs_local']} ({row['auc_vs_local']:+.3f}, p={row['vs_local_p']:.2g})"
                   if math.isfinite(row["auc_vs_local"]) else (row["vs_local"] or MISSING))
-            cells = [row["level"], row["name"], row["type"], str(row["n"]), _interval(auc),
-                     _interval(slope, 2), _interval(citl, 2), vs]
+            cells = [row["level"], row["name"], row["type"], str(row["n"]), interval_text(auc),
+                     interval_text(slope, 2), interval_text(citl, 2), vs]
             if self.achievable:
                 share = row["share_of_achievable"]
                 cells.append(MISSING if not math.isfinite(share) else

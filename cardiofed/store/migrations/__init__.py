@@ -46,8 +46,7 @@ def ensure_schema(engine: Engine) -> None:
             return
         if revision is None and not inspect(conn).get_table_names():
             Base.metadata.create_all(conn)
-            MigrationContext.configure(conn).stamp(
-                ScriptDirectory.from_config(alembic_config()), HEAD)
+            _stamp(conn, HEAD)
             return
     raise SchemaOutOfDate(
         f"The database at {engine.url.render_as_string(hide_password=True)} has schema "
@@ -87,5 +86,10 @@ def _adopt_unversioned(conn: Connection) -> None:
                                       f"{column.name!r}, which cannot be added in place.")
             kind = column.type.compile(dialect=conn.dialect)
             conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
-    MigrationContext.configure(conn).stamp(
-        ScriptDirectory.from_config(alembic_config()), BASELINE)
+    _stamp(conn, BASELINE)
+
+
+def _stamp(conn: Connection, revision: str) -> None:
+    """Record `revision` as the database's schema revision, running no migration."""
+    MigrationContext.configure(conn).stamp(ScriptDirectory.from_config(alembic_config()),
+                                           revision)
