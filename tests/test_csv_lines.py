@@ -80,3 +80,19 @@ def test_repeated_column_names_are_numbered_and_a_bom_is_dropped(tmp_path: Path)
     export = read_csv_export(path)
     assert list(export.frame.columns) == ["a", "b", "a.1"]
     assert export.frame.to_numpy().tolist() == [["1", "2", "3"]]
+
+
+def test_a_message_names_the_row_by_its_line_whatever_came_before(tmp_path: Path) -> None:
+    # Training and `cardiofed check` read exports as predict does: a blank and a
+    # malformed line before a bad value do not shift the row the message names.
+    from cardiofed.data.mapping import SiteMapping, harmonise, read_export
+
+    path = tmp_path / "export.csv"
+    path.write_bytes(b"a,y\n50,1\n\n60,0,extra\nold,0\n")
+    mapping = SiteMapping.from_dict({"site": "s", "outcome": "chd_10y",
+                                     "label": {"column": "y"},
+                                     "columns": {"age": {"source": "a"}}})
+    raw, malformed = read_export(path)
+    assert malformed == {3: "line 4 has 3 fields; the header has 2"}
+    with pytest.raises(DataValidationError, match=r"row 4: value 'old' is not a number"):
+        harmonise(raw, mapping, source=str(path))

@@ -6,7 +6,10 @@ the file is read: a line that is not UTF-8, one with an unbalanced quote (an
 unterminated quoted value, or a line break inside one), one with more or fewer fields
 than the header. Blank lines are not records and are skipped, and numbering stays
 faithful: a record's ``row`` is its line number minus the header's line, whatever came
-before it. Every field is text; the mapping decides what is missing or invalid.
+before it, and the frame's index is ``row - 1`` (a file without such lines reads as a
+frame with the default index), which is how :func:`cardiofed.data.mapping.harmonise`
+numbers the rows it names. Every field is text; the mapping decides what is missing or
+invalid.
 """
 
 from __future__ import annotations
@@ -25,12 +28,16 @@ from cardiofed.exceptions import DataValidationError
 
 @dataclass
 class CsvChunk:
-    """Up to a chunk's worth of records: their fields (text), each record's row number
-    (its line number minus 1), and the malformed lines' row numbers with the reason."""
+    """Up to a chunk's worth of records: their fields (text, indexed by row number minus
+    1), and the malformed lines' row numbers with the reason."""
 
     frame: pd.DataFrame
-    rows: np.ndarray
     malformed: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Each record's row number (its line number minus the header's)."""
+        return self.frame.index.to_numpy() + 1
 
     @property
     def size(self) -> int:
@@ -64,8 +71,7 @@ def read_csv_export(path: str | Path) -> CsvChunk:
     chunks = list(read_csv_chunks(path))
     if not chunks:  # only a header
         return _chunk([], 2, _header(Path(path)))
-    return CsvChunk(pd.concat([c.frame for c in chunks], ignore_index=True),
-                    np.concatenate([c.rows for c in chunks]),
+    return CsvChunk(pd.concat([c.frame for c in chunks]),
                     {k: v for c in chunks for k, v in c.malformed.items()})
 
 
@@ -120,9 +126,10 @@ def _chunk(lines: list[bytes], first_line: int, header: list[str]) -> CsvChunk:
     if fast is not None:  # the common case, checked without a loop over lines
         frame = pd.read_csv(io.BytesIO(fast), header=None, names=header, dtype=str,
                             keep_default_na=False, na_filter=False)
-        return CsvChunk(frame, np.arange(first_line - 1, first_line - 1 + len(lines)))
+        frame.index = pd.RangeIndex(first_line - 2, first_line - 2 + len(lines))
+        return CsvChunk(frame)
     good: list[str] = []
-    rows: list[int] = []
+    rows: list[int] = []  # row number - 1 of each good line
     malformed: dict[int, str] = {}
     expected = len(header)
     for offset, raw in enumerate(lines):
@@ -147,9 +154,10 @@ def _chunk(lines: list[bytes], first_line: int, header: list[str]) -> CsvChunk:
                                    f"{expected}")
             continue
         good.append(text)
-        rows.append(line - 1)
+        rows.append(line - 2)
     frame = (pd.read_csv(io.StringIO("\n".join(good)), header=None, names=header,
                          dtype=str, keep_default_na=False, na_filter=False,
                          skip_blank_lines=False)
              if good else pd.DataFrame({name: pd.Series(dtype=str) for name in header}))
-    return CsvChunk(frame, np.asarray(rows, dtype=np.int64), malformed)
+    frame.index = pd.Index(rows, dtype=np.int64)
+    return CsvChunk(frame, malformed)

@@ -261,14 +261,14 @@ def read_export(path: str | Path) -> tuple[pd.DataFrame, dict[int, str]]:
 
 
 def harmonise(raw: pd.DataFrame, mapping: SiteMapping, source: str = "<data>", *,
-              labels: bool = True, row_offset: int = 0,
-              rows: np.ndarray | None = None) -> HarmonisedSite:
+              labels: bool = True) -> HarmonisedSite:
     """Map a raw export (all columns as text) onto the canonical schema.
 
-    Messages number rows from 1, the first data row after the header (plus `row_offset`
-    when `raw` is a later chunk of a file), or by `rows`, each row's number in its file
-    (:class:`~cardiofed.data.csv_lines.CsvChunk`). Without `labels` (scoring new
-    patients) the label column is not needed and ``labels`` is empty.
+    Messages number a row by its index plus 1: from 1, the first data row after the
+    header, for a frame with the default index; its number in its file for a CSV read
+    by :mod:`cardiofed.data.csv_lines`, which skips blank and malformed lines. Without
+    `labels` (scoring new patients) the label column is not needed and ``labels`` is
+    empty.
     """
     needed = [c.source for c in mapping.columns.values()] + (
         [mapping.label.column] if labels else [])
@@ -279,7 +279,7 @@ def harmonise(raw: pd.DataFrame, mapping: SiteMapping, source: str = "<data>", *
             f"in the file (it has {list(raw.columns)})."
         )
     report = LoadReport(source=source, rows=len(raw))
-    row_numbers = (np.arange(len(raw)) + row_offset + 1) if rows is None else np.asarray(rows)
+    row_numbers = raw.index.to_numpy() + 1
     out: dict[str, pd.Series] = {}
     problems: dict[str, dict[int, str]] = {}
     for name, col in mapping.columns.items():

@@ -163,7 +163,7 @@ def predict_file(model: RiskModel, input_csv: Path, out: Path, *,
         if id_column is not None and id_column not in frame.columns:
             raise DataValidationError(f"{input_csv}: no column {id_column!r} (it has "
                                       f"{list(frame.columns)}).")
-        site_rows = harmonise(frame, lenient, str(input_csv), labels=False, rows=chunk.rows)
+        site_rows = harmonise(frame, lenient, str(input_csv), labels=False)
         reasons = _rejections(site_rows, mapping, model.card.features, impute_missing)
         keep = np.ones(len(frame), dtype=bool)
         keep[list(reasons)] = False
