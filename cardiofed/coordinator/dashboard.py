@@ -270,7 +270,8 @@ def _aucs(m: ModelVersion) -> dict[str, tuple[float, Any, Any]]:
 def _auc_charts(db: Session, study: Study) -> dict[str, Any]:
     """The newest evaluated version's AUC per site (with intervals where sent), and the
     spread of the sites' AUCs over every evaluated version (min, median, max)."""
-    trend, latest = [], []
+    trend: list[dict[str, Any]] = []
+    newest: ModelVersion | None = None
     for m in db.scalars(select(ModelVersion).where(ModelVersion.study_id == study.id)
                         .order_by(ModelVersion.version)):
         aucs = _aucs(m)
@@ -279,9 +280,11 @@ def _auc_charts(db: Session, study: Study) -> dict[str, Any]:
         values = np.array([a for a, _, _ in aucs.values()])
         trend.append({"version": m.version, "min": float(values.min()),
                       "median": float(np.median(values)), "max": float(values.max())})
-        latest = [{"version": m.version, "site": site, "auc": a, "low": lo, "high": hi,
-                   **_calibration((m.metrics or {})[site])}
-                  for site, (a, lo, hi) in aucs.items()]
+        newest = m
+    latest = [] if newest is None else [
+        {"version": newest.version, "site": site, "auc": a, "low": lo, "high": hi,
+         **_calibration((newest.metrics or {})[site])}
+        for site, (a, lo, hi) in _aucs(newest).items()]
     return {"latest": latest, "trend": trend}
 
 
