@@ -554,6 +554,15 @@ def test_risk_categories_only_for_the_horizon_they_were_defined_for(
     assert score_frame(logistic, frame)["category"].tolist()[0] in RISK_CATEGORIES
 
 
+def test_weights_that_do_not_fit_the_card_are_refused_by_name(logistic: RiskModel) -> None:
+    # A logistic model is checked with NumPy (no PyTorch), as the network would be.
+    n = logistic.n_columns
+    wrong = {**logistic.weights, "linear.weight": np.zeros((1, n + 1), np.float32)}
+    with pytest.raises(ConfigurationError, match=rf"A logistic model of {n} columns has "
+                                                 rf"weights .*; got .*\(1, {n + 1}\)"):
+        RiskModel(card=logistic.card, weights=wrong, preprocessor=logistic.preprocessor)
+
+
 def test_huge_numbers_and_batch_units_are_named(api: Api) -> None:
     r = api.post("/v1/risk", {"features": {**PATIENT, "age": 10**309}})
     assert r.status_code == 422
