@@ -165,19 +165,20 @@ def predict_file(model: RiskModel, input_csv: Path, out: Path, *,
                                       f"{list(frame.columns)}).")
         site_rows = harmonise(frame, lenient, str(input_csv), labels=False)
         reasons = _rejections(site_rows, mapping, model.card.features, impute_missing)
+        rows, refused = chunk.rows, list(reasons)
         keep = np.ones(len(frame), dtype=bool)
-        keep[list(reasons)] = False
+        keep[refused] = False
         scored = score_frame(model, site_rows.frame[keep], contributions=contributions,
                              recalibration=recal, thresholds=thresholds, categories=categories)
-        scored.insert(0, "row", chunk.rows[keep])
+        scored.insert(0, "row", rows[keep])
         if id_column is not None:
             scored.insert(1, id_column, frame[id_column].to_numpy()[keep])
         parts.append(scored)
-        bad = pd.DataFrame({"row": [*chunk.rows[list(reasons)], *chunk.malformed],
+        bad = pd.DataFrame({"row": [*rows[refused], *chunk.malformed],
                             "reason": [*reasons.values(), *chunk.malformed.values()]})
         if len(bad):
             if id_column is not None:
-                bad.insert(1, id_column, [*frame[id_column].to_numpy()[list(reasons)],
+                bad.insert(1, id_column, [*frame[id_column].to_numpy()[refused],
                                           *[""] * len(chunk.malformed)])
             rejected.append(bad.sort_values("row", kind="stable"))
         done += chunk.size
