@@ -44,6 +44,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "framingham": dict(rounds=30, local_epochs=1, batch_size=32, lr=0.05),
     "synthetic": dict(rounds=20, local_epochs=1, batch_size=32, lr=0.05),
 }
+# Synchronous and asynchronous runs compared on the same fixed budget of updates: no
+# early stop on convergence (asynchronous versions never stop early).
+for _settings in SETTINGS.values():
+    _settings["stop_patience"] = None
 BUFFER_SIZES = {"framingham": [2, 4], "synthetic": [2, 4, 6]}
 STALENESS_VARIANTS = {"constant": dict(staleness="constant"),
                       "hinge (a=0.5, b=4)": dict(staleness="hinge")}

@@ -34,7 +34,7 @@ from cardiofed.simulation.experiment import (  # noqa: E402
 
 SEEDS = (0, 1, 2, 3, 4)
 BASE = dict(model="logistic", rounds=30, local_epochs=1, batch_size=32, lr=0.05,
-            standardisation="global")
+            standardisation="global", stop_patience=None)  # algorithms on one fixed schedule
 ALGORITHMS = {"FedAvg": dict(algorithm="fedavg"),
               "FedProx": dict(algorithm="fedprox", proximal_mu=0.01),
               "FedAdam": dict(algorithm="fedadam", server_lr=0.03),

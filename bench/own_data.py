@@ -51,7 +51,7 @@ def main() -> None:
         for seed in range(args.seeds):
             csvs, mappings = write_survey_sites(Path(folder), SITES, seed=seed)
             config = SimulationConfig.create(rounds=20, seed=seed, eval_every=0,
-                                             study_features=declared)
+                                             study_features=declared, stop_patience=None)
             run: dict[str, object] = {"seed": seed}
             for label, features in (("built-in only", BUILT_IN), ("all 17", None)):
                 data = federation_from_csv(csvs, mappings, features=features, seed=seed,

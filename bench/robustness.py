@@ -49,7 +49,8 @@ from cardiofed.simulation.prepare import prepare_federation  # noqa: E402
 from cardiofed.simulation.runner import round_metrics, run_federated  # noqa: E402
 
 BASE = dict(model="logistic", algorithm="fedavg", rounds=20, local_epochs=1, batch_size=32,
-            lr=0.05, standardisation="global", eval_every=0, backend="loop")
+            lr=0.05, standardisation="global", eval_every=0, backend="loop",
+            stop_patience=None)  # attacks over a fixed schedule: no early stop to steer
 DEFAULT = "default: weighted median f=2 (cap 1/5, bound)"
 RULES: dict[str, dict[str, Any]] = {
     "FedAvg (no defence)": {},

@@ -146,7 +146,38 @@ def test_calculator_in_the_browser_equals_the_api(page: Page, tmp_path: Path) ->
         page.set_viewport_size({"width": 400, "height": 800})
         assert page.evaluate("document.documentElement.scrollWidth") <= 400
         expect(page.locator("#risk")).to_be_visible()
-        assert "216-1320 months" in page.content()  # the hint in every unit offered
+        # The plausible range follows the unit chosen.
+        hint = page.locator('select[name="u.age"] + .desc')
+        expect(hint).to_have_text("plausible: 18-110 years", use_inner_text=True)
+        page.select_option('select[name="u.age"]', "months")
+        expect(hint).to_have_text("plausible: 216-1320 months", use_inner_text=True)
+        expect(page.get_by_text("Learnt from:")).to_contain_text("sites")
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_the_report_opens_with_each_sites_answer_readable_at_1366_px(
+        page: Page, tmp_path: Path) -> None:
+    from cardiofed.data.synthetic import synthetic_federation
+    from cardiofed.experiments.clinical_value import clinical_value
+    from cardiofed.experiments.summary import write_experiment_report
+    from cardiofed.simulation.config import SimulationConfig
+    from cardiofed.simulation.experiment import run_experiment
+
+    data = synthetic_federation(n_sites=6, seed=1, size_scale=0.3)
+    result = run_experiment(data, SimulationConfig.create(rounds=3, eval_every=0))
+    report = write_experiment_report(result, tmp_path, title="A federation",
+                                     value=clinical_value(result, {}))
+    page.set_viewport_size({"width": 1366, "height": 768})
+    page.goto(report.resolve().as_uri())
+    answer = page.locator("h2").first
+    expect(answer).to_have_text("What each site gets from the federation")
+    assert (answer.bounding_box() or {"y": 1e9})["y"] < 200  # first on the page
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1366  # no page scroll
+    # Every site's verdict is on the first screen, beside its name.
+    for site in [s.name for s in data.sites]:
+        row = page.locator("tr", has=page.locator("td", has_text=site)).first
+        expect(row).to_be_visible()
+        assert (row.bounding_box() or {"y": 1e9})["y"] < 768
+    _shot(page, "report")

@@ -1187,8 +1187,8 @@ def test_an_evaluation_of_a_model_other_than_the_final_one_is_refused(
 
     [refusal] = fed.status()["refusals"]  # type: ignore[misc]
     assert refusal == {"site": "tier3_01", "round": 4, "reason": (
-        "Refused evaluate task (round 4, model version 1) of study 's1': the plan evaluates "
-        "only the final model, version 3.")}
+        "Refused evaluate task (round 4, model version 1) of study 's1': this site trained "
+        "round 3, so the study's final model is version 3 or later.")}
     _until_done(fed, agents)
     final = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()[-1]
     assert set(final["metrics"]) == {"tier2_01", "community_01"}
@@ -1327,7 +1327,7 @@ def test_private_nodes_release_everything_under_their_ledgers(fed: Federation) -
     from cardiofed.wire import decode_arrays
 
     _, manifest = decode_arrays((agents[0].state_dir / "outbox" / "s1-round1.bin").read_bytes())
-    assert "train_loss" not in manifest
+    assert "train_loss" not in manifest and "global_loss" not in manifest
     released_n = _ledger(agents[0])[0]["released_n"]
     assert int(manifest["num_samples"]) == max(1, round(released_n))
 
@@ -1406,3 +1406,28 @@ def test_a_lost_ledger_stops_the_node_until_a_deliberate_reset(
     assert reset.ledger is not None and reset.ledger.entries == []
     assert reset.ledger.file is not None
     assert reset.ledger.file.header["reset"]["reason"] == "restored server, nothing released"
+
+
+def test_a_study_stops_once_converged_as_the_simulator_does(tmp_path: Path) -> None:
+    """The plan's rounds are a maximum: the coordinator stops on the sites' reported
+    loss at the round the simulator stops at, with the same model."""
+    plan = {**PLAN, "rounds": 60, "stop_patience": 2, "stop_tolerance": 0.01}
+    fed = Federation(tmp_path, plan=plan)
+    _until_done(fed, [fed.agent(s) for s in SITES])
+    sim = _simulated(plan)
+    stopped = sim.federated.stopped_at
+    assert stopped is not None and stopped < 60
+    from cardiofed.serving import registry
+    from cardiofed.store import Round
+
+    with session_factory(fed.settings.database_url)() as db:
+        served = registry.load(db, f"s1-v{stopped}")
+        rounds = db.scalars(select(Round).where(Round.kind == "train")
+                            .order_by(Round.number)).all()
+        assert [r.number for r in rounds] == list(range(1, stopped + 1))
+        assert all(r.loss is not None and r.loss > 0 for r in rounds)
+        assert rounds[-1].outcome is not None and rounds[-1].outcome.startswith("converged")
+        assert registry.card(db, f"s1-v{stopped}")["metrics"]  # evaluated, then done
+    for name, value in served.weights.items():
+        np.testing.assert_array_equal(value, sim.federated.weights[name])
+

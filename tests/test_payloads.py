@@ -74,6 +74,7 @@ def update(**manifest: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 @pytest.mark.parametrize(("manifest", "message"), [
     ({"train_loss": "abc"}, "Manifest field 'train_loss' must be a finite number; got 'abc'."),
     ({"train_loss": "nan"}, "Manifest field 'train_loss' must be a finite number"),
+    ({"global_loss": "inf"}, "Manifest field 'global_loss' must be a finite number"),
     ({"num_samples": str(10**30)}, "Manifest field 'num_samples' must be an integer in "
                                    f"[1, {MAX_RECORDS}]"),
     ({"num_samples": "9" * 400}, "Manifest field 'num_samples' must be an integer"),

@@ -255,6 +255,26 @@ def test_model_card_holds_the_provenance(api: Api, logistic: RiskModel) -> None:
     assert set(card["metrics"]) == {*card["sites"], "pooled test"}
     assert "auc" in card["metrics"]["tier3_01"]
     assert card["outcome_description"].startswith("First cardiovascular event")
+    # Who it learnt from: sites by type, records, each continuous feature's median.
+    population = card["population"]
+    assert population["sites"] == 4 and population["site_types"] == {
+        "community": 2, "tier2": 1, "tier3": 1}
+    assert population["records"] == sum(s.n_train for s in synthetic_federation(
+        n_sites=4, seed=1, size_scale=0.3).sites)
+    assert set(population["medians"]) == {"age", "total_cholesterol", "hdl_cholesterol",
+                                          "systolic_bp"}
+    assert 40 < population["medians"]["age"] < 80
+    assert logistic.learnt_from.startswith(f"4 sites (2 community, 1 tier2, 1 tier3), "
+                                           f"{population['records']:,} records; medians: age ")
+
+
+def test_a_private_models_card_publishes_no_exact_record_count() -> None:
+    data = synthetic_federation(n_sites=3, seed=1, size_scale=0.3)
+    result = run_experiment(data, SimulationConfig.create(rounds=1, dp_epsilon=1.0,
+                                                          eval_every=0), baselines=False)
+    card = provenance.from_experiment(result, study="dp", feature_names=data.feature_names,
+                                      outcome=data.outcome).card
+    assert "records" not in card.population and card.population["sites"] == 3
 
 
 def test_standalone_file_scores_without_the_coordinator(tmp_path: Path,

@@ -3,7 +3,8 @@
 At a study's first task the node pins the plan (sha256) and the feature columns; it then
 refuses (TaskRefused, with the reason) a changed plan, a second statistics task, more
 training tasks than the plan's rounds or one round twice, a second evaluation, an
-evaluation of any model but the final one, and feature ranges that are not its own. What
+evaluation of any model but the final one (any published one where the plan stops once
+converged, after which the node trains no more), and feature ranges that are not its own. What
 ran is kept in a file, so a restarted node remembers.
 """
 
@@ -23,7 +24,8 @@ from cardiofed.protocol.schemas import TaskResponse
 from cardiofed.simulation.config import SimulationConfig
 
 NAMES, RANGES = study_columns("synthetic")
-PLAN = SimulationConfig.create(rounds=3, seed=5).model_dump()
+PLAN = SimulationConfig.create(rounds=3, seed=5, stop_patience=None).model_dump()
+STOPPING = SimulationConfig.create(rounds=3, seed=5, stop_patience=1).model_dump()
 
 
 def task(kind: str, round_number: int, model_version: int | None = None, *,
@@ -195,6 +197,24 @@ def test_an_evaluation_of_any_model_but_the_final_one_is_refused(policy: TaskPol
             f"Refused evaluate task (round 2, model version {version}) of study 's1': the plan "
             f"evaluates only the final model, version 3.")):
         policy.admit(task("evaluate", 2, version), RANGES)
+
+
+def test_a_plan_that_stops_once_converged_evaluates_once_and_then_trains_no_more(
+        policy: TaskPolicy) -> None:
+    run(policy, task("statistics", 0, plan=STOPPING))
+    run(policy, task("train", 1, plan=STOPPING))
+    run(policy, task("train", 2, plan=STOPPING))
+    with pytest.raises(TaskRefused, match="publishes versions 1 to 3"):
+        policy.admit(task("evaluate", 3, 0, plan=STOPPING), RANGES)
+    with pytest.raises(TaskRefused, match="trained round 2, so the study's final model is "
+                                          "version 2 or later"):
+        policy.admit(task("evaluate", 3, 1, plan=STOPPING), RANGES)
+    run(policy, task("evaluate", 3, 2, plan=STOPPING))  # converged at version 2
+    with pytest.raises(TaskRefused, match="evaluated the study's model; the plan trains no "
+                                          "further"):
+        policy.admit(task("train", 3, plan=STOPPING), RANGES)
+    with pytest.raises(TaskRefused, match="one evaluation and it already ran"):
+        policy.admit(task("evaluate", 4, 3, plan=STOPPING), RANGES)
 
 
 def test_an_unknown_task_kind_is_refused(policy: TaskPolicy) -> None:

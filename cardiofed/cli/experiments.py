@@ -43,6 +43,7 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
         clinical_tables,
         privacy_table,
         robust_summary,
+        training_summary,
         write_experiment_report,
     )
     from cardiofed.models.kinds import set_threads
@@ -50,6 +51,8 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
     from cardiofed.simulation.experiment import LOCAL, run_experiment
 
     given = {k: v for k, v in settings.items() if v is not None}
+    if given.get("stop_patience") == 0:
+        given["stop_patience"] = None
     if register_as is not None:  # before training: a name that cannot be used fails now
         from cardiofed.serving.registry import check_simulation_name
 
@@ -78,6 +81,7 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
         result = run_experiment(dataset, config, progress=True, ledger_dir=ledger_dir)
     except CardioFedError as exc:
         raise fail(exc) from None
+    console.print(escape(training_summary(result)))
     if result.privacy:
         console.print(privacy_table(result))
     if result.label_quality is not None:
@@ -164,7 +168,9 @@ DEMO_EVAL_SIZE = 20_000
 
 def demo(
     sites: Annotated[int, typer.Option(help="Number of synthetic hospitals.")] = 12,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 20,
+    rounds: Annotated[int | None, typer.Option(
+        help="The most federated rounds (default: 100, stopping once the sites' loss stops "
+             "improving; 20 under DP).")] = None,
     algorithm: Annotated[str, typer.Option(help="fedavg, fedprox, fedadam or fedyogi.")] = "fedavg",
     seed: Annotated[int, typer.Option(help="Seed of the cohort and of training.")] = 0,
     dp_epsilon: DpEpsilon = None,
@@ -211,7 +217,11 @@ def simulate(
         help="Each site fine-tunes the global model with a proximal term (Ditto).")] = None,
     algorithm: Annotated[str | None, typer.Option(
         help="fedavg, fedprox, fedadam, fedyogi, scaffold.")] = None,
-    rounds: Annotated[int | None, typer.Option()] = None,
+    rounds: Annotated[int | None, typer.Option(
+        help="The most rounds (default 100; 20 under DP or asynchronous).")] = None,
+    stop_patience: Annotated[int | None, typer.Option(
+        min=0, help="Stop once the sites' loss has not improved for this many rounds "
+                    "(default 5; 0 runs every round).")] = None,
     local_epochs: Annotated[int | None, typer.Option()] = None,
     local_steps: Annotated[int | None, typer.Option(help="Fixed steps per round.")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
@@ -241,7 +251,7 @@ def simulate(
     """Simulate a federation on a reference data set or your own CSV exports."""
     settings = {"model": model, "feature_transform": feature_transform,
                 "recalibrate": recalibrate, "finetune": finetune,
-                "algorithm": algorithm, "rounds": rounds,
+                "algorithm": algorithm, "rounds": rounds, "stop_patience": stop_patience,
                 "local_epochs": local_epochs, "local_steps": local_steps,
                 "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
                 "proximal_mu": proximal_mu, "server_lr": server_lr,

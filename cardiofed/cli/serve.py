@@ -115,7 +115,8 @@ def predict(
         raise fail(exc) from None
     console.print(f"Scored {done.scored:,} of {done.rows:,} rows with model "
                   f"{risk_model.card.version or model}; wrote {out}. The risk is of: "
-                  f"{escape(risk_model.risk_of)}.")
+                  f"{escape(risk_model.risk_of)}. The model learnt from "
+                  f"{escape(risk_model.learnt_from)}.")
     if not risk_model.categorised:
         console.print("No risk categories: they are 10-year risk bands, and this model's "
                       "outcome has no 10-year horizon.")

@@ -143,9 +143,10 @@ def check_update(arrays: dict[str, np.ndarray], manifest: dict[str, str],
         if got[name] != (shape, dtype):
             raise InvalidUpdate(f"Update tensor {name!r} has shape {got[name][0]} and dtype "
                                 f"{got[name][1]}; expected {shape} and {dtype}.")
-    if "train_loss" in manifest and not _finite_text(manifest["train_loss"]):
-        raise InvalidUpdate(f"Manifest field 'train_loss' must be a finite number; got "
-                            f"{manifest['train_loss'][:40]!r}.")
+    for field in ("train_loss", "global_loss"):
+        if field in manifest and not _finite_text(manifest[field]):
+            raise InvalidUpdate(f"Manifest field {field!r} must be a finite number; got "
+                                f"{manifest[field][:40]!r}.")
     return _bounded_int(manifest, "num_samples", 1, MAX_RECORDS)
 
 

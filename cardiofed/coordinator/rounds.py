@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -38,6 +39,7 @@ from cardiofed.aggregation.robust_statistics import (
     site_moments,
 )
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
+from cardiofed.algorithms.stopping import round_loss
 from cardiofed.causal.combine import add as add_sums
 from cardiofed.coordinator import attribution
 from cardiofed.coordinator.buffer import publish_buffered
@@ -200,6 +202,8 @@ class _Folded:
     # each, and the aggregate is a running sum over the payloads read again in batches.
     streamed: list[tuple[int, int, float, float]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # A training round: the global model's loss each site reported (NaN where none).
+    global_losses: list[float] = field(default_factory=list)
     totals: dict[str, np.ndarray] | None = None  # an attribution step's sums
     privacy: dict[str, str] = field(default_factory=dict)  # what each site declared
 
@@ -243,6 +247,7 @@ def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Fold
                                                             edges)))
             elif rnd.kind == TRAIN:
                 loss = float(checked.manifest.get("train_loss", "nan"))
+                out.global_losses.append(float(checked.manifest.get("global_loss", "nan")))
                 if streams:
                     out.streamed.append((update_id, row.num_samples,
                                          update_norm(checked.arrays), loss))
@@ -319,6 +324,7 @@ def _extend(db: Session, study: Study, rnd: Round, now: Clock, why: str) -> None
 def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -> None:
     plan = study_plan(study)
     names = folded.names
+    converged = False
     for mode in PRIVACY_MODES:
         declared = [n for n, m in folded.privacy.items() if m == mode]
         for start in range(0, len(declared), FOLD_BATCH):
@@ -351,15 +357,19 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         store_model(db, study, new, version=study.model_version, round_number=rnd.number,
                      participants=names)
         study.server_state = dump_state(state)
-        next_kind, version = (TRAIN if rnd.number < plan.rounds else EVALUATE,
-                              study.model_version)
+        loss = round_loss(folded.global_losses)
+        rnd.loss = loss if math.isfinite(loss) else None
+        converged = rnd.number < plan.rounds and _converged(db, study, plan)
+        next_kind, version = (TRAIN if rnd.number < plan.rounds and not converged
+                              else EVALUATE, study.model_version)
     else:
         model = model_blob(db, study.id, study.model_version)
         model.metrics = folded.metrics
         card_metrics(db, study, model.metrics)
         next_kind, version = "", study.model_version
     rnd.closed_at = now()
-    rnd.outcome = _closed_with(names)
+    rnd.outcome = _closed_with(names, "converged (the sites' loss stopped improving); "
+                               if rnd.kind == TRAIN and converged else "")
     if next_kind:
         study.current_round += 1
         db.add(Round(study_id=study.id, number=study.current_round, kind=next_kind,
@@ -371,8 +381,20 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
     db.commit()
 
 
-def _closed_with(names: list[str]) -> str:
-    return (f"closed with {len(names)} reports: {', '.join(names[:20])}"
+def _converged(db: Session, study: Study, plan: SimulationConfig) -> bool:
+    """Whether the study's training rounds so far (this one included) show the sites'
+    loss has stopped improving: the plan's stopping rule, None runs every round."""
+    rule = plan.stopping_rule()
+    if rule is None:
+        return False
+    db.flush()
+    losses = db.scalars(select(Round.loss).where(Round.study_id == study.id,
+                                                 Round.kind == TRAIN).order_by(Round.number))
+    return rule.stalled([math.nan if x is None else x for x in losses])
+
+
+def _closed_with(names: list[str], prefix: str = "") -> str:
+    return (f"{prefix}closed with {len(names)} reports: {', '.join(names[:20])}"
             + (f" and {len(names) - 20} more" if len(names) > 20 else ""))[:200]
 
 
@@ -385,7 +407,8 @@ def _close_relayed(db: Session, study: Study, plan: SimulationConfig, rnd: Round
         rnd.relay_result = relay.statistics_result(_released_statistics(db, folded))
     elif rnd.kind == TRAIN:
         delta, report = _round_delta(db, plan.make_algorithm(), folded)
-        rnd.relay_result = relay.update_result(delta, folded.sizes(), folded.losses())
+        rnd.relay_result = relay.update_result(delta, folded.sizes(), folded.losses(),
+                                               round_loss(folded.global_losses))
         rnd.aggregation = [r.to_dict() for r in report]
     else:
         rnd.relay_result = relay.metrics_result(folded.metrics)

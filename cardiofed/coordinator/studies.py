@@ -26,7 +26,7 @@ from cardiofed.exceptions import (
     NotFound,
     PermissionDenied,
 )
-from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.config import FIXED_ROUNDS, SimulationConfig
 from cardiofed.store import (
     Refusal,
     Round,
@@ -181,12 +181,17 @@ DEFAULT_BYZANTINE = 2
 
 
 def network_plan(plan: SimulationConfig, n_sites: int) -> SimulationConfig:
-    """The plan a networked study of `n_sites` runs: robust by default (rule
+    """The plan a networked study of `n_sites` runs: :data:`FIXED_ROUNDS` rounds at most
+    where the plan does not say (its nodes are private by default), robust by default (rule
     :data:`DEFAULT_NETWORK_RULE` tolerating f = min(2, (n - 1) // 2) malicious sites,
     where the plan leaves them out), and an asynchronous buffer of at least 2f + 1
     sites where the plan does not size it."""
     given = plan.model_fields_set
     changes: dict[str, object] = {}
+    if "rounds" not in given:
+        # Nodes are private unless they opt out, and a private node releases no loss to
+        # stop on: DP-SGD spreads its budget over every planned round.
+        changes["rounds"] = FIXED_ROUNDS
     if plan.robust_rule is None:
         changes["robust_rule"] = DEFAULT_NETWORK_RULE
         if "robust_byzantine" not in given:

@@ -132,7 +132,8 @@ def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, ti
         for site, n in run.participation.items())
     stale = "".join(f"<li>{t / 3600:.2f} h (simulated): {html.escape(site)}: "
                     f"{html.escape(reason)}</li>" for t, site, reason in run.rejected)
-    sections = [("Training settings", f"<p>{html.escape(settings)}</p>"),
+    sections = [("Training settings", f"<p>{html.escape(training_summary(result))}</p>"
+                                      f"<p>{html.escape(settings)}</p>"),
                 ("Each site's part in training",
                  "<table><tr><th>site</th><th>updates trained</th>"
                  "<th>share of the updates in the final model</th>"
@@ -175,6 +176,23 @@ def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, ti
                         details={"load_reports": {site: r.as_dict() for site, r in
                                                   (load_reports or {}).items()},
                                  **({"clinical_value": value.to_dict()} if value else {})})
+
+
+def training_summary(result: ExperimentResult) -> str:
+    """How many rounds ran, and why training stopped there."""
+    cfg, run = result.config, result.federated
+    if cfg.aggregation == "async":
+        return f"{cfg.rounds} model versions published (every one: asynchronous training)."
+    if run.stopped_at is not None:
+        return (f"Converged: stopped after round {run.stopped_at} of at most {cfg.rounds}, "
+                f"once the global model's loss at the sites (their median) had not improved "
+                f"by {cfg.stop_tolerance:.1%} for {cfg.stop_patience} rounds.")
+    if cfg.stopping_rule() is None:
+        why = ("the sites release no loss under differential privacy"
+               if cfg.dp_epsilon is not None else "stop_patience is unset")
+        return f"Ran all {cfg.rounds} planned rounds ({why})."
+    return (f"Ran all {cfg.rounds} planned rounds and had not converged: the sites' loss was "
+            f"still improving; more rounds may change the model.")
 
 
 def robust_summary(result: ExperimentResult) -> str:

@@ -4,7 +4,8 @@ At the first task of a study the node pins the study plan (the SHA-256 of its ca
 JSON) and the feature columns. Every later task must carry the same plan, and the node
 runs at most: one statistics task (round 0), ``plan.rounds`` training tasks, each
 round at most once, and one evaluation, of the final published model (version
-``plan.rounds``) only. Release parameters come from the site, never from the task: the
+``plan.rounds``; an earlier one where the plan stops once converged), after which it
+trains no more. Release parameters come from the site, never from the task: the
 statistics' bin edges from the schema's (or the reference data set's) plausible
 ranges, so a task whose ranges differ is refused. An attribution study's steps are bounded
 by :data:`ATTRIBUTION_RELEASES`. What the node ran is kept in a JSON
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cardiofed.causal.propensity import MAX_NEWTON
-from cardiofed.exceptions import TaskRefused
+from cardiofed.exceptions import CardioFedError, TaskRefused
 from cardiofed.protocol.schemas import TaskResponse
 from cardiofed.simulation.config import SimulationConfig
 
@@ -69,6 +70,15 @@ def plan_digest(plan: dict[str, Any]) -> str:
 def planned_releases(kind: str, rounds: int) -> int:
     """How many tasks of `kind` a study plan of `rounds` rounds has for one site."""
     return rounds if kind == "train" else 1
+
+
+def _can_stop_early(plan: dict[str, Any]) -> bool:
+    """Whether the plan stops once converged, so that its final model may come before
+    version ``rounds``; the one evaluation then ends the site's part in the study."""
+    try:
+        return SimulationConfig.create(**plan).stopping_rule() is not None
+    except CardioFedError:
+        return False
 
 
 class TaskPolicy:
@@ -120,6 +130,9 @@ class TaskPolicy:
             if task.round in trained:
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: this site already "
                                   f"trained round {task.round}.")
+            if done.get("evaluate"):
+                raise TaskRefused(f"Refused {where} of study {task.study!r}: this site "
+                                  f"evaluated the study's model; the plan trains no further.")
             if len(trained) >= planned_releases("train", rounds):
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan has "
                                   f"{rounds} training rounds and this site ran {len(trained)}.")
@@ -127,9 +140,17 @@ class TaskPolicy:
             if done.get("evaluate"):
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan has one "
                                   f"evaluation and it already ran.")
-            if task.model_version != rounds:
+            if not _can_stop_early(task.plan) and task.model_version != rounds:
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan evaluates "
                                   f"only the final model, version {rounds}.")
+            if not 1 <= task.model_version <= rounds:
+                raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan "
+                                  f"publishes versions 1 to {rounds}.")
+            last = max(done.get("train", []), default=0)
+            if task.model_version < last:
+                raise TaskRefused(f"Refused {where} of study {task.study!r}: this site "
+                                  f"trained round {last}, so the study's final model is "
+                                  f"version {last} or later.")
         elif task.kind in ATTRIBUTION_RELEASES:
             ran = done.get(task.kind, [])
             limit = ATTRIBUTION_RELEASES[task.kind]

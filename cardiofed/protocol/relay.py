@@ -60,14 +60,18 @@ def statistics_result(stats: list[SiteStatistics]) -> bytes:
     return encode_arrays(total.to_arrays())
 
 
-def update_result(delta: Weights, sizes: list[int], losses: list[float]) -> bytes:
+def update_result(delta: Weights, sizes: list[int], losses: list[float],
+                  global_loss: float = math.nan) -> bytes:
     """The region's update: its sites' aggregate delta (the regional plan's rule, sample
-    size weights) with their summed sample count and mean training loss."""
+    size weights) with their summed sample count, mean training loss and the round's
+    loss of the global model at its sites (:func:`~cardiofed.algorithms.stopping.round_loss`)."""
     finite = [(x, n) for x, n in zip(losses, sizes, strict=True) if math.isfinite(x)]
     manifest = {"num_samples": str(sum(sizes)), "sites": str(len(sizes))}
     if finite:
         manifest["train_loss"] = repr(sum(x * n for x, n in finite) / max(1, sum(
             n for _, n in finite)))
+    if math.isfinite(global_loss):
+        manifest["global_loss"] = repr(global_loss)
     return encode_arrays({k: np.asarray(v, np.float32) for k, v in delta.items()}, manifest)
 
 

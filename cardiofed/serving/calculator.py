@@ -10,11 +10,12 @@ and the pages are sent ``no-store``.
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 from typing import Any
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 from pydantic import ValidationError
 
@@ -30,16 +31,17 @@ router = APIRouter(include_in_schema=False)
 _templates = Environment(loader=PackageLoader("cardiofed.serving", "templates"),
                          autoescape=select_autoescape(["html"]))
 NO_STORE = {"Cache-Control": "no-store"}
+_SCRIPT = (files("cardiofed.serving") / "templates" / "calculator.js").read_text("utf-8")
 
 
-def _ranges(feature: Any) -> str:
-    """The plausible range in every unit the form offers (the hint whatever unit is
-    chosen), e.g. ``18-110 years, 216-1320 months``."""
+def _ranges(feature: Any) -> list[tuple[str, str]]:
+    """The plausible range in every unit the form offers, e.g. ``[("years", "18-110
+    years"), ("months", "216-1320 months")]``: the page shows the chosen unit's (all of
+    them without JavaScript)."""
     if feature.low is None or feature.high is None or not feature.unit:
-        return ""
-    return ", ".join(
-        f"{feature.low / factor:.4g}-{feature.high / factor:.4g} {unit}"
-        for unit, factor in [(feature.unit, 1.0), *feature.unit_factors.items()])
+        return []
+    return [(unit, f"{feature.low / factor:.4g}-{feature.high / factor:.4g} {unit}")
+            for unit, factor in [(feature.unit, 1.0), *feature.unit_factors.items()]]
 
 
 def _fields(model: RiskModel) -> list[dict[str, Any]]:
@@ -60,6 +62,13 @@ def _page(state: ServingState, status_code: int = 200, **context: Any) -> HTMLRe
     html = _templates.get_template("calculator.html").render(
         model=model, fields=_fields(model) if model else [], **{"values": {}, **context})
     return HTMLResponse(html, status_code=status_code, headers=NO_STORE)
+
+
+@router.get("/calculator.js")
+def calculator_script() -> Response:
+    """The page's one script, from this origin (the security policy refuses inline
+    scripts): each plausible range follows the unit chosen."""
+    return Response(_SCRIPT, media_type="text/javascript")
 
 
 @router.get("/calculator", response_class=HTMLResponse)
@@ -119,4 +128,5 @@ async def calculate(request: Request) -> HTMLResponse:
         card = registry.card(db, answer["model_version"])
     parts = sorted((answer.get("contributions") or {}).items(), key=lambda kv: -abs(kv[1]))
     scale = max((abs(v) for _, v in parts), default=1.0) or 1.0
-    return _page(state, values=values, answer=answer, card=card, parts=parts, scale=scale)
+    return _page(state, values=values, answer=answer, card=card, parts=parts, scale=scale,
+                 learnt_from=model.learnt_from)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -92,6 +93,10 @@ class ModelCard(BaseModel):
     content_sha256: str = ""
     created_at: str = ""
     notes: list[str] = []
+    # Who the model learnt from (population_of): "sites", "site_types" (type -> sites,
+    # where known), "records" (where exact counts may be published) and "medians" (each
+    # continuous feature's pooled median, from the sites' statistics release).
+    population: dict[str, Any] = {}
 
 
 class PatientErrors(DataValidationError):
@@ -189,6 +194,11 @@ class RiskModel:
         horizon = ("no time horizon" if self.card.horizon_years is None
                    else f"{self.card.horizon_years:g}-year horizon")
         return f"{self.card.outcome_description} ({horizon})"
+
+    @property
+    def learnt_from(self) -> str:
+        """Who the model learnt from, in words (the card's population)."""
+        return population_text(self.card.population, self.catalogue)
 
     def site_recalibration(self, site: str) -> Recalibration | None:
         """The card's update for `site` (intercept, slope, revised terms), or None."""
@@ -440,6 +450,42 @@ def _encode_value(feature: Feature, value: Any, unit: str | None, row: np.ndarra
     return ""
 
 
+def population_of(preprocessor: Preprocessor, encoded_names: Sequence[str],
+                  catalogue: Catalogue, *, sites: Sequence[str],
+                  site_types: Mapping[str, str] | None = None,
+                  records: int | None = None) -> dict[str, Any]:
+    """A card's population: the sites (and how many of each type), the records where
+    known, and each continuous feature's pooled median (the preprocessor's fill value)."""
+    medians = {name: float(f"{value:.3g}") for name, value
+               in zip(encoded_names, preprocessor.fill, strict=True)
+               if name in catalogue.features
+               and catalogue.feature(name).kind is FeatureKind.CONTINUOUS}
+    population: dict[str, Any] = {"sites": len(sites), "medians": medians}
+    if site_types:
+        population["site_types"] = dict(sorted(Counter(site_types[s] for s in sites).items()))
+    if records is not None:
+        population["records"] = records
+    return population
+
+
+def population_text(population: Mapping[str, Any], catalogue: Catalogue) -> str:
+    """A card's population in one line, e.g. ``4 sites (2 tier3, 2 community), 2,677
+    records; medians: age 54 years, systolic_bp 130 mmHg``."""
+    if not population:
+        return "not recorded (a model registered before model cards described it)"
+    types = population.get("site_types") or {}
+    text = f"{population['sites']} sites" + (
+        " (" + ", ".join(f"{n} {t}" for t, n in types.items()) + ")" if types else "")
+    if population.get("records") is not None:
+        text += f", {population['records']:,} records"
+    medians = population.get("medians") or {}
+    if medians:
+        text += "; medians: " + ", ".join(
+            f"{name} {value:g} {catalogue.feature(name).unit or ''}".rstrip()
+            for name, value in medians.items())
+    return text
+
+
 def build_model(*, study: str, source: str, model: str, algorithm: str,
                 settings: dict[str, Any], rounds: int, sites: list[str],
                 encoded_names: Sequence[str], outcome: str | None, weights: Weights,
@@ -447,8 +493,11 @@ def build_model(*, study: str, source: str, model: str, algorithm: str,
                 = None, privacy: dict[str, dict[str, float]] | None = None,
                 recalibration: dict[str, dict[str, float]] | None = None,
                 notes: list[str] | None = None,
-                study_features: StudyFeatures | None = None) -> RiskModel:
-    """A :class:`RiskModel` with its card filled in (content hash, time, outcome)."""
+                study_features: StudyFeatures | None = None,
+                site_types: Mapping[str, str] | None = None,
+                records: int | None = None) -> RiskModel:
+    """A :class:`RiskModel` with its card filled in (content hash, time, outcome, the
+    population: `site_types` and `records` where known)."""
     catalogue = catalogue_of(study_features)
     features = canonical_features(encoded_names)
     if catalogue.encoded_names(features) != list(encoded_names):
@@ -466,6 +515,9 @@ def build_model(*, study: str, source: str, model: str, algorithm: str,
                      metrics=metrics or {}, privacy=privacy or {},
                      recalibration=recalibration or {}, notes=notes or [],
                      study_features=study_features,
+                     population=population_of(preprocessor, encoded_names, catalogue,
+                                              sites=sites, site_types=site_types,
+                                              records=records),
                      created_at=datetime.now(UTC).isoformat(timespec="seconds"))
     risk_model = RiskModel(card=card, weights=weights, preprocessor=preprocessor)
     return risk_model.with_card(content_sha256=risk_model.content_hash())

@@ -168,6 +168,7 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     run.sim_time_s = t
     run.update_share = shares(run.update_share)
     run.weight_share = {n: w / max(version, 1) for n, w in run.weight_share.items()}
+    run.rounds = config.rounds  # the baselines' budget: one round per planned version
     return run
 
 

@@ -11,6 +11,7 @@ from cardiofed._pydantic import read_toml
 from cardiofed.aggregation.robust import RobustAggregation
 from cardiofed.algorithms import FederatedAlgorithm, make_algorithm
 from cardiofed.algorithms.staleness import StalenessRule
+from cardiofed.algorithms.stopping import StoppingRule
 from cardiofed.algorithms.weighting import WeightingRule
 from cardiofed.causal.study import AttributionPlan
 from cardiofed.data.model_form import ModelForm, model_form
@@ -18,6 +19,13 @@ from cardiofed.data.study_features import StudyFeatures, catalogue_of
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.schema import Catalogue
 from cardiofed.training.local import LocalTrainingConfig
+
+# The most rounds a plan runs unless it says: training stops earlier once converged
+# (stop_patience). Where it cannot stop early, it runs FIXED_ROUNDS: under DP the sites
+# release no loss to stop on (and DP-SGD spreads the budget over every planned round:
+# fewer rounds, less noise in each); asynchronous versions are all published.
+DEFAULT_ROUNDS = 100
+FIXED_ROUNDS = 20
 
 
 class SimulationConfig(BaseModel):
@@ -36,7 +44,14 @@ class SimulationConfig(BaseModel):
     # studies take it from the plan; in simulation `cardiofed attribution` runs one.
     attribution: AttributionPlan | None = None
     algorithm: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "scaffold"] = "fedavg"
-    rounds: int = Field(20, ge=1, le=100_000)
+    # The most rounds (default DEFAULT_ROUNDS, or FIXED_ROUNDS where training cannot
+    # stop early). Synchronous training stops earlier once the global model's loss on
+    # the sites' rows has not improved by stop_tolerance for stop_patience rounds
+    # (cardiofed.algorithms.stopping); None runs every round. Private sites release no
+    # loss, so under DP every round runs.
+    rounds: int = Field(DEFAULT_ROUNDS, ge=1, le=100_000)
+    stop_patience: int | None = Field(5, ge=1, le=100_000)
+    stop_tolerance: float = Field(1e-3, ge=0, lt=1, allow_inf_nan=False)
     local_epochs: int = Field(1, ge=1, le=10_000)
     local_steps: int | None = Field(None, ge=1, le=10_000_000)
     batch_size: int = Field(32, ge=1, le=10_000_000)
@@ -97,6 +112,16 @@ class SimulationConfig(BaseModel):
     robust_trim_fraction: float = Field(0.2, ge=0, lt=0.5)
     robust_byzantine: int = Field(1, ge=0, le=1_000_000)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_rounds(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("rounds") is None:
+            stops = (data.get("dp_epsilon") is None and data.get("aggregation") != "async"
+                     and data.get("stop_patience", 5) is not None)
+            data = {k: v for k, v in data.items() if k != "rounds"}
+            return data if stops else {**data, "rounds": FIXED_ROUNDS}
+        return data
+
     @model_validator(mode="after")
     def _dp_compatible(self) -> SimulationConfig:
         if self.dp_epsilon is not None and self.algorithm == "fedprox":
@@ -147,6 +172,13 @@ class SimulationConfig(BaseModel):
     def weighting_rule(self, site_multipliers: dict[str, float] | None = None) -> WeightingRule:
         return WeightingRule(kind=self.weighting, q=self.qffl_q, step=self.afl_step,
                              site_multipliers=site_multipliers or {})
+
+    def stopping_rule(self) -> StoppingRule | None:
+        """When training stops before ``rounds`` (None: every round runs)."""
+        if self.stop_patience is None or self.dp_epsilon is not None \
+                or self.aggregation == "async":
+            return None
+        return StoppingRule(patience=self.stop_patience, tolerance=self.stop_tolerance)
 
     def staleness_rule(self) -> StalenessRule:
         return StalenessRule(kind=self.staleness, exponent=self.staleness_exponent,

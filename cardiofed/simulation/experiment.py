@@ -260,7 +260,8 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     if baselines:
         x_pool = np.concatenate([s.x_train for s in sites])
         y_pool = np.concatenate([s.y_train for s in sites])
-        pooled = train_centralised(x_pool, y_pool, config, seed=derive_seed(config.seed, 20_000))
+        pooled = train_centralised(x_pool, y_pool, config, seed=derive_seed(config.seed, 20_000),
+                                   rounds=run.rounds)
         _record(result, POOLED, {s.name: score(config.model, pooled, s.x_test) for s in sites},
                 sites)
     truth = {s.name: s.true_risk_test for s in dataset.sites if s.true_risk_test is not None}
@@ -316,7 +317,7 @@ def _personalise(result: ExperimentResult, sites: list[PreparedSite],
             chosen = finetune(config.model, weights, s.x_train, s.y_train,
                               s.preprocessor.transform(x_cal), y_cal,
                               config=config.local_config(),
-                              epochs=config.rounds * config.local_epochs,
+                              epochs=result.federated.rounds * config.local_epochs,
                               seed=derive_seed(config.seed, 60_000, k))
             result.personalisations[s.name] = chosen
             personal[s.name] = score(config.model, chosen.weights, s.x_test)

@@ -21,6 +21,7 @@ from cardiofed.aggregation.robust import SiteAggregation
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.algorithms import scaffold as scaffold_cv
 from cardiofed.algorithms.base import LocalTrainer
+from cardiofed.algorithms.stopping import round_loss
 from cardiofed.evaluation.metrics import grouped_auc
 from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.models.networks import Weights, get_weights, make_model, score
@@ -57,6 +58,11 @@ class FederatedRun:
     sim_time_s: float = 0.0
     # Robust aggregation: updates clipped or rejected, (round or version, site, action).
     robust_actions: list[tuple[int, str, str]] = field(default_factory=list)
+    # The round training stopped at because the sites' loss stopped improving
+    # (config.stop_patience); None when every planned round ran.
+    stopped_at: int | None = None
+    # The rounds (or versions) that ran: what the baselines' training budget matches.
+    rounds: int = 0
 
     def record_robust(self, rnd: int, report: Sequence[SiteAggregation]) -> None:
         """Keep what robust aggregation clipped or rejected in round (or version) `rnd`."""
@@ -150,6 +156,8 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     vectorised = config.backend != "loop" and privacy is None and \
         config.vectorised_refusal() is None
     clocks = site_clocks(sites, config, speeds) if speeds is not None else None
+    stopping, losses = config.stopping_rule(), []
+    needs_loss = rule.needs_loss or stopping is not None
     now = 0.0
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                    TextColumn("{task.completed}/{task.total} rounds"),
@@ -169,7 +177,7 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 for update in batched_updates(algorithm, config.model, weights,
                                               [sites[k] for k in chosen],
                                               [derive_seed(config.seed, rnd, int(k))
-                                               for k in chosen], rule.needs_loss):
+                                               for k in chosen], needs_loss):
                     updates.append(update if outbox is None else via_wire(update, rnd, outbox))
                     run.participation[update.site] += 1
             for k in ([] if vectorised else chosen):
@@ -184,7 +192,7 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                     update = algorithm.client_update(
                         model, weights, site.x_train, site.y_train, site=site.name,
                         seed=derive_seed(config.seed, rnd, int(k)), trainer=trainer,
-                        report_global_loss=rule.needs_loss, sample_weight=site.sample_weight)
+                        report_global_loss=needs_loss, sample_weight=site.sample_weight)
                 except PrivacyBudgetExceeded as refusal:
                     run.refusals.append((rnd, site.name, str(refusal)))
                     continue
@@ -203,7 +211,7 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 agg_weights, mixture = rule.weights(updates, site_types, mixture)
                 total = sum(agg_weights)
                 for u, w in zip(updates, agg_weights, strict=True):
-                    run.weight_share[u.site] += w / total / config.rounds
+                    run.weight_share[u.site] += w / total
                     run.update_share[u.site] += 1
             weights, state, report = algorithm.server_update_with_report(weights, updates, state,
                                                                          agg_weights)
@@ -213,7 +221,10 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                                                              len(sites))
             if on_round is not None:
                 on_round(rnd, weights)
-            last = rnd == config.rounds
+            losses.append(round_loss([u.global_loss for u in updates]))
+            if stopping is not None and stopping.stalled(losses):
+                run.stopped_at = rnd
+            last = rnd == config.rounds or run.stopped_at is not None
             if last or (config.eval_every and rnd % config.eval_every == 0):
                 record = {"round": float(rnd), "time_s": now,
                           "train_loss": float(np.mean([u.train_loss for u in updates]))
@@ -224,9 +235,13 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 run.history.append(record)
                 bar.update(task, auc=f"pooled AUC {record['pooled_auc']:.3f}")
             bar.advance(task)
+            if last:
+                break
     run.weights = weights
     run.sim_time_s = now
     run.update_share = shares(run.update_share)
+    run.weight_share = {name: w / rnd for name, w in run.weight_share.items()}
+    run.rounds = rnd
     return run
 
 
@@ -261,10 +276,13 @@ Outbox = Callable[[str, str, bytes], None]
 
 def update_manifest(update: ClientUpdate) -> dict[str, str]:
     """The manifest fields an update carries: its declared sample size, and its training
-    loss only when there is one (a private update has none)."""
+    loss and the global model's loss at the site only when there are (a private update
+    has neither)."""
     manifest = {"num_samples": str(update.num_samples)}
-    if math.isfinite(update.train_loss):
-        manifest["train_loss"] = repr(update.train_loss)
+    for field_name in ("train_loss", "global_loss"):
+        value = getattr(update, field_name)
+        if math.isfinite(value):
+            manifest[field_name] = repr(value)
     return manifest
 
 
@@ -278,19 +296,22 @@ def via_wire(update: ClientUpdate, rnd: int, outbox: Outbox) -> ClientUpdate:
 
 
 def train_centralised(x: np.ndarray, y: np.ndarray, config: SimulationConfig, *,
-                      seed: int, epochs: int | None = None) -> Weights:
+                      seed: int, epochs: int | None = None,
+                      rounds: int | None = None) -> Weights:
     """Train one model on rows held in one place (a single site, or the pooled union).
 
     The default budget, ``rounds x local_epochs`` epochs (or ``rounds x local_steps``
-    steps), is what each site's data sees in the federated run.
+    steps), is what each site's data sees in the federated run: `rounds` that ran
+    (default ``config.rounds``).
     """
+    rounds = config.rounds if rounds is None else rounds
     model = make_model(config.model, x.shape[1], seed=config.seed)
     local = config.local_config()
     if epochs is not None:
         local = replace(local, local_epochs=epochs, local_steps=None)
     elif local.local_steps is not None:
-        local = replace(local, local_steps=local.local_steps * config.rounds)
+        local = replace(local, local_steps=local.local_steps * rounds)
     else:
-        local = replace(local, local_epochs=local.local_epochs * config.rounds)
+        local = replace(local, local_epochs=local.local_epochs * rounds)
     train_local(model, x, y, local, seed=seed)
     return get_weights(model)

@@ -142,6 +142,10 @@ class Round(Base):
     aggregation: Mapped[list[dict[str, object]] | None] = mapped_column(JSON, nullable=True)
     # A relay study's round, once closed: the aggregate its region sends upward.
     relay_result: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # A training round's loss: the median of the global model's loss the sites reported
+    # (NaN-free; NULL when none did, e.g. private sites); a study stops on it once
+    # converged (cardiofed.algorithms.stopping).
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Update(Base):

@@ -22,7 +22,7 @@ from cardiofed.exceptions import SchemaOutOfDate
 from cardiofed.store.tables import Base
 
 BASELINE = "0001"  # the schema of the last release before migrations
-HEAD = "0001"  # the newest revision (a test checks it against versions/)
+HEAD = "0002"  # the newest revision (a test checks it against versions/)
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -73,13 +73,14 @@ def _adopt_unversioned(conn: Connection) -> None:
     :data:`BASELINE`. A table that lacks a required column cannot be adopted."""
     existing = inspect(conn)
     tables = set(existing.get_table_names())
+    later = _added_since_baseline()
     for table in Base.metadata.sorted_tables:
         if table.name not in tables:
             table.create(conn)
             continue
         have = {c["name"] for c in existing.get_columns(table.name)}
         for column in table.columns:
-            if column.name in have:
+            if column.name in have or (table.name, column.name) in later:
                 continue
             if not column.nullable:
                 raise SchemaOutOfDate(f"Database table {table.name!r} lacks column "
@@ -87,6 +88,14 @@ def _adopt_unversioned(conn: Connection) -> None:
             kind = column.type.compile(dialect=conn.dialect)
             conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
     _stamp(conn, BASELINE)
+
+
+def _added_since_baseline() -> set[tuple[str, str]]:
+    """The (table, column) pairs the revisions after :data:`BASELINE` add (each
+    declares them as ``added_columns``): an adopted database gets them by migrating."""
+    scripts = ScriptDirectory.from_config(alembic_config())
+    return {pair for rev in scripts.walk_revisions(base=BASELINE, head="heads")
+            if rev.revision != BASELINE for pair in getattr(rev.module, "added_columns", ())}
 
 
 def _stamp(conn: Connection, revision: str) -> None:
