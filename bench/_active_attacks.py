@@ -416,7 +416,7 @@ def _dp_accounting_epsilon(events: list[GaussianEvent]) -> float:
 
 
 # -- 11. the exact record count -----------------------------------------------------------
-def exact_count(raw: SiteData) -> dict[str, Any]:
+def exact_count(raw: SiteData, window: int = 100) -> dict[str, Any]:
     """The coordinator reads n off what a site sends. Control: the schedule planned on the
     exact count (epsilon_spent on the card recovers n by matching candidates). Protected:
     planned on the released noisy count: sites of n and n + 1 records that released the
@@ -431,8 +431,8 @@ def exact_count(raw: SiteData) -> dict[str, Any]:
 
     sigma = 2.0
     published = epsilon_for(n, sigma)
-    candidates = [c for c in range(max(1, n - 100), n + 101) if epsilon_for(c, sigma) ==
-                  published]
+    candidates = [c for c in range(max(1, n - window), n + window + 1)
+                  if epsilon_for(c, sigma) == published]
     # Protected: two neighbouring sites (n and n + 1 records), the same released count.
     released = float(n) + 3.7
     spent = []
@@ -450,7 +450,7 @@ def exact_count(raw: SiteData) -> dict[str, Any]:
     c, p = out["control"], out["protected"]
     out["passed"] = c["n_recovered"] and p["identical"]
     out["row"] = [f"n recovered exactly from epsilon_spent ({c['candidates_matching']} "
-                  f"candidate in n +- 100)" if c["n_recovered"] else
+                  f"candidate in n +- {window})" if c["n_recovered"] else
                   f"{c['candidates_matching']} candidates match",
                   f"sites of n and n + 1 records spend {p['epsilon_n']:.4f} and "
                   f"{p['epsilon_n_plus_1']:.4f}: {'identical' if p['identical'] else 'differ'};"

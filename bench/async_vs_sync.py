@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, single_threaded, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, single_threaded, write_results  # noqa: E402
 
 from cardiofed.data.catalog import load_dataset  # noqa: E402
 from cardiofed.simulation.async_runner import run_async  # noqa: E402
@@ -193,7 +193,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--datasets", default="framingham,synthetic")
     parser.add_argument("--skip-loopback", action="store_true")
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # the loopback run is tests/test_network_loopback.py's
+        args.seeds, args.datasets, args.skip_loopback = 1, "synthetic", True
+        SETTINGS["synthetic"]["rounds"] = 2
     seeds = list(range(args.seeds))
     results: dict[str, Any] = {"target_fraction": TARGET_FRACTION, "simulated": {}}
     md = ["# Asynchronous vs synchronous aggregation\n"]

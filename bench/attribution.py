@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, write_results  # noqa: E402
 
 
 def pooled_rd(x: np.ndarray, t: np.ndarray, y: np.ndarray, method: str, estimand: str
@@ -170,7 +170,10 @@ def main() -> None:
     parser.add_argument("--replications", type=int, default=200)
     parser.add_argument("--sites", type=int, default=12)
     parser.add_argument("--loopback", action=argparse.BooleanOptionalAction, default=True)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.replications, args.loopback = 2, False
     from cardiofed.causal.combine import run_attribution
     from cardiofed.causal.design import design_truth
     from cardiofed.causal.sources import synthetic_sites

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, single_threaded, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, single_threaded, write_results  # noqa: E402
 
 from cardiofed.data.framingham import load_framingham  # noqa: E402
 from cardiofed.data.synthetic import synthetic_federation  # noqa: E402
@@ -62,6 +62,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "SCAFFOLD + type-bal. + label q.": dict(algorithm="scaffold", weighting="type-balanced",
                                             label_quality=True),
 }
+SMOKE_METHODS = ("FedAvg", "FedProx", "agnostic (AFL)", "covariate shift",
+                 "q-FFL + label q. + recal", "SCAFFOLD + type-bal. + label q.")
 CRITERIA = {"min_auc": 0.70, "slope": (0.8, 1.2), "max_abs_citl": 0.1}
 
 
@@ -119,7 +121,15 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--datasets", default="uci-heart,framingham,synthetic")
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # one seed, two rounds, the shipped UCI data
+        args.seeds, args.datasets = 1, "uci-heart"
+        for settings in BASE.values():
+            settings.update(rounds=2, local_steps=2)
+        for name in list(METHODS):  # these six between them take every code path
+            if name not in SMOKE_METHODS:
+                del METHODS[name]
     seeds = list(range(args.seeds))
     loaders = {"uci-heart": lambda: load_uci_heart(args.data_dir),
                "framingham": lambda: load_framingham(args.data_dir, seed=0),

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, write_results  # noqa: E402
 
 COMMANDS = ["", "demo", "simulate", "check", "audit", "coordinator", "status",
             "admin create-study", "node run", "node audit", "node ledger",
@@ -89,9 +89,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--demo-args", default="--no-register")
+    add_smoke(parser)
     args = parser.parse_args()
+    commands = COMMANDS
+    if args.smoke:  # the demo's own run is tests/test_estimator_cli.py's
+        args.repeats, commands, args.demo_args = 1, COMMANDS[:2], "--help"
     help_rows = []
-    for command in COMMANDS:
+    for command in commands:
         times = [_wall([*CARDIOFED, *command.split(), "--help"]) for _ in range(args.repeats)]
         help_rows.append([f"cardiofed {command} --help".replace("  ", " "),
                           statistics.median(times), max(times)])

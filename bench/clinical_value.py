@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, single_threaded, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, single_threaded, write_results  # noqa: E402
 
 from cardiofed.data.framingham import load_framingham  # noqa: E402
 from cardiofed.data.synthetic import synthetic_federation  # noqa: E402
@@ -134,8 +134,8 @@ def run_form(data: Any, name: str, variant: str, settings: dict[str, Any], seed:
     return out, result
 
 
-def run_seed(name: str, grid: dict[str, dict[str, Any]], seed: int, data_dir: str | None
-             ) -> dict[str, dict[str, Any]]:
+def run_seed(name: str, grid: dict[str, dict[str, Any]], seed: int, data_dir: str | None,
+             repeats: int = 3) -> dict[str, dict[str, Any]]:
     """Every variant on one seed's federation; the logistic one with the lowest log-loss
     on the sites' calibration splits (validation rows, never the test patients) is the
     selected one, and gets the effective data."""
@@ -147,7 +147,7 @@ def run_seed(name: str, grid: dict[str, dict[str, Any]], seed: int, data_dir: st
                 if settings.get("model", "logistic") == "logistic"]
     chosen = min(logistic, key=lambda f: runs[f]["calibration_loss"])
     started = time.perf_counter()
-    eff = site_effective_data(data, results[chosen], repeats=3, seed=seed)
+    eff = site_effective_data(data, results[chosen], repeats=repeats, seed=seed)
     runs[chosen]["effective"] = {s: e.to_dict() for s, e in eff.items()}
     comparisons = clinical_value(results[chosen], eff).report.comparisons
     runs[chosen]["effective_claim"] = {s: effective_claim(e, comparisons.get(s))
@@ -295,7 +295,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--datasets", default="synthetic,framingham,uci-heart")
     parser.add_argument("--forms", default=",".join(FORMS))
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:  # one seed, one form, two rounds, the shipped UCI data
+        args.seeds, args.datasets, args.forms = 1, "uci-heart", "raw LR"
+        RECIPES["uci-heart"].update(rounds=2, local_steps=2)
+        LENGTHS["uci-heart"] = {"": {}}
     seeds = list(range(args.seeds))
     payload: dict[str, Any] = {"seeds": seeds, "recipes": RECIPES, "forms": FORMS,
                                "lengths": LENGTHS,
@@ -304,7 +309,8 @@ def main() -> None:
     for name in args.datasets.split(","):
         grid = variants(name, args.forms.split(","))
         forms = list(grid)
-        per_seed = [run_seed(name, grid, s, args.data_dir) for s in seeds]
+        per_seed = [run_seed(name, grid, s, args.data_dir, 1 if args.smoke else 3)
+                    for s in seeds]
         results = {form: [r[form] for r in per_seed] for form in [*forms, SELECTED]}
         chosen = [r[SELECTED]["form"] for r in per_seed]
         table, summary = site_table(name, results[SELECTED], RECALIBRATED)

@@ -15,6 +15,7 @@ idle, ``/healthz`` under 0.5 s. Loopback only; every request loop is bounded.
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import subprocess
@@ -30,7 +31,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, write_results  # noqa: E402
 
 CONCURRENT = 4
 # path, body size in MB, the refusals expected (-1: the connection closed on a refusal)
@@ -107,6 +108,10 @@ def flood(url: str, pid: int, path: str, mb: int, expected: set[int]) -> dict[st
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_smoke(parser)
+    args = parser.parse_args()
+    targets = ((TARGETS[0][0], 1, TARGETS[0][2]),) if args.smoke else TARGETS
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,7 +129,7 @@ def main() -> None:
                     pass
                 time.sleep(0.1)
             time.sleep(1.0)
-            rows = [flood(url, proc.pid, path, mb, expected) for path, mb, expected in TARGETS]
+            rows = [flood(url, proc.pid, path, mb, expected) for path, mb, expected in targets]
         finally:
             proc.terminate()
             proc.wait(timeout=30)

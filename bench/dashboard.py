@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, write_results  # noqa: E402
 
 TARGET_MS = 300.0
 
@@ -97,7 +97,10 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=200)
     parser.add_argument("--versions", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=30)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.sites, args.versions, args.repeats = 4, 2, 1
     from fastapi.testclient import TestClient
 
     from cardiofed.coordinator.app import create_app

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, single_threaded, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, single_threaded, write_results  # noqa: E402
 
 from cardiofed.data.uci_heart import load_uci_heart  # noqa: E402
 from cardiofed.simulation.config import SimulationConfig  # noqa: E402
@@ -57,7 +57,10 @@ def main() -> None:
     single_threaded()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
+    add_smoke(parser)
     args = parser.parse_args()
+    seeds = SEEDS[:1] if args.smoke else SEEDS
+    smoke = {"rounds": 1, "local_steps": 2} if args.smoke else {}
     data = load_uci_heart(args.data_dir)
     centres = [s.name for s in data.sites]
     columns = [*centres, POOLED_TEST]
@@ -69,17 +72,18 @@ def main() -> None:
             scores.setdefault(method, {}).setdefault(metric, []).append(
                 [metrics[c][label][metric] for c in columns])
 
-    for seed in SEEDS:
+    for seed in seeds:
         for norm, norm_label in NORMALISATIONS.items():
             common = {**BASE, "standardisation": norm, "seed": seed}
             # Pooled and local-only with FLamby's recipe; local-only always standardises
             # with the site's own statistics, so it is reported once.
-            result = run_experiment(data, SimulationConfig.create(**{**common, **POOLED_RECIPE}))
+            result = run_experiment(data, SimulationConfig.create(
+                **{**common, **POOLED_RECIPE, **({"rounds": 1} if args.smoke else {})}))
             keep(f"pooled ({norm_label})", result.metrics, POOLED)
             if norm == "per-site":
                 keep("local-only", result.metrics, LOCAL)
             for name, settings in STRATEGIES.items():
-                cfg = SimulationConfig.create(**{**common, **settings})
+                cfg = SimulationConfig.create(**{**common, **settings, **smoke})
                 keep(f"{name} ({norm_label})", run_experiment(data, cfg, baselines=False).metrics,
                      FEDERATED)
 

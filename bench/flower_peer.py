@@ -24,7 +24,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import RESULTS, markdown_table, write_results  # noqa: E402
+from _common import markdown_table, results_dir, write_results  # noqa: E402
 
 from cardiofed.data.national import national_federation  # noqa: E402
 from cardiofed.simulation.prepare import prepare_federation  # noqa: E402
@@ -44,7 +44,7 @@ def main() -> None:
         subprocess.run([args.flower_python, str(HERE / "_flower_lr.py"), str(data),
                         str(args.rounds), str(out)], check=True, capture_output=True)
         flower = json.loads(out.read_text())
-    ours = json.loads((RESULTS / "national_scale.json").read_text())["results"]
+    ours = json.loads((results_dir() / "national_scale.json").read_text())["results"]
     mine = {r["backend"]: r for r in ours if r["n_sites"] == args.sites}
     flower_round = float(np.median(flower["round_s"]))
     rows = [["Flower (Ray), NumPy clients", flower_round,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, single_threaded, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, single_threaded, write_results  # noqa: E402
 
 from cardiofed.data.framingham import load_framingham  # noqa: E402
 from cardiofed.simulation.config import SimulationConfig  # noqa: E402
@@ -45,13 +45,15 @@ def main() -> None:
     single_threaded()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
+    add_smoke(parser)
     args = parser.parse_args()
+    seeds, base = (SEEDS[:1], {**BASE, "rounds": 2}) if args.smoke else (SEEDS, BASE)
     data = load_framingham(args.data_dir, seed=0)
     columns = [s.name for s in data.sites] + [POOLED_TEST]
     auc: dict[str, list[list[float]]] = {}
-    for seed in SEEDS:
+    for seed in seeds:
         for name, settings in ALGORITHMS.items():
-            cfg = SimulationConfig.create(**{**BASE, **settings, "seed": seed})
+            cfg = SimulationConfig.create(**{**base, **settings, "seed": seed})
             result = run_experiment(data, cfg, baselines=name == "FedAvg")
             if name == "FedAvg":
                 for label in (POOLED, LOCAL):

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, write_results  # noqa: E402
 from network import SETTINGS, Coordinator, run_nodes  # noqa: E402
 
 # The plain weighted mean at every level (TOML has no null: a cap of 1 and a bound of
@@ -207,10 +207,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--regions", type=int, default=3)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.regions = 1, 1
     from cardiofed.data.synthetic import synthetic_federation
 
-    sites = [s.name for s in synthetic_federation(seed=0).sites]
+    sites = [s.name for s in synthetic_federation(seed=0).sites][:3 if args.smoke else None]
     chunks = np.array_split(np.arange(len(sites)), args.regions)
     regions = {f"region{i + 1}": [sites[j] for j in chunk] for i, chunk in enumerate(chunks)}
     plan = {**SETTINGS, **MEAN, "rounds": args.rounds}

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, write_results  # noqa: E402
 
 
 def worker(n_sites: int, backend: str, out: Path) -> None:
@@ -63,7 +63,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="200,2000,36000")
     parser.add_argument("--loop-up-to", type=int, default=36_000)
     parser.add_argument("--worker", nargs=3, metavar=("SITES", "BACKEND", "OUT"))
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.loop_up_to = "20", 20
     if args.worker:
         worker(int(args.worker[0]), args.worker[1], Path(args.worker[2]))
         return

@@ -49,7 +49,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, write_results  # noqa: E402
 
 HOST = "127.0.0.1"  # loopback only
 SETTINGS: dict[str, Any] = dict(model="logistic", algorithm="fedavg", local_epochs=1,
@@ -461,7 +461,11 @@ def main() -> None:
                              "long-polls (0: no cap)")
     parser.add_argument("--upload-sites", type=int, default=200)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.scale_50, args.upload_sites, args.clients = 1, 0.3, 4, [1]
+        args.poll_wait = 0.2
     if max(args.clients) > 10:
         parser.error("--clients above 10 exceed what the coordinator's connection pool "
                      "serves without stalling (see the notes)")
@@ -476,7 +480,8 @@ def main() -> None:
         workdir = Path(tmp)
         studies = [networked_study(workdir, n, scale, args.rounds, args.poll_wait,
                                    args.max_in_flight)
-                   for n, scale in ((4, 1.0), (50, args.scale_50))]
+                   for n, scale in ((4, 0.3 if args.smoke else 1.0),
+                                    (5 if args.smoke else 50, args.scale_50))]
         uploads = upload_throughput(workdir, args.upload_sites, args.clients)
 
     rows = [[r["n_sites"], r["train_rows"], r["in_process_s_per_round"],

@@ -59,7 +59,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, write_results  # noqa: E402
 
 HOST = "127.0.0.1"
 STARTUP_S = 60.0
@@ -412,7 +412,10 @@ def main() -> None:
                         help="sites of the national run (with the SIGKILL); 0 skips it")
     parser.add_argument("--national-processes", type=int, default=4)
     parser.add_argument("--in-flight", type=int, default=32)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.sites, args.processes, args.national, args.in_flight = 20, [1], 0, 4
     if not args.database_url or not args.database_url.startswith("postgresql"):
         parser.error("--database-url (or CARDIOFED_BENCH_POSTGRES_URL) must name a PostgreSQL "
                      "database this bench may wipe")

@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
-from _common import markdown_table, single_threaded, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, single_threaded, write_results  # noqa: E402
 from survey_export import EXAMPLES, write_survey_sites  # noqa: E402
 
 from cardiofed.data.sites import federation_from_csv  # noqa: E402
@@ -44,13 +44,17 @@ def main() -> None:
     single_threaded()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    add_smoke(parser)
     args = parser.parse_args()
+    rounds = 1 if args.smoke else 20
+    if args.smoke:
+        args.seeds = 1
     declared = StudyFeatures.from_toml(EXAMPLES / "features.toml")
     rows, runs = [], []
     with tempfile.TemporaryDirectory() as folder:
         for seed in range(args.seeds):
             csvs, mappings = write_survey_sites(Path(folder), SITES, seed=seed)
-            config = SimulationConfig.create(rounds=20, seed=seed, eval_every=0,
+            config = SimulationConfig.create(rounds=rounds, seed=seed, eval_every=0,
                                              study_features=declared, stop_patience=None)
             run: dict[str, object] = {"seed": seed}
             for label, features in (("built-in only", BUILT_IN), ("all 17", None)):
@@ -65,7 +69,7 @@ def main() -> None:
             runs.append(run)
         # The command line, end to end, on the last seed's files.
         cli = [sys.executable, "-m", "cardiofed.cli", "simulate", "--dataset", "csv",
-               "--features", str(EXAMPLES / "features.toml"), "--rounds", "5",
+               "--features", str(EXAMPLES / "features.toml"), "--rounds", str(min(rounds, 5)),
                "--no-effective-data", "--out", str(Path(folder) / "report")]
         for csv, mapping in zip(csvs, mappings, strict=True):
             cli += ["--csv", str(csv), "--mapping", str(mapping)]

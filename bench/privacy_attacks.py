@@ -44,7 +44,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _active_attacks as active  # noqa: E402
-from _common import markdown_table, single_threaded, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, single_threaded, write_results  # noqa: E402
 
 from cardiofed.data.dataset import FederatedDataset, SiteData  # noqa: E402
 from cardiofed.data.preprocessing import (  # noqa: E402
@@ -74,8 +74,9 @@ EPSILON, DELTA = 1.0, 1e-5
 PLAN_SEED, SITE_INDEX, LR, CLIP = 42, 0, 0.05, 1.0
 REL_TOL = 1e-3  # a record counts as reconstructed below this relative L2 error
 N_THRESHOLDS = 62
-FULL = {"records": 50, "pairs": 5, "removed": 100, "trials": 300, "boot": 500}
-QUICK = {"records": 10, "pairs": 2, "removed": 10, "trials": 60, "boot": 200}
+FULL = {"records": 50, "pairs": 5, "removed": 100, "trials": 300, "boot": 500, "window": 100}
+QUICK = {"records": 10, "pairs": 2, "removed": 10, "trials": 60, "boot": 200, "window": 100}
+SMOKE = {"records": 2, "pairs": 1, "removed": 2, "trials": 6, "boot": 20, "window": 3}
 
 
 def load_site(data_dir: str | None) -> tuple[FederatedDataset, SiteData, PreparedSite]:
@@ -534,8 +535,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--quick", action="store_true", help="fewer records and trials")
+    add_smoke(parser)
     args = parser.parse_args()
-    size = QUICK if args.quick else FULL
+    size = SMOKE if args.smoke else QUICK if args.quick else FULL
     began = time.perf_counter()
     dataset, raw, site = load_site(args.data_dir)
     attacks: dict[str, tuple[str, Any]] = {
@@ -563,7 +565,7 @@ def main() -> None:
         "ledger_binding": ("10. One hospital, 11 studies (orders, subsets, names, exports)",
                            lambda: active.ledger_binding(raw)),
         "exact_count": ("11. Exact record count (epsilon_spent, num_samples)",
-                        lambda: active.exact_count(raw)),
+                        lambda: active.exact_count(raw, size["window"])),
         "names_and_exact_releases": ("12. Path traversal; batch 1 and exact attribution",
                                      active.names_and_exact_releases),
     }

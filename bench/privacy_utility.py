@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, markdown_table, single_threaded, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, results_dir, single_threaded, write_results  # noqa: E402
 
 from cardiofed.data.catalog import load_dataset  # noqa: E402
 from cardiofed.experiments.acceptability import (  # noqa: E402
@@ -56,7 +56,7 @@ from cardiofed.simulation.experiment import FEDERATED, run_experiment  # noqa: E
 EPSILONS: tuple[float | None, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, None)
 DELTA = 1e-5
 NOISY_LABELS = "tier2_04"
-RESULTS_FILE = RESULTS / "privacy_utility.json"
+RESULTS_FILE = results_dir() / "privacy_utility.json"
 SHORT = {Verdict.ACCEPTABLE: "ok", Verdict.INSUFFICIENT: "?", Verdict.NOT_ACCEPTABLE: "no"}
 SETUPS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
     # Every row on its DP schedule: the non-private reference too runs every round.
@@ -71,9 +71,12 @@ SETUPS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
 }
 
 
+DEMO_DATA: dict[str, int] = {"n_sites": 12, "eval_size": 20_000}
+
+
 def _dataset(name: str, data_dir: str | None, seed: int) -> Any:
     if name == "demo":
-        return load_dataset("synthetic", seed=seed, n_sites=12, eval_size=20_000)
+        return load_dataset("synthetic", seed=seed, **DEMO_DATA)
     return load_dataset(name, seed=0, data_dir=data_dir)
 
 
@@ -163,7 +166,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--only", choices=list(SETUPS), action="append")
+    add_smoke(parser)
     args = parser.parse_args()
+    epsilons = EPSILONS
+    if args.smoke:  # epsilon 1 and no DP, one round of the demo's setup
+        args.only, epsilons = ["demo"], (1.0, None)
+        SETUPS["demo"][0]["rounds"] = 1
+        DEMO_DATA.update(n_sites=4, eval_size=500)
     payload: dict[str, Any] = {"delta": DELTA, "criteria": "AUC >= 0.7, slope in [0.8, 1.2], "
                                                            "|CITL| <= 0.1 on 95% intervals"}
     if args.only and RESULTS_FILE.exists():  # keep the other setups' last figures
@@ -172,7 +181,7 @@ def main() -> None:
     for name in args.only or list(SETUPS):
         settings, seeds = SETUPS[name]
         runs = {("no DP" if eps is None else f"{eps:g}"): [
-            _run(name, eps, seed, args.data_dir) for seed in seeds] for eps in EPSILONS}
+            _run(name, eps, seed, args.data_dir) for seed in seeds] for eps in epsilons}
         section, figures = _summary(name, runs)
         one, exact = figures["1"], figures["no DP"]
         targets: dict[str, Any] = {

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, single_threaded, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, single_threaded, write_results  # noqa: E402
 
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm  # noqa: E402
 from cardiofed.data.framingham import load_framingham  # noqa: E402
@@ -173,10 +173,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--quick", action="store_true", help="synthetic only, 10 rounds")
+    add_smoke(parser)
     args = parser.parse_args()
     datasets = {"synthetic": synthetic_federation(seed=0)}
     base = dict(BASE)
-    if args.quick:
+    if args.smoke:  # two rounds, the default rule and FedAvg
+        args.quick = True
+        for rule in [r for r in RULES if r not in ("FedAvg (no defence)", DEFAULT)]:
+            del RULES[rule]
+    if args.smoke:
+        base["rounds"] = 2
+    elif args.quick:
         base["rounds"] = 10
     else:
         datasets = {"framingham": load_framingham(args.data_dir, seed=0), **datasets}

@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, write_results  # noqa: E402
 
 SITE_COUNTS = (4, 50, 200)
 ROUNDS = 20
 SETTINGS = dict(model="logistic", algorithm="fedavg", rounds=ROUNDS, local_epochs=1,
-                batch_size=32, lr=0.05, eval_every=0, seed=0)
+                batch_size=32, lr=0.05, eval_every=0, seed=0,
+                stop_patience=None)  # every round, as the bare loop runs them
 
 
 def _iid_sites(n_sites: int, data_dir: str | None):  # type: ignore[no-untyped-def]
@@ -104,12 +105,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
+    add_smoke(parser)
     args = parser.parse_args()
+    counts = SITE_COUNTS[:1] if args.smoke else SITE_COUNTS
+    if args.smoke:
+        args.repeats = 1
     if args.worker:
         _worker(args.worker[0], int(args.worker[1]), args.data_dir)
         return
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for n in SITE_COUNTS:
+    for n in counts:
         for kind in ("bare", "cardiofed"):
             runs = []
             for _ in range(args.repeats):

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, write_results  # noqa: E402
 
 
 def close_round(workdir: Path, n_sites: int, model: str, rule: str) -> dict[str, Any]:
@@ -120,7 +120,10 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=36_000)
     parser.add_argument("--models", nargs="+", default=["logistic", "mlp"])
     parser.add_argument("--rules", nargs="+", default=["mean", "median"])
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.sites, args.models = 20, ["logistic"]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, single_threaded, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, single_threaded, write_results  # noqa: E402
 from robustness import DEFAULT, FlowerRule, flower_rules  # noqa: E402
 from robustness import RULES as ROBUSTNESS_RULES  # noqa: E402
 
@@ -65,7 +65,8 @@ from cardiofed.simulation.prepare import PreparedSite, _prepared, prepare_federa
 from cardiofed.simulation.runner import round_metrics, run_federated  # noqa: E402
 
 BASE = dict(model="logistic", algorithm="fedavg", rounds=20, local_epochs=1, batch_size=32,
-            lr=0.05, standardisation="global", eval_every=0, seed=0, backend="loop")
+            lr=0.05, standardisation="global", eval_every=0, seed=0, backend="loop",
+            stop_patience=None)  # attacks over a fixed schedule: no early stop to steer
 # bench/robustness.py's rules, less multi-Krum with f = 1 (f = 2 stands for Krum here).
 RULES: dict[str, dict[str, Any]] = {rule: settings for rule, settings in ROBUSTNESS_RULES.items()
                                     if rule != "multi-Krum f=1 (cap, bound)"}
@@ -273,10 +274,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--quick", action="store_true", help="synthetic only, 10 rounds")
+    add_smoke(parser)
     args = parser.parse_args()
     base = dict(BASE)
     datasets = {"synthetic": synthetic_federation(8, seed=0)}
-    if args.quick:
+    if args.smoke:
+        base["rounds"] = 2
+        for rule in [r for r in RULES if r != DEFAULT]:
+            del RULES[rule]
+    elif args.quick:
         base["rounds"] = 10
     else:
         datasets["framingham"] = load_framingham(args.data_dir, seed=0)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, write_results  # noqa: E402
 from network_scale import create_study, reset, statistics_payloads  # noqa: E402
 
 
@@ -72,7 +72,10 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=500)
     parser.add_argument("--warm-up", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.uploads, args.warm_up, args.repeats = 5, 1, 1
     if not args.database_url:
         raise SystemExit("Give --database-url (a PostgreSQL database this bench may wipe) or "
                          "set CARDIOFED_BENCH_POSTGRES_URL.")

@@ -40,7 +40,7 @@ import numpy as np
 from fastapi import Request  # module level: the endpoint's annotations are resolved here
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, write_results  # noqa: E402
 from network_scale import (  # noqa: E402
     HOST,
     Coordinators,
@@ -102,6 +102,11 @@ def run(workdir: Path, url: str, server: str, processes: int, n: int, in_flight:
         names: list[str], credentials: dict[str, str], payloads: dict[str, bytes],
         study: str) -> dict[str, Any]:
     if server == "coordinator":  # network_scale's study: its training round is measured
+        from sqlalchemy import create_engine
+
+        engine = create_engine(url)  # the store refuses a database with foreign tables
+        floor_table().drop(engine, checkfirst=True)
+        engine.dispose()
         out = run_study(workdir, url, processes, n, in_flight)["train"]
     else:
         from sqlalchemy import create_engine
@@ -128,7 +133,10 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=32)
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--no-database", action="store_true", help=argparse.SUPPRESS)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.uploads, args.processes, args.in_flight = 20, [1], 2
     if args.serve:
         serve(args.serve, None if args.no_database else args.database_url)
         return

@@ -236,3 +236,41 @@ def test_site_with_one_class_in_its_test_split_gets_nan_auc(
         assert not math.isnan(result.metrics[POOLED_TEST][label]["auc"])
     assert math.isnan(result.federated.history[-1][f"auc/{site.name}"])
     assert not math.isnan(result.federated.history[-1]["pooled_auc"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_local_only_models_penalty_is_scikit_learns_neg_log_loss_choice(seed: int) -> None:
+    """train_alone scores its folds from the log-odds; scikit-learn's ``neg_log_loss``
+    scorer picks the same penalty and the same model."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+
+    from cardiofed.simulation.alone import FOLDS, PENALTY_GRID, train_alone
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(150 + 200 * seed, 6))
+    y = (rng.random(len(x)) < 1 / (1 + np.exp(1.5 - x[:, 0] - 0.5 * x[:, 1]))).astype(float)
+    ours = train_alone(x, y, SimulationConfig.create(), seed=seed)
+    reference = LogisticRegressionCV(
+        Cs=list(PENALTY_GRID), cv=StratifiedKFold(n_splits=FOLDS, shuffle=True,
+                                                  random_state=seed),
+        scoring="neg_log_loss", max_iter=5000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        reference.fit(x, y.astype(int))
+    np.testing.assert_allclose(ours["linear.weight"].ravel(), reference.coef_.ravel(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(ours["linear.bias"], reference.intercept_, rtol=1e-5)
+
+
+def test_label_quality_with_fewer_than_three_sites_is_refused_by_name() -> None:
+    from cardiofed.data.synthetic import synthetic_federation
+    from cardiofed.exceptions import ConfigurationError
+    from cardiofed.simulation.experiment import run_experiment
+
+    data = synthetic_federation(n_sites=2, seed=0, size_scale=0.2)
+    with pytest.raises(ConfigurationError, match="label_quality .* needs at least 3 sites; "
+                                                 "this federation has 2"):
+        run_experiment(data, SimulationConfig.create(rounds=1, label_quality=True))

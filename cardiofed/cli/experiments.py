@@ -167,7 +167,9 @@ DEMO_EVAL_SIZE = 20_000
 
 
 def demo(
-    sites: Annotated[int, typer.Option(help="Number of synthetic hospitals.")] = 12,
+    sites: Annotated[int, typer.Option(
+        min=3, help="Number of synthetic hospitals (at least 3: the demo checks each "
+                    "site's labels against the others').")] = 12,
     rounds: Annotated[int | None, typer.Option(
         help="The most federated rounds (default: 100, stopping once the sites' loss stops "
              "improving; 20 under DP).")] = None,

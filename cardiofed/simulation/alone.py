@@ -27,6 +27,14 @@ PENALTY_GRID = tuple(float(c) for c in np.logspace(-3, 3, 7))  # sklearn's C = 1
 FOLDS = 5
 
 
+def _neg_log_loss(model: LogisticRegression, x: np.ndarray, y: np.ndarray) -> float:
+    """scikit-learn's ``neg_log_loss`` on a fold's fit, from its log-odds: the same
+    choice of penalty without the per-call validation that took half the curve's time."""
+    z = x @ np.ravel(model.coef_) + np.ravel(model.intercept_)[0]
+    positive = (np.asarray(y) == model.classes_[1]).astype(float)
+    return -float(np.mean(np.logaddexp(0.0, z) - positive * z))
+
+
 def train_alone(x: np.ndarray, y: np.ndarray, config: SimulationConfig, *,
                 seed: int) -> Weights:
     """One site's own model on its preprocessed rows `x` and 0/1 labels `y`."""
@@ -39,7 +47,7 @@ def train_alone(x: np.ndarray, y: np.ndarray, config: SimulationConfig, *,
     model: LogisticRegression | LogisticRegressionCV
     if rarer >= 2:
         folds = StratifiedKFold(n_splits=min(FOLDS, rarer), shuffle=True, random_state=seed)
-        model = LogisticRegressionCV(Cs=list(PENALTY_GRID), cv=folds, scoring="neg_log_loss",
+        model = LogisticRegressionCV(Cs=list(PENALTY_GRID), cv=folds, scoring=_neg_log_loss,
                                      max_iter=5000)
         with warnings.catch_warnings():  # scikit-learn 1.8 announces attribute changes
             warnings.simplefilter("ignore", FutureWarning)

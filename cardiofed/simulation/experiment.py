@@ -30,7 +30,7 @@ from cardiofed.evaluation.label_quality import (
 from cardiofed.evaluation.metrics import binary_metrics
 from cardiofed.evaluation.private_metrics import metrics_with_uncertainty, score_bin_edges
 from cardiofed.evaluation.recalibration import Recalibration, fit_update
-from cardiofed.exceptions import PrivacyBudgetExceeded
+from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.models.networks import Weights, score
 from cardiofed.names import safe_name
 from cardiofed.privacy.budget import (
@@ -209,6 +209,10 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     ``federated+fine-tuned``. Local-only models train on all of a site's training rows;
     the pooled model on the rows the federation trained on.
     """
+    if config.label_quality and len(dataset.sites) < 3:
+        raise ConfigurationError(f"label_quality compares each site's labels with the other "
+                                 f"sites' models: it needs at least 3 sites; this federation "
+                                 f"has {len(dataset.sites)}.")
     privacy = site_privacy(dataset, config, ledger_dir)
     form = config.model_form(dataset.feature_names)
     federation, held_out = _hold_out_calibration(dataset, config)
