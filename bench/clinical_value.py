@@ -105,7 +105,7 @@ def run_form(data: Any, name: str, variant: str, settings: dict[str, Any], seed:
     started = time.perf_counter()
     result = run_experiment(data, config)
     out: dict[str, Any] = {"form": variant, "seconds": time.perf_counter() - started,
-                           "rounds": result.federated.stopped_at or config.rounds,
+                           "rounds": result.federated.rounds,
                            "models": {}, "calibration_loss": sum(
                                result.calibration_loss.values())}
     for model in MODELS:

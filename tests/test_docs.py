@@ -80,3 +80,40 @@ def test_every_command_names_real_commands_and_options(page: Path) -> None:
             wrong += [f"{line}: no option {w.split('=')[0]!r}" for w in words
                       if w.startswith("--") and w.split("=")[0] not in known]
     assert wrong == []
+
+
+RESULTS = ROOT / "bench" / "results"
+# A figure: a decimal, or whole seconds ("37 s"); what code spans hold is a setting.
+FIGURE = re.compile(r"(?<![\w.\-+/])(\d[\d,]*\.\d+|\d+(?= s\b))(?![\w.])")
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _cited_figures() -> list[tuple[str, str, str]]:
+    """(page, results file, figure) for each figure in a sentence of the README or docs/
+    that cites a benchmark (``bench/NAME.py`` or ``bench/results/NAME.md``)."""
+    out = []
+    for page in PAGES:
+        for sentence in re.split(r"(?<=[.;:!?])\s+(?=[A-Z(`])|\n\s*\n", _prose(page)):
+            cited = sorted({name for name in re.findall(
+                r"bench/(?:results/)?(\w+)\.(?:py|md|json)", sentence)
+                if (RESULTS / f"{name}.md").exists()})
+            figures = FIGURE.findall(re.sub(r"`[^`]*`", "", sentence))
+            out += [(page.name, name, figure) for name in cited[:1] if len(cited) == 1
+                    for figure in figures]
+    return out
+
+
+def _stated_in(figure: str, results: str) -> bool:
+    """The figure, as written, is a number of the results file rounded to its digits."""
+    digits = len(figure.split(".")[1]) if "." in figure else 0
+    value = float(figure.replace(",", ""))
+    return any(round(abs(float(n.replace(",", ""))), digits) == value
+               for n in NUMBER.findall(results))
+
+
+def test_figures_quoted_beside_a_benchmark_come_from_its_results_file() -> None:
+    cited = _cited_figures()
+    assert len(cited) >= 3  # the rule has something to check
+    stale = [(page, f"bench/results/{name}.md", figure) for page, name, figure in cited
+             if not _stated_in(figure, (RESULTS / f"{name}.md").read_text())]
+    assert not stale, f"figures not in the results file their sentence cites: {stale}"

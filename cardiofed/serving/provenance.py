@@ -43,7 +43,7 @@ def from_experiment(result: ExperimentResult, *, study: str, feature_names: list
              for site, r in result.recalibrations.items() if r.fitted}
     return build_model(study=study, source="simulation", model=config.model,
                        algorithm=config.algorithm, settings=config.model_dump(),
-                       rounds=result.federated.stopped_at or config.rounds,
+                       rounds=result.federated.rounds,
                        sites=list(result.site_sizes), site_types=result.site_types,
                        # under DP the exact counts are never published
                        records=None if result.privacy else sum(result.site_sizes.values()),

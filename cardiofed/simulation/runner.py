@@ -112,7 +112,9 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                   site_multipliers: Mapping[str, float] | None = None,
                   on_round: Callable[[int, Weights], None] | None = None,
                   speeds: Mapping[str, SiteSpeed] | None = None) -> FederatedRun:
-    """Run ``config.rounds`` rounds of ``config``'s algorithm over the sites.
+    """Run at most ``config.rounds`` rounds of ``config``'s algorithm over the sites,
+    stopping earlier once converged (``config.stopping_rule()``: the median of the global
+    model's loss the sites report has stopped improving; ``stopped_at`` says when).
 
     Each round samples ``fraction_fit`` of the sites (at least one), lets each train
     from the current global model, and applies the server step. Every
