@@ -141,7 +141,9 @@ def loopback(workdir: Path, aggregation: str) -> dict[str, Any]:
     n = len(names)
     plan = {**LOOPBACK_PLAN, "rounds": LOOPBACK_ROUNDS}
     if aggregation == "async":
-        plan.update(aggregation="async", buffer_size=2, rounds=LOOPBACK_ROUNDS * n // 2)
+        # The smallest buffer a networked study takes under its default robust rule
+        # (2f + 1 sites, f = 1 of 4): a version built from fewer is the malicious ones'.
+        plan.update(aggregation="async", buffer_size=3, rounds=LOOPBACK_ROUNDS * n // 3)
     coordinator = Coordinator(workdir, f"coordinator-{aggregation}")
     agents: list[NodeAgent] = []
     try:
