@@ -83,8 +83,8 @@ def test_every_command_names_real_commands_and_options(page: Path) -> None:
 
 
 RESULTS = ROOT / "bench" / "results"
-# A figure: a decimal, or whole seconds ("37 s"); what code spans hold is a setting.
-FIGURE = re.compile(r"(?<![\w.\-+/])(\d[\d,]*\.\d+|\d+(?= s\b))(?![\w.])")
+# A figure: a decimal, or whole (milli)seconds ("37 s"); what code spans hold is a setting.
+FIGURE = re.compile(r"(?<![\w.\-+/])(\d[\d,]*\.\d+|\d+(?= m?s\b))(?![\w.])")
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
