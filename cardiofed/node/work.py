@@ -196,8 +196,7 @@ def train_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig, wei
         model, weights, bounded_rows(pre, site.x_train, ranges),
         site.y_train.astype(np.float32),
         site=manifest["site"], seed=derive_seed(plan.seed, round_number, site_index),
-        trainer=trainer, report_global_loss=privacy is None and (
-            plan.stopping_rule() is not None or plan.weighting_rule().needs_loss))
+        trainer=trainer, report_global_loss=privacy is None and plan.reports_global_loss)
     if privacy is not None:
         update = privacy.declare(update)
     return encode_arrays(update.delta, {**manifest, **update_manifest(update)})

@@ -105,6 +105,7 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     if config.buffer_timeout_s is not None:
         push(config.buffer_timeout_s, _TIMEOUT, 0)
     t = 0.0
+    needs_loss = config.reports_global_loss
     while events and version < config.rounds:
         t, _, kind, what = heapq.heappop(events)
         if max_time_s is not None and t > max_time_s:
@@ -118,7 +119,7 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             update = None
             try:
                 update = _train(algorithm, model, versions[trained_from], site,
-                                privacy, rule.needs_loss, seed=derive_seed(
+                                privacy, needs_loss, seed=derive_seed(
                                     config.seed, trained_from + 1, k))
             except PrivacyBudgetExceeded as refusal:
                 run.refusals.append((trained_from + 1, site.name, str(refusal)))

@@ -180,6 +180,13 @@ class SimulationConfig(BaseModel):
             return None
         return StoppingRule(patience=self.stop_patience, tolerance=self.stop_tolerance)
 
+    @property
+    def reports_global_loss(self) -> bool:
+        """Whether a site reports the global model's loss on its rows with its update: the
+        weighting needs it (q-FFL, agnostic) or the stopping rule does. A private site
+        computes it and declares none (:meth:`SitePrivacy.declare`)."""
+        return self.weighting_rule().needs_loss or self.stopping_rule() is not None
+
     def staleness_rule(self) -> StalenessRule:
         return StalenessRule(kind=self.staleness, exponent=self.staleness_exponent,
                              hinge=self.staleness_hinge, max_staleness=self.max_staleness)

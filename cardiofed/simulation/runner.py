@@ -159,7 +159,7 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
         config.vectorised_refusal() is None
     clocks = site_clocks(sites, config, speeds) if speeds is not None else None
     stopping, losses = config.stopping_rule(), []
-    needs_loss = rule.needs_loss or stopping is not None
+    needs_loss = config.reports_global_loss
     now = 0.0
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                    TextColumn("{task.completed}/{task.total} rounds"),
