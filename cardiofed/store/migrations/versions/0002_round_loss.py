@@ -18,7 +18,9 @@ added_columns = [('rounds', 'loss')]
 
 
 def upgrade() -> None:
-    # A database built at a later schema and never stamped may have it already.
+    # An unversioned database whose rounds table adoption had to create got it at the
+    # newest shape (cardiofed.store.migrations._adopt_unversioned creates missing tables
+    # from the current metadata; existing tables are left these columns to add).
     if 'loss' in {c['name'] for c in sa.inspect(op.get_bind()).get_columns('rounds')}:
         return
     with op.batch_alter_table('rounds') as batch:
