@@ -71,3 +71,10 @@ def test_every_feature_name_is_whole_at_80_columns() -> None:
     assert set(CATALOGUE.features) <= first_words
     assert set(CATALOGUE.outcomes) <= first_words
     assert "[columns.<name>]" in result.output
+
+
+def test_a_demo_of_fewer_than_three_sites_is_refused_by_name() -> None:
+    result = CliRunner().invoke(app, ["demo", "--sites", "2", "--no-register"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--sites'" in result.output
+    assert "greater than or equal to 3" in result.output
