@@ -68,27 +68,59 @@ def prepare(workdir: Path) -> tuple[str, str, Any]:
     return url, key, model
 
 
-def start_server(url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def bare_app() -> Any:
+    """The stack's ceiling: FastAPI reading the same JSON body and answering a small JSON
+    object, with no authentication, validation, scoring or middleware."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.post("/v1/risk")
+    async def risk(body: dict[str, Any]) -> dict[str, float]:
+        return {"risk": 0.1}
+
+    return app
+
+
+def serve_bare(port: int) -> None:
+    """Run :func:`bare_app` as ``cardiofed serve`` runs the risk API."""
+    import uvicorn
+
+    uvicorn.run(bare_app(), host=HOST, port=port, log_config=None, access_log=False)
+
+
+def start_server(command: list[str], workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `command` (it takes ``--port`` last) on a free loopback port."""
     with socket.socket() as s:
         s.bind((HOST, 0))
         port = s.getsockname()[1]
-    exe = shutil.which("cardiofed")
-    if exe is None:
-        raise SystemExit("The cardiofed console script is not on PATH (pip install -e .).")
-    log = open(workdir / "serve.log", "wb")  # noqa: SIM115 (the child keeps it)
+    log = open(workdir / "serve.log", "ab")  # noqa: SIM115 (the child keeps it)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([exe, "serve", "--host", HOST, "--port", str(port), "--db", url],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen([*command, "--port", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
     base = f"http://{HOST}:{port}"
     give_up = time.monotonic() + 60
     while time.monotonic() < give_up:
         try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return proc, base
+            httpx.get(f"{base}/healthz", timeout=1)  # any answer: it listens
+            return proc, base
         except httpx.TransportError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("cardiofed serve did not start within 60 s")
+    raise RuntimeError(f"{command} did not start within 60 s")
+
+
+def measure(command: list[str], workdir: Path, key: str, args: argparse.Namespace
+            ) -> dict[str, Any]:
+    """Latency and throughput of the server that `command` starts."""
+    proc, base = start_server(command, workdir)
+    try:
+        return {"latency": latency(base, key, args.requests),
+                "throughput": [throughput(base, key, c, args.seconds, proc.pid)
+                               for c in args.clients]}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
 
 
 def latency(base: str, key: str, n: int) -> dict[str, float]:
@@ -109,17 +141,19 @@ def latency(base: str, key: str, n: int) -> dict[str, float]:
             "mean_ms": statistics.fmean(times)}
 
 
-def _client(base: str, key: str, seconds: float, counts: Any, index: int) -> None:
+def _client(base: str, key: str, seconds: float, results: Any) -> None:
     headers = {"Authorization": f"Bearer {key}"}
-    done = 0
+    times = []
     with httpx.Client(base_url=base, headers=headers) as client:
         for _ in range(50):  # warm-up
             client.post("/v1/risk", json=PATIENT)
         stop = time.perf_counter() + seconds
         while time.perf_counter() < stop:
-            if client.post("/v1/risk", json=PATIENT).status_code == 200:
-                done += 1
-    counts[index] = done
+            started = time.perf_counter()
+            ok = client.post("/v1/risk", json=PATIENT).status_code == 200
+            if ok:
+                times.append((time.perf_counter() - started) * 1000)
+    results.put(times)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -130,18 +164,22 @@ def _cpu_seconds(pid: int) -> float:
 
 def throughput(base: str, key: str, clients: int, seconds: float,
                server_pid: int) -> dict[str, float]:
-    counts = mp.Array("i", clients)
+    """`clients` closed-loop client processes for `seconds`: requests answered 200 per
+    second, their latency, and the server's CPU time per request."""
+    results: Any = mp.Queue()
     cpu_before = _cpu_seconds(server_pid)
-    procs = [mp.Process(target=_client, args=(base, key, seconds, counts, i))
-             for i in range(clients)]
+    procs = [mp.Process(target=_client, args=(base, key, seconds, results))
+             for _ in range(clients)]
     for p in procs:
         p.start()
+    times = sorted(t for _ in procs for t in results.get())
     for p in procs:
         p.join()
-    total = sum(counts[:])
     server_cpu = _cpu_seconds(server_pid) - cpu_before  # includes the clients' warm-up
+    total = len(times)
     return {"clients": clients, "seconds": seconds, "requests_ok": total,
-            "requests_per_s": total / seconds, "server_cpu_s": server_cpu,
+            "requests_per_s": total / seconds, "p50_ms": statistics.median(times),
+            "p99_ms": times[int(0.99 * total)], "server_cpu_s": server_cpu,
             "server_requests_per_cpu_s": (total + 50 * clients) / server_cpu}
 
 
@@ -190,34 +228,46 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     add_smoke(parser)
     args = parser.parse_args()
+    if args.serve_bare:
+        serve_bare(args.port)
+        return
     n_rows = OFFLINE_ROWS
     if args.smoke:
         args.requests, args.seconds, args.clients, n_rows = 20, 0.5, [1], 2_000
     with tempfile.TemporaryDirectory(prefix="cardiofed-serving-") as tmp:
         workdir = Path(tmp)
         url, key, model = prepare(workdir)
-        proc, base = start_server(url, workdir)
-        try:
-            lat = latency(base, key, args.requests)
-            thr = [throughput(base, key, c, args.seconds, proc.pid) for c in args.clients]
-        finally:
-            proc.terminate()
-            proc.wait(timeout=15)
+        exe = shutil.which("cardiofed")
+        if exe is None:
+            raise SystemExit("The cardiofed console script is not on PATH (pip install -e .).")
+        api = measure([exe, "serve", "--host", HOST, "--db", url], workdir, key, args)
+        bare = measure([sys.executable, __file__, "--serve-bare"], workdir, key, args)
         off = offline(workdir, model, n_rows)
-    results = {"latency": lat, "throughput": thr, "offline": off}
+    lat, thr = api["latency"], api["throughput"]
+    results = {"latency": lat, "throughput": thr, "bare_endpoint": bare, "offline": off}
     md = ["# Risk API on loopback (one uvicorn worker) and offline scoring\n",
           markdown_table(["requests", "p50 ms", "p90 ms", "p99 ms", "mean ms"],
                          [[lat["requests"], lat["p50_ms"], lat["p90_ms"], lat["p99_ms"],
                            lat["mean_ms"]]], digits=2),
           "\nThroughput (closed-loop httpx client processes on the same 2 cores; the "
           "server's own CPU time gives what one worker sustains per core):\n",
-          markdown_table(["clients", "seconds", "requests OK", "requests/s",
-                          "server CPU s", "requests per server CPU s"],
+          markdown_table(["clients", "seconds", "requests OK", "requests/s", "p50 ms",
+                          "p99 ms", "server CPU s", "requests per server CPU s"],
                          [[t["clients"], t["seconds"], t["requests_ok"], t["requests_per_s"],
-                           t["server_cpu_s"], t["server_requests_per_cpu_s"]]
-                          for t in thr], digits=0),
+                           t["p50_ms"], t["p99_ms"], t["server_cpu_s"],
+                           t["server_requests_per_cpu_s"]] for t in thr], digits=2),
+          "\nThe stack's ceiling, measured the same way: a bare FastAPI endpoint on the same "
+          "uvicorn settings reading the same JSON body and answering a constant (no "
+          "authentication, validation, scoring, logging or other middleware):\n",
+          markdown_table(["clients", "requests/s", "p50 ms", "p99 ms",
+                          "requests per server CPU s"],
+                         [[t["clients"], t["requests_per_s"], t["p50_ms"], t["p99_ms"],
+                           t["server_requests_per_cpu_s"]] for t in bare["throughput"]],
+                         digits=2),
           f"\nOffline, {off['rows']:,} rows ({off['input_mb']:.0f} MB CSV, site mapping; "
           f"{off['scored']:,} scored, {off['rejected']:,} rejected for missing or invalid "
           f"values, each listed with its reasons; rows/s counts rows read):\n",

@@ -37,6 +37,10 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         force=True)
+    # A line per request: skip what the format does not show (the logging HOWTO's
+    # "Optimization": caller, thread and process of each record).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     try:
         settings = ServingSettings(database_url=chosen_url(db))
     except ValueError as exc:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -164,9 +165,12 @@ class Preprocessor:
 
     def standardise(self, x: np.ndarray) -> np.ndarray:
         """Encoded rows -> standardised model columns, in float64."""
-        scale = np.where(self.std > 0, self.std, 1.0)
-        out: np.ndarray = (self.columns(np.asarray(x, dtype=np.float64)) - self.mean) / scale
+        out: np.ndarray = (self.columns(np.asarray(x, dtype=np.float64)) - self.mean) / self._scale
         return out
+
+    @cached_property
+    def _scale(self) -> np.ndarray:
+        return np.where(self.std > 0, self.std, 1.0)
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Encoded rows -> standardised model columns, as float32 for the network."""

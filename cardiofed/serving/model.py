@@ -261,21 +261,20 @@ class RiskModel:
         Every problem is collected and raised together as :class:`PatientErrors`, each
         naming the field and, for numbers, the allowed range in the unit used.
         """
-        units = dict(units or {})
+        units = units or {}
         prefix = f"{where}." if where else ""  # e.g. "patients[3]." in a batch
         problems: list[tuple[str, str]] = []
-        known = set(self.card.features)
-        expected = ", ".join(self.card.features)
-        for name in features:
-            if name not in known:
-                problems.append((f"{prefix}features.{name}",
-                                 f"is not an input of this model; expected {expected}"))
-        for name in units:
-            if name not in known:
-                problems.append((f"{prefix}units.{name}", "names no input of this model"))
+        encoders = self._encoders
+        if not encoders.keys() >= features.keys():
+            expected = ", ".join(self.card.features)
+            problems += [(f"{prefix}features.{name}",
+                          f"is not an input of this model; expected {expected}")
+                         for name in features if name not in encoders]
+        problems += [(f"{prefix}units.{name}", "names no input of this model")
+                     for name in units if name not in encoders]
         row = np.full(self.n_inputs, np.nan)
         imputed = []
-        for name, cols in zip(self.card.features, self._inputs, strict=True):
+        for name, (feature, cols) in encoders.items():
             value = features.get(name)
             if value is None:
                 if impute_missing:
@@ -283,13 +282,19 @@ class RiskModel:
                 else:
                     problems.append((f"{prefix}features.{name}", REQUIRED))
                 continue
-            message = _encode_value(self.catalogue.feature(name), value, units.get(name), row,
-                                    cols)
+            message = _encode_value(feature, value, units.get(name), row, cols)
             if message:
                 problems.append((f"{prefix}features.{name}", message))
         if problems:
             raise PatientErrors(problems)
         return row, imputed
+
+    @cached_property
+    def _encoders(self) -> dict[str, tuple[Feature, list[int]]]:
+        """Each input feature (in the card's order) with its encoded columns."""
+        catalogue = self.catalogue
+        return {name: (catalogue.feature(name), cols)
+                for name, cols in zip(self.card.features, self._inputs, strict=True)}
 
     # ------------------------------------------------------------------ scoring
     @cached_property
@@ -379,8 +384,9 @@ class RiskModel:
         return np.concatenate(parts), logit, baseline
 
 
-def risk_categories(risk: np.ndarray, thresholds: Sequence[float] = RISK_THRESHOLDS,
-                    categories: Sequence[str] = RISK_CATEGORIES) -> np.ndarray:
+def risk_categories(risk: np.ndarray,
+                    thresholds: Sequence[float] | np.ndarray = RISK_THRESHOLDS,
+                    categories: Sequence[str] | np.ndarray = RISK_CATEGORIES) -> np.ndarray:
     """The category of each risk: ``categories[i]`` for ``thresholds[i-1] <= risk <
     thresholds[i]``."""
     names = np.asarray(categories, dtype=object)

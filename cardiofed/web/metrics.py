@@ -18,6 +18,8 @@ from prometheus_client.exposition import generate_latest
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
+                      "CONNECT"})
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
 
 
@@ -51,6 +53,7 @@ class RequestMetrics:
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
         self.app, self.metrics = app, metrics
+        self._cache: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,7 +73,21 @@ class RequestMetrics:
             route: Any = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
-            self.metrics.requests.labels(template, method, str(status)).inc()
-            self.metrics.latency.labels(template, method).observe(time.perf_counter() - start)
+            # A client picks the method: any outside HTTP's own is one label value, so
+            # made-up methods cannot grow the metrics without bound.
+            method = method if method in _METHODS else "OTHER"
+            requests, latency = self._children(template, method, status)
+            requests.inc()
+            latency.observe(time.perf_counter() - start)
             if status == 429:
                 self.metrics.rate_limited.inc()
+
+    def _children(self, template: str, method: str, status: int) -> tuple[Any, Any]:
+        """The counter and histogram of one route, method and status (looked up once)."""
+        key = (template, method, status)
+        children = self._cache.get(key)
+        if children is None:
+            children = (self.metrics.requests.labels(template, method, str(status)),
+                        self.metrics.latency.labels(template, method))
+            self._cache[key] = children
+        return children

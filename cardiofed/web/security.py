@@ -11,7 +11,6 @@ from their CDN and keep the other headers without the policy.
 
 from __future__ import annotations
 
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["SecurityHeaders", "STRICT_POLICY"]
@@ -27,22 +26,24 @@ class SecurityHeaders:
     ``Content-Security-Policy`` (e.g. one that allows a page's inline styles)."""
 
     def __init__(self, app: ASGIApp, policy: str = STRICT_POLICY) -> None:
-        self.app, self.policy = app, policy
+        self.app = app
+        common = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                  (b"referrer-policy", b"same-origin")]
+        self._docs = common
+        self._pages = [*common, (b"content-security-policy", policy.encode("latin-1"))]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        docs = str(scope.get("path", "")).startswith(_DOCS)
+        ours = self._docs if str(scope.get("path", "")).startswith(_DOCS) else self._pages
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                headers.setdefault("X-Content-Type-Options", "nosniff")
-                headers.setdefault("X-Frame-Options", "DENY")
-                headers.setdefault("Referrer-Policy", "same-origin")
-                if not docs:
-                    headers.setdefault("Content-Security-Policy", self.policy)
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                headers += [h for h in ours if h[0] not in present]  # the app's own win
+                message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, with_headers)
