@@ -183,9 +183,24 @@ def throughput(base: str, key: str, clients: int, seconds: float,
             "server_requests_per_cpu_s": (total + 50 * clients) / server_cpu}
 
 
+MALFORMED = 10
+PROBLEMS = {"AGE": ("-999", 0.005), "SBP": ("999", 0.003), "SMOKER": ("maybe", 0.002)}
+
+
+def with_problems(raw: Any, rng: np.random.Generator) -> Any:
+    """`raw` with the problems of a real export: per column, a share of the rows holds
+    the export's missing-value code, an implausible value or an unknown code
+    (:data:`PROBLEMS`); :data:`MALFORMED` lines are appended by the caller."""
+    out = raw.copy()
+    for column, (value, share) in PROBLEMS.items():
+        out.loc[rng.random(len(out)) < share, column] = value
+    return out
+
+
 def offline(workdir: Path, model: Any, n_rows: int = OFFLINE_ROWS) -> dict[str, Any]:
-    """Offline scoring of `n_rows` rows of a synthetic site's export, with the rows it
-    rejects (the export has missing and invalid values, as real ones do) counted."""
+    """Offline scoring of `n_rows` lines of a synthetic site's export with missing and
+    invalid values and malformed lines, as real exports have (:func:`with_problems`):
+    the rows it scores and those it rejects are counted."""
     import pandas as pd
 
     from cardiofed.data.mapping import encode, harmonise
@@ -194,16 +209,20 @@ def offline(workdir: Path, model: Any, n_rows: int = OFFLINE_ROWS) -> dict[str, 
 
     export = generate_exports(default_profiles(1), seed=0)[0]
     reps = -(-n_rows // len(export.raw))
-    big = pd.concat([export.raw] * reps, ignore_index=True).iloc[:n_rows]
+    clean = pd.concat([export.raw] * reps, ignore_index=True).iloc[:n_rows - MALFORMED]
+    big = with_problems(clean, np.random.default_rng(0))
     csv = workdir / "patients.csv"
     big.to_csv(csv, index=False)
+    with csv.open("a") as fh:  # lines that are no record: one field too many
+        fh.writelines(",".join(["1"] * (big.shape[1] + 1)) + "\n" for _ in range(MALFORMED))
     out: dict[str, Any] = {"rows": n_rows, "input_mb": csv.stat().st_size / 1e6}
     for suffix in (".csv", ".parquet"):
         started = time.perf_counter()
         done = predict_file(model, csv, workdir / f"risks{suffix}", mapping=export.mapping,
                             max_rejected=1.0)
         seconds = time.perf_counter() - started
-        if done.scored + done.rejected != n_rows or not done.scored:
+        if done.scored + done.rejected != n_rows or not done.scored \
+                or done.rejected < MALFORMED:
             raise RuntimeError(f"offline scoring read {n_rows} rows but scored {done.scored} "
                                f"and rejected {done.rejected}")
         out.update(scored=done.scored, rejected=done.rejected)
@@ -213,8 +232,7 @@ def offline(workdir: Path, model: Any, n_rows: int = OFFLINE_ROWS) -> dict[str, 
     predict_file(model, csv, workdir / "contrib.parquet", mapping=export.mapping,
                  contributions=True, max_rejected=1.0)
     out["end_to_end_contributions.parquet_s"] = time.perf_counter() - started
-    x = encode(harmonise(big, export.mapping, labels=False).frame, model.card.features)
-    x = x[~np.isnan(x).any(axis=1)]  # the rows a model scores: complete ones
+    x = encode(harmonise(clean, export.mapping, labels=False).frame, model.card.features)
     started = time.perf_counter()
     risk = model.risk(x)
     out["score_only_s"] = time.perf_counter() - started
@@ -269,8 +287,9 @@ def main() -> None:
                            t["server_requests_per_cpu_s"]] for t in bare["throughput"]],
                          digits=2),
           f"\nOffline, {off['rows']:,} rows ({off['input_mb']:.0f} MB CSV, site mapping; "
-          f"{off['scored']:,} scored, {off['rejected']:,} rejected for missing or invalid "
-          f"values, each listed with its reasons; rows/s counts rows read):\n",
+          f"{off['scored']:,} scored, {off['rejected']:,} rejected: missing, implausible "
+          f"or unknown values and malformed lines, each listed with its reasons; rows/s "
+          f"counts lines read):\n",
           markdown_table(["path", "seconds", "rows/s"], [
               ["CSV -> CSV", off["end_to_end.csv_s"], off["end_to_end.csv_rows_per_s"]],
               ["CSV -> Parquet", off["end_to_end.parquet_s"],

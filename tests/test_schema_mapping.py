@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cardiofed.data.mapping import SiteMapping, encode, harmonise, read_export
 from cardiofed.data.sites import federation_from_csv
@@ -526,3 +528,33 @@ def test_a_parquet_export_loads_like_its_csv(tmp_path: Path) -> None:
     assert raw.to_dict("list") == {"AGE": ["54", "61", ""], "GENDER": ["M", "F", ""],
                                    "SMOKER": ["1", "0", "1"], "CHOL": ["5.2", "", "6"],
                                    "Y": ["1", "0", "0"]}
+
+
+def _numbers_by_python(text: pd.Series, missing: np.ndarray) -> np.ndarray:
+    """What numbers were read as before Arrow's cast: NumPy's cast, else element-wise."""
+    try:
+        return text.where(~missing, "nan").astype("float64").to_numpy()
+    except (TypeError, ValueError):
+        return pd.to_numeric(text.where(~missing), errors="coerce").to_numpy(dtype=float)
+
+
+number_text = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(-10**30, 10**30).map(str),
+    st.sampled_from(["", " 5", "5 ", "1_000", "+5", ".5", "5.", "1e400", "-0", "0x10", "nan",
+                     "NaN", "-inf", "Infinity", "\u0661\u0662", "1e", "e5", "--1", "1,5"]),
+    st.text(alphabet="0123456789.eE+-_ na", max_size=8))
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(number_text, min_size=1, max_size=6), data=st.data())
+def test_numbers_are_read_as_python_reads_them(values: list[str], data: st.DataObject
+                                               ) -> None:
+    """Arrow's fast cast reads every value as the NumPy / pandas parse it replaced."""
+    from cardiofed.data.mapping import _parse_numbers
+
+    text = pd.Series(values, dtype=data.draw(st.sampled_from(["str", object])))
+    missing = np.array(data.draw(st.lists(st.booleans(), min_size=len(values),
+                                          max_size=len(values))))
+    np.testing.assert_array_equal(_parse_numbers(text, missing),
+                                  _numbers_by_python(text, missing))
