@@ -85,35 +85,71 @@ def test_every_command_names_real_commands_and_options(page: Path) -> None:
 RESULTS = ROOT / "bench" / "results"
 # A figure: a decimal, or whole (milli)seconds ("37 s"); what code spans hold is a setting.
 FIGURE = re.compile(r"(?<![\w.\-+/])(\d[\d,]*\.\d+|\d+(?= m?s\b))(?![\w.])")
+PERCENT = re.compile(r"%|[-\u2013]\d[\d.,]*%")  # 98.3% or the 98.7 of 98.7-99.1%
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
-def _cited_figures() -> list[tuple[str, str, str]]:
-    """(page, results file, figure) for each figure in a sentence of the README or docs/
-    that cites a benchmark (``bench/NAME.py`` or ``bench/results/NAME.md``)."""
+CITATION = re.compile(r"bench/(?:results/)?(\w+)\.(?:py|md|json)")
+
+
+def _citations(text: str) -> list[str]:
+    return sorted({name for name in CITATION.findall(text)
+                   if (RESULTS / f"{name}.md").exists()})
+
+
+def _figures(text: str) -> list[str]:
+    """The figures of `text` outside code, a percentage with its ``%``."""
+    text = re.sub(r"`[^`]*`", "", text)
+    return [m[1] + ("%" if PERCENT.match(text, m.end()) else "") for m in FIGURE.finditer(text)]
+
+
+def _table_figures(table: str) -> list[str]:
+    """A table's figures: those of its text, and every cell that is a number (the first
+    column names the rows)."""
+    cells = [cell.strip() for row in table.strip().splitlines()[2:]
+             for cell in row.strip().strip("|").split("|")[1:]]
+    return _figures(table) + [c for c in cells if NUMBER.fullmatch(c.rstrip("%"))
+                              and "." not in c]
+
+
+def _cited_figures() -> list[tuple[str, tuple[str, ...], str]]:
+    """(page, results files, figure) for each figure in a sentence of the README or docs/
+    that cites a benchmark (``bench/NAME.py`` or ``bench/results/NAME.md``), and in each
+    table that cites one or follows a paragraph that does."""
     out = []
     for page in PAGES:
-        for sentence in re.split(r"(?<=[.;:!?])\s+(?=[A-Z(`])|\n\s*\n", _prose(page)):
-            cited = sorted({name for name in re.findall(
-                r"bench/(?:results/)?(\w+)\.(?:py|md|json)", sentence)
-                if (RESULTS / f"{name}.md").exists()})
-            figures = FIGURE.findall(re.sub(r"`[^`]*`", "", sentence))
-            out += [(page.name, name, figure) for name in cited[:1] if len(cited) == 1
-                    for figure in figures]
+        blocks = re.split(r"\n\s*\n", _prose(page))
+        for i, block in enumerate(blocks):
+            if block.lstrip().startswith("|"):
+                cited = _citations(block) or (_citations(blocks[i - 1]) if i else [])
+                out += [(page.name, tuple(cited), f) for f in _table_figures(block) if cited]
+                continue
+            for sentence in re.split(r"(?<=[.;:!?])\s+(?=[A-Z(`])", block):
+                cited = _citations(sentence)
+                out += [(page.name, tuple(cited), f) for f in _figures(sentence) if cited]
     return out
 
 
 def _stated_in(figure: str, results: str) -> bool:
-    """The figure, as written, is a number of the results file rounded to its digits."""
+    """The figure, as written, is a number of the results rounded to its digits (a
+    percentage also as a fraction: ``98.3%`` is 0.983)."""
+    percent = figure.endswith("%")
+    figure = figure.rstrip("%")
     digits = len(figure.split(".")[1]) if "." in figure else 0
     value = float(figure.replace(",", ""))
-    return any(round(abs(float(n.replace(",", ""))), digits) == value
-               for n in NUMBER.findall(results))
+    numbers = [abs(float(n.replace(",", ""))) for n in NUMBER.findall(results)]
+    return any(round(n, digits) == value or (percent and round(100 * n, digits) == value)
+               for n in numbers)
+
+
+def _results(name: str) -> str:
+    """A benchmark's results, its table and its JSON (which keeps every digit)."""
+    return "\n".join((RESULTS / f"{name}.{suffix}").read_text() for suffix in ("md", "json"))
 
 
 def test_figures_quoted_beside_a_benchmark_come_from_its_results_file() -> None:
     cited = _cited_figures()
     assert len(cited) >= 3  # the rule has something to check
-    stale = [(page, f"bench/results/{name}.md", figure) for page, name, figure in cited
-             if not _stated_in(figure, (RESULTS / f"{name}.md").read_text())]
+    stale = [(page, names, figure) for page, names, figure in cited
+             if not any(_stated_in(figure, _results(n)) for n in names)]
     assert not stale, f"figures not in the results file their sentence cites: {stale}"
