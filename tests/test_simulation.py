@@ -256,7 +256,7 @@ def test_the_local_only_models_penalty_is_scikit_learns_neg_log_loss_choice(seed
     reference = LogisticRegressionCV(
         Cs=list(PENALTY_GRID), cv=StratifiedKFold(n_splits=FOLDS, shuffle=True,
                                                   random_state=seed),
-        scoring="neg_log_loss", max_iter=5000)
+        scoring="neg_log_loss", max_iter=5000, solver="newton-cholesky")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         reference.fit(x, y.astype(int))

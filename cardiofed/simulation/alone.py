@@ -2,7 +2,10 @@
 
 A hospital's data team would not stop a logistic regression after a fixed number of SGD
 epochs: it fits it to convergence, with an L2 penalty chosen by stratified 5-fold
-cross-validation on its own rows (log-loss), as scikit-learn's tools make routine.
+cross-validation on its own rows (log-loss), as scikit-learn's tools make routine; the
+fits take Newton steps (``newton-cholesky``: a few exact steps for a handful of columns,
+converged more tightly and two to three times faster than L-BFGS at its default
+tolerance).
 :func:`train_alone` does exactly that for logistic regression; the MLP has no such
 closed recipe and trains with the federation's own local recipe
 (:func:`cardiofed.simulation.runner.train_centralised`). Local-only baselines and the
@@ -48,7 +51,7 @@ def train_alone(x: np.ndarray, y: np.ndarray, config: SimulationConfig, *,
     if rarer >= 2:
         folds = StratifiedKFold(n_splits=min(FOLDS, rarer), shuffle=True, random_state=seed)
         model = LogisticRegressionCV(Cs=list(PENALTY_GRID), cv=folds, scoring=_neg_log_loss,
-                                     max_iter=5000)
+                                     max_iter=5000, solver="newton-cholesky")
         with warnings.catch_warnings():  # scikit-learn 1.8 announces attribute changes
             warnings.simplefilter("ignore", FutureWarning)
             model.fit(x, labels)
