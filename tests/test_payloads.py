@@ -72,9 +72,12 @@ def update(**manifest: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 
 @pytest.mark.parametrize(("manifest", "message"), [
-    ({"train_loss": "abc"}, "Manifest field 'train_loss' must be a finite number; got 'abc'."),
+    ({"train_loss": "abc"}, "Manifest field 'train_loss' must be a finite number >= 0 (a "
+                            "log-loss); got 'abc'."),
     ({"train_loss": "nan"}, "Manifest field 'train_loss' must be a finite number"),
     ({"global_loss": "inf"}, "Manifest field 'global_loss' must be a finite number"),
+    ({"global_loss": "-0.1"}, "Manifest field 'global_loss' must be a finite number >= 0"),
+    ({"train_loss": "-1e-300"}, "Manifest field 'train_loss' must be a finite number >= 0"),
     ({"num_samples": str(10**30)}, "Manifest field 'num_samples' must be an integer in "
                                    f"[1, {MAX_RECORDS}]"),
     ({"num_samples": "9" * 400}, "Manifest field 'num_samples' must be an integer"),
@@ -90,7 +93,7 @@ def test_bad_update_manifests_are_refused(manifest: dict[str, str], message: str
 
 
 def test_a_good_update_declares_its_samples() -> None:
-    assert check_update(*update(train_loss="0.5"), MODEL) == 10
+    assert check_update(*update(train_loss="0.5", global_loss="0"), MODEL) == 10
 
 
 @pytest.mark.parametrize(("payload", "message"), [

@@ -143,10 +143,11 @@ def check_update(arrays: dict[str, np.ndarray], manifest: dict[str, str],
         if got[name] != (shape, dtype):
             raise InvalidUpdate(f"Update tensor {name!r} has shape {got[name][0]} and dtype "
                                 f"{got[name][1]}; expected {shape} and {dtype}.")
-    for field in ("train_loss", "global_loss"):
-        if field in manifest and not _finite_text(manifest[field]):
-            raise InvalidUpdate(f"Manifest field {field!r} must be a finite number; got "
-                                f"{manifest[field][:40]!r}.")
+    for field in ("train_loss", "global_loss"):  # binary cross-entropies
+        if field in manifest and not (_finite_text(manifest[field])
+                                      and float(manifest[field]) >= 0):
+            raise InvalidUpdate(f"Manifest field {field!r} must be a finite number >= 0 (a "
+                                f"log-loss); got {manifest[field][:40]!r}.")
     return _bounded_int(manifest, "num_samples", 1, MAX_RECORDS)
 
 
