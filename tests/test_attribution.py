@@ -213,3 +213,15 @@ def test_each_patients_part_in_a_private_release_is_within_its_blocks_bound() ->
                             for block, (names, bound) in blocks.items():
                                 norm = np.sqrt(sum(np.sum(part[n] ** 2) for n in names))
                                 assert norm <= bound * (1 + 1e-9), (step, block, norm, bound)
+
+
+def test_the_published_effect_schema_is_the_estimators_effect_and_its_e_values() -> None:
+    """The wire schema (a published contract) and the estimator's result are kept apart on
+    purpose, and held to the same fields here so that neither drifts."""
+    import dataclasses
+
+    from cardiofed.causal.estimators import Effect
+    from cardiofed.protocol.schemas import EffectEstimate
+
+    assert list(EffectEstimate.model_fields) == [
+        *(f.name for f in dataclasses.fields(Effect)), "e_value", "e_value_ci"]
