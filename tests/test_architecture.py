@@ -23,6 +23,7 @@ LAYERS: list[set[str]] = [
     {"aggregation"},
     {"algorithms"},
     {"privacy"},
+    {"secure"},
     {"causal"},
     {"simulation"},
     {"experiments"},
