@@ -15,6 +15,13 @@ from hypothesis import strategies as st
 
 from cardiofed.exceptions import ConfigurationError, InvalidUpdate
 from cardiofed.secure import shamir
+from cardiofed.secure.noise import (
+    MIN_SITE_SIGMA,
+    DistributedNoise,
+    discrete_gaussian,
+    integer_sensitivity,
+    tau,
+)
 from cardiofed.secure.protocol import (
     Advertisement,
     SecureSite,
@@ -263,7 +270,7 @@ def test_a_site_listed_as_dropped_by_the_coordinator_refuses_to_reveal() -> None
                                          if s != "site_00"}, run.rng)
     with pytest.raises(InvalidUpdate, match="not listed as a survivor"):
         site.unmask(["site_01", "site_02"])
-    with pytest.raises(InvalidUpdate, match="one site's input would reveal it"):
+    with pytest.raises(InvalidUpdate, match="A sum of 1 input is below the plan's 2"):
         site.unmask(["site_00"])
 
 
@@ -278,3 +285,65 @@ def test_a_tampered_share_is_refused() -> None:
     with pytest.raises(InvalidTag):
         run.sites["site_00"].masked_input(run.x["site_00"], {
             "site_01": bytes(box), "site_02": outbox["site_02"]["site_00"]}, run.rng)
+
+
+# ---------------------------------------------------------------- distributed DP
+
+
+def test_the_discrete_gaussian_has_its_variance_and_its_mass_function() -> None:
+    rng = np.random.default_rng(3)
+    draws = discrete_gaussian(5.0, 60_000, rng)
+    assert draws.dtype == np.int64 and abs(draws.mean()) < 4 * 5 / math.sqrt(60_000)
+    # var of N_Z(0, 25) is 25 to 1e-30; the sample variance's SE is 25 * sqrt(2 / n)
+    assert abs(draws.var() - 25.0) < 4 * 25 * math.sqrt(2 / 60_000)
+    small = discrete_gaussian(1.5, 40_000, rng)
+    support = np.arange(-6, 7)
+    pmf = np.exp(-support**2 / (2 * 1.5**2))
+    pmf /= np.exp(-np.arange(-60, 61) ** 2 / (2 * 1.5**2)).sum()
+    observed = np.array([(small == k).sum() for k in support])
+    expected = pmf * small.size
+    chi2 = ((observed - expected) ** 2 / expected).sum()
+    assert chi2 < 45  # 12 degrees of freedom: p ~ 1e-5
+
+
+def test_the_tau_term_is_negligible_at_the_smallest_site_noise() -> None:
+    assert tau(MIN_SITE_SIGMA, 10**9) * 10**9 < 1e-28
+    assert tau(1.0, 2) * 10 > 1e-8  # why the floor: at sigma 1 it is not negligible
+
+
+def test_distributed_noise_accounts_the_sum_and_refuses_too_little_per_site() -> None:
+    delta = integer_sensitivity(clip=1.0, scale=2**12, dim=16)
+    noise = DistributedNoise(noise_multiplier=1.1, sensitivity=delta, min_sites=8)
+    assert noise.site_sigma == pytest.approx(1.1 * delta / math.sqrt(8))
+    assert noise.event().noise_multiplier == 1.1 and noise.event().sample_rate == 1.0
+    with pytest.raises(ConfigurationError, match="below 3, where the sum .* raise the codec"):
+        DistributedNoise(noise_multiplier=1.0, sensitivity=5.0, min_sites=100)
+
+
+def test_a_noisy_secure_sum_carries_every_sites_share_of_the_noise() -> None:
+    n, length, scale = 8, 4_000, 2.0**8
+    delta = integer_sensitivity(clip=1.0, scale=scale, dim=length)
+    noise = DistributedNoise(noise_multiplier=0.5, sensitivity=delta, min_sites=6)
+    names = [f"site_{i}" for i in range(n)]
+    codec = RingCodec.for_sum(n, bound=1.0, scale=scale, noise_bound=noise.noise_bound(n))
+    plan = SumPlan(context=b"dp", codec=codec, sites=tuple(names), length=length,
+                   min_inputs=6)
+    sites = {name: SecureSite(name, plan) for name in names}
+    ads = {name: s.advertise() for name, s in sites.items()}
+    outbox = {name: s.share_keys(ads) for name, s in sites.items()}
+    rng = np.random.default_rng(11)
+    x = {name: np.zeros(length) for name in names}
+    inputs = {name: s.masked_input(x[name], {p: outbox[p][name] for p in outbox
+                                             if name in outbox[p]}, rng, noise)
+              for name, s in sites.items()}
+    revealed = {name: s.unmask(inputs) for name, s in sites.items()}
+    total = unmask_sum(plan, ads, names, inputs, revealed).total * scale  # ring units
+    expected_sd = math.sqrt(n) * noise.site_sigma
+    assert abs(total.std() / expected_sd - 1) < 4 / math.sqrt(2 * length)
+    assert abs(total.mean()) < 4 * expected_sd / math.sqrt(length)
+
+
+def test_sites_refuse_to_unmask_fewer_inputs_than_the_noise_was_split_over() -> None:
+    run = Run(8, min_inputs=6)
+    with pytest.raises(InvalidUpdate, match="A sum of 5 inputs is below the plan's 6"):
+        run.run(drop_before_input=["site_00", "site_01", "site_02"])

@@ -36,6 +36,7 @@ import numpy as np
 
 from cardiofed.exceptions import ConfigurationError, InvalidUpdate
 from cardiofed.secure import keys, shamir
+from cardiofed.secure.noise import DistributedNoise
 from cardiofed.secure.quantise import RingCodec
 
 SHARE_PAIR_BYTES = 2 * shamir.SHARE_BYTES
@@ -50,7 +51,8 @@ class SumPlan:
     other sites each site masks with and shares its keys among; ``threshold`` (t) how
     many of the k + 1 holders recover a site's secrets. Defaults: every other site up to
     16 sites, else ``2 * ceil(1.5 * log2 n)`` (SecAgg+'s logarithmic degree); t a
-    majority of the holders.
+    majority of the holders. No site reveals shares for a sum of fewer than
+    ``min_inputs`` inputs (a distributed-DP sum's ``min_sites``).
     """
 
     context: bytes
@@ -59,12 +61,16 @@ class SumPlan:
     neighbours: int = 0
     threshold: int = 0
     length: int = 0
+    min_inputs: int = 2
 
     def __post_init__(self) -> None:
         n = len(self.sites)
         if n < 2 or len(set(self.sites)) != n:
             raise ConfigurationError(f"A secure sum needs at least 2 distinct sites; got "
                                      f"{list(self.sites)[:5]}.")
+        if not 2 <= self.min_inputs <= n:
+            raise ConfigurationError(f"The 'min_inputs' parameter must be in [2, {n}]; got "
+                                     f"{self.min_inputs!r}.")
         if self.length < 1:
             raise ConfigurationError(f"The 'length' parameter must be >= 1; got "
                                      f"{self.length!r}.")
@@ -185,10 +191,11 @@ class SecureSite:
                 for peer in peers}
 
     def masked_input(self, x: np.ndarray, inbox: Mapping[str, bytes],
-                     rng: np.random.Generator) -> np.ndarray:
-        """`x` encoded and masked, given the sealed shares its neighbours sent (those that
-        sent none have left the sum: no mask is agreed with them). `rng` is the site's
-        secret generator (stochastic rounding)."""
+                     rng: np.random.Generator, noise: DistributedNoise | None = None
+                     ) -> np.ndarray:
+        """`x` encoded (plus the site's share of `noise`) and masked, given the sealed
+        shares its neighbours sent (those that sent none have left the sum: no mask is
+        agreed with them). `rng` is the site's secret generator (rounding and noise)."""
         if not self._ads or self._sent_input:
             raise InvalidUpdate(f"Site {self.name!r}: a masked input comes once, after "
                                 f"the keys were shared.")
@@ -209,7 +216,14 @@ class SecureSite:
         if np.shape(x) != (length,):
             raise ValueError(f"A secure sum of length {length} got a vector of shape "
                              f"{np.shape(x)}.")
-        y = codec.add(codec.encode(x, rng), keys.mask(self._b_seed, length))
+        y = codec.encode(x, rng)
+        if noise is not None:
+            if noise.min_sites > self.plan.min_inputs:
+                raise ConfigurationError(f"Noise split over {noise.min_sites} sites needs "
+                                         f"a plan refusing sums of fewer inputs; the plan's "
+                                         f"min_inputs is {self.plan.min_inputs}.")
+            y = codec.add(y, codec.wrap(noise.sample(length, rng)))
+        y = codec.add(y, keys.mask(self._b_seed, length))
         for peer in inbox:
             pair = keys.mask(keys.agree(self._s_private, self._ads[peer].s_public,
                                         self.plan.purpose("mask", self.name, peer)), length)
@@ -229,8 +243,11 @@ class SecureSite:
                                 f"survivor.")
         if not alive <= set(self._ads):
             raise InvalidUpdate("Survivors outside the sum.")
-        if len(alive) < 2:
-            raise InvalidUpdate("A sum of one site's input would reveal it: refused.")
+        if len(alive) < self.plan.min_inputs:
+            raise InvalidUpdate(f"A sum of {len(alive)} input{'s' * (len(alive) != 1)} is "
+                                f"below the plan's "
+                                f"{self.plan.min_inputs}: refused (one input would be "
+                                f"revealed, or too little noise summed).")
         self._revealed = True
         return {site: ("b", b) if site in alive else ("s", s)
                 for site, (b, s) in self._held.items()}
@@ -261,8 +278,9 @@ def unmask_sum(plan: SumPlan, ads: Mapping[str, Advertisement],
     codec, length = plan.codec, plan.length
     survivors = sorted(inputs)
     dropped = sorted(set(shared) - set(inputs))
-    if len(survivors) < 2:
-        raise InvalidUpdate("Fewer than 2 inputs: the sum would reveal one site's.")
+    if len(survivors) < plan.min_inputs:
+        raise InvalidUpdate(f"{len(survivors)} inputs, fewer than the plan's "
+                            f"{plan.min_inputs}: the sum is not unmasked.")
     graph = neighbour_graph(plan, ads)
     total = np.zeros(length, np.uint64)
     for site in survivors:
