@@ -25,12 +25,13 @@ from cardiofed.secure.noise import (
 from cardiofed.secure.protocol import (
     Advertisement,
     SecureSite,
+    SecureSum,
     SumPlan,
     default_neighbours,
     neighbour_graph,
-    unmask_sum,
 )
 from cardiofed.secure.quantise import RingCodec
+from cardiofed.secure.simulate import ring_sum, run_protocol
 
 # ---------------------------------------------------------------- the ring
 
@@ -151,39 +152,23 @@ def test_the_graph_follows_the_keys_not_the_coordinator() -> None:
 
 
 class Run:
-    """One secure sum driven in process, as the coordinator relays it."""
+    """One secure sum driven in process (:func:`run_protocol`)."""
 
     def __init__(self, n: int, length: int = 5, **plan: int) -> None:
         names = [f"site_{i:02d}" for i in range(n)]
         self.plan = SumPlan(context=b"study/round 3/update",
                             codec=RingCodec.for_sum(n, bound=100.0, scale=2**10),
                             sites=tuple(names), length=length, **plan)
-        self.sites = {name: SecureSite(name, self.plan) for name in names}
         self.rng = np.random.default_rng(7)
         self.x = {name: np.round(self.rng.normal(0, 10, length) * 2**10) / 2**10
                   for name in names}  # on the ring's grid: encoded exactly
         self.seen: list[object] = []  # everything the coordinator receives
+        self.sites = {name: SecureSite(name, self.plan) for name in names}
 
-    def run(self, *, drop_before_sharing: Collection[str] = (),
-            drop_before_input: Collection[str] = (),
-            drop_before_unmask: Collection[str] = ()):  # type: ignore[no-untyped-def]
-        ads = {n: s.advertise() for n, s in self.sites.items()}
-        self.seen.append(ads)
-        sharing = [n for n in self.sites if n not in drop_before_sharing]
-        outbox = {n: self.sites[n].share_keys(ads) for n in sharing}
-        self.seen.append(outbox)
-        inbox: dict[str, dict[str, bytes]] = {n: {} for n in sharing}
-        for sender, sealed in outbox.items():
-            for recipient, box in sealed.items():
-                if recipient in inbox:
-                    inbox[recipient][sender] = box
-        inputs = {n: self.sites[n].masked_input(self.x[n], inbox[n], self.rng)
-                  for n in sharing if n not in drop_before_input}
-        self.seen.append(inputs)
-        revealed = {n: self.sites[n].unmask(inputs) for n in inputs
-                    if n not in drop_before_unmask}
-        self.seen.append(revealed)
-        return unmask_sum(self.plan, ads, sharing, inputs, revealed)
+    def run(self, **drops: Collection[str]) -> SecureSum:
+        result, self.seen = run_protocol(self.sites, self.x,
+                                         dict.fromkeys(self.x, self.rng), **drops)
+        return result
 
     def expected(self, survivors: Collection[str]) -> np.ndarray:
         return np.sum([self.x[n] for n in survivors], axis=0)
@@ -320,27 +305,41 @@ def test_distributed_noise_accounts_the_sum_and_refuses_too_little_per_site() ->
         DistributedNoise(noise_multiplier=1.0, sensitivity=5.0, min_sites=100)
 
 
+def _noisy_plan(n: int, length: int, scale: float) -> tuple[SumPlan, DistributedNoise]:
+    delta = integer_sensitivity(clip=1.0, scale=scale, dim=length)
+    noise = DistributedNoise(noise_multiplier=0.5, sensitivity=delta, min_sites=n - 2)
+    codec = RingCodec.for_sum(n, bound=1.0, scale=scale, noise_bound=noise.noise_bound(n))
+    return SumPlan(context=b"dp", codec=codec, sites=tuple(f"site_{i}" for i in range(n)),
+                   length=length, min_inputs=n - 2), noise
+
+
 def test_a_noisy_secure_sum_carries_every_sites_share_of_the_noise() -> None:
     n, length, scale = 8, 4_000, 2.0**8
-    delta = integer_sensitivity(clip=1.0, scale=scale, dim=length)
-    noise = DistributedNoise(noise_multiplier=0.5, sensitivity=delta, min_sites=6)
-    names = [f"site_{i}" for i in range(n)]
-    codec = RingCodec.for_sum(n, bound=1.0, scale=scale, noise_bound=noise.noise_bound(n))
-    plan = SumPlan(context=b"dp", codec=codec, sites=tuple(names), length=length,
-                   min_inputs=6)
-    sites = {name: SecureSite(name, plan) for name in names}
-    ads = {name: s.advertise() for name, s in sites.items()}
-    outbox = {name: s.share_keys(ads) for name, s in sites.items()}
+    plan, noise = _noisy_plan(n, length, scale)
+    sites = {name: SecureSite(name, plan) for name in plan.sites}
     rng = np.random.default_rng(11)
-    x = {name: np.zeros(length) for name in names}
-    inputs = {name: s.masked_input(x[name], {p: outbox[p][name] for p in outbox
-                                             if name in outbox[p]}, rng, noise)
-              for name, s in sites.items()}
-    revealed = {name: s.unmask(inputs) for name, s in sites.items()}
-    total = unmask_sum(plan, ads, names, inputs, revealed).total * scale  # ring units
+    result, _ = run_protocol(sites, {name: np.zeros(length) for name in sites},
+                             dict.fromkeys(sites, rng), noise=noise)
+    total = result.total * scale  # ring units
     expected_sd = math.sqrt(n) * noise.site_sigma
     assert abs(total.std() / expected_sd - 1) < 4 / math.sqrt(2 * length)
     assert abs(total.mean()) < 4 * expected_sd / math.sqrt(length)
+
+
+def test_the_ring_sum_is_what_the_protocol_unmasks() -> None:
+    """The simulator's arithmetic (no keys) gives the protocol's sum bit for bit, for
+    the same sites' generators: the masks cancel exactly."""
+    n, length = 6, 50
+    plan, noise = _noisy_plan(n, length, 2.0**12)
+    x = {name: np.random.default_rng(k).normal(0, 0.3, length)
+         for k, name in enumerate(plan.sites)}
+    sites = {name: SecureSite(name, plan) for name in plan.sites}
+    by_protocol, _ = run_protocol(sites, x, {name: np.random.default_rng(100 + k)
+                                             for k, name in enumerate(plan.sites)},
+                                  noise=noise)
+    by_arithmetic = ring_sum(plan.codec, x, {name: np.random.default_rng(100 + k)
+                                             for k, name in enumerate(plan.sites)}, noise)
+    np.testing.assert_array_equal(by_protocol.total, by_arithmetic)
 
 
 def test_sites_refuse_to_unmask_fewer_inputs_than_the_noise_was_split_over() -> None:

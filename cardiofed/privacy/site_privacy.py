@@ -209,6 +209,30 @@ class SitePrivacy:
         _noise_only_step(model, config, dp, n_public)
         return LocalResult(num_steps=schedule[1], mean_loss=float("nan"))
 
+    # -- secure training (distributed DP) ----------------------------------------------
+    def secure_training_noise(self, rounds: int) -> float:
+        """The noise multiplier this site needs on the secure sum of each of `rounds`
+        training rounds (one q = 1 Gaussian event per round within its training share):
+        calibrated once and kept in the ledger. The study's noise is the largest any site
+        needs; each site refuses a round whose noise is below its own."""
+        earlier = self.ledger.releases("train", self.study)
+        if earlier:
+            return float(earlier[0]["noise_multiplier"])
+        return self._calibrate("train", 1.0, rounds)
+
+    def charge_secure_round(self, noise_multiplier: float, what: str) -> None:
+        """Charge one round's secure sum at the study's `noise_multiplier` (refused when
+        it is below what this site's budget needs, or the budget is spent)."""
+        with self.ledger.locked():
+            needed = self.secure_training_noise(self.rounds)
+            if noise_multiplier < needed:
+                raise PrivacyBudgetExceeded(
+                    f"Site {self.ledger.site!r} refuses {what}: the sum's noise multiplier "
+                    f"{noise_multiplier:.3g} is below the {needed:.3g} its budget needs.")
+            event = GaussianEvent(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
+            self.ledger.charge([event], what, kind="train", study=self.study,
+                               noise_multiplier=noise_multiplier, secure_sum=True)
+
     # -- attribution ------------------------------------------------------------------
     def release_attribution(self, plan: PrivateAnalysis, state: dict[str, Any],
                             compute: Callable[[], dict[str, np.ndarray]], what: str

@@ -78,6 +78,13 @@ class SimulationConfig(BaseModel):
     # gradients of a standardised model (bench/privacy_utility.py).
     dp_max_grad_norm: float = Field(2.0, gt=0, allow_inf_nan=False)
     dp_accountant: Literal["rdp", "prv"] = "rdp"
+    # Secure aggregation with distributed DP (cardiofed.secure): each round every site
+    # sends a secure sum's share, its clipped per-record gradient sum plus its share of
+    # the noise, and the server steps on the unmasked sum (DP-FedSGD with the algorithm's
+    # server optimiser). The noise is split over the sites a sum may not lose
+    # (1 - secure_dropout of them). Needs dp_epsilon; logistic regression for now.
+    secure_aggregation: bool = False
+    secure_dropout: float = Field(0.2, ge=0, lt=1)
     # Bias correction (see cardiofed.algorithms.weighting and cardiofed.simulation.experiment).
     weighting: Literal["sample-size", "type-balanced", "qffl", "agnostic"] = "sample-size"
     qffl_q: float = Field(1.0, ge=0, allow_inf_nan=False)
@@ -164,10 +171,30 @@ class SimulationConfig(BaseModel):
         if self.backend == "vectorised" and self.vectorised_refusal() is not None:
             raise ValueError(f"backend 'vectorised' cannot run this plan: "
                              f"{self.vectorised_refusal()}; use backend 'auto' or 'loop'")
+        if self.secure_aggregation:
+            self._check_secure()
         if self.dp_epsilon is not None and self.covariate_shift:
             raise ValueError("covariate_shift reweights samples, which DP-SGD here does not "
                              "support; switch one of them off")
         return self
+
+    def _check_secure(self) -> None:
+        """What secure aggregation supports so far (DP-FedSGD of a logistic regression),
+        each refusal naming the setting."""
+        wrong = [(self.dp_epsilon is None, "dp_epsilon must be set (secure sums carry the "
+                  "distributed noise; FedAvg updates under secure sums are not built yet)"),
+                 (self.model != "logistic", "model must be 'logistic'"),
+                 (self.aggregation != "sync", "aggregation must be 'sync'"),
+                 (self.algorithm not in ("fedavg", "fedadam", "fedyogi"),
+                  "algorithm must be fedavg, fedadam or fedyogi (the server optimiser)"),
+                 (self.robust_rule is not None, "robust_rule must be None (robust rules "
+                  "across groups of secure sums are not built yet)"),
+                 (self.weighting != "sample-size", "weighting must be 'sample-size' (a sum "
+                  "weights every record alike)"),
+                 (self.fraction_fit < 1, "fraction_fit must be 1")]
+        problems = [why for bad, why in wrong if bad]
+        if problems:
+            raise ValueError("secure_aggregation: " + "; ".join(problems))
 
     def weighting_rule(self, site_multipliers: dict[str, float] | None = None) -> WeightingRule:
         return WeightingRule(kind=self.weighting, q=self.qffl_q, step=self.afl_step,

@@ -51,6 +51,7 @@ from cardiofed.simulation.runner import (
     run_federated,
     train_centralised,
 )
+from cardiofed.simulation.secure_runner import run_secure_sgd
 from cardiofed.training.estimator import RiskEstimator
 from cardiofed.training.personalise import Personalisation, finetune
 from cardiofed.wire import encode_arrays, encode_metrics
@@ -230,7 +231,9 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     quality = _label_quality(dataset, config, local_sites, local_weights) \
         if config.label_quality else None
     multipliers = dict.fromkeys(quality.flagged, 0.0) if quality else None
-    if config.aggregation == "async":
+    if config.secure_aggregation:
+        run = run_secure_sgd(sites, config, privacy=privacy)
+    elif config.aggregation == "async":
         run = run_async(sites, config, privacy=privacy or None, outbox=outbox,
                         site_multipliers=multipliers)
     else:
@@ -250,7 +253,7 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
             "epsilon_spent": by_kind["total"], "epsilon_max": p.ledger.budget.epsilon_max,
             **{f"epsilon_{kind}": by_kind[kind] for kind in RELEASE_KINDS},
             "delta": p.ledger.delta,
-            "noise_multiplier": p.dp.noise_multiplier if p.dp else float("nan"),
+            "noise_multiplier": p.dp.noise_multiplier if p.dp else _secure_noise(p),
             "max_grad_norm": p.max_grad_norm, "n_records": float(result.site_sizes[name]),
             "rounds_trained": float(run.participation[name])}
     if baselines:
@@ -272,6 +275,12 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     if len(truth) == len(sites):
         _record(result, TRUE_RISK, truth, sites)
     return result
+
+
+def _secure_noise(privacy: SitePrivacy) -> float:
+    """The noise multiplier of a site's secure training sums (NaN when it had none)."""
+    releases = privacy.ledger.releases("train", privacy.study)
+    return float(releases[0]["noise_multiplier"]) if releases else float("nan")
 
 
 def _hold_out_calibration(dataset: FederatedDataset, config: SimulationConfig

@@ -1,0 +1,55 @@
+"""Sums of per-record gradients, each clipped: what a site contributes to DP-FedSGD.
+
+A record's gradient of the log-loss of a logistic regression at the global weights is
+``(p - y) * x`` for the weights and ``p - y`` for the intercept. The weights' part is
+scaled down to L2 norm at most `clip`; the intercept's part is left alone, as it is in
+[-1, 1] already (clipping it with the rest would shrink the gradients of the rarer
+class most and bias the intercept: a model that under-predicts). The site sums them:
+adding or removing one record moves the sum by at most ``sqrt(clip^2 + 1)``
+(:data:`sensitivity`, what the noise of a secure sum is calibrated to). Flattened in the
+weights' order (``linear.weight`` then ``linear.bias``), so :func:`unflatten` reads it
+back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cardiofed.exceptions import ConfigurationError
+from cardiofed.models.kinds import Weights
+
+
+def clipped_gradient_sum(weights: Weights, x: np.ndarray, y: np.ndarray,
+                         clip: float) -> np.ndarray:
+    """The sum of each row's log-loss gradient of a logistic model, its weights' part
+    clipped to L2 norm `clip` (flattened; see the module docstring)."""
+    if set(weights) != {"linear.weight", "linear.bias"}:
+        raise ConfigurationError("Clipped gradient sums are built for logistic regression "
+                                 f"(weights linear.weight, linear.bias); got {sorted(weights)}.")
+    if not clip > 0:
+        raise ConfigurationError(f"The 'clip' parameter must be > 0; got {clip!r}.")
+    w = weights["linear.weight"].astype(np.float64).ravel()
+    b = float(weights["linear.bias"].ravel()[0])
+    x = np.asarray(x, dtype=np.float64)
+    z = x @ w + b
+    residual = np.exp(-np.logaddexp(0.0, -z)) - np.asarray(y, dtype=np.float64)  # p - y
+    norms = np.abs(residual) * np.sqrt((x * x).sum(axis=1))
+    factor = residual * np.minimum(1.0, clip / np.maximum(norms, 1e-300))
+    return np.concatenate([factor @ x, [residual.sum()]])
+
+
+def sensitivity(clip: float) -> float:
+    """How far one record moves :func:`clipped_gradient_sum` (L2)."""
+    return float(np.hypot(clip, 1.0))
+
+
+def unflatten(flat: np.ndarray, like: Weights) -> Weights:
+    """A flat vector back into arrays shaped (and ordered) as `like`."""
+    out, start = {}, 0
+    for name, array in like.items():
+        out[name] = flat[start:start + array.size].reshape(array.shape).astype(array.dtype)
+        start += array.size
+    if start != flat.size:
+        raise ValueError(f"A flat vector of {flat.size} values does not fill weights of "
+                         f"{start}.")
+    return out
