@@ -89,3 +89,30 @@ def test_a_site_without_budget_sits_out_and_too_few_sites_stop_training(federati
     assert "1 sites in the round" not in str(run.refusals)
     assert run.rounds == 1 and run.participation[sites[1].name] == 0
     assert "fewer than the 6 the noise is split over" in run.refusals[-1][2]
+
+
+def test_the_report_says_how_a_secure_run_trained(federation) -> None:  # type: ignore[no-untyped-def]
+    from cardiofed.experiments.summary import training_summary
+
+    config = SimulationConfig.create(dp_epsilon=1.0, secure_aggregation=True, rounds=3,
+                                     eval_every=0)
+    result = run_experiment(federation, config, baselines=False)
+    assert training_summary(result) == (
+        "DP-FedSGD over secure sums: each round one server step on the sites' summed "
+        "clipped gradients, the noise split over the sites; ran all 3 planned rounds.")
+
+
+def test_the_simulate_command_takes_secure_aggregation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from cardiofed.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", "--sites", "4", "--rounds", "3",
+                                      "--dp-epsilon", "1", "--secure-aggregation",
+                                      "--no-effective-data", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "DP-FedSGD over secure sums" in (tmp_path / "r" / "index.html").read_text()
+    refused = CliRunner().invoke(app, ["simulate", "--sites", "4", "--secure-aggregation",
+                                       "--out", str(tmp_path / "s")])
+    assert refused.exit_code != 0
+    assert "dp_epsilon must be set" in refused.output

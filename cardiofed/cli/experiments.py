@@ -239,6 +239,9 @@ def simulate(
         help="Delta of every site's budget (default 1/(10 n) per site).")] = None,
     dp_max_grad_norm: Annotated[float | None, typer.Option(help="DP-SGD clipping bound.")] = None,
     dp_accountant: Annotated[str | None, typer.Option(help="rdp (default) or prv.")] = None,
+    secure_aggregation: Annotated[bool | None, typer.Option(
+        "--secure-aggregation/--no-secure-aggregation",
+        help="With --dp-epsilon: secure sums with distributed noise (DP-FedSGD).")] = None,
     ledger_dir: Annotated[Path | None, typer.Option(
         help="Folder of the sites' privacy ledgers (kept across runs).")] = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("cardiofed-report"),
@@ -259,7 +262,8 @@ def simulate(
                 "proximal_mu": proximal_mu, "server_lr": server_lr,
                 "standardisation": standardisation, "fraction_fit": fraction_fit, "seed": seed,
                 "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
-                "dp_max_grad_norm": dp_max_grad_norm, "dp_accountant": dp_accountant}
+                "dp_max_grad_norm": dp_max_grad_norm, "dp_accountant": dp_accountant,
+                "secure_aggregation": secure_aggregation}
     _run(dataset, settings, config_file=config, out=out, data_dir=data_dir, csv=csv,
          mappings=mapping, title=f"CardioFed simulation: {dataset}", ledger_dir=ledger_dir,
          register_as=dataset if register else None, registry_url=db, eval_size=eval_size,

@@ -181,6 +181,13 @@ def write_experiment_report(result: ExperimentResult, out_dir: str | Path, *, ti
 def training_summary(result: ExperimentResult) -> str:
     """How many rounds ran, and why training stopped there."""
     cfg, run = result.config, result.federated
+    if cfg.secure_aggregation:
+        how = ("DP-FedSGD over secure sums: each round one server step on the sites' summed "
+               "clipped gradients, the noise split over the sites")
+        if run.rounds < cfg.rounds:
+            return (f"{how}; stopped after round {run.rounds} of {cfg.rounds}: fewer sites "
+                    f"took part than the noise is split over.")
+        return f"{how}; ran all {cfg.rounds} planned rounds."
     if cfg.aggregation == "async":
         return f"{cfg.rounds} model versions published (every one: asynchronous training)."
     if run.stopped_at is not None:
