@@ -86,6 +86,7 @@ RESULTS = ROOT / "bench" / "results"
 # A figure: a decimal, or whole (milli)seconds ("37 s"); what code spans hold is a setting.
 FIGURE = re.compile(r"(?<![\w.\-+/])(\d[\d,]*\.\d+|\d+(?= m?s\b))(?![\w.])")
 PERCENT = re.compile(r"%|[-\u2013]\d[\d.,]*%")  # 98.3% or the 98.7 of 98.7-99.1%
+MILLISECONDS = re.compile(r" ms\b")
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -100,7 +101,9 @@ def _citations(text: str) -> list[str]:
 def _figures(text: str) -> list[str]:
     """The figures of `text` outside code, a percentage with its ``%``."""
     text = re.sub(r"`[^`]*`", "", text)
-    return [m[1] + ("%" if PERCENT.match(text, m.end()) else "") for m in FIGURE.finditer(text)]
+    return [m[1] + ("%" if PERCENT.match(text, m.end())
+                    else " ms" if MILLISECONDS.match(text, m.end()) else "")
+            for m in FIGURE.finditer(text)]
 
 
 def _table_figures(table: str) -> list[str]:
@@ -132,13 +135,14 @@ def _cited_figures() -> list[tuple[str, tuple[str, ...], str]]:
 
 def _stated_in(figure: str, results: str) -> bool:
     """The figure, as written, is a number of the results rounded to its digits (a
-    percentage also as a fraction: ``98.3%`` is 0.983)."""
-    percent = figure.endswith("%")
-    figure = figure.rstrip("%")
+    percentage also as a fraction, ``98.3%`` is 0.983; milliseconds also as seconds)."""
+    factor = 100 if figure.endswith("%") else 1000 if figure.endswith(" ms") else None
+    figure = figure.removesuffix("%").removesuffix(" ms")
     digits = len(figure.split(".")[1]) if "." in figure else 0
     value = float(figure.replace(",", ""))
     numbers = [abs(float(n.replace(",", ""))) for n in NUMBER.findall(results)]
-    return any(round(n, digits) == value or (percent and round(100 * n, digits) == value)
+    return any(round(n, digits) == value
+               or (factor is not None and round(factor * n, digits) == value)
                for n in numbers)
 
 
