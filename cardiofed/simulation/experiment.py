@@ -51,7 +51,6 @@ from cardiofed.simulation.runner import (
     run_federated,
     train_centralised,
 )
-from cardiofed.simulation.secure_runner import run_secure_sgd
 from cardiofed.training.estimator import RiskEstimator
 from cardiofed.training.personalise import Personalisation, finetune
 from cardiofed.wire import encode_arrays, encode_metrics
@@ -232,6 +231,8 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
         if config.label_quality else None
     multipliers = dict.fromkeys(quality.flagged, 0.0) if quality else None
     if config.secure_aggregation:
+        from cardiofed.simulation.secure_runner import run_secure_sgd  # loads cryptography
+
         run = run_secure_sgd(sites, config, privacy=privacy)
     elif config.aggregation == "async":
         run = run_async(sites, config, privacy=privacy or None, outbox=outbox,
