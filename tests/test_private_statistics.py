@@ -27,6 +27,7 @@ from cardiofed.data.preprocessing import (
     private_site_statistics,
     rebin,
     site_statistics,
+    statistics_from_histogram,
     statistics_sensitivity,
 )
 from cardiofed.data.synthetic import synthetic_federation
@@ -345,3 +346,19 @@ def test_a_binary_columns_private_mean_is_its_prevalence_not_a_bin_midpoint() ->
 
     assert pre.mean[0] == pytest.approx(0.25, abs=1e-3)
     assert pre.std[0] == pytest.approx(math.sqrt(0.25 * 0.75), abs=1e-3)
+
+
+def test_a_private_merge_never_leaves_a_continuous_column_unscaled() -> None:
+    """All of a noisy histogram's mass in one bin (the rest clipped away) gives that
+    bin's own spread, not an SD of 0 (which would leave the column unscaled); a 0/1
+    column keeps its own."""
+    edges = bin_edges(RANGES, PRIVATE_BINS)
+    hist = np.zeros((len(RANGES), PRIVATE_BINS))
+    hist[:, 3] = 50.0
+    hist[3, :] = 0.0
+    hist[3, 0] = 50.0  # a 0/1 column that is always 0
+    stats = statistics_from_histogram(hist, edges, 50.0)
+    merged = merge_statistics([stats], bin_edges(RANGES))
+    widths = (edges[:, 1] - edges[:, 0])[:3]
+    np.testing.assert_allclose(merged.std[:3], widths / math.sqrt(12))
+    assert merged.std[3] == 0.0

@@ -116,3 +116,57 @@ def test_the_simulate_command_takes_secure_aggregation(tmp_path) -> None:  # typ
                                        "--out", str(tmp_path / "s")])
     assert refused.exit_code != 0
     assert "dp_epsilon must be set" in refused.output
+
+
+def test_secure_statistics_are_the_pooled_ones_up_to_their_noise(federation) -> None:  # type: ignore[no-untyped-def]
+    from cardiofed.data.preprocessing import PRIVATE_BINS, bin_edges, site_statistics
+    from cardiofed.simulation.secure_statistics import secure_statistics
+
+    config = SimulationConfig.create(dp_epsilon=1e4, secure_aggregation=True)
+    privacy = site_privacy(federation, config)
+    edges = bin_edges(federation.feature_ranges, PRIVATE_BINS)
+    merged = secure_statistics(federation.sites, edges, privacy, dropout=0.2)
+    pooled = site_statistics(np.concatenate([s.x_train for s in federation.sites]), edges)
+    noise = privacy[federation.sites[0].name].ledger.releases("statistics")[0][
+        "noise_multiplier"]
+    assert noise < 0.05  # a huge epsilon: counts to within a record
+    np.testing.assert_allclose(merged.histogram, pooled.histogram, atol=2.0)
+    for p in privacy.values():  # one charge per site, at the study's noise
+        (entry,) = p.ledger.releases("statistics")
+        assert entry["secure_sum"] and entry["noise_multiplier"] == noise
+
+
+def test_a_secure_study_sums_its_statistics(federation, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    config = SimulationConfig.create(dp_epsilon=1.0, secure_aggregation=True, rounds=2,
+                                     eval_every=0)
+    result = run_experiment(federation, config, baselines=False, ledger_dir=tmp_path)
+    assert all(0 < v["epsilon_statistics"] <= 0.1 + 1e-9 for v in result.privacy.values())
+    ledgers = sorted(tmp_path.rglob("ledger.jsonl"))
+    assert len(ledgers) == len(federation.sites)
+    for ledger in ledgers:
+        kinds = [json.loads(line) for line in ledger.read_text().splitlines()]
+        statistics = [e for e in kinds if e.get("entry", e).get("kind") == "statistics"]
+        assert len(statistics) == 1
+        assert statistics[0].get("entry", statistics[0])["secure_sum"] is True
+    with pytest.raises(ConfigurationError, match="no statistics gate, no per-site payloads"):
+        run_experiment(federation, config, baselines=False,
+                       outbox=lambda site, kind, payload: None)
+
+
+def test_too_few_sites_with_budget_for_the_statistics_sum_stop_the_study(federation) -> None:  # type: ignore[no-untyped-def]
+    from cardiofed.data.preprocessing import PRIVATE_BINS, bin_edges
+    from cardiofed.exceptions import PrivacyBudgetExceeded
+    from cardiofed.simulation.secure_statistics import secure_statistics
+
+    config = SimulationConfig.create(dp_epsilon=1.0, secure_aggregation=True)
+    privacy = site_privacy(federation, config)
+    for s in federation.sites[:3]:
+        privacy[s.name].ledger.record([GaussianEvent(noise_multiplier=0.3, sample_rate=1.0,
+                                                     steps=50)], "earlier", kind="train",
+                                      study="earlier")
+    with pytest.raises(PrivacyBudgetExceeded, match="3 sites have budget for the "
+                                                    "statistics sum, fewer than the 5"):
+        secure_statistics(federation.sites, bin_edges(federation.feature_ranges, PRIVATE_BINS),
+                          privacy, dropout=0.2)

@@ -101,16 +101,23 @@ def private_site_statistics(x: np.ndarray, edges: np.ndarray, *, noise_std: floa
     hist = exact.histogram + rng.normal(0.0, noise_std, exact.histogram.shape)
     n_rows = (float(len(x)) + float(rng.normal(0.0, noise_std)) if released_n is None
               else float(released_n))
+    return statistics_from_histogram(hist, edges, n_rows), n_rows
+
+
+def statistics_from_histogram(hist: np.ndarray, edges: np.ndarray,
+                              n_rows: float) -> SiteStatistics:
+    """Statistics computed from (noisy) histograms and a (noisy) record count alone: what
+    a private release holds (see :func:`private_site_statistics`)."""
+    hist = np.array(hist, dtype=np.float64)
     binary = (edges[:, 0] == 0.0) & (edges[:, -1] == 1.0)
     hist[binary, 1:-1] = 0.0
     mids = (edges[:, :-1] + edges[:, 1:]) / 2
     width_sq = (edges[:, 1:] - edges[:, :-1]) ** 2
     within = np.where(binary[:, None], 0.0, width_sq / 12)
     count = hist.sum(axis=1)
-    stats = SiteStatistics(count=count, total=(hist * mids).sum(axis=1),
-                           total_sq=(hist * (mids**2 + within)).sum(axis=1),
-                           n_missing=np.maximum(n_rows - count, 0.0), histogram=hist)
-    return stats, n_rows
+    return SiteStatistics(count=count, total=(hist * mids).sum(axis=1),
+                          total_sq=(hist * (mids**2 + within)).sum(axis=1),
+                          n_missing=np.maximum(n_rows - count, 0.0), histogram=hist)
 
 
 def add_statistics(a: SiteStatistics, b: SiteStatistics) -> SiteStatistics:
@@ -231,7 +238,11 @@ def merge_statistics(stats: list[SiteStatistics], edges: np.ndarray,
         mass = clipped.sum(axis=1)
         weights = clipped / np.where(mass > 0, mass, 1.0)[:, None]
         mean = (weights * mids).sum(axis=1)
-        var = (weights * (mids - mean[:, None]) ** 2).sum(axis=1)
+        # At least the spread within one bin: all the mass in one bin says the values are
+        # somewhere in it, and an SD of 0 would leave the column unscaled (a 0/1 column
+        # unscaled is harmless and keeps its own).
+        within = np.where(binary, 0.0, (coarse[:, 1] - coarse[:, 0]) ** 2 / 12)
+        var = np.maximum((weights * (mids - mean[:, None]) ** 2).sum(axis=1), within)
         count = mass
     else:
         mean = total / count

@@ -129,6 +129,26 @@ class SitePrivacy:
                                            released_n=released_n)
         return stats
 
+    def secure_statistics_noise(self) -> float:
+        """The noise multiplier this site needs on the secure sum of its statistics (one
+        q = 1 Gaussian event within its statistics share)."""
+        return self._calibrate("statistics", 1.0, 1)
+
+    def charge_secure_statistics(self, noise_multiplier: float) -> None:
+        """Charge the secure sum of the statistics at the study's `noise_multiplier`
+        (refused when below what this site's budget needs)."""
+        with self.ledger.locked():
+            needed = self.secure_statistics_noise()
+            if noise_multiplier < needed:
+                raise PrivacyBudgetExceeded(
+                    f"Site {self.ledger.site!r} refuses the statistics sum: its noise "
+                    f"multiplier {noise_multiplier:.3g} is below the {needed:.3g} its budget "
+                    f"needs.")
+            event = GaussianEvent(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
+            self.ledger.charge([event], "statistics release (secure sum)", kind="statistics",
+                               study=self.study, noise_multiplier=noise_multiplier,
+                               secure_sum=True)
+
     def released_n(self) -> int | None:
         """The noisy record count of this study's statistics release (at least 1): what
         the site declares as its sample size, rather than the exact count."""

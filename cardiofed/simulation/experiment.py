@@ -218,7 +218,9 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     federation, held_out = _hold_out_calibration(dataset, config)
     sites = prepare_federation(federation, config.standardisation, outbox,
                                covariate_shift=config.covariate_shift, privacy=privacy or None,
-                               form=form, robust=config.robust_rule is not None)
+                               form=form, robust=config.robust_rule is not None,
+                               secure_dropout=config.secure_dropout
+                               if config.secure_aggregation else None)
     local_sites: list[PreparedSite] = []
     local_weights: list[Weights] = []
     if baselines or config.label_quality:

@@ -75,8 +75,8 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
                        outbox: Callable[[str, str, bytes], None] | None = None, *,
                        covariate_shift: bool = False,
                        privacy: Mapping[str, SitePrivacy] | None = None,
-                       form: ModelForm | None = None, robust: bool = False
-                       ) -> list[PreparedSite]:
+                       form: ModelForm | None = None, robust: bool = False,
+                       secure_dropout: float | None = None) -> list[PreparedSite]:
     """Impute and standardise every site with federated statistics.
 
     ``global``: one preprocessor from merged site statistics (equal to pooled ones);
@@ -90,7 +90,9 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
     A site in `privacy` releases its statistics through its DP wrapper (charged to its
     ledger, :data:`PRIVATE_BINS` bins); a site whose budget refuses the release
     contributes nothing and still receives the merged preprocessor. `form` builds the
-    model's columns from the encoded ones (:mod:`cardiofed.data.model_form`).
+    model's columns from the encoded ones (:mod:`cardiofed.data.model_form`). With
+    `secure_dropout` (a secure study's) the private sites' statistics are one secure sum
+    with distributed noise (:mod:`cardiofed.simulation.secure_statistics`).
     """
     if standardisation not in ("global", "per-site"):
         raise ConfigurationError(f"The 'standardisation' parameter must be 'global' or "
@@ -106,7 +108,14 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
     # grow with the federation; behind the gate they are computed again once its
     # factors are known. Covariate shift needs each site's histogram.
     streaming = privacy is None and not covariate_shift
-    for s in dataset.sites:
+    if privacy and secure_dropout is not None:
+        if robust or outbox is not None:
+            raise ConfigurationError("Secure statistics are summed before the coordinator "
+                                     "sees them: no statistics gate, no per-site payloads.")
+        from cardiofed.simulation.secure_statistics import secure_statistics
+
+        released = [secure_statistics(dataset.sites, private_edges, privacy, secure_dropout)]
+    for s in ([] if released else dataset.sites):
         if privacy is None or s.name not in privacy:
             stats = site_statistics(s.x_train, edges)
         else:

@@ -1,0 +1,77 @@
+"""The preprocessing statistics of a secure study: one secure sum of every site's exact
+histograms and record count, the distributed noise added once.
+
+Each site sends its exact counts per histogram bin (:data:`~cardiofed.data.preprocessing.
+PRIVATE_BINS` per column) and its record count, encoded exactly (counts are integers)
+with its share of the noise. One record moves the vector by
+:func:`~cardiofed.data.preprocessing.statistics_sensitivity` (one bin per observed column
+and the count). The coordinator unmasks the federation's noisy histograms and count, and
+computes the statistics from them as from any private release
+(:func:`~cardiofed.data.preprocessing.statistics_from_histogram`): the noise of one
+study's release on the sum, not one per site. Every site is charged at the study's noise
+multiplier, the largest any site's statistics share needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from cardiofed.data.dataset import SiteData
+from cardiofed.data.preprocessing import (
+    SiteStatistics,
+    site_statistics,
+    statistics_from_histogram,
+    statistics_sensitivity,
+)
+from cardiofed.exceptions import PrivacyBudgetExceeded
+from cardiofed.privacy.randomness import secure_numpy_rng
+from cardiofed.privacy.site_privacy import SitePrivacy
+from cardiofed.secure.noise import MIN_SITE_SIGMA, DistributedNoise
+from cardiofed.secure.quantise import RingCodec
+from cardiofed.secure.simulate import ring_sum
+
+MAX_SITE_RECORDS = 10_000_000
+
+
+def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
+                      privacy: Mapping[str, SitePrivacy], dropout: float) -> SiteStatistics:
+    """The federation's statistics from one secure sum (see the module docstring); the
+    noise is split over ``ceil((1 - dropout) * n)`` sites. A site whose budget refuses
+    sends nothing; fewer sites than the noise is split over raise
+    :class:`PrivacyBudgetExceeded`."""
+    needed = {}
+    for s in sites:
+        try:
+            needed[s.name] = privacy[s.name].secure_statistics_noise()
+        except PrivacyBudgetExceeded:
+            continue
+    min_sites = max(2, math.ceil((1 - dropout) * len(sites)))
+    if len(needed) < min_sites:
+        raise PrivacyBudgetExceeded(
+            f"{len(needed)} sites have budget for the statistics sum, fewer than the "
+            f"{min_sites} its noise is split over: the federation cannot start.")
+    n_columns, n_bins = edges.shape[0], edges.shape[1] - 1
+    multiplier = max(needed.values())
+    sensitivity = statistics_sensitivity(n_columns)
+    # Counts are integers: encoded at an integer scale, they are exact (no rounding term
+    # in the sensitivity); the scale only lifts each share above the accounting's floor.
+    floor = MIN_SITE_SIGMA * math.sqrt(min_sites) / (multiplier * sensitivity)
+    scale = float(2 ** max(0, math.ceil(math.log2(floor))))
+    noise = DistributedNoise(noise_multiplier=multiplier, sensitivity=sensitivity * scale,
+                             min_sites=min_sites)
+    codec = RingCodec.for_sum(len(sites), bound=MAX_SITE_RECORDS, scale=scale,
+                              noise_bound=noise.noise_bound(len(sites)))
+    vectors, rngs = {}, {}
+    for s in sites:
+        if s.name not in needed:
+            continue
+        privacy[s.name].charge_secure_statistics(multiplier)
+        exact = site_statistics(s.x_train, edges)
+        vectors[s.name] = np.concatenate([exact.histogram.ravel(), [len(s.x_train)]])
+        rngs[s.name] = secure_numpy_rng()
+    total = ring_sum(codec, vectors, rngs, noise)
+    return statistics_from_histogram(total[:-1].reshape(n_columns, n_bins), edges,
+                                     float(total[-1]))
