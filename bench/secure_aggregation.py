@@ -126,6 +126,25 @@ def utility(data_dir: str | None, seeds: list[int], smoke: bool) -> dict[str, An
     return out
 
 
+def _welch(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Difference of means and Welch's two-sided p-value (the runs' noise is fresh)."""
+    from scipy.stats import ttest_ind
+
+    return statistics.fmean(a) - statistics.fmean(b), float(
+        ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def _comparisons(useful: dict[str, Any]) -> list[list[Any]]:
+    arms = list(useful)
+    rows = []
+    for first, second in ((arms[2], arms[1]), (arms[0], arms[2])):
+        for key in ("auc", "slope", "citl"):
+            diff, p = _welch([r[key] for r in useful[first]["runs"]],
+                             [r[key] for r in useful[second]["runs"]])
+            rows.append([f"{first} - {second}", key, diff, p])
+    return rows
+
+
 def _range(arm: dict[str, Any], key: str) -> str:
     values = [r[key] for r in arm["runs"]]
     return f"{min(values):.3f} to {max(values):.3f}"
@@ -162,7 +181,11 @@ def main() -> None:
                                "CITL", "CITL range"],
                               [[arm, v["mean_auc"], _range(v, "auc"), v["mean_slope"],
                                 _range(v, "slope"), v["mean_citl"], _range(v, "citl")]
-                               for arm, v in useful.items()], digits=3)]
+                               for arm, v in useful.items()], digits=3),
+               "\nDifferences of the means, with Welch's two-sided p (a difference is called "
+               "significant only below 0.05):\n",
+               markdown_table(["comparison", "measure", "difference", "p"],
+                              _comparisons(useful), digits=3)]
     write_results("secure_aggregation", results, "\n".join(md))
 
 
