@@ -33,11 +33,10 @@ from cardiofed.secure.simulate import ring_sum
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.prepare import PreparedSite
 from cardiofed.simulation.runner import FederatedRun, round_metrics, shares
+from cardiofed.simulation.secure_statistics import MAX_SITE_RECORDS, noise_sites
 from cardiofed.training.clipped import clipped_gradient_sum, unflatten
 from cardiofed.training.clipped import sensitivity as gradient_sensitivity
 
-# The most records a site may hold: bounds each value a site encodes, hence the ring.
-MAX_SITE_RECORDS = 10_000_000
 # Ring units per unit of the clip, per sqrt(coordinate): stochastic rounding then adds
 # about 0.1% to the sensitivity.
 SCALE_PER_ROOT_DIM = 1024
@@ -48,7 +47,7 @@ def secure_codec_and_noise(config: SimulationConfig, n_sites: int, length: int,
     """The ring and the noise of one round's secure sum of `length` values."""
     clip = config.dp_max_grad_norm
     scale = 2.0 ** math.ceil(math.log2(SCALE_PER_ROOT_DIM * math.sqrt(length) / clip))
-    min_sites = max(2, math.ceil((1 - config.secure_dropout) * n_sites))
+    min_sites = noise_sites(n_sites, config.secure_dropout)
     noise = DistributedNoise(noise_multiplier=noise_multiplier,
                              sensitivity=integer_sensitivity(
                                  math.hypot(gradient_sensitivity(clip), 1.0), scale, length),

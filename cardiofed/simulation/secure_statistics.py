@@ -33,7 +33,13 @@ from cardiofed.secure.noise import MIN_SITE_SIGMA, DistributedNoise
 from cardiofed.secure.quantise import RingCodec
 from cardiofed.secure.simulate import ring_sum
 
+# The most records a site may hold: bounds each value a site encodes, hence the ring.
 MAX_SITE_RECORDS = 10_000_000
+
+
+def noise_sites(n_sites: int, dropout: float) -> int:
+    """How many sites a secure sum's noise is split over: those it may not lose."""
+    return max(2, math.ceil((1 - dropout) * n_sites))
 
 
 def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
@@ -48,7 +54,7 @@ def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
             needed[s.name] = privacy[s.name].secure_statistics_noise()
         except PrivacyBudgetExceeded:
             continue
-    min_sites = max(2, math.ceil((1 - dropout) * len(sites)))
+    min_sites = noise_sites(len(sites), dropout)
     if len(needed) < min_sites:
         raise PrivacyBudgetExceeded(
             f"{len(needed)} sites have budget for the statistics sum, fewer than the "
