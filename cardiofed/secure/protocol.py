@@ -31,6 +31,7 @@ import hashlib
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -88,7 +89,11 @@ class SumPlan:
 
     def holder_id(self, site: str) -> int:
         """The Shamir id of `site` (its position among the sorted sites, from 1)."""
-        return self.sites.index(site) + 1
+        return self._ids[site]
+
+    @cached_property
+    def _ids(self) -> dict[str, int]:
+        return {site: k + 1 for k, site in enumerate(self.sites)}
 
     def purpose(self, use: str, *pair: str) -> bytes:
         return b"/".join([self.context, use.encode(), *(p.encode() for p in sorted(pair))])
@@ -118,7 +123,8 @@ class Advertisement:
 def neighbour_graph(plan: SumPlan, ads: Mapping[str, Advertisement]) -> dict[str, list[str]]:
     """Each advertised site's neighbours: a Harary graph (each site linked to k/2 sites on
     either side, rounding up on one) on a ring ordered by a hash of all the public keys and
-    the sum's context, so the coordinator cannot choose who masks with whom."""
+    the sum's context: no party picks who masks with whom (a coordinator that withholds
+    advertisements to reshuffle the ring is an active one, outside the threat model)."""
     names = sorted(ads)
     digest = hashlib.sha256(plan.context)
     for name in names:
