@@ -53,8 +53,8 @@ def test_one_record_moves_the_sum_by_at_most_the_sensitivity(
 def test_secure_aggregation_settings_are_refused_by_name() -> None:
     with pytest.raises(ConfigurationError, match="secure_aggregation: dp_epsilon must be set"):
         SimulationConfig.create(secure_aggregation=True)
-    with pytest.raises(ConfigurationError, match="model must be 'logistic'.*robust_rule must "
-                                                 "be None"):
+    with pytest.raises(ConfigurationError, match="model must be 'logistic'.*robust_rule needs "
+                                                 "secure_group_size"):
         SimulationConfig.create(secure_aggregation=True, dp_epsilon=1.0, model="mlp",
                                 robust_rule="median")
 
@@ -88,7 +88,7 @@ def test_a_site_without_budget_sits_out_and_too_few_sites_stop_training(federati
     assert run.refusals[0][:2] == (0, sites[0].name)
     assert "1 sites in the round" not in str(run.refusals)
     assert run.rounds == 1 and run.participation[sites[1].name] == 0
-    assert "fewer than the 6 the noise is split over" in run.refusals[-1][2]
+    assert "fewer than the 6 its noise is split over: training stops" in run.refusals[-1][2]
 
 
 def test_the_report_says_how_a_secure_run_trained(federation) -> None:  # type: ignore[no-untyped-def]
@@ -170,3 +170,48 @@ def test_too_few_sites_with_budget_for_the_statistics_sum_stop_the_study(federat
                                                     "statistics sum, fewer than the 5"):
         secure_statistics(federation.sites, bin_edges(federation.feature_ranges, PRIVATE_BINS),
                           privacy, dropout=0.2)
+
+
+def test_sites_are_dealt_into_groups_of_at_least_the_size() -> None:
+    from cardiofed.simulation.secure_runner import secure_groups
+
+    names = [f"s{i:02d}" for i in range(14)]
+    groups = secure_groups(names, 4, seed=1)
+    assert sorted(n for g in groups for n in g) == names
+    assert len(groups) == 3 and {len(g) for g in groups} <= {4, 5}
+    assert secure_groups(names, 4, seed=1) == groups != secure_groups(names, 4, seed=2)
+    with pytest.raises(ConfigurationError, match="leaves 2 group.* needs at least 3"):
+        secure_groups(names, 5, seed=1)
+
+
+def test_group_settings_are_refused_by_name() -> None:
+    with pytest.raises(ConfigurationError, match="robust_rule needs secure_group_size"):
+        SimulationConfig.create(dp_epsilon=1.0, secure_aggregation=True, robust_rule="median")
+    with pytest.raises(ConfigurationError, match="set secure_aggregation = true"):
+        SimulationConfig.create(secure_group_size=3)
+
+
+def test_a_robust_rule_across_groups_outvotes_a_malicious_site() -> None:
+    """One of 12 sites sends its vector times -1000: one secure sum is wrecked; groups of
+    3 with the median across them are not."""
+    data = synthetic_federation(n_sites=12, seed=0, size_scale=0.3)
+    bad = data.sites[0].name
+
+    def attack(site: str, vector: np.ndarray) -> np.ndarray:
+        return -1000.0 * vector if site == bad else vector
+
+    aucs = {}
+    for label, extra, hook in [("one sum", {}, attack),
+                               ("groups", {"secure_group_size": 3,
+                                           "robust_rule": "median"}, None),
+                               ("groups attacked", {"secure_group_size": 3,
+                                                    "robust_rule": "median"}, attack)]:
+        config = SimulationConfig.create(dp_epsilon=8.0, secure_aggregation=True, rounds=20,
+                                         eval_every=0, **extra)  # type: ignore[arg-type]
+        privacy = site_privacy(data, config)
+        sites = prepare_federation(data, privacy=privacy,
+                                   secure_dropout=config.secure_dropout)
+        run = run_secure_sgd(sites, config, privacy=privacy, attack=hook)
+        aucs[label] = run.history[-1]["pooled_auc"]
+    assert aucs["one sum"] < 0.6
+    assert aucs["groups attacked"] > aucs["groups"] - 0.05

@@ -85,6 +85,10 @@ class SimulationConfig(BaseModel):
     # (1 - secure_dropout of them). Needs dp_epsilon; logistic regression for now.
     secure_aggregation: bool = False
     secure_dropout: float = Field(0.2, ge=0, lt=1)
+    # Robust across groups: sites are shuffled (by the plan's seed) into groups of at
+    # least this many, each group's gradient is a secure sum of its own (with the whole
+    # noise: the coordinator sees each), and robust_rule runs across the groups' means.
+    secure_group_size: int | None = Field(None, ge=2, le=1_000_000)
     # Bias correction (see cardiofed.algorithms.weighting and cardiofed.simulation.experiment).
     weighting: Literal["sample-size", "type-balanced", "qffl", "agnostic"] = "sample-size"
     qffl_q: float = Field(1.0, ge=0, allow_inf_nan=False)
@@ -173,6 +177,9 @@ class SimulationConfig(BaseModel):
                              f"{self.vectorised_refusal()}; use backend 'auto' or 'loop'")
         if self.secure_aggregation:
             self._check_secure()
+        elif self.secure_group_size is not None:
+            raise ValueError("secure_group_size groups the sites' secure sums; set "
+                             "secure_aggregation = true, or leave it unset")
         if self.dp_epsilon is not None and self.covariate_shift:
             raise ValueError("covariate_shift reweights samples, which DP-SGD here does not "
                              "support; switch one of them off")
@@ -187,8 +194,9 @@ class SimulationConfig(BaseModel):
                  (self.aggregation != "sync", "aggregation must be 'sync'"),
                  (self.algorithm not in ("fedavg", "fedadam", "fedyogi"),
                   "algorithm must be fedavg, fedadam or fedyogi (the server optimiser)"),
-                 (self.robust_rule is not None, "robust_rule must be None (robust rules "
-                  "across groups of secure sums are not built yet)"),
+                 (self.robust_rule is not None and self.secure_group_size is None,
+                  "robust_rule needs secure_group_size (a robust rule runs across groups' "
+                  "secure sums, never on one site's release)"),
                  (self.weighting != "sample-size", "weighting must be 'sample-size' (a sum "
                   "weights every record alike)"),
                  (self.fraction_fit < 1, "fraction_fit must be 1")]

@@ -19,11 +19,11 @@ sites than the noise was split over is not unmasked, and training stops there.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from cardiofed.exceptions import PrivacyBudgetExceeded
+from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.models.networks import get_weights, make_model
 from cardiofed.privacy.randomness import secure_numpy_rng
 from cardiofed.privacy.site_privacy import SitePrivacy
@@ -57,9 +57,30 @@ def secure_codec_and_noise(config: SimulationConfig, n_sites: int, length: int,
     return codec, noise
 
 
+def secure_groups(names: Sequence[str], size: int, seed: int) -> list[list[str]]:
+    """`names` shuffled by `seed` and dealt into ``len(names) // size`` groups (each at
+    least `size`; sizes differ by at most one)."""
+    n_groups = len(names) // size
+    if n_groups < 3:
+        raise ConfigurationError(
+            f"secure_group_size {size} leaves {max(n_groups, 0)} group(s) of {len(names)} "
+            f"sites; a robust rule across groups needs at least 3 (lower the size).")
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    return [sorted(order[g::n_groups]) for g in range(n_groups)]
+
+
+Attack = Callable[[str, np.ndarray], np.ndarray]
+
+
 def run_secure_sgd(sites: Sequence[PreparedSite], config: SimulationConfig, *,
-                   privacy: Mapping[str, SitePrivacy]) -> FederatedRun:
-    """``config.rounds`` rounds of DP-FedSGD over secure sums (see the module docstring)."""
+                   privacy: Mapping[str, SitePrivacy],
+                   attack: Attack | None = None) -> FederatedRun:
+    """``config.rounds`` rounds of DP-FedSGD over secure sums (see the module docstring).
+
+    With ``config.secure_group_size`` the sites are dealt into groups (once per study);
+    each group's sum is unmasked on its own and ``config.robust_rule`` aggregates the
+    groups' mean gradients (weighted by their noisy record counts). `attack(site,
+    vector)`, for benchmarks and tests, replaces what a malicious site sends."""
     model = make_model(config.model, sites[0].x_train.shape[1], seed=config.seed)
     weights = get_weights(model)
     algorithm = config.make_algorithm()
@@ -76,31 +97,50 @@ def run_secure_sgd(sites: Sequence[PreparedSite], config: SimulationConfig, *,
         except PrivacyBudgetExceeded as refusal:
             run.refusals.append((0, site.name, str(refusal)))
     taking_part = [s for s in sites if s.name in needed]
-    codec, noise = secure_codec_and_noise(config, len(sites), length,
-                                          max(needed.values(), default=1.0))
+    multiplier = max(needed.values(), default=1.0)
+    groups = ([[s.name for s in sites]] if config.secure_group_size is None
+              else secure_groups([s.name for s in sites], config.secure_group_size,
+                                 config.seed))
+    sums = [(group, *secure_codec_and_noise(config, len(group), length, multiplier))
+            for group in groups]
+    robust = config.robust_aggregation()
     rnd = 0
     for rnd in range(1, config.rounds + 1):
         vectors, rngs = {}, {}
         for site in taking_part:
             try:
-                privacy[site.name].charge_secure_round(noise.noise_multiplier,
-                                                       f"round {rnd}")
+                privacy[site.name].charge_secure_round(multiplier, f"round {rnd}")
             except PrivacyBudgetExceeded as refusal:
                 run.refusals.append((rnd, site.name, str(refusal)))
                 continue
             vectors[site.name] = np.concatenate([
                 clipped_gradient_sum(weights, site.x_train, site.y_train, clip),
                 [len(site.y_train)]])
+            if attack is not None:
+                vectors[site.name] = attack(site.name, vectors[site.name])
             rngs[site.name] = secure_numpy_rng()
-        if len(vectors) < noise.min_sites:
-            run.refusals.append((rnd, "*", f"{len(vectors)} sites in the round, fewer than "
-                                            f"the {noise.min_sites} the noise is split over: "
-                                            f"the sum is not unmasked and training stops"))
+        totals, short = [], []
+        for group, codec, noise in sums:
+            members = {n: vectors[n] for n in group if n in vectors}
+            if len(members) < noise.min_sites:
+                short.append(f"{len(members)} of a group's sites in the round, fewer than "
+                             f"the {noise.min_sites} its noise is split over")
+                continue
+            totals.append(ring_sum(codec, members, rngs, noise))
+        if not totals or (robust is not None and len(totals) < 3):
+            why = "; ".join(short) or f"{len(totals)} group sums, fewer than a robust rule's 3"
+            run.refusals.append((rnd, "*", f"{why}: training stops"))
             break
-        total = ring_sum(codec, vectors, rngs, noise)
-        gradient = total[:-1] / max(total[-1], 1.0)
-        weights, state = algorithm.server.step(
-            weights, unflatten(-gradient, weights), state)
+        counts = [max(t[-1], 1.0) for t in totals]
+        if robust is None:
+            gradient = np.sum(totals, axis=0)[:-1] / sum(counts)
+            step = unflatten(-gradient, weights)
+        else:
+            step, report = robust.aggregate(
+                [unflatten(-t[:-1] / c, weights) for t, c in zip(totals, counts, strict=True)],
+                counts, [f"group {g}" for g in range(len(totals))])
+            run.record_robust(rnd, report)
+        weights, state = algorithm.server.step(weights, step, state)
         for name in vectors:
             run.participation[name] += 1
             run.update_share[name] += 1
