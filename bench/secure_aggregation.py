@@ -226,8 +226,8 @@ def main() -> None:
                markdown_table(["comparison", "measure", "difference", "p"],
                               _comparisons(useful), digits=3)]
     md += [f"\nRobust across groups, the demo's 12 synthetic hospitals at epsilon 1 "
-           f"({robust['malicious']} sends its vector times -1000; pooled-test AUC, mean and "
-           f"range over {len(seeds)} runs):\n",
+           f"({robust['malicious']} sends its vector times -1000; pooled-test AUC, means over "
+           f"{len(seeds)} runs):\n",
            markdown_table(["aggregation", "clean", "attacked", "cost of the attack"],
                           [[label, statistics.fmean(robust[f"{label}, clean"]),
                             statistics.fmean(robust[f"{label}, attacked"]),
