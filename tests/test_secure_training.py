@@ -215,3 +215,23 @@ def test_a_robust_rule_across_groups_outvotes_a_malicious_site() -> None:
         aucs[label] = run.history[-1]["pooled_auc"]
     assert aucs["one sum"] < 0.6
     assert aucs["groups attacked"] > aucs["groups"] - 0.05
+
+
+def test_a_site_refuses_a_sum_noisier_for_others_than_for_itself(federation) -> None:  # type: ignore[no-untyped-def]
+    """The study's noise below what this site's own budget needs is refused by name,
+    for training and statistics alike, and nothing is charged."""
+    from cardiofed.exceptions import PrivacyBudgetExceeded
+
+    config = SimulationConfig.create(dp_epsilon=1.0, secure_aggregation=True, rounds=5)
+    site = site_privacy(federation, config)[federation.sites[0].name]
+    needed = site.secure_training_noise()
+    with pytest.raises(PrivacyBudgetExceeded, match=(
+            f"refuses round 1: the sum's noise multiplier {needed / 2:.3g} is below the "
+            f"{needed:.3g} its budget needs")):
+        site.charge_secure_round(needed / 2, "round 1")
+    with pytest.raises(PrivacyBudgetExceeded, match=r"refuses statistics release \(secure "
+                                                    r"sum\): the sum's noise multiplier"):
+        site.charge_secure_statistics(site.secure_statistics_noise() / 2)
+    assert site.ledger.spent() == 0.0 and site.charged_secure_noise() is None
+    site.charge_secure_round(needed, "round 1")
+    assert site.charged_secure_noise() == needed

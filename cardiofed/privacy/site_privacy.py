@@ -138,16 +138,21 @@ class SitePrivacy:
         """Charge the secure sum of the statistics at the study's `noise_multiplier`
         (refused when below what this site's budget needs)."""
         with self.ledger.locked():
-            needed = self.secure_statistics_noise()
-            if noise_multiplier < needed:
-                raise PrivacyBudgetExceeded(
-                    f"Site {self.ledger.site!r} refuses the statistics sum: its noise "
-                    f"multiplier {noise_multiplier:.3g} is below the {needed:.3g} its budget "
-                    f"needs.")
-            event = GaussianEvent(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
-            self.ledger.charge([event], "statistics release (secure sum)", kind="statistics",
-                               study=self.study, noise_multiplier=noise_multiplier,
-                               secure_sum=True)
+            self._charge_secure_sum("statistics", noise_multiplier,
+                                    self.secure_statistics_noise(),
+                                    "statistics release (secure sum)")
+
+    def _charge_secure_sum(self, kind: str, noise_multiplier: float, needed: float,
+                           what: str) -> None:
+        """Charge one secure sum of `kind` at the study's `noise_multiplier`; refused when
+        it is below the `needed` this site's budget calls for."""
+        if noise_multiplier < needed:
+            raise PrivacyBudgetExceeded(
+                f"Site {self.ledger.site!r} refuses {what}: the sum's noise multiplier "
+                f"{noise_multiplier:.3g} is below the {needed:.3g} its budget needs.")
+        event = GaussianEvent(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
+        self.ledger.charge([event], what, kind=kind, study=self.study,
+                           noise_multiplier=noise_multiplier, secure_sum=True)
 
     def released_n(self) -> int | None:
         """The noisy record count of this study's statistics release (at least 1): what
@@ -230,28 +235,26 @@ class SitePrivacy:
         return LocalResult(num_steps=schedule[1], mean_loss=float("nan"))
 
     # -- secure training (distributed DP) ----------------------------------------------
-    def secure_training_noise(self, rounds: int) -> float:
-        """The noise multiplier this site needs on the secure sum of each of `rounds`
-        training rounds (one q = 1 Gaussian event per round within its training share):
-        calibrated once and kept in the ledger. The study's noise is the largest any site
-        needs; each site refuses a round whose noise is below its own."""
+    def charged_secure_noise(self) -> float | None:
+        """The noise multiplier this study's secure training sums were charged at (None
+        before the first)."""
         earlier = self.ledger.releases("train", self.study)
-        if earlier:
-            return float(earlier[0]["noise_multiplier"])
-        return self._calibrate("train", 1.0, rounds)
+        return float(earlier[0]["noise_multiplier"]) if earlier else None
+
+    def secure_training_noise(self) -> float:
+        """The noise multiplier this site needs on the secure sum of each of the study's
+        `rounds` training rounds (one q = 1 Gaussian event per round within its training
+        share): calibrated once and kept in the ledger. The study's noise is the largest
+        any site needs; each site refuses a round whose noise is below its own."""
+        charged = self.charged_secure_noise()
+        return charged if charged is not None else self._calibrate("train", 1.0, self.rounds)
 
     def charge_secure_round(self, noise_multiplier: float, what: str) -> None:
         """Charge one round's secure sum at the study's `noise_multiplier` (refused when
         it is below what this site's budget needs, or the budget is spent)."""
         with self.ledger.locked():
-            needed = self.secure_training_noise(self.rounds)
-            if noise_multiplier < needed:
-                raise PrivacyBudgetExceeded(
-                    f"Site {self.ledger.site!r} refuses {what}: the sum's noise multiplier "
-                    f"{noise_multiplier:.3g} is below the {needed:.3g} its budget needs.")
-            event = GaussianEvent(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
-            self.ledger.charge([event], what, kind="train", study=self.study,
-                               noise_multiplier=noise_multiplier, secure_sum=True)
+            self._charge_secure_sum("train", noise_multiplier, self.secure_training_noise(),
+                                    what)
 
     # -- attribution ------------------------------------------------------------------
     def release_attribution(self, plan: PrivateAnalysis, state: dict[str, Any],

@@ -256,7 +256,8 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
             "epsilon_spent": by_kind["total"], "epsilon_max": p.ledger.budget.epsilon_max,
             **{f"epsilon_{kind}": by_kind[kind] for kind in RELEASE_KINDS},
             "delta": p.ledger.delta,
-            "noise_multiplier": p.dp.noise_multiplier if p.dp else _secure_noise(p),
+            "noise_multiplier": (p.dp.noise_multiplier if p.dp else
+                                 p.charged_secure_noise() or float("nan")),
             "max_grad_norm": p.max_grad_norm, "n_records": float(result.site_sizes[name]),
             "rounds_trained": float(run.participation[name])}
     if baselines:
@@ -278,12 +279,6 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     if len(truth) == len(sites):
         _record(result, TRUE_RISK, truth, sites)
     return result
-
-
-def _secure_noise(privacy: SitePrivacy) -> float:
-    """The noise multiplier of a site's secure training sums (NaN when it had none)."""
-    releases = privacy.ledger.releases("train", privacy.study)
-    return float(releases[0]["noise_multiplier"]) if releases else float("nan")
 
 
 def _hold_out_calibration(dataset: FederatedDataset, config: SimulationConfig

@@ -93,7 +93,7 @@ def run_secure_sgd(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     needed = {}
     for site in sites:  # a site whose budget cannot cover the schedule sits it out
         try:
-            needed[site.name] = privacy[site.name].secure_training_noise(config.rounds)
+            needed[site.name] = privacy[site.name].secure_training_noise()
         except PrivacyBudgetExceeded as refusal:
             run.refusals.append((0, site.name, str(refusal)))
     taking_part = [s for s in sites if s.name in needed]
