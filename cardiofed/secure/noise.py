@@ -88,10 +88,6 @@ class DistributedNoise:
         """What a site charges its ledger for one secure sum it takes part in."""
         return GaussianEvent(noise_multiplier=self.noise_multiplier, sample_rate=1.0, steps=1)
 
-    def tau_term(self, n_sites: int, dim: int) -> float:
-        """Kairouz et al.'s additive RDP term ``tau * d`` for this sum."""
-        return tau(self.site_sigma, n_sites) * dim
-
     def noise_bound(self, n_sites: int) -> float:
         """A bound on the summed noise of `n_sites` sites (for the ring's width)."""
         return TAIL_SDS * math.sqrt(n_sites) * self.site_sigma
