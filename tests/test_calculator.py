@@ -81,6 +81,36 @@ def test_risk_api_metrics_need_an_admin_key(api: Api) -> None:
     assert 'cardiofed_http_requests_total{method="POST",route="/v1/risk",status="200"}' in r.text
 
 
+def test_made_up_methods_share_one_metrics_label(api: Api) -> None:
+    """A client picks the method: any outside HTTP's own is counted as OTHER, so a
+    stream of invented methods cannot grow the metrics without bound."""
+    for method in ("BREW", "WHEN", "X-1", "BREW"):
+        assert api.client.request(method, "/v1/risk").status_code == 405
+    text = api.get("/metrics", key=api.admin_key).text
+    assert 'method="OTHER",route="/v1/risk",status="405"} 4.0' in text
+    assert "BREW" not in text and "WHEN" not in text
+
+
+def test_a_header_the_application_sets_itself_wins_and_is_not_repeated() -> None:
+    from fastapi import FastAPI
+    from fastapi.responses import PlainTextResponse
+    from fastapi.testclient import TestClient
+
+    from cardiofed.web.security import SecurityHeaders
+
+    app = FastAPI()
+
+    @app.get("/framed")
+    def framed() -> PlainTextResponse:
+        return PlainTextResponse("x", headers={"X-Frame-Options": "SAMEORIGIN"})
+
+    app.add_middleware(SecurityHeaders)
+    r = TestClient(app).get("/framed")
+    assert r.headers.get_list("x-frame-options") == ["SAMEORIGIN"]
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+
+
 def test_the_risk_api_sends_security_headers(api: Api) -> None:
     for path in ("/calculator", "/healthz"):
         r = api.client.get(path)
