@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"algorithms"},
     {"privacy"},
     {"secure"},
+    {"survival"},
     {"causal"},
     {"simulation"},
     {"experiments"},

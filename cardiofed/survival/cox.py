@@ -1,0 +1,249 @@
+"""Federated Cox proportional hazards, fitted exactly by Newton steps from per-site sums.
+
+At each Newton step the coordinator sends the coefficients ``beta``; each site returns
+:class:`CoxSums`: at every point ``g_k`` of a public time grid (times carried up to the
+next point and censorings down, as in :mod:`cardiofed.survival.kaplan_meier`), the sums
+over its risk set at ``g_k`` and over its events at ``g_k`` of ``exp(x beta)``, ``x exp(x beta)``
+and ``x x' exp(x beta)``, with the event count and the events' ``x``. No row leaves the
+site. From these the partial likelihood, its gradient and its Hessian follow exactly
+(:func:`partial_likelihood`, Efron's or Breslow's handling of tied times):
+
+* **unstratified** (one baseline hazard, the pooled model): the sites' sums are added
+  first, so the fit equals the pooled Cox model of the (grid-coarsened) times;
+* **stratified by site** (each site its own baseline hazard, which recalibrates the shared
+  coefficients to every hospital's incidence): each site's own derivatives are added.
+
+Which grid: the pooled fit is exact *per distinct event time* when the grid holds every
+event time of every site (:func:`event_time_grid`); that tells the coordinator those times
+(not who had them), so a site that may not reveal them uses a coarser public grid (e.g.
+months), and the fit is then the exact pooled fit of the times carried up to that grid.
+Covariates are centred at a public ``center`` before exponentiating: the partial
+likelihood does not change, and ``exp`` stays in range. The Breslow baseline hazard and
+absolute risk at a horizon come from the same sums (:func:`breslow_baseline`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cardiofed.exceptions import ConfigurationError, DataValidationError
+from cardiofed.survival._checks import check_covariates, check_grid, check_outcome
+from cardiofed.survival.kaplan_meier import grid_positions
+
+__all__ = ["CoxFit", "CoxSums", "add_cox_sums", "absolute_risk", "breslow_baseline",
+           "event_time_grid", "fit_cox", "partial_likelihood", "site_cox_sums"]
+
+TIES = ("efron", "breslow")
+
+
+@dataclass(frozen=True)
+class CoxSums:
+    """One site's sums at one ``beta`` (K grid points, d covariates)."""
+
+    events: np.ndarray      # (K,) events at g_k
+    event_x: np.ndarray     # (K, d) sum of x over those events
+    event_eta: np.ndarray   # (K,) sum of x beta over those events
+    risk0: np.ndarray       # (K,) sum of exp(x beta) over the risk set
+    risk1: np.ndarray       # (K, d)
+    risk2: np.ndarray       # (K, d, d)
+    tied0: np.ndarray       # (K,) the same three sums over the events at g_k (Efron)
+    tied1: np.ndarray       # (K, d)
+    tied2: np.ndarray       # (K, d, d)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Named arrays, e.g. for a safetensors payload."""
+        return dict(self.__dict__)
+
+
+def event_time_grid(*times_with_events: tuple[object, object]) -> np.ndarray:
+    """Every distinct event time of the given (time, event) pairs: the grid on which the
+    pooled fit is exact per event time."""
+    found = [t[e] for t, e in (check_outcome(t, e) for t, e in times_with_events)]
+    grid = np.unique(np.concatenate(found)) if found else np.empty(0)
+    if grid.size == 0:
+        raise DataValidationError("No site has an event: a Cox model cannot be fitted.")
+    return grid
+
+
+def site_cox_sums(time: object, event: object, x: object, beta: object, grid: object,
+                  center: object | None = None) -> CoxSums:
+    """A site's :class:`CoxSums` at `beta` on the public `grid`."""
+    g = check_grid(grid)
+    t, e = check_outcome(time, event)
+    m = check_covariates(x, t.size)
+    d = m.shape[1]
+    b = _check_vector(beta, d, "beta")
+    c = np.zeros(d) if center is None else _check_vector(center, d, "center")
+    xc = m - c
+    eta = xc @ b
+    if np.abs(eta).max(initial=0.0) > 700:
+        raise DataValidationError("exp(x beta) overflows at these coefficients: centre the "
+                                  "covariates (the 'center' parameter) or scale them.")
+    w = np.exp(eta)
+    last, ev = grid_positions(t, e, g)
+    K = g.size
+    # Sums over {i: last_i == j}, then reverse cumulative sums: the risk sets {last_i >= j}.
+    seen = last >= 0
+    at = np.zeros((K, 1 + d + d * d))
+    np.add.at(at, last[seen], _at_rows(xc[seen], w[seen]))
+    risk = np.cumsum(at[::-1], axis=0)[::-1]
+    tied = np.zeros((K, 1 + d + d * d))
+    np.add.at(tied, last[ev], _at_rows(xc[ev], w[ev]))
+    events = np.bincount(last[ev], minlength=K).astype(np.float64)
+    event_x = np.zeros((K, d))
+    np.add.at(event_x, last[ev], xc[ev])
+    event_eta = np.bincount(last[ev], weights=eta[ev], minlength=K)
+    return CoxSums(events=events, event_x=event_x, event_eta=event_eta,
+                   risk0=risk[:, 0], risk1=risk[:, 1:1 + d],
+                   risk2=risk[:, 1 + d:].reshape(K, d, d),
+                   tied0=tied[:, 0], tied1=tied[:, 1:1 + d],
+                   tied2=tied[:, 1 + d:].reshape(K, d, d))
+
+
+def _at_rows(xc: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Per row: ``[w, w x, w x x']`` flattened."""
+    d = xc.shape[1]
+    return np.hstack([w[:, None], xc * w[:, None],
+                      (xc[:, :, None] * xc[:, None, :]).reshape(-1, d * d) * w[:, None]])
+
+
+def add_cox_sums(a: CoxSums, b: CoxSums) -> CoxSums:
+    """Two sites' sums together (same grid, beta and centre): the pooled sums."""
+    return CoxSums(**{k: v + getattr(b, k) for k, v in a.__dict__.items()})
+
+
+def partial_likelihood(sums: CoxSums, ties: str = "efron"
+                       ) -> tuple[float, np.ndarray, np.ndarray]:
+    """Log partial likelihood, gradient and Hessian at the sums' ``beta``."""
+    if ties not in TIES:
+        raise ConfigurationError(f"The 'ties' parameter must be one of {TIES}; got {ties!r}.")
+    d = sums.event_x.shape[1]
+    ll, grad, hess = 0.0, np.zeros(d), np.zeros((d, d))
+    for k in np.flatnonzero(sums.events > 0):
+        n_k = int(round(sums.events[k]))
+        ll += sums.event_eta[k]
+        grad += sums.event_x[k]
+        # Efron: the l-th of n_k tied events sees the risk set less l/n_k of the tied.
+        fractions = np.arange(n_k) / n_k if ties == "efron" else np.zeros(1)
+        weight = 1.0 if ties == "efron" else float(n_k)
+        for f in fractions:
+            s0 = sums.risk0[k] - f * sums.tied0[k]
+            s1 = sums.risk1[k] - f * sums.tied1[k]
+            s2 = sums.risk2[k] - f * sums.tied2[k]
+            mean = s1 / s0
+            ll -= weight * math.log(s0)
+            grad -= weight * mean
+            hess -= weight * (s2 / s0 - np.outer(mean, mean))
+    return ll, grad, hess
+
+
+@dataclass(frozen=True)
+class CoxFit:
+    """A fitted Cox model: coefficients (per covariate, on the uncentred scale), their
+    standard errors from the observed information, the log partial likelihood."""
+
+    beta: np.ndarray
+    se: np.ndarray
+    loglik: float
+    iterations: int
+    stratified: bool
+    ties: str
+    covariance: np.ndarray = field(repr=False)
+
+
+SumsAt = Callable[[np.ndarray], Sequence[CoxSums]]
+
+
+def fit_cox(sums_at: SumsAt, n_covariates: int, *, stratified: bool = False,
+            ties: str = "efron", max_iter: int = 50, tol: float = 1e-10) -> CoxFit:
+    """Newton-Raphson on the federated partial likelihood (step halving when it falls).
+
+    `sums_at(beta)` gathers every site's :class:`CoxSums` at ``beta`` (in process or over a
+    network: the fit does not care). ``stratified`` adds the sites' own derivatives (each
+    site its own baseline hazard); otherwise their sums are added first (the pooled model).
+    Converged when the largest Newton step is below `tol`."""
+    if ties not in TIES:
+        raise ConfigurationError(f"The 'ties' parameter must be one of {TIES}; got {ties!r}.")
+    if not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ConfigurationError(f"The 'max_iter' parameter must be an integer >= 1; "
+                                 f"got {max_iter!r}.")
+
+    def derivatives(beta: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        sites = list(sums_at(beta))
+        if not sites:
+            raise DataValidationError("fit_cox needs at least one site's sums.")
+        if stratified:
+            parts = [partial_likelihood(s, ties) for s in sites]
+            return (sum(p[0] for p in parts), np.sum([p[1] for p in parts], axis=0),
+                    np.sum([p[2] for p in parts], axis=0))
+        pooled = sites[0]
+        for s in sites[1:]:
+            pooled = add_cox_sums(pooled, s)
+        return partial_likelihood(pooled, ties)
+
+    beta = np.zeros(n_covariates)
+    ll, grad, hess = derivatives(beta)
+    iterations = 0
+    while iterations < max_iter:
+        iterations += 1
+        try:
+            step = np.linalg.solve(-hess, grad)
+        except np.linalg.LinAlgError:
+            raise DataValidationError("The Cox model's information matrix is singular: a "
+                                      "covariate is constant or collinear with others, "
+                                      "or no event is left.") from None
+        trial = beta + step
+        new = derivatives(trial)
+        halvings = 0
+        while not (math.isfinite(new[0]) and new[0] >= ll - 1e-12 * abs(ll)) and halvings < 30:
+            step /= 2
+            trial = beta + step
+            new = derivatives(trial)
+            halvings += 1
+        beta, (ll, grad, hess) = trial, new
+        if np.abs(step).max() < tol:
+            break
+    else:  # every step taken, none small enough
+        raise DataValidationError(f"The Cox fit did not converge in {max_iter} Newton steps "
+                                  f"(monotone likelihood: a covariate separates events "
+                                  f"from survivors?).")
+    covariance = np.linalg.inv(-hess)
+    return CoxFit(beta=beta, se=np.sqrt(np.diag(covariance)), loglik=ll,
+                  iterations=iterations, stratified=stratified, ties=ties,
+                  covariance=covariance)
+
+
+def breslow_baseline(sums: CoxSums) -> np.ndarray:
+    """Breslow's baseline cumulative hazard at the grid points, from (summed) sums at the
+    fitted ``beta``: ``H0(g_k) = sum_{j <= k} d_j / risk0_j``, for covariates at the
+    sums' centre."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        steps = np.where(sums.risk0 > 0, sums.events / sums.risk0, 0.0)
+    return np.cumsum(steps)
+
+
+def absolute_risk(x: object, fit: CoxFit, baseline: np.ndarray, grid: object,
+                  horizon: float, center: object | None = None) -> np.ndarray:
+    """Each row's risk of an event by `horizon`: ``1 - exp(-H0(horizon) exp((x - c) beta))``
+    with ``H0`` the baseline at the last grid point <= horizon (the sums' centre `c`)."""
+    g = check_grid(grid)
+    if not (math.isfinite(horizon) and horizon > 0):
+        raise ConfigurationError(f"The 'horizon' parameter must be a finite time > 0; "
+                                 f"got {horizon!r}.")
+    m = np.asarray(x, dtype=np.float64)
+    c = np.zeros(m.shape[1]) if center is None else _check_vector(center, m.shape[1], "center")
+    k = int(np.searchsorted(g, horizon, side="right"))
+    h0 = 0.0 if k == 0 else float(baseline[k - 1])
+    return -np.expm1(-h0 * np.exp((m - c) @ fit.beta))
+
+
+def _check_vector(value: object, d: int, name: str) -> np.ndarray:
+    v = np.asarray(value, dtype=np.float64)
+    if v.shape != (d,) or not np.isfinite(v).all():
+        raise ConfigurationError(f"The '{name}' parameter must be {d} finite numbers; got "
+                                 f"shape {v.shape}.")
+    return v

@@ -1,0 +1,196 @@
+"""Federated survival models against lifelines (and statsmodels) on the pooled rows."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cardiofed.exceptions import ConfigurationError, DataValidationError
+from cardiofed.survival import (
+    absolute_risk,
+    breslow_baseline,
+    event_time_grid,
+    fit_cox,
+    kaplan_meier,
+    site_counts,
+    site_cox_sums,
+)
+from cardiofed.survival.cox import add_cox_sums, partial_likelihood
+from cardiofed.survival.kaplan_meier import add_counts
+
+lifelines = pytest.importorskip("lifelines")
+TIGHT = {"precision": 1e-12}  # lifelines' own convergence, tighter than its default
+
+
+def gbsg2() -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """The German Breast Cancer Study Group 2 trial (Schumacher et al. 1994), shipped
+    with lifelines: 686 patients, 299 recurrences or deaths."""
+    from lifelines.datasets import load_gbsg2
+
+    df = load_gbsg2()
+    x = pd.DataFrame({
+        "hormone_therapy": (df.horTh == "yes").astype(float), "age": df.age,
+        "postmenopausal": (df.menostat == "Post").astype(float), "tumour_size": df.tsize,
+        "grade": df.tgrade.map({"I": 1, "II": 2, "III": 3}).astype(float),
+        "positive_nodes": df.pnodes, "progesterone": df.progrec, "oestrogen": df.estrec})
+    return (df.time.to_numpy(float), df.cens.to_numpy(float), x.to_numpy(float),
+            list(x.columns))
+
+
+def split(n: int, n_sites: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).choice(n_sites, size=n, p=np.linspace(2, 1, n_sites)
+                                              / np.linspace(2, 1, n_sites).sum())
+
+
+def federated_fit(t, e, x, site, grid, *, stratified=False, ties="efron"):
+    center = x.mean(axis=0)  # public: the statistics round's means in a real study
+    parts = [(t[site == s], e[site == s], x[site == s]) for s in np.unique(site)]
+    fit = fit_cox(lambda b: [site_cox_sums(*p, b, grid, center) for p in parts], x.shape[1],
+                  stratified=stratified, ties=ties)
+    return fit, parts, center
+
+
+def lifelines_cox(t, e, x, strata=None):
+    frame = pd.DataFrame(x).assign(T=t, E=e)
+    if strata is not None:
+        frame["site"] = strata
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lifelines.CoxPHFitter().fit(frame, "T", "E", fit_options=TIGHT,
+                                           strata=None if strata is None else ["site"])
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_federated_cox_equals_lifelines_on_the_pooled_rows(stratified):
+    t, e, x, _ = gbsg2()
+    site = split(len(t), 4, seed=0)
+    grid = event_time_grid(*[(t[site == s], e[site == s]) for s in range(4)])
+    fit, _, _ = federated_fit(t, e, x, site, grid, stratified=stratified)
+    ref = lifelines_cox(t, e, x, strata=site if stratified else None)
+    assert np.abs(fit.beta - ref.params_.to_numpy()).max() < 1e-6
+    assert np.abs(fit.se - ref.standard_errors_.to_numpy()).max() < 1e-6
+    assert fit.loglik == pytest.approx(ref.log_likelihood_, abs=1e-6)
+
+
+def test_breslow_ties_equal_statsmodels():
+    from statsmodels.duration.hazard_regression import PHReg
+
+    t, e, x, _ = gbsg2()
+    t = np.ceil(t / 30.0)  # months: many tied times
+    site = split(len(t), 3, seed=1)
+    grid = event_time_grid(*[(t[site == s], e[site == s]) for s in range(3)])
+    fit, _, _ = federated_fit(t, e, x, site, grid, ties="breslow")
+    ref = PHReg(t, x, status=e, ties="breslow").fit()
+    assert np.abs(fit.beta - ref.params).max() < 1e-6
+    assert np.abs(fit.se - ref.bse).max() < 1e-6
+
+
+def test_a_coarse_grid_is_the_exact_fit_of_the_coarsened_times():
+    """Events carried up to the next grid point, censorings down to the previous one."""
+    t, e, x, _ = gbsg2()
+    grid = np.arange(180.0, 2700.0, 180.0)  # every 6 months
+    site = split(len(t), 4, seed=2)
+    fit, _, _ = federated_fit(t, e, x, site, grid)
+    up = grid[np.minimum(np.searchsorted(grid, t, side="left"), grid.size - 1)]
+    down_at = np.searchsorted(grid, t, side="right") - 1
+    on_grid = (e == 1) & (np.searchsorted(grid, t, side="left") < grid.size)
+    keep = on_grid | (down_at >= 0)
+    coarse = np.where(on_grid, up, grid[np.maximum(down_at, 0)])
+    ref = lifelines_cox(coarse[keep], on_grid[keep].astype(float), x[keep])
+    assert np.abs(fit.beta - ref.params_.to_numpy()).max() < 1e-6
+    km = kaplan_meier(_summed([site_counts(t[site == s], e[site == s], grid)
+                               for s in range(4)]))
+    ref_km = lifelines.KaplanMeierFitter().fit(coarse[keep], on_grid[keep])
+    assert np.abs(km.survival - ref_km.survival_function_at_times(grid).to_numpy()).max() < 1e-12
+
+
+def test_absolute_risk_equals_lifelines_prediction():
+    t, e, x, _ = gbsg2()
+    site = split(len(t), 4, seed=0)
+    grid = event_time_grid(*[(t[site == s], e[site == s]) for s in range(4)])
+    fit, parts, center = federated_fit(t, e, x, site, grid)
+    pooled = _summed([site_cox_sums(*p, fit.beta, grid, center) for p in parts])
+    risk = absolute_risk(x[:20], fit, breslow_baseline(pooled), grid, 1825.0, center)
+    ref = lifelines_cox(t, e, x)
+    expected = 1 - ref.predict_survival_function(pd.DataFrame(x[:20]), times=[1825.0])
+    assert np.abs(risk - expected.to_numpy().ravel()).max() < 1e-6
+
+
+def _summed(items):
+    total = items[0]
+    for item in items[1:]:
+        total = add_counts(total, item) if hasattr(total, "censored") else add_cox_sums(
+            total, item)
+    return total
+
+
+outcomes = st.integers(min_value=5, max_value=60).flatmap(lambda n: st.tuples(
+    st.lists(st.integers(1, 12), min_size=n, max_size=n),   # tied times
+    st.lists(st.booleans(), min_size=n, max_size=n),
+    st.lists(st.integers(0, 3), min_size=n, max_size=n)))   # site of each patient
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(outcomes)
+def test_federated_kaplan_meier_equals_pooled_for_any_partition(data):
+    times, events, sites = (np.asarray(v) for v in data)
+    times = times.astype(float)
+    if not events.any():
+        return
+    grid = np.unique(times[events])
+    counts = [site_counts(times[sites == s], events[sites == s], grid)
+              for s in np.unique(sites)]
+    km = kaplan_meier(_summed(counts))
+    ref = lifelines.KaplanMeierFitter().fit(times, events)
+    assert np.allclose(km.survival, ref.survival_function_at_times(grid).to_numpy(),
+                       atol=1e-12)
+    na = lifelines.NelsonAalenFitter(nelson_aalen_smoothing=False).fit(times, events)
+    assert np.allclose(km.cumulative_hazard,
+                       na.cumulative_hazard_at_times(grid).to_numpy(), atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(outcomes, st.integers(0, 2**32 - 1))
+def test_sums_do_not_depend_on_how_patients_are_split(data, seed):
+    times, events, sites = (np.asarray(v) for v in data)
+    if not events.any():
+        return
+    x = np.random.default_rng(seed).normal(size=(len(times), 2))
+    grid = np.unique(times[events]).astype(float)
+    beta = np.array([0.3, -0.2])
+    pooled = site_cox_sums(times, events, x, beta, grid)
+    summed = _summed([site_cox_sums(times[sites == s], events[sites == s], x[sites == s],
+                                    beta, grid) for s in np.unique(sites)])
+    for a, b in zip(partial_likelihood(pooled), partial_likelihood(summed), strict=True):
+        assert np.allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_bad_inputs_are_named():
+    t, e, x = np.array([1.0, 2.0, 3.0]), np.array([1, 0, 1]), np.zeros((3, 1))
+    with pytest.raises(ConfigurationError, match="'grid'"):
+        site_counts(t, e, [2.0, 1.0])
+    with pytest.raises(DataValidationError, match="finite and > 0"):
+        site_counts([1.0, -2.0, 3.0], e, [1.0])
+    with pytest.raises(DataValidationError, match="0 \\(censored\\) or 1"):
+        site_counts(t, [1, 2, 0], [1.0])
+    with pytest.raises(DataValidationError, match="impute"):
+        site_cox_sums(t, e, [[np.nan], [0.0], [1.0]], [0.0], [1.0])
+    with pytest.raises(ConfigurationError, match="'beta'"):
+        site_cox_sums(t, e, x, [0.0, 1.0], [1.0])
+    with pytest.raises(DataValidationError, match="overflows"):
+        site_cox_sums(t, e, [[1e3], [0.0], [1.0]], [1.0], [1.0])
+    with pytest.raises(DataValidationError, match="No site has an event"):
+        event_time_grid((t, [0, 0, 0]))
+    with pytest.raises(ConfigurationError, match="'ties'"):
+        fit_cox(lambda b: [], 1, ties="exact")
+    grid = np.array([1.0, 3.0])
+    with pytest.raises(DataValidationError, match="singular"):  # a constant covariate
+        fit_cox(lambda b: [site_cox_sums(t, e, x, b, grid)], 1)
+    separated = np.array([[1.0], [0.0], [1.0]])  # every event has x = 1: beta runs away
+    with pytest.raises(DataValidationError, match="did not converge|singular"):
+        fit_cox(lambda b: [site_cox_sums(t, e, separated, b, grid)], 1, max_iter=30)
