@@ -42,6 +42,10 @@ class SiteData:
     # The true risk each test label was drawn from (synthetic cohorts only): the yardstick
     # of what any model can achieve at the site.
     true_risk_test: np.ndarray | None = None
+    # Follow-up in years (survival exports): the labels then say whether follow-up ended
+    # in the event (1) or was censored (0).
+    time_train: np.ndarray | None = None
+    time_test: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.true_risk_test is not None and self.true_risk_test.shape != self.y_test.shape:
@@ -57,6 +61,20 @@ class SiteData:
                 )
             if len(y) and not np.isin(y, (0, 1)).all():
                 raise DataValidationError(f"Site {self.name!r}: {split} labels must be 0 or 1.")
+        if (self.time_train is None) != (self.time_test is None):
+            raise DataValidationError(f"Site {self.name!r}: follow-up times are needed for "
+                                      f"both splits or neither.")
+        for split, t, y in (("train", self.time_train, self.y_train),
+                            ("test", self.time_test, self.y_test)):
+            if t is not None and (t.shape != y.shape or not (np.isfinite(t) & (t > 0)).all()):
+                raise DataValidationError(
+                    f"Site {self.name!r}: {split} follow-up times must be finite, > 0 and one "
+                    f"per row; got shape {t.shape} for {y.shape} labels.")
+
+    @property
+    def survival(self) -> bool:
+        """The site's labels are events at the end of a follow-up time."""
+        return self.time_train is not None
 
     @property
     def n_train(self) -> int:

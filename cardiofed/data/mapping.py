@@ -25,6 +25,13 @@ Example::
     [columns.sex]
     source = "GENDER"
     codes = { M = "male", F = "female" }
+
+A survival export adds where each patient's follow-up is; the label then says whether
+follow-up ended in the event (positive) or was censored (negative)::
+
+    [follow_up]
+    column = "FU_DAYS"
+    unit = "days"          # days, weeks, months or years
 """
 
 from __future__ import annotations
@@ -81,6 +88,22 @@ class LabelMapping(BaseModel):
     negative: list[str] = Field(default_factory=lambda: ["0"], min_length=1)
 
 
+# Years per unit of a follow-up time (a year of 365.25 days, a month a twelfth of it).
+FOLLOW_UP_UNITS: dict[str, float] = {"days": 1 / 365.25, "weeks": 7 / 365.25,
+                                     "months": 1 / 12, "years": 1.0}
+MAX_FOLLOW_UP_YEARS = 120.0
+
+
+class FollowUpMapping(BaseModel):
+    """Where a survival export holds each patient's follow-up time (from baseline to the
+    event or to the end of follow-up) and its unit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    column: str = Field(min_length=1)
+    unit: Literal["days", "weeks", "months", "years"]
+
+
 class SiteMapping(BaseModel):
     """A validated site mapping (see the module docstring for the file format)."""
 
@@ -92,6 +115,7 @@ class SiteMapping(BaseModel):
     missing_values: list[str] = Field(default_factory=lambda: ["", "NA", "NaN", "?"])
     on_invalid: OnInvalid = "error"
     label: LabelMapping
+    follow_up: FollowUpMapping | None = None
     columns: dict[str, ColumnMapping] = Field(min_length=1)
     _catalogue: Catalogue = PrivateAttr(default=CATALOGUE)
 
@@ -234,6 +258,7 @@ class HarmonisedSite:
     frame: pd.DataFrame
     labels: np.ndarray
     report: LoadReport
+    follow_up: np.ndarray | None = None  # years, where the mapping names a follow-up
     # feature -> {row position in `frame`: why its value was invalid and set missing};
     # the reasons never quote the value
     problems: dict[str, dict[int, str]] = field(default_factory=dict)
@@ -268,10 +293,12 @@ def harmonise(raw: pd.DataFrame, mapping: SiteMapping, source: str = "<data>", *
     header, for a frame with the default index; its number in its file for a CSV read
     by :mod:`cardiofed.data.csv_lines`, which skips blank and malformed lines. Without
     `labels` (scoring new patients) the label column is not needed and ``labels`` is
-    empty.
+    empty; with them, a mapping's ``[follow_up]`` column gives ``follow_up`` in years.
     """
+    survival = labels and mapping.follow_up is not None
     needed = [c.source for c in mapping.columns.values()] + (
-        [mapping.label.column] if labels else [])
+        [mapping.label.column] if labels else []) + (
+        [mapping.follow_up.column] if survival and mapping.follow_up else [])
     absent = [c for c in needed if c not in raw.columns]
     if absent:
         raise DataValidationError(
@@ -287,8 +314,12 @@ def harmonise(raw: pd.DataFrame, mapping: SiteMapping, source: str = "<data>", *
                                       row_numbers, problems.setdefault(name, {}))
     y = (_harmonise_label(raw[mapping.label.column], mapping, source, row_numbers) if labels
          else np.empty(0, dtype=np.int64))
+    follow_up = (_harmonise_follow_up(raw[mapping.follow_up.column], mapping.follow_up,
+                                      mapping, source, row_numbers)
+                 if survival and mapping.follow_up else None)
     return HarmonisedSite(frame=pd.DataFrame(out), labels=y, report=report,
-                          problems={k: v for k, v in problems.items() if v})
+                          problems={k: v for k, v in problems.items() if v},
+                          follow_up=follow_up)
 
 
 def _clean(text: pd.Series) -> pd.Series:
@@ -418,6 +449,25 @@ def _harmonise_label(values: pd.Series, mapping: SiteMapping, source: str,
             f"remove it from the export or code it explicitly."
         )
     return positive.astype(np.int64)
+
+
+def _harmonise_follow_up(values: pd.Series, follow_up: FollowUpMapping, mapping: SiteMapping,
+                         source: str, row_numbers: np.ndarray) -> np.ndarray:
+    """Follow-up times in years; a missing, unparseable, non-positive or implausible time is
+    an error naming the row (never the value): a row without follow-up has no outcome."""
+    text = _clean(values)
+    missing = text.str.lower().isin([m.lower() for m in mapping.missing_values]).to_numpy()
+    years = _parse_numbers(text, missing) * FOLLOW_UP_UNITS[follow_up.unit]
+    for bad, why in ((missing, "is missing"), (~missing & ~np.isfinite(years), "is not a number"),
+                     (np.isfinite(years) & (years <= 0), "is not > 0"),
+                     (np.isfinite(years) & (years > MAX_FOLLOW_UP_YEARS),
+                      f"is over {MAX_FOLLOW_UP_YEARS:g} years")):
+        if bad.any():
+            raise DataValidationError(
+                f"{source}: follow-up column {follow_up.column!r} ({follow_up.unit}), row "
+                f"{row_numbers[_first_bad(bad)]}: the time {why} ({int(bad.sum())} rows). A "
+                f"row without follow-up cannot be used; fix or remove it in the export.")
+    return years
 
 
 def encode(frame: pd.DataFrame, features: list[str],

@@ -55,9 +55,12 @@ def site_from_export(raw: pd.DataFrame, mapping: SiteMapping, features: list[str
         train, test = np.arange(len(x)), np.arange(0)
     else:
         train, test = split_indices(site.labels, test_fraction, seed)
+    times = site.follow_up
     data = SiteData(name=mapping.site, site_type=mapping.site_type,
                     x_train=x[train], y_train=site.labels[train],
-                    x_test=x[test], y_test=site.labels[test])
+                    x_test=x[test], y_test=site.labels[test],
+                    time_train=None if times is None else times[train],
+                    time_test=None if times is None else times[test])
     return data, site.report
 
 

@@ -91,6 +91,9 @@ class SiteProfile:
     missing_token: str = ""
     missing_rate: float = 0.0  # in total/HDL cholesterol and SBP
     label_noise: float = 0.0  # fraction of labels flipped at random
+    # A survival export: follow-up times (with loss to follow-up by site type) and the
+    # event at their end, instead of a 10-year outcome.
+    follow_up: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -118,6 +121,7 @@ class SiteExport:
     mapping: SiteMapping
     true_risk: np.ndarray  # 10-year risk each label was drawn from
     labels: np.ndarray  # the exported outcomes (after any label noise)
+    follow_up: np.ndarray | None  # exported follow-up in years (survival exports)
     noisy_labels: bool
     truth: pd.DataFrame  # canonical values in canonical units before export quirks
 
@@ -134,6 +138,13 @@ TYPE_PARAMS: dict[str, dict[str, float]] = {
                               tc_sd=36, hdl_mean=54, hdl_sd=14, sbp_mean=124, sbp_sd=15,
                               treated_rate=0.14, smoker_rate=0.18, diabetes_rate=0.07),
 }
+# Survival exports: administrative follow-up (uniform, years) and loss to follow-up (per
+# year) by site type: community clinics lose their patients soonest.
+FOLLOW_UP_YEARS = {SiteTypes.TIER3: (8.0, 15.0), SiteTypes.TIER2: (6.0, 14.0),
+                   SiteTypes.COMMUNITY: (4.0, 12.0)}
+LOSS_PER_YEAR = {SiteTypes.TIER3: 0.02, SiteTypes.TIER2: 0.04, SiteTypes.COMMUNITY: 0.08}
+_FOLLOW_UP_COLUMNS = (("FU_DAYS", "days"), ("followup_months", "months"),
+                      ("Follow-up (years)", "years"))
 _SIZES = {SiteTypes.TIER3: (3000, 2500), SiteTypes.TIER2: (900, 600),
           SiteTypes.COMMUNITY: (400, 250)}
 _SHARE = {SiteTypes.TIER3: 2 / 12, SiteTypes.TIER2: 4 / 12}  # community takes the rest
@@ -203,6 +214,7 @@ def default_profiles(n_sites: int = 12, *, size_scale: float = 1.0) -> list[Site
                 missing_token=_MISSING_TOKENS[(i + 2) % 3],
                 missing_rate=_MISSING_RATES[i % 4],
                 label_noise=0.3 if noisy else 0.0,
+                follow_up=False,
             ))
     return profiles
 
@@ -244,16 +256,20 @@ def _mapping(p: SiteProfile) -> SiteMapping:
     }
     for name in ("bp_treated", "current_smoker", "diabetes"):
         columns[name] = {"source": names[name], "codes": {yes: "1", no: "0"}}
-    return SiteMapping.from_dict({
+    raw: dict[str, object] = {
         "site": p.name, "site_type": p.site_type, "outcome": OUTCOME,
         "missing_values": [p.missing_token],
         "label": {"column": names["label"], "positive": [positive], "negative": [negative]},
         "columns": columns,
-    }, source=f"<synthetic mapping {p.name}>")
+    }
+    if p.follow_up:
+        column, unit = _FOLLOW_UP_COLUMNS[p.column_style]
+        raw["follow_up"] = {"column": column, "unit": unit}
+    return SiteMapping.from_dict(raw, source=f"<synthetic mapping {p.name}>")
 
 
 def _export(p: SiteProfile, truth: pd.DataFrame, labels: np.ndarray,
-            rng: np.random.Generator) -> pd.DataFrame:
+            rng: np.random.Generator, follow_up: np.ndarray | None = None) -> pd.DataFrame:
     names = _COLUMN_STYLES[p.column_style]
     sex_out = {canonical: local for local, canonical in _SEX_CODES[p.sex_coding].items()}
     yes, no = _BINARY_CODES[p.binary_coding]
@@ -274,7 +290,31 @@ def _export(p: SiteProfile, truth: pd.DataFrame, labels: np.ndarray,
                 text[i] = p.missing_token
         out[names[name]] = text
     out[names["label"]] = [positive if y else negative for y in labels]
+    if follow_up is not None:
+        column, unit = _FOLLOW_UP_COLUMNS[p.column_style]
+        out[column] = _follow_up_text(follow_up, unit)
     return pd.DataFrame(out, dtype=str)
+
+
+def _follow_up_text(years: np.ndarray, unit: str) -> list[str]:
+    """Follow-up as a site writes it: whole days, months to 0.1, years to 0.01."""
+    if unit == "days":
+        return [str(int(v)) for v in np.maximum(1, np.ceil(years * 365.25))]
+    if unit == "months":
+        return [f"{v:.1f}" for v in np.maximum(0.1, np.round(years * 12, 1))]
+    return [f"{v:.2f}" for v in np.maximum(0.01, np.round(years, 2))]
+
+
+def _survival_outcomes(p: SiteProfile, risk: np.ndarray, rng: np.random.Generator
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Follow-up (years) and events: event times from a constant hazard that gives each
+    patient its 10-year risk, ended by administrative follow-up or loss to follow-up."""
+    hazard = -np.log1p(-np.clip(risk, 1e-12, 1 - 1e-12)) / 10.0
+    event_time = rng.exponential(1.0 / hazard)
+    low, high = FOLLOW_UP_YEARS[p.site_type]
+    end = np.minimum(rng.uniform(low, high, risk.size),
+                     rng.exponential(1.0 / LOSS_PER_YEAR[p.site_type], risk.size))
+    return np.minimum(event_time, end), (event_time <= end).astype(np.int64)
 
 
 def _export_of(p: SiteProfile, rng: np.random.Generator) -> SiteExport:
@@ -285,13 +325,18 @@ def _export_of(p: SiteProfile, rng: np.random.Generator) -> SiteExport:
         hdl=truth["hdl_cholesterol"].to_numpy(), sbp=truth["systolic_bp"].to_numpy(),
         bp_treated=truth["bp_treated"].to_numpy(),
         smoker=truth["current_smoker"].to_numpy(), diabetes=truth["diabetes"].to_numpy())
-    labels = (rng.random(len(risk)) < risk).astype(np.int64)
+    follow_up = None
+    if p.follow_up:
+        follow_up, labels = _survival_outcomes(p, risk, rng)
+    else:
+        labels = (rng.random(len(risk)) < risk).astype(np.int64)
     n_flip = round(p.label_noise * len(labels))
     if n_flip:
         flip = rng.choice(len(labels), size=n_flip, replace=False)
         labels[flip] = 1 - labels[flip]
-    return SiteExport(raw=_export(p, truth, labels, rng), mapping=_mapping(p), true_risk=risk,
-                      labels=labels, noisy_labels=p.label_noise > 0, truth=truth)
+    return SiteExport(raw=_export(p, truth, labels, rng, follow_up), mapping=_mapping(p),
+                      true_risk=risk, labels=labels, follow_up=follow_up,
+                      noisy_labels=p.label_noise > 0, truth=truth)
 
 
 def generate_exports(profiles: list[SiteProfile], *,
@@ -324,8 +369,8 @@ class SyntheticSampler:
 
 
 def synthetic_federation(n_sites: int = 12, *, seed: int = 0, test_fraction: float = 0.3,
-                         size_scale: float = 1.0, eval_size: int | None = None
-                         ) -> FederatedDataset:
+                         size_scale: float = 1.0, eval_size: int | None = None,
+                         survival: bool = False) -> FederatedDataset:
     """The demo federation, built from synthetic exports exactly as from real ones.
 
     Each site's records are split into train and test (`test_fraction`). With
@@ -333,12 +378,19 @@ def synthetic_federation(n_sites: int = 12, *, seed: int = 0, test_fraction: flo
     separate cohort of `eval_size` new patients drawn from the same profile (with the
     same label noise): large enough to judge the site, while training stays at the
     site's realistic size. Test rows carry the true risk their labels were drawn from.
+    With `survival`, sites export follow-up times ended by the event, administrative
+    follow-up or loss to follow-up (:data:`FOLLOW_UP_YEARS`, :data:`LOSS_PER_YEAR`), in
+    days, months or years, and the labels are the events at their end.
     """
     if eval_size is not None and (isinstance(eval_size, bool) or not isinstance(eval_size, int)
                                   or eval_size < 2):
         raise ConfigurationError(f"eval_size must be an integer >= 2 or None; got "
                                  f"eval_size={eval_size!r}.")
-    profiles = default_profiles(n_sites, size_scale=size_scale)
+    if survival and eval_size is not None:
+        raise ConfigurationError("eval_size is not available with survival=True: survival "
+                                 "sites are judged on their own test split.")
+    profiles = [replace(p, follow_up=survival)
+                for p in default_profiles(n_sites, size_scale=size_scale)]
     cohorts = (generate_exports([replace(p, n_patients=eval_size) for p in profiles],
                                 seed=[seed, _EVALUATION_STREAM]) if eval_size else None)
     sites: list[SiteData] = []
@@ -362,6 +414,8 @@ def synthetic_federation(n_sites: int = 12, *, seed: int = 0, test_fraction: flo
     names = encoded_feature_names(SYNTHETIC_FEATURES)
     evaluation = (f"; each site evaluated on {eval_size:,} new patients of its own profile"
                   if eval_size else "")
+    if survival:
+        evaluation += ", follow-up censored by loss to follow-up and its end"
     return FederatedDataset(
         name="synthetic", feature_names=names, feature_ranges=feature_ranges_for(names),
         sites=sites, outcome=OUTCOME, load_reports=reports,
