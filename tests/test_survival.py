@@ -253,3 +253,39 @@ def test_metric_inputs_are_checked():
         uno_c(t, e, [0.1, 0.2], -1.0)
     with pytest.raises(ConfigurationError, match="'groups'"):
         calibration_at(t, e, [0.1, 0.2], 1.0, groups=0)
+
+
+# -- a survival federation in simulation -------------------------------------------
+def test_a_synthetic_federation_fits_the_pooled_cox_model():
+    from cardiofed.data.synthetic import synthetic_federation
+    from cardiofed.simulation.survival import fit_federated_cox, inverse_variance_meta
+
+    data = synthetic_federation(n_sites=4, survival=True, size_scale=0.3, seed=5)
+    model = fit_federated_cox(data)
+    x = np.concatenate([model.preprocessor.transform(s.x_train) for s in data.sites])
+    t = np.concatenate([s.time_train for s in data.sites])
+    e = np.concatenate([s.y_train for s in data.sites])
+    ref = lifelines_cox(t, e, x)
+    assert np.abs(model.fit.beta - ref.params_.to_numpy()).max() < 1e-6
+    site = data.sites[0]
+    expected = 1 - ref.predict_survival_function(
+        pd.DataFrame(model.preprocessor.transform(site.x_test[:10])), times=[10.0])
+    assert np.abs(model.risk(site.x_test[:10], 10.0)
+                  - expected.to_numpy().ravel()).max() < 1e-6
+
+    stratified = fit_federated_cox(data, stratified=True)
+    risks = {s.name: stratified.risk(site.x_test[:5], 10.0, s.name) for s in data.sites}
+    assert len({tuple(np.round(r, 9)) for r in risks.values()}) == len(data.sites)
+    with pytest.raises(ConfigurationError, match="own baseline"):
+        stratified.risk(site.x_test[:5], 10.0)
+
+    meta, dropped = inverse_variance_meta(model, data)
+    assert meta.fit.beta.shape == model.fit.beta.shape and len(dropped) < len(data.sites)
+
+
+def test_a_federation_without_follow_up_is_refused():
+    from cardiofed.data.synthetic import synthetic_federation
+    from cardiofed.simulation.survival import fit_federated_cox
+
+    with pytest.raises(DataValidationError, match="follow_up"):
+        fit_federated_cox(synthetic_federation(n_sites=3, size_scale=0.2))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from cardiofed.data.mapping import SiteMapping, harmonise
 from cardiofed.data.sites import site_from_export
 from cardiofed.data.synthetic import LOSS_PER_YEAR, synthetic_federation
-from cardiofed.exceptions import ConfigurationError, DataValidationError
+from cardiofed.exceptions import DataValidationError
 
 
 def mapping(unit: str = "days") -> SiteMapping:
@@ -96,5 +96,6 @@ def test_synthetic_survival_federation_is_censored_most_where_clinics_lose_patie
     assert min(by_type["community"]) > max(by_type["tier3"])
     plain = synthetic_federation(seed=3)
     assert not plain.sites[0].survival
-    with pytest.raises(ConfigurationError, match="eval_size"):
-        synthetic_federation(survival=True, eval_size=100)
+    judged = synthetic_federation(n_sites=3, survival=True, eval_size=500, seed=3)
+    assert all(s.time_test.size == 500 and s.time_train.size == s.n_train
+               for s in judged.sites)

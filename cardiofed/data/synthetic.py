@@ -347,9 +347,10 @@ def generate_exports(profiles: list[SiteProfile], *,
             for p, child in zip(profiles, children, strict=True)]
 
 
-def _rows(export: SiteExport) -> tuple[np.ndarray, np.ndarray]:
+def _rows(export: SiteExport) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Encoded rows, labels and follow-up (years, survival exports) as a site loads them."""
     site = harmonise(export.raw, export.mapping, source=f"synthetic:{export.mapping.site}")
-    return encode(site.frame, SYNTHETIC_FEATURES), site.labels
+    return encode(site.frame, SYNTHETIC_FEATURES), site.labels, site.follow_up
 
 
 @dataclass(frozen=True)
@@ -365,7 +366,8 @@ class SyntheticSampler:
                                      f"{[p.name for p in self.profiles]}.")
         export = _export_of(replace(profile, n_patients=n),
                             np.random.default_rng([seed, zlib.crc32(site.encode())]))
-        return _rows(export)
+        x, y, _ = _rows(export)
+        return x, y
 
 
 def synthetic_federation(n_sites: int = 12, *, seed: int = 0, test_fraction: float = 0.3,
@@ -386,9 +388,6 @@ def synthetic_federation(n_sites: int = 12, *, seed: int = 0, test_fraction: flo
                                   or eval_size < 2):
         raise ConfigurationError(f"eval_size must be an integer >= 2 or None; got "
                                  f"eval_size={eval_size!r}.")
-    if survival and eval_size is not None:
-        raise ConfigurationError("eval_size is not available with survival=True: survival "
-                                 "sites are judged on their own test split.")
     profiles = [replace(p, follow_up=survival)
                 for p in default_profiles(n_sites, size_scale=size_scale)]
     cohorts = (generate_exports([replace(p, n_patients=eval_size) for p in profiles],
@@ -406,8 +405,8 @@ def synthetic_federation(n_sites: int = 12, *, seed: int = 0, test_fraction: flo
         else:
             site, report = site_from_export(export.raw, export.mapping, SYNTHETIC_FEATURES,
                                             test_fraction=None, seed=seed + k, source=source)
-            x_eval, y_eval = _rows(cohorts[k])
-            site = replace(site, x_test=x_eval, y_test=y_eval,
+            x_eval, y_eval, t_eval = _rows(cohorts[k])
+            site = replace(site, x_test=x_eval, y_test=y_eval, time_test=t_eval,
                            true_risk_test=cohorts[k].true_risk)
         sites.append(site)
         reports[site.name] = report

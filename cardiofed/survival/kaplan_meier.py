@@ -94,7 +94,8 @@ def kaplan_meier(counts: GridCounts) -> SurvivalCurve:
     # Greenwood: Var S = S^2 sum d / (n (n - d)); undefined once everyone at risk failed.
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where((n > d) & (n > 0), d / (safe * (n - d)), np.where(d > 0, np.inf, 0.0))
-    se = survival * np.sqrt(np.cumsum(terms))
+    with np.errstate(invalid="ignore"):
+        se = survival * np.sqrt(np.cumsum(terms))
     se = np.where(np.isfinite(se), se, np.nan)
     return SurvivalCurve(grid=counts.grid, at_risk=n, events=d, survival=survival,
                          survival_se=se, cumulative_hazard=np.cumsum(hazard))
