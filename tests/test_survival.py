@@ -289,3 +289,16 @@ def test_a_federation_without_follow_up_is_refused():
 
     with pytest.raises(DataValidationError, match="follow_up"):
         fit_federated_cox(synthetic_federation(n_sites=3, size_scale=0.2))
+
+
+def test_a_site_whose_events_are_noise_takes_no_part():
+    from cardiofed.data.synthetic import synthetic_federation
+    from cardiofed.simulation.survival import fit_federated_cox
+
+    data = synthetic_federation(n_sites=6, seed=2, survival=True, size_scale=0.5)
+    model = fit_federated_cox(data, label_quality=True, form="log", stratified=True)
+    assert list(model.excluded) == ["tier2_02"]  # the synthetic noisy-label site
+    assert "calibration slope" in model.excluded["tier2_02"]
+    assert "tier2_02" not in model.baselines
+    with pytest.raises(ConfigurationError, match="took no part"):
+        model.risk(data.sites[0].x_test, 10.0, "tier2_02")
