@@ -178,8 +178,8 @@ def _meta_difference(site: Any, exact: FederatedCox, meta: FederatedCox, resampl
     a, b = meta.risk(site.x_test, HORIZON), exact.risk(site.x_test, HORIZON)
 
     def both(idx: np.ndarray) -> tuple[float, float]:
-        ca = calibration_at(t[idx], e[idx], a[idx], HORIZON, groups=1)
-        cb = calibration_at(t[idx], e[idx], b[idx], HORIZON, groups=1)
+        ca = calibration_at(t[idx], e[idx], a[idx], HORIZON, groups=1, slope=False)
+        cb = calibration_at(t[idx], e[idx], b[idx], HORIZON, groups=1, slope=False)
         return (uno_c(t[idx], e[idx], a[idx], HORIZON) - uno_c(t[idx], e[idx], b[idx], HORIZON),
                 ca.citl - cb.citl)
 

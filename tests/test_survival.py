@@ -302,3 +302,26 @@ def test_a_site_whose_events_are_noise_takes_no_part():
     assert "tier2_02" not in model.baselines
     with pytest.raises(ConfigurationError, match="took no part"):
         model.risk(data.sites[0].x_test, 10.0, "tier2_02")
+
+
+@settings(max_examples=80, deadline=None)
+@given(outcomes, st.integers(0, 2**32 - 1), st.integers(2, 12))
+def test_uno_c_equals_its_definition_pair_by_pair(data, seed, horizon):
+    """Uno et al. 2011, eq. (4) without a truncation beyond the horizon: cases are events
+    before the horizon, weighted by G(t_i-)^-2; pairs need t_i < t_j strictly."""
+    from cardiofed.survival.metrics import censoring_survival
+
+    times, events, _ = (np.asarray(v) for v in data)
+    t, e = times.astype(float), events.astype(bool)
+    r = np.random.default_rng(seed).integers(0, 4, t.size).astype(float)
+    g = censoring_survival(t, e, t, before=True)
+    num = den = 0.0
+    for i in range(t.size):
+        if not (e[i] and t[i] < horizon and g[i] > 0):
+            continue
+        for j in range(t.size):
+            if t[i] < t[j]:
+                den += g[i] ** -2
+                num += g[i] ** -2 * (1.0 if r[i] > r[j] else 0.5 if r[i] == r[j] else 0.0)
+    ours = uno_c(t, e, r, float(horizon))
+    assert (np.isnan(ours) and den == 0) or ours == pytest.approx(num / den, abs=1e-12)

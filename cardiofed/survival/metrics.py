@@ -33,8 +33,6 @@ from cardiofed.survival.kaplan_meier import kaplan_meier, site_counts
 __all__ = ["HorizonCalibration", "brier_at", "calibration_at", "censoring_survival",
            "harrell_c", "horizon_auc", "uno_c"]
 
-_CHUNK = 2048  # rows per block of the pairwise comparisons (memory ~ _CHUNK * n)
-
 
 def _inputs(time: object, event: object, risk: object) -> tuple[np.ndarray, np.ndarray,
                                                                  np.ndarray]:
@@ -65,18 +63,34 @@ def censoring_survival(time: np.ndarray, event: np.ndarray, at: np.ndarray,
 
 
 def _pairs(r_case: np.ndarray, w_case: np.ndarray, t_case: np.ndarray, t: np.ndarray,
-           r: np.ndarray, e: np.ndarray) -> tuple[float, float]:
-    """Weighted concordant and comparable pair counts: a case i against every j with
-    t_j > t_i, or t_j == t_i and j censored."""
+           r: np.ndarray) -> tuple[float, float]:
+    """Weighted concordant and comparable pair counts: each case i against every row j
+    with ``t_j > t_i``, concordant when ``r_i > r_j`` (a tie in risk counts half).
+
+    O(n log n) in blocks: rows sorted by time; a case's comparable rows are a suffix of
+    them. The suffix beyond the case's block is counted by binary search in its sorted
+    risks, the few rows inside the block directly."""
+    order = np.argsort(t, kind="stable")
+    t_sorted, r_sorted = t[order], r[order]
+    n = t.size
+    start = np.searchsorted(t_sorted, t_case, side="right")  # first comparable row
     concordant = comparable = 0.0
-    for start in range(0, r_case.size, _CHUNK):
-        rc = r_case[start:start + _CHUNK, None]
-        tc = t_case[start:start + _CHUNK, None]
-        later = (t[None, :] > tc) | ((t[None, :] == tc) & ~e[None, :])
-        score = np.where(rc > r[None, :], 1.0, np.where(rc == r[None, :], 0.5, 0.0))
-        w = w_case[start:start + _CHUNK]
-        concordant += float(w @ (later * score).sum(axis=1))
-        comparable += float(w @ later.sum(axis=1))
+    block = max(64, int(math.sqrt(n)) * 4)
+    suffix = np.empty(0)  # sorted risks of the rows beyond the current block
+    for first in range(((n - 1) // block) * block, -1, -block):
+        end = min(first + block, n)
+        cases = np.flatnonzero((start >= first) & (start < end))
+        if cases.size:
+            rc, wc = r_case[cases], w_case[cases]
+            below = np.searchsorted(suffix, rc, side="left")
+            ties = np.searchsorted(suffix, rc, side="right") - below
+            inside = np.arange(first, end)[None, :] >= start[cases][:, None]
+            rows = r_sorted[first:end][None, :]
+            below = below + (inside & (rows < rc[:, None])).sum(axis=1)
+            ties = ties + (inside & (rows == rc[:, None])).sum(axis=1)
+            concordant += float(wc @ (below + 0.5 * ties))
+            comparable += float(wc @ (suffix.size + inside.sum(axis=1)))
+        suffix = np.sort(np.concatenate([suffix, r_sorted[first:end]]))
     return concordant, comparable
 
 
@@ -84,7 +98,9 @@ def harrell_c(time: object, event: object, risk: object) -> float:
     """Harrell's concordance index of `risk` (higher risk, earlier event); NaN if no pair
     is comparable."""
     t, e, r = _inputs(time, event, risk)
-    concordant, comparable = _pairs(r[e], np.ones(int(e.sum())), t[e], t, r, e)
+    # A censoring at an event's time counts as later: nudge censored times up by one ulp.
+    later = np.where(e, t, np.nextafter(t, np.inf))
+    concordant, comparable = _pairs(r[e], np.ones(int(e.sum())), t[e], later, r)
     return concordant / comparable if comparable else math.nan
 
 
@@ -95,8 +111,8 @@ def uno_c(time: object, event: object, risk: object, horizon: float) -> float:
     case = e & (t < h)
     g = censoring_survival(t, e, t[case], before=True)
     w = np.where(g > 0, 1.0 / np.maximum(g, 1e-300) ** 2, 0.0)
-    # Uno's pairs: t_i < t_j strictly, whatever j's status (every j marked an event).
-    concordant, comparable = _pairs(r[case], w, t[case], t, r, np.ones_like(e))
+    # Uno's pairs: t_i < t_j strictly, whatever j's status.
+    concordant, comparable = _pairs(r[case], w, t[case], t, r)
     return concordant / comparable if comparable else math.nan
 
 
@@ -159,8 +175,10 @@ def _observed(t: np.ndarray, e: np.ndarray, h: float, z: float
 
 
 def calibration_at(time: object, event: object, risk: object, horizon: float, *,
-                   groups: int = 10, level: float = 0.95) -> HorizonCalibration:
-    """Calibration of predicted risks by `horizon` (see the module docstring)."""
+                   groups: int = 10, level: float = 0.95, slope: bool = True
+                   ) -> HorizonCalibration:
+    """Calibration of predicted risks by `horizon` (see the module docstring); without
+    `slope` the calibration slope (a Cox fit) is left out (NaN)."""
     h = _check_horizon(horizon)
     t, e, r = _inputs(time, event, risk)
     if not (isinstance(groups, int) and groups >= 1):
@@ -174,16 +192,16 @@ def calibration_at(time: object, event: object, risk: object, horizon: float, *,
         citl = _logit(observed) - _logit(expected)
         half = z * se / (observed * (1 - observed))
         citl_interval = (citl - half, citl + half)
-    slope, slope_interval = math.nan, (math.nan, math.nan)
+    fitted, slope_interval = math.nan, (math.nan, math.nan)
     clipped = np.clip(r, 1e-12, 1 - 1e-12)
     cloglog = np.log(-np.log1p(-clipped))[:, None]
-    if e.any() and np.ptp(cloglog) > 0:
+    if slope and e.any() and np.ptp(cloglog) > 0:
         try:
             grid = np.unique(t[e])
             center = np.array([cloglog.mean()])
             fit = fit_cox(lambda b: [site_cox_sums(t, e, cloglog, b, grid, center)], 1)
-            slope = float(fit.beta[0])
-            slope_interval = (slope - z * float(fit.se[0]), slope + z * float(fit.se[0]))
+            fitted = float(fit.beta[0])
+            slope_interval = (fitted - z * float(fit.se[0]), fitted + z * float(fit.se[0]))
         except DataValidationError:
             pass  # not estimable (e.g. separation): the check says so
     order = np.argsort(r, kind="stable")
@@ -196,7 +214,7 @@ def calibration_at(time: object, event: object, risk: object, horizon: float, *,
                      "observed": o, "low": lo, "high": hi})
     return HorizonCalibration(horizon=h, observed=observed, observed_interval=(low, high),
                               expected=expected, citl=citl, citl_interval=citl_interval,
-                              slope=slope, slope_interval=slope_interval, groups=rows)
+                              slope=fitted, slope_interval=slope_interval, groups=rows)
 
 
 def _logit(p: float) -> float:
