@@ -5,7 +5,9 @@ study runs it (:mod:`cardiofed.causal.study` holds the plan and each site's step
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -131,6 +133,12 @@ def _result(plan: AttributionPlan, state: dict[str, Any], sites: int) -> Attribu
         notes.append(f"matching: {pairs.pairs:g} pairs within a caliper of 0.2 SD of the "
                      f"propensity logit ({pairs.unmatched_treated:g} treated unmatched); "
                      f"its ATT is that of the matched treated")
+    if plan.outcome == "continuous":  # a difference in means: no ratio, no E-value
+        nan = math.nan
+        effects = {m: replace(e, risk_ratio=nan, rr_low=nan, rr_high=nan)
+                   for m, e in effects.items()}
+        notes.append("continuous outcome: the effect is a difference in means (the "
+                     "'risk' fields hold the arms' means); no ratio or E-value")
     return AttributionResult(plan.estimand, state["columns"], propensity_model(state),
                              {m: effects[m] for m in plan.chosen_methods}, balance,
                              {arm: np.asarray(est[f"overlap.{arm}"])
@@ -142,17 +150,19 @@ def run_attribution(sites: Sequence[SiteArrays], covariates: list[str], *,
                     estimand: str = "ATE", methods: Sequence[str] | None = None,
                     trim: float = 0.0, seed: int = 0, private: bool = False,
                     epsilon: float | None = None, delta: float = 1e-5,
-                    ranges: Sequence[Sequence[float]] | None = None) -> AttributionResult:
+                    ranges: Sequence[Sequence[float]] | None = None,
+                    outcome: str = "binary") -> AttributionResult:
     """Every requested estimator over `sites`, step by step as a networked study runs.
     `trim`: leave out patients whose score is below `trim` or above ``1 - trim``
     (weighting only); `seed`: the matching order. `private` (implied by `epsilon`): the
     private schedule, rows clipped to `ranges` (default: the schema's for `covariates`);
     `epsilon`: every site spends it (at `delta`) on its releases, with noise from a
-    secret source."""
+    secret source. `outcome` "continuous": the effect is a difference in means."""
     plan = AttributionPlan.parse({"covariates": covariates, "estimand": estimand,
                                   "methods": None if methods is None else list(methods),
                                   "trim": trim, "seed": seed,
-                                  "private": private or epsilon is not None})
+                                  "private": private or epsilon is not None,
+                                  "outcome": outcome})
     sigma, rng = 0.0, None
     if plan.private:
         if ranges is None:

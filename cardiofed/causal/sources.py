@@ -1,5 +1,6 @@
 """Federations an attribution analysis runs on: the synthetic intervention (a known
-truth) and Framingham (an illustration: blood-pressure medication and 10-year CHD)."""
+truth), Framingham (an illustration: blood-pressure medication and 10-year CHD) and NHEFS
+(a published effect on a continuous outcome)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from cardiofed.causal.design import COVARIATES, synthetic_intervention
 from cardiofed.causal.study import SiteArrays
+from cardiofed.exceptions import ConfigurationError
 
 FRAMINGHAM_COVARIATES = ["age", "sex=male", "systolic_bp", "diastolic_bp", "total_cholesterol",
                          "bmi", "current_smoker", "diabetes"]
@@ -52,3 +54,43 @@ def framingham_sites(data_dir: str | Path | None = None, *, seed: int = 0
         rows = np.flatnonzero((assignment == k) & complete)
         out.append(SiteArrays(name, x[rows], t[rows].astype(int), y[rows].astype(int)))
     return out, list(FRAMINGHAM_COVARIATES)
+
+
+# Hernan MA, Robins JM. Causal Inference: What If. Chapman & Hall/CRC, 2020, section 12.2:
+# the IP-weighted average causal effect of quitting smoking (qsmk) on weight gain
+# 1971-1982 (wt82_71, kg) in NHEFS, 3.4 kg (95% CI 2.4 to 4.5), propensity model below.
+NHEFS_PUBLISHED = {"effect": 3.4, "low": 2.4, "high": 4.5}
+NHEFS_COVARIATES = ["sex", "race", "age", "age^2", "education=2", "education=3",
+                    "education=4", "education=5", "smokeintensity", "smokeintensity^2",
+                    "smokeyrs", "smokeyrs^2", "exercise=1", "exercise=2", "active=1",
+                    "active=2", "wt71", "wt71^2"]
+
+
+def nhefs_sites(n_sites: int = 4, *, seed: int = 0) -> tuple[list[SiteArrays], list[str]]:
+    """NHEFS (the 1,566 complete cases, from the ``causaldata`` package) split at random
+    into `n_sites` sites of unequal size: treatment qsmk, continuous outcome wt82_71."""
+    try:
+        from causaldata import nhefs_complete
+    except ImportError:  # a dev dependency: the benchmark's and the tests' data
+        raise ConfigurationError("NHEFS comes from the causaldata package: pip install "
+                                 "causaldata (or pip install -e \".[dev]\").") from None
+    d = nhefs_complete.load_pandas().data
+
+    def number(column: str) -> np.ndarray:  # categorical columns hold their codes as text
+        return np.asarray(d[column].astype(str).astype(float))
+
+    columns = {"sex": number("sex"), "race": number("race"), "age": number("age"),
+               "smokeintensity": number("smokeintensity"), "smokeyrs": number("smokeyrs"),
+               "wt71": number("wt71")}
+    for name in ("age", "smokeintensity", "smokeyrs", "wt71"):
+        columns[f"{name}^2"] = columns[name] ** 2
+    for name, levels in (("education", (2, 3, 4, 5)), ("exercise", (1, 2)),
+                         ("active", (1, 2))):
+        for level in levels:
+            columns[f"{name}={level}"] = (number(name) == level).astype(float)
+    x = np.column_stack([columns[c] for c in NHEFS_COVARIATES])
+    t, y = number("qsmk").astype(int), number("wt82_71")
+    share = np.linspace(2.0, 1.0, n_sites)
+    site = np.random.default_rng(seed).choice(n_sites, size=len(y), p=share / share.sum())
+    return [SiteArrays(f"site_{k + 1}", x[site == k], t[site == k], y[site == k])
+            for k in range(n_sites)], list(NHEFS_COVARIATES)

@@ -85,9 +85,15 @@ class AttributionPlan(BaseModel):
                                              "take part in (see PRIVATE_SCHEDULE)")
     newton_steps: int | None = Field(None, ge=1, le=MAX_NEWTON, description=(
         "a fixed number of Newton steps (default: until converged; private: 8)"))
+    outcome: Literal["binary", "continuous"] = Field("binary", description=(
+        "binary: a risk difference and ratio; continuous: a difference in means"))
 
     @model_validator(mode="after")
     def _consistent(self) -> AttributionPlan:
+        if self.private and self.outcome == "continuous":
+            raise ValueError("a private analysis of a continuous outcome is not available "
+                             "(its sums need declared bounds on the outcome); use "
+                             "private = false")
         if self.private and "matching" in (self.methods or []):
             raise ValueError("matching cannot be private (one patient can change every "
                              "later match); use iptw or overlap")
@@ -159,14 +165,22 @@ class SiteArrays:
     treated: np.ndarray
     outcome: np.ndarray
 
-    def check(self, n_columns: int) -> None:
+    def check(self, n_columns: int, continuous: bool = False) -> None:
         if self.x.ndim != 2 or self.x.shape[1] != n_columns or not (
                 len(self.x) == len(self.treated) == len(self.outcome)):
             raise DataValidationError(f"site {self.name!r}: covariates must have "
                                       f"{n_columns} columns and one row per treatment and "
                                       f"outcome")
-        if not (np.isin(self.treated, (0, 1)).all() and np.isin(self.outcome, (0, 1)).all()):
-            raise DataValidationError(f"site {self.name!r}: treatment and outcome must be 0/1")
+        if not np.isin(self.treated, (0, 1)).all():
+            raise DataValidationError(f"site {self.name!r}: treatment must be 0/1")
+        if continuous:
+            if not np.isfinite(np.asarray(self.outcome, dtype=float)).all():
+                raise DataValidationError(f"site {self.name!r}: a continuous outcome must "
+                                          f"be finite (leave out or impute the rows "
+                                          f"missing it)")
+        elif not np.isin(self.outcome, (0, 1)).all():
+            raise DataValidationError(f"site {self.name!r}: the outcome must be 0/1 (or "
+                                      f"declare the plan's outcome 'continuous')")
         if not np.isfinite(self.x).all():
             raise DataValidationError(f"site {self.name!r}: covariates must be finite (leave "
                                       f"out or impute the rows missing one)")
@@ -349,7 +363,7 @@ def site_step(plan: AttributionPlan, state: dict[str, Any], site: SiteArrays,
     private analysis the rows are first clipped to `ranges` (the site's schema ranges),
     which bound each row's part in every sum (:func:`release_blocks`)."""
     step = state["step"]
-    site.check(len(state["columns"]))
+    site.check(len(state["columns"]), continuous=plan.outcome == "continuous")
     x, t, y = site.x, site.treated, site.outcome
     if plan.private:
         if ranges is None:
