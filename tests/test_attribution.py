@@ -270,3 +270,42 @@ def test_a_continuous_outcome_is_checked_and_never_private(federation) -> None: 
     with pytest.raises(ConfigurationError, match="continuous outcome is not available"):
         run_attribution(weights, covariates, outcome="continuous", epsilon=1.0,
                         methods=["overlap"])
+
+
+SURVEY = Path(__file__).resolve().parents[1] / "examples" / "survey"
+
+
+def test_attribution_cli_runs_on_a_researchers_own_exports(tmp_path: Path) -> None:
+    from cardiofed.causal.sources import export_sites
+    from cardiofed.data.study_features import StudyFeatures
+
+    exports = ["--csv", str(SURVEY / "site_a.csv"), "--mapping", str(SURVEY / "site_a.toml"),
+               "--csv", str(SURVEY / "site_b.csv"), "--mapping", str(SURVEY / "site_b.toml"),
+               "--features", str(SURVEY / "features.toml")]
+    analysis = ["--treatment", "current_smoker", "--covariate", "age", "--covariate", "sex",
+                "--estimand", "ATE", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, ["attribution", *exports, *analysis],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "2 exports (current_smoker)" in result.output
+    saved = (tmp_path / "attribution.json").read_text()
+    catalogue = StudyFeatures.from_toml(SURVEY / "features.toml").catalogue()
+    sites, columns = export_sites([SURVEY / "site_a.csv", SURVEY / "site_b.csv"],
+                                  [SURVEY / "site_a.toml", SURVEY / "site_b.toml"],
+                                  treatment="current_smoker", covariates=["age", "sex"],
+                                  catalogue=catalogue)
+    expected = run_attribution(sites, columns, estimand="ATE")
+    assert f"{expected.effects['iptw'].risk_difference!r}"[:10] in saved
+    refusals = {
+        "needs --treatment": ["attribution", "--csv", str(SURVEY / "site_a.csv")],
+        "go with --csv": ["attribution", "--treatment", "current_smoker"],
+        "one mapping per export": ["attribution", *exports[:6], *exports[8:], *analysis],
+        "must be a 0/1 feature": ["attribution", *exports, "--treatment", "age",
+                                  "--covariate", "sex", "--out", str(tmp_path)],
+        "does not map": ["attribution", *exports, "--treatment", "current_smoker",
+                         "--covariate", "systolic_bp", "--out", str(tmp_path)],
+    }
+    for message, args in refusals.items():
+        bad = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+        assert bad.exit_code != 0 and message in " ".join(bad.output.split()), (message,
+                                                                              bad.output)

@@ -4,13 +4,17 @@ truth), Framingham (an illustration: blood-pressure medication and 10-year CHD) 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from cardiofed.causal.design import COVARIATES, synthetic_intervention
 from cardiofed.causal.study import SiteArrays
-from cardiofed.exceptions import ConfigurationError
+from cardiofed.data.mapping import SiteMapping, encode, harmonise
+from cardiofed.exceptions import ConfigurationError, DataValidationError
+from cardiofed.schema import Catalogue, FeatureKind, encoded_feature_names
 
 FRAMINGHAM_COVARIATES = ["age", "sex=male", "systolic_bp", "diastolic_bp", "total_cholesterol",
                          "bmi", "current_smoker", "diabetes"]
@@ -94,3 +98,45 @@ def nhefs_sites(n_sites: int = 4, *, seed: int = 0) -> tuple[list[SiteArrays], l
     site = np.random.default_rng(seed).choice(n_sites, size=len(y), p=share / share.sum())
     return [SiteArrays(f"site_{k + 1}", x[site == k], t[site == k], y[site == k])
             for k in range(n_sites)], list(NHEFS_COVARIATES)
+
+
+def export_site(raw: pd.DataFrame, mapping: SiteMapping, treatment: str,
+                covariates: list[str], source: str) -> SiteArrays:
+    """A site's rows for an analysis, from its export and mapping: the covariates (the
+    schema's encoding), the treatment (a 0/1 feature) and the mapping's outcome, every row
+    that has all of them. A mapping that does not map what the analysis uses, or a
+    treatment that is not a 0/1 feature, is refused by name."""
+    missing = [f for f in [*covariates, treatment] if f not in mapping.columns]
+    if missing:
+        raise DataValidationError(f"{source}: the mapping of site {mapping.site!r} does not "
+                                  f"map {missing}, which the analysis uses.")
+    if mapping.catalogue.feature(treatment).kind is not FeatureKind.BINARY:
+        raise DataValidationError(f"The treatment {treatment!r} must be a 0/1 feature; it is "
+                                  f"{mapping.catalogue.feature(treatment).kind}.")
+    site = harmonise(raw, mapping, source=source)
+    x = encode(site.frame, covariates, mapping.catalogue)
+    t = encode(site.frame, [treatment], mapping.catalogue)[:, 0]
+    complete = np.isfinite(x).all(axis=1) & np.isfinite(t)
+    return SiteArrays(mapping.site, x[complete], t[complete].astype(int),
+                      site.labels[complete].astype(int))
+
+
+def export_sites(csvs: Sequence[Path], mappings: Sequence[Path], *, treatment: str,
+                 covariates: list[str], catalogue: Catalogue | None = None
+                 ) -> tuple[list[SiteArrays], list[str]]:
+    """A federation of a researcher's own exports (CSV, Parquet or OMOP, one mapping each),
+    as its nodes would load them; the covariates' encoded column names."""
+    from cardiofed.data.sites import load_site_rows
+
+    if not csvs or len(csvs) != len(mappings):
+        raise ConfigurationError(f"Give one mapping per export: {len(csvs)} exports and "
+                                 f"{len(mappings)} mappings.")
+    sites, outcomes = [], set()
+    for csv, mapping_path in zip(csvs, mappings, strict=True):
+        raw, mapping, _ = load_site_rows(Path(csv), Path(mapping_path), catalogue)
+        outcomes.add(mapping.outcome)
+        sites.append(export_site(raw, mapping, treatment, covariates, str(csv)))
+    if len(outcomes) > 1:
+        raise DataValidationError(f"The sites' mappings label different outcomes "
+                                  f"{sorted(outcomes)}; an analysis needs one.")
+    return sites, encoded_feature_names(covariates, catalogue)

@@ -415,6 +415,16 @@ def attribution(
     hazard_ratio: Annotated[float, typer.Option(help="Synthetic: the intervention's true "
                                                      "hazard ratio.")] = 0.75,
     data_dir: Annotated[Path | None, typer.Option(help="Folder holding framingham/.")] = None,
+    csv: Annotated[list[Path] | None, typer.Option(
+        help="A site's own export instead of --dataset (repeat; one --mapping each).")] = None,
+    mapping: Annotated[list[Path] | None, typer.Option(
+        help="The site's mapping file, in the same order as --csv (repeat).")] = None,
+    treatment: Annotated[str | None, typer.Option(
+        help="With --csv: the 0/1 feature that is the intervention.")] = None,
+    covariate: Annotated[list[str] | None, typer.Option(
+        help="With --csv: a feature the propensity model adjusts for (repeat).")] = None,
+    features: Annotated[Path | None, typer.Option(
+        help="With --csv: the study's own features and outcome (TOML).")] = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("cardiofed-attribution"),
 ) -> None:
     """Did an intervention reduce risk? Propensity scores across hospitals (simulation)."""
@@ -427,8 +437,22 @@ def attribution(
 
     if dataset not in ("synthetic", "framingham"):
         raise fail(f"--dataset must be synthetic or framingham; got {dataset!r}.")
+    if csv and not (treatment and covariate):
+        raise fail("--csv needs --treatment and at least one --covariate.")
+    if (treatment or covariate or mapping or features) and not csv:
+        raise fail("--treatment, --covariate, --mapping and --features go with --csv.")
     try:
-        if dataset == "synthetic":
+        if csv:
+            from cardiofed.data.study_features import StudyFeatures, catalogue_of
+
+            catalogue = catalogue_of(StudyFeatures.from_toml(features) if features else None)
+            federation, covariates = sources.export_sites(
+                csv, mapping or [], treatment=str(treatment), covariates=list(covariate or []),
+                catalogue=catalogue)
+            dataset, caveats = f"{len(csv)} exports ({treatment})", (
+                "Your exports: the effect is causal only if the covariates hold every "
+                "common cause of the treatment and the outcome.")
+        elif dataset == "synthetic":
             federation, covariates = sources.synthetic_sites(sites, seed=seed,
                                                              hazard_ratio=hazard_ratio)
             caveats = ""

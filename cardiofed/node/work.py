@@ -19,10 +19,10 @@ from functools import partial
 import numpy as np
 
 from cardiofed.algorithms.base import LocalTrainer
+from cardiofed.causal.sources import export_site
 from cardiofed.causal.study import AttributionPlan, SiteArrays
 from cardiofed.data.catalog import load_dataset, study_columns
 from cardiofed.data.dataset import SiteData, feature_ranges_for
-from cardiofed.data.mapping import encode, harmonise
 from cardiofed.data.preprocessing import (
     DEFAULT_BINS,
     PRIVATE_BINS,
@@ -118,14 +118,9 @@ def attribution_site(source: DataSource, plan: AttributionPlan, columns: list[st
     if missing:
         raise TaskRefused(f"This site's mapping does not map {missing}, which the attribution "
                           f"plan uses.")
-    site = harmonise(raw, mapping, source=str(source.csv))
-    x = encode(site.frame, plan.covariates, mapping.catalogue)
-    t = encode(site.frame, [plan.treatment], mapping.catalogue)[:, 0]
-    complete = np.isfinite(x).all(axis=1) & np.isfinite(t)
-    log.info("attribution: %d of %d rows have every covariate and the treatment",
-             int(complete.sum()), len(x))
-    return SiteArrays(mapping.site, x[complete], t[complete].astype(int),
-                      site.labels[complete].astype(int))
+    site = export_site(raw, mapping, plan.treatment, plan.covariates, str(source.csv))
+    log.info("attribution: %d rows have every covariate and the treatment", len(site.outcome))
+    return site
 
 
 def _reference_attribution_site(source: DataSource, plan: AttributionPlan,
