@@ -325,3 +325,62 @@ def test_uno_c_equals_its_definition_pair_by_pair(data, seed, horizon):
                 num += g[i] ** -2 * (1.0 if r[i] > r[j] else 0.5 if r[i] == r[j] else 0.0)
     ours = uno_c(t, e, r, float(horizon))
     assert (np.isnan(ours) and den == 0) or ours == pytest.approx(num / den, abs=1e-12)
+
+
+# -- causal effects on survival ------------------------------------------------------
+def test_case_weights_are_copies_of_rows():
+    """An integer weight k is the row repeated k times (Breslow's ties), in the Cox sums
+    and in the Kaplan-Meier counts."""
+    rng = np.random.default_rng(11)
+    t = rng.integers(1, 15, 80).astype(float)
+    e = rng.random(80) < 0.6
+    x = rng.normal(size=(80, 2))
+    k = rng.integers(0, 4, 80)
+    grid = np.unique(t[e])
+    repeated = np.repeat(np.arange(80), k)
+    weighted = fit_cox(lambda b: [site_cox_sums(t, e, x, b, grid, weights=k)], 2,
+                       ties="breslow")
+    copied = fit_cox(lambda b: [site_cox_sums(t[repeated], e[repeated], x[repeated], b,
+                                              grid)], 2, ties="breslow")
+    assert np.allclose(weighted.beta, copied.beta, atol=1e-10)
+    assert np.allclose(kaplan_meier(site_counts(t, e, grid, k)).survival,
+                       kaplan_meier(site_counts(t[repeated], e[repeated], grid)).survival)
+    with pytest.raises(ConfigurationError, match="breslow"):
+        fit_cox(lambda b: [site_cox_sums(t, e, x, b, grid, weights=k * 0.5)], 2)
+    with pytest.raises(DataValidationError, match="weights"):
+        site_counts(t, e, grid, -k)
+
+
+def test_a_survival_effect_is_the_pooled_one_and_its_weighted_curves_are_lifelines():
+    pytest.importorskip("causaldata")
+    from cardiofed.causal.propensity import fit_propensity, sigmoid
+    from cardiofed.causal.sources import nhefs_survival_sites
+    from cardiofed.causal.survival import SurvivalSite, survival_effect
+
+    sites = nhefs_survival_sites(4, seed=0)
+    effect = survival_effect(sites, horizon=120.0, resamples=20, seed=1)
+    pooled = SurvivalSite("all", *(np.concatenate([getattr(s, f) for s in sites])
+                                   for f in ("x", "treated", "time", "event")))
+    alone = survival_effect([pooled], horizon=120.0, resamples=0)
+    assert effect.difference == pytest.approx(alone.difference, abs=1e-10)
+    assert effect.hazard_ratio == pytest.approx(alone.hazard_ratio, abs=1e-10)
+    assert effect.difference_interval[0] < effect.difference < effect.difference_interval[1]
+    assert effect.resamples == 20 and np.isnan(alone.difference_interval[0])
+    again = survival_effect(sites, horizon=120.0, resamples=20, seed=1)
+    assert again.difference_interval == effect.difference_interval
+
+    model = fit_propensity([pooled.x], [pooled.treated])
+    score = sigmoid(model.logit(pooled.x))
+    w = np.where(pooled.treated == 1, 1 / score, 1 / (1 - score))
+    for arm, risk in ((1, effect.risk_treated), (0, effect.risk_control)):
+        mine = pooled.treated == arm
+        with warnings.catch_warnings():  # lifelines warns that weights bias variances
+            warnings.simplefilter("ignore")
+            curve = lifelines.KaplanMeierFitter().fit(pooled.time[mine], pooled.event[mine],
+                                                      weights=w[mine])
+        assert risk == pytest.approx(1 - curve.survival_function_at_times(120.0).iloc[0],
+                                     abs=1e-10)
+    with pytest.raises(ConfigurationError, match="'horizon'"):
+        survival_effect(sites, horizon=0.0)
+    with pytest.raises(ConfigurationError, match="estimand"):
+        survival_effect(sites, horizon=120.0, method="matching")  # type: ignore[arg-type]

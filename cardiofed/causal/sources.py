@@ -12,6 +12,7 @@ import pandas as pd
 
 from cardiofed.causal.design import COVARIATES, synthetic_intervention
 from cardiofed.causal.study import SiteArrays
+from cardiofed.causal.survival import SurvivalSite
 from cardiofed.data.mapping import SiteMapping, encode, harmonise
 from cardiofed.exceptions import ConfigurationError, DataValidationError
 from cardiofed.schema import Catalogue, FeatureKind, encoded_feature_names
@@ -70,34 +71,50 @@ NHEFS_COVARIATES = ["sex", "race", "age", "age^2", "education=2", "education=3",
                     "active=2", "wt71", "wt71^2"]
 
 
-def nhefs_sites(n_sites: int = 4, *, seed: int = 0) -> tuple[list[SiteArrays], list[str]]:
-    """NHEFS (the 1,566 complete cases, from the ``causaldata`` package) split at random
-    into `n_sites` sites of unequal size: treatment qsmk, continuous outcome wt82_71."""
+def _nhefs(n_sites: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """NHEFS' columns (as numbers), the covariates' design and each row's site."""
     try:
         from causaldata import nhefs_complete
     except ImportError:  # a dev dependency: the benchmark's and the tests' data
         raise ConfigurationError("NHEFS comes from the causaldata package: pip install "
                                  "causaldata (or pip install -e \".[dev]\").") from None
     d = nhefs_complete.load_pandas().data
-
-    def number(column: str) -> np.ndarray:  # categorical columns hold their codes as text
-        return np.asarray(d[column].astype(str).astype(float))
-
-    columns = {"sex": number("sex"), "race": number("race"), "age": number("age"),
-               "smokeintensity": number("smokeintensity"), "smokeyrs": number("smokeyrs"),
-               "wt71": number("wt71")}
+    # categorical columns hold their codes as text
+    raw = {c: np.asarray(d[c].astype(str).astype(float)) for c in (
+        "sex", "race", "age", "smokeintensity", "smokeyrs", "wt71", "education", "exercise",
+        "active", "qsmk", "wt82_71", "death", "yrdth", "modth")}
+    columns = {name: raw[name] for name in ("sex", "race", "age", "smokeintensity",
+                                            "smokeyrs", "wt71")}
     for name in ("age", "smokeintensity", "smokeyrs", "wt71"):
         columns[f"{name}^2"] = columns[name] ** 2
     for name, levels in (("education", (2, 3, 4, 5)), ("exercise", (1, 2)),
                          ("active", (1, 2))):
         for level in levels:
-            columns[f"{name}={level}"] = (number(name) == level).astype(float)
+            columns[f"{name}={level}"] = (raw[name] == level).astype(float)
     x = np.column_stack([columns[c] for c in NHEFS_COVARIATES])
-    t, y = number("qsmk").astype(int), number("wt82_71")
     share = np.linspace(2.0, 1.0, n_sites)
-    site = np.random.default_rng(seed).choice(n_sites, size=len(y), p=share / share.sum())
+    site = np.random.default_rng(seed).choice(n_sites, size=len(x), p=share / share.sum())
+    return raw, x, site
+
+
+def nhefs_sites(n_sites: int = 4, *, seed: int = 0) -> tuple[list[SiteArrays], list[str]]:
+    """NHEFS (the 1,566 complete cases, from the ``causaldata`` package) split at random
+    into `n_sites` sites of unequal size: treatment qsmk, continuous outcome wt82_71."""
+    raw, x, site = _nhefs(n_sites, seed)
+    t, y = raw["qsmk"].astype(int), raw["wt82_71"]
     return [SiteArrays(f"site_{k + 1}", x[site == k], t[site == k], y[site == k])
             for k in range(n_sites)], list(NHEFS_COVARIATES)
+
+
+def nhefs_survival_sites(n_sites: int = 4, *, seed: int = 0) -> list[SurvivalSite]:
+    """The same sites with a time-to-event outcome: death from January 1983 to December
+    1992, in months (120 for those alive at the end, censored)."""
+    raw, x, site = _nhefs(n_sites, seed)
+    died = raw["death"] == 1
+    months = np.where(died, (raw["yrdth"] - 83) * 12 + raw["modth"], 120.0)
+    t = raw["qsmk"].astype(int)
+    return [SurvivalSite(f"site_{k + 1}", x[site == k], t[site == k], months[site == k],
+                         died[site == k].astype(int)) for k in range(n_sites)]
 
 
 def export_site(raw: pd.DataFrame, mapping: SiteMapping, treatment: str,

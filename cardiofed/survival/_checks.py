@@ -49,3 +49,14 @@ def check_covariates(x: object, n: int) -> np.ndarray:
         raise DataValidationError("x holds missing or non-finite values: impute them first "
                                   "(the federation's preprocessor fills them).")
     return m
+
+
+def check_weights(weights: object | None, n: int) -> np.ndarray:
+    """Case weights: finite, >= 0, one per patient (all ones when None)."""
+    if weights is None:
+        return np.ones(n)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any():
+        raise DataValidationError(f"weights must be {n} finite numbers >= 0; got shape "
+                                  f"{w.shape}.")
+    return w

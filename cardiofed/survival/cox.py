@@ -31,7 +31,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cardiofed.exceptions import ConfigurationError, DataValidationError
-from cardiofed.survival._checks import check_covariates, check_grid, check_outcome
+from cardiofed.survival._checks import (
+    check_covariates,
+    check_grid,
+    check_outcome,
+    check_weights,
+)
 from cardiofed.survival.kaplan_meier import grid_positions
 
 __all__ = ["CoxFit", "CoxSums", "add_cox_sums", "absolute_risk", "breslow_baseline",
@@ -70,11 +75,13 @@ def event_time_grid(*times_with_events: tuple[object, object]) -> np.ndarray:
 
 
 def site_cox_sums(time: object, event: object, x: object, beta: object, grid: object,
-                  center: object | None = None) -> CoxSums:
-    """A site's :class:`CoxSums` at `beta` on the public `grid`."""
+                  center: object | None = None, weights: object | None = None) -> CoxSums:
+    """A site's :class:`CoxSums` at `beta` on the public `grid`; with case `weights` every
+    sum (event counts included) is weighted (fit those with Breslow's ties)."""
     g = check_grid(grid)
     t, e = check_outcome(time, event)
     m = check_covariates(x, t.size)
+    case = check_weights(weights, t.size)
     d = m.shape[1]
     b = _check_vector(beta, d, "beta")
     c = np.zeros(d) if center is None else _check_vector(center, d, "center")
@@ -83,7 +90,7 @@ def site_cox_sums(time: object, event: object, x: object, beta: object, grid: ob
     if np.abs(eta).max(initial=0.0) > 700:
         raise DataValidationError("exp(x beta) overflows at these coefficients: centre the "
                                   "covariates (the 'center' parameter) or scale them.")
-    w = np.exp(eta)
+    w = np.exp(eta) * case
     last, ev = grid_positions(t, e, g)
     K = g.size
     # Sums over {i: last_i == j}, then reverse cumulative sums: the risk sets {last_i >= j}.
@@ -93,10 +100,10 @@ def site_cox_sums(time: object, event: object, x: object, beta: object, grid: ob
     risk = np.cumsum(at[::-1], axis=0)[::-1]
     tied = np.zeros((K, 1 + d + d * d))
     np.add.at(tied, last[ev], _at_rows(xc[ev], w[ev]))
-    events = np.bincount(last[ev], minlength=K).astype(np.float64)
+    events = np.bincount(last[ev], weights=case[ev], minlength=K)
     event_x = np.zeros((K, d))
-    np.add.at(event_x, last[ev], xc[ev])
-    event_eta = np.bincount(last[ev], weights=eta[ev], minlength=K)
+    np.add.at(event_x, last[ev], xc[ev] * case[ev, None])
+    event_eta = np.bincount(last[ev], weights=(eta * case)[ev], minlength=K)
     return CoxSums(events=events, event_x=event_x, event_eta=event_eta,
                    risk0=risk[:, 0], risk1=risk[:, 1:1 + d],
                    risk2=risk[:, 1 + d:].reshape(K, d, d),
@@ -121,15 +128,19 @@ def partial_likelihood(sums: CoxSums, ties: str = "efron"
     """Log partial likelihood, gradient and Hessian at the sums' ``beta``."""
     if ties not in TIES:
         raise ConfigurationError(f"The 'ties' parameter must be one of {TIES}; got {ties!r}.")
+    if ties == "efron" and not np.allclose(sums.events, np.round(sums.events)):
+        raise ConfigurationError("Weighted event counts need ties='breslow' (Efron's "
+                                 "correction counts tied events one by one).")
     d = sums.event_x.shape[1]
     ll, grad, hess = 0.0, np.zeros(d), np.zeros((d, d))
     for k in np.flatnonzero(sums.events > 0):
-        n_k = int(round(sums.events[k]))
         ll += sums.event_eta[k]
         grad += sums.event_x[k]
-        # Efron: the l-th of n_k tied events sees the risk set less l/n_k of the tied.
-        fractions = np.arange(n_k) / n_k if ties == "efron" else np.zeros(1)
-        weight = 1.0 if ties == "efron" else float(n_k)
+        if ties == "efron":  # the l-th of n_k tied events sees the risk set less l/n_k
+            n_k = int(round(sums.events[k]))
+            fractions, weight = np.arange(n_k) / n_k, 1.0
+        else:  # Breslow: every event (or its weight) sees the whole risk set
+            fractions, weight = np.zeros(1), float(sums.events[k])
         for f in fractions:
             s0 = sums.risk0[k] - f * sums.tied0[k]
             s1 = sums.risk1[k] - f * sums.tied1[k]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cardiofed.survival._checks import check_grid, check_outcome
+from cardiofed.survival._checks import check_grid, check_outcome, check_weights
 
 __all__ = ["GridCounts", "SurvivalCurve", "add_counts", "kaplan_meier", "site_counts",
            "grid_positions"]
@@ -48,14 +48,18 @@ def grid_positions(time: np.ndarray, event: np.ndarray, grid: np.ndarray
     return last, on_grid
 
 
-def site_counts(time: object, event: object, grid: object) -> GridCounts:
-    """A site's counts on the public `grid` (see the module docstring)."""
+def site_counts(time: object, event: object, grid: object,
+                weights: object | None = None) -> GridCounts:
+    """A site's counts on the public `grid` (see the module docstring); with `weights`
+    (finite, >= 0, one per patient) the counts are sums of weights."""
     g = check_grid(grid)
     t, e = check_outcome(time, event)
+    w = check_weights(weights, t.size)
     last, on_grid = grid_positions(t, e, g)
     seen = last >= 0
-    events = np.bincount(last[on_grid], minlength=g.size).astype(np.float64)
-    censored = np.bincount(last[seen & ~on_grid], minlength=g.size).astype(np.float64)
+    events = np.bincount(last[on_grid], weights=w[on_grid], minlength=g.size)
+    censored = np.bincount(last[seen & ~on_grid], weights=w[seen & ~on_grid],
+                           minlength=g.size)
     return GridCounts(grid=g, events=events, censored=censored)
 
 
