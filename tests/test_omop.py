@@ -171,3 +171,26 @@ def test_an_omop_mapping_is_checked_against_the_catalogue(tmp_path: Path) -> Non
     with pytest.raises(DataValidationError, match="neither a folder of tables"):
         read_omop(tmp_path / "nowhere", OmopMapping.from_toml(write_mapping(
             tmp_path / "m.toml", "a")))
+
+
+def test_a_survival_omop_site_is_censored_at_the_end_of_observation(tmp_path: Path) -> None:
+    tables = omop_tables(200, seed=0)
+    text = MAPPING.replace("{site}", "a").replace("horizon_years = 10",
+                                                  "horizon_years = 10\nfollow_up = true")
+    (tmp_path / "m.toml").write_text(text)
+    rows = read_omop(write_folder(tmp_path / "omop", tables),
+                     OmopMapping.from_toml(tmp_path / "m.toml"))
+    assert rows.excluded["outcome on or before the index date"] == 1  # person 2
+    assert "lost to follow-up before the horizon" not in rows.excluded
+    people = rows.frame.set_index("person_id")
+    lost = people.loc["4"]  # observation ends 2018-01-01: censored then, not left out
+    assert (lost["outcome"], lost["follow_up_days"]) == ("0", "1096")
+    late = people.loc["3"]  # CHD in 2026, after the 10-year horizon: censored at it
+    assert (late["outcome"], late["follow_up_days"]) == ("0", "3653")
+    events = people[people["outcome"] == "1"]
+    assert len(events) and set(events["follow_up_days"]) == {"1581"}  # 2019-05-01
+    data = federation_from_csv([tmp_path / "omop"], [tmp_path / "m.toml"], test_fraction=0.3)
+    site = data.sites[0]
+    assert site.survival
+    years = np.concatenate([site.time_train, site.time_test])
+    assert years.max() == pytest.approx(3653 / 365.25) and years.min() > 0

@@ -37,6 +37,12 @@ a column per feature, and the rows then go through the same validation as any ex
 A person with the outcome on or before the index date is left out (not at risk), and so
 is one whose ``observation_period`` ends before the horizon without the outcome (lost to
 follow-up), or starts after the index date; each is counted in :attr:`OmopRows.excluded`.
+
+With ``follow_up = true`` in ``[outcome_rule]`` the site exports survival data instead:
+each person is followed from the index date to the first outcome record, the end of
+their observation period (censored: they are kept, not left out) or the horizon,
+whichever comes first, in days; the label says whether follow-up ended in the outcome.
+Without an ``observation_period`` table everyone is followed to the horizon.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ __all__ = ["OmopMapping", "OmopRows", "is_omop_mapping", "read_omop"]
 
 MALE, FEMALE = 8507, 8532  # OMOP gender concepts
 LABEL = "outcome"
+FOLLOW_UP = "follow_up_days"
 Table = Literal["person", "measurement", "observation", "condition_occurrence",
                 "drug_exposure"]
 _DATE = {"measurement": "measurement_date", "observation": "observation_date",
@@ -86,6 +93,7 @@ class OutcomeRule(BaseModel):
     table: Literal["condition_occurrence", "observation"] = "condition_occurrence"
     concept_ids: list[int] = Field(min_length=1)
     horizon_years: float = Field(gt=0, le=100)
+    follow_up: bool = False  # survival data: censored at the observation period's end
 
 
 class OmopMapping(BaseModel):
@@ -145,11 +153,14 @@ class OmopMapping(BaseModel):
     def site_mapping(self, catalogue: Catalogue | None = None) -> SiteMapping:
         """The mapping of the rows :func:`read_omop` writes: canonical names and units."""
         columns: dict[str, Any] = {name: {"source": name} for name in self.features}
-        return SiteMapping.from_dict({
+        raw: dict[str, Any] = {
             "site": self.site, "site_type": self.site_type, "outcome": self.outcome,
             "missing_values": [""], "columns": columns,
-            "label": {"column": LABEL, "positive": ["1"], "negative": ["0"]}},
-            source=f"<OMOP mapping of {self.site}>", catalogue=catalogue)
+            "label": {"column": LABEL, "positive": ["1"], "negative": ["0"]}}
+        if self.outcome_rule.follow_up:
+            raw["follow_up"] = {"column": FOLLOW_UP, "unit": "days"}
+        return SiteMapping.from_dict(raw, source=f"<OMOP mapping of {self.site}>",
+                                     catalogue=catalogue)
 
 
 @dataclass(frozen=True)
@@ -230,8 +241,10 @@ def read_omop(source: str | Path, mapping: OmopMapping,
     excluded: dict[str, int] = {}
     for name, rule in mapping.features.items():
         out[name] = _feature(name, rule, person, tables, mapping, catalogue)
-    label, keep = _outcome(mapping, tables, ids, excluded)
+    label, keep, days = _outcome(mapping, tables, ids, excluded)
     out[LABEL] = label
+    if mapping.outcome_rule.follow_up:
+        out[FOLLOW_UP] = [str(int(d)) for d in days]
     out["person_id"] = out["person_id"].astype(str)  # text, like every export column
     return OmopRows(frame=out[keep].reset_index(drop=True), excluded=excluded)
 
@@ -283,7 +296,8 @@ def _text(value: object) -> str:
 
 
 def _outcome(mapping: OmopMapping, tables: _Tables, ids: np.ndarray,
-             excluded: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+             excluded: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each person's label, whether they are kept, and (survival) their follow-up days."""
     rule, index = mapping.outcome_rule, mapping.index_date
     events = tables.read(rule.table, rule.concept_ids)
     when = _dates(events[_DATE[rule.table]])
@@ -294,21 +308,32 @@ def _outcome(mapping: OmopMapping, tables: _Tables, ids: np.ndarray,
     if rule.horizon_years % 1:
         end = (pd.Timestamp(index) + pd.Timedelta(days=365.25 * rule.horizon_years)).date()
     prior = first_event.notna() & (first_event <= index)
-    label = (first_event.notna() & ~prior & (first_event <= end)).to_numpy()
     keep = ~prior.to_numpy()
     excluded["outcome on or before the index date"] = int(prior.sum())
     periods = tables.read_optional("observation_period")
+    stop = pd.Series([end] * len(ids))
     if periods is not None:
         start = pd.Series(ids).map(periods.groupby("person_id")[
             "observation_period_start_date"].min().pipe(_dates))
-        stop = pd.Series(ids).map(periods.groupby("person_id")[
+        observed = pd.Series(ids).map(periods.groupby("person_id")[
             "observation_period_end_date"].max().pipe(_dates))
         late = (start.notna() & (start > index)).to_numpy() & keep
-        lost = (stop.notna() & (stop < end)).to_numpy() & ~label & keep & ~late
         excluded["observed only after the index date"] = int(late.sum())
+        keep &= ~late
+        stop = observed.where(observed.notna() & (observed < end), end)
+    if mapping.outcome_rule.follow_up:  # censored at the end of observation, kept
+        label = (first_event.notna() & ~prior & (first_event <= stop)).to_numpy()
+        finish = first_event.where(label, stop)
+        days = np.array([(f - index).days for f in finish], dtype=float)
+        none = (days <= 0) & keep
+        excluded["no follow-up after the index date"] = int(none.sum())
+        return np.where(label, "1", "0"), keep & ~none, days
+    label = (first_event.notna() & ~prior & (first_event <= end)).to_numpy()
+    if periods is not None:
+        lost = (stop < end).to_numpy() & ~label & keep
         excluded["lost to follow-up before the horizon"] = int(lost.sum())
-        keep &= ~late & ~lost
-    return np.where(label, "1", "0"), keep
+        keep &= ~lost
+    return np.where(label, "1", "0"), keep, np.full(len(ids), np.nan)
 
 
 def omop_site_rows(source: str | Path, mapping_path: str | Path,
