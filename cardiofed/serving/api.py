@@ -48,7 +48,6 @@ from cardiofed.serving.model import (
     PatientErrors,
     RiskModel,
     risk_categories,
-    sigmoid,
 )
 from cardiofed.serving.request_log import RequestLog
 from cardiofed.serving.schemas import (
@@ -190,6 +189,8 @@ def _calibration(model: RiskModel, site: str | None) -> tuple[Calibration | None
 
 
 def _attribution(model: RiskModel) -> str:
+    if model.card.model == "cox":
+        return "exact (Cox model; contributions on the log cumulative hazard scale)"
     return ("exact (logistic regression)" if model.card.model == "logistic"
             else "integrated gradients from the federation's average patient, 64 steps")
 
@@ -202,7 +203,7 @@ def _results(state: ServingState, model: RiskModel, rows: np.ndarray, imputed: l
         logits, baseline, parts = explained.logit, explained.baseline, explained.contributions
     else:
         logits, baseline = model.logits(rows), None
-    risks = sigmoid(logits)
+    risks = model.inverse_link(logits)
     if recal is not None:
         risks = recal.apply(risks, model.preprocessor.standardise(rows)
                             if recal.coefficients else None)

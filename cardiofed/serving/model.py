@@ -13,6 +13,10 @@ site mapping does), scores them, and explains the score:
 * MLP: integrated gradients (Sundararajan et al., ICML 2017) from the same baseline
   ``z = 0`` with a 64-step midpoint rule; contributions sum to ``logit(x) - logit(0)``
   up to the discretisation error (reported as ``attribution_error``).
+* Cox model (``cox``, a survival model at the card's horizon): the same linear predictor
+  with the complementary log-log link, ``risk = 1 - exp(-exp(b + sum_j w_j z_j))``, where
+  ``b`` is the log of the baseline cumulative hazard at the horizon; contributions are
+  exact on that log cumulative hazard scale.
 
 The standalone file is one safetensors file (weights, preprocessor, and the card as
 JSON in its metadata): it scores without the coordinator (:meth:`RiskModel.load`).
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -61,6 +65,10 @@ CATEGORY_HORIZON_YEARS = 10.0  # the horizon those bands were defined for
 REQUIRED = "is required (or set impute_missing to fill it with the federation's median)"
 IG_BLOCK_ROWS = 4096
 _BINARY_VALUES = {"0": 0.0, "1": 1.0, "false": 0.0, "true": 1.0, "no": 0.0, "yes": 1.0}
+# The kinds a card may name: the trained networks, and a Cox model at its horizon.
+SERVED_KINDS = (*MODEL_KINDS, "cox")
+Link = Literal["logit", "cloglog"]
+LINKS: dict[str, Link] = {"logistic": "logit", "mlp": "logit", "cox": "cloglog"}
 
 
 class ModelCard(BaseModel):
@@ -85,6 +93,9 @@ class ModelCard(BaseModel):
     outcome: str
     outcome_description: str
     horizon_years: float | None
+    # How the linear predictor becomes a risk: logit, or cloglog (a Cox model's risk by
+    # horizon_years, 1 - exp(-exp(eta))).
+    link: Link = "logit"
     schema_version: str = SCHEMA_VERSION
     metrics: dict[str, dict[str, float | None]] = {}  # per site
     privacy: dict[str, dict[str, float]] = {}  # per site: epsilon spent, delta
@@ -129,9 +140,16 @@ class RiskModel:
     _groups: list[list[int]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.card.model not in MODEL_KINDS:
+        if self.card.model not in SERVED_KINDS:
             raise ConfigurationError(f"Model card names model {self.card.model!r}; expected "
-                                     f"one of {list(MODEL_KINDS)}.")
+                                     f"one of {list(SERVED_KINDS)}.")
+        if self.card.link != LINKS[self.card.model]:
+            raise ConfigurationError(f"A {self.card.model} model's link is "
+                                     f"{LINKS[self.card.model]!r}; the card says "
+                                     f"{self.card.link!r}.")
+        if self.card.model == "cox" and self.card.horizon_years is None:
+            raise ConfigurationError("A Cox model gives the risk by a horizon: the card needs "
+                                     "horizon_years.")
         inputs, start = [], 0
         for name in self.card.features:
             width = len(self.catalogue.feature(name).encoded_names())
@@ -299,7 +317,7 @@ class RiskModel:
     # ------------------------------------------------------------------ scoring
     @cached_property
     def _linear(self) -> tuple[np.ndarray, float] | None:
-        if self.card.model != "logistic":
+        if self.card.model not in ("logistic", "cox"):
             return None
         return (self.weights["linear.weight"].astype(np.float64).ravel(),
                 float(self.weights["linear.bias"].ravel()[0]))
@@ -307,12 +325,12 @@ class RiskModel:
     def _check_weights(self) -> None:
         """The weights fit the card's model: checked with NumPy for a logistic regression
         (scoring it needs no PyTorch), by loading them into the network otherwise."""
-        if self.card.model == "logistic":
+        if self.card.model in ("logistic", "cox"):
             expected = {"linear.weight": (1, self.n_columns), "linear.bias": (1,)}
             got = {k: tuple(np.shape(v)) for k, v in self.weights.items()}
             if got != expected:
-                raise ConfigurationError(f"A logistic model of {self.n_columns} columns has "
-                                         f"weights {expected}; got {got}.")
+                raise ConfigurationError(f"A {self.card.model} model of {self.n_columns} "
+                                         f"columns has weights {expected}; got {got}.")
         else:
             _ = self._torch_model
 
@@ -346,7 +364,15 @@ class RiskModel:
                 np.float64)
 
     def risk(self, x: np.ndarray) -> np.ndarray:
-        return sigmoid(self.logits(x))
+        return self.inverse_link(self.logits(x))
+
+    def inverse_link(self, eta: np.ndarray) -> np.ndarray:
+        """Risks from the linear predictor: the logistic function, or a Cox model's
+        ``1 - exp(-exp(eta))`` (the card's link)."""
+        if self.card.link == "cloglog":
+            out: np.ndarray = -np.expm1(-np.exp(np.minimum(eta, 700.0)))
+            return out
+        return sigmoid(eta)
 
     def explain(self, x: np.ndarray) -> Explanation:
         """Risks and per-feature contributions (see the module docstring)."""
@@ -355,7 +381,7 @@ class RiskModel:
             w, b = self._linear
             per_column = z * w
             logit = per_column.sum(axis=1) + b
-            return Explanation(risk=sigmoid(logit), logit=logit, baseline=b,
+            return Explanation(risk=self.inverse_link(logit), logit=logit, baseline=b,
                                contributions=self._by_feature(per_column))
         per_column, logit, baseline = self._integrated_gradients(z)
         error = logit - baseline - per_column.sum(axis=1)
@@ -501,9 +527,11 @@ def build_model(*, study: str, source: str, model: str, algorithm: str,
                 notes: list[str] | None = None,
                 study_features: StudyFeatures | None = None,
                 site_types: Mapping[str, str] | None = None,
-                records: int | None = None) -> RiskModel:
+                records: int | None = None,
+                horizon_years: float | None = None) -> RiskModel:
     """A :class:`RiskModel` with its card filled in (content hash, time, outcome, the
-    population: `site_types` and `records` where known)."""
+    population: `site_types` and `records` where known). A Cox `model` scores the risk by
+    `horizon_years` (default: the outcome's)."""
     catalogue = catalogue_of(study_features)
     features = canonical_features(encoded_names)
     if catalogue.encoded_names(features) != list(encoded_names):
@@ -517,7 +545,9 @@ def build_model(*, study: str, source: str, model: str, algorithm: str,
                      outcome=outcome or "unspecified",
                      outcome_description=described.description if described
                      else "not stated when the study was created",
-                     horizon_years=described.horizon_years if described else None,
+                     horizon_years=horizon_years if horizon_years is not None
+                     else described.horizon_years if described else None,
+                     link=LINKS.get(model, "logit"),
                      metrics=metrics or {}, privacy=privacy or {},
                      recalibration=recalibration or {}, notes=notes or [],
                      study_features=study_features,

@@ -80,10 +80,13 @@ class RiskResult(BaseModel):
     category: str | None = Field(description=(
         "Risk category (by default the 10-year bands of the 2019 ACC/AHA guideline); null "
         "when the model's outcome has no 10-year horizon, which the bands are defined for."))
-    logit: float
+    logit: float = Field(description=(
+        "The linear predictor (uncalibrated): the log-odds of a logistic model or network; "
+        "for a Cox model (the card's link 'cloglog') the log cumulative hazard by the "
+        "horizon, risk = 1 - exp(-exp(logit))."))
     baseline_logit: float | None = Field(
-        None, description="Log-odds of the federation's average patient; plus the "
-                          "contributions it gives `logit` (uncalibrated).")
+        None, description="The linear predictor of the federation's average patient; plus "
+                          "the contributions it gives `logit` (uncalibrated).")
     contributions: dict[str, float] | None = None
     imputed: list[str] = Field(default_factory=list)
 

@@ -73,7 +73,7 @@ class FederatedCox:
         if key not in self.baselines:
             raise ConfigurationError(f"A stratified model scores with a site's own baseline: "
                                      f"name one of {sorted(self.baselines)}; got {site!r}.")
-        return absolute_risk(self.preprocessor.transform(x), self.fit, self.baselines[key],
+        return absolute_risk(self.preprocessor.standardise(x), self.fit, self.baselines[key],
                              self.grid, horizon)
 
 
@@ -90,7 +90,7 @@ Rows = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 def _training_rows(sites: list[SiteData], pre: Preprocessor) -> Rows:
     """Each site's follow-up, events and model terms (on the site, in a real study)."""
-    return [(s.time_train, s.y_train, pre.transform(s.x_train)) for s in sites
+    return [(s.time_train, s.y_train, pre.standardise(s.x_train)) for s in sites
             if s.time_train is not None]
 
 

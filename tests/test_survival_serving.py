@@ -1,0 +1,87 @@
+"""A federated Cox model served: the risk API, offline scoring and the model file give its
+risk by the card's horizon."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cardiofed.cli import app
+from cardiofed.data.synthetic import synthetic_federation
+from cardiofed.exceptions import ConfigurationError
+from cardiofed.serving.model import RiskModel
+from cardiofed.serving.survival import cox_risk_model
+from cardiofed.simulation.survival import fit_federated_cox
+from test_serving import PATIENT, Api
+
+
+@pytest.fixture(scope="module")
+def fitted():  # type: ignore[no-untyped-def]
+    data = synthetic_federation(n_sites=4, survival=True, size_scale=0.3, seed=5)
+    model = fit_federated_cox(data)
+    return data, model, cox_risk_model(model, data, study="survival", horizon=10.0)
+
+
+def test_the_served_risk_is_the_cox_models_risk_by_the_horizon(fitted) -> None:  # type: ignore[no-untyped-def]
+    data, model, served = fitted
+    x = data.sites[0].x_test[:50]
+    assert np.abs(served.risk(x) - model.risk(x, 10.0)).max() < 1e-12
+    again = RiskModel.from_bytes(served.to_bytes())
+    assert np.abs(again.risk(x) - model.risk(x, 10.0)).max() < 1e-12
+    assert (served.card.model, served.card.link, served.card.horizon_years) == (
+        "cox", "cloglog", 10.0)
+    explained = served.explain(x)
+    assert np.allclose(explained.baseline + explained.contributions.sum(axis=1),
+                       explained.logit, atol=1e-12)
+    five = cox_risk_model(model, data, study="survival", horizon=5.0)
+    assert (five.risk(x) < served.risk(x)).all() and not five.categorised
+    assert served.categorised  # risk bands are defined for 10 years
+
+
+def test_a_card_must_say_how_its_risk_is_made(fitted) -> None:  # type: ignore[no-untyped-def]
+    _, _, served = fitted
+    with pytest.raises(ConfigurationError, match="link"):
+        served.with_card(link="logit")
+    with pytest.raises(ConfigurationError, match="horizon_years"):
+        served.with_card(horizon_years=None)
+    stratified = fit_federated_cox(fitted[0], stratified=True)
+    with pytest.raises(ConfigurationError, match="one baseline"):
+        cox_risk_model(stratified, fitted[0], study="s")
+
+
+def test_the_risk_api_and_predict_score_a_cox_model(fitted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, _, served = fitted
+    api = Api(tmp_path, served)
+    r = api.post("/v1/risk", {"features": PATIENT})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["risk"] == pytest.approx(-math.expm1(-math.exp(body["logit"])), abs=1e-12)
+    row, _ = served.encode_patient(PATIENT)
+    assert body["risk"] == pytest.approx(float(served.risk(row[None])[0]), abs=1e-12)
+    assert "10-year horizon" in body["risk_of"] and body["category"] is not None
+    assert body["attribution"].startswith("exact (Cox model")
+    path, _ = served.save(tmp_path / "cox.safetensors")
+    patients = pd.DataFrame([{k: int(v) if isinstance(v, bool) else v
+                              for k, v in PATIENT.items()}] * 3)
+    patients.to_csv(tmp_path / "patients.csv", index=False)
+    out = tmp_path / "risks.csv"
+    done = CliRunner().invoke(app, ["predict", str(tmp_path / "patients.csv"), "--model",
+                                    str(path), "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert pd.read_csv(out)["risk"].to_numpy() == pytest.approx([body["risk"]] * 3,
+                                                                abs=1e-12)
+
+
+def test_the_calculator_names_a_cox_models_scale(fitted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, _, served = fitted
+    api = Api(tmp_path, served)
+    form = {"api_key": api.score_key, **{f"f.{k}": str(int(v) if isinstance(v, bool) else v)
+                                         for k, v in PATIENT.items()}}
+    page = api.client.post("/calculator", data=form)
+    assert page.status_code == 200, page.text
+    assert "log cumulative hazard" in page.text and "10-year horizon" in page.text
