@@ -14,9 +14,10 @@
    patient's true 10-year risk is known. Every site is judged on 50,000 new patients of
    its own profile (``--eval-size``; with heavy censoring at the clinics, 20,000 left
    their calibration-in-the-large intervals about +-0.08 wide): Uno's C at 10 years,
-   observed (Kaplan-Meier) against predicted 10-year risk, and the calibration slope and calibration-in-the-large at 10 years with their 95%
-   intervals and verdicts (slope in [0.8, 1.2], |CITL| <= 0.1). Models: the federated Cox
-   model (one baseline; one baseline per site), the inverse-variance meta-analysis of
+   observed (Kaplan-Meier) against predicted 10-year risk, and the calibration slope and
+   calibration-in-the-large at 10 years with their 95% intervals and verdicts (slope in
+   [0.8, 1.2], |CITL| <= 0.1). Models: the federated Cox model with the label check (one
+   baseline; one baseline per site) and without it, the inverse-variance meta-analysis of
    per-site Cox fits (DataSHIELD's approach; a site whose own fit fails drops out), and
    a logistic model of "an event within 10 years" fitted on the pooled training rows
    (what exact federated training converges to) with censored patients counted as

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_serving import PATIENT, Api  # type: ignore[import-not-found]
 from typer.testing import CliRunner
 
 from cardiofed.cli import app
@@ -17,7 +18,6 @@ from cardiofed.exceptions import ConfigurationError
 from cardiofed.serving.model import RiskModel
 from cardiofed.serving.survival import cox_risk_model
 from cardiofed.simulation.survival import fit_federated_cox
-from test_serving import PATIENT, Api
 
 
 @pytest.fixture(scope="module")
