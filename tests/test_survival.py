@@ -384,3 +384,40 @@ def test_a_survival_effect_is_the_pooled_one_and_its_weighted_curves_are_lifelin
         survival_effect(sites, horizon=0.0)
     with pytest.raises(ConfigurationError, match="estimand"):
         survival_effect(sites, horizon=120.0, method="matching")  # type: ignore[arg-type]
+
+
+# -- private Kaplan-Meier counts -----------------------------------------------------
+def _site_privacy(n: int):  # type: ignore[no-untyped-def]
+    from cardiofed.privacy.budget import PrivacyLedger, SiteBudget
+    from cardiofed.privacy.site_privacy import SitePrivacy
+
+    ledger = PrivacyLedger(site="clinic", budget=SiteBudget(epsilon_max=1.0, delta=1e-5),
+                           n_records=n)
+    return SitePrivacy(ledger=ledger, study="km")
+
+
+def test_private_counts_are_charged_first_and_noised_from_a_secret_source():
+    from cardiofed.exceptions import PrivacyBudgetExceeded
+    from cardiofed.survival.private import private_kaplan_meier, private_site_counts
+
+    rng = np.random.default_rng(0)
+    t, e = rng.exponential(8.0, 3000) + 0.01, rng.random(3000) < 0.7
+    grid = np.arange(1.0, 13.0)  # public: months, fixed in advance
+    privacy = _site_privacy(3000)
+    first, sigma = private_site_counts(t, e, grid, privacy)
+    spent = privacy.ledger.spent()
+    assert 0 < spent <= 0.1 + 1e-9  # the statistics share of epsilon 1
+    second, _ = private_site_counts(t, e, grid, privacy)
+    assert privacy.ledger.spent() > spent  # every release is charged
+    assert not np.allclose(first.events, second.events)  # no seed anyone can replay
+    with pytest.raises(PrivacyBudgetExceeded):
+        for _ in range(50):
+            private_site_counts(t, e, grid, privacy)
+    exact = site_counts(t, e, grid)
+    draws = np.array([private_site_counts(t, e, grid, _site_privacy(3000))[0].events
+                      - exact.events for _ in range(300)])
+    assert abs(draws.mean()) < 4 * sigma / np.sqrt(draws.size)  # unbiased
+    assert draws.std() == pytest.approx(sigma, rel=0.1)  # the charged noise
+    curve = private_kaplan_meier(first)
+    # noise SD 34 per cell against ~100-300 events a month: 300 draws erred at most 0.099
+    assert np.abs(curve.survival - kaplan_meier(exact).survival).max() < 0.15

@@ -112,6 +112,13 @@ class SitePrivacy:
                                noise_multiplier=event.noise_multiplier, **details)
         return event
 
+    def charge_release(self, kind: str, what: str) -> float:
+        """Charge one (q = 1) Gaussian release of `kind` of L2 sensitivity 1, before it is
+        computed, and return its noise standard deviation: for releases other packages
+        compute (counts in which each patient is one cell), with noise from
+        :func:`~cardiofed.privacy.randomness.secure_numpy_rng`."""
+        return self._charge(kind, what).noise_multiplier
+
     # -- statistics -------------------------------------------------------------------
     def release_statistics(self, x: np.ndarray, edges: np.ndarray) -> SiteStatistics:
         """The site's preprocessing statistics under the Gaussian mechanism (charged
