@@ -20,8 +20,8 @@ from cardiofed.survival import (
     site_counts,
     site_cox_sums,
 )
-from cardiofed.survival.cox import add_cox_sums, partial_likelihood
-from cardiofed.survival.kaplan_meier import add_counts
+from cardiofed.survival.cox import partial_likelihood, pooled_sums
+from cardiofed.survival.kaplan_meier import pooled_counts
 from cardiofed.survival.metrics import brier_at, calibration_at, harrell_c, horizon_auc, uno_c
 
 lifelines = pytest.importorskip("lifelines")
@@ -123,11 +123,7 @@ def test_absolute_risk_equals_lifelines_prediction():
 
 
 def _summed(items):
-    total = items[0]
-    for item in items[1:]:
-        total = add_counts(total, item) if hasattr(total, "censored") else add_cox_sums(
-            total, item)
-    return total
+    return pooled_counts(items) if hasattr(items[0], "censored") else pooled_sums(items)
 
 
 outcomes = st.integers(min_value=5, max_value=60).flatmap(lambda n: st.tuples(

@@ -26,8 +26,8 @@ import numpy as np
 from cardiofed.causal.estimators import Estimand, Weighting, weights
 from cardiofed.causal.propensity import fit_propensity, sigmoid
 from cardiofed.exceptions import ConfigurationError, DataValidationError
-from cardiofed.survival.cox import add_cox_sums, event_time_grid, fit_cox, site_cox_sums
-from cardiofed.survival.kaplan_meier import add_counts, kaplan_meier, site_counts
+from cardiofed.survival.cox import event_time_grid, fit_cox, site_cox_sums
+from cardiofed.survival.kaplan_meier import kaplan_meier, pooled_counts, site_counts
 
 __all__ = ["SurvivalEffect", "SurvivalSite", "survival_effect"]
 
@@ -85,21 +85,9 @@ def _point(sites: Sequence[SurvivalSite], horizon: float, estimand: Estimand,
             mine = s.treated == arm
             counts[arm].append(site_counts(s.time[mine], s.event[mine], grid, w[mine]))
         cox.append((s.time, s.event, s.treated[:, None].astype(float), w))
-    risks = []
-    for arm in (1, 0):
-        total = counts[arm][0]
-        for part in counts[arm][1:]:
-            total = add_counts(total, part)
-        risks.append(1.0 - kaplan_meier(total).at(horizon))
-
-    def sums_at(b: np.ndarray) -> list:
-        pooled = [site_cox_sums(t, e, x, b, grid, weights=w) for t, e, x, w in cox]
-        total = pooled[0]
-        for part in pooled[1:]:
-            total = add_cox_sums(total, part)
-        return [total]
-
-    fit = fit_cox(sums_at, 1, ties="breslow")
+    risks = [1.0 - kaplan_meier(pooled_counts(counts[arm])).at(horizon) for arm in (1, 0)]
+    fit = fit_cox(lambda b: [site_cox_sums(t, e, x, b, grid, weights=w)
+                             for t, e, x, w in cox], 1, ties="breslow")
     return risks[0], risks[1], math.exp(float(fit.beta[0]))
 
 

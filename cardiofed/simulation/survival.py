@@ -39,10 +39,10 @@ from cardiofed.exceptions import ConfigurationError, DataValidationError
 from cardiofed.survival.cox import (
     CoxFit,
     absolute_risk,
-    add_cox_sums,
     breslow_baseline,
     event_time_grid,
     fit_cox,
+    pooled_sums,
     site_cox_sums,
 )
 
@@ -118,10 +118,7 @@ def fit_federated_cox(dataset: FederatedDataset, *, form: str = "clinical",
         baselines = {s.name: breslow_baseline(part) for s, part in zip(sites, sums,
                                                                         strict=True)}
     else:
-        total = sums[0]
-        for part in sums[1:]:
-            total = add_cox_sums(total, part)
-        baselines = {POOLED: breslow_baseline(total)}
+        baselines = {POOLED: breslow_baseline(pooled_sums(sums))}
     return FederatedCox(fit=fit, preprocessor=pre, grid=np.asarray(grid, dtype=float),
                         baselines=baselines,
                         term_names=list(dataset.feature_names) if model is None
@@ -190,11 +187,8 @@ def inverse_variance_meta(model: FederatedCox, dataset: FederatedDataset
     fit = CoxFit(beta=beta, se=np.sqrt(np.diag(covariance)), loglik=math.nan, iterations=0,
                  stratified=False, ties=model.fit.ties, covariance=covariance)
     sums = [site_cox_sums(t, e, x, beta, model.grid) for t, e, x in rows]
-    total = sums[0]
-    for part in sums[1:]:
-        total = add_cox_sums(total, part)
     return (FederatedCox(fit=fit, preprocessor=pre, grid=model.grid,
-                         baselines={POOLED: breslow_baseline(total)},
+                         baselines={POOLED: breslow_baseline(pooled_sums(sums))},
                          term_names=model.term_names), dropped)
 
 

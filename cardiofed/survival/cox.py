@@ -39,7 +39,7 @@ from cardiofed.survival._checks import (
 )
 from cardiofed.survival.kaplan_meier import grid_positions
 
-__all__ = ["CoxFit", "CoxSums", "add_cox_sums", "absolute_risk", "breslow_baseline",
+__all__ = ["CoxFit", "CoxSums", "absolute_risk", "breslow_baseline", "pooled_sums",
            "event_time_grid", "fit_cox", "partial_likelihood", "site_cox_sums"]
 
 TIES = ("efron", "breslow")
@@ -58,10 +58,6 @@ class CoxSums:
     tied0: np.ndarray       # (K,) the same three sums over the events at g_k (Efron)
     tied1: np.ndarray       # (K, d)
     tied2: np.ndarray       # (K, d, d)
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Named arrays, e.g. for a safetensors payload."""
-        return dict(self.__dict__)
 
 
 def event_time_grid(*times_with_events: tuple[object, object]) -> np.ndarray:
@@ -118,9 +114,12 @@ def _at_rows(xc: np.ndarray, w: np.ndarray) -> np.ndarray:
                       (xc[:, :, None] * xc[:, None, :]).reshape(-1, d * d) * w[:, None]])
 
 
-def add_cox_sums(a: CoxSums, b: CoxSums) -> CoxSums:
-    """Two sites' sums together (same grid, beta and centre): the pooled sums."""
-    return CoxSums(**{k: v + getattr(b, k) for k, v in a.__dict__.items()})
+def pooled_sums(parts: Sequence[CoxSums]) -> CoxSums:
+    """Sites' sums added (same grid, beta and centre): the pooled rows' sums."""
+    if not parts:
+        raise DataValidationError("Pooling Cox sums needs at least one site's.")
+    return CoxSums(**{k: np.sum([getattr(p, k) for p in parts], axis=0)
+                      for k in parts[0].__dict__})
 
 
 def partial_likelihood(sums: CoxSums, ties: str = "efron"
@@ -191,10 +190,7 @@ def fit_cox(sums_at: SumsAt, n_covariates: int, *, stratified: bool = False,
             parts = [partial_likelihood(s, ties) for s in sites]
             return (sum(p[0] for p in parts), np.sum([p[1] for p in parts], axis=0),
                     np.sum([p[2] for p in parts], axis=0))
-        pooled = sites[0]
-        for s in sites[1:]:
-            pooled = add_cox_sums(pooled, s)
-        return partial_likelihood(pooled, ties)
+        return partial_likelihood(pooled_sums(sites), ties)
 
     beta = np.zeros(n_covariates)
     ll, grad, hess = derivatives(beta)

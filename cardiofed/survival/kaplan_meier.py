@@ -5,7 +5,7 @@ Each site counts, at every point ``g_k`` of a public grid, its events in
 whose follow-up ends in ``[g_k, g_{k+1})`` without an event there (a censoring time is
 carried down: the patient was at risk at ``g_k`` and not at the next point); an event
 after the last point counts as followed to it (:func:`site_counts`). Only these counts
-leave the site. Summed over sites (:func:`add_counts`) they give the pooled estimates of
+leave the site. Summed over sites (:func:`pooled_counts`) they give the pooled estimates of
 the times so coarsened exactly (:func:`kaplan_meier`): the grid is the only
 approximation, and a grid of every distinct event time loses nothing (but tells the
 coordinator those times). Censorings at a grid point count as at risk there, as usual.
@@ -13,13 +13,14 @@ coordinator those times). Censorings at a grid point count as at risk there, as 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from cardiofed.survival._checks import check_grid, check_outcome, check_weights
 
-__all__ = ["GridCounts", "SurvivalCurve", "add_counts", "kaplan_meier", "site_counts",
+__all__ = ["GridCounts", "SurvivalCurve", "kaplan_meier", "pooled_counts", "site_counts",
            "grid_positions"]
 
 
@@ -63,12 +64,15 @@ def site_counts(time: object, event: object, grid: object,
     return GridCounts(grid=g, events=events, censored=censored)
 
 
-def add_counts(a: GridCounts, b: GridCounts) -> GridCounts:
-    """Two sites' counts together (same grid)."""
-    if a.grid.shape != b.grid.shape or not np.array_equal(a.grid, b.grid):
-        raise ValueError("add_counts needs counts on the same grid.")
-    return GridCounts(grid=a.grid, events=a.events + b.events,
-                      censored=a.censored + b.censored)
+def pooled_counts(parts: Sequence[GridCounts]) -> GridCounts:
+    """Sites' counts added (same grid): the pooled rows' counts."""
+    if not parts:
+        raise ValueError("Pooling counts needs at least one site's.")
+    if any(p.grid.shape != parts[0].grid.shape or not np.array_equal(p.grid, parts[0].grid)
+           for p in parts):
+        raise ValueError("pooled_counts needs counts on the same grid.")
+    return GridCounts(grid=parts[0].grid, events=np.sum([p.events for p in parts], axis=0),
+                      censored=np.sum([p.censored for p in parts], axis=0))
 
 
 @dataclass(frozen=True)
