@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cardiofed.data.synthetic import synthetic_federation
@@ -124,6 +124,7 @@ content_types = st.sampled_from([None, "application/json", "application/json; ch
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(content=b"null", content_type="application/json", credentials="key")  # a body
 @given(content=contents, content_type=content_types,
        credentials=st.sampled_from(["key", "reader", "none", "basic", "unknown", "spaced",
                                     "lower"]))

@@ -276,7 +276,7 @@ async def _lean_risk(request: Request) -> Response:
     scheme, secret = get_authorization_scheme_param(request.headers.get("authorization"))
     caller = caller_of(request.app.state.serving,
                        secret if scheme.lower() == "bearer" and secret else None, "score")
-    if body is None:
+    if not raw:  # no body at all; a JSON null is a body, which validation refuses
         raise RequestValidationError([{"type": "missing", "loc": ("body",),
                                        "msg": "Field required", "input": None}])
     try:
