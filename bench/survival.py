@@ -45,11 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_smoke, markdown_table, write_results  # noqa: E402
 
 from cardiofed.data.synthetic import synthetic_federation  # noqa: E402
-from cardiofed.experiments.acceptability import (  # noqa: E402
-    Verdict,
-    calibration_checks,
-    combined,
-)
+from cardiofed.experiments.acceptability import Verdict  # noqa: E402
+from cardiofed.experiments.survival import assess_at  # noqa: E402
 from cardiofed.simulation.survival import (  # noqa: E402
     FederatedCox,
     fit_federated_cox,
@@ -123,18 +120,6 @@ def _logistic(data: Any, model: FederatedCox, drop_censored: bool) -> Any:
     return LogisticRegression(C=1e6, max_iter=5000).fit(np.concatenate(xs), np.concatenate(ys))
 
 
-def _judge(t: np.ndarray, e: np.ndarray, risk: np.ndarray, truth: np.ndarray
-           ) -> dict[str, Any]:
-    cal = calibration_at(t, e, risk, HORIZON)
-    slope, citl = calibration_checks(cal.slope, cal.slope_interval, cal.citl,
-                                     cal.citl_interval)
-    return {"uno_c": uno_c(t, e, risk, HORIZON), "observed": cal.observed,
-            "observed_ci": list(cal.observed_interval), "predicted": cal.expected,
-            "true_risk": float(truth.mean()), "slope": cal.slope,
-            "slope_ci": list(cal.slope_interval), "citl": cal.citl,
-            "citl_ci": list(cal.citl_interval), "verdict": str(combined((slope, citl)))}
-
-
 def synthetic(smoke: bool, eval_size: int) -> dict[str, Any]:
     data = synthetic_federation(n_sites=12, seed=0, survival=True,
                                 size_scale=0.3 if smoke else 1.0,
@@ -160,8 +145,8 @@ def synthetic(smoke: bool, eval_size: int) -> dict[str, Any]:
                  "Cox, no label check": unchecked.risk(s.x_test, HORIZON),
                  "meta-analysis": meta.risk(s.x_test, HORIZON),
                  **{name: m.predict_proba(terms)[:, 1] for name, m in logistic.items()}}
-        sites[s.name] = {name: None if r is None else _judge(s.time_test, s.y_test, r,
-                                                             s.true_risk_test)
+        sites[s.name] = {name: None if r is None else assess_at(s.time_test, s.y_test, r,
+                                                                HORIZON, s.true_risk_test)
                          for name, r in risks.items()}
     smallest = sorted(data.sites, key=lambda s: s.n_train)[:3]
     differences = {s.name: _meta_difference(s, unchecked, meta, 20 if smoke else 200)

@@ -85,3 +85,34 @@ def test_the_calculator_names_a_cox_models_scale(fitted, tmp_path: Path) -> None
     page = api.client.post("/calculator", data=form)
     assert page.status_code == 200, page.text
     assert "log cumulative hazard" in page.text and "10-year horizon" in page.text
+
+
+SURVEY = Path(__file__).resolve().parents[1] / "examples" / "survey"
+
+
+def test_the_survival_command_fits_judges_and_writes_a_model(tmp_path: Path) -> None:
+    import json
+
+    result = CliRunner().invoke(app, ["survival", "--sites", "4", "--out", str(tmp_path)],
+                                env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    report = json.loads((tmp_path / "survival.json").read_text())
+    assert set(report["sites"]) <= {"tier3_01", "tier2_01", "community_01", "community_02"}
+    assert all(s["verdict"] in ("acceptable", "insufficient evidence", "not acceptable")
+               for s in report["sites"].values())
+    model = RiskModel.load(tmp_path / "cox.safetensors")
+    assert (model.card.model, model.card.horizon_years) == ("cox", 10.0)
+    refusals = {
+        "go together": ["survival", "--csv", str(SURVEY / "site_a.csv")],
+        "goes with them": ["survival", "--features", str(SURVEY / "features.toml")],
+        "follow_up": ["survival", "--csv", str(SURVEY / "site_a.csv"), "--mapping",
+                      str(SURVEY / "site_a.toml"), "--csv", str(SURVEY / "site_b.csv"),
+                      "--mapping", str(SURVEY / "site_b.toml"), "--features",
+                      str(SURVEY / "features.toml")],
+    }
+    for message, args in refusals.items():
+        bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path)],
+                                 env={"COLUMNS": "200"})
+        assert bad.exit_code != 0 and message in " ".join(bad.output.split()), (
+            message, bad.output)

@@ -2,6 +2,7 @@
 
 * :mod:`~cardiofed.cli.experiments`: ``demo``, ``simulate``, ``audit``, ``features``,
   ``check``, ``attribution`` (in one process, on data at hand);
+  :mod:`~cardiofed.cli.survival`: ``survival`` (a federated Cox model, in simulation);
 * :mod:`~cardiofed.cli.coordinator`: ``coordinator``; :mod:`~cardiofed.cli.admin`:
   ``admin ...`` and ``status``; :mod:`~cardiofed.cli.node`: ``node ...``;
 * :mod:`~cardiofed.cli.serve`: ``serve``, ``predict``; :mod:`~cardiofed.cli.models`:
@@ -14,7 +15,17 @@ Every command imports what it needs when it runs (PyTorch, scikit-learn, the ser
 
 import typer
 
-from cardiofed.cli import admin, coordinator, db, experiments, keys, models, node, serve
+from cardiofed.cli import (
+    admin,
+    coordinator,
+    db,
+    experiments,
+    keys,
+    models,
+    node,
+    serve,
+    survival,
+)
 
 app = typer.Typer(
     rich_markup_mode=None,  # help is plain text: brackets stay brackets
@@ -26,6 +37,7 @@ app.command("audit")(experiments.audit)
 app.command("features")(experiments.features_command)
 app.command("check")(experiments.check)
 app.command("attribution")(experiments.attribution)
+app.command("survival")(survival.survival)
 app.command("coordinator")(coordinator.coordinator)
 app.command("status")(admin.status)
 app.add_typer(admin.admin_app, name="admin")
