@@ -243,8 +243,10 @@ def test_true_risks_are_calibrated_under_heavy_censoring():
 
 def test_metric_inputs_are_checked():
     t, e = np.array([1.0, 2.0]), np.array([1, 0])
-    with pytest.raises(DataValidationError, match="one finite value per patient"):
+    with pytest.raises(DataValidationError, match="one finite score"):
         harrell_c(t, e, [0.1])
+    with pytest.raises(DataValidationError, match="1 values that are not"):
+        brier_at(t, e, [0.1, 1.5], 1.0)
     with pytest.raises(ConfigurationError, match="'horizon'"):
         uno_c(t, e, [0.1, 0.2], -1.0)
     with pytest.raises(ConfigurationError, match="'groups'"):
@@ -417,3 +419,44 @@ def test_private_counts_are_charged_first_and_noised_from_a_secret_source():
     curve = private_kaplan_meier(first)
     # noise SD 34 per cell against ~100-300 events a month: 300 draws erred at most 0.099
     assert np.abs(curve.survival - kaplan_meier(exact).survival).max() < 0.15
+
+
+# -- adversarial inputs: a clear refusal or an answer, never another exception --------
+finite = st.floats(-1e6, 1e6, allow_nan=False)
+anything = st.floats(allow_nan=True, allow_infinity=True)
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.integers(1, 30).flatmap(lambda n: st.tuples(
+    st.lists(st.one_of(st.floats(0.01, 50), anything), min_size=n, max_size=n),
+    st.lists(st.sampled_from([0, 1, 2, -1]), min_size=n, max_size=n),
+    st.lists(st.lists(st.one_of(finite, anything), min_size=2, max_size=2), min_size=n,
+             max_size=n),
+    st.lists(st.one_of(finite, anything), min_size=2, max_size=2))))
+def test_any_site_input_is_summed_or_refused_by_name(data):
+    times, events, x, beta = data
+    try:
+        sums = site_cox_sums(times, events, x, beta, [1.0, 5.0, 20.0])
+    except (DataValidationError, ConfigurationError) as exc:
+        assert str(exc)
+        return
+    for value in sums.__dict__.values():
+        assert np.isfinite(value).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(outcomes, st.lists(st.one_of(st.floats(0, 1), anything), min_size=60, max_size=60),
+       st.floats(0.5, 15))
+def test_any_risks_are_judged_or_refused_by_name(data, risks, horizon):
+    times, events, _ = (np.asarray(v) for v in data)
+    r = np.asarray(risks[:times.size])
+    try:
+        cal = calibration_at(times.astype(float), events, r, horizon)
+        c = uno_c(times.astype(float), events, r, horizon)
+        b = brier_at(times.astype(float), events, r, horizon)
+    except DataValidationError as exc:
+        assert "risk must hold one probability in [0, 1]" in str(exc)  # calibration
+        assert not (np.isfinite(r) & (r >= 0) & (r <= 1)).all()
+        return
+    assert 0.0 <= cal.observed <= 1.0 and (np.isnan(c) or 0.0 <= c <= 1.0)
+    assert np.isnan(b) or b >= 0.0

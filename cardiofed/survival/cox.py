@@ -82,8 +82,9 @@ def site_cox_sums(time: object, event: object, x: object, beta: object, grid: ob
     b = _check_vector(beta, d, "beta")
     c = np.zeros(d) if center is None else _check_vector(center, d, "center")
     xc = m - c
-    eta = xc @ b
-    if np.abs(eta).max(initial=0.0) > 700:
+    with np.errstate(over="ignore", invalid="ignore"):
+        eta = xc @ b
+    if not np.isfinite(eta).all() or np.abs(eta).max(initial=0.0) > 700:
         raise DataValidationError("exp(x beta) overflows at these coefficients: centre the "
                                   "covariates (the 'center' parameter) or scale them.")
     w = np.exp(eta) * case

@@ -34,13 +34,18 @@ __all__ = ["HorizonCalibration", "brier_at", "calibration_at", "censoring_surviv
            "harrell_c", "horizon_auc", "uno_c"]
 
 
-def _inputs(time: object, event: object, risk: object) -> tuple[np.ndarray, np.ndarray,
-                                                                 np.ndarray]:
+def _inputs(time: object, event: object, risk: object, *, probability: bool = False
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked outcomes and risks: finite scores (a ranking needs no more), or with
+    `probability` risks in [0, 1] (the Brier score and calibration)."""
     t, e = check_outcome(time, event)
     r = np.asarray(risk, dtype=np.float64)
-    if r.shape != t.shape or not np.isfinite(r).all():
-        raise DataValidationError(f"risk must hold one finite value per patient ({t.size}); "
-                                  f"got shape {r.shape}.")
+    bad = ~np.isfinite(r) | ((r < 0) | (r > 1) if probability else False)
+    if r.shape != t.shape or bad.any():
+        what = "probability in [0, 1]" if probability else "finite score"
+        raise DataValidationError(f"risk must hold one {what} per patient ({t.size}); got "
+                                  f"shape {r.shape}" + (f" with {int(bad.sum())} values "
+                                  f"that are not" if r.shape == t.shape else "") + ".")
     return t, e, r
 
 
@@ -135,7 +140,7 @@ def horizon_auc(time: object, event: object, risk: object, horizon: float) -> fl
 def brier_at(time: object, event: object, risk: object, horizon: float) -> float:
     """IPCW Brier score of the risk of an event by `horizon` (0 is perfect)."""
     h = _check_horizon(horizon)
-    t, e, r = _inputs(time, event, risk)
+    t, e, r = _inputs(time, event, risk, probability=True)
     case = e & (t <= h)
     alive = t > h
     g_case = censoring_survival(t, e, t, before=True)
@@ -180,7 +185,7 @@ def calibration_at(time: object, event: object, risk: object, horizon: float, *,
     """Calibration of predicted risks by `horizon` (see the module docstring); without
     `slope` the calibration slope (a Cox fit) is left out (NaN)."""
     h = _check_horizon(horizon)
-    t, e, r = _inputs(time, event, risk)
+    t, e, r = _inputs(time, event, risk, probability=True)
     if not (isinstance(groups, int) and groups >= 1):
         raise ConfigurationError(f"The 'groups' parameter must be an integer >= 1; "
                                  f"got {groups!r}.")
