@@ -56,6 +56,7 @@ from cardiofed.survival import event_time_grid, fit_cox, site_cox_sums  # noqa: 
 from cardiofed.survival.metrics import calibration_at, uno_c  # noqa: E402
 
 HORIZON = 10.0
+C_RESAMPLES = {False: 50, True: 10}  # bootstrap of Uno's C at each site (50,000 patients)
 NOISY_LABELS = "tier2_04"
 SHORT = {Verdict.ACCEPTABLE: "ok", Verdict.INSUFFICIENT: "?", Verdict.NOT_ACCEPTABLE: "no"}
 
@@ -145,8 +146,8 @@ def synthetic(smoke: bool, eval_size: int) -> dict[str, Any]:
                  "Cox, no label check": unchecked.risk(s.x_test, HORIZON),
                  "meta-analysis": meta.risk(s.x_test, HORIZON),
                  **{name: m.predict_proba(terms)[:, 1] for name, m in logistic.items()}}
-        sites[s.name] = {name: None if r is None else assess_at(s.time_test, s.y_test, r,
-                                                                HORIZON, s.true_risk_test)
+        sites[s.name] = {name: None if r is None else assess_at(
+            s.time_test, s.y_test, r, HORIZON, s.true_risk_test, resamples=C_RESAMPLES[smoke])
                          for name, r in risks.items()}
     smallest = sorted(data.sites, key=lambda s: s.n_train)[:3]
     differences = {s.name: _meta_difference(s, unchecked, meta, 20 if smoke else 200)
@@ -203,23 +204,28 @@ def _markdown(result: dict[str, Any]) -> str:
     rows = [[site, f"{syn['n_train'][site]} / {syn['events_train'][site]}",
              f"{by[models[0]]['true_risk']:.3f}",
              *[_cell(by[m], lambda j: f"{j['observed']:.3f} / {j['predicted']:.3f} "
-                                      f"{SHORT[Verdict(j['verdict'])]}") for m in models]]
+                                      f"{SHORT[Verdict(j['calibration_verdict'])]}")
+               for m in models]]
             for site, by in syn["sites"].items()]
     parts.append(markdown_table(["site", "train n / events", "true risk", *models], rows))
     parts.append("\nCalibration slope and calibration-in-the-large at 10 years [95% CI], "
-                 "Uno's C:\n")
+                 "Uno's C [95% bootstrap CI]:\n")
     rows = [[site, *[_cell(by[m], lambda j: f"{j['slope']:.2f} [{j['slope_ci'][0]:.2f}, "
                                             f"{j['slope_ci'][1]:.2f}]; {j['citl']:+.2f} "
                                             f"[{j['citl_ci'][0]:+.2f}, {j['citl_ci'][1]:+.2f}]; "
-                                            f"{j['uno_c']:.3f}") for m in models]]
+                                            f"{j['uno_c']:.3f} [{j['uno_c_ci'][0]:.3f}, "
+                                            f"{j['uno_c_ci'][1]:.3f}]") for m in models]]
             for site, by in syn["sites"].items()]
     parts.append(markdown_table(["site", *models], rows))
     clean = [s for s in syn["sites"] if s != NOISY_LABELS]
-    verdicts = {m: [syn["sites"][s][m]["verdict"] for s in clean] for m in models}
+    verdicts = {m: [syn["sites"][s][m]["calibration_verdict"] for s in clean] for m in models}
+    overall = [syn["sites"][s][models[0]]["verdict"] for s in clean]
     parts.append("\nClean sites (all but " + NOISY_LABELS + "), calibration at 10 years "
                  "judged not acceptable / insufficient evidence: " + "; ".join(
                      f"{m} {v.count(str(Verdict.NOT_ACCEPTABLE))} / "
                      f"{v.count(str(Verdict.INSUFFICIENT))}" for m, v in verdicts.items())
+                 + f". {models[0]}, judged on Uno's C (>= 0.7) as well: "
+                 f"{overall.count(str(Verdict.ACCEPTABLE))} of {len(clean)} acceptable"
                  + ". Left out of the fit by the label check: " + (", ".join(
                      syn["label_check_excluded"]) or "none") + ". Sites dropped from the "
                  "meta-analysis (own fit failed): "

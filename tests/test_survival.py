@@ -460,3 +460,20 @@ def test_any_risks_are_judged_or_refused_by_name(data, risks, horizon):
         return
     assert 0.0 <= cal.observed <= 1.0 and (np.isnan(c) or 0.0 <= c <= 1.0)
     assert np.isnan(b) or b >= 0.0
+
+
+def test_a_site_is_judged_on_uno_c_and_calibration_with_intervals():
+    from cardiofed.experiments.survival import assess_at
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=4000) * 1.5
+    hazard = 0.04 * np.exp(x)
+    event_time, censor_time = rng.exponential(1 / hazard), rng.exponential(20.0, x.size)
+    t, e = np.minimum(event_time, censor_time), event_time <= censor_time
+    truth = assess_at(t, e, -np.expm1(-hazard * 10), 10.0, resamples=100)
+    low, high = truth["uno_c_ci"]
+    assert 0.7 < low < truth["uno_c"] < high and truth["verdict"] == "acceptable"
+    noise = assess_at(t, e, rng.uniform(0.01, 0.6, x.size), 10.0, resamples=100)
+    assert noise["uno_c_ci"][1] < 0.7 and noise["verdict"] == "not acceptable"
+    assert any("Uno's C" in reason for reason in noise["reasons"])
+    assert assess_at(t, e, -np.expm1(-hazard * 10), 10.0, resamples=100) == truth  # seeded

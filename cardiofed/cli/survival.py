@@ -84,20 +84,22 @@ def survival(
     short = {"acceptable": "ok", "insufficient evidence": "?", "not acceptable": "no"}
     answer = Table(title=f"Risk by {horizon:g} years on each site's test split")
     detail = Table(title="Calibration at the horizon (95% intervals)")
-    for table, columns in ((answer, ("n/events", "Uno's C", "observed", "predicted",
-                                     "calibration")), (detail, ("slope", "in the large"))):
+    for table, columns in ((answer, ("Uno's C (95% CI)", "observed", "predicted",
+                                     "verdict")),
+                           (detail, ("n/events", "slope", "in the large"))):
         table.add_column("site", no_wrap=True)
         for column in columns:
             table.add_column(column, no_wrap=True)
     for name, j in judged.items():
-        answer.add_row(escape(name), f"{j['n']}/{j['events']}", f"{j['uno_c']:.3f}",
+        answer.add_row(escape(name),
+                       f"{j['uno_c']:.3f} ({j['uno_c_ci'][0]:.2f}-{j['uno_c_ci'][1]:.2f})",
                        f"{j['observed']:.3f}", f"{j['predicted']:.3f}", short[j["verdict"]])
-        detail.add_row(escape(name),
+        detail.add_row(escape(name), f"{j['n']}/{j['events']}",
                        f"{j['slope']:.2f} ({j['slope_ci'][0]:.2f} to {j['slope_ci'][1]:.2f})",
                        f"{j['citl']:+.2f} ({j['citl_ci'][0]:+.2f} to {j['citl_ci'][1]:+.2f})")
     console.print(answer)
-    console.print("calibration: ok, ? (insufficient evidence) or no, judged on the "
-                  "intervals below: slope in [0.8, 1.2], |in the large| <= 0.1.")
+    console.print("verdict: ok, ? (insufficient evidence) or no, each judged on its 95% "
+                  "interval: Uno's C >= 0.7, slope in [0.8, 1.2], |in the large| <= 0.1.")
     console.print(detail)
     for name, why in model.excluded.items():
         console.print(f"{escape(name)} took no part: {escape(why)}")

@@ -212,8 +212,7 @@ def assess(y: npt.ArrayLike, p: npt.ArrayLike,
     metrics = binary_metrics(y, p, threshold=c.threshold)
     calibration = calibration_intervals(y, p, level=c.ci_level)
     checks = (
-        _check("AUC", metrics["auc"], auc_interval(y, p, level=c.ci_level), c.min_auc, 1.0,
-               f">= {c.min_auc:g}"),
+        discrimination_check(metrics["auc"], auc_interval(y, p, level=c.ci_level), c),
         *calibration_checks(metrics["calibration_slope"], calibration["calibration_slope"],
                             metrics["calibration_intercept"],
                             calibration["calibration_intercept"], c),
@@ -228,6 +227,15 @@ def combined(checks: Sequence[Check]) -> Verdict:
     if Verdict.NOT_ACCEPTABLE in verdicts:
         return Verdict.NOT_ACCEPTABLE
     return Verdict.ACCEPTABLE if verdicts == {Verdict.ACCEPTABLE} else Verdict.INSUFFICIENT
+
+
+def discrimination_check(value: float, interval: tuple[float, float],
+                         criteria: AcceptabilityCriteria | None = None,
+                         name: str = "AUC") -> Check:
+    """A discrimination statistic (AUC, or a survival model's C index) judged on its
+    interval against ``criteria.min_auc``, as :func:`assess` judges the AUC."""
+    c = criteria or AcceptabilityCriteria()
+    return _check(name, value, interval, c.min_auc, 1.0, f">= {c.min_auc:g}")
 
 
 def calibration_checks(slope: float, slope_interval: tuple[float, float], citl: float,
