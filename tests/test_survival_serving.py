@@ -103,13 +103,15 @@ def test_the_survival_command_fits_judges_and_writes_a_model(tmp_path: Path) -> 
                for s in report["sites"].values())
     model = RiskModel.load(tmp_path / "cox.safetensors")
     assert (model.card.model, model.card.horizon_years) == ("cox", 10.0)
+    exports = ["survival", "--csv", str(SURVEY / "site_a.csv"), "--mapping",
+               str(SURVEY / "site_a.toml"), "--csv", str(SURVEY / "site_b.csv"),
+               "--mapping", str(SURVEY / "site_b.toml"), "--features",
+               str(SURVEY / "features.toml")]
     refusals = {
         "go together": ["survival", "--csv", str(SURVEY / "site_a.csv")],
         "goes with them": ["survival", "--features", str(SURVEY / "features.toml")],
-        "follow_up": ["survival", "--csv", str(SURVEY / "site_a.csv"), "--mapping",
-                      str(SURVEY / "site_a.toml"), "--csv", str(SURVEY / "site_b.csv"),
-                      "--mapping", str(SURVEY / "site_b.toml"), "--features",
-                      str(SURVEY / "features.toml")],
+        "follow_up": [*exports, "--no-label-check"],
+        "3 sites or more": exports,
     }
     for message, args in refusals.items():
         bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path)],

@@ -60,14 +60,18 @@ def survival(
                                        name="exports")
         else:
             data = synthetic_federation(n_sites=sites, seed=seed, survival=True)
+        if label_check and len(data.sites) < 3:
+            raise fail(f"The label check compares each site with the others: it needs 3 "
+                       f"sites or more, and there are {len(data.sites)}. Add "
+                       f"--no-label-check.")
         model = fit_federated_cox(data, form=form, stratified=stratified,
                                   label_quality=label_check)
         judged: dict[str, Any] = {}
         for s in data.sites:
-            if s.time_test is None or not s.y_test.size or s.name in model.excluded \
-                    and stratified:
+            unscored = stratified and s.name in model.excluded  # it has no baseline
+            if s.time_test is None or not s.y_test.size or unscored:
                 continue
-            risk = model.risk(s.x_test, horizon, None if not stratified else s.name)
+            risk = model.risk(s.x_test, horizon, s.name if stratified else None)
             judged[s.name] = assess_at(s.time_test, s.y_test, risk, horizon)
         served = None if stratified else cox_risk_model(model, data, study=data.name,
                                                         horizon=horizon)
