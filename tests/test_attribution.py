@@ -276,7 +276,7 @@ SURVEY = Path(__file__).resolve().parents[1] / "examples" / "survey"
 
 
 def test_attribution_cli_runs_on_a_researchers_own_exports(tmp_path: Path) -> None:
-    from cardiofed.causal.sources import export_sites
+    from cardiofed.causal.sources import export_site, export_sites
     from cardiofed.data.study_features import StudyFeatures
 
     exports = ["--csv", str(SURVEY / "site_a.csv"), "--mapping", str(SURVEY / "site_a.toml"),
@@ -293,7 +293,7 @@ def test_attribution_cli_runs_on_a_researchers_own_exports(tmp_path: Path) -> No
     sites, columns = export_sites([SURVEY / "site_a.csv", SURVEY / "site_b.csv"],
                                   [SURVEY / "site_a.toml", SURVEY / "site_b.toml"],
                                   treatment="current_smoker", covariates=["age", "sex"],
-                                  catalogue=catalogue)
+                                  build=export_site, catalogue=catalogue)
     expected = run_attribution(sites, columns, estimand="ATE")
     assert f"{expected.effects['iptw'].risk_difference!r}"[:10] in saved
     refusals = {

@@ -118,3 +118,66 @@ def test_the_survival_command_fits_judges_and_writes_a_model(tmp_path: Path) -> 
                                  env={"COLUMNS": "200"})
         assert bad.exit_code != 0 and message in " ".join(bad.output.split()), (
             message, bad.output)
+
+
+def _survival_export(folder: Path, site: str, seed: int, follow_up: bool = True) -> tuple[Path,
+                                                                                           Path]:
+    """A small survival export and its mapping: older patients are treated more often
+    and have more events; treatment halves the hazard."""
+    rng = np.random.default_rng(seed)
+    n = 400
+    age = rng.uniform(40, 75, n)
+    treated = rng.random(n) < 1 / (1 + np.exp(-(age - 57) / 6))
+    hazard = 0.02 * np.exp((age - 57) / 10) * np.where(treated, 0.5, 1.0)
+    event_time, end = rng.exponential(1 / hazard), rng.uniform(2, 12, n)
+    frame = pd.DataFrame({"AGE": np.round(age), "SEX": rng.choice(["M", "F"], n),
+                          "TREATED": treated.astype(int),
+                          "EVENT": (event_time <= end).astype(int),
+                          "FU_DAYS": np.ceil(np.minimum(event_time, end) * 365.25)})
+    csv = folder / f"{site}.csv"
+    frame.to_csv(csv, index=False)
+    mapping = folder / f"{site}.toml"
+    mapping.write_text(f'site = "{site}"\noutcome = "cvd_10y"\n'
+                       '[label]\ncolumn = "EVENT"\n'
+                       + ('[follow_up]\ncolumn = "FU_DAYS"\nunit = "days"\n' if follow_up
+                          else "")
+                       + '[columns.age]\nsource = "AGE"\n'
+                       '[columns.sex]\nsource = "SEX"\ncodes = { M = "male", F = "female" }\n'
+                       '[columns.bp_treated]\nsource = "TREATED"\n')
+    return csv, mapping
+
+
+def test_attribution_of_a_time_to_event_outcome_on_exports(tmp_path: Path) -> None:
+    import json
+
+    from cardiofed.causal.sources import export_sites, export_survival_site
+    from cardiofed.causal.survival import survival_effect
+
+    files = [_survival_export(tmp_path, f"site_{k}", k) for k in range(3)]
+    exports = [arg for csv, mapping in files for arg in ("--csv", str(csv), "--mapping",
+                                                         str(mapping))]
+    analysis = ["--treatment", "bp_treated", "--covariate", "age", "--covariate", "sex",
+                "--estimand", "ATE", "--horizon", "5", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, ["attribution", *exports, *analysis],
+                                env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    report = json.loads((tmp_path / "out" / "attribution_survival.json").read_text())
+    sites, _ = export_sites([c for c, _ in files], [m for _, m in files],
+                            treatment="bp_treated", covariates=["age", "sex"],
+                            build=export_survival_site)
+    expected = survival_effect(sites, horizon=5.0)
+    assert report["difference"] == pytest.approx(expected.difference, abs=1e-12)
+    assert report["hazard_ratio"] < 1  # treatment halves the hazard, adjusted for age
+    plain = _survival_export(tmp_path, "plain", 9, follow_up=False)
+    refusals = {
+        "has no [follow_up]": ["attribution", *exports, "--csv", str(plain[0]), "--mapping",
+                               str(plain[1]), *analysis],
+        "one --method, iptw or overlap": ["attribution", *exports, *analysis, "--method",
+                                          "matching"],
+        "go with --csv": ["attribution", "--horizon", "5"],
+    }
+    for message, args in refusals.items():
+        bad = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+        assert bad.exit_code != 0 and message in " ".join(bad.output.split()), (
+            message, bad.output)

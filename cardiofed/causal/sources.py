@@ -4,8 +4,9 @@ truth), Framingham (an illustration: blood-pressure medication and 10-year CHD) 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -117,12 +118,11 @@ def nhefs_survival_sites(n_sites: int = 4, *, seed: int = 0) -> list[SurvivalSit
                          died[site == k].astype(int)) for k in range(n_sites)]
 
 
-def export_site(raw: pd.DataFrame, mapping: SiteMapping, treatment: str,
-                covariates: list[str], source: str) -> SiteArrays:
-    """A site's rows for an analysis, from its export and mapping: the covariates (the
-    schema's encoding), the treatment (a 0/1 feature) and the mapping's outcome, every row
-    that has all of them. A mapping that does not map what the analysis uses, or a
-    treatment that is not a 0/1 feature, is refused by name."""
+def _export_rows(raw: pd.DataFrame, mapping: SiteMapping, treatment: str,
+                 covariates: list[str], source: str
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Covariates, treatment, outcome and follow-up (None without a ``[follow_up]``) of the
+    rows that have every covariate and the treatment."""
     missing = [f for f in [*covariates, treatment] if f not in mapping.columns]
     if missing:
         raise DataValidationError(f"{source}: the mapping of site {mapping.site!r} does not "
@@ -133,16 +133,42 @@ def export_site(raw: pd.DataFrame, mapping: SiteMapping, treatment: str,
     site = harmonise(raw, mapping, source=source)
     x = encode(site.frame, covariates, mapping.catalogue)
     t = encode(site.frame, [treatment], mapping.catalogue)[:, 0]
-    complete = np.isfinite(x).all(axis=1) & np.isfinite(t)
-    return SiteArrays(mapping.site, x[complete], t[complete].astype(int),
-                      site.labels[complete].astype(int))
+    keep = np.isfinite(x).all(axis=1) & np.isfinite(t)
+    follow_up = None if site.follow_up is None else site.follow_up[keep]
+    return x[keep], t[keep].astype(int), site.labels[keep].astype(int), follow_up
+
+
+def export_site(raw: pd.DataFrame, mapping: SiteMapping, treatment: str,
+                covariates: list[str], source: str) -> SiteArrays:
+    """A site's rows for an analysis, from its export and mapping: the covariates (the
+    schema's encoding), the treatment (a 0/1 feature) and the mapping's outcome, every row
+    that has all of them. A mapping that does not map what the analysis uses, or a
+    treatment that is not a 0/1 feature, is refused by name."""
+    x, t, y, _ = _export_rows(raw, mapping, treatment, covariates, source)
+    return SiteArrays(mapping.site, x, t, y)
+
+
+def export_survival_site(raw: pd.DataFrame, mapping: SiteMapping, treatment: str,
+                         covariates: list[str], source: str) -> SurvivalSite:
+    """The same rows with their follow-up (years): the mapping must have a ``[follow_up]``."""
+    x, t, y, follow_up = _export_rows(raw, mapping, treatment, covariates, source)
+    if follow_up is None:
+        raise DataValidationError(f"{source}: the mapping of site {mapping.site!r} has no "
+                                  f"[follow_up]: a time-to-event analysis needs follow-up "
+                                  f"times.")
+    return SurvivalSite(mapping.site, x, t, follow_up, y)
+
+
+Site = TypeVar("Site", SiteArrays, SurvivalSite)
 
 
 def export_sites(csvs: Sequence[Path], mappings: Sequence[Path], *, treatment: str,
-                 covariates: list[str], catalogue: Catalogue | None = None
-                 ) -> tuple[list[SiteArrays], list[str]]:
+                 covariates: list[str], build: Callable[..., Site],
+                 catalogue: Catalogue | None = None) -> tuple[list[Site], list[str]]:
     """A federation of a researcher's own exports (CSV, Parquet or OMOP, one mapping each),
-    as its nodes would load them; the covariates' encoded column names."""
+    as its nodes would load them (`build`: :func:`export_site`, or
+    :func:`export_survival_site` for a time-to-event outcome); the covariates' encoded
+    column names."""
     from cardiofed.data.sites import load_site_rows
 
     if not csvs or len(csvs) != len(mappings):
@@ -152,7 +178,7 @@ def export_sites(csvs: Sequence[Path], mappings: Sequence[Path], *, treatment: s
     for csv, mapping_path in zip(csvs, mappings, strict=True):
         raw, mapping, _ = load_site_rows(Path(csv), Path(mapping_path), catalogue)
         outcomes.add(mapping.outcome)
-        sites.append(export_site(raw, mapping, treatment, covariates, str(csv)))
+        sites.append(build(raw, mapping, treatment, covariates, str(csv)))
     if len(outcomes) > 1:
         raise DataValidationError(f"The sites' mappings label different outcomes "
                                   f"{sorted(outcomes)}; an analysis needs one.")

@@ -425,6 +425,9 @@ def attribution(
         help="With --csv: a feature the propensity model adjusts for (repeat).")] = None,
     features: Annotated[Path | None, typer.Option(
         help="With --csv: the study's own features and outcome (TOML).")] = None,
+    horizon: Annotated[float | None, typer.Option(
+        help="With --csv: the outcome is time to event (the mappings' [follow_up]); the "
+             "effect on the risk by this many years, and the hazard ratio.")] = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("cardiofed-attribution"),
 ) -> None:
     """Did an intervention reduce risk? Propensity scores across hospitals (simulation)."""
@@ -439,8 +442,16 @@ def attribution(
         raise fail(f"--dataset must be synthetic or framingham; got {dataset!r}.")
     if csv and not (treatment and covariate):
         raise fail("--csv needs --treatment and at least one --covariate.")
-    if (treatment or covariate or mapping or features) and not csv:
-        raise fail("--treatment, --covariate, --mapping and --features go with --csv.")
+    if (treatment or covariate or mapping or features or horizon is not None) and not csv:
+        raise fail("--treatment, --covariate, --mapping, --features and --horizon go with "
+                   "--csv.")
+    if horizon is not None:
+        from cardiofed.cli.survival import survival_attribution
+
+        return survival_attribution(csv or [], mapping or [], features=features,
+                                    treatment=str(treatment), covariates=list(covariate or []),
+                                    horizon=horizon, estimand=estimand, methods=method or [],
+                                    seed=seed, out=out)
     try:
         if csv:
             from cardiofed.data.study_features import StudyFeatures, catalogue_of
@@ -448,7 +459,7 @@ def attribution(
             catalogue = catalogue_of(StudyFeatures.from_toml(features) if features else None)
             federation, covariates = sources.export_sites(
                 csv, mapping or [], treatment=str(treatment), covariates=list(covariate or []),
-                catalogue=catalogue)
+                build=sources.export_site, catalogue=catalogue)
             dataset, caveats = f"{len(csv)} exports ({treatment})", (
                 "Your exports: the effect is causal only if the covariates hold every "
                 "common cause of the treatment and the outcome.")
