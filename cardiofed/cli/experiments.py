@@ -318,11 +318,11 @@ def features_command(
     from rich import box
     from rich.table import Table
 
-    from cardiofed.data.study_features import StudyFeatures, catalogue_of
+    from cardiofed.data.study_features import catalogue_from_file
     from cardiofed.schema import CATALOGUE
 
     try:
-        catalogue = catalogue_of(StudyFeatures.from_toml(features) if features else None)
+        catalogue = catalogue_from_file(features)
     except CardioFedError as exc:
         raise fail(exc) from None
     # Names are what a user types into a mapping file: never wrapped or cut; the
@@ -371,10 +371,10 @@ def check(
     """Check a mapping against an export without training: what each column would give."""
     from cardiofed.data.mapping import harmonise
     from cardiofed.data.sites import load_site_rows
-    from cardiofed.data.study_features import StudyFeatures, catalogue_of
+    from cardiofed.data.study_features import catalogue_from_file
 
     try:
-        catalogue = catalogue_of(StudyFeatures.from_toml(features) if features else None)
+        catalogue = catalogue_from_file(features)
         raw, site_mapping, excluded = load_site_rows(csv, mapping, catalogue)
         # Count every problem instead of stopping at the first: load as if invalid values
         # were set missing, then say what the mapping's own policy would do.
@@ -454,9 +454,9 @@ def attribution(
                                     seed=seed, out=out)
     try:
         if csv:
-            from cardiofed.data.study_features import StudyFeatures, catalogue_of
+            from cardiofed.data.study_features import catalogue_from_file
 
-            catalogue = catalogue_of(StudyFeatures.from_toml(features) if features else None)
+            catalogue = catalogue_from_file(features)
             federation, covariates = sources.export_sites(
                 csv, mapping or [], treatment=str(treatment), covariates=list(covariate or []),
                 build=sources.export_site, catalogue=catalogue)

@@ -44,7 +44,7 @@ def survival(
     from rich.table import Table
 
     from cardiofed.data.sites import federation_from_csv
-    from cardiofed.data.study_features import StudyFeatures, catalogue_of
+    from cardiofed.data.study_features import catalogue_from_file
     from cardiofed.data.synthetic import synthetic_federation
     from cardiofed.experiments.survival import assess_at
     from cardiofed.serving.survival import cox_risk_model
@@ -55,7 +55,7 @@ def survival(
                    "goes with them.")
     try:
         if csv:
-            catalogue = catalogue_of(StudyFeatures.from_toml(features) if features else None)
+            catalogue = catalogue_from_file(features)
             data = federation_from_csv(csv, mapping or [], seed=seed, catalogue=catalogue,
                                        name="exports")
         else:
@@ -125,7 +125,7 @@ def survival_attribution(csv: list[Path], mapping: list[Path], *, features: Path
 
     from cardiofed.causal import sources
     from cardiofed.causal.survival import survival_effect
-    from cardiofed.data.study_features import StudyFeatures, catalogue_of
+    from cardiofed.data.study_features import catalogue_from_file
 
     chosen = methods or ["iptw"]
     if len(chosen) != 1 or chosen[0] not in ("iptw", "overlap") or estimand not in (
@@ -133,7 +133,7 @@ def survival_attribution(csv: list[Path], mapping: list[Path], *, features: Path
         raise fail(f"A time-to-event analysis takes one --method, iptw or overlap, and "
                    f"--estimand ATE or ATT; got {chosen} and {estimand!r}.")
     try:
-        catalogue = catalogue_of(StudyFeatures.from_toml(features) if features else None)
+        catalogue = catalogue_from_file(features)
         sites, _ = sources.export_sites(csv, mapping, treatment=treatment,
                                         covariates=covariates,
                                         build=sources.export_survival_site,

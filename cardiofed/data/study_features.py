@@ -154,3 +154,8 @@ class StudyFeatures(BaseModel):
 def catalogue_of(declared: StudyFeatures | None) -> Catalogue:
     """A study's catalogue: the built-in one, extended by its declaration if any."""
     return CATALOGUE if declared is None else declared.catalogue()
+
+
+def catalogue_from_file(path: str | Path | None) -> Catalogue:
+    """The built-in catalogue, extended by a study's feature file when one is given."""
+    return catalogue_of(StudyFeatures.from_toml(path) if path else None)
