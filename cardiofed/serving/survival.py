@@ -17,7 +17,7 @@ from cardiofed.data.dataset import FederatedDataset
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.serving.model import RiskModel, build_model
 from cardiofed.simulation.survival import POOLED, FederatedCox
-from cardiofed.survival.cox import absolute_risk
+from cardiofed.survival.cox import baseline_at
 
 __all__ = ["cox_risk_model"]
 
@@ -28,9 +28,7 @@ def cox_risk_model(model: FederatedCox, dataset: FederatedDataset, *, study: str
     if POOLED not in model.baselines:
         raise ConfigurationError("A stratified Cox model has a baseline hazard per site; "
                                  "serve a model with one baseline (stratified=False).")
-    # H0 by the horizon, read exactly as FederatedCox.risk reads it.
-    h0 = float(-np.log1p(-absolute_risk(np.zeros((1, len(model.fit.beta))), model.fit,
-                                        model.baselines[POOLED], model.grid, horizon)[0]))
+    h0 = baseline_at(model.baselines[POOLED], model.grid, horizon)
     if not h0 > 0:
         raise ConfigurationError(f"No event before {horizon:g} years: the baseline hazard "
                                  f"by then is 0, and every risk would be 0.")

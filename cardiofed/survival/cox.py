@@ -39,8 +39,9 @@ from cardiofed.survival._checks import (
 )
 from cardiofed.survival.kaplan_meier import grid_positions
 
-__all__ = ["CoxFit", "CoxSums", "absolute_risk", "breslow_baseline", "pooled_sums",
-           "event_time_grid", "fit_cox", "partial_likelihood", "site_cox_sums"]
+__all__ = ["CoxFit", "CoxSums", "absolute_risk", "baseline_at", "breslow_baseline",
+           "event_time_grid", "fit_cox", "partial_likelihood", "pooled_sums",
+           "site_cox_sums"]
 
 TIES = ("efron", "breslow")
 
@@ -234,18 +235,24 @@ def breslow_baseline(sums: CoxSums) -> np.ndarray:
     return np.cumsum(steps)
 
 
-def absolute_risk(x: object, fit: CoxFit, baseline: np.ndarray, grid: object,
-                  horizon: float, center: object | None = None) -> np.ndarray:
-    """Each row's risk of an event by `horizon`: ``1 - exp(-H0(horizon) exp((x - c) beta))``
-    with ``H0`` the baseline at the last grid point <= horizon (the sums' centre `c`)."""
+def baseline_at(baseline: np.ndarray, grid: object, horizon: float) -> float:
+    """The baseline cumulative hazard by `horizon`: its value at the last grid point <=
+    horizon (0 before the first)."""
     g = check_grid(grid)
     if not (math.isfinite(horizon) and horizon > 0):
         raise ConfigurationError(f"The 'horizon' parameter must be a finite time > 0; "
                                  f"got {horizon!r}.")
+    k = int(np.searchsorted(g, horizon, side="right"))
+    return 0.0 if k == 0 else float(baseline[k - 1])
+
+
+def absolute_risk(x: object, fit: CoxFit, baseline: np.ndarray, grid: object,
+                  horizon: float, center: object | None = None) -> np.ndarray:
+    """Each row's risk of an event by `horizon`: ``1 - exp(-H0(horizon) exp((x - c) beta))``
+    with ``H0`` from :func:`baseline_at` (the sums' centre `c`)."""
+    h0 = baseline_at(baseline, grid, horizon)
     m = np.asarray(x, dtype=np.float64)
     c = np.zeros(m.shape[1]) if center is None else _check_vector(center, m.shape[1], "center")
-    k = int(np.searchsorted(g, horizon, side="right"))
-    h0 = 0.0 if k == 0 else float(baseline[k - 1])
     return -np.expm1(-h0 * np.exp((m - c) @ fit.beta))
 
 
