@@ -477,3 +477,35 @@ def test_a_site_is_judged_on_uno_c_and_calibration_with_intervals():
     assert noise["uno_c_ci"][1] < 0.7 and noise["verdict"] == "not acceptable"
     assert any("Uno's C" in reason for reason in noise["reasons"])
     assert assess_at(t, e, -np.expm1(-hazard * 10), 10.0, resamples=100) == truth  # seeded
+
+
+def test_pooling_and_fitting_refuse_by_name():
+    from cardiofed.survival.cox import baseline_at
+
+    with pytest.raises(ValueError, match="at least one site"):
+        pooled_counts([])
+    with pytest.raises(DataValidationError, match="at least one site"):
+        pooled_sums([])
+    a = site_counts([1.0, 2.0], [1, 0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="same grid"):
+        pooled_counts([a, site_counts([1.0, 2.0], [1, 0], [1.0, 3.0])])
+    with pytest.raises(ConfigurationError, match="'max_iter'"):
+        fit_cox(lambda b: [], 1, max_iter=0)
+    with pytest.raises(ConfigurationError, match="'horizon'"):
+        baseline_at(np.array([0.1]), [1.0], -2.0)
+    assert baseline_at(np.array([0.1, 0.3]), [1.0, 2.0], 0.5) == 0.0
+
+
+def test_a_survival_effect_refuses_bad_settings_by_name():
+    from cardiofed.causal.survival import SurvivalSite, survival_effect
+
+    x, t = np.zeros((4, 1)), np.array([0, 1, 0, 1])
+    with pytest.raises(DataValidationError, match="treatment must be 0/1"):
+        SurvivalSite("s", x, np.array([0, 2, 0, 1]), np.ones(4), t)
+    with pytest.raises(DataValidationError, match="one row per patient"):
+        SurvivalSite("s", x, t, np.ones(3), t)
+    site = SurvivalSite("s", x, t, np.ones(4), t)
+    with pytest.raises(ConfigurationError, match="'resamples'"):
+        survival_effect([site], horizon=1.0, resamples=-1)
+    with pytest.raises(DataValidationError, match="at least one site"):
+        survival_effect([], horizon=1.0)

@@ -181,3 +181,9 @@ def test_attribution_of_a_time_to_event_outcome_on_exports(tmp_path: Path) -> No
         bad = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
         assert bad.exit_code != 0 and message in " ".join(bad.output.split()), (
             message, bad.output)
+
+
+def test_a_horizon_before_any_event_is_refused(fitted) -> None:  # type: ignore[no-untyped-def]
+    data, model, _ = fitted
+    with pytest.raises(ConfigurationError, match="No event before"):
+        cox_risk_model(model, data, study="s", horizon=float(model.grid[0]) / 2)
