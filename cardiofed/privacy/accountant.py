@@ -14,10 +14,11 @@ never overshoots the target.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from cardiofed.exceptions import ConfigurationError
 
@@ -25,6 +26,19 @@ AccountantKind = Literal["rdp", "prv"]
 # Orders added to Opacus' defaults (up to 63): larger ones give tighter bounds for small
 # epsilon over long schedules.
 _EXTRA_RDP_ORDERS = [80, 96, 128, 192, 256, 512]
+# Opacus' RDPAccountant.DEFAULT_ALPHAS, then the extra orders.
+_RDP_ORDERS = [*[1 + x / 10.0 for x in range(1, 100)], *range(12, 64), *_EXTRA_RDP_ORDERS]
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> Any:
+    """Opacus' RDP of one sampled-Gaussian step at every order (a read-only array)."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                      orders=_RDP_ORDERS)
+    rdp.flags.writeable = False
+    return rdp
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,20 +90,23 @@ class PrivacyAccountant:
             merged[key] = merged.get(key, 0) + e.steps
         history = [(sigma, q, steps) for (sigma, q), steps in merged.items()]
         # Imported here, as in cardiofed.privacy.dp_sgd: Opacus costs about 1.5 s at import.
-        from opacus.accountants import PRVAccountant, RDPAccountant
-
         if self.kind == "prv":
+            from opacus.accountants import PRVAccountant
+
             prv = PRVAccountant()
             prv.history = history
             return float(prv.get_epsilon(delta=delta))
-        rdp = RDPAccountant()
-        rdp.history = history
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+
+        # As RDPAccountant.get_privacy_spent, with each event's per-step RDP cached: the
+        # same sum, and the same epsilon to the last bit, at a fraction of the cost.
+        rdp = sum([_rdp_per_step(sigma, q) * steps for sigma, q, steps in history])
         with warnings.catch_warnings():
             # Very small (large) events are best at the largest (smallest) order: the bound
             # is valid, if loose.
             warnings.filterwarnings("ignore", message="Optimal order is the")
-            return float(rdp.get_epsilon(delta=delta, alphas=[*RDPAccountant.DEFAULT_ALPHAS,
-                                                                   *_EXTRA_RDP_ORDERS]))
+            eps, _ = get_privacy_spent(orders=_RDP_ORDERS, rdp=rdp, delta=delta)
+        return float(eps)
 
     def state_dict(self) -> dict[str, object]:
         return {"kind": self.kind, "events": [asdict(e) for e in self.events]}
