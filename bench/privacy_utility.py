@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -74,7 +72,6 @@ SETUPS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
 
 
 DEMO_DATA: dict[str, int] = {"n_sites": 12, "eval_size": 20_000}
-DEMO_COMMAND_EXTRA: list[str] = []  # the demo's defaults
 
 
 def _dataset(name: str, data_dir: str | None, seed: int) -> Any:
@@ -112,20 +109,6 @@ def _run(name: str, eps: float | None, seed: int, data_dir: str | None) -> dict[
     spent = {s: p["epsilon_spent"] for s, p in result.privacy.items()}
     return {"sites": sites, "pooled": pooled_checks, "epsilon_spent": spent,
             "seconds": seconds}
-
-
-def _demo_command_seconds(epsilon: float | None, sites: int, eval_size: int) -> float:
-    """Wall time of the ``cardiofed demo`` command itself (report, baselines, registry and
-    all), in a scratch folder, with or without ``--dp-epsilon``."""
-    with tempfile.TemporaryDirectory() as scratch:
-        command = [sys.executable, "-c", "from cardiofed.cli import app; app()", "demo",
-                   "--sites", str(sites), "--eval-size", str(eval_size), "--out", "report",
-                   "--db", f"sqlite:///{scratch}/registry.db", *DEMO_COMMAND_EXTRA]
-        if epsilon is not None:
-            command += ["--dp-epsilon", f"{epsilon:g}"]
-        start = time.perf_counter()
-        subprocess.run(command, cwd=scratch, check=True, capture_output=True)
-        return time.perf_counter() - start
 
 
 def _verdict_cell(site: dict[str, Any]) -> str:
@@ -190,7 +173,6 @@ def main() -> None:
         args.only, epsilons = ["demo"], (1.0, None)
         SETUPS["demo"][0]["rounds"] = 1
         DEMO_DATA.update(n_sites=4, eval_size=500)
-        DEMO_COMMAND_EXTRA.extend(["--rounds", "1", "--no-effective-data"])
     payload: dict[str, Any] = {"delta": DELTA, "criteria": "AUC >= 0.7, slope in [0.8, 1.2], "
                                                            "|CITL| <= 0.1 on 95% intervals"}
     if args.only and RESULTS_FILE.exists():  # keep the other setups' last figures
@@ -214,17 +196,6 @@ def main() -> None:
         section += "At epsilon 1: " + "; ".join(
             f"{k.replace('_', ' ')} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
             for k, v in targets.items() if v is not None) + ".\n\n"
-        if name == "demo":  # the issue's runtime target is the command as a user runs it
-            seconds = {label: _demo_command_seconds(eps, DEMO_DATA["n_sites"],
-                                                    DEMO_DATA["eval_size"])
-                       for label, eps in (("no DP", None), ("1", 1.0))}
-            targets["demo_command_seconds"] = seconds
-            targets["demo_command_runtime_ratio_at_eps1"] = seconds["1"] / seconds["no DP"]
-            section += (f"`cardiofed demo` end to end: {seconds['no DP']:.1f} s without DP, "
-                        f"{seconds['1']:.1f} s with `--dp-epsilon 1` (ratio "
-                        f"{targets['demo_command_runtime_ratio_at_eps1']:.2f}); the 's per run' "
-                        f"column times the federated training and released evaluation "
-                        f"alone.\n\n")
         payload[name] = {"settings": settings, "seeds": list(seeds), "runs": runs,
                          "figures": figures, "targets": targets, "markdown": section}
     write_results("privacy_utility", payload,

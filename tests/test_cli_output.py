@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from cardiofed._console import fail
 from cardiofed.cli import app
 from cardiofed.cli.admin import status_view
+from cardiofed.names import NAME_PATTERN
 
 
 def _rendered(renderable: object, width: int = 80) -> str:
@@ -78,3 +79,63 @@ def test_a_demo_of_fewer_than_three_sites_is_refused_by_name() -> None:
     assert result.exit_code == 2
     assert "Invalid value for '--sites'" in result.output
     assert "greater than or equal to 3" in result.output
+
+
+def _privacy_result(sites: list[str], delta: list[float]) -> object:
+    from types import SimpleNamespace
+
+    privacy = {site: {"n_records": 3000 - 10 * i, "delta": delta[i % len(delta)],
+                      "epsilon_max": 1.0, "epsilon_statistics": 0.1,
+                      "epsilon_train": 0.8123456, "epsilon_evaluate": 0.3967,
+                      "epsilon_spent": 0.99987, "noise_multiplier": 2.3456,
+                      "max_grad_norm": 2.0, "rounds_trained": 20}
+               for i, site in enumerate(sites)}
+    return SimpleNamespace(privacy=privacy, config=SimpleNamespace(dp_accountant="rdp"))
+
+
+@settings(max_examples=30, deadline=None)
+@given(sites=st.lists(st.from_regex(NAME_PATTERN, fullmatch=True), min_size=1, max_size=6,
+                      unique=True),
+       mixed_delta=st.booleans())
+def test_the_privacy_table_fits_80_columns_with_every_site_and_figure(
+        sites: list[str], mixed_delta: bool) -> None:
+    from cardiofed.experiments.summary import privacy_table
+
+    result = _privacy_result(sites, [1e-5, 1e-6] if mixed_delta and len(sites) > 1
+                             else [1e-5])
+    text = _rendered(privacy_table(result))  # type: ignore[arg-type]
+    assert max(len(line) for line in text.splitlines()) <= 80
+    flat = "".join(text.split())
+    lines = text.splitlines()
+    body = lines[next(i for i, line in enumerate(lines) if "───" in line) + 1:]
+    shown: list[str] = []
+    for line in body[:body.index(next(line for line in body if not line.strip()))]:
+        tokens = line.split()
+        if len(tokens) > 1:
+            shown.append(tokens[0])
+        else:  # a long name folds onto the next line
+            shown[-1] += tokens[0]
+    assert shown == sites  # folded, never cut
+    for figure in ("3,000", "0.812", "0.397", "2.35", "20"):
+        assert figure in flat
+    # a setting every site shares is said once, in the title
+    assert "epsilonmax1" in flat.replace("eps", "epsilon").replace("epsilonilon", "epsilon")
+    assert ("delta1e-05" in flat) != (mixed_delta and len(sites) > 1)
+
+
+def test_the_load_table_fits_80_columns_with_every_feature_name() -> None:
+    from cardiofed.cli.experiments import _load_table
+    from cardiofed.data.mapping import LoadReport
+
+    report = LoadReport(source="export.csv", rows=100)
+    for name in ("total_cholesterol", "hdl_cholesterol", "systolic_bp"):
+        report.missing[name] = 7
+        report.out_of_range[name] = 2
+        report.converted_units[name] = "mmol/L -> mg/dL (x38.67)"
+    text = _rendered(_load_table({"community_06": report, "tier3_01": report}))
+    assert max(len(line) for line in text.splitlines()) <= 80
+    flat = " ".join(text.split())
+    assert "total_cholesterol" in flat and "hdl_cholesterol" in flat
+    assert flat.count("community_06") == 2  # once in the table, once below
+    assert ("community_06 total_cholesterol, hdl_cholesterol, systolic_bp mmol/L -> mg/dL "
+            "(x38.67)") in flat

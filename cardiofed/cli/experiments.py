@@ -124,19 +124,38 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
 
 
 def _load_table(reports: dict[str, Any], *, only_problems: bool = False) -> Any:
-    """Per site and feature: values parsed, missing, and set missing by reason."""
+    """Per site and feature: values parsed, missing, and set missing by reason, within 80
+    columns (a site is named on its first row); unit conversions below the table."""
+    from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="What loading each export did (values per column)" + (
-        "; columns without missing or invalid values left out" if only_problems else ""))
-    for heading in ("site", "feature", "parsed", "missing", "not a number", "out of range",
-                    "unknown code", "unit converted"):
-        table.add_column(heading, justify="left" if heading in ("site", "feature") else "right")
+    rows: list[list[str]] = []
+    converted: dict[tuple[str, str], list[str]] = {}
     for site, report in reports.items():
+        named = False
         for row in report.columns():
-            if only_problems and row["parsed"] == report.rows:
-                continue
-            table.add_row(site, *(str(v) for v in row.values()))
+            if row["unit"]:
+                converted.setdefault((site, str(row["unit"])), []).append(str(row["feature"]))
+            if not (only_problems and row["parsed"] == report.rows):
+                rows.append([site if not named else "",
+                             *(str(v) for k, v in row.items() if k != "unit")])
+                named = True
+    table = Table(title=escape("What loading each export did (values per column)" + (
+        "; columns without missing or invalid values left out" if only_problems else "")),
+        caption=escape("Units converted: " + "; ".join(
+            f"{site} {', '.join(names)} {unit}" for (site, unit), names in converted.items()))
+        if converted else None,
+        box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for j, heading in enumerate(("site", "feature", "parsed", "missing", "not a\nnumber",
+                                 "out of\nrange", "unknown\ncode")):
+        width = max([len(r[j]) for r in rows] + [len(w) for w in heading.split()])
+        if j < 2:  # a long name folds onto a second line; it is never dropped
+            table.add_column(heading, overflow="fold", min_width=min(width, 18))
+        else:
+            table.add_column(heading, justify="right", no_wrap=True, min_width=width)
+    for row in rows:
+        table.add_row(*(escape(c) for c in row))
     return table
 
 

@@ -35,17 +35,30 @@ _PRIVACY_COLUMNS = (("n_records", "n"), ("delta", "delta"), ("epsilon_max", "eps
                     ("epsilon_evaluate", "eps evaluate"), ("epsilon_spent", "eps total"),
                     ("noise_multiplier", "DP-SGD sigma"), ("max_grad_norm", "clip"),
                     ("rounds_trained", "rounds"))
+_SAID_ONCE = ("delta", "epsilon_max", "max_grad_norm")
 
 
 def privacy_table(result: ExperimentResult) -> Table:
-    """Per site: the (epsilon, delta) its ledger has spent and the DP-SGD settings."""
-    table = Table(title=f"Differential privacy per site ({result.config.dp_accountant.upper()} "
-                        "accounting of every release)", caption=PRIVACY_DISCLOSURE)
-    table.add_column("site", no_wrap=True)
-    for _, heading in _PRIVACY_COLUMNS:
-        table.add_column(heading, justify="right")
+    """Per site: the epsilon its ledger has spent, by kind of release and in total, and
+    the DP-SGD settings, within 80 columns; a setting every site shares (delta,
+    epsilon_max, the clipping norm) is said once in the title."""
+    shared = [(key, heading) for key, heading in _PRIVACY_COLUMNS
+              if key in _SAID_ONCE and len({v[key] for v in result.privacy.values()}) == 1]
+    first = next(iter(result.privacy.values()), {})
+    said = ", ".join(f"{heading} {first[key]:.3g}" for key, heading in shared)
+    table = Table(title=escape(f"Differential privacy per site "
+                               f"({result.config.dp_accountant.upper()} accounting of every "
+                               f"release{'; ' + said if said else ''})"),
+                  caption=escape(PRIVACY_DISCLOSURE), box=box.SIMPLE_HEAD,
+                  collapse_padding=True, pad_edge=False)
+    columns = [c for c in _PRIVACY_COLUMNS if c not in shared]
+    table.add_column("site", overflow="fold")
+    for _, heading in columns:
+        table.add_column(heading.replace("eps ", "eps\n").replace("DP-SGD ", "DP-SGD\n"),
+                         justify="right", no_wrap=True)
     for site, values in result.privacy.items():
-        table.add_row(site, *[f"{values[key]:.3g}" for key, _ in _PRIVACY_COLUMNS])
+        table.add_row(escape(site), *[f"{values[key]:,}" if isinstance(values[key], int)
+                                      else f"{values[key]:.3g}" for key, _ in columns])
     return table
 
 
