@@ -61,7 +61,8 @@ def create_study(
         help="The study's own features and outcome (TOML); they travel with the plan.")]
         = None,
     config: Annotated[Path | None, typer.Option(
-        help="TOML plan: training, or an [attribution] table for an attribution study.")]
+        help="TOML plan: training, an [attribution] table for an attribution study, or a "
+             "[survival] table for a federated Cox model.")]
         = None,
     rounds: Annotated[int | None, typer.Option(help="Override the plan's rounds.")] = None,
     min_sites: Annotated[int | None, typer.Option(
@@ -91,8 +92,8 @@ def create_study(
             changes["study_features"] = StudyFeatures.from_toml(features_file)
         if changes:
             plan = SimulationConfig.create(**{**plan.model_dump(), **changes})
-        # An attribution study's columns are its covariates' encoding (the coordinator's).
-        names, ranges = (None, None) if plan.attribution is not None else study_columns(
+        # An analysis study's columns are its covariates' encoding (the coordinator's).
+        names, ranges = (None, None) if plan.analysis is not None else study_columns(
             dataset, features.split(",") if features else None, plan.catalogue())
     except CardioFedError as exc:
         raise fail(exc) from None

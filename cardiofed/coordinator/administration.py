@@ -149,20 +149,20 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
     if outcome is not None and outcome not in outcomes:
         raise InvalidUpdate(f"outcome must be one of {', '.join(outcomes)} (built in or "
                             f"declared in plan.study_features); got {outcome!r}.")
-    if relay and (plan.attribution is not None or plan.aggregation == "async"):
+    if relay and (plan.analysis is not None or plan.aggregation == "async"):
         raise InvalidUpdate("A relay study runs the rounds its region's node opens for the "
-                            "national study: it cannot be an attribution study, and its own "
+                            "national study: it cannot be an analysis study, and its own "
                             "aggregation is 'sync' (the national plan may be asynchronous).")
     try:
         plan.check_buffer_size(len(sites))
     except ConfigurationError as exc:
         raise InvalidUpdate(str(exc)) from None
-    if plan.attribution is not None:
-        if feature_names != attribution.columns_of(plan.attribution, plan.catalogue()):
-            raise InvalidUpdate("An attribution study's feature columns are its covariates' "
+    if plan.analysis is not None:
+        if feature_names != attribution.columns_of(plan.analysis, plan.catalogue()):
+            raise InvalidUpdate("An analysis study's feature columns are its covariates' "
                                 "encoding.")
         if outcome is None:
-            raise InvalidUpdate("An attribution study names its outcome (the sites' mapping "
+            raise InvalidUpdate("An analysis study names its outcome (the sites' mapping "
                                 "files' outcome, e.g. chd_10y).")
     study = Study(id=study_id, plan=plan.model_dump(), feature_names=feature_names,
                   feature_ranges=[list(r) for r in feature_ranges], min_sites=min_sites,
@@ -175,8 +175,8 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
         tokens[name] = new_secret()
         db.add(Site(study_id=study_id, name=name, index=index,
                     enrol_token_hash=hash_secret(tokens[name])))
-    if plan.attribution is not None:
-        first = attribution.begin(study, plan.attribution)
+    if plan.analysis is not None:
+        first = attribution.begin(study, plan.analysis)
     else:
         if not relay:  # a relay study's models are the national study's
             store_model(db, study, initial_weights(plan, feature_names), version=0,
@@ -297,9 +297,9 @@ def add_site(db: Session, study_id: str, site_name: str,
         raise InvalidUpdate(f"Site names must {NAME_RULE}; got {site_name!r}.")
     with serialised(db, study):
         _refuse_finished(study, "add a site to")
-        if study.relay or study.plan.get("attribution") is not None:
+        if study.relay or study.analysis is not None:
             raise Conflict(f"Study {study_id!r} fixes its sites at creation (a relay or "
-                           f"attribution study).")
+                           f"analysis study).")
         if db.scalar(select(Site.id).where(Site.study_id == study.id,
                                            Site.name == site_name)) is not None:
             raise Conflict(f"Study {study_id!r} already has a site {site_name!r}; re-admit "

@@ -1,5 +1,6 @@
-"""Attribution studies on the coordinator: the rounds are the steps of
-:mod:`cardiofed.causal.study`, and a round's reports are summed in site order.
+"""Analysis studies on the coordinator, whose rounds only exchange sums: attribution
+(the steps of :mod:`cardiofed.causal.study`) and survival (the Newton rounds of
+:mod:`cardiofed.survival.study`); a round's reports are summed in site order.
 
 The analysis uses one set of sites throughout: those that reported its first round
 (``moments``). A site outside it gets no task (a refusal row names why); if a site of
@@ -18,40 +19,52 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cardiofed.causal.combine import next_state
-from cardiofed.causal.study import STEPS, AttributionPlan, expected_arrays, start
+from cardiofed.causal import combine
+from cardiofed.causal import study as causal_study
+from cardiofed.causal.study import AttributionPlan
 from cardiofed.coordinator.payloads import check_attribution
 from cardiofed.exceptions import CardioFedError, InvalidUpdate
 from cardiofed.schema import Catalogue, FeatureKind, encoded_feature_names
 from cardiofed.store import Refusal, Round, Site, Study
+from cardiofed.survival import study as survival_study
+from cardiofed.survival.study import SurvivalPlan
 
-ATTRIBUTION_STEPS = STEPS[:-1]  # the round kinds; "done" ends the study
+Analysis = AttributionPlan | SurvivalPlan
+# The round kinds of an analysis; "done" ends the study.
+ANALYSIS_STEPS = (*causal_study.STEPS[:-1], *survival_study.STEPS[:-1])
 
 
-def columns_of(plan: AttributionPlan, catalogue: Catalogue) -> list[str]:
+def columns_of(plan: Analysis, catalogue: Catalogue) -> list[str]:
     """The covariates' model columns, after checking the plan against the schema."""
-    if plan.treatment not in catalogue.features or (
-            catalogue.feature(plan.treatment).kind is not FeatureKind.BINARY):
+    if isinstance(plan, AttributionPlan) and plan.treatment not in catalogue.features or (
+            isinstance(plan, AttributionPlan)
+            and catalogue.feature(plan.treatment).kind is not FeatureKind.BINARY):
         binary = [f for f, v in catalogue.features.items() if v.kind is FeatureKind.BINARY]
         raise InvalidUpdate(f"attribution.treatment must be a binary feature of the schema "
                             f"or of the study's features ({', '.join(binary)}); got "
                             f"{plan.treatment!r}.")
     unknown = [c for c in plan.covariates if c not in catalogue.features]
     if unknown:
-        raise InvalidUpdate(f"attribution.covariates {unknown} are not features of the schema "
-                            f"or of the study's features.")
+        raise InvalidUpdate(f"{_name(plan)}.covariates {unknown} are not features of the "
+                            f"schema or of the study's features.")
     return encoded_feature_names(plan.covariates, catalogue)
 
 
-def begin(study: Study, plan: AttributionPlan) -> str:
+def _name(plan: Analysis) -> str:
+    return "attribution" if isinstance(plan, AttributionPlan) else "survival"
+
+
+def begin(study: Study, plan: Analysis) -> str:
     """Set the study's analysis to its first step; returns the first round's kind."""
     study.analysis = _start(study, plan)
-    study.phase = "moments"
-    return "moments"
+    study.phase = study.analysis["step"]
+    return str(study.phase)
 
 
-def _start(study: Study, plan: AttributionPlan) -> dict[str, Any]:
-    return start(plan, study.feature_names, study.feature_ranges)
+def _start(study: Study, plan: Analysis) -> dict[str, Any]:
+    if isinstance(plan, SurvivalPlan):
+        return survival_study.start(plan, study.feature_names, study.feature_ranges)
+    return causal_study.start(plan, study.feature_names, study.feature_ranges)
 
 
 def task_state(study: Study) -> dict[str, Any] | None:
@@ -61,29 +74,41 @@ def task_state(study: Study) -> dict[str, Any] | None:
     return {k: study.analysis[k] for k in ("step", "inputs", "columns", "iterations")}
 
 
-def check_payload(plan: AttributionPlan, study: Study, kind: str,
+def check_payload(plan: Analysis, study: Study, kind: str,
                   arrays: dict[str, np.ndarray]) -> int:
-    return check_attribution(arrays, expected_arrays(plan, kind, len(study.feature_names)))
+    k = len(study.feature_names)
+    if isinstance(plan, SurvivalPlan):
+        check_attribution(arrays, survival_study.expected_arrays(plan, kind, k))
+        try:
+            survival_study.check_sums(plan, arrays)
+        except CardioFedError as exc:
+            raise InvalidUpdate(str(exc)) from None
+        return 0
+    return check_attribution(arrays, causal_study.expected_arrays(plan, kind, k))
 
 
-def close_round(db: Session, study: Study, plan: AttributionPlan, rnd: Round,
+def close_round(db: Session, study: Study, plan: Analysis, rnd: Round,
                 names: list[str], totals: dict[str, np.ndarray] | None,
                 now: datetime) -> None:
     """Fold a closed round's sums into the analysis and open the next round (or finish)."""
     state = dict(study.analysis or {})
     outcome = f"closed with {len(names)} reports"
-    if rnd.kind != "moments" and names != state["sites"]:
+    # the first step of a start fixes the analysis's sites
+    first = rnd.kind == "moments" or (rnd.kind == "cox" and state["newton"]["beta"] is None)
+    if not first and names != state["sites"]:
         left = [n for n in state["sites"] if n not in names]
         state = {**_start(study, plan), "sites": names,
                  "restarts": state.get("restarts", 0) + 1}
         outcome = (f"analysis restarted from its first step without {', '.join(left)} "
                    f"(it uses one set of sites throughout)")
     else:
-        if rnd.kind == "moments":
+        if first:
             state["sites"] = names
         try:
             assert totals is not None
-            state = next_state(plan, state, totals, len(names))
+            state = (survival_study.next_state(plan, state, totals)
+                     if isinstance(plan, SurvivalPlan)
+                     else combine.next_state(plan, state, totals, len(names)))
         except CardioFedError as exc:
             state = {**state, "step": "done", "error": str(exc)}
             outcome = f"analysis stopped: {exc}"
@@ -102,8 +127,8 @@ def close_round(db: Session, study: Study, plan: AttributionPlan, rnd: Round,
     for site in db.scalars(select(Site).where(Site.study_id == study.id, ~Site.revoked)):
         if site.name not in members:
             db.add(Refusal(study_id=study.id, site_id=site.id, round_number=study.current_round,
-                           reason="not in the analysis: an attribution study uses the sites "
-                                  "of its first step throughout", created_at=now))
+                           reason=f"not in the analysis: a {_name(plan)} study uses the sites "
+                                  f"of its first step throughout", created_at=now))
 
 
 def summary(study: Study) -> dict[str, Any] | None:
@@ -111,6 +136,7 @@ def summary(study: Study) -> dict[str, Any] | None:
     a = study.analysis
     if a is None:
         return None
-    return {"step": a["step"], "newton_steps": a["iterations"], "sites": a.get("sites"),
+    return {"kind": "survival" if "newton" in a else "attribution",
+            "step": a["step"], "newton_steps": a["iterations"], "sites": a.get("sites"),
             "restarts": a.get("restarts", 0), "error": a.get("error"),
             "finished": "result" in a}

@@ -65,8 +65,8 @@ def check_report(db: Session, study: Study, rnd: Round, site_name: str, payload:
         raise InvalidUpdate(str(exc)) from None
     check_manifest(manifest, {"study": study.id, "round": str(rnd.number),
                               "model_version": str(rnd.model_version), "site": site_name})
-    if study.plan.get("attribution") is not None:
-        plan = study_plan(study).attribution
+    if study.analysis is not None:
+        plan = study_plan(study).analysis
         assert plan is not None
         n = attribution.check_payload(plan, study, rnd.kind, arrays)
     elif rnd.kind == STATISTICS:

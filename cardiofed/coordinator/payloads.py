@@ -62,7 +62,8 @@ def _bounded_int(manifest: dict[str, str], key: str, low: int, high: int) -> int
 
 
 # Arrays of an attribution step that count patients (cardiofed.causal.study).
-_ATTRIBUTION_COUNTS = ("n", "kept", "rows", "overlap.treated", "overlap.control")
+_ATTRIBUTION_COUNTS = ("n", "kept", "rows", "overlap.treated", "overlap.control",
+                       "events")  # the last: a survival round's (cardiofed.survival.study)
 
 
 def check_attribution(arrays: dict[str, np.ndarray],

@@ -204,7 +204,7 @@ class _Folded:
     metrics: dict[str, Any] = field(default_factory=dict)
     # A training round: the global model's loss each site reported (NaN where none).
     global_losses: list[float] = field(default_factory=list)
-    totals: dict[str, np.ndarray] | None = None  # an attribution step's sums
+    totals: dict[str, np.ndarray] | None = None  # an analysis step's sums
     privacy: dict[str, str] = field(default_factory=dict)  # what each site declared
 
     def sizes(self) -> list[int]:
@@ -255,7 +255,7 @@ def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Fold
                     out.updates.append(ClientUpdate(site=name, delta=checked.arrays,
                                                     num_samples=row.num_samples,
                                                     num_steps=0, train_loss=loss))
-            elif rnd.kind in attribution.ATTRIBUTION_STEPS:
+            elif rnd.kind in attribution.ANALYSIS_STEPS:
                 out.totals = add_sums(out.totals, checked.arrays)
             else:
                 assert checked.metrics is not None
@@ -334,8 +334,8 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
     if study.relay:
         _close_relayed(db, study, plan, rnd, folded, now)
         return
-    if plan.attribution is not None:
-        attribution.close_round(db, study, plan.attribution, rnd, names, folded.totals, now())
+    if plan.analysis is not None:
+        attribution.close_round(db, study, plan.analysis, rnd, names, folded.totals, now())
         db.commit()
         return
     if rnd.kind == STATISTICS:

@@ -42,6 +42,7 @@ from cardiofed.node.work import (
     site_preprocessor,
     statistics_payload,
     study_weights,
+    survival_rows,
     train_payload,
 )
 from cardiofed.privacy.budget import PrivacyLedger, open_site_ledger
@@ -49,6 +50,8 @@ from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.protocol.schemas import TaskResponse
 from cardiofed.schema import Catalogue
 from cardiofed.simulation.config import SimulationConfig
+from cardiofed.survival.study import SurvivalPlan
+from cardiofed.survival.study import site_step as survival_step
 from cardiofed.wire import encode_arrays
 
 log = logging.getLogger("cardiofed.node")
@@ -71,6 +74,7 @@ class NodeAgent:
         self.policy = TaskPolicy(self.state_dir / "tasks.json")
         self._site: SiteData | None = None
         self._rows: SiteArrays | None = None  # an attribution study's
+        self._survival_rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._pre: Preprocessor | None = None
         self._privacy: SitePrivacy | None = None
         self._name: str | None = None
@@ -221,6 +225,8 @@ class NodeAgent:
         check_exact_releases(plan, private=self.ledger is not None, opt_in=self.config.opt_in)
         if plan.attribution is not None:
             return self._attribution(task, plan.attribution)
+        if plan.survival is not None:
+            return self._survival(task, plan.survival)
         catalogue = self._agreed_features(task)
         if self._site is None:
             self._site = load_site_data(self._data, task.feature_names, catalogue)
@@ -303,6 +309,33 @@ class NodeAgent:
         else:
             arrays = self._study_privacy(task.study, len(rows.outcome)).release_attribution(
                 plan, state, compute, f"attribution {task.kind} (round {task.round})")
+        return encode_arrays(arrays, self._manifest(task))
+
+    def _survival(self, task: TaskResponse, plan: SurvivalPlan) -> bytes:
+        """A survival round's Cox sums (or, stratified, the site's own derivatives) over
+        its rows clipped to its own ranges, at the coefficients in the task's state once
+        they pass :func:`cardiofed.survival.study.check_state`. Exact only: a site with a
+        privacy budget refuses (no private release of Cox sums exists yet)."""
+        if self.ledger is not None:
+            raise TaskRefused("This site has a privacy budget, and Cox sums have no private "
+                              "release yet: only a non-private site (privacy = \"off\", "
+                              "opt_in = [\"exact_survival\"]) takes part in a survival "
+                              "study.")
+        state = task.attribution
+        if state is None or state.get("step") != task.kind:
+            raise TaskRefused(f"The {task.kind} task of a survival study carries no state "
+                              f"for that step.")
+        catalogue = self._agreed_features(task)
+        if self._survival_rows is None:
+            self._survival_rows = survival_rows(self._data, task.feature_names, task.outcome,
+                                                catalogue)
+        time, event, x = self._survival_rows
+        ranges = own_feature_ranges(self._data, task.feature_names, catalogue)
+        try:
+            arrays = survival_step(plan, state, time, event, x, ranges)
+        except (KeyError, TypeError, ValueError, CardioFedError) as exc:
+            raise TaskRefused(f"The {task.kind} task's state is not one this site can "
+                              f"compute with: {type(exc).__name__}: {exc}") from None
         return encode_arrays(arrays, self._manifest(task))
 
     def _study_privacy(self, study: str, n_records: int,

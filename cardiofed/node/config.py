@@ -22,10 +22,10 @@ Example::
 
 A node is private unless its config says ``privacy = "off"``: then what it releases is
 exact, and it still refuses plans whose batches are smaller than
-:data:`~cardiofed.node.task_policy.MIN_EXACT_BATCH` and exact attribution sums unless
-``opt_in`` names them
-(``opt_in = ["small_batches", "exact_attribution"]``). All the hospital's nodes should
-name one ``ledger_dir``: it is the hospital's one privacy ledger
+:data:`~cardiofed.node.task_policy.MIN_EXACT_BATCH` and exact attribution or Cox sums
+unless ``opt_in`` names them
+(``opt_in = ["small_batches", "exact_attribution", "exact_survival"]``). All the
+hospital's nodes should name one ``ledger_dir``: it is the hospital's one privacy ledger
 (:mod:`cardiofed.privacy.ledger_file`).
 
 A region of a hierarchical federation (:mod:`cardiofed.protocol.relay`) is a node

@@ -26,6 +26,7 @@ from cardiofed.causal.propensity import MAX_NEWTON
 from cardiofed.exceptions import CardioFedError, TaskRefused
 from cardiofed.protocol.schemas import TaskResponse
 from cardiofed.simulation.config import SimulationConfig
+from cardiofed.survival.cox import MAX_HALVINGS
 
 # What one site releases for an attribution study at most: its steps
 # (cardiofed.causal.study) over ATTRIBUTION_STARTS starts (the analysis restarts when a
@@ -33,20 +34,25 @@ from cardiofed.simulation.config import SimulationConfig
 ATTRIBUTION_STARTS = 3
 ATTRIBUTION_RELEASES = {"moments": ATTRIBUTION_STARTS, "newton": ATTRIBUTION_STARTS * MAX_NEWTON,
                         "estimate": ATTRIBUTION_STARTS, "sandwich": ATTRIBUTION_STARTS}
+# A survival study (cardiofed.survival.study): each start at most 100 Newton steps, each
+# halved at most MAX_HALVINGS times, and one round to begin.
+SURVIVAL_RELEASES = {"cox": ATTRIBUTION_STARTS * (100 * (MAX_HALVINGS + 1) + 1)}
+ANALYSIS_RELEASES = {**ATTRIBUTION_RELEASES, **SURVIVAL_RELEASES}
 
 
 # The smallest batch a non-private node trains on unless it opted in: a gradient of one
 # record's batch is that record, nearly in the clear.
 MIN_EXACT_BATCH = 16
-OptIn = Literal["small_batches", "exact_attribution"]
+OptIn = Literal["small_batches", "exact_attribution", "exact_survival"]
 
 
 def check_exact_releases(plan: SimulationConfig, *, private: bool,
                          opt_in: Sequence[str] = ()) -> None:
     """Raise :class:`TaskRefused` for a plan whose exact releases would expose single
     records, unless the site opted in by name: batches below :data:`MIN_EXACT_BATCH`, and
-    attribution sums (whose coefficients the coordinator chooses). A private site's
-    releases carry noise whatever the plan."""
+    attribution and Cox sums (whose coefficients the coordinator chooses). A private
+    site's releases carry noise whatever the plan; one that has none (Cox sums) is refused
+    by the node."""
     if private:
         return
     if plan.attribution is not None and "exact_attribution" not in opt_in:
@@ -54,7 +60,12 @@ def check_exact_releases(plan: SimulationConfig, *, private: bool,
                           "sums would be exact, and a coordinator's coefficients can make "
                           "them single records. It takes part only if its config opts in "
                           "(opt_in = [\"exact_attribution\"]).")
-    if plan.attribution is None and plan.batch_size < MIN_EXACT_BATCH \
+    if plan.survival is not None and "exact_survival" not in opt_in:
+        raise TaskRefused("This site is not private (privacy = \"off\"): its Cox sums "
+                          "would be exact, and a coordinator's coefficients and grid shape "
+                          "what they reveal. It takes part only if its config opts in "
+                          "(opt_in = [\"exact_survival\"]).")
+    if plan.analysis is None and plan.batch_size < MIN_EXACT_BATCH \
             and "small_batches" not in opt_in:
         raise TaskRefused(f"The plan's batch_size {plan.batch_size} is below "
                           f"{MIN_EXACT_BATCH}: this site's exact updates would expose "
@@ -151,15 +162,15 @@ class TaskPolicy:
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: this site "
                                   f"trained round {last}, so the study's final model is "
                                   f"version {last} or later.")
-        elif task.kind in ATTRIBUTION_RELEASES:
+        elif task.kind in ANALYSIS_RELEASES:
             ran = done.get(task.kind, [])
-            limit = ATTRIBUTION_RELEASES[task.kind]
+            limit = ANALYSIS_RELEASES[task.kind]
             if task.round in ran:
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: this site already "
                                   f"ran round {task.round}.")
             if len(ran) >= limit:
-                raise TaskRefused(f"Refused {where} of study {task.study!r}: an attribution "
-                                  f"analysis has at most {limit} {task.kind} releases "
+                raise TaskRefused(f"Refused {where} of study {task.study!r}: an analysis "
+                                  f"has at most {limit} {task.kind} releases "
                                   f"({ATTRIBUTION_STARTS} starts) and this site ran {len(ran)}.")
         else:
             raise TaskRefused(f"Refused {where} of study {task.study!r}: unknown task kind.")

@@ -55,11 +55,15 @@ log = logging.getLogger("cardiofed.node")
 
 
 def load_site_data(source: DataSource, feature_names: list[str],
-                   catalogue: Catalogue | None = None) -> SiteData:
+                   catalogue: Catalogue | None = None, outcome: str | None = None) -> SiteData:
     """The site's own rows, encoded to the study's feature columns (`catalogue`: the
-    study's features besides the built-in ones)."""
+    study's features besides the built-in ones); refused when `outcome` is given and the
+    site's mapping labels another."""
     if source.csv is not None and source.mapping is not None:
         raw, mapping, excluded = load_site_rows(source.csv, source.mapping, catalogue)
+        if outcome is not None and mapping.outcome != outcome:
+            raise TaskRefused(f"The study's outcome is {outcome!r}; this site's mapping "
+                              f"labels {mapping.outcome!r}.")
         for reason, count in excluded.items():  # counts only: never a row
             log.warning("%s: %d left out: %s", source.csv, count, reason)
         site, _ = site_from_export(raw, mapping,
@@ -121,6 +125,44 @@ def attribution_site(source: DataSource, plan: AttributionPlan, columns: list[st
     site = export_site(raw, mapping, plan.treatment, plan.covariates, str(source.csv))
     log.info("attribution: %d rows have every covariate and the treatment", len(site.outcome))
     return site
+
+
+def survival_rows(source: DataSource, columns: list[str], outcome: str | None,
+                  catalogue: Catalogue | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The site's rows for a survival study: follow-up (years), event and covariates
+    (`columns`), every row with all of them (no test split). The synthetic reference
+    federation exports censored follow-up; a site's export needs its mapping's
+    ``[follow_up]``. Refused, naming why, otherwise."""
+    if source.dataset is not None:
+        if source.dataset != "synthetic":
+            raise TaskRefused(f"Data set {source.dataset!r} has no follow-up times; a survival "
+                              f"study runs on synthetic or on a site's export with "
+                              f"[follow_up].")
+        from cardiofed.data.synthetic import synthetic_federation
+
+        data = synthetic_federation(seed=source.seed, survival=True)
+        missing = [c for c in columns if c not in data.feature_names]
+        if missing or source.site not in [s.name for s in data.sites]:
+            raise TaskRefused(f"The synthetic federation has no columns {missing} or no site "
+                              f"{source.site!r}.")
+        site = data.site(str(source.site))
+        x_all = np.vstack([site.x_train, site.x_test])[
+            :, [data.feature_names.index(c) for c in columns]]
+    else:
+        assert source.csv is not None and source.mapping is not None  # by DataSource
+        site = load_site_data(source, columns, catalogue, outcome)
+        x_all = np.vstack([site.x_train, site.x_test])
+        if not site.survival:
+            raise TaskRefused("This site's mapping declares no [follow_up] (the column and "
+                              "unit of each patient's follow-up), which a survival study "
+                              "needs.")
+    assert site.time_train is not None and site.time_test is not None
+    time = np.concatenate([site.time_train, site.time_test])
+    event = np.concatenate([site.y_train, site.y_test])
+    keep = np.isfinite(x_all).all(axis=1)
+    log.info("survival: %d of %d rows have every covariate", int(keep.sum()), len(keep))
+    return time[keep], event[keep], x_all[keep]
 
 
 def _reference_attribution_site(source: DataSource, plan: AttributionPlan,

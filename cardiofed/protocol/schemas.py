@@ -45,7 +45,8 @@ class TaskResponse(BaseModel):
     feature_ranges: list[list[float]]
     outcome: str | None = Field(None, description="The study's outcome (its label)")
     attribution: dict[str, Any] | None = Field(
-        None, description="An attribution study: the step and what it is computed at")
+        None, description="An analysis study (attribution or survival): the step and what "
+                          "it is computed at")
 
 
 class RefusalRequest(BaseModel):
@@ -204,3 +205,38 @@ class AttributionResponse(BaseModel):
     overlap: Overlap
     propensity: Propensity
     card: AttributionCard
+
+
+class CoxCoefficient(BaseModel):
+    coefficient: float = Field(description="log hazard ratio per unit of the column")
+    se: float
+    hazard_ratio: float
+    hr_low: float = Field(description="95% interval (Wald)")
+    hr_high: float
+
+
+class SurvivalResponse(BaseModel):
+    """A finished survival study: the federated Cox model's coefficients with standard
+    errors (observed information), and for a model with one baseline hazard, Breslow's
+    baseline cumulative hazard on the public grid (covariates at ``center``)."""
+
+    study: str
+    outcome: str | None
+    columns: list[str]
+    coefficients: dict[str, CoxCoefficient]
+    covariance: list[list[float]]
+    center: list[float]
+    loglik: float
+    newton_steps: int
+    events: float = Field(description="Events on the grid, summed over the sites")
+    sites: list[str]
+    restarts: int
+    stratified: bool
+    ties: str
+    grid_step_years: float
+    max_years: float
+    horizon_years: float
+    baseline: list[float] | None = Field(
+        None, description="H0 at each grid point (None when stratified by site)")
+    baseline_at_horizon: float | None = None
+    releases: str = Field(description="What the sites released")

@@ -14,12 +14,20 @@ import math
 import numpy as np
 
 from cardiofed.data.dataset import FederatedDataset
-from cardiofed.exceptions import ConfigurationError
+from cardiofed.exceptions import ConfigurationError, Conflict, NotFound
+from cardiofed.protocol.schemas import SurvivalResponse
 from cardiofed.serving.model import RiskModel, build_model
+from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.survival import POOLED, FederatedCox
+from cardiofed.store import Study
 from cardiofed.survival.cox import baseline_at
 
-__all__ = ["cox_risk_model"]
+__all__ = ["cox_risk_model", "study_report"]
+
+RELEASES = ("Each site released exact sums over its rows on the public grid (event counts "
+            "per grid interval and risk-set sums of exp(x beta)), or, stratified, its own "
+            "log partial likelihood and derivatives; no row, no time and no differential "
+            "privacy.")
 
 
 def cox_risk_model(model: FederatedCox, dataset: FederatedDataset, *, study: str,
@@ -45,3 +53,31 @@ def cox_risk_model(model: FederatedCox, dataset: FederatedDataset, *, study: str
                        weights=weights, preprocessor=model.preprocessor, notes=notes,
                        site_types={s.name: s.site_type for s in dataset.sites},
                        horizon_years=horizon)
+
+
+def study_report(study: Study) -> SurvivalResponse:
+    """A finished survival study's model (409 until it is finished)."""
+    plan = SimulationConfig.model_validate(study.plan).survival
+    a = study.analysis
+    if plan is None or a is None:
+        raise NotFound(f"Study {study.id!r} is not a survival study.")
+    if "error" in a:
+        raise Conflict(f"The analysis of study {study.id!r} stopped: {a['error']}")
+    if "result" not in a:
+        raise Conflict(f"The analysis of study {study.id!r} is not finished ({a['iterations']} "
+                       f"Newton steps so far); ask again when its status says finished.")
+    r = a["result"]
+    coefficients = {}
+    for name, b, se in zip(a["columns"], r["beta"], r["se"], strict=True):
+        coefficients[name] = {"coefficient": b, "se": se, "hazard_ratio": math.exp(b),
+                              "hr_low": math.exp(b - 1.959964 * se),
+                              "hr_high": math.exp(b + 1.959964 * se)}
+    return SurvivalResponse.model_validate({
+        "study": study.id, "outcome": study.outcome, "columns": a["columns"],
+        "coefficients": coefficients, "covariance": r["covariance"], "center": r["center"],
+        "loglik": r["loglik"], "newton_steps": r["iterations"], "events": r["events"],
+        "sites": a["sites"], "restarts": a.get("restarts", 0), "stratified": plan.stratified,
+        "ties": plan.ties, "grid_step_years": plan.grid_step_years,
+        "max_years": plan.max_years, "horizon_years": plan.horizon_years,
+        "baseline": r.get("baseline"), "baseline_at_horizon": r.get("baseline_at_horizon"),
+        "releases": RELEASES})

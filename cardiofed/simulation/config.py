@@ -18,6 +18,7 @@ from cardiofed.data.model_form import ModelForm, model_form
 from cardiofed.data.study_features import StudyFeatures, catalogue_of
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.schema import Catalogue
+from cardiofed.survival.study import SurvivalPlan
 from cardiofed.training.local import LocalTrainingConfig
 
 # The most rounds a plan runs unless it says: training stops earlier once converged
@@ -43,6 +44,8 @@ class SimulationConfig(BaseModel):
     # A causal attribution study instead of a model (cardiofed.causal.study): networked
     # studies take it from the plan; in simulation `cardiofed attribution` runs one.
     attribution: AttributionPlan | None = None
+    # A federated Cox model instead (cardiofed.survival.study): networked studies only.
+    survival: SurvivalPlan | None = None
     algorithm: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "scaffold"] = "fedavg"
     # The most rounds (default DEFAULT_ROUNDS, or FIXED_ROUNDS where training cannot
     # stop early). Synchronous training stops earlier once the global model's loss on
@@ -155,6 +158,9 @@ class SimulationConfig(BaseModel):
             raise ValueError("fraction_fit samples sites for synchronous rounds; with "
                              "aggregation = 'async' every site trains at its own pace, so "
                              "leave fraction_fit at 1")
+        if self.attribution is not None and self.survival is not None:
+            raise ValueError("a study is an attribution study or a survival study, not "
+                             "both; give one of [attribution] and [survival]")
         if self.dp_epsilon is not None and self.label_quality:
             raise ValueError("label_quality cross-evaluates each site's non-private local "
                              "model at the other sites, a release differential privacy does "
@@ -279,6 +285,12 @@ class SimulationConfig(BaseModel):
     def catalogue(self) -> Catalogue:
         """The features and outcomes the study may use."""
         return catalogue_of(self.study_features)
+
+    @property
+    def analysis(self) -> AttributionPlan | SurvivalPlan | None:
+        """The study's analysis when it is not a model trained in rounds: an attribution
+        or a survival plan (their rounds only exchange sums)."""
+        return self.attribution if self.attribution is not None else self.survival
 
     def model_form(self, encoded_names: list[str]) -> ModelForm | None:
         """The plan's model form over a study's encoded columns (None: raw)."""

@@ -98,7 +98,7 @@ class Study(Base):
     # Sites not revoked (kept by create_study and revoke_site; NULL in databases made
     # before it: counted then).
     active_sites: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    # An attribution study's analysis (cardiofed.causal.study): the state between its
+    # An analysis study's state (cardiofed.causal.study, cardiofed.survival.study) between its
     # steps, then its result or the error that stopped it.
     analysis: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # A regional study relayed into a national one (cardiofed.protocol.relay): its

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -39,8 +40,8 @@ from cardiofed.survival._checks import (
 )
 from cardiofed.survival.kaplan_meier import grid_positions
 
-__all__ = ["CoxFit", "CoxSums", "absolute_risk", "baseline_at", "breslow_baseline",
-           "event_time_grid", "fit_cox", "partial_likelihood", "pooled_sums",
+__all__ = ["CoxFit", "CoxSums", "Newton", "absolute_risk", "baseline_at", "breslow_baseline",
+           "derivatives", "event_time_grid", "fit_cox", "partial_likelihood", "pooled_sums",
            "site_cox_sums"]
 
 TIES = ("efron", "breslow")
@@ -177,53 +178,119 @@ def fit_cox(sums_at: SumsAt, n_covariates: int, *, stratified: bool = False,
     `sums_at(beta)` gathers every site's :class:`CoxSums` at ``beta`` (in process or over a
     network: the fit does not care). ``stratified`` adds the sites' own derivatives (each
     site its own baseline hazard); otherwise their sums are added first (the pooled model).
-    Converged when the largest Newton step is below `tol`."""
+    Converged when the largest Newton step is below `tol`. The steps are those of
+    :class:`Newton`, which a networked study takes one round at a time."""
+    check_newton_settings(ties, max_iter)
+    state = Newton.start(n_covariates)
+    while not state.converged:
+        sites = list(sums_at(state.request))
+        if not sites:
+            raise DataValidationError("fit_cox needs at least one site's sums.")
+        state = state.next(derivatives(sites, stratified, ties), max_iter=max_iter, tol=tol)
+    return state.fit(stratified, ties)
+
+
+def check_newton_settings(ties: str, max_iter: object) -> None:
     if ties not in TIES:
         raise ConfigurationError(f"The 'ties' parameter must be one of {TIES}; got {ties!r}.")
     if not (isinstance(max_iter, int) and max_iter >= 1):
         raise ConfigurationError(f"The 'max_iter' parameter must be an integer >= 1; "
                                  f"got {max_iter!r}.")
 
-    def derivatives(beta: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-        sites = list(sums_at(beta))
-        if not sites:
-            raise DataValidationError("fit_cox needs at least one site's sums.")
-        if stratified:
-            parts = [partial_likelihood(s, ties) for s in sites]
-            return (sum(p[0] for p in parts), np.sum([p[1] for p in parts], axis=0),
-                    np.sum([p[2] for p in parts], axis=0))
-        return partial_likelihood(pooled_sums(sites), ties)
 
-    beta = np.zeros(n_covariates)
-    ll, grad, hess = derivatives(beta)
-    iterations = 0
-    while iterations < max_iter:
-        iterations += 1
-        try:
-            step = np.linalg.solve(-hess, grad)
-        except np.linalg.LinAlgError:
-            raise DataValidationError("The Cox model's information matrix is singular: a "
-                                      "covariate is constant or collinear with others, "
-                                      "or no event is left.") from None
-        trial = beta + step
-        new = derivatives(trial)
-        halvings = 0
-        while not (math.isfinite(new[0]) and new[0] >= ll - 1e-12 * abs(ll)) and halvings < 30:
-            step /= 2
-            trial = beta + step
-            new = derivatives(trial)
-            halvings += 1
-        beta, (ll, grad, hess) = trial, new
-        if np.abs(step).max() < tol:
-            break
-    else:  # every step taken, none small enough
-        raise DataValidationError(f"The Cox fit did not converge in {max_iter} Newton steps "
-                                  f"(monotone likelihood: a covariate separates events "
-                                  f"from survivors?).")
-    covariance = np.linalg.inv(-hess)
-    return CoxFit(beta=beta, se=np.sqrt(np.diag(covariance)), loglik=ll,
-                  iterations=iterations, stratified=stratified, ties=ties,
-                  covariance=covariance)
+Derivatives = tuple[float, np.ndarray, np.ndarray]
+
+
+def derivatives(sites: Sequence[CoxSums], stratified: bool, ties: str) -> Derivatives:
+    """The federation's log partial likelihood, gradient and Hessian from the sites' sums
+    at one ``beta``: the pooled sums' (one baseline), or the sum of each site's own
+    (stratified by site)."""
+    if stratified:
+        parts = [partial_likelihood(s, ties) for s in sites]
+        return (sum(p[0] for p in parts), np.sum([p[1] for p in parts], axis=0),
+                np.sum([p[2] for p in parts], axis=0))
+    return partial_likelihood(pooled_sums(sites), ties)
+
+
+MAX_HALVINGS = 30
+
+
+@dataclass(frozen=True)
+class Newton:
+    """A Newton-Raphson fit between two evaluations of the derivatives: `request` is the
+    ``beta`` they are wanted at next; the accepted point so far, its derivatives and the
+    step being tried (halved while the likelihood falls). JSON round-trips exactly."""
+
+    request: np.ndarray
+    beta: np.ndarray | None = None
+    loglik: float = 0.0
+    gradient: np.ndarray | None = None
+    hessian: np.ndarray | None = None
+    step: np.ndarray | None = None
+    halvings: int = 0
+    iterations: int = 0
+    converged: bool = False
+
+    @classmethod
+    def start(cls, n_covariates: int) -> Newton:
+        return cls(request=np.zeros(n_covariates))
+
+    def next(self, at_request: Derivatives, *, max_iter: int, tol: float) -> Newton:
+        """The state once the derivatives at `request` are known."""
+        ll, grad, hess = at_request
+        if self.beta is None:  # the starting point
+            return _newton_step(self.request, ll, grad, hess, 0)
+        assert self.step is not None
+        if not (math.isfinite(ll) and ll >= self.loglik - 1e-12 * abs(self.loglik)) \
+                and self.halvings < MAX_HALVINGS:
+            step = self.step / 2
+            return replace(self, request=self.beta + step, step=step,
+                           halvings=self.halvings + 1)
+        accepted = replace(self, beta=self.request, loglik=ll, gradient=grad, hessian=hess)
+        if np.abs(self.step).max() < tol:
+            return replace(accepted, converged=True)
+        if self.iterations >= max_iter:
+            raise DataValidationError(f"The Cox fit did not converge in {max_iter} Newton "
+                                      f"steps (monotone likelihood: a covariate separates "
+                                      f"events from survivors?).")
+        return _newton_step(self.request, ll, grad, hess, self.iterations)
+
+    def fit(self, stratified: bool, ties: str) -> CoxFit:
+        """The converged fit (standard errors from the observed information)."""
+        if not self.converged or self.beta is None or self.hessian is None:
+            raise DataValidationError("The Cox fit has not converged yet.")
+        covariance = np.linalg.inv(-self.hessian)
+        return CoxFit(beta=self.beta, se=np.sqrt(np.diag(covariance)), loglik=self.loglik,
+                      iterations=self.iterations, stratified=stratified, ties=ties,
+                      covariance=covariance)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_json(cls, state: dict[str, Any]) -> Newton:
+        def array(key: str) -> np.ndarray | None:
+            return None if state[key] is None else np.asarray(state[key], dtype=np.float64)
+
+        request = array("request")
+        assert request is not None
+        return cls(request=request, beta=array("beta"), gradient=array("gradient"),
+                   hessian=array("hessian"), step=array("step"),
+                   loglik=float(state["loglik"]), halvings=int(state["halvings"]),
+                   iterations=int(state["iterations"]), converged=bool(state["converged"]))
+
+
+def _newton_step(beta: np.ndarray, ll: float, grad: np.ndarray, hess: np.ndarray,
+                 iterations: int) -> Newton:
+    try:
+        step = np.linalg.solve(-hess, grad)
+    except np.linalg.LinAlgError:
+        raise DataValidationError("The Cox model's information matrix is singular: a "
+                                  "covariate is constant or collinear with others, "
+                                  "or no event is left.") from None
+    return Newton(request=beta + step, beta=beta, loglik=ll, gradient=grad, hessian=hess,
+                  step=step, iterations=iterations + 1)
 
 
 def breslow_baseline(sums: CoxSums) -> np.ndarray:

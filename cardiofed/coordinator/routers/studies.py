@@ -19,9 +19,11 @@ from cardiofed.protocol.schemas import (
     SiteAdded,
     StudyCreate,
     StudyCreated,
+    SurvivalResponse,
 )
 from cardiofed.schema import Catalogue, canonical_features
 from cardiofed.serving import attribution as attribution_answer
+from cardiofed.serving.survival import study_report as survival_study_report
 from cardiofed.simulation.config import SimulationConfig
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
@@ -29,16 +31,16 @@ router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
 @router.post("", status_code=201, responses=refusals(401, 403, 409, 413, 422))
 def create_study(body: StudyCreate, db: DB, key: Admin, clock: Clock) -> StudyCreated:
-    """A model study (feature_names and feature_ranges required), or an attribution study
-    (plan.attribution: its columns are its covariates' encoding)."""
+    """A model study (feature_names and feature_ranges required), or an analysis study
+    (plan.attribution or plan.survival: its columns are its covariates' encoding)."""
     try:
         plan = SimulationConfig.create(**body.plan)
     except ConfigurationError as exc:
         raise InvalidUpdate(str(exc)) from None
     catalogue = plan.catalogue()  # the built-in features and the study's own
     ranges: Sequence[Sequence[float]]
-    if plan.attribution is not None:
-        names = attribution.columns_of(plan.attribution, catalogue)
+    if plan.analysis is not None:
+        names = attribution.columns_of(plan.analysis, catalogue)
         ranges = feature_ranges_for(names, catalogue)
     else:
         names, ranges = _model_columns(body, catalogue)
@@ -56,7 +58,7 @@ def _model_columns(body: StudyCreate, catalogue: Catalogue
                    ) -> tuple[list[str], list[list[float]]]:
     if body.feature_names is None or body.feature_ranges is None:
         raise InvalidUpdate("A model study needs feature_names and feature_ranges (only an "
-                            "attribution study, plan.attribution, derives them).")
+                            "analysis study, plan.attribution or plan.survival, derives them).")
     if len(body.feature_ranges) != len(body.feature_names):
         raise InvalidUpdate("feature_ranges needs one (low, high) per feature name.")
     bad = [f"{name}: {list(r)}" for name, r in zip(body.feature_names, body.feature_ranges,
@@ -103,6 +105,16 @@ def attribution_result(study_id: str, db: DB, clock: Clock,
     overlap and card (admin, viewer or member site); 409 until it is finished."""
     _reader(db, credential, clock, study_id)
     return attribution_answer.report(studies.get_study(db, study_id))
+
+
+@router.get("/{study_id}/survival", responses=refusals(401, 403, 404, 409, 413, 422))
+def survival_result(study_id: str, db: DB, clock: Clock,
+                    credential: Credential) -> SurvivalResponse:
+    """A finished survival study's Cox model: coefficients with standard errors and
+    hazard ratios, and Breslow's baseline hazard on the grid (admin, viewer or member
+    site); 409 until it is finished."""
+    _reader(db, credential, clock, study_id)
+    return survival_study_report(studies.get_study(db, study_id))
 
 
 @router.post("/{study_id}/sites/{site_name}/revoke", status_code=204,

@@ -1,0 +1,229 @@
+"""A federated Cox model as a networked study: rounds that only exchange sums.
+
+Every round the coordinator sends the coefficients ``beta`` it wants the federation's
+derivatives at (and a public centre); each site returns, from its own rows:
+
+* the pooled model (one baseline hazard): its :class:`~cardiofed.survival.cox.CoxSums` on
+  the plan's public time grid, which the coordinator adds;
+* stratified by site (each site its own baseline): its own log partial likelihood,
+  gradient and Hessian, which add across sites.
+
+The coordinator then takes one move of :class:`~cardiofed.survival.cox.Newton` (a Newton
+step, or a halving of it when the likelihood fell), exactly as
+:func:`~cardiofed.survival.cox.fit_cox` does in process, so the networked fit equals the
+simulator's. Once converged, the result holds the coefficients, their covariance and,
+for the pooled model, Breslow's baseline hazard on the grid. The state between rounds
+is JSON.
+
+The grid is public and declared in the plan (``grid_step_years`` up to ``max_years``):
+event times are carried up to it, censorings down (what the sums reveal is counts per
+grid interval, never a patient's time). The sums are exact: a site takes part only if
+it is non-private and opted in (``opt_in = ["exact_survival"]``); there is no private
+release of Cox sums yet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cardiofed._pydantic import validation_problems
+from cardiofed.exceptions import ConfigurationError, DataValidationError
+from cardiofed.survival.cox import (
+    CoxSums,
+    Newton,
+    baseline_at,
+    breslow_baseline,
+    partial_likelihood,
+    site_cox_sums,
+)
+
+STEPS = ("cox", "done")
+# |x beta| over the site's ranges stays below this (exp stays far from overflow)
+MAX_ETA = 500.0
+Arrays = dict[str, np.ndarray]
+_SUMS = ("events", "event_x", "event_eta", "risk0", "risk1", "risk2", "tied0", "tied1",
+         "tied2")
+
+
+class SurvivalPlan(BaseModel):
+    """What a survival study fits: a Cox model of the covariates (features of the schema or
+    of the study's own feature file), on a public time grid; the event is the mapping's
+    outcome and the time its ``[follow_up]``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    covariates: list[str] = Field(min_length=1)
+    grid_step_years: float = Field(1 / 12, gt=0, le=5, description=(
+        "the public grid's spacing (default a month): times are carried to it"))
+    max_years: float = Field(20.0, gt=0, le=120, description="the grid's last point")
+    stratified: bool = Field(False, description="each site its own baseline hazard")
+    ties: Literal["efron", "breslow"] = "efron"
+    horizon_years: float = Field(10.0, gt=0, le=120, description=(
+        "the horizon of the absolute risk the result reports"))
+    max_newton: int = Field(30, ge=1, le=100, description="the most Newton steps")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SurvivalPlan:
+        if len(set(self.covariates)) != len(self.covariates):
+            raise ValueError(f"covariates: {self.covariates} names one twice")
+        if self.grid_step_years > self.max_years:
+            raise ValueError(f"grid_step_years {self.grid_step_years:g} is beyond max_years "
+                             f"{self.max_years:g}")
+        if self.grid.size > 2_000:
+            raise ValueError(f"the grid has {self.grid.size} points (max_years / "
+                             f"grid_step_years); at most 2000")
+        return self
+
+    @property
+    def grid(self) -> np.ndarray:
+        """The public time grid, in years."""
+        k = math.floor(self.max_years / self.grid_step_years + 1e-9)
+        return self.grid_step_years * np.arange(1, k + 1)
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> SurvivalPlan:
+        """Validated, or a ConfigurationError naming each bad parameter and its value."""
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigurationError(f"Invalid survival plan: "
+                                     f"{validation_problems(exc, 'plan', values=True)}."
+                                     ) from None
+
+
+def start(plan: SurvivalPlan, columns: list[str],
+          ranges: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """The state before the first round: ``beta`` 0, the covariates centred at the middle
+    of their schema ranges (public)."""
+    if len(ranges) != len(columns):
+        raise ConfigurationError("A survival study needs the schema's range of every "
+                                 "covariate column.")
+    center = [(float(lo) + float(hi)) / 2 for lo, hi in ranges]
+    newton = Newton.start(len(columns))
+    return {"step": "cox", "columns": columns, "iterations": 0,
+            "inputs": {"beta": newton.request.tolist(), "center": center},
+            "newton": newton.to_json()}
+
+
+def expected_arrays(plan: SurvivalPlan, step: str, k: int) -> dict[str, tuple[int, ...]]:
+    """The arrays a site sends for `step` (`k` covariate columns)."""
+    if step != "cox":
+        raise ConfigurationError(f"A survival study has no step {step!r}.")
+    if plan.stratified:
+        return {"loglik": (1,), "gradient": (k,), "hessian": (k, k), "events": (1,)}
+    g = plan.grid.size
+    return {"events": (g,), "event_x": (g, k), "event_eta": (g,), "risk0": (g,),
+            "risk1": (g, k), "risk2": (g, k, k), "tied0": (g,), "tied1": (g, k),
+            "tied2": (g, k, k)}
+
+
+def check_state(plan: SurvivalPlan, state: dict[str, Any],
+                ranges: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """The state's ``beta`` and centre, refused unless they fit the columns and keep
+    ``|(x - centre) beta|`` below :data:`MAX_ETA` for every x within the site's `ranges`
+    (a bound from the ranges, not from the rows)."""
+    k = len(state["columns"])
+    beta = np.asarray(state["inputs"]["beta"], dtype=np.float64)
+    center = np.asarray(state["inputs"]["center"], dtype=np.float64)
+    if beta.shape != (k,) or center.shape != (k,) or len(ranges) != k:
+        raise ConfigurationError(f"beta and center must have one value per covariate column "
+                                 f"({k}).")
+    if not (np.isfinite(beta).all() and np.isfinite(center).all()):
+        raise ConfigurationError("beta and center must be finite.")
+    low = np.array([r[0] for r in ranges], dtype=np.float64)
+    high = np.array([r[1] for r in ranges], dtype=np.float64)
+    if ((center < low) | (center > high)).any():
+        raise ConfigurationError("The centre lies outside the covariates' ranges.")
+    reach = np.maximum(high - center, center - low)
+    if float(np.abs(beta) @ reach) > MAX_ETA:
+        raise ConfigurationError(f"These coefficients give |x beta| above {MAX_ETA:g} within "
+                                 f"the covariates' ranges.")
+    return beta, center
+
+
+def site_step(plan: SurvivalPlan, state: dict[str, Any], time: np.ndarray,
+              event: np.ndarray, x: np.ndarray, ranges: Sequence[Sequence[float]]) -> Arrays:
+    """What a site sends for the round in `state`: its sums (pooled) or its own
+    derivatives (stratified), on its rows clipped to its `ranges`."""
+    beta, center = check_state(plan, state, ranges)
+    low = np.array([r[0] for r in ranges], dtype=np.float64)
+    high = np.array([r[1] for r in ranges], dtype=np.float64)
+    sums = site_cox_sums(time, event, np.clip(x, low, high), beta, plan.grid, center=center)
+    if plan.stratified:
+        ll, grad, hess = partial_likelihood(sums, plan.ties)
+        return {"loglik": np.array([ll]), "gradient": grad, "hessian": hess,
+                "events": np.array([float(sums.events.sum())])}
+    return {name: np.asarray(getattr(sums, name), dtype=np.float64) for name in _SUMS}
+
+
+def check_sums(plan: SurvivalPlan, arrays: Arrays) -> None:
+    """What one site's sums must satisfy beyond their names, shapes and finiteness (which
+    the coordinator checks for every analysis): sums of ``exp(x beta)`` are >= 0, a risk
+    set holds its tied events and is not empty where events are; a log partial likelihood
+    is <= 0 and its Hessian symmetric."""
+    if plan.stratified:
+        hess = arrays["hessian"]
+        if arrays["loglik"][0] > 0 or not np.allclose(hess, hess.T, rtol=1e-9, atol=1e-9):
+            raise DataValidationError("A site's log partial likelihood must be <= 0 and its "
+                                      "Hessian symmetric.")
+        return
+    r0, t0 = arrays["risk0"], arrays["tied0"]
+    if (r0 < 0).any() or (t0 < 0).any() or (t0 > r0 * (1 + 1e-9)).any() \
+            or ((arrays["events"] > 0) & (r0 <= 0)).any() \
+            or ((arrays["events"] == 0) & (t0 != 0)).any():
+        raise DataValidationError("Cox sums of exp(x beta) must be >= 0, hold their tied "
+                                  "events, and be > 0 where a grid point has events.")
+
+
+def next_state(plan: SurvivalPlan, state: dict[str, Any], totals: Arrays) -> dict[str, Any]:
+    """The coordinator's move once every site's arrays of the round are summed; a fit that
+    cannot go on raises a :class:`~cardiofed.exceptions.CardioFedError`."""
+    if state["step"] != "cox":
+        raise ConfigurationError(f"The analysis is {state['step']!r}; nothing comes next.")
+    if float(totals["events"].sum()) < 1:
+        raise DataValidationError("No site has an event on the grid: a Cox model cannot be "
+                                  "fitted.")
+    check_sums(plan, totals)
+    with np.errstate(all="ignore"):
+        try:
+            if plan.stratified:
+                derivs = (float(totals["loglik"][0]), totals["gradient"], totals["hessian"])
+            else:
+                derivs = partial_likelihood(CoxSums(**{k: totals[k] for k in _SUMS}),
+                                            plan.ties)
+            newton = Newton.from_json(state["newton"]).next(derivs, max_iter=plan.max_newton,
+                                                            tol=1e-10)
+            if not (np.isfinite(newton.request).all() and math.isfinite(newton.loglik)):
+                raise ValueError("non-finite coefficients")
+        except (ValueError, ZeroDivisionError, OverflowError, np.linalg.LinAlgError) as exc:
+            raise DataValidationError(f"The Cox fit cannot go on from these sums: "
+                                      f"{exc}.") from None
+    state = {**state, "newton": newton.to_json(), "iterations": newton.iterations,
+             "inputs": {**state["inputs"], "beta": newton.request.tolist()}}
+    if newton.converged:
+        with np.errstate(all="ignore"):
+            try:
+                fit = newton.fit(plan.stratified, plan.ties)
+            except np.linalg.LinAlgError:
+                fit = None
+        if fit is None or not (np.isfinite(fit.se).all() and np.isfinite(fit.covariance).all()):
+            raise DataValidationError("The Cox fit converged to a point whose information "
+                                      "matrix is not positive definite.")
+        result: dict[str, Any] = {
+            "beta": fit.beta.tolist(), "se": fit.se.tolist(),
+            "covariance": fit.covariance.tolist(), "loglik": fit.loglik,
+            "iterations": fit.iterations, "events": float(totals["events"].sum()),
+            "center": state["inputs"]["center"], "stratified": plan.stratified,
+            "ties": plan.ties}
+        if not plan.stratified:  # the sums are at the fitted beta: Breslow's baseline
+            baseline = breslow_baseline(CoxSums(**{k: totals[k] for k in _SUMS}))
+            result["baseline"] = baseline.tolist()
+            result["horizon_years"] = plan.horizon_years
+            result["baseline_at_horizon"] = baseline_at(baseline, plan.grid,
+                                                        plan.horizon_years)
+        state = {**state, "step": "done", "result": result}
+    return state

@@ -1,0 +1,226 @@
+"""A federated Cox model as a networked study: coordinator and nodes in-process (ASGI
+transport) fit exactly what the in-process fit gives on the same rows; bad plans,
+payloads, states and sites are refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_coordinator import Federation, _until_done  # type: ignore[import-not-found]
+
+from cardiofed.data.dataset import feature_ranges_for
+from cardiofed.exceptions import ConfigurationError, TaskRefused
+from cardiofed.schema import CATALOGUE, encoded_feature_names
+from cardiofed.node.agent import NodeAgent
+from cardiofed.node.config import DataSource
+from cardiofed.node.work import survival_rows
+from cardiofed.survival.cox import fit_cox, site_cox_sums
+from cardiofed.survival.study import MAX_ETA, SurvivalPlan, check_state, start
+from cardiofed.wire import encode_arrays
+
+SITES = ["tier3_01", "tier2_01", "community_01", "community_02"]
+COVARIATES = ["age", "sex", "total_cholesterol", "hdl_cholesterol", "systolic_bp",
+              "current_smoker", "diabetes"]
+COLUMNS = encoded_feature_names(COVARIATES, CATALOGUE)  # sex -> sex=male
+SURVIVAL: dict[str, object] = {"covariates": COVARIATES, "grid_step_years": 0.25,
+                               "max_years": 16.0}
+
+
+def _federation(tmp: Path, survival: dict[str, object] | None = None,
+                **study: object) -> Federation:
+    return Federation(tmp, study={"plan": {"survival": survival or SURVIVAL},
+                                  "sites": SITES, "feature_names": None,
+                                  "feature_ranges": None, "outcome": "cvd_10y", **study})
+
+
+def exact(fed: Federation, site: str, **settings: object) -> NodeAgent:
+    """A non-private node that opted in to exact Cox sums."""
+    return fed.agent(site, opt_in=["exact_survival"], **settings)
+
+
+def _result(fed: Federation) -> dict[str, object]:
+    response = fed.client.get("/v1/studies/s1/survival", headers=fed.auth(fed.admin))
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def _in_process(plan: SurvivalPlan, sites: list[str] = SITES):  # type: ignore[no-untyped-def]
+    """The same rows, clipped to the same ranges, fitted by fit_cox in one process."""
+    ranges = feature_ranges_for(COLUMNS)
+    low, high = np.array(ranges).T
+    rows = [survival_rows(DataSource(dataset="synthetic", site=s, seed=0), COLUMNS,
+                          "cvd_10y") for s in sites]
+    center = start(plan, COLUMNS, ranges)["inputs"]["center"]
+    return fit_cox(lambda beta: [site_cox_sums(t, e, np.clip(x, low, high), beta, plan.grid,
+                                               center=center) for t, e, x in rows],
+                   len(COVARIATES), stratified=plan.stratified, ties=plan.ties,
+                   max_iter=plan.max_newton)
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_networked_cox_equals_the_in_process_fit(tmp_path: Path, stratified: bool) -> None:
+    fed = _federation(tmp_path, {**SURVIVAL, "stratified": stratified})
+    assert fed.client.get("/v1/studies/s1/survival",
+                          headers=fed.auth(fed.admin)).status_code == 409  # not yet
+    _until_done(fed, [exact(fed, s) for s in SITES])
+    status = fed.status()
+    assert status["attribution"]["kind"] == "survival"
+    assert status["attribution"]["finished"] and status["attribution"]["sites"] == SITES
+    body = _result(fed)
+    expected = _in_process(SurvivalPlan(**{**SURVIVAL, "stratified": stratified}))
+    got = np.array([body["coefficients"][c]["coefficient"] for c in COLUMNS])
+    se = np.array([body["coefficients"][c]["se"] for c in COLUMNS])
+    np.testing.assert_allclose(got, expected.beta, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(se, expected.se, rtol=0, atol=1e-9)
+    assert body["newton_steps"] == expected.iterations
+    assert body["loglik"] == pytest.approx(expected.loglik, abs=1e-8)
+    assert body["coefficients"]["age"]["hazard_ratio"] > 1  # older, more events
+    if stratified:
+        assert body["baseline"] is None and body["baseline_at_horizon"] is None
+    else:
+        baseline = np.array(body["baseline"])
+        assert baseline.size == 64 and (np.diff(baseline) >= 0).all()
+        assert body["baseline_at_horizon"] == baseline[39]  # 10 years: the 40th point
+    # One round per derivative evaluation: the start, each step and any halving.
+    assert status["round"] >= expected.iterations
+
+
+def test_a_private_site_refuses_and_a_non_private_one_needs_the_opt_in(
+        tmp_path: Path) -> None:
+    fed = _federation(tmp_path)
+    plain = fed.agent(SITES[0])  # privacy off, no opt-in
+    private = fed.agent(SITES[1], privacy={"epsilon_max": 4.0, "delta": 1e-6,
+                                           "ledger_dir": str(tmp_path / "ledger")})
+    fed.step([plain, private])
+    reasons = " ".join(r["reason"] for r in fed.status()["refusals"])
+    assert "opt_in = [\"exact_survival\"]" in reasons
+    assert "Cox sums have no private release yet" in reasons
+
+
+@pytest.mark.parametrize(("survival", "message"), [
+    ({"covariates": ["age", "no_such_feature"]}, "no_such_feature"),
+    ({"covariates": ["age", "age"]}, "names one twice"),
+    ({"covariates": ["age"], "grid_step_years": 0}, "grid_step_years"),
+    ({"covariates": ["age"], "grid_step_years": 0.01, "max_years": 100}, "at most 2000"),
+    ({"covariates": ["age"], "ties": "exact"}, "ties"),
+])
+def test_bad_survival_plans_are_refused_by_name(tmp_path: Path, survival: dict[str, object],
+                                                message: str) -> None:
+    with pytest.raises(AssertionError, match=message):
+        _federation(tmp_path, survival)
+
+
+def test_a_plan_is_an_attribution_or_a_survival_study_not_both(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError, match="not both"):
+        Federation(tmp_path, study={
+            "plan": {"survival": SURVIVAL, "attribution": {"covariates": ["age"]}},
+            "sites": SITES, "feature_names": None, "feature_ranges": None,
+            "outcome": "cvd_10y"})
+
+
+def test_malformed_sums_are_refused_with_a_reason(tmp_path: Path) -> None:
+    fed = _federation(tmp_path)
+    credential = exact(fed, SITES[0]).credential()
+    manifest = {"study": "s1", "round": "0", "model_version": "0", "site": SITES[0]}
+    good = _zero_sums(64, len(COLUMNS))
+    for arrays, reason in [({"events": np.ones(3)}, "must hold exactly"),
+                           ({**good, "events": -np.ones(64)}, "counts patients"),
+                           ({**good, "events": np.full(64, 0.5)}, "counts patients"),
+                           ({**good, "risk0": np.full(64, np.inf)}, "non-finite"),
+                           ({**good, "extra": np.zeros(1)}, "must hold exactly")]:
+        r = fed.client.post("/v1/studies/s1/rounds/0/updates", headers=fed.auth(credential),
+                            content=encode_arrays(arrays, manifest))
+        assert r.status_code == 422 and reason in r.json()["detail"], r.text
+
+
+def _zero_sums(g: int, k: int) -> dict[str, np.ndarray]:
+    return {"events": np.zeros(g), "event_x": np.zeros((g, k)), "event_eta": np.zeros(g),
+            "risk0": np.zeros(g), "risk1": np.zeros((g, k)), "risk2": np.zeros((g, k, k)),
+            "tied0": np.zeros(g), "tied1": np.zeros((g, k)), "tied2": np.zeros((g, k, k))}
+
+
+def test_a_site_whose_export_has_no_follow_up_refuses(tmp_path: Path) -> None:
+    with pytest.raises(TaskRefused, match="no follow-up times"):
+        survival_rows(DataSource(dataset="framingham", site="x", seed=0), COLUMNS, None)
+
+
+RANGES = feature_ranges_for(COLUMNS)
+CENTER = [(lo + hi) / 2 for lo, hi in RANGES]
+
+
+@settings(max_examples=200, deadline=None)
+@given(beta=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64),
+                     min_size=len(COLUMNS), max_size=len(COLUMNS)))
+def test_the_node_computes_only_at_coefficients_that_cannot_overflow(
+        beta: list[float]) -> None:
+    """Whatever coefficients a coordinator sends, the node either refuses before it looks
+    at a row (a bound from its ranges, not its data) or every exp(x beta) is finite."""
+    plan = SurvivalPlan(covariates=COVARIATES)
+    state = {"step": "cox", "columns": COLUMNS, "iterations": 0,
+             "inputs": {"beta": beta, "center": CENTER}}
+    try:
+        b, c = check_state(plan, state, RANGES)
+    except ConfigurationError:
+        return
+    low, high = np.array(RANGES).T
+    corners = np.where(b > 0, high, low), np.where(b > 0, low, high)
+    for x in corners:
+        assert abs(float((x - c) @ b)) <= MAX_ETA
+
+
+def test_a_centre_outside_the_ranges_or_the_wrong_shape_is_refused() -> None:
+    plan = SurvivalPlan(covariates=COVARIATES)
+    for inputs in ({"beta": [0.0] * 7, "center": [1e9] * 7},
+                   {"beta": [0.0] * 6, "center": CENTER}):
+        with pytest.raises(ConfigurationError):
+            check_state(plan, {"columns": COLUMNS, "inputs": inputs}, RANGES)
+
+
+def _arrays(plan: SurvivalPlan, k: int, data: st.DataObject) -> dict[str, np.ndarray]:
+    """Arbitrary finite sums of the right shapes; counts whole and >= 0, and the sums of
+    exp(x beta) >= 0 with the tied part within the risk set, as the coordinator's payload
+    checks let through (every other constraint is up to check_sums)."""
+    from cardiofed.survival.study import expected_arrays
+
+    finite = st.floats(min_value=-1e12, max_value=1e12, allow_nan=False, width=64)
+    out = {}
+    for name, shape in expected_arrays(plan, "cox", k).items():
+        size = int(np.prod(shape))
+        values = data.draw(st.lists(finite, min_size=size, max_size=size), label=name)
+        out[name] = np.array(values, dtype=np.float64).reshape(shape)
+    out["events"] = np.round(np.abs(out["events"]) % 5)
+    if not plan.stratified:
+        out["tied0"] = np.where(out["events"] > 0, np.abs(out["tied0"]), 0.0)
+        out["risk0"] = out["tied0"] + np.abs(out["risk0"])
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(stratified=st.booleans(), data=st.data())
+def test_whatever_sums_a_site_sends_the_coordinator_refuses_or_fits_never_crashes(
+        stratified: bool, data: st.DataObject) -> None:
+    """A site's sums pass the checks or are refused by name; summed sums move the fit or
+    stop it with a CardioFedError, and anything it asks for next is finite."""
+    from cardiofed.exceptions import CardioFedError
+    from cardiofed.survival.study import check_sums, next_state
+
+    k = 2
+    plan = SurvivalPlan(covariates=["age", "systolic_bp"], grid_step_years=2.0,
+                        max_years=6.0, stratified=stratified)
+    state = start(plan, ["age", "systolic_bp"], [(20.0, 100.0), (60.0, 250.0)])
+    for _ in range(3):
+        arrays = _arrays(plan, k, data)
+        try:
+            check_sums(plan, arrays)
+            state = next_state(plan, state, arrays)
+        except CardioFedError as exc:
+            assert str(exc)  # refused or stopped by name
+            return
+        assert np.isfinite(state["inputs"]["beta"]).all()
+        if state["step"] == "done":
+            assert np.isfinite(state["result"]["se"]).all()
+            return
