@@ -544,6 +544,49 @@ def test_attribution_study_over_loopback_equals_the_simulator(
     assert "lipid_lowering on cvd_10y" in (report / "attribution.html").read_text()
 
 
+def test_survival_study_over_loopback_equals_the_in_process_fit(
+        procs: Processes, shared: Coordinator) -> None:
+    """``cardiofed admin create-study`` with a [survival] plan, three nodes over loopback
+    HTTP: the federated Cox model is fit_cox's on the nodes' rows, the nodes sent sums
+    only, and ``cardiofed admin survival-report`` writes the model and prints it."""
+    import numpy as np
+
+    from cardiofed.data.dataset import feature_ranges_for
+    from cardiofed.node.config import DataSource
+    from cardiofed.node.work import survival_rows
+    from cardiofed.schema import CATALOGUE, encoded_feature_names
+    from cardiofed.survival.cox import fit_cox, site_cox_sums
+    from cardiofed.survival.study import SurvivalPlan, start
+
+    plan = {"covariates": ["age", "sex", "systolic_bp", "current_smoker"],
+            "grid_step_years": 0.5, "max_years": 16.0}
+    fed = Federation(procs, shared, "cox", "synthetic", SYN_SITES, {"survival": plan},
+                     node_settings={s: {"opt_in": ["exact_survival"]} for s in SYN_SITES})
+    agents = fed.run_here()
+
+    with shared.client() as client:
+        result = client.get("/v1/studies/cox/survival").json()
+    columns = encoded_feature_names(plan["covariates"], CATALOGUE)  # type: ignore[arg-type]
+    ranges = feature_ranges_for(columns)
+    low, high = np.array(ranges).T
+    rows = [survival_rows(DataSource(dataset="synthetic", site=s, seed=0), columns,
+                          "cvd_10y") for s in SYN_SITES]
+    survival = SurvivalPlan(**plan)  # type: ignore[arg-type]
+    center = start(survival, columns, ranges)["inputs"]["center"]
+    expected = fit_cox(lambda beta: [site_cox_sums(t, e, np.clip(x, low, high), beta,
+                                                   survival.grid, center=center)
+                                     for t, e, x in rows], len(columns))
+    got = [result["coefficients"][c]["coefficient"] for c in columns]
+    np.testing.assert_allclose(got, expected.beta, rtol=0, atol=1e-9)
+    assert {e["kind"] for e in agents[0].outbound.entries()} == {"cox"}
+    report = procs.root / "cox-report"
+    done = in_process("admin", "survival-report", "--url", shared.url, "--admin-key-file",
+                      str(shared.key_file), "--study", "cox", "--out", str(report))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "hazard ratio" in done.stdout and "current_smoker" in done.stdout
+    assert json.loads((report / "survival.json").read_text())["study"] == "cox"
+
+
 def test_coordinator_sigkill_mid_training_loses_nothing(
         procs: Processes, coordinators: dict[str, Coordinator],
         synthetic_reference: ExperimentResult) -> None:

@@ -224,3 +224,40 @@ def test_whatever_sums_a_site_sends_the_coordinator_refuses_or_fits_never_crashe
         if state["step"] == "done":
             assert np.isfinite(state["result"]["se"]).all()
             return
+
+
+def test_exports_with_follow_up_fit_over_the_network_and_the_dashboard_shows_it(
+        tmp_path: Path) -> None:
+    """Nodes on their own CSV exports (each mapping's [follow_up], in days): the networked
+    fit equals fit_cox on the rows the nodes load, and treatment halves the hazard."""
+    from test_dashboard import _login  # type: ignore[import-not-found]
+    from test_survival_serving import _survival_export  # type: ignore[import-not-found]
+
+    covariates = ["age", "sex", "bp_treated"]
+    columns = encoded_feature_names(covariates, CATALOGUE)
+    plan = {"covariates": covariates, "grid_step_years": 0.5, "max_years": 12.0}
+    files = {s: _survival_export(tmp_path, s, k) for k, s in enumerate(SITES)}
+    fed = _federation(tmp_path, plan)
+    ui = _login(fed, fed.admin)
+    _until_done(fed, [exact(fed, s, data={"csv": str(files[s][0]),
+                                          "mapping": str(files[s][1])}) for s in SITES])
+    body = _result(fed)
+    ranges = feature_ranges_for(columns)
+    low, high = np.array(ranges).T
+    rows = [survival_rows(DataSource(csv=files[s][0], mapping=files[s][1]), columns,
+                          "cvd_10y") for s in SITES]
+    survival_plan = SurvivalPlan(**plan)
+    center = start(survival_plan, columns, ranges)["inputs"]["center"]
+    expected = fit_cox(lambda beta: [site_cox_sums(t, e, np.clip(x, low, high), beta,
+                                                   survival_plan.grid, center=center)
+                                     for t, e, x in rows], len(columns))
+    got = np.array([body["coefficients"][c]["coefficient"] for c in columns])
+    np.testing.assert_allclose(got, expected.beta, rtol=0, atol=1e-9)
+    assert 0.3 < body["coefficients"]["bp_treated"]["hazard_ratio"] < 0.8  # truth 0.5
+    page = ui.get("/ui/studies/s1")
+    assert page.status_code == 200 and 'id="cox"' in page.text and "Survival" in page.text
+    assert f'{body["coefficients"]["age"]["hazard_ratio"]:.3f}' in page.text
+    # A site whose mapping names another outcome refuses by name.
+    with pytest.raises(TaskRefused, match="mapping labels 'cvd_10y'"):
+        survival_rows(DataSource(csv=files[SITES[0]][0], mapping=files[SITES[0]][1]),
+                      columns, "chd_10y")

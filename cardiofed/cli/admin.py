@@ -139,6 +139,34 @@ def attribution_report(
     console.print(f"Report: {out / 'attribution.html'}")
 
 
+@admin_app.command("survival-report")
+def survival_report(
+    study: Annotated[str, typer.Option(help="A finished survival study.")],
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("cardiofed-survival"),
+    url: Url = "https://127.0.0.1:8443",
+    admin_key_file: KeyFile = Path("cardiofed-admin.key"),
+    ca_file: CaFile = None,
+) -> None:
+    """Write a networked survival study's Cox model (survival.json) and print its hazard
+    ratios."""
+    with _admin_client(url, admin_key_file, ca_file) as client:
+        body = _checked(client.get(f"/v1/studies/{study}/survival")).json()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "survival.json").write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+    table = Table(title=escape(
+        f"Survival study {study}: Cox model of {body['outcome']}, "
+        f"{'stratified by site' if body['stratified'] else 'one baseline hazard'}, "
+        f"{body['events']:g} events at {len(body['sites'])} sites"))
+    table.add_column("column", overflow="fold")
+    for heading in ("coefficient", "SE", "hazard ratio (95% CI)"):
+        table.add_column(heading, justify="right", no_wrap=True)
+    for name, c in body["coefficients"].items():
+        table.add_row(escape(name), f"{c['coefficient']:+.4f}", f"{c['se']:.4f}",
+                      f"{c['hazard_ratio']:.3f} ({c['hr_low']:.3f}-{c['hr_high']:.3f})")
+    console.print(table)
+    console.print(f"Report: {out / 'survival.json'}")
+
+
 @admin_app.command("new-key")
 def new_key(key_file: Annotated[Path, typer.Option(help="Where to write the new credential "
                                                     "(must not exist).")],

@@ -34,6 +34,7 @@ from cardiofed.experiments.acceptability import (
     interval_text,
 )
 from cardiofed.serving import attribution as attribution_answer
+from cardiofed.serving.survival import study_report as survival_report
 from cardiofed.store import (
     AdminKey,
     AuditEvent,
@@ -189,8 +190,11 @@ def study_page(study_id: str, db: DB, login: OptionalLogin, clock: Clock) -> Res
         return _page("error.html", exc.status_code, login=login, message=str(exc))
     state = status.status(db, study, clock)
     finished = (study.analysis or {}).get("result") is not None
+    survival = finished and study.plan.get("survival") is not None
     return _page("study.html", login=login, study=study, state=state,
-                 attribution=attribution_answer.report(study).model_dump() if finished else None,
+                 attribution=attribution_answer.report(study).model_dump()
+                 if finished and not survival else None,
+                 survival=survival_report(study).model_dump() if survival else None,
                  sites=_sites(db, study, state), rounds=_rounds(db, study, clock),
                  models=_models(db, study), charts=_auc_charts(db, study),
                  refresh=REFRESH_S if study.phase != "done" else 0, quote=quote)
