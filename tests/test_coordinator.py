@@ -784,7 +784,8 @@ def test_node_audit_finds_no_record_values_in_what_was_sent(fed: Federation) -> 
      "Invalid node config: config: opt_in applies to a non-private site (privacy "
      "= \"off\"); a private site's releases carry noise whatever the plan."),
     ({"data": {"dataset": "synthetic", "site": "a"}, "privacy": "off", "opt_in": ["everything"]},
-     "Invalid node config: opt_in.0: Input should be 'small_batches', 'exact_attribution' or 'exact_survival'."),
+     "Invalid node config: opt_in.0: Input should be 'small_batches', 'exact_attribution' "
+     "or 'exact_survival'."),
     ({"data": {"dataset": "synthetic", "site": "a"},
       "privacy": {"epsilon_max": 1.0, "reset_privacy_ledger": True}},
      "Invalid node config: privacy.reset_privacy_ledger is no longer a setting (left in a "

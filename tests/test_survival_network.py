@@ -14,10 +14,10 @@ from test_coordinator import Federation, _until_done  # type: ignore[import-not-
 
 from cardiofed.data.dataset import feature_ranges_for
 from cardiofed.exceptions import ConfigurationError, TaskRefused
-from cardiofed.schema import CATALOGUE, encoded_feature_names
 from cardiofed.node.agent import NodeAgent
 from cardiofed.node.config import DataSource
 from cardiofed.node.work import survival_rows
+from cardiofed.schema import CATALOGUE, encoded_feature_names
 from cardiofed.survival.cox import fit_cox, site_cox_sums
 from cardiofed.survival.study import MAX_ETA, SurvivalPlan, check_state, start
 from cardiofed.wire import encode_arrays
