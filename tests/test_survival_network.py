@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from test_coordinator import Federation, _until_done  # type: ignore[import-not-found]
 
 from cardiofed.data.dataset import feature_ranges_for
-from cardiofed.exceptions import ConfigurationError, TaskRefused
+from cardiofed.exceptions import ConfigurationError, NotFound, TaskRefused
 from cardiofed.node.agent import NodeAgent
 from cardiofed.node.config import DataSource
 from cardiofed.node.work import survival_rows
@@ -87,6 +87,30 @@ def test_networked_cox_equals_the_in_process_fit(tmp_path: Path, stratified: boo
         assert body["baseline_at_horizon"] == baseline[39]  # 10 years: the 40th point
     # One round per derivative evaluation: the start, each step and any halving.
     assert status["round"] >= expected.iterations
+    _check_served(fed, body, stratified)
+
+
+def _check_served(fed: Federation, body: dict[str, object], stratified: bool) -> None:
+    """The model with one baseline is registered as version 1 and scores the Cox risk by
+    the horizon; a stratified one is not registered."""
+    from cardiofed.serving import registry
+    from cardiofed.store import session_factory
+
+    with session_factory(fed.settings.database_url)() as db:
+        if stratified:
+            assert registry.promoted_or_none(db) is None
+            with pytest.raises(NotFound, match="No model version 's1-v1'"):
+                registry.load(db, "s1-v1")
+            return
+        model = registry.load(db, "s1-v1")
+    assert model.card.model == "cox" and model.card.horizon_years == 10.0
+    assert model.card.link == "cloglog"
+    center = np.array(body["center"])
+    beta = np.array([body["coefficients"][c]["coefficient"] for c in COLUMNS])  # type: ignore[index]
+    x = np.array([[55.0, 1.0, 210.0, 50.0, 130.0, 1.0, 0.0],
+                  [70.0, 0.0, 180.0, 60.0, 150.0, 0.0, 1.0]])
+    expected = -np.expm1(-body["baseline_at_horizon"] * np.exp((x - center) @ beta))  # type: ignore[operator]
+    np.testing.assert_allclose(model.risk(x), expected, rtol=1e-9)
 
 
 def test_a_private_site_refuses_and_a_non_private_one_needs_the_opt_in(

@@ -117,6 +117,8 @@ def close_round(db: Session, study: Study, plan: Analysis, rnd: Round,
     study.analysis = state
     if state["step"] == "done":
         study.phase = "done"
+        if isinstance(plan, SurvivalPlan) and "result" in state and not plan.stratified:
+            _register_cox(db, study, rnd)
         return
     study.current_round += 1
     study.phase = state["step"]
@@ -140,3 +142,15 @@ def summary(study: Study) -> dict[str, Any] | None:
             "step": a["step"], "newton_steps": a["iterations"], "sites": a.get("sites"),
             "restarts": a.get("restarts", 0), "error": a.get("error"),
             "finished": "result" in a}
+
+
+def _register_cox(db: Session, study: Study, rnd: Round) -> None:
+    """A finished survival study's model (one baseline) enters the model registry as the
+    study's version 1; what stops it is said in the round's outcome, never raised."""
+    from cardiofed.serving import registry
+    from cardiofed.serving.survival import study_model
+
+    try:
+        registry.register(db, study_model(study), number=1, commit=False)
+    except CardioFedError as exc:
+        rnd.outcome = f"{rnd.outcome}; model not registered: {exc}"[:200]

@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from cardiofed.data.dataset import FederatedDataset
+from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.exceptions import ConfigurationError, Conflict, NotFound
 from cardiofed.protocol.schemas import SurvivalResponse
 from cardiofed.serving.model import RiskModel, build_model
@@ -22,7 +23,7 @@ from cardiofed.simulation.survival import POOLED, FederatedCox
 from cardiofed.store import Study
 from cardiofed.survival.cox import baseline_at
 
-__all__ = ["cox_risk_model", "study_report"]
+__all__ = ["cox_risk_model", "study_model", "study_report"]
 
 RELEASES = ("Each site released exact sums over its rows on the public grid (event counts "
             "per grid interval and risk-set sums of exp(x beta)), or, stratified, its own "
@@ -53,6 +54,40 @@ def cox_risk_model(model: FederatedCox, dataset: FederatedDataset, *, study: str
                        weights=weights, preprocessor=model.preprocessor, notes=notes,
                        site_types={s.name: s.site_type for s in dataset.sites},
                        horizon_years=horizon)
+
+
+def study_model(study: Study) -> RiskModel:
+    """A finished survival study's Cox model (one baseline hazard) as a served risk model
+    by the plan's horizon: columns centred at the study's public centre, which also fills
+    a missing value (the fit used complete cases)."""
+    plan = SimulationConfig.model_validate(study.plan).survival
+    analysis = study.analysis or {}
+    result = analysis.get("result")
+    if plan is None or result is None:
+        raise ConfigurationError(f"Study {study.id!r} is not a finished survival study.")
+    if plan.stratified:
+        raise ConfigurationError("A stratified Cox model has a baseline hazard per site; "
+                                 "only a model with one baseline is served.")
+    h0 = float(result["baseline_at_horizon"])
+    if not h0 > 0:
+        raise ConfigurationError(f"No event before {plan.horizon_years:g} years: the baseline "
+                                 f"hazard by then is 0, and every risk would be 0.")
+    center = np.asarray(result["center"], dtype=np.float64)
+    weights = {"linear.weight": np.asarray(result["beta"], dtype=np.float64)[None, :],
+               "linear.bias": np.array([math.log(h0)])}
+    pre = Preprocessor(fill=center, mean=center, std=np.ones_like(center))
+    notes = [f"Cox proportional hazards ({plan.ties} ties), one baseline hazard, fitted over "
+             f"the network on each site's complete cases (times carried to a grid of "
+             f"{plan.grid_step_years:g} years); risk by {plan.horizon_years:g} years = "
+             f"1 - exp(-exp(logit)). A missing value is filled with the middle of its range.",
+             RELEASES]
+    return build_model(study=study.id, source="network", model="cox", algorithm="newton",
+                       settings={"ties": plan.ties, "grid_points": int(plan.grid.size)},
+                       rounds=int(result["iterations"]), sites=list(analysis["sites"]),
+                       encoded_names=study.feature_names, outcome=study.outcome,
+                       weights=weights, preprocessor=pre, notes=notes,
+                       study_features=SimulationConfig.model_validate(study.plan).study_features,
+                       horizon_years=plan.horizon_years)
 
 
 def study_report(study: Study) -> SurvivalResponse:
