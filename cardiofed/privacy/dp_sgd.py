@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from cardiofed.exceptions import ConfigurationError
-from cardiofed.training.local import LocalResult, LocalTrainingConfig
+from cardiofed.training.local import LocalResult, LocalTrainingConfig, bce_loss
 
 if TYPE_CHECKING:  # imported at run time inside train_local_dp: cardiofed.privacy imports
     # this module (through site_privacy), so a module-level import would be circular.
@@ -143,8 +143,7 @@ def train_local_dp(model: nn.Module, x: np.ndarray, y: np.ndarray, config: Local
         for _ in range(steps):
             mask = torch.rand(len(yt), generator=generator) < sample_rate
             optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.binary_cross_entropy_with_logits(gsm(xt[mask]), yt[mask],
-                                                                  reduction="sum")
+            loss = bce_loss(gsm(xt[mask]), yt[mask], reduction="sum")
             loss.backward()  # an empty sample still takes a (pure noise) step, as accounted
             optimizer.step()
     gsm._close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -36,6 +37,18 @@ from cardiofed.data.preprocessing import (
 )
 from cardiofed.evaluation.label_quality import MAD_TO_SD
 from cardiofed.exceptions import ConfigurationError, DataValidationError
+from cardiofed.models.networks import (
+    Weights,
+    get_weights,
+    make_model,
+    predict_logits,
+    set_weights,
+)
+from cardiofed.privacy.release_gate import bounded_rows
+from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.experiment import site_privacy
+from cardiofed.simulation.prepare import prepare_federation
+from cardiofed.simulation.runner import derive_seed
 from cardiofed.survival.cox import (
     CoxFit,
     absolute_risk,
@@ -45,8 +58,11 @@ from cardiofed.survival.cox import (
     pooled_sums,
     site_cox_sums,
 )
+from cardiofed.survival.discrete import interval_grid, person_periods, risk_by
+from cardiofed.training.local import train_local
 
-__all__ = ["FederatedCox", "fit_federated_cox", "inverse_variance_meta"]
+__all__ = ["FederatedCox", "FederatedDiscreteTime", "fit_federated_cox",
+           "fit_federated_discrete", "inverse_variance_meta"]
 
 POOLED = "*"  # the key of a pooled (unstratified) baseline
 LABEL_Z = -2.0  # flag a site whose calibration slope's robust z is below this
@@ -195,3 +211,59 @@ def inverse_variance_meta(model: FederatedCox, dataset: FederatedDataset
 def _own_fit(t: np.ndarray, e: np.ndarray, x: np.ndarray, grid: np.ndarray) -> CoxFit:
     """A Cox model of one site's rows alone."""
     return fit_cox(lambda b: [site_cox_sums(t, e, x, b, grid)], x.shape[1])
+
+
+@dataclass(frozen=True)
+class FederatedDiscreteTime:
+    """A discrete-time survival model trained by a federated algorithm
+    (:mod:`cardiofed.survival.discrete`) and what scoring a patient needs."""
+
+    kind: str  # the model: logistic or mlp
+    weights: Weights
+    preprocessor: Preprocessor
+    feature_ranges: list[tuple[float, float]]
+    grid: np.ndarray
+    epsilon_spent: dict[str, float] = field(default_factory=dict)  # site -> ledger total
+
+    def risk(self, x: np.ndarray, horizon: float) -> np.ndarray:
+        """Risk of an event by `horizon` (years) of encoded rows `x`."""
+        rows = bounded_rows(self.preprocessor, x, self.feature_ranges)
+        blocks, _ = person_periods(np.full(len(rows), self.grid[-1] + 1.0),
+                                   np.zeros(len(rows), dtype=bool), rows, self.grid)
+        model = make_model(self.kind, blocks.shape[2], seed=0)
+        set_weights(model, self.weights)
+        return risk_by(predict_logits(model, blocks), self.grid, horizon)
+
+
+def fit_federated_discrete(dataset: FederatedDataset, config: SimulationConfig, *,
+                           horizon: float = 10.0, step: float = 1.0) -> FederatedDiscreteTime:
+    """Train a discrete-time survival model over every site's training rows with the
+    plan's algorithm, rounds and local training, one record per patient; with
+    ``config.dp_epsilon`` every site releases its statistics and trains with DP-SGD
+    through its own ledger (each patient's gradient clipped), as any private model."""
+    sites = _survival_sites(dataset)
+    grid = interval_grid(horizon, step)
+    privacy = site_privacy(dataset, config)
+    prepared = prepare_federation(dataset, privacy=privacy or None,
+                                  form=config.model_form(dataset.feature_names))
+    blocks = [person_periods(s.time_train, s.y_train, p.x_train, grid)
+              for s, p in zip(sites, prepared, strict=True)]
+    model = make_model(config.model, blocks[0][0].shape[2], seed=config.seed)
+    weights = get_weights(model)
+    algorithm = config.make_algorithm()
+    state = algorithm.init_server(weights)
+    for rnd in range(1, config.rounds + 1):
+        updates = []
+        for k, (s, (x, y)) in enumerate(zip(sites, blocks, strict=True)):
+            trainer = (train_local if s.name not in privacy
+                       else partial(privacy[s.name].train, what=f"round {rnd}"))
+            update = algorithm.client_update(model, weights, x, y, site=s.name,
+                                             seed=derive_seed(config.seed, rnd, k),
+                                             trainer=trainer)
+            updates.append(privacy[s.name].declare(update) if s.name in privacy else update)
+        weights, state = algorithm.server_update(weights, updates, state)
+    return FederatedDiscreteTime(kind=config.model, weights=weights,
+                                 preprocessor=prepared[0].preprocessor,
+                                 feature_ranges=list(dataset.feature_ranges), grid=grid,
+                                 epsilon_spent={name: p.ledger.spent()
+                                                for name, p in privacy.items()})

@@ -66,8 +66,19 @@ class LocalResult:
     mean_loss: float
 
 
-_bce = nn.BCEWithLogitsLoss()
 _bce_rows = nn.BCEWithLogitsLoss(reduction="none")
+
+
+def bce_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Binary cross-entropy of each record, averaged (or summed). A record of 2-D labels
+    is a patient's intervals (a discrete-time survival model,
+    :mod:`cardiofed.survival.discrete`): -1 marks an interval the patient was not at risk
+    in, and the patient's loss is the sum over the others."""
+    if y.ndim == 1:
+        return nn.functional.binary_cross_entropy_with_logits(logits, y, reduction=reduction)
+    at_risk = y >= 0
+    per_record = (_bce_rows(logits, y.clamp(min=0)) * at_risk).sum(dim=-1)
+    return per_record.mean() if reduction == "mean" else per_record.sum()
 
 
 def train_local(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
@@ -119,7 +130,7 @@ def train_local(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | 
         pos += bs
         opt.zero_grad(set_to_none=True)
         if wt is None:
-            loss = _bce(model(xt[idx]), yt[idx])
+            loss = bce_loss(model(xt[idx]), yt[idx])
         else:
             loss = (wt[idx] * _bce_rows(model(xt[idx]), yt[idx])).mean()
         objective = loss
