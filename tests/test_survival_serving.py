@@ -101,6 +101,13 @@ def test_the_survival_command_fits_judges_and_writes_a_model(tmp_path: Path) -> 
     assert set(report["sites"]) <= {"tier3_01", "tier2_01", "community_01", "community_02"}
     assert all(s["verdict"] in ("acceptable", "insufficient evidence", "not acceptable")
                for s in report["sites"].values())
+    # The page answers each site first: its verdict beside Uno's C and calibration.
+    page = (tmp_path / "index.html").read_text()
+    assert page.index("Each site's answer") < page.index("The model: Cox")
+    for site, judged in report["sites"].items():
+        row = page[page.index(f"<tr><td>{site}</td>"):]
+        row = row[:row.index("</tr>")]
+        assert f"{judged['uno_c']:.3f}" in row and judged["verdict"] in row
     model = RiskModel.load(tmp_path / "cox.safetensors")
     assert (model.card.model, model.card.horizon_years) == ("cox", 10.0)
     exports = ["survival", "--csv", str(SURVEY / "site_a.csv"), "--mapping",

@@ -49,6 +49,7 @@ def survival(
     from cardiofed.experiments.survival import assess_at
     from cardiofed.serving.survival import cox_risk_model
     from cardiofed.simulation.survival import fit_federated_cox
+    from cardiofed.survival.report import write_survival_page
 
     if bool(csv) != bool(mapping) or (features and not csv):
         raise fail("--csv and --mapping go together (one mapping per export); --features "
@@ -85,6 +86,9 @@ def survival(
               "newton_steps": model.fit.iterations, "excluded": model.excluded,
               "sites": judged}
     (out / "survival.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    page = write_survival_page(json.loads((out / "survival.json").read_text()), out,
+                               title=f"CardioFed survival: {data.name}, risk by {horizon:g} "
+                                     f"years")
     short = {"acceptable": "ok", "insufficient evidence": "?", "not acceptable": "no"}
     answer = Table(title=f"Risk by {horizon:g} years on each site's test split")
     detail = Table(title="Calibration at the horizon (95% intervals)")
@@ -110,9 +114,10 @@ def survival(
     if served is not None:
         path, _ = served.save(out / "cox.safetensors")
         console.print(f"Model file: {path} (cardiofed predict --model {path}). "
-                      f"Report: {out / 'survival.json'}")
+                      f"Report: {page} and {out / 'survival.json'}")
     else:
-        console.print(f"Report: {out / 'survival.json'} (a stratified model is not served).")
+        console.print(f"Report: {page} and {out / 'survival.json'} (a stratified model is "
+                      f"not served).")
 
 
 def survival_attribution(csv: list[Path], mapping: list[Path], *, features: Path | None,
