@@ -309,3 +309,68 @@ def test_attribution_cli_runs_on_a_researchers_own_exports(tmp_path: Path) -> No
         bad = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
         assert bad.exit_code != 0 and message in " ".join(bad.output.split()), (message,
                                                                               bad.output)
+
+
+def _continuous_export(folder: Path, site: str, seed: int, value: str | None = None
+                       ) -> tuple[Path, Path]:
+    """An export whose outcome is a number (weight change, kg): treatment adds 3 kg, and
+    older patients are treated more often and gain less."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    n = 300
+    age = rng.uniform(30, 75, n)
+    treated = rng.random(n) < 1 / (1 + np.exp(-(age - 50) / 8))
+    gain = 5 - 0.08 * (age - 50) + 3.0 * treated + rng.normal(0, 2, n)
+    frame = pd.DataFrame({"AGE": np.round(age), "SEX": rng.choice(["M", "F"], n),
+                          "TREATED": treated.astype(int), "GAIN": np.round(gain, 2)})
+    if value is not None:
+        frame["GAIN"] = frame["GAIN"].astype(str)
+        frame.loc[7, "GAIN"] = value
+    csv = folder / f"{site}.csv"
+    frame.to_csv(csv, index=False)
+    mapping = folder / f"{site}.toml"
+    mapping.write_text(f'site = "{site}"\noutcome = "cvd_10y"\n'
+                       '[label]\ncolumn = "GAIN"\nkind = "continuous"\n'
+                       '[columns.age]\nsource = "AGE"\n'
+                       '[columns.sex]\nsource = "SEX"\ncodes = { M = "male", F = "female" }\n'
+                       '[columns.bp_treated]\nsource = "TREATED"\n')
+    return csv, mapping
+
+
+def test_a_continuous_outcome_from_exports_gives_a_difference_in_means(
+        tmp_path: Path) -> None:
+    from cardiofed.causal.sources import export_site, export_sites
+
+    files = [_continuous_export(tmp_path, f"site_{k}", k) for k in range(3)]
+    exports = [a for csv, m in files for a in ("--csv", str(csv), "--mapping", str(m))]
+    analysis = ["--treatment", "bp_treated", "--covariate", "age", "--covariate", "sex",
+                "--estimand", "ATE", "--method", "iptw", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, ["attribution", *exports, *analysis],
+                                env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "difference in means" in result.output and "risk ratio" not in result.output
+    sites, columns = export_sites([c for c, _ in files], [m for _, m in files],
+                                  treatment="bp_treated", covariates=["age", "sex"],
+                                  build=export_site)
+    expected = run_attribution(sites, columns, estimand="ATE", methods=["iptw"],
+                               outcome="continuous")
+    effect = expected.effects["iptw"]
+    assert 2.3 < effect.risk_difference < 3.7  # the true effect is 3 kg
+    assert f"{effect.risk_difference:+.4f}" in result.output
+    # A row without a number is refused by row and column, never by its value; a risk
+    # model refuses a continuous outcome by name.
+    bad = _continuous_export(tmp_path, "bad", 9, value="lots")
+    refused = CliRunner().invoke(app, ["attribution", "--csv", str(bad[0]), "--mapping",
+                                       str(bad[1]), *analysis], env={"COLUMNS": "200"})
+    flat = " ".join(refused.output.split())
+    assert refused.exit_code != 0 and "row 8" in flat and "'GAIN'" in flat
+    assert "lots" not in flat
+    simulate = CliRunner().invoke(app, ["simulate", *exports, "--rounds", "1"],
+                                  env={"COLUMNS": "200"})
+    assert simulate.exit_code != 0
+    assert "serves causal attribution only" in " ".join(simulate.output.split())
+    other = CliRunner().invoke(app, ["simulate", "--dataset", "uci-heart", *exports],
+                               env={"COLUMNS": "200"})
+    assert other.exit_code != 0 and "are the 'csv' data set's" in other.output

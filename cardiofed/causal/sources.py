@@ -135,7 +135,9 @@ def _export_rows(raw: pd.DataFrame, mapping: SiteMapping, treatment: str,
     t = encode(site.frame, [treatment], mapping.catalogue)[:, 0]
     keep = np.isfinite(x).all(axis=1) & np.isfinite(t)
     follow_up = None if site.follow_up is None else site.follow_up[keep]
-    return x[keep], t[keep].astype(int), site.labels[keep].astype(int), follow_up
+    outcome = site.labels[keep]  # floats for a continuous outcome
+    return (x[keep], t[keep].astype(int),
+            outcome if mapping.label.kind == "continuous" else outcome.astype(int), follow_up)
 
 
 def export_site(raw: pd.DataFrame, mapping: SiteMapping, treatment: str,
@@ -151,6 +153,10 @@ def export_site(raw: pd.DataFrame, mapping: SiteMapping, treatment: str,
 def export_survival_site(raw: pd.DataFrame, mapping: SiteMapping, treatment: str,
                          covariates: list[str], source: str) -> SurvivalSite:
     """The same rows with their follow-up (years): the mapping must have a ``[follow_up]``."""
+    if mapping.label.kind == "continuous":
+        raise DataValidationError(f"{source}: the mapping of site {mapping.site!r} labels a "
+                                  f"continuous outcome; a time-to-event analysis needs the "
+                                  f"event (a binary [label]).")
     x, t, y, follow_up = _export_rows(raw, mapping, treatment, covariates, source)
     if follow_up is None:
         raise DataValidationError(f"{source}: the mapping of site {mapping.site!r} has no "
@@ -177,7 +183,7 @@ def export_sites(csvs: Sequence[Path], mappings: Sequence[Path], *, treatment: s
     sites, outcomes = [], set()
     for csv, mapping_path in zip(csvs, mappings, strict=True):
         raw, mapping, _ = load_site_rows(Path(csv), Path(mapping_path), catalogue)
-        outcomes.add(mapping.outcome)
+        outcomes.add(f"{mapping.outcome} ({mapping.label.kind})")
         sites.append(build(raw, mapping, treatment, covariates, str(csv)))
     if len(outcomes) > 1:
         raise DataValidationError(f"The sites' mappings label different outcomes "

@@ -273,6 +273,10 @@ def simulate(
                     "federation).")] = 12,
 ) -> None:
     """Simulate a federation on a reference data set or your own CSV exports."""
+    if csv and dataset == "synthetic":  # the default: exports given mean the exports
+        dataset = "csv"
+    if (csv or mapping) and dataset != "csv":
+        raise fail(f"--csv and --mapping are the 'csv' data set's; got --dataset {dataset}.")
     settings = {"model": model, "feature_transform": feature_transform,
                 "recalibrate": recalibrate, "finetune": finetune,
                 "algorithm": algorithm, "rounds": rounds, "stop_patience": stop_patience,
@@ -489,21 +493,25 @@ def attribution(
         else:
             federation, covariates = sources.framingham_sites(data_dir, seed=seed)
             caveats = sources.FRAMINGHAM_CAVEATS
+        # a mapping's continuous [label] gives float outcomes: a difference in means
+        continuous = any(s.outcome.dtype.kind == "f" for s in federation)
         result = run_attribution(federation, covariates, estimand=estimand,
-                                 methods=method or None, trim=trim, seed=seed)
+                                 methods=method or None, trim=trim, seed=seed,
+                                 outcome="continuous" if continuous else "binary")
     except CardioFedError as exc:
         raise fail(exc) from None
     title = f"Attribution on {dataset}: {estimand}"
     write_report(result, out, title=title, caveats=caveats)
     table = Table(title=title)
-    for column in ("method", "risk difference (95% CI)", "risk ratio (95% CI)",
-                   "E-value", f"max |SMD| after (< {SMD_LIMIT})"):
+    columns = (("method", "difference in means (95% CI)") if continuous else
+               ("method", "risk difference (95% CI)", "risk ratio (95% CI)", "E-value"))
+    for column in (*columns, f"max |SMD| after (< {SMD_LIMIT})"):
         table.add_column(column)
     for name, e in result.effects.items():
+        ratio = [] if continuous else [f"{e.risk_ratio:.3f} ({e.rr_low:.3f} to {e.rr_high:.3f})",
+                                       f"{result.e_values(name)[0]:.2f}"]
         table.add_row(name, f"{e.risk_difference:+.4f} ({e.rd_low:+.4f} to {e.rd_high:+.4f})",
-                      f"{e.risk_ratio:.3f} ({e.rr_low:.3f} to {e.rr_high:.3f})",
-                      f"{result.e_values(name)[0]:.2f}",
-                      f"{max(abs(result.balance[name])):.3f}")
+                      *ratio, f"{max(abs(result.balance[name])):.3f}")
     console.print(table)
     console.print(f"max |SMD| before: {max(abs(result.balance['before'])):.3f}. "
                   f"Report: {out / 'attribution.html'}")

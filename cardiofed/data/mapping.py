@@ -26,6 +26,9 @@ Example::
     source = "GENDER"
     codes = { M = "male", F = "female" }
 
+For a causal attribution of a measured outcome, ``kind = "continuous"`` in ``[label]``
+reads a number per row instead of codes (a risk model refuses such a mapping).
+
 A survival export adds where each patient's follow-up is; the label then says whether
 follow-up ended in the event (positive) or was censored (negative)::
 
@@ -81,9 +84,13 @@ class ColumnMapping(BaseModel):
 
 
 class LabelMapping(BaseModel):
+    """The outcome column: a binary outcome (its positive and negative codes), or, for a
+    causal attribution only, a continuous one (a number per row)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     column: str = Field(min_length=1)
+    kind: Literal["binary", "continuous"] = "binary"
     positive: list[str] = Field(default_factory=lambda: ["1"], min_length=1)
     negative: list[str] = Field(default_factory=lambda: ["0"], min_length=1)
 
@@ -436,6 +443,17 @@ def _parse_numbers(text: pd.Series, missing: np.ndarray) -> np.ndarray:
 def _harmonise_label(values: pd.Series, mapping: SiteMapping, source: str,
                      row_numbers: np.ndarray) -> np.ndarray:
     text = _clean(values)
+    if mapping.label.kind == "continuous":  # a number per row; an error names the row only
+        missing = text.str.lower().isin([m.lower() for m in mapping.missing_values]).to_numpy()
+        numbers = _parse_numbers(text, missing)
+        bad = ~np.isfinite(numbers)
+        if bad.any():
+            raise DataValidationError(
+                f"{source}: label column {mapping.label.column!r}, row "
+                f"{row_numbers[_first_bad(bad)]}: the continuous outcome is missing or not a "
+                f"number. A row without an outcome cannot be analysed; remove it from the "
+                f"export.")
+        return numbers
     lowered = text.str.lower()  # codes are compared ignoring case, as features' codes are
     positive = lowered.isin([c.lower() for c in mapping.label.positive]).to_numpy()
     negative = lowered.isin([c.lower() for c in mapping.label.negative]).to_numpy()

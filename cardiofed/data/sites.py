@@ -46,6 +46,11 @@ def site_from_export(raw: pd.DataFrame, mapping: SiteMapping, features: list[str
             f"{source}: the mapping for site {mapping.site!r} does not map features {missing} "
             f"that the study uses."
         )
+    if mapping.label.kind == "continuous":
+        raise DataValidationError(
+            f"{source}: the mapping for site {mapping.site!r} labels a continuous outcome, "
+            f"which serves causal attribution only (cardiofed attribution --csv); a risk "
+            f"model needs a binary [label].")
     site = harmonise(raw, mapping, source=source)
     x = encode(site.frame, features, mapping.catalogue)
     if len(x) < 2:

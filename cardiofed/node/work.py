@@ -122,6 +122,9 @@ def attribution_site(source: DataSource, plan: AttributionPlan, columns: list[st
     if missing:
         raise TaskRefused(f"This site's mapping does not map {missing}, which the attribution "
                           f"plan uses.")
+    if mapping.label.kind != plan.outcome:
+        raise TaskRefused(f"The attribution plan's outcome is {plan.outcome}; this site's "
+                          f"mapping labels a {mapping.label.kind} outcome.")
     site = export_site(raw, mapping, plan.treatment, plan.covariates, str(source.csv))
     log.info("attribution: %d rows have every covariate and the treatment", len(site.outcome))
     return site
