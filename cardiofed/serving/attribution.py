@@ -20,17 +20,26 @@ RELEASES = {False: "Each site released exact sums of its rows (no differential p
                   "sums. The intervals include the noise; counts and balance are noisy."}
 
 
-def report(study: Study) -> AttributionResponse:
-    """A finished study's estimates with intervals, balance, overlap and card."""
-    plan = SimulationConfig.model_validate(study.plan).attribution
+def finished_analysis(study: Study, plan: object, kind: str) -> dict[str, Any]:
+    """The study's analysis once it has a result: 404 unless `plan` (the study's plan of
+    that `kind`) is set, 409 while it runs or when it stopped with an error."""
     a = study.analysis
     if plan is None or a is None:
-        raise NotFound(f"Study {study.id!r} is not an attribution study.")
+        raise NotFound(f"Study {study.id!r} is not {kind} study.")
     if "error" in a:
         raise Conflict(f"The analysis of study {study.id!r} stopped: {a['error']}")
     if "result" not in a:
         raise Conflict(f"The analysis of study {study.id!r} is not finished (step "
-                       f"{a['step']!r}); ask again when its status says finished.")
+                       f"{a['step']!r}, {a['iterations']} Newton steps so far); ask again "
+                       f"when its status says finished.")
+    return a
+
+
+def report(study: Study) -> AttributionResponse:
+    """A finished study's estimates with intervals, balance, overlap and card."""
+    plan = SimulationConfig.model_validate(study.plan).attribution
+    a = finished_analysis(study, plan, "an attribution")
+    assert plan is not None
     result = a["result"]
     return AttributionResponse.model_validate({
         "study": study.id,

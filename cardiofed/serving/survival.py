@@ -15,8 +15,9 @@ import numpy as np
 
 from cardiofed.data.dataset import FederatedDataset
 from cardiofed.data.preprocessing import Preprocessor
-from cardiofed.exceptions import ConfigurationError, Conflict, NotFound
+from cardiofed.exceptions import ConfigurationError
 from cardiofed.protocol.schemas import SurvivalResponse
+from cardiofed.serving.attribution import finished_analysis
 from cardiofed.serving.model import RiskModel, build_model
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.survival import POOLED, FederatedCox
@@ -93,14 +94,8 @@ def study_model(study: Study) -> RiskModel:
 def study_report(study: Study) -> SurvivalResponse:
     """A finished survival study's model (409 until it is finished)."""
     plan = SimulationConfig.model_validate(study.plan).survival
-    a = study.analysis
-    if plan is None or a is None:
-        raise NotFound(f"Study {study.id!r} is not a survival study.")
-    if "error" in a:
-        raise Conflict(f"The analysis of study {study.id!r} stopped: {a['error']}")
-    if "result" not in a:
-        raise Conflict(f"The analysis of study {study.id!r} is not finished ({a['iterations']} "
-                       f"Newton steps so far); ask again when its status says finished.")
+    a = finished_analysis(study, plan, "a survival")
+    assert plan is not None
     r = a["result"]
     coefficients = {}
     for name, b, se in zip(a["columns"], r["beta"], r["se"], strict=True):
