@@ -36,9 +36,9 @@ ANALYSIS_STEPS = (*causal_study.STEPS[:-1], *survival_study.STEPS[:-1])
 
 def columns_of(plan: Analysis, catalogue: Catalogue) -> list[str]:
     """The covariates' model columns, after checking the plan against the schema."""
-    if isinstance(plan, AttributionPlan) and plan.treatment not in catalogue.features or (
-            isinstance(plan, AttributionPlan)
-            and catalogue.feature(plan.treatment).kind is not FeatureKind.BINARY):
+    if isinstance(plan, AttributionPlan) and (
+            plan.treatment not in catalogue.features
+            or catalogue.feature(plan.treatment).kind is not FeatureKind.BINARY):
         binary = [f for f, v in catalogue.features.items() if v.kind is FeatureKind.BINARY]
         raise InvalidUpdate(f"attribution.treatment must be a binary feature of the schema "
                             f"or of the study's features ({', '.join(binary)}); got "
