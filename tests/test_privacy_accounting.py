@@ -261,6 +261,26 @@ def test_calibrated_noise_never_overshoots_and_is_tight(
     assert rdp_epsilon(sigma * BELOW_THRESHOLD, q, steps, delta, prior) > target
 
 
+def test_a_threshold_just_below_max_noise_is_found_and_few_evaluations_suffice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = PrivacyAccountant.get_epsilon
+
+    def counted(self: PrivacyAccountant, *args: object, **kwargs: object) -> float:
+        calls.append(1)
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PrivacyAccountant, "get_epsilon", counted)
+    sigma = calibrate_noise(target_epsilon=0.45, delta=1e-5, sample_rate=1.0, steps=1,
+                            max_noise=10)
+    assert 8 < sigma <= 10  # beyond the bracket's 8x steps, within max_noise
+    assert rdp_epsilon(sigma, 1.0, 1, 1e-5, []) <= 0.45
+    for q, steps, target in [(0.01, 1000, 2.0), (0.1, 200, 0.8), (0.05, 400, 0.05)]:
+        calls.clear()
+        calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps)
+        assert len(calls) <= 9  # regula falsi: bisection took 8 to 14
+
+
 def test_calibration_counts_prior_spend() -> None:
     prior = PrivacyAccountant(events=[event(1.0, 0.01, 500)])  # eps ~1.4 at delta 1e-5
 

@@ -120,10 +120,15 @@ class PrivacyAccountant:
         return cls(kind=kind, events=[GaussianEvent(**e) for e in events])  # type: ignore[arg-type]
 
 
+def _excess(epsilon: float, target: float) -> float:
+    """``log(epsilon / target)``: > 0 above the target (inf for an unbounded epsilon)."""
+    return math.inf if not math.isfinite(epsilon) else math.log(max(epsilon, 1e-300) / target)
+
+
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: PrivacyAccountant | None = None,
                     tolerance: float = 0.01, max_noise: float = 1e4) -> float:
-    """Smallest noise multiplier (to within bisection tolerance, rounded up) such that
+    """Smallest noise multiplier (to within `tolerance`, relative, rounded up) such that
     ``steps`` sampled-Gaussian steps at `sample_rate`, composed after `accountant`'s
     events, keep epsilon at or below `target_epsilon`."""
     if not target_epsilon > 0:
@@ -141,17 +146,38 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
                                                       sample_rate=sample_rate, steps=steps)])
 
     low, high = 0.0, 1.0
-    while eps(high) > target_epsilon:
-        low, high = high, high * 2
-        if high > max_noise:
+    f_low, f_high = math.inf, _excess(eps(high), target_epsilon)
+    while f_high > 0:
+        if high >= max_noise:
             raise ConfigurationError(
                 f"No noise multiplier up to {max_noise:g} reaches epsilon {target_epsilon:g} "
                 f"for {steps} steps at sample rate {sample_rate:g}; plan fewer steps or a "
                 f"larger budget.")
+        low, f_low = high, f_high
+        high = min(high * 8, max_noise)  # the interpolation narrows a wide bracket fast
+        f_high = _excess(eps(high), target_epsilon)
+    # The bracket [low, high] holds the threshold: eps(low) > target >= eps(high). Regula
+    # falsi on log(eps) against log(sigma), nearly linear there, with the Illinois
+    # correction (halve the end that stays) and a bisection step where it cannot
+    # interpolate: 3 to 5 evaluations of the accountant instead of bisection's 7 to 10.
+    stays = 0
     while high - low > tolerance * high:
-        mid = (low + high) / 2
-        if eps(mid) > target_epsilon:
-            low = mid
+        if low > 0 and math.isfinite(f_low) and f_low != f_high:
+            x_low, x_high = math.log(low), math.log(high)
+            mid = math.exp(x_high - f_high * (x_high - x_low) / (f_high - f_low))
         else:
-            high = mid
+            mid = (low + high) / 2
+        if not low < mid < high:
+            mid = (low + high) / 2
+        f_mid = _excess(eps(mid), target_epsilon)
+        if f_mid > 0:
+            low, f_low = mid, f_mid
+            stays = stays + 1 if stays > 0 else 1
+            if stays > 1:
+                f_high /= 2
+        else:
+            high, f_high = mid, f_mid
+            stays = stays - 1 if stays < 0 else -1
+            if stays < -1:
+                f_low /= 2
     return high  # eps(high) <= target by the loop invariant
