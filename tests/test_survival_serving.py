@@ -50,8 +50,21 @@ def test_a_card_must_say_how_its_risk_is_made(fitted) -> None:  # type: ignore[n
     with pytest.raises(ConfigurationError, match="horizon_years"):
         served.with_card(horizon_years=None)
     stratified = fit_federated_cox(fitted[0], stratified=True)
-    with pytest.raises(ConfigurationError, match="one baseline"):
+    with pytest.raises(ConfigurationError, match="name the site to serve"):
         cox_risk_model(stratified, fitted[0], study="s")
+    with pytest.raises(ConfigurationError, match="leave 'site' out"):
+        cox_risk_model(fitted[1], fitted[0], study="s", site="tier3_01")
+
+
+def test_a_stratified_model_is_served_per_site_on_its_own_baseline(fitted) -> None:  # type: ignore[no-untyped-def]
+    data = fitted[0]
+    stratified = fit_federated_cox(data, stratified=True)
+    for site in data.sites[:2]:
+        served = cox_risk_model(stratified, data, study="s", site=site.name)
+        x = site.x_test[:40]
+        np.testing.assert_allclose(served.risk(x), stratified.risk(x, 10.0, site.name),
+                                   atol=1e-12)
+        assert served.card.study == f"s-{site.name}" and served.card.settings["stratified"]
 
 
 def test_the_risk_api_and_predict_score_a_cox_model(fitted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -194,3 +207,20 @@ def test_a_horizon_before_any_event_is_refused(fitted) -> None:  # type: ignore[
     data, model, _ = fitted
     with pytest.raises(ConfigurationError, match="No event before"):
         cox_risk_model(model, data, study="s", horizon=float(model.grid[0]) / 2)
+
+
+def test_the_survival_command_writes_one_model_per_site_when_stratified(
+        tmp_path: Path) -> None:
+    import json
+
+    result = CliRunner().invoke(app, ["survival", "--sites", "4", "--stratified",
+                                      "--out", str(tmp_path)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "survival.json").read_text())
+    files = sorted(p.name for p in tmp_path.glob("cox-*.safetensors"))
+    kept = [s for s in ("tier3_01", "tier2_01", "community_01", "community_02")
+            if s not in report["excluded"]]
+    assert files == sorted(f"cox-{s}.safetensors" for s in kept)
+    assert not (tmp_path / "cox.safetensors").exists()
+    model = RiskModel.load(tmp_path / files[0])
+    assert model.card.settings["stratified"] and model.card.horizon_years == 10.0

@@ -74,8 +74,10 @@ def survival(
                 continue
             risk = model.risk(s.x_test, horizon, s.name if stratified else None)
             judged[s.name] = assess_at(s.time_test, s.y_test, risk, horizon)
-        served = None if stratified else cox_risk_model(model, data, study=data.name,
-                                                        horizon=horizon)
+        served = ({None: cox_risk_model(model, data, study=data.name, horizon=horizon)}
+                  if not stratified else
+                  {site: cox_risk_model(model, data, study=data.name, horizon=horizon,
+                                        site=site) for site in model.baselines})
     except CardioFedError as exc:
         raise fail(exc) from None
     out.mkdir(parents=True, exist_ok=True)
@@ -111,13 +113,15 @@ def survival(
     console.print(detail)
     for name, why in model.excluded.items():
         console.print(f"{escape(name)} took no part: {escape(why)}")
-    if served is not None:
-        path, _ = served.save(out / "cox.safetensors")
-        console.print(f"Model file: {path} (cardiofed predict --model {path}). "
-                      f"Report: {page} and {out / 'survival.json'}")
-    else:
-        console.print(f"Report: {page} and {out / 'survival.json'} (a stratified model is "
-                      f"not served).")
+    for site, served_model in served.items():
+        name = "cox.safetensors" if site is None else f"cox-{site}.safetensors"
+        path, _ = served_model.save(out / name)
+        if site is None:
+            console.print(f"Model file: {path} (cardiofed predict --model {path}).")
+    if stratified:
+        console.print(f"Model files: one per site, {out}/cox-<site>.safetensors, each on "
+                      f"its own baseline hazard.")
+    console.print(f"Report: {page} and {out / 'survival.json'}")
 
 
 def survival_attribution(csv: list[Path], mapping: list[Path], *, features: Path | None,

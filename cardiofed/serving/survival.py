@@ -33,23 +33,35 @@ RELEASES = ("Each site released exact sums over its rows on the public grid (eve
 
 
 def cox_risk_model(model: FederatedCox, dataset: FederatedDataset, *, study: str,
-                   horizon: float = 10.0) -> RiskModel:
-    """The risk model of `model` (one baseline hazard) by `horizon` years."""
-    if POOLED not in model.baselines:
-        raise ConfigurationError("A stratified Cox model has a baseline hazard per site; "
-                                 "serve a model with one baseline (stratified=False).")
-    h0 = baseline_at(model.baselines[POOLED], model.grid, horizon)
+                   horizon: float = 10.0, site: str | None = None) -> RiskModel:
+    """The risk model of `model` by `horizon` years: one baseline hazard, or, for a model
+    stratified by site, `site`'s own (the shared coefficients on that hospital's
+    incidence, served to that hospital)."""
+    stratified = POOLED not in model.baselines
+    if stratified and site not in model.baselines:
+        raise ConfigurationError(f"A stratified Cox model has a baseline hazard per site: "
+                                 f"name the site to serve, one of {sorted(model.baselines)}; "
+                                 f"got {site!r}.")
+    if not stratified and site is not None:
+        raise ConfigurationError("This Cox model has one baseline hazard for every site: "
+                                 "leave 'site' out.")
+    key = site if stratified and site is not None else POOLED
+    h0 = baseline_at(model.baselines[key], model.grid, horizon)
     if not h0 > 0:
         raise ConfigurationError(f"No event before {horizon:g} years: the baseline hazard "
                                  f"by then is 0, and every risk would be 0.")
     sites = [s.name for s in dataset.sites if s.name not in model.excluded]
     weights = {"linear.weight": model.fit.beta[None, :].astype(np.float64),
                "linear.bias": np.array([math.log(h0)])}
-    notes = [f"Cox proportional hazards ({model.fit.ties} ties), one baseline hazard; "
-             f"risk by {horizon:g} years = 1 - exp(-exp(logit))."]
-    notes += [f"{site} took no part: {why}" for site, why in model.excluded.items()]
-    return build_model(study=study, source="simulation", model="cox", algorithm="newton",
-                       settings={"ties": model.fit.ties, "grid_points": len(model.grid)},
+    baseline = (f"stratified by site, served with {site}'s own baseline hazard" if stratified
+                else "one baseline hazard")
+    notes = [f"Cox proportional hazards ({model.fit.ties} ties), {baseline}; risk by "
+             f"{horizon:g} years = 1 - exp(-exp(logit))."]
+    notes += [f"{name} took no part: {why}" for name, why in model.excluded.items()]
+    return build_model(study=study if site is None else f"{study}-{site}", source="simulation",
+                       model="cox", algorithm="newton",
+                       settings={"ties": model.fit.ties, "grid_points": len(model.grid),
+                                 "stratified": stratified},
                        rounds=model.fit.iterations, sites=sites,
                        encoded_names=dataset.feature_names, outcome=dataset.outcome,
                        weights=weights, preprocessor=model.preprocessor, notes=notes,
