@@ -4,6 +4,7 @@ payloads, states and sites are refused by name."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -85,9 +86,26 @@ def test_networked_cox_equals_the_in_process_fit(tmp_path: Path, stratified: boo
         baseline = np.array(body["baseline"])
         assert baseline.size == 64 and (np.diff(baseline) >= 0).all()
         assert body["baseline_at_horizon"] == baseline[39]  # 10 years: the 40th point
-    # One round per derivative evaluation: the start, each step and any halving.
-    assert status["round"] >= expected.iterations
+    # One round of counts, then one per derivative evaluation: the start, each step and
+    # any halving.
+    assert status["round"] >= expected.iterations + 1
+    _check_kaplan_meier(body, SurvivalPlan(**SURVIVAL))
     _check_served(fed, body, stratified)
+
+
+def _check_kaplan_meier(body: dict[str, object], plan: SurvivalPlan) -> None:
+    """The first round's counts give the pooled Kaplan-Meier curve of the same rows."""
+    from cardiofed.survival.kaplan_meier import kaplan_meier, pooled_counts, site_counts
+
+    rows = [survival_rows(DataSource(dataset="synthetic", site=s, seed=0), COLUMNS,
+                          "cvd_10y") for s in SITES]
+    curve = kaplan_meier(pooled_counts([site_counts(t, e, plan.grid) for t, e, _ in rows]))
+    km = body["kaplan_meier"]
+    assert isinstance(km, dict)
+    np.testing.assert_allclose(km["survival"], curve.survival, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(km["cumulative_hazard"], curve.cumulative_hazard, atol=1e-12)
+    se = np.array([np.nan if v is None else v for v in km["survival_se"]])
+    np.testing.assert_allclose(se, curve.survival_se, atol=1e-12)
 
 
 def _check_served(fed: Federation, body: dict[str, object], stratified: bool) -> None:
@@ -146,8 +164,22 @@ def test_a_plan_is_an_attribution_or_a_survival_study_not_both(tmp_path: Path) -
             "outcome": "cvd_10y"})
 
 
-def test_malformed_sums_are_refused_with_a_reason(tmp_path: Path) -> None:
+def test_malformed_counts_are_refused_with_a_reason(tmp_path: Path) -> None:
     fed = _federation(tmp_path)
+    credential = exact(fed, SITES[0]).credential()
+    manifest = {"study": "s1", "round": "0", "model_version": "0", "site": SITES[0]}
+    good = {"events": np.zeros(64), "censored": np.ones(64)}
+    for arrays, reason in [({"events": np.zeros(64)}, "must hold exactly"),
+                           ({**good, "censored": -np.ones(64)}, "counts patients"),
+                           ({**good, "events": np.full(64, 0.5)}, "counts patients"),
+                           ({**good, "censored": np.full(64, np.nan)}, "non-finite")]:
+        r = fed.client.post("/v1/studies/s1/rounds/0/updates", headers=fed.auth(credential),
+                            content=encode_arrays(arrays, manifest))
+        assert r.status_code == 422 and reason in r.json()["detail"], r.text
+
+
+def test_malformed_sums_are_refused_with_a_reason(tmp_path: Path) -> None:
+    fed = _federation(tmp_path, {**SURVIVAL, "kaplan_meier": False})  # Cox from round 0
     credential = exact(fed, SITES[0]).credential()
     manifest = {"study": "s1", "round": "0", "model_version": "0", "site": SITES[0]}
     good = _zero_sums(64, len(COLUMNS))
@@ -236,6 +268,12 @@ def test_whatever_sums_a_site_sends_the_coordinator_refuses_or_fits_never_crashe
     plan = SurvivalPlan(covariates=["age", "systolic_bp"], grid_step_years=2.0,
                         max_years=6.0, stratified=stratified)
     state = start(plan, ["age", "systolic_bp"], [(20.0, 100.0), (60.0, 250.0)])
+    whole = st.lists(st.integers(0, 10**6), min_size=plan.grid.size, max_size=plan.grid.size)
+    counts = {k: np.array(data.draw(whole, label=k), dtype=np.float64)
+              for k in ("events", "censored")}
+    state = next_state(plan, state, counts)  # the Kaplan-Meier round: any counts fit
+    assert state["step"] == "cox"
+    assert all(v is None or 0 <= v < math.inf for v in state["kaplan_meier"]["survival_se"])
     for _ in range(3):
         arrays = _arrays(plan, k, data)
         try:
@@ -280,6 +318,8 @@ def test_exports_with_follow_up_fit_over_the_network_and_the_dashboard_shows_it(
     assert 0.3 < body["coefficients"]["bp_treated"]["hazard_ratio"] < 0.8  # truth 0.5
     page = ui.get("/ui/studies/s1")
     assert page.status_code == 200 and 'id="cox"' in page.text and "Survival" in page.text
+    km = body["kaplan_meier"]["survival"]  # type: ignore[index]
+    assert f'<span id="km">{1 - km[19]:.3f}</span>' in page.text  # by 10 years: point 20
     assert f'{body["coefficients"]["age"]["hazard_ratio"]:.3f}' in page.text
     # A site whose mapping names another outcome refuses by name.
     with pytest.raises(TaskRefused, match="mapping labels 'cvd_10y'"):

@@ -94,7 +94,8 @@ def close_round(db: Session, study: Study, plan: Analysis, rnd: Round,
     state = dict(study.analysis or {})
     outcome = f"closed with {len(names)} reports"
     # the first step of a start fixes the analysis's sites
-    first = rnd.kind == "moments" or (rnd.kind == "cox" and state["newton"]["beta"] is None)
+    first = rnd.kind in ("moments", "km") or (
+        rnd.kind == "cox" and "kaplan_meier" not in state and state["newton"]["beta"] is None)
     if not first and names != state["sites"]:
         left = [n for n in state["sites"] if n not in names]
         state = {**_start(study, plan), "sites": names,

@@ -63,7 +63,7 @@ def _bounded_int(manifest: dict[str, str], key: str, low: int, high: int) -> int
 
 # Arrays of an attribution step that count patients (cardiofed.causal.study).
 _ATTRIBUTION_COUNTS = ("n", "kept", "rows", "overlap.treated", "overlap.control",
-                       "events")  # the last: a survival round's (cardiofed.survival.study)
+                       "events", "censored")  # the last two: a survival study's
 
 
 def check_attribution(arrays: dict[str, np.ndarray],

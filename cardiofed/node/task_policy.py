@@ -34,9 +34,10 @@ from cardiofed.survival.cox import MAX_HALVINGS
 ATTRIBUTION_STARTS = 3
 ATTRIBUTION_RELEASES = {"moments": ATTRIBUTION_STARTS, "newton": ATTRIBUTION_STARTS * MAX_NEWTON,
                         "estimate": ATTRIBUTION_STARTS, "sandwich": ATTRIBUTION_STARTS}
-# A survival study (cardiofed.survival.study): each start at most 100 Newton steps, each
-# halved at most MAX_HALVINGS times, and one round to begin.
-SURVIVAL_RELEASES = {"cox": ATTRIBUTION_STARTS * (100 * (MAX_HALVINGS + 1) + 1)}
+# A survival study (cardiofed.survival.study): each start one round of counts, at most 100
+# Newton steps, each halved at most MAX_HALVINGS times, and one round to begin.
+SURVIVAL_RELEASES = {"km": ATTRIBUTION_STARTS,
+                     "cox": ATTRIBUTION_STARTS * (100 * (MAX_HALVINGS + 1) + 1)}
 ANALYSIS_RELEASES = {**ATTRIBUTION_RELEASES, **SURVIVAL_RELEASES}
 
 

@@ -239,4 +239,8 @@ class SurvivalResponse(BaseModel):
     baseline: list[float] | None = Field(
         None, description="H0 at each grid point (None when stratified by site)")
     baseline_at_horizon: float | None = None
+    kaplan_meier: dict[str, list[float | None]] | None = Field(
+        None, description="The pooled Kaplan-Meier survival at each grid point, its "
+                          "Greenwood standard error (None where undefined) and the "
+                          "Nelson-Aalen cumulative hazard (None with kaplan_meier = false)")
     releases: str = Field(description="What the sites released")

@@ -26,10 +26,10 @@ from cardiofed.survival.cox import baseline_at
 
 __all__ = ["cox_risk_model", "study_model", "study_report"]
 
-RELEASES = ("Each site released exact sums over its rows on the public grid (event counts "
-            "per grid interval and risk-set sums of exp(x beta)), or, stratified, its own "
-            "log partial likelihood and derivatives; no row, no time and no differential "
-            "privacy.")
+RELEASES = ("Each site released exact counts and sums over its rows on the public grid "
+            "(events and censorings per grid interval, risk-set sums of exp(x beta)), or, "
+            "stratified, its own log partial likelihood and derivatives; no row, no time "
+            "and no differential privacy.")
 
 
 def cox_risk_model(model: FederatedCox, dataset: FederatedDataset, *, study: str,
@@ -122,4 +122,5 @@ def study_report(study: Study) -> SurvivalResponse:
         "ties": plan.ties, "grid_step_years": plan.grid_step_years,
         "max_years": plan.max_years, "horizon_years": plan.horizon_years,
         "baseline": r.get("baseline"), "baseline_at_horizon": r.get("baseline_at_horizon"),
+        "kaplan_meier": r.get("kaplan_meier"),
         "releases": RELEASES})

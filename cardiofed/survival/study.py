@@ -1,7 +1,11 @@
 """A federated Cox model as a networked study: rounds that only exchange sums.
 
-Every round the coordinator sends the coefficients ``beta`` it wants the federation's
-derivatives at (and a public centre); each site returns, from its own rows:
+A first round (``km``, unless the plan says ``kaplan_meier = false``) gathers each site's
+event and censoring counts on the grid: the pooled Kaplan-Meier curve, with Greenwood
+standard errors, and the Nelson-Aalen cumulative hazard
+(:mod:`cardiofed.survival.kaplan_meier`). Then every round the coordinator sends the
+coefficients ``beta`` it wants the federation's derivatives at (and a public centre);
+each site returns, from its own rows:
 
 * the pooled model (one baseline hazard): its :class:`~cardiofed.survival.cox.CoxSums` on
   the plan's public time grid, which the coordinator adds;
@@ -41,8 +45,9 @@ from cardiofed.survival.cox import (
     partial_likelihood,
     site_cox_sums,
 )
+from cardiofed.survival.kaplan_meier import GridCounts, kaplan_meier, site_counts
 
-STEPS = ("cox", "done")
+STEPS = ("km", "cox", "done")
 # |x beta| over the site's ranges stays below this (exp stays far from overflow)
 MAX_ETA = 500.0
 Arrays = dict[str, np.ndarray]
@@ -65,6 +70,9 @@ class SurvivalPlan(BaseModel):
     horizon_years: float = Field(10.0, gt=0, le=120, description=(
         "the horizon of the absolute risk the result reports"))
     max_newton: int = Field(30, ge=1, le=100, description="the most Newton steps")
+    kaplan_meier: bool = Field(True, description=(
+        "a first round of event and censoring counts on the grid: the pooled Kaplan-Meier "
+        "curve"))
 
     @model_validator(mode="after")
     def _consistent(self) -> SurvivalPlan:
@@ -104,13 +112,16 @@ def start(plan: SurvivalPlan, columns: list[str],
                                  "covariate column.")
     center = [(float(lo) + float(hi)) / 2 for lo, hi in ranges]
     newton = Newton.start(len(columns))
-    return {"step": "cox", "columns": columns, "iterations": 0,
+    return {"step": "km" if plan.kaplan_meier else "cox", "columns": columns,
+            "iterations": 0,
             "inputs": {"beta": newton.request.tolist(), "center": center},
             "newton": newton.to_json()}
 
 
 def expected_arrays(plan: SurvivalPlan, step: str, k: int) -> dict[str, tuple[int, ...]]:
     """The arrays a site sends for `step` (`k` covariate columns)."""
+    if step == "km":
+        return {"events": (plan.grid.size,), "censored": (plan.grid.size,)}
     if step != "cox":
         raise ConfigurationError(f"A survival study has no step {step!r}.")
     if plan.stratified:
@@ -147,8 +158,13 @@ def check_state(plan: SurvivalPlan, state: dict[str, Any],
 
 def site_step(plan: SurvivalPlan, state: dict[str, Any], time: np.ndarray,
               event: np.ndarray, x: np.ndarray, ranges: Sequence[Sequence[float]]) -> Arrays:
-    """What a site sends for the round in `state`: its sums (pooled) or its own
-    derivatives (stratified), on its rows clipped to its `ranges`."""
+    """What a site sends for the round in `state`: its counts on the grid (``km``), then
+    its sums (pooled) or its own derivatives (stratified), on its rows clipped to its
+    `ranges`."""
+    if state["step"] == "km":
+        counts = site_counts(time, event, plan.grid)
+        return {"events": counts.events.astype(np.float64),
+                "censored": counts.censored.astype(np.float64)}
     beta, center = check_state(plan, state, ranges)
     low = np.array([r[0] for r in ranges], dtype=np.float64)
     high = np.array([r[1] for r in ranges], dtype=np.float64)
@@ -165,6 +181,8 @@ def check_sums(plan: SurvivalPlan, arrays: Arrays) -> None:
     the coordinator checks for every analysis): sums of ``exp(x beta)`` are >= 0, a risk
     set holds its tied events and is not empty where events are; a log partial likelihood
     is <= 0 and its Hessian symmetric."""
+    if "censored" in arrays:  # counts: whole and >= 0, as the payload checks hold them
+        return
     if plan.stratified:
         hess = arrays["hessian"]
         if arrays["loglik"][0] > 0 or not np.allclose(hess, hess.T, rtol=1e-9, atol=1e-9):
@@ -182,6 +200,13 @@ def check_sums(plan: SurvivalPlan, arrays: Arrays) -> None:
 def next_state(plan: SurvivalPlan, state: dict[str, Any], totals: Arrays) -> dict[str, Any]:
     """The coordinator's move once every site's arrays of the round are summed; a fit that
     cannot go on raises a :class:`~cardiofed.exceptions.CardioFedError`."""
+    if state["step"] == "km":
+        curve = kaplan_meier(GridCounts(grid=plan.grid, events=totals["events"],
+                                        censored=totals["censored"]))
+        return {**state, "step": "cox", "kaplan_meier": {
+            "survival": curve.survival.tolist(),
+            "survival_se": [None if math.isnan(v) else v for v in curve.survival_se.tolist()],
+            "cumulative_hazard": curve.cumulative_hazard.tolist()}}
     if state["step"] != "cox":
         raise ConfigurationError(f"The analysis is {state['step']!r}; nothing comes next.")
     if float(totals["events"].sum()) < 1:
@@ -218,7 +243,7 @@ def next_state(plan: SurvivalPlan, state: dict[str, Any], totals: Arrays) -> dic
             "covariance": fit.covariance.tolist(), "loglik": fit.loglik,
             "iterations": fit.iterations, "events": float(totals["events"].sum()),
             "center": state["inputs"]["center"], "stratified": plan.stratified,
-            "ties": plan.ties}
+            "ties": plan.ties, "kaplan_meier": state.get("kaplan_meier")}
         if not plan.stratified:  # the sums are at the fitted beta: Breslow's baseline
             baseline = breslow_baseline(CoxSums(**{k: totals[k] for k in _SUMS}))
             result["baseline"] = baseline.tolist()
