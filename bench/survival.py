@@ -136,7 +136,7 @@ def _logistic(data: Any, model: FederatedCox, drop_censored: bool) -> Any:
 
 
 def synthetic(smoke: bool, eval_size: int) -> dict[str, Any]:
-    data = synthetic_federation(n_sites=12, seed=0, survival=True,
+    data = synthetic_federation(n_sites=6 if smoke else 12, seed=0, survival=True,
                                 size_scale=0.3 if smoke else 1.0,
                                 eval_size=2_000 if smoke else eval_size)
     started = time.perf_counter()
