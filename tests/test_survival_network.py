@@ -106,6 +106,8 @@ def _check_kaplan_meier(body: dict[str, object], plan: SurvivalPlan) -> None:
     np.testing.assert_allclose(km["cumulative_hazard"], curve.cumulative_hazard, atol=1e-12)
     se = np.array([np.nan if v is None else v for v in km["survival_se"]])
     np.testing.assert_allclose(se, curve.survival_se, atol=1e-12)
+    assert body["kaplan_meier_risk_at_horizon"] == pytest.approx(
+        1 - curve.at(plan.horizon_years), abs=1e-12)
 
 
 def _check_served(fed: Federation, body: dict[str, object], stratified: bool) -> None:
@@ -325,3 +327,14 @@ def test_exports_with_follow_up_fit_over_the_network_and_the_dashboard_shows_it(
     with pytest.raises(TaskRefused, match="mapping labels 'cvd_10y'"):
         survival_rows(DataSource(csv=files[SITES[0]][0], mapping=files[SITES[0]][1]),
                       columns, "chd_10y")
+
+
+@pytest.mark.parametrize("state", [None, {"step": "km"}])
+def test_a_task_without_the_state_of_its_own_step_is_refused(state: object) -> None:
+    from cardiofed.node.agent import _step_state
+    from cardiofed.protocol.schemas import TaskResponse
+
+    task = TaskResponse.model_construct(kind="cox", attribution=state)
+    with pytest.raises(TaskRefused, match="The cox task of a survival study carries no "
+                                          "state for that step."):
+        _step_state(task, "a survival")

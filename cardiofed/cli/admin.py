@@ -164,14 +164,9 @@ def survival_report(
         table.add_row(escape(name), f"{c['coefficient']:+.4f}", f"{c['se']:.4f}",
                       f"{c['hazard_ratio']:.3f} ({c['hr_low']:.3f}-{c['hr_high']:.3f})")
     console.print(table)
-    if body["kaplan_meier"] is not None:
-        import numpy as np
-
-        grid = body["grid_step_years"] * np.arange(1, len(body["kaplan_meier"]["survival"]) + 1)
-        k = int(np.searchsorted(grid, body["horizon_years"] + 1e-9, side="right"))
-        if k:
-            console.print(f"Kaplan-Meier risk by {body['horizon_years']:g} years, all sites "
-                          f"pooled: {1 - body['kaplan_meier']['survival'][k - 1]:.3f}.")
+    if body["kaplan_meier_risk_at_horizon"] is not None:
+        console.print(f"Kaplan-Meier risk by {body['horizon_years']:g} years, all sites "
+                      f"pooled: {body['kaplan_meier_risk_at_horizon']:.3f}.")
     console.print(f"Report: {out / 'survival.json'}")
 
 

@@ -48,7 +48,6 @@ from cardiofed.store import (
     hash_secret,
     new_secret,
 )
-from cardiofed.survival.study import SurvivalPlan
 
 COOKIE = "cardiofed_session"
 SESSION_HOURS = 8
@@ -196,20 +195,9 @@ def study_page(study_id: str, db: DB, login: OptionalLogin, clock: Clock) -> Res
                  attribution=attribution_answer.report(study).model_dump()
                  if finished and not survival else None,
                  survival=survival_report(study).model_dump() if survival else None,
-                 km_at_horizon=_km_risk(study) if survival else None,
                  sites=_sites(db, study, state), rounds=_rounds(db, study, clock),
                  models=_models(db, study), charts=_auc_charts(db, study),
                  refresh=REFRESH_S if study.phase != "done" else 0, quote=quote)
-
-
-def _km_risk(study: Study) -> float | None:
-    """A finished survival study's pooled Kaplan-Meier risk by its plan's horizon."""
-    km = (study.analysis or {}).get("result", {}).get("kaplan_meier")
-    if km is None:
-        return None
-    plan = SurvivalPlan.model_validate(study.plan["survival"])
-    k = int(np.searchsorted(plan.grid, plan.horizon_years, side="right"))
-    return 0.0 if k == 0 else 1.0 - float(km["survival"][k - 1])
 
 
 def _sites(db: Session, study: Study, state: dict[str, Any]) -> list[dict[str, Any]]:

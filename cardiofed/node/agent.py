@@ -14,6 +14,7 @@ import os
 import ssl
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -282,10 +283,7 @@ class NodeAgent:
             raise TaskRefused("This site has a privacy budget, and the attribution plan is "
                               "not private: its sums would be exact. A private plan "
                               "(attribution.private = true) lets this site take part.")
-        state = task.attribution
-        if state is None or state.get("step") != task.kind:
-            raise TaskRefused(f"The {task.kind} task of an attribution study carries no "
-                              f"state for that step.")
+        state = _step_state(task, "an attribution")
         catalogue = self._agreed_features(task)
         if self._rows is None:
             self._rows = attribution_site(self._data, plan, task.feature_names,
@@ -321,10 +319,7 @@ class NodeAgent:
                               "release yet: only a non-private site (privacy = \"off\", "
                               "opt_in = [\"exact_survival\"]) takes part in a survival "
                               "study.")
-        state = task.attribution
-        if state is None or state.get("step") != task.kind:
-            raise TaskRefused(f"The {task.kind} task of a survival study carries no state "
-                              f"for that step.")
+        state = _step_state(task, "a survival")
         catalogue = self._agreed_features(task)
         if self._survival_rows is None:
             self._survival_rows = survival_rows(self._data, task.feature_names, task.outcome,
@@ -362,3 +357,12 @@ class NodeAgent:
         if self.ledger is None:
             return None
         return self._study_privacy(study, site.n_train + len(site.y_test), plan)
+
+
+def _step_state(task: TaskResponse, study_kind: str) -> dict[str, Any]:
+    """The analysis state an attribution or survival task carries for its own step."""
+    state = task.attribution
+    if state is None or state.get("step") != task.kind:
+        raise TaskRefused(f"The {task.kind} task of {study_kind} study carries no state "
+                          f"for that step.")
+    return state

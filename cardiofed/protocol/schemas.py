@@ -243,4 +243,6 @@ class SurvivalResponse(BaseModel):
         None, description="The pooled Kaplan-Meier survival at each grid point, its "
                           "Greenwood standard error (None where undefined) and the "
                           "Nelson-Aalen cumulative hazard (None with kaplan_meier = false)")
+    kaplan_meier_risk_at_horizon: float | None = Field(
+        None, description="1 - the pooled Kaplan-Meier survival by horizon_years")
     releases: str = Field(description="What the sites released")

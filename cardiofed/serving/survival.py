@@ -123,4 +123,5 @@ def study_report(study: Study) -> SurvivalResponse:
         "max_years": plan.max_years, "horizon_years": plan.horizon_years,
         "baseline": r.get("baseline"), "baseline_at_horizon": r.get("baseline_at_horizon"),
         "kaplan_meier": r.get("kaplan_meier"),
+        "kaplan_meier_risk_at_horizon": r.get("kaplan_meier_risk_at_horizon"),
         "releases": RELEASES})

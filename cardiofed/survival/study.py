@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cardiofed._pydantic import validation_problems
 from cardiofed.exceptions import ConfigurationError, DataValidationError
 from cardiofed.survival.cox import (
     CoxSums,
@@ -51,8 +51,7 @@ STEPS = ("km", "cox", "done")
 # |x beta| over the site's ranges stays below this (exp stays far from overflow)
 MAX_ETA = 500.0
 Arrays = dict[str, np.ndarray]
-_SUMS = ("events", "event_x", "event_eta", "risk0", "risk1", "risk2", "tied0", "tied1",
-         "tied2")
+_SUMS = tuple(f.name for f in fields(CoxSums))  # what a pooled round's site sends
 
 
 class SurvivalPlan(BaseModel):
@@ -91,16 +90,6 @@ class SurvivalPlan(BaseModel):
         """The public time grid, in years."""
         k = math.floor(self.max_years / self.grid_step_years + 1e-9)
         return self.grid_step_years * np.arange(1, k + 1)
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any]) -> SurvivalPlan:
-        """Validated, or a ConfigurationError naming each bad parameter and its value."""
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            raise ConfigurationError(f"Invalid survival plan: "
-                                     f"{validation_problems(exc, 'plan', values=True)}."
-                                     ) from None
 
 
 def start(plan: SurvivalPlan, columns: list[str],
@@ -206,20 +195,21 @@ def next_state(plan: SurvivalPlan, state: dict[str, Any], totals: Arrays) -> dic
         return {**state, "step": "cox", "kaplan_meier": {
             "survival": curve.survival.tolist(),
             "survival_se": [None if math.isnan(v) else v for v in curve.survival_se.tolist()],
-            "cumulative_hazard": curve.cumulative_hazard.tolist()}}
+            "cumulative_hazard": curve.cumulative_hazard.tolist()},
+            "kaplan_meier_risk_at_horizon": 1.0 - curve.at(plan.horizon_years)}
     if state["step"] != "cox":
         raise ConfigurationError(f"The analysis is {state['step']!r}; nothing comes next.")
     if float(totals["events"].sum()) < 1:
         raise DataValidationError("No site has an event on the grid: a Cox model cannot be "
                                   "fitted.")
     check_sums(plan, totals)
+    sums = None if plan.stratified else CoxSums(**{k: totals[k] for k in _SUMS})
     with np.errstate(all="ignore"):
         try:
-            if plan.stratified:
+            if sums is None:
                 derivs = (float(totals["loglik"][0]), totals["gradient"], totals["hessian"])
             else:
-                derivs = partial_likelihood(CoxSums(**{k: totals[k] for k in _SUMS}),
-                                            plan.ties)
+                derivs = partial_likelihood(sums, plan.ties)
             newton = Newton.from_json(state["newton"]).next(derivs, max_iter=plan.max_newton,
                                                             tol=1e-10)
             if not (np.isfinite(newton.request).all() and math.isfinite(newton.loglik)):
@@ -243,9 +233,10 @@ def next_state(plan: SurvivalPlan, state: dict[str, Any], totals: Arrays) -> dic
             "covariance": fit.covariance.tolist(), "loglik": fit.loglik,
             "iterations": fit.iterations, "events": float(totals["events"].sum()),
             "center": state["inputs"]["center"], "stratified": plan.stratified,
-            "ties": plan.ties, "kaplan_meier": state.get("kaplan_meier")}
-        if not plan.stratified:  # the sums are at the fitted beta: Breslow's baseline
-            baseline = breslow_baseline(CoxSums(**{k: totals[k] for k in _SUMS}))
+            "ties": plan.ties, "kaplan_meier": state.get("kaplan_meier"),
+            "kaplan_meier_risk_at_horizon": state.get("kaplan_meier_risk_at_horizon")}
+        if sums is not None:  # the sums are at the fitted beta: Breslow's baseline
+            baseline = breslow_baseline(sums)
             result["baseline"] = baseline.tolist()
             result["horizon_years"] = plan.horizon_years
             result["baseline_at_horizon"] = baseline_at(baseline, plan.grid,
