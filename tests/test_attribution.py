@@ -374,3 +374,22 @@ def test_a_continuous_outcome_from_exports_gives_a_difference_in_means(
     other = CliRunner().invoke(app, ["simulate", "--dataset", "uci-heart", *exports],
                                env={"COLUMNS": "200"})
     assert other.exit_code != 0 and "are the 'csv' data set's" in other.output
+    survival = CliRunner().invoke(app, ["attribution", *exports, *analysis, "--horizon", "5"],
+                                  env={"COLUMNS": "200"})
+    assert survival.exit_code != 0 and "a time-to-event analysis needs the event" in " ".join(
+        survival.output.split())
+
+
+def test_a_node_refuses_a_plan_whose_outcome_kind_its_mapping_does_not_label(
+        tmp_path: Path) -> None:
+    from cardiofed.causal.study import AttributionPlan
+    from cardiofed.exceptions import TaskRefused
+    from cardiofed.node.config import DataSource
+    from cardiofed.node.work import attribution_site
+
+    csv, mapping = _continuous_export(tmp_path, "site_0", 0)
+    plan = AttributionPlan(treatment="bp_treated", covariates=["age", "sex"])
+    with pytest.raises(TaskRefused, match="outcome is binary; this site's mapping labels a "
+                                          "continuous outcome"):
+        attribution_site(DataSource(csv=csv, mapping=mapping), plan, ["age", "sex=male"],
+                         "cvd_10y")

@@ -5,6 +5,7 @@ payloads, states and sites are refused by name."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -202,8 +203,16 @@ def _zero_sums(g: int, k: int) -> dict[str, np.ndarray]:
 
 
 def test_a_site_whose_export_has_no_follow_up_refuses(tmp_path: Path) -> None:
+    from test_survival_serving import _survival_export  # type: ignore[import-not-found]
+
     with pytest.raises(TaskRefused, match="no follow-up times"):
         survival_rows(DataSource(dataset="framingham", site="x", seed=0), COLUMNS, None)
+    with pytest.raises(TaskRefused, match=re.escape("no columns ['cholesterol_ratio']")):
+        survival_rows(DataSource(dataset="synthetic", site="tier3_01", seed=0),
+                      ["age", "cholesterol_ratio"], None)
+    csv, mapping = _survival_export(tmp_path, "plain", 1, follow_up=False)
+    with pytest.raises(TaskRefused, match=re.escape("declares no [follow_up]")):
+        survival_rows(DataSource(csv=csv, mapping=mapping), ["age"], "cvd_10y")
 
 
 RANGES = feature_ranges_for(COLUMNS)
@@ -232,10 +241,24 @@ def test_the_node_computes_only_at_coefficients_that_cannot_overflow(
 
 def test_a_centre_outside_the_ranges_or_the_wrong_shape_is_refused() -> None:
     plan = SurvivalPlan(covariates=COVARIATES)
-    for inputs in ({"beta": [0.0] * 7, "center": [1e9] * 7},
-                   {"beta": [0.0] * 6, "center": CENTER}):
-        with pytest.raises(ConfigurationError):
+    for inputs, message in (
+            ({"beta": [0.0] * 7, "center": [1e9] * 7}, "centre lies outside"),
+            ({"beta": [0.0] * 6, "center": CENTER}, "one value per covariate column (7)"),
+            ({"beta": [np.nan] * 7, "center": CENTER}, "must be finite"),
+            ({"beta": [1e3] * 7, "center": CENTER}, "above 500 within the covariates")):
+        with pytest.raises(ConfigurationError, match=re.escape(message)):
             check_state(plan, {"columns": COLUMNS, "inputs": inputs}, RANGES)
+
+
+def test_a_round_without_any_event_stops_the_fit_by_name() -> None:
+    from cardiofed.exceptions import DataValidationError
+    from cardiofed.survival.study import next_state
+
+    plan = SurvivalPlan(covariates=["age"], grid_step_years=5.0, max_years=10.0,
+                        kaplan_meier=False)
+    state = start(plan, ["age"], [(20.0, 100.0)])
+    with pytest.raises(DataValidationError, match="No site has an event on the grid"):
+        next_state(plan, state, _zero_sums(2, 1))
 
 
 def _arrays(plan: SurvivalPlan, k: int, data: st.DataObject) -> dict[str, np.ndarray]:
