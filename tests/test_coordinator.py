@@ -838,13 +838,14 @@ def test_node_config_paths_are_relative_to_the_file_and_privacy_defaults(
 def test_bias_corrections_the_network_does_not_run_are_refused(fed: Federation) -> None:
     names, ranges = study_columns("synthetic")
     r = fed.client.post("/v1/studies", headers=fed.auth(fed.admin), json={
-        "id": "s2", "plan": {**PLAN, "weighting": "type-balanced", "label_quality": True},
+        "id": "s2", "plan": {**PLAN, "weighting": "type-balanced", "label_quality": True,
+                             "average_last": 2},
         "sites": ["a"], "feature_names": names, "feature_ranges": ranges})
 
     assert r.status_code == 422
     assert r.json()["detail"] == (
         "The networked federation aggregates with sample-size weights only; weighting, "
-        "label_quality is available in simulation only for now.")
+        "label_quality, average_last is available in simulation only for now.")
 
 
 # ---------------------------------------------------------------- asynchronous studies

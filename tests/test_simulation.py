@@ -274,3 +274,31 @@ def test_label_quality_with_fewer_than_three_sites_is_refused_by_name() -> None:
     with pytest.raises(ConfigurationError, match="label_quality .* needs at least 3 sites; "
                                                  "this federation has 2"):
         run_experiment(data, SimulationConfig.create(rounds=1, label_quality=True))
+
+
+def test_average_last_ends_with_the_mean_of_the_last_rounds_models(
+        prepared: list[PreparedSite]) -> None:
+    models: list[dict[str, np.ndarray]] = []
+    config = SimulationConfig.create(rounds=5, average_last=3, local_steps=1, stop_patience=None)
+
+    run = run_federated(prepared, config,
+                        on_round=lambda _, w: models.append({n: v.copy() for n, v in w.items()}))
+
+    for name, value in run.weights.items():
+        np.testing.assert_allclose(value, np.mean([m[name] for m in models[-3:]], axis=0),
+                                   rtol=1e-6)
+    last = run_federated(prepared, config.model_copy(update={"average_last": 1}))
+    for name, value in last.weights.items():
+        np.testing.assert_array_equal(value, models[-1][name])
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"rounds": 4, "average_last": 5}, "average_last (5) averages the last rounds' models; "
+                                      "it cannot exceed rounds (4)"),
+    ({"rounds": 4, "average_last": 2, "aggregation": "async"},
+     "with aggregation = 'async' leave it at 1"),
+])
+def test_average_last_refusals_name_the_setting(settings: dict[str, object],
+                                                message: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        SimulationConfig.create(**settings)

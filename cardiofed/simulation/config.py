@@ -54,6 +54,10 @@ class SimulationConfig(BaseModel):
     # loss, so under DP every round runs.
     rounds: int = Field(DEFAULT_ROUNDS, ge=1, le=100_000)
     stop_patience: int | None = Field(5, ge=1, le=100_000)
+    # The model a synchronous run ends with is the mean of its last `average_last` rounds'
+    # global models (tail averaging): post-processing of models the coordinator holds
+    # anyway, so it costs no privacy, and it averages away part of DP-SGD's noise.
+    average_last: int = Field(1, ge=1, le=100_000)
     stop_tolerance: float = Field(1e-3, ge=0, lt=1, allow_inf_nan=False)
     local_epochs: int = Field(1, ge=1, le=10_000)
     local_steps: int | None = Field(None, ge=1, le=10_000_000)
@@ -158,6 +162,12 @@ class SimulationConfig(BaseModel):
             raise ValueError("fraction_fit samples sites for synchronous rounds; with "
                              "aggregation = 'async' every site trains at its own pace, so "
                              "leave fraction_fit at 1")
+        if self.average_last > self.rounds:
+            raise ValueError(f"average_last ({self.average_last}) averages the last rounds' "
+                             f"models; it cannot exceed rounds ({self.rounds})")
+        if self.average_last > 1 and self.aggregation == "async":
+            raise ValueError("average_last averages synchronous rounds' models; with "
+                             "aggregation = 'async' leave it at 1")
         if self.attribution is not None and self.survival is not None:
             raise ValueError("a study is an attribution study or a survival study, not "
                              "both; give one of [attribution] and [survival]")

@@ -9,6 +9,7 @@ on the union of the sites' rows.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -18,6 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.metrics import roc_auc_score
 
 from cardiofed.aggregation.robust import SiteAggregation
+from cardiofed.aggregation.weighted_mean import weighted_mean
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.algorithms import scaffold as scaffold_cv
 from cardiofed.algorithms.base import LocalTrainer
@@ -135,6 +137,9 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     With `speeds` the rounds also run on the virtual clock of
     :mod:`cardiofed.simulation.clock`: a round ends when its slowest site has uploaded,
     and ``history`` records each round's end as ``time_s``.
+
+    The run ends with the mean of the last ``config.average_last`` rounds' global models
+    (:func:`tail_model`); ``history`` records each round's own.
     """
     if config.aggregation != "sync":
         raise ConfigurationError("run_federated runs synchronous rounds; use "
@@ -151,6 +156,7 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     c_server = scaffold_cv.zeros_like(weights)
     c_site = {s.name: scaffold_cv.zeros_like(weights) for s in sites} if scaffold else {}
     rng = np.random.default_rng(config.seed)
+    tail: deque[Weights] = deque(maxlen=config.average_last)
     run = FederatedRun(weights=weights, participation={s.name: 0 for s in sites},
                        weight_share={s.name: 0.0 for s in sites},
                        update_share={s.name: 0.0 for s in sites})
@@ -221,6 +227,7 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             if scaffold:
                 c_server = scaffold_cv.server_control_update(c_server, control_deltas,
                                                              len(sites))
+            tail.append(weights)
             if on_round is not None:
                 on_round(rnd, weights)
             losses.append(round_loss([u.global_loss for u in updates]))
@@ -239,12 +246,18 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             bar.advance(task)
             if last:
                 break
-    run.weights = weights
+    run.weights = tail_model(tail, weights)
     run.sim_time_s = now
     run.update_share = shares(run.update_share)
     run.weight_share = {name: w / rnd for name, w in run.weight_share.items()}
     run.rounds = rnd
     return run
+
+
+def tail_model(tail: Sequence[Weights], last: Weights) -> Weights:
+    """The mean of the models in `tail` (the last rounds' global models), or `last` when
+    there is at most one."""
+    return weighted_mean(list(tail), [1.0] * len(tail)) if len(tail) > 1 else last
 
 
 def batched_updates(algorithm: FederatedAlgorithm, model_kind: str, weights: Weights,

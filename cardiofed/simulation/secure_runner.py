@@ -19,12 +19,13 @@ sites than the noise was split over is not unmasked, and training stops there.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
-from cardiofed.models.networks import get_weights, make_model
+from cardiofed.models.networks import Weights, get_weights, make_model
 from cardiofed.privacy.randomness import secure_numpy_rng
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.secure.noise import DistributedNoise, integer_sensitivity
@@ -32,7 +33,7 @@ from cardiofed.secure.quantise import RingCodec
 from cardiofed.secure.simulate import ring_sum
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.prepare import PreparedSite
-from cardiofed.simulation.runner import FederatedRun, round_metrics, shares
+from cardiofed.simulation.runner import FederatedRun, round_metrics, shares, tail_model
 from cardiofed.simulation.secure_statistics import MAX_SITE_RECORDS, noise_sites
 from cardiofed.training.clipped import clipped_gradient_sum, unflatten
 from cardiofed.training.clipped import sensitivity as gradient_sensitivity
@@ -105,6 +106,7 @@ def run_secure_sgd(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             for group in groups]
     robust = config.robust_aggregation()
     rnd = 0
+    tail: deque[Weights] = deque(maxlen=config.average_last)
     for rnd in range(1, config.rounds + 1):
         vectors, rngs = {}, {}
         for site in taking_part:
@@ -141,6 +143,7 @@ def run_secure_sgd(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 counts, [f"group {g}" for g in range(len(totals))])
             run.record_robust(rnd, report)
         weights, state = algorithm.server.step(weights, step, state)
+        tail.append(weights)
         for name in vectors:
             run.participation[name] += 1
             run.update_share[name] += 1
@@ -151,7 +154,7 @@ def run_secure_sgd(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             for name, site_privacy in privacy.items():
                 record[f"epsilon/{name}"] = site_privacy.ledger.spent()
             run.history.append(record)
-    run.weights = weights
+    run.weights = tail_model(tail, weights)
     run.rounds = rnd
     run.update_share = shares(run.update_share)
     run.weight_share = {name: w / max(rnd, 1) for name, w in run.weight_share.items()}
