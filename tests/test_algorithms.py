@@ -206,3 +206,32 @@ def test_train_local_needs_rows() -> None:
             "train_local needs at least one training row; got 0.")):
         train_local(model, np.empty((0, N_FEATURES)), np.empty(0), LocalTrainingConfig(),
                     seed=0)
+
+
+@pytest.mark.parametrize("kind", ["logistic", "mlp"])
+@pytest.mark.parametrize("proximal_mu", [0.0, 0.5])
+def test_plain_sgd_is_torch_sgd_bit_for_bit(rows: tuple[np.ndarray, np.ndarray], kind: str,
+                                            proximal_mu: float,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from cardiofed.training import local
+
+    x, y = rows
+    config = LocalTrainingConfig(lr=0.07, batch_size=16, local_epochs=2,
+                                 proximal_mu=proximal_mu)
+    anchor = get_weights(make_model(kind, N_FEATURES, seed=5))
+    correction = {k: np.full_like(v, 0.01) for k, v in anchor.items()}
+
+    def trained() -> Weights:
+        model = make_model(kind, N_FEATURES, seed=3)
+        local.train_local(model, x, y, config, seed=9, anchor=anchor,
+                          grad_correction=correction)
+        return get_weights(model)
+
+    plain = trained()
+    monkeypatch.setattr(local, "_optimizer", lambda params, c: torch.optim.SGD(params, lr=c.lr))
+    reference = trained()
+
+    for k in plain:
+        np.testing.assert_array_equal(plain[k], reference[k])
