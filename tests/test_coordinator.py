@@ -179,6 +179,28 @@ def test_a_clinical_model_form_trains_over_the_network_as_in_simulation(
         np.testing.assert_array_equal(value, sim.federated.weights[name])
 
 
+def test_a_tail_averaged_study_serves_the_simulators_model(tmp_path: Path) -> None:
+    """``average_last = 2``: after 3 rounds the coordinator stores the mean of versions 2
+    and 3 as version 4; the sites evaluate it and the registry serves it."""
+    from cardiofed.serving import registry
+
+    plan = {**PLAN, "rounds": 3, "average_last": 2}
+    fed = Federation(tmp_path, plan=plan)
+    _until_done(fed, [fed.agent(s) for s in SITES])
+    models = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
+    with session_factory(fed.settings.database_url)() as db:
+        served = registry.load(db, "s1-v4")
+        versions = [registry.load(db, f"s1-v{v}").weights for v in (2, 3)]
+
+    assert [m["version"] for m in models] == [0, 1, 2, 3, 4]
+    assert models[-1]["metrics"] and models[-1]["participants"] == sorted(SITES)
+    sim = _simulated(plan)
+    for name, value in served.weights.items():
+        np.testing.assert_array_equal(value, sim.federated.weights[name])
+        np.testing.assert_allclose(value, (versions[0][name] + versions[1][name]) / 2,
+                                   rtol=1e-6)
+
+
 def test_a_mean_round_streams_to_the_simulators_robust_mean(tmp_path: Path) -> None:
     """The robust mean (weight cap and norm bound on: the largest site is capped) is a
     running sum over the payloads, never every update at once; the same model."""
@@ -838,14 +860,13 @@ def test_node_config_paths_are_relative_to_the_file_and_privacy_defaults(
 def test_bias_corrections_the_network_does_not_run_are_refused(fed: Federation) -> None:
     names, ranges = study_columns("synthetic")
     r = fed.client.post("/v1/studies", headers=fed.auth(fed.admin), json={
-        "id": "s2", "plan": {**PLAN, "weighting": "type-balanced", "label_quality": True,
-                             "average_last": 2},
+        "id": "s2", "plan": {**PLAN, "weighting": "type-balanced", "label_quality": True},
         "sites": ["a"], "feature_names": names, "feature_ranges": ranges})
 
     assert r.status_code == 422
     assert r.json()["detail"] == (
         "The networked federation aggregates with sample-size weights only; weighting, "
-        "label_quality, average_last is available in simulation only for now.")
+        "label_quality is available in simulation only for now.")
 
 
 # ---------------------------------------------------------------- asynchronous studies

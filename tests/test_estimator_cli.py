@@ -141,6 +141,15 @@ def test_simulate_reports_invalid_settings_by_name(tmp_path) -> None:  # type: i
     assert "the 'rounds' parameter must be greater than or equal to 1; got 0" in result.output
 
 
+def test_simulate_average_last_beyond_the_rounds_is_refused_by_name(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = CliRunner().invoke(app, ["simulate", "--rounds", "3", "--average-last", "4",
+                                      "--out", str(tmp_path)])
+
+    assert result.exit_code == 2
+    assert "average_last (4) averages the last rounds' models; it cannot exceed rounds (3)" \
+        in " ".join(result.output.split())
+
+
 def test_simulate_unknown_dataset_names_the_choices(tmp_path) -> None:  # type: ignore[no-untyped-def]
     result = CliRunner().invoke(app, ["simulate", "--dataset", "mimic", "--out", str(tmp_path)])
 

@@ -199,6 +199,19 @@ def test_an_evaluation_of_any_model_but_the_final_one_is_refused(policy: TaskPol
         policy.admit(task("evaluate", 2, version), RANGES)
 
 
+@pytest.mark.parametrize("version", [3, 5])
+def test_a_tail_averaged_plan_evaluates_the_average_version_only(policy: TaskPolicy,
+                                                                  version: int) -> None:
+    averaged = SimulationConfig.create(rounds=3, seed=5, stop_patience=None,
+                                       average_last=2).model_dump()
+    run(policy, task("statistics", 0, plan=averaged))
+    with pytest.raises(TaskRefused, match=re.escape(
+            f"Refused evaluate task (round 4, model version {version}) of study 's1': the plan "
+            f"evaluates only the final model, version 4.")):
+        policy.admit(task("evaluate", 4, version, plan=averaged), RANGES)
+    policy.admit(task("evaluate", 4, 4, plan=averaged), RANGES)
+
+
 def test_a_plan_that_stops_once_converged_evaluates_once_and_then_trains_no_more(
         policy: TaskPolicy) -> None:
     run(policy, task("statistics", 0, plan=STOPPING))

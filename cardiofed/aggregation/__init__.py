@@ -11,10 +11,11 @@ from cardiofed.aggregation.weighted_mean import (
     accumulate,
     finalize,
     sample_size_weights,
+    tail_average,
     weighted_mean,
 )
 
 __all__ = [
     "Accumulator", "ServerAdaptive", "ServerOptimizer", "ServerSGD", "ServerState",
-    "accumulate", "finalize", "sample_size_weights", "weighted_mean",
+    "accumulate", "finalize", "sample_size_weights", "tail_average", "weighted_mean",
 ]

@@ -62,6 +62,14 @@ def weighted_mean(updates: Sequence[Weights], weights: Sequence[float]) -> Weigh
     return finalize(acc)
 
 
+def tail_average(models: Sequence[Weights]) -> Weights:
+    """The plain mean of the last rounds' global models (tail averaging: post-processing
+    of models the server holds anyway), or the model itself when there is one."""
+    if len(models) == 1:
+        return models[0]
+    return weighted_mean(models, [1.0] * len(models))
+
+
 def sample_size_weights(num_samples: Sequence[int]) -> list[float]:
     """FedAvg's weights: each site in proportion to its training rows."""
     if any(n < 0 for n in num_samples):

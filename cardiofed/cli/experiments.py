@@ -247,6 +247,8 @@ def simulate(
     stop_patience: Annotated[int | None, typer.Option(
         min=0, help="Stop once the sites' loss has not improved for this many rounds "
                     "(default 5; 0 runs every round).")] = None,
+    average_last: Annotated[int | None, typer.Option(
+        help="End with the mean of the last N rounds' global models (tail averaging).")] = None,
     local_epochs: Annotated[int | None, typer.Option()] = None,
     local_steps: Annotated[int | None, typer.Option(help="Fixed steps per round.")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
@@ -284,6 +286,7 @@ def simulate(
     settings = {"model": model, "feature_transform": feature_transform,
                 "recalibrate": recalibrate, "finetune": finetune,
                 "algorithm": algorithm, "rounds": rounds, "stop_patience": stop_patience,
+                "average_last": average_last,
                 "local_epochs": local_epochs, "local_steps": local_steps,
                 "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
                 "proximal_mu": proximal_mu, "server_lr": server_lr,

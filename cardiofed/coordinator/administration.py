@@ -131,7 +131,7 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
         ("algorithm scaffold", plan.algorithm == "scaffold"),
         ("weighting", plan.weighting != "sample-size"), ("label_quality", plan.label_quality),
         ("covariate_shift", plan.covariate_shift), ("recalibrate", plan.recalibrate),
-        ("finetune", plan.finetune), ("average_last", plan.average_last > 1)) if on]
+        ("finetune", plan.finetune)) if on]
     if simulation_only:
         raise InvalidUpdate(f"The networked federation aggregates with sample-size weights "
                             f"only; {', '.join(simulation_only)} is available in simulation "

@@ -38,6 +38,7 @@ from cardiofed.aggregation.robust_statistics import (
     scaled,
     site_moments,
 )
+from cardiofed.aggregation.weighted_mean import tail_average
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.algorithms.stopping import round_loss
 from cardiofed.causal.combine import add as add_sums
@@ -362,6 +363,8 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         converged = rnd.number < plan.rounds and _converged(db, study, plan)
         next_kind, version = (TRAIN if rnd.number < plan.rounds and not converged
                               else EVALUATE, study.model_version)
+        if next_kind == EVALUATE and plan.average_last > 1:
+            version = _store_tail_average(db, study, plan.average_last, rnd.number)
     else:
         model = model_blob(db, study.id, study.model_version)
         model.metrics = folded.metrics
@@ -379,6 +382,22 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
     else:
         study.phase = "done"
     db.commit()
+
+
+def _store_tail_average(db: Session, study: Study, last: int, round_number: int) -> int:
+    """Store the mean of the study's `last` trained versions (fewer if it stopped
+    earlier) as its next version, the one the sites evaluate and the registry serves
+    (the plan's ``average_last``); returns its number."""
+    first = max(1, study.model_version - last + 1)
+    versions = [model_blob(db, study.id, v) for v in range(first, study.model_version + 1)]
+    if len(versions) < 2:
+        return study.model_version
+    average = tail_average([decode_arrays(v.weights)[0] for v in versions])
+    participants = sorted({name for v in versions for name in v.participants})
+    study.model_version += 1
+    store_model(db, study, average, version=study.model_version, round_number=round_number,
+                participants=participants)
+    return study.model_version
 
 
 def _converged(db: Session, study: Study, plan: SimulationConfig) -> bool:

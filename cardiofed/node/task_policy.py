@@ -152,12 +152,14 @@ class TaskPolicy:
             if done.get("evaluate"):
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan has one "
                                   f"evaluation and it already ran.")
-            if not _can_stop_early(task.plan) and task.model_version != rounds:
+            # With average_last the final model is one more version: the mean of the last.
+            final = rounds + (int(task.plan.get("average_last", 1)) > 1)  # type: ignore[call-overload]
+            if not _can_stop_early(task.plan) and task.model_version != final:
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan evaluates "
-                                  f"only the final model, version {rounds}.")
-            if not 1 <= task.model_version <= rounds:
+                                  f"only the final model, version {final}.")
+            if not 1 <= task.model_version <= final:
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan "
-                                  f"publishes versions 1 to {rounds}.")
+                                  f"publishes versions 1 to {final}.")
             last = max(done.get("train", []), default=0)
             if task.model_version < last:
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: this site "

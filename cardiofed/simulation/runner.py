@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.metrics import roc_auc_score
 
 from cardiofed.aggregation.robust import SiteAggregation
-from cardiofed.aggregation.weighted_mean import weighted_mean
+from cardiofed.aggregation.weighted_mean import tail_average
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.algorithms import scaffold as scaffold_cv
 from cardiofed.algorithms.base import LocalTrainer
@@ -139,7 +139,7 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     and ``history`` records each round's end as ``time_s``.
 
     The run ends with the mean of the last ``config.average_last`` rounds' global models
-    (:func:`tail_model`); ``history`` records each round's own.
+    (:func:`~cardiofed.aggregation.tail_average`); ``history`` records each round's own.
     """
     if config.aggregation != "sync":
         raise ConfigurationError("run_federated runs synchronous rounds; use "
@@ -246,18 +246,12 @@ def run_federated(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             bar.advance(task)
             if last:
                 break
-    run.weights = tail_model(tail, weights)
+    run.weights = tail_average(list(tail))
     run.sim_time_s = now
     run.update_share = shares(run.update_share)
     run.weight_share = {name: w / rnd for name, w in run.weight_share.items()}
     run.rounds = rnd
     return run
-
-
-def tail_model(tail: Sequence[Weights], last: Weights) -> Weights:
-    """The mean of the models in `tail` (the last rounds' global models), or `last` when
-    there is at most one."""
-    return weighted_mean(list(tail), [1.0] * len(tail)) if len(tail) > 1 else last
 
 
 def batched_updates(algorithm: FederatedAlgorithm, model_kind: str, weights: Weights,

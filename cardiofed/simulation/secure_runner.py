@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from cardiofed.aggregation.weighted_mean import tail_average
 from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.models.networks import Weights, get_weights, make_model
 from cardiofed.privacy.randomness import secure_numpy_rng
@@ -33,7 +34,7 @@ from cardiofed.secure.quantise import RingCodec
 from cardiofed.secure.simulate import ring_sum
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.prepare import PreparedSite
-from cardiofed.simulation.runner import FederatedRun, round_metrics, shares, tail_model
+from cardiofed.simulation.runner import FederatedRun, round_metrics, shares
 from cardiofed.simulation.secure_statistics import MAX_SITE_RECORDS, noise_sites
 from cardiofed.training.clipped import clipped_gradient_sum, unflatten
 from cardiofed.training.clipped import sensitivity as gradient_sensitivity
@@ -154,7 +155,7 @@ def run_secure_sgd(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             for name, site_privacy in privacy.items():
                 record[f"epsilon/{name}"] = site_privacy.ledger.spent()
             run.history.append(record)
-    run.weights = tail_model(tail, weights)
+    run.weights = tail_average(list(tail)) if tail else weights
     run.rounds = rnd
     run.update_share = shares(run.update_share)
     run.weight_share = {name: w / max(rnd, 1) for name, w in run.weight_share.items()}
