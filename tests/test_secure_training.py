@@ -235,3 +235,29 @@ def test_a_site_refuses_a_sum_noisier_for_others_than_for_itself(federation) -> 
     assert site.ledger.spent() == 0.0 and site.charged_secure_noise() is None
     site.charge_secure_round(needed, "round 1")
     assert site.charged_secure_noise() == needed
+
+
+def test_a_secure_run_ends_with_the_mean_of_its_last_rounds(  # type: ignore[no-untyped-def]
+        federation, monkeypatch) -> None:
+    from cardiofed.simulation import secure_runner
+    from cardiofed.simulation.runner import round_metrics
+
+    averaged: list[list[dict[str, np.ndarray]]] = []
+    real = secure_runner.tail_average
+    monkeypatch.setattr(secure_runner, "tail_average",
+                        lambda models: averaged.append(list(models)) or real(models))
+    config = SimulationConfig.create(dp_epsilon=1.0, secure_aggregation=True, rounds=4,
+                                     average_last=3, eval_every=1)
+    privacy = site_privacy(federation, config)
+    sites = prepare_federation(federation, privacy=privacy)
+
+    run = run_secure_sgd(sites, config, privacy=privacy)
+
+    (last_three,) = averaged
+    assert len(last_three) == 3
+    for name, value in run.weights.items():
+        np.testing.assert_allclose(value, np.mean([m[name] for m in last_three], axis=0),
+                                   rtol=1e-6)
+    for rnd, model in zip((2, 3, 4), last_three, strict=True):  # each round's own model
+        assert run.history[rnd - 1]["pooled_auc"] == round_metrics(
+            config.model, model, sites)["pooled_auc"]
