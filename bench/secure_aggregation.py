@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_smoke, markdown_table, single_threaded, write_results  # noqa: E402
+from privacy_utility import SETUPS as PRIVACY_UTILITY  # noqa: E402
 
 from cardiofed.secure.noise import DistributedNoise, integer_sensitivity  # noqa: E402
 from cardiofed.secure.protocol import SecureSite, SumPlan  # noqa: E402
@@ -47,9 +48,10 @@ from cardiofed.secure.simulate import ring_sum, run_protocol  # noqa: E402
 DELTA = 1e-5
 FRAMINGHAM = dict(rounds=40, local_epochs=1, batch_size=512, lr=0.5,
                   standardisation="global", stop_patience=None, eval_every=0)
+PER_SITE_RECIPE = {k: PRIVACY_UTILITY["framingham"][0][k] for k in ("lr", "average_last")}
 ARMS: dict[str, dict[str, Any]] = {
     "plain (FedAvg)": {},
-    "DP-SGD at each site, epsilon 1": {"dp_epsilon": 1.0, "lr": 0.25, "average_last": 20},
+    "DP-SGD at each site, epsilon 1": {"dp_epsilon": 1.0, **PER_SITE_RECIPE},
     "secure sums, distributed DP, epsilon 1": {"dp_epsilon": 1.0, "secure_aggregation": True,
                                                "average_last": 30}}
 
