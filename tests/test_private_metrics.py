@@ -153,15 +153,48 @@ def test_tiny_histogram_golden_values() -> None:
     assert m["ece"] == pytest.approx((4 * abs(r0 - 0.25) + 4 * abs(r1 - 0.75)) / 8)
 
 
-def test_negative_noisy_counts_are_clipped_to_zero() -> None:
+def test_negative_noisy_counts_are_clipped_to_zero_but_for_calibration_in_the_large(
+        ) -> None:
     y, p = _cohort(5, 800)
     neg, pos = score_histograms(y, p, EDGES)
     neg_neg, pos_neg = neg.copy(), pos.copy()
     neg_neg[0], pos_neg[-1] = -4.2, -0.7
     neg_zero, pos_zero = neg.copy(), pos.copy()
     neg_zero[0], pos_zero[-1] = 0.0, 0.0
-    assert metrics_from_histograms(neg_neg, pos_neg, EDGES) == \
-        metrics_from_histograms(neg_zero, pos_zero, EDGES)
+    negative = metrics_from_histograms(neg_neg, pos_neg, EDGES)
+    zero = metrics_from_histograms(neg_zero, pos_zero, EDGES)
+    citl = "calibration_intercept"
+    assert {k: v for k, v in negative.items() if k != citl} == \
+        {k: v for k, v in zero.items() if k != citl}
+    assert negative[citl] != zero[citl]  # fitted to the counts as released
+
+
+def test_calibration_in_the_large_from_noisy_counts_is_unbiased() -> None:
+    # 300 test patients under noise sd 10 per cell (about the default evaluation noise):
+    # the median over releases stays at the noise-free fit, however wide the spread.
+    y, p = _cohort(8, 300)
+    exact = metrics_from_histograms(*score_histograms(y, p, EDGES), EDGES)
+    rng = np.random.default_rng(4)
+    citls = np.array([metrics_from_histograms(
+        *release_score_histograms(y, p, EDGES, noise_std=10.0, rng=rng), EDGES
+    )["calibration_intercept"] for _ in range(200)])
+    assert np.mean(np.isfinite(citls)) > 0.95
+    assert abs(np.nanmedian(citls) - exact["calibration_intercept"]) < 0.1
+
+
+@pytest.mark.parametrize(("n", "noise_std", "reported"), [(300, 10.0, False),
+                                                          (2_000, 0.5, True)])
+def test_the_slope_is_withheld_where_clipped_noise_would_bias_it(
+        n: int, noise_std: float, reported: bool) -> None:
+    # Spurious mass about 0.4 x noise_std in each of 48 cells: 191 against 300 patients
+    # (withheld), 10 against 2,000 (reported).
+    y, p = _cohort(9, n)
+    rng = np.random.default_rng(5)
+    neg, pos = release_score_histograms(y, p, EDGES, noise_std=noise_std, rng=rng)
+    m = metrics_with_uncertainty(neg, pos, EDGES, noise_std=noise_std, rng=rng, n_boot=50)
+    keys = ("calibration_slope", "calibration_slope_ci_low", "calibration_slope_ci_high")
+    assert all(math.isfinite(m[k]) == reported for k in keys)
+    assert math.isfinite(m["calibration_intercept"])
 
 
 def test_one_class_only_gives_nan_auc_without_raising() -> None:
