@@ -52,6 +52,7 @@ from cardiofed.experiments.acceptability import (  # noqa: E402
     Verdict,
     acceptability_from_experiment,
     assess,
+    combined,
 )
 from cardiofed.simulation.config import SimulationConfig  # noqa: E402
 from cardiofed.simulation.experiment import FEDERATED, run_experiment  # noqa: E402
@@ -103,10 +104,7 @@ def _run(name: str, eps: float | None, seed: int, data_dir: str | None) -> dict[
                        "slope": slope.value, "slope_ci": list(slope.interval),
                        "citl": citl.value, "citl_ci": list(citl.interval),
                        "verdict": str(a.verdict), "auc_verdict": str(auc.verdict),
-                       "calibration_verdict": str(max(
-                           (slope.verdict, citl.verdict),
-                           key=[Verdict.ACCEPTABLE, Verdict.INSUFFICIENT,
-                                Verdict.NOT_ACCEPTABLE].index)),
+                       "calibration_verdict": str(combined((slope, citl))),
                        "share_of_achievable_auc": report.share_of_achievable(site)}
     y, p = (np.concatenate(parts) for parts in zip(
         *(by_model[FEDERATED] for by_model in result.predictions.values()), strict=True))
@@ -126,9 +124,8 @@ def _calibration_failures(run: dict[str, Any]) -> int:
 
 
 def _verdict_cell(site: dict[str, Any]) -> str:
-    v = {"acceptable": "ok", "insufficient evidence": "?", "not acceptable": "no"}
     return (f"{site['auc']:.3f} / {site['slope']:.2f} / {site['citl']:+.2f} "
-            f"{v[site['verdict']]}")
+            f"{SHORT[Verdict(site['verdict'])]}")
 
 
 def _summary(name: str, runs: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:

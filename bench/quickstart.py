@@ -31,13 +31,13 @@ from cardiofed.data.synthetic import synthetic_federation  # noqa: E402
 from cardiofed.experiments.acceptability import (  # noqa: E402
     Verdict,
     acceptability_from_experiment,
+    combined,
 )
 from cardiofed.simulation.config import SimulationConfig  # noqa: E402
 from cardiofed.simulation.experiment import FEDERATED, run_experiment  # noqa: E402
 
 SITES = ("tier3_01", "tier2_01", "community_01")
 SHORT = {Verdict.ACCEPTABLE: "ok", Verdict.INSUFFICIENT: "?", Verdict.NOT_ACCEPTABLE: "no"}
-WORST = [Verdict.ACCEPTABLE, Verdict.INSUFFICIENT, Verdict.NOT_ACCEPTABLE]
 
 
 def run_once(rounds: int, seed: int, size_scale: float) -> dict[str, Any]:
@@ -53,8 +53,7 @@ def run_once(rounds: int, seed: int, size_scale: float) -> dict[str, Any]:
         _, slope, citl = a.checks
         sites[site] = {"slope": slope.value, "slope_ci": list(slope.interval),
                        "citl": citl.value, "citl_ci": list(citl.interval),
-                       "calibration_verdict": str(max((slope.verdict, citl.verdict),
-                                                      key=WORST.index))}
+                       "calibration_verdict": str(combined((slope, citl)))}
     return sites
 
 

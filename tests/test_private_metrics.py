@@ -6,6 +6,9 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from cardiofed.evaluation.metrics import binary_metrics, fit_logistic
 from cardiofed.evaluation.private_metrics import (
@@ -180,6 +183,23 @@ def test_calibration_in_the_large_from_noisy_counts_is_unbiased() -> None:
     )["calibration_intercept"] for _ in range(200)])
     assert np.mean(np.isfinite(citls)) > 0.95
     assert abs(np.nanmedian(citls) - exact["calibration_intercept"]) < 0.1
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=arrays(np.float64, (2, EDGES.size - 1),
+                     elements=st.floats(-1e7, 1e7, allow_nan=False)),
+       noise_std=st.floats(0.0, 100.0))
+def test_any_released_counts_give_bounded_calibration_or_nan(counts: np.ndarray,
+                                                             noise_std: float) -> None:
+    # A site may send any finite counts (negative ones too, noise being noise): the
+    # coordinator's metrics never raise, and calibration is finite with an ordered
+    # interval, or not estimable (nan), never infinite.
+    m = metrics_with_uncertainty(counts[0], counts[1], EDGES, noise_std=noise_std,
+                                 rng=np.random.default_rng(0), n_boot=5)
+    for key in ("calibration_intercept", "calibration_slope"):
+        value, low, high = m[key], m[f"{key}_ci_low"], m[f"{key}_ci_high"]
+        assert not any(math.isinf(v) for v in (value, low, high)), key
+        assert math.isnan(low) or math.isnan(high) or low <= high, key
 
 
 @pytest.mark.parametrize(("n", "noise_std", "reported"), [(300, 10.0, False),
