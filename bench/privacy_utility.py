@@ -17,8 +17,9 @@ simulation's exact view of each site's test patients.
 * ``demo``: ``cardiofed demo --dp-epsilon E`` (12 synthetic hospitals, each judged on
   20,000 new patients of its own profile, so that intervals can judge it; FedAvg, 20
   rounds of one local epoch, batch 32, lr 0.1, raw form; tier2_04 has noisy labels);
-  one run per epsilon, seed 0, and at epsilon 1 three more (fresh noise each) whose
-  verdict counts follow the table.
+  one run per epsilon, seed 0, and at epsilon 1 seven more (fresh noise each) whose
+  verdict counts follow the table, with how many of the eight runs left a clean site
+  "not acceptable".
 * ``uci-heart``: FedAvg, 15 rounds x 100 local steps, batch 4, SGD lr 0.01, seeds 42-44.
 * ``framingham``: FedAvg, 40 rounds x 1 epoch, batch 512, SGD lr 0.25, the released model
   the mean of the last 20 rounds' (tail averaging, free post-processing), seeds 0-2; the
@@ -79,7 +80,7 @@ SETUPS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
 
 
 DEMO_DATA: dict[str, int] = {"n_sites": 12, "eval_size": 20_000}
-DEMO_REPEATS = 3  # more epsilon-1 runs of the demo, to show the noise's run-to-run spread
+DEMO_REPEATS = 7  # more epsilon-1 runs of the demo, to show the noise's run-to-run spread
 
 
 def _dataset(name: str, data_dir: str | None, seed: int) -> Any:
@@ -211,9 +212,12 @@ def main() -> None:
             again = [_run(name, 1.0, seeds[0], args.data_dir)
                      for _ in range(1 if args.smoke else DEMO_REPEATS)]
             every = [*runs["1"], *again]
+            failures = [_calibration_failures(r) for r in every]
+            failed = f"{sum(f > 0 for f in failures)} of {len(every)}"
+            targets["runs_with_a_clean_site_not_acceptable_at_eps1"] = failed
             section += (f"Epsilon 1 in {len(every)} runs of the same cohort and seed (fresh "
                         f"noise each): clean sites \"not acceptable\" in calibration "
-                        f"{', '.join(str(_calibration_failures(r)) for r in every)}; "
+                        f"{', '.join(map(str, failures))} ({failed} runs with at least one); "
                         f"pooled-test calibration slope "
                         f"{', '.join(format(r['pooled']['slope'], '.2f') for r in every)}."
                         f"\n\n")
