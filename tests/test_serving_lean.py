@@ -86,6 +86,10 @@ def test_the_risk_route_is_the_lean_one_and_documented_as_before(pair: Pair) -> 
         routes = [r for r in _routes(client.app.router.routes)  # type: ignore[attr-defined]
                   if getattr(r, "path", "") == "/v1/risk"]
         assert len(routes) == 1 and type(routes[0]) is kind
+    # The service answers the route ahead of FastAPI's router; the reference does not.
+    assert [m.cls for m in pair.lean.app.user_middleware].count(  # type: ignore[attr-defined]
+        api.RiskFastPath) == 1
+    assert api.RiskFastPath not in [m.cls for m in pair.reference.app.user_middleware]  # type: ignore[attr-defined]
     lean = pair.lean.get("/openapi.json").json()["paths"]["/v1/risk"]
     reference = pair.reference.get("/openapi.json").json()["paths"]["/v1/risk"]
     assert lean == reference
@@ -154,3 +158,26 @@ def test_valid_patients_score_alike(pair: Pair, patient: dict[str, Any], drop: s
         body["site"] = site
     _same(*pair.both(json.dumps(body).encode(), {"Authorization": f"Bearer {pair.key}",
                                                  "Content-Type": "application/json"}))
+
+
+def test_an_error_without_a_handler_is_the_same_500(pair: Pair,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path hands an exception no handler answers on to the server-error
+    middleware, as FastAPI's router does: the same 500, never the error's text."""
+    def broken(*_: Any) -> Any:
+        raise RuntimeError("scoring failed")
+
+    monkeypatch.setattr(api, "_risk", broken)
+    lean, reference = (TestClient(client.app, raise_server_exceptions=False).post(
+        "/v1/risk", json={"features": PATIENT}, headers={"Authorization": f"Bearer {pair.key}"})
+        for client in (pair.lean, pair.reference))
+    assert lean.status_code == 500 and "scoring failed" not in lean.text
+    _same(lean, reference)
+
+
+def test_opentelemetry_is_off_unless_the_settings_turn_it_on(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/otel.db"
+    off = create_serving_app(ServingSettings(database_url=url))
+    on = create_serving_app(ServingSettings(database_url=url, opentelemetry=True))
+    assert not any(off._telemetry[k] for k in ("tracing", "metrics", "logs"))
+    assert all(on._telemetry[k] for k in ("tracing", "metrics", "logs"))

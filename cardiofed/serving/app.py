@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 
 from cardiofed import __version__
 from cardiofed.serving import calculator
@@ -12,13 +13,17 @@ from cardiofed.serving.settings import ServingSettings, get_serving_settings
 from cardiofed.web.errors import responses
 from cardiofed.web.security import STRICT_POLICY, SecurityHeaders
 
+_NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+
 
 def create_serving_app(settings: ServingSettings | None = None) -> FastAPI:
     """The standalone risk API (``cardiofed serve``)."""
+    settings = settings or get_serving_settings()
     app = FastAPI(title="CardioFed risk API", version=__version__,
                   description="Cardiovascular risk from a federated model. Authenticate "
-                              "with `Authorization: Bearer <API key>`.")
-    add_risk_api(app, settings or get_serving_settings())
+                              "with `Authorization: Bearer <API key>`.",
+                  telemetry=None if settings.opentelemetry else _NO_TELEMETRY)
+    add_risk_api(app, settings)
     app.include_router(calculator.router)
     # The calculator page carries its own small stylesheet inline.
     app.add_middleware(SecurityHeaders, policy=STRICT_POLICY.replace(

@@ -35,6 +35,11 @@ class ServingSettings(BaseSettings):
         "max_body_bytes)."))
     key_cache_s: float = Field(default=5.0, ge=0)
     promoted_cache_s: float = Field(default=5.0, ge=0)
+    opentelemetry: bool = Field(default=False, description=(
+        "FastAPI's native OpenTelemetry spans and metrics, for a deployment that configures "
+        "OpenTelemetry providers (its check costs every request about 5% of the "
+        "application's time even when none is configured; /metrics and the request log "
+        "are always on)."))
 
     @model_validator(mode="after")
     def _categories(self) -> ServingSettings:
