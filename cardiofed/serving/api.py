@@ -302,12 +302,12 @@ class LeanRiskRoute(APIRoute):
 
 class RiskFastPath:
     """ASGI middleware answering ``POST`` on `route`'s path with :func:`_lean_risk`
-    ahead of FastAPI's exception middleware and router, whose per-request work it
-    skips. It runs inside the
-    service's own middleware (request log, metrics, size limit, security headers), marks
-    the request with its route as the router does (metrics count it by template), and
-    answers an exception with the handler `service` registered for it, as FastAPI's
-    exception middleware does; one without a handler propagates (a 500)."""
+    ahead of FastAPI's exception middleware and router, whose per-request work it skips.
+    It runs inside the service's own middleware (request log, metrics, size limit,
+    security headers), marks the request with its route as the router does (metrics
+    count it by template), and answers an exception with the handler `service`
+    registered for it, as FastAPI's exception middleware does; one without a handler
+    propagates (a 500)."""
 
     def __init__(self, app: ASGIApp, *, service: FastAPI, route: APIRoute) -> None:
         self.app, self.service, self.route = app, service, route
