@@ -124,8 +124,10 @@ def _unique(header: list[str]) -> list[str]:
 def _chunk(lines: list[bytes], first_line: int, header: list[str]) -> CsvChunk:
     fast = _well_formed(lines, len(header))
     if fast is not None:  # the common case, checked without a loop over lines
+        # Arrow's reader gives the text of every field as it is (tests/test_csv_lines.py)
+        # and builds the string columns pandas holds, without converting each value.
         frame = pd.read_csv(io.BytesIO(fast), header=None, names=header, dtype=str,
-                            keep_default_na=False, na_filter=False)
+                            keep_default_na=False, engine="pyarrow")
         frame.index = pd.RangeIndex(first_line - 2, first_line - 2 + len(lines))
         return CsvChunk(frame)
     good: list[str] = []
