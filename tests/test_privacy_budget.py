@@ -528,7 +528,8 @@ def test_result_reports_each_site_spend_within_its_budget(
         assert spend["rounds_trained"] == 3
         entries = ledger_entries(ledger_dir, site)
         assert [e["kind"] for e in entries] == [
-            "statistics", "train", "train", "train", "evaluate"]
+            "statistics", "train", "train", "train", "train", "evaluate"]
+        assert entries[-2]["what"] == "intercept step release"  # training's last part
         assert len({e["study"] for e in entries}) == 1
         assert entries[-1]["epsilon_after"] == pytest.approx(spend["epsilon_spent"])
         # The history shows the ledger after each round; the evaluation release comes
@@ -575,10 +576,10 @@ def test_a_second_run_on_the_same_ledgers_composes_on_top(
         assert first.privacy[site]["epsilon_spent"] < spend["epsilon_spent"] <= 2.0
         assert spend["noise_multiplier"] > first.privacy[site]["noise_multiplier"]
         entries = ledger_entries(ledger_dir, site)
-        assert len(entries) == 10
+        assert len(entries) == 12
         studies = [e["study"] for e in entries]
-        assert len(set(studies[:5])) == len(set(studies[5:])) == 1
-        assert studies[0] != studies[5]
+        assert len(set(studies[:6])) == len(set(studies[6:])) == 1
+        assert studies[0] != studies[6]
 
 
 def test_sites_refuse_rounds_beyond_their_budget(dp_federation: FederatedDataset) -> None:

@@ -16,6 +16,9 @@ records (pure noise for DP-SGD, the neutral score for an evaluation), already ch
 * :meth:`train`: one round of DP-SGD, with the signature of
   :func:`cardiofed.training.local.train_local`, so any algorithm's client step runs
   privately by being handed it (no algorithm is subclassed for DP);
+* :meth:`release_intercept_sums`: the final model's intercept score and information on
+  the site's training rows (:mod:`cardiofed.aggregation.intercept_step`), the last part
+  of the training share when the study plans it;
 * :meth:`release_evaluation`: noisy score histograms per label of the site's test split
   (:mod:`cardiofed.evaluation.private_metrics`), from which metrics are computed;
 * :meth:`release_attribution`: one step of a private attribution analysis.
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cardiofed.aggregation.intercept_step import SENSITIVITY, intercept_sums
 from cardiofed.algorithms.base import ClientUpdate
 from cardiofed.data.preprocessing import (
     SiteStatistics,
@@ -65,6 +69,10 @@ class PrivateAnalysis(Protocol):
 
 log = logging.getLogger("cardiofed.privacy")
 
+# The intercept step's part of what the training share leaves after the statistics (1/16:
+# epsilon 0.05 of the default 0.8).
+INTERCEPT_FRACTION = 1 / 16
+
 
 @dataclass
 class SitePrivacy:
@@ -73,7 +81,9 @@ class SitePrivacy:
     ``dp`` is the DP-SGD noise; left None it is calibrated at the first training round
     for the whole planned schedule (``rounds`` rounds of ``local``), composed after what
     the ledger holds, so that taking part in every round stays within the training
-    share of the budget (and the final evaluation still fits in the rest)."""
+    share of the budget (and the final evaluation still fits in the rest). With
+    ``intercept_step`` DP-SGD leaves :data:`INTERCEPT_FRACTION` of that share to
+    :meth:`release_intercept_sums`."""
 
     ledger: PrivacyLedger
     local: LocalTrainingConfig | None = None
@@ -81,6 +91,7 @@ class SitePrivacy:
     max_grad_norm: float = 2.0
     study: str | None = None
     dp: DPConfig | None = None
+    intercept_step: bool = False
 
     def _target(self, kind: str) -> float:
         """The total a release of `kind` may bring the ledger to; refused if spent."""
@@ -93,8 +104,12 @@ class SitePrivacy:
                 f"{self.ledger.budget.epsilon_max:g}): it makes no further {kind} release.")
         return target
 
-    def _calibrate(self, kind: str, sample_rate: float, steps: int) -> float:
+    def _calibrate(self, kind: str, sample_rate: float, steps: int,
+                   reserve: float = 0.0) -> float:
+        """The noise that brings the ledger to `kind`'s target, less `reserve` of what is
+        left below it (kept for a later release of the same kind)."""
         target = self._target(kind)
+        target -= reserve * (target - self.ledger.spent())
         try:
             return calibrate_noise(target_epsilon=target, delta=self.ledger.delta,
                                    sample_rate=sample_rate, steps=steps,
@@ -192,7 +207,8 @@ class SitePrivacy:
     def training_noise(self) -> DPConfig:
         """The DP-SGD noise of this study (calibrated once, kept in the ledger)."""
         if self.dp is None:
-            earlier = self.ledger.releases("train", self.study)
+            earlier = [e for e in self.ledger.releases("train", self.study)
+                       if not e.get("intercept_step")]
             if earlier:  # after a restart: the noise calibrated for the whole schedule
                 sigma = float(earlier[-1]["noise_multiplier"])
             else:
@@ -201,7 +217,8 @@ class SitePrivacy:
                                              "config ('local') to calibrate DP-SGD.")
                 self._target("train")  # a spent ledger says so before anything else
                 sample_rate, steps = dp_schedule(self.public_n(), self.local)
-                sigma = self._calibrate("train", sample_rate, steps * self.rounds)
+                sigma = self._calibrate("train", sample_rate, steps * self.rounds,
+                                        INTERCEPT_FRACTION if self.intercept_step else 0.0)
             self.dp = DPConfig(noise_multiplier=sigma, max_grad_norm=self.max_grad_norm)
         return self.dp
 
@@ -240,6 +257,24 @@ class SitePrivacy:
         set_weights(model, start)
         _noise_only_step(model, config, dp, n_public)
         return LocalResult(num_steps=schedule[1], mean_loss=float("nan"))
+
+    def release_intercept_sums(self, y_true: np.ndarray, y_prob: np.ndarray
+                               ) -> tuple[float, float, float]:
+        """``sum(y - p)`` and ``sum p (1 - p)`` over the site's training rows with the final
+        model's risks `y_prob` (:func:`~cardiofed.aggregation.intercept_step.intercept_sums`),
+        each with Gaussian noise, and the noise's standard deviation (charged first, as
+        the study's last training release: the rest of the training share); one per
+        study."""
+        with self.ledger.locked():
+            if any(e.get("intercept_step") for e in self.ledger.releases("train", self.study)):
+                raise PrivacyBudgetExceeded(
+                    f"Site {self.ledger.site!r} has made this study's intercept step release; "
+                    f"it makes one per study.")
+            event = self._charge("train", "intercept step release", intercept_step=True)
+        score, information = intercept_sums(y_true, y_prob)
+        std = event.noise_multiplier * SENSITIVITY
+        noise = secure_numpy_rng().standard_normal(2) * std
+        return float(score + noise[0]), float(information + noise[1]), std
 
     # -- secure training (distributed DP) ----------------------------------------------
     def charged_secure_noise(self) -> float | None:

@@ -85,6 +85,10 @@ class SimulationConfig(BaseModel):
     # gradients of a standardised model (bench/privacy_utility.py).
     dp_max_grad_norm: float = Field(2.0, gt=0, allow_inf_nan=False)
     dp_accountant: Literal["rdp", "prv"] = "rdp"
+    # Under DP, training ends with each site's private intercept sums and one Newton step
+    # of the intercept over the sites that agree (cardiofed.aggregation.intercept_step),
+    # paid from the training share. None: on with dp_epsilon (per-site DP), else off.
+    dp_intercept_step: bool | None = None
     # Secure aggregation with distributed DP (cardiofed.secure): each round every site
     # sends a secure sum's share, its clipped per-record gradient sum plus its share of
     # the noise, and the server steps on the unmasked sum (DP-FedSGD with the algorithm's
@@ -184,6 +188,10 @@ class SimulationConfig(BaseModel):
             raise ValueError("finetune trains each site's personal model without noise and "
                              "publishes its metrics, a release differential privacy does not "
                              "cover; switch finetune off with dp_epsilon")
+        if self.dp_intercept_step and (self.dp_epsilon is None or self.secure_aggregation):
+            raise ValueError("dp_intercept_step steps the intercept from each site's private "
+                             "sums: it needs dp_epsilon, and secure_aggregation off (its sums "
+                             "are not built yet)")
         if self.dp_epsilon is not None and self.standardisation == "per-site":
             raise ValueError("standardisation 'per-site' uses each site's exact mean and SD, "
                              "which differential privacy does not cover; use 'global' "
@@ -286,6 +294,14 @@ class SimulationConfig(BaseModel):
         if self.algorithm == "scaffold":
             return "SCAFFOLD's control variates correct each site's steps; it runs site by site"
         return batchable(self.local_config())
+
+    @property
+    def intercept_step(self) -> bool:
+        """Whether training ends with the private intercept step (``dp_intercept_step``,
+        by default on under per-site DP)."""
+        if self.dp_intercept_step is not None:
+            return self.dp_intercept_step
+        return self.dp_epsilon is not None and not self.secure_aggregation
 
     @property
     def personalised(self) -> bool:

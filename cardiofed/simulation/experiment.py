@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cardiofed.aggregation.intercept_step import InterceptStep, intercept_step
 from cardiofed.data.dataset import FederatedDataset
 from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.data.sites import split_indices
@@ -91,6 +92,8 @@ class ExperimentResult:
     # site -> summed log-loss of the federated model on the site's calibration split:
     # validation data, on which settings (e.g. the model form) may be chosen
     calibration_loss: dict[str, float] = field(default_factory=dict)
+    # Under DP (config.intercept_step): the private intercept step that ended training
+    intercept_step: InterceptStep | None = None
 
     @property
     def headline_model(self) -> str:
@@ -165,8 +168,36 @@ def site_privacy(dataset: FederatedDataset, config: SimulationConfig,
             ledger.check_records(s.n_train)
         privacy[s.name] = SitePrivacy(ledger=ledger, local=config.local_config(),
                                       rounds=config.rounds,
-                                      max_grad_norm=config.dp_max_grad_norm, study=study)
+                                      max_grad_norm=config.dp_max_grad_norm, study=study,
+                                      intercept_step=config.intercept_step)
     return privacy
+
+
+def _private_intercept_step(run: FederatedRun, config: SimulationConfig,
+                            privacy: dict[str, SitePrivacy], sites: list[PreparedSite],
+                            outbox: Outbox | None) -> InterceptStep | None:
+    """Each site's private intercept sums on its training rows with the trained model,
+    and the step the coordinator takes from them (None when no site had budget left)."""
+    sums, noise, counts = {}, {}, {}
+    for s in sites:
+        probs = score(config.model, run.weights, s.x_train)
+        try:
+            d, i, std = privacy[s.name].release_intercept_sums(s.y_train, probs)
+        except PrivacyBudgetExceeded:
+            continue  # the site has no budget left: it releases nothing
+        if outbox is not None:
+            outbox(s.name, "intercept", encode_metrics({"score": d, "information": i,
+                                                        "noise_std": std}))
+        sums[s.name], noise[s.name] = (d, i), std
+        counts[s.name] = float(privacy[s.name].public_n())
+    return intercept_step(sums, noise, counts) if sums else None
+
+
+def _shift_intercept(weights: Weights, step: float) -> Weights:
+    """`weights` with `step` added to the output bias (the models' last parameter), which
+    shifts every log-odds by `step`."""
+    last = list(weights)[-1]
+    return {**weights, last: (weights[last] + step).astype(weights[last].dtype)}
 
 
 def _released_evaluation(result: ExperimentResult, privacy: dict[str, SitePrivacy],
@@ -242,11 +273,15 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     else:
         run = run_federated(sites, config, progress=progress, privacy=privacy or None,
                             outbox=outbox, site_multipliers=multipliers)
+    stepped = _private_intercept_step(run, config, privacy, sites, outbox) \
+        if privacy and config.intercept_step else None
+    if stepped is not None:
+        run = replace(run, weights=_shift_intercept(run.weights, stepped.step))
     result = ExperimentResult(dataset=dataset.name, config=config, federated=run,
                               site_types={s.name: s.site_type for s in sites},
                               site_sizes={s.name: s.n_train for s in dataset.sites},
                               preprocessors={s.name: s.preprocessor for s in sites},
-                              label_quality=quality, sites=sites,
+                              label_quality=quality, sites=sites, intercept_step=stepped,
                               calibration_sizes={k: len(v[1]) for k, v in held_out.items()})
     if privacy:
         _released_evaluation(result, privacy, sites, outbox)
