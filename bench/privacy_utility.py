@@ -80,7 +80,7 @@ SETUPS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
 
 
 DEMO_DATA: dict[str, int] = {"n_sites": 12, "eval_size": 20_000}
-DEMO_REPEATS = 7  # more epsilon-1 runs of the demo, to show the noise's run-to-run spread
+DEMO_REPEATS = 15  # more epsilon-1 runs of the demo, to show the noise's run-to-run spread
 
 
 def _dataset(name: str, data_dir: str | None, seed: int) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -167,3 +168,63 @@ def test_the_release_takes_what_training_left_of_its_share() -> None:
             "Site 'a' has made this study's intercept step release; it makes one per study.")):
         privacy.release_intercept_sums(y, np.full(400, 0.3))
     assert len(ledger.entries) == entries
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"dp_intercept_step": True},
+     "dp_intercept_step steps the intercept from each site's private sums: it needs "
+     "dp_epsilon, and secure_aggregation off (its sums are not built yet)"),
+    ({"dp_intercept_step": True, "dp_epsilon": 1.0, "secure_aggregation": True},
+     "dp_intercept_step steps the intercept from each site's private sums"),
+])
+def test_an_intercept_step_without_per_site_dp_is_refused(settings: dict[str, object],
+                                                          message: str) -> None:
+    from cardiofed.simulation.config import SimulationConfig
+
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        SimulationConfig.create(**settings)
+    assert SimulationConfig.create(dp_epsilon=1.0).intercept_step  # on by default under DP
+    assert not SimulationConfig.create(dp_epsilon=1.0, secure_aggregation=True).intercept_step
+    assert not SimulationConfig.create().intercept_step
+
+
+def test_a_private_simulation_ends_training_with_the_step_and_reports_it() -> None:
+    # Each site sends its two noisy sums (and nothing else new); the step the coordinator
+    # took is in the result and its summary, and it moved the released model's intercept.
+    from cardiofed.data.synthetic import synthetic_federation
+    from cardiofed.experiments.summary import intercept_summary
+    from cardiofed.simulation.config import SimulationConfig
+    from cardiofed.simulation.experiment import run_experiment
+
+    data = synthetic_federation(n_sites=4, seed=1, size_scale=0.2)
+    sent: list[tuple[str, str, bytes]] = []
+    settings = {"dp_epsilon": 2.0, "rounds": 2, "seed": 0, "local_steps": 2, "batch_size": 512}
+    result = run_experiment(data, SimulationConfig.create(**settings), baselines=False,
+                            outbox=lambda *message: sent.append(message))
+    off = run_experiment(data, SimulationConfig.create(**settings, dp_intercept_step=False),
+                         baselines=False)
+
+    step = result.intercept_step
+    assert step is not None and off.intercept_step is None
+    assert sorted(step.kept + step.left_out) == sorted(s.name for s in data.sites)
+    releases = [payload for _, kind, payload in sent if kind == "intercept"]
+    assert len(releases) == len(data.sites)
+    assert all(set(json.loads(p)) == {"score", "information", "noise_std"} for p in releases)
+    summary = intercept_summary(result)
+    assert summary is not None and summary.startswith(f"Intercept step: {step.step:+.3f} ")
+    assert intercept_summary(off) is None
+
+
+def test_the_summary_names_a_site_left_out_and_which_way_it_disagrees() -> None:
+    from types import SimpleNamespace
+
+    from cardiofed.experiments.summary import intercept_summary
+
+    sums = {**honest(0.05), "s3": (1.3 * 150.0, 150.0), "s5": (-1.3 * 150.0, 150.0)}
+    result = SimpleNamespace(intercept_step=intercept_step(sums, NOISE, COUNTS))
+
+    assert intercept_summary(result) == (  # type: ignore[arg-type]
+        "Intercept step: +0.050 on the log-odds scale, from the private sums of 6 of 8 "
+        "sites; left out: s5 (z -12.8: fewer events than the model predicts; check its "
+        "outcome coding); s3 (z +11.9: more events than the model predicts; check its "
+        "outcome coding)")

@@ -41,6 +41,7 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
     from cardiofed.experiments.effective_data import site_effective_data
     from cardiofed.experiments.summary import (
         clinical_tables,
+        intercept_summary,
         privacy_table,
         robust_summary,
         training_summary,
@@ -84,6 +85,8 @@ def _run(dataset_name: str, settings: dict[str, Any], *, config_file: Path | Non
     console.print(escape(training_summary(result)))
     if result.privacy:
         console.print(privacy_table(result))
+    if (step := intercept_summary(result)) is not None:
+        console.print(escape(step) + ".")
     if result.label_quality is not None:
         for site, reason in result.label_quality.reasons.items():
             console.print(f"[yellow]{escape(site)}:[/] {escape(reason)}; its updates were "

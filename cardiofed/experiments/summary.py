@@ -70,8 +70,10 @@ def _privacy_section(result: ExperimentResult) -> str:
         for site, values in result.privacy.items())
     refusals = "".join(f"<li>round {rnd}: {html.escape(reason)}</li>"
                        for rnd, _, reason in result.federated.refusals)
+    step = intercept_summary(result)
     return (f"<table><tr><th>site</th>{head}</tr>{rows}</table>"
             f"<p>{html.escape(PRIVACY_DISCLOSURE)}</p>"
+            + (f"<p>{html.escape(step)}.</p>" if step else "")
             + (f"<p>Refused rounds:</p><ul>{refusals}</ul>" if refusals else ""))
 
 
@@ -222,3 +224,17 @@ def robust_summary(result: ExperimentResult) -> str:
         counts.setdefault(site, {"clipped": 0, "rejected": 0})[action] += 1
     return "; ".join(f"{site}: {c['clipped']} clipped, {c['rejected']} rejected"
                      for site, c in counts.items()) or "no update clipped or rejected"
+
+
+def intercept_summary(result: ExperimentResult) -> str | None:
+    """The private intercept step that ended training, and the sites it left out (None
+    when the study took none)."""
+    step = result.intercept_step
+    if step is None:
+        return None
+    text = (f"Intercept step: {step.step:+.3f} on the log-odds scale, from the private sums "
+            f"of {len(step.kept)} of {len(step.z)} sites")
+    left = [f"{site} (z {step.z[site]:+.1f}: "
+            f"{'more' if step.z[site] > 0 else 'fewer'} events than the model predicts; "
+            f"check its outcome coding)" for site in step.left_out]
+    return text + (f"; left out: {'; '.join(left)}" if left else "")

@@ -142,7 +142,8 @@ def _record(result: ExperimentResult, label: str, site_probs: dict[str, np.ndarr
 
 PRIVACY_DISCLOSURE = (
     "Every release of a site is charged to its ledger: the preprocessing statistics "
-    "(Gaussian noise on histograms and the record count), every DP-SGD step, and the "
+    "(Gaussian noise on histograms and the record count), every DP-SGD step, the sums of "
+    "the intercept step that ends training (with the training share), and the "
     "evaluation of the final model (noisy score histograms per label); epsilon is "
     "reported per kind of release and composed in total. Noise comes from a secret source "
     "at each site.")
