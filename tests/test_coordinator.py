@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import re
 import shutil
@@ -1330,7 +1331,7 @@ def test_private_nodes_release_everything_under_their_ledgers(fed: Federation) -
     from cardiofed.serving import registry
 
     with session_factory(fed.settings.database_url)() as db:
-        card = registry.card(db, "s1-v3")
+        card = registry.card(db, "s1-v4")  # version 3, its intercept stepped
     assert set(card["metrics"]) == set(SITES[:2])  # a site that declines is left out
     for site in SITES[:2]:
         assert set(card["metrics"][site]) >= PRIVATE_KEYS
@@ -1339,8 +1340,9 @@ def test_private_nodes_release_everything_under_their_ledgers(fed: Federation) -
     for agent, site in zip(agents, SITES, strict=True):
         entries = _ledger(agent)
         kinds = [e["kind"] for e in entries]
-        assert kinds == ["statistics", "train", "train", "train"] + (
+        assert kinds == ["statistics", "train", "train", "train", "train"] + (
             ["evaluate"] if site != "community_01" else [])
+        assert entries[4]["what"] == "intercept step release"
         assert {e["study"] for e in entries} == {"s1"}
         assert entries[-1]["epsilon_after"] <= 1.0 + 1e-9  # study_epsilon, by default 1
         # The ledger lives in ledger_dir, its seal beside it; nothing in the node's state.
@@ -1353,6 +1355,47 @@ def test_private_nodes_release_everything_under_their_ledgers(fed: Federation) -
     assert "train_loss" not in manifest and "global_loss" not in manifest
     released_n = _ledger(agents[0])[0]["released_n"]
     assert int(manifest["num_samples"]) == max(1, round(released_n))
+
+
+def test_a_private_study_ends_training_with_the_intercept_step(fed: Federation) -> None:
+    # After the last training round each private site releases its intercept sums; the
+    # coordinator steps version 3's output bias, and nothing else, into version 4, the
+    # model the sites evaluate; the status and the round's outcome say by how much.
+    from cardiofed.cli.admin import status_view
+    from cardiofed.coordinator.models import load_model
+    from cardiofed.store import Study
+
+    agents = [_private_agent(fed, s) for s in SITES]
+    _until_done(fed, agents)
+
+    status = fed.status()
+    step = status["intercept_step"]
+    assert step["round"] == 4 and sorted(step["kept"] + step["left_out"]) == sorted(SITES)
+    assert set(step["z"]) == set(SITES) and abs(step["step"]) <= 1.0
+    with session_factory(fed.settings.database_url)() as db:
+        study = db.get(Study, "s1")
+        assert study is not None and study.model_version == 4
+        trained, stepped = load_model(db, study, 3), load_model(db, study, 4)
+    bias = "linear.bias"
+    assert all(np.array_equal(trained[k], stepped[k]) for k in trained if k != bias)
+    assert float(stepped[bias][0] - trained[bias][0]) == pytest.approx(step["step"], abs=1e-6)
+    final = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()[-1]
+    assert final["version"] == 4 and set(final["metrics"]) == set(SITES)
+    for agent in agents:
+        entries = _ledger(agent)
+        assert [e["what"] for e in entries][-2:] == ["intercept step release",
+                                                     "evaluation release"]
+        assert entries[-1]["epsilon_after"] <= 1.0 + 1e-9
+    assert f"{step['step']:+.3f} (log-odds, round 4)" in " ".join(
+        _rendered(status_view(status)).split())
+
+
+def _rendered(view: object) -> str:
+    from rich.console import Console
+
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(view)
+    return console.export_text()
 
 
 def _second_study(fed: Federation, study: str = "s2") -> dict[str, str]:
@@ -1382,11 +1425,11 @@ def test_a_private_nodes_ledger_outlives_its_state_dir(tmp_path: Path) -> None:
         data={"dataset": "synthetic", "site": site, "seed": 0},
         privacy={"epsilon_max": 2.0, "ledger_dir": str(tmp_path / "ledgers" / site)})
     node = NodeAgent(config, client=fed.client)
-    node.run(max_tasks=5)
+    node.run(max_tasks=6)
 
     entries = _ledger(node)
-    assert [e["study"] for e in entries] == ["s1"] * 5 + ["s2"] * 5
-    assert spent_first < entries[5]["epsilon_after"]  # it keeps composing
+    assert [e["study"] for e in entries] == ["s1"] * 6 + ["s2"] * 6
+    assert spent_first < entries[6]["epsilon_after"]  # it keeps composing
     assert entries[-1]["epsilon_after"] <= 2.0
 
 

@@ -18,6 +18,7 @@ from cardiofed.aggregation.intercept_step import (
     SENSITIVITY,
     intercept_step,
     intercept_sums,
+    shift_intercept,
 )
 from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.privacy.budget import PrivacyLedger, SiteBudget
@@ -107,6 +108,22 @@ def test_one_site_cannot_push_the_step_past_its_bound_or_claim_more_than_its_cou
         assert abs(result.step - honest_step) <= bound + 1e-9
 
 
+@pytest.mark.parametrize("kind", ["logistic", "mlp"])
+def test_the_shift_moves_every_log_odds_by_the_step_and_nothing_else(kind: str) -> None:
+    from cardiofed.models.kinds import OUTPUT_BIAS
+    from cardiofed.models.networks import get_weights, make_model, score
+
+    weights = get_weights(make_model(kind, 4, seed=0))
+    x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+
+    shifted = shift_intercept(weights, 0.3, kind)
+
+    assert list(weights)[-1] == OUTPUT_BIAS[kind]  # the parameter added to every log-odds
+    lp = lambda w: np.log(score(kind, w, x)) - np.log1p(-score(kind, w, x))  # noqa: E731
+    np.testing.assert_allclose(lp(shifted) - lp(weights), 0.3, atol=1e-4)
+    assert all(np.array_equal(weights[k], shifted[k]) for k in weights if k != OUTPUT_BIAS[kind])
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (({}, {}, {}), "An intercept step needs at least one site's sums; got none."),
     (({"a": (math.nan, 1.0)}, {"a": 1.0}, {"a": 10.0}),
@@ -170,18 +187,18 @@ def test_the_release_takes_what_training_left_of_its_share() -> None:
     assert len(ledger.entries) == entries
 
 
-@pytest.mark.parametrize(("settings", "message"), [
-    ({"dp_intercept_step": True},
-     "dp_intercept_step steps the intercept from each site's private sums: it needs "
-     "dp_epsilon, and secure_aggregation off (its sums are not built yet)"),
-    ({"dp_intercept_step": True, "dp_epsilon": 1.0, "secure_aggregation": True},
-     "dp_intercept_step steps the intercept from each site's private sums"),
+@pytest.mark.parametrize("settings", [
+    {"dp_intercept_step": True, "dp_epsilon": 1.0, "secure_aggregation": True},
+    {"dp_intercept_step": True, "attribution": {"covariates": ["age"]}},
 ])
-def test_an_intercept_step_without_per_site_dp_is_refused(settings: dict[str, object],
-                                                          message: str) -> None:
+def test_an_intercept_step_over_secure_sums_or_in_an_analysis_is_refused(
+        settings: dict[str, object]) -> None:
     from cardiofed.simulation.config import SimulationConfig
 
-    with pytest.raises(ConfigurationError, match=re.escape(message)):
+    with pytest.raises(ConfigurationError, match=re.escape(
+            "dp_intercept_step ends a model's training rounds with each site's own intercept "
+            "sums: switch it off under secure_aggregation (its secure sums are not built "
+            "yet) and in attribution and survival studies")):
         SimulationConfig.create(**settings)
     assert SimulationConfig.create(dp_epsilon=1.0).intercept_step  # on by default under DP
     assert not SimulationConfig.create(dp_epsilon=1.0, secure_aggregation=True).intercept_step
@@ -228,3 +245,31 @@ def test_the_summary_names_a_site_left_out_and_which_way_it_disagrees() -> None:
         "sites; left out: s5 (z -12.8: fewer events than the model predicts; check its "
         "outcome coding); s3 (z +11.9: more events than the model predicts; check its "
         "outcome coding)")
+
+
+@pytest.mark.parametrize(("arrays", "manifest", "message"), [
+    ({"sums": np.zeros(3), "noise_std": np.zeros(1)}, {"num_samples": "10"},
+     "Intercept payload must hold finite float64 'sums' of shape (2,) and 'noise_std' of "
+     "shape (1,); got {'sums': ((3,), dtype('float64')), 'noise_std': ((1,), "
+     "dtype('float64'))}."),
+    ({"sums": np.array([np.inf, 1.0]), "noise_std": np.zeros(1)}, {"num_samples": "10"},
+     "Intercept payload must hold finite float64 'sums'"),
+    ({"sums": np.zeros(2), "noise_std": np.array([-1.0])}, {"num_samples": "10"},
+     "Intercept field 'noise_std' must be in [0, "),
+    ({"sums": np.array([11.0, 1.0]), "noise_std": np.zeros(1)}, {"num_samples": "10"},
+     "Intercept sums (11, 1) are beyond what 10 records allow (|D| <= n, 0 <= I <= n / 4, "
+     "give or take 10 noise SDs)."),
+    ({"sums": np.array([0.0, 3.0]), "noise_std": np.zeros(1)}, {"num_samples": "10"},
+     "Intercept sums (0, 3) are beyond what 10 records allow"),
+    ({"sums": np.zeros(2), "noise_std": np.zeros(1)}, {"num_samples": "0"},
+     "Manifest field 'num_samples' must be an integer in [1, "),
+])
+def test_the_coordinator_refuses_intercept_sums_no_site_could_release(
+        arrays: dict[str, np.ndarray], manifest: dict[str, str], message: str) -> None:
+    from cardiofed.coordinator.payloads import check_intercept
+    from cardiofed.exceptions import InvalidUpdate
+
+    with pytest.raises(InvalidUpdate, match=re.escape(message)):
+        check_intercept(arrays, manifest)
+    noisy = {"sums": np.array([12.0, 3.0]), "noise_std": np.array([1.0])}
+    assert check_intercept(noisy, {"num_samples": "10"}) == 10  # within 10 noise SDs

@@ -50,7 +50,8 @@ def test_a_node_is_private_unless_its_config_says_off(fed: Federation) -> None:
     for agent, site in zip(agents, SITES, strict=True):
         ledger = open_ledger_file(fed.tmp / f"{site}-privacy")  # the documented default
         assert [e["kind"] for e in ledger.entries] == [
-            "statistics", "train", "train", "train", "evaluate"]
+            "statistics", "train", "train", "train", "train", "evaluate"]
+        assert ledger.entries[-2]["what"] == "intercept step release"
         assert ledger.entries[-1]["epsilon_after"] <= 1.0 + 1e-9  # one study: at most 1
         stats, _ = decode_arrays((agent.state_dir / "outbox" / "s1-round0.bin").read_bytes())
         assert not np.array_equal(stats["count"], np.round(stats["count"]))  # noisy
@@ -167,7 +168,7 @@ def test_a_non_private_site_is_marked_in_status_dashboard_and_card(fed: Federati
 
     assert fed.status()["non_private_sites"] == [SITES[2]]
     with session_factory(fed.settings.database_url)() as db:
-        notes = registry.card(db, "s1-v3")["notes"]
+        notes = registry.card(db, "s1-v4")["notes"]  # v3, stepped
     assert any(note.startswith(f"Not private: {SITES[2]} released exact") for note in notes)
     client = TestClient(fed.app)
     client.post("/ui/login", data={"credential": fed.admin}, follow_redirects=False)

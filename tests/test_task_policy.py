@@ -24,8 +24,12 @@ from cardiofed.protocol.schemas import TaskResponse
 from cardiofed.simulation.config import SimulationConfig
 
 NAMES, RANGES = study_columns("synthetic")
-PLAN = SimulationConfig.create(rounds=3, seed=5, stop_patience=None).model_dump()
-STOPPING = SimulationConfig.create(rounds=3, seed=5, stop_patience=1).model_dump()
+PLAN = SimulationConfig.create(rounds=3, seed=5, stop_patience=None,
+                               dp_intercept_step=False).model_dump()
+STOPPING = SimulationConfig.create(rounds=3, seed=5, stop_patience=1,
+                                   dp_intercept_step=False).model_dump()
+# A networked plan's default: training ends with the intercept step (version 4).
+STEPPED = SimulationConfig.create(rounds=3, seed=5, stop_patience=None).model_dump()
 
 
 def task(kind: str, round_number: int, model_version: int | None = None, *,
@@ -203,7 +207,7 @@ def test_an_evaluation_of_any_model_but_the_final_one_is_refused(policy: TaskPol
 def test_a_tail_averaged_plan_evaluates_the_average_version_only(policy: TaskPolicy,
                                                                   version: int) -> None:
     averaged = SimulationConfig.create(rounds=3, seed=5, stop_patience=None,
-                                       average_last=2).model_dump()
+                                       average_last=2, dp_intercept_step=False).model_dump()
     run(policy, task("statistics", 0, plan=averaged))
     with pytest.raises(TaskRefused, match=re.escape(
             f"Refused evaluate task (round 4, model version {version}) of study 's1': the plan "
@@ -228,6 +232,46 @@ def test_a_plan_that_stops_once_converged_evaluates_once_and_then_trains_no_more
         policy.admit(task("train", 3, plan=STOPPING), RANGES)
     with pytest.raises(TaskRefused, match="one evaluation and it already ran"):
         policy.admit(task("evaluate", 4, 3, plan=STOPPING), RANGES)
+
+
+def test_a_stepped_plan_takes_one_intercept_step_of_the_last_trained_model(
+        policy: TaskPolicy) -> None:
+    run(policy, task("statistics", 0, plan=STEPPED))
+    for rnd in (1, 2, 3):
+        run(policy, task("train", rnd, plan=STEPPED))
+    with pytest.raises(TaskRefused, match=re.escape(
+            "Refused intercept task (round 4, model version 2) of study 's1': the plan steps "
+            "the intercept only of the last trained model, version 3.")):
+        policy.admit(task("intercept", 4, 2, plan=STEPPED), RANGES)
+    policy.admit(task("evaluate", 4, 3, plan=STEPPED), RANGES)  # no site was private
+    run(policy, task("intercept", 4, 3, plan=STEPPED))
+    with pytest.raises(TaskRefused, match=re.escape(
+            "Refused evaluate task (round 5, model version 3) of study 's1': the plan "
+            "evaluates only the final model, version 4.")):
+        policy.admit(task("evaluate", 5, 3, plan=STEPPED), RANGES)
+    with pytest.raises(TaskRefused, match=re.escape(
+            "Refused intercept task (round 5, model version 3) of study 's1': the plan has "
+            "one intercept step, before the evaluation, and it already ran.")):
+        policy.admit(task("intercept", 5, 3, plan=STEPPED), RANGES)
+    run(policy, task("evaluate", 5, 4, plan=STEPPED))
+    assert policy.studies["s1"]["done"] == {"statistics": [0], "train": [1, 2, 3],
+                                            "intercept": [4], "evaluate": [5]}
+    # A coordinator that skipped the step gets none once the model was evaluated.
+    run(policy, task("statistics", 0, study="s2", plan=STEPPED))
+    run(policy, task("evaluate", 1, 4, study="s2", plan=STEPPED))
+    with pytest.raises(TaskRefused, match=re.escape(
+            "Refused intercept task (round 2, model version 3) of study 's2': the plan has "
+            "one intercept step, before the evaluation, and the evaluation already ran.")):
+        policy.admit(task("intercept", 2, 3, study="s2", plan=STEPPED), RANGES)
+
+
+def test_an_intercept_task_of_a_plan_without_the_step_is_refused(policy: TaskPolicy) -> None:
+    full_study(policy)
+
+    with pytest.raises(TaskRefused, match=re.escape(
+            "Refused intercept task (round 5, model version 3) of study 's1': the plan takes "
+            "no intercept step.")):
+        policy.admit(task("intercept", 5, 3), RANGES)
 
 
 def test_an_unknown_task_kind_is_refused(policy: TaskPolicy) -> None:

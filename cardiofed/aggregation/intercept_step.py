@@ -31,8 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from cardiofed.exceptions import ConfigurationError
+from cardiofed.models.kinds import OUTPUT_BIAS, Weights
 
-__all__ = ["SENSITIVITY", "InterceptStep", "intercept_step", "intercept_sums"]
+__all__ = ["SENSITIVITY", "InterceptStep", "intercept_step", "intercept_sums",
+           "shift_intercept"]
 
 SENSITIVITY = math.hypot(1.0, 0.25)  # L2 bound of one record's (y - p, p (1 - p))
 Z_MAX = 3.0
@@ -94,6 +96,13 @@ def intercept_step(sums: Mapping[str, tuple[float, float]], noise_std: Mapping[s
             return InterceptStep(step=step, kept=kept, left_out=left_out, z=z)
         kept.remove(worst)
         left_out.append(worst)
+
+
+def shift_intercept(weights: Weights, step: float, model: str) -> Weights:
+    """`weights` of a `model` with `step` added to its output bias, which shifts every
+    log-odds by `step`."""
+    bias = OUTPUT_BIAS[model]
+    return {**weights, bias: (weights[bias] + step).astype(weights[bias].dtype)}
 
 
 def _newton_step(sums: Mapping[str, tuple[float, float]], kept: list[str],

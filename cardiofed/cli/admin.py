@@ -14,6 +14,7 @@ from rich import box
 from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from cardiofed._console import console, fail
 from cardiofed.defaults import DEFAULT_DATABASE_URL
@@ -333,7 +334,7 @@ def _names(names: list[str], most: int = 12) -> str:
 def status_view(state: dict[str, Any]) -> Group:
     """A study's status as tables that wrap to the terminal (80 columns included): where
     it stands, then refusals, quarantined updates and robust aggregation's cuts."""
-    overview = Table(box=box.SIMPLE, show_header=False, title=escape(
+    overview = Table(box=box.SIMPLE, show_header=False, title=Text(
         f"Study {state['study']}"), title_justify="left", expand=False)
     overview.add_column(no_wrap=True, style="bold")
     overview.add_column(overflow="fold")
@@ -351,8 +352,12 @@ def status_view(state: dict[str, Any]) -> Group:
     ]
     if state["aggregation"] == "async":
         rows.append(("buffered updates", str(state["buffered"])))
+    if step := state.get("intercept_step"):
+        left = f"; left out: {_names(step['left_out'])}" if step["left_out"] else ""
+        rows.append(("intercept step", f"{step['step']:+.3f} (log-odds, round "
+                                       f"{step['round']}) from {len(step['kept'])} sites{left}"))
     for key, value in rows:
-        overview.add_row(key, escape(str(value)))
+        overview.add_row(key, Text(str(value)))  # as given: never read as markup
     parts: list[Table] = [overview]
     for title, key, fields in (
             ("Refusals", "refusals", ("site", "round", "reason")),
@@ -367,7 +372,7 @@ def status_view(state: dict[str, Any]) -> Group:
         for entry in entries:
             what = entry.get("reason") or ", ".join(
                 f"{k}: {v}" for k, v in entry.items() if k not in ("round", "site"))
-            table.add_row(*(escape(str(entry.get(f, what if f == "what" else "")))
+            table.add_row(*(Text(str(entry.get(f, what if f == "what" else "")))
                             for f in fields))
         parts.append(table)
     return Group(*parts)

@@ -30,6 +30,7 @@ from cardiofed.coordinator.models import (
 )
 from cardiofed.coordinator.studies import (
     EVALUATE,
+    INTERCEPT,
     TRAIN,
     Clock,
     active_sites,
@@ -37,6 +38,7 @@ from cardiofed.coordinator.studies import (
     refusals_of,
     round_of,
     study_plan,
+    takes_intercept_step,
 )
 from cardiofed.simulation.runner import shares
 from cardiofed.store import (
@@ -124,10 +126,11 @@ def publish_buffered(db: Session, study: Study, now: Clock) -> bool:
         for train_round in db.scalars(select(Round).where(
                 Round.study_id == study.id, Round.kind == TRAIN, Round.closed_at.is_(None))):
             train_round.closed_at = now()
-        db.add(Round(study_id=study.id, number=study.current_round, kind=EVALUATE,
+        kind = INTERCEPT if takes_intercept_step(db, study, plan) else EVALUATE
+        db.add(Round(study_id=study.id, number=study.current_round, kind=kind,
                      model_version=study.model_version, opened_at=now(),
                      deadline=now() + timedelta(seconds=study.round_timeout_s)))
-        study.phase = EVALUATE
+        study.phase = kind
     db.commit()
     return True
 

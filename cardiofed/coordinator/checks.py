@@ -20,12 +20,13 @@ from cardiofed.coordinator import attribution
 from cardiofed.coordinator.models import load_model
 from cardiofed.coordinator.payloads import (
     MAX_METRICS_BYTES,
+    check_intercept,
     check_manifest,
     check_statistics,
     check_update,
     evaluation_metrics,
 )
-from cardiofed.coordinator.studies import EVALUATE, STATISTICS, study_plan
+from cardiofed.coordinator.studies import EVALUATE, INTERCEPT, STATISTICS, study_plan
 from cardiofed.exceptions import (
     CoordinatorError,
     DataValidationError,
@@ -71,6 +72,8 @@ def check_report(db: Session, study: Study, rnd: Round, site_name: str, payload:
         n = attribution.check_payload(plan, study, rnd.kind, arrays)
     elif rnd.kind == STATISTICS:
         n = check_statistics(arrays, [(lo, hi) for lo, hi in study.feature_ranges])
+    elif rnd.kind == INTERCEPT:
+        n = check_intercept(arrays, manifest)
     else:
         n = check_update(arrays, manifest, expected_tensors(db, study, rnd.model_version))
     return CheckedReport(n, arrays, manifest)

@@ -152,6 +152,28 @@ def check_update(arrays: dict[str, np.ndarray], manifest: dict[str, str],
     return _bounded_int(manifest, "num_samples", 1, MAX_RECORDS)
 
 
+def check_intercept(arrays: dict[str, np.ndarray], manifest: dict[str, str]) -> int:
+    """A site's intercept sums (:mod:`cardiofed.aggregation.intercept_step`): ``sums``
+    (D, I) and ``noise_std``, finite float64, within what the declared records allow
+    (exactly, where the release has no noise); returns the declared records."""
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in arrays.items()}
+    wanted = {"sums": ((2,), np.dtype(np.float64)), "noise_std": ((1,), np.dtype(np.float64))}
+    if shapes != wanted or not all(np.isfinite(v).all() for v in arrays.values()):
+        raise InvalidUpdate(f"Intercept payload must hold finite float64 'sums' of shape (2,) "
+                            f"and 'noise_std' of shape (1,); got {shapes}.")
+    n = _bounded_int(manifest, "num_samples", 1, MAX_RECORDS)
+    (score, information), noise = arrays["sums"], float(arrays["noise_std"][0])
+    if noise < 0 or noise > MAX_RECORDS:
+        raise InvalidUpdate(f"Intercept field 'noise_std' must be in [0, {MAX_RECORDS}]; "
+                            f"got {noise!r}.")
+    slack = 10 * noise  # a release's noise, bounded
+    if abs(score) > n + slack or not -slack <= information <= n / 4 + slack:
+        raise InvalidUpdate(f"Intercept sums ({score:.6g}, {information:.6g}) are beyond what "
+                            f"{n} records allow (|D| <= n, 0 <= I <= n / 4, give or take 10 "
+                            f"noise SDs).")
+    return n
+
+
 def _finite_text(text: str) -> bool:
     try:
         return len(text) <= 40 and math.isfinite(float(text))

@@ -18,6 +18,7 @@ from cardiofed.coordinator.models import initial_weights, store_model
 from cardiofed.coordinator.rounds import advance
 from cardiofed.coordinator.studies import (
     EVALUATE,
+    INTERCEPT,
     TRAIN,
     Clock,
     get_study,
@@ -112,9 +113,9 @@ def relay_round(db: Session, study_id: str, *, number: int, kind: str, model_ver
     """Open round `number` of the relay study (the national round's number) for its sites,
     to `kind` from stored model `model_version`. A round still open (its region fell
     behind) closes without an aggregate. Repeating an opened round is acknowledged."""
-    if kind not in (TRAIN, EVALUATE):
-        raise InvalidUpdate(f"A relayed round trains or evaluates; got kind {kind!r} (the "
-                            f"statistics round opens with the study).")
+    if kind not in (TRAIN, INTERCEPT, EVALUATE):
+        raise InvalidUpdate(f"A relayed round trains, steps the intercept or evaluates; got "
+                            f"kind {kind!r} (the statistics round opens with the study).")
     study = _relay_study(db, study_id)
     with serialised(db, study):
         existing = db.scalar(select(Round).where(Round.study_id == study.id,

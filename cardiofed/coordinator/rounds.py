@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from cardiofed.aggregation.intercept_step import intercept_step, shift_intercept
 from cardiofed.aggregation.robust import SiteAggregation, streamed_mean, update_norm
 from cardiofed.aggregation.robust_statistics import (
     Moments,
@@ -56,6 +57,7 @@ from cardiofed.coordinator.models import (
 )
 from cardiofed.coordinator.studies import (
     EVALUATE,
+    INTERCEPT,
     PRIVACY_MODES,
     RELAY,
     STATISTICS,
@@ -68,6 +70,7 @@ from cardiofed.coordinator.studies import (
     round_of,
     serialised,
     study_plan,
+    takes_intercept_step,
 )
 from cardiofed.data.preprocessing import (
     DEFAULT_BINS,
@@ -206,6 +209,8 @@ class _Folded:
     # A training round: the global model's loss each site reported (NaN where none).
     global_losses: list[float] = field(default_factory=list)
     totals: dict[str, np.ndarray] | None = None  # an analysis step's sums
+    # An intercept round: each site's (D, I, noise SD, declared records)
+    intercepts: dict[str, tuple[float, float, float, int]] = field(default_factory=dict)
     privacy: dict[str, str] = field(default_factory=dict)  # what each site declared
 
     def sizes(self) -> list[int]:
@@ -258,6 +263,9 @@ def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Fold
                                                     num_steps=0, train_loss=loss))
             elif rnd.kind in attribution.ANALYSIS_STEPS:
                 out.totals = add_sums(out.totals, checked.arrays)
+            elif rnd.kind == INTERCEPT:
+                (d, i), noise = checked.arrays["sums"], checked.arrays["noise_std"][0]
+                out.intercepts[name] = (float(d), float(i), float(noise), row.num_samples)
             else:
                 assert checked.metrics is not None
                 out.metrics[name] = checked.metrics
@@ -325,7 +333,7 @@ def _extend(db: Session, study: Study, rnd: Round, now: Clock, why: str) -> None
 def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -> None:
     plan = study_plan(study)
     names = folded.names
-    converged = False
+    converged, prefix = False, ""
     for mode in PRIVACY_MODES:
         declared = [n for n, m in folded.privacy.items() if m == mode]
         for start in range(0, len(declared), FOLD_BATCH):
@@ -365,14 +373,20 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
                               else EVALUATE, study.model_version)
         if next_kind == EVALUATE and plan.average_last > 1:
             version = _store_tail_average(db, study, plan.average_last, rnd.number)
+        if next_kind == EVALUATE and takes_intercept_step(db, study, plan):
+            next_kind = INTERCEPT
+    elif rnd.kind == INTERCEPT:
+        prefix = _store_intercept_step(db, study, rnd, folded)
+        next_kind, version = EVALUATE, study.model_version
     else:
         model = model_blob(db, study.id, study.model_version)
         model.metrics = folded.metrics
         card_metrics(db, study, model.metrics)
         next_kind, version = "", study.model_version
     rnd.closed_at = now()
-    rnd.outcome = _closed_with(names, "converged (the sites' loss stopped improving); "
-                               if rnd.kind == TRAIN and converged else "")
+    if rnd.kind == TRAIN and converged:
+        prefix = "converged (the sites' loss stopped improving); "
+    rnd.outcome = _closed_with(names, prefix)
     if next_kind:
         study.current_round += 1
         db.add(Round(study_id=study.id, number=study.current_round, kind=next_kind,
@@ -398,6 +412,37 @@ def _store_tail_average(db: Session, study: Study, last: int, round_number: int)
     store_model(db, study, average, version=study.model_version, round_number=round_number,
                 participants=participants)
     return study.model_version
+
+
+def _store_intercept_step(db: Session, study: Study, rnd: Round, folded: _Folded) -> str:
+    """Step the intercept of the round's model from the sites' sums
+    (:func:`~cardiofed.aggregation.intercept_step.intercept_step`; a site's records are
+    the fewer of what it declares here and in the statistics round) and store the result
+    as the study's next version; returns the round outcome's prefix."""
+    counts = _statistics_counts(db, study)
+    result = intercept_step(
+        {name: (d, i) for name, (d, i, _, _) in folded.intercepts.items()},
+        {name: noise for name, (_, _, noise, _) in folded.intercepts.items()},
+        {name: float(min(n, counts.get(name, n)))
+         for name, (_, _, _, n) in folded.intercepts.items()})
+    weights = shift_intercept(load_model(db, study, rnd.model_version), result.step,
+                              study_plan(study).model)
+    study.model_version += 1
+    store_model(db, study, weights, version=study.model_version, round_number=rnd.number,
+                participants=result.kept)
+    rnd.aggregation = [{"step": result.step, "kept": result.kept,
+                        "left_out": result.left_out,
+                        "z": {k: round(v, 3) for k, v in result.z.items()}}]
+    left = f", {', '.join(result.left_out)} left out" if result.left_out else ""
+    return f"intercept step {result.step:+.3f} from {len(result.kept)} sites{left}; "
+
+
+def _statistics_counts(db: Session, study: Study) -> dict[str, int]:
+    """The records each site declared in the study's statistics round."""
+    return {name: n for name, n in db.execute(
+        select(Site.name, Update.num_samples).join(Update, Update.site_id == Site.id)
+        .join(Round, Update.round_id == Round.id)
+        .where(Round.study_id == study.id, Round.number == 0))}
 
 
 def _converged(db: Session, study: Study, plan: SimulationConfig) -> bool:
@@ -429,6 +474,8 @@ def _close_relayed(db: Session, study: Study, plan: SimulationConfig, rnd: Round
         rnd.relay_result = relay.update_result(delta, folded.sizes(), folded.losses(),
                                                round_loss(folded.global_losses))
         rnd.aggregation = [r.to_dict() for r in report]
+    elif rnd.kind == INTERCEPT:
+        rnd.relay_result = relay.intercept_result(list(folded.intercepts.values()))
     else:
         rnd.relay_result = relay.metrics_result(folded.metrics)
         model_blob(db, study.id, study.model_version).metrics = folded.metrics

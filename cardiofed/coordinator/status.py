@@ -13,6 +13,7 @@ from cardiofed.coordinator import attribution
 from cardiofed.coordinator.buffer import buffered, update_share
 from cardiofed.coordinator.rounds import advance
 from cardiofed.coordinator.studies import (
+    INTERCEPT,
     Clock,
     active_sites,
     is_async,
@@ -56,6 +57,7 @@ def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
         "refusals": [{"site": names[r.site_id], "round": r.round_number, "reason": r.reason}
                      for r in refusals_of(db, study)],
         "robust_aggregation": _robust_actions(db, study),
+        "intercept_step": _intercept_step(db, study),
         "attribution": attribution.summary(study),
         "relay": bool(study.relay),
         "non_private_sites": non_private_sites(db, study),
@@ -65,6 +67,16 @@ def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
                             .where(Round.study_id == study.id, Update.quarantine.is_not(None))
                             .order_by(Update.id)).all()],
     }
+
+
+def _intercept_step(db: Session, study: Study) -> dict[str, object] | None:
+    """The intercept step that ended the study's training: its round, the step, the sites
+    it was computed from, those left out and each site's z (None before it)."""
+    rnd = db.scalar(select(Round).where(Round.study_id == study.id, Round.kind == INTERCEPT,
+                                        Round.closed_at.is_not(None)))
+    if rnd is None or not rnd.aggregation:
+        return None
+    return {"round": rnd.number, **rnd.aggregation[0]}
 
 
 def _robust_actions(db: Session, study: Study) -> list[dict[str, object]]:

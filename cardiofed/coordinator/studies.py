@@ -39,6 +39,9 @@ Clock = Callable[[], datetime]
 
 
 STATISTICS, TRAIN, EVALUATE = "statistics", "train", "evaluate"
+# After the last training round, where the plan takes it: each site's intercept sums
+# (cardiofed.aggregation.intercept_step) step the final model's intercept.
+INTERCEPT = "intercept"
 
 
 # A relay study between rounds: it waits for its region's node to open the next one.
@@ -111,6 +114,14 @@ def get_study(db: Session, study_id: str) -> Study:
     if study is None:
         raise NotFound(f"No study {study_id!r}.")
     return study
+
+
+def takes_intercept_step(db: Session, study: Study, plan: SimulationConfig) -> bool:
+    """Whether the study's training ends with the intercept step: as its plan's
+    ``dp_intercept_step`` says, by default where a site declared private releases."""
+    private = db.scalar(select(Site.id).where(Site.study_id == study.id,
+                                              Site.privacy == "dp").limit(1)) is not None
+    return plan.intercept_step_for(private)
 
 
 def study_plan(study: Study) -> SimulationConfig:

@@ -16,6 +16,8 @@ from cardiofed.exceptions import ConfigurationError
 Weights = dict[str, np.ndarray]
 ModelKind = Literal["logistic", "mlp"]
 MODEL_KINDS: tuple[str, ...] = ("logistic", "mlp")
+# Each kind's output bias, the parameter added to every log-odds (the intercept).
+OUTPUT_BIAS: dict[str, str] = {"logistic": "linear.bias", "mlp": "net.4.bias"}
 
 
 def set_threads() -> int:

@@ -38,6 +38,7 @@ from cardiofed.node.transport import NodeError, send
 from cardiofed.node.work import (
     attribution_site,
     evaluate_payload,
+    intercept_payload,
     load_site_data,
     own_feature_ranges,
     site_preprocessor,
@@ -262,6 +263,9 @@ class NodeAgent:
         if task.kind == "evaluate":
             return evaluate_payload(site, self._pre, plan, weights, privacy, ranges=ranges,
                                     publish=self.config.publish_metrics)
+        if task.kind == "intercept":
+            return intercept_payload(site, self._pre, plan, weights, privacy,
+                                     manifest=manifest, ranges=ranges)
         return train_payload(site, self._pre, plan, weights, round_number=task.round,
                              site_index=task.site_index, manifest=manifest, privacy=privacy,
                              ranges=ranges)
@@ -343,7 +347,8 @@ class NodeAgent:
             self._privacy = SitePrivacy(
                 ledger=self.ledger, local=None if plan is None else plan.local_config(),
                 rounds=1 if plan is None else plan.rounds,
-                max_grad_norm=self.config.private.max_grad_norm, study=study)
+                max_grad_norm=self.config.private.max_grad_norm, study=study,
+                intercept_step=plan is not None and plan.intercept_step_for(True))
         return self._privacy
 
     def _site_name(self) -> str:

@@ -3,13 +3,14 @@
 At the first task of a study the node pins the study plan (the SHA-256 of its canonical
 JSON) and the feature columns. Every later task must carry the same plan, and the node
 runs at most: one statistics task (round 0), ``plan.rounds`` training tasks, each
-round at most once, and one evaluation, of the final published model (version
-``plan.rounds``; an earlier one where the plan stops once converged), after which it
-trains no more. Release parameters come from the site, never from the task: the
-statistics' bin edges from the schema's (or the reference data set's) plausible
-ranges, so a task whose ranges differ is refused. An attribution study's steps are bounded
-by :data:`ATTRIBUTION_RELEASES`. What the node ran is kept in a JSON
-file in its state directory; a site with a privacy budget is additionally bounded by
+round at most once, one intercept step of the last trained model where the plan takes
+it, and one evaluation, of the final published model (version ``plan.rounds``, one more
+for ``average_last`` and one more for the intercept step; an earlier one where the plan
+stops once converged), after which it trains no more. Release parameters come from the
+site, never from the task: the statistics' bin edges from the schema's (or the reference
+data set's) plausible ranges, so a task whose ranges differ is refused. An attribution
+study's steps are bounded by :data:`ATTRIBUTION_RELEASES`. What the node ran is kept in a
+JSON file in its state directory; a site with a privacy budget is additionally bounded by
 its ledger, which lives elsewhere and survives a deleted state directory.
 """
 
@@ -93,6 +94,20 @@ def _can_stop_early(plan: dict[str, Any]) -> bool:
         return False
 
 
+def _trained_versions(plan: dict[str, Any]) -> int:
+    """The version training ends on: ``rounds``, one more with ``average_last`` (the mean
+    of the last rounds' models)."""
+    return int(plan.get("rounds", 0)) + (int(plan.get("average_last", 1)) > 1)
+
+
+def _intercept_step(plan: dict[str, Any]) -> bool:
+    """Whether a networked plan ends training with the intercept step."""
+    try:
+        return SimulationConfig.create(**plan).intercept_step_for(True)
+    except CardioFedError:
+        return False
+
+
 class TaskPolicy:
     """The node's record of the plans it pinned and the tasks it ran, at `path`."""
 
@@ -148,23 +163,27 @@ class TaskPolicy:
             if len(trained) >= planned_releases("train", rounds):
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan has "
                                   f"{rounds} training rounds and this site ran {len(trained)}.")
+        elif task.kind == "intercept":
+            if not _intercept_step(task.plan):
+                raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan takes no "
+                                  f"intercept step.")
+            if done.get("intercept") or done.get("evaluate"):
+                raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan has one "
+                                  f"intercept step, before the evaluation, and "
+                                  f"{'it' if done.get('intercept') else 'the evaluation'} "
+                                  f"already ran.")
+            self._check_final(task, where, done, _trained_versions(task.plan),
+                              "steps the intercept only of the last trained model")
         elif task.kind == "evaluate":
             if done.get("evaluate"):
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan has one "
                                   f"evaluation and it already ran.")
-            # With average_last the final model is one more version: the mean of the last.
-            final = rounds + (int(task.plan.get("average_last", 1)) > 1)  # type: ignore[call-overload]
-            if not _can_stop_early(task.plan) and task.model_version != final:
-                raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan evaluates "
-                                  f"only the final model, version {final}.")
-            if not 1 <= task.model_version <= final:
-                raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan "
-                                  f"publishes versions 1 to {final}.")
-            last = max(done.get("train", []), default=0)
-            if task.model_version < last:
-                raise TaskRefused(f"Refused {where} of study {task.study!r}: this site "
-                                  f"trained round {last}, so the study's final model is "
-                                  f"version {last} or later.")
+            # The intercept step stores one more version, the final model; a plan that may
+            # take it (its coordinator does when a site is private) evaluates either.
+            last_trained = _trained_versions(task.plan)
+            final = last_trained + (_intercept_step(task.plan) or bool(done.get("intercept")))
+            if done.get("intercept") or task.model_version != last_trained:
+                self._check_final(task, where, done, final, "evaluates only the final model")
         elif task.kind in ANALYSIS_RELEASES:
             ran = done.get(task.kind, [])
             limit = ANALYSIS_RELEASES[task.kind]
@@ -177,6 +196,23 @@ class TaskPolicy:
                                   f"({ATTRIBUTION_STARTS} starts) and this site ran {len(ran)}.")
         else:
             raise TaskRefused(f"Refused {where} of study {task.study!r}: unknown task kind.")
+
+    @staticmethod
+    def _check_final(task: TaskResponse, where: str, done: dict[str, Any], final: int,
+                     what: str) -> None:
+        """Refuse a task on any model but version `final` (an earlier one where the plan
+        stops once converged, never before the last round trained)."""
+        if not _can_stop_early(task.plan) and task.model_version != final:
+            raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan {what}, "
+                              f"version {final}.")
+        if not 1 <= task.model_version <= final:
+            raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan "
+                              f"publishes versions 1 to {final}.")
+        last = max(done.get("train", []), default=0)
+        if task.model_version < last:
+            raise TaskRefused(f"Refused {where} of study {task.study!r}: this site "
+                              f"trained round {last}, so the study's final model is "
+                              f"version {last} or later.")
 
     def record(self, task: TaskResponse) -> None:
         """Remember that `task` ran (pinning the plan at the study's first task)."""

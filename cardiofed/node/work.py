@@ -18,6 +18,7 @@ from functools import partial
 
 import numpy as np
 
+from cardiofed.aggregation.intercept_step import intercept_sums
 from cardiofed.algorithms.base import LocalTrainer
 from cardiofed.causal.sources import export_site
 from cardiofed.causal.study import AttributionPlan, SiteArrays
@@ -240,6 +241,23 @@ def train_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig, wei
     if privacy is not None:
         update = privacy.declare(update)
     return encode_arrays(update.delta, {**manifest, **update_manifest(update)})
+
+
+def intercept_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig,
+                      weights: Weights, privacy: SitePrivacy | None, *,
+                      manifest: dict[str, str], ranges: list[tuple[float, float]]) -> bytes:
+    """The final trained model's intercept sums on the site's bounded training rows
+    (:mod:`cardiofed.aggregation.intercept_step`): through the ledger with a budget (its
+    declared records the noisy count of the statistics release), exact without one."""
+    with np.errstate(over="ignore"):
+        probs = score(plan.model, weights, bounded_rows(pre, site.x_train, ranges))
+    if privacy is None:
+        (d, i), noise, n = intercept_sums(site.y_train, probs), 0.0, site.n_train
+    else:
+        d, i, noise = privacy.release_intercept_sums(site.y_train, probs)
+        n = privacy.public_n()
+    return encode_arrays({"sums": np.array([d, i]), "noise_std": np.array([noise])},
+                         {**manifest, "num_samples": str(n)})
 
 
 def evaluate_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig,

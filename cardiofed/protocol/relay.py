@@ -75,6 +75,17 @@ def update_result(delta: Weights, sizes: list[int], losses: list[float],
     return encode_arrays({k: np.asarray(v, np.float32) for k, v in delta.items()}, manifest)
 
 
+def intercept_result(sums: list[tuple[float, float, float, int]]) -> bytes:
+    """The region's intercept sums: its sites' (D, I, noise SD, records) summed, the noise
+    SDs in quadrature, so that the study above takes the region as one site."""
+    score, information = sum(d for d, _, _, _ in sums), sum(i for _, i, _, _ in sums)
+    noise = math.sqrt(sum(s * s for _, _, s, _ in sums))
+    return encode_arrays({"sums": np.array([score, information]),
+                          "noise_std": np.array([noise])},
+                         {"num_samples": str(sum(n for _, _, _, n in sums)),
+                          "sites": str(len(sums))})
+
+
 # A site's weight in a region's summary is its reported n, capped at this many times the
 # median n of the sites that published: a self-declared n cannot make one site the summary.
 SUMMARY_WEIGHT_CAP = 3.0

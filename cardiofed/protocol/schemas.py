@@ -35,8 +35,8 @@ class SiteInfo(BaseModel):
 class TaskResponse(BaseModel):
     study: str
     round: int
-    kind: str = Field(description="statistics, train or evaluate; an attribution study's "
-                                  "moments, newton, estimate or sandwich")
+    kind: str = Field(description="statistics, train, intercept or evaluate; an attribution "
+                                  "study's moments, newton, estimate or sandwich")
     model_version: int
     deadline: AwareDatetime = Field(description="UTC, with its offset")
     site_index: int
@@ -91,7 +91,7 @@ class RelayRoundRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     number: WholeNumber = Field(ge=1, le=1_000_000)
-    kind: Literal["train", "evaluate"]
+    kind: Literal["train", "intercept", "evaluate"]
     model_version: WholeNumber = Field(ge=0, le=1_000_000)
 
 

@@ -85,9 +85,11 @@ class SimulationConfig(BaseModel):
     # gradients of a standardised model (bench/privacy_utility.py).
     dp_max_grad_norm: float = Field(2.0, gt=0, allow_inf_nan=False)
     dp_accountant: Literal["rdp", "prv"] = "rdp"
-    # Under DP, training ends with each site's private intercept sums and one Newton step
-    # of the intercept over the sites that agree (cardiofed.aggregation.intercept_step),
-    # paid from the training share. None: on with dp_epsilon (per-site DP), else off.
+    # Training ends with each site's intercept sums (private at a private site, paid from
+    # its training share) and one Newton step of the intercept over the sites that agree
+    # (cardiofed.aggregation.intercept_step). None: on wherever sites release privately
+    # on their own (dp_epsilon in simulation; a networked study's nodes are private by
+    # default), off over secure sums.
     dp_intercept_step: bool | None = None
     # Secure aggregation with distributed DP (cardiofed.secure): each round every site
     # sends a secure sum's share, its clipped per-record gradient sum plus its share of
@@ -188,10 +190,11 @@ class SimulationConfig(BaseModel):
             raise ValueError("finetune trains each site's personal model without noise and "
                              "publishes its metrics, a release differential privacy does not "
                              "cover; switch finetune off with dp_epsilon")
-        if self.dp_intercept_step and (self.dp_epsilon is None or self.secure_aggregation):
-            raise ValueError("dp_intercept_step steps the intercept from each site's private "
-                             "sums: it needs dp_epsilon, and secure_aggregation off (its sums "
-                             "are not built yet)")
+        if self.dp_intercept_step and (self.secure_aggregation or self.analysis is not None):
+            raise ValueError("dp_intercept_step ends a model's training rounds with each "
+                             "site's own intercept sums: switch it off under "
+                             "secure_aggregation (its secure sums are not built yet) and in "
+                             "attribution and survival studies")
         if self.dp_epsilon is not None and self.standardisation == "per-site":
             raise ValueError("standardisation 'per-site' uses each site's exact mean and SD, "
                              "which differential privacy does not cover; use 'global' "
@@ -295,13 +298,19 @@ class SimulationConfig(BaseModel):
             return "SCAFFOLD's control variates correct each site's steps; it runs site by site"
         return batchable(self.local_config())
 
-    @property
-    def intercept_step(self) -> bool:
-        """Whether training ends with the private intercept step (``dp_intercept_step``,
-        by default on under per-site DP)."""
+    def intercept_step_for(self, private: bool) -> bool:
+        """Whether training ends with the intercept step, where sites release privately on
+        their own (`private`) or not: ``dp_intercept_step``, by default on exactly where
+        they do (never over secure sums, nor in an analysis study)."""
         if self.dp_intercept_step is not None:
             return self.dp_intercept_step
-        return self.dp_epsilon is not None and not self.secure_aggregation
+        return private and not self.secure_aggregation and self.analysis is None
+
+    @property
+    def intercept_step(self) -> bool:
+        """Whether a simulation ends training with the intercept step (by default under
+        per-site DP)."""
+        return self.intercept_step_for(self.dp_epsilon is not None)
 
     @property
     def personalised(self) -> bool:

@@ -19,7 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cardiofed.aggregation.intercept_step import InterceptStep, intercept_step
+from cardiofed.aggregation.intercept_step import (
+    InterceptStep,
+    intercept_step,
+    intercept_sums,
+    shift_intercept,
+)
 from cardiofed.data.dataset import FederatedDataset
 from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.data.sites import split_indices
@@ -174,31 +179,28 @@ def site_privacy(dataset: FederatedDataset, config: SimulationConfig,
     return privacy
 
 
-def _private_intercept_step(run: FederatedRun, config: SimulationConfig,
-                            privacy: dict[str, SitePrivacy], sites: list[PreparedSite],
-                            outbox: Outbox | None) -> InterceptStep | None:
-    """Each site's private intercept sums on its training rows with the trained model,
-    and the step the coordinator takes from them (None when no site had budget left)."""
+def _intercept_step(run: FederatedRun, config: SimulationConfig,
+                    privacy: dict[str, SitePrivacy], sites: list[PreparedSite],
+                    outbox: Outbox | None) -> InterceptStep | None:
+    """Each site's intercept sums on its training rows with the trained model (private
+    through its ledger, or exact without DP), and the step the coordinator takes from
+    them (None when no site had budget left)."""
     sums, noise, counts = {}, {}, {}
     for s in sites:
         probs = score(config.model, run.weights, s.x_train)
-        try:
-            d, i, std = privacy[s.name].release_intercept_sums(s.y_train, probs)
-        except PrivacyBudgetExceeded:
-            continue  # the site has no budget left: it releases nothing
+        if not privacy:
+            (d, i), std, n = intercept_sums(s.y_train, probs), 0.0, s.n_train
+        else:
+            try:
+                d, i, std = privacy[s.name].release_intercept_sums(s.y_train, probs)
+            except PrivacyBudgetExceeded:
+                continue  # the site has no budget left: it releases nothing
+            n = privacy[s.name].public_n()
         if outbox is not None:
             outbox(s.name, "intercept", encode_metrics({"score": d, "information": i,
                                                         "noise_std": std}))
-        sums[s.name], noise[s.name] = (d, i), std
-        counts[s.name] = float(privacy[s.name].public_n())
+        sums[s.name], noise[s.name], counts[s.name] = (d, i), std, float(n)
     return intercept_step(sums, noise, counts) if sums else None
-
-
-def _shift_intercept(weights: Weights, step: float) -> Weights:
-    """`weights` with `step` added to the output bias (the models' last parameter), which
-    shifts every log-odds by `step`."""
-    last = list(weights)[-1]
-    return {**weights, last: (weights[last] + step).astype(weights[last].dtype)}
 
 
 def _released_evaluation(result: ExperimentResult, privacy: dict[str, SitePrivacy],
@@ -274,10 +276,10 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     else:
         run = run_federated(sites, config, progress=progress, privacy=privacy or None,
                             outbox=outbox, site_multipliers=multipliers)
-    stepped = _private_intercept_step(run, config, privacy, sites, outbox) \
-        if privacy and config.intercept_step else None
+    stepped = _intercept_step(run, config, privacy, sites, outbox) \
+        if config.intercept_step else None
     if stepped is not None:
-        run = replace(run, weights=_shift_intercept(run.weights, stepped.step))
+        run = replace(run, weights=shift_intercept(run.weights, stepped.step, config.model))
     result = ExperimentResult(dataset=dataset.name, config=config, federated=run,
                               site_types={s.name: s.site_type for s in sites},
                               site_sizes={s.name: s.n_train for s in dataset.sites},
