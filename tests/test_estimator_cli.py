@@ -131,6 +131,19 @@ def test_demo_switches_exact_releases_off_under_dp(monkeypatch: pytest.MonkeyPat
     assert seen["recalibrate"] is label_quality
     assert seen.get("feature_transform") == ("clinical" if label_quality else None)
     assert seen["dp_epsilon"] == (1.0 if options else None)
+    assert seen["rounds"] == 1 and seen.get("average_last") == (1 if options else None)
+
+
+def test_the_dp_demo_averages_the_last_half_of_its_rounds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import cardiofed.cli.experiments as cli
+
+    seen: list[dict[str, object]] = []
+    monkeypatch.setattr(cli, "_run", lambda _, settings, **__: seen.append(settings))
+    for rounds in ([], ["--rounds", "9"]):
+        assert CliRunner().invoke(app, ["demo", "--dp-epsilon", "1", *rounds]).exit_code == 0
+
+    assert [(s["rounds"], s["average_last"]) for s in seen] == [(40, 20), (9, 4)]
 
 
 def test_simulate_reports_invalid_settings_by_name(tmp_path) -> None:  # type: ignore[no-untyped-def]
