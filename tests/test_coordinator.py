@@ -908,6 +908,21 @@ def test_async_study_publishes_every_k_updates_without_waiting_for_the_slowest(
                                             "community_01": 0.0}
 
 
+def test_a_private_async_study_steps_the_intercept_before_its_evaluation(
+        tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan=ASYNC_PLAN)
+    agents = [_private_agent(fed, s) for s in SITES]
+    _until_done(fed, agents)
+
+    models = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
+    assert [m["version"] for m in models] == [0, 1, 2, 3, 4]
+    assert fed.status()["intercept_step"]["round"] == models[-1]["round"]
+    assert set(models[-1]["metrics"]) == set(SITES)  # every site evaluates version 4
+    for agent in agents:
+        assert [e["what"] for e in _ledger(agent)][-2:] == ["intercept step release",
+                                                            "evaluation release"]
+
+
 def test_async_buffer_takes_one_update_per_site(tmp_path: Path) -> None:
     # The attack (issue 29): training rounds stay open while newer versions appear, so a
     # site that uploads into several open rounds used to fill the buffer alone (a

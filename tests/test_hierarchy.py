@@ -17,7 +17,12 @@ from cardiofed.data.preprocessing import (
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.node.agent import NodeAgent
 from cardiofed.node.config import DataSource, NodeConfig
-from cardiofed.node.work import load_site_data, statistics_payload, train_payload
+from cardiofed.node.work import (
+    intercept_payload,
+    load_site_data,
+    statistics_payload,
+    train_payload,
+)
 from cardiofed.protocol.relay import metrics_result, plan_differences
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.wire import decode_arrays, encode_arrays
@@ -135,6 +140,33 @@ def test_a_hierarchy_equals_fedavg_over_every_site(tmp_path: Path) -> None:
     ).json()[-1]["metrics"]
     assert set(regional) == set(REGIONS["west"])
     assert h.regions["east"].status()["phase"] == "done"
+
+
+def test_a_hierarchy_steps_the_intercept_from_each_regions_summed_sums(
+        tmp_path: Path) -> None:
+    # The national study sees no site's privacy mode; its plan asks for the step. Each
+    # region sends its sites' summed sums, and the national step over the two regions is
+    # the pooled Newton step over every site (two regions: neither can be left out).
+    plan = {**MEAN, "dp_intercept_step": True}
+    h = Hierarchy(tmp_path, plan=plan)
+    h.run()
+    assert h.nation.status()["intercept_step"]["kept"] == ["east", "west"]
+
+    task_plan = SimulationConfig.model_validate(_stored_plan(h))
+    feature_names, ranges = _columns(h)
+    blob = h.nation.client.get("/v1/studies/s1/preprocessor",
+                               headers=h.nation.auth(h.nation.admin)).content
+    pre = Preprocessor.from_arrays(decode_arrays(blob)[0], task_plan.model_form(feature_names))
+    trained = h.national_model(MEAN["rounds"])
+    sums = np.zeros(2)
+    for name in (s for region in REGIONS.values() for s in region):
+        payload = intercept_payload(_site(name, feature_names), pre, task_plan, trained,
+                                    None, manifest={}, ranges=ranges)
+        sums += decode_arrays(payload)[0]["sums"]
+    stepped = h.national_model(MEAN["rounds"] + 1)
+    np.testing.assert_allclose(stepped["linear.bias"] - trained["linear.bias"],
+                               sums[0] / sums[1], atol=1e-5)
+    np.testing.assert_array_equal(stepped["linear.weight"], trained["linear.weight"])
 
 
 def _stored_plan(h: Hierarchy) -> dict[str, object]:
