@@ -1403,6 +1403,11 @@ def test_a_private_study_ends_training_with_the_intercept_step(fed: Federation) 
         assert entries[-1]["epsilon_after"] <= 1.0 + 1e-9
     assert f"{step['step']:+.3f} (log-odds, round 4)" in " ".join(
         _rendered(status_view(status)).split())
+    ui = TestClient(fed.app)
+    ui.post("/ui/login", data={"credential": fed.admin}, follow_redirects=False)
+    page = ui.get("/ui/studies/s1").text
+    assert f'<dd id="intercept-step">{step["step"]:+.3f} on the log-odds scale (round 4), ' \
+           f'from {len(step["kept"])} sites' in page
 
 
 def _rendered(view: object) -> str:

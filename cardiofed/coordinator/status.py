@@ -23,6 +23,7 @@ from cardiofed.coordinator.studies import (
     round_of,
     round_updates,
     study_plan,
+    takes_intercept_step,
 )
 from cardiofed.store import (
     Round,
@@ -42,9 +43,12 @@ def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
     refused = refused_ids(db, study, rnd.number)
     waiting = [s.name for s in active if s.id not in reported and s.id not in refused]
     names = {s.id: s.name for s in db.scalars(select(Site).where(Site.study_id == study.id))}
+    plan = study_plan(study)
     return {
         "study": study.id, "phase": study.phase, "round": rnd.number, "kind": rnd.kind,
-        "model_version": study.model_version, "rounds_planned": study_plan(study).rounds,
+        "model_version": study.model_version, "rounds_planned": plan.rounds,
+        # the evaluation's round: after the training rounds and any intercept step
+        "final_round": plan.rounds + 1 + takes_intercept_step(db, study, plan),
         "reported": sorted(s.name for s in active if s.id in reported),
         "waiting_for": [] if study.phase == "done" else waiting,
         "deadline": rnd.deadline.isoformat() + "Z", "min_sites": study.min_sites,

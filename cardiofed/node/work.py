@@ -254,8 +254,8 @@ def intercept_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig,
     if privacy is None:
         (d, i), noise, n = intercept_sums(site.y_train, probs), 0.0, site.n_train
     else:
+        n = privacy.public_n()  # refused before any charge without a statistics release
         d, i, noise = privacy.release_intercept_sums(site.y_train, probs)
-        n = privacy.public_n()
     return encode_arrays({"sums": np.array([d, i]), "noise_std": np.array([noise])},
                          {**manifest, "num_samples": str(n)})
 
