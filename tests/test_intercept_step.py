@@ -232,6 +232,30 @@ def test_a_private_simulation_ends_training_with_the_step_and_reports_it() -> No
     assert intercept_summary(off) is None
 
 
+def test_a_non_private_simulation_takes_the_step_from_exact_sums_when_asked() -> None:
+    from cardiofed.data.synthetic import synthetic_federation
+    from cardiofed.simulation.config import SimulationConfig
+    from cardiofed.simulation.experiment import run_experiment
+
+    data = synthetic_federation(n_sites=4, seed=1, size_scale=0.2)
+    config = SimulationConfig.create(rounds=2, seed=0, dp_intercept_step=True)
+    result = run_experiment(data, config, baselines=False)
+
+    step = result.intercept_step
+    assert step is not None and step.left_out == []  # 2 rounds: far from converged
+    total = np.array([intercept_sums(s.y_train, score_raw(result, s)) for s in result.sites])
+    assert step.step == pytest.approx(total[:, 0].sum() / total[:, 1].sum(), abs=1e-4)
+
+
+def score_raw(result: object, site: object) -> np.ndarray:
+    """The trained model's risks on a site's training rows, before the step."""
+    from cardiofed.models.networks import score
+
+    weights = shift_intercept(result.federated.weights,  # type: ignore[attr-defined]
+                              -result.intercept_step.step, "logistic")  # type: ignore[attr-defined]
+    return score("logistic", weights, site.x_train)  # type: ignore[attr-defined]
+
+
 def test_the_summary_names_a_site_left_out_and_which_way_it_disagrees() -> None:
     from types import SimpleNamespace
 

@@ -97,7 +97,7 @@ class ExperimentResult:
     # site -> summed log-loss of the federated model on the site's calibration split:
     # validation data, on which settings (e.g. the model form) may be chosen
     calibration_loss: dict[str, float] = field(default_factory=dict)
-    # Under DP (config.intercept_step): the private intercept step that ended training
+    # The intercept step that ended training (config.intercept_step; by default under DP)
     intercept_step: InterceptStep | None = None
 
     @property
@@ -192,10 +192,10 @@ def _intercept_step(run: FederatedRun, config: SimulationConfig,
             (d, i), std, n = intercept_sums(s.y_train, probs), 0.0, s.n_train
         else:
             try:
+                n = privacy[s.name].public_n()
                 d, i, std = privacy[s.name].release_intercept_sums(s.y_train, probs)
             except PrivacyBudgetExceeded:
                 continue  # the site has no budget left: it releases nothing
-            n = privacy[s.name].public_n()
         if outbox is not None:
             outbox(s.name, "intercept", encode_metrics({"score": d, "information": i,
                                                         "noise_std": std}))
@@ -233,6 +233,8 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     keep the simulation-only exact view for researchers, ``released_metrics`` what the
     sites' DP evaluation releases give. The baselines stay non-private references.
     `outbox` sees every payload the sites send (statistics, updates, metrics).
+    Under DP training ends with the intercept step (``config.intercept_step``,
+    :mod:`cardiofed.aggregation.intercept_step`), in ``intercept_step`` of the result.
     Bias corrections: ``label_quality`` cross-evaluates the sites' local models (only
     AUCs cross sites) and gives a site whose labels disagree with the others' no weight.
     Local-only models are what each site would build alone
