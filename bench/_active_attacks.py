@@ -328,6 +328,51 @@ def evaluation_crash_channel(dataset: FederatedDataset, raw: SiteData, pre: Prep
     return out
 
 
+# -- 13. the intercept step -------------------------------------------------------------
+def intercept_nan_channel(dataset: FederatedDataset, raw: SiteData, pre: Preprocessor
+                          ) -> dict[str, Any]:
+    """The intercept step's sums over a model whose scores are NaN above an age, past the
+    release gate (the worst case: the gate refuses this preprocessor, attack 9). Control:
+    the sums as computed, NaN when any patient is above T. Protected: the node's release,
+    whose risks that are not probabilities count as 0.5, charged first."""
+    names, ranges = dataset.feature_names, dataset.feature_ranges
+    j, other = names.index("age"), names.index("systolic_bp")
+    truth = float(np.nanmax(raw.x_train[:, j]))
+    y = raw.y_train.astype(float)
+    out: dict[str, Any] = {"setting": "intercept sums of a model NaN above an age"}
+    for label, guarded in (("control", False), ("protected", True)):
+        answers: list[bool] = []
+        ledger = PrivacyLedger(site="attacked", n_records=len(y),
+                               budget=SiteBudget(epsilon_max=1e6, delta=DELTA))
+
+        def above(t: float, guarded: bool = guarded, answers: list[bool] = answers,
+                  ledger: PrivacyLedger = ledger) -> bool:
+            shifted, weights = _nan_scores_inputs(pre, j, other, t, _width(ranges[j]))
+            with np.errstate(all="ignore"):
+                probs = score("logistic", weights, shifted.transform(raw.x_train))
+            if guarded:  # a fresh study per query, each charged to the one ledger
+                privacy = SitePrivacy(ledger=ledger, study=f"q{len(answers)}")
+                sums = privacy.release_intercept_sums(y, probs)[:2]
+            else:
+                with np.errstate(all="ignore"):
+                    sums = (float(np.sum(y - probs)), float(np.sum(probs * (1 - probs))))
+            answers.append(not all(math.isfinite(v) for v in sums))
+            return answers[-1]
+
+        found = _binary_search(ranges[j][0], ranges[j][1], above)
+        out[label] = {"max_recovered": bool(found == math.ceil(truth)),
+                      "queries": len(answers), "non_finite": sum(answers),
+                      "charged": len(ledger.entries)}
+    c, p = out["control"], out["protected"]
+    out["passed"] = (c["max_recovered"] and not p["max_recovered"] and p["non_finite"] == 0
+                     and p["charged"] == p["queries"])
+    out["row"] = [f"the training rows' maximum age recovered in {c['queries']} queries, "
+                  f"{c['non_finite']} of them NaN sums",
+                  f"{'recovered' if p['max_recovered'] else 'not recovered'}; "
+                  f"{p['non_finite']} NaN sums, {p['charged']} of {p['queries']} charged"]
+    return out
+
+
 # -- 10. ledger binding -----------------------------------------------------------------
 def _old_ledger_key(name: str, x: np.ndarray, y: np.ndarray) -> str:
     """The file the previous release kept a ledger in: the enrolled name and a SHA-256 of

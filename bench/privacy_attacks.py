@@ -350,12 +350,15 @@ def tracker(dataset: FederatedDataset, site: PreparedSite) -> dict[str, Any]:
                       protected["crafted_as_final"]["tasks_admitted"])
     out = {"setting": f"{N_THRESHOLDS} step models on age (thresholds 25.5-86.5 years), "
                       "test split", "control": control, "protected": protected,
-           "passed": control["recovered_fraction"] >= 0.99 and admitted_total[0] == 0
+           # One evaluation per study: the plan's intercept step makes version rounds + 1
+           # the final one, so one crafted "new version" is admitted as that.
+           "passed": control["recovered_fraction"] >= 0.99 and admitted_total[0] <= 1
            and admitted_total[1] <= 1 and worst <= 0.05}
     out["row"] = [f"{control['tasks_answered']}/{N_THRESHOLDS} answered; (age, label) of "
                   f"{control['recovered_fraction']:.0%} of {len(y)} test patients recovered "
                   f"({unique} unique by age: label revealed)",
-                  f"admitted {admitted_total[0]}/{N_THRESHOLDS} (new versions), "
+                  f"admitted {admitted_total[0]}/{N_THRESHOLDS} (new versions: the "
+                  f"final one, after the intercept step), "
                   f"{admitted_total[1]}/{N_THRESHOLDS} (as final version, noisy histograms); "
                   f"recovered {worst:.0%}"]
     return out
@@ -568,6 +571,9 @@ def main() -> None:
                         lambda: active.exact_count(raw, size["window"])),
         "names_and_exact_releases": ("12. Path traversal; batch 1 and exact attribution",
                                      active.names_and_exact_releases),
+        "intercept_nan_channel": ("13. NaN channel, the intercept step's sums",
+                                  lambda: active.intercept_nan_channel(dataset, raw,
+                                                                       site.preprocessor)),
     }
     results, rows = {}, []
     for key, (title, run) in attacks.items():
@@ -586,7 +592,7 @@ def main() -> None:
             "standardised units; a record counts as reconstructed below "
             f"{REL_TOL:g}. Tracker: the protected node's single admitted evaluation is a "
             "noisy score-histogram release with the whole budget (generous to the "
-            "attacker). 7-12: the control rebuilds the node's computation before the "
+            "attacker). 7-13: the control rebuilds the node's computation before the "
             "release gate and the one ledger from the same library functions. Run time "
             f"{elapsed:.0f} s.\n")
     write_results("privacy_attacks", {"dataset": dataset.name, "site": site.name,
