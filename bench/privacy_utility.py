@@ -20,8 +20,8 @@ simulation's exact view of each site's test patients.
   20,000 new patients of its own profile, so that intervals can judge it; FedAvg, 40
   rounds of one local epoch, batch 128, lr 0.3, the released model the mean of the last
   20 rounds', raw form; tier2_04 has noisy labels);
-  one run per epsilon, seed 0, and at epsilon 1 seven more (fresh noise each) whose
-  verdict counts follow the table, with how many of the eight runs left a clean site
+  one run per epsilon, seed 0, and at epsilon 1 DEMO_REPEATS more (fresh noise each)
+  whose verdict counts follow the table, with how many of those runs left a clean site
   "not acceptable".
 * ``uci-heart``: FedAvg, 15 rounds x 100 local steps, batch 4, SGD lr 0.01, seeds 42-44.
 * ``framingham``: FedAvg, 40 rounds x 1 epoch, batch 512, SGD lr 0.25, the released model

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cardiofed.evaluation.private_metrics import as_probabilities
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.models.kinds import OUTPUT_BIAS, Weights
 
@@ -57,7 +58,7 @@ def intercept_sums(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[float, float
     """A site's exact ``(sum(y - p), sum p (1 - p))``, before its noise. A risk that is not
     a probability counts as 0.5, clipped into [0, 1], and a label is clipped into [0, 1],
     so the pair is finite and one record moves it by at most :data:`SENSITIVITY`."""
-    probs = np.nan_to_num(np.clip(np.asarray(y_prob, dtype=np.float64), 0.0, 1.0), nan=0.5)
+    probs = as_probabilities(y_prob)
     labels = np.clip(np.asarray(y_true, dtype=np.float64), 0.0, 1.0)
     return float(np.sum(labels - probs)), float(np.sum(probs * (1.0 - probs)))
 

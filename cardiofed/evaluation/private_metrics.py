@@ -31,6 +31,7 @@ from cardiofed.evaluation.metrics import fit_logistic, validate_binary_inputs
 from cardiofed.exceptions import ConfigurationError, DataValidationError
 
 __all__ = [
+    "as_probabilities",
     "metrics_from_histograms",
     "metrics_with_uncertainty",
     "release_score_histograms",
@@ -148,6 +149,12 @@ def score_histograms(y_true: npt.ArrayLike, y_prob: npt.ArrayLike,
     neg = np.bincount(idx[~is_pos], minlength=n_bins).astype(np.float64)
     pos = np.bincount(idx[is_pos], minlength=n_bins).astype(np.float64)
     return neg, pos
+
+
+def as_probabilities(scores: npt.ArrayLike) -> FloatArray:
+    """Scores as a private release takes them: clipped into [0, 1], a NaN counted as 0.5,
+    so that each record's part of the release is bounded whatever model scored it."""
+    return np.nan_to_num(np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0), nan=0.5)
 
 
 def release_score_histograms(y_true: npt.ArrayLike, y_prob: npt.ArrayLike,

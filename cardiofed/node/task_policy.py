@@ -178,12 +178,14 @@ class TaskPolicy:
             if done.get("evaluate"):
                 raise TaskRefused(f"Refused {where} of study {task.study!r}: the plan has one "
                                   f"evaluation and it already ran.")
-            # The intercept step stores one more version, the final model; a plan that may
-            # take it (its coordinator does when a site is private) evaluates either.
+            # The intercept step stores one more version, the final model. A plan that may
+            # take it (its coordinator does when a site is private) evaluates either the
+            # last trained version or that one, unless this site took part in the step.
             last_trained = _trained_versions(task.plan)
-            final = last_trained + (_intercept_step(task.plan) or bool(done.get("intercept")))
-            if done.get("intercept") or task.model_version != last_trained:
-                self._check_final(task, where, done, final, "evaluates only the final model")
+            stepped = done.get("intercept") or (_intercept_step(task.plan)
+                                                and task.model_version != last_trained)
+            self._check_final(task, where, done, last_trained + bool(stepped),
+                              "evaluates only the final model")
         elif task.kind in ANALYSIS_RELEASES:
             ran = done.get(task.kind, [])
             limit = ANALYSIS_RELEASES[task.kind]

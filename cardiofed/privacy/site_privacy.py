@@ -333,12 +333,13 @@ class SitePrivacy:
         `edges`, and the noise's standard deviation (charged first). A score that is not
         a probability (NaN, or outside [0, 1]) counts as 0.5, clipped into [0, 1]: the
         release is computed whatever the scores are."""
-        from cardiofed.evaluation.private_metrics import release_score_histograms
+        from cardiofed.evaluation.private_metrics import (
+            as_probabilities,
+            release_score_histograms,
+        )
 
         event = self._charge("evaluate", "evaluation release")
-        probs = np.nan_to_num(np.clip(np.asarray(y_prob, dtype=np.float64), 0.0, 1.0),
-                              nan=0.5)
-        neg, pos = release_score_histograms(y_true, probs, edges,
+        neg, pos = release_score_histograms(y_true, as_probabilities(y_prob), edges,
                                             noise_std=event.noise_multiplier,
                                             rng=secure_numpy_rng())
         return neg, pos, event.noise_multiplier
