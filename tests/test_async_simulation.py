@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cardiofed.algorithms import FederatedAlgorithm
 from cardiofed.data.synthetic import synthetic_federation
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.simulation.async_runner import run_async
@@ -210,3 +214,38 @@ def test_no_version_is_built_from_fewer_than_2f_plus_1_sites(
                     robust_rule="median", robust_byzantine=1)
     run_async(sites, config, speeds=_speeds(sites, seconds))
     assert built and all(len(set(names)) == len(names) >= 3 for names in built)
+
+
+@dataclass
+class _Recorder:
+    """The plan's algorithm, noting the sites of every aggregation."""
+
+    inner: FederatedAlgorithm
+    aggregated: list[list[str]] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def server_update_with_report(self, weights: Any, updates: Any, *args: Any,
+                                  **kwargs: Any) -> Any:
+        self.aggregated.append([u.site for u in updates])
+        return self.inner.server_update_with_report(weights, updates, *args, **kwargs)
+
+
+@pytest.mark.parametrize("windowed", [True, False])
+def test_under_a_robust_rule_every_version_weighs_each_sites_latest_update(
+        sites: list[PreparedSite], windowed: bool) -> None:
+    # Two fast sites fill every buffer of K = 2; under a robust rule the slow ones'
+    # latest updates still enter every later version, once each (issue 29).
+    config = _async(buffer_size=2, rounds=12, robust_rule="median", robust_byzantine=0,
+                    async_window=windowed)
+    recorder = _Recorder(config.make_algorithm())
+    run_async(sites, config, speeds=_speeds(sites, [1.0, 1.0, 3.5, 5.5]),
+              algorithm=recorder)  # type: ignore[arg-type]
+
+    names = [s.name for s in sites]
+    assert all(len(set(v)) == len(v) for v in recorder.aggregated)  # one entry per site
+    later = recorder.aggregated[6:]  # versions once every site has reported once
+    assert all(sorted(v) == sorted(names) for v in later) if windowed else \
+        all(len(v) == 2 for v in later)
+    assert _async(robust_rule="median").windowed and not _async().windowed

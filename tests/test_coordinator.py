@@ -908,6 +908,31 @@ def test_async_study_publishes_every_k_updates_without_waiting_for_the_slowest(
                                             "community_01": 0.0}
 
 
+@pytest.mark.parametrize("windowed", [True, False])
+def test_an_async_version_aggregates_every_sites_latest_update_under_a_robust_rule(
+        tmp_path: Path, windowed: bool) -> None:
+    # Issue 29: sites that upload first after each publication used to make up every
+    # buffer. Under a robust rule a version aggregates the buffer and each other site's
+    # latest folded update, so they are f of the sites heard from, not f of the buffer.
+    fed = Federation(tmp_path, plan={**ASYNC_PLAN, "async_window": windowed})
+    agents = [fed.agent(s) for s in SITES]
+    fed.step(agents)  # statistics
+    _train_once(fed, agents[0])
+    _train_once(fed, agents[2])  # version 1: tier3_01, community_01
+    _train_once(fed, agents[0])
+    _train_once(fed, agents[1])  # version 2: tier3_01, tier2_01 (+ community_01's)
+
+    from cardiofed.store import Round
+
+    with session_factory(fed.settings.database_url)() as db:
+        outcome = db.scalar(select(Round.outcome).where(Round.outcome.like("version 2 %")))
+    assert outcome == ("version 2 published from 2 buffered updates and the latest earlier "
+                       "update of 1 other sites: tier3_01, tier2_01" if windowed else
+                       "version 2 published from 2 buffered updates: tier3_01, tier2_01")
+    models = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
+    assert models[2]["participants"] == ["tier3_01", "tier2_01"]
+
+
 def test_a_private_async_study_steps_the_intercept_before_its_evaluation(
         tmp_path: Path) -> None:
     fed = Federation(tmp_path, plan=ASYNC_PLAN)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cardiofed.aggregation.server_optimizers import ServerSGD
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
@@ -12,6 +14,7 @@ from cardiofed.algorithms.staleness import (
     StaleUpdate,
     buffer_ready,
     discounted,
+    window,
 )
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.training.local import LocalTrainingConfig
@@ -81,3 +84,43 @@ def test_buffered_aggregate_discounts_stale_updates_by_hand() -> None:
                                      algorithm.init_server({}))
     # Server learning rate 0.5: 1 + 0.5 * 2.0.
     assert new["w"][0] == pytest.approx(2.0)
+
+
+def test_a_window_adds_every_other_sites_latest_update_with_its_staleness_now() -> None:
+    # Version 7. The buffer holds a (fresh) and b (trained from 5); c and d were folded
+    # earlier (trained from 4 and from 1); b's older folded update gives way to its new one.
+    rule = StalenessRule(max_staleness=5)
+    a, b, b_old = _update("a", 1.0, 10), _update("b", 2.0, 10), _update("b", 9.0, 10)
+    c, d = _update("c", 3.0, 10), _update("d", 4.0, 10)
+
+    kept = window([(a, 0), (b, 2)], {"b": (b_old, 3), "c": (c, 4), "d": (d, 1)}, 7, rule)
+
+    # d is 6 versions old, past max_staleness = 5.
+    assert [(u.site, s) for u, s in kept] == [("a", 0), ("b", 2), ("c", 3)]
+    assert kept[2][0] is c
+
+
+_SITES = st.sampled_from(["a", "b", "c", "d", "e", "f"])
+
+
+@given(fresh=st.lists(st.tuples(_SITES, st.integers(0, 9)), max_size=6,
+                      unique_by=lambda t: t[0]),
+       latest=st.dictionaries(_SITES, st.integers(0, 30)),
+       version=st.integers(30, 40), max_staleness=st.integers(0, 20))
+def test_a_window_holds_one_update_per_site_none_past_max_staleness(
+        fresh: list[tuple[str, int]], latest: dict[str, int], version: int,
+        max_staleness: int) -> None:
+    # However often a site uploads, it is one entry of the window: its buffered update
+    # if it has one, else its latest folded one while that is young enough.
+    rule = StalenessRule(max_staleness=max_staleness)
+    buffer = [(_update(site, 1.0, 1), s) for site, s in fresh]
+    folded = {site: (_update(site, 2.0, 1), v) for site, v in latest.items()}
+
+    kept = window(buffer, folded, version, rule)
+
+    sites = [u.site for u, _ in kept]
+    assert len(sites) == len(set(sites))
+    assert kept[:len(buffer)] == buffer
+    assert set(sites) == {s for s, _ in fresh} | {
+        s for s, v in latest.items() if version - v <= max_staleness}
+    assert all(s == version - latest[u.site] for u, s in kept[len(buffer):])

@@ -16,7 +16,13 @@ distribution and loses weight:
    weight multiplied by ``(DISTANCE_K / d)^2``, so its pull on the mean (and on the
    variance) falls as it goes farther. The spread is 1.4826 x the median absolute
    deviation across sites, floored at :data:`SPREAD_FLOOR` of the column's range
-   (identical sites do not make every small difference an outlier).
+   (identical sites do not make every small difference an outlier);
+4. **second moment**: a site whose second moment about the sites' median mean
+   (``SD^2 + (mean - median)^2``) is ``q`` times the median site's, with ``q`` >
+   :data:`SECOND_MOMENT_CAP`, has its weight multiplied by ``SECOND_MOMENT_CAP / q``,
+   so its pull on the merged variance stays bounded however spread its release (the
+   log-SD distance alone let a release split between both ends of a range move an SD
+   by 56%).
 
 What this tolerates: the median and the spread break down at half the sites, so f
 malicious sites of n need f < n / 2; each then moves a column's merged mean by at most
@@ -42,6 +48,7 @@ COUNT_CAP = 2.0        # a site's weight <= COUNT_CAP x the median site's count
 DISTANCE_K = 2.0       # robust spreads from the sites' median before weight is lost
 SPREAD_FLOOR = 0.02    # of the column's range: the smallest spread of site means
 LOG_SD_FLOOR = 0.1     # the smallest spread of the sites' log SDs
+SECOND_MOMENT_CAP = 4.0  # a site's pull on a variance <= this x the median site's
 _MAD_TO_SD = 1.4826
 
 Moments = tuple[np.ndarray, np.ndarray, np.ndarray]  # per column: count, mean, SD
@@ -115,8 +122,19 @@ def gate_factors(moments: Sequence[Moments], low: np.ndarray, high: np.ndarray
             log_sd = np.log(sd[rows, j] + SPREAD_FLOOR * width[j])
             distance = np.maximum(distance, _distance(log_sd, LOG_SD_FLOOR))
         factor = factor * np.minimum(1.0, (DISTANCE_K / np.maximum(distance, 1e-12)) ** 2)
+        if not binary[j]:
+            factor = factor * _second_moment_factor(m, sd[rows, j], SPREAD_FLOOR * width[j])
         factors[rows, j] = factor
     return factors
+
+
+def _second_moment_factor(mean: np.ndarray, sd: np.ndarray, floor: float) -> np.ndarray:
+    """Per site, ``min(1, SECOND_MOMENT_CAP / q)`` with ``q`` its second moment about the
+    sites' median mean over the median site's: a site's pull on the merged variance is
+    at most SECOND_MOMENT_CAP times the median site's, however spread its release."""
+    second = sd**2 + (mean - np.median(mean)) ** 2
+    q = second / max(float(np.median(second)), floor**2)
+    return np.minimum(1.0, SECOND_MOMENT_CAP / np.maximum(q, 1e-12))
 
 
 def _distance(values: np.ndarray, floor: float) -> np.ndarray:

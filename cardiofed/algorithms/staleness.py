@@ -24,7 +24,7 @@ rather than only losing relative weight (FedBuff's ``1/K`` normalisation when al
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -101,6 +101,24 @@ def publish_buffer(algorithm: FederatedAlgorithm, weights: Weights,
     aggregation did to each update."""
     return algorithm.server_update_with_report(
         weights, [discounted(u, rule.weight(s)) for u, s in buffer], state, site_weights)
+
+
+def window(buffer: Sequence[tuple[ClientUpdate, int]],
+           latest: Mapping[str, tuple[ClientUpdate, int]], version: int,
+           rule: StalenessRule) -> list[tuple[ClientUpdate, int]]:
+    """The buffer's ``(update, staleness)`` and, for every other site, its latest update
+    already folded (`latest`: site -> (update, version it was trained from)), with its
+    staleness now; those past the rule's ``max_staleness`` are left out. One update per
+    site: a robust rule over the window sees f malicious sites as f of every site heard
+    from recently, however often they upload (MIFA, Gu et al. 2021, reuses the latest
+    update of every client the same way)."""
+    fresh = {u.site for u, _ in buffer}
+    kept = list(buffer)
+    for site in sorted(latest):
+        update, trained_from = latest[site]
+        if site not in fresh and version - trained_from <= rule.max_staleness:
+            kept.append((update, version - trained_from))
+    return kept
 
 
 def buffer_ready(count: int, *, buffer_size: int, since_publication_s: float,

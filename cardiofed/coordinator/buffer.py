@@ -4,7 +4,10 @@ means "trained from model version ``r - 1``" and stays open while newer versions
 appear. Updates wait in a buffer (rows with ``aggregated_into`` NULL; one per site);
 once ``buffer_size`` have arrived (or ``buffer_timeout_s`` after the last publication,
 from at least 2f + 1 distinct sites under a robust rule tolerating f) they are folded,
-discounted by staleness, into a new version and the next round opens. After ``rounds``
+discounted by staleness, into a new version and the next round opens. Under a robust
+rule the version aggregates a window: the buffer and every other active site's latest
+folded update (:func:`cardiofed.algorithms.staleness.window`), so sites that upload
+first after each publication are f of the sites, not f of the buffer. After ``rounds``
 versions the evaluation round gathers metrics as in a synchronous study.
 """
 
@@ -19,7 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from cardiofed.algorithms import ClientUpdate
-from cardiofed.algorithms.staleness import buffer_ready, publish_buffer
+from cardiofed.algorithms.staleness import buffer_ready, publish_buffer, window
 from cardiofed.coordinator.checks import checked_or_quarantined
 from cardiofed.coordinator.models import (
     dump_state,
@@ -104,10 +107,13 @@ def publish_buffered(db: Session, study: Study, now: Clock) -> bool:
     weights = load_model(db, study, study.model_version)
     state = load_state(study, algorithm.init_server(weights))
     names = [active[u.site_id].name for u in buffer]
-    new, new_state, report = publish_buffer(algorithm, weights,
-                                            [(_client_update(u, name), u.staleness or 0)
-                                             for u, name in zip(buffer, names, strict=True)],
-                                            state, plan.staleness_rule())
+    folded = [(_client_update(u, name), u.staleness or 0)
+              for u, name in zip(buffer, names, strict=True)]
+    if plan.windowed:
+        folded = window(folded, _latest_folded(db, study, active, rounds),
+                        study.model_version, plan.staleness_rule())
+    new, new_state, report = publish_buffer(algorithm, weights, folded, state,
+                                            plan.staleness_rule())
     new, state = plausible_model(rnd, study, (weights, state), (new, new_state), report)
     study.model_version += 1
     store_model(db, study, new, version=study.model_version, round_number=rnd.number,
@@ -115,8 +121,12 @@ def publish_buffered(db: Session, study: Study, now: Clock) -> bool:
     study.server_state = dump_state(state)
     for u in buffer:
         u.aggregated_into = study.model_version
+    earlier = len(folded) - len(buffer)
     rnd.outcome = (f"version {study.model_version} published from {len(buffer)} buffered "
-                   f"updates: {', '.join(names)}")
+                   f"updates and the latest earlier update of {earlier} other sites: "
+                   f"{', '.join(names)}" if earlier else
+                   f"version {study.model_version} published from {len(buffer)} buffered "
+                   f"updates: {', '.join(names)}")[:200]
     study.current_round += 1
     if study.model_version < plan.rounds:
         db.add(Round(study_id=study.id, number=study.current_round, kind=TRAIN,
@@ -133,6 +143,22 @@ def publish_buffered(db: Session, study: Study, now: Clock) -> bool:
         study.phase = kind
     db.commit()
     return True
+
+
+def _latest_folded(db: Session, study: Study, active: dict[int, Site],
+                   rounds: dict[int, Round]) -> dict[str, tuple[ClientUpdate, int]]:
+    """Each active site's latest update already folded into a version: site name ->
+    (update, the version it was trained from)."""
+    latest: dict[int, Update] = {}
+    for u in db.scalars(select(Update).join(Round, Update.round_id == Round.id).where(
+            Round.study_id == study.id, Round.kind == TRAIN,
+            Update.aggregated_into.is_not(None), Update.quarantine.is_(None))
+            .order_by(Update.id)):
+        if u.site_id in active:
+            latest[u.site_id] = u
+    return {active[k].name: (_client_update(u, active[k].name),
+                             rounds[u.round_id].model_version)
+            for k, u in latest.items()}
 
 
 def _client_update(update: Update, site_name: str) -> ClientUpdate:

@@ -37,7 +37,7 @@ from cardiofed.wire import encode_arrays
 REGIONAL_FIELDS = ("robust_rule", "robust_norm_bound", "robust_max_weight_share",
                    "robust_trim_fraction", "robust_byzantine", "aggregation", "buffer_size",
                    "buffer_timeout_s", "staleness", "staleness_exponent", "staleness_hinge",
-                   "max_staleness")
+                   "max_staleness", "async_window")
 
 
 def plan_differences(national: dict[str, Any], regional: dict[str, Any]) -> list[str]:

@@ -24,7 +24,7 @@ from torch import nn
 
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.algorithms.base import LocalTrainer
-from cardiofed.algorithms.staleness import StaleUpdate, buffer_ready, publish_buffer
+from cardiofed.algorithms.staleness import StaleUpdate, buffer_ready, publish_buffer, window
 from cardiofed.exceptions import PrivacyBudgetExceeded
 from cardiofed.models.networks import Weights, get_weights, make_model
 from cardiofed.privacy.site_privacy import SitePrivacy
@@ -84,6 +84,7 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     last_base: dict[int, int] = {}  # site index -> version of its last finished task
     waiting: set[int] = set()  # sites that finished and wait for a new version
     buffer: list[tuple[ClientUpdate, int]] = []
+    latest: dict[str, tuple[ClientUpdate, int]] = {}  # site -> its last folded update
     events: list[tuple[float, int, int, int]] = []  # (time, sequence, kind, site or version)
     sequence = 0
 
@@ -138,13 +139,18 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                 len(buffer), buffer_size=min(config.buffer_size, len(training)),
                 since_publication_s=t - published_at, timeout_s=config.buffer_timeout_s,
                 min_count=config.min_buffer())):
+            fresh = buffer
+            if config.windowed:
+                buffer = window(buffer, latest, version, staleness_rule)
+                latest.update({u.site: (u, version - s) for u, s in fresh})
             updates = [u for u, _ in buffer]
             agg, mixture = rule.weights(updates, site_types, mixture)
             total = sum(agg)
             for u, w in zip(updates, agg, strict=True):
                 run.weight_share[u.site] += w / total
+            for u, _ in fresh:
                 run.update_share[u.site] += 1
-            stale = [s for _, s in buffer]
+            stale = [s for _, s in fresh]
             new, state, report = publish_buffer(algorithm, versions[version], buffer, state,
                                                 staleness_rule, agg)
             run.record_robust(version + 1, report)

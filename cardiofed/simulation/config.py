@@ -126,6 +126,11 @@ class SimulationConfig(BaseModel):
     staleness_exponent: float = Field(0.5, ge=0, allow_inf_nan=False)
     staleness_hinge: int = Field(4, ge=0, le=1_000_000)
     max_staleness: int = Field(50, ge=0, le=1_000_000)
+    # Under a robust rule a version aggregates a window: the buffer's updates and every
+    # other site's latest (discounted by its staleness, within max_staleness), so f
+    # malicious fast sites are f of the window, not f of the buffer
+    # (cardiofed.algorithms.staleness.window). None: on under a robust rule.
+    async_window: bool | None = None
     # Robust aggregation (cardiofed.aggregation.robust). None: off in simulation; a
     # networked study turns it on by default (the weighted median after the norm bound,
     # cardiofed.coordinator.studies.network_plan; bench/robustness.py).
@@ -252,6 +257,11 @@ class SimulationConfig(BaseModel):
     def staleness_rule(self) -> StalenessRule:
         return StalenessRule(kind=self.staleness, exponent=self.staleness_exponent,
                              hinge=self.staleness_hinge, max_staleness=self.max_staleness)
+
+    @property
+    def windowed(self) -> bool:
+        """Whether asynchronous versions aggregate a window (see ``async_window``)."""
+        return self.robust_rule is not None if self.async_window is None else self.async_window
 
     def min_buffer(self) -> int:
         """The fewest distinct sites an asynchronous version is built from: 2f + 1 under
