@@ -17,10 +17,11 @@ coordinate-wise ``median``, and the ``weighted-median`` (sample-size shares capp
 1 / (2f + 1)) with f = 1 and with f = 2, the networked default for 5 sites or more;
 all after the norm bound (3 x the round's median norm), the weighted rules with the
 weight cap 0.5 (bench/targeted_attacks.py measures what AUC does not show). Flower
-ships Krum, Bulyan and trimmed mean as strategies: when ``flwr`` is installed (``pip
-install flwr``; not a project dependency) the same attacks also run through Flower's
-own aggregation functions (``flwr.server.strategy.aggregate``: Krum, Bulyan, trimmed
-average, median) on the same updates, so our rules are measured beside Flower's.
+ships Krum, Bulyan and trimmed mean as strategies: when ``flwr`` can be imported (not a
+project dependency; docs/benchmarks.md says how to install it apart) the same attacks
+also run through Flower's own aggregation functions
+(``flwr.server.strategy.aggregate``: Krum, Bulyan, trimmed average, median) on the same
+updates, so our rules are measured beside Flower's.
 Targets:
 with the default rule one malicious site of 8 costs at most 0.01 AUC and two at most
 0.02; the clean run loses at most 0.005 against FedAvg.
