@@ -259,12 +259,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cardiofed-serving-") as tmp:
         workdir = Path(tmp)
         url, key, model = prepare(workdir)
+        # Offline first: on 2 cores the HTTP runs' client and server processes are still
+        # winding down afterwards (the CSV path took 3.4 s after them, 2.5 s alone).
+        off = offline(workdir, model, n_rows)
         exe = shutil.which("cardiofed")
         if exe is None:
             raise SystemExit("The cardiofed console script is not on PATH (pip install -e .).")
         api = measure([exe, "serve", "--host", HOST, "--db", url], workdir, key, args)
         bare = measure([sys.executable, __file__, "--serve-bare"], workdir, key, args)
-        off = offline(workdir, model, n_rows)
     lat, thr = api["latency"], api["throughput"]
     results = {"latency": lat, "throughput": thr, "bare_endpoint": bare, "offline": off}
     md = ["# Risk API on loopback (one uvicorn worker) and offline scoring\n",

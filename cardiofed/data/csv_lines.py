@@ -75,14 +75,14 @@ def read_csv_export(path: str | Path) -> CsvChunk:
                     {k: v for c in chunks for k, v in c.malformed.items()})
 
 
-def _well_formed(lines: list[bytes], expected: int) -> bytes | None:
-    """The lines joined, if every one is a record without quotes: UTF-8, and exactly
-    ``expected - 1`` commas (so no line is blank); else None (read line by line)."""
+def _simple_lines(lines: list[bytes], expected: int) -> tuple[bytes, np.ndarray] | None:
+    """The lines joined, and per line whether it is a record without quotes (exactly
+    ``expected - 1`` commas, so not blank): the lines a vectorised reader can take as
+    they are. None when the lines are not all UTF-8 (or one column leaves nothing to
+    count): every line is then read on its own."""
     if expected < 2 or not lines:
         return None
     joined = b"".join(lines)
-    if b'"' in joined:
-        return None
     try:
         joined.decode("utf-8")
     except UnicodeDecodeError:
@@ -90,9 +90,13 @@ def _well_formed(lines: list[bytes], expected: int) -> bytes | None:
     if not joined.endswith(b"\n"):
         joined += b"\n"
     codes = np.frombuffer(joined, dtype=np.uint8)
-    commas = np.cumsum(codes == ord(","))[codes == ord("\n")]
-    per_line = np.diff(commas, prepend=0)
-    return joined if len(per_line) == len(lines) and (per_line == expected - 1).all() else None
+    ends = np.flatnonzero(codes == ord("\n"))  # one per line: the lines were split there
+
+    def per_line(byte: str) -> np.ndarray:
+        """Occurrences of `byte` on each line, from positions (no count over every byte)."""
+        return np.diff(np.searchsorted(np.flatnonzero(codes == ord(byte)), ends), prepend=0)
+
+    return joined, (per_line(",") == expected - 1) & (per_line('"') == 0)
 
 
 def _header(path: Path) -> list[str]:
@@ -122,20 +126,31 @@ def _unique(header: list[str]) -> list[str]:
 
 
 def _chunk(lines: list[bytes], first_line: int, header: list[str]) -> CsvChunk:
-    fast = _well_formed(lines, len(header))
-    if fast is not None:  # the common case, checked without a loop over lines
+    expected = len(header)
+    simple = _simple_lines(lines, expected)
+    offsets = np.arange(len(lines))
+    parts: list[pd.DataFrame] = []
+    if simple is not None:  # the common case, checked without a loop over lines
+        joined, ok = simple
+        if not ok.all():
+            joined = b"".join(lines[i] for i in np.flatnonzero(ok))
         # Arrow's reader gives the text of every field as it is (tests/test_csv_lines.py)
         # and builds the string columns pandas holds, without converting each value.
-        frame = pd.read_csv(io.BytesIO(fast), header=None, names=header, dtype=str,
-                            keep_default_na=False, engine="pyarrow")
-        frame.index = pd.RangeIndex(first_line - 2, first_line - 2 + len(lines))
-        return CsvChunk(frame)
+        fast = pd.read_csv(io.BytesIO(joined), header=None, names=header, dtype=str,
+                           keep_default_na=False, engine="pyarrow") if ok.any() else None
+        if ok.all():
+            assert fast is not None
+            fast.index = pd.RangeIndex(first_line - 2, first_line - 2 + len(lines))
+            return CsvChunk(fast)
+        if fast is not None:
+            fast.index = pd.Index(first_line - 2 + offsets[ok], dtype=np.int64)
+            parts.append(fast)
+        offsets = offsets[~ok]  # the rest, one by one: quoted, blank or malformed lines
     good: list[str] = []
     rows: list[int] = []  # row number - 1 of each good line
     malformed: dict[int, str] = {}
-    expected = len(header)
-    for offset, raw in enumerate(lines):
-        line = first_line + offset
+    for offset in offsets.tolist():
+        raw, line = lines[offset], first_line + offset
         try:
             text = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as exc:
@@ -157,9 +172,12 @@ def _chunk(lines: list[bytes], first_line: int, header: list[str]) -> CsvChunk:
             continue
         good.append(text)
         rows.append(line - 2)
-    frame = (pd.read_csv(io.StringIO("\n".join(good)), header=None, names=header,
-                         dtype=str, keep_default_na=False, na_filter=False,
-                         skip_blank_lines=False)
-             if good else pd.DataFrame({name: pd.Series(dtype=str) for name in header}))
-    frame.index = pd.Index(rows, dtype=np.int64)
+    if good or not parts:
+        frame = (pd.read_csv(io.StringIO("\n".join(good)), header=None, names=header,
+                             dtype=str, keep_default_na=False, na_filter=False,
+                             skip_blank_lines=False)
+                 if good else pd.DataFrame({name: pd.Series(dtype=str) for name in header}))
+        frame.index = pd.Index(rows, dtype=np.int64)
+        parts.append(frame)
+    frame = parts[0] if len(parts) == 1 else pd.concat(parts).sort_index(kind="stable")
     return CsvChunk(frame, malformed)
