@@ -7,15 +7,16 @@ regression, FedAvg, 20 rounds, 1 local epoch, batch 32, lr 0.05.
 1. **Statistics round.** One site releases a forged exact release that passes every
    check of the coordinator: 10,000,000 records at the top of every range, at the
    bottom, split between both ends, or at the top with a plausible record count (the
-   median site's); and, as the floor no rule can go below, the site withholding its
-   release (an honest site's data leaving the merge). Every site takes the attacker's
-   place in turn; the table shows the worst over them of the largest move of any
-   column's merged mean (share of the column's range) and SD (relative), with the
-   statistics gate (``cardiofed.aggregation.robust_statistics``) and without (the plain
-   sum). Then the federation trains (default rule and schedule, up to 100 rounds with
-   early stop, the attacker honest in training) on the gated preprocessor of the worst
-   forged case, and the risk of a typical patient (the pooled test set's per-column
-   median) is compared with the clean run's.
+   median site's); and, for scale, the site withholding its release (its honest data
+   leaving the merge, which no rule can tell from a lie inside the honest range; under
+   the gate this moves more than summed, since the gate then reweighs the rest).
+   Every site takes the attacker's place in turn; the table shows the worst over them
+   of the largest move of any column's merged mean (share of the column's range) and
+   SD (relative), with the statistics gate (``cardiofed.aggregation.robust_statistics``)
+   and without (the plain sum). Then the federation trains (default rule and schedule,
+   up to 100 rounds with early stop, the attacker honest in training) on the gated
+   preprocessor of the worst forged case, and the risk of a typical patient (the pooled
+   test set's per-column median) is compared with the clean run's.
 2. **Targeted updates.** The two or three smallest sites collude: every round each sends
    an update of its honest update's norm (so no norm bound clips it) pointing where it
    lowers a chosen patient's risk (the test patient whose clean risk is closest to
@@ -113,7 +114,7 @@ def statistics_attacks(data: FederatedDataset, cfg: SimulationConfig) -> dict[st
     worst_case: tuple[float, list[SiteStatistics]] = (-1.0, stats)
     for kind, records in (("top", 1e7), ("bottom", 1e7), ("both ends", 1e7),
                           ("top", median_count), ("withheld", 0.0)):
-        label = ("none: the site withholds its release (the floor)" if kind == "withheld"
+        label = ("none: the site withholds its release" if kind == "withheld"
                  else f"{kind}, {records:,.0f} records")
         row: dict[str, Any] = {}
         for gated in (False, True):
@@ -318,7 +319,7 @@ def report(name: str, result: dict[str, Any]) -> str:
              r["gated"]["sd_move"]] for label, r in stats["moves"].items()]
     risks = stats["typical_patient_risk"]
     md = (f"## {name}\n\n### Statistics round: one forged release of 8 (worst over which "
-          f"site forges; the last row is the floor, the site's honest data left out)\n\n"
+          f"site forges; the last row: its honest data left out)\n\n"
           + markdown_table(["forged release", "mean move / range (summed)",
                             "mean move / range (gated)", "SD move (summed)",
                             "SD move (gated)"], rows)

@@ -926,8 +926,8 @@ def test_an_async_version_aggregates_every_sites_latest_update_under_a_robust_ru
 
     with session_factory(fed.settings.database_url)() as db:
         outcome = db.scalar(select(Round.outcome).where(Round.outcome.like("version 2 %")))
-    assert outcome == ("version 2 published from 2 buffered updates and the latest earlier "
-                       "update of 1 other sites: tier3_01, tier2_01" if windowed else
+    assert outcome == ("version 2 published from 2 buffered updates and 1 other site(s)' "
+                       "latest earlier update: tier3_01, tier2_01" if windowed else
                        "version 2 published from 2 buffered updates: tier3_01, tier2_01")
     models = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
     assert models[2]["participants"] == ["tier3_01", "tier2_01"]

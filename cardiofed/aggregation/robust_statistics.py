@@ -20,9 +20,9 @@ distribution and loses weight:
 4. **second moment**: a site whose second moment about the sites' median mean
    (``SD^2 + (mean - median)^2``) is ``q`` times the median site's, with ``q`` >
    :data:`SECOND_MOMENT_CAP`, has its weight multiplied by ``SECOND_MOMENT_CAP / q``,
-   so its pull on the merged variance stays bounded however spread its release (the
-   log-SD distance alone let a release split between both ends of a range move an SD
-   by 56%).
+   so its pull on the merged variance stays bounded however spread its release: at
+   most ``COUNT_CAP x SECOND_MOMENT_CAP`` (8) times the median site's (the log-SD
+   distance alone let a release split between both ends of a range move an SD by 56%).
 
 What this tolerates: the median and the spread break down at half the sites, so f
 malicious sites of n need f < n / 2; each then moves a column's merged mean by at most
@@ -48,7 +48,7 @@ COUNT_CAP = 2.0        # a site's weight <= COUNT_CAP x the median site's count
 DISTANCE_K = 2.0       # robust spreads from the sites' median before weight is lost
 SPREAD_FLOOR = 0.02    # of the column's range: the smallest spread of site means
 LOG_SD_FLOOR = 0.1     # the smallest spread of the sites' log SDs
-SECOND_MOMENT_CAP = 4.0  # a site's pull on a variance <= this x the median site's
+SECOND_MOMENT_CAP = 4.0  # with COUNT_CAP: a pull on a variance <= 8 x the median site's
 _MAD_TO_SD = 1.4826
 
 Moments = tuple[np.ndarray, np.ndarray, np.ndarray]  # per column: count, mean, SD
@@ -130,8 +130,8 @@ def gate_factors(moments: Sequence[Moments], low: np.ndarray, high: np.ndarray
 
 def _second_moment_factor(mean: np.ndarray, sd: np.ndarray, floor: float) -> np.ndarray:
     """Per site, ``min(1, SECOND_MOMENT_CAP / q)`` with ``q`` its second moment about the
-    sites' median mean over the median site's: a site's pull on the merged variance is
-    at most SECOND_MOMENT_CAP times the median site's, however spread its release."""
+    sites' median mean over the median site's: with the count cap, a site's pull on the
+    merged variance is at most COUNT_CAP x SECOND_MOMENT_CAP times the median site's."""
     second = sd**2 + (mean - np.median(mean)) ** 2
     q = second / max(float(np.median(second)), floor**2)
     return np.minimum(1.0, SECOND_MOMENT_CAP / np.maximum(q, 1e-12))

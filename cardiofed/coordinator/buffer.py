@@ -17,6 +17,7 @@ import math
 from datetime import timedelta
 
 from sqlalchemy import (
+    func,
     select,
 )
 from sqlalchemy.orm import Session
@@ -100,6 +101,10 @@ def publish_buffered(db: Session, study: Study, now: Clock) -> bool:
     rounds = {r.id: r for r in db.scalars(select(Round).where(Round.study_id == study.id))}
     buffer = [u for u in buffer if checked_or_quarantined(
         db, study, rounds[u.round_id], active[u.site_id].name, u.id, u.payload) is not None]
+    for u in buffer:  # one that raced a publication past max_staleness is not folded
+        if study.model_version - rounds[u.round_id].model_version > plan.max_staleness:
+            u.quarantine = "older than max_staleness when its version was published"
+    buffer = [u for u in buffer if u.quarantine is None]
     if len(buffer) < plan.min_buffer():
         db.commit()
         return False
@@ -107,11 +112,15 @@ def publish_buffered(db: Session, study: Study, now: Clock) -> bool:
     weights = load_model(db, study, study.model_version)
     state = load_state(study, algorithm.init_server(weights))
     names = [active[u.site_id].name for u in buffer]
-    folded = [(_client_update(u, name), u.staleness or 0)
+    # Staleness as of now, from the version each update was trained from (the count
+    # stored at upload can be one short when an upload raced a publication).
+    folded = [(_client_update(u, name), study.model_version - rounds[u.round_id].model_version)
               for u, name in zip(buffer, names, strict=True)]
     if plan.windowed:
-        folded = window(folded, _latest_folded(db, study, active, rounds),
-                        study.model_version, plan.staleness_rule())
+        folded = window(folded, _latest_folded(db, study, {
+            k: site for k, site in active.items() if k not in {u.site_id for u in buffer}},
+            rounds, study.model_version - plan.max_staleness), study.model_version,
+            plan.staleness_rule())
     new, new_state, report = publish_buffer(algorithm, weights, folded, state,
                                             plan.staleness_rule())
     new, state = plausible_model(rnd, study, (weights, state), (new, new_state), report)
@@ -123,10 +132,8 @@ def publish_buffered(db: Session, study: Study, now: Clock) -> bool:
         u.aggregated_into = study.model_version
     earlier = len(folded) - len(buffer)
     rnd.outcome = (f"version {study.model_version} published from {len(buffer)} buffered "
-                   f"updates and the latest earlier update of {earlier} other sites: "
-                   f"{', '.join(names)}" if earlier else
-                   f"version {study.model_version} published from {len(buffer)} buffered "
-                   f"updates: {', '.join(names)}")[:200]
+                   f"updates" + (f" and {earlier} other site(s)' latest earlier update"
+                                 if earlier else "") + f": {', '.join(names)}")[:200]
     study.current_round += 1
     if study.model_version < plan.rounds:
         db.add(Round(study_id=study.id, number=study.current_round, kind=TRAIN,
@@ -145,20 +152,23 @@ def publish_buffered(db: Session, study: Study, now: Clock) -> bool:
     return True
 
 
-def _latest_folded(db: Session, study: Study, active: dict[int, Site],
-                   rounds: dict[int, Round]) -> dict[str, tuple[ClientUpdate, int]]:
-    """Each active site's latest update already folded into a version: site name ->
-    (update, the version it was trained from)."""
-    latest: dict[int, Update] = {}
-    for u in db.scalars(select(Update).join(Round, Update.round_id == Round.id).where(
-            Round.study_id == study.id, Round.kind == TRAIN,
-            Update.aggregated_into.is_not(None), Update.quarantine.is_(None))
-            .order_by(Update.id)):
-        if u.site_id in active:
-            latest[u.site_id] = u
-    return {active[k].name: (_client_update(u, active[k].name),
-                             rounds[u.round_id].model_version)
-            for k, u in latest.items()}
+def _latest_folded(db: Session, study: Study, sites: dict[int, Site],
+                   rounds: dict[int, Round], oldest: int) -> dict[str, tuple[ClientUpdate, int]]:
+    """The latest update of each of `sites` already folded into a version and trained
+    from version `oldest` or later: site name -> (update, the version it was trained
+    from). Only those rows are read."""
+    latest = (select(func.max(Update.id)).join(Round, Update.round_id == Round.id)
+              .where(Round.study_id == study.id, Round.kind == TRAIN,
+                     Update.site_id.in_(list(sites)), Update.aggregated_into.is_not(None),
+                     Update.quarantine.is_(None))
+              .group_by(Update.site_id))
+    out = {}
+    for u in db.scalars(select(Update).where(Update.id.in_(latest))):
+        base = rounds[u.round_id].model_version
+        if base >= oldest:
+            name = sites[u.site_id].name
+            out[name] = (_client_update(u, name), base)
+    return out
 
 
 def _client_update(update: Update, site_name: str) -> ClientUpdate:

@@ -7,7 +7,9 @@ arrived (or ``buffer_timeout_s`` simulated seconds after the last publication wi
 least one waiting), discounting each by its staleness
 (:mod:`cardiofed.algorithms.staleness`). A site trains at most once per model
 version: when it finishes before a new version is out it waits for one, as a node
-waits on the coordinator. ``config.rounds`` is the number of versions published.
+waits on the coordinator, and it waits too while an update of its own is still in the
+buffer (the coordinator refuses a second one). ``config.rounds`` is the number of
+versions published.
 
 Events are processed in simulated-time order from a heap, so a run is deterministic
 given ``config.seed`` (and the speeds); training itself runs for real.
@@ -125,6 +127,7 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             except PrivacyBudgetExceeded as refusal:
                 run.refusals.append((trained_from + 1, site.name, str(refusal)))
                 training.discard(k)  # the site stops: its budget is spent
+                latest.pop(site.name, None)  # and its last update leaves the window
             if update is not None:
                 if outbox is not None:
                     update = via_wire(update, trained_from + 1, outbox)
@@ -162,11 +165,14 @@ def run_async(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                                             and version % config.eval_every == 0):
                 run.history.append({
                     "round": float(version), "time_s": t,
-                    "train_loss": float(np.mean([u.train_loss for u in updates])),
+                    "train_loss": float(np.mean([u.train_loss for u, _ in fresh])),
                     "mean_staleness": float(np.mean(stale)),
                     **round_metrics(config.model, new, sites)})
-        for k in sorted(waiting):  # a new version is out: they start again
-            if last_base[k] < version:
+        queued = {u.site for u, _ in buffer}
+        for k in sorted(waiting):  # a new version is out: they start again, unless an
+            # update of theirs still waits in the buffer (the coordinator refuses a
+            # second one, so the node waits for the next version)
+            if last_base[k] < version and sites[k].name not in queued:
                 waiting.discard(k)
                 start(k, t)
         for v in [v for v in versions if v != version and v not in base.values()]:
