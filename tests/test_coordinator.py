@@ -914,7 +914,16 @@ def test_an_async_version_aggregates_every_sites_latest_update_under_a_robust_ru
     # Issue 29: sites that upload first after each publication used to make up every
     # buffer. Under a robust rule a version aggregates the buffer and each other site's
     # latest folded update, so they are f of the sites heard from, not f of the buffer.
-    fed = Federation(tmp_path, plan={**ASYNC_PLAN, "async_window": windowed})
+    _check_the_window(Federation(tmp_path, plan={**ASYNC_PLAN, "async_window": windowed}),
+                      windowed)
+
+
+def test_the_async_window_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    _check_the_window(Federation(tmp_path, plan=ASYNC_PLAN, database_url=postgres_url),
+                      True)
+
+
+def _check_the_window(fed: Federation, windowed: bool) -> None:
     agents = [fed.agent(s) for s in SITES]
     fed.step(agents)  # statistics
     _train_once(fed, agents[0])
