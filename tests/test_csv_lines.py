@@ -18,6 +18,7 @@ BAD = {  # a malformed line, and the words its reason must hold
     "missing field": (b"50,M\n", "2 fields"),
     "unterminated quote": (b'50,"M,5.1\n', "unbalanced quote"),
     "not UTF-8": (b"50,\xff,5.1\n", "not UTF-8"),
+    "bare carriage return": (b"50,M\r,5.1\n", "carriage return"),
 }
 
 

@@ -3,8 +3,8 @@
 A hospital's export is one record per line under a header. A line that cannot be one
 record is set aside with its line number and the reason, never quoted, and the rest of
 the file is read: a line that is not UTF-8, one with an unbalanced quote (an
-unterminated quoted value, or a line break inside one), one with more or fewer fields
-than the header. Blank lines are not records and are skipped, and numbering stays
+unterminated quoted value, or a line break inside one), one holding a bare carriage
+return, one with more or fewer fields than the header. Blank lines are not records and are skipped, and numbering stays
 faithful: a record's ``row`` is its line number minus the header's line, whatever came
 before it, and the frame's index is ``row - 1`` (a file without such lines reads as a
 frame with the default index), which is how :func:`cardiofed.data.mapping.harmonise`
@@ -92,11 +92,15 @@ def _simple_lines(lines: list[bytes], expected: int) -> tuple[bytes, np.ndarray]
     codes = np.frombuffer(joined, dtype=np.uint8)
     ends = np.flatnonzero(codes == ord("\n"))  # one per line: the lines were split there
 
-    def per_line(byte: str) -> np.ndarray:
-        """Occurrences of `byte` on each line, from positions (no count over every byte)."""
-        return np.diff(np.searchsorted(np.flatnonzero(codes == ord(byte)), ends), prepend=0)
+    def per_line(positions: np.ndarray) -> np.ndarray:
+        """How many of `positions` fall on each line (no count over every byte)."""
+        return np.diff(np.searchsorted(positions, ends), prepend=0)
 
-    return joined, (per_line(",") == expected - 1) & (per_line('"') == 0)
+    returns = np.flatnonzero(codes == ord("\r"))
+    bare = returns[codes[returns + 1] != ord("\n")]  # a line break no record may hold
+    return joined, ((per_line(np.flatnonzero(codes == ord(","))) == expected - 1)
+                    & (per_line(np.flatnonzero(codes == ord('"'))) == 0)
+                    & (per_line(bare) == 0))
 
 
 def _header(path: Path) -> list[str]:
@@ -158,6 +162,10 @@ def _chunk(lines: list[bytes], first_line: int, header: list[str]) -> CsvChunk:
             continue
         if not text.strip():
             continue  # a blank line is no record
+        if "\r" in text:
+            malformed[line - 1] = (f"line {line} holds a carriage return inside it (a line "
+                                   f"break within a record)")
+            continue
         if '"' in text:
             if text.count('"') % 2:
                 malformed[line - 1] = (f"line {line} has an unbalanced quote (an "
