@@ -179,6 +179,28 @@ def test_private_noise_comes_from_a_secret_source_and_the_interval_covers_it() -
     assert covered / 60 >= 0.8
 
 
+@pytest.mark.parametrize("info", [np.diag([1e-6, 1.0, 1.0]), -np.eye(3),
+                                  np.array([[1.0, 0.99999, 0], [0.99999, 1.0, 0], [0, 0, 1.0]])])
+def test_a_private_newton_step_moves_no_coefficient_by_more_than_one(info) -> None:  # type: ignore[no-untyped-def]
+    # Noisy information can be near-singular or indefinite: one step sent the
+    # coefficients into the hundreds, past what the nodes accept, and the study stopped.
+    from cardiofed.causal.combine import next_state
+    from cardiofed.causal.study import AttributionPlan
+
+    plan = AttributionPlan.model_validate({"treatment": "current_smoker", "covariates": ["age"],
+                                           "private": True,
+                                           "methods": ["overlap"], "trim": 0.05})
+    state = {"step": "newton", "iterations": 0,
+             "inputs": {"mean": [0.0, 0.0], "sd": [1.0, 1.0], "beta": [0.5, -0.5, 0.0]}}
+    totals = {"grad": np.array([50.0, -3.0, 7.0]), "info": info}
+    moved = np.abs(np.array(next_state(plan, state, totals, 2)["inputs"]["beta"])
+                   - np.array([0.5, -0.5, 0.0]))
+    assert 0 < moved.max() <= 1.0 + 1e-12
+    exact = next_state(plan.model_copy(update={"private": False}), state,
+                       {"grad": np.array([0.5, 0.0, 0.0]), "info": np.eye(3)}, 2)
+    assert exact["inputs"]["beta"] == pytest.approx([1.0, -0.5, 0.0])  # undamped
+
+
 def test_each_patients_part_in_a_private_release_is_within_its_blocks_bound() -> None:
     """The sensitivity the noise is calibrated to: for single patients (drawn from the
     design and at the ranges' corners), at coefficients and means a coordinator might

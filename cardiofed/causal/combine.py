@@ -22,6 +22,7 @@ from cardiofed.causal.estimators import (
 )
 from cardiofed.causal.propensity import Standardiser, newton_step
 from cardiofed.causal.study import (
+    PRIVATE_MAX_STEP,
     PRIVATE_MIN_SD,
     Arrays,
     AttributionPlan,
@@ -65,8 +66,13 @@ def next_state(plan: AttributionPlan, state: dict[str, Any], totals: Arrays,
     elif step == "newton":
         state["iterations"] += 1
         fixed = plan.fixed_steps
-        beta, converged = newton_step(np.asarray(state["inputs"]["beta"]), totals["grad"],
-                                      totals["info"], 0 if fixed else state["iterations"])
+        before = np.asarray(state["inputs"]["beta"])
+        beta, converged = newton_step(before, totals["grad"], totals["info"],
+                                      0 if fixed else state["iterations"])
+        if plan.private:  # a noisy step is damped to PRIVATE_MAX_STEP (post-processing)
+            largest = float(np.max(np.abs(beta - before)))
+            if largest > PRIVATE_MAX_STEP:
+                beta = before + (beta - before) * (PRIVATE_MAX_STEP / largest)
         state["inputs"] = {**state["inputs"], "beta": beta.tolist()}
         if "noise_var.grad" in totals:  # the last step's gradient noise stays in beta
             state["grad_noise_var"] = float(totals["noise_var.grad"][0])

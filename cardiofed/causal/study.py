@@ -58,6 +58,10 @@ METHODS = ("iptw", "overlap", "matching")
 PRIVATE_NEWTON_STEPS = 6
 PRIVATE_Z_NORM = 2.0
 PRIVATE_MIN_SD = 0.05  # of the half range: the floor of a noisy standard deviation
+# The most one private Newton step moves any coefficient (standardised covariates): noise
+# can leave the summed information near-singular, and one such step once sent the
+# coefficients into the hundreds, past what the nodes accept, and the study stopped.
+PRIVATE_MAX_STEP = 1.0
 # The weighted sums (the effect's numerators and denominators) and the means' parts of
 # the sandwich get this many times the share of each other block of their step.
 PRIVATE_PRIORITY = 4.0

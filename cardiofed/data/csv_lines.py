@@ -4,12 +4,12 @@ A hospital's export is one record per line under a header. A line that cannot be
 record is set aside with its line number and the reason, never quoted, and the rest of
 the file is read: a line that is not UTF-8, one with an unbalanced quote (an
 unterminated quoted value, or a line break inside one), one holding a bare carriage
-return, one with more or fewer fields than the header. Blank lines are not records and are skipped, and numbering stays
-faithful: a record's ``row`` is its line number minus the header's line, whatever came
-before it, and the frame's index is ``row - 1`` (a file without such lines reads as a
-frame with the default index), which is how :func:`cardiofed.data.mapping.harmonise`
-numbers the rows it names. Every field is text; the mapping decides what is missing or
-invalid.
+return, one with more or fewer fields than the header. Blank lines are not records and
+are skipped, and numbering stays faithful: a record's ``row`` is its line number minus
+the header's line, whatever came before it, and the frame's index is ``row - 1`` (a
+file without such lines reads as a frame with the default index), which is how
+:func:`cardiofed.data.mapping.harmonise` numbers the rows it names. Every field is
+text; the mapping decides what is missing or invalid.
 """
 
 from __future__ import annotations
