@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -10,7 +9,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cardiofed.algorithms import FederatedAlgorithm
 from cardiofed.data.synthetic import synthetic_federation
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.simulation.async_runner import run_async
@@ -202,22 +200,8 @@ def test_no_version_is_built_from_fewer_than_2f_plus_1_sites(
     # under a robust rule tolerating f = 1 every version needs 3 distinct sites. A site
     # whose update still waits in the buffer does not train again (it once put two
     # updates into one buffer when it finished twice between publications).
-    import cardiofed.simulation.async_runner as runner
-
-    fresh: list[list[str]] = []
-    built: list[list[str]] = []
-    real_window, real_publish = runner.window, runner.publish_buffer
-
-    def recording_window(buffer, *args, **kwargs):  # type: ignore[no-untyped-def]
-        fresh.append([u.site for u, _ in buffer])
-        return real_window(buffer, *args, **kwargs)
-
-    def recording(algorithm, weights, buffer, *args, **kwargs):  # type: ignore[no-untyped-def]
-        built.append([u.site for u, _ in buffer])
-        return real_publish(algorithm, weights, buffer, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "window", recording_window)
-    monkeypatch.setattr(runner, "publish_buffer", recording)
+    fresh = _recorded(monkeypatch, "window", 0)
+    built = _recorded(monkeypatch, "publish_buffer", 2)
     config = _async(rounds=5, buffer_size=buffer_size, buffer_timeout_s=timeout,
                     robust_rule="median", robust_byzantine=1)
     run_async(sites, config, speeds=_speeds(sites, seconds))
@@ -229,51 +213,41 @@ def test_no_version_is_built_from_fewer_than_2f_plus_1_sites(
 def test_a_site_with_an_update_in_the_buffer_waits_for_the_next_version(
         sites: list[PreparedSite], monkeypatch: pytest.MonkeyPatch) -> None:
     # The review's case: tier2_01 (0.4 s a task) finished twice between publications.
-    import cardiofed.simulation.async_runner as runner
-
-    fresh: list[list[str]] = []
-    real_window = runner.window
-
-    def recording_window(buffer, *args, **kwargs):  # type: ignore[no-untyped-def]
-        fresh.append([u.site for u, _ in buffer])
-        return real_window(buffer, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "window", recording_window)
+    fresh = _recorded(monkeypatch, "window", 0)
     config = _async(rounds=6, buffer_size=3, robust_rule="median", robust_byzantine=1)
     run_async(sites, config, speeds=_speeds(sites, [1.5, 0.4, 2.2, 3.3]))
     assert len(fresh) == 6 and all(len(set(v)) == len(v) == 3 for v in fresh)
 
 
-@dataclass
-class _Recorder:
-    """The plan's algorithm, noting the sites of every aggregation."""
+def _recorded(monkeypatch: pytest.MonkeyPatch, name: str, position: int) -> list[list[str]]:
+    """The runner's function `name` wrapped: each call notes the sites of its
+    `position`-th argument, a list of ``(update, staleness)``."""
+    import cardiofed.simulation.async_runner as runner
 
-    inner: FederatedAlgorithm
-    aggregated: list[list[str]] = field(default_factory=list)
+    seen: list[list[str]] = []
+    real = getattr(runner, name)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append([u.site for u, _ in args[position]])
+        return real(*args, **kwargs)
 
-    def server_update_with_report(self, weights: Any, updates: Any, *args: Any,
-                                  **kwargs: Any) -> Any:
-        self.aggregated.append([u.site for u in updates])
-        return self.inner.server_update_with_report(weights, updates, *args, **kwargs)
+    monkeypatch.setattr(runner, name, recording)
+    return seen
 
 
 @pytest.mark.parametrize("windowed", [True, False])
 def test_under_a_robust_rule_every_version_weighs_each_sites_latest_update(
-        sites: list[PreparedSite], windowed: bool) -> None:
+        sites: list[PreparedSite], monkeypatch: pytest.MonkeyPatch, windowed: bool) -> None:
     # Two fast sites fill every buffer of K = 2; under a robust rule the slow ones'
     # latest updates still enter every later version, once each (issue 29).
+    aggregated = _recorded(monkeypatch, "publish_buffer", 2)
     config = _async(buffer_size=2, rounds=12, robust_rule="median", robust_byzantine=0,
                     async_window=windowed)
-    recorder = _Recorder(config.make_algorithm())
-    run_async(sites, config, speeds=_speeds(sites, [1.0, 1.0, 3.5, 5.5]),
-              algorithm=recorder)  # type: ignore[arg-type]
+    run_async(sites, config, speeds=_speeds(sites, [1.0, 1.0, 3.5, 5.5]))
 
     names = [s.name for s in sites]
-    assert all(len(set(v)) == len(v) for v in recorder.aggregated)  # one entry per site
-    later = recorder.aggregated[6:]  # versions once every site has reported once
+    assert all(len(set(v)) == len(v) for v in aggregated)  # one entry per site
+    later = aggregated[6:]  # versions once every site has reported once
     assert all(sorted(v) == sorted(names) for v in later) if windowed else \
         all(len(v) == 2 for v in later)
     assert _async(robust_rule="median").windowed and not _async().windowed

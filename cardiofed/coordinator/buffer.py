@@ -101,8 +101,12 @@ def publish_buffered(db: Session, study: Study, now: Clock) -> bool:
     rounds = {r.id: r for r in db.scalars(select(Round).where(Round.study_id == study.id))}
     buffer = [u for u in buffer if checked_or_quarantined(
         db, study, rounds[u.round_id], active[u.site_id].name, u.id, u.payload) is not None]
-    for u in buffer:  # one that raced a publication past max_staleness is not folded
-        if study.model_version - rounds[u.round_id].model_version > plan.max_staleness:
+    # Staleness as of now, from the version each update was trained from (the count
+    # stored at upload can be one short when an upload raced a publication); one that a
+    # race left past max_staleness is not folded.
+    age = {u.id: study.model_version - rounds[u.round_id].model_version for u in buffer}
+    for u in buffer:
+        if age[u.id] > plan.max_staleness:
             u.quarantine = "older than max_staleness when its version was published"
     buffer = [u for u in buffer if u.quarantine is None]
     if len(buffer) < plan.min_buffer():
@@ -112,17 +116,16 @@ def publish_buffered(db: Session, study: Study, now: Clock) -> bool:
     weights = load_model(db, study, study.model_version)
     state = load_state(study, algorithm.init_server(weights))
     names = [active[u.site_id].name for u in buffer]
-    # Staleness as of now, from the version each update was trained from (the count
-    # stored at upload can be one short when an upload raced a publication).
-    folded = [(_client_update(u, name), study.model_version - rounds[u.round_id].model_version)
+    rule = plan.staleness_rule()
+    folded = [(_client_update(u, name), age[u.id])
               for u, name in zip(buffer, names, strict=True)]
     if plan.windowed:
-        folded = window(folded, _latest_folded(db, study, {
-            k: site for k, site in active.items() if k not in {u.site_id for u in buffer}},
-            rounds, study.model_version - plan.max_staleness), study.model_version,
-            plan.staleness_rule())
-    new, new_state, report = publish_buffer(algorithm, weights, folded, state,
-                                            plan.staleness_rule())
+        in_buffer = {u.site_id for u in buffer}
+        others = {k: site for k, site in active.items() if k not in in_buffer}
+        folded = window(folded, _latest_folded(db, study, others, rounds,
+                                               study.model_version - plan.max_staleness),
+                        study.model_version, rule)
+    new, new_state, report = publish_buffer(algorithm, weights, folded, state, rule)
     new, state = plausible_model(rnd, study, (weights, state), (new, new_state), report)
     study.model_version += 1
     store_model(db, study, new, version=study.model_version, round_number=rnd.number,

@@ -129,6 +129,14 @@ def _unique(header: list[str]) -> list[str]:
     return out
 
 
+def _read_simple(data: bytes, header: list[str]) -> pd.DataFrame:
+    """Records without quotes, read at once. Arrow's reader gives the text of every field
+    as it is (tests/test_csv_lines.py) and builds the string columns pandas holds,
+    without converting each value."""
+    return pd.read_csv(io.BytesIO(data), header=None, names=header, dtype=str,
+                       keep_default_na=False, engine="pyarrow")
+
+
 def _chunk(lines: list[bytes], first_line: int, header: list[str]) -> CsvChunk:
     expected = len(header)
     simple = _simple_lines(lines, expected)
@@ -136,17 +144,12 @@ def _chunk(lines: list[bytes], first_line: int, header: list[str]) -> CsvChunk:
     parts: list[pd.DataFrame] = []
     if simple is not None:  # the common case, checked without a loop over lines
         joined, ok = simple
-        if not ok.all():
-            joined = b"".join(lines[i] for i in np.flatnonzero(ok))
-        # Arrow's reader gives the text of every field as it is (tests/test_csv_lines.py)
-        # and builds the string columns pandas holds, without converting each value.
-        fast = pd.read_csv(io.BytesIO(joined), header=None, names=header, dtype=str,
-                           keep_default_na=False, engine="pyarrow") if ok.any() else None
         if ok.all():
-            assert fast is not None
-            fast.index = pd.RangeIndex(first_line - 2, first_line - 2 + len(lines))
-            return CsvChunk(fast)
-        if fast is not None:
+            frame = _read_simple(joined, header)
+            frame.index = pd.RangeIndex(first_line - 2, first_line - 2 + len(lines))
+            return CsvChunk(frame)
+        if ok.any():
+            fast = _read_simple(b"".join(lines[i] for i in np.flatnonzero(ok)), header)
             fast.index = pd.Index(first_line - 2 + offsets[ok], dtype=np.int64)
             parts.append(fast)
         offsets = offsets[~ok]  # the rest, one by one: quoted, blank or malformed lines
