@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from sklearn.linear_model import LogisticRegression
 from typer.testing import CliRunner
 
@@ -199,6 +201,32 @@ def test_a_private_newton_step_moves_no_coefficient_by_more_than_one(info) -> No
     exact = next_state(plan.model_copy(update={"private": False}), state,
                        {"grad": np.array([0.5, 0.0, 0.0]), "info": np.eye(3)}, 2)
     assert exact["inputs"]["beta"] == pytest.approx([1.0, -0.5, 0.0])  # undamped
+
+
+@settings(max_examples=60, deadline=None)
+@example(grad=[1e6, 0.0, 0.0], info=[1e-320, 0, 0, 0, 1.0, 0, 0, 0, 1.0])  # overflows
+@given(grad=st.lists(st.floats(-1e6, 1e6), min_size=3, max_size=3),
+       info=st.lists(st.floats(-1e6, 1e6), min_size=9, max_size=9))
+def test_any_noisy_information_moves_a_private_coefficient_by_at_most_one(
+        grad: list[float], info: list[float]) -> None:
+    # Whatever finite sums the noise yields: a finite step of at most 1 (a solve that
+    # overflowed once gave NaN coefficients), or a refusal that names the singular
+    # information.
+    from cardiofed.causal.combine import next_state
+    from cardiofed.causal.study import AttributionPlan
+
+    plan = AttributionPlan.model_validate({"treatment": "current_smoker", "covariates": ["age"],
+                                           "private": True, "methods": ["overlap"],
+                                           "trim": 0.05})
+    state = {"step": "newton", "iterations": 0,
+             "inputs": {"mean": [0.0, 0.0], "sd": [1.0, 1.0], "beta": [0.0, 0.0, 0.0]}}
+    try:
+        beta = next_state(plan, state, {"grad": np.array(grad),
+                                        "info": np.array(info).reshape(3, 3)}, 2)["inputs"]["beta"]
+    except DataValidationError as exc:
+        assert "information matrix is singular" in str(exc)
+        return
+    assert np.all(np.isfinite(beta)) and np.max(np.abs(beta)) <= 1.0 + 1e-9
 
 
 def test_each_patients_part_in_a_private_release_is_within_its_blocks_bound() -> None:

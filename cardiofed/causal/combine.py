@@ -69,10 +69,14 @@ def next_state(plan: AttributionPlan, state: dict[str, Any], totals: Arrays,
         before = np.asarray(state["inputs"]["beta"])
         beta, converged = newton_step(before, totals["grad"], totals["info"],
                                       0 if fixed else state["iterations"])
-        if plan.private:  # a noisy step is damped to PRIVATE_MAX_STEP (post-processing)
-            largest = float(np.max(np.abs(beta - before)))
+        if plan.private:  # a noisy step is damped to PRIVATE_MAX_STEP (post-processing);
+            # one that overflowed keeps its direction, a NaN part moves nothing
+            top = np.finfo(np.float64).max
+            step = np.nan_to_num(beta - before, nan=0.0, posinf=top, neginf=-top)
+            largest = float(np.max(np.abs(step)))
             if largest > PRIVATE_MAX_STEP:
-                beta = before + (beta - before) * (PRIVATE_MAX_STEP / largest)
+                step = step * (PRIVATE_MAX_STEP / largest)
+            beta = before + step
         state["inputs"] = {**state["inputs"], "beta": beta.tolist()}
         if "noise_var.grad" in totals:  # the last step's gradient noise stays in beta
             state["grad_noise_var"] = float(totals["noise_var.grad"][0])
