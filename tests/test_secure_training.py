@@ -51,8 +51,10 @@ def test_one_record_moves_the_sum_by_at_most_the_sensitivity(
 
 
 def test_secure_aggregation_settings_are_refused_by_name() -> None:
-    with pytest.raises(ConfigurationError, match="secure_aggregation: dp_epsilon must be set"):
-        SimulationConfig.create(secure_aggregation=True)
+    with pytest.raises(ConfigurationError, match="secure_aggregation in simulation: "
+                                                 "dp_epsilon must be set"):
+        run_experiment(synthetic_federation(n_sites=3, seed=3, size_scale=0.2),
+                       SimulationConfig.create(secure_aggregation=True), baselines=False)
     with pytest.raises(ConfigurationError, match="model must be 'logistic'.*robust_rule needs "
                                                  "secure_group_size"):
         SimulationConfig.create(secure_aggregation=True, dp_epsilon=1.0, model="mlp",

@@ -16,7 +16,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from cardiofed.coordinator import attribution
+from cardiofed.coordinator import attribution, secure_sums
 from cardiofed.coordinator.models import initial_weights, store_model
 from cardiofed.coordinator.rounds import advance_locked
 from cardiofed.coordinator.studies import (
@@ -131,7 +131,8 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
         ("algorithm scaffold", plan.algorithm == "scaffold"),
         ("weighting", plan.weighting != "sample-size"), ("label_quality", plan.label_quality),
         ("covariate_shift", plan.covariate_shift), ("recalibrate", plan.recalibrate),
-        ("finetune", plan.finetune)) if on]
+        ("finetune", plan.finetune),
+        ("secure_group_size", plan.secure_group_size is not None)) if on]
     if simulation_only:
         raise InvalidUpdate(f"The networked federation aggregates with sample-size weights "
                             f"only; {', '.join(simulation_only)} is available in simulation "
@@ -153,6 +154,9 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
         raise InvalidUpdate("A relay study runs the rounds its region's node opens for the "
                             "national study: it cannot be an analysis study, and its own "
                             "aggregation is 'sync' (the national plan may be asynchronous).")
+    if relay and plan.secure_aggregation:
+        raise InvalidUpdate("A relay study cannot be secure: its region's node would send "
+                            "its sites' sum upward, and secure sums are not relayed yet.")
     try:
         plan.check_buffer_size(len(sites))
     except ConfigurationError as exc:
@@ -182,8 +186,10 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
             store_model(db, study, initial_weights(plan, feature_names), version=0,
                          round_number=0, participants=[])
         first = STATISTICS
+    step, attempt = secure_sums.open_step(plan.secure_aggregation, first)
     db.add(Round(study_id=study_id, number=0, kind=first, model_version=0,
-                 opened_at=now(), deadline=now() + timedelta(seconds=round_timeout_s)))
+                 opened_at=now(), deadline=now() + timedelta(seconds=round_timeout_s),
+                 secure_step=step, secure_attempt=attempt))
     if by is not None:
         audit(db, *by, "create study", study_id, f"{len(sites)} sites: {', '.join(sites)}",
               now)

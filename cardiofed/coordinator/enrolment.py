@@ -15,6 +15,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, defer
 
+from cardiofed.coordinator import secure_sums
 from cardiofed.coordinator.rounds import advance, advance_locked
 from cardiofed.coordinator.studies import (
     RELAY,
@@ -30,6 +31,7 @@ from cardiofed.coordinator.studies import (
 from cardiofed.exceptions import (
     AuthenticationError,
 )
+from cardiofed.protocol.schemas import SecureTask
 from cardiofed.store import (
     Refusal,
     Round,
@@ -148,6 +150,7 @@ class Task:
     kind: str
     model_version: int
     deadline: datetime
+    secure: SecureTask | None = None
 
 
 def next_task(db: Session, site: Site, now: Clock = utcnow) -> Task | None:
@@ -161,4 +164,7 @@ def next_task(db: Session, site: Site, now: Clock = utcnow) -> Task | None:
             or report_of(db, rnd, site) is not None
             or site.id in refused_ids(db, study, rnd.number)):
         return None
-    return Task(study.id, rnd.number, rnd.kind, rnd.model_version, rnd.deadline)
+    secure = None if rnd.secure_step is None else secure_sums.task(db, study, rnd, site)
+    if rnd.secure_step is not None and secure is None:
+        return None
+    return Task(study.id, rnd.number, rnd.kind, rnd.model_version, rnd.deadline, secure)

@@ -43,7 +43,7 @@ from cardiofed.aggregation.weighted_mean import tail_average
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.algorithms.stopping import round_loss
 from cardiofed.causal.combine import add as add_sums
-from cardiofed.coordinator import attribution
+from cardiofed.coordinator import attribution, secure_sums
 from cardiofed.coordinator.buffer import publish_buffered
 from cardiofed.coordinator.checks import checked_or_quarantined
 from cardiofed.coordinator.models import (
@@ -74,6 +74,7 @@ from cardiofed.coordinator.studies import (
 )
 from cardiofed.data.preprocessing import (
     DEFAULT_BINS,
+    PRIVATE_BINS,
     SiteStatistics,
     add_statistics,
     bin_edges,
@@ -81,6 +82,7 @@ from cardiofed.data.preprocessing import (
 )
 from cardiofed.models.networks import Weights
 from cardiofed.protocol import relay
+from cardiofed.protocol import secure_sums as secure_wire
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.store import (
     Refusal,
@@ -119,7 +121,8 @@ def _waiting_query() -> Any:
     reported = select(func.coalesce(func.sum(ReportTally.reports), 0)).where(
         ReportTally.round_id == Round.id).scalar_subquery()
     return (select(Study.phase, Study.plan["aggregation"].as_string(), Round.closed_at,
-                   Round.deadline, active, refused, reported, Study.min_sites, Study.halted)
+                   Round.deadline, active, refused, reported, Study.min_sites, Study.halted,
+                   Round.secure_step)
             .join(Round, (Round.study_id == Study.id) & (Round.number == Study.current_round))
             .where(Study.id == bindparam("study_id")))
 
@@ -133,10 +136,10 @@ def still_waiting(db: Session, study_id: str, now: Clock) -> bool:
     if row is None:
         return False
     (phase, aggregation, closed_at, deadline, n_active, n_refused, n_reported, min_sites,
-     halted) = row
+     halted, secure_step) = row
     if phase == RELAY:  # nothing to close until the region's node opens a round
         return True
-    if halted is not None or n_active < min_sites:
+    if halted is not None or n_active < min_sites or secure_step is not None:
         return False  # advance_locked says why it holds, or lets it go on
     if phase == "done" or (phase == TRAIN and aggregation == "async"):
         return False
@@ -154,6 +157,10 @@ def advance_locked(db: Session, study: Study, now: Clock) -> None:
         # Exclusively on PostgreSQL: uploads in flight (a shared lock) commit first and
         # are folded; later ones see the round closed.
         rnd = round_of(db, study, lock=True)
+        if rnd.secure_step is not None:
+            if not _advance_secure(db, study, rnd, now):
+                return
+            continue
         refused = refused_ids(db, study, rnd.number)
         active = [i for i in active_ids(db, study) if i not in refused]
         reported = _reported_ids(db, rnd)
@@ -209,6 +216,7 @@ class _Folded:
     # A training round: the global model's loss each site reported (NaN where none).
     global_losses: list[float] = field(default_factory=list)
     totals: dict[str, np.ndarray] | None = None  # an analysis step's sums
+    secure_total: np.ndarray | None = None  # a secure round's unmasked sum
     # An intercept round: each site's (D, I, noise SD, declared records)
     intercepts: dict[str, tuple[float, float, float, int]] = field(default_factory=dict)
     privacy: dict[str, str] = field(default_factory=dict)  # what each site declared
@@ -348,7 +356,10 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         db.commit()
         return
     if rnd.kind == STATISTICS:
-        stats = list(_gated_statistics(db, study, rnd, folded).values())
+        stats = ([secure_wire.statistics_from_sum(folded.secure_total, bin_edges(
+                    [(lo, hi) for lo, hi in study.feature_ranges], PRIVATE_BINS))]
+                 if folded.secure_total is not None
+                 else list(_gated_statistics(db, study, rnd, folded).values()))
         edges = bin_edges([(lo, hi) for lo, hi in study.feature_ranges],
                           max(s.histogram.shape[1] for s in stats))
         pre = merge_statistics(stats, edges, study.feature_names,
@@ -359,7 +370,9 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         algorithm = plan.make_algorithm()
         weights = load_model(db, study, study.model_version)
         state = load_state(study, algorithm.init_server(weights))
-        delta, report = _round_delta(db, algorithm, folded)
+        delta, report = ((secure_wire.training_delta(folded.secure_total, weights), [])
+                         if folded.secure_total is not None
+                         else _round_delta(db, algorithm, folded))
         new, state = plausible_model(rnd, study, (weights, state),
                            algorithm.server.step(weights, delta, state), report)
         study.model_version += 1
@@ -388,14 +401,50 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         prefix = "converged (the sites' loss stopped improving); "
     rnd.outcome = _closed_with(names, prefix)
     if next_kind:
-        study.current_round += 1
-        db.add(Round(study_id=study.id, number=study.current_round, kind=next_kind,
-                     model_version=version, opened_at=now(),
-                     deadline=now() + timedelta(seconds=study.round_timeout_s)))
-        study.phase = next_kind
+        _open(db, study, next_kind, version, now)
     else:
         study.phase = "done"
     db.commit()
+
+
+def _open(db: Session, study: Study, kind: str, version: int, now: Clock) -> None:
+    """Open the study's next round, of `kind` on model `version`."""
+    study.current_round += 1
+    step, attempt = secure_sums.open_step(study_plan(study).secure_aggregation, kind)
+    db.add(Round(study_id=study.id, number=study.current_round, kind=kind,
+                 model_version=version, opened_at=now(),
+                 deadline=now() + timedelta(seconds=study.round_timeout_s),
+                 secure_step=step, secure_attempt=attempt))
+    study.phase = kind
+
+
+def _advance_secure(db: Session, study: Study, rnd: Round, now: Clock) -> bool:
+    """Move a secure round's sum on (:mod:`cardiofed.coordinator.secure_sums`); True
+    once the round has closed. Its sites are private (a node without a budget refuses a
+    secure round). A training round whose sum is given up leaves the model as it was; a
+    statistics round's stops the study."""
+    result = secure_sums.progress(db, study, rnd, now)
+    if result is None:
+        return False
+    if not isinstance(result, str):
+        order = db.scalars(select(Site.name).where(Site.study_id == study.id)
+                           .order_by(Site.index))
+        survivors = [name for name in order if name in result.survivors]  # site order
+        _close(db, study, rnd, _Folded(names=survivors, secure_total=result.total,
+                                       privacy=dict.fromkeys(survivors, "dp")
+                                       if rnd.number == 0 else {}), now)
+        return True
+    rnd.closed_at = now()
+    if rnd.kind == STATISTICS:
+        rnd.outcome = f"study stopped: the statistics' secure sum was given up: {result}"[:200]
+        study.phase = "done"
+    else:
+        rnd.outcome = (f"secure sum given up ({result}); the model stays at version "
+                       f"{study.model_version}")[:200]
+        last = rnd.number >= study_plan(study).rounds
+        _open(db, study, EVALUATE if last else TRAIN, study.model_version, now)
+    db.commit()
+    return True
 
 
 def _store_tail_average(db: Session, study: Study, last: int, round_number: int) -> int:

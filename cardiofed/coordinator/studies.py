@@ -203,7 +203,7 @@ def network_plan(plan: SimulationConfig, n_sites: int) -> SimulationConfig:
         # Nodes are private unless they opt out, and a private node releases no loss to
         # stop on: DP-SGD spreads its budget over every planned round.
         changes["rounds"] = FIXED_ROUNDS
-    if plan.robust_rule is None:
+    if plan.robust_rule is None and not plan.secure_aggregation:  # one sum: nothing to rule
         changes["robust_rule"] = DEFAULT_NETWORK_RULE
         if "robust_byzantine" not in given:
             changes["robust_byzantine"] = max(0, min(DEFAULT_BYZANTINE, (n_sites - 1) // 2))

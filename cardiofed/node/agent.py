@@ -18,10 +18,11 @@ from typing import Any
 
 import httpx
 import numpy as np
+from pydantic import BaseModel
 
 from cardiofed.causal.study import AttributionPlan, SiteArrays, check_state, release, site_step
 from cardiofed.data.dataset import SiteData
-from cardiofed.data.preprocessing import Preprocessor
+from cardiofed.data.preprocessing import PRIVATE_BINS, Preprocessor, bin_edges
 from cardiofed.data.study_features import StudyFeatures, catalogue_of
 from cardiofed.exceptions import (
     CardioFedError,
@@ -30,19 +31,23 @@ from cardiofed.exceptions import (
     StaleUpdateRefused,
     TaskRefused,
 )
+from cardiofed.models.networks import Weights
 from cardiofed.node.config import DataSource, NodeConfig
 from cardiofed.node.outbound import OutboundLog
 from cardiofed.node.relay import RegionRelay
+from cardiofed.node.secure_rounds import SecureRounds
 from cardiofed.node.task_policy import TaskPolicy, check_exact_releases, planned_releases
 from cardiofed.node.transport import NodeError, send
 from cardiofed.node.work import (
     attribution_site,
     evaluate_payload,
+    gradient_vector,
     intercept_payload,
     load_site_data,
     own_feature_ranges,
     site_preprocessor,
     statistics_payload,
+    statistics_vector,
     study_weights,
     survival_rows,
     train_payload,
@@ -50,6 +55,7 @@ from cardiofed.node.work import (
 from cardiofed.privacy.budget import PrivacyLedger, open_site_ledger
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.protocol.schemas import TaskResponse
+from cardiofed.protocol.secure_sums import vector_length
 from cardiofed.schema import Catalogue
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.survival.study import SurvivalPlan
@@ -80,6 +86,7 @@ class NodeAgent:
         self._pre: Preprocessor | None = None
         self._privacy: SitePrivacy | None = None
         self._name: str | None = None
+        self.secure = SecureRounds()  # the secure sums under way (their keys: memory only)
         self.region = None if config.region is None else RegionRelay(
             config.region, region_client, config.retry_max_delay_s)
         # The hospital's one ledger, opened (and verified) before anything runs: a
@@ -146,6 +153,8 @@ class NodeAgent:
         waits for its regional round."""
         study, number, kind = task.study, task.round, task.kind
         (self.state_dir / "study").write_text(study)
+        if task.secure is not None:
+            return self._secure_step(task)
         cache = self.state_dir / "outbox" / f"{study}-round{number}.bin"
         if cache.exists():
             payload = cache.read_bytes()  # computed before a restart: send the same bytes
@@ -162,9 +171,7 @@ class NodeAgent:
                         self._data, task.feature_names, self._agreed_features(task)))
                     payload = self._compute(task)
             except (TaskRefused, PrivacyBudgetExceeded) as exc:
-                log.warning("round %d (%s) refused: %s", number, kind, exc)
-                self._request("POST", f"/v1/studies/{study}/rounds/{number}/refusal",
-                              json={"reason": str(exc)[:500]})
+                self._refuse(task, exc)
                 return True
             self.policy.record(task)
             if kind == "train" and self.config.train_delay_s:
@@ -193,6 +200,72 @@ class NodeAgent:
             raise
         log.info("round %d (%s): %s, %d bytes", number, kind, ack.json()["status"], len(payload))
         return True
+
+    def _refuse(self, task: TaskResponse, exc: Exception) -> None:
+        log.warning("round %d (%s) refused: %s", task.round, task.kind, exc)
+        self._request("POST", f"/v1/studies/{task.study}/rounds/{task.round}/refusal",
+                      json={"reason": str(exc)[:500]})
+
+    def _secure_step(self, task: TaskResponse) -> bool:
+        """Post this site's message for the step of the round's secure sum
+        (:mod:`cardiofed.node.secure_rounds`), or refuse the round."""
+        assert task.secure is not None
+        step = task.secure.step
+        try:
+            body = self._secure_message(task)
+        except (TaskRefused, PrivacyBudgetExceeded) as exc:
+            self._refuse(task, exc)
+            return True
+        url = f"/v1/studies/{task.study}/rounds/{task.round}/secure/{step}"
+        self.outbound.record(f"{task.kind} ({step})", body.model_dump_json().encode(), url)
+        try:
+            self._request("POST", url, params={"attempt": task.secure.attempt},
+                          json=body.model_dump(mode="json"))
+        except NodeError as exc:
+            if exc.status_code != 409:
+                raise
+            log.warning("round %d: the secure sum moved on: %s", task.round, exc)
+        else:
+            log.info("round %d (%s): secure sum, %s sent", task.round, task.kind, step)
+        return True
+
+    def _secure_message(self, task: TaskResponse) -> BaseModel:
+        assert task.secure is not None
+        plan = SimulationConfig.model_validate(task.plan)
+        step, name = task.secure.step, self._site_name()
+        if step == "share":
+            return self.secure.share(task, name, plan)
+        if step == "reveal":
+            return self.secure.reveal(task)
+        if self.ledger is None:
+            raise TaskRefused("The study's rounds are secure sums with distributed noise, "
+                              "which each site adds from its privacy budget; this node has "
+                              "none (privacy = \"off\").")
+        catalogue = self._agreed_features(task)
+        ranges = own_feature_ranges(self._data, task.feature_names, catalogue)
+        self.policy.admit(task, ranges)
+        site = self._site_data(task, plan, catalogue)
+        privacy = self._site_privacy(plan, site, task.study)
+        assert privacy is not None
+        _check_private(task, plan, privacy)
+        if task.kind == "statistics":
+            edges = bin_edges(ranges, PRIVATE_BINS)
+            if step == "advertise":
+                return self.secure.advertise(task, name, privacy.secure_statistics_noise(),
+                                             vector_length("statistics", len(ranges), 0))
+            message = self.secure.input(task, privacy.charge_secure_statistics,
+                                        lambda: statistics_vector(site, edges))
+        else:
+            pre, weights = self._model(task, plan, site, ranges)
+            if step == "advertise":
+                return self.secure.advertise(task, name, privacy.secure_training_noise(),
+                                             vector_length("train", len(ranges), sum(
+                                                 v.size for v in weights.values())))
+            message = self.secure.input(
+                task, lambda m: privacy.charge_secure_round(m, f"round {task.round}"),
+                lambda: gradient_vector(site, pre, weights, ranges, plan.dp_max_grad_norm))
+        self.policy.record(task)
+        return message
 
     @property
     def _data(self) -> DataSource:
@@ -230,6 +303,32 @@ class NodeAgent:
         if plan.survival is not None:
             return self._survival(task, plan.survival)
         catalogue = self._agreed_features(task)
+        site, study = self._site_data(task, plan, catalogue), task.study
+        manifest = self._manifest(task)
+        ranges = own_feature_ranges(self._data, task.feature_names, catalogue)
+        privacy = self._site_privacy(plan, site, study)
+        if privacy is not None:
+            _check_private(task, plan, privacy)
+            if task.kind == "train" and privacy.released_n() is None:
+                raise TaskRefused("This site trains privately only after the study's "
+                                  "statistics release: its noisy record count plans DP-SGD "
+                                  "(the exact count never leaves the site).")
+        if task.kind == "statistics":
+            return statistics_payload(site, ranges, manifest, privacy)
+        pre, weights = self._model(task, plan, site, ranges)
+        if task.kind == "evaluate":
+            return evaluate_payload(site, pre, plan, weights, privacy, ranges=ranges,
+                                    publish=self.config.publish_metrics)
+        if task.kind == "intercept":
+            return intercept_payload(site, pre, plan, weights, privacy,
+                                     manifest=manifest, ranges=ranges)
+        return train_payload(site, pre, plan, weights, round_number=task.round,
+                             site_index=task.site_index, manifest=manifest, privacy=privacy,
+                             ranges=ranges)
+
+    def _site_data(self, task: TaskResponse, plan: SimulationConfig,
+                   catalogue: Catalogue) -> SiteData:
+        """The site's rows in the study's columns, loaded at its first task."""
         if self._site is None:
             self._site = load_site_data(self._data, task.feature_names, catalogue)
             # Kept for `cardiofed node audit --scan-rows`.
@@ -237,38 +336,17 @@ class NodeAgent:
             if plan.study_features is not None:
                 (self.state_dir / "study_features.json").write_text(
                     plan.study_features.model_dump_json())
-        site, study = self._site, task.study
-        manifest = self._manifest(task)
-        ranges = own_feature_ranges(self._data, task.feature_names, catalogue)
-        privacy = self._site_privacy(plan, site, study)
-        if privacy is not None:
-            allowed = planned_releases(task.kind, plan.rounds)
-            if len(privacy.ledger.releases(task.kind, study)) >= allowed:
-                raise TaskRefused(f"The privacy ledger already holds {allowed} {task.kind} "
-                                  f"release(s) of study {study!r}, all the plan allows.")
-            if plan.standardisation == "per-site":
-                raise TaskRefused("standardisation 'per-site' uses the site's exact mean and "
-                                  "SD, which its privacy budget does not cover.")
-            if task.kind == "train" and privacy.released_n() is None:
-                raise TaskRefused("This site trains privately only after the study's "
-                                  "statistics release: its noisy record count plans DP-SGD "
-                                  "(the exact count never leaves the site).")
-        if task.kind == "statistics":
-            return statistics_payload(site, ranges, manifest, privacy)
+        return self._site
+
+    def _model(self, task: TaskResponse, plan: SimulationConfig, site: SiteData,
+               ranges: list[tuple[float, float]]) -> tuple[Preprocessor, Weights]:
+        """The study's preprocessor and the task's model, through the release gate."""
         if self._pre is None:
-            blob = self._request("GET", f"/v1/studies/{study}/preprocessor").content
+            blob = self._request("GET", f"/v1/studies/{task.study}/preprocessor").content
             self._pre = site_preprocessor(blob, site, plan, task.feature_names, ranges)
         weights = study_weights(plan, self._pre, self._request(
-            "GET", f"/v1/studies/{study}/models/{task.model_version}").content)
-        if task.kind == "evaluate":
-            return evaluate_payload(site, self._pre, plan, weights, privacy, ranges=ranges,
-                                    publish=self.config.publish_metrics)
-        if task.kind == "intercept":
-            return intercept_payload(site, self._pre, plan, weights, privacy,
-                                     manifest=manifest, ranges=ranges)
-        return train_payload(site, self._pre, plan, weights, round_number=task.round,
-                             site_index=task.site_index, manifest=manifest, privacy=privacy,
-                             ranges=ranges)
+            "GET", f"/v1/studies/{task.study}/models/{task.model_version}").content)
+        return self._pre, weights
 
     def _manifest(self, task: TaskResponse) -> dict[str, str]:
         manifest = {"study": task.study, "round": str(task.round),
@@ -362,6 +440,17 @@ class NodeAgent:
         if self.ledger is None:
             return None
         return self._study_privacy(study, site.n_train + len(site.y_test), plan)
+
+
+def _check_private(task: TaskResponse, plan: SimulationConfig, privacy: SitePrivacy) -> None:
+    """Refuse what a private site's ledger or the plan's standardisation rules out."""
+    allowed = planned_releases(task.kind, plan.rounds)
+    if len(privacy.ledger.releases(task.kind, task.study)) >= allowed:
+        raise TaskRefused(f"The privacy ledger already holds {allowed} {task.kind} "
+                          f"release(s) of study {task.study!r}, all the plan allows.")
+    if plan.standardisation == "per-site":
+        raise TaskRefused("standardisation 'per-site' uses the site's exact mean and "
+                          "SD, which its privacy budget does not cover.")
 
 
 def _step_state(task: TaskResponse, study_kind: str) -> dict[str, Any]:

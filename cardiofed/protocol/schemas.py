@@ -32,6 +32,66 @@ class SiteInfo(BaseModel):
     site_index: int
 
 
+# A secure sum's messages (cardiofed.protocol.secure_sums): keys, sealed shares and masked
+# vectors travel as base64 (standard alphabet) inside JSON.
+B64 = Annotated[str, Field(max_length=1 << 22, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
+SiteName = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class SecureAdvert(BaseModel):
+    """A site's public keys for one secure sum, and the noise multiplier its budget needs
+    on the sum."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    c_public: B64
+    s_public: B64
+    noise_multiplier: float = Field(gt=0, le=1e6, allow_inf_nan=False)
+
+
+class SecureShares(BaseModel):
+    """A site's sealed share pairs, one per neighbour."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    sealed: dict[SiteName, B64] = Field(max_length=10_000)
+
+
+class SecureInput(BaseModel):
+    """A site's masked vector: little-endian unsigned 64-bit ring elements."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    masked: B64
+
+
+class RevealedShare(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    kind: Literal["b", "s"]
+    share: B64
+
+
+class SecureReveal(BaseModel):
+    """For each site whose shares this site holds: its self-mask share (``b``, the site's
+    input arrived) or its mask-key share (``s``, it dropped)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    shares: dict[SiteName, RevealedShare] = Field(max_length=10_000)
+
+
+class SecureTask(BaseModel):
+    """A secure round's step for this site, with what it needs for that step."""
+
+    step: Literal["advertise", "share", "input", "reveal"]
+    attempt: int
+    sites: list[str] | None = Field(default=None, description="advertise: the round's sites")
+    adverts: dict[str, SecureAdvert] | None = Field(default=None, description="share: every "
+                                                    "site's advertisement")
+    noise_multiplier: float | None = Field(default=None, description="share and input: the "
+                                           "largest any advertising site needs")
+    inbox: dict[str, str] | None = Field(default=None, description="input: the sealed share "
+                                         "pairs the site's neighbours sent it")
+    survivors: list[str] | None = Field(default=None, description="reveal: the sites whose "
+                                        "masked input arrived")
+
+
 class TaskResponse(BaseModel):
     study: str
     round: int
@@ -47,6 +107,9 @@ class TaskResponse(BaseModel):
     attribution: dict[str, Any] | None = Field(
         None, description="An analysis study (attribution or survival): the step and what "
                           "it is computed at")
+    secure: SecureTask | None = Field(
+        None, description="A secure round (plan.secure_aggregation): the step of its "
+                          "secure sum")
 
 
 class RefusalRequest(BaseModel):

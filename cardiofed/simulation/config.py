@@ -95,7 +95,8 @@ class SimulationConfig(BaseModel):
     # sends a secure sum's share, its clipped per-record gradient sum plus its share of
     # the noise, and the server steps on the unmasked sum (DP-FedSGD with the algorithm's
     # server optimiser). The noise is split over the sites a sum may not lose
-    # (1 - secure_dropout of them). Needs dp_epsilon; logistic regression for now.
+    # (1 - secure_dropout of them). Each site's budget sets its noise (dp_epsilon in
+    # simulation, the node's [privacy] on a network); logistic regression for now.
     secure_aggregation: bool = False
     secure_dropout: float = Field(0.2, ge=0, lt=1)
     # Robust across groups: sites are shuffled (by the plan's seed) into groups of at
@@ -220,9 +221,7 @@ class SimulationConfig(BaseModel):
     def _check_secure(self) -> None:
         """What secure aggregation supports so far (DP-FedSGD of a logistic regression),
         each refusal naming the setting."""
-        wrong = [(self.dp_epsilon is None, "dp_epsilon must be set (secure sums carry the "
-                  "distributed noise; FedAvg updates under secure sums are not built yet)"),
-                 (self.model != "logistic", "model must be 'logistic'"),
+        wrong = [(self.model != "logistic", "model must be 'logistic'"),
                  (self.aggregation != "sync", "aggregation must be 'sync'"),
                  (self.algorithm not in ("fedavg", "fedadam", "fedyogi"),
                   "algorithm must be fedavg, fedadam or fedyogi (the server optimiser)"),

@@ -249,6 +249,10 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
         raise ConfigurationError(f"label_quality compares each site's labels with the other "
                                  f"sites' models: it needs at least 3 sites; this federation "
                                  f"has {len(dataset.sites)}.")
+    if config.secure_aggregation and config.dp_epsilon is None:
+        raise ConfigurationError("secure_aggregation in simulation: dp_epsilon must be set "
+                                 "(each site's budget, which the secure sums' distributed "
+                                 "noise covers)")
     privacy = site_privacy(dataset, config, ledger_dir)
     form = config.model_form(dataset.feature_names)
     federation, held_out = _hold_out_calibration(dataset, config)

@@ -71,6 +71,13 @@ def secure_groups(names: Sequence[str], size: int, seed: int) -> list[list[str]]
     return [sorted(order[g::n_groups]) for g in range(n_groups)]
 
 
+def mean_gradient_step(totals: Sequence[np.ndarray], weights: Weights) -> Weights:
+    """The step down the mean gradient of unmasked sums (each a gradient sum and a noisy
+    record count, at least 1)."""
+    count = sum(max(float(t[-1]), 1.0) for t in totals)
+    return unflatten(-np.sum(totals, axis=0)[:-1] / count, weights)
+
+
 Attack = Callable[[str, np.ndarray], np.ndarray]
 
 
@@ -136,8 +143,7 @@ def run_secure_sgd(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             break
         counts = [max(t[-1], 1.0) for t in totals]
         if robust is None:
-            gradient = np.sum(totals, axis=0)[:-1] / sum(counts)
-            step = unflatten(-gradient, weights)
+            step = mean_gradient_step(totals, weights)
         else:
             step, report = robust.aggregate(
                 [unflatten(-t[:-1] / c, weights) for t, c in zip(totals, counts, strict=True)],

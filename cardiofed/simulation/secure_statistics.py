@@ -42,6 +42,23 @@ def noise_sites(n_sites: int, dropout: float) -> int:
     return max(2, math.ceil((1 - dropout) * n_sites))
 
 
+def statistics_codec_and_noise(n_sites: int, n_columns: int, noise_multiplier: float,
+                               dropout: float) -> tuple[RingCodec, DistributedNoise]:
+    """The ring and the noise of the secure sum of `n_sites` sites' histograms of
+    `n_columns` columns and record counts."""
+    min_sites = noise_sites(n_sites, dropout)
+    sensitivity = statistics_sensitivity(n_columns)
+    # Counts are integers: encoded at an integer scale, they are exact (no rounding term
+    # in the sensitivity); the scale only lifts each share above the accounting's floor.
+    floor = MIN_SITE_SIGMA * math.sqrt(min_sites) / (noise_multiplier * sensitivity)
+    scale = float(2 ** max(0, math.ceil(math.log2(floor))))
+    noise = DistributedNoise(noise_multiplier=noise_multiplier,
+                             sensitivity=sensitivity * scale, min_sites=min_sites)
+    codec = RingCodec.for_sum(n_sites, bound=MAX_SITE_RECORDS, scale=scale,
+                              noise_bound=noise.noise_bound(n_sites))
+    return codec, noise
+
+
 def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
                       privacy: Mapping[str, SitePrivacy], dropout: float) -> SiteStatistics:
     """The federation's statistics from one secure sum (see the module docstring); the
@@ -61,15 +78,7 @@ def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
             f"{min_sites} its noise is split over: the federation cannot start.")
     n_columns, n_bins = edges.shape[0], edges.shape[1] - 1
     multiplier = max(needed.values())
-    sensitivity = statistics_sensitivity(n_columns)
-    # Counts are integers: encoded at an integer scale, they are exact (no rounding term
-    # in the sensitivity); the scale only lifts each share above the accounting's floor.
-    floor = MIN_SITE_SIGMA * math.sqrt(min_sites) / (multiplier * sensitivity)
-    scale = float(2 ** max(0, math.ceil(math.log2(floor))))
-    noise = DistributedNoise(noise_multiplier=multiplier, sensitivity=sensitivity * scale,
-                             min_sites=min_sites)
-    codec = RingCodec.for_sum(len(sites), bound=MAX_SITE_RECORDS, scale=scale,
-                              noise_bound=noise.noise_bound(len(sites)))
+    codec, noise = statistics_codec_and_noise(len(sites), n_columns, multiplier, dropout)
     vectors, rngs = {}, {}
     for s in sites:
         if s.name not in needed:

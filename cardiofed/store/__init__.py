@@ -15,6 +15,7 @@ from cardiofed.store.tables import (
     RegisteredModel,
     ReportTally,
     Round,
+    SecureMessage,
     Site,
     Study,
     UiSession,
@@ -24,7 +25,8 @@ from cardiofed.store.tables import (
 
 __all__ = [
     "TALLY_SHARDS", "AdminKey", "ApiKey", "AuditEvent", "Base", "ModelVersion",
-    "Refusal", "RegisteredModel", "ReportTally", "Round", "Site", "Study", "UiSession",
+    "Refusal", "RegisteredModel", "ReportTally", "Round", "SecureMessage", "Site", "Study",
+    "UiSession",
     "Update", "hash_secret", "make_engine", "make_sessionmaker", "new_secret",
     "session_factory", "sha256", "utcnow",
 ]

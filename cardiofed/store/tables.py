@@ -146,6 +146,10 @@ class Round(Base):
     # (NaN-free; NULL when none did, e.g. private sites); a study stops on it once
     # converged (cardiofed.algorithms.stopping).
     loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # A secure round (cardiofed.protocol.secure_sums): the step its secure sum is at, and
+    # which attempt (a sum that lost too many sites before any input starts again).
+    secure_step: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    secure_attempt: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Update(Base):
@@ -164,6 +168,22 @@ class Update(Base):
     aggregated_into: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Why the update was set aside instead of folded (it no longer passes the checks).
     quarantine: Mapped[str | None] = mapped_column(String(300), nullable=True)
+
+
+class SecureMessage(Base):
+    """A site's message for a step of a secure round's sum (JSON): public keys, sealed
+    shares, a masked vector or revealed shares; never a site's release in the clear.
+    Deleted once the round's sum is unmasked or given up."""
+
+    __tablename__ = "secure_messages"
+    __table_args__ = (UniqueConstraint("round_id", "site_id", "step", "attempt"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"))
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    step: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class ModelVersion(Base):

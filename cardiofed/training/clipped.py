@@ -43,12 +43,19 @@ def sensitivity(clip: float) -> float:
     return float(np.hypot(clip, 1.0))
 
 
+FLAT_ORDER = ("linear.weight", "linear.bias")  # how clipped_gradient_sum lays them out
+
+
 def unflatten(flat: np.ndarray, like: Weights) -> Weights:
-    """A flat vector back into arrays shaped (and ordered) as `like`."""
+    """A flat vector, laid out as :func:`clipped_gradient_sum` lays it out, back into
+    arrays shaped as `like` (whatever the order of `like`'s names: weights decoded from
+    the wire come in the file's order)."""
     out, start = {}, 0
-    for name, array in like.items():
+    for name in sorted(like, key=lambda n: FLAT_ORDER.index(n) if n in FLAT_ORDER else 2):
+        array = like[name]
         out[name] = flat[start:start + array.size].reshape(array.shape).astype(array.dtype)
         start += array.size
+    out = {name: out[name] for name in like}
     if start != flat.size:
         raise ValueError(f"A flat vector of {flat.size} values does not fill weights of "
                          f"{start}.")

@@ -67,6 +67,7 @@ def _poll(db: Session, site: Site, clock: studies.Clock) -> TaskResponse | str |
                             site_index=site.index, plan=study.plan,
                             feature_names=study.feature_names,
                             feature_ranges=study.feature_ranges,
-                            outcome=study.outcome, attribution=attribution.task_state(study))
+                            outcome=study.outcome, attribution=attribution.task_state(study),
+                            secure=task.secure)
     finally:
         db.rollback()  # end the transaction: the connection goes back to the pool

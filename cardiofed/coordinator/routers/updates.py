@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
-from cardiofed.coordinator import enrolment, studies, uploads
+from cardiofed.coordinator import enrolment, secure_sums, studies, uploads
 from cardiofed.coordinator.deps import (
     DB,
     Clock,
@@ -16,9 +18,17 @@ from cardiofed.coordinator.deps import (
     Settings,
     refusals,
 )
+from cardiofed.coordinator.rounds import advance
 from cardiofed.coordinator.settings import CoordinatorSettings
 from cardiofed.exceptions import CoordinatorError, PayloadTooLarge
-from cardiofed.protocol.schemas import RefusalRequest, SubmitResponse
+from cardiofed.protocol.schemas import (
+    RefusalRequest,
+    SecureAdvert,
+    SecureInput,
+    SecureReveal,
+    SecureShares,
+    SubmitResponse,
+)
 from cardiofed.store import session_factory
 from cardiofed.web.errors import RateLimited
 
@@ -116,3 +126,50 @@ def refuse_task(study_id: str, round_number: PathNumber, body: RefusalRequest,
     refusal and its reason show in the study's status and the round goes on without it."""
     studies.ensure_site_access(site, study_id)
     enrolment.refuse(db, site, round_number=round_number, reason=body.reason, now=clock)
+
+
+# A secure round's steps (cardiofed.protocol.secure_sums): one endpoint per message kind.
+Attempt = Annotated[int, Query(ge=0, le=1_000_000, description="The sum's attempt, as in "
+                                                               "the task")]
+SECURE_REFUSALS = refusals(401, 403, 404, 409, 413, 422)
+
+
+def _secure(site: CurrentSite, db: DB, clock: Clock, study_id: str, round_number: int,
+            step: str, attempt: int, body: object) -> None:
+    studies.ensure_site_access(site, study_id)
+    study = studies.get_study(db, study_id)
+    secure_sums.submit(db, site, study, round_number, step, attempt, body,  # type: ignore[arg-type]
+                       clock)
+    advance(db, study, clock)
+
+
+@router.post("/{study_id}/rounds/{round_number}/secure/advertise", status_code=204,
+             responses=SECURE_REFUSALS)
+def secure_advertise(study_id: str, round_number: PathNumber, attempt: Attempt,
+                     body: SecureAdvert, site: CurrentSite, db: DB, clock: Clock) -> None:
+    """A site's public keys for the round's secure sum, and the noise its budget needs."""
+    _secure(site, db, clock, study_id, round_number, "advertise", attempt, body)
+
+
+@router.post("/{study_id}/rounds/{round_number}/secure/share", status_code=204,
+             responses=SECURE_REFUSALS)
+def secure_share(study_id: str, round_number: PathNumber, attempt: Attempt,
+                 body: SecureShares, site: CurrentSite, db: DB, clock: Clock) -> None:
+    """A site's sealed share pairs, one per neighbour."""
+    _secure(site, db, clock, study_id, round_number, "share", attempt, body)
+
+
+@router.post("/{study_id}/rounds/{round_number}/secure/input", status_code=204,
+             responses=SECURE_REFUSALS)
+def secure_input(study_id: str, round_number: PathNumber, attempt: Attempt,
+                 body: SecureInput, site: CurrentSite, db: DB, clock: Clock) -> None:
+    """A site's masked vector."""
+    _secure(site, db, clock, study_id, round_number, "input", attempt, body)
+
+
+@router.post("/{study_id}/rounds/{round_number}/secure/reveal", status_code=204,
+             responses=SECURE_REFUSALS)
+def secure_reveal(study_id: str, round_number: PathNumber, attempt: Attempt,
+                  body: SecureReveal, site: CurrentSite, db: DB, clock: Clock) -> None:
+    """A site's shares for unmasking: survivors' self-masks, dropped sites' mask keys."""
+    _secure(site, db, clock, study_id, round_number, "reveal", attempt, body)

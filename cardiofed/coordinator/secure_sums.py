@@ -1,0 +1,269 @@
+"""A secure round's sum on the coordinator (:mod:`cardiofed.protocol.secure_sums`): the
+task of each step, the sites' messages checked and stored, and the step's close.
+
+A step closes once every site it waits for has posted, or at its deadline (the study's
+``round_timeout_s`` per step) with enough of them: at least 2 (and ``min_sites``)
+advertisements; at least the sum's ``min_inputs`` (the sites its noise is split over)
+sharers and inputs. Too few sharers start the sum again with fresh keys (no site has
+released anything yet); too few inputs, or too few revealed shares, give the sum up, and
+nothing is unmasked. What is stored is keys, sealed shares, masked vectors and revealed
+shares; all of it is deleted when the sum is unmasked or given up.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from pydantic import BaseModel
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from cardiofed.coordinator.models import load_model
+from cardiofed.coordinator.studies import (
+    STATISTICS,
+    Clock,
+    active_ids,
+    refused_ids,
+    round_of,
+    serialised,
+    study_plan,
+)
+from cardiofed.exceptions import Conflict, InvalidUpdate, RoundClosed
+from cardiofed.protocol import secure_sums as wire
+from cardiofed.protocol.schemas import (
+    SecureAdvert,
+    SecureInput,
+    SecureReveal,
+    SecureShares,
+    SecureTask,
+)
+from cardiofed.secure import Advertisement, SecureSum, SumPlan, shamir, unmask_sum
+from cardiofed.secure.protocol import neighbour_graph
+from cardiofed.store import Round, SecureMessage, Site, Study
+
+log = logging.getLogger("cardiofed.coordinator")
+
+BODIES: dict[str, type[BaseModel]] = {"advertise": SecureAdvert, "share": SecureShares,
+                                      "input": SecureInput, "reveal": SecureReveal}
+SEALED_MAX = 1024  # bytes of one sealed share pair (about 100 in fact)
+
+
+def open_step(plan_secure: bool, kind: str) -> tuple[str | None, int | None]:
+    """A new round's (secure_step, secure_attempt)."""
+    return ("advertise", 0) if plan_secure and kind in wire.SECURE_KINDS else (None, None)
+
+
+@dataclass
+class _State:
+    """The current attempt's messages by step, site name -> body, and the sum's plan."""
+
+    names: dict[int, str]
+    bodies: dict[str, dict[str, BaseModel]] = field(default_factory=dict)
+    plan: SumPlan | None = None
+    ads: dict[str, Advertisement] = field(default_factory=dict)
+    multiplier: float = 0.0
+
+    def posted(self, step: str) -> set[str]:
+        return set(self.bodies.get(step, {}))
+
+
+def _state(db: Session, study: Study, rnd: Round) -> _State:
+    names = dict(db.execute(select(Site.id, Site.name).where(Site.study_id == study.id)).all())
+    state = _State(names=names)
+    for site_id, step, body in db.execute(
+            select(SecureMessage.site_id, SecureMessage.step, SecureMessage.body)
+            .where(SecureMessage.round_id == rnd.id,
+                   SecureMessage.attempt == rnd.secure_attempt)
+            .order_by(SecureMessage.id)):
+        state.bodies.setdefault(step, {})[names[site_id]] = \
+            BODIES[step].model_validate_json(body)
+    adverts = state.bodies.get("advertise", {})
+    if rnd.secure_step != "advertise" and len(adverts) >= 2:
+        state.ads = {name: wire.advert_from_wire(name, ad)  # type: ignore[arg-type]
+                     for name, ad in adverts.items()}
+        state.multiplier = max(ad.noise_multiplier  # type: ignore[attr-defined]
+                               for ad in adverts.values())
+        state.plan = wire.sum_setup(rnd.kind, study_plan(study), sorted(adverts),
+                                    _length(db, study, rnd), state.multiplier,
+                                    study=study.id, round_number=rnd.number,
+                                    attempt=rnd.secure_attempt or 0)[0]
+    return state
+
+
+def _length(db: Session, study: Study, rnd: Round) -> int:
+    n_weights = 0 if rnd.kind == STATISTICS else sum(
+        v.size for v in load_model(db, study, rnd.model_version).values())
+    return wire.vector_length(rnd.kind, len(study.feature_names), n_weights)
+
+
+def _waits_for(db: Session, study: Study, rnd: Round, state: _State) -> set[str]:
+    """The sites the current step waits for: those that took the step before (every
+    active site for the first), less those that refused the round."""
+    refused = refused_ids(db, study, rnd.number)
+    steps = wire.STEPS
+    step = rnd.secure_step
+    assert step is not None
+    if step == steps[0]:
+        waiting = {state.names[i] for i in active_ids(db, study) if i not in refused}
+    else:
+        waiting = state.posted(steps[steps.index(step) - 1])
+    return waiting - {state.names[i] for i in refused}
+
+
+def task(db: Session, study: Study, rnd: Round, site: Site) -> SecureTask | None:
+    """`site`'s task at the round's current step, None when it has none (it posted this
+    step already, or missed an earlier one of this attempt)."""
+    state = _state(db, study, rnd)
+    step, attempt = rnd.secure_step, rnd.secure_attempt or 0
+    assert step is not None
+    if site.name in state.posted(step) or site.name not in _waits_for(db, study, rnd, state):
+        return None
+    fields: dict[str, object] = {"step": step, "attempt": attempt}
+    if step == "advertise":
+        fields["sites"] = sorted(state.names[i] for i in active_ids(db, study))
+    elif step == "share":
+        fields.update(noise_multiplier=state.multiplier, adverts=state.bodies["advertise"])
+    elif step == "input":
+        fields.update(noise_multiplier=state.multiplier, inbox={
+            sender: body.sealed[site.name]  # type: ignore[attr-defined]
+            for sender, body in state.bodies["share"].items()
+            if site.name in body.sealed})  # type: ignore[attr-defined]
+    else:
+        fields["survivors"] = sorted(state.posted("input"))
+    return SecureTask.model_validate(fields)
+
+
+def submit(db: Session, site: Site, study: Study, round_number: int, step: str,
+           attempt: int, body: BaseModel, now: Clock) -> None:
+    """Check and store `site`'s message for `step` of the round's secure sum; a repeat of
+    the same message is accepted once more, another one is a conflict."""
+    with serialised(db, study):
+        rnd = round_of(db, study, round_number)
+        if rnd.secure_step is None:
+            raise Conflict(f"Round {round_number} of study {study.id!r} is not a secure "
+                           f"round.")
+        if rnd.closed_at is not None:
+            raise RoundClosed(f"Round {round_number} of study {study.id!r} has closed.")
+        if (step, attempt) != (rnd.secure_step, rnd.secure_attempt):
+            raise Conflict(f"Round {round_number}'s secure sum is at step "
+                           f"{rnd.secure_step!r} of attempt {rnd.secure_attempt}; this "
+                           f"message is for step {step!r} of attempt {attempt}.")
+        state = _state(db, study, rnd)
+        encoded = body.model_dump_json().encode()
+        earlier = state.bodies.get(step, {}).get(site.name)
+        if earlier is not None:
+            if earlier.model_dump_json().encode() != encoded:
+                raise Conflict(f"Site {site.name!r} already posted another {step} message "
+                               f"for this sum.")
+            return
+        if site.name not in _waits_for(db, study, rnd, state):
+            raise Conflict(f"Site {site.name!r} is not in this step of the sum (it missed "
+                           f"an earlier step of attempt {attempt}, or refused the round).")
+        _check(step, site.name, body, state)
+        db.add(SecureMessage(round_id=rnd.id, site_id=site.id, step=step, attempt=attempt,
+                             body=encoded, received_at=now()))
+
+
+def _check(step: str, name: str, body: BaseModel, state: _State) -> None:
+    """Refuse a message the sum cannot use (:class:`InvalidUpdate`, naming what)."""
+    if isinstance(body, SecureAdvert):
+        wire.advert_from_wire(name, body)
+        return
+    assert state.plan is not None
+    if isinstance(body, SecureShares):
+        peers = neighbour_graph(state.plan, state.ads)[name]
+        if sorted(body.sealed) != peers:
+            raise InvalidUpdate(f"Site {name!r} must seal one share pair for each of its "
+                                f"neighbours {peers[:10]}; got {sorted(body.sealed)[:10]}.")
+        if any(len(wire.from_b64(box, "A sealed share pair")) > SEALED_MAX
+               for box in body.sealed.values()):
+            raise InvalidUpdate(f"A sealed share pair of {name!r} is over {SEALED_MAX} bytes.")
+    elif isinstance(body, SecureInput):
+        wire.ring_from_wire(body.masked, state.plan.length, name)
+    elif isinstance(body, SecureReveal):
+        survivors = state.posted("input")
+        for site, revealed in body.shares.items():
+            kind, share = revealed.kind, revealed.share
+            if site not in state.posted("share"):
+                raise InvalidUpdate(f"Site {name!r} revealed a share of {site!r}, which "
+                                    f"shared no keys in this sum.")
+            if kind != ("b" if site in survivors else "s"):
+                raise InvalidUpdate(f"Site {name!r} revealed the wrong share of {site!r}: "
+                                    f"a survivor's self-mask or a dropped site's mask key, "
+                                    f"never the other.")
+            if len(wire.from_b64(share, "A revealed share")) != shamir.SHARE_BYTES:
+                raise InvalidUpdate(f"A share {name!r} revealed is not "
+                                    f"{shamir.SHARE_BYTES} bytes.")
+
+
+def progress(db: Session, study: Study, rnd: Round, now: Clock) -> SecureSum | str | None:
+    """Close the current step if it is complete or past its deadline: the unmasked sum
+    once the last step closes, a reason when the sum is given up, else None."""
+    state = _state(db, study, rnd)
+    step = rnd.secure_step
+    assert step is not None
+    posted = state.posted(step)
+    waiting = _waits_for(db, study, rnd, state)
+    if not (waiting <= posted and posted) and now() < rnd.deadline:
+        return None
+    if step == "advertise":
+        needed = max(2, min(study.min_sites, len(waiting)))
+        if len(posted) < needed:
+            _next(db, study, rnd, now, step, f"{len(posted)} of the {needed} sites needed "
+                                             f"advertised keys; waiting")
+            return None
+        _next(db, study, rnd, now, "share", f"{len(posted)} sites advertised keys")
+        return None
+    assert state.plan is not None
+    least = state.plan.min_inputs
+    if step == "share":
+        if len(posted) < least:
+            _restart(db, study, rnd, now, f"{len(posted)} sites shared keys, fewer than the "
+                                          f"{least} the noise is split over")
+            return None
+        _next(db, study, rnd, now, "input", f"{len(posted)} sites shared keys")
+        return None
+    if step == "input":
+        if len(posted) < least:
+            return _give_up(db, rnd, f"{len(posted)} masked inputs, fewer than the {least} "
+                                     f"the noise is split over")
+        _next(db, study, rnd, now, "reveal", f"{len(posted)} masked inputs")
+        return None
+    inputs = {name: wire.ring_from_wire(body.masked, state.plan.length, name)  # type: ignore[attr-defined]
+              for name, body in state.bodies["input"].items()}
+    revealed = {name: {site: (r.kind, wire.from_b64(r.share, "A revealed share"))
+                       for site, r in body.shares.items()}  # type: ignore[attr-defined]
+                for name, body in state.bodies.get("reveal", {}).items()}
+    try:
+        result = unmask_sum(state.plan, state.ads, state.posted("share"), inputs, revealed)
+    except InvalidUpdate as exc:
+        return _give_up(db, rnd, str(exc))
+    _forget(db, rnd)
+    log.info("study %s round %d: secure sum of %d sites unmasked (%d dropped)", study.id,
+             rnd.number, len(result.survivors), len(result.dropped))
+    return result
+
+
+def _next(db: Session, study: Study, rnd: Round, now: Clock, step: str, why: str) -> None:
+    rnd.secure_step = step
+    rnd.deadline = now() + timedelta(seconds=study.round_timeout_s)
+    rnd.outcome = f"secure sum, attempt {rnd.secure_attempt}: {why}; step {step}"[:200]
+    db.commit()
+
+
+def _restart(db: Session, study: Study, rnd: Round, now: Clock, why: str) -> None:
+    _forget(db, rnd)
+    rnd.secure_attempt = (rnd.secure_attempt or 0) + 1
+    _next(db, study, rnd, now, "advertise", f"{why}: starting again with fresh keys")
+
+
+def _give_up(db: Session, rnd: Round, why: str) -> str:
+    _forget(db, rnd)
+    log.warning("round %d: secure sum given up: %s", rnd.number, why)
+    return why
+
+
+def _forget(db: Session, rnd: Round) -> None:
+    db.execute(delete(SecureMessage).where(SecureMessage.round_id == rnd.id))

@@ -1,0 +1,140 @@
+"""A node's side of a secure round (:mod:`cardiofed.protocol.secure_sums`): the message of
+each step, from the task and the site's own state; no transport here.
+
+The site's secrets of a sum (two X25519 keys and the self-mask seed) live in this
+object's memory only: a node that restarts during a sum no longer holds them and leaves
+that round (the sum goes on without it). A site takes part only with a privacy budget,
+checks that the study's noise multiplier covers what its budget needs before it
+shares a key, and charges its ledger before it computes its vector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from cardiofed.exceptions import CardioFedError, TaskRefused
+from cardiofed.privacy.randomness import secure_numpy_rng
+from cardiofed.protocol import secure_sums as wire
+from cardiofed.protocol.schemas import (
+    SecureInput,
+    SecureReveal,
+    SecureShares,
+    SecureTask,
+    TaskResponse,
+)
+from cardiofed.secure import Advertisement, SecureSite, keys
+from cardiofed.secure.noise import DistributedNoise
+from cardiofed.simulation.config import SimulationConfig
+
+
+@dataclass
+class _Sum:
+    """One sum's secrets and, once the keys are shared, its state."""
+
+    need: float
+    length: int
+    c_private: bytes
+    s_private: bytes
+    b_seed: bytes
+    site: SecureSite | None = None
+    noise: DistributedNoise | None = None
+    multiplier: float = 0.0
+
+
+Key = tuple[str, int, int]  # study, round, attempt
+
+
+class SecureRounds:
+    """The sums this node is part of, by (study, round, attempt)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[Key, _Sum] = {}
+
+    def advertise(self, task: TaskResponse, name: str, need: float,
+                  length: int) -> wire.SecureAdvert:
+        """Fresh keys for the task's sum, advertised with the noise multiplier `need`
+        this site's budget needs on it; `length` values in its vector."""
+        sec = _secure(task)
+        for key in [k for k in self._sums if k[:2] == (task.study, task.round)]:
+            del self._sums[key]  # an earlier attempt of the round: its keys are spent
+        pending = _Sum(need=need, length=length, c_private=keys.new_private_key(),
+                       s_private=keys.new_private_key(), b_seed=keys.new_seed())
+        self._sums[(task.study, task.round, sec.attempt)] = pending
+        ad = Advertisement(name, keys.public_key(pending.c_private),
+                                keys.public_key(pending.s_private))
+        return wire.advert_to_wire(ad, need)
+
+    def share(self, task: TaskResponse, name: str, plan: SimulationConfig) -> SecureShares:
+        """Sealed share pairs for this site's neighbours, once the study's noise is
+        checked against this site's need."""
+        sec, pending = _secure(task), self._pending(task)
+        adverts = sec.adverts or {}
+        multiplier = sec.noise_multiplier
+        if multiplier is None or multiplier < pending.need or multiplier != max(
+                (ad.noise_multiplier for ad in adverts.values()), default=0.0):
+            raise TaskRefused(f"The sum's noise multiplier {multiplier!r} is not the largest "
+                              f"the sites advertised, or is below this site's "
+                              f"{pending.need:.4g}: its noise would not cover this site's "
+                              f"budget.")
+        try:
+            ads = {site: wire.advert_from_wire(site, ad) for site, ad in adverts.items()}
+            sum_plan, noise = wire.sum_setup(task.kind, plan, sorted(ads), pending.length,
+                                             multiplier, study=task.study,
+                                             round_number=task.round, attempt=sec.attempt)
+            pending.site = SecureSite(name, sum_plan, _c_private=pending.c_private,
+                                      _s_private=pending.s_private, _b_seed=pending.b_seed)
+            sealed = pending.site.share_keys(ads)
+        except (CardioFedError, ValueError) as exc:
+            raise TaskRefused(f"The sum's advertisements are not ones this site can share "
+                              f"keys with: {exc}") from None
+        pending.noise, pending.multiplier = noise, multiplier
+        return SecureShares(sealed={peer: wire.to_b64(box) for peer, box in sealed.items()})
+
+    def input(self, task: TaskResponse, charge: Callable[[float], None],
+              vector: Callable[[], np.ndarray]) -> SecureInput:
+        """This site's vector with its noise share, masked: `charge` (the ledger, at the
+        study's multiplier) runs first, then `vector` computes it."""
+        sec, pending = _secure(task), self._pending(task)
+        if pending.site is None:
+            raise TaskRefused("This site shared no keys in this sum; it sends no input.")
+        charge(pending.multiplier)
+        try:
+            inbox = {peer: wire.from_b64(box, f"The share pair from {peer!r}")
+                     for peer, box in (sec.inbox or {}).items()}
+            masked = pending.site.masked_input(vector(), inbox, secure_numpy_rng(),
+                                               pending.noise)
+        except (CardioFedError, ValueError) as exc:
+            raise TaskRefused(f"This site cannot mask its input with the shares it was "
+                              f"sent: {exc}") from None
+        return SecureInput(masked=wire.ring_to_wire(masked))
+
+    def reveal(self, task: TaskResponse) -> SecureReveal:
+        """One share per site this site holds shares of, for the survivors the task names;
+        the sum's secrets are then forgotten."""
+        sec, pending = _secure(task), self._pending(task)
+        if pending.site is None:
+            raise TaskRefused("This site shared no keys in this sum; it reveals nothing.")
+        try:
+            shares = pending.site.unmask(sec.survivors or [])
+        except CardioFedError as exc:
+            raise TaskRefused(f"This site does not reveal shares for these survivors: "
+                              f"{exc}") from None
+        del self._sums[(task.study, task.round, sec.attempt)]
+        return SecureReveal.model_validate({"shares": {
+            site: {"kind": kind, "share": wire.to_b64(share)}
+            for site, (kind, share) in shares.items()}})
+
+    def _pending(self, task: TaskResponse) -> _Sum:
+        pending = self._sums.get((task.study, task.round, _secure(task).attempt))
+        if pending is None:
+            raise TaskRefused("This node holds no keys for this sum (it restarted, or "
+                              "missed the advertisement): it leaves this round.")
+        return pending
+
+
+def _secure(task: TaskResponse) -> SecureTask:
+    assert task.secure is not None
+    return task.secure

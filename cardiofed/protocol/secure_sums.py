@@ -1,0 +1,115 @@
+"""A secure study's rounds on the network: what the node and the coordinator agree on.
+
+With ``secure_aggregation = true`` in a study's plan, its statistics round and each
+training round are one secure sum (:mod:`cardiofed.secure`) in four steps, each a task
+the node polls for and a message it posts (``POST
+/v1/studies/{id}/rounds/{n}/secure/{step}``):
+
+1. ``advertise``: the site's public keys and the noise multiplier its budget needs on
+   the sum (a function of its epsilon, delta and the plan's rounds, never of its data);
+2. ``share``: given every advertisement, its sealed share pairs for its neighbours;
+   the study's noise multiplier is the largest any site advertised, which each site
+   checks against its own need before it shares;
+3. ``input``: its vector (histograms and record count, or its clipped gradient sum and
+   record count), encoded into the ring with its share of the noise, masked; charged to
+   its ledger first;
+4. ``reveal``: given the survivors (the sites whose input arrived), one share per
+   neighbour.
+
+The coordinator then unmasks the survivors' sum and nothing else. The sum's parameters
+(ring, noise, neighbours) follow from the plan, the advertising sites and the noise
+multiplier, so both ends derive them with :func:`sum_setup`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import numpy as np
+
+from cardiofed.data.preprocessing import PRIVATE_BINS, SiteStatistics, statistics_from_histogram
+from cardiofed.exceptions import InvalidUpdate
+from cardiofed.models.networks import Weights
+from cardiofed.protocol.schemas import SecureAdvert
+from cardiofed.secure import Advertisement, SumPlan
+from cardiofed.secure.noise import DistributedNoise
+from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.secure_runner import mean_gradient_step, secure_codec_and_noise
+from cardiofed.simulation.secure_statistics import statistics_codec_and_noise
+
+STEPS = ("advertise", "share", "input", "reveal")
+SECURE_KINDS = ("statistics", "train")
+
+
+def is_secure(plan: SimulationConfig, kind: str) -> bool:
+    """Whether a round of `kind` is a secure sum under `plan`."""
+    return plan.secure_aggregation and kind in SECURE_KINDS
+
+
+def vector_length(kind: str, n_columns: int, n_weights: int) -> int:
+    """How many values a site's vector holds: each column's histogram, or the model's
+    gradient, and the record count."""
+    return (n_columns * PRIVATE_BINS if kind == "statistics" else n_weights) + 1
+
+
+def sum_setup(kind: str, plan: SimulationConfig, sites: list[str], length: int,
+              noise_multiplier: float, *, study: str, round_number: int,
+              attempt: int) -> tuple[SumPlan, DistributedNoise]:
+    """The secure sum of round `round_number` (its `attempt`) over `sites`, the sites
+    that advertised, and the noise each adds."""
+    n = len(sites)
+    if kind == "statistics":
+        codec, noise = statistics_codec_and_noise(n, (length - 1) // PRIVATE_BINS,
+                                                  noise_multiplier, plan.secure_dropout)
+    else:
+        codec, noise = secure_codec_and_noise(plan, n, length, noise_multiplier)
+    context = f"cardiofed/{study}/round {round_number}/attempt {attempt}".encode()
+    return (SumPlan(context=context, codec=codec, sites=tuple(sites), length=length,
+                    min_inputs=noise.min_sites), noise)
+
+
+def to_b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def from_b64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidUpdate(f"{what} is not valid base64.") from None
+
+
+def advert_to_wire(ad: Advertisement, noise_multiplier: float) -> SecureAdvert:
+    return SecureAdvert(c_public=to_b64(ad.c_public), s_public=to_b64(ad.s_public),
+                        noise_multiplier=noise_multiplier)
+
+
+def advert_from_wire(site: str, body: SecureAdvert) -> Advertisement:
+    """The advertisement, its keys checked for length (:class:`InvalidUpdate`)."""
+    return Advertisement(site, from_b64(body.c_public, f"{site!r}'s c_public"),
+                         from_b64(body.s_public, f"{site!r}'s s_public"))
+
+
+def ring_to_wire(y: np.ndarray) -> str:
+    return to_b64(np.asarray(y, np.uint64).astype("<u8").tobytes())
+
+
+def ring_from_wire(text: str, length: int, site: str) -> np.ndarray:
+    raw = from_b64(text, f"The masked input of {site!r}")
+    if len(raw) != 8 * length:
+        raise InvalidUpdate(f"The masked input of {site!r} holds {len(raw)} bytes; the sum's "
+                            f"{length} values take {8 * length}.")
+    return np.frombuffer(raw, "<u8").astype(np.uint64)
+
+
+def statistics_from_sum(total: np.ndarray, edges: np.ndarray) -> SiteStatistics:
+    """The federation's statistics from the unmasked sum of histograms and counts."""
+    n_columns, n_bins = edges.shape[0], edges.shape[1] - 1
+    return statistics_from_histogram(total[:-1].reshape(n_columns, n_bins), edges,
+                                     float(total[-1]))
+
+
+def training_delta(total: np.ndarray, weights: Weights) -> Weights:
+    """The server's step from the unmasked sum of gradients and counts."""
+    return mean_gradient_step([total], weights)

@@ -1,0 +1,205 @@
+"""Secure rounds over the network (cardiofed.protocol.secure_sums): the nodes and the
+coordinator run the four steps of each sum over HTTP; the coordinator keeps no site's
+release, survives a site that drops after sharing its keys, and refuses messages out of
+step or malformed, naming why."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import func, select
+from test_coordinator import SITES, Federation, _simulated, _until_done  # type: ignore[import-not-found]
+from test_node_privacy import default_agent, refusals  # type: ignore[import-not-found]
+
+import cardiofed.coordinator.secure_sums as coordinator_sums
+import cardiofed.node.secure_rounds as node_sums
+from cardiofed.data.preprocessing import PRIVATE_BINS, bin_edges
+from cardiofed.node.agent import NodeAgent
+from cardiofed.node.config import NodeConfig
+from cardiofed.node.work import statistics_vector
+from cardiofed.privacy.ledger_file import open_ledger_file
+from cardiofed.protocol import secure_sums as wire
+from cardiofed.secure.simulate import ring_sum
+from cardiofed.serving import registry
+from cardiofed.simulation.config import SimulationConfig
+from cardiofed.store import Round, SecureMessage, Update, session_factory
+
+PLAN = {"rounds": 3, "seed": 5, "secure_aggregation": True, "lr": 0.5}
+
+
+def private_agent(fed: Federation, site: str, epsilon: float) -> NodeAgent:
+    return NodeAgent(NodeConfig.create(
+        coordinator_url="http://testserver", state_dir=str(fed.tmp / site),
+        enrolment_token=fed.tokens[site], poll_wait_s=0,
+        privacy={"epsilon_max": epsilon, "study_epsilon": epsilon},
+        data={"dataset": "synthetic", "site": site, "seed": 0}), client=fed.client)
+
+
+def test_a_secure_study_runs_over_the_network_keeping_only_sums(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan=PLAN)
+    agents = [default_agent(fed, s) for s in SITES]  # private by default
+    _until_done(fed, agents)
+
+    assert fed.status()["refusals"] == []
+    for site in SITES:
+        ledger = open_ledger_file(fed.tmp / f"{site}-privacy")
+        assert [e["kind"] for e in ledger.entries] == [
+            "statistics", "train", "train", "train", "evaluate"]
+        assert all(e.get("secure_sum") for e in ledger.entries[:4])
+        assert ledger.entries[-1]["epsilon_after"] <= 1.0 + 1e-9
+    with session_factory(fed.settings.database_url)() as db:
+        rounds = {r.number: (r.kind, r.id) for r in db.scalars(select(Round))}
+        kept = db.scalars(select(Update.round_id)).all()
+        assert db.scalar(select(func.count()).select_from(SecureMessage)) == 0
+        card = registry.card(db, "s1-v3")
+    # Updates are stored only for the evaluation round: no site's statistics or gradient.
+    assert {kind for kind, rid in rounds.values() if rid in kept} == {"evaluate"}
+    assert card["sites"] == SITES and set(card["metrics"]) == set(SITES)
+
+
+def test_with_little_noise_the_network_trains_the_simulators_model(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan=PLAN)
+    _until_done(fed, [private_agent(fed, s, 1e5) for s in SITES])
+    sim = _simulated({**PLAN, "dp_epsilon": 1e5})
+    with session_factory(fed.settings.database_url)() as db:
+        served = registry.load(db, "s1-v3")
+    for name, value in served.weights.items():
+        np.testing.assert_allclose(value, sim.federated.weights[name], atol=2e-3)
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[object]]]:
+    """Seeded generators for the nodes' rounding and noise, and the coordinator's
+    unmasked sums, recorded."""
+    record: dict[str, list[object]] = {"seeds": [], "sums": []}
+
+    def rng() -> np.random.Generator:
+        record["seeds"].append(len(record["seeds"]))
+        return np.random.default_rng(len(record["seeds"]) - 1)
+
+    real = coordinator_sums.unmask_sum
+
+    def unmask(*args: object, **kwargs: object) -> object:
+        result = real(*args, **kwargs)  # type: ignore[arg-type]
+        record["sums"].append(result)
+        return result
+
+    monkeypatch.setattr(node_sums, "secure_numpy_rng", rng)
+    monkeypatch.setattr(coordinator_sums, "unmask_sum", unmask)
+    yield record
+
+
+def test_a_site_dropping_after_sharing_keys_leaves_the_survivors_exact_sum(
+        tmp_path: Path, recorded: dict[str, list[object]]) -> None:
+    fed = Federation(tmp_path, plan={**PLAN, "secure_dropout": 0.4})  # noise over 2 of 3
+    agents = [default_agent(fed, s) for s in SITES]
+    fed.step(agents)  # advertise
+    fed.step(agents)  # share keys
+    fed.step(agents[:2])  # the third site drops before its input
+    fed.advance(3601)  # the input step's deadline passes
+    fed.step(agents[:2])  # the survivors reveal
+    status = fed.status()
+    assert status["phase"] == "train", status
+
+    result = recorded["sums"][0]
+    assert result.survivors == tuple(sorted(SITES[:2])) and result.dropped == (SITES[2],)
+    plan = SimulationConfig.create(**PLAN, secure_dropout=0.4)
+    ranges = [tuple(r) for r in fed.client.get(  # the study's ranges, as the sites hold them
+        "/v1/tasks/next", headers=fed.auth(agents[0].credential())).json()["feature_ranges"]]
+    edges = bin_edges(ranges, PRIVATE_BINS)
+    multiplier = open_ledger_file(fed.tmp / f"{SITES[0]}-privacy").entries[0][
+        "noise_multiplier"]  # the study's: the largest any site needed
+    sum_plan, noise = wire.sum_setup("statistics", plan, sorted(SITES),
+                                     wire.vector_length("statistics", len(ranges), 0),
+                                     multiplier, study="s1", round_number=0, attempt=0)
+    # The sites drew their generators in the order they sent their inputs.
+    vectors = {s: statistics_vector(a._site, edges) for s, a in zip(SITES[:2], agents)}  # type: ignore[arg-type]
+    rngs = {s: np.random.default_rng(k) for k, s in enumerate(SITES[:2])}
+    np.testing.assert_array_equal(result.total, ring_sum(sum_plan.codec, vectors, rngs, noise))
+
+
+def test_a_non_private_node_refuses_a_secure_round(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan=PLAN)
+    fed.step([fed.agent(s) for s in SITES])  # privacy = "off"
+    assert refusals(fed) == [
+        "The study's rounds are secure sums with distributed noise, which each site adds "
+        "from its privacy budget; this node has none (privacy = \"off\")."] * 3
+
+
+def _task(fed: Federation, agent: NodeAgent) -> dict[str, object]:
+    return fed.client.get("/v1/tasks/next", headers=fed.auth(agent.credential())).json()
+
+
+def test_a_node_shares_no_key_when_the_noise_is_below_its_need(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan=PLAN)
+    agents = [default_agent(fed, s) for s in SITES]
+    fed.step(agents)  # advertise
+    task = _task(fed, agents[0])
+    adverts = task["secure"]["adverts"]  # type: ignore[index]
+    for ad in adverts.values():  # a coordinator announcing less noise than they need
+        ad["noise_multiplier"] /= 2
+    task["secure"]["noise_multiplier"] /= 2  # type: ignore[index]
+    from cardiofed.protocol.schemas import TaskResponse
+
+    agents[0].run_task(TaskResponse.model_validate(task))
+    assert refusals(fed)[0].startswith("The sum's noise multiplier")
+    assert "below this site's" in refusals(fed)[0]
+
+
+def test_messages_out_of_step_are_refused_by_name(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan=PLAN)
+    agent = default_agent(fed, SITES[0])
+    headers = fed.auth(agent.credential())
+    key = base64.b64encode(bytes(32)).decode()
+    advert = {"c_public": key, "s_public": key, "noise_multiplier": 1.0}
+    url = "/v1/studies/s1/rounds/0/secure"
+    answer = fed.client.post(f"{url}/share", params={"attempt": 0}, headers=headers,
+                             json={"sealed": {}})
+    assert answer.status_code == 409
+    assert "is at step 'advertise' of attempt 0; this message is for step 'share'" in \
+        answer.json()["detail"]
+    answer = fed.client.post(f"{url}/advertise", params={"attempt": 1}, headers=headers,
+                             json=advert)
+    assert answer.status_code == 409
+    assert fed.client.post(f"{url}/advertise", params={"attempt": 0}, headers=headers,
+                           json=advert).status_code == 204
+    again = fed.client.post(f"{url}/advertise", params={"attempt": 0}, headers=headers,
+                            json={**advert, "noise_multiplier": 2.0})
+    assert again.status_code == 409 and "already posted another advertise" in \
+        again.json()["detail"]
+    assert fed.client.post("/v1/studies/s1/rounds/1/secure/advertise", params={"attempt": 0},
+                           headers=headers, json=advert).status_code == 404
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(size=st.integers(0, 80).filter(lambda n: n != 32), which=st.sampled_from(
+    ["c_public", "s_public"]))
+def test_a_key_of_the_wrong_length_is_refused(tmp_path_factory: pytest.TempPathFactory,
+                                              size: int, which: str) -> None:
+    fed = _shared_federation(tmp_path_factory)
+    key = base64.b64encode(bytes(32)).decode()
+    advert = {"c_public": key, "s_public": key, "noise_multiplier": 1.0,
+              which: base64.b64encode(bytes(size)).decode()}
+    answer = fed.client.post("/v1/studies/s1/rounds/0/secure/advertise",
+                             params={"attempt": 0}, json=advert,
+                             headers=fed.auth(fed.agents[0].credential()))  # type: ignore[attr-defined]
+    assert answer.status_code == 422
+    assert f"{which} must be 32 bytes" in answer.json()["detail"]
+
+
+_FEDERATIONS: dict[str, Federation] = {}
+
+
+def _shared_federation(factory: pytest.TempPathFactory) -> Federation:
+    if "one" not in _FEDERATIONS:
+        fed = Federation(factory.mktemp("secure"), plan=PLAN)
+        fed.agents = [default_agent(fed, s) for s in SITES]  # type: ignore[attr-defined]
+        _FEDERATIONS["one"] = fed
+    return _FEDERATIONS["one"]
