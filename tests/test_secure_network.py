@@ -119,7 +119,8 @@ def test_a_site_dropping_after_sharing_keys_leaves_the_survivors_exact_sum(
                                      wire.vector_length("statistics", len(ranges), 0),
                                      multiplier, study="s1", round_number=0, attempt=0)
     # The sites drew their generators in the order they sent their inputs.
-    vectors = {s: statistics_vector(a._site, edges) for s, a in zip(SITES[:2], agents)}  # type: ignore[arg-type]
+    vectors = {s: statistics_vector(a._site, edges)  # type: ignore[arg-type]
+               for s, a in zip(SITES[:2], agents[:2], strict=True)}
     rngs = {s: np.random.default_rng(k) for k, s in enumerate(SITES[:2])}
     np.testing.assert_array_equal(result.total, ring_sum(sum_plan.codec, vectors, rngs, noise))
 
