@@ -204,3 +204,36 @@ def _shared_federation(factory: pytest.TempPathFactory) -> Federation:
         fed.agents = [default_agent(fed, s) for s in SITES]  # type: ignore[attr-defined]
         _FEDERATIONS["one"] = fed
     return _FEDERATIONS["one"]
+
+
+def test_a_long_poll_wakes_when_its_study_changes() -> None:
+    import asyncio
+    import threading
+
+    from cardiofed.coordinator import wakeups
+
+    async def poll() -> float:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        waiting = asyncio.ensure_future(wakeups.wait("s1", timeout=600))
+        await asyncio.sleep(0)  # the poll is waiting now
+        threading.Thread(target=wakeups.notify, args=("s1",)).start()  # an upload's thread
+        await waiting
+        return loop.time() - start
+
+    assert asyncio.run(poll()) < 600  # woken, not timed out
+    wakeups.notify("no such study")  # nobody waits: nothing happens
+
+
+def test_the_status_says_which_step_the_sum_is_at_and_whom_it_waits_for(
+        tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan=PLAN)
+    agents = [default_agent(fed, s) for s in SITES]
+    fed.step(agents[:2])  # two sites advertised
+    status = fed.status()
+    assert status["secure_sum"] == {"step": "advertise", "attempt": 0}
+    assert status["reported"] == sorted(SITES[:2]) and status["waiting_for"] == [SITES[2]]
+    fed.step(agents[2:])
+    status = fed.status()
+    assert status["secure_sum"]["step"] == "share"  # type: ignore[index]
+    assert status["waiting_for"] == sorted(SITES)

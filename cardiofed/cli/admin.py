@@ -352,6 +352,9 @@ def status_view(state: dict[str, Any]) -> Group:
     ]
     if state["aggregation"] == "async":
         rows.append(("buffered updates", str(state["buffered"])))
+    if secure := state.get("secure_sum"):
+        rows.append(("secure sum", f"step {secure['step']} (attempt {secure['attempt']}); "
+                                   f"reported: the sites that took it"))
     if step := state.get("intercept_step"):
         left = f"; left out: {_names(step['left_out'])}" if step["left_out"] else ""
         rows.append(("intercept step", f"{step['step']:+.3f} (log-odds, round "

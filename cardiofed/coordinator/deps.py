@@ -82,7 +82,8 @@ Clock = Annotated[studies.Clock, Depends(get_clock)]
 def current_site(db: DB, credential: Credential,
                  clock: Clock) -> Site:
     site = enrolment.authenticate_site(db, credential, clock)
-    db.commit()  # last_seen
+    if db.dirty:
+        db.commit()  # last_seen
     return site
 
 

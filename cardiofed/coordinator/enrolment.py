@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import (
     bindparam,
@@ -70,12 +70,21 @@ def enrol(db: Session, token: str) -> tuple[Site, str]:
 
 def authenticate_site(db: Session, credential: str | None, now: Clock = utcnow, *,
                       record_contact: bool = True) -> Site:
-    """The site whose credential this is; `record_contact` sets its ``last_seen``."""
+    """The site whose credential this is; `record_contact` sets its ``last_seen`` when
+    it is older than :data:`CONTACT_RESOLUTION` (a write, and on SQLite an fsync, per
+    request would cost more than the request: a secure round's four steps took one per
+    poll, message and download of every site)."""
     site = _usable(db.scalar(select(Site).where(
         Site.credential_hash == _credential_hash(credential))))
     if record_contact:
-        site.last_seen = now()
+        seen = now()
+        if site.last_seen is None or not timedelta(0) <= seen - site.last_seen \
+                < CONTACT_RESOLUTION:
+            site.last_seen = seen
     return site
+
+
+CONTACT_RESOLUTION = timedelta(seconds=10)
 
 
 def _credential_hash(credential: str | None) -> str:

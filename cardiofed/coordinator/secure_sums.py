@@ -13,8 +13,9 @@ shares; all of it is deleted when the sum is unmasked or given up.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import cached_property
+from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import delete, select
@@ -27,7 +28,6 @@ from cardiofed.coordinator.studies import (
     active_ids,
     refused_ids,
     round_of,
-    serialised,
     study_plan,
 )
 from cardiofed.exceptions import Conflict, InvalidUpdate, RoundClosed
@@ -55,47 +55,71 @@ def open_step(plan_secure: bool, kind: str) -> tuple[str | None, int | None]:
     return ("advertise", 0) if plan_secure and kind in wire.SECURE_KINDS else (None, None)
 
 
-@dataclass
 class _State:
-    """The current attempt's messages by step, site name -> body, and the sum's plan."""
+    """The current attempt's messages: who posted each step (read at once), the bodies of
+    a step (read and parsed when asked for), and the sum's plan once keys are out."""
 
-    names: dict[int, str]
-    bodies: dict[str, dict[str, BaseModel]] = field(default_factory=dict)
-    plan: SumPlan | None = None
-    ads: dict[str, Advertisement] = field(default_factory=dict)
-    multiplier: float = 0.0
+    def __init__(self, db: Session, study: Study, rnd: Round) -> None:
+        self.db, self.study, self.rnd = db, study, rnd
+        self.names = dict(db.execute(select(Site.id, Site.name)
+                                     .where(Site.study_id == study.id)).all())
+        self._posted: dict[str, set[str]] = {}
+        for site_id, step in db.execute(select(SecureMessage.site_id, SecureMessage.step)
+                                        .where(*self._this_attempt())):
+            self._posted.setdefault(step, set()).add(self.names[site_id])
+        self._bodies: dict[str, dict[str, Any]] = {}
+
+    def _this_attempt(self) -> tuple[Any, ...]:
+        return (SecureMessage.round_id == self.rnd.id,
+                SecureMessage.attempt == self.rnd.secure_attempt)
 
     def posted(self, step: str) -> set[str]:
-        return set(self.bodies.get(step, {}))
+        return set(self._posted.get(step, ()))
+
+    def bodies(self, step: str) -> dict[str, Any]:
+        """Site name -> the parsed message of `step`, in the order they arrived."""
+        if step not in self._bodies:
+            self._bodies[step] = {
+                self.names[site_id]: BODIES[step].model_validate_json(body)
+                for site_id, body in self.db.execute(
+                    select(SecureMessage.site_id, SecureMessage.body)
+                    .where(*self._this_attempt(), SecureMessage.step == step)
+                    .order_by(SecureMessage.id))}
+        return self._bodies[step]
+
+    @cached_property
+    def multiplier(self) -> float:
+        """The study's noise multiplier: the largest any site advertised."""
+        return max((ad.noise_multiplier for ad in self.bodies("advertise").values()),
+                   default=0.0)
+
+    @cached_property
+    def ads(self) -> dict[str, Advertisement]:
+        return {name: wire.advert_from_wire(name, ad)
+                for name, ad in self.bodies("advertise").items()}
+
+    @cached_property
+    def plan(self) -> SumPlan:
+        """The sum over the sites that advertised (once the advertise step has closed)."""
+        rnd, study = self.rnd, self.study
+        return wire.sum_setup(rnd.kind, study_plan(study), sorted(self.posted("advertise")),
+                              _length(self.db, study, rnd), self.multiplier,
+                              study=study.id, round_number=rnd.number,
+                              attempt=rnd.secure_attempt or 0)[0]
 
 
-def _state(db: Session, study: Study, rnd: Round) -> _State:
-    names = dict(db.execute(select(Site.id, Site.name).where(Site.study_id == study.id)).all())
-    state = _State(names=names)
-    for site_id, step, body in db.execute(
-            select(SecureMessage.site_id, SecureMessage.step, SecureMessage.body)
-            .where(SecureMessage.round_id == rnd.id,
-                   SecureMessage.attempt == rnd.secure_attempt)
-            .order_by(SecureMessage.id)):
-        state.bodies.setdefault(step, {})[names[site_id]] = \
-            BODIES[step].model_validate_json(body)
-    adverts = state.bodies.get("advertise", {})
-    if rnd.secure_step != "advertise" and len(adverts) >= 2:
-        state.ads = {name: wire.advert_from_wire(name, ad)  # type: ignore[arg-type]
-                     for name, ad in adverts.items()}
-        state.multiplier = max(ad.noise_multiplier  # type: ignore[attr-defined]
-                               for ad in adverts.values())
-        state.plan = wire.sum_setup(rnd.kind, study_plan(study), sorted(adverts),
-                                    _length(db, study, rnd), state.multiplier,
-                                    study=study.id, round_number=rnd.number,
-                                    attempt=rnd.secure_attempt or 0)[0]
-    return state
+_LENGTHS: dict[tuple[str, str, int], int] = {}  # (study, kind, model version) -> length
 
 
 def _length(db: Session, study: Study, rnd: Round) -> int:
-    n_weights = 0 if rnd.kind == STATISTICS else sum(
-        v.size for v in load_model(db, study, rnd.model_version).values())
-    return wire.vector_length(rnd.kind, len(study.feature_names), n_weights)
+    key = (study.id, rnd.kind, rnd.model_version)
+    if key not in _LENGTHS:
+        if len(_LENGTHS) > 1000:
+            _LENGTHS.clear()
+        n_weights = 0 if rnd.kind == STATISTICS else sum(
+            v.size for v in load_model(db, study, rnd.model_version).values())
+        _LENGTHS[key] = wire.vector_length(rnd.kind, len(study.feature_names), n_weights)
+    return _LENGTHS[key]
 
 
 def _waits_for(db: Session, study: Study, rnd: Round, state: _State) -> set[str]:
@@ -115,7 +139,7 @@ def _waits_for(db: Session, study: Study, rnd: Round, state: _State) -> set[str]
 def task(db: Session, study: Study, rnd: Round, site: Site) -> SecureTask | None:
     """`site`'s task at the round's current step, None when it has none (it posted this
     step already, or missed an earlier one of this attempt)."""
-    state = _state(db, study, rnd)
+    state = _State(db, study, rnd)
     step, attempt = rnd.secure_step, rnd.secure_attempt or 0
     assert step is not None
     if site.name in state.posted(step) or site.name not in _waits_for(db, study, rnd, state):
@@ -124,46 +148,54 @@ def task(db: Session, study: Study, rnd: Round, site: Site) -> SecureTask | None
     if step == "advertise":
         fields["sites"] = sorted(state.names[i] for i in active_ids(db, study))
     elif step == "share":
-        fields.update(noise_multiplier=state.multiplier, adverts=state.bodies["advertise"])
+        fields.update(noise_multiplier=state.multiplier, adverts=state.bodies("advertise"))
     elif step == "input":
         fields.update(noise_multiplier=state.multiplier, inbox={
-            sender: body.sealed[site.name]  # type: ignore[attr-defined]
-            for sender, body in state.bodies["share"].items()
-            if site.name in body.sealed})  # type: ignore[attr-defined]
+            sender: body.sealed[site.name] for sender, body in state.bodies("share").items()
+            if site.name in body.sealed})
     else:
         fields["survivors"] = sorted(state.posted("input"))
     return SecureTask.model_validate(fields)
 
 
+def step_status(db: Session, study: Study, rnd: Round) -> tuple[list[str], list[str]]:
+    """The sites that posted the current step's message, and those it still waits for."""
+    state = _State(db, study, rnd)
+    posted = state.posted(rnd.secure_step or "")
+    return sorted(posted), sorted(_waits_for(db, study, rnd, state) - posted)
+
+
 def submit(db: Session, site: Site, study: Study, round_number: int, step: str,
-           attempt: int, body: BaseModel, now: Clock) -> None:
-    """Check and store `site`'s message for `step` of the round's secure sum; a repeat of
-    the same message is accepted once more, another one is a conflict."""
-    with serialised(db, study):
-        rnd = round_of(db, study, round_number)
-        if rnd.secure_step is None:
-            raise Conflict(f"Round {round_number} of study {study.id!r} is not a secure "
-                           f"round.")
-        if rnd.closed_at is not None:
-            raise RoundClosed(f"Round {round_number} of study {study.id!r} has closed.")
-        if (step, attempt) != (rnd.secure_step, rnd.secure_attempt):
-            raise Conflict(f"Round {round_number}'s secure sum is at step "
-                           f"{rnd.secure_step!r} of attempt {rnd.secure_attempt}; this "
-                           f"message is for step {step!r} of attempt {attempt}.")
-        state = _state(db, study, rnd)
-        encoded = body.model_dump_json().encode()
-        earlier = state.bodies.get(step, {}).get(site.name)
-        if earlier is not None:
-            if earlier.model_dump_json().encode() != encoded:
-                raise Conflict(f"Site {site.name!r} already posted another {step} message "
-                               f"for this sum.")
-            return
-        if site.name not in _waits_for(db, study, rnd, state):
-            raise Conflict(f"Site {site.name!r} is not in this step of the sum (it missed "
-                           f"an earlier step of attempt {attempt}, or refused the round).")
-        _check(step, site.name, body, state)
-        db.add(SecureMessage(round_id=rnd.id, site_id=site.id, step=step, attempt=attempt,
-                             body=encoded, received_at=now()))
+           attempt: int, body: BaseModel, now: Clock) -> bool:
+    """Check and add `site`'s message for `step` of the round's secure sum (the caller
+    holds the study still, :func:`~cardiofed.coordinator.studies.serialised`, and
+    commits); a repeat of the same message is accepted once more, another one is a
+    conflict. True when every site the step waits for has now posted."""
+    rnd = round_of(db, study, round_number)
+    if rnd.secure_step is None:
+        raise Conflict(f"Round {round_number} of study {study.id!r} is not a secure round.")
+    if rnd.closed_at is not None:
+        raise RoundClosed(f"Round {round_number} of study {study.id!r} has closed.")
+    if (step, attempt) != (rnd.secure_step, rnd.secure_attempt):
+        raise Conflict(f"Round {round_number}'s secure sum is at step {rnd.secure_step!r} "
+                       f"of attempt {rnd.secure_attempt}; this message is for step "
+                       f"{step!r} of attempt {attempt}.")
+    state = _State(db, study, rnd)
+    encoded = body.model_dump_json().encode()
+    earlier = state.bodies(step)[site.name] if site.name in state.posted(step) else None
+    if earlier is not None:
+        if earlier.model_dump_json().encode() != encoded:
+            raise Conflict(f"Site {site.name!r} already posted another {step} message for "
+                           f"this sum.")
+        return False
+    waiting = _waits_for(db, study, rnd, state)
+    if site.name not in waiting:
+        raise Conflict(f"Site {site.name!r} is not in this step of the sum (it missed an "
+                       f"earlier step of attempt {attempt}, or refused the round).")
+    _check(step, site.name, body, state)
+    db.add(SecureMessage(round_id=rnd.id, site_id=site.id, step=step, attempt=attempt,
+                         body=encoded, received_at=now()))
+    return waiting <= state.posted(step) | {site.name}
 
 
 def _check(step: str, name: str, body: BaseModel, state: _State) -> None:
@@ -171,7 +203,6 @@ def _check(step: str, name: str, body: BaseModel, state: _State) -> None:
     if isinstance(body, SecureAdvert):
         wire.advert_from_wire(name, body)
         return
-    assert state.plan is not None
     if isinstance(body, SecureShares):
         peers = neighbour_graph(state.plan, state.ads)[name]
         if sorted(body.sealed) != peers:
@@ -201,7 +232,7 @@ def _check(step: str, name: str, body: BaseModel, state: _State) -> None:
 def progress(db: Session, study: Study, rnd: Round, now: Clock) -> SecureSum | str | None:
     """Close the current step if it is complete or past its deadline: the unmasked sum
     once the last step closes, a reason when the sum is given up, else None."""
-    state = _state(db, study, rnd)
+    state = _State(db, study, rnd)
     step = rnd.secure_step
     assert step is not None
     posted = state.posted(step)
@@ -216,7 +247,6 @@ def progress(db: Session, study: Study, rnd: Round, now: Clock) -> SecureSum | s
             return None
         _next(db, study, rnd, now, "share", f"{len(posted)} sites advertised keys")
         return None
-    assert state.plan is not None
     least = state.plan.min_inputs
     if step == "share":
         if len(posted) < least:
@@ -231,11 +261,11 @@ def progress(db: Session, study: Study, rnd: Round, now: Clock) -> SecureSum | s
                                      f"the noise is split over")
         _next(db, study, rnd, now, "reveal", f"{len(posted)} masked inputs")
         return None
-    inputs = {name: wire.ring_from_wire(body.masked, state.plan.length, name)  # type: ignore[attr-defined]
-              for name, body in state.bodies["input"].items()}
+    inputs = {name: wire.ring_from_wire(body.masked, state.plan.length, name)
+              for name, body in state.bodies("input").items()}
     revealed = {name: {site: (r.kind, wire.from_b64(r.share, "A revealed share"))
-                       for site, r in body.shares.items()}  # type: ignore[attr-defined]
-                for name, body in state.bodies.get("reveal", {}).items()}
+                       for site, r in body.shares.items()}
+                for name, body in state.bodies("reveal").items()}
     try:
         result = unmask_sum(state.plan, state.ads, state.posted("share"), inputs, revealed)
     except InvalidUpdate as exc:

@@ -9,7 +9,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from cardiofed.coordinator import attribution
+from cardiofed.coordinator import attribution, secure_sums
 from cardiofed.coordinator.buffer import buffered, update_share
 from cardiofed.coordinator.rounds import advance
 from cardiofed.coordinator.studies import (
@@ -44,15 +44,20 @@ def status(db: Session, study: Study, now: Clock = utcnow) -> dict[str, object]:
     waiting = [s.name for s in active if s.id not in reported and s.id not in refused]
     names = {s.id: s.name for s in db.scalars(select(Site).where(Site.study_id == study.id))}
     plan = study_plan(study)
+    secure, done = None, sorted(s.name for s in active if s.id in reported)
+    if rnd.secure_step is not None and rnd.closed_at is None:  # who took the sum's step
+        done, waiting = secure_sums.step_status(db, study, rnd)
+        secure = {"step": rnd.secure_step, "attempt": rnd.secure_attempt}
     return {
         "study": study.id, "phase": study.phase, "round": rnd.number, "kind": rnd.kind,
         "model_version": study.model_version, "rounds_planned": plan.rounds,
         # the evaluation's round: after the training rounds and any intercept step
         "final_round": plan.rounds + 1 + takes_intercept_step(db, study, plan),
-        "reported": sorted(s.name for s in active if s.id in reported),
+        "reported": done,
         "waiting_for": [] if study.phase == "done" else waiting,
         "deadline": rnd.deadline.isoformat() + "Z", "min_sites": study.min_sites,
         "round_outcome": rnd.outcome, "halted": study.halted,
+        "secure_sum": secure,
         "revoked": sorted(s.name for s in db.scalars(
             select(Site).where(Site.study_id == study.id, Site.revoked))),
         "aggregation": "async" if is_async(study) else "sync",

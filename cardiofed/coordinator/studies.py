@@ -167,7 +167,8 @@ def refusals_of(db: Session, study: Study) -> list[Refusal]:
 
 def refused_ids(db: Session, study: Study, round_number: int) -> set[int]:
     """Sites that refused this round's task: the round does not wait for them."""
-    return {r.site_id for r in refusals_of(db, study) if r.round_number == round_number}
+    return set(db.scalars(select(Refusal.site_id).where(Refusal.study_id == study.id,
+                                                        Refusal.round_number == round_number)))
 
 
 def shared_locks(db: Session) -> bool:

@@ -26,7 +26,10 @@ def make_engine(url: str, *, check_schema: bool = True) -> Engine:
     """An engine for `url`; with `check_schema`, an empty database gets the schema and a
     database at an older revision is refused (:class:`~cardiofed.exceptions.SchemaOutOfDate`)."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+        # A pool as large as a server database's: the default 5 (+10 overflow) left the
+        # worker threads of a secure round's 50 sites waiting for a connection.
+        engine = create_engine(url, connect_args={"check_same_thread": False},
+                               pool_size=POOL_SIZE, max_overflow=10, pool_timeout=60)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from datetime import UTC
 from typing import Annotated
@@ -11,7 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from cardiofed.coordinator import attribution, enrolment, studies
+from cardiofed.coordinator import attribution, enrolment, studies, wakeups
 from cardiofed.coordinator.deps import DB, Clock, CurrentSite, Settings, refusals
 from cardiofed.protocol.schemas import EnrolRequest, EnrolResponse, SiteInfo, TaskResponse
 from cardiofed.store import Site
@@ -32,8 +31,14 @@ def me(site: CurrentSite) -> SiteInfo:
     return SiteInfo(site=site.name, study=site.study_id, site_index=site.index)
 
 
+STUDY_PHASE = "X-Study-Phase"
+
+
 @router.get("/tasks/next", response_model=TaskResponse,
-            responses={204: {"description": "Nothing to do now; poll again."},
+            responses={204: {"description": "Nothing to do now; poll again. Header "
+                                            "X-Study-Phase: done once the study finished, "
+                                            "else running.",
+                             "headers": {STUDY_PHASE: {"schema": {"type": "string"}}}},
                        **refusals(401, 413, 422)})
 async def next_task(site: CurrentSite, db: DB, settings: Settings, request: Request,
                     clock: Clock,
@@ -44,13 +49,16 @@ async def next_task(site: CurrentSite, db: DB, settings: Settings, request: Requ
     ends at once when the client goes away. While it waits it holds neither a worker
     thread nor a database connection."""
     give_up = time.monotonic() + min(wait, settings.long_poll_s)
+    study_id = site.study_id  # read now: each look expires the site (a read would block)
     while True:
         task = await run_in_threadpool(_poll, db, site, clock)
         if isinstance(task, TaskResponse):
             return task
         if task == "done" or time.monotonic() >= give_up or await request.is_disconnected():
-            return Response(status_code=204)  # a finished study answers at once
-        await asyncio.sleep(0.2)
+            # A finished study answers at once, and says so (no status request needed).
+            return Response(status_code=204, headers={
+                STUDY_PHASE: "done" if task == "done" else "running"})
+        await wakeups.wait(study_id)
 
 
 def _poll(db: Session, site: Site, clock: studies.Clock) -> TaskResponse | str | None:

@@ -81,11 +81,13 @@ def _model_columns(body: StudyCreate, catalogue: Catalogue
 
 
 def _reader(db: DB, credential: str | None, clock: Clock, study_id: str) -> None:
-    """An admin or viewer credential, or a site of `study_id`."""
+    """An admin or viewer credential, or a site of `study_id` (a read is not recorded as
+    the site's contact: an uncommitted last_seen would hold SQLite's write lock for the
+    whole request)."""
     try:
         administration.authenticate_admin(db, credential, write=False)
     except AuthenticationError:
-        site = enrolment.authenticate_site(db, credential, clock)
+        site = enrolment.authenticate_site(db, credential, clock, record_contact=False)
         studies.ensure_site_access(site, study_id)
 
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
-from cardiofed.coordinator import enrolment, secure_sums, studies, uploads
+from cardiofed.coordinator import enrolment, secure_sums, studies, uploads, wakeups
 from cardiofed.coordinator.deps import (
     DB,
     Clock,
@@ -18,7 +18,7 @@ from cardiofed.coordinator.deps import (
     Settings,
     refusals,
 )
-from cardiofed.coordinator.rounds import advance
+from cardiofed.coordinator.rounds import advance_locked
 from cardiofed.coordinator.settings import CoordinatorSettings
 from cardiofed.exceptions import CoordinatorError, PayloadTooLarge
 from cardiofed.protocol.schemas import (
@@ -100,6 +100,7 @@ async def _receive(request: Request, sessions: sessionmaker[Session],
         counted.labels("refused").inc()
         raise
     counted.labels("accepted" if new else "already accepted").inc()
+    wakeups.notify(target.site.study_id)
     return SubmitResponse(sha256=digest, status="accepted" if new else "already accepted")
 
 
@@ -126,6 +127,7 @@ def refuse_task(study_id: str, round_number: PathNumber, body: RefusalRequest,
     refusal and its reason show in the study's status and the round goes on without it."""
     studies.ensure_site_access(site, study_id)
     enrolment.refuse(db, site, round_number=round_number, reason=body.reason, now=clock)
+    wakeups.notify(study_id)
 
 
 # A secure round's steps (cardiofed.protocol.secure_sums): one endpoint per message kind.
@@ -134,42 +136,51 @@ Attempt = Annotated[int, Query(ge=0, le=1_000_000, description="The sum's attemp
 SECURE_REFUSALS = refusals(401, 403, 404, 409, 413, 422)
 
 
-def _secure(site: CurrentSite, db: DB, clock: Clock, study_id: str, round_number: int,
-            step: str, attempt: int, body: object) -> None:
+def _secure(credential: str | None, db: Session, clock: studies.Clock, study_id: str,
+            round_number: int, step: str, attempt: int, body: object) -> None:
+    """Store a secure-sum message and close its step if it was the last; one commit
+    (the message is the contact: the site's last_seen is not written for it)."""
+    site = enrolment.authenticate_site(db, credential, clock, record_contact=False)
     studies.ensure_site_access(site, study_id)
     study = studies.get_study(db, study_id)
-    secure_sums.submit(db, site, study, round_number, step, attempt, body,  # type: ignore[arg-type]
-                       clock)
-    advance(db, study, clock)
+    with studies.serialised(db, study):
+        if secure_sums.submit(db, site, study, round_number, step, attempt, body,  # type: ignore[arg-type]
+                              clock):
+            advance_locked(db, study, clock)  # the step's last message closes it
+    wakeups.notify(study_id)
 
 
 @router.post("/{study_id}/rounds/{round_number}/secure/advertise", status_code=204,
              responses=SECURE_REFUSALS)
 def secure_advertise(study_id: str, round_number: PathNumber, attempt: Attempt,
-                     body: SecureAdvert, site: CurrentSite, db: DB, clock: Clock) -> None:
+                     body: SecureAdvert, credential: Credential, db: DB,
+                     clock: Clock) -> None:
     """A site's public keys for the round's secure sum, and the noise its budget needs."""
-    _secure(site, db, clock, study_id, round_number, "advertise", attempt, body)
+    _secure(credential, db, clock, study_id, round_number, "advertise", attempt, body)
 
 
 @router.post("/{study_id}/rounds/{round_number}/secure/share", status_code=204,
              responses=SECURE_REFUSALS)
 def secure_share(study_id: str, round_number: PathNumber, attempt: Attempt,
-                 body: SecureShares, site: CurrentSite, db: DB, clock: Clock) -> None:
+                 body: SecureShares, credential: Credential, db: DB,
+                 clock: Clock) -> None:
     """A site's sealed share pairs, one per neighbour."""
-    _secure(site, db, clock, study_id, round_number, "share", attempt, body)
+    _secure(credential, db, clock, study_id, round_number, "share", attempt, body)
 
 
 @router.post("/{study_id}/rounds/{round_number}/secure/input", status_code=204,
              responses=SECURE_REFUSALS)
 def secure_input(study_id: str, round_number: PathNumber, attempt: Attempt,
-                 body: SecureInput, site: CurrentSite, db: DB, clock: Clock) -> None:
+                 body: SecureInput, credential: Credential, db: DB,
+                 clock: Clock) -> None:
     """A site's masked vector."""
-    _secure(site, db, clock, study_id, round_number, "input", attempt, body)
+    _secure(credential, db, clock, study_id, round_number, "input", attempt, body)
 
 
 @router.post("/{study_id}/rounds/{round_number}/secure/reveal", status_code=204,
              responses=SECURE_REFUSALS)
 def secure_reveal(study_id: str, round_number: PathNumber, attempt: Attempt,
-                  body: SecureReveal, site: CurrentSite, db: DB, clock: Clock) -> None:
+                  body: SecureReveal, credential: Credential, db: DB,
+                  clock: Clock) -> None:
     """A site's shares for unmasking: survivors' self-masks, dropped sites' mask keys."""
-    _secure(site, db, clock, study_id, round_number, "reveal", attempt, body)
+    _secure(credential, db, clock, study_id, round_number, "reveal", attempt, body)
