@@ -20,11 +20,13 @@ from test_node_privacy import default_agent, refusals  # type: ignore[import-not
 import cardiofed.coordinator.secure_sums as coordinator_sums
 import cardiofed.node.secure_rounds as node_sums
 from cardiofed.data.preprocessing import PRIVATE_BINS, bin_edges
+from cardiofed.exceptions import TaskRefused
 from cardiofed.node.agent import NodeAgent
 from cardiofed.node.config import NodeConfig
 from cardiofed.node.work import statistics_vector
 from cardiofed.privacy.ledger_file import open_ledger_file
 from cardiofed.protocol import secure_sums as wire
+from cardiofed.protocol.schemas import TaskResponse
 from cardiofed.secure.simulate import ring_sum
 from cardiofed.serving import registry
 from cardiofed.simulation.config import SimulationConfig
@@ -146,8 +148,6 @@ def test_a_node_shares_no_key_when_the_noise_is_below_its_need(tmp_path: Path) -
     for ad in adverts.values():  # a coordinator announcing less noise than they need
         ad["noise_multiplier"] /= 2
     task["secure"]["noise_multiplier"] /= 2  # type: ignore[index]
-    from cardiofed.protocol.schemas import TaskResponse
-
     agents[0].run_task(TaskResponse.model_validate(task))
     assert refusals(fed)[0].startswith("The sum's noise multiplier")
     assert "below this site's" in refusals(fed)[0]
@@ -237,3 +237,34 @@ def test_the_status_says_which_step_the_sum_is_at_and_whom_it_waits_for(
     status = fed.status()
     assert status["secure_sum"]["step"] == "share"  # type: ignore[index]
     assert status["waiting_for"] == sorted(SITES)
+
+
+def _secure_task(step: str, **secure: object) -> TaskResponse:
+    return TaskResponse.model_validate({
+        "study": "s1", "round": 1, "kind": "train", "model_version": 0,
+        "deadline": "2026-01-01T00:00:00Z", "site_index": 0, "plan": PLAN,
+        "feature_names": [], "feature_ranges": [],
+        "secure": {"step": step, "attempt": 0, **secure}})
+
+
+@settings(max_examples=40, deadline=None)
+@given(need=st.floats(0.5, 5), others=st.lists(st.floats(0.1, 10), min_size=1, max_size=4),
+       lie=st.one_of(st.none(), st.floats(0.1, 10)))
+def test_a_node_shares_keys_only_under_noise_covering_its_need(
+        need: float, others: list[float], lie: float | None) -> None:
+    """Whatever multipliers a coordinator relays, a node shares its keys only when the
+    sum's noise is the largest advertised and at least what its own budget needs."""
+    rounds = node_sums.SecureRounds()
+    own = rounds.advertise(_secure_task("advertise", sites=["a", "b"]), "a", need, 19)
+    adverts = {"a": own.model_dump(), **{
+        f"o{k}": {**node_sums.SecureRounds().advertise(
+            _secure_task("advertise", sites=["a", "b"]), f"o{k}", m, 19).model_dump()}
+        for k, m in enumerate(others)}}
+    announced = max([need, *others]) if lie is None else lie  # honest, or any figure
+    task = _secure_task("share", adverts=adverts, noise_multiplier=announced)
+    fair = announced == max([need, *others]) and announced >= need
+    if fair:
+        assert rounds.share(task, "a", SimulationConfig.create(**PLAN)).sealed
+    else:
+        with pytest.raises(TaskRefused, match="noise multiplier"):
+            rounds.share(task, "a", SimulationConfig.create(**PLAN))
