@@ -215,10 +215,11 @@ def test_a_long_poll_wakes_when_its_study_changes() -> None:
     async def poll() -> float:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        waiting = asyncio.ensure_future(wakeups.wait("s1", timeout=600))
-        await asyncio.sleep(0)  # the poll is waiting now
-        threading.Thread(target=wakeups.notify, args=("s1",)).start()  # an upload's thread
-        await waiting
+        changed = wakeups.listen("s1")  # a poll looks (and finds nothing to do) ...
+        notifier = threading.Thread(target=wakeups.notify, args=("s1",))  # an upload's
+        notifier.start()  # thread: the study changes while the poll looks
+        notifier.join()
+        await wakeups.wait(changed, timeout=600)  # ... and is not left waiting
         return loop.time() - start
 
     assert asyncio.run(poll()) < 600  # woken, not timed out

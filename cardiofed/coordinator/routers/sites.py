@@ -51,6 +51,7 @@ async def next_task(site: CurrentSite, db: DB, settings: Settings, request: Requ
     give_up = time.monotonic() + min(wait, settings.long_poll_s)
     study_id = site.study_id  # read now: each look expires the site (a read would block)
     while True:
+        changed = wakeups.listen(study_id)
         task = await run_in_threadpool(_poll, db, site, clock)
         if isinstance(task, TaskResponse):
             return task
@@ -58,7 +59,7 @@ async def next_task(site: CurrentSite, db: DB, settings: Settings, request: Requ
             # A finished study answers at once, and says so (no status request needed).
             return Response(status_code=204, headers={
                 STUDY_PHASE: "done" if task == "done" else "running"})
-        await wakeups.wait(study_id)
+        await wakeups.wait(changed)
 
 
 def _poll(db: Session, site: Site, clock: studies.Clock) -> TaskResponse | str | None:

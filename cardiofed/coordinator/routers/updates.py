@@ -144,10 +144,12 @@ def _secure(credential: str | None, db: Session, clock: studies.Clock, study_id:
     studies.ensure_site_access(site, study_id)
     study = studies.get_study(db, study_id)
     with studies.serialised(db, study):
-        if secure_sums.submit(db, site, study, round_number, step, attempt, body,  # type: ignore[arg-type]
-                              clock):
+        last = secure_sums.submit(db, site, study, round_number, step, attempt, body,  # type: ignore[arg-type]
+                                  clock)
+        if last:
             advance_locked(db, study, clock)  # the step's last message closes it
-    wakeups.notify(study_id)
+    if last:  # only then is there anything new for the waiting sites
+        wakeups.notify(study_id)
 
 
 @router.post("/{study_id}/rounds/{round_number}/secure/advertise", status_code=204,
