@@ -269,3 +269,55 @@ def test_a_node_shares_keys_only_under_noise_covering_its_need(
     else:
         with pytest.raises(TaskRefused, match="noise multiplier"):
             rounds.share(task, "a", SimulationConfig.create(**PLAN))
+
+
+def test_networked_secure_studies_refuse_groups_and_relays_by_name(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan=PLAN)
+    names_ranges = fed.client.get("/v1/tasks/next", headers=fed.auth(
+        default_agent(fed, SITES[0]).credential())).json()
+    body = {"sites": SITES, "feature_names": names_ranges["feature_names"],
+            "feature_ranges": names_ranges["feature_ranges"]}
+    grouped = fed.client.post("/v1/studies", headers=fed.auth(fed.admin), json={
+        **body, "id": "g", "plan": {**PLAN, "secure_group_size": 2, "robust_rule": "median"}})
+    assert grouped.status_code == 422
+    assert "secure_group_size is available in simulation only" in grouped.json()["detail"]
+    relay = fed.client.post("/v1/studies", headers=fed.auth(fed.admin), json={
+        **body, "id": "r", "plan": PLAN, "relay": True})
+    assert relay.status_code == 422
+    assert "A relay study cannot be secure" in relay.json()["detail"]
+
+
+def test_malformed_messages_are_refused_at_each_step(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan=PLAN)
+    agents = [default_agent(fed, s) for s in SITES]
+    headers = fed.auth(agents[0].credential())
+
+    def post(step: str, body: dict[str, object]) -> tuple[int, str]:
+        answer = fed.client.post(f"/v1/studies/s1/rounds/0/secure/{step}", json=body,
+                                 params={"attempt": 0}, headers=headers)
+        return answer.status_code, str(answer.json().get("detail"))
+
+    fed.step(agents)  # advertise
+    box = base64.b64encode(bytes(60)).decode()
+    code, why = post("share", {"sealed": {"nobody": box}})
+    assert code == 422 and "must seal one share pair for each of its neighbours" in why
+    fed.step(agents)  # share
+    code, why = post("input", {"masked": base64.b64encode(bytes(16)).decode()})
+    assert code == 422 and "holds 16 bytes" in why
+    fed.step(agents)  # input
+    share = base64.b64encode(bytes(66)).decode()
+    code, why = post("reveal", {"shares": {SITES[1]: {"kind": "s", "share": share}}})
+    assert code == 422 and "revealed the wrong share" in why
+    code, why = post("reveal", {"shares": {SITES[1]: {"kind": "b", "share": box}}})
+    assert code == 422 and "revealed is not 66 bytes" in why
+
+
+def test_a_node_that_restarts_during_a_sum_leaves_the_round(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan={**PLAN, "secure_dropout": 0.4})
+    agents = [default_agent(fed, s) for s in SITES]
+    fed.step(agents)  # advertise
+    agents[2] = default_agent(fed, SITES[2])  # restarted: its keys were in memory only
+    fed.step(agents)  # share: the restarted node refuses
+    assert refusals(fed) == ["This node holds no keys for this sum (it restarted, or "
+                             "missed the advertisement): it leaves this round."]
+    _until_done(fed, agents)  # the others finish the study without it
