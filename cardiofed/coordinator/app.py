@@ -46,6 +46,8 @@ def create_app() -> FastAPI:
     app.add_middleware(BodySizeLimit, limits=BodyLimits(
         default=JSON_BODY_LIMIT, routes={
             r"/v1/studies/[^/]+/rounds/[^/]+/updates": upload,
+            # a secure sum's masked vector is as long as an update
+            r"/v1/studies/[^/]+/rounds/[^/]+/secure/[a-z]+": upload,
             r"/v1/studies/[^/]+/relay/(preprocessor|models/[^/]+)": upload,
             r"/v1/studies/?": STUDY_BODY_LIMIT}))
     metrics = app.state.metrics = ServiceMetrics()

@@ -35,7 +35,6 @@ class SiteInfo(BaseModel):
 # A secure sum's messages (cardiofed.protocol.secure_sums): keys, sealed shares and masked
 # vectors travel as base64 (standard alphabet) inside JSON.
 B64 = Annotated[str, Field(max_length=1 << 22, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
-SiteName = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
 class SecureAdvert(BaseModel):
@@ -52,7 +51,7 @@ class SecureShares(BaseModel):
     """A site's sealed share pairs, one per neighbour."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    sealed: dict[SiteName, B64] = Field(max_length=10_000)
+    sealed: dict[str, B64] = Field(max_length=10_000)  # names: the sender's neighbours
 
 
 class SecureInput(BaseModel):
@@ -73,7 +72,7 @@ class SecureReveal(BaseModel):
     input arrived) or its mask-key share (``s``, it dropped)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    shares: dict[SiteName, RevealedShare] = Field(max_length=10_000)
+    shares: dict[str, RevealedShare] = Field(max_length=10_000)  # names: sites that shared
 
 
 class SecureTask(BaseModel):

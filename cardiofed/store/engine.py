@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from cardiofed.store.migrations import ensure_schema
@@ -26,10 +26,12 @@ def make_engine(url: str, *, check_schema: bool = True) -> Engine:
     """An engine for `url`; with `check_schema`, an empty database gets the schema and a
     database at an older revision is refused (:class:`~cardiofed.exceptions.SchemaOutOfDate`)."""
     if url.startswith("sqlite"):
-        # A pool as large as a server database's: the default 5 (+10 overflow) left the
-        # worker threads of a secure round's 50 sites waiting for a connection.
-        engine = create_engine(url, connect_args={"check_same_thread": False},
-                               pool_size=POOL_SIZE, max_overflow=10, pool_timeout=60)
+        # A file's pool as large as a server database's: the default 5 (+10 overflow)
+        # left the worker threads of a secure round's 50 sites waiting for a connection.
+        in_memory = make_url(url).database in (None, "", ":memory:")
+        engine = create_engine(url, connect_args={"check_same_thread": False}, **(
+            {} if in_memory else {"pool_size": POOL_SIZE, "max_overflow": 10,
+                                  "pool_timeout": 60}))
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
