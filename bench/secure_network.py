@@ -27,14 +27,12 @@ import signal
 import statistics
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_smoke, markdown_table, single_threaded, write_results  # noqa: E402
-from network import SETTINGS, STUDY_LIMIT_S, Coordinator, _seconds  # noqa: E402
+from network import SETTINGS, STUDY_LIMIT_S, Coordinator, _seconds, run_nodes  # noqa: E402
 
 ARMS = {"secure": {"secure_aggregation": True}, "plain, private": {},
         "plain, exact": {}}
@@ -64,25 +62,10 @@ def study(workdir: Path, arm: str, n_sites: int, size_scale: float, rounds: int,
                 data={"dataset": "synthetic", "site": name, "seed": 0}, **privacy))
             agent._site = data.site(name)  # loaded once (as bench/network.py does)
             agents.append(agent)
-        errors: list[BaseException] = []
-
-        def work(agent: NodeAgent) -> None:
-            try:
-                agent.run()
-            except BaseException as exc:  # reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=work, args=(a,), daemon=True) for a in agents]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        give_up = time.monotonic() + STUDY_LIMIT_S
-        for t in threads:
-            t.join(timeout=max(0.0, give_up - time.monotonic()))
-        wall = time.perf_counter() - start
+        wall = run_nodes(agents, STUDY_LIMIT_S)
         state = coordinator.status("bench")
-        if errors or any(t.is_alive() for t in threads) or state["phase"] != "done":
-            raise RuntimeError(f"{arm} N={n_sites}: {errors[:1]} {state}")
+        if state["phase"] != "done":
+            raise RuntimeError(f"{arm} N={n_sites}: the study ended in {state}")
         records = coordinator.rounds("bench")
         train = [_seconds(o, c) for _, kind, o, c in records if kind == "train"]
         return {"arm": arm, "n_sites": n_sites, "rounds": rounds,
@@ -90,7 +73,7 @@ def study(workdir: Path, arm: str, n_sites: int, size_scale: float, rounds: int,
                 "statistics_round_s": [_seconds(o, c) for _, kind, o, c in records
                                        if kind == "statistics"][0],
                 "study_wall_s": wall, "refusals": len(state["refusals"]),
-                "outcomes": [r for r in (state.get("round_outcome"),) if r],
+                "last_outcome": state["round_outcome"],
                 "coordinator_5xx": coordinator.server_errors()}
     finally:
         for a in agents:
