@@ -23,13 +23,13 @@ from cardiofed.data.preprocessing import PRIVATE_BINS, bin_edges
 from cardiofed.exceptions import TaskRefused
 from cardiofed.node.agent import NodeAgent
 from cardiofed.node.config import NodeConfig
-from cardiofed.node.work import statistics_vector
 from cardiofed.privacy.ledger_file import open_ledger_file
 from cardiofed.protocol import secure_sums as wire
 from cardiofed.protocol.schemas import TaskResponse
 from cardiofed.secure.simulate import ring_sum
 from cardiofed.serving import registry
 from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.secure_statistics import statistics_vector
 from cardiofed.store import Round, SecureMessage, Update, session_factory
 
 PLAN = {"rounds": 3, "seed": 5, "secure_aggregation": True, "lr": 0.5}
@@ -121,7 +121,7 @@ def test_a_site_dropping_after_sharing_keys_leaves_the_survivors_exact_sum(
                                      wire.vector_length("statistics", len(ranges), 0),
                                      multiplier, study="s1", round_number=0, attempt=0)
     # The sites drew their generators in the order they sent their inputs.
-    vectors = {s: statistics_vector(a._site, edges)  # type: ignore[arg-type]
+    vectors = {s: statistics_vector(a._site.x_train, edges)  # type: ignore[union-attr]
                for s, a in zip(SITES[:2], agents[:2], strict=True)}
     rngs = {s: np.random.default_rng(k) for k, s in enumerate(SITES[:2])}
     np.testing.assert_array_equal(result.total, ring_sum(sum_plan.codec, vectors, rngs, noise))

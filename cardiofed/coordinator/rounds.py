@@ -85,6 +85,8 @@ from cardiofed.models.networks import Weights
 from cardiofed.protocol import relay
 from cardiofed.protocol import secure_sums as secure_wire
 from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.secure_runner import mean_gradient_step
+from cardiofed.simulation.secure_statistics import statistics_from_sum
 from cardiofed.store import (
     Refusal,
     ReportTally,
@@ -373,7 +375,7 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         db.commit()
         return
     if rnd.kind == STATISTICS:
-        stats = ([secure_wire.statistics_from_sum(folded.secure_total, bin_edges(
+        stats = ([statistics_from_sum(folded.secure_total, bin_edges(
                     [(lo, hi) for lo, hi in study.feature_ranges], PRIVATE_BINS))]
                  if folded.secure_total is not None
                  else list(_gated_statistics(db, study, rnd, folded).values()))
@@ -387,7 +389,7 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         algorithm = plan.make_algorithm()
         weights = load_model(db, study, study.model_version)
         state = load_state(study, algorithm.init_server(weights))
-        delta, report = ((secure_wire.training_delta(folded.secure_total, weights), [])
+        delta, report = ((mean_gradient_step([folded.secure_total], weights), [])
                          if folded.secure_total is not None
                          else _round_delta(db, algorithm, folded))
         new, state = plausible_model(rnd, study, (weights, state),

@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from cardiofed.algorithms.staleness import StaleUpdate
+from cardiofed.coordinator import wakeups
 from cardiofed.coordinator.checks import check_report
 from cardiofed.coordinator.enrolment import UploadTarget
 from cardiofed.coordinator.rounds import advance, still_waiting
@@ -119,6 +120,7 @@ def submit(db: Session, target: UploadTarget, *, payload: bytes, max_bytes: int,
     # The update is committed (durable); does the round close now?
     if not still_waiting(db, study.id, now):
         advance(db, db.merge(study, load=False), now)
+        wakeups.notify(study.id)  # the sites' polls may have a new task
     return digest, True
 
 

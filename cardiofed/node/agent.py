@@ -41,23 +41,24 @@ from cardiofed.node.transport import NodeError, send
 from cardiofed.node.work import (
     attribution_site,
     evaluate_payload,
-    gradient_vector,
     intercept_payload,
     load_site_data,
     own_feature_ranges,
     site_preprocessor,
     statistics_payload,
-    statistics_vector,
     study_weights,
     survival_rows,
     train_payload,
 )
 from cardiofed.privacy.budget import PrivacyLedger, open_site_ledger
+from cardiofed.privacy.release_gate import bounded_rows
 from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.protocol.schemas import TaskResponse
 from cardiofed.protocol.secure_sums import vector_length
 from cardiofed.schema import Catalogue
 from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.secure_runner import gradient_vector
+from cardiofed.simulation.secure_statistics import statistics_vector
 from cardiofed.survival.study import SurvivalPlan
 from cardiofed.survival.study import site_step as survival_step
 from cardiofed.wire import encode_arrays
@@ -256,7 +257,7 @@ class NodeAgent:
                 return self.secure.advertise(task, name, privacy.secure_statistics_noise(),
                                              vector_length("statistics", len(ranges), 0))
             message = self.secure.input(task, privacy.charge_secure_statistics,
-                                        lambda: statistics_vector(site, edges))
+                                        lambda: statistics_vector(site.x_train, edges))
         else:
             pre, weights = self._model(task, plan, site, ranges)
             if step == "advertise":
@@ -265,7 +266,8 @@ class NodeAgent:
                                                  v.size for v in weights.values())))
             message = self.secure.input(
                 task, lambda m: privacy.charge_secure_round(m, f"round {task.round}"),
-                lambda: gradient_vector(site, pre, weights, ranges, plan.dp_max_grad_norm))
+                lambda: gradient_vector(weights, bounded_rows(pre, site.x_train, ranges),
+                                        site.y_train, plan.dp_max_grad_norm))
         self.policy.record(task)
         return message
 

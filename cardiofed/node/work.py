@@ -49,7 +49,6 @@ from cardiofed.schema import Catalogue, canonical_features
 from cardiofed.serving.provenance import OUTCOME_OF_DATASET
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.runner import derive_seed, update_manifest
-from cardiofed.training.clipped import clipped_gradient_sum
 from cardiofed.training.local import train_local
 from cardiofed.wire import decode_arrays, encode_arrays, encode_metrics
 
@@ -106,22 +105,6 @@ def statistics_payload(site: SiteData, feature_ranges: list[tuple[float, float]]
         stats = privacy.release_statistics(site.x_train,
                                            bin_edges(feature_ranges, PRIVATE_BINS))
     return encode_arrays(stats.to_arrays(), manifest)
-
-
-def statistics_vector(site: SiteData, edges: np.ndarray) -> np.ndarray:
-    """A secure statistics round's vector: the site's exact histograms (`edges`) and
-    record count, for the secure sum (:mod:`cardiofed.protocol.secure_sums`)."""
-    exact = site_statistics(site.x_train, edges)
-    return np.concatenate([exact.histogram.ravel(), [len(site.x_train)]])
-
-
-def gradient_vector(site: SiteData, pre: Preprocessor, weights: Weights,
-                    ranges: list[tuple[float, float]], clip: float) -> np.ndarray:
-    """A secure training round's vector: the clipped per-record gradient sum at `weights`
-    over the site's bounded training rows, and its record count."""
-    x = bounded_rows(pre, site.x_train, ranges)
-    return np.concatenate([clipped_gradient_sum(weights, x, site.y_train, clip),
-                           [len(site.y_train)]])
 
 
 def attribution_site(source: DataSource, plan: AttributionPlan, columns: list[str],

@@ -28,23 +28,17 @@ import binascii
 
 import numpy as np
 
-from cardiofed.data.preprocessing import PRIVATE_BINS, SiteStatistics, statistics_from_histogram
+from cardiofed.data.preprocessing import PRIVATE_BINS
 from cardiofed.exceptions import InvalidUpdate
-from cardiofed.models.networks import Weights
 from cardiofed.protocol.schemas import SecureAdvert
 from cardiofed.secure import Advertisement, SumPlan
 from cardiofed.secure.noise import DistributedNoise
 from cardiofed.simulation.config import SimulationConfig
-from cardiofed.simulation.secure_runner import mean_gradient_step, secure_codec_and_noise
+from cardiofed.simulation.secure_runner import secure_codec_and_noise
 from cardiofed.simulation.secure_statistics import statistics_codec_and_noise
 
 STEPS = ("advertise", "share", "input", "reveal")
 SECURE_KINDS = ("statistics", "train")
-
-
-def is_secure(plan: SimulationConfig, kind: str) -> bool:
-    """Whether a round of `kind` is a secure sum under `plan`."""
-    return plan.secure_aggregation and kind in SECURE_KINDS
 
 
 def vector_length(kind: str, n_columns: int, n_weights: int) -> int:
@@ -102,14 +96,3 @@ def ring_from_wire(text: str, length: int, site: str) -> np.ndarray:
                             f"{length} values take {8 * length}.")
     return np.frombuffer(raw, "<u8").astype(np.uint64)
 
-
-def statistics_from_sum(total: np.ndarray, edges: np.ndarray) -> SiteStatistics:
-    """The federation's statistics from the unmasked sum of histograms and counts."""
-    n_columns, n_bins = edges.shape[0], edges.shape[1] - 1
-    return statistics_from_histogram(total[:-1].reshape(n_columns, n_bins), edges,
-                                     float(total[-1]))
-
-
-def training_delta(total: np.ndarray, weights: Weights) -> Weights:
-    """The server's step from the unmasked sum of gradients and counts."""
-    return mean_gradient_step([total], weights)

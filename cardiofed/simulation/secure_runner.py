@@ -71,6 +71,13 @@ def secure_groups(names: Sequence[str], size: int, seed: int) -> list[list[str]]
     return [sorted(order[g::n_groups]) for g in range(n_groups)]
 
 
+def gradient_vector(weights: Weights, x: np.ndarray, y: np.ndarray,
+                    clip: float) -> np.ndarray:
+    """A site's part of a training round's sum: its rows' clipped gradient sum at
+    `weights`, and their count."""
+    return np.concatenate([clipped_gradient_sum(weights, x, y, clip), [len(y)]])
+
+
 def mean_gradient_step(totals: Sequence[np.ndarray], weights: Weights) -> Weights:
     """The step down the mean gradient of unmasked sums (each a gradient sum and a noisy
     record count, at least 1)."""
@@ -123,9 +130,7 @@ def run_secure_sgd(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             except PrivacyBudgetExceeded as refusal:
                 run.refusals.append((rnd, site.name, str(refusal)))
                 continue
-            vectors[site.name] = np.concatenate([
-                clipped_gradient_sum(weights, site.x_train, site.y_train, clip),
-                [len(site.y_train)]])
+            vectors[site.name] = gradient_vector(weights, site.x_train, site.y_train, clip)
             if attack is not None:
                 vectors[site.name] = attack(site.name, vectors[site.name])
             rngs[site.name] = secure_numpy_rng()

@@ -59,6 +59,19 @@ def statistics_codec_and_noise(n_sites: int, n_columns: int, noise_multiplier: f
     return codec, noise
 
 
+def statistics_vector(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """A site's part of the statistics sum: its exact histograms (`edges`) of the rows
+    `x`, and their count."""
+    return np.concatenate([site_statistics(x, edges).histogram.ravel(), [len(x)]])
+
+
+def statistics_from_sum(total: np.ndarray, edges: np.ndarray) -> SiteStatistics:
+    """The federation's statistics from the unmasked sum of the sites' vectors."""
+    n_columns, n_bins = edges.shape[0], edges.shape[1] - 1
+    return statistics_from_histogram(total[:-1].reshape(n_columns, n_bins), edges,
+                                     float(total[-1]))
+
+
 def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
                       privacy: Mapping[str, SitePrivacy], dropout: float) -> SiteStatistics:
     """The federation's statistics from one secure sum (see the module docstring); the
@@ -76,7 +89,7 @@ def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
         raise PrivacyBudgetExceeded(
             f"{len(needed)} sites have budget for the statistics sum, fewer than the "
             f"{min_sites} its noise is split over: the federation cannot start.")
-    n_columns, n_bins = edges.shape[0], edges.shape[1] - 1
+    n_columns = edges.shape[0]
     multiplier = max(needed.values())
     codec, noise = statistics_codec_and_noise(len(sites), n_columns, multiplier, dropout)
     vectors, rngs = {}, {}
@@ -84,9 +97,6 @@ def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
         if s.name not in needed:
             continue
         privacy[s.name].charge_secure_statistics(multiplier)
-        exact = site_statistics(s.x_train, edges)
-        vectors[s.name] = np.concatenate([exact.histogram.ravel(), [len(s.x_train)]])
+        vectors[s.name] = statistics_vector(s.x_train, edges)
         rngs[s.name] = secure_numpy_rng()
-    total = ring_sum(codec, vectors, rngs, noise)
-    return statistics_from_histogram(total[:-1].reshape(n_columns, n_bins), edges,
-                                     float(total[-1]))
+    return statistics_from_sum(ring_sum(codec, vectors, rngs, noise), edges)

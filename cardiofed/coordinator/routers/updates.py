@@ -100,7 +100,6 @@ async def _receive(request: Request, sessions: sessionmaker[Session],
         counted.labels("refused").inc()
         raise
     counted.labels("accepted" if new else "already accepted").inc()
-    wakeups.notify(target.site.study_id)
     return SubmitResponse(sha256=digest, status="accepted" if new else "already accepted")
 
 
