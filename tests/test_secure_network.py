@@ -321,3 +321,27 @@ def test_a_node_that_restarts_during_a_sum_leaves_the_round(tmp_path: Path) -> N
     assert refusals(fed) == ["This node holds no keys for this sum (it restarted, or "
                              "missed the advertisement): it leaves this round."]
     _until_done(fed, agents)  # the others finish the study without it
+
+
+def test_a_message_outside_the_sum_is_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    plain = Federation(tmp_path / "plain", plan={**PLAN, "secure_aggregation": False})
+    key = base64.b64encode(bytes(32)).decode()
+    advert = {"c_public": key, "s_public": key, "noise_multiplier": 1.0}
+    agent = default_agent(plain, SITES[0])
+    answer = plain.client.post("/v1/studies/s1/rounds/0/secure/advertise",
+                               params={"attempt": 0}, json=advert,
+                               headers=plain.auth(agent.credential()))
+    assert answer.status_code == 409
+    assert "Round 0 of study 's1' is not a secure round." in answer.json()["detail"]
+
+    fed = Federation(tmp_path, plan=PLAN, min_sites=2)
+    agents = [default_agent(fed, s) for s in SITES]
+    fed.step(agents[:2])  # two sites advertise; the third misses the step
+    fed.advance(3601)  # the step closes without it
+    fed.step(agents[:2])  # the two share keys: the sum is at its input step
+    late = fed.client.post("/v1/studies/s1/rounds/0/secure/input", params={"attempt": 0},
+                           json={"masked": ""}, headers=fed.auth(agents[2].credential()))
+    assert late.status_code == 409
+    assert "is not in this step of the sum (it missed an earlier step" in \
+        late.json()["detail"]
