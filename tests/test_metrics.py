@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.linear_model import LogisticRegression
 
 from cardiofed.evaluation import binary_metrics
@@ -167,6 +169,22 @@ def test_calibration_points() -> None:
     mean_p, frac, count = calibration_points([0, 1], [0.05, 0.95], n_bins=10)
     np.testing.assert_allclose(mean_p, [0.05, 0.95])
     np.testing.assert_array_equal(count, [1, 1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 20)), min_size=1, max_size=60))
+def test_auc_score_equals_sklearn_with_ties_and_nan_with_one_class(
+        rows: list[tuple[int, int]]) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from cardiofed.evaluation.metrics import auc_score
+
+    y = np.array([r[0] for r in rows])
+    p = np.array([r[1] for r in rows]) / 20.0  # few distinct risks: many ties
+    if 0 < y.sum() < y.size:
+        assert auc_score(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    else:
+        assert math.isnan(auc_score(y, p))
 
 
 def test_grouped_auc_equals_sklearn_per_group_with_ties_and_one_class_groups() -> None:

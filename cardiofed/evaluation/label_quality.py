@@ -36,8 +36,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
+from cardiofed.evaluation.metrics import auc_score
 from cardiofed.exceptions import ConfigurationError
 
 __all__ = [
@@ -117,7 +117,7 @@ def cross_site_auc_matrix(models_predict: Sequence[Callable[[np.ndarray], np.nda
             if p.shape != y.shape or not np.all(np.isfinite(p)):
                 raise ValueError(f"Model {i} must return one finite risk per row of "
                                  f"test_sets[{j}]; got shape {p.shape}.")
-            auc[i, j] = float(roc_auc_score(y, p))
+            auc[i, j] = auc_score(y, p)
     return auc
 
 

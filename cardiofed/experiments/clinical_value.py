@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cardiofed.evaluation.metrics import binary_metrics
+from cardiofed.evaluation.metrics import auc_score
 from cardiofed.evaluation.uncertainty import PairedComparison, auc_interval
 from cardiofed.experiments.acceptability import AcceptabilityReport, acceptability_from_experiment
 from cardiofed.experiments.effective_data import SiteEffectiveData
@@ -32,8 +32,8 @@ Interval = tuple[float, float, float]  # estimate, low, high
 
 
 def _auc(y: np.ndarray, p: np.ndarray, level: float) -> Interval:
-    auc = binary_metrics(y, p)["auc"]
-    low, high = auc_interval(y, p, level=level)
+    low, high = auc_interval(y, p, level=level)  # checks the inputs
+    auc = auc_score(y, p)
     return auc, low, high
 
 

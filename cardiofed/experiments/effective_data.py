@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any, overload
 import numpy as np
 import numpy.typing as npt
 from scipy.optimize import OptimizeWarning, curve_fit
-from sklearn.metrics import roc_auc_score
 
+from cardiofed.evaluation.metrics import auc_score
 from cardiofed.exceptions import ConfigurationError
 
 if TYPE_CHECKING:  # the simulation pulls in torch; importing this module should not
@@ -295,8 +295,7 @@ class _Curve:
                                        self.feature_ranges, form)
             weights = train_alone(local.x_train, local.y_train, config,
                                   seed=derive_seed(self.seed, 72_000, self.index, r))
-            aucs.append(float(roc_auc_score(local.y_test,
-                                            score(config.model, weights, local.x_test))))
+            aucs.append(auc_score(local.y_test, score(config.model, weights, local.x_test)))
         point = LearningCurvePoint(size=size, aucs=tuple(aucs))
         self.points.append(point)
         return point

@@ -16,7 +16,6 @@ from functools import partial
 
 import numpy as np
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from sklearn.metrics import roc_auc_score
 
 from cardiofed.aggregation.robust import SiteAggregation
 from cardiofed.aggregation.weighted_mean import tail_average
@@ -24,7 +23,7 @@ from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.algorithms import scaffold as scaffold_cv
 from cardiofed.algorithms.base import LocalTrainer
 from cardiofed.algorithms.stopping import round_loss
-from cardiofed.evaluation.metrics import grouped_auc
+from cardiofed.evaluation.metrics import auc_score, grouped_auc
 from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.models.networks import Weights, get_weights, make_model, score
 from cardiofed.privacy.site_privacy import SitePrivacy
@@ -91,16 +90,12 @@ def site_clocks(sites: Sequence[PreparedSite], config: SimulationConfig,
              for k in range(len(sites))])
 
 
-def _auc(y: np.ndarray, p: np.ndarray) -> float:
-    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
-
-
 def round_metrics(model_kind: str, weights: Weights,
                   sites: Sequence[PreparedSite]) -> dict[str, float]:
     """Pooled-test AUC and each site's test AUC for one global model."""
     p_all = score(model_kind, weights, np.concatenate([s.x_test for s in sites]))
     y_all = np.concatenate([s.y_test for s in sites])
-    out = {"pooled_auc": _auc(y_all, p_all)}
+    out = {"pooled_auc": auc_score(y_all, p_all)}
     groups = np.repeat(np.arange(len(sites)), [len(s.y_test) for s in sites])
     for s, auc in zip(sites, grouped_auc(y_all, p_all, groups, len(sites)), strict=True):
         out[f"auc/{s.name}"] = float(auc)
