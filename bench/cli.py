@@ -2,10 +2,10 @@
 
 * ``cardiofed --help`` and every command's ``--help``: wall time of a fresh process,
   median of 5 (target < 1 s; the commands import what they need only when they run).
-* ``cardiofed demo --no-register``: wall time alone and with one CPU-bound process
-  beside it (a pure-Python loop, the kind of neighbour a shared hospital server has);
-  target: within 1.5x of the quiet time (one PyTorch thread per process, so neither
-  starves the other).
+* ``cardiofed demo --no-register``: wall time alone (median of 3; target < 25 s) and
+  with one CPU-bound process beside it (a pure-Python loop, the kind of neighbour a
+  shared hospital server has); target: within 1.5x of the quiet time (one PyTorch
+  thread per process, so neither starves the other).
 * the same demo with ``--dp-epsilon 1`` (every site's releases under DP), alone;
   target: within 2x of the non-private demo.
 * ``cardiofed check`` on a 1,000-row export with its mapping, and ``cardiofed predict``
@@ -101,7 +101,8 @@ def main() -> None:
                           statistics.median(times), max(times)])
     demo = [*CARDIOFED, "demo", *shlex.split(args.demo_args)]
     with tempfile.TemporaryDirectory() as folder:
-        quiet = _wall(demo, cwd=folder)
+        quiet_runs = [_wall(demo, cwd=folder) for _ in range(1 if args.smoke else 3)]
+        quiet = statistics.median(quiet_runs)
         stop = multiprocessing.Event()
         neighbour = multiprocessing.Process(target=_busy, args=(stop,))
         neighbour.start()
@@ -121,9 +122,12 @@ def main() -> None:
           + f"\nSlowest median {slowest:.2f} s (target < 1 s: "
             f"{'met' if slowest < 1 else 'missed'}).\n\n"
           + "## The demo beside a CPU-bound process\n\n"
-          + markdown_table(["run", "wall s"], [["alone", quiet], ["beside a busy process",
-                                                                 busy]])
-          + f"\nRatio {ratio:.2f} (target <= 1.5: {'met' if ratio <= 1.5 else 'missed'}).\n\n"
+          + markdown_table(["run", "wall s"], [["alone (median of "
+                                                f"{len(quiet_runs)})", quiet],
+                                               ["beside a busy process", busy]])
+          + f"\nAlone {quiet:.1f} s (target < 25 s: {'met' if quiet < 25 else 'missed'}; "
+            f"runs {', '.join(f'{t:.1f}' for t in quiet_runs)} s). "
+            f"Ratio {ratio:.2f} (target <= 1.5: {'met' if ratio <= 1.5 else 'missed'}).\n\n"
           + "## The demo with differential privacy (--dp-epsilon 1)\n\n"
           + markdown_table(["run", "wall s"], [["without DP", quiet], ["epsilon 1", private]])
           + f"\nRatio {dp_ratio:.2f} (target <= 2: "
@@ -132,7 +136,8 @@ def main() -> None:
           + markdown_table(["command", "median s", "max s"], work)
           + f"\nSlowest median {slowest_work:.2f} s (target < 1 s: "
             f"{'met' if slowest_work < 1 else 'missed'}).\n")
-    write_results("cli", {"help": help_rows, "demo_quiet_s": quiet, "demo_busy_s": busy,
+    write_results("cli", {"help": help_rows, "demo_quiet_s": quiet,
+                          "demo_quiet_runs_s": quiet_runs, "demo_busy_s": busy,
                           "ratio": ratio, "demo_dp_s": private, "dp_ratio": dp_ratio,
                           "work": work,
                           "demo_args": args.demo_args}, md)

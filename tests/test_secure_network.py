@@ -6,8 +6,10 @@ step or malformed, naming why."""
 from __future__ import annotations
 
 import base64
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,9 +48,19 @@ def private_agent(fed: Federation, site: str, epsilon: float) -> NodeAgent:
 def test_a_secure_study_runs_over_the_network_keeping_only_sums(tmp_path: Path) -> None:
     fed = Federation(tmp_path, plan=PLAN)
     agents = [default_agent(fed, s) for s in SITES]  # private by default
+    fetched: list[str] = []
+    for agent in agents:
+        def fetching(method: str, url: str, *args: Any, _request: Any = agent._request,
+                     **kwargs: Any) -> Any:
+            if method == "GET" and "/models/" in url:
+                fetched.append(url)
+            return _request(method, url, *args, **kwargs)
+        agent._request = fetching  # type: ignore[method-assign]
     _until_done(fed, agents)
 
     assert fed.status()["refusals"] == []
+    # Each site fetches each version once, though two steps of its sum use it.
+    assert Counter(fetched) == {f"/v1/studies/s1/models/{v}": len(SITES) for v in range(4)}
     for site in SITES:
         ledger = open_ledger_file(fed.tmp / f"{site}-privacy")
         assert [e["kind"] for e in ledger.entries] == [
@@ -301,6 +313,9 @@ def test_malformed_messages_are_refused_at_each_step(tmp_path: Path) -> None:
     box = base64.b64encode(bytes(60)).decode()
     code, why = post("share", {"sealed": {"nobody": box}})
     assert code == 422 and "must seal one share pair for each of its neighbours" in why
+    long_box = base64.b64encode(bytes(coordinator_sums.SEALED_MAX + 1)).decode()
+    code, why = post("share", {"sealed": {SITES[1]: box, SITES[2]: long_box}})
+    assert code == 422 and f"A sealed share pair of {SITES[0]!r} is over 1024 bytes" in why
     fed.step(agents)  # share
     code, why = post("input", {"masked": base64.b64encode(bytes(16)).decode()})
     assert code == 422 and "holds 16 bytes" in why
@@ -310,6 +325,23 @@ def test_malformed_messages_are_refused_at_each_step(tmp_path: Path) -> None:
     assert code == 422 and "revealed the wrong share" in why
     code, why = post("reveal", {"shares": {SITES[1]: {"kind": "b", "share": box}}})
     assert code == 422 and "revealed is not 66 bytes" in why
+
+
+def test_a_share_revealed_for_a_site_that_shared_no_keys_is_refused(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan={**PLAN, "secure_dropout": 0.4})
+    agents = [default_agent(fed, s) for s in SITES]
+    fed.step(agents)  # advertise
+    fed.step(agents[:2])  # share: the third site does not
+    fed.advance(3601)  # the step's deadline: the sum goes on with two
+    fed.step(agents[:2])  # input
+    assert fed.status()["secure_sum"]["step"] == "reveal"
+    share = base64.b64encode(bytes(66)).decode()
+    answer = fed.client.post("/v1/studies/s1/rounds/0/secure/reveal", params={"attempt": 0},
+                             json={"shares": {SITES[2]: {"kind": "s", "share": share}}},
+                             headers=fed.auth(agents[0].credential()))
+    assert answer.status_code == 422
+    assert answer.json()["detail"] == (f"Site {SITES[0]!r} revealed a share of {SITES[2]!r}, "
+                                       f"which shared no keys in this sum.")
 
 
 def test_a_node_that_restarts_during_a_sum_leaves_the_round(tmp_path: Path) -> None:
@@ -345,3 +377,81 @@ def test_a_message_outside_the_sum_is_refused_by_name(tmp_path: Path) -> None:
     assert late.status_code == 409
     assert "is not in this step of the sum (it missed an earlier step" in \
         late.json()["detail"]
+
+
+def _sum_at_input(sites: str = "abc") -> tuple[dict[str, node_sums.SecureRounds],
+                                               dict[str, dict[str, str]]]:
+    """Each site's node state after advertising and sharing keys in one sum of `sites`
+    that may lose one site, and the sealed share pairs each sent (sender -> recipient ->
+    box)."""
+    rounds = {n: node_sums.SecureRounds() for n in sites}
+    adverts = {n: r.advertise(_secure_task("advertise", sites=list(sites)), n, 1.0, 19)
+               .model_dump() for n, r in rounds.items()}
+    task = _secure_task("share", adverts=adverts, noise_multiplier=1.0)
+    plan = SimulationConfig.create(**{**PLAN, "secure_dropout": 0.4})  # 2 inputs suffice
+    sealed = {n: r.share(task, n, plan).sealed for n, r in rounds.items()}
+    return rounds, sealed
+
+
+def _send_input(rounds: dict[str, node_sums.SecureRounds], sealed: dict[str, dict[str, str]],
+                site: str, inbox: dict[str, str] | None = None) -> wire.SecureInput:
+    inbox = inbox or {peer: boxes[site] for peer, boxes in sealed.items() if site in boxes}
+    task = _secure_task("input", inbox=inbox, noise_multiplier=1.0)
+    return rounds[site].input(task, lambda multiplier: None, lambda: np.zeros(19))
+
+
+@settings(max_examples=30, deadline=None)
+@given(key=st.one_of(st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode()),
+                     st.from_regex(r"[A-Za-z0-9+/]{0,50}={0,2}", fullmatch=True)))
+def test_a_node_refuses_advertisements_it_cannot_share_keys_with(key: str) -> None:
+    """Whatever key a coordinator relays for another site, the node shares keys (a key of
+    X25519's 32 bytes) or refuses the round by name; nothing else."""
+    own = node_sums.SecureRounds()
+    adverts = {"a": own.advertise(_secure_task("advertise", sites=["a", "b", "c"]), "a",
+                                  1.0, 19).model_dump()}
+    for peer in "bc":
+        adverts[peer] = node_sums.SecureRounds().advertise(
+            _secure_task("advertise", sites=["a", "b", "c"]), peer, 1.0, 19).model_dump()
+    adverts["b"]["c_public"] = key
+    task = _secure_task("share", adverts=adverts, noise_multiplier=1.0)
+    try:
+        decoded = base64.b64decode(key, validate=True)
+    except ValueError:
+        decoded = b""
+    if len(decoded) == 32:
+        assert set(own.share(task, "a", SimulationConfig.create(**PLAN)).sealed) == {"b", "c"}
+    else:
+        with pytest.raises(TaskRefused, match="The sum's advertisements are not ones this "
+                                              "site can share keys with: .*'b'"):
+            own.share(task, "a", SimulationConfig.create(**PLAN))
+
+
+@settings(max_examples=30, deadline=None)
+@given(box=st.one_of(st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode()),
+                     st.text(max_size=60)))
+def test_a_node_refuses_to_mask_with_a_share_pair_that_is_not_sealed_for_it(box: str) -> None:
+    """A relayed share pair that is not the one sealed for this site (forged, cut, not
+    base64) is refused by name, before anything is masked."""
+    rounds, sealed = _sum_at_input()
+    inbox = {"b": box, "c": sealed["c"]["a"]}
+    with pytest.raises(TaskRefused, match="This site cannot mask its input with the "
+                                          "shares it was sent"):
+        _send_input(rounds, sealed, "a", inbox)
+
+
+@settings(max_examples=40, deadline=None)
+@given(survivors=st.lists(st.sampled_from(["a", "b", "c", "x"]), unique=True))
+def test_a_node_reveals_only_for_survivors_that_make_a_sum(survivors: list[str]) -> None:
+    """The node reveals its shares for a survivor list that holds itself, only sites of
+    the sum, and at least the plan's minimum of inputs (2); any other list is refused."""
+    rounds, sealed = _sum_at_input()
+    _send_input(rounds, sealed, "a")
+    task = _secure_task("reveal", survivors=survivors)
+    if "a" in survivors and set(survivors) <= set("abc") and len(survivors) >= 2:
+        shares = rounds["a"].reveal(task).shares
+        assert {s: r.kind for s, r in shares.items()} == {
+            s: "b" if s in survivors else "s" for s in "abc"}
+    else:
+        with pytest.raises(TaskRefused, match="This site does not reveal shares for these "
+                                              "survivors"):
+            rounds["a"].reveal(task)

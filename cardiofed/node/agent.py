@@ -85,6 +85,7 @@ class NodeAgent:
         self._rows: SiteArrays | None = None  # an attribution study's
         self._survival_rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._pre: Preprocessor | None = None
+        self._weights: tuple[tuple[str, int], Weights] | None = None  # the last version's
         self._privacy: SitePrivacy | None = None
         self._name: str | None = None
         self.secure = SecureRounds()  # the secure sums under way (their keys: memory only)
@@ -348,9 +349,11 @@ class NodeAgent:
         if self._pre is None:
             blob = self._request("GET", f"/v1/studies/{task.study}/preprocessor").content
             self._pre = site_preprocessor(blob, site, plan, task.feature_names, ranges)
-        weights = study_weights(plan, self._pre, self._request(
-            "GET", f"/v1/studies/{task.study}/models/{task.model_version}").content)
-        return self._pre, weights
+        version = (task.study, task.model_version)  # a version's weights never change
+        if self._weights is None or self._weights[0] != version:
+            self._weights = version, study_weights(plan, self._pre, self._request(
+                "GET", f"/v1/studies/{task.study}/models/{task.model_version}").content)
+        return self._pre, self._weights[1]
 
     def _manifest(self, task: TaskResponse) -> dict[str, str]:
         manifest = {"study": task.study, "round": str(task.round),

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
+from cryptography.exceptions import InvalidTag
 
 from cardiofed.exceptions import ConfigurationError, InvalidUpdate
 from cardiofed.secure import keys, shamir
@@ -213,8 +214,13 @@ class SecureSite:
             raise InvalidUpdate(f"Site {self.name!r}: {len(inbox)} neighbours remain; the "
                                 f"sum needs {self.plan.threshold - 1} to recover its keys.")
         for peer, sealed in inbox.items():
-            plain = keys.open_sealed(self._seal_key(peer), sealed,
-                                     self._associated(peer, self.name))
+            try:
+                plain = keys.open_sealed(self._seal_key(peer), sealed,
+                                         self._associated(peer, self.name))
+            except InvalidTag:
+                raise InvalidUpdate(f"The share pair from {peer!r} does not open: it was not "
+                                    f"sealed for {self.name!r} in this sum, or was "
+                                    f"changed.") from None
             if len(plain) != SHARE_PAIR_BYTES:
                 raise InvalidUpdate(f"Site {peer!r} sent a malformed share pair.")
             self._held[peer] = (plain[:shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES:])
