@@ -31,6 +31,7 @@ from cardiofed.protocol.schemas import TaskResponse
 from cardiofed.secure.simulate import ring_sum
 from cardiofed.serving import registry
 from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.secure_evaluation import POOLED_SECURE
 from cardiofed.simulation.secure_statistics import statistics_vector
 from cardiofed.store import Round, SecureMessage, Update, session_factory
 
@@ -65,16 +66,20 @@ def test_a_secure_study_runs_over_the_network_keeping_only_sums(tmp_path: Path) 
         ledger = open_ledger_file(fed.tmp / f"{site}-privacy")
         assert [e["kind"] for e in ledger.entries] == [
             "statistics", "train", "train", "train", "evaluate"]
-        assert all(e.get("secure_sum") for e in ledger.entries[:4])
+        assert all(e.get("secure_sum") for e in ledger.entries)
         assert ledger.entries[-1]["epsilon_after"] <= 1.0 + 1e-9
     with session_factory(fed.settings.database_url)() as db:
-        rounds = {r.number: (r.kind, r.id) for r in db.scalars(select(Round))}
-        kept = db.scalars(select(Update.round_id)).all()
+        kinds = [r.kind for r in db.scalars(select(Round).order_by(Round.number))]
+        assert db.scalar(select(func.count()).select_from(Update)) == 0
         assert db.scalar(select(func.count()).select_from(SecureMessage)) == 0
         card = registry.card(db, "s1-v3")
-    # Updates are stored only for the evaluation round: no site's statistics or gradient.
-    assert {kind for kind, rid in rounds.values() if rid in kept} == {"evaluate"}
-    assert card["sites"] == SITES and set(card["metrics"]) == set(SITES)
+    # Every round was a secure sum: no site's statistics, gradient or evaluation is kept;
+    # the card holds the pooled test's metrics from the evaluation's sum, with intervals.
+    assert kinds == ["statistics", "train", "train", "train", "evaluate"]
+    assert card["sites"] == SITES and list(card["metrics"]) == [POOLED_SECURE]
+    pooled = card["metrics"][POOLED_SECURE]
+    assert pooled["auc_ci_low"] <= pooled["auc"] <= pooled["auc_ci_high"]
+    assert "the pooled test of all sites" in " ".join(card["notes"])
 
 
 def test_with_little_noise_the_network_trains_the_simulators_model(tmp_path: Path) -> None:
@@ -342,6 +347,48 @@ def test_a_share_revealed_for_a_site_that_shared_no_keys_is_refused(tmp_path: Pa
     assert answer.status_code == 422
     assert answer.json()["detail"] == (f"Site {SITES[0]!r} revealed a share of {SITES[2]!r}, "
                                        f"which shared no keys in this sum.")
+
+
+def test_a_site_that_publishes_no_evaluation_stays_out_of_the_evaluation_sum(
+        tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan=PLAN)
+    agents = [default_agent(fed, s) for s in SITES[:2]]
+    agents.append(NodeAgent(NodeConfig.create(
+        coordinator_url="http://testserver", state_dir=str(fed.tmp / SITES[2]),
+        enrolment_token=fed.tokens[SITES[2]], poll_wait_s=0, publish_metrics=False,
+        data={"dataset": "synthetic", "site": SITES[2], "seed": 0}), client=fed.client))
+    _until_done(fed, agents)
+
+    assert refusals(fed) == ["This site publishes no evaluation (publish_metrics = false), "
+                             "not even as part of a secure sum."]
+    assert "evaluate" not in [e["kind"] for e in _ledger_entries(fed, SITES[2])]
+    assert [e["kind"] for e in _ledger_entries(fed, SITES[0])][-1] == "evaluate"
+    with session_factory(fed.settings.database_url)() as db:
+        card = registry.card(db, "s1-v3")
+    assert list(card["metrics"]) == [POOLED_SECURE]  # the other two sites' sum
+
+
+def test_an_evaluation_sum_given_up_stops_the_study_without_metrics(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan=PLAN)
+    agents = [default_agent(fed, s) for s in SITES]
+    while fed.status()["phase"] != "evaluate":
+        fed.step(agents)
+    fed.step(agents)  # advertise
+    fed.step(agents)  # share
+    fed.step(agents[:1])  # input: one masked input of the three the noise is split over
+    fed.advance(3601)
+    status = fed.status()
+    assert status["phase"] == "done"
+    assert status["round_outcome"].startswith(
+        "study stopped: the evaluate round's secure sum was given up: 1 masked inputs, "
+        "fewer than the 3")
+    with session_factory(fed.settings.database_url)() as db:
+        assert registry.card(db, "s1-v3")["metrics"] == {}
+        assert db.scalar(select(func.count()).select_from(SecureMessage)) == 0
+
+
+def _ledger_entries(fed: Federation, site: str) -> list[dict[str, object]]:
+    return open_ledger_file(fed.tmp / f"{site}-privacy").entries
 
 
 def test_a_node_that_restarts_during_a_sum_leaves_the_round(tmp_path: Path) -> None:

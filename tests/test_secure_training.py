@@ -174,6 +174,65 @@ def test_too_few_sites_with_budget_for_the_statistics_sum_stop_the_study(federat
                           privacy, dropout=0.2)
 
 
+def test_a_secure_evaluation_is_the_pooled_tests_histograms_up_to_their_noise(
+        federation) -> None:  # type: ignore[no-untyped-def]
+    from cardiofed.evaluation.private_metrics import (
+        metrics_from_histograms,
+        score_bin_edges,
+        score_histograms,
+    )
+    from cardiofed.simulation.secure_evaluation import secure_evaluation
+
+    config = SimulationConfig.create(dp_epsilon=1e4, secure_aggregation=True)
+    privacy = site_privacy(federation, config)
+    rng = np.random.default_rng(0)
+    outcomes = [(s.name, s.y_test, rng.random(len(s.y_test))) for s in federation.sites]
+    pooled = secure_evaluation(outcomes, privacy, 0.2, np.random.default_rng(1))
+    assert pooled is not None
+    edges = score_bin_edges()
+    neg, pos = score_histograms(np.concatenate([o[1] for o in outcomes]),
+                                np.concatenate([o[2] for o in outcomes]), edges)
+    exact = metrics_from_histograms(neg, pos, edges)
+    assert pooled["auc"] == pytest.approx(exact["auc"], abs=0.01)
+    assert pooled["prevalence"] == pytest.approx(exact["prevalence"], abs=0.01)
+    noise = {p.ledger.releases("evaluate")[0]["noise_multiplier"] for p in privacy.values()}
+    assert len(noise) == 1  # one charge per site, at the study's noise
+    assert all(p.ledger.releases("evaluate")[0]["secure_sum"] for p in privacy.values())
+
+
+def test_a_secure_run_publishes_only_the_pooled_metrics_of_its_evaluation_sum(
+        federation) -> None:  # type: ignore[no-untyped-def]
+    from cardiofed.serving import provenance
+    from cardiofed.simulation.secure_evaluation import CARD_NOTE, POOLED_SECURE
+
+    config = SimulationConfig.create(dp_epsilon=1.0, secure_aggregation=True, rounds=3,
+                                     eval_every=0)
+    result = run_experiment(federation, config, baselines=False)
+    assert list(result.released_metrics) == [POOLED_SECURE]
+    metrics = result.released_metrics[POOLED_SECURE]
+    assert metrics["auc_ci_low"] <= metrics["auc"] <= metrics["auc_ci_high"]
+    for spent in result.privacy.values():  # the evaluation is charged, within budget
+        assert spent["epsilon_evaluate"] > 0 and spent["epsilon_spent"] <= 1.0 + 1e-9
+    model = provenance.from_experiment(result, study="s", feature_names=federation.feature_names,
+                                       outcome=federation.outcome)
+    assert list(model.card.metrics) == [POOLED_SECURE] and CARD_NOTE in model.card.notes
+
+
+def test_too_few_sites_with_budget_for_the_evaluation_sum_release_nothing(
+        federation) -> None:  # type: ignore[no-untyped-def]
+    from cardiofed.simulation.secure_evaluation import secure_evaluation
+
+    config = SimulationConfig.create(dp_epsilon=1.0, secure_aggregation=True)
+    privacy = site_privacy(federation, config)
+    for s in federation.sites[:3]:  # their budgets are spent
+        privacy[s.name].ledger.record([GaussianEvent(noise_multiplier=0.3, sample_rate=1.0,
+                                                     steps=50)], "earlier", kind="train",
+                                      study="earlier")
+    outcomes = [(s.name, s.y_test, np.full(len(s.y_test), 0.2)) for s in federation.sites]
+    assert secure_evaluation(outcomes, privacy, 0.2, np.random.default_rng(0)) is None
+    assert not any(p.ledger.releases("evaluate") for p in privacy.values())
+
+
 def test_sites_are_dealt_into_groups_of_at_least_the_size() -> None:
     from cardiofed.simulation.secure_runner import secure_groups
 

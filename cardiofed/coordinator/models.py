@@ -25,6 +25,7 @@ from cardiofed.exceptions import (
 from cardiofed.models.networks import Weights, get_weights, make_model
 from cardiofed.serving import provenance, registry
 from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.secure_evaluation import CARD_NOTE, POOLED_SECURE
 from cardiofed.store import (
     ModelVersion,
     Round,
@@ -94,6 +95,7 @@ def card_metrics(db: Session, study: Study, metrics: dict[str, Any]) -> None:
     version = f"{study.id}-v{study.model_version}"
     try:
         notes = [*registry.load(db, version).card.notes,
+                 CARD_NOTE if POOLED_SECURE in metrics else
                  "Metrics are as each site reported them: the coordinator checks their names "
                  "and ranges, not their truth."]
         if exact:

@@ -85,6 +85,7 @@ from cardiofed.models.networks import Weights
 from cardiofed.protocol import relay
 from cardiofed.protocol import secure_sums as secure_wire
 from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.secure_evaluation import POOLED_SECURE, evaluation_from_sum
 from cardiofed.simulation.secure_runner import mean_gradient_step
 from cardiofed.simulation.secure_statistics import statistics_from_sum
 from cardiofed.store import (
@@ -235,7 +236,7 @@ class _Folded:
     # A training round: the global model's loss each site reported (NaN where none).
     global_losses: list[float] = field(default_factory=list)
     totals: dict[str, np.ndarray] | None = None  # an analysis step's sums
-    secure_total: np.ndarray | None = None  # a secure round's unmasked sum
+    secure: secure_sums.Unmasked | None = None  # a secure round's unmasked sum
     # An intercept round: each site's (D, I, noise SD, declared records)
     intercepts: dict[str, tuple[float, float, float, int]] = field(default_factory=dict)
     privacy: dict[str, str] = field(default_factory=dict)  # what each site declared
@@ -375,9 +376,9 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         db.commit()
         return
     if rnd.kind == STATISTICS:
-        stats = ([statistics_from_sum(folded.secure_total, bin_edges(
+        stats = ([statistics_from_sum(folded.secure.total, bin_edges(
                     [(lo, hi) for lo, hi in study.feature_ranges], PRIVATE_BINS))]
-                 if folded.secure_total is not None
+                 if folded.secure is not None
                  else list(_gated_statistics(db, study, rnd, folded).values()))
         edges = bin_edges([(lo, hi) for lo, hi in study.feature_ranges],
                           max(s.histogram.shape[1] for s in stats))
@@ -389,8 +390,8 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         algorithm = plan.make_algorithm()
         weights = load_model(db, study, study.model_version)
         state = load_state(study, algorithm.init_server(weights))
-        delta, report = ((mean_gradient_step([folded.secure_total], weights), [])
-                         if folded.secure_total is not None
+        delta, report = ((mean_gradient_step([folded.secure.total], weights), [])
+                         if folded.secure is not None
                          else _round_delta(db, algorithm, folded))
         new, state = plausible_model(rnd, study, (weights, state),
                            algorithm.server.step(weights, delta, state), report)
@@ -412,7 +413,11 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         next_kind, version = EVALUATE, study.model_version
     else:
         model = model_blob(db, study.id, study.model_version)
-        model.metrics = folded.metrics
+        model.metrics = folded.metrics if folded.secure is None else {
+            POOLED_SECURE: evaluation_from_sum(
+                folded.secure.total, folded.secure.noise_multiplier,
+                len(folded.secure.survivors), folded.secure.min_inputs,
+                np.random.default_rng(0))}  # the intervals' bootstrap: not a release
         card_metrics(db, study, model.metrics)
         next_kind, version = "", study.model_version
     rnd.closed_at = now()
@@ -441,7 +446,7 @@ def _advance_secure(db: Session, study: Study, rnd: Round, now: Clock) -> bool:
     """Move a secure round's sum on (:mod:`cardiofed.coordinator.secure_sums`); True
     once the round has closed. Its sites are private (a node without a budget refuses a
     secure round). A training round whose sum is given up leaves the model as it was; a
-    statistics round's stops the study."""
+    statistics or evaluation round's stops the study (the latter with no metrics)."""
     result = secure_sums.progress(db, study, rnd, now)
     if result is None:
         return False
@@ -449,13 +454,14 @@ def _advance_secure(db: Session, study: Study, rnd: Round, now: Clock) -> bool:
         order = db.scalars(select(Site.name).where(Site.study_id == study.id)
                            .order_by(Site.index))
         survivors = [name for name in order if name in result.survivors]  # site order
-        _close(db, study, rnd, _Folded(names=survivors, secure_total=result.total,
+        _close(db, study, rnd, _Folded(names=survivors, secure=result,
                                        privacy=dict.fromkeys(survivors, "dp")
                                        if rnd.number == 0 else {}), now)
         return True
     rnd.closed_at = now()
-    if rnd.kind == STATISTICS:
-        rnd.outcome = f"study stopped: the statistics' secure sum was given up: {result}"[:200]
+    if rnd.kind in (STATISTICS, EVALUATE):
+        rnd.outcome = (f"study stopped: the {rnd.kind} round's secure sum was given up: "
+                       f"{result}")[:200]
         study.phase = "done"
     else:
         rnd.outcome = (f"secure sum given up ({result}); the model stays at version "

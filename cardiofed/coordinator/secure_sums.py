@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from cardiofed.coordinator.models import load_model
 from cardiofed.coordinator.studies import (
-    STATISTICS,
+    TRAIN,
     Clock,
     active_ids,
     refused_ids,
@@ -40,7 +42,7 @@ from cardiofed.protocol.schemas import (
     SecureShares,
     SecureTask,
 )
-from cardiofed.secure import Advertisement, SecureSum, SumPlan, shamir, unmask_sum
+from cardiofed.secure import Advertisement, SumPlan, shamir, unmask_sum
 from cardiofed.secure.protocol import neighbour_graph
 from cardiofed.store import Round, SecureMessage, Site, Study
 
@@ -119,7 +121,7 @@ def _length(db: Session, study: Study, rnd: Round) -> int:
     if key not in _LENGTHS:
         if len(_LENGTHS) > 1000:
             _LENGTHS.clear()
-        n_weights = 0 if rnd.kind == STATISTICS else sum(
+        n_weights = 0 if rnd.kind != TRAIN else sum(
             v.size for v in load_model(db, study, rnd.model_version).values())
         _LENGTHS[key] = wire.vector_length(rnd.kind, len(study.feature_names), n_weights)
     return _LENGTHS[key]
@@ -232,7 +234,18 @@ def _check(step: str, name: str, body: BaseModel, state: _State) -> None:
                                     f"{shamir.SHARE_BYTES} bytes.")
 
 
-def progress(db: Session, study: Study, rnd: Round, now: Clock) -> SecureSum | str | None:
+@dataclass(frozen=True)
+class Unmasked:
+    """A sum the coordinator unmasked: the survivors' total (decoded), who they were,
+    and the noise on it (the study's noise multiplier, split over `min_inputs` sites)."""
+
+    total: np.ndarray
+    survivors: tuple[str, ...]
+    noise_multiplier: float
+    min_inputs: int
+
+
+def progress(db: Session, study: Study, rnd: Round, now: Clock) -> Unmasked | str | None:
     """Close the current step if it is complete or past its deadline: the unmasked sum
     once the last step closes, a reason when the sum is given up, else None."""
     state = _State(db, study, rnd)
@@ -276,7 +289,7 @@ def progress(db: Session, study: Study, rnd: Round, now: Clock) -> SecureSum | s
     _forget(db, rnd)
     log.info("study %s round %d: secure sum of %d sites unmasked (%d dropped)", study.id,
              rnd.number, len(result.survivors), len(result.dropped))
-    return result
+    return Unmasked(result.total, result.survivors, state.multiplier, least)
 
 
 def _next(db: Session, study: Study, rnd: Round, now: Clock, step: str, why: str) -> None:

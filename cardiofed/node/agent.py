@@ -44,6 +44,7 @@ from cardiofed.node.work import (
     intercept_payload,
     load_site_data,
     own_feature_ranges,
+    risks_on_test_split,
     site_preprocessor,
     statistics_payload,
     study_weights,
@@ -57,6 +58,7 @@ from cardiofed.protocol.schemas import TaskResponse
 from cardiofed.protocol.secure_sums import vector_length
 from cardiofed.schema import Catalogue
 from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.secure_evaluation import evaluation_vector
 from cardiofed.simulation.secure_runner import gradient_vector
 from cardiofed.simulation.secure_statistics import statistics_vector
 from cardiofed.survival.study import SurvivalPlan
@@ -259,6 +261,17 @@ class NodeAgent:
                                              vector_length("statistics", len(ranges), 0))
             message = self.secure.input(task, privacy.charge_secure_statistics,
                                         lambda: statistics_vector(site.x_train, edges))
+        elif task.kind == "evaluate":
+            if not self.config.publish_metrics:
+                raise TaskRefused("This site publishes no evaluation (publish_metrics = "
+                                  "false), not even as part of a secure sum.")
+            pre, weights = self._model(task, plan, site, ranges)
+            if step == "advertise":
+                return self.secure.advertise(task, name, privacy.secure_evaluation_noise(),
+                                             vector_length("evaluate", 0, 0))
+            message = self.secure.input(task, privacy.charge_secure_evaluation, lambda: (
+                evaluation_vector(site.y_test,
+                                  risks_on_test_split(site, pre, plan, weights, ranges))))
         else:
             pre, weights = self._model(task, plan, site, ranges)
             if step == "advertise":

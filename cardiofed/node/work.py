@@ -260,6 +260,14 @@ def intercept_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig,
                          {**manifest, "num_samples": str(n)})
 
 
+def risks_on_test_split(site: SiteData, pre: Preprocessor, plan: SimulationConfig, weights: Weights,
+               ranges: list[tuple[float, float]]) -> np.ndarray:
+    """The model's risks for the site's own bounded test rows (non-finite where the
+    model overflows: each evaluation treats them as it must)."""
+    with np.errstate(over="ignore"):
+        return score(plan.model, weights, bounded_rows(pre, site.x_test, ranges))
+
+
 def evaluate_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig,
                      weights: Weights, privacy: SitePrivacy | None = None, *,
                      ranges: list[tuple[float, float]], publish: bool = True) -> bytes:
@@ -269,8 +277,7 @@ def evaluate_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig,
     publish sends an empty JSON object and releases nothing."""
     if not publish:
         return encode_metrics({})
-    with np.errstate(over="ignore"):
-        probs = score(plan.model, weights, bounded_rows(pre, site.x_test, ranges))
+    probs = risks_on_test_split(site, pre, plan, weights, ranges)
     if privacy is None:
         return encode_metrics(binary_metrics(site.y_test, probs))
     neg, pos, noise_std = privacy.release_evaluation(site.y_test, probs, score_bin_edges())

@@ -22,6 +22,10 @@ records (pure noise for DP-SGD, the neutral score for an evaluation), already ch
 * :meth:`release_evaluation`: noisy score histograms per label of the site's test split
   (:mod:`cardiofed.evaluation.private_metrics`), from which metrics are computed;
 * :meth:`release_attribution`: one step of a private attribution analysis.
+
+A secure study's sums (statistics, each training round, the evaluation) are charged by
+the ``charge_secure_*`` methods at the study's noise multiplier, the largest any site's
+share needs (``secure_*_noise``), before the site computes its vector.
 """
 
 from __future__ import annotations
@@ -327,6 +331,19 @@ class SitePrivacy:
         return plan.add_noise(state, arrays, sigma, secure_numpy_rng())
 
     # -- evaluation -------------------------------------------------------------------
+    def secure_evaluation_noise(self) -> float:
+        """The noise multiplier this site needs on the secure sum of its score histograms
+        (one q = 1 Gaussian event within its evaluation share)."""
+        return self._calibrate("evaluate", 1.0, 1)
+
+    def charge_secure_evaluation(self, noise_multiplier: float) -> None:
+        """Charge the secure sum of the evaluation at the study's `noise_multiplier`
+        (refused when below what this site's budget needs)."""
+        with self.ledger.locked():
+            self._charge_secure_sum("evaluate", noise_multiplier,
+                                    self.secure_evaluation_noise(),
+                                    "evaluation release (secure sum)")
+
     def release_evaluation(self, y_true: np.ndarray, y_prob: np.ndarray,
                            edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """Noisy score histograms (negatives, positives) of the site's test split over

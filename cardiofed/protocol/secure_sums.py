@@ -1,8 +1,8 @@
 """A secure study's rounds on the network: what the node and the coordinator agree on.
 
-With ``secure_aggregation = true`` in a study's plan, its statistics round and each
-training round are one secure sum (:mod:`cardiofed.secure`) in four steps, each a task
-the node polls for and a message it posts (``POST
+With ``secure_aggregation = true`` in a study's plan, its statistics round, each
+training round and its evaluation round are one secure sum (:mod:`cardiofed.secure`) in
+four steps, each a task the node polls for and a message it posts (``POST
 /v1/studies/{id}/rounds/{n}/secure/{step}``):
 
 1. ``advertise``: the site's public keys and the noise multiplier its budget needs on
@@ -10,9 +10,9 @@ the node polls for and a message it posts (``POST
 2. ``share``: given every advertisement, its sealed share pairs for its neighbours;
    the study's noise multiplier is the largest any site advertised, which each site
    checks against its own need before it shares;
-3. ``input``: its vector (histograms and record count, or its clipped gradient sum and
-   record count), encoded into the ring with its share of the noise, masked; charged to
-   its ledger first;
+3. ``input``: its vector (histograms and record count, its clipped gradient sum and
+   record count, or its test split's score histograms), encoded into the ring with its
+   share of the noise, masked; charged to its ledger first;
 4. ``reveal``: given the survivors (the sites whose input arrived), one share per
    neighbour.
 
@@ -34,16 +34,19 @@ from cardiofed.protocol.schemas import SecureAdvert
 from cardiofed.secure import Advertisement, SumPlan
 from cardiofed.secure.noise import DistributedNoise
 from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.secure_evaluation import EVALUATION_LENGTH, evaluation_codec_and_noise
 from cardiofed.simulation.secure_runner import secure_codec_and_noise
 from cardiofed.simulation.secure_statistics import statistics_codec_and_noise
 
 STEPS = ("advertise", "share", "input", "reveal")
-SECURE_KINDS = ("statistics", "train")
+SECURE_KINDS = ("statistics", "train", "evaluate")
 
 
 def vector_length(kind: str, n_columns: int, n_weights: int) -> int:
     """How many values a site's vector holds: each column's histogram, or the model's
-    gradient, and the record count."""
+    gradient, and the record count; or the negatives' and positives' score histograms."""
+    if kind == "evaluate":
+        return EVALUATION_LENGTH
     return (n_columns * PRIVATE_BINS if kind == "statistics" else n_weights) + 1
 
 
@@ -56,6 +59,8 @@ def sum_setup(kind: str, plan: SimulationConfig, sites: list[str], length: int,
     if kind == "statistics":
         codec, noise = statistics_codec_and_noise(n, (length - 1) // PRIVATE_BINS,
                                                   noise_multiplier, plan.secure_dropout)
+    elif kind == "evaluate":
+        codec, noise = evaluation_codec_and_noise(n, noise_multiplier, plan.secure_dropout)
     else:
         codec, noise = secure_codec_and_noise(plan, n, length, noise_multiplier)
     context = f"cardiofed/{study}/round {round_number}/attempt {attempt}".encode()

@@ -28,9 +28,12 @@ def from_experiment(result: ExperimentResult, *, study: str, feature_names: list
     pre = next(iter(result.preprocessors.values()))
     notes = ["Metrics are each site's test split in simulation."]
     if result.privacy:  # only what the sites' DP evaluation releases give may be published
+        from cardiofed.simulation.secure_evaluation import CARD_NOTE
+
         metrics = {site: {k: _finite(v) for k, v in m.items()}
                    for site, m in result.released_metrics.items()}
-        notes = ["Metrics are computed from each site's differentially private evaluation "
+        notes = [CARD_NOTE if config.secure_aggregation else
+                 "Metrics are computed from each site's differentially private evaluation "
                  "release (noisy score histograms), with 95% intervals."]
     else:
         metrics = {site: {k: _finite(v) for k, v in labels[FEDERATED].items()}

@@ -206,9 +206,21 @@ def _intercept_step(run: FederatedRun, config: SimulationConfig,
 def _released_evaluation(result: ExperimentResult, privacy: dict[str, SitePrivacy],
                          sites: list[PreparedSite], outbox: Outbox | None) -> None:
     """Each site's DP evaluation release of the federated model, and the metrics (with
-    their uncertainty) computed from it, as the coordinator would."""
+    their uncertainty) computed from it, as the coordinator would. A secure study
+    releases one secure sum instead: the pooled test's metrics only
+    (:mod:`~cardiofed.simulation.secure_evaluation`)."""
     edges = score_bin_edges()
     rng = np.random.default_rng(derive_seed(result.config.seed, 40_000))  # bootstrap only
+    if result.config.secure_aggregation:
+        from cardiofed.simulation.secure_evaluation import POOLED_SECURE, secure_evaluation
+
+        pooled = secure_evaluation(
+            [(s.name, s.y_test, score(result.config.model, result.federated.weights,
+                                      s.x_test)) for s in sites],
+            privacy, result.config.secure_dropout, rng)
+        if pooled is not None:
+            result.released_metrics[POOLED_SECURE] = pooled
+        return
     for s in sites:
         probs = score(result.config.model, result.federated.weights, s.x_test)
         try:

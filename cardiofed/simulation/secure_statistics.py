@@ -46,8 +46,15 @@ def statistics_codec_and_noise(n_sites: int, n_columns: int, noise_multiplier: f
                                dropout: float) -> tuple[RingCodec, DistributedNoise]:
     """The ring and the noise of the secure sum of `n_sites` sites' histograms of
     `n_columns` columns and record counts."""
+    return count_codec_and_noise(n_sites, statistics_sensitivity(n_columns),
+                                 noise_multiplier, dropout)
+
+
+def count_codec_and_noise(n_sites: int, sensitivity: float, noise_multiplier: float,
+                          dropout: float) -> tuple[RingCodec, DistributedNoise]:
+    """The ring and the noise of a secure sum of `n_sites` sites' vectors of counts, one
+    record moving a vector by `sensitivity` (L2)."""
     min_sites = noise_sites(n_sites, dropout)
-    sensitivity = statistics_sensitivity(n_columns)
     # Counts are integers: encoded at an integer scale, they are exact (no rounding term
     # in the sensitivity); the scale only lifts each share above the accounting's floor.
     floor = MIN_SITE_SIGMA * math.sqrt(min_sites) / (noise_multiplier * sensitivity)
