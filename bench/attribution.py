@@ -18,8 +18,10 @@ run`` does); timed from the nodes' start to the result, per round from the
 coordinator's own records, and compared with the simulation's estimate.
 
 Private (``private_runs``): the private schedule with every site spending epsilon 1, 3
-or 10 (delta 1e-5) on overlap weights and 0.05-trimmed IPTW for the ATE: coverage of
-the truth, bias, interval width, and the distance to the exact analysis.
+or 10 (delta 1e-5) on overlap weights and 0.05-trimmed IPTW for the ATE, each site with
+its own noise, and over secure sums ("secure": one noise per step's sum, split over the
+sites, ``secure_dropout`` 0.2): coverage of the truth, bias, interval width, and the
+distance to the exact analysis.
 
     python bench/attribution.py [--replications 200] [--no-loopback]
 """
@@ -142,27 +144,31 @@ def private_runs(replications: int, n_sites: int, truth: Any) -> dict[str, Any]:
 
     methods = ["overlap", "iptw"]
     target = {"overlap": truth.ato_rd, "iptw": truth.ate_rd}
-    rows: dict[tuple[float | None, str], dict[str, list[float]]] = {}
+    rows: dict[tuple[str, str], dict[str, list[float]]] = {}
+    arms = [("exact", None, None)] + [
+        (f"epsilon {eps:g}{' secure' if secure else ''}", eps, 0.2 if secure else None)
+        for eps in EPSILONS for secure in (False, True)]
     for r in range(replications):
         sites, covariates = synthetic_sites(n_sites, seed=r)
         exact = run_attribution(sites, covariates, estimand="ATE", methods=methods,
                                 trim=PRIVATE_TRIM).effects
-        for eps in (None, *EPSILONS):
+        for arm, eps, dropout in arms:
             result = run_attribution(sites, covariates, estimand="ATE", methods=methods,
-                                     trim=PRIVATE_TRIM, epsilon=eps).effects
+                                     trim=PRIVATE_TRIM, epsilon=eps,
+                                     secure_dropout=dropout).effects
             for m in methods:
-                e, row = result[m], rows.setdefault((eps, m), {k: [] for k in (
+                e, row = result[m], rows.setdefault((arm, m), {k: [] for k in (
                     "covered", "estimate", "width", "diff")})
                 row["covered"].append(e.rd_low <= target[m] <= e.rd_high)
                 row["estimate"].append(e.risk_difference)
                 row["width"].append(e.rd_high - e.rd_low)
                 row["diff"].append(abs(e.risk_difference - exact[m].risk_difference))
-    return {f"{'exact' if eps is None else f'epsilon {eps:g}'} {m}": {
+    return {f"{arm} {m}": {
         "truth_rd": target[m], "coverage": float(np.mean(v["covered"])),
         "bias": float(np.mean(v["estimate"]) - target[m]),
         "median_ci_width": float(np.median(v["width"])),
         "median_abs_private_minus_exact": float(np.median(v["diff"]))}
-        for (eps, m), v in rows.items()}
+        for (arm, m), v in rows.items()}
 
 
 def main() -> None:
@@ -237,8 +243,8 @@ def main() -> None:
             f"{np.median(seconds):.3f}.\n")
     out["private"] = private = private_runs(args.replications, args.sites, truth)
     md += (f"\n## Private schedule: every site spends epsilon (delta 1e-5) on {PRIVATE_TRIM:g}"
-           f"-trimmed IPTW and overlap weights (ATE); 'exact' is the non-private analysis "
-           f"with the same trim\n\n"
+           f"-trimmed IPTW and overlap weights (ATE), with its own noise or over secure "
+           f"sums ('secure'); 'exact' is the non-private analysis with the same trim\n\n"
            + markdown_table(["analysis / method", "true RD", "bias", "95% CI coverage",
                              "median CI width", "median |private - exact|"],
                             [[k, v["truth_rd"], v["bias"], v["coverage"], v["median_ci_width"],

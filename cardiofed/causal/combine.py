@@ -161,13 +161,20 @@ def run_attribution(sites: Sequence[SiteArrays], covariates: list[str], *,
                     trim: float = 0.0, seed: int = 0, private: bool = False,
                     epsilon: float | None = None, delta: float = 1e-5,
                     ranges: Sequence[Sequence[float]] | None = None,
-                    outcome: str = "binary") -> AttributionResult:
+                    outcome: str = "binary",
+                    secure_dropout: float | None = None) -> AttributionResult:
     """Every requested estimator over `sites`, step by step as a networked study runs.
     `trim`: leave out patients whose score is below `trim` or above ``1 - trim``
     (weighting only); `seed`: the matching order. `private` (implied by `epsilon`): the
     private schedule, rows clipped to `ranges` (default: the schema's for `covariates`);
     `epsilon`: every site spends it (at `delta`) on its releases, with noise from a
-    secret source. `outcome` "continuous": the effect is a difference in means."""
+    secret source. `outcome` "continuous": the effect is a difference in means.
+    `secure_dropout` (with `epsilon`): each step is one secure sum with distributed noise
+    split over the sites it may not lose (:mod:`cardiofed.simulation.secure_attribution`),
+    instead of each site's own noise."""
+    if secure_dropout is not None and epsilon is None:
+        raise ConfigurationError("secure_dropout: a secure attribution needs epsilon, the "
+                                 "budget each site's share of the noise covers.")
     plan = AttributionPlan.parse({"covariates": covariates, "estimand": estimand,
                                   "methods": None if methods is None else list(methods),
                                   "trim": trim, "seed": seed,
@@ -187,14 +194,20 @@ def run_attribution(sites: Sequence[SiteArrays], covariates: list[str], *,
                                     steps=plan.releases)
             rng = secure_numpy_rng()
     state = start(plan, covariates, ranges)
+    if not sites:
+        raise DataValidationError("An analysis needs at least one site.")
     while state["step"] != "done":
-        totals: Arrays | None = None
-        for index, site in enumerate(sites):
-            arrays = site_step(plan, state, site, index, ranges)
-            if plan.private:
-                arrays = release(plan, state, arrays, sigma, rng)
-            totals = add(totals, arrays)
-        if totals is None:
-            raise DataValidationError("An analysis needs at least one site.")
+        exact = [site_step(plan, state, site, index, ranges)
+                 for index, site in enumerate(sites)]
+        if secure_dropout is not None:
+            from cardiofed.simulation.secure_attribution import secure_step_sum
+
+            totals = secure_step_sum(plan, state, exact, sigma, secure_dropout)
+        else:
+            totals = None
+            for arrays in exact:
+                totals = add(totals, release(plan, state, arrays, sigma, rng)
+                             if plan.private else arrays)
+        assert totals is not None
         state = next_state(plan, state, totals, len(sites))
     return AttributionResult.from_dict(state["result"])

@@ -497,22 +497,29 @@ def release_blocks(plan: AttributionPlan, step: str, k: int,
     raise ConfigurationError(f"A private analysis releases nothing in step {step!r}.")
 
 
-def release(plan: AttributionPlan, state: dict[str, Any], arrays: Arrays,
-            noise_multiplier: float, rng: np.random.Generator | None) -> Arrays:
-    """A private analysis's arrays as a site releases them: one Gaussian mechanism of
-    ``noise_multiplier`` (none for a site without a budget: 0) over the step's blocks,
-    and each block's noise variance per entry as ``noise_var.<block>``, which the
-    intervals take into account."""
+def noise_units(plan: AttributionPlan, state: dict[str, Any]
+                ) -> dict[str, tuple[list[str], float]]:
+    """The step's blocks, each with its arrays and its noise per unit of noise multiplier:
+    block j is released scaled by ``sqrt(a_j) / bound_j`` (shares a_j summing to 1), so
+    the release's sensitivity is 1 and block j's noise ``bound_j / sqrt(a_j)`` per unit."""
     blocks = release_blocks(plan, state["step"], len(state["columns"]),
                             state["inputs"].get("means"))
-    # Block j is released scaled by sqrt(a_j) / bound_j (shares a_j summing to 1): the
-    # release's sensitivity is 1 and block j's noise noise_multiplier * bound_j / sqrt(a_j).
     priority = {b: PRIVATE_PRIORITY if b.endswith((".sums", ".b_mm", ".a_mm")) else 1.0
                 for b in blocks}
     total = sum(priority.values())
+    return {block: (names, bound * math.sqrt(total / priority[block]))
+            for block, (names, bound) in blocks.items()}
+
+
+def release(plan: AttributionPlan, state: dict[str, Any], arrays: Arrays,
+            noise_multiplier: float, rng: np.random.Generator | None) -> Arrays:
+    """A private analysis's arrays as a site releases them: one Gaussian mechanism of
+    ``noise_multiplier`` (none for a site without a budget: 0) over the step's blocks
+    (:func:`noise_units`), and each block's noise variance per entry as
+    ``noise_var.<block>``, which the intervals take into account."""
     out = dict(arrays)
-    for block, (names, bound) in blocks.items():
-        std = noise_multiplier * bound * math.sqrt(total / priority[block])
+    for block, (names, unit) in noise_units(plan, state).items():
+        std = noise_multiplier * unit
         if std > 0:
             assert rng is not None, "noise needs the site's secret generator"
             for name in names:
