@@ -493,3 +493,6 @@ def test_a_secure_attribution_needs_a_budget() -> None:
     sites, covariates = synthetic_sites(3, seed=1)
     with pytest.raises(ConfigurationError, match="a secure attribution needs epsilon"):
         run_attribution(sites, covariates, secure_dropout=0.2)
+    with pytest.raises(ConfigurationError, match=r"secure_dropout must be in \[0, 1\) .*"
+                                                 r"got 1.5"):
+        run_attribution(sites, covariates, epsilon=1.0, secure_dropout=1.5)

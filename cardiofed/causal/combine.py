@@ -172,6 +172,9 @@ def run_attribution(sites: Sequence[SiteArrays], covariates: list[str], *,
     `secure_dropout` (with `epsilon`): each step is one secure sum with distributed noise
     split over the sites it may not lose (:mod:`cardiofed.simulation.secure_attribution`),
     instead of each site's own noise."""
+    if secure_dropout is not None and not 0.0 <= secure_dropout < 1.0:
+        raise ConfigurationError(f"secure_dropout must be in [0, 1) (the share of sites a "
+                                 f"sum may lose); got {secure_dropout!r}.")
     if secure_dropout is not None and epsilon is None:
         raise ConfigurationError("secure_dropout: a secure attribution needs epsilon, the "
                                  "budget each site's share of the noise covers.")

@@ -67,9 +67,8 @@ def _grid(n: int) -> tuple[plt.Figure, list[Axes]]:
     nrows = math.ceil(n / ncols)
     # Fixed margins in inches around each 3.4 x 3.2 in cell (labels, title) instead of
     # tight_layout, which measured every text of a dozen panels (a second of the demo).
-    fig, axes = plt.subplots(nrows, ncols, figsize=(_CELL_W * ncols, _CELL_H * nrows),
-                             squeeze=False)
     width, height = _CELL_W * ncols, _CELL_H * nrows
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
     fig.subplots_adjust(left=_LEFT / width, right=1 - _RIGHT / width,
                         bottom=_BOTTOM / height, top=1 - _TOP / height,
                         wspace=(_LEFT + _RIGHT) / (_CELL_W - _LEFT - _RIGHT),

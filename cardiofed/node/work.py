@@ -260,8 +260,8 @@ def intercept_payload(site: SiteData, pre: Preprocessor, plan: SimulationConfig,
                          {**manifest, "num_samples": str(n)})
 
 
-def risks_on_test_split(site: SiteData, pre: Preprocessor, plan: SimulationConfig, weights: Weights,
-               ranges: list[tuple[float, float]]) -> np.ndarray:
+def risks_on_test_split(site: SiteData, pre: Preprocessor, plan: SimulationConfig,
+                        weights: Weights, ranges: list[tuple[float, float]]) -> np.ndarray:
     """The model's risks for the site's own bounded test rows (non-finite where the
     model overflows: each evaluation treats them as it must)."""
     with np.errstate(over="ignore"):
