@@ -250,3 +250,14 @@ def test_the_dashboard_follows_an_attribution_study(tmp_path: Path) -> None:
     expected = _simulated().effects["iptw"]
     assert f"{expected.risk_difference:+.4f} ({expected.rd_low:+.4f}" in page.text
     assert ui.get("/ui").status_code == 200
+
+
+def test_an_attribution_study_over_secure_sums_is_refused_by_name(tmp_path: Path) -> None:
+    """Secure attribution sums run in simulation only: a networked study that asks for
+    them would otherwise run with each site's own noise, silently."""
+    fed = _federation(tmp_path)
+    answer = fed.client.post("/v1/studies", headers=fed.auth(fed.admin), json={
+        "id": "secure", "plan": {"attribution": ATTRIBUTION, "secure_aggregation": True},
+        "sites": SITES, "outcome": "cvd_10y"})
+    assert answer.status_code == 422
+    assert "an attribution or survival study's sums are not secure sums yet" in answer.text

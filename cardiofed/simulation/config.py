@@ -219,8 +219,8 @@ class SimulationConfig(BaseModel):
         return self
 
     def _check_secure(self) -> None:
-        """What secure aggregation supports so far (DP-FedSGD of a logistic regression),
-        each refusal naming the setting."""
+        """What secure aggregation supports so far (DP-FedSGD of a logistic regression;
+        no analysis study), each refusal naming the setting."""
         wrong = [(self.model != "logistic", "model must be 'logistic'"),
                  (self.aggregation != "sync", "aggregation must be 'sync'"),
                  (self.algorithm not in ("fedavg", "fedadam", "fedyogi"),
@@ -230,7 +230,10 @@ class SimulationConfig(BaseModel):
                   "secure sums, never on one site's release)"),
                  (self.weighting != "sample-size", "weighting must be 'sample-size' (a sum "
                   "weights every record alike)"),
-                 (self.fraction_fit < 1, "fraction_fit must be 1")]
+                 (self.fraction_fit < 1, "fraction_fit must be 1"),
+                 (self.analysis is not None, "an attribution or survival study's sums are "
+                  "not secure sums yet (each site adds its own noise); remove "
+                  "secure_aggregation")]
         problems = [why for bad, why in wrong if bad]
         if problems:
             raise ValueError("secure_aggregation: " + "; ".join(problems))
