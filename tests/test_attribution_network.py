@@ -252,12 +252,52 @@ def test_the_dashboard_follows_an_attribution_study(tmp_path: Path) -> None:
     assert ui.get("/ui").status_code == 200
 
 
-def test_an_attribution_study_over_secure_sums_is_refused_by_name(tmp_path: Path) -> None:
-    """Secure attribution sums run in simulation only: a networked study that asks for
-    them would otherwise run with each site's own noise, silently."""
+def test_a_private_attribution_over_secure_sums_keeps_no_sites_sums(tmp_path: Path) -> None:
+    """With secure_aggregation each step is a secure sum: the database never holds a
+    site's sums, each ledger holds one secure release per step, and with a huge budget
+    the estimate is the private schedule's without noise."""
+    from sqlalchemy import func, select
+
+    from cardiofed.causal.study import AttributionPlan
+    from cardiofed.privacy.ledger_file import open_ledger_file
+    from cardiofed.store import SecureMessage, Update, session_factory
+
+    fed = Federation(tmp_path, study={
+        "plan": {"attribution": PRIVATE, "secure_aggregation": True}, "sites": SITES,
+        "feature_names": None, "feature_ranges": None, "outcome": "cvd_10y"})
+    budget = {"epsilon_max": 1e6, "study_epsilon": 1e6}
+    agents = [fed.agent(s, privacy={**budget, "ledger_dir": str(tmp_path / f"ledger-{s}")})
+              for s in SITES]
+    _until_done(fed, agents)
+
+    assert fed.status()["refusals"] == []
+    with session_factory(fed.settings.database_url)() as db:
+        assert db.scalar(select(func.count()).select_from(Update)) == 0
+        assert db.scalar(select(func.count()).select_from(SecureMessage)) == 0
+    plan = AttributionPlan.model_validate(PRIVATE)
+    for site in SITES:
+        releases = [e for e in open_ledger_file(tmp_path / f"ledger-{site}").entries
+                    if e["kind"] == "attribution"]
+        assert len(releases) == plan.releases and all(e["secure_sum"] for e in releases)
+        assert len({e["noise_multiplier"] for e in releases}) == 1  # one study-wide noise
+    federation, covariates = synthetic_sites(12, seed=0)
+    by_name = {s.name: s for s in federation}
+    expected = run_attribution([by_name[s] for s in SITES], covariates, estimand="ATT",
+                               methods=["overlap", "iptw"], trim=0.05, seed=4, private=True)
+    body = _result(fed)
+    for method, effect in expected.effects.items():
+        assert body["estimate"][method]["risk_difference"] == pytest.approx(
+            effect.risk_difference, abs=1e-3)
+
+
+def test_a_secure_attribution_must_be_private_and_survival_cannot_be_secure(
+        tmp_path: Path) -> None:
     fed = _federation(tmp_path)
-    answer = fed.client.post("/v1/studies", headers=fed.auth(fed.admin), json={
-        "id": "secure", "plan": {"attribution": ATTRIBUTION, "secure_aggregation": True},
-        "sites": SITES, "outcome": "cvd_10y"})
-    assert answer.status_code == 422
-    assert "an attribution or survival study's sums are not secure sums yet" in answer.text
+    for plan, message in (
+            ({"attribution": ATTRIBUTION, "secure_aggregation": True},
+             "an attribution over secure sums must be private"),
+            ({"survival": {"covariates": ["age"]}, "secure_aggregation": True},
+             "a survival study's sums are not secure sums yet")):
+        answer = fed.client.post("/v1/studies", headers=fed.auth(fed.admin), json={
+            "id": "secure", "plan": plan, "sites": SITES, "outcome": "cvd_10y"})
+        assert answer.status_code == 422 and message in answer.text, answer.text

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from cardiofed.causal import combine
 from cardiofed.causal import study as causal_study
 from cardiofed.causal.study import AttributionPlan
+from cardiofed.coordinator import secure_sums
 from cardiofed.coordinator.payloads import check_attribution
 from cardiofed.exceptions import CardioFedError, InvalidUpdate
 from cardiofed.schema import Catalogue, FeatureKind, encoded_feature_names
@@ -123,9 +124,12 @@ def close_round(db: Session, study: Study, plan: Analysis, rnd: Round,
         return
     study.current_round += 1
     study.phase = state["step"]
+    step, attempt = secure_sums.open_step(bool(study.plan.get("secure_aggregation")),
+                                          state["step"])
     db.add(Round(study_id=study.id, number=study.current_round, kind=state["step"],
                  model_version=0, opened_at=now,
-                 deadline=now + timedelta(seconds=study.round_timeout_s)))
+                 deadline=now + timedelta(seconds=study.round_timeout_s),
+                 secure_step=step, secure_attempt=attempt))
     members = set(state["sites"])
     for site in db.scalars(select(Site).where(Site.study_id == study.id, ~Site.revoked)):
         if site.name not in members:

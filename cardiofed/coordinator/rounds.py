@@ -85,6 +85,7 @@ from cardiofed.models.networks import Weights
 from cardiofed.protocol import relay
 from cardiofed.protocol import secure_sums as secure_wire
 from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.secure_attribution import attribution_from_sum
 from cardiofed.simulation.secure_evaluation import POOLED_SECURE, evaluation_from_sum
 from cardiofed.simulation.secure_runner import mean_gradient_step
 from cardiofed.simulation.secure_statistics import statistics_from_sum
@@ -372,7 +373,13 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         _close_relayed(db, study, plan, rnd, folded, now)
         return
     if plan.analysis is not None:
-        attribution.close_round(db, study, plan.analysis, rnd, names, folded.totals, now())
+        totals = folded.totals
+        if folded.secure is not None:  # a private attribution's step over a secure sum
+            assert plan.attribution is not None
+            totals = attribution_from_sum(plan.attribution, attribution.task_state(study) or {},
+                                          folded.secure.total, folded.secure.share_sd,
+                                          len(folded.secure.survivors))
+        attribution.close_round(db, study, plan.analysis, rnd, names, totals, now())
         db.commit()
         return
     if rnd.kind == STATISTICS:
@@ -415,8 +422,7 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         model = model_blob(db, study.id, study.model_version)
         model.metrics = folded.metrics if folded.secure is None else {
             POOLED_SECURE: evaluation_from_sum(
-                folded.secure.total, folded.secure.noise_multiplier,
-                len(folded.secure.survivors), folded.secure.min_inputs,
+                folded.secure.total, folded.secure.share_sd, len(folded.secure.survivors),
                 np.random.default_rng(0))}  # the intervals' bootstrap: not a release
         card_metrics(db, study, model.metrics)
         next_kind, version = "", study.model_version
@@ -446,7 +452,8 @@ def _advance_secure(db: Session, study: Study, rnd: Round, now: Clock) -> bool:
     """Move a secure round's sum on (:mod:`cardiofed.coordinator.secure_sums`); True
     once the round has closed. Its sites are private (a node without a budget refuses a
     secure round). A training round whose sum is given up leaves the model as it was; a
-    statistics or evaluation round's stops the study (the latter with no metrics)."""
+    statistics, evaluation or analysis round's stops the study (an evaluation's with no
+    metrics)."""
     result = secure_sums.progress(db, study, rnd, now)
     if result is None:
         return False
@@ -459,7 +466,7 @@ def _advance_secure(db: Session, study: Study, rnd: Round, now: Clock) -> bool:
                                        if rnd.number == 0 else {}), now)
         return True
     rnd.closed_at = now()
-    if rnd.kind in (STATISTICS, EVALUATE):
+    if rnd.kind in (STATISTICS, EVALUATE) or study_plan(study).analysis is not None:
         rnd.outcome = (f"study stopped: the {rnd.kind} round's secure sum was given up: "
                        f"{result}")[:200]
         study.phase = "done"

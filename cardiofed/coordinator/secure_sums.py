@@ -43,7 +43,9 @@ from cardiofed.protocol.schemas import (
     SecureTask,
 )
 from cardiofed.secure import Advertisement, SumPlan, shamir, unmask_sum
+from cardiofed.secure.noise import DistributedNoise
 from cardiofed.secure.protocol import neighbour_graph
+from cardiofed.simulation.secure_attribution import attribution_length
 from cardiofed.store import Round, SecureMessage, Site, Study
 
 log = logging.getLogger("cardiofed.coordinator")
@@ -102,13 +104,18 @@ class _State:
                 for name, ad in self.bodies("advertise").items()}
 
     @cached_property
-    def plan(self) -> SumPlan:
-        """The sum over the sites that advertised (once the advertise step has closed)."""
+    def setup(self) -> tuple[SumPlan, DistributedNoise]:
+        """The sum over the sites that advertised (once the advertise step has closed),
+        and each site's noise."""
         rnd, study = self.rnd, self.study
         return wire.sum_setup(rnd.kind, study_plan(study), sorted(self.posted("advertise")),
                               _length(self.db, study, rnd), self.multiplier,
                               study=study.id, round_number=rnd.number,
-                              attempt=rnd.secure_attempt or 0)[0]
+                              attempt=rnd.secure_attempt or 0)
+
+    @property
+    def plan(self) -> SumPlan:
+        return self.setup[0]
 
 
 # A vector's length by what sets it: the round's kind, the plan (its model) and the
@@ -121,9 +128,14 @@ def _length(db: Session, study: Study, rnd: Round) -> int:
     if key not in _LENGTHS:
         if len(_LENGTHS) > 1000:
             _LENGTHS.clear()
-        n_weights = 0 if rnd.kind != TRAIN else sum(
-            v.size for v in load_model(db, study, rnd.model_version).values())
-        _LENGTHS[key] = wire.vector_length(rnd.kind, len(study.feature_names), n_weights)
+        plan = study_plan(study)
+        if plan.attribution is not None:
+            _LENGTHS[key] = attribution_length(plan.attribution, {
+                "step": rnd.kind, "columns": study.feature_names, "inputs": {}})
+        else:
+            n_weights = 0 if rnd.kind != TRAIN else sum(
+                v.size for v in load_model(db, study, rnd.model_version).values())
+            _LENGTHS[key] = wire.vector_length(rnd.kind, len(study.feature_names), n_weights)
     return _LENGTHS[key]
 
 
@@ -237,12 +249,11 @@ def _check(step: str, name: str, body: BaseModel, state: _State) -> None:
 @dataclass(frozen=True)
 class Unmasked:
     """A sum the coordinator unmasked: the survivors' total (decoded), who they were,
-    and the noise on it (the study's noise multiplier, split over `min_inputs` sites)."""
+    and the SD of each one's noise share (decoded units)."""
 
     total: np.ndarray
     survivors: tuple[str, ...]
-    noise_multiplier: float
-    min_inputs: int
+    share_sd: float
 
 
 def progress(db: Session, study: Study, rnd: Round, now: Clock) -> Unmasked | str | None:
@@ -289,7 +300,8 @@ def progress(db: Session, study: Study, rnd: Round, now: Clock) -> Unmasked | st
     _forget(db, rnd)
     log.info("study %s round %d: secure sum of %d sites unmasked (%d dropped)", study.id,
              rnd.number, len(result.survivors), len(result.dropped))
-    return Unmasked(result.total, result.survivors, state.multiplier, least)
+    plan, noise = state.setup
+    return Unmasked(result.total, result.survivors, noise.site_sigma / plan.codec.scale)
 
 
 def _next(db: Session, study: Study, rnd: Round, now: Clock, step: str, why: str) -> None:

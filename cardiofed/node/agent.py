@@ -58,6 +58,7 @@ from cardiofed.protocol.schemas import TaskResponse
 from cardiofed.protocol.secure_sums import vector_length
 from cardiofed.schema import Catalogue
 from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.secure_attribution import attribution_length, attribution_vector
 from cardiofed.simulation.secure_evaluation import evaluation_vector
 from cardiofed.simulation.secure_runner import gradient_vector
 from cardiofed.simulation.secure_statistics import statistics_vector
@@ -247,6 +248,8 @@ class NodeAgent:
             raise TaskRefused("The study's rounds are secure sums with distributed noise, "
                               "which each site adds from its privacy budget; this node has "
                               "none (privacy = \"off\").")
+        if plan.attribution is not None:
+            return self._secure_attribution(task, plan.attribution, name)
         catalogue = self._agreed_features(task)
         ranges = own_feature_ranges(self._data, task.feature_names, catalogue)
         self.policy.admit(task, ranges)
@@ -375,6 +378,39 @@ class NodeAgent:
             manifest["privacy"] = "off" if self.ledger is None else "dp"
         return manifest
 
+    def _attribution_rows(self, task: TaskResponse, plan: AttributionPlan
+                          ) -> tuple[SiteArrays, list[tuple[float, float]]]:
+        """The site's rows for the analysis (loaded at its first step) and its own
+        clipping ranges."""
+        catalogue = self._agreed_features(task)
+        if self._rows is None:
+            self._rows = attribution_site(self._data, plan, task.feature_names,
+                                          task.outcome, catalogue)
+        return self._rows, own_feature_ranges(self._data, task.feature_names, catalogue)
+
+    def _secure_attribution(self, task: TaskResponse, plan: AttributionPlan,
+                            name: str) -> BaseModel:
+        """This site's message for an attribution step over a secure sum: its noise need
+        (advertise), or its exact sums scaled to sensitivity 1 and masked with its noise
+        share (input), charged first."""
+        state = _step_state(task, "an attribution")
+        rows, ranges = self._attribution_rows(task, plan)
+        try:
+            check_state(plan, state, ranges)
+        except (KeyError, TypeError, ValueError, CardioFedError) as exc:
+            raise TaskRefused(f"The {task.kind} task's state is not one this site can "
+                              f"compute with: {type(exc).__name__}: {exc}") from None
+        privacy = self._study_privacy(task.study, len(rows.outcome))
+        assert task.secure is not None
+        if task.secure.step == "advertise":
+            return self.secure.advertise(task, name, privacy.secure_attribution_noise(plan),
+                                         attribution_length(plan, state))
+        return self.secure.input(
+            task, lambda m: privacy.charge_secure_attribution(
+                m, plan, f"attribution {task.kind} (round {task.round}, secure sum)"),
+            lambda: attribution_vector(plan, state,
+                                       site_step(plan, state, rows, task.site_index, ranges)))
+
     def _attribution(self, task: TaskResponse, plan: AttributionPlan) -> bytes:
         """An attribution step's sums over the site's rows. A site with a privacy budget
         takes part only in a private plan, and releases each step through its ledger
@@ -386,12 +422,7 @@ class NodeAgent:
                               "not private: its sums would be exact. A private plan "
                               "(attribution.private = true) lets this site take part.")
         state = _step_state(task, "an attribution")
-        catalogue = self._agreed_features(task)
-        if self._rows is None:
-            self._rows = attribution_site(self._data, plan, task.feature_names,
-                                          task.outcome, catalogue)
-        rows = self._rows
-        ranges = own_feature_ranges(self._data, task.feature_names, catalogue)
+        rows, ranges = self._attribution_rows(task, plan)
 
         def compute() -> dict[str, np.ndarray]:
             return site_step(plan, state, rows, task.site_index, ranges)

@@ -303,6 +303,22 @@ class SitePrivacy:
                                     what)
 
     # -- attribution ------------------------------------------------------------------
+    def secure_attribution_noise(self, plan: PrivateAnalysis) -> float:
+        """The noise multiplier this site needs on each secure sum of the study's
+        attribution steps: the one its budget sets for the plan's releases, fixed at its
+        first (later steps are charged at the multiplier that one was)."""
+        earlier = self.ledger.releases(ATTRIBUTION, self.study)
+        return (float(earlier[0]["noise_multiplier"]) if earlier
+                else self._calibrate(ATTRIBUTION, 1.0, plan.releases))
+
+    def charge_secure_attribution(self, noise_multiplier: float, plan: PrivateAnalysis,
+                                  what: str) -> None:
+        """Charge one attribution step's secure sum at the study's `noise_multiplier`
+        (refused when below what this site's budget needs)."""
+        with self.ledger.locked():
+            self._charge_secure_sum(ATTRIBUTION, noise_multiplier,
+                                    self.secure_attribution_noise(plan), what)
+
     def release_attribution(self, plan: PrivateAnalysis, state: dict[str, Any],
                             compute: Callable[[], dict[str, np.ndarray]], what: str
                             ) -> dict[str, np.ndarray]:

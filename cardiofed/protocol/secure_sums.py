@@ -1,9 +1,9 @@
 """A secure study's rounds on the network: what the node and the coordinator agree on.
 
 With ``secure_aggregation = true`` in a study's plan, its statistics round, each
-training round and its evaluation round are one secure sum (:mod:`cardiofed.secure`) in
-four steps, each a task the node polls for and a message it posts (``POST
-/v1/studies/{id}/rounds/{n}/secure/{step}``):
+training round and its evaluation round (or each step of a private attribution) are one
+secure sum (:mod:`cardiofed.secure`) in four steps, each a task the node polls for and a
+message it posts (``POST /v1/studies/{id}/rounds/{n}/secure/{step}``):
 
 1. ``advertise``: the site's public keys and the noise multiplier its budget needs on
    the sum (a function of its epsilon, delta and the plan's rounds, never of its data);
@@ -28,18 +28,21 @@ import binascii
 
 import numpy as np
 
+from cardiofed.causal.study import STEPS as ATTRIBUTION_STEPS
 from cardiofed.data.preprocessing import PRIVATE_BINS
 from cardiofed.exceptions import InvalidUpdate
 from cardiofed.protocol.schemas import SecureAdvert
 from cardiofed.secure import Advertisement, SumPlan
 from cardiofed.secure.noise import DistributedNoise
 from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.secure_attribution import attribution_codec_and_noise
 from cardiofed.simulation.secure_evaluation import EVALUATION_LENGTH, evaluation_codec_and_noise
 from cardiofed.simulation.secure_runner import secure_codec_and_noise
 from cardiofed.simulation.secure_statistics import statistics_codec_and_noise
 
 STEPS = ("advertise", "share", "input", "reveal")
-SECURE_KINDS = ("statistics", "train", "evaluate")
+ATTRIBUTION_KINDS = ATTRIBUTION_STEPS[:-1]  # a private attribution's steps
+SECURE_KINDS = ("statistics", "train", "evaluate", *ATTRIBUTION_KINDS)
 
 
 def vector_length(kind: str, n_columns: int, n_weights: int) -> int:
@@ -61,6 +64,9 @@ def sum_setup(kind: str, plan: SimulationConfig, sites: list[str], length: int,
                                                   noise_multiplier, plan.secure_dropout)
     elif kind == "evaluate":
         codec, noise = evaluation_codec_and_noise(n, noise_multiplier, plan.secure_dropout)
+    elif kind in ATTRIBUTION_KINDS:
+        codec, noise = attribution_codec_and_noise(n, length, noise_multiplier,
+                                                   plan.secure_dropout)
     else:
         codec, noise = secure_codec_and_noise(plan, n, length, noise_multiplier)
     context = f"cardiofed/{study}/round {round_number}/attempt {attempt}".encode()

@@ -219,8 +219,8 @@ class SimulationConfig(BaseModel):
         return self
 
     def _check_secure(self) -> None:
-        """What secure aggregation supports so far (DP-FedSGD of a logistic regression;
-        no analysis study), each refusal naming the setting."""
+        """What secure aggregation supports so far (DP-FedSGD of a logistic regression, or
+        a private attribution), each refusal naming the setting."""
         wrong = [(self.model != "logistic", "model must be 'logistic'"),
                  (self.aggregation != "sync", "aggregation must be 'sync'"),
                  (self.algorithm not in ("fedavg", "fedadam", "fedyogi"),
@@ -231,9 +231,11 @@ class SimulationConfig(BaseModel):
                  (self.weighting != "sample-size", "weighting must be 'sample-size' (a sum "
                   "weights every record alike)"),
                  (self.fraction_fit < 1, "fraction_fit must be 1"),
-                 (self.analysis is not None, "an attribution or survival study's sums are "
-                  "not secure sums yet (each site adds its own noise); remove "
-                  "secure_aggregation")]
+                 (self.survival is not None, "a survival study's sums are not secure sums "
+                  "yet; remove secure_aggregation"),
+                 (self.attribution is not None and not self.attribution.private,
+                  "an attribution over secure sums must be private (attribution.private = "
+                  "true): each site adds its share of the noise")]
         problems = [why for bad, why in wrong if bad]
         if problems:
             raise ValueError("secure_aggregation: " + "; ".join(problems))

@@ -8,8 +8,8 @@ rounding and its share of the noise, as every secure sum does
 (:func:`~cardiofed.secure.simulate.ring_sum`). The coordinator unscales the unmasked
 sum; each block's noise variance per entry (``noise_var.<block>``, which the intervals
 use) is that of one release at the study's noise multiplier, split over the sites the
-noise may not lose, rather than one release's per site. The noise multiplier is the one
-each site's budget sets for the plan's releases: every site spends the same epsilon.
+noise may not lose, rather than one release's per site. The noise multiplier is the
+largest any site's budget needs for the plan's releases.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cardiofed.causal.study import AttributionPlan, noise_units
+from cardiofed.causal.study import AttributionPlan, expected_arrays, noise_units
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.privacy.randomness import secure_numpy_rng
 from cardiofed.secure.noise import MIN_SITE_SIGMA, DistributedNoise, integer_sensitivity
@@ -32,39 +32,72 @@ from cardiofed.simulation.secure_statistics import MAX_SITE_RECORDS, noise_sites
 Arrays = dict[str, np.ndarray]
 
 
-def secure_step_sum(plan: AttributionPlan, state: dict[str, Any], site_arrays: Sequence[Arrays],
-                    noise_multiplier: float, dropout: float) -> Arrays:
-    """The step's totals over the sites' exact `site_arrays` from one secure sum with
-    distributed noise (see the module docstring), with each block's noise variance."""
-    units = noise_units(plan, state)
-    order = [(name, unit) for names, unit in units.values() for name in names]
-    if set(site_arrays[0]) != {name for name, _ in order}:
-        raise ConfigurationError(f"A secure attribution step sums its blocks' arrays "
-                                 f"{sorted(n for n, _ in order)}; the sites computed "
-                                 f"{sorted(site_arrays[0])}.")
-    shapes = {name: np.shape(site_arrays[0][name]) for name, _ in order}
-    vectors = {f"site {k}": np.concatenate([np.ravel(a[name]) / unit for name, unit in order])
-               for k, a in enumerate(site_arrays)}
-    length = len(next(iter(vectors.values())))
-    n, min_sites = len(site_arrays), noise_sites(len(site_arrays), dropout)
+def _layout(plan: AttributionPlan, state: dict[str, Any]
+            ) -> list[tuple[str, tuple[int, ...], float]]:
+    """The step's arrays in the vector's order: name, shape and noise unit."""
+    shapes = expected_arrays(plan, state["step"], len(state["columns"]))
+    return [(name, shapes[name], unit)
+            for names, unit in noise_units(plan, state).values() for name in names]
+
+
+def attribution_length(plan: AttributionPlan, state: dict[str, Any]) -> int:
+    """How many values a site's vector holds in the step of `state`."""
+    return sum(math.prod(shape) for _, shape, _ in _layout(plan, state))
+
+
+def attribution_codec_and_noise(n_sites: int, length: int, noise_multiplier: float,
+                                dropout: float) -> tuple[RingCodec, DistributedNoise]:
+    """The ring and the noise of one step's secure sum of `length` scaled values (one
+    patient moves a site's vector by at most 1)."""
+    min_sites = noise_sites(n_sites, dropout)
     # Fine enough that rounding adds little to the noise, and each share at least
     # MIN_SITE_SIGMA ring units (the accounting's floor) however small the noise.
     floor = MIN_SITE_SIGMA * math.sqrt(min_sites) / noise_multiplier
     scale = 2.0 ** math.ceil(math.log2(max(SCALE_PER_ROOT_DIM * math.sqrt(length), floor)))
-    sensitivity = integer_sensitivity(1.0, scale, length)  # ring units, rounding included
-    noise = DistributedNoise(noise_multiplier=noise_multiplier, sensitivity=sensitivity,
+    noise = DistributedNoise(noise_multiplier=noise_multiplier,
+                             sensitivity=integer_sensitivity(1.0, scale, length),
                              min_sites=min_sites)
-    codec = RingCodec.for_sum(n, bound=MAX_SITE_RECORDS, scale=scale,
-                              noise_bound=noise.noise_bound(n))
-    total = ring_sum(codec, vectors, {name: secure_numpy_rng() for name in vectors}, noise)
+    codec = RingCodec.for_sum(n_sites, bound=MAX_SITE_RECORDS, scale=scale,
+                              noise_bound=noise.noise_bound(n_sites))
+    return codec, noise
+
+
+def attribution_vector(plan: AttributionPlan, state: dict[str, Any], arrays: Arrays
+                       ) -> np.ndarray:
+    """A site's part of the step's sum: its exact arrays, each block divided by its noise
+    unit (sensitivity 1), in one vector."""
+    layout = _layout(plan, state)
+    if set(arrays) != {name for name, _, _ in layout}:
+        raise ConfigurationError(f"A secure attribution step sums the arrays "
+                                 f"{sorted(n for n, _, _ in layout)}; got {sorted(arrays)}.")
+    return np.concatenate([np.ravel(arrays[name]) / unit for name, _, unit in layout])
+
+
+def attribution_from_sum(plan: AttributionPlan, state: dict[str, Any], total: np.ndarray,
+                         share_sd: float, n_inputs: int) -> Arrays:
+    """The step's totals from the unmasked sum of `n_inputs` sites' vectors, each with a
+    noise share of SD `share_sd` (decoded units), and each block's noise variance per
+    entry (``noise_var.<block>``)."""
     out: Arrays = {}
     start = 0
-    for name, unit in order:
-        size = int(np.prod(shapes[name]))
-        out[name] = total[start:start + size].reshape(shapes[name]) * unit
+    for name, shape, unit in _layout(plan, state):
+        size = math.prod(shape)
+        out[name] = np.asarray(total[start:start + size]).reshape(shape) * unit
         start += size
-    # Each site's share has SD noise_multiplier * sensitivity / sqrt(min_sites) ring units.
-    per_unit = (noise_multiplier * sensitivity / scale) ** 2 * n / min_sites
-    for block, (_, unit) in units.items():
+    per_unit = share_sd ** 2 * n_inputs  # each share's variance, summed
+    for block, (_, unit) in noise_units(plan, state).items():
         out[f"noise_var.{block}"] = np.array([per_unit * unit * unit])
     return out
+
+
+def secure_step_sum(plan: AttributionPlan, state: dict[str, Any], site_arrays: Sequence[Arrays],
+                    noise_multiplier: float, dropout: float) -> Arrays:
+    """The step's totals over the sites' exact `site_arrays` from one secure sum with
+    distributed noise (see the module docstring), with each block's noise variance."""
+    vectors = {f"site {k}": attribution_vector(plan, state, a)
+               for k, a in enumerate(site_arrays)}
+    codec, noise = attribution_codec_and_noise(len(vectors), attribution_length(plan, state),
+                                               noise_multiplier, dropout)
+    total = ring_sum(codec, vectors, {name: secure_numpy_rng() for name in vectors}, noise)
+    return attribution_from_sum(plan, state, total, noise.site_sigma / codec.scale,
+                                len(vectors))

@@ -61,12 +61,12 @@ def evaluation_vector(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
     return np.concatenate([neg, pos])
 
 
-def evaluation_from_sum(total: np.ndarray, noise_multiplier: float, n_inputs: int,
-                        min_sites: int, rng: np.random.Generator) -> dict[str, float]:
+def evaluation_from_sum(total: np.ndarray, share_sd: float, n_inputs: int,
+                        rng: np.random.Generator) -> dict[str, float]:
     """The pooled test's metrics, with intervals, from the unmasked sum of `n_inputs`
-    sites' vectors: each added noise of ``noise_multiplier / sqrt(min_sites)`` counts."""
+    sites' vectors, each with a noise share of SD `share_sd` counts."""
     neg, pos = np.split(np.asarray(total, dtype=np.float64), 2)
-    noise_std = noise_multiplier * math.sqrt(n_inputs / min_sites)
+    noise_std = share_sd * math.sqrt(n_inputs)
     return metrics_with_uncertainty(neg, pos, score_bin_edges(len(neg)),
                                     noise_std=noise_std, rng=rng)
 
@@ -94,5 +94,5 @@ def secure_evaluation(outcomes: Sequence[tuple[str, np.ndarray, np.ndarray]],
         if name in needed:
             privacy[name].charge_secure_evaluation(multiplier)
             vectors[name], rngs[name] = evaluation_vector(y, p), secure_numpy_rng()
-    return evaluation_from_sum(ring_sum(codec, vectors, rngs, noise), multiplier,
-                               len(vectors), min_sites, rng)
+    return evaluation_from_sum(ring_sum(codec, vectors, rngs, noise),
+                               noise.site_sigma / codec.scale, len(vectors), rng)
