@@ -292,7 +292,7 @@ def test_a_site_refuses_a_sum_noisier_for_others_than_for_itself(federation) -> 
         site.charge_secure_round(needed / 2, "round 1")
     with pytest.raises(PrivacyBudgetExceeded, match=r"refuses statistics release \(secure "
                                                     r"sum\): the sum's noise multiplier"):
-        site.charge_secure_statistics(site.secure_statistics_noise() / 2)
+        site.charge_secure_sum("statistics", site.secure_sum_noise("statistics") / 2)
     assert site.ledger.spent() == 0.0 and site.charged_secure_noise() is None
     site.charge_secure_round(needed, "round 1")
     assert site.charged_secure_noise() == needed

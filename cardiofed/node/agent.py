@@ -257,24 +257,28 @@ class NodeAgent:
         privacy = self._site_privacy(plan, site, task.study)
         assert privacy is not None
         _check_private(task, plan, privacy)
-        if task.kind == "statistics":
+        kind = task.kind
+
+        def charge_once(multiplier: float) -> None:  # the statistics' or evaluation's sum
+            privacy.charge_secure_sum(kind, multiplier)
+
+        if kind == "statistics":
             edges = bin_edges(ranges, PRIVATE_BINS)
             if step == "advertise":
-                return self.secure.advertise(task, name, privacy.secure_statistics_noise(),
-                                             vector_length("statistics", len(ranges), 0))
-            message = self.secure.input(task, privacy.charge_secure_statistics,
+                return self.secure.advertise(task, name, privacy.secure_sum_noise(kind),
+                                             vector_length(kind, len(ranges), 0))
+            message = self.secure.input(task, charge_once,
                                         lambda: statistics_vector(site.x_train, edges))
-        elif task.kind == "evaluate":
+        elif kind == "evaluate":
             if not self.config.publish_metrics:
                 raise TaskRefused("This site publishes no evaluation (publish_metrics = "
                                   "false), not even as part of a secure sum.")
             pre, weights = self._model(task, plan, site, ranges)
             if step == "advertise":
-                return self.secure.advertise(task, name, privacy.secure_evaluation_noise(),
-                                             vector_length("evaluate", 0, 0))
-            message = self.secure.input(task, privacy.charge_secure_evaluation, lambda: (
-                evaluation_vector(site.y_test,
-                                  risks_on_test_split(site, pre, plan, weights, ranges))))
+                return self.secure.advertise(task, name, privacy.secure_sum_noise(kind),
+                                             vector_length(kind, 0, 0))
+            message = self.secure.input(task, charge_once, lambda: evaluation_vector(
+                site.y_test, risks_on_test_split(site, pre, plan, weights, ranges)))
         else:
             pre, weights = self._model(task, plan, site, ranges)
             if step == "advertise":
@@ -403,7 +407,7 @@ class NodeAgent:
         privacy = self._study_privacy(task.study, len(rows.outcome))
         assert task.secure is not None
         if task.secure.step == "advertise":
-            return self.secure.advertise(task, name, privacy.secure_attribution_noise(plan),
+            return self.secure.advertise(task, name, privacy.attribution_noise(plan),
                                          attribution_length(plan, state))
         return self.secure.input(
             task, lambda m: privacy.charge_secure_attribution(

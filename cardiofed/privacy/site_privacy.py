@@ -23,9 +23,10 @@ records (pure noise for DP-SGD, the neutral score for an evaluation), already ch
   (:mod:`cardiofed.evaluation.private_metrics`), from which metrics are computed;
 * :meth:`release_attribution`: one step of a private attribution analysis.
 
-A secure study's sums (statistics, each training round, the evaluation) are charged by
-the ``charge_secure_*`` methods at the study's noise multiplier, the largest any site's
-share needs (``secure_*_noise``), before the site computes its vector.
+A secure study's sums (statistics, each training round, the evaluation, each
+attribution step) are charged by :meth:`charge_secure_sum`, :meth:`charge_secure_round`
+and :meth:`charge_secure_attribution` at the study's noise multiplier, the largest any
+site's share needs, before the site computes its vector.
 """
 
 from __future__ import annotations
@@ -155,18 +156,19 @@ class SitePrivacy:
                                            released_n=released_n)
         return stats
 
-    def secure_statistics_noise(self) -> float:
-        """The noise multiplier this site needs on the secure sum of its statistics (one
-        q = 1 Gaussian event within its statistics share)."""
-        return self._calibrate("statistics", 1.0, 1)
+    def secure_sum_noise(self, kind: str) -> float:
+        """The noise multiplier this site needs on a secure sum released once per study,
+        the statistics or the evaluation (one q = 1 Gaussian event within `kind`'s
+        share)."""
+        return self._calibrate(kind, 1.0, 1)
 
-    def charge_secure_statistics(self, noise_multiplier: float) -> None:
-        """Charge the secure sum of the statistics at the study's `noise_multiplier`
-        (refused when below what this site's budget needs)."""
+    def charge_secure_sum(self, kind: str, noise_multiplier: float) -> None:
+        """Charge the study's secure sum of `kind` (statistics, evaluate) at its
+        `noise_multiplier` (refused when below what this site's budget needs)."""
         with self.ledger.locked():
-            self._charge_secure_sum("statistics", noise_multiplier,
-                                    self.secure_statistics_noise(),
-                                    "statistics release (secure sum)")
+            self._charge_secure_sum(kind, noise_multiplier, self.secure_sum_noise(kind),
+                                    f"{'evaluation' if kind == 'evaluate' else kind} "
+                                    f"release (secure sum)")
 
     def _charge_secure_sum(self, kind: str, noise_multiplier: float, needed: float,
                            what: str) -> None:
@@ -303,10 +305,10 @@ class SitePrivacy:
                                     what)
 
     # -- attribution ------------------------------------------------------------------
-    def secure_attribution_noise(self, plan: PrivateAnalysis) -> float:
-        """The noise multiplier this site needs on each secure sum of the study's
-        attribution steps: the one its budget sets for the plan's releases, fixed at its
-        first (later steps are charged at the multiplier that one was)."""
+    def attribution_noise(self, plan: PrivateAnalysis) -> float:
+        """The noise multiplier of each of the study's attribution releases (on its own,
+        or the least it needs on a secure sum): the one its budget sets for the plan's
+        releases, fixed at the first (later steps take the multiplier that one had)."""
         earlier = self.ledger.releases(ATTRIBUTION, self.study)
         return (float(earlier[0]["noise_multiplier"]) if earlier
                 else self._calibrate(ATTRIBUTION, 1.0, plan.releases))
@@ -317,7 +319,7 @@ class SitePrivacy:
         (refused when below what this site's budget needs)."""
         with self.ledger.locked():
             self._charge_secure_sum(ATTRIBUTION, noise_multiplier,
-                                    self.secure_attribution_noise(plan), what)
+                                    self.attribution_noise(plan), what)
 
     def release_attribution(self, plan: PrivateAnalysis, state: dict[str, Any],
                             compute: Callable[[], dict[str, np.ndarray]], what: str
@@ -327,9 +329,7 @@ class SitePrivacy:
         rows and the plan adds the noise. If `compute` fails or a sum is not finite,
         the step's sums are released as zeros plus the same noise (already charged)."""
         with self.ledger.locked():
-            earlier = self.ledger.releases(ATTRIBUTION, self.study)
-            sigma = (float(earlier[0]["noise_multiplier"]) if earlier
-                     else self._calibrate(ATTRIBUTION, 1.0, plan.releases))
+            sigma = self.attribution_noise(plan)
             event = GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)
             self.ledger.charge([event], what, kind=ATTRIBUTION, study=self.study,
                                noise_multiplier=sigma)
@@ -347,19 +347,6 @@ class SitePrivacy:
         return plan.add_noise(state, arrays, sigma, secure_numpy_rng())
 
     # -- evaluation -------------------------------------------------------------------
-    def secure_evaluation_noise(self) -> float:
-        """The noise multiplier this site needs on the secure sum of its score histograms
-        (one q = 1 Gaussian event within its evaluation share)."""
-        return self._calibrate("evaluate", 1.0, 1)
-
-    def charge_secure_evaluation(self, noise_multiplier: float) -> None:
-        """Charge the secure sum of the evaluation at the study's `noise_multiplier`
-        (refused when below what this site's budget needs)."""
-        with self.ledger.locked():
-            self._charge_secure_sum("evaluate", noise_multiplier,
-                                    self.secure_evaluation_noise(),
-                                    "evaluation release (secure sum)")
-
     def release_evaluation(self, y_true: np.ndarray, y_prob: np.ndarray,
                            edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """Noisy score histograms (negatives, positives) of the site's test split over

@@ -81,7 +81,7 @@ def secure_evaluation(outcomes: Sequence[tuple[str, np.ndarray, np.ndarray]],
     needed = {}
     for name, _, _ in outcomes:
         try:
-            needed[name] = privacy[name].secure_evaluation_noise()
+            needed[name] = privacy[name].secure_sum_noise("evaluate")
         except PrivacyBudgetExceeded:
             continue
     min_sites = noise_sites(len(outcomes), dropout)
@@ -92,7 +92,7 @@ def secure_evaluation(outcomes: Sequence[tuple[str, np.ndarray, np.ndarray]],
     vectors, rngs = {}, {}
     for name, y, p in outcomes:
         if name in needed:
-            privacy[name].charge_secure_evaluation(multiplier)
+            privacy[name].charge_secure_sum("evaluate", multiplier)
             vectors[name], rngs[name] = evaluation_vector(y, p), secure_numpy_rng()
     return evaluation_from_sum(ring_sum(codec, vectors, rngs, noise),
                                noise.site_sigma / codec.scale, len(vectors), rng)

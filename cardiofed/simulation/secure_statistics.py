@@ -88,7 +88,7 @@ def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
     needed = {}
     for s in sites:
         try:
-            needed[s.name] = privacy[s.name].secure_statistics_noise()
+            needed[s.name] = privacy[s.name].secure_sum_noise("statistics")
         except PrivacyBudgetExceeded:
             continue
     min_sites = noise_sites(len(sites), dropout)
@@ -103,7 +103,7 @@ def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
     for s in sites:
         if s.name not in needed:
             continue
-        privacy[s.name].charge_secure_statistics(multiplier)
+        privacy[s.name].charge_secure_sum("statistics", multiplier)
         vectors[s.name] = statistics_vector(s.x_train, edges)
         rngs[s.name] = secure_numpy_rng()
     return statistics_from_sum(ring_sum(codec, vectors, rngs, noise), edges)
