@@ -141,6 +141,7 @@ def private_runs(replications: int, n_sites: int, truth: Any) -> dict[str, Any]:
     analysis of the same replication (same trim)."""
     from cardiofed.causal.combine import run_attribution
     from cardiofed.causal.sources import synthetic_sites
+    from cardiofed.simulation.secure_attribution import run_secure_attribution
 
     methods = ["overlap", "iptw"]
     target = {"overlap": truth.ato_rd, "iptw": truth.ate_rd}
@@ -153,9 +154,11 @@ def private_runs(replications: int, n_sites: int, truth: Any) -> dict[str, Any]:
         exact = run_attribution(sites, covariates, estimand="ATE", methods=methods,
                                 trim=PRIVATE_TRIM).effects
         for arm, eps, dropout in arms:
-            result = run_attribution(sites, covariates, estimand="ATE", methods=methods,
-                                     trim=PRIVATE_TRIM, epsilon=eps,
-                                     secure_dropout=dropout).effects
+            settings = {"estimand": "ATE", "methods": methods, "trim": PRIVATE_TRIM}
+            result = (run_attribution(sites, covariates, epsilon=eps, **settings)
+                      if dropout is None else run_secure_attribution(
+                          sites, covariates, epsilon=eps, secure_dropout=dropout,
+                          **settings)).effects
             for m in methods:
                 e, row = result[m], rows.setdefault((arm, m), {k: [] for k in (
                     "covered", "estimate", "width", "diff")})

@@ -448,10 +448,12 @@ def test_a_node_refuses_a_plan_whose_outcome_kind_its_mapping_does_not_label(
 def test_over_secure_sums_without_noise_the_analysis_is_the_exact_one(federation) -> None:  # type: ignore[no-untyped-def]
     """At a huge epsilon the secure sums (scaled, rounded into the ring, unscaled) give
     the per-site private schedule's estimate: the arithmetic loses nothing that shows."""
+    from cardiofed.simulation.secure_attribution import run_secure_attribution
+
     sites, covariates = federation
     kw = {"estimand": "ATE", "methods": ["overlap", "iptw"], "trim": 0.05}
     private = run_attribution(sites, covariates, private=True, **kw)  # type: ignore[arg-type]
-    secure = run_attribution(sites, covariates, epsilon=1e5, secure_dropout=0.2, **kw)  # type: ignore[arg-type]
+    secure = run_secure_attribution(sites, covariates, epsilon=1e7, **kw)
     for method in ("overlap", "iptw"):
         assert secure.effects[method].risk_difference == pytest.approx(
             private.effects[method].risk_difference, abs=1e-4)
@@ -489,10 +491,12 @@ def test_a_secure_steps_noise_is_one_releases_split_over_the_sites(federation) -
         assert 0.7 <= float(np.mean(errors ** 2)) / stated <= 1.4, block
 
 
-def test_a_secure_attribution_needs_a_budget() -> None:
+def test_a_secure_attributions_settings_are_refused_by_name() -> None:
+    from cardiofed.simulation.secure_attribution import run_secure_attribution
+
     sites, covariates = synthetic_sites(3, seed=1)
-    with pytest.raises(ConfigurationError, match="a secure attribution needs epsilon"):
-        run_attribution(sites, covariates, secure_dropout=0.2)
+    with pytest.raises(ConfigurationError, match="epsilon must be > 0 .* got 0"):
+        run_secure_attribution(sites, covariates, epsilon=0)
     with pytest.raises(ConfigurationError, match=r"secure_dropout must be in \[0, 1\) .*"
                                                  r"got 1.5"):
-        run_attribution(sites, covariates, epsilon=1.0, secure_dropout=1.5)
+        run_secure_attribution(sites, covariates, epsilon=1.0, secure_dropout=1.5)

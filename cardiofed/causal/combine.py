@@ -6,7 +6,7 @@ study runs it (:mod:`cardiofed.causal.study` holds the plan and each site's step
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -36,6 +36,9 @@ from cardiofed.causal.study import (
     summed_arms,
 )
 from cardiofed.exceptions import ConfigurationError, DataValidationError
+
+# (plan, the step's state, each site's exact arrays, noise multiplier) -> the step's totals
+StepSum = Callable[[AttributionPlan, dict[str, Any], list[Arrays], float], Arrays]
 
 
 def add(total: Arrays | None, arrays: Arrays) -> Arrays:
@@ -162,22 +165,16 @@ def run_attribution(sites: Sequence[SiteArrays], covariates: list[str], *,
                     epsilon: float | None = None, delta: float = 1e-5,
                     ranges: Sequence[Sequence[float]] | None = None,
                     outcome: str = "binary",
-                    secure_dropout: float | None = None) -> AttributionResult:
+                    step_sum: StepSum | None = None) -> AttributionResult:
     """Every requested estimator over `sites`, step by step as a networked study runs.
     `trim`: leave out patients whose score is below `trim` or above ``1 - trim``
     (weighting only); `seed`: the matching order. `private` (implied by `epsilon`): the
     private schedule, rows clipped to `ranges` (default: the schema's for `covariates`);
     `epsilon`: every site spends it (at `delta`) on its releases, with noise from a
     secret source. `outcome` "continuous": the effect is a difference in means.
-    `secure_dropout` (with `epsilon`): each step is one secure sum with distributed noise
-    split over the sites it may not lose (:mod:`cardiofed.simulation.secure_attribution`),
-    instead of each site's own noise."""
-    if secure_dropout is not None and not 0.0 <= secure_dropout < 1.0:
-        raise ConfigurationError(f"secure_dropout must be in [0, 1) (the share of sites a "
-                                 f"sum may lose); got {secure_dropout!r}.")
-    if secure_dropout is not None and epsilon is None:
-        raise ConfigurationError("secure_dropout: a secure attribution needs epsilon, the "
-                                 "budget each site's share of the noise covers.")
+    `step_sum` (a private plan): how each step's exact site arrays become its totals,
+    given the noise multiplier; by default each site's own release, summed (secure sums:
+    :func:`cardiofed.simulation.secure_attribution.run_secure_attribution`)."""
     plan = AttributionPlan.parse({"covariates": covariates, "estimand": estimand,
                                   "methods": None if methods is None else list(methods),
                                   "trim": trim, "seed": seed,
@@ -202,10 +199,8 @@ def run_attribution(sites: Sequence[SiteArrays], covariates: list[str], *,
     while state["step"] != "done":
         exact = [site_step(plan, state, site, index, ranges)
                  for index, site in enumerate(sites)]
-        if secure_dropout is not None:
-            from cardiofed.simulation.secure_attribution import secure_step_sum
-
-            totals = secure_step_sum(plan, state, exact, sigma, secure_dropout)
+        if step_sum is not None and plan.private:
+            totals = step_sum(plan, state, exact, sigma)
         else:
             totals = None
             for arrays in exact:

@@ -20,7 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from cardiofed.causal.study import AttributionPlan, expected_arrays, noise_units
+from cardiofed.causal.combine import run_attribution
+from cardiofed.causal.study import (
+    AttributionPlan,
+    AttributionResult,
+    SiteArrays,
+    expected_arrays,
+    noise_units,
+)
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.privacy.randomness import secure_numpy_rng
 from cardiofed.secure.noise import MIN_SITE_SIGMA, DistributedNoise, integer_sensitivity
@@ -101,3 +108,24 @@ def secure_step_sum(plan: AttributionPlan, state: dict[str, Any], site_arrays: S
     total = ring_sum(codec, vectors, {name: secure_numpy_rng() for name in vectors}, noise)
     return attribution_from_sum(plan, state, total, noise.site_sigma / codec.scale,
                                 len(vectors))
+
+
+def run_secure_attribution(sites: Sequence[SiteArrays], covariates: list[str], *,
+                           epsilon: float, secure_dropout: float = 0.2,
+                           **settings: Any) -> AttributionResult:
+    """:func:`~cardiofed.causal.combine.run_attribution`'s private schedule with every
+    site spending `epsilon`, each step one secure sum whose noise is split over the
+    sites it may not lose (``1 - secure_dropout`` of them); `settings` are
+    ``run_attribution``'s (estimand, methods, trim, ...)."""
+    if not 0.0 <= secure_dropout < 1.0:
+        raise ConfigurationError(f"secure_dropout must be in [0, 1) (the share of sites a "
+                                 f"sum may lose); got {secure_dropout!r}.")
+    if not epsilon > 0:
+        raise ConfigurationError(f"epsilon must be > 0 (the budget each site's share of "
+                                 f"the noise covers); got {epsilon!r}.")
+
+    def step_sum(plan: AttributionPlan, state: dict[str, Any], arrays: list[Arrays],
+                 noise_multiplier: float) -> Arrays:
+        return secure_step_sum(plan, state, arrays, noise_multiplier, secure_dropout)
+
+    return run_attribution(sites, covariates, epsilon=epsilon, step_sum=step_sum, **settings)
