@@ -462,9 +462,9 @@ def test_over_secure_sums_without_noise_the_analysis_is_the_exact_one(federation
 def test_a_secure_steps_noise_is_one_releases_split_over_the_sites(federation) -> None:  # type: ignore[no-untyped-def]
     """The secure sum's stated noise variance per block is one release's at the study's
     noise multiplier times n / min_sites (with the rounding term), not n releases'; and
-    the totals scatter around the exact sums with that variance (200 draws: the ratio of
-    empirical to stated variance lies within 0.7-1.4, a chi-square interval far beyond
-    four standard errors)."""
+    the totals scatter around the exact sums with that variance (800 draws: the ratio of
+    empirical to stated variance lies within 0.7-1.4, six standard errors of the ratio
+    (0.05) either side at the least)."""
     from cardiofed.causal.combine import add
     from cardiofed.causal.study import AttributionPlan, noise_units, release, site_step, start
     from cardiofed.data.dataset import feature_ranges_for
@@ -480,7 +480,7 @@ def test_a_secure_steps_noise_is_one_releases_split_over_the_sites(federation) -
     for arrays in exact:
         per_site = add(per_site, release(plan, state, arrays, 2.0, np.random.default_rng(0)))
     assert per_site is not None
-    draws = [secure_step_sum(plan, state, exact, 2.0, dropout=0.2) for _ in range(200)]
+    draws = [secure_step_sum(plan, state, exact, 2.0, dropout=0.2) for _ in range(800)]
     min_sites = 10  # ceil(0.8 * 12)
     for block, (names, _) in noise_units(plan, state).items():
         stated = float(draws[0][f"noise_var.{block}"][0])
