@@ -80,6 +80,9 @@ def test_a_secure_study_runs_over_the_network_keeping_only_sums(tmp_path: Path) 
     pooled = card["metrics"][POOLED_SECURE]
     assert pooled["auc_ci_low"] <= pooled["auc"] <= pooled["auc_ci_high"]
     assert "the pooled test of all sites" in " ".join(card["notes"])
+    # Served as JSON like any card: no metric that is not finite (None instead).
+    served = fed.client.get("/v1/studies/s1/models", headers=fed.auth(fed.admin)).json()
+    assert served[-1]["metrics"][POOLED_SECURE] == pooled
 
 
 def test_with_little_noise_the_network_trains_the_simulators_model(tmp_path: Path) -> None:

@@ -252,19 +252,26 @@ def _histogram_metrics(payload: bytes) -> dict[str, Any]:
     if (np.abs(neg) > MAX_RECORDS).any() or (np.abs(pos) > MAX_RECORDS).any():
         raise InvalidUpdate(f"Evaluation histograms hold counts beyond {MAX_RECORDS}.")
     try:
-        edges = score_bin_edges(int(neg.shape[0]))
         noise_std = float(manifest.get("noise_std", "nan")[:40])
         if not 0 <= noise_std <= 1e6:
             raise ValueError(f"noise_std must be in [0, 1e6]; got {noise_std!r}")
-        metrics = metrics_with_uncertainty(neg, pos, edges, noise_std=noise_std,
-                                           rng=np.random.default_rng(0))
+        metrics = release_metrics(neg, pos, noise_std)
         for key in ("epsilon_spent", "epsilon_delta"):
             if key in manifest:
-                metrics[key] = float(manifest[key][:40])
+                value = float(manifest[key][:40])
+                metrics[key] = value if math.isfinite(value) else None
     except (ValueError, ConfigurationError) as exc:
         raise InvalidUpdate(f"Evaluation histograms are not usable: {exc}") from None
-    # Bootstrap intervals of noisy proportions can reach past [0, 1]: a proportion's
-    # interval is clipped to where proportions lie.
+    return metrics
+
+
+def release_metrics(neg: np.ndarray, pos: np.ndarray, noise_std: float) -> dict[str, Any]:
+    """The metrics, with intervals, of noisy score histograms (a site's release or a
+    secure sum's) as the card holds them: a proportion's interval clipped to [0, 1]
+    (bootstrap intervals of noisy proportions can reach past it), None where a metric
+    is not finite."""
+    metrics = metrics_with_uncertainty(neg, pos, score_bin_edges(int(neg.shape[0])),
+                                       noise_std=noise_std, rng=np.random.default_rng(0))
     for key, value in metrics.items():
         if key.removesuffix("_ci_low").removesuffix("_ci_high") in _UNIT_INTERVAL:
             metrics[key] = min(max(value, 0.0), 1.0)

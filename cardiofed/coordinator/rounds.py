@@ -56,6 +56,7 @@ from cardiofed.coordinator.models import (
     plausible_model,
     store_model,
 )
+from cardiofed.coordinator.payloads import release_metrics
 from cardiofed.coordinator.studies import (
     EVALUATE,
     INTERCEPT,
@@ -421,9 +422,8 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
     else:
         model = model_blob(db, study.id, study.model_version)
         model.metrics = folded.metrics if folded.secure is None else {
-            POOLED_SECURE: evaluation_from_sum(
-                folded.secure.total, folded.secure.share_sd, len(folded.secure.survivors),
-                np.random.default_rng(0))}  # the intervals' bootstrap: not a release
+            POOLED_SECURE: release_metrics(*evaluation_from_sum(
+                folded.secure.total, folded.secure.share_sd, len(folded.secure.survivors)))}
         card_metrics(db, study, model.metrics)
         next_kind, version = "", study.model_version
     rnd.closed_at = now()

@@ -61,14 +61,13 @@ def evaluation_vector(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
     return np.concatenate([neg, pos])
 
 
-def evaluation_from_sum(total: np.ndarray, share_sd: float, n_inputs: int,
-                        rng: np.random.Generator) -> dict[str, float]:
-    """The pooled test's metrics, with intervals, from the unmasked sum of `n_inputs`
-    sites' vectors, each with a noise share of SD `share_sd` counts."""
+def evaluation_from_sum(total: np.ndarray, share_sd: float, n_inputs: int
+                        ) -> tuple[np.ndarray, np.ndarray, float]:
+    """The pooled test's noisy (negatives, positives) histograms from the unmasked sum of
+    `n_inputs` sites' vectors, each with a noise share of SD `share_sd` counts, and the
+    SD of their noise."""
     neg, pos = np.split(np.asarray(total, dtype=np.float64), 2)
-    noise_std = share_sd * math.sqrt(n_inputs)
-    return metrics_with_uncertainty(neg, pos, score_bin_edges(len(neg)),
-                                    noise_std=noise_std, rng=rng)
+    return neg, pos, share_sd * math.sqrt(n_inputs)
 
 
 def secure_evaluation(outcomes: Sequence[tuple[str, np.ndarray, np.ndarray]],
@@ -94,5 +93,7 @@ def secure_evaluation(outcomes: Sequence[tuple[str, np.ndarray, np.ndarray]],
         if name in needed:
             privacy[name].charge_secure_sum("evaluate", multiplier)
             vectors[name], rngs[name] = evaluation_vector(y, p), secure_numpy_rng()
-    return evaluation_from_sum(ring_sum(codec, vectors, rngs, noise),
-                               noise.site_sigma / codec.scale, len(vectors), rng)
+    neg, pos, noise_std = evaluation_from_sum(ring_sum(codec, vectors, rngs, noise),
+                                              noise.site_sigma / codec.scale, len(vectors))
+    return metrics_with_uncertainty(neg, pos, score_bin_edges(len(neg)),
+                                    noise_std=noise_std, rng=rng)
