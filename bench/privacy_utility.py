@@ -22,7 +22,8 @@ simulation's exact view of each site's test patients.
   20 rounds', raw form; tier2_04 has noisy labels);
   one run per epsilon, seed 0, and at epsilon 1 DEMO_REPEATS more (fresh noise each)
   whose verdict counts follow the table, with how many of those runs left a clean site
-  "not acceptable".
+  "not acceptable"; then as many epsilon-1 runs over secure sums (``cardiofed demo
+  --secure-aggregation``'s recipe, issue 32's target: no clean site "not acceptable").
 * ``uci-heart``: FedAvg, 15 rounds x 100 local steps, batch 4, SGD lr 0.01, seeds 42-44.
 * ``framingham``: FedAvg, 40 rounds x 1 epoch, batch 512, SGD lr 0.25, the released model
   the mean of the last 20 rounds' (tail averaging, free post-processing), seeds 0-2; the
@@ -50,7 +51,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_smoke, markdown_table, results_dir, single_threaded, write_results  # noqa: E402
 
-from cardiofed.cli.experiments import DP_DEMO_SETTINGS  # noqa: E402
+from cardiofed.cli.experiments import DP_DEMO_SETTINGS, SECURE_DEMO_SETTINGS  # noqa: E402
 from cardiofed.data.catalog import load_dataset  # noqa: E402
 from cardiofed.experiments.acceptability import (  # noqa: E402
     Verdict,
@@ -92,8 +93,9 @@ def _dataset(name: str, data_dir: str | None, seed: int) -> Any:
     return load_dataset(name, seed=0, data_dir=data_dir)
 
 
-def _run(name: str, eps: float | None, seed: int, data_dir: str | None) -> dict[str, Any]:
-    settings, _ = SETUPS[name]
+def _run(name: str, eps: float | None, seed: int, data_dir: str | None,
+         **overrides: Any) -> dict[str, Any]:
+    settings = {**SETUPS[name][0], **overrides}
     data = _dataset(name, data_dir, seed)
     dp = {} if eps is None else {"dp_epsilon": eps, "dp_delta": DELTA}
     config = SimulationConfig.create(**settings, **dp, seed=seed, eval_every=0)
@@ -224,6 +226,23 @@ def main() -> None:
                         f"pooled-test calibration slope "
                         f"{', '.join(format(r['pooled']['slope'], '.2f') for r in every)}."
                         f"\n\n")
+            secure = [_run(name, 1.0, seeds[0], args.data_dir, secure_aggregation=True,
+                           **({**SECURE_DEMO_SETTINGS, "rounds": 2, "average_last": 1}
+                              if args.smoke else SECURE_DEMO_SETTINGS))
+                      for _ in range(len(every))]
+            payload["demo_secure"] = secure
+            fails = [_calibration_failures(r) for r in secure]
+            shares = [min(v["share_of_achievable_auc"] for s, v in r["sites"].items()
+                          if s != NOISY_LABELS) for r in secure]
+            targets["secure_runs_with_a_clean_site_not_acceptable_at_eps1"] = (
+                f"{sum(f > 0 for f in fails)} of {len(secure)}")
+            section += (f"Over secure sums (`cardiofed demo --dp-epsilon 1 "
+                        f"--secure-aggregation`: DP-FedSGD, {SECURE_DEMO_SETTINGS}), "
+                        f"epsilon 1 in {len(secure)} runs of the same cohort and seed: "
+                        f"clean sites \"not acceptable\" in calibration "
+                        f"{', '.join(map(str, fails))} ({sum(f > 0 for f in fails)} of "
+                        f"{len(secure)} runs with at least one); the least share of the "
+                        f"achievable AUC at a clean site {min(shares):.3f}.\n\n")
         payload[name] = {"settings": settings, "seeds": list(seeds), "runs": runs,
                          "repeats_at_eps1": again, "figures": figures, "targets": targets,
                          "markdown": section}

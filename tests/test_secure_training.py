@@ -120,6 +120,21 @@ def test_the_simulate_command_takes_secure_aggregation(tmp_path) -> None:  # typ
     assert "dp_epsilon must be set" in refused.output
 
 
+def test_the_demo_takes_secure_aggregation_with_a_budget(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from cardiofed.cli import app
+
+    args = ["demo", "--sites", "4", "--rounds", "3", "--eval-size", "500",
+            "--no-effective-data", "--no-register", "--secure-aggregation"]
+    result = CliRunner().invoke(app, [*args, "--dp-epsilon", "1", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "DP-FedSGD over secure sums" in (tmp_path / "r" / "index.html").read_text()
+    refused = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "s")])
+    assert refused.exit_code != 0
+    assert "--secure-aggregation needs --dp-epsilon" in refused.output
+
+
 def test_secure_statistics_are_the_pooled_ones_up_to_their_noise(federation) -> None:  # type: ignore[no-untyped-def]
     from cardiofed.data.preprocessing import PRIVATE_BINS, bin_edges, site_statistics
     from cardiofed.simulation.secure_statistics import secure_statistics
