@@ -197,7 +197,8 @@ DP_DEMO_SETTINGS: dict[str, Any] = {"batch_size": 128, "lr": 0.3, "rounds": 40,
 # Over secure sums training is one clipped gradient sum per round (DP-FedSGD): more
 # rounds and a longer server step than local SGD needs. Chosen on another cohort (seed 1,
 # 3 runs each, epsilon 1): 40 rounds at server_lr 1 left 8-10 of 11 clean sites' calibration
-# "not acceptable" (slopes 1.1-1.3); 80 at 4 with the mean of the last 60, none.
+# "not acceptable" (slopes 1.1-1.3); 80 at 4 with the mean of the last 60, none. On the
+# demo's own cohort it still leaves 3-6 (bench/results/privacy_utility.md).
 SECURE_DEMO_SETTINGS: dict[str, Any] = {"rounds": 80, "server_lr": 4.0, "average_last": 60}
 DEMO_EVAL_SIZE = 20_000
 
