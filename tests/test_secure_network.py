@@ -505,3 +505,26 @@ def test_a_node_reveals_only_for_survivors_that_make_a_sum(survivors: list[str])
         with pytest.raises(TaskRefused, match="This site does not reveal shares for these "
                                               "survivors"):
             rounds["a"].reveal(task)
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=st.one_of(
+    st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=19, max_size=19),
+    st.lists(st.floats(-1e3, 1e3), max_size=30), st.none()))
+def test_a_vector_that_fails_sends_zeros_charged_never_a_refusal(
+        values: list[float] | None) -> None:
+    """Whatever the site's computation gives (values not finite, the wrong length, an
+    exception), its input goes out, charged once, as a valid input does: a refusal after
+    the charge would tell the coordinator that the computation failed on its rows."""
+    rounds, sealed = _sum_at_input()
+    charged: list[float] = []
+
+    def vector() -> np.ndarray:
+        if values is None:
+            raise OverflowError("the rows overflowed")
+        return np.array(values)
+
+    inbox = {peer: boxes["a"] for peer, boxes in sealed.items() if "a" in boxes}
+    sent = rounds["a"].input(_secure_task("input", inbox=inbox, noise_multiplier=1.0),
+                             charged.append, vector)
+    assert charged == [1.0] and len(base64.b64decode(sent.masked)) == 8 * 19

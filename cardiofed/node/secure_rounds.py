@@ -10,6 +10,7 @@ shares a key, and charges its ledger before it computes its vector.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from cardiofed.protocol.schemas import (
 from cardiofed.secure import Advertisement, SecureSite, keys
 from cardiofed.secure.noise import DistributedNoise
 from cardiofed.simulation.config import SimulationConfig
+
+log = logging.getLogger("cardiofed.node")
 
 
 @dataclass
@@ -96,7 +99,10 @@ class SecureRounds:
     def input(self, task: TaskResponse, charge: Callable[[float], None],
               vector: Callable[[], np.ndarray]) -> SecureInput:
         """This site's vector with its noise share, masked: `charge` (the ledger, at the
-        study's multiplier) runs first, then `vector` computes it."""
+        study's multiplier) runs first, then `vector` computes it. If that fails, or a
+        value is not finite, the site sends zeros with the same noise instead (already
+        charged), as every private release does: whether the computation failed on its
+        rows never shows."""
         sec, pending = _secure(task), self._pending(task)
         if pending.site is None:
             raise TaskRefused("This site shared no keys in this sum; it sends no input.")
@@ -104,8 +110,8 @@ class SecureRounds:
         try:
             inbox = {peer: wire.from_b64(box, f"The share pair from {peer!r}")
                      for peer, box in (sec.inbox or {}).items()}
-            masked = pending.site.masked_input(vector(), inbox, secure_numpy_rng(),
-                                               pending.noise)
+            masked = pending.site.masked_input(_finite_or_zeros(vector, pending.length),
+                                               inbox, secure_numpy_rng(), pending.noise)
         except (CardioFedError, ValueError) as exc:
             raise TaskRefused(f"This site cannot mask its input with the shares it was "
                               f"sent: {exc}") from None
@@ -133,6 +139,18 @@ class SecureRounds:
             raise TaskRefused("This node holds no keys for this sum (it restarted, or "
                               "missed the advertisement): it leaves this round.")
         return pending
+
+
+def _finite_or_zeros(vector: Callable[[], np.ndarray], length: int) -> np.ndarray:
+    try:
+        x = np.asarray(vector(), dtype=np.float64)
+        if x.shape == (length,) and np.isfinite(x).all():
+            return x
+        raise ArithmeticError("a value is missing or not finite")
+    except Exception as exc:  # noqa: BLE001 - any failure sends the same release
+        log.warning("secure sum input failed (%s); sending zeros with the noise",
+                    type(exc).__name__)
+        return np.zeros(length)
 
 
 def _secure(task: TaskResponse) -> SecureTask:
