@@ -29,8 +29,10 @@ regression, FedAvg, 20 rounds, 1 local epoch, batch 32, lr 0.05.
    (sign flip, x1e6, the targeted update); versions are published from K = 3
    distinct sites (f = 1) or K = 5 (f = 2), median or weighted median after the norm
    bound, over the window (the buffer and every other site's latest update,
-   ``async_window``) or, for comparison, over the buffer alone; the cost in pooled AUC
-   against the clean asynchronous run with the same settings.
+   ``async_window``) or, for comparison, over the buffer alone, and K = 7 (f = 3); the
+   cost in pooled AUC against the clean asynchronous run with the same settings, beside
+   the cost of the same sites sending nothing at all (their data leaves the federation:
+   the floor under any rule; with K = 7 two silent sites of 8 stall the study).
 
     python bench/targeted_attacks.py [--data-dir DIR] [--quick]
 """
@@ -258,7 +260,8 @@ def async_attacks(sites: list[PreparedSite], base: dict[str, Any]) -> dict[str, 
             ("median, K=3 (f=1)", "median", 1, 3, True),
             ("median, K=5 (f=2)", "median", 2, 5, True),
             ("default: weighted median, K=5 (f=2)", "weighted-median", 2, 5, True),
-            ("weighted median, K=5 (f=2), the buffer alone", "weighted-median", 2, 5, False)):
+            ("weighted median, K=5 (f=2), the buffer alone", "weighted-median", 2, 5, False),
+            ("weighted median, K=7 (f=3)", "weighted-median", 3, 7, True)):
         cfg = SimulationConfig.create(**{**base, "aggregation": "async", "buffer_size": k,
                                          "robust_rule": rule, "robust_byzantine": f,
                                          "async_window": window})
@@ -269,6 +272,10 @@ def async_attacks(sites: list[PreparedSite], base: dict[str, Any]) -> dict[str, 
         row: dict[str, Any] = {"clean_auc": auc}
         for n_bad in (1, 2):
             malicious = frozenset(s.name for s in fastest[:n_bad])
+            # The floor no rule goes under: the sites send nothing (their data leaves).
+            rest = [s for s in sites if s.name not in malicious]
+            row[f"withheld ({n_bad})"] = None if len(rest) < k else auc - float(
+                round_metrics(cfg.model, run_async(rest, cfg).weights, sites)["pooled_auc"])
             for attack in ("sign flip", "scale x1e6", "targeted"):
                 target = lower_risk_of(patient, clean.weights)
                 algorithm = Targeted(cfg.make_algorithm(), malicious, target,
@@ -341,9 +348,11 @@ def report(name: str, result: dict[str, Any]) -> str:
     asyn = result["async"]
     columns = [c for c in next(iter(asyn.values())) if c != "clean_auc"]
     md += ("### Asynchronous buffer: pooled AUC cost against the clean asynchronous run "
-           "(fastest sites malicious)\n\n"
+           "(fastest sites malicious; \"withheld\": they send nothing, the floor no rule "
+           "goes under; \"stalls\": too few sites left for K)\n\n"
            + markdown_table(["buffer", "clean AUC", *columns],
-                            [[k, r["clean_auc"], *[r[c] for c in columns]]
+                            [[k, r["clean_auc"], *["stalls" if r[c] is None else r[c]
+                                                   for c in columns]]
                              for k, r in asyn.items()]) + "\n")
     return md
 
