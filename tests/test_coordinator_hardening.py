@@ -320,3 +320,20 @@ def test_a_database_of_the_previous_release_gains_the_new_columns(tmp_path: Path
     engine.dispose()
     fed.restart()
     assert fed.status()["halted"] is None
+
+
+def test_an_authenticated_request_holds_no_database_connection_when_its_endpoint_runs(
+        fed: Federation) -> None:
+    """A long poll waits for a worker thread after its credential check: holding the
+    connection of that check meanwhile, 100 secure sites' polls took the pool from the
+    thread holding the study's lock, and every request stalled until a pool timeout.
+    The check ends its transaction whether or not it wrote ``last_seen``."""
+    from cardiofed.coordinator.deps import current_site
+
+    credential = fed.agent(SITES[0]).credential()
+    with session_factory(fed.settings.database_url)() as db:
+        for _ in range(2):  # the first records the contact; the second has nothing to write
+            site = current_site(db, credential, fed.clock)
+            assert not db.in_transaction()
+            assert db.get_bind().pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert site.name == SITES[0] and site.study_id == "s1"  # still loaded, no query

@@ -82,8 +82,11 @@ Clock = Annotated[studies.Clock, Depends(get_clock)]
 def current_site(db: DB, credential: Credential,
                  clock: Clock) -> Site:
     site = enrolment.authenticate_site(db, credential, clock)
-    if db.dirty:
-        db.commit()  # last_seen
+    # Commit even with nothing to write (last_seen): it ends the read's transaction, so
+    # the connection goes back to the pool before the endpoint runs. A long poll that
+    # kept it while queueing for a worker thread held the pool from the thread that held
+    # the study's lock: at 100 secure sites every request stalled until a pool timeout.
+    db.commit()
     return site
 
 
