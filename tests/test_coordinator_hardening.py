@@ -337,3 +337,15 @@ def test_an_authenticated_request_holds_no_database_connection_when_its_endpoint
             assert not db.in_transaction()
             assert db.get_bind().pool.checkedout() == 0  # type: ignore[attr-defined]
         assert site.name == SITES[0] and site.study_id == "s1"  # still loaded, no query
+
+
+def test_a_request_session_is_closed_on_the_event_loop() -> None:
+    """Closing the session returns its connection to the pool; as a sync dependency the
+    close queued for a worker thread with the connection still held, and 200 sites
+    enrolling at once held the whole pool that way while the thread holding the study's
+    lock waited for a connection."""
+    import inspect
+
+    from cardiofed.coordinator.deps import get_db
+
+    assert inspect.isasyncgenfunction(get_db)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Path
@@ -24,7 +24,12 @@ async def app_settings() -> CoordinatorSettings:
 Settings = Annotated[CoordinatorSettings, Depends(app_settings)]
 
 
-def get_db(settings: Settings) -> Iterator[Session]:
+async def get_db(settings: Settings) -> AsyncIterator[Session]:
+    """The request's session. ``async``, so that closing it (which returns its
+    connection to the pool) runs on the event loop: as a sync dependency the close
+    queued for a worker thread while the session still held a connection, and at 200
+    sites enrolling at once those connections were the pool, while the thread that held
+    the study's lock waited for one (every request stalled until the pool timeout)."""
     with session_factory(settings.database_url)() as db:
         yield db
 
