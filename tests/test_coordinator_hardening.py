@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from test_coordinator import SITES, Federation  # type: ignore[import-not-found]
 
 from cardiofed.coordinator import administration, enrolment, models, studies, uploads
@@ -339,13 +340,37 @@ def test_an_authenticated_request_holds_no_database_connection_when_its_endpoint
         assert site.name == SITES[0] and site.study_id == "s1"  # still loaded, no query
 
 
-def test_a_request_session_is_closed_on_the_event_loop() -> None:
-    """Closing the session returns its connection to the pool; as a sync dependency the
-    close queued for a worker thread with the connection still held, and 200 sites
-    enrolling at once held the whole pool that way while the thread holding the study's
-    lock waited for a connection."""
+def test_no_request_holds_a_pooled_connection_while_it_queues_for_a_thread(
+        fed: Federation) -> None:
+    """200 secure sites stalled every request until a pool timeout: finished endpoints'
+    sessions kept their read transactions while FastAPI queued the response (and the
+    session's close) for a worker thread, which were all waiting for a connection. Every
+    sync endpoint now commits a read before it returns, and the close runs on the loop."""
     import inspect
 
-    from cardiofed.coordinator.deps import get_db
+    from fastapi.routing import APIRoute
+
+    from cardiofed.coordinator.deps import ReleasingRoute, _releasing, get_db
 
     assert inspect.isasyncgenfunction(get_db)
+    routes, routers = [], [fed.app.router]
+    while routers:  # included routers keep their own routes
+        for route in routers.pop().routes:
+            routes.append(route)
+            routers += [route.original_router] if hasattr(route, "original_router") else []
+    api = [r for r in routes if isinstance(r, APIRoute)]
+    assert len(api) > 30 and all(isinstance(r, ReleasingRoute) for r in api), [
+        r.path for r in api if not isinstance(r, ReleasingRoute)]
+
+    def read(db: Session) -> str:
+        return db.scalar(select(Site.name).where(Site.name == SITES[0])) or ""
+
+    def write(db: Session) -> None:
+        db.scalar(select(Site).where(Site.name == SITES[0])).revoked = True
+
+    with session_factory(fed.settings.database_url)() as db:
+        assert _releasing(read)(db=db) == SITES[0]
+        assert not db.in_transaction()  # the read's connection is back in the pool
+        _releasing(write)(db=db)  # a pending write is the endpoint's to commit or not
+        assert db.in_transaction() and db.dirty
+        db.rollback()

@@ -528,3 +528,20 @@ def test_a_vector_that_fails_sends_zeros_charged_never_a_refusal(
     sent = rounds["a"].input(_secure_task("input", inbox=inbox, noise_multiplier=1.0),
                              charged.append, vector)
     assert charged == [1.0] and len(base64.b64decode(sent.masked)) == 8 * 19
+
+
+def test_a_site_with_nothing_to_do_is_answered_from_its_own_messages(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long poll that finds no task reads the polling site's messages only, never the
+    whole sum's: at 200 sites every idle poll read and parsed every site's messages."""
+    fed = Federation(tmp_path, plan=PLAN)
+    agents = [default_agent(fed, s) for s in SITES]
+    fed.step(agents[:2])  # two sites advertised; the step waits for the third
+
+    def whole_sum(*_: object) -> None:
+        raise AssertionError("an idle poll read the whole sum's state")
+
+    monkeypatch.setattr(coordinator_sums, "_State", whole_sum)
+    for agent in agents[:2]:
+        answer = fed.client.get("/v1/tasks/next", headers=fed.auth(agent.credential()))
+        assert answer.status_code == 204

@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 
 from cardiofed import __version__
 from cardiofed.coordinator import administration, dashboard
-from cardiofed.coordinator.deps import DB, Credential, refusals
+from cardiofed.coordinator.deps import DB, Credential, ReleasingRoute, refusals
 from cardiofed.coordinator.routers import models, relay, sites, studies, updates
 from cardiofed.coordinator.settings import get_settings
 from cardiofed.exceptions import CoordinatorError
@@ -30,6 +30,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="CardioFed coordinator", version=__version__,
                   description="Coordinates federated training of a cardiovascular risk model. "
                               "Sites send model updates, metrics and statistics, never rows.")
+    app.router.route_class = ReleasingRoute
     for module in (studies, sites, updates, models, relay, dashboard):
         app.include_router(module.router)
 

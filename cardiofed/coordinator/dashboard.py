@@ -25,7 +25,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from cardiofed.coordinator import administration, status, studies
-from cardiofed.coordinator.deps import DB, Clock
+from cardiofed.coordinator.deps import DB, Clock, ReleasingRoute
 from cardiofed.exceptions import AuthenticationError, CoordinatorError, PermissionDenied
 from cardiofed.experiments.acceptability import (
     Check,
@@ -52,7 +52,7 @@ from cardiofed.store import (
 COOKIE = "cardiofed_session"
 SESSION_HOURS = 8
 REFRESH_S = 5
-router = APIRouter(prefix="/ui", include_in_schema=False)
+router = APIRouter(prefix="/ui", include_in_schema=False, route_class=ReleasingRoute)
 _templates = Environment(loader=PackageLoader("cardiofed.coordinator", "templates"),
                          autoescape=select_autoescape(["html"]))
 NO_STORE = {"Cache-Control": "no-store"}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Path
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -25,13 +28,45 @@ Settings = Annotated[CoordinatorSettings, Depends(app_settings)]
 
 
 async def get_db(settings: Settings) -> AsyncIterator[Session]:
-    """The request's session. ``async``, so that closing it (which returns its
-    connection to the pool) runs on the event loop: as a sync dependency the close
-    queued for a worker thread while the session still held a connection, and at 200
-    sites enrolling at once those connections were the pool, while the thread that held
-    the study's lock waited for one (every request stalled until the pool timeout)."""
+    """The request's session; closed on the event loop (see :class:`ReleasingRoute`)."""
     with session_factory(settings.database_url)() as db:
         yield db
+
+
+class ReleasingRoute(APIRoute):
+    """A route whose sync endpoint gives its session's connection back to the pool before
+    it returns, when nothing is left to write (a read's transaction, committed).
+
+    No request may hold a pooled connection while it queues for a worker thread: the
+    threads can all be waiting for a connection (one of them holding the study's lock),
+    and nothing then moves until the pool times out. At 200 secure sites every request
+    stalled that way: a finished endpoint's session kept its read transaction open while
+    FastAPI queued the response's serialisation (and a sync dependency's exit) for a
+    thread. So the session closes on the event loop (:func:`get_db` is ``async``), the
+    credential checks commit (:func:`current_site`, :func:`require_admin`), and this
+    class ends the endpoint's own transaction."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        if not inspect.iscoroutinefunction(endpoint):
+            endpoint = _releasing(endpoint)  # its signature and name are the endpoint's
+        super().__init__(path, endpoint, **kwargs)
+
+
+def _releasing(call: Callable[..., Any]) -> Callable[..., Any]:
+    if getattr(call, "_releases_sessions", False):
+        return call
+
+    @functools.wraps(call)
+    def endpoint(*args: Any, **kwargs: Any) -> Any:
+        result = call(*args, **kwargs)
+        for value in kwargs.values():
+            if isinstance(value, Session) and value.in_transaction() \
+                    and not (value.new or value.dirty or value.deleted):
+                value.commit()  # expire_on_commit is off: the result's objects stay loaded
+        return result
+
+    endpoint._releases_sessions = True  # type: ignore[attr-defined]
+    return endpoint
 
 
 _bearer = HTTPBearer(auto_error=False, description="An admin or site credential: "
@@ -87,16 +122,14 @@ Clock = Annotated[studies.Clock, Depends(get_clock)]
 def current_site(db: DB, credential: Credential,
                  clock: Clock) -> Site:
     site = enrolment.authenticate_site(db, credential, clock)
-    # Commit even with nothing to write (last_seen): it ends the read's transaction, so
-    # the connection goes back to the pool before the endpoint runs. A long poll that
-    # kept it while queueing for a worker thread held the pool from the thread that held
-    # the study's lock: at 100 secure sites every request stalled until a pool timeout.
-    db.commit()
-    return site
+    db.commit()  # last_seen, if due; and the read's connection back to the pool (a long
+    return site  # poll then queues for a worker thread: see ReleasingRoute)
 
 
 def require_admin(db: DB, credential: Credential) -> AdminKey:
-    return administration.authenticate_admin(db, credential)
+    key = administration.authenticate_admin(db, credential)
+    db.commit()  # the read's connection back to the pool (see ReleasingRoute)
+    return key
 
 
 CurrentSite = Annotated[Site, Depends(current_site)]

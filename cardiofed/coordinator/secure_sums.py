@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cached_property
@@ -60,9 +63,25 @@ def open_step(plan_secure: bool, kind: str) -> tuple[str | None, int | None]:
     return ("advertise", 0) if plan_secure and kind in wire.SECURE_KINDS else (None, None)
 
 
+# What a closed step of an attempt derives from its messages (parsed bodies, the
+# advertisements, the neighbour graph, each site's inbox), per process. A closed step's
+# messages never change (a message for any step but the current one is refused, and a
+# new attempt has a new number), and at 200 sites reparsing every advertisement for each
+# share message, and every site's share pairs for each site's input task, was most of a
+# secure round's work on the coordinator.
+_CLOSED: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_CLOSED_MAX = 64
+_CLOSED_LOCK = threading.Lock()
+
+
+def _attempt_of(rnd: Round) -> tuple[Any, ...]:
+    return (SecureMessage.round_id == rnd.id, SecureMessage.attempt == rnd.secure_attempt)
+
+
 class _State:
     """The current attempt's messages: who posted each step (read at once), the bodies of
-    a step (read and parsed when asked for), and the sum's plan once keys are out."""
+    a step (read and parsed when asked for; a closed step's once per process), and the
+    sum's plan once keys are out."""
 
     def __init__(self, db: Session, study: Study, rnd: Round) -> None:
         self.db, self.study, self.rnd = db, study, rnd
@@ -70,26 +89,40 @@ class _State:
                                      .where(Site.study_id == study.id)).all())
         self._posted: dict[str, set[str]] = {}
         for site_id, step in db.execute(select(SecureMessage.site_id, SecureMessage.step)
-                                        .where(*self._this_attempt())):
+                                        .where(*_attempt_of(rnd))):
             self._posted.setdefault(step, set()).add(self.names[site_id])
         self._bodies: dict[str, dict[str, Any]] = {}
-
-    def _this_attempt(self) -> tuple[Any, ...]:
-        return (SecureMessage.round_id == self.rnd.id,
-                SecureMessage.attempt == self.rnd.secure_attempt)
 
     def posted(self, step: str) -> set[str]:
         return set(self._posted.get(step, ()))
 
+    def _closed(self, step: str, what: str, make: Callable[[], Any]) -> Any:
+        """`make()`, from the messages of `step`, cached per process once `step` has
+        closed; computed afresh while it is open."""
+        if step == self.rnd.secure_step:
+            return make()
+        key = (str(self.db.get_bind().engine.url), self.study.id, self.rnd.id, self.rnd.number,
+               self.rnd.secure_attempt, step, tuple(sorted(self._posted.get(step, ()))), what)
+        with _CLOSED_LOCK:
+            if key in _CLOSED:
+                _CLOSED.move_to_end(key)
+                return _CLOSED[key]
+        value = make()
+        with _CLOSED_LOCK:
+            _CLOSED[key] = value
+            while len(_CLOSED) > _CLOSED_MAX:
+                _CLOSED.popitem(last=False)
+        return value
+
     def bodies(self, step: str) -> dict[str, Any]:
         """Site name -> the parsed message of `step`, in the order they arrived."""
         if step not in self._bodies:
-            self._bodies[step] = {
+            self._bodies[step] = self._closed(step, "bodies", lambda: {
                 self.names[site_id]: BODIES[step].model_validate_json(body)
                 for site_id, body in self.db.execute(
                     select(SecureMessage.site_id, SecureMessage.body)
-                    .where(*self._this_attempt(), SecureMessage.step == step)
-                    .order_by(SecureMessage.id))}
+                    .where(*_attempt_of(self.rnd), SecureMessage.step == step)
+                    .order_by(SecureMessage.id))})
         return self._bodies[step]
 
     @cached_property
@@ -100,8 +133,27 @@ class _State:
 
     @cached_property
     def ads(self) -> dict[str, Advertisement]:
-        return {name: wire.advert_from_wire(name, ad)
-                for name, ad in self.bodies("advertise").items()}
+        return self._closed("advertise", "ads", lambda: {
+            name: wire.advert_from_wire(name, ad)
+            for name, ad in self.bodies("advertise").items()})
+
+    def peers(self, site: str) -> list[str]:
+        """`site`'s neighbours in the sum (once the advertise step has closed)."""
+        graph = self._closed("advertise", "graph",
+                             lambda: neighbour_graph(self.plan, self.ads))
+        return list(graph[site])
+
+    def inbox(self, site: str) -> dict[str, str]:
+        """The share pairs sealed for `site`: sender -> sealed box."""
+        boxes = self._closed("share", "inboxes", self._inboxes)
+        return dict(boxes.get(site, {}))
+
+    def _inboxes(self) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        for sender, body in self.bodies("share").items():
+            for recipient, box in body.sealed.items():
+                out.setdefault(recipient, {})[sender] = box
+        return out
 
     @cached_property
     def setup(self) -> tuple[SumPlan, DistributedNoise]:
@@ -155,21 +207,25 @@ def _waits_for(db: Session, study: Study, rnd: Round, state: _State) -> set[str]
 
 def task(db: Session, study: Study, rnd: Round, site: Site) -> SecureTask | None:
     """`site`'s task at the round's current step, None when it has none (it posted this
-    step already, or missed an earlier one of this attempt)."""
-    state = _State(db, study, rnd)
+    step already, missed an earlier one of this attempt, or refused the round). Whether
+    it has one is read from its own messages alone: a long poll that finds nothing to do
+    costs the same at 200 sites as at 2."""
     step, attempt = rnd.secure_step, rnd.secure_attempt or 0
     assert step is not None
-    if site.name in state.posted(step) or site.name not in _waits_for(db, study, rnd, state):
-        return None
+    mine = set(db.scalars(select(SecureMessage.step).where(
+        *_attempt_of(rnd), SecureMessage.site_id == site.id)))
+    before = wire.STEPS[wire.STEPS.index(step) - 1] if step != wire.STEPS[0] else None
+    if step in mine or (before is not None and before not in mine) \
+            or site.id in refused_ids(db, study, rnd.number):
+        return None  # an authenticated site is not revoked: the first step waits for it
+    state = _State(db, study, rnd)
     fields: dict[str, object] = {"step": step, "attempt": attempt}
     if step == "advertise":
         fields["sites"] = sorted(state.names[i] for i in active_ids(db, study))
     elif step == "share":
         fields.update(noise_multiplier=state.multiplier, adverts=state.bodies("advertise"))
     elif step == "input":
-        fields.update(noise_multiplier=state.multiplier, inbox={
-            sender: body.sealed[site.name] for sender, body in state.bodies("share").items()
-            if site.name in body.sealed})
+        fields.update(noise_multiplier=state.multiplier, inbox=state.inbox(site.name))
     else:
         fields["survivors"] = sorted(state.posted("input"))
     return SecureTask.model_validate(fields)
@@ -221,7 +277,7 @@ def _check(step: str, name: str, body: BaseModel, state: _State) -> None:
         wire.advert_from_wire(name, body)
         return
     if isinstance(body, SecureShares):
-        peers = neighbour_graph(state.plan, state.ads)[name]
+        peers = state.peers(name)
         if sorted(body.sealed) != peers:
             raise InvalidUpdate(f"Site {name!r} must seal one share pair for each of its "
                                 f"neighbours {peers[:10]}; got {sorted(body.sealed)[:10]}.")

@@ -8,12 +8,12 @@ from fastapi import APIRouter, Response
 from sqlalchemy import select
 
 from cardiofed.coordinator import administration, enrolment, models, studies
-from cardiofed.coordinator.deps import DB, Credential, PathNumber, refusals
+from cardiofed.coordinator.deps import DB, Credential, PathNumber, ReleasingRoute, refusals
 from cardiofed.exceptions import AuthenticationError, NotFound
 from cardiofed.protocol.schemas import ModelInfo
 from cardiofed.store import ModelVersion
 
-router = APIRouter(prefix="/v1/studies", tags=["models"])
+router = APIRouter(prefix="/v1/studies", tags=["models"], route_class=ReleasingRoute)
 SAFETENSORS = "application/octet-stream"
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 

@@ -7,11 +7,19 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from cardiofed.coordinator import administration, regional
-from cardiofed.coordinator.deps import DB, Admin, Clock, Credential, PathNumber, refusals
+from cardiofed.coordinator.deps import (
+    DB,
+    Admin,
+    Clock,
+    Credential,
+    PathNumber,
+    ReleasingRoute,
+    refusals,
+)
 from cardiofed.coordinator.routers.models import BINARY, SAFETENSORS
 from cardiofed.protocol.schemas import RelayRoundRequest
 
-router = APIRouter(prefix="/v1/studies", tags=["relay"])
+router = APIRouter(prefix="/v1/studies", tags=["relay"], route_class=ReleasingRoute)
 BODY = {"requestBody": {"required": True, "content": {SAFETENSORS: BINARY}}}
 
 

@@ -11,11 +11,11 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from cardiofed.coordinator import attribution, enrolment, studies, wakeups
-from cardiofed.coordinator.deps import DB, Clock, CurrentSite, Settings, refusals
+from cardiofed.coordinator.deps import DB, Clock, CurrentSite, ReleasingRoute, Settings, refusals
 from cardiofed.protocol.schemas import EnrolRequest, EnrolResponse, SiteInfo, TaskResponse
 from cardiofed.store import Site
 
-router = APIRouter(prefix="/v1", tags=["sites"])
+router = APIRouter(prefix="/v1", tags=["sites"], route_class=ReleasingRoute)
 
 
 @router.post("/enrol", responses=refusals(401, 413, 422))

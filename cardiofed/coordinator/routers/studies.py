@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from fastapi import APIRouter
 
 from cardiofed.coordinator import administration, attribution, enrolment, status, studies
-from cardiofed.coordinator.deps import DB, Admin, Clock, Credential, refusals
+from cardiofed.coordinator.deps import DB, Admin, Clock, Credential, ReleasingRoute, refusals
 from cardiofed.data.dataset import feature_ranges_for
 from cardiofed.exceptions import AuthenticationError, ConfigurationError, InvalidUpdate
 from cardiofed.protocol.schemas import (
@@ -26,7 +26,7 @@ from cardiofed.serving import attribution as attribution_answer
 from cardiofed.serving.survival import study_report as survival_study_report
 from cardiofed.simulation.config import SimulationConfig
 
-router = APIRouter(prefix="/v1/studies", tags=["studies"])
+router = APIRouter(prefix="/v1/studies", tags=["studies"], route_class=ReleasingRoute)
 
 
 @router.post("", status_code=201, responses=refusals(401, 403, 409, 413, 422))

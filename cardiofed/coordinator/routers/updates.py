@@ -15,6 +15,7 @@ from cardiofed.coordinator.deps import (
     Credential,
     CurrentSite,
     PathNumber,
+    ReleasingRoute,
     Settings,
     refusals,
 )
@@ -32,7 +33,7 @@ from cardiofed.protocol.schemas import (
 from cardiofed.store import session_factory
 from cardiofed.web.errors import RateLimited
 
-router = APIRouter(prefix="/v1/studies", tags=["updates"])
+router = APIRouter(prefix="/v1/studies", tags=["updates"], route_class=ReleasingRoute)
 
 # Uploads of one site this process holds at once (a node uploads one at a time; a retry
 # may overlap it): beyond, a 429, so one credential cannot pin the workers' memory.
