@@ -10,7 +10,6 @@ shares a key, and charges its ledger before it computes its vector.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from cardiofed.exceptions import CardioFedError, TaskRefused
 from cardiofed.privacy.randomness import secure_numpy_rng
+from cardiofed.privacy.release_gate import finite_or_zeros
 from cardiofed.protocol import secure_sums as wire
 from cardiofed.protocol.schemas import (
     SecureInput,
@@ -29,8 +29,6 @@ from cardiofed.protocol.schemas import (
 from cardiofed.secure import Advertisement, SecureSite, keys
 from cardiofed.secure.noise import DistributedNoise
 from cardiofed.simulation.config import SimulationConfig
-
-log = logging.getLogger("cardiofed.node")
 
 
 @dataclass
@@ -110,8 +108,9 @@ class SecureRounds:
         try:
             inbox = {peer: wire.from_b64(box, f"The share pair from {peer!r}")
                      for peer, box in (sec.inbox or {}).items()}
-            masked = pending.site.masked_input(_finite_or_zeros(vector, pending.length),
-                                               inbox, secure_numpy_rng(), pending.noise)
+            x = finite_or_zeros(lambda: {"x": vector()}, {"x": (pending.length,)},
+                                "secure sum input")["x"]
+            masked = pending.site.masked_input(x, inbox, secure_numpy_rng(), pending.noise)
         except (CardioFedError, ValueError) as exc:
             raise TaskRefused(f"This site cannot mask its input with the shares it was "
                               f"sent: {exc}") from None
@@ -139,18 +138,6 @@ class SecureRounds:
             raise TaskRefused("This node holds no keys for this sum (it restarted, or "
                               "missed the advertisement): it leaves this round.")
         return pending
-
-
-def _finite_or_zeros(vector: Callable[[], np.ndarray], length: int) -> np.ndarray:
-    try:
-        x = np.asarray(vector(), dtype=np.float64)
-        if x.shape == (length,) and np.isfinite(x).all():
-            return x
-        raise ArithmeticError("a value is missing or not finite")
-    except Exception as exc:  # noqa: BLE001 - any failure sends the same release
-        log.warning("secure sum input failed (%s); sending zeros with the noise",
-                    type(exc).__name__)
-        return np.zeros(length)
 
 
 def _secure(task: TaskResponse) -> SecureTask:

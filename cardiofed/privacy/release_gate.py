@@ -22,13 +22,16 @@ data-independent one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.exceptions import TaskRefused
 from cardiofed.models.networks import Weights
+
+log = logging.getLogger("cardiofed.privacy")
 
 Z_MAX = 1e3
 WEIGHT_MAX = 1e3
@@ -123,3 +126,23 @@ def check_weights(weights: Weights, expected: Weights) -> Weights:
                               f"absolute value.")
         out[name] = array
     return out
+
+
+def finite_or_zeros(compute: Callable[[], Mapping[str, np.ndarray]],
+                    shapes: Mapping[str, tuple[int, ...]], what: str
+                    ) -> dict[str, np.ndarray]:
+    """`compute()`'s arrays if each of `shapes` is there, of its shape and finite; else
+    zeros of those shapes. A release whose computation fails on the site's rows then
+    carries the same noise around values that do not depend on them, instead of an
+    exception or a refusal that would tell the coordinator so. `what` names the release
+    in the log (never a value)."""
+    try:
+        arrays = dict(compute())
+        if set(arrays) != set(shapes) or not all(
+                np.shape(arrays[k]) == shapes[k] and np.isfinite(arrays[k]).all()
+                for k in shapes):
+            raise ArithmeticError("a value is missing, misshapen or not finite")
+        return {k: np.asarray(arrays[k], dtype=np.float64) for k in shapes}
+    except Exception as exc:  # noqa: BLE001 - any failure gets the same release
+        log.warning("%s failed (%s); releasing noise alone", what, type(exc).__name__)
+        return {k: np.zeros(shape) for k, shape in shapes.items()}

@@ -54,6 +54,7 @@ from cardiofed.privacy.accountant import GaussianEvent, calibrate_noise
 from cardiofed.privacy.budget import ATTRIBUTION, PrivacyLedger
 from cardiofed.privacy.dp_sgd import DPConfig, check_dp_training, dp_schedule, train_local_dp
 from cardiofed.privacy.randomness import secure_numpy_rng, secure_torch_generator
+from cardiofed.privacy.release_gate import finite_or_zeros
 from cardiofed.training.local import LocalResult, LocalTrainingConfig
 
 
@@ -333,17 +334,7 @@ class SitePrivacy:
             event = GaussianEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)
             self.ledger.charge([event], what, kind=ATTRIBUTION, study=self.study,
                                noise_multiplier=sigma)
-        shapes = plan.release_shapes(state)
-        try:
-            arrays = compute()
-            if set(arrays) != set(shapes) or not all(
-                    np.shape(arrays[k]) == shapes[k] and np.isfinite(arrays[k]).all()
-                    for k in shapes):
-                raise ArithmeticError("a sum is missing, misshapen or not finite")
-        except Exception as exc:  # noqa: BLE001 - any failure gets the same release
-            log.warning("attribution step failed (%s); releasing noise alone",
-                        type(exc).__name__)
-            arrays = {k: np.zeros(shape) for k, shape in shapes.items()}
+        arrays = finite_or_zeros(compute, plan.release_shapes(state), "attribution step")
         return plan.add_noise(state, arrays, sigma, secure_numpy_rng())
 
     # -- evaluation -------------------------------------------------------------------
