@@ -56,17 +56,29 @@ def _registry_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def postgres_url() -> str:
+def postgres_url(worker_id: str) -> str:
     """``CARDIOFED_TEST_POSTGRES_URL`` with every table of the store dropped (a clean
-    schema for the test); the test is skipped when it is not set."""
+    schema for the test); the test is skipped when it is not set. Under pytest-xdist each
+    worker has a PostgreSQL schema of its own in that database (the URL's search path),
+    so two workers' tests never share a table."""
     url = os.environ.get("CARDIOFED_TEST_POSTGRES_URL")
     if not url:
         pytest.skip("set CARDIOFED_TEST_POSTGRES_URL (e.g. postgresql+psycopg://u:p@127.0.0.1/db; "
                     ".ci/run does when a PostgreSQL server is installed) to test PostgreSQL")
     from sqlalchemy import text
+    from sqlalchemy.engine import make_url
 
-    from cardiofed.store import Base, make_engine
+    from cardiofed.store import Base, make_engine, session_factory
 
+    session_factory.cache_clear()  # an engine cached by an earlier test knew the old tables
+    if worker_id != "master":
+        schema = f"cardiofed_{worker_id}"
+        engine = make_engine(url, check_schema=False)
+        with engine.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {schema}"))
+        engine.dispose()
+        url = make_url(url).update_query_dict({"options": f"-csearch_path={schema}"}) \
+            .render_as_string(hide_password=False)
     engine = make_engine(url, check_schema=False)
     Base.metadata.drop_all(engine)
     with engine.begin() as conn:

@@ -146,3 +146,17 @@ def test_no_long_modules():
     long = {str(p.relative_to(ROOT.parent)): n for p in ROOT.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_the_coordinator_loads_no_model_library() -> None:
+    """The coordinator trains nothing: its app starts without PyTorch, Opacus,
+    scikit-learn, SciPy or pandas (PyTorch loads once a study needs initial weights)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cardiofed.coordinator.app; heavy = {'torch', 'opacus', 'sklearn', "
+            "'scipy', 'pandas', 'matplotlib'}; "
+            "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"

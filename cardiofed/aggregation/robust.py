@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 
 from cardiofed.exceptions import ConfigurationError
-from cardiofed.models.networks import Weights
+from cardiofed.models.kinds import Weights
 
 RobustRule = Literal["mean", "trimmed-mean", "median", "weighted-median", "multi-krum",
                      "centered-clip"]

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from cardiofed.exceptions import ConfigurationError
-from cardiofed.models.networks import Weights
+from cardiofed.models.kinds import Weights
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ one update at a time (:func:`accumulate`) gives exactly the batch result of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from cardiofed.models.networks import Weights
+from cardiofed.models.kinds import Weights
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,12 @@ def tail_average(models: Sequence[Weights]) -> Weights:
     if len(models) == 1:
         return models[0]
     return weighted_mean(models, [1.0] * len(models))
+
+
+def shares(counts: Mapping[str, float]) -> dict[str, float]:
+    """Counts as fractions of their total (all 0 when nothing was counted)."""
+    total = sum(counts.values())
+    return {name: c / total if total else 0.0 for name, c in counts.items()}
 
 
 def sample_size_weights(num_samples: Sequence[int]) -> list[float]:

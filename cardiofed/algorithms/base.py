@@ -12,17 +12,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
-from torch import nn
 
 from cardiofed.aggregation.robust import RobustAggregation, SiteAggregation
 from cardiofed.aggregation.server_optimizers import ServerOptimizer, ServerState
 from cardiofed.aggregation.weighted_mean import sample_size_weights, weighted_mean
-from cardiofed.models.networks import Weights, get_weights, predict_logits, set_weights
-from cardiofed.training.local import LocalResult, LocalTrainingConfig, train_local
+from cardiofed.models.kinds import Weights
+from cardiofed.training.config import LocalTrainingConfig
+
+if TYPE_CHECKING:  # the coordinator aggregates without PyTorch; only a client step trains
+    from torch import nn
+
+    from cardiofed.training.local import LocalResult
 
 
 class LocalTrainer(Protocol):
@@ -59,18 +62,25 @@ class FederatedAlgorithm:
 
     def client_update(self, model: nn.Module, global_weights: Weights, x: np.ndarray,
                       y: np.ndarray, *, site: str, seed: int,
-                      trainer: LocalTrainer = train_local,
+                      trainer: LocalTrainer | None = None,
                       report_global_loss: bool = False,
                       sample_weight: np.ndarray | None = None) -> ClientUpdate:
         """Train `model` from `global_weights` on the site's rows; return the update.
 
         `trainer` runs the local training; a site's DP wrapper
-        (:meth:`cardiofed.privacy.SitePrivacy.train`) is passed here.
+        (:meth:`cardiofed.privacy.SitePrivacy.train`) is passed here; by default
+        :func:`~cardiofed.training.local.train_local`.
         """
+        import torch
+
+        from cardiofed.models.networks import get_weights, predict_logits, set_weights
+        from cardiofed.training.local import train_local
+
+        trainer = train_local if trainer is None else trainer
         set_weights(model, global_weights)
         global_loss = float("nan")
         if report_global_loss:
-            global_loss = float(nn.functional.binary_cross_entropy_with_logits(
+            global_loss = float(torch.nn.functional.binary_cross_entropy_with_logits(
                 torch.from_numpy(predict_logits(model, x)),
                 torch.as_tensor(y, dtype=torch.float64)))
         result = trainer(model, x, y, self.local, seed=seed, anchor=global_weights,

@@ -10,7 +10,7 @@ from cardiofed.aggregation.robust import RobustAggregation
 from cardiofed.aggregation.server_optimizers import ServerAdaptive, ServerOptimizer, ServerSGD
 from cardiofed.algorithms.base import FederatedAlgorithm
 from cardiofed.exceptions import ConfigurationError
-from cardiofed.training.local import LocalTrainingConfig
+from cardiofed.training.config import LocalTrainingConfig
 
 ALGORITHMS: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "scaffold")
 

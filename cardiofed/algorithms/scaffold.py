@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cardiofed.models.networks import Weights
+from cardiofed.models.kinds import Weights
 
 
 def zeros_like(weights: Weights) -> Weights:

@@ -32,7 +32,7 @@ from cardiofed.aggregation.robust import SiteAggregation
 from cardiofed.aggregation.server_optimizers import ServerState
 from cardiofed.algorithms.base import ClientUpdate, FederatedAlgorithm
 from cardiofed.exceptions import ConfigurationError
-from cardiofed.models.networks import Weights
+from cardiofed.models.kinds import Weights
 
 StalenessKind = Literal["constant", "polynomial", "hinge"]
 STALENESS_KINDS: tuple[str, ...] = ("constant", "polynomial", "hinge")

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.stats import norm
 
 from cardiofed.causal.propensity import PropensityModel
 
 Weighting = Literal["iptw", "overlap"]
 Estimand = Literal["ATE", "ATT"]
-Z95 = float(norm.ppf(0.975))
+Z95 = 1.959963984540054  # scipy.stats.norm.ppf(0.975), without importing SciPy
 CALIPER_SD = 0.2
 
 

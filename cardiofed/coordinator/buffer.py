@@ -22,6 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from cardiofed.aggregation.weighted_mean import shares
 from cardiofed.algorithms import ClientUpdate
 from cardiofed.algorithms.staleness import buffer_ready, publish_buffer, window
 from cardiofed.coordinator.checks import checked_or_quarantined
@@ -44,7 +45,6 @@ from cardiofed.coordinator.studies import (
     study_plan,
     takes_intercept_step,
 )
-from cardiofed.simulation.runner import shares
 from cardiofed.store import (
     Round,
     Site,

@@ -22,7 +22,7 @@ from cardiofed.exceptions import (
     Conflict,
     NotFound,
 )
-from cardiofed.models.networks import Weights, get_weights, make_model
+from cardiofed.models.kinds import Weights
 from cardiofed.serving import provenance, registry
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.secure_evaluation import CARD_NOTE, POOLED_SECURE
@@ -40,6 +40,8 @@ log = logging.getLogger("cardiofed.coordinator")
 def initial_weights(plan: SimulationConfig, feature_names: list[str]) -> Weights:
     form = plan.model_form(feature_names)
     n_columns = len(feature_names) if form is None else form.n_columns
+    from cardiofed.models.networks import get_weights, make_model  # PyTorch: 1.5 s to import
+
     return get_weights(make_model(plan.model, n_columns, seed=plan.seed))
 
 

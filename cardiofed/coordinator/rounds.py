@@ -82,7 +82,7 @@ from cardiofed.data.preprocessing import (
     bin_edges,
     merge_statistics,
 )
-from cardiofed.models.networks import Weights
+from cardiofed.models.kinds import Weights
 from cardiofed.protocol import relay
 from cardiofed.protocol import secure_sums as secure_wire
 from cardiofed.simulation.config import SimulationConfig

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy.stats import norm, rankdata
 
 from cardiofed.evaluation.metrics import fit_logistic, logit, validate_binary_inputs
 from cardiofed.exceptions import ConfigurationError
@@ -31,6 +30,8 @@ NAN_PAIR = (math.nan, math.nan)
 def _z(level: float) -> float:
     if not (isinstance(level, float | int) and 0.0 < level < 1.0):
         raise ConfigurationError(f"The 'level' parameter must be in (0, 1); got {level!r}.")
+    from scipy.stats import norm  # SciPy's stats take a second to import: only when used
+
     return float(norm.ppf(0.5 + level / 2.0))
 
 
@@ -43,6 +44,8 @@ def delong(y: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[FloatArray, FloatAr
     m, n = int(pos.sum()), int(neg.sum())
     if m == 0 or n == 0:
         raise ValueError("DeLong's variance needs both outcome classes.")
+    from scipy.stats import rankdata
+
     x, z = s[:, pos], s[:, neg]
     tx, tz = rankdata(x, axis=1), rankdata(z, axis=1)
     t = rankdata(np.concatenate([x, z], axis=1), axis=1)
@@ -115,6 +118,8 @@ def paired_auc_test(y: npt.ArrayLike, p_a: npt.ArrayLike, p_b: npt.ArrayLike, *,
     var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
     se = math.sqrt(max(var, 0.0))
     # A difference with no variance (identical scores) is no evidence of one.
+    from scipy.stats import norm
+
     p_value = float(2.0 * norm.sf(abs(diff) / se)) if se > 0.0 else float(diff == 0.0)
     return PairedComparison(float(auc[0]), float(auc[1]), diff, (diff - z * se, diff + z * se),
                             p_value, 1.0 - level)

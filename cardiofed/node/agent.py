@@ -31,7 +31,7 @@ from cardiofed.exceptions import (
     StaleUpdateRefused,
     TaskRefused,
 )
-from cardiofed.models.networks import Weights
+from cardiofed.models.kinds import Weights
 from cardiofed.node.config import DataSource, NodeConfig
 from cardiofed.node.outbound import OutboundLog
 from cardiofed.node.relay import RegionRelay

@@ -14,13 +14,18 @@ stays seeded and reproducible; reproducibility stops at a private release.
 from __future__ import annotations
 
 import secrets
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def secure_torch_generator() -> torch.Generator:
     """A CPU torch generator seeded with 64 secret bits from the OS CSPRNG."""
+    import torch
+
     return torch.Generator().manual_seed(secrets.randbits(64))
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.exceptions import TaskRefused
-from cardiofed.models.networks import Weights
+from cardiofed.models.kinds import Weights
 
 log = logging.getLogger("cardiofed.privacy")
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from cardiofed.data.preprocessing import SiteStatistics, add_statistics, rebin
-from cardiofed.models.networks import Weights
+from cardiofed.models.kinds import Weights
 from cardiofed.wire import encode_arrays
 
 # Plan fields the regional study may set for itself: how its coordinator aggregates its

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cardiofed.data.preprocessing import Preprocessor
 from cardiofed.exceptions import ConfigurationError
-from cardiofed.models.networks import Weights
+from cardiofed.models.kinds import Weights
 from cardiofed.serving.model import TERM, RiskModel, build_model
 from cardiofed.simulation.config import SimulationConfig
-from cardiofed.simulation.experiment import FEDERATED, ExperimentResult
 from cardiofed.wire import decode_arrays
+
+if TYPE_CHECKING:  # the simulator (PyTorch, scikit-learn): not the coordinator's import
+    from cardiofed.simulation.experiment import ExperimentResult
 
 OUTCOME_OF_DATASET = {"uci-heart": "heart_disease", "framingham": "chd_10y",
                       "synthetic": "cvd_10y"}
@@ -36,6 +38,8 @@ def from_experiment(result: ExperimentResult, *, study: str, feature_names: list
                  "Metrics are computed from each site's differentially private evaluation "
                  "release (noisy score histograms), with 95% intervals."]
     else:
+        from cardiofed.simulation.experiment import FEDERATED
+
         metrics = {site: {k: _finite(v) for k, v in labels[FEDERATED].items()}
                    for site, labels in result.metrics.items() if FEDERATED in labels}
     privacy = {site: {k: v for k, v in p.items() if k.startswith("epsilon") or k == "delta"}

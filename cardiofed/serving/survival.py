@@ -10,6 +10,7 @@ card.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,9 +21,11 @@ from cardiofed.protocol.schemas import SurvivalResponse
 from cardiofed.serving.attribution import finished_analysis
 from cardiofed.serving.model import RiskModel, build_model
 from cardiofed.simulation.config import SimulationConfig
-from cardiofed.simulation.survival import POOLED, FederatedCox
 from cardiofed.store import Study
 from cardiofed.survival.cox import baseline_at
+
+if TYPE_CHECKING:  # the simulator's fit (PyTorch, scikit-learn): not the coordinator's import
+    from cardiofed.simulation.survival import FederatedCox
 
 __all__ = ["cox_risk_model", "study_model", "study_report"]
 
@@ -37,6 +40,8 @@ def cox_risk_model(model: FederatedCox, dataset: FederatedDataset, *, study: str
     """The risk model of `model` by `horizon` years: one baseline hazard, or, for a model
     stratified by site, `site`'s own (the shared coefficients on that hospital's
     incidence, served to that hospital)."""
+    from cardiofed.simulation.survival import POOLED
+
     stratified = POOLED not in model.baselines
     if stratified and site not in model.baselines:
         raise ConfigurationError(f"A stratified Cox model has a baseline hazard per site: "

@@ -24,6 +24,7 @@ from functools import partial
 import numpy as np
 from torch import nn
 
+from cardiofed.aggregation.weighted_mean import shares
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.algorithms.base import LocalTrainer
 from cardiofed.algorithms.staleness import StaleUpdate, buffer_ready, publish_buffer, window
@@ -38,7 +39,6 @@ from cardiofed.simulation.runner import (
     Outbox,
     derive_seed,
     round_metrics,
-    shares,
     site_clocks,
     via_wire,
     work_samples,

@@ -19,7 +19,7 @@ from cardiofed.data.study_features import StudyFeatures, catalogue_of
 from cardiofed.exceptions import ConfigurationError
 from cardiofed.schema import Catalogue
 from cardiofed.survival.study import SurvivalPlan
-from cardiofed.training.local import LocalTrainingConfig
+from cardiofed.training.config import LocalTrainingConfig
 
 # The most rounds a plan runs unless it says: training stops earlier once converged
 # (stop_patience). Where it cannot stop early, it runs FIXED_ROUNDS: under DP the sites

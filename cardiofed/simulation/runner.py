@@ -18,7 +18,7 @@ import numpy as np
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cardiofed.aggregation.robust import SiteAggregation
-from cardiofed.aggregation.weighted_mean import tail_average
+from cardiofed.aggregation.weighted_mean import shares, tail_average
 from cardiofed.algorithms import ClientUpdate, FederatedAlgorithm
 from cardiofed.algorithms import scaffold as scaffold_cv
 from cardiofed.algorithms.base import LocalTrainer
@@ -267,12 +267,6 @@ def batched_updates(algorithm: FederatedAlgorithm, model_kind: str, weights: Wei
                          train_loss=loss, global_loss=global_loss)
             for s, delta, steps, loss, global_loss in zip(
                 sites, result.deltas, result.steps, result.mean_loss, losses, strict=True)]
-
-
-def shares(counts: Mapping[str, float]) -> dict[str, float]:
-    """Counts as fractions of their total (all 0 when nothing was counted)."""
-    total = sum(counts.values())
-    return {name: c / total if total else 0.0 for name, c in counts.items()}
 
 
 Outbox = Callable[[str, str, bytes], None]

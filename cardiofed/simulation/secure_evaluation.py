@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,7 +28,6 @@ from cardiofed.evaluation.private_metrics import (
 )
 from cardiofed.exceptions import PrivacyBudgetExceeded
 from cardiofed.privacy.randomness import secure_numpy_rng
-from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.secure.noise import DistributedNoise
 from cardiofed.secure.quantise import RingCodec
 from cardiofed.secure.simulate import ring_sum
@@ -35,6 +35,9 @@ from cardiofed.simulation.secure_statistics import count_codec_and_noise, noise_
 
 __all__ = ["CARD_NOTE", "EVALUATION_LENGTH", "POOLED_SECURE", "evaluation_codec_and_noise",
            "evaluation_from_sum", "evaluation_vector", "secure_evaluation"]
+
+if TYPE_CHECKING:  # the coordinator imports this module for its sums, without PyTorch
+    from cardiofed.privacy.site_privacy import SitePrivacy
 
 POOLED_SECURE = "all sites (secure sum)"
 """The key of a secure study's one set of metrics: its sites' pooled test sets."""

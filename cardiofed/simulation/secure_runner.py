@@ -21,23 +21,26 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cardiofed.aggregation.weighted_mean import tail_average
+from cardiofed.aggregation.weighted_mean import shares, tail_average
 from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
-from cardiofed.models.networks import Weights, get_weights, make_model
+from cardiofed.models.kinds import Weights
 from cardiofed.privacy.randomness import secure_numpy_rng
-from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.secure.noise import DistributedNoise, integer_sensitivity
 from cardiofed.secure.quantise import RingCodec
 from cardiofed.secure.simulate import ring_sum
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.prepare import PreparedSite
-from cardiofed.simulation.runner import FederatedRun, round_metrics, shares
 from cardiofed.simulation.secure_statistics import MAX_SITE_RECORDS, noise_sites
 from cardiofed.training.clipped import clipped_gradient_sum, unflatten
 from cardiofed.training.clipped import sensitivity as gradient_sensitivity
+
+if TYPE_CHECKING:  # the coordinator imports this module for its codec, without PyTorch
+    from cardiofed.privacy.site_privacy import SitePrivacy
+    from cardiofed.simulation.runner import FederatedRun
 
 # Ring units per unit of the clip, per sqrt(coordinate): stochastic rounding then adds
 # about 0.1% to the sensitivity.
@@ -97,6 +100,9 @@ def run_secure_sgd(sites: Sequence[PreparedSite], config: SimulationConfig, *,
     each group's sum is unmasked on its own and ``config.robust_rule`` aggregates the
     groups' mean gradients (weighted by their noisy record counts). `attack(site,
     vector)`, for benchmarks and tests, replaces what a malicious site sends."""
+    from cardiofed.models.networks import get_weights, make_model
+    from cardiofed.simulation.runner import FederatedRun, round_metrics
+
     model = make_model(config.model, sites[0].x_train.shape[1], seed=config.seed)
     weights = get_weights(model)
     algorithm = config.make_algorithm()

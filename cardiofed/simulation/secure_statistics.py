@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,10 +29,12 @@ from cardiofed.data.preprocessing import (
 )
 from cardiofed.exceptions import PrivacyBudgetExceeded
 from cardiofed.privacy.randomness import secure_numpy_rng
-from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.secure.noise import MIN_SITE_SIGMA, DistributedNoise
 from cardiofed.secure.quantise import RingCodec
 from cardiofed.secure.simulate import ring_sum
+
+if TYPE_CHECKING:  # the coordinator imports this module for its codecs, without PyTorch
+    from cardiofed.privacy.site_privacy import SitePrivacy
 
 # The most records a site may hold: bounds each value a site encodes, hence the ring.
 MAX_SITE_RECORDS = 10_000_000
