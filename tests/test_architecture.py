@@ -5,7 +5,11 @@ does not know the coordinator."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import cardiofed
 
@@ -148,15 +152,19 @@ def test_no_long_modules():
     assert long == {}
 
 
-def test_the_coordinator_loads_no_model_library() -> None:
-    """The coordinator trains nothing: its app starts without PyTorch, Opacus,
-    scikit-learn, SciPy or pandas (PyTorch loads once a study needs initial weights)."""
-    import subprocess
-    import sys
+MODEL_LIBRARIES = {"torch", "opacus", "sklearn", "scipy", "pandas", "matplotlib"}
 
-    code = ("import sys, cardiofed.coordinator.app; heavy = {'torch', 'opacus', 'sklearn', "
-            "'scipy', 'pandas', 'matplotlib'}; "
-            "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))")
+
+@pytest.mark.parametrize(("module", "heavy"), [
+    # `cardiofed --help` must be instant: the heavy libraries, the services' too, load only
+    # when a command needs them (bench/cli.py times it).
+    ("cardiofed.cli", MODEL_LIBRARIES | {"sqlalchemy", "httpx", "fastapi", "numpy"}),
+    # The coordinator trains nothing: its app starts without the model libraries
+    # (PyTorch loads once a study needs initial weights).
+    ("cardiofed.coordinator.app", MODEL_LIBRARIES),
+])
+def test_a_light_entry_point_loads_no_heavy_library(module: str, heavy: set[str]) -> None:
+    code = f"import sys, {module}; print(sorted({{m.split('.')[0] for m in sys.modules}}))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    assert loaded == "[]"
+                            check=True).stdout
+    assert heavy & set(ast.literal_eval(loaded)) == set()

@@ -184,20 +184,6 @@ def test_simulate_with_config_file(tmp_path) -> None:  # type: ignore[no-untyped
     assert "clinical_value" in summary
 
 
-def test_the_command_line_loads_no_heavy_library_until_a_command_runs() -> None:
-    """`cardiofed --help` must be instant: PyTorch, Opacus, scikit-learn, the services'
-    libraries load only when a command needs them (bench/cli.py times it)."""
-    import subprocess
-    import sys
-
-    code = ("import sys, cardiofed.cli; heavy = {'torch', 'opacus', 'sklearn', 'scipy', "
-            "'sqlalchemy', 'httpx', 'fastapi', 'pandas', 'matplotlib', 'numpy'}; "
-            "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))")
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    assert loaded == "[]"
-
-
 def test_torch_threads_default_to_one_and_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
