@@ -72,6 +72,10 @@ def study(workdir: Path, arm: str, n_sites: int, size_scale: float, rounds: int,
                 "train_round_s": train, "train_round_s_mean": statistics.fmean(train),
                 "statistics_round_s": [_seconds(o, c) for _, kind, o, c in records
                                        if kind == "statistics"][0],
+                # the final evaluation: a secure sum of score histograms, or each
+                # site's own release in the clear
+                "evaluation_round_s": [_seconds(o, c) for _, kind, o, c in records
+                                       if kind == "evaluate"][-1],
                 "study_wall_s": wall, "refusals": len(state["refusals"]),
                 "last_outcome": state["round_outcome"],
                 "coordinator_5xx": coordinator.server_errors()}
@@ -107,18 +111,26 @@ def main() -> None:
     def mean(arm: str, n: int) -> float:
         return by.get((arm, n), float("nan"))
 
+    def evaluation(arm: str, n: int) -> float:
+        return next((r["evaluation_round_s"] for r in runs
+                     if (r["arm"], r["n_sites"]) == (arm, n)), float("nan"))
+
     rows = [[n, mean("secure", n), mean("plain, private", n), mean("plain, exact", n),
              mean("secure", n) / mean("plain, private", n),
              mean("secure", n) / mean("plain, exact", n),
              next(r["statistics_round_s"] for r in runs
-                  if (r["arm"], r["n_sites"]) == ("secure", n))] for n in args.sites]
+                  if (r["arm"], r["n_sites"]) == ("secure", n)),
+             evaluation("secure", n), evaluation("plain, private", n),
+             evaluation("plain, exact", n)] for n in args.sites]
     notes = [
         f"Logistic regression, {args.rounds} training rounds, synthetic sites "
         f"(size_scale min(1, 30 / N)). Seconds per training round: the coordinator's own "
         f"records (opened_at to closed_at), mean over the rounds. Secure: the round's "
         f"four steps, each node's clipped gradient sum with its noise share; plain, "
         f"private: DP-SGD at each node, updates in the clear; plain, exact: privacy = "
-        f"\"off\".",
+        f"\"off\". The evaluation round, once after training: secure, one secure sum of "
+        f"the sites' score histograms with their noise shares; plain, private, each site's "
+        f"noisy histograms; plain, exact, each site's metrics.",
         "Environment: one coordinator process (uvicorn, SQLite in WAL mode) per study on "
         "127.0.0.1; the N nodes are NodeAgent threads of one process, long-polling with "
         f"wait={args.poll_wait:g} s, sharing the same 2 cores and one GIL.",
@@ -128,7 +140,9 @@ def main() -> None:
     md = ("## Secure rounds over loopback\n\n"
           + markdown_table(["N sites", "secure s/round", "plain private s/round",
                             "plain exact s/round", "secure / plain private",
-                            "secure / plain exact", "secure statistics round s"], rows)
+                            "secure / plain exact", "secure statistics round s",
+                            "secure evaluation round s", "plain private evaluation round s",
+                            "plain exact evaluation round s"], rows)
           + "\n" + "\n\n".join(notes) + "\n")
     write_results("secure_network", {"settings": {**SETTINGS, "rounds": args.rounds,
                                                   "poll_wait_s": args.poll_wait},
