@@ -356,3 +356,34 @@ def test_integer_weights_equal_repeated_rows_in_fit_logistic() -> None:
     np.testing.assert_allclose(unit, default, rtol=1e-12)
     # Rows of zero weight do not count as a class.
     assert fit_logistic(x, y, np.zeros(30), np.zeros(2), weights=y) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([0.2, 3.0, 30.0, 300.0]),
+       noise=st.sampled_from([0.0, 1.0, 5.0, 50.0]), empty=st.sampled_from(["", "pos", "all"]))
+def test_the_bootstrap_computes_each_replicates_metrics_as_one_at_a_time(
+        seed: int, scale: float, noise: float, empty: str) -> None:
+    """The bootstrap's replicates are judged all at once; each row's metrics, the
+    calibration fits included, are those of the one-replicate path, whatever the counts
+    (one class, none, negative, huge)."""
+    from cardiofed.evaluation.private_metrics import (
+        _CI_KEYS,
+        _metrics,
+        _replicate_metrics,
+        _representative_logits,
+    )
+
+    rng = np.random.default_rng(seed)
+    lp = _representative_logits(np.asarray(EDGES))
+    shape = (8, lp.size)
+    neg = rng.poisson(scale, shape) + rng.normal(0.0, noise, shape)
+    pos = rng.poisson(scale / 4, shape) + rng.normal(0.0, noise, shape)
+    if empty:
+        pos[:3] = 0.0
+        if empty == "all":
+            neg[:2] = -1.0
+    together = _replicate_metrics(neg, pos, lp)
+    for row in range(shape[0]):
+        alone = _metrics(neg[row], pos[row], lp, 0)
+        np.testing.assert_allclose(together[:, row], [alone[k] for k in _CI_KEYS],
+                                   rtol=1e-8, atol=1e-10)

@@ -27,6 +27,9 @@ import numbers
 import numpy as np
 import numpy.typing as npt
 
+from cardiofed.evaluation.metrics import _MAX_HALVINGS as _SLOPE_MAX_HALVINGS
+from cardiofed.evaluation.metrics import _MAX_ITER as _SLOPE_MAX_ITER
+from cardiofed.evaluation.metrics import _TOL as _SLOPE_TOL
 from cardiofed.evaluation.metrics import fit_logistic, validate_binary_inputs
 from cardiofed.exceptions import ConfigurationError, DataValidationError
 
@@ -307,13 +310,12 @@ def metrics_with_uncertainty(neg: npt.ArrayLike, pos: npt.ArrayLike, edges: npt.
 
     result = _metrics(neg_c, pos_c, lp_rep, k)
     counts = np.clip(np.stack([neg_c, pos_c]), 0.0, None)
-    draws = np.empty((len(_CI_KEYS), int(n_boot)))
+    replicates = np.empty((int(n_boot), *counts.shape))
     for b in range(int(n_boot)):
-        replicate = gen.poisson(counts).astype(np.float64)
+        replicates[b] = gen.poisson(counts)
         if sigma > 0.0:
-            replicate += gen.normal(0.0, sigma, size=counts.shape)
-        m = _metrics(replicate[0], replicate[1], lp_rep, k)
-        draws[:, b] = [m[key] for key in _CI_KEYS]
+            replicates[b] += gen.normal(0.0, sigma, size=counts.shape)
+    draws = _replicate_metrics(replicates[:, 0], replicates[:, 1], lp_rep)
     tail = 100.0 * (1.0 - float(level)) / 2.0
     for key, values in zip(_CI_KEYS, draws, strict=True):
         if np.all(np.isnan(values)):
@@ -329,3 +331,118 @@ def metrics_with_uncertainty(neg: npt.ArrayLike, pos: npt.ArrayLike, edges: npt.
                     "calibration_slope_ci_high"):
             result[key] = math.nan
     return result
+
+
+def _replicate_metrics(neg_raw: FloatArray, pos_raw: FloatArray,
+                       lp_rep: FloatArray) -> FloatArray:
+    """:func:`_metrics`' values of :data:`_CI_KEYS` for many replicates at once: one
+    replicate's counts per row of `neg_raw` and `pos_raw`, one column per replicate
+    returned. The same estimators and fits, row by row (a bootstrap of 200 replicates
+    took 0.2 s one replicate at a time, at every site's evaluation upload)."""
+    nan = math.nan
+    neg, pos = np.clip(neg_raw, 0.0, None), np.clip(pos_raw, 0.0, None)
+    n_neg, n_pos = neg.sum(axis=1), pos.sum(axis=1)
+    n = n_neg + n_pos
+    rep = _expit(lp_rep)
+    total = neg + pos
+    some = n > 0.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        neg_below = np.cumsum(neg, axis=1) - neg
+        auc = np.where(some & (n_pos > 0.0) & (n_neg > 0.0),
+                       np.sum(pos * (neg_below + 0.5 * neg), axis=1) / (n_pos * n_neg), nan)
+        ece = np.where(some, np.sum(np.abs(total * rep - pos), axis=1) / n, nan)
+        brier = np.where(some, np.sum(neg * rep**2 + pos * (1.0 - rep) ** 2, axis=1) / n, nan)
+        prevalence = np.where(some, n_pos / n, nan)
+    slope = np.where(some, _slopes(neg, pos, lp_rep), nan)
+    citl = np.where(some, _citls(neg_raw, pos_raw, lp_rep), nan)
+    by_key = {"auc": auc, "calibration_slope": slope, "calibration_intercept": citl,
+              "ece": ece, "brier": brier, "prevalence": prevalence}
+    return np.stack([by_key[key] for key in _CI_KEYS])
+
+
+def _citls(neg: FloatArray, pos: FloatArray, lp_rep: FloatArray) -> FloatArray:
+    """:func:`_citl` of each row: Fisher scoring from 0, nan where it does not converge."""
+    total = neg + pos
+    weight = np.clip(neg, 0.0, None) + np.clip(pos, 0.0, None)
+    a = np.zeros(neg.shape[0])
+    out = np.full(neg.shape[0], math.nan)
+    active = np.arange(neg.shape[0])
+    for _ in range(100):
+        if active.size == 0:
+            break
+        rep = _expit(lp_rep + a[active, None])
+        info = np.sum(weight[active] * rep * (1.0 - rep), axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            step = np.clip(np.sum(pos[active] - total[active] * rep, axis=1) / info, -5.0, 5.0)
+        bad = ~(info > 0)
+        a[active] += np.where(bad, 0.0, step)
+        done = ~bad & (np.abs(step) < 1e-10)
+        out[active[done]] = a[active[done]]
+        active = active[~(bad | done)]
+    return out
+
+
+def _slopes(neg: FloatArray, pos: FloatArray, lp_rep: FloatArray) -> FloatArray:
+    """The calibration slope of each row's clipped counts: the weighted logistic fit of
+    :func:`~cardiofed.evaluation.metrics.fit_logistic` (damped Newton from (0, 1), at
+    most 50 steps of at most 30 halvings each), run on every row at once; nan where that
+    fit gives none (one class, a singular or non-finite step, no convergence)."""
+    b = neg.shape[0]
+    y = np.concatenate([np.zeros_like(lp_rep), np.ones_like(lp_rep)])
+    lp = np.concatenate([lp_rep, lp_rep])
+    w = np.concatenate([neg, pos], axis=1)
+    out = np.full(b, math.nan)
+    # One class (or none) among a row's counts: no fit.
+    active = np.flatnonzero((w[:, y == 0.0] > 0).any(axis=1) & (w[:, y == 1.0] > 0).any(axis=1))
+    beta = np.tile([0.0, 1.0], (b, 1))
+
+    def loglik(rows: np.ndarray, coef: FloatArray) -> FloatArray:
+        eta = coef[:, :1] + coef[:, 1:] * lp
+        return np.sum(w[rows] * (y * eta - np.logaddexp(0.0, eta)), axis=1)
+
+    ll = loglik(active, beta[active])
+    ll_of = np.full(b, math.nan)
+    ll_of[active] = ll
+    for _ in range(_SLOPE_MAX_ITER):
+        if active.size == 0:
+            break
+        coef = beta[active]
+        eta = coef[:, :1] + coef[:, 1:] * lp
+        mu = np.exp(-np.logaddexp(0.0, -eta))
+        resid, curv = w[active] * (y - mu), w[active] * mu * (1.0 - mu)
+        grad = np.stack([resid.sum(axis=1), (resid * lp).sum(axis=1)], axis=1)
+        h01 = (curv * lp).sum(axis=1)
+        hess = np.stack([np.stack([curv.sum(axis=1), h01], axis=1),
+                         np.stack([h01, (curv * lp * lp).sum(axis=1)], axis=1)], axis=1)
+        det = hess[:, 0, 0] * hess[:, 1, 1] - hess[:, 0, 1] ** 2
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            delta = np.stack([hess[:, 1, 1] * grad[:, 0] - hess[:, 0, 1] * grad[:, 1],
+                              hess[:, 0, 0] * grad[:, 1] - hess[:, 0, 1] * grad[:, 0]],
+                             axis=1) / det[:, None]
+        failed = (det == 0.0) | ~np.isfinite(delta).all(axis=1)
+        largest = np.abs(delta).max(axis=1)
+        converged = ~failed & (largest <= _SLOPE_TOL * (1.0 + np.abs(coef).max(axis=1)))
+        out[active[converged]] = coef[converged, 1] + delta[converged, 1]
+        going = ~(failed | converged)
+        rows, coef, delta, largest = active[going], coef[going], delta[going], largest[going]
+        accepted = np.zeros(rows.size, dtype=bool)
+        new_coef, new_ll = coef.copy(), ll_of[rows].copy()
+        step = 1.0
+        for _ in range(_SLOPE_MAX_HALVINGS):
+            trying = np.flatnonzero(~accepted)
+            if trying.size == 0:
+                break
+            candidate = coef[trying] + step * delta[trying]
+            cand_ll = loglik(rows[trying], candidate)
+            old = ll_of[rows[trying]]
+            ok = cand_ll >= old - 1e-12 * (1.0 + np.abs(old))
+            new_coef[trying[ok]], new_ll[trying[ok]] = candidate[ok], cand_ll[ok]
+            accepted[trying[ok]] = True
+            step /= 2.0
+        # No ascent left: at the optimum up to rounding, or stuck.
+        stuck = ~accepted
+        at_optimum = stuck & (largest < 1e-6)
+        out[rows[at_optimum]] = coef[at_optimum, 1]
+        beta[rows[accepted]], ll_of[rows[accepted]] = new_coef[accepted], new_ll[accepted]
+        active = rows[accepted]
+    return out
