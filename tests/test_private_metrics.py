@@ -363,14 +363,16 @@ def test_integer_weights_equal_repeated_rows_in_fit_logistic() -> None:
        noise=st.sampled_from([0.0, 1.0, 5.0, 50.0]), empty=st.sampled_from(["", "pos", "all"]))
 def test_the_bootstrap_computes_each_replicates_metrics_as_one_at_a_time(
         seed: int, scale: float, noise: float, empty: str) -> None:
-    """The bootstrap's replicates are judged all at once; each row's metrics, the
-    calibration fits included, are those of the one-replicate path, whatever the counts
-    (one class, none, negative, huge)."""
+    """The bootstrap's replicates are judged all at once; each row's metrics are those
+    of one release judged alone, whatever the counts (one class, none, negative,
+    huge). Where the counts are realistic the calibration slope is the weighted
+    logistic fit of ``fit_logistic``."""
     from cardiofed.evaluation.private_metrics import (
         _CI_KEYS,
         _metrics,
         _replicate_metrics,
         _representative_logits,
+        _slopes,
     )
 
     rng = np.random.default_rng(seed)
@@ -387,3 +389,32 @@ def test_the_bootstrap_computes_each_replicates_metrics_as_one_at_a_time(
         alone = _metrics(neg[row], pos[row], lp, 0)
         np.testing.assert_allclose(together[:, row], [alone[k] for k in _CI_KEYS],
                                    rtol=1e-8, atol=1e-10)
+    if scale >= 30.0 and not empty:  # (nearly) separated tiny counts: rounding decides
+        slopes = _slopes(np.clip(neg, 0.0, None), np.clip(pos, 0.0, None), lp)
+        y = np.repeat([0.0, 1.0], lp.size)
+        x = np.column_stack([np.ones(2 * lp.size), np.concatenate([lp, lp])])
+        for row in range(shape[0]):
+            w = np.clip(np.concatenate([neg[row], pos[row]]), 0.0, None)
+            keep = w > 0
+            fit = fit_logistic(x[keep], y[keep], np.zeros(int(keep.sum())),
+                               np.array([0.0, 1.0]), weights=w[keep])
+            assert fit is not None
+            assert slopes[row] == pytest.approx(fit[1], rel=1e-8)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([0.5, 5.0, 200.0]),
+       noise=st.sampled_from([0.0, 2.0, 30.0]))
+def test_a_proportions_interval_stays_within_0_and_1(seed: int, scale: float,
+                                                       noise: float) -> None:
+    """The basic bootstrap interval (2 x estimate - quantiles) can reach past [0, 1];
+    the simulator and the coordinator both report it clipped (one function)."""
+    rng = np.random.default_rng(seed)
+    bins = len(EDGES) - 1
+    neg = rng.poisson(scale, bins) + rng.normal(0.0, noise, bins)
+    pos = rng.poisson(scale / 10, bins) + rng.normal(0.0, noise, bins)
+    m = metrics_with_uncertainty(neg, pos, EDGES, noise_std=noise, rng=rng, n_boot=50)
+    for key in ("auc", "ece", "brier", "prevalence"):
+        for end in ("low", "high"):
+            value = m[f"{key}_ci_{end}"]
+            assert math.isnan(value) or 0.0 <= value <= 1.0, (key, end, value)

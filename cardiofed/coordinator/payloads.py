@@ -267,12 +267,9 @@ def _histogram_metrics(payload: bytes) -> dict[str, Any]:
 
 def release_metrics(neg: np.ndarray, pos: np.ndarray, noise_std: float) -> dict[str, Any]:
     """The metrics, with intervals, of noisy score histograms (a site's release or a
-    secure sum's) as the card holds them: a proportion's interval clipped to [0, 1]
-    (bootstrap intervals of noisy proportions can reach past it), None where a metric
-    is not finite."""
+    secure sum's) as the card holds them: those the simulator computes
+    (:func:`~cardiofed.evaluation.private_metrics.metrics_with_uncertainty`), None where
+    a metric is not finite."""
     metrics = metrics_with_uncertainty(neg, pos, score_bin_edges(int(neg.shape[0])),
                                        noise_std=noise_std, rng=np.random.default_rng(0))
-    for key, value in metrics.items():
-        if key.removesuffix("_ci_low").removesuffix("_ci_high") in _UNIT_INTERVAL:
-            metrics[key] = min(max(value, 0.0), 1.0)
     return {k: v if math.isfinite(v) else None for k, v in metrics.items()}

@@ -30,7 +30,7 @@ import numpy.typing as npt
 from cardiofed.evaluation.metrics import _MAX_HALVINGS as _SLOPE_MAX_HALVINGS
 from cardiofed.evaluation.metrics import _MAX_ITER as _SLOPE_MAX_ITER
 from cardiofed.evaluation.metrics import _TOL as _SLOPE_TOL
-from cardiofed.evaluation.metrics import fit_logistic, validate_binary_inputs
+from cardiofed.evaluation.metrics import validate_binary_inputs
 from cardiofed.exceptions import ConfigurationError, DataValidationError
 
 __all__ = [
@@ -59,6 +59,7 @@ MAX_SPURIOUS_SHARE = 0.05
 the calibration slope of a release is reported."""
 
 _CI_KEYS = ("auc", "calibration_slope", "calibration_intercept", "ece", "brier", "prevalence")
+_PROPORTIONS = ("auc", "ece", "brier", "prevalence")  # their intervals stay in [0, 1]
 
 
 def _expit(x: FloatArray) -> FloatArray:
@@ -178,31 +179,10 @@ def release_score_histograms(y_true: npt.ArrayLike, y_prob: npt.ArrayLike,
     return neg, pos
 
 
-def _citl(neg: FloatArray, pos: FloatArray, lp_rep: FloatArray) -> float:
-    """Calibration-in-the-large fitted to the counts as released, negative ones included:
-    its score equation is linear in the counts, so the mechanism's zero-mean noise leaves
-    it unbiased, where clipping at 0 gives empty bins positive mass of both labels.
-    Fisher scoring from 0 with the clipped counts' information (always positive); nan
-    where it does not converge."""
-    total = neg + pos
-    weight = np.clip(neg, 0.0, None) + np.clip(pos, 0.0, None)
-    a = 0.0
-    for _ in range(100):
-        rep = _expit(lp_rep + a)
-        info = float(np.sum(weight * rep * (1.0 - rep)))
-        if not info > 0:
-            return math.nan
-        step = max(-5.0, min(5.0, float(np.sum(pos - total * rep)) / info))
-        a += step
-        if abs(step) < 1e-10:
-            return a
-    return math.nan
-
-
 def _metrics(neg_raw: FloatArray, pos_raw: FloatArray, lp_rep: FloatArray,
              k_threshold: int) -> dict[str, float]:
     """Metrics from released histograms; no validation. Calibration-in-the-large uses
-    the counts as they are (:func:`_citl`); everything else clips them at 0 first."""
+    the counts as they are (:func:`_citls`); everything else clips them at 0 first."""
     nan = math.nan
     neg, pos = np.clip(neg_raw, 0.0, None), np.clip(pos_raw, 0.0, None)
     n_neg = float(neg.sum())
@@ -223,15 +203,7 @@ def _metrics(neg_raw: FloatArray, pos_raw: FloatArray, lp_rep: FloatArray,
     tp = float(pos[k_threshold:].sum())
     tn = float(neg[:k_threshold].sum())
 
-    # Weighted logistic fits on one row per (bin, label), weighted by its count.
-    y = np.concatenate([np.zeros_like(lp_rep), np.ones_like(lp_rep)])
-    lp = np.concatenate([lp_rep, lp_rep])
-    w = np.concatenate([neg, pos])
-    keep = w > 0.0
-    y, lp, w = y[keep], lp[keep], w[keep]
-    ones = np.ones((y.size, 1))
-    slope_fit = fit_logistic(np.column_stack([ones, lp]), y, np.zeros_like(y),
-                             np.array([0.0, 1.0]), weights=w)
+    slope = float(_slopes(neg[None], pos[None], lp_rep)[0])
     return {
         "n": n,
         "prevalence": n_pos / n,
@@ -239,8 +211,8 @@ def _metrics(neg_raw: FloatArray, pos_raw: FloatArray, lp_rep: FloatArray,
         "auc": auc,
         "accuracy": (tp + tn) / n,
         "brier": float(np.sum(neg * rep**2 + pos * (1.0 - rep) ** 2) / n),
-        "calibration_slope": float(slope_fit[1]) if slope_fit is not None else nan,
-        "calibration_intercept": _citl(neg_raw, pos_raw, lp_rep),
+        "calibration_slope": slope,
+        "calibration_intercept": float(_citls(neg_raw[None], pos_raw[None], lp_rep)[0]),
         # sum_k total_k * |rep_k - pos_k / total_k| / n; empty bins contribute 0.
         "ece": float(np.sum(np.abs(total * rep - pos)) / n),
         "sensitivity": tp / n_pos if n_pos > 0.0 else nan,
@@ -253,7 +225,7 @@ def metrics_from_histograms(neg: npt.ArrayLike, pos: npt.ArrayLike, edges: npt.A
     """Metrics of :func:`~cardiofed.evaluation.metrics.binary_metrics` from (noisy) counts.
 
     Negative counts are clipped to 0 first, except for calibration-in-the-large, fitted
-    to the counts as released (:func:`_citl`). Each bin stands for the expit of the midpoint
+    to the counts as released (:func:`_citls`). Each bin stands for the expit of the midpoint
     in logit of its edges; ties within a bin count 1/2 in the AUC, and the ECE uses one bin
     per histogram bin. ``threshold`` must be one of ``edges[:-1]``, so that accuracy,
     sensitivity and specificity are exact. Values that are not estimable are nan; ``n``
@@ -272,7 +244,8 @@ def metrics_with_uncertainty(neg: npt.ArrayLike, pos: npt.ArrayLike, edges: npt.
                              n_boot: int = 200, level: float = 0.95,
                              threshold: float = 0.5) -> dict[str, float]:
     """Point metrics plus basic-bootstrap intervals ``<key>_ci_low``/``<key>_ci_high``
-    for auc, calibration_slope, calibration_intercept, ece, brier and prevalence.
+    for auc, calibration_slope, calibration_intercept, ece, brier and prevalence (the
+    intervals of the proportions among them clipped to [0, 1]).
 
     Each of ``n_boot`` replicates redraws every clipped released count as Poisson(count)
     (sampling variation) and adds fresh N(0, noise_std^2) noise (the mechanism's
@@ -324,6 +297,8 @@ def metrics_with_uncertainty(neg: npt.ArrayLike, pos: npt.ArrayLike, edges: npt.
             q_low, q_high = (float(v) for v in np.nanpercentile(values, [tail, 100.0 - tail]))
             low, high = ((q_low, q_high) if key == "calibration_intercept"  # unbiased
                          else (2 * result[key] - q_high, 2 * result[key] - q_low))
+            if key in _PROPORTIONS:  # a basic interval can reach past [0, 1]
+                low, high = min(max(low, 0.0), 1.0), min(max(high, 0.0), 1.0)
         result[f"{key}_ci_low"] = low
         result[f"{key}_ci_high"] = high
     if _SPURIOUS_PER_CELL * sigma * counts.size > MAX_SPURIOUS_SHARE * result["n"]:
@@ -361,7 +336,11 @@ def _replicate_metrics(neg_raw: FloatArray, pos_raw: FloatArray,
 
 
 def _citls(neg: FloatArray, pos: FloatArray, lp_rep: FloatArray) -> FloatArray:
-    """:func:`_citl` of each row: Fisher scoring from 0, nan where it does not converge."""
+    """Calibration-in-the-large of each row's counts as released, negative ones
+    included: its score equation is linear in the counts, so the mechanism's zero-mean
+    noise leaves it unbiased, where clipping at 0 gives empty bins positive mass of both
+    labels. Fisher scoring from 0 with the clipped counts' information (always
+    positive); nan where it does not converge."""
     total = neg + pos
     weight = np.clip(neg, 0.0, None) + np.clip(pos, 0.0, None)
     a = np.zeros(neg.shape[0])
@@ -386,7 +365,10 @@ def _slopes(neg: FloatArray, pos: FloatArray, lp_rep: FloatArray) -> FloatArray:
     """The calibration slope of each row's clipped counts: the weighted logistic fit of
     :func:`~cardiofed.evaluation.metrics.fit_logistic` (damped Newton from (0, 1), at
     most 50 steps of at most 30 halvings each), run on every row at once; nan where that
-    fit gives none (one class, a singular or non-finite step, no convergence)."""
+    fit gives none (one class, a singular or non-finite step, no convergence). Where the
+    counts are tiny and the classes (nearly) separated, such a fit is decided by
+    rounding, and this one and ``fit_logistic`` can disagree; elsewhere they agree to
+    1e-8 (tested)."""
     b = neg.shape[0]
     y = np.concatenate([np.zeros_like(lp_rep), np.ones_like(lp_rep)])
     lp = np.concatenate([lp_rep, lp_rep])
