@@ -193,30 +193,17 @@ def _metrics(neg_raw: FloatArray, pos_raw: FloatArray, lp_rep: FloatArray,
                 "accuracy": nan, "brier": nan, "calibration_slope": nan,
                 "calibration_intercept": nan, "ece": nan, "sensitivity": nan,
                 "specificity": nan}
-    rep = _expit(lp_rep)
-    total = neg + pos
-    if n_pos > 0.0 and n_neg > 0.0:
-        neg_below = np.cumsum(neg) - neg
-        auc = float(np.sum(pos * (neg_below + 0.5 * neg)) / (n_pos * n_neg))
-    else:
-        auc = nan
     tp = float(pos[k_threshold:].sum())
     tn = float(neg[:k_threshold].sum())
-
-    slope = float(_slopes(neg[None], pos[None], lp_rep)[0])
+    shared = dict(zip(_CI_KEYS, (float(v) for v in _replicate_metrics(
+        neg_raw[None], pos_raw[None], lp_rep)[:, 0]), strict=True))
     return {
         "n": n,
-        "prevalence": n_pos / n,
-        "mean_predicted": float(np.sum(total * rep) / n),
-        "auc": auc,
+        "mean_predicted": float(np.sum((neg + pos) * _expit(lp_rep)) / n),
         "accuracy": (tp + tn) / n,
-        "brier": float(np.sum(neg * rep**2 + pos * (1.0 - rep) ** 2) / n),
-        "calibration_slope": slope,
-        "calibration_intercept": float(_citls(neg_raw[None], pos_raw[None], lp_rep)[0]),
-        # sum_k total_k * |rep_k - pos_k / total_k| / n; empty bins contribute 0.
-        "ece": float(np.sum(np.abs(total * rep - pos)) / n),
         "sensitivity": tp / n_pos if n_pos > 0.0 else nan,
         "specificity": tn / n_neg if n_neg > 0.0 else nan,
+        **shared,  # auc, the calibration fits, ece, brier, prevalence: as the bootstrap's
     }
 
 
@@ -310,10 +297,10 @@ def metrics_with_uncertainty(neg: npt.ArrayLike, pos: npt.ArrayLike, edges: npt.
 
 def _replicate_metrics(neg_raw: FloatArray, pos_raw: FloatArray,
                        lp_rep: FloatArray) -> FloatArray:
-    """:func:`_metrics`' values of :data:`_CI_KEYS` for many replicates at once: one
-    replicate's counts per row of `neg_raw` and `pos_raw`, one column per replicate
-    returned. The same estimators and fits, row by row (a bootstrap of 200 replicates
-    took 0.2 s one replicate at a time, at every site's evaluation upload)."""
+    """The metrics of :data:`_CI_KEYS` for many releases at once (a bootstrap's
+    replicates; :func:`_metrics` calls it with one row): one release's counts per row of
+    `neg_raw` and `pos_raw`, one column per release returned (a bootstrap of 200
+    replicates took 0.2 s one replicate at a time, at every site's evaluation upload)."""
     nan = math.nan
     neg, pos = np.clip(neg_raw, 0.0, None), np.clip(pos_raw, 0.0, None)
     n_neg, n_pos = neg.sum(axis=1), pos.sum(axis=1)
@@ -382,9 +369,8 @@ def _slopes(neg: FloatArray, pos: FloatArray, lp_rep: FloatArray) -> FloatArray:
         eta = coef[:, :1] + coef[:, 1:] * lp
         return np.sum(w[rows] * (y * eta - np.logaddexp(0.0, eta)), axis=1)
 
-    ll = loglik(active, beta[active])
     ll_of = np.full(b, math.nan)
-    ll_of[active] = ll
+    ll_of[active] = loglik(active, beta[active])
     for _ in range(_SLOPE_MAX_ITER):
         if active.size == 0:
             break
