@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import inspect
 from sqlalchemy.orm import sessionmaker
 
@@ -101,12 +103,34 @@ def test_contributions_of_logistic_regression_by_hand(logistic: RiskModel) -> No
     assert explained.contributions[0, 1] == pytest.approx(w[sex_columns[0]] * z[1])  # sex
 
 
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.floats(-1e4, 1e4) | st.just(math.nan), min_size=64, max_size=64),
+       link=st.sampled_from(["logit", "cloglog"]))
+def test_one_row_in_plain_floats_is_scored_as_numpy_scores_it(
+        logistic: RiskModel, values: list[float], link: str) -> None:
+    """The online path (:meth:`RiskModel.explain_row`, no NumPy) against the batch path,
+    for any encoded row (missing values filled, extreme log-odds), both links."""
+    model = logistic if link == "logit" else logistic.with_card(
+        model="cox", link="cloglog", horizon_years=10.0)
+    row = values[:model.n_inputs]
+    risk, logit, baseline, parts = model.explain_row(row)
+    explained = model.explain(np.array([row]))
+    assert logit == pytest.approx(float(explained.logit[0]), rel=1e-12, abs=1e-9)
+    assert risk == pytest.approx(float(explained.risk[0]), rel=1e-9, abs=1e-15)
+    assert 0.0 <= risk <= 1.0
+    assert baseline == explained.baseline
+    assert parts == pytest.approx(explained.contributions[0].tolist(), rel=1e-12, abs=1e-9)
+
+
 def test_mlp_integrated_gradients_nearly_sum_to_the_logit() -> None:
     mlp = _trained(model="mlp")
     rows = np.vstack([mlp.encode_patient(PATIENT)[0],
                       mlp.encode_patient({**PATIENT, "age": 40, "sex": "female"})[0]])
     explained = mlp.explain(rows)
     assert explained.attribution_error is not None
+    risk, logit, _, parts = mlp.explain_row(rows[1].tolist())  # the network's path, one row
+    assert [risk, logit, *parts] == pytest.approx(  # float32 network, alone or in a batch
+        [explained.risk[1], explained.logit[1], *explained.contributions[1]], rel=1e-5)
     gap = np.abs(explained.baseline + explained.contributions.sum(axis=1) - explained.logit)
     assert gap.max() < 0.02 * max(1.0, float(np.abs(explained.logit).max()))
 

@@ -14,12 +14,14 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from cardiofed.data.synthetic import synthetic_federation
 from cardiofed.serving import api, provenance, registry
 from cardiofed.serving.api import LeanRiskRoute
 from cardiofed.serving.app import create_serving_app
 from cardiofed.serving.keys import create_key
+from cardiofed.serving.schemas import RiskRequest
 from cardiofed.serving.settings import ServingSettings
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import run_experiment
@@ -181,3 +183,22 @@ def test_opentelemetry_is_off_unless_the_settings_turn_it_on(tmp_path: Path) -> 
     on = create_serving_app(ServingSettings(database_url=url, opentelemetry=True))
     assert not any(off._telemetry[k] for k in ("tracing", "metrics", "logs"))
     assert all(on._telemetry[k] for k in ("tracing", "metrics", "logs"))
+
+
+@settings(max_examples=300, deadline=None)
+@example(content=b'{"features": {"age": 1}, "features": {"age": 2}}')
+@example(content=b'{"features": {"age": NaN, "sex": "\\ud800"}}')
+@example(content=b'\xef\xbb\xbf{"features": {"age": 1}}')
+@example(content=b'{"features": {"age": 1e999, "a\\u0000": 123456789012345678901234567890}}')
+@given(content=contents)
+def test_what_is_validated_straight_from_json_is_what_fastapi_validates(content: bytes
+                                                                        ) -> None:
+    """The lean handler validates a plain-JSON body in one pass and hands anything that
+    pass refuses to FastAPI's steps (parse, then validate): so whatever the one pass
+    accepts, the two steps accept too, with the same values."""
+    try:
+        direct = RiskRequest.model_validate_json(content)
+    except ValidationError:
+        return
+    stepwise = RiskRequest.model_validate(json.loads(content), from_attributes=True)
+    assert repr(direct) == repr(stepwise)  # repr: NaN equals NaN

@@ -20,6 +20,7 @@ low < 5%, borderline 5-7.5%, intermediate 7.5-20%, high >= 20%.
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import json
 import threading
@@ -88,6 +89,7 @@ class ServingState:
         self._promoted: tuple[float, str | None] | None = None
         self._lock = threading.Lock()
         self._thresholds = np.asarray(settings.risk_thresholds, dtype=np.float64)
+        self._thresholds_list = self._thresholds.tolist()
         self._categories = np.asarray(settings.risk_categories, dtype=object)
 
     def promoted(self) -> str | None:
@@ -131,7 +133,8 @@ class ServingState:
         return risk_categories(risk, self._thresholds, self._categories)
 
     def category(self, risk: float) -> str:
-        return str(self.categories(np.array([risk]))[0])
+        """:meth:`categories` of one risk."""
+        return str(self._categories[bisect.bisect_right(self._thresholds_list, risk)])
 
 
 @dataclass(frozen=True)
@@ -211,15 +214,18 @@ def _results(state: ServingState, model: RiskModel, rows: np.ndarray, imputed: l
                             if recal.coefficients else None)
     categories = (state.categories(risks) if model.categorised
                   else [None] * len(risks))
-    out = []
-    for i, risk in enumerate(risks.tolist()):
-        out.append(RiskResult(
-            risk=risk, category=categories[i], logit=float(logits[i]),
-            baseline_logit=baseline,
-            contributions=None if parts is None else dict(
-                zip(model.card.features, parts[i].tolist(), strict=True)),
-            imputed=imputed[i]))
-    return out
+    return [RiskResult(**_fields(model, risk, categories[i], float(logits[i]), baseline,
+                                 None if parts is None else parts[i].tolist(), imputed[i]))
+            for i, risk in enumerate(risks.tolist())]
+
+
+def _fields(model: RiskModel, risk: float, category: str | None, logit: float,
+            baseline: float | None, parts: list[float] | None, imputed: list[str]
+            ) -> dict[str, Any]:
+    """A :class:`RiskResult`'s fields (`parts`: the contributions in the card's order)."""
+    return {"risk": risk, "category": category, "logit": logit, "baseline_logit": baseline,
+            "contributions": None if parts is None
+            else dict(zip(model.card.features, parts, strict=True)), "imputed": imputed}
 
 
 def _json(body: RiskResponse | BatchResponse) -> Response:
@@ -235,14 +241,21 @@ async def risk(body: RiskRequest, caller: Annotated[Caller, _scoped("score")]) -
 def _risk(body: RiskRequest, caller: Caller) -> Response:
     model = caller.model(body.model)
     try:
-        row, imputed = model.encode_patient(body.features, body.units,
-                                            impute_missing=body.impute_missing)
+        row, imputed = model.encode_row(body.features, body.units,
+                                        impute_missing=body.impute_missing)
     except PatientErrors as exc:
         raise InvalidPatient(exc.problems) from None
     calibration, recal = _calibration(model, body.site)
-    result = _results(caller.state, model, row[None, :], [imputed], recal,
-                      body.contributions)[0]
-    return _json(RiskResponse(**result.__dict__, model_version=model.card.version,
+    if recal is None:  # one patient in plain floats: NumPy's per-call cost would dominate
+        risk, logit, baseline, parts = model.explain_row(row)
+        shown = body.contributions
+        result = _fields(model, risk, caller.state.category(risk) if model.categorised
+                         else None, logit, baseline if shown else None,
+                         parts if shown else None, imputed)
+    else:
+        result = _results(caller.state, model, np.array([row]), [imputed], recal,
+                          body.contributions)[0].__dict__
+    return _json(RiskResponse(**result, model_version=model.card.version,
                               outcome=model.card.outcome, risk_of=model.risk_of,
                               calibration=calibration, attribution=_attribution(model)))
 
@@ -274,10 +287,13 @@ async def _lean_risk(request: Request) -> Response:
     authenticate, then validate; ``tests/test_serving_lean.py`` holds the two to the
     same answers."""
     raw = await request.body()
-    body = _json_body(request, raw) if raw else None
+    parsed = _valid_json(request, raw)  # the usual request, in one pass
+    body = _json_body(request, raw) if raw and parsed is None else None
     scheme, secret = get_authorization_scheme_param(request.headers.get("authorization"))
     caller = caller_of(request.app.state.serving,
                        secret if scheme.lower() == "bearer" and secret else None, "score")
+    if parsed is not None:
+        return _risk(parsed, caller)
     if not raw:  # no body at all; a JSON null is a body, which validation refuses
         raise RequestValidationError([{"type": "missing", "loc": ("body",),
                                        "msg": "Field required", "input": None}])
@@ -287,6 +303,17 @@ async def _lean_risk(request: Request) -> Response:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])}
                                       for e in exc.errors()]) from None
     return _risk(parsed, caller)
+
+
+def _valid_json(request: Request, raw: bytes) -> RiskRequest | None:
+    """`raw` validated straight from JSON when the content type is plain JSON, else None.
+    Anything it does not accept takes FastAPI's steps instead, which say why."""
+    if request.headers.get("content-type") != "application/json" or not raw:
+        return None
+    try:
+        return RiskRequest.model_validate_json(raw)
+    except ValidationError:
+        return None
 
 
 class LeanRiskRoute(APIRoute):

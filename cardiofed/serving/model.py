@@ -279,6 +279,14 @@ class RiskModel:
         Every problem is collected and raised together as :class:`PatientErrors`, each
         naming the field and, for numbers, the allowed range in the unit used.
         """
+        row, imputed = self.encode_row(features, units, impute_missing=impute_missing,
+                                       where=where)
+        return np.array(row, dtype=np.float64), imputed
+
+    def encode_row(self, features: Mapping[str, Any], units: Mapping[str, str] | None = None,
+                   *, impute_missing: bool = False, where: str = ""
+                   ) -> tuple[list[float], list[str]]:
+        """:meth:`encode_patient` as a list of floats (what :meth:`explain_row` takes)."""
         units = units or {}
         prefix = f"{where}." if where else ""  # e.g. "patients[3]." in a batch
         problems: list[tuple[str, str]] = []
@@ -290,7 +298,7 @@ class RiskModel:
                          for name in features if name not in encoders]
         problems += [(f"{prefix}units.{name}", "names no input of this model")
                      for name in units if name not in encoders]
-        row = np.full(self.n_inputs, np.nan)
+        row = [math.nan] * self.n_inputs
         imputed = []
         for name, (feature, cols) in encoders.items():
             value = features.get(name)
@@ -388,6 +396,35 @@ class RiskModel:
         return Explanation(risk=sigmoid(logit), logit=logit, baseline=baseline,
                            contributions=self._by_feature(per_column), attribution_error=error)
 
+    def explain_row(self, row: Sequence[float]) -> tuple[float, float, float, list[float]]:
+        """One encoded row's risk, log-odds, baseline and per-feature contributions, as
+        :meth:`explain` gives them, in plain floats. A linear model without a form is
+        scored without NumPy (an online request's one patient: NumPy's per-call cost is
+        most of the work); other models go through :meth:`explain`."""
+        scalar = self._scalar
+        if scalar is None:
+            e = self.explain(np.asarray(row, dtype=np.float64)[None, :])
+            return (float(e.risk[0]), float(e.logit[0]), e.baseline,
+                    e.contributions[0].tolist())
+        fill, mean, scale, w, b = scalar
+        parts = []
+        for cols in self._groups:
+            part = 0.0
+            for j in cols:
+                x = row[j]
+                part += ((fill[j] if x != x else x) - mean[j]) / scale[j] * w[j]  # NaN: fill
+            parts.append(part)
+        logit = b + sum(parts)
+        return _inverse_link(logit, self.card.link), logit, b, parts
+
+    @cached_property
+    def _scalar(self) -> tuple[list[float], list[float], list[float], list[float], float] | None:
+        """Fill, means, scales and weights as lists, for :meth:`explain_row`."""
+        if self._linear is None or self.preprocessor.form is not None:
+            return None
+        pre, (w, b) = self.preprocessor, self._linear
+        return pre.fill.tolist(), pre.mean.tolist(), pre._scale.tolist(), w.tolist(), b
+
     def _by_feature(self, per_column: np.ndarray) -> np.ndarray:
         by_feature: np.ndarray = per_column @ self._grouping
         return by_feature
@@ -425,6 +462,17 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return out
 
 
+def _inverse_link(eta: float, link: str) -> float:
+    """:meth:`RiskModel.inverse_link` of one float: the logistic function as
+    :func:`sigmoid` computes it (NumPy's ``logaddexp``), or the complementary log-log."""
+    if link == "cloglog":
+        return -math.expm1(-math.exp(min(eta, 700.0)))
+    t = -eta  # logaddexp(0, t), as NumPy computes it
+    softplus = math.log(2.0) if t == 0 else (t + math.log1p(math.exp(-t)) if t > 0
+                                              else math.log1p(math.exp(t)))
+    return math.exp(-softplus)
+
+
 def _shown(value: Any, *, quote: bool = True) -> str:
     """`value` as an error message names it: cut past 40 characters, so that a refusal
     says what was sent without echoing a huge input back."""
@@ -432,7 +480,7 @@ def _shown(value: Any, *, quote: bool = True) -> str:
     return text if len(text) <= 40 else f"{text[:24]}... ({len(text):,} characters)"
 
 
-def _encode_value(feature: Feature, value: Any, unit: str | None, row: np.ndarray,
+def _encode_value(feature: Feature, value: Any, unit: str | None, row: list[float],
                   cols: list[int]) -> str:
     """Write `value` into `row[cols]`; return a problem message, or '' when valid."""
     if feature.kind is FeatureKind.CONTINUOUS:
