@@ -252,14 +252,15 @@ class Connection:
         self.port = port
         self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
-    async def post(self, path: str, body: bytes, credential: str) -> tuple[int, bytes]:
+    async def post(self, path: str, body: bytes, credential: str,
+                   content_type: str = "application/octet-stream") -> tuple[int, bytes]:
         if self.streams is None:
             self.streams = await asyncio.open_connection(HOST, self.port)
         reader, writer = self.streams
         try:
             writer.write(f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\n"
                          f"Authorization: Bearer {credential}\r\n"
-                         f"Content-Type: application/octet-stream\r\n"
+                         f"Content-Type: {content_type}\r\n"
                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
             lines = head.decode("latin-1").split("\r\n")
