@@ -20,13 +20,10 @@ NO_SMOKE: dict[str, str] = {
     "flower_peer": "runs Flower in its own environment (--flower-python); nothing to smoke "
                    "without it",
 }
-# Scripts that measure a PostgreSQL database they wipe: smoked only where
-# CARDIOFED_BENCH_POSTGRES_URL names one.
+# Scripts that measure a PostgreSQL database they wipe: smoked on
+# CARDIOFED_BENCH_POSTGRES_URL, else on the test database's schema of this worker (the
+# postgres_url fixture; .ci/run sets CARDIOFED_TEST_POSTGRES_URL), else skipped.
 POSTGRES = {"network_scale", "upload_cost", "upload_floor"}
-# Scripts that start several coordinator and node processes (a minute even in smoke
-# mode): smoked where CARDIOFED_BENCH_LOOPBACK=1; what they drive is
-# tests/test_network_loopback.py's and tests/test_hierarchy.py's on every run.
-LOOPBACK = {"hierarchy", "network"}
 # Scripts whose subject is the Framingham data, which may not be redistributed.
 FRAMINGHAM = {"framingham", "simulation_overhead"}
 
@@ -54,14 +51,15 @@ def test_every_script_has_a_smoke_mode_or_a_stated_reason() -> None:
 
 @pytest.mark.parametrize("script", _smoke_scripts())
 def test_a_benchmark_runs_in_its_smoke_mode(script: str, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            request: pytest.FixtureRequest) -> None:
     if script in POSTGRES and not os.environ.get("CARDIOFED_BENCH_POSTGRES_URL", "").startswith(
             "postgresql"):
-        pytest.skip(f"{script} measures a PostgreSQL database it wipes: set "
-                    f"CARDIOFED_BENCH_POSTGRES_URL to smoke it")
-    if script in LOOPBACK and os.environ.get("CARDIOFED_BENCH_LOOPBACK") != "1":
-        pytest.skip(f"{script} starts coordinator and node processes: set "
-                    f"CARDIOFED_BENCH_LOOPBACK=1 to smoke it")
+        if not os.environ.get("CARDIOFED_TEST_POSTGRES_URL"):
+            pytest.skip(f"{script} measures a PostgreSQL database it wipes: set "
+                        f"CARDIOFED_BENCH_POSTGRES_URL or CARDIOFED_TEST_POSTGRES_URL to "
+                        f"smoke it")
+        monkeypatch.setenv("CARDIOFED_BENCH_POSTGRES_URL", request.getfixturevalue("postgres_url"))
     if script in FRAMINGHAM and not _framingham_available():
         pytest.skip("the Framingham data is not here (see ../shared/data/SOURCES.md)")
     monkeypatch.setenv("CARDIOFED_BENCH_RESULTS", str(tmp_path))
