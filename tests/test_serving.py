@@ -135,6 +135,24 @@ def test_mlp_integrated_gradients_nearly_sum_to_the_logit() -> None:
     assert gap.max() < 0.02 * max(1.0, float(np.abs(explained.logit).max()))
 
 
+def test_an_mlp_scored_without_contributions_is_not_explained(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Integrated gradients (64 forward and backward passes) only when asked for."""
+    mlp = _trained(model="mlp")
+    api = Api(tmp_path, mlp)
+    asked = api.post("/v1/risk", {"features": PATIENT}).json()
+
+    def unasked(*_: object) -> None:
+        raise AssertionError("integrated gradients computed for a score without them")
+
+    monkeypatch.setattr(RiskModel, "_integrated_gradients", unasked)
+    r = api.post("/v1/risk", {"features": PATIENT, "contributions": False})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["contributions"] is None and body["baseline_logit"] is None
+    assert body["logit"] == pytest.approx(asked["logit"], rel=1e-6)
+
+
 def test_stated_units_are_converted(api: Api) -> None:
     mgdl = api.post("/v1/risk", {"features": PATIENT}).json()["risk"]
     mmol = api.post("/v1/risk", {"features": {**PATIENT, "total_cholesterol": 213.0 / 38.67,

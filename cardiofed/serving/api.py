@@ -246,7 +246,7 @@ def _risk(body: RiskRequest, caller: Caller) -> Response:
     except PatientErrors as exc:
         raise InvalidPatient(exc.problems) from None
     calibration, recal = _calibration(model, body.site)
-    if recal is None:  # one patient in plain floats: NumPy's per-call cost would dominate
+    if recal is None and (body.contributions or model.linear):  # explaining costs nothing
         risk, logit, baseline, parts = model.explain_row(row)
         shown = body.contributions
         result = _fields(model, risk, caller.state.category(risk) if model.categorised

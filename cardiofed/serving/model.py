@@ -323,6 +323,12 @@ class RiskModel:
                 for name, cols in zip(self.card.features, self._inputs, strict=True)}
 
     # ------------------------------------------------------------------ scoring
+    @property
+    def linear(self) -> bool:
+        """Whether the model is linear in its columns (logistic or Cox): explaining a
+        score then costs no more than computing it."""
+        return self._linear is not None
+
     @cached_property
     def _linear(self) -> tuple[np.ndarray, float] | None:
         if self.card.model not in ("logistic", "cox"):
