@@ -57,8 +57,11 @@ def pooled_rd(x: np.ndarray, t: np.ndarray, y: np.ndarray, method: str, estimand
     return float(fit.params[1])
 
 
-def loopback(n_sites: int, seed: int) -> dict[str, Any]:
-    """One networked attribution study over loopback, against its simulation."""
+def loopback(n_sites: int, seed: int, *, secure: bool = False) -> dict[str, Any]:
+    """One networked attribution study over loopback, against its simulation: exact
+    (ATT: IPTW, overlap, matching; nodes that opted in to exact attribution), or
+    `secure` (the private schedule, overlap and IPTW trimmed at PRIVATE_TRIM, over secure
+    sums; every node private with epsilon 1 for the study, the default node)."""
     import tempfile
 
     from network import Coordinator, run_nodes
@@ -68,28 +71,43 @@ def loopback(n_sites: int, seed: int) -> dict[str, Any]:
     from cardiofed.causal.sources import synthetic_sites
     from cardiofed.node.agent import NodeAgent
     from cardiofed.node.config import NodeConfig
+    from cardiofed.simulation.secure_attribution import run_secure_attribution
 
     sites, covariates = synthetic_sites(12, seed=seed)
     sites = sites[:n_sites]
-    start = time.perf_counter()
-    simulated = run_attribution(sites, covariates, estimand="ATT", seed=seed)
-    simulation_s = time.perf_counter() - start
     canonical = ["age", "sex", "total_cholesterol", "hdl_cholesterol", "systolic_bp",
                  "bp_treated", "current_smoker", "diabetes"]
-    plan = {"attribution": {"treatment": TREATMENT, "covariates": canonical,
-                            "estimand": "ATT", "seed": seed}}
+    attribution: dict[str, Any] = {"treatment": TREATMENT, "covariates": canonical,
+                                   "estimand": "ATT", "seed": seed}
+    start = time.perf_counter()
+    if secure:
+        schedule = {"methods": ["overlap", "iptw"], "trim": PRIVATE_TRIM}
+        attribution |= {"private": True, **schedule}
+        simulated = run_secure_attribution(sites, covariates, epsilon=1.0, estimand="ATT",
+                                           seed=seed, **schedule)
+    else:
+        simulated = run_attribution(sites, covariates, estimand="ATT", seed=seed)
+    simulation_s = time.perf_counter() - start
+    plan = {"attribution": attribution, "secure_aggregation": secure}
     names = [s.name for s in sites]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         coordinator = Coordinator(workdir, "attribution")
+
+        def node(name: str) -> dict[str, Any]:
+            if secure:
+                return {"privacy": {"epsilon_max": 10.0, "study_epsilon": 1.0,
+                                    "ledger_dir": str(workdir / f"ledger-{name}")}}
+            return {"privacy": "off", "opt_in": ["exact_attribution"]}
+
         try:
             tokens = coordinator.create_study("att", names, plan, feature_names=None,
                                               feature_ranges=None, outcome="cvd_10y")
             agents = [NodeAgent(NodeConfig.create(
                 coordinator_url=coordinator.url, state_dir=str(workdir / name),
-                enrolment_token=tokens[name], poll_wait_s=30, privacy="off",
-                opt_in=["exact_attribution"],
-                data={"dataset": "synthetic", "site": name, "seed": seed})) for name in names]
+                enrolment_token=tokens[name], poll_wait_s=30,
+                data={"dataset": "synthetic", "site": name, "seed": seed}, **node(name)))
+                for name in names]
             try:
                 wall = run_nodes(agents, 600)
             except RuntimeError as exc:
@@ -104,7 +122,8 @@ def loopback(n_sites: int, seed: int) -> dict[str, Any]:
     differences = {m: abs(result["estimate"][m]["risk_difference"] - e.risk_difference)
                    for m, e in simulated.effects.items()}
     analysis_s = (rounds[-1][3] - rounds[0][2]).total_seconds()  # type: ignore[operator]
-    return {"sites": n_sites, "simulation_s": simulation_s, "loopback_wall_s": wall,
+    return {"analysis": "epsilon 1, secure sums" if secure else "exact",
+            "sites": n_sites, "simulation_s": simulation_s, "loopback_wall_s": wall,
             "loopback_rounds": len(rounds), "first_round_open_to_last_close_s": analysis_s,
             "round_s_median": float(np.median([(c - o).total_seconds()
                                                for _, _, o, c in rounds if c])),
@@ -254,16 +273,20 @@ def main() -> None:
                               v["median_abs_private_minus_exact"]]
                              for k, v in private.items()], 4) + "\n")
     if args.loopback:
-        out["loopback"] = run = loopback(args.sites, seed=0)
-        md += ("\n## The same analysis as a networked study over loopback (ATT: IPTW, "
-               "overlap, matching)\n\n"
-               + markdown_table(["sites", "simulation s", "loopback wall s (nodes' start to "
-                                 "result)", "rounds", "median s per round",
+        out["loopback"] = runs = [loopback(args.sites, seed=0, secure=secure)
+                                  for secure in (False, True)]
+        md += ("\n## The same analysis as a networked study over loopback (exact: ATT by "
+               "IPTW, overlap and matching; secure: the private schedule's overlap and IPTW "
+               "at epsilon 1 per site over secure sums; each site's noise is fresh, so a "
+               "secure run differs from its simulation by that noise)\n\n"
+               + markdown_table(["analysis", "sites", "simulation s", "loopback wall s "
+                                 "(nodes' start to result)", "rounds", "median s per round",
                                  "max |networked - simulated| RD", "coordinator 5xx"],
-                                [[run["sites"], run["simulation_s"], run["loopback_wall_s"],
-                                  run["loopback_rounds"], run["round_s_median"],
+                                [[run["analysis"], run["sites"], run["simulation_s"],
+                                  run["loopback_wall_s"], run["loopback_rounds"],
+                                  run["round_s_median"],
                                   f"{run['max_abs_networked_minus_simulated_rd']:.1e}",
-                                  run["coordinator_5xx"]]], 3) + "\n")
+                                  run["coordinator_5xx"]] for run in runs], 3) + "\n")
     write_results("attribution", out, md)
 
 
