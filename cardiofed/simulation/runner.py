@@ -288,10 +288,15 @@ def global_losses(model_kind: str, weights: Weights, sites: Sequence[PreparedSit
     for block in _blocks(sites, GLOBAL_LOSS_BLOCK_ROWS):
         p = np.clip(predict_proba(model, np.concatenate([s.x_train for s in block])),
                     1e-12, 1 - 1e-12)
-        for s, q in zip(block, np.split(p, np.cumsum([len(s.y_train) for s in block])[:-1]),
-                        strict=True):
-            losses.append(float(-np.mean(s.y_train * np.log(q)
-                                         + (1 - s.y_train) * np.log1p(-q))))
+        y = np.concatenate([s.y_train for s in block])
+        rows = np.array([len(s.y_train) for s in block])
+        starts = np.cumsum(rows) - rows
+        per_row = -(y * np.log(p) + (1 - y) * np.log1p(-p))
+        mean = np.full(len(block), np.nan)  # a site without rows has no loss
+        some = rows > 0
+        if some.any():
+            mean[some] = np.add.reduceat(per_row, starts[some]) / rows[some]
+        losses += mean.tolist()
     return losses
 
 
