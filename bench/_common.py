@@ -52,6 +52,15 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def proc_status_mb(pid: int, field: str) -> float:
+    """A memory field of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``...) in MB; nan
+    where the process has none."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return math.nan
+
+
 def environment() -> dict[str, Any]:
     """What produced a results file: the commit (and whether the tree had uncommitted
     changes), the machine, the command, the date."""

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_smoke, markdown_table, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, proc_status_mb, write_results  # noqa: E402
 
 CONCURRENT = 4
 # path, body size in MB, the refusals expected (-1: the connection closed on a refusal)
@@ -45,13 +45,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _chunks(mb: int) -> Iterator[bytes]:
     block = b"x" * (1 << 20)
     for _ in range(mb):
@@ -60,14 +53,14 @@ def _chunks(mb: int) -> Iterator[bytes]:
 
 def flood(url: str, pid: int, path: str, mb: int, expected: set[int]) -> dict[str, Any]:
     """One target's flood, with memory and /healthz watched."""
-    idle = _rss_mb(pid)
+    idle = proc_status_mb(pid, "VmRSS")
     samples: list[float] = []
     health: list[float] = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            samples.append(_rss_mb(pid))
+            samples.append(proc_status_mb(pid, "VmRSS"))
             time.sleep(0.01)
 
     def probe() -> None:

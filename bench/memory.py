@@ -14,6 +14,7 @@ a small launcher process per node (so one node's peak is not mixed with another'
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_smoke, markdown_table, write_results  # noqa: E402
+from _common import add_smoke, markdown_table, proc_status_mb, write_results  # noqa: E402
 from network import SETTINGS, STUDY_LIMIT_S, Coordinator  # noqa: E402
 
 SITES = ["tier3_01", "community_01"]
@@ -35,10 +36,10 @@ LAUNCHER = ("import resource, subprocess, sys; "
 
 
 def _vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for process {pid}")
+    peak = proc_status_mb(pid, "VmHWM")
+    if math.isnan(peak):
+        raise RuntimeError(f"no VmHWM for process {pid}")
+    return peak
 
 
 def study(workdir: Path, private: bool, rounds: int) -> dict[str, Any]:
