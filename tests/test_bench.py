@@ -78,3 +78,15 @@ def test_a_benchmark_runs_in_its_smoke_mode(script: str, tmp_path: Path,
         assert len(env["commit"]) == 40 or env["commit"] == "unknown"
         assert env["cores"] >= 1 and env["cpu"] and env["command"].endswith("--smoke")
         assert "_Measured on commit " in path.with_suffix(".md").read_text()
+
+
+def test_flower_peer_without_flower_names_what_it_needs(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("CARDIOFED_BENCH_FLOWER_PYTHON", raising=False)
+    monkeypatch.setattr(sys, "argv", ["bench/flower_peer.py", "--smoke"])
+    monkeypatch.syspath_prepend(str(BENCH))
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCH / "flower_peer.py"), run_name="__main__")
+    assert exit_.value.code == 2
+    assert ("--flower-python (or CARDIOFED_BENCH_FLOWER_PYTHON) must name the interpreter "
+            "of an environment with flwr[simulation]") in capsys.readouterr().err
