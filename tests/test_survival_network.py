@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 from test_coordinator import Federation, _until_done  # type: ignore[import-not-found]
 
 from cardiofed.data.dataset import feature_ranges_for
-from cardiofed.exceptions import ConfigurationError, NotFound, TaskRefused
+from cardiofed.exceptions import ConfigurationError, TaskRefused
 from cardiofed.node.agent import NodeAgent
 from cardiofed.node.config import DataSource
 from cardiofed.node.work import survival_rows
 from cardiofed.schema import CATALOGUE, encoded_feature_names
-from cardiofed.survival.cox import fit_cox, site_cox_sums
+from cardiofed.survival.cox import breslow_baseline, fit_cox, site_cox_sums
 from cardiofed.survival.study import MAX_ETA, SurvivalPlan, check_state, start
 from cardiofed.wire import encode_arrays
 
@@ -52,19 +52,25 @@ def _result(fed: Federation) -> dict[str, object]:
 
 def _in_process(plan: SurvivalPlan, sites: list[str] = SITES):  # type: ignore[no-untyped-def]
     """The same rows, clipped to the same ranges, fitted by fit_cox in one process."""
-    ranges = feature_ranges_for(COLUMNS)
-    low, high = np.array(ranges).T
-    rows = [survival_rows(DataSource(dataset="synthetic", site=s, seed=0), COLUMNS,
-                          "cvd_10y") for s in sites]
-    center = start(plan, COLUMNS, ranges)["inputs"]["center"]
-    return fit_cox(lambda beta: [site_cox_sums(t, e, np.clip(x, low, high), beta, plan.grid,
-                                               center=center) for t, e, x in rows],
+    center = start(plan, COLUMNS, feature_ranges_for(COLUMNS))["inputs"]["center"]
+    rows = _rows(sites)
+    return fit_cox(lambda beta: [site_cox_sums(t, e, x, beta, plan.grid, center=center)
+                                 for t, e, x in rows],
                    len(COVARIATES), stratified=plan.stratified, ties=plan.ties,
                    max_iter=plan.max_newton)
 
 
+def _rows(sites: list[str] = SITES) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each node's rows, clipped to the ranges the nodes clip them to."""
+    low, high = np.array(feature_ranges_for(COLUMNS)).T
+    rows = [survival_rows(DataSource(dataset="synthetic", site=s, seed=0), COLUMNS,
+                          "cvd_10y") for s in sites]
+    return [(t, e, np.clip(x, low, high)) for t, e, x in rows]
+
+
 @pytest.mark.parametrize("stratified", [False, True])
-def test_networked_cox_equals_the_in_process_fit(tmp_path: Path, stratified: bool) -> None:
+def test_networked_cox_equals_the_in_process_fit(tmp_path: Path, stratified: bool,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     fed = _federation(tmp_path, {**SURVIVAL, "stratified": stratified})
     assert fed.client.get("/v1/studies/s1/survival",
                           headers=fed.auth(fed.admin)).status_code == 409  # not yet
@@ -73,7 +79,8 @@ def test_networked_cox_equals_the_in_process_fit(tmp_path: Path, stratified: boo
     assert status["attribution"]["kind"] == "survival"
     assert status["attribution"]["finished"] and status["attribution"]["sites"] == SITES
     body = _result(fed)
-    expected = _in_process(SurvivalPlan(**{**SURVIVAL, "stratified": stratified}))
+    plan = SurvivalPlan(**{**SURVIVAL, "stratified": stratified})
+    expected = _in_process(plan)
     got = np.array([body["coefficients"][c]["coefficient"] for c in COLUMNS])
     se = np.array([body["coefficients"][c]["se"] for c in COLUMNS])
     np.testing.assert_allclose(got, expected.beta, rtol=0, atol=1e-9)
@@ -81,9 +88,16 @@ def test_networked_cox_equals_the_in_process_fit(tmp_path: Path, stratified: boo
     assert body["newton_steps"] == expected.iterations
     assert body["loglik"] == pytest.approx(expected.loglik, abs=1e-8)
     assert body["coefficients"]["age"]["hazard_ratio"] > 1  # older, more events
-    if stratified:
+    if stratified:  # each site's own Breslow baseline at the fit, as fit_cox's rows give
         assert body["baseline"] is None and body["baseline_at_horizon"] is None
+        for site, (t, e, x) in zip(SITES, _rows(), strict=True):
+            sums = site_cox_sums(t, e, x, expected.beta, plan.grid, center=body["center"])
+            np.testing.assert_allclose(body["baselines"][site], breslow_baseline(sums),
+                                       rtol=1e-9, atol=0)
+            assert body["baselines_at_horizon"][site] == body["baselines"][site][39]
+        assert body["without_baseline"] == []
     else:
+        assert body["baselines"] is None
         baseline = np.array(body["baseline"])
         assert baseline.size == 64 and (np.diff(baseline) >= 0).all()
         assert body["baseline_at_horizon"] == baseline[39]  # 10 years: the 40th point
@@ -92,6 +106,32 @@ def test_networked_cox_equals_the_in_process_fit(tmp_path: Path, stratified: boo
     assert status["round"] >= expected.iterations + 1
     _check_kaplan_meier(body, SurvivalPlan(**SURVIVAL))
     _check_served(fed, body, stratified)
+    if stratified:
+        _check_site_baselines_shown(fed, body, tmp_path, monkeypatch)
+
+
+def _check_site_baselines_shown(fed: Federation, body: dict[str, object], tmp: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dashboard's study page and ``cardiofed admin survival-report`` give each site's
+    baseline by the horizon."""
+    from test_dashboard import _login  # type: ignore[import-not-found]
+    from typer.testing import CliRunner
+
+    from cardiofed.cli import admin, app
+
+    by_site = body["baselines_at_horizon"]
+    assert isinstance(by_site, dict)
+    page = _login(fed, fed.admin).get("/ui/studies/s1")
+    shown = ", ".join(f"{site} {h0:.4f}" for site, h0 in by_site.items())
+    assert f'<span id="site-baselines">{shown}</span>' in page.text
+    fed.client.headers["Authorization"] = f"Bearer {fed.admin}"
+    monkeypatch.setattr(admin, "_admin_client", lambda *_: fed.client)
+    key = tmp / "admin.key"
+    key.write_text(fed.admin)
+    done = CliRunner().invoke(app, ["admin", "survival-report", "--study", "s1", "--out",
+                                    str(tmp / "report"), "--admin-key-file", str(key)])
+    assert done.exit_code == 0, done.output
+    assert f"(its model version, in this order): {shown}." in " ".join(done.output.split())
 
 
 def _check_kaplan_meier(body: dict[str, object], plan: SurvivalPlan) -> None:
@@ -117,21 +157,22 @@ def _check_served(fed: Federation, body: dict[str, object], stratified: bool) ->
     from cardiofed.serving import registry
     from cardiofed.store import session_factory
 
-    with session_factory(fed.settings.database_url)() as db:
-        if stratified:
-            assert registry.promoted_or_none(db) is None
-            with pytest.raises(NotFound, match="No model version 's1-v1'"):
-                registry.load(db, "s1-v1")
-            return
-        model = registry.load(db, "s1-v1")
-    assert model.card.model == "cox" and model.card.horizon_years == 10.0
-    assert model.card.link == "cloglog"
     center = np.array(body["center"])
     beta = np.array([body["coefficients"][c]["coefficient"] for c in COLUMNS])  # type: ignore[index]
     x = np.array([[55.0, 1.0, 210.0, 50.0, 130.0, 1.0, 0.0],
                   [70.0, 0.0, 180.0, 60.0, 150.0, 0.0, 1.0]])
-    expected = -np.expm1(-body["baseline_at_horizon"] * np.exp((x - center) @ beta))  # type: ignore[operator]
-    np.testing.assert_allclose(model.risk(x), expected, rtol=1e-9)
+    h0 = body["baselines_at_horizon"] if stratified else {None: body["baseline_at_horizon"]}
+    assert isinstance(h0, dict) and len(h0) == (len(SITES) if stratified else 1)
+    with session_factory(fed.settings.database_url)() as db:
+        assert registry.promoted_or_none(db) is None
+        assert [m["version"] for m in registry.list_models(db)] == [
+            f"s1-v{i}" for i in range(1, len(h0) + 1)]
+        for number, (site, at_horizon) in enumerate(h0.items(), start=1):
+            model = registry.load(db, f"s1-v{number}")
+            assert model.card.model == "cox" and model.card.horizon_years == 10.0
+            assert model.card.link == "cloglog" and model.card.settings.get("site") == site
+            expected = -np.expm1(-at_horizon * np.exp((x - center) @ beta))
+            np.testing.assert_allclose(model.risk(x), expected, rtol=1e-9)
 
 
 def test_a_private_site_refuses_and_a_non_private_one_needs_the_opt_in(
@@ -302,15 +343,61 @@ def test_whatever_sums_a_site_sends_the_coordinator_refuses_or_fits_never_crashe
     for _ in range(3):
         arrays = _arrays(plan, k, data)
         try:
-            check_sums(plan, arrays)
+            check_sums(plan, "cox", arrays)
             state = next_state(plan, state, arrays)
         except CardioFedError as exc:
             assert str(exc)  # refused or stopped by name
             return
         assert np.isfinite(state["inputs"]["beta"]).all()
-        if state["step"] == "done":
-            assert np.isfinite(state["result"]["se"]).all()
+        if state["step"] == "baseline":  # stratified: each site's own baseline, then done
+            assert stratified and np.isfinite(state["fit"]["se"]).all()
             return
+        if state["step"] == "done":
+            assert not stratified and np.isfinite(state["result"]["se"]).all()
+            assert np.isfinite(state["result"]["baseline"]).all()
+            return
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_whatever_baseline_sums_sites_send_each_is_refused_or_gets_its_own_baseline(
+        data: st.DataObject) -> None:
+    """Whatever baseline sums the sites send at a stratified fit, the round is refused by
+    name, or every site gets a finite, non-decreasing baseline of its own, served only
+    where it is > 0 by the horizon."""
+    from cardiofed.exceptions import CardioFedError
+    from cardiofed.survival.study import with_site_baselines
+
+    plan = SurvivalPlan(covariates=["age"], grid_step_years=2.0, max_years=12.0,
+                        stratified=True)
+    g = plan.grid.size
+    signed = data.draw(st.booleans(), label="negative values allowed")
+    reals = st.lists(st.floats(-1e12 if signed else 0.0, 1e12), min_size=g, max_size=g)
+    wholes = st.lists(st.integers(-2 if signed else 0, 10**6), min_size=g, max_size=g)
+    sites = ["a", "b", "c"]
+    reports = {}
+    for site in sites:
+        events = np.array(data.draw(wholes), dtype=np.float64)
+        risk0 = np.array(data.draw(reals), dtype=np.float64)
+        # unsigned: a risk set may still be below its events' least exp(x beta)
+        tiny = data.draw(st.booleans(), label="risk sets as small as they come")
+        reports[site] = {"events": events, "risk0": risk0 if signed or tiny else risk0 + events}
+    state = {"step": "baseline", "sites": sites, "fit": {"beta": [0.1], "se": [0.01]}}
+    try:
+        done = with_site_baselines(plan, state, reports)
+    except CardioFedError as exc:
+        assert re.search("baseline sums must be >= 0, with a risk set of at least|"
+                         "baseline sums give a baseline hazard that is not finite", str(exc))
+        return
+    result = done["result"]
+    assert done["step"] == "done" and "fit" not in done and result["beta"] == [0.1]
+    for site in sites:
+        baseline = np.array(result["baselines"][site])  # type: ignore[index]
+        assert np.isfinite(baseline).all() and (np.diff(baseline) >= 0).all()
+        served = site in result["baselines_at_horizon"]  # type: ignore[operator]
+        assert served != (site in result["without_baseline"])  # type: ignore[operator]
+        if served:
+            assert result["baselines_at_horizon"][site] > 0  # type: ignore[index]
 
 
 def test_exports_with_follow_up_fit_over_the_network_and_the_dashboard_shows_it(

@@ -168,6 +168,13 @@ def survival_report(
     if body["kaplan_meier_risk_at_horizon"] is not None:
         console.print(f"Kaplan-Meier risk by {body['horizon_years']:g} years, all sites "
                       f"pooled: {body['kaplan_meier_risk_at_horizon']:.3f}.")
+    if body["baselines_at_horizon"] is not None:  # stratified: one served version per site
+        console.print(escape(
+            f"Each site's baseline cumulative hazard by {body['horizon_years']:g} years "
+            f"(its model version, in this order): " + ", ".join(
+                f"{site} {h0:.4f}" for site, h0 in body["baselines_at_horizon"].items())
+            + "".join(f"; {site}: no event by then, not served"
+                      for site in body["without_baseline"] or []) + "."))
     console.print(f"Report: {out / 'survival.json'}")
 
 

@@ -33,6 +33,7 @@ from cardiofed.survival.study import SurvivalPlan
 Analysis = AttributionPlan | SurvivalPlan
 # The round kinds of an analysis; "done" ends the study.
 ANALYSIS_STEPS = (*causal_study.STEPS[:-1], *survival_study.STEPS[:-1])
+PER_SITE_STEPS = survival_study.PER_SITE_STEPS  # reports kept per site, not summed
 
 
 def columns_of(plan: Analysis, catalogue: Catalogue) -> list[str]:
@@ -81,7 +82,7 @@ def check_payload(plan: Analysis, study: Study, kind: str,
     if isinstance(plan, SurvivalPlan):
         check_attribution(arrays, survival_study.expected_arrays(plan, kind, k))
         try:
-            survival_study.check_sums(plan, arrays)
+            survival_study.check_sums(plan, kind, arrays)
         except CardioFedError as exc:
             raise InvalidUpdate(str(exc)) from None
         return 0
@@ -90,8 +91,10 @@ def check_payload(plan: Analysis, study: Study, kind: str,
 
 def close_round(db: Session, study: Study, plan: Analysis, rnd: Round,
                 names: list[str], totals: dict[str, np.ndarray] | None,
-                now: datetime) -> None:
-    """Fold a closed round's sums into the analysis and open the next round (or finish)."""
+                now: datetime, *, reports: dict[str, dict[str, np.ndarray]] | None = None
+                ) -> None:
+    """Fold a closed round's sums (or, for a step kept per site, its `reports`) into the
+    analysis and open the next round (or finish)."""
     state = dict(study.analysis or {})
     outcome = f"closed with {len(names)} reports"
     # the first step of a start fixes the analysis's sites
@@ -107,10 +110,13 @@ def close_round(db: Session, study: Study, plan: Analysis, rnd: Round,
         if first:
             state["sites"] = names
         try:
-            assert totals is not None
-            state = (survival_study.next_state(plan, state, totals)
-                     if isinstance(plan, SurvivalPlan)
-                     else combine.next_state(plan, state, totals, len(names)))
+            if isinstance(plan, SurvivalPlan) and rnd.kind in PER_SITE_STEPS:
+                state = survival_study.with_site_baselines(plan, state, reports or {})
+            else:
+                assert totals is not None
+                state = (survival_study.next_state(plan, state, totals)
+                         if isinstance(plan, SurvivalPlan)
+                         else combine.next_state(plan, state, totals, len(names)))
         except CardioFedError as exc:
             state = {**state, "step": "done", "error": str(exc)}
             outcome = f"analysis stopped: {exc}"
@@ -119,8 +125,8 @@ def close_round(db: Session, study: Study, plan: Analysis, rnd: Round,
     study.analysis = state
     if state["step"] == "done":
         study.phase = "done"
-        if isinstance(plan, SurvivalPlan) and "result" in state and not plan.stratified:
-            _register_cox(db, study, rnd)
+        if isinstance(plan, SurvivalPlan) and "result" in state:
+            _register_cox(db, study, rnd, state["result"].get("baselines_at_horizon"))
         return
     study.current_round += 1
     study.phase = state["step"]
@@ -149,13 +155,18 @@ def summary(study: Study) -> dict[str, Any] | None:
             "finished": "result" in a}
 
 
-def _register_cox(db: Session, study: Study, rnd: Round) -> None:
-    """A finished survival study's model (one baseline) enters the model registry as the
-    study's version 1; what stops it is said in the round's outcome, never raised."""
+def _register_cox(db: Session, study: Study, rnd: Round,
+                  by_site: dict[str, float] | None) -> None:
+    """A finished survival study's model enters the model registry: one baseline as the
+    study's version 1; stratified, one version per site with a baseline (its own), in the
+    analysis's site order. What stops it is said in the round's outcome, never raised."""
     from cardiofed.serving import registry
     from cardiofed.serving.survival import study_model
 
+    sites: list[str | None] = [None] if by_site is None else list(by_site)
     try:
-        registry.register(db, study_model(study), number=1, commit=False)
+        models = [study_model(study, site) for site in sites]
+        for number, model in enumerate(models, start=1):
+            registry.register(db, model, number=number, commit=False)
     except CardioFedError as exc:
         rnd.outcome = f"{rnd.outcome}; model not registered: {exc}"[:200]

@@ -238,6 +238,8 @@ class _Folded:
     # A training round: the global model's loss each site reported (NaN where none).
     global_losses: list[float] = field(default_factory=list)
     totals: dict[str, np.ndarray] | None = None  # an analysis step's sums
+    # An analysis step kept per site (a stratified Cox model's baselines): site -> arrays
+    reports: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     secure: secure_sums.Unmasked | None = None  # a secure round's unmasked sum
     # An intercept round: each site's (D, I, noise SD, declared records)
     intercepts: dict[str, tuple[float, float, float, int]] = field(default_factory=dict)
@@ -291,6 +293,8 @@ def _fold(db: Session, study: Study, rnd: Round, update_ids: list[int]) -> _Fold
                     out.updates.append(ClientUpdate(site=name, delta=checked.arrays,
                                                     num_samples=row.num_samples,
                                                     num_steps=0, train_loss=loss))
+            elif rnd.kind in attribution.PER_SITE_STEPS:
+                out.reports[name] = checked.arrays
             elif rnd.kind in attribution.ANALYSIS_STEPS:
                 out.totals = add_sums(out.totals, checked.arrays)
             elif rnd.kind == INTERCEPT:
@@ -380,7 +384,8 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
             totals = attribution_from_sum(plan.attribution, attribution.task_state(study) or {},
                                           folded.secure.total, folded.secure.share_sd,
                                           len(folded.secure.survivors))
-        attribution.close_round(db, study, plan.analysis, rnd, names, totals, now())
+        attribution.close_round(db, study, plan.analysis, rnd, names, totals, now(),
+                                reports=folded.reports)
         db.commit()
         return
     if rnd.kind == STATISTICS:

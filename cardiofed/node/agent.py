@@ -447,9 +447,10 @@ class NodeAgent:
         return encode_arrays(arrays, self._manifest(task))
 
     def _survival(self, task: TaskResponse, plan: SurvivalPlan) -> bytes:
-        """A survival round's Cox sums (or, stratified, the site's own derivatives) over
-        its rows clipped to its own ranges, at the coefficients in the task's state once
-        they pass :func:`cardiofed.survival.study.check_state`. Exact only: a site with a
+        """A survival round's Cox sums (or, stratified, the site's own derivatives, then its
+        baseline's sums at the fit) over its rows clipped to its own ranges, at the
+        coefficients in the task's state once they pass
+        :func:`cardiofed.survival.study.check_state`. Exact only: a site with a
         privacy budget refuses (no private release of Cox sums exists yet)."""
         if self.ledger is not None:
             raise TaskRefused("This site has a privacy budget, and Cox sums have no private "

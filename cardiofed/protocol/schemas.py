@@ -279,8 +279,8 @@ class CoxCoefficient(BaseModel):
 
 class SurvivalResponse(BaseModel):
     """A finished survival study: the federated Cox model's coefficients with standard
-    errors (observed information), and for a model with one baseline hazard, Breslow's
-    baseline cumulative hazard on the public grid (covariates at ``center``)."""
+    errors (observed information), and Breslow's baseline cumulative hazard on the public
+    grid (covariates at ``center``): one, or stratified by site, each site's own."""
 
     study: str
     outcome: str | None
@@ -301,6 +301,14 @@ class SurvivalResponse(BaseModel):
     baseline: list[float] | None = Field(
         None, description="H0 at each grid point (None when stratified by site)")
     baseline_at_horizon: float | None = None
+    baselines: dict[str, list[float]] | None = Field(
+        None, description="Stratified by site: each site's own H0 at each grid point")
+    baselines_at_horizon: dict[str, float] | None = Field(
+        None, description="Stratified by site: each site's H0 by horizon_years (its served "
+                          "model's baseline)")
+    without_baseline: list[str] | None = Field(
+        None, description="Stratified by site: sites without an event by horizon_years "
+                          "(no baseline; not served)")
     kaplan_meier: dict[str, list[float | None]] | None = Field(
         None, description="The pooled Kaplan-Meier survival at each grid point, its "
                           "Greenwood standard error (None where undefined) and the "

@@ -31,8 +31,9 @@ __all__ = ["cox_risk_model", "study_model", "study_report"]
 
 RELEASES = ("Each site released exact counts and sums over its rows on the public grid "
             "(events and censorings per grid interval, risk-set sums of exp(x beta)), or, "
-            "stratified, its own log partial likelihood and derivatives; no row, no time "
-            "and no differential privacy.")
+            "stratified, its own log partial likelihood and derivatives, and at the fit its "
+            "own events and risk-set sums per grid point (its baseline); no row, no time and "
+            "no differential privacy.")
 
 
 def cox_risk_model(model: FederatedCox, dataset: FederatedDataset, *, study: str,
@@ -74,19 +75,25 @@ def cox_risk_model(model: FederatedCox, dataset: FederatedDataset, *, study: str
                        horizon_years=horizon)
 
 
-def study_model(study: Study) -> RiskModel:
-    """A finished survival study's Cox model (one baseline hazard) as a served risk model
-    by the plan's horizon: columns centred at the study's public centre, which also fills
-    a missing value (the fit used complete cases)."""
+def study_model(study: Study, site: str | None = None) -> RiskModel:
+    """A finished survival study's Cox model as a served risk model by the plan's horizon:
+    one baseline hazard, or, stratified by site, `site`'s own (the shared coefficients on
+    that hospital's incidence). Columns are centred at the study's public centre, which
+    also fills a missing value (the fit used complete cases)."""
     plan = SimulationConfig.model_validate(study.plan).survival
     analysis = study.analysis or {}
     result = analysis.get("result")
     if plan is None or result is None:
         raise ConfigurationError(f"Study {study.id!r} is not a finished survival study.")
-    if plan.stratified:
-        raise ConfigurationError("A stratified Cox model has a baseline hazard per site; "
-                                 "only a model with one baseline is served.")
-    h0 = float(result["baseline_at_horizon"])
+    by_site: dict[str, float] = result.get("baselines_at_horizon") or {}
+    if plan.stratified and site not in by_site:
+        raise ConfigurationError(f"A stratified Cox model has a baseline hazard per site: "
+                                 f"name the site to serve, one of {sorted(by_site)}; got "
+                                 f"{site!r}.")
+    if not plan.stratified and site is not None:
+        raise ConfigurationError("This Cox model has one baseline hazard for every site: "
+                                 "leave 'site' out.")
+    h0 = float(by_site[site] if site is not None else result["baseline_at_horizon"])
     if not h0 > 0:
         raise ConfigurationError(f"No event before {plan.horizon_years:g} years: the baseline "
                                  f"hazard by then is 0, and every risk would be 0.")
@@ -94,16 +101,21 @@ def study_model(study: Study) -> RiskModel:
     weights = {"linear.weight": np.asarray(result["beta"], dtype=np.float64)[None, :],
                "linear.bias": np.array([math.log(h0)])}
     pre = Preprocessor(fill=center, mean=center, std=np.ones_like(center))
-    notes = [f"Cox proportional hazards ({plan.ties} ties), one baseline hazard, fitted over "
-             f"the network on each site's complete cases (times carried to a grid of "
+    baseline = (f"stratified by site, served with {site}'s own baseline hazard"
+                if site is not None else "one baseline hazard")
+    notes = [f"Cox proportional hazards ({plan.ties} ties), {baseline}, fitted over the "
+             f"network on each site's complete cases (times carried to a grid of "
              f"{plan.grid_step_years:g} years); risk by {plan.horizon_years:g} years = "
              f"1 - exp(-exp(logit)). A missing value is filled with the middle of its range.",
              RELEASES]
+    settings: dict[str, object] = {"ties": plan.ties, "grid_points": int(plan.grid.size),
+                                   "stratified": plan.stratified}
+    if site is not None:
+        settings["site"] = site
     return build_model(study=study.id, source="network", model="cox", algorithm="newton",
-                       settings={"ties": plan.ties, "grid_points": int(plan.grid.size)},
-                       rounds=int(result["iterations"]), sites=list(analysis["sites"]),
-                       encoded_names=study.feature_names, outcome=study.outcome,
-                       weights=weights, preprocessor=pre, notes=notes,
+                       settings=settings, rounds=int(result["iterations"]),
+                       sites=list(analysis["sites"]), encoded_names=study.feature_names,
+                       outcome=study.outcome, weights=weights, preprocessor=pre, notes=notes,
                        study_features=SimulationConfig.model_validate(study.plan).study_features,
                        horizon_years=plan.horizon_years)
 
@@ -127,6 +139,8 @@ def study_report(study: Study) -> SurvivalResponse:
         "ties": plan.ties, "grid_step_years": plan.grid_step_years,
         "max_years": plan.max_years, "horizon_years": plan.horizon_years,
         "baseline": r.get("baseline"), "baseline_at_horizon": r.get("baseline_at_horizon"),
+        "baselines": r.get("baselines"), "baselines_at_horizon": r.get("baselines_at_horizon"),
+        "without_baseline": r.get("without_baseline"),
         "kaplan_meier": r.get("kaplan_meier"),
         "kaplan_meier_risk_at_horizon": r.get("kaplan_meier_risk_at_horizon"),
         "releases": RELEASES})

@@ -297,8 +297,14 @@ def breslow_baseline(sums: CoxSums) -> np.ndarray:
     """Breslow's baseline cumulative hazard at the grid points, from (summed) sums at the
     fitted ``beta``: ``H0(g_k) = sum_{j <= k} d_j / risk0_j``, for covariates at the
     sums' centre."""
+    return breslow_cumulative(sums.events, sums.risk0)
+
+
+def breslow_cumulative(events: np.ndarray, risk0: np.ndarray) -> np.ndarray:
+    """``cumsum(d_k / risk0_k)``, 0 where a risk set is empty: Breslow's baseline from the
+    two sums it needs (:func:`breslow_baseline`)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        steps = np.where(sums.risk0 > 0, sums.events / sums.risk0, 0.0)
+        steps = np.where(risk0 > 0, events / risk0, 0.0)
     return np.cumsum(steps)
 
 

@@ -12,6 +12,11 @@ each site returns, from its own rows:
 * stratified by site (each site its own baseline): its own log partial likelihood,
   gradient and Hessian, which add across sites.
 
+A stratified fit ends with one more round (``baseline``) at the fitted coefficients: each
+site's event counts and risk-set sums of ``exp(x beta)`` on the grid, kept per site (not
+added), give each site its own Breslow baseline, so that each hospital is served the
+shared coefficients on its own incidence.
+
 The coordinator then takes one move of :class:`~cardiofed.survival.cox.Newton` (a Newton
 step, or a halving of it when the likelihood fell), exactly as
 :func:`~cardiofed.survival.cox.fit_cox` does in process, so the networked fit equals the
@@ -42,14 +47,18 @@ from cardiofed.survival.cox import (
     Newton,
     baseline_at,
     breslow_baseline,
+    breslow_cumulative,
     partial_likelihood,
     site_cox_sums,
 )
 from cardiofed.survival.kaplan_meier import GridCounts, kaplan_meier, site_counts
 
-STEPS = ("km", "cox", "done")
+STEPS = ("km", "cox", "baseline", "done")
+# A step whose reports the coordinator keeps per site instead of adding them.
+PER_SITE_STEPS = ("baseline",)
 # |x beta| over the site's ranges stays below this (exp stays far from overflow)
 MAX_ETA = 500.0
+MIN_EXP_ETA = math.exp(-MAX_ETA)  # the least exp(x beta) a site's row can have
 Arrays = dict[str, np.ndarray]
 _SUMS = tuple(f.name for f in fields(CoxSums))  # what a pooled round's site sends
 
@@ -111,6 +120,8 @@ def expected_arrays(plan: SurvivalPlan, step: str, k: int) -> dict[str, tuple[in
     """The arrays a site sends for `step` (`k` covariate columns)."""
     if step == "km":
         return {"events": (plan.grid.size,), "censored": (plan.grid.size,)}
+    if step == "baseline":
+        return {"events": (plan.grid.size,), "risk0": (plan.grid.size,)}
     if step != "cox":
         raise ConfigurationError(f"A survival study has no step {step!r}.")
     if plan.stratified:
@@ -148,8 +159,8 @@ def check_state(plan: SurvivalPlan, state: dict[str, Any],
 def site_step(plan: SurvivalPlan, state: dict[str, Any], time: np.ndarray,
               event: np.ndarray, x: np.ndarray, ranges: Sequence[Sequence[float]]) -> Arrays:
     """What a site sends for the round in `state`: its counts on the grid (``km``), then
-    its sums (pooled) or its own derivatives (stratified), on its rows clipped to its
-    `ranges`."""
+    its sums (pooled) or its own derivatives (stratified), then, stratified, what its own
+    baseline needs (``baseline``), on its rows clipped to its `ranges`."""
     if state["step"] == "km":
         counts = site_counts(time, event, plan.grid)
         return {"events": counts.events.astype(np.float64),
@@ -158,6 +169,9 @@ def site_step(plan: SurvivalPlan, state: dict[str, Any], time: np.ndarray,
     low = np.array([r[0] for r in ranges], dtype=np.float64)
     high = np.array([r[1] for r in ranges], dtype=np.float64)
     sums = site_cox_sums(time, event, np.clip(x, low, high), beta, plan.grid, center=center)
+    if state["step"] == "baseline":
+        return {"events": sums.events.astype(np.float64),
+                "risk0": np.asarray(sums.risk0, dtype=np.float64)}
     if plan.stratified:
         ll, grad, hess = partial_likelihood(sums, plan.ties)
         return {"loglik": np.array([ll]), "gradient": grad, "hessian": hess,
@@ -165,12 +179,19 @@ def site_step(plan: SurvivalPlan, state: dict[str, Any], time: np.ndarray,
     return {name: np.asarray(getattr(sums, name), dtype=np.float64) for name in _SUMS}
 
 
-def check_sums(plan: SurvivalPlan, arrays: Arrays) -> None:
-    """What one site's sums must satisfy beyond their names, shapes and finiteness (which
-    the coordinator checks for every analysis): sums of ``exp(x beta)`` are >= 0, a risk
-    set holds its tied events and is not empty where events are; a log partial likelihood
-    is <= 0 and its Hessian symmetric."""
-    if "censored" in arrays:  # counts: whole and >= 0, as the payload checks hold them
+def check_sums(plan: SurvivalPlan, step: str, arrays: Arrays) -> None:
+    """What one site's sums for `step` must satisfy beyond their names, shapes and
+    finiteness (which the coordinator checks for every analysis): sums of ``exp(x beta)``
+    are >= 0, a risk set holds its tied events and is not empty where events are; a log
+    partial likelihood is <= 0 and its Hessian symmetric."""
+    if step == "km":  # counts: whole and >= 0, as the payload checks hold them
+        return
+    if step == "baseline":
+        r0, d = arrays["risk0"], arrays["events"]
+        if (r0 < 0).any() or (d < 0).any() or (r0 < d * MIN_EXP_ETA).any():
+            raise DataValidationError(f"A site's baseline sums must be >= 0, with a risk set "
+                                      f"of at least {MIN_EXP_ETA:.3g} per event (exp(x beta) "
+                                      f"within the covariates' ranges).")
         return
     if plan.stratified:
         hess = arrays["hessian"]
@@ -180,10 +201,12 @@ def check_sums(plan: SurvivalPlan, arrays: Arrays) -> None:
         return
     r0, t0 = arrays["risk0"], arrays["tied0"]
     if (r0 < 0).any() or (t0 < 0).any() or (t0 > r0 * (1 + 1e-9)).any() \
-            or ((arrays["events"] > 0) & (r0 <= 0)).any() \
+            or (t0 < arrays["events"] * MIN_EXP_ETA).any() \
             or ((arrays["events"] == 0) & (t0 != 0)).any():
-        raise DataValidationError("Cox sums of exp(x beta) must be >= 0, hold their tied "
-                                  "events, and be > 0 where a grid point has events.")
+        raise DataValidationError(f"Cox sums of exp(x beta) must be >= 0, hold their tied "
+                                  f"events, and be at least {MIN_EXP_ETA:.3g} per event where "
+                                  f"a grid point has events (exp(x beta) within the "
+                                  f"covariates' ranges).")
 
 
 def next_state(plan: SurvivalPlan, state: dict[str, Any], totals: Arrays) -> dict[str, Any]:
@@ -202,7 +225,7 @@ def next_state(plan: SurvivalPlan, state: dict[str, Any], totals: Arrays) -> dic
     if float(totals["events"].sum()) < 1:
         raise DataValidationError("No site has an event on the grid: a Cox model cannot be "
                                   "fitted.")
-    check_sums(plan, totals)
+    check_sums(plan, "cox", totals)
     sums = None if plan.stratified else CoxSums(**{k: totals[k] for k in _SUMS})
     with np.errstate(all="ignore"):
         try:
@@ -235,11 +258,42 @@ def next_state(plan: SurvivalPlan, state: dict[str, Any], totals: Arrays) -> dic
             "center": state["inputs"]["center"], "stratified": plan.stratified,
             "ties": plan.ties, "kaplan_meier": state.get("kaplan_meier"),
             "kaplan_meier_risk_at_horizon": state.get("kaplan_meier_risk_at_horizon")}
-        if sums is not None:  # the sums are at the fitted beta: Breslow's baseline
-            baseline = breslow_baseline(sums)
-            result["baseline"] = baseline.tolist()
-            result["horizon_years"] = plan.horizon_years
-            result["baseline_at_horizon"] = baseline_at(baseline, plan.grid,
-                                                        plan.horizon_years)
+        result["horizon_years"] = plan.horizon_years
+        if sums is None:  # each site's own baseline needs one more round, at the fit
+            return {**state, "step": "baseline", "fit": result,
+                    "inputs": {**state["inputs"], "beta": result["beta"]}}
+        baseline = breslow_baseline(sums)  # the sums are at the fitted beta
+        result["baseline"] = baseline.tolist()
+        result["baseline_at_horizon"] = baseline_at(baseline, plan.grid, plan.horizon_years)
         state = {**state, "step": "done", "result": result}
     return state
+
+
+def with_site_baselines(plan: SurvivalPlan, state: dict[str, Any],
+                        reports: dict[str, Arrays]) -> dict[str, Any]:
+    """A stratified fit finished: each site's Breslow baseline from its own ``baseline``
+    report (its event counts and risk-set sums at the fitted coefficients), in the
+    analysis's site order. A site without an event by the horizon has a baseline of 0
+    there: it is named, and not served."""
+    if state["step"] != "baseline":
+        raise ConfigurationError(f"The analysis is {state['step']!r}, not at its baseline "
+                                 f"round.")
+    baselines, at_horizon, without = {}, {}, []
+    for site in state["sites"]:
+        arrays = reports[site]
+        check_sums(plan, "baseline", arrays)
+        with np.errstate(all="ignore"):
+            baseline = breslow_cumulative(arrays["events"], arrays["risk0"])
+        if not np.isfinite(baseline).all():
+            raise DataValidationError(f"{site}'s baseline sums give a baseline hazard that "
+                                      f"is not finite.")
+        h0 = baseline_at(baseline, plan.grid, plan.horizon_years)
+        baselines[site] = baseline.tolist()
+        if h0 > 0:
+            at_horizon[site] = h0
+        else:
+            without.append(site)
+    result = {**state["fit"], "baselines": baselines, "baselines_at_horizon": at_horizon,
+              "without_baseline": without}
+    return {**{k: v for k, v in state.items() if k != "fit"}, "step": "done",
+            "result": result}
