@@ -95,10 +95,14 @@ def site_cox_sums(time: object, event: object, x: object, beta: object, grid: ob
     # Sums over {i: last_i == j}, then reverse cumulative sums: the risk sets {last_i >= j}.
     seen = last >= 0
     at = np.zeros((K, 1 + d + d * d))
-    np.add.at(at, last[seen], _at_rows(xc[seen], w[seen]))
-    risk = np.cumsum(at[::-1], axis=0)[::-1]
-    tied = np.zeros((K, 1 + d + d * d))
-    np.add.at(tied, last[ev], _at_rows(xc[ev], w[ev]))
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.add.at(at, last[seen], _at_rows(xc[seen], w[seen]))
+        risk = np.cumsum(at[::-1], axis=0)[::-1]
+        tied = np.zeros((K, 1 + d + d * d))
+        np.add.at(tied, last[ev], _at_rows(xc[ev], w[ev]))
+    if not (np.isfinite(risk).all() and np.isfinite(tied).all()):
+        raise DataValidationError("The sums of exp(x beta) x x' overflow at these "
+                                  "coefficients and covariates: centre or scale them.")
     events = np.bincount(last[ev], weights=case[ev], minlength=K)
     event_x = np.zeros((K, d))
     np.add.at(event_x, last[ev], xc[ev] * case[ev, None])
