@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -20,7 +21,13 @@ from cardiofed.node.agent import NodeAgent
 from cardiofed.node.config import DataSource
 from cardiofed.node.work import survival_rows
 from cardiofed.schema import CATALOGUE, encoded_feature_names
-from cardiofed.survival.cox import breslow_baseline, fit_cox, site_cox_sums
+from cardiofed.survival.cox import (
+    baseline_at,
+    breslow_baseline,
+    fit_cox,
+    pooled_sums,
+    site_cox_sums,
+)
 from cardiofed.survival.study import MAX_ETA, SurvivalPlan, check_state, start
 from cardiofed.wire import encode_arrays
 
@@ -60,12 +67,54 @@ def _in_process(plan: SurvivalPlan, sites: list[str] = SITES):  # type: ignore[n
                    max_iter=plan.max_newton)
 
 
-def _rows(sites: list[str] = SITES) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Each node's rows, clipped to the ranges the nodes clip them to."""
+def _rows(sites: list[str] = SITES, part: Literal["all", "train", "test"] = "all"
+          ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each node's rows (of `part`), clipped to the ranges the nodes clip them to."""
     low, high = np.array(feature_ranges_for(COLUMNS)).T
     rows = [survival_rows(DataSource(dataset="synthetic", site=s, seed=0), COLUMNS,
-                          "cvd_10y") for s in sites]
+                          "cvd_10y", part=part) for s in sites]
     return [(t, e, np.clip(x, low, high)) for t, e, x in rows]
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_with_evaluate_each_site_judges_its_served_model_on_its_held_out_rows(
+        tmp_path: Path, stratified: bool) -> None:
+    """The fit uses the training rows; each site's figures on its held-out rows equal
+    those of the in-process fit's served model (its own baseline, stratified), judged the
+    same way; the dashboard shows them."""
+    from test_dashboard import _login  # type: ignore[import-not-found]
+
+    from cardiofed.experiments.survival import horizon_figures, judged
+
+    survival = {**SURVIVAL, "stratified": stratified, "evaluate": True}
+    fed = _federation(tmp_path, survival)
+    _until_done(fed, [exact(fed, s) for s in SITES])
+    body = _result(fed)
+    plan = SurvivalPlan(**survival)
+    center = body["center"]
+    train = _rows(part="train")
+    fit = fit_cox(lambda beta: [site_cox_sums(t, e, x, beta, plan.grid, center=center)
+                                for t, e, x in train], len(COVARIATES), stratified=stratified)
+    got = np.array([body["coefficients"][c]["coefficient"] for c in COLUMNS])
+    np.testing.assert_allclose(got, fit.beta, rtol=0, atol=1e-9)
+    sums = [site_cox_sums(t, e, x, fit.beta, plan.grid, center=center) for t, e, x in train]
+    h0 = ([baseline_at(breslow_baseline(s), plan.grid, 10.0) for s in sums] if stratified
+          else [baseline_at(breslow_baseline(pooled_sums(sums)), plan.grid, 10.0)] * 4)
+    evaluation = body["evaluation"]
+    assert isinstance(evaluation, dict) and list(evaluation) == SITES
+    for site, (t, e, x), site_h0 in zip(SITES, _rows(part="test"), h0, strict=True):
+        risk = -np.expm1(-site_h0 * np.exp((x - center) @ fit.beta))
+        expected = judged(horizon_figures(t, e, risk, 10.0))
+        report = evaluation[site]
+        assert report["n"] == t.size and report["verdict"] == expected["verdict"]
+        for name in ("uno_c", "observed", "predicted", "slope", "citl", "harrell_c",
+                     "horizon_auc", "brier"):
+            assert report[name] == pytest.approx(expected[name], rel=1e-6), name
+        assert report["uno_c_ci"] == pytest.approx(expected["uno_c_ci"], rel=1e-6)
+    page = _login(fed, fed.admin).get("/ui/studies/s1")
+    assert 'id="survival-evaluation"' in page.text
+    first = evaluation[SITES[0]]
+    assert f"<td>{SITES[0]}</td><td>{first['n']} / {first['events']}</td>" in page.text
 
 
 @pytest.mark.parametrize("stratified", [False, True])
@@ -448,3 +497,64 @@ def test_a_task_without_the_state_of_its_own_step_is_refused(state: object) -> N
     with pytest.raises(TaskRefused, match="The cox task of a survival study carries no "
                                           "state for that step."):
         _step_state(task, "a survival")
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_whatever_figures_a_site_reports_they_are_refused_by_name_or_judged(
+        data: st.DataObject) -> None:
+    """Any figures a site sends in the assess round: refused by name, or judged with each
+    value a finite number or None (undefined), never an exception."""
+    from cardiofed.exceptions import CardioFedError
+    from cardiofed.experiments.survival import FIGURES
+    from cardiofed.survival.study import with_site_reports
+
+    plan = SurvivalPlan(covariates=["age"], evaluate=True)
+    m = len(FIGURES)
+    plausible = data.draw(st.booleans(), label="plausible figures")
+    if plausible:  # counts and proportions where they belong
+        n = data.draw(st.integers(1, 10**6))
+        values = [float(n), float(data.draw(st.integers(0, n)))] + [
+            data.draw(st.floats(0, 1)) for _ in FIGURES[2:]]
+        defined = [1.0, 1.0] + [float(data.draw(st.booleans())) for _ in FIGURES[2:]]
+        values = [v if d else 0.0 for v, d in zip(values, defined, strict=True)]
+    else:
+        values = data.draw(st.lists(st.floats(-1e9, 1e9), min_size=m, max_size=m))
+        defined = data.draw(st.lists(st.sampled_from([0.0, 1.0, 0.5]), min_size=m,
+                                     max_size=m))
+    state = {"step": "assess", "sites": ["a"], "fit": {"beta": [0.1]}}
+    reports = {"a": {"values": np.array(values), "defined": np.array(defined)}}
+    try:
+        done = with_site_reports(plan, state, reports)
+    except CardioFedError as exc:
+        assert "A site's evaluation is not one its rows can give" in str(exc)
+        assert not plausible or "must not exceed" in str(exc)
+        return
+    report = done["result"]["evaluation"]["a"]
+    assert done["step"] == "done" and report["verdict"]
+    flat = [report[k] for k in ("uno_c", "observed", "predicted", "slope", "citl", "brier")]
+    flat += report["uno_c_ci"] + report["slope_ci"] + report["citl_ci"]
+    assert all(v is None or math.isfinite(v) for v in flat)
+
+
+def test_a_node_refuses_an_assess_round_it_cannot_compute_by_name() -> None:
+    from cardiofed.survival.study import site_step
+
+    plan = SurvivalPlan(covariates=COVARIATES, evaluate=True)
+    t, e, x = _rows(SITES[:1], part="test")[0]
+    base = {"step": "assess", "columns": COLUMNS, "iterations": 3,
+            "inputs": {"beta": [0.0] * 7, "center": CENTER}}
+    for h0, site, message in ((-1.0, None, "must be a finite number > 0; got -1.0"),
+                              (math.inf, None, "must be a finite number > 0; got inf"),
+                              ({"other": 0.1}, "a", "names no baseline for site 'a'")):
+        state = {**base, "inputs": {**base["inputs"], "h0": h0}}
+        with pytest.raises(ConfigurationError, match=re.escape(message)):
+            site_step(plan, state, t, e, x, RANGES, site)
+    state = {**base, "inputs": {**base["inputs"], "h0": 0.1}}
+    with pytest.raises(ConfigurationError, match="no held-out rows to judge the model on"):
+        site_step(plan, state, t[:0], e[:0], x[:0], RANGES, "a")
+    # A site served no model (no event by the horizon) reports only its counts.
+    state = {**base, "inputs": {**base["inputs"], "h0": {"a": None}}}
+    arrays = site_step(plan, state, t, e, x, RANGES, "a")
+    assert arrays["defined"].tolist() == [1.0, 1.0] + [0.0] * 16
+    assert arrays["values"][:2].tolist() == [t.size, e.sum()]

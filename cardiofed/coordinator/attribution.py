@@ -111,7 +111,7 @@ def close_round(db: Session, study: Study, plan: Analysis, rnd: Round,
             state["sites"] = names
         try:
             if isinstance(plan, SurvivalPlan) and rnd.kind in PER_SITE_STEPS:
-                state = survival_study.with_site_baselines(plan, state, reports or {})
+                state = survival_study.with_site_reports(plan, state, reports or {})
             else:
                 assert totals is not None
                 state = (survival_study.next_state(plan, state, totals)

@@ -17,19 +17,21 @@ from cardiofed.experiments.acceptability import (
     combined,
     discrimination_check,
 )
-from cardiofed.survival.metrics import calibration_at, uno_c
+from cardiofed.survival.metrics import brier_at, calibration_at, harrell_c, horizon_auc, uno_c
 
-__all__ = ["assess_at"]
+__all__ = ["FIGURES", "assess_at", "horizon_figures", "judged"]
+
+# One site's figures at a horizon, in the order a networked evaluation sends them.
+FIGURES = ("n", "events", "uno_c", "uno_c_low", "uno_c_high", "observed", "observed_low",
+           "observed_high", "predicted", "slope", "slope_low", "slope_high", "citl",
+           "citl_low", "citl_high", "harrell_c", "horizon_auc", "brier")
 
 
-def assess_at(time: np.ndarray, event: np.ndarray, risk: np.ndarray, horizon: float,
-              true_risk: np.ndarray | None = None, *, resamples: int = 200,
-              seed: int = 0) -> dict[str, Any]:
-    """One site's figures at `horizon` (JSON-ready), `true_risk` where it is known;
-    `resamples` of the bootstrap of Uno's C."""
+def horizon_figures(time: np.ndarray, event: np.ndarray, risk: np.ndarray, horizon: float,
+                    *, resamples: int = 200, seed: int = 0) -> dict[str, float]:
+    """One site's :data:`FIGURES` at `horizon` (NaN where one is undefined); `resamples`
+    of the bootstrap of Uno's C."""
     cal = calibration_at(time, event, risk, horizon)
-    slope, citl = calibration_checks(cal.slope, cal.slope_interval, cal.citl,
-                                     cal.citl_interval)
     c = uno_c(time, event, risk, horizon)
     rng = np.random.default_rng(seed)
     draws = []
@@ -39,15 +41,45 @@ def assess_at(time: np.ndarray, event: np.ndarray, risk: np.ndarray, horizon: fl
     finite = np.asarray(draws)[np.isfinite(draws)]
     c_ci = ((float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5)))
             if finite.size else (math.nan, math.nan))
-    discrimination = discrimination_check(c, c_ci, name="Uno's C")
+    return {"n": float(len(time)), "events": float(np.sum(event)), "uno_c": c,
+            "uno_c_low": c_ci[0], "uno_c_high": c_ci[1], "observed": cal.observed,
+            "observed_low": cal.observed_interval[0], "observed_high": cal.observed_interval[1],
+            "predicted": cal.expected, "slope": cal.slope, "slope_low": cal.slope_interval[0],
+            "slope_high": cal.slope_interval[1], "citl": cal.citl,
+            "citl_low": cal.citl_interval[0], "citl_high": cal.citl_interval[1],
+            "harrell_c": harrell_c(time, event, risk),
+            "horizon_auc": horizon_auc(time, event, risk, horizon),
+            "brier": brier_at(time, event, risk, horizon)}
+
+
+def judged(figures: dict[str, float]) -> dict[str, Any]:
+    """`figures` (:func:`horizon_figures`, computed here or reported by a site) as JSON-ready
+    values (None where undefined) with intervals, judged: Uno's C, slope and
+    calibration-in-the-large on their intervals, as the binary models' are."""
+    f = {k: float(v) for k, v in figures.items()}
+    slope, citl = calibration_checks(f["slope"], (f["slope_low"], f["slope_high"]), f["citl"],
+                                     (f["citl_low"], f["citl_high"]))
+    discrimination = discrimination_check(f["uno_c"], (f["uno_c_low"], f["uno_c_high"]),
+                                          name="Uno's C")
     checks = (discrimination, slope, citl)
-    out = {"n": int(len(time)), "events": int(np.sum(event)), "uno_c": c,
-           "uno_c_ci": list(c_ci), "observed": cal.observed,
-           "observed_ci": list(cal.observed_interval), "predicted": cal.expected,
-           "slope": cal.slope, "slope_ci": list(cal.slope_interval), "citl": cal.citl,
-           "citl_ci": list(cal.citl_interval), "verdict": str(combined(checks)),
-           "calibration_verdict": str(combined((slope, citl))),
-           "reasons": [check.reason for check in checks if check.reason]}
+    out: dict[str, Any] = {"n": int(f["n"]), "events": int(f["events"])}
+    for name in ("uno_c", "observed", "slope", "citl"):
+        out[name] = f[name]
+        out[f"{name}_ci"] = [f[f"{name}_low"], f[f"{name}_high"]]
+    out |= {"predicted": f["predicted"], "harrell_c": f["harrell_c"],
+            "horizon_auc": f["horizon_auc"], "brier": f["brier"],
+            "verdict": str(combined(checks)),
+            "calibration_verdict": str(combined((slope, citl))),
+            "reasons": [check.reason for check in checks if check.reason]}
+    return out
+
+
+def assess_at(time: np.ndarray, event: np.ndarray, risk: np.ndarray, horizon: float,
+              true_risk: np.ndarray | None = None, *, resamples: int = 200,
+              seed: int = 0) -> dict[str, Any]:
+    """One site's figures at `horizon`, judged (JSON-ready), `true_risk` where it is known;
+    `resamples` of the bootstrap of Uno's C."""
+    out = judged(horizon_figures(time, event, risk, horizon, resamples=resamples, seed=seed))
     if true_risk is not None:
         out["true_risk"] = float(np.mean(true_risk))
     return out

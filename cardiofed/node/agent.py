@@ -14,7 +14,7 @@ import os
 import ssl
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import numpy as np
@@ -86,7 +86,8 @@ class NodeAgent:
         self.policy = TaskPolicy(self.state_dir / "tasks.json")
         self._site: SiteData | None = None
         self._rows: SiteArrays | None = None  # an attribution study's
-        self._survival_rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # a survival study's rows: all, or the training or held-out part
+        self._survival_rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._pre: Preprocessor | None = None
         self._weights: tuple[tuple[str, int], Weights] | None = None  # the last version's
         self._privacy: SitePrivacy | None = None
@@ -459,13 +460,16 @@ class NodeAgent:
                               "study.")
         state = _step_state(task, "a survival")
         catalogue = self._agreed_features(task)
-        if self._survival_rows is None:
-            self._survival_rows = survival_rows(self._data, task.feature_names, task.outcome,
-                                                catalogue)
-        time, event, x = self._survival_rows
+        # With evaluate, the fit uses the training rows and the evaluation the held-out.
+        part: Literal["all", "train", "test"] = (
+            "all" if not plan.evaluate else "test" if task.kind == "assess" else "train")
+        if part not in self._survival_rows:
+            self._survival_rows[part] = survival_rows(self._data, task.feature_names,
+                                                      task.outcome, catalogue, part=part)
+        time, event, x = self._survival_rows[part]
         ranges = own_feature_ranges(self._data, task.feature_names, catalogue)
         try:
-            arrays = survival_step(plan, state, time, event, x, ranges)
+            arrays = survival_step(plan, state, time, event, x, ranges, self._site_name())
         except (KeyError, TypeError, ValueError, CardioFedError) as exc:
             raise TaskRefused(f"The {task.kind} task's state is not one this site can "
                               f"compute with: {type(exc).__name__}: {exc}") from None

@@ -37,10 +37,10 @@ ATTRIBUTION_RELEASES = {"moments": ATTRIBUTION_STARTS, "newton": ATTRIBUTION_STA
                         "estimate": ATTRIBUTION_STARTS, "sandwich": ATTRIBUTION_STARTS}
 # A survival study (cardiofed.survival.study): each start one round of counts, at most 100
 # Newton steps, each halved at most MAX_HALVINGS times, and one round to begin; stratified,
-# one round of the site's own baseline at the fit.
+# one round of the site's own baseline at the fit; with evaluate, one round of figures.
 SURVIVAL_RELEASES = {"km": ATTRIBUTION_STARTS,
                      "cox": ATTRIBUTION_STARTS * (100 * (MAX_HALVINGS + 1) + 1),
-                     "baseline": ATTRIBUTION_STARTS}
+                     "baseline": ATTRIBUTION_STARTS, "assess": ATTRIBUTION_STARTS}
 ANALYSIS_RELEASES = {**ATTRIBUTION_RELEASES, **SURVIVAL_RELEASES}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import Literal
 
 import numpy as np
 
@@ -132,12 +133,14 @@ def attribution_site(source: DataSource, plan: AttributionPlan, columns: list[st
 
 
 def survival_rows(source: DataSource, columns: list[str], outcome: str | None,
-                  catalogue: Catalogue | None = None
+                  catalogue: Catalogue | None = None,
+                  part: Literal["all", "train", "test"] = "all"
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The site's rows for a survival study: follow-up (years), event and covariates
-    (`columns`), every row with all of them (no test split). The synthetic reference
-    federation exports censored follow-up; a site's export needs its mapping's
-    ``[follow_up]``. Refused, naming why, otherwise."""
+    (`columns`), every row of `part` with all of them (all: both splits; train or test:
+    the split a model study uses). The synthetic reference federation exports censored
+    follow-up; a site's export needs its mapping's ``[follow_up]``. Refused, naming why,
+    otherwise."""
     if source.dataset is not None:
         if source.dataset != "synthetic":
             raise TaskRefused(f"Data set {source.dataset!r} has no follow-up times; a survival "
@@ -164,6 +167,10 @@ def survival_rows(source: DataSource, columns: list[str], outcome: str | None,
     assert site.time_train is not None and site.time_test is not None
     time = np.concatenate([site.time_train, site.time_test])
     event = np.concatenate([site.y_train, site.y_test])
+    if part != "all":
+        rows = (slice(None, len(site.y_train)) if part == "train"
+                else slice(len(site.y_train), None))
+        time, event, x_all = time[rows], event[rows], x_all[rows]
     keep = np.isfinite(x_all).all(axis=1)
     log.info("survival: %d of %d rows have every covariate", int(keep.sum()), len(keep))
     return time[keep], event[keep], x_all[keep]

@@ -95,7 +95,8 @@ class TaskResponse(BaseModel):
     study: str
     round: int
     kind: str = Field(description="statistics, train, intercept or evaluate; an attribution "
-                                  "study's moments, newton, estimate or sandwich")
+                                  "study's moments, newton, estimate or sandwich; a survival "
+                                  "study's km, cox, baseline or assess")
     model_version: int
     deadline: AwareDatetime = Field(description="UTC, with its offset")
     site_index: int
@@ -277,6 +278,31 @@ class CoxCoefficient(BaseModel):
     hr_high: float
 
 
+class SurvivalSiteEvaluation(BaseModel):
+    """One site's figures of the model it is served, on its held-out rows at the horizon
+    (None where a figure is undefined), judged by the coordinator as the simulator judges
+    its own: Uno's C, slope and calibration-in-the-large on their 95% intervals."""
+
+    n: int
+    events: int
+    uno_c: float | None
+    uno_c_ci: list[float | None]
+    observed: float | None = Field(description="1 - the site's Kaplan-Meier survival by "
+                                               "the horizon")
+    observed_ci: list[float | None]
+    predicted: float | None = Field(description="The mean predicted risk by the horizon")
+    slope: float | None
+    slope_ci: list[float | None]
+    citl: float | None
+    citl_ci: list[float | None]
+    harrell_c: float | None
+    horizon_auc: float | None = Field(description="Cumulative/dynamic AUC at the horizon")
+    brier: float | None = Field(description="IPCW Brier score at the horizon")
+    verdict: str
+    calibration_verdict: str
+    reasons: list[str]
+
+
 class SurvivalResponse(BaseModel):
     """A finished survival study: the federated Cox model's coefficients with standard
     errors (observed information), and Breslow's baseline cumulative hazard on the public
@@ -306,6 +332,8 @@ class SurvivalResponse(BaseModel):
     baselines_at_horizon: dict[str, float] | None = Field(
         None, description="Stratified by site: each site's H0 by horizon_years (its served "
                           "model's baseline)")
+    evaluation: dict[str, SurvivalSiteEvaluation] | None = Field(
+        None, description="With evaluate: each site's figures on its held-out rows")
     without_baseline: list[str] | None = Field(
         None, description="Stratified by site: sites without an event by horizon_years "
                           "(no baseline; not served)")

@@ -140,7 +140,7 @@ def study_report(study: Study) -> SurvivalResponse:
         "max_years": plan.max_years, "horizon_years": plan.horizon_years,
         "baseline": r.get("baseline"), "baseline_at_horizon": r.get("baseline_at_horizon"),
         "baselines": r.get("baselines"), "baselines_at_horizon": r.get("baselines_at_horizon"),
-        "without_baseline": r.get("without_baseline"),
+        "without_baseline": r.get("without_baseline"), "evaluation": r.get("evaluation"),
         "kaplan_meier": r.get("kaplan_meier"),
         "kaplan_meier_risk_at_horizon": r.get("kaplan_meier_risk_at_horizon"),
         "releases": RELEASES})

@@ -53,9 +53,13 @@ from cardiofed.survival.cox import (
 )
 from cardiofed.survival.kaplan_meier import GridCounts, kaplan_meier, site_counts
 
-STEPS = ("km", "cox", "baseline", "done")
-# A step whose reports the coordinator keeps per site instead of adding them.
-PER_SITE_STEPS = ("baseline",)
+STEPS = ("km", "cox", "baseline", "assess", "done")
+# Steps whose reports the coordinator keeps per site instead of adding them.
+PER_SITE_STEPS = ("baseline", "assess")
+# Every figure of an evaluation is a proportion (or a count, n and events) but the slope
+# and calibration-in-the-large, which are bounded to keep what a site reports plausible.
+_UNBOUNDED = ("slope", "slope_low", "slope_high", "citl", "citl_low", "citl_high")
+MAX_CALIBRATION = 1e6
 # |x beta| over the site's ranges stays below this (exp stays far from overflow)
 MAX_ETA = 500.0
 MIN_EXP_ETA = math.exp(-MAX_ETA)  # the least exp(x beta) a site's row can have
@@ -81,6 +85,10 @@ class SurvivalPlan(BaseModel):
     kaplan_meier: bool = Field(True, description=(
         "a first round of event and censoring counts on the grid: the pooled Kaplan-Meier "
         "curve"))
+    evaluate: bool = Field(False, description=(
+        "fit on each site's training rows, then judge the served model at the horizon on "
+        "each site's held-out rows (its test split): Uno's and Harrell's C, the horizon "
+        "AUC, calibration and the IPCW Brier score, with intervals and verdicts"))
 
     @model_validator(mode="after")
     def _consistent(self) -> SurvivalPlan:
@@ -122,6 +130,10 @@ def expected_arrays(plan: SurvivalPlan, step: str, k: int) -> dict[str, tuple[in
         return {"events": (plan.grid.size,), "censored": (plan.grid.size,)}
     if step == "baseline":
         return {"events": (plan.grid.size,), "risk0": (plan.grid.size,)}
+    if step == "assess":
+        from cardiofed.experiments.survival import FIGURES
+
+        return {"values": (len(FIGURES),), "defined": (len(FIGURES),)}
     if step != "cox":
         raise ConfigurationError(f"A survival study has no step {step!r}.")
     if plan.stratified:
@@ -157,10 +169,14 @@ def check_state(plan: SurvivalPlan, state: dict[str, Any],
 
 
 def site_step(plan: SurvivalPlan, state: dict[str, Any], time: np.ndarray,
-              event: np.ndarray, x: np.ndarray, ranges: Sequence[Sequence[float]]) -> Arrays:
-    """What a site sends for the round in `state`: its counts on the grid (``km``), then
+              event: np.ndarray, x: np.ndarray, ranges: Sequence[Sequence[float]],
+              site: str | None = None) -> Arrays:
+    """What `site` sends for the round in `state`: its counts on the grid (``km``), then
     its sums (pooled) or its own derivatives (stratified), then, stratified, what its own
-    baseline needs (``baseline``), on its rows clipped to its `ranges`."""
+    baseline needs (``baseline``), and with ``evaluate`` its figures of the served model
+    (on its held-out rows), on its rows clipped to its `ranges`."""
+    if state["step"] == "assess":
+        return _evaluation(plan, state, time, event, x, ranges, site)
     if state["step"] == "km":
         counts = site_counts(time, event, plan.grid)
         return {"events": counts.events.astype(np.float64),
@@ -179,12 +195,46 @@ def site_step(plan: SurvivalPlan, state: dict[str, Any], time: np.ndarray,
     return {name: np.asarray(getattr(sums, name), dtype=np.float64) for name in _SUMS}
 
 
+def _evaluation(plan: SurvivalPlan, state: dict[str, Any], time: np.ndarray,
+                event: np.ndarray, x: np.ndarray, ranges: Sequence[Sequence[float]],
+                site: str | None) -> Arrays:
+    """The site's figures of the model it is served (the fit and its own baseline, or the
+    one baseline) on its rows: each value, and whether it is defined (0 where not)."""
+    from cardiofed.experiments.survival import FIGURES, horizon_figures
+
+    beta, center = check_state(plan, state, ranges)
+    h0 = state["inputs"]["h0"]
+    if isinstance(h0, dict):
+        if site not in h0:
+            raise ConfigurationError(f"The evaluation names no baseline for site {site!r}.")
+        h0 = h0[site]  # None: no event by the horizon, no model served to this site
+    if not (h0 is None or isinstance(h0, int | float) and math.isfinite(h0) and h0 > 0):
+        raise ConfigurationError(f"A baseline hazard must be a finite number > 0; got {h0!r}.")
+    if time.size == 0:
+        raise ConfigurationError("This site has no held-out rows to judge the model on.")
+    figures = {name: math.nan for name in FIGURES}
+    figures |= {"n": float(time.size), "events": float(np.sum(event))}
+    if h0 is not None:
+        low = np.array([r[0] for r in ranges], dtype=np.float64)
+        high = np.array([r[1] for r in ranges], dtype=np.float64)
+        with np.errstate(over="ignore"):  # a risk of 1 where h0 exp(x beta) overflows
+            risk = -np.expm1(-float(h0) * np.exp((np.clip(x, low, high) - center) @ beta))
+        with np.errstate(all="ignore"):
+            figures = horizon_figures(time, event, risk, plan.horizon_years)
+    values = np.array([figures[name] for name in FIGURES], dtype=np.float64)
+    defined = np.isfinite(values)
+    return {"values": np.where(defined, values, 0.0), "defined": defined.astype(np.float64)}
+
+
 def check_sums(plan: SurvivalPlan, step: str, arrays: Arrays) -> None:
     """What one site's sums for `step` must satisfy beyond their names, shapes and
     finiteness (which the coordinator checks for every analysis): sums of ``exp(x beta)``
     are >= 0, a risk set holds its tied events and is not empty where events are; a log
     partial likelihood is <= 0 and its Hessian symmetric."""
     if step == "km":  # counts: whole and >= 0, as the payload checks hold them
+        return
+    if step == "assess":
+        _check_figures(arrays)
         return
     if step == "baseline":
         r0, d = arrays["risk0"], arrays["events"]
@@ -265,8 +315,92 @@ def next_state(plan: SurvivalPlan, state: dict[str, Any], totals: Arrays) -> dic
         baseline = breslow_baseline(sums)  # the sums are at the fitted beta
         result["baseline"] = baseline.tolist()
         result["baseline_at_horizon"] = baseline_at(baseline, plan.grid, plan.horizon_years)
-        state = {**state, "step": "done", "result": result}
+        return _fitted(plan, state, result)
     return state
+
+
+def _fitted(plan: SurvivalPlan, state: dict[str, Any], result: dict[str, Any]
+            ) -> dict[str, Any]:
+    """The fit is complete: done, or with ``evaluate`` one round in which every site judges
+    the model it is served (``assess``; ``h0``: the one baseline by the horizon, or each
+    site's)."""
+    rest = {k: v for k, v in state.items() if k != "fit"}
+    by_site = result.get("baselines_at_horizon")
+    h0 = (result["baseline_at_horizon"] if by_site is None
+          else {site: by_site.get(site) for site in state["sites"]})
+    if not plan.evaluate or not (h0 if by_site is None else by_site):
+        return {**rest, "step": "done", "result": result}  # no risk to judge: none served
+    return {**rest, "step": "assess", "fit": result,
+            "inputs": {**state["inputs"], "beta": result["beta"], "h0": h0}}
+
+
+def with_site_evaluations(plan: SurvivalPlan, state: dict[str, Any],
+                          reports: dict[str, Arrays]) -> dict[str, Any]:
+    """The study is done: each site's figures (checked, then judged by the coordinator as
+    the simulator judges its own) in the result's ``evaluation``, in the analysis's site
+    order."""
+    from cardiofed.experiments.survival import FIGURES, judged
+
+    if state["step"] != "assess":
+        raise ConfigurationError(f"The analysis is {state['step']!r}, not at its assess "
+                                 f"round.")
+    evaluation = {}
+    for site in state["sites"]:
+        _check_figures(reports[site])
+        values = np.where(reports[site]["defined"] == 1, reports[site]["values"], math.nan)
+        with np.errstate(all="ignore"):
+            evaluation[site] = _json(judged(dict(zip(FIGURES, values.tolist(), strict=True))))
+    rest = {k: v for k, v in state.items() if k != "fit"}
+    return {**rest, "step": "done", "result": {**state["fit"], "evaluation": evaluation}}
+
+
+def _json(value: Any) -> Any:
+    """NaN (an undefined figure) as None, through lists and dicts."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, list):
+        return [_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    return value
+
+
+def _check_figures(arrays: Arrays) -> None:
+    """What a site's figures must be: each defined or not (0 then); n a whole number >= 1,
+    events a whole number up to n; C statistics, AUC, Brier score and risks in [0, 1];
+    slope and calibration-in-the-large within +-MAX_CALIBRATION; each interval ordered."""
+    from cardiofed.experiments.survival import FIGURES
+
+    values, defined = arrays["values"], arrays["defined"]
+    f = dict(zip(FIGURES, values.tolist(), strict=True))
+    ok = dict(zip(FIGURES, (defined == 1).tolist(), strict=True))
+    problems = []
+    if not np.isin(defined, (0.0, 1.0)).all() or (values[defined == 0] != 0).any():
+        problems.append("'defined' must be 0 or 1 for each figure, and an undefined one 0")
+    if not (ok["n"] and ok["events"] and f["n"] >= 1 and f["n"] == round(f["n"])
+            and 0 <= f["events"] <= f["n"] and f["events"] == round(f["events"])):
+        problems.append("n must be a whole number >= 1 and events a whole number up to n")
+    for name in FIGURES[2:]:
+        bound = MAX_CALIBRATION if name in _UNBOUNDED else 1.0
+        low = -bound if name in _UNBOUNDED else 0.0
+        if ok[name] and not low <= f[name] <= bound:
+            problems.append(f"{name} must lie in [{low:g}, {bound:g}]")
+    for name in ("uno_c", "observed", "slope", "citl"):
+        lo, hi = f"{name}_low", f"{name}_high"
+        if ok[lo] and ok[hi] and f[lo] > f[hi]:
+            problems.append(f"{lo} must not exceed {hi}")
+    if problems:
+        raise DataValidationError(f"A site's evaluation is not one its rows can give: "
+                                  f"{'; '.join(problems)}.")
+
+
+def with_site_reports(plan: SurvivalPlan, state: dict[str, Any],
+                      reports: dict[str, Arrays]) -> dict[str, Any]:
+    """The coordinator's move after a round kept per site (:data:`PER_SITE_STEPS`):
+    `reports` maps each site of the analysis to its arrays."""
+    if state["step"] == "assess":
+        return with_site_evaluations(plan, state, reports)
+    return with_site_baselines(plan, state, reports)
 
 
 def with_site_baselines(plan: SurvivalPlan, state: dict[str, Any],
@@ -293,7 +427,6 @@ def with_site_baselines(plan: SurvivalPlan, state: dict[str, Any],
             at_horizon[site] = h0
         else:
             without.append(site)
-    result = {**state["fit"], "baselines": baselines, "baselines_at_horizon": at_horizon,
-              "without_baseline": without}
-    return {**{k: v for k, v in state.items() if k != "fit"}, "step": "done",
-            "result": result}
+    return _fitted(plan, state, {**state["fit"], "baselines": baselines,
+                                 "baselines_at_horizon": at_horizon,
+                                 "without_baseline": without})
