@@ -50,6 +50,67 @@ def test_one_record_moves_the_sum_by_at_most_the_sensitivity(
     assert moved <= sensitivity(clip) * (1 + 1e-9)
 
 
+def test_a_patients_block_of_person_periods_is_one_record() -> None:
+    """Unclipped, the sum over patients' blocks is the log-loss gradient of their rows at
+    risk (label -1 rows left out), as bce_loss sums it. (Small hazards, as a survival
+    model's are: each patient's intercept part stays within [-1, 1], its bound.)"""
+    from cardiofed.models.networks import set_weights
+    from cardiofed.survival.discrete import person_periods
+    from cardiofed.training.local import bce_loss
+
+    rng = np.random.default_rng(2)
+    t, e, x = rng.exponential(5.0, 40) + 0.1, rng.random(40) < 0.4, rng.normal(size=(40, 3))
+    inputs, labels = person_periods(t, e, x, np.arange(1.0, 6.0))
+    model = make_model("logistic", inputs.shape[2], seed=1)
+    set_weights(model, {"linear.weight": rng.normal(0, 0.1, (1, inputs.shape[2])),
+                        "linear.bias": np.array([-4.0])})
+    bce_loss(model(torch.from_numpy(inputs)), torch.from_numpy(labels),
+             reduction="sum").backward()
+    expected = np.concatenate([model.linear.weight.grad.numpy().ravel(),
+                               model.linear.bias.grad.numpy()])
+    np.testing.assert_allclose(clipped_gradient_sum(get_weights(model), inputs, labels, 1e6),
+                               expected, rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=150, deadline=None)
+@given(x=arrays(np.float64, (8, 4, 3), elements=st.floats(-1e3, 1e3)),
+       y=arrays(np.float64, (8, 4), elements=st.sampled_from([-1.0, 0.0, 1.0])),
+       w=arrays(np.float32, 4, elements=st.floats(-50, 50, width=32)),
+       clip=st.floats(0.01, 10), drop=st.integers(0, 7))
+def test_one_patients_block_moves_the_sum_by_at_most_the_sensitivity(
+        x: np.ndarray, y: np.ndarray, w: np.ndarray, clip: float, drop: int) -> None:
+    """Whatever a patient's rows and labels (any number of intervals, events or none), the
+    sum moves by at most the logistic sensitivity when the patient leaves."""
+    weights = {"linear.weight": w[:3].reshape(1, 3), "linear.bias": w[3:]}
+    keep = np.arange(8) != drop
+    moved = np.linalg.norm(clipped_gradient_sum(weights, x, y, clip)
+                           - clipped_gradient_sum(weights, x[keep], y[keep], clip))
+    assert moved <= sensitivity(clip) * (1 + 1e-9)
+
+
+def test_a_discrete_time_survival_model_trains_over_secure_sums() -> None:
+    """Statistics and every round's gradient sums are secure sums with distributed noise;
+    each site's ledger is charged within its budget; without a budget it is refused."""
+    from cardiofed.simulation.survival import fit_federated_discrete
+    from cardiofed.survival.metrics import uno_c
+
+    data = synthetic_federation(n_sites=4, seed=3, survival=True)
+    settings_ = dict(algorithm="fedavg", rounds=60, server_lr=4.0, average_last=30,
+                     feature_transform="clinical", stop_patience=None, seed=0,
+                     secure_aggregation=True)
+    model = fit_federated_discrete(data, SimulationConfig.create(
+        **settings_, dp_epsilon=1.0, dp_delta=1e-5))
+    assert set(model.epsilon_spent) == {s.name for s in data.sites}
+    assert all(0.5 < e <= 1.0 for e in model.epsilon_spent.values())
+    site = data.sites[0]
+    risk = model.risk(site.x_test, 10.0)
+    assert ((risk > 0) & (risk < 1)).all()
+    assert uno_c(site.time_test, site.y_test, risk, 10.0) > 0.65  # it learned the risk
+    with pytest.raises(ConfigurationError, match="secure_aggregation trains with "
+                                                 "distributed DP: set dp_epsilon"):
+        fit_federated_discrete(data, SimulationConfig.create(**settings_))
+
+
 def test_secure_aggregation_settings_are_refused_by_name() -> None:
     with pytest.raises(ConfigurationError, match="secure_aggregation in simulation: "
                                                  "dp_epsilon must be set"):

@@ -93,17 +93,22 @@ Attack = Callable[[str, np.ndarray], np.ndarray]
 
 def run_secure_sgd(sites: Sequence[PreparedSite], config: SimulationConfig, *,
                    privacy: Mapping[str, SitePrivacy],
-                   attack: Attack | None = None) -> FederatedRun:
+                   attack: Attack | None = None,
+                   metrics: Callable[[Weights], dict[str, float]] | None = None
+                   ) -> FederatedRun:
     """``config.rounds`` rounds of DP-FedSGD over secure sums (see the module docstring).
 
     With ``config.secure_group_size`` the sites are dealt into groups (once per study);
     each group's sum is unmasked on its own and ``config.robust_rule`` aggregates the
     groups' mean gradients (weighted by their noisy record counts). `attack(site,
-    vector)`, for benchmarks and tests, replaces what a malicious site sends."""
+    vector)`, for benchmarks and tests, replaces what a malicious site sends. A site's
+    records are its rows, or its patients' blocks of person-period rows (``x_train`` of
+    shape ``(n, J, d)``); `metrics(weights)` gives the history's figures (default: the
+    test AUCs of :func:`~cardiofed.simulation.runner.round_metrics`)."""
     from cardiofed.models.networks import get_weights, make_model
     from cardiofed.simulation.runner import FederatedRun, round_metrics
 
-    model = make_model(config.model, sites[0].x_train.shape[1], seed=config.seed)
+    model = make_model(config.model, sites[0].x_train.shape[-1], seed=config.seed)
     weights = get_weights(model)
     algorithm = config.make_algorithm()
     state = algorithm.init_server(weights)
@@ -168,7 +173,8 @@ def run_secure_sgd(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             run.weight_share[name] += 1 / len(vectors)
         if rnd == config.rounds or (config.eval_every and rnd % config.eval_every == 0):
             record = {"round": float(rnd), "time_s": 0.0, "train_loss": float("nan"),
-                      **round_metrics(config.model, weights, sites)}
+                      **(metrics(weights) if metrics is not None
+                         else round_metrics(config.model, weights, sites))}
             for name, site_privacy in privacy.items():
                 record[f"epsilon/{name}"] = site_privacy.ledger.spent()
             run.history.append(record)

@@ -22,7 +22,7 @@ the seed the benchmark reports.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
@@ -45,9 +45,10 @@ from cardiofed.models.networks import (
     set_weights,
 )
 from cardiofed.privacy.release_gate import bounded_rows
+from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import site_privacy
-from cardiofed.simulation.prepare import prepare_federation
+from cardiofed.simulation.prepare import PreparedSite, prepare_federation
 from cardiofed.simulation.runner import derive_seed
 from cardiofed.survival.cox import (
     CoxFit,
@@ -240,14 +241,29 @@ def fit_federated_discrete(dataset: FederatedDataset, config: SimulationConfig, 
     """Train a discrete-time survival model over every site's training rows with the
     plan's algorithm, rounds and local training, one record per patient; with
     ``config.dp_epsilon`` every site releases its statistics and trains with DP-SGD
-    through its own ledger (each patient's gradient clipped), as any private model."""
+    through its own ledger (each patient's gradient clipped), as any private model; with
+    ``config.secure_aggregation`` as well, the statistics and each round's clipped
+    gradient sums are secure sums with distributed noise (DP-FedSGD,
+    :func:`~cardiofed.simulation.secure_runner.run_secure_sgd`)."""
     sites = _survival_sites(dataset)
     grid = interval_grid(horizon, step)
     privacy = site_privacy(dataset, config)
+    secure = config.secure_aggregation
+    if secure and not privacy:
+        raise ConfigurationError("secure_aggregation trains with distributed DP: set "
+                                 "dp_epsilon (each site's budget sets its noise).")
     prepared = prepare_federation(dataset, privacy=privacy or None,
-                                  form=config.model_form(dataset.feature_names))
+                                  form=config.model_form(dataset.feature_names),
+                                  secure_dropout=config.secure_dropout if secure else None)
     blocks = [person_periods(s.time_train, s.y_train, p.x_train, grid)
               for s, p in zip(sites, prepared, strict=True)]
+    if secure:
+        from cardiofed.simulation.secure_runner import run_secure_sgd  # loads cryptography
+
+        run = run_secure_sgd([replace(p, x_train=x, y_train=y)
+                              for p, (x, y) in zip(prepared, blocks, strict=True)],
+                             config, privacy=privacy, metrics=lambda _: {})
+        return _discrete(config, run.weights, prepared, dataset, grid, privacy)
     model = make_model(config.model, blocks[0][0].shape[2], seed=config.seed)
     weights = get_weights(model)
     algorithm = config.make_algorithm()
@@ -262,6 +278,12 @@ def fit_federated_discrete(dataset: FederatedDataset, config: SimulationConfig, 
                                              trainer=trainer)
             updates.append(privacy[s.name].declare(update) if s.name in privacy else update)
         weights, state = algorithm.server_update(weights, updates, state)
+    return _discrete(config, weights, prepared, dataset, grid, privacy)
+
+
+def _discrete(config: SimulationConfig, weights: Weights, prepared: list[PreparedSite],
+              dataset: FederatedDataset, grid: np.ndarray,
+              privacy: dict[str, SitePrivacy]) -> FederatedDiscreteTime:
     return FederatedDiscreteTime(kind=config.model, weights=weights,
                                  preprocessor=prepared[0].preprocessor,
                                  feature_ranges=list(dataset.feature_ranges), grid=grid,

@@ -9,6 +9,13 @@ adding or removing one record moves the sum by at most ``sqrt(clip^2 + 1)``
 (:data:`sensitivity`, what the noise of a secure sum is calibrated to). Flattened in the
 weights' order (``linear.weight`` then ``linear.bias``), so :func:`unflatten` reads it
 back.
+
+A record may also be a patient's block of person-period rows (``x`` of shape ``(n, J,
+d)``, labels ``(n, J)`` with -1 where the patient was not at risk:
+:mod:`cardiofed.survival.discrete`): its gradient is the sum over its rows, the weights'
+part clipped as above and the intercept's part (a sum of ``p - y`` over the intervals
+at risk, which small hazards keep within [-1, 1] in practice) clipped to [-1, 1], so the
+sensitivity is the same.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from cardiofed.models.kinds import Weights
 
 def clipped_gradient_sum(weights: Weights, x: np.ndarray, y: np.ndarray,
                          clip: float) -> np.ndarray:
-    """The sum of each row's log-loss gradient of a logistic model, its weights' part
-    clipped to L2 norm `clip` (flattened; see the module docstring)."""
+    """The sum of each record's log-loss gradient of a logistic model, its weights' part
+    clipped to L2 norm `clip` (flattened; see the module docstring): a record is a row,
+    or a patient's block of person-period rows."""
     if set(weights) != {"linear.weight", "linear.bias"}:
         raise ConfigurationError("Clipped gradient sums are built for logistic regression "
                                  f"(weights linear.weight, linear.bias); got {sorted(weights)}.")
@@ -31,11 +39,18 @@ def clipped_gradient_sum(weights: Weights, x: np.ndarray, y: np.ndarray,
     w = weights["linear.weight"].astype(np.float64).ravel()
     b = float(weights["linear.bias"].ravel()[0])
     x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
     z = x @ w + b
-    residual = np.exp(-np.logaddexp(0.0, -z)) - np.asarray(y, dtype=np.float64)  # p - y
-    norms = np.abs(residual) * np.sqrt((x * x).sum(axis=1))
-    factor = residual * np.minimum(1.0, clip / np.maximum(norms, 1e-300))
-    return np.concatenate([factor @ x, [residual.sum()]])
+    residual = np.exp(-np.logaddexp(0.0, -z)) - y  # p - y
+    if x.ndim == 2:
+        norms = np.abs(residual) * np.sqrt((x * x).sum(axis=1))
+        factor = residual * np.minimum(1.0, clip / np.maximum(norms, 1e-300))
+        return np.concatenate([factor @ x, [residual.sum()]])
+    residual = np.where(y < 0, 0.0, residual)  # intervals the patient was not at risk in
+    grads = np.einsum("nj,njd->nd", residual, x)
+    norms = np.sqrt((grads * grads).sum(axis=1))
+    scale = np.minimum(1.0, clip / np.maximum(norms, 1e-300))
+    return np.concatenate([scale @ grads, [np.clip(residual.sum(axis=1), -1.0, 1.0).sum()]])
 
 
 def sensitivity(clip: float) -> float:
