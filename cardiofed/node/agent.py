@@ -57,6 +57,7 @@ from cardiofed.privacy.site_privacy import SitePrivacy
 from cardiofed.protocol.schemas import TaskResponse
 from cardiofed.protocol.secure_sums import vector_length
 from cardiofed.schema import Catalogue
+from cardiofed.secure.identity import IDENTITY_KEY, SiteIdentity, identity_key, read_roster
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.secure_attribution import attribution_length, attribution_vector
 from cardiofed.simulation.secure_evaluation import evaluation_vector
@@ -92,7 +93,9 @@ class NodeAgent:
         self._weights: tuple[tuple[str, int], Weights] | None = None  # the last version's
         self._privacy: SitePrivacy | None = None
         self._name: str | None = None
-        self.secure = SecureRounds()  # the secure sums under way (their keys: memory only)
+        # the secure sums under way (their keys: memory only); with a roster, signed
+        self.secure = SecureRounds(None if config.roster is None else SiteIdentity(
+            identity_key(self.state_dir / IDENTITY_KEY), read_roster(config.roster)))
         self.region = None if config.region is None else RegionRelay(
             config.region, region_client, config.retry_max_delay_s)
         # The hospital's one ledger, opened (and verified) before anything runs: a

@@ -143,6 +143,10 @@ class NodeConfig(BaseModel):
     opt_in: list[OptIn] = Field(default_factory=list)
     # Whether the site's evaluation of the final model goes into the model card.
     publish_metrics: bool = True
+    # The federation's roster (site name -> Ed25519 public key, agreed out of band): with
+    # it the node signs its secure sums' advertisements and shares keys only when every
+    # advertisement is a roster site's, signed (cardiofed.secure.identity).
+    roster: Path | None = None
     # Seconds to wait after each training task before uploading: rehearses a slow site
     # (benchmarks, demos of asynchronous studies). 0 in production.
     train_delay_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
@@ -209,8 +213,9 @@ class NodeConfig(BaseModel):
             if key in raw.get("data", {}):
                 raw["data"][key] = str(base / raw["data"][key])
         raw["state_dir"] = str(base / raw.get("state_dir", "."))
-        if "ca_file" in raw:
-            raw["ca_file"] = str(base / raw["ca_file"])
+        for key in ("ca_file", "roster"):
+            if key in raw:
+                raw[key] = str(base / raw[key])
         for key in ("admin_key_file", "ca_file"):
             if isinstance(raw.get("region"), dict) and key in raw["region"]:
                 raw["region"][key] = str(base / raw["region"][key])

@@ -27,6 +27,7 @@ from cardiofed.protocol.schemas import (
     TaskResponse,
 )
 from cardiofed.secure import Advertisement, SecureSite, keys
+from cardiofed.secure.identity import SiteIdentity
 from cardiofed.secure.noise import DistributedNoise
 from cardiofed.simulation.config import SimulationConfig
 
@@ -49,24 +50,47 @@ Key = tuple[str, int, int]  # study, round, attempt
 
 
 class SecureRounds:
-    """The sums this node is part of, by (study, round, attempt)."""
+    """The sums this node is part of, by (study, round, attempt); with an `identity` (the
+    site's signing key and the federation's roster,
+    :mod:`cardiofed.secure.identity`) its advertisements are signed and it shares keys
+    only when every advertisement of a sum is signed by a site on the roster."""
 
-    def __init__(self) -> None:
+    def __init__(self, identity: SiteIdentity | None = None) -> None:
         self._sums: dict[Key, _Sum] = {}
+        self.identity = identity
 
     def advertise(self, task: TaskResponse, name: str, need: float,
                   length: int) -> wire.SecureAdvert:
         """Fresh keys for the task's sum, advertised with the noise multiplier `need`
         this site's budget needs on it; `length` values in its vector."""
         sec = _secure(task)
+        if self.identity is not None:
+            try:
+                self.identity.check_own(name)
+            except CardioFedError as exc:
+                raise TaskRefused(str(exc)) from None
         for key in [k for k in self._sums if k[:2] == (task.study, task.round)]:
             del self._sums[key]  # an earlier attempt of the round: its keys are spent
         pending = _Sum(need=need, length=length, c_private=keys.new_private_key(),
                        s_private=keys.new_private_key(), b_seed=keys.new_seed())
         self._sums[(task.study, task.round, sec.attempt)] = pending
-        ad = Advertisement(name, keys.public_key(pending.c_private),
-                                keys.public_key(pending.s_private))
-        return wire.advert_to_wire(ad, need)
+        ad = wire.advert_to_wire(Advertisement(name, keys.public_key(pending.c_private),
+                                               keys.public_key(pending.s_private)), need)
+        if self.identity is None:
+            return ad
+        message = wire.advert_message(_context(task), name, ad)
+        return ad.model_copy(update={"signature": wire.to_b64(self.identity.sign(message))})
+
+    def _check_signatures(self, task: TaskResponse, adverts: dict[str, wire.SecureAdvert]
+                          ) -> None:
+        """With a roster, every advertisement must be a roster site's, signed by its key."""
+        if self.identity is None:
+            return
+        context = _context(task)
+        for site, ad in adverts.items():
+            signature = (None if ad.signature is None
+                         else wire.from_b64(ad.signature, f"{site!r}'s signature"))
+            self.identity.verify(site, wire.advert_message(context, site, ad), signature)
 
     def share(self, task: TaskResponse, name: str, plan: SimulationConfig) -> SecureShares:
         """Sealed share pairs for this site's neighbours, once the study's noise is
@@ -81,6 +105,7 @@ class SecureRounds:
                               f"{pending.need:.4g}: its noise would not cover this site's "
                               f"budget.")
         try:
+            self._check_signatures(task, adverts)
             ads = {site: wire.advert_from_wire(site, ad) for site, ad in adverts.items()}
             sum_plan, noise = wire.sum_setup(task.kind, plan, sorted(ads), pending.length,
                                              multiplier, study=task.study,
@@ -143,3 +168,7 @@ class SecureRounds:
 def _secure(task: TaskResponse) -> SecureTask:
     assert task.secure is not None
     return task.secure
+
+
+def _context(task: TaskResponse) -> bytes:
+    return wire.sum_context(task.study, task.round, _secure(task).attempt)

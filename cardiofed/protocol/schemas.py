@@ -45,6 +45,9 @@ class SecureAdvert(BaseModel):
     c_public: B64
     s_public: B64
     noise_multiplier: float = Field(gt=0, le=1e6, allow_inf_nan=False)
+    signature: B64 | None = Field(None, max_length=128, description=(
+        "Ed25519 signature of the advertisement by the site's roster key (a node with a "
+        "roster signs, and shares keys only when every advertisement is signed)"))
 
 
 class SecureShares(BaseModel):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import struct
 
 import numpy as np
 
@@ -69,9 +70,22 @@ def sum_setup(kind: str, plan: SimulationConfig, sites: list[str], length: int,
                                                    plan.secure_dropout)
     else:
         codec, noise = secure_codec_and_noise(plan, n, length, noise_multiplier)
-    context = f"cardiofed/{study}/round {round_number}/attempt {attempt}".encode()
-    return (SumPlan(context=context, codec=codec, sites=tuple(sites), length=length,
-                    min_inputs=noise.min_sites), noise)
+    return (SumPlan(context=sum_context(study, round_number, attempt), codec=codec,
+                    sites=tuple(sites), length=length, min_inputs=noise.min_sites), noise)
+
+
+def sum_context(study: str, round_number: int, attempt: int) -> bytes:
+    """The name of one sum: it enters every key derived for it, and what sites sign."""
+    return f"cardiofed/{study}/round {round_number}/attempt {attempt}".encode()
+
+
+def advert_message(context: bytes, site: str, body: SecureAdvert) -> bytes:
+    """What a site signs of its advertisement: the sum, its name, its public keys and the
+    noise multiplier it asks for (each length-prefixed, so no two differ and read alike)."""
+    parts = [b"cardiofed secure advertisement v1", context, site.encode(),
+             body.c_public.encode(), body.s_public.encode(),
+             struct.pack("<d", body.noise_multiplier)]
+    return b"".join(struct.pack("<I", len(p)) + p for p in parts)
 
 
 def to_b64(data: bytes) -> str:
@@ -87,7 +101,7 @@ def from_b64(text: str, what: str) -> bytes:
 
 def advert_to_wire(ad: Advertisement, noise_multiplier: float) -> SecureAdvert:
     return SecureAdvert(c_public=to_b64(ad.c_public), s_public=to_b64(ad.s_public),
-                        noise_multiplier=noise_multiplier)
+                        noise_multiplier=noise_multiplier, signature=None)
 
 
 def advert_from_wire(site: str, body: SecureAdvert) -> Advertisement:

@@ -19,10 +19,10 @@ arithmetic (:func:`unmask_sum`), with dropouts.
    masks, and is left with the survivors' exact sum.
 
 Threat model: a coordinator that follows these steps but tries to learn more, colluding
-with fewer than ``threshold`` sites of any neighbourhood, learns only the sum. A
-coordinator that substitutes public keys, or tells sites different survivor lists, is
-out of this model: that needs keys the sites verify out of band (signed
-advertisements and survivor lists, Bonawitz et al. section 4), not built yet.
+with fewer than ``threshold`` sites of any neighbourhood, learns only the sum. One that
+substitutes public keys is refused by nodes holding the federation's roster (signed
+advertisements, :mod:`cardiofed.secure.identity`); one that tells sites different
+survivor lists is out of this model (its consistency round is not built).
 """
 
 from __future__ import annotations

@@ -1,0 +1,180 @@
+"""Signed advertisements: with the federation's roster, a node signs its secure sums'
+advertisements and shares its keys only when every advertisement of a sum is a roster
+site's, signed by that site's key; an active coordinator that substitutes a site's keys,
+changes what a site asked for, or adds a site of its own is refused by name."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_coordinator import SITES, Federation, _until_done  # type: ignore[import-not-found]
+from test_secure_network import PLAN, _secure_task  # type: ignore[import-not-found]
+from typer.testing import CliRunner
+
+from cardiofed.cli import app
+from cardiofed.exceptions import ConfigurationError, TaskRefused
+from cardiofed.node.agent import NodeAgent
+from cardiofed.node.config import NodeConfig
+from cardiofed.node.secure_rounds import SecureRounds
+from cardiofed.privacy.ledger_file import open_ledger_file
+from cardiofed.protocol.schemas import SecureAdvert
+from cardiofed.secure import keys
+from cardiofed.secure.identity import (
+    IDENTITY_KEY,
+    SiteIdentity,
+    identity_key,
+    public_of,
+    read_roster,
+)
+from cardiofed.simulation.config import SimulationConfig
+
+
+def _roster(tmp: Path, sites: list[str]) -> Path:
+    """Each site's key in its state_dir and the roster of them all."""
+    lines = [f'{s} = "{base64.b64encode(public_of(identity_key(tmp / s / IDENTITY_KEY))).decode()}"'
+             for s in sites]
+    path = tmp / "roster.toml"
+    path.write_text("[sites]\n" + "\n".join(lines) + "\n")
+    return path
+
+
+def _signed_agent(fed: Federation, site: str, roster: Path) -> NodeAgent:
+    return NodeAgent(NodeConfig.create(
+        coordinator_url="http://testserver", state_dir=str(fed.tmp / site),
+        enrolment_token=fed.tokens[site], poll_wait_s=0, roster=str(roster),
+        data={"dataset": "synthetic", "site": site, "seed": 0}), client=fed.client)
+
+
+def test_a_secure_study_whose_nodes_hold_the_roster_runs_signed(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan=PLAN)
+    roster = _roster(fed.tmp, SITES)
+    agents = [_signed_agent(fed, s, roster) for s in SITES]
+    sent: list[SecureAdvert] = []
+    original = agents[0].secure.advertise
+
+    def advertise(*args: object, **kwargs: object) -> SecureAdvert:
+        ad = original(*args, **kwargs)  # type: ignore[arg-type]
+        sent.append(ad)
+        return ad
+    agents[0].secure.advertise = advertise  # type: ignore[method-assign]
+    _until_done(fed, agents)
+    assert fed.status()["refusals"] == []
+    assert sent and all(ad.signature for ad in sent)  # each sum's advertisement signed
+    entries = open_ledger_file(fed.tmp / f"{SITES[0]}-privacy").entries
+    assert [e["kind"] for e in entries] == ["statistics", "train", "train", "train",
+                                            "evaluate"]
+
+
+def test_a_node_whose_key_is_not_its_roster_entry_signs_nothing(tmp_path: Path) -> None:
+    roster = _roster(tmp_path, ["a", "b"])
+    other = SiteIdentity(identity_key(tmp_path / "b" / IDENTITY_KEY), read_roster(roster))
+    with pytest.raises(TaskRefused, match=re.escape(
+            "The roster does not give site 'a' this node's identity key")):
+        SecureRounds(other).advertise(_secure_task("advertise", sites=["a", "b"]), "a", 1.0,
+                                      19)
+
+
+SUM_SITES = ["a", "b", "c"]
+
+
+def _sum(tmp: Path) -> tuple[dict[str, SecureRounds], dict[str, dict[str, object]]]:
+    roster = read_roster(_roster(tmp, SUM_SITES))
+    nodes = {s: SecureRounds(SiteIdentity(identity_key(tmp / s / IDENTITY_KEY), roster))
+             for s in SUM_SITES}
+    adverts = {s: nodes[s].advertise(_secure_task("advertise", sites=SUM_SITES), s, 1.0, 19)
+               .model_dump() for s in SUM_SITES}
+    return nodes, adverts
+
+
+def _share(node: SecureRounds, adverts: dict[str, dict[str, object]]) -> object:
+    task = _secure_task("share", adverts=adverts, noise_multiplier=max(
+        float(ad["noise_multiplier"]) for ad in adverts.values()))  # type: ignore[arg-type]
+    return node.share(task, "a", SimulationConfig.create(**PLAN))
+
+
+def _flip(text: str, at: int) -> str:
+    raw = bytearray(base64.b64decode(text))
+    raw[at % len(raw)] ^= 1
+    return base64.b64encode(bytes(raw)).decode()
+
+
+@pytest.fixture(scope="module")
+def signed_sum(tmp_path_factory: pytest.TempPathFactory
+               ) -> tuple[dict[str, SecureRounds], dict[str, dict[str, object]]]:
+    return _sum(tmp_path_factory.mktemp("signed"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(victim=st.sampled_from(["b", "c"]),
+       change=st.sampled_from(["c_public", "s_public", "noise", "signature", "unsigned",
+                               "swap", "stranger", "replay"]),
+       at=st.integers(0, 63))
+def test_an_active_coordinator_that_changes_an_advertisement_is_refused_by_name(
+        signed_sum: tuple[dict[str, SecureRounds], dict[str, dict[str, object]]],
+        victim: str, change: str, at: int) -> None:
+    """Whatever a coordinator changes in another site's advertisement (its keys, the noise
+    it asked for, the signature; two sites' adverts swapped; a site of its own; an
+    advertisement of another round), site a shares no key and names the site."""
+    nodes, adverts = signed_sum
+    assert _share(nodes["a"], adverts)  # the honest sum: keys shared
+    changed = {s: dict(ad) for s, ad in adverts.items()}
+    ad = changed[victim]
+    if change in ("c_public", "s_public"):  # the coordinator's own key in its place
+        ad[change] = base64.b64encode(keys.public_key(keys.new_private_key())).decode()
+    elif change == "noise":
+        ad["noise_multiplier"] = float(ad["noise_multiplier"]) * 2  # type: ignore[arg-type]
+    elif change == "signature":
+        ad["signature"] = _flip(str(ad["signature"]), at)
+    elif change == "unsigned":
+        ad["signature"] = None
+    elif change == "swap":  # either site is named: the first checked
+        changed["b"], changed["c"] = changed["c"], changed["b"]
+        victim = "b"
+    elif change == "stranger":
+        changed["mallory"] = dict(adverts[victim])
+        victim = "mallory"
+    else:  # the site's signed advertisement of another sum (round 2), replayed
+        other_sum = _secure_task("advertise", sites=SUM_SITES).model_copy(update={"round": 2})
+        changed[victim] = SecureRounds(nodes[victim].identity).advertise(
+            other_sum, victim, 1.0, 19).model_dump()
+    with pytest.raises(TaskRefused, match=re.escape(f"{victim!r}")):
+        _share(nodes["a"], changed)
+
+
+def test_a_roster_is_refused_by_name_unless_it_is_one_of_names_and_keys(
+        tmp_path: Path) -> None:
+    good = base64.b64encode(bytes(32)).decode()
+    cases = [("[other]\nx = 1\n", "must hold one [sites] table"),
+             (f'[sites]\n"../x" = "{good}"\n', "site name must start with a letter"),
+             ('[sites]\na = "c2hvcnQ="\n', "site 'a' needs a 32-byte Ed25519 public key"),
+             ('[sites]\na = "not base64!"\n', "site 'a' needs a 32-byte Ed25519"),
+             (f'[sites]\na = "{good}"\nb = "{good}"\n', "gives two sites the same key"),
+             ("[sites\n", "is not valid TOML")]
+    for text, message in cases:
+        path = tmp_path / "roster.toml"
+        path.write_text(text)
+        with pytest.raises(ConfigurationError, match=re.escape(message)):
+            read_roster(path)
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        read_roster(tmp_path / "missing.toml")
+    (tmp_path / "bad.key").write_text("c2hvcnQ=\n")
+    with pytest.raises(ConfigurationError, match="does not hold a 32-byte Ed25519 key"):
+        identity_key(tmp_path / "bad.key")
+
+
+def test_the_identity_command_prints_the_same_public_key_each_time(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('coordinator_url = "http://127.0.0.1:1"\nstate_dir = "state"\n'
+                      '[data]\ndataset = "synthetic"\nsite = "tier3_01"\n')
+    runs = [CliRunner().invoke(app, ["node", "identity", "--config", str(config)])
+            for _ in range(2)]
+    assert all(r.exit_code == 0 for r in runs), runs[0].output
+    assert runs[0].output == runs[1].output
+    key = base64.b64encode(public_of(identity_key(tmp_path / "state" / IDENTITY_KEY)))
+    assert f'<site name> = "{key.decode()}"' in runs[0].output
+    assert (tmp_path / "state" / IDENTITY_KEY).stat().st_mode & 0o077 == 0
