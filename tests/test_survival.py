@@ -421,6 +421,46 @@ def test_private_counts_are_charged_first_and_noised_from_a_secret_source():
     assert np.abs(curve.survival - kaplan_meier(exact).survival).max() < 0.15
 
 
+def test_secure_counts_carry_one_releases_noise_and_charge_every_site_once():
+    """The secure sum's pooled counts are the exact ones plus the noise of one release
+    (not one per site: sqrt(n) times less than per-site private counts); each site's
+    ledger holds one statistics release at the sum's multiplier; too few sites with
+    budget release nothing."""
+    from cardiofed.exceptions import PrivacyBudgetExceeded
+    from cardiofed.survival.private import secure_kaplan_meier
+
+    rng = np.random.default_rng(1)
+    grid = np.arange(1.0, 13.0)
+    sites = {f"s{k}": (rng.exponential(8.0, 500) + 0.01, rng.random(500) < 0.7)
+             for k in range(6)}
+    exact = pooled_counts([site_counts(t, e, grid) for t, e in sites.values()])
+    draws, spent = [], []
+    for _ in range(60):
+        privacy = {name: _site_privacy(500) for name in sites}
+        curve, counts = secure_kaplan_meier(sites, grid, privacy)
+        draws.append(np.concatenate([counts.events - exact.events,
+                                     counts.censored - exact.censored]))
+        spent.append([p.ledger.spent() for p in privacy.values()])
+    entries = [e for e in privacy["s0"].ledger.entries if e.get("kind") == "statistics"]
+    assert len(entries) == 1 and entries[0].get("secure_sum")
+    multiplier = float(entries[0]["noise_multiplier"])
+    noise = np.concatenate(draws)
+    assert abs(noise.mean()) < 4 * multiplier / np.sqrt(noise.size)  # unbiased
+    # All six sites' shares: sqrt(6 / 5) of the one release's noise (5 it may not lose),
+    # against sqrt(6) times it were each site to add its own.
+    assert noise.std() == pytest.approx(multiplier * np.sqrt(6 / 5), rel=0.1)
+    assert all(0 < x <= 0.1 + 1e-9 for row in spent for x in row)
+    assert np.abs(curve.survival - kaplan_meier(exact).survival).max() < 0.05
+    broke = {name: _site_privacy(500) for name in sites}
+    for name in list(sites)[:2]:
+        with pytest.raises(PrivacyBudgetExceeded):
+            for _ in range(50):
+                broke[name].charge_release("statistics", "spend it")
+    with pytest.raises(PrivacyBudgetExceeded, match="4 sites have budget for the survival "
+                                                     "counts' sum, fewer than the 5"):
+        secure_kaplan_meier(sites, grid, broke)
+
+
 # -- adversarial inputs: a clear refusal or an answer, never another exception --------
 finite = st.floats(-1e6, 1e6, allow_nan=False)
 anything = st.floats(allow_nan=True, allow_infinity=True)
