@@ -434,13 +434,14 @@ def test_secure_counts_carry_one_releases_noise_and_charge_every_site_once():
     sites = {f"s{k}": (rng.exponential(8.0, 500) + 0.01, rng.random(500) < 0.7)
              for k in range(6)}
     exact = pooled_counts([site_counts(t, e, grid) for t, e in sites.values()])
-    draws, spent = [], []
+    draws, spent, errors = [], [], []
     for _ in range(60):
         privacy = {name: _site_privacy(500) for name in sites}
         curve, counts = secure_kaplan_meier(sites, grid, privacy)
         draws.append(np.concatenate([counts.events - exact.events,
                                      counts.censored - exact.censored]))
         spent.append([p.ledger.spent() for p in privacy.values()])
+        errors.append(np.abs(curve.survival - kaplan_meier(exact).survival).max())
     entries = [e for e in privacy["s0"].ledger.entries if e.get("kind") == "statistics"]
     assert len(entries) == 1 and entries[0].get("secure_sum")
     multiplier = float(entries[0]["noise_multiplier"])
@@ -450,7 +451,8 @@ def test_secure_counts_carry_one_releases_noise_and_charge_every_site_once():
     # against sqrt(6) times it were each site to add its own.
     assert noise.std() == pytest.approx(multiplier * np.sqrt(6 / 5), rel=0.1)
     assert all(0 < x <= 0.1 + 1e-9 for row in spent for x in row)
-    assert np.abs(curve.survival - kaplan_meier(exact).survival).max() < 0.05
+    # the curve's largest error in the middle run: about 0.045 (per-site noise: about 0.1)
+    assert np.median(errors) < 0.07
     broke = {name: _site_privacy(500) for name in sites}
     for name in list(sites)[:2]:
         with pytest.raises(PrivacyBudgetExceeded):

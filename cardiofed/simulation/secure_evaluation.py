@@ -26,12 +26,11 @@ from cardiofed.evaluation.private_metrics import (
     score_bin_edges,
     score_histograms,
 )
-from cardiofed.exceptions import PrivacyBudgetExceeded
 from cardiofed.privacy.randomness import secure_numpy_rng
 from cardiofed.secure.noise import DistributedNoise
 from cardiofed.secure.quantise import RingCodec
 from cardiofed.secure.simulate import ring_sum
-from cardiofed.simulation.secure_statistics import count_codec_and_noise, noise_sites
+from cardiofed.simulation.secure_statistics import budgeted, count_codec_and_noise
 
 __all__ = ["CARD_NOTE", "EVALUATION_LENGTH", "POOLED_SECURE", "evaluation_codec_and_noise",
            "evaluation_from_sum", "evaluation_vector", "secure_evaluation"]
@@ -80,16 +79,10 @@ def secure_evaluation(outcomes: Sequence[tuple[str, np.ndarray, np.ndarray]],
     their test splits (see the module docstring); None when fewer sites have budget
     than the noise is split over (nothing is released then). `rng` draws the bootstrap
     of the intervals only."""
-    needed = {}
-    for name, _, _ in outcomes:
-        try:
-            needed[name] = privacy[name].secure_sum_noise("evaluate")
-        except PrivacyBudgetExceeded:
-            continue
-    min_sites = noise_sites(len(outcomes), dropout)
+    needed, multiplier, min_sites = budgeted([name for name, _, _ in outcomes], privacy,
+                                             "evaluate", dropout)
     if len(needed) < min_sites:
         return None
-    multiplier = max(needed.values())
     codec, noise = evaluation_codec_and_noise(len(outcomes), multiplier, dropout)
     vectors, rngs = {}, {}
     for name, y, p in outcomes:

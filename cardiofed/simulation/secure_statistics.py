@@ -45,6 +45,20 @@ def noise_sites(n_sites: int, dropout: float) -> int:
     return max(2, math.ceil((1 - dropout) * n_sites))
 
 
+def budgeted(names: Sequence[str], privacy: Mapping[str, SitePrivacy], kind: str,
+             dropout: float) -> tuple[list[str], float, int]:
+    """For a secure sum of `kind` released once per study over the sites `names`: those
+    whose budget covers it, the sum's noise multiplier (the largest they need; 0 if
+    none) and how many sites its noise is split over (fewer than that: no sum)."""
+    needed = {}
+    for name in names:
+        try:
+            needed[name] = privacy[name].secure_sum_noise(kind)
+        except PrivacyBudgetExceeded:
+            continue
+    return list(needed), max(needed.values(), default=0.0), noise_sites(len(names), dropout)
+
+
 def statistics_codec_and_noise(n_sites: int, n_columns: int, noise_multiplier: float,
                                dropout: float) -> tuple[RingCodec, DistributedNoise]:
     """The ring and the noise of the secure sum of `n_sites` sites' histograms of
@@ -88,19 +102,13 @@ def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
     noise is split over ``ceil((1 - dropout) * n)`` sites. A site whose budget refuses
     sends nothing; fewer sites than the noise is split over raise
     :class:`PrivacyBudgetExceeded`."""
-    needed = {}
-    for s in sites:
-        try:
-            needed[s.name] = privacy[s.name].secure_sum_noise("statistics")
-        except PrivacyBudgetExceeded:
-            continue
-    min_sites = noise_sites(len(sites), dropout)
+    needed, multiplier, min_sites = budgeted([s.name for s in sites], privacy, "statistics",
+                                             dropout)
     if len(needed) < min_sites:
         raise PrivacyBudgetExceeded(
             f"{len(needed)} sites have budget for the statistics sum, fewer than the "
             f"{min_sites} its noise is split over: the federation cannot start.")
     n_columns = edges.shape[0]
-    multiplier = max(needed.values())
     codec, noise = statistics_codec_and_noise(len(sites), n_columns, multiplier, dropout)
     vectors, rngs = {}, {}
     for s in sites:

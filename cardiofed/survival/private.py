@@ -65,20 +65,13 @@ def secure_kaplan_meier(sites: Mapping[str, tuple[object, object]], grid: object
     The arithmetic is the protocol's (the masks cancel exactly); each site's noise comes
     from a secret source."""
     from cardiofed.secure.simulate import ring_sum  # loads cryptography
-    from cardiofed.simulation.secure_statistics import count_codec_and_noise, noise_sites
+    from cardiofed.simulation.secure_statistics import budgeted, count_codec_and_noise
 
-    needed = {}
-    for name in sites:
-        try:
-            needed[name] = privacy[name].secure_sum_noise("statistics")
-        except PrivacyBudgetExceeded:
-            continue
-    min_sites = noise_sites(len(sites), dropout)
+    needed, multiplier, min_sites = budgeted(list(sites), privacy, "statistics", dropout)
     if len(needed) < min_sites:
         raise PrivacyBudgetExceeded(
             f"{len(needed)} sites have budget for the survival counts' sum, fewer than the "
             f"{min_sites} its noise is split over.")
-    multiplier = max(needed.values())
     codec, noise = count_codec_and_noise(len(sites), 1.0, multiplier, dropout)
     vectors, rngs = {}, {}
     for name in needed:
