@@ -427,7 +427,7 @@ def test_secure_counts_carry_one_releases_noise_and_charge_every_site_once():
     ledger holds one statistics release at the sum's multiplier; too few sites with
     budget release nothing."""
     from cardiofed.exceptions import PrivacyBudgetExceeded
-    from cardiofed.survival.private import secure_kaplan_meier
+    from cardiofed.simulation.secure_statistics import secure_kaplan_meier
 
     rng = np.random.default_rng(1)
     grid = np.arange(1.0, 13.0)

@@ -84,7 +84,8 @@ def test_with_evaluate_each_site_judges_its_served_model_on_its_held_out_rows(
     same way; the dashboard shows them."""
     from test_dashboard import _login  # type: ignore[import-not-found]
 
-    from cardiofed.experiments.survival import horizon_figures, judged
+    from cardiofed.experiments.survival import judged
+    from cardiofed.survival.metrics import horizon_figures
 
     survival = {**SURVIVAL, "stratified": stratified, "evaluate": True}
     fed = _federation(tmp_path, survival)
@@ -506,7 +507,8 @@ def test_whatever_figures_a_site_reports_they_are_refused_by_name_or_judged(
     """Any figures a site sends in the assess round: refused by name, or judged with each
     value a finite number or None (undefined), never an exception."""
     from cardiofed.exceptions import CardioFedError
-    from cardiofed.experiments.survival import FIGURES
+    from cardiofed.serving.survival import _judged
+    from cardiofed.survival.metrics import FIGURES
     from cardiofed.survival.study import with_site_reports
 
     plan = SurvivalPlan(covariates=["age"], evaluate=True)
@@ -530,8 +532,11 @@ def test_whatever_figures_a_site_reports_they_are_refused_by_name_or_judged(
         assert "A site's evaluation is not one its rows can give" in str(exc)
         assert not plausible or "must not exceed" in str(exc)
         return
-    report = done["result"]["evaluation"]["a"]
-    assert done["step"] == "done" and report["verdict"]
+    figures = done["result"]["evaluation"]["a"]
+    assert done["step"] == "done" and list(figures) == list(FIGURES)
+    assert all(v is None or math.isfinite(v) for v in figures.values())
+    report = _judged(figures)
+    assert report["verdict"]
     flat = [report[k] for k in ("uno_c", "observed", "predicted", "slope", "citl", "brier")]
     flat += report["uno_c_ci"] + report["slope_ci"] + report["citl_ci"]
     assert all(v is None or math.isfinite(v) for v in flat)

@@ -7,7 +7,6 @@ calibration-in-the-large are (:mod:`cardiofed.experiments.acceptability`)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -17,44 +16,14 @@ from cardiofed.experiments.acceptability import (
     combined,
     discrimination_check,
 )
-from cardiofed.survival.metrics import brier_at, calibration_at, harrell_c, horizon_auc, uno_c
+from cardiofed.survival.metrics import horizon_figures
 
-__all__ = ["FIGURES", "assess_at", "horizon_figures", "judged"]
-
-# One site's figures at a horizon, in the order a networked evaluation sends them.
-FIGURES = ("n", "events", "uno_c", "uno_c_low", "uno_c_high", "observed", "observed_low",
-           "observed_high", "predicted", "slope", "slope_low", "slope_high", "citl",
-           "citl_low", "citl_high", "harrell_c", "horizon_auc", "brier")
-
-
-def horizon_figures(time: np.ndarray, event: np.ndarray, risk: np.ndarray, horizon: float,
-                    *, resamples: int = 200, seed: int = 0) -> dict[str, float]:
-    """One site's :data:`FIGURES` at `horizon` (NaN where one is undefined); `resamples`
-    of the bootstrap of Uno's C."""
-    cal = calibration_at(time, event, risk, horizon)
-    c = uno_c(time, event, risk, horizon)
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(resamples):
-        rows = rng.integers(0, len(time), len(time))
-        draws.append(uno_c(time[rows], event[rows], risk[rows], horizon))
-    finite = np.asarray(draws)[np.isfinite(draws)]
-    c_ci = ((float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5)))
-            if finite.size else (math.nan, math.nan))
-    return {"n": float(len(time)), "events": float(np.sum(event)), "uno_c": c,
-            "uno_c_low": c_ci[0], "uno_c_high": c_ci[1], "observed": cal.observed,
-            "observed_low": cal.observed_interval[0], "observed_high": cal.observed_interval[1],
-            "predicted": cal.expected, "slope": cal.slope, "slope_low": cal.slope_interval[0],
-            "slope_high": cal.slope_interval[1], "citl": cal.citl,
-            "citl_low": cal.citl_interval[0], "citl_high": cal.citl_interval[1],
-            "harrell_c": harrell_c(time, event, risk),
-            "horizon_auc": horizon_auc(time, event, risk, horizon),
-            "brier": brier_at(time, event, risk, horizon)}
+__all__ = ["assess_at", "judged"]
 
 
 def judged(figures: dict[str, float]) -> dict[str, Any]:
-    """`figures` (:func:`horizon_figures`, computed here or reported by a site) as JSON-ready
-    values (None where undefined) with intervals, judged: Uno's C, slope and
+    """`figures` (:func:`~cardiofed.survival.metrics.horizon_figures`, computed here or
+    reported by a site) with their intervals, judged: Uno's C, slope and
     calibration-in-the-large on their intervals, as the binary models' are."""
     f = {k: float(v) for k, v in figures.items()}
     slope, citl = calibration_checks(f["slope"], (f["slope_low"], f["slope_high"]), f["citl"],

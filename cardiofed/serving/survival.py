@@ -10,7 +10,7 @@ card.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -140,7 +140,26 @@ def study_report(study: Study) -> SurvivalResponse:
         "max_years": plan.max_years, "horizon_years": plan.horizon_years,
         "baseline": r.get("baseline"), "baseline_at_horizon": r.get("baseline_at_horizon"),
         "baselines": r.get("baselines"), "baselines_at_horizon": r.get("baselines_at_horizon"),
-        "without_baseline": r.get("without_baseline"), "evaluation": r.get("evaluation"),
+        "without_baseline": r.get("without_baseline"),
+        "evaluation": None if r.get("evaluation") is None else {
+            site: _judged(figures) for site, figures in r["evaluation"].items()},
         "kaplan_meier": r.get("kaplan_meier"),
         "kaplan_meier_risk_at_horizon": r.get("kaplan_meier_risk_at_horizon"),
         "releases": RELEASES})
+
+
+def _judged(figures: dict[str, float | None]) -> dict[str, Any]:
+    """A site's reported figures judged as the simulator judges its own, None where a
+    figure is undefined."""
+    from cardiofed.experiments.survival import judged
+
+    out = judged({k: math.nan if v is None else v for k, v in figures.items()})
+    return {k: _none_for_nan(v) for k, v in out.items()}
+
+
+def _none_for_nan(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, list):
+        return [_none_for_nan(v) for v in value]
+    return value

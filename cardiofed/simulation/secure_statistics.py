@@ -10,6 +10,8 @@ computes the statistics from them as from any private release
 (:func:`~cardiofed.data.preprocessing.statistics_from_histogram`): the noise of one
 study's release on the sum, not one per site. Every site is charged at the study's noise
 multiplier, the largest any site's statistics share needs.
+
+:func:`secure_kaplan_meier` sums survival counts on a public grid the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from cardiofed.secure.simulate import ring_sum
 
 if TYPE_CHECKING:  # the coordinator imports this module for its codecs, without PyTorch
     from cardiofed.privacy.site_privacy import SitePrivacy
+    from cardiofed.survival.kaplan_meier import GridCounts, SurvivalCurve
 
 # The most records a site may hold: bounds each value a site encodes, hence the ring.
 MAX_SITE_RECORDS = 10_000_000
@@ -118,3 +121,37 @@ def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
         vectors[s.name] = statistics_vector(s.x_train, edges)
         rngs[s.name] = secure_numpy_rng()
     return statistics_from_sum(ring_sum(codec, vectors, rngs, noise), edges)
+
+
+def secure_kaplan_meier(sites: Mapping[str, tuple[object, object]], grid: object,
+                        privacy: Mapping[str, SitePrivacy], dropout: float = 0.2
+                        ) -> tuple[SurvivalCurve, GridCounts]:
+    """The pooled Kaplan-Meier curve from one secure sum of every site's counts on the
+    public `grid` (`sites`: name -> follow-up and event), and the noisy pooled counts.
+
+    Each site is charged one release of kind ``statistics`` at the sum's noise
+    multiplier, the largest any site's budget needs, before it counts; the noise is split
+    over the ``ceil((1 - dropout) * n)`` sites the sum may not lose. A site whose budget
+    refuses sends nothing; fewer sites than that raise :class:`PrivacyBudgetExceeded`.
+    The arithmetic is the protocol's (the masks cancel exactly); each site's noise comes
+    from a secret source."""
+    from cardiofed.survival._checks import check_grid
+    from cardiofed.survival.kaplan_meier import GridCounts, site_counts
+    from cardiofed.survival.private import private_kaplan_meier
+
+    needed, multiplier, min_sites = budgeted(list(sites), privacy, "statistics", dropout)
+    if len(needed) < min_sites:
+        raise PrivacyBudgetExceeded(
+            f"{len(needed)} sites have budget for the survival counts' sum, fewer than the "
+            f"{min_sites} its noise is split over.")
+    codec, noise = count_codec_and_noise(len(sites), 1.0, multiplier, dropout)
+    vectors, rngs = {}, {}
+    for name in needed:
+        privacy[name].charge_secure_sum("statistics", multiplier)
+        counts = site_counts(*sites[name], grid)
+        vectors[name] = np.concatenate([counts.events, counts.censored]).astype(np.float64)
+        rngs[name] = secure_numpy_rng()
+    total = ring_sum(codec, vectors, rngs, noise)
+    g = check_grid(grid)
+    pooled = GridCounts(grid=g, events=total[:g.size], censored=total[g.size:])
+    return private_kaplan_meier(pooled), pooled

@@ -131,7 +131,7 @@ def expected_arrays(plan: SurvivalPlan, step: str, k: int) -> dict[str, tuple[in
     if step == "baseline":
         return {"events": (plan.grid.size,), "risk0": (plan.grid.size,)}
     if step == "assess":
-        from cardiofed.experiments.survival import FIGURES
+        from cardiofed.survival.metrics import FIGURES  # loads SciPy
 
         return {"values": (len(FIGURES),), "defined": (len(FIGURES),)}
     if step != "cox":
@@ -200,7 +200,7 @@ def _evaluation(plan: SurvivalPlan, state: dict[str, Any], time: np.ndarray,
                 site: str | None) -> Arrays:
     """The site's figures of the model it is served (the fit and its own baseline, or the
     one baseline) on its rows: each value, and whether it is defined (0 where not)."""
-    from cardiofed.experiments.survival import FIGURES, horizon_figures
+    from cardiofed.survival.metrics import FIGURES, horizon_figures
 
     beta, center = check_state(plan, state, ranges)
     h0 = state["inputs"]["h0"]
@@ -336,10 +336,10 @@ def _fitted(plan: SurvivalPlan, state: dict[str, Any], result: dict[str, Any]
 
 def with_site_evaluations(plan: SurvivalPlan, state: dict[str, Any],
                           reports: dict[str, Arrays]) -> dict[str, Any]:
-    """The study is done: each site's figures (checked, then judged by the coordinator as
-    the simulator judges its own) in the result's ``evaluation``, in the analysis's site
-    order."""
-    from cardiofed.experiments.survival import FIGURES, judged
+    """The study is done: each site's figures, checked, in the result's ``evaluation``
+    (None where undefined), in the analysis's site order; the report judges them
+    (:func:`cardiofed.experiments.survival.judged`)."""
+    from cardiofed.survival.metrics import FIGURES
 
     if state["step"] != "assess":
         raise ConfigurationError(f"The analysis is {state['step']!r}, not at its assess "
@@ -347,29 +347,18 @@ def with_site_evaluations(plan: SurvivalPlan, state: dict[str, Any],
     evaluation = {}
     for site in state["sites"]:
         _check_figures(reports[site])
-        values = np.where(reports[site]["defined"] == 1, reports[site]["values"], math.nan)
-        with np.errstate(all="ignore"):
-            evaluation[site] = _json(judged(dict(zip(FIGURES, values.tolist(), strict=True))))
+        defined = reports[site]["defined"] == 1
+        evaluation[site] = {name: float(v) if ok else None for name, v, ok in zip(
+            FIGURES, reports[site]["values"].tolist(), defined.tolist(), strict=True)}
     rest = {k: v for k, v in state.items() if k != "fit"}
     return {**rest, "step": "done", "result": {**state["fit"], "evaluation": evaluation}}
-
-
-def _json(value: Any) -> Any:
-    """NaN (an undefined figure) as None, through lists and dicts."""
-    if isinstance(value, float):
-        return None if math.isnan(value) else value
-    if isinstance(value, list):
-        return [_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json(v) for k, v in value.items()}
-    return value
 
 
 def _check_figures(arrays: Arrays) -> None:
     """What a site's figures must be: each defined or not (0 then); n a whole number >= 1,
     events a whole number up to n; C statistics, AUC, Brier score and risks in [0, 1];
     slope and calibration-in-the-large within +-MAX_CALIBRATION; each interval ordered."""
-    from cardiofed.experiments.survival import FIGURES
+    from cardiofed.survival.metrics import FIGURES
 
     values, defined = arrays["values"], arrays["defined"]
     f = dict(zip(FIGURES, values.tolist(), strict=True))
