@@ -452,7 +452,8 @@ class NodeAgent:
 
     def _survival(self, task: TaskResponse, plan: SurvivalPlan) -> bytes:
         """A survival round's Cox sums (or, stratified, the site's own derivatives, then its
-        baseline's sums at the fit) over its rows clipped to its own ranges, at the
+        baseline's sums at the fit; with evaluate, its figures of the model it is served
+        on its held-out rows) over its rows clipped to its own ranges, at the
         coefficients in the task's state once they pass
         :func:`cardiofed.survival.study.check_state`. Exact only: a site with a
         privacy budget refuses (no private release of Cox sums exists yet)."""

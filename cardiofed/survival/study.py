@@ -15,7 +15,9 @@ each site returns, from its own rows:
 A stratified fit ends with one more round (``baseline``) at the fitted coefficients: each
 site's event counts and risk-set sums of ``exp(x beta)`` on the grid, kept per site (not
 added), give each site its own Breslow baseline, so that each hospital is served the
-shared coefficients on its own incidence.
+shared coefficients on its own incidence. With ``evaluate`` the sites fit on their
+training rows, and a last round (``assess``, kept per site too) has each site judge the
+model it is served on its held-out rows.
 
 The coordinator then takes one move of :class:`~cardiofed.survival.cox.Newton` (a Newton
 step, or a halving of it when the likelihood fell), exactly as
