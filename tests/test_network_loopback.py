@@ -547,8 +547,9 @@ def test_attribution_study_over_loopback_equals_the_simulator(
 def test_survival_study_over_loopback_equals_the_in_process_fit(
         procs: Processes, shared: Coordinator) -> None:
     """``cardiofed admin create-study`` with a [survival] plan, three nodes over loopback
-    HTTP: the federated Cox model is fit_cox's on the nodes' rows, the nodes sent sums
-    only, and ``cardiofed admin survival-report`` writes the model and prints it."""
+    HTTP: the federated Cox model is fit_cox's on the nodes' training rows, the nodes sent
+    sums only, then each its figures on its held-out rows (evaluate = true), and
+    ``cardiofed admin survival-report`` writes the model and prints both."""
     import numpy as np
 
     from cardiofed.data.dataset import feature_ranges_for
@@ -559,7 +560,7 @@ def test_survival_study_over_loopback_equals_the_in_process_fit(
     from cardiofed.survival.study import SurvivalPlan, start
 
     plan = {"covariates": ["age", "sex", "systolic_bp", "current_smoker"],
-            "grid_step_years": 0.5, "max_years": 16.0}
+            "grid_step_years": 0.5, "max_years": 16.0, "evaluate": True}
     fed = Federation(procs, shared, "cox", "synthetic", SYN_SITES, {"survival": plan},
                      node_settings={s: {"opt_in": ["exact_survival"]} for s in SYN_SITES})
     agents = fed.run_here()
@@ -570,7 +571,7 @@ def test_survival_study_over_loopback_equals_the_in_process_fit(
     ranges = feature_ranges_for(columns)
     low, high = np.array(ranges).T
     rows = [survival_rows(DataSource(dataset="synthetic", site=s, seed=0), columns,
-                          "cvd_10y") for s in SYN_SITES]
+                          "cvd_10y", part="train") for s in SYN_SITES]
     survival = SurvivalPlan(**plan)  # type: ignore[arg-type]
     center = start(survival, columns, ranges)["inputs"]["center"]
     expected = fit_cox(lambda beta: [site_cox_sums(t, e, np.clip(x, low, high), beta,
@@ -579,13 +580,18 @@ def test_survival_study_over_loopback_equals_the_in_process_fit(
     got = [result["coefficients"][c]["coefficient"] for c in columns]
     np.testing.assert_allclose(got, expected.beta, rtol=0, atol=1e-9)
     kinds = [e["kind"] for e in agents[0].outbound.entries()]
-    assert kinds[0] == "km" and set(kinds[1:]) == {"cox"}
+    assert kinds[0] == "km" and set(kinds[1:-1]) == {"cox"} and kinds[-1] == "assess"
+    assert list(result["evaluation"]) == SYN_SITES
     report = procs.root / "cox-report"
     done = in_process("admin", "survival-report", "--url", shared.url, "--admin-key-file",
                       str(shared.key_file), "--study", "cox", "--out", str(report))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "hazard ratio" in done.stdout and "current_smoker" in done.stdout
-    assert "Kaplan-Meier risk by 10 years, all sites pooled:" in " ".join(done.stdout.split())
+    printed = " ".join(done.stdout.split())
+    assert "Kaplan-Meier risk by 10 years, all sites pooled:" in printed
+    assert "Each site's held-out rows, by 10 years" in printed
+    for site in SYN_SITES:
+        assert result["evaluation"][site]["verdict"] in printed
     assert json.loads((report / "survival.json").read_text())["study"] == "cox"
 
 

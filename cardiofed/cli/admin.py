@@ -168,6 +168,8 @@ def survival_report(
     if body["kaplan_meier_risk_at_horizon"] is not None:
         console.print(f"Kaplan-Meier risk by {body['horizon_years']:g} years, all sites "
                       f"pooled: {body['kaplan_meier_risk_at_horizon']:.3f}.")
+    if body["evaluation"]:
+        console.print(_survival_evaluation(body))
     if body["baselines_at_horizon"] is not None:  # stratified: one served version per site
         console.print(escape(
             f"Each site's baseline cumulative hazard by {body['horizon_years']:g} years "
@@ -176,6 +178,30 @@ def survival_report(
             + "".join(f"; {site}: no event by then, not served"
                       for site in body["without_baseline"] or []) + "."))
     console.print(f"Report: {out / 'survival.json'}")
+
+
+def _survival_evaluation(body: dict[str, Any]) -> Table:
+    """Each site's figures of the model it is served, on its held-out rows."""
+    def ci(value: float | None, interval: list[float | None], fmt: str) -> str:
+        if value is None:
+            return "undefined"
+        ends = "" if interval[0] is None or interval[1] is None else (
+            f" ({interval[0]:{fmt}} to {interval[1]:{fmt}})")
+        return f"{value:{fmt}}{ends}"
+
+    table = Table(title=escape(f"Each site's held-out rows, by {body['horizon_years']:g} "
+                               f"years"))
+    for heading in ("site", "patients / events", "Uno's C", "observed / predicted", "slope",
+                    "CITL", "verdict"):
+        table.add_column(heading, overflow="fold")
+    for site, j in body["evaluation"].items():
+        predicted = "undefined" if j["predicted"] is None else f"{j['predicted']:.3f}"
+        table.add_row(escape(site), f"{j['n']} / {j['events']}",
+                      ci(j["uno_c"], j["uno_c_ci"], ".3f"),
+                      f"{ci(j['observed'], j['observed_ci'], '.3f')} / {predicted}",
+                      ci(j["slope"], j["slope_ci"], ".2f"), ci(j["citl"], j["citl_ci"], "+.2f"),
+                      escape(j["verdict"]))
+    return table
 
 
 @admin_app.command("new-key")
