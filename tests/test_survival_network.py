@@ -112,6 +112,16 @@ def test_with_evaluate_each_site_judges_its_served_model_on_its_held_out_rows(
                      "horizon_auc", "brier"):
             assert report[name] == pytest.approx(expected[name], rel=1e-6), name
         assert report["uno_c_ci"] == pytest.approx(expected["uno_c_ci"], rel=1e-6)
+    # Each registered version's card holds the figures of the sites that judged it.
+    from cardiofed.serving import registry
+    from cardiofed.store import session_factory
+
+    with session_factory(fed.settings.database_url)() as db:
+        cards = [registry.card(db, m["version"]) for m in registry.list_models(db)]
+    judged_by = [list(c["metrics"]) for c in cards]
+    assert judged_by == ([[s] for s in SITES] if stratified else [SITES])
+    assert cards[0]["metrics"][SITES[0]]["uno_c"] == pytest.approx(
+        evaluation[SITES[0]]["uno_c"], rel=1e-12)
     page = _login(fed, fed.admin).get("/ui/studies/s1")
     assert 'id="survival-evaluation"' in page.text
     first = evaluation[SITES[0]]

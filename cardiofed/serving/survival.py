@@ -112,10 +112,21 @@ def study_model(study: Study, site: str | None = None) -> RiskModel:
                                    "stratified": plan.stratified}
     if site is not None:
         settings["site"] = site
+    # With evaluate: each site's figures on its held-out rows, of this model (stratified:
+    # only its own site judged this baseline).
+    evaluation = result.get("evaluation") or {}
+    metrics = {name: figures for name, figures in evaluation.items()
+               if site is None or name == site}
+    if metrics:
+        notes.append(f"metrics: each site's figures on its held-out rows by "
+                     f"{plan.horizon_years:g} years (Uno's C, Harrell's C, the horizon AUC, "
+                     f"observed against predicted risk, slope, calibration-in-the-large, "
+                     f"IPCW Brier), None where undefined.")
     return build_model(study=study.id, source="network", model="cox", algorithm="newton",
                        settings=settings, rounds=int(result["iterations"]),
                        sites=list(analysis["sites"]), encoded_names=study.feature_names,
                        outcome=study.outcome, weights=weights, preprocessor=pre, notes=notes,
+                       metrics=metrics,
                        study_features=SimulationConfig.model_validate(study.plan).study_features,
                        horizon_years=plan.horizon_years)
 
