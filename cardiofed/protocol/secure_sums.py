@@ -81,7 +81,8 @@ def sum_context(study: str, round_number: int, attempt: int) -> bytes:
 
 def advert_message(context: bytes, site: str, body: SecureAdvert) -> bytes:
     """What a site signs of its advertisement: the sum, its name, its public keys and the
-    noise multiplier it asks for (each length-prefixed, so no two differ and read alike)."""
+    noise multiplier it asks for, each length-prefixed (two different advertisements
+    never give the same bytes)."""
     parts = [b"cardiofed secure advertisement v1", context, site.encode(),
              body.c_public.encode(), body.s_public.encode(),
              struct.pack("<d", body.noise_multiplier)]
