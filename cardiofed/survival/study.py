@@ -58,9 +58,9 @@ from cardiofed.survival.kaplan_meier import GridCounts, kaplan_meier, site_count
 STEPS = ("km", "cox", "baseline", "assess", "done")
 # Steps whose reports the coordinator keeps per site instead of adding them.
 PER_SITE_STEPS = ("baseline", "assess")
-# Every figure of an evaluation is a proportion (or a count, n and events) but the slope
-# and calibration-in-the-large, which are bounded to keep what a site reports plausible.
-_UNBOUNDED = ("slope", "slope_low", "slope_high", "citl", "citl_low", "citl_high")
+# An evaluation's figures that may be negative, within +-MAX_CALIBRATION (what a site
+# reports stays plausible); every other is a count (n, events) or lies in [0, 1].
+_SIGNED = ("slope", "slope_low", "slope_high", "citl", "citl_low", "citl_high")
 MAX_CALIBRATION = 1e6
 # |x beta| over the site's ranges stays below this (exp stays far from overflow)
 MAX_ETA = 500.0
@@ -372,10 +372,9 @@ def _check_figures(arrays: Arrays) -> None:
             and 0 <= f["events"] <= f["n"] and f["events"] == round(f["events"])):
         problems.append("n must be a whole number >= 1 and events a whole number up to n")
     for name in FIGURES[2:]:
-        bound = MAX_CALIBRATION if name in _UNBOUNDED else 1.0
-        low = -bound if name in _UNBOUNDED else 0.0
-        if ok[name] and not low <= f[name] <= bound:
-            problems.append(f"{name} must lie in [{low:g}, {bound:g}]")
+        low, high = (-MAX_CALIBRATION, MAX_CALIBRATION) if name in _SIGNED else (0.0, 1.0)
+        if ok[name] and not low <= f[name] <= high:
+            problems.append(f"{name} must lie in [{low:g}, {high:g}]")
     for name in ("uno_c", "observed", "slope", "citl"):
         lo, hi = f"{name}_low", f"{name}_high"
         if ok[lo] and ok[hi] and f[lo] > f[hi]:
