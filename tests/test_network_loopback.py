@@ -587,12 +587,11 @@ def test_survival_study_over_loopback_equals_the_in_process_fit(
                       str(shared.key_file), "--study", "cox", "--out", str(report))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "hazard ratio" in done.stdout and "current_smoker" in done.stdout
-    printed = " ".join(done.stdout.split())
+    printed = " ".join(done.stdout.split())  # (the table's cells wrap with the width)
     assert "Kaplan-Meier risk by 10 years, all sites pooled:" in printed
     assert "Each site's held-out rows, by 10 years" in printed
-    for site in SYN_SITES:
-        assert result["evaluation"][site]["verdict"] in printed
-    assert json.loads((report / "survival.json").read_text())["study"] == "cox"
+    written = json.loads((report / "survival.json").read_text())
+    assert written["study"] == "cox" and written["evaluation"] == result["evaluation"]
 
 
 def test_coordinator_sigkill_mid_training_loses_nothing(
