@@ -164,7 +164,9 @@ def check_state(plan: SurvivalPlan, state: dict[str, Any],
     if ((center < low) | (center > high)).any():
         raise ConfigurationError("The centre lies outside the covariates' ranges.")
     reach = np.maximum(high - center, center - low)
-    if float(np.abs(beta) @ reach) > MAX_ETA:
+    with np.errstate(over="ignore"):  # an overflow to inf is refused just the same
+        largest = float(np.abs(beta) @ reach)
+    if largest > MAX_ETA:
         raise ConfigurationError(f"These coefficients give |x beta| above {MAX_ETA:g} within "
                                  f"the covariates' ranges.")
     return beta, center
