@@ -10,6 +10,7 @@ card.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,23 +45,10 @@ def cox_risk_model(model: FederatedCox, dataset: FederatedDataset, *, study: str
     from cardiofed.simulation.survival import POOLED
 
     stratified = POOLED not in model.baselines
-    if stratified and site not in model.baselines:
-        raise ConfigurationError(f"A stratified Cox model has a baseline hazard per site: "
-                                 f"name the site to serve, one of {sorted(model.baselines)}; "
-                                 f"got {site!r}.")
-    if not stratified and site is not None:
-        raise ConfigurationError("This Cox model has one baseline hazard for every site: "
-                                 "leave 'site' out.")
-    key = site if stratified and site is not None else POOLED
-    h0 = baseline_at(model.baselines[key], model.grid, horizon)
-    if not h0 > 0:
-        raise ConfigurationError(f"No event before {horizon:g} years: the baseline hazard "
-                                 f"by then is 0, and every risk would be 0.")
+    at_horizon = {key: baseline_at(h, model.grid, horizon) for key, h in model.baselines.items()}
+    weights, baseline = _served(model.fit.beta, None if stratified else at_horizon[POOLED],
+                                at_horizon if stratified else None, site, horizon)
     sites = [s.name for s in dataset.sites if s.name not in model.excluded]
-    weights = {"linear.weight": model.fit.beta[None, :].astype(np.float64),
-               "linear.bias": np.array([math.log(h0)])}
-    baseline = (f"stratified by site, served with {site}'s own baseline hazard" if stratified
-                else "one baseline hazard")
     notes = [f"Cox proportional hazards ({model.fit.ties} ties), {baseline}; risk by "
              f"{horizon:g} years = 1 - exp(-exp(logit))."]
     notes += [f"{name} took no part: {why}" for name, why in model.excluded.items()]
@@ -85,24 +73,12 @@ def study_model(study: Study, site: str | None = None) -> RiskModel:
     result = analysis.get("result")
     if plan is None or result is None:
         raise ConfigurationError(f"Study {study.id!r} is not a finished survival study.")
-    by_site: dict[str, float] = result.get("baselines_at_horizon") or {}
-    if plan.stratified and site not in by_site:
-        raise ConfigurationError(f"A stratified Cox model has a baseline hazard per site: "
-                                 f"name the site to serve, one of {sorted(by_site)}; got "
-                                 f"{site!r}.")
-    if not plan.stratified and site is not None:
-        raise ConfigurationError("This Cox model has one baseline hazard for every site: "
-                                 "leave 'site' out.")
-    h0 = float(by_site[site] if site is not None else result["baseline_at_horizon"])
-    if not h0 > 0:
-        raise ConfigurationError(f"No event before {plan.horizon_years:g} years: the baseline "
-                                 f"hazard by then is 0, and every risk would be 0.")
+    weights, baseline = _served(np.asarray(result["beta"], dtype=np.float64),
+                                None if plan.stratified else result["baseline_at_horizon"],
+                                (result.get("baselines_at_horizon") or {}) if plan.stratified
+                                else None, site, plan.horizon_years)
     center = np.asarray(result["center"], dtype=np.float64)
-    weights = {"linear.weight": np.asarray(result["beta"], dtype=np.float64)[None, :],
-               "linear.bias": np.array([math.log(h0)])}
     pre = Preprocessor(fill=center, mean=center, std=np.ones_like(center))
-    baseline = (f"stratified by site, served with {site}'s own baseline hazard"
-                if site is not None else "one baseline hazard")
     notes = [f"Cox proportional hazards ({plan.ties} ties), {baseline}, fitted over the "
              f"network on each site's complete cases (times carried to a grid of "
              f"{plan.grid_step_years:g} years); risk by {plan.horizon_years:g} years = "
@@ -129,6 +105,29 @@ def study_model(study: Study, site: str | None = None) -> RiskModel:
                        metrics=metrics,
                        study_features=SimulationConfig.model_validate(study.plan).study_features,
                        horizon_years=plan.horizon_years)
+
+
+def _served(beta: np.ndarray, pooled: float | None, by_site: Mapping[str, float] | None,
+            site: str | None, horizon: float) -> tuple[dict[str, np.ndarray], str]:
+    """The served linear model's weights (the coefficients, and the log of the baseline
+    cumulative hazard by `horizon`: the `pooled` one, or, stratified, `site`'s own of
+    `by_site`) and how a card names that baseline; a site to serve named wrongly, or a
+    baseline of 0, refused by name."""
+    if by_site is not None and site not in by_site:
+        raise ConfigurationError(f"A stratified Cox model has a baseline hazard per site: "
+                                 f"name the site to serve, one of {sorted(by_site)}; got "
+                                 f"{site!r}.")
+    if by_site is None and site is not None:
+        raise ConfigurationError("This Cox model has one baseline hazard for every site: "
+                                 "leave 'site' out.")
+    h0 = float(by_site[site] if by_site is not None and site is not None else pooled or 0.0)
+    if not h0 > 0:
+        raise ConfigurationError(f"No event before {horizon:g} years: the baseline hazard by "
+                                 f"then is 0, and every risk would be 0.")
+    weights = {"linear.weight": np.asarray(beta, dtype=np.float64)[None, :],
+               "linear.bias": np.array([math.log(h0)])}
+    return weights, (f"stratified by site, served with {site}'s own baseline hazard"
+                     if by_site is not None else "one baseline hazard")
 
 
 def study_report(study: Study) -> SurvivalResponse:

@@ -159,8 +159,7 @@ def check_state(plan: SurvivalPlan, state: dict[str, Any],
                                  f"({k}).")
     if not (np.isfinite(beta).all() and np.isfinite(center).all()):
         raise ConfigurationError("beta and center must be finite.")
-    low = np.array([r[0] for r in ranges], dtype=np.float64)
-    high = np.array([r[1] for r in ranges], dtype=np.float64)
+    low, high = _bounds(ranges)
     if ((center < low) | (center > high)).any():
         raise ConfigurationError("The centre lies outside the covariates' ranges.")
     reach = np.maximum(high - center, center - low)
@@ -170,6 +169,17 @@ def check_state(plan: SurvivalPlan, state: dict[str, Any],
         raise ConfigurationError(f"These coefficients give |x beta| above {MAX_ETA:g} within "
                                  f"the covariates' ranges.")
     return beta, center
+
+
+def _bounds(ranges: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """The covariates' lower and upper bounds, from the site's `ranges`."""
+    return (np.array([r[0] for r in ranges], dtype=np.float64),
+            np.array([r[1] for r in ranges], dtype=np.float64))
+
+
+def _clipped(x: np.ndarray, ranges: Sequence[Sequence[float]]) -> np.ndarray:
+    """The site's rows clipped to its `ranges`."""
+    return np.clip(x, *_bounds(ranges))
 
 
 def site_step(plan: SurvivalPlan, state: dict[str, Any], time: np.ndarray,
@@ -186,9 +196,7 @@ def site_step(plan: SurvivalPlan, state: dict[str, Any], time: np.ndarray,
         return {"events": counts.events.astype(np.float64),
                 "censored": counts.censored.astype(np.float64)}
     beta, center = check_state(plan, state, ranges)
-    low = np.array([r[0] for r in ranges], dtype=np.float64)
-    high = np.array([r[1] for r in ranges], dtype=np.float64)
-    sums = site_cox_sums(time, event, np.clip(x, low, high), beta, plan.grid, center=center)
+    sums = site_cox_sums(time, event, _clipped(x, ranges), beta, plan.grid, center=center)
     if state["step"] == "baseline":
         return {"events": sums.events.astype(np.float64),
                 "risk0": np.asarray(sums.risk0, dtype=np.float64)}
@@ -219,10 +227,8 @@ def _evaluation(plan: SurvivalPlan, state: dict[str, Any], time: np.ndarray,
     figures = {name: math.nan for name in FIGURES}
     figures |= {"n": float(time.size), "events": float(np.sum(event))}
     if h0 is not None:
-        low = np.array([r[0] for r in ranges], dtype=np.float64)
-        high = np.array([r[1] for r in ranges], dtype=np.float64)
         with np.errstate(over="ignore"):  # a risk of 1 where h0 exp(x beta) overflows
-            risk = -np.expm1(-float(h0) * np.exp((np.clip(x, low, high) - center) @ beta))
+            risk = -np.expm1(-float(h0) * np.exp((_clipped(x, ranges) - center) @ beta))
         with np.errstate(all="ignore"):
             figures = horizon_figures(time, event, risk, plan.horizon_years)
     values = np.array([figures[name] for name in FIGURES], dtype=np.float64)
@@ -330,10 +336,15 @@ def _fitted(plan: SurvivalPlan, state: dict[str, Any], result: dict[str, Any]
     site's)."""
     rest = {k: v for k, v in state.items() if k != "fit"}
     by_site = result.get("baselines_at_horizon")
-    h0 = (result["baseline_at_horizon"] if by_site is None
-          else {site: by_site.get(site) for site in state["sites"]})
-    if not plan.evaluate or not (h0 if by_site is None else by_site):
-        return {**rest, "step": "done", "result": result}  # no risk to judge: none served
+    h0: float | dict[str, float | None]
+    if by_site is None:
+        h0 = float(result["baseline_at_horizon"])
+        served = h0 > 0
+    else:  # a site without a baseline by the horizon (None) is served no model
+        h0 = {site: by_site.get(site) for site in state["sites"]}
+        served = bool(by_site)
+    if not (plan.evaluate and served):  # no evaluation asked for, or no model to judge
+        return {**rest, "step": "done", "result": result}
     return {**rest, "step": "assess", "fit": result,
             "inputs": {**state["inputs"], "beta": result["beta"], "h0": h0}}
 
