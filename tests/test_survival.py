@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -419,6 +420,14 @@ def test_private_counts_are_charged_first_and_noised_from_a_secret_source():
     curve = private_kaplan_meier(first)
     # noise SD 34 per cell against ~100-300 events a month: 300 draws erred at most 0.099
     assert np.abs(curve.survival - kaplan_meier(exact).survival).max() < 0.15
+
+
+def test_sums_that_would_overflow_are_refused_by_name():
+    """x beta within 700 but x near 1e6: the second-moment sums would be inf."""
+    x = np.array([[1e6], [0.0]])
+    with pytest.raises(DataValidationError, match=re.escape(
+            "The sums of exp(x beta) x x' overflow at these coefficients and covariates")):
+        site_cox_sums([1.0, 2.0], [True, False], x, [6.9e-4], [1.0, 5.0])
 
 
 def test_secure_counts_carry_one_releases_noise_and_charge_every_site_once():

@@ -573,3 +573,48 @@ def test_a_node_refuses_an_assess_round_it_cannot_compute_by_name() -> None:
     arrays = site_step(plan, state, t, e, x, RANGES, "a")
     assert arrays["defined"].tolist() == [1.0, 1.0] + [0.0] * 16
     assert arrays["values"][:2].tolist() == [t.size, e.sum()]
+
+
+@settings(max_examples=150, deadline=None)
+@given(unit=st.lists(st.floats(-1, 1), min_size=7, max_size=7),
+       scale=st.sampled_from([1e-3, 1e-2, 0.1, 10.0]),
+       h0=st.one_of(st.none(), st.floats(1e-300, 1e300)), data=st.data())
+def test_whatever_model_an_assess_task_serves_the_node_refuses_or_reports_figures_that_pass(
+        unit: list[float], scale: float, h0: float | None, data: st.DataObject) -> None:
+    """Any coefficients and baseline hazard a coordinator sends (extreme but valid): the
+    node refuses by name before it looks at a row, or its figures pass the coordinator's
+    checks."""
+    from cardiofed.exceptions import CardioFedError
+    from cardiofed.survival.study import check_sums, site_step
+
+    plan = SurvivalPlan(covariates=COVARIATES, evaluate=True)
+    rows = data.draw(st.integers(1, 40), label="held-out rows")
+    t, e, x = (part[:rows] for part in _HELD_OUT)
+    beta = [u * scale for u in unit]
+    state = {"step": "assess", "columns": COLUMNS, "iterations": 3,
+             "inputs": {"beta": beta, "center": CENTER, "h0": {"a": h0}}}
+    try:
+        arrays = site_step(plan, state, t, e, x, RANGES, "a")
+    except CardioFedError as exc:
+        assert "above 500 within the covariates" in str(exc)
+        return
+    check_sums(plan, "assess", arrays)  # never refused: what the node sends passes
+
+
+_HELD_OUT = _rows(SITES[:1], part="test")[0]
+
+
+def test_refusals_of_impossible_cox_sums_and_out_of_step_reports_name_the_problem() -> None:
+    from cardiofed.exceptions import DataValidationError
+    from cardiofed.survival.study import check_sums, with_site_baselines, with_site_evaluations
+
+    plan = SurvivalPlan(covariates=["age"], grid_step_years=5.0, max_years=10.0)
+    sums = {**_zero_sums(2, 1), "events": np.array([1.0, 0.0]),
+            "risk0": np.array([1e-300, 0.0]), "tied0": np.array([1e-300, 0.0])}
+    with pytest.raises(DataValidationError, match=re.escape(
+            "be at least 7.12e-218 per event where a grid point has events")):
+        check_sums(plan, "cox", sums)
+    with pytest.raises(ConfigurationError, match="not at its baseline round"):
+        with_site_baselines(plan, {"step": "assess"}, {})
+    with pytest.raises(ConfigurationError, match="not at its assess round"):
+        with_site_evaluations(plan, {"step": "baseline"}, {})
