@@ -139,7 +139,7 @@ def test_a_site_dropping_after_sharing_keys_leaves_the_survivors_exact_sum(
         "noise_multiplier"]  # the study's: the largest any site needed
     sum_plan, noise = wire.sum_setup("statistics", plan, sorted(SITES),
                                      wire.vector_length("statistics", len(ranges), 0),
-                                     multiplier, study="s1", round_number=0, attempt=0)
+                                     multiplier, context=wire.sum_context("s1", 0, 0))
     # The sites drew their generators in the order they sent their inputs.
     vectors = {s: statistics_vector(a._site.x_train, edges)  # type: ignore[union-attr]
                for s, a in zip(SITES[:2], agents[:2], strict=True)}
@@ -291,7 +291,8 @@ def test_a_node_shares_keys_only_under_noise_covering_its_need(
             rounds.share(task, "a", SimulationConfig.create(**PLAN))
 
 
-def test_networked_secure_studies_refuse_groups_and_relays_by_name(tmp_path: Path) -> None:
+def test_networked_secure_studies_refuse_too_few_groups_and_relays_by_name(
+        tmp_path: Path) -> None:
     fed = Federation(tmp_path, plan=PLAN)
     names_ranges = fed.client.get("/v1/tasks/next", headers=fed.auth(
         default_agent(fed, SITES[0]).credential())).json()
@@ -300,7 +301,8 @@ def test_networked_secure_studies_refuse_groups_and_relays_by_name(tmp_path: Pat
     grouped = fed.client.post("/v1/studies", headers=fed.auth(fed.admin), json={
         **body, "id": "g", "plan": {**PLAN, "secure_group_size": 2, "robust_rule": "median"}})
     assert grouped.status_code == 422
-    assert "secure_group_size is available in simulation only" in grouped.json()["detail"]
+    assert ("secure_group_size 2 leaves 1 group(s) of 3 sites; a robust rule across groups "
+            "needs at least 3") in grouped.json()["detail"]
     relay = fed.client.post("/v1/studies", headers=fed.auth(fed.admin), json={
         **body, "id": "r", "plan": PLAN, "relay": True})
     assert relay.status_code == 422

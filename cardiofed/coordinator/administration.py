@@ -40,6 +40,7 @@ from cardiofed.exceptions import (
 from cardiofed.names import NAME_RULE, is_safe_name
 from cardiofed.serving import registry
 from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.secure_runner import secure_groups
 from cardiofed.store import (
     AdminKey,
     AuditEvent,
@@ -131,8 +132,7 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
         ("algorithm scaffold", plan.algorithm == "scaffold"),
         ("weighting", plan.weighting != "sample-size"), ("label_quality", plan.label_quality),
         ("covariate_shift", plan.covariate_shift), ("recalibrate", plan.recalibrate),
-        ("finetune", plan.finetune),
-        ("secure_group_size", plan.secure_group_size is not None)) if on]
+        ("finetune", plan.finetune)) if on]
     if simulation_only:
         raise InvalidUpdate(f"The networked federation aggregates with sample-size weights "
                             f"only; {', '.join(simulation_only)} is available in simulation "
@@ -159,6 +159,8 @@ def create_study(db: Session, *, study_id: str, plan: SimulationConfig, sites: l
                             "its sites' sum upward, and secure sums are not relayed yet.")
     try:
         plan.check_buffer_size(len(sites))
+        if plan.secure_group_size is not None:
+            secure_groups(sites, plan.secure_group_size, seed=0)  # at least 3 groups
     except ConfigurationError as exc:
         raise InvalidUpdate(str(exc)) from None
     if plan.analysis is not None:

@@ -88,7 +88,7 @@ from cardiofed.protocol import secure_sums as secure_wire
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.secure_attribution import attribution_from_sum
 from cardiofed.simulation.secure_evaluation import POOLED_SECURE, evaluation_from_sum
-from cardiofed.simulation.secure_runner import mean_gradient_step
+from cardiofed.simulation.secure_runner import group_step
 from cardiofed.simulation.secure_statistics import statistics_from_sum
 from cardiofed.store import (
     Refusal,
@@ -403,7 +403,7 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         algorithm = plan.make_algorithm()
         weights = load_model(db, study, study.model_version)
         state = load_state(study, algorithm.init_server(weights))
-        delta, report = ((mean_gradient_step([folded.secure.total], weights), [])
+        delta, report = (group_step(folded.secure.totals, weights, algorithm.robust)
                          if folded.secure is not None
                          else _round_delta(db, algorithm, folded))
         new, state = plausible_model(rnd, study, (weights, state),

@@ -45,7 +45,7 @@ from cardiofed.protocol.schemas import (
     SecureShares,
     SecureTask,
 )
-from cardiofed.secure import Advertisement, SumPlan, shamir, unmask_sum
+from cardiofed.secure import Advertisement, SecureSum, SumPlan, shamir, unmask_sum
 from cardiofed.secure.noise import DistributedNoise
 from cardiofed.secure.protocol import neighbour_graph
 from cardiofed.simulation.secure_attribution import attribution_length
@@ -138,10 +138,14 @@ class _State:
             for name, ad in self.bodies("advertise").items()})
 
     def peers(self, site: str) -> list[str]:
-        """`site`'s neighbours in the sum (once the advertise step has closed)."""
-        graph = self._closed("advertise", "graph",
-                             lambda: neighbour_graph(self.plan, self.ads))
+        """`site`'s neighbours in its sum (once the advertise step has closed)."""
+        graph = self._closed("advertise", "graph", lambda: {
+            name: peers for plan, _ in self.setups
+            for name, peers in neighbour_graph(plan, self.ads_of(plan)).items()})
         return list(graph[site])
+
+    def ads_of(self, plan: SumPlan) -> dict[str, Advertisement]:
+        return {name: self.ads[name] for name in plan.sites}
 
     def inbox(self, site: str) -> dict[str, str]:
         """The share pairs sealed for `site`: sender -> sealed box."""
@@ -156,18 +160,24 @@ class _State:
         return out
 
     @cached_property
-    def setup(self) -> tuple[SumPlan, DistributedNoise]:
-        """The sum over the sites that advertised (once the advertise step has closed),
-        and each site's noise."""
+    def setups(self) -> list[tuple[SumPlan, DistributedNoise]]:
+        """The sums over the sites that advertised (once the advertise step has closed:
+        one, or one per group), and each site's noise in them."""
         rnd, study = self.rnd, self.study
-        return wire.sum_setup(rnd.kind, study_plan(study), sorted(self.posted("advertise")),
-                              _length(self.db, study, rnd), self.multiplier,
-                              study=study.id, round_number=rnd.number,
-                              attempt=rnd.secure_attempt or 0)
+        return self._closed("advertise", "setups", lambda: wire.group_setups(
+            rnd.kind, study_plan(study), self.ads, _length(self.db, study, rnd),
+            self.multiplier, study=study.id, round_number=rnd.number,
+            attempt=rnd.secure_attempt or 0))
 
-    @property
-    def plan(self) -> SumPlan:
-        return self.setup[0]
+    def plan_of(self, site: str) -> SumPlan:
+        """The sum `site` is in."""
+        return next(plan for plan, _ in self.setups if site in plan.sites)
+
+    def live(self) -> list[SumPlan]:
+        """The sums with enough masked inputs to unmask (at least their ``min_inputs``)."""
+        inputs = self.posted("input")
+        return [plan for plan, _ in self.setups
+                if len(inputs.intersection(plan.sites)) >= plan.min_inputs]
 
 
 # A vector's length by what sets it: the round's kind, the plan (its model) and the
@@ -200,6 +210,9 @@ def _waits_for(db: Session, study: Study, rnd: Round, state: _State) -> set[str]
     assert step is not None
     if step == steps[0]:
         waiting = {state.names[i] for i in active_ids(db, study) if i not in refused}
+    elif step == "reveal":  # the inputs of a sum that cannot be unmasked need no shares
+        waiting = state.posted("input") & {site for plan in state.live()
+                                            for site in plan.sites}
     else:
         waiting = state.posted(steps[steps.index(step) - 1])
     return waiting - {state.names[i] for i in refused}
@@ -219,6 +232,8 @@ def task(db: Session, study: Study, rnd: Round, site: Site) -> SecureTask | None
             or site.id in refused_ids(db, study, rnd.number):
         return None  # an authenticated site is not revoked: the first step waits for it
     state = _State(db, study, rnd)
+    if step == "reveal" and site.name not in _waits_for(db, study, rnd, state):
+        return None  # its group's sum has too few inputs to unmask
     fields: dict[str, object] = {"step": step, "attempt": attempt}
     if step == "advertise":
         fields["sites"] = sorted(state.names[i] for i in active_ids(db, study))
@@ -227,8 +242,13 @@ def task(db: Session, study: Study, rnd: Round, site: Site) -> SecureTask | None
     elif step == "input":
         fields.update(noise_multiplier=state.multiplier, inbox=state.inbox(site.name))
     else:
-        fields["survivors"] = sorted(state.posted("input"))
+        fields["survivors"] = _survivors(state, site.name)
     return SecureTask.model_validate(fields)
+
+
+def _survivors(state: _State, site: str) -> list[str]:
+    """The sites of `site`'s sum whose masked inputs arrived."""
+    return sorted(state.posted("input").intersection(state.plan_of(site).sites))
 
 
 def step_status(db: Session, study: Study, rnd: Round) -> tuple[list[str], list[str]]:
@@ -285,14 +305,18 @@ def _check(step: str, name: str, body: BaseModel, state: _State) -> None:
                for box in body.sealed.values()):
             raise InvalidUpdate(f"A sealed share pair of {name!r} is over {SEALED_MAX} bytes.")
     elif isinstance(body, SecureInput):
-        wire.ring_from_wire(body.masked, state.plan.length, name)
+        wire.ring_from_wire(body.masked, state.plan_of(name).length, name)
     elif isinstance(body, SecureReveal):
-        survivors = state.posted("input")
+        survivors = _survivors(state, name)
+        group = state.plan_of(name).sites
         for site, revealed in body.shares.items():
             kind, share = revealed.kind, revealed.share
             if site not in state.posted("share"):
                 raise InvalidUpdate(f"Site {name!r} revealed a share of {site!r}, which "
                                     f"shared no keys in this sum.")
+            if site not in group:
+                raise InvalidUpdate(f"Site {name!r} revealed a share of {site!r}, which is "
+                                    f"not in its group's sum.")
             if kind != ("b" if site in survivors else "s"):
                 raise InvalidUpdate(f"Site {name!r} revealed the wrong share of {site!r}: "
                                     f"a survivor's self-mask or a dropped site's mask key, "
@@ -304,12 +328,17 @@ def _check(step: str, name: str, body: BaseModel, state: _State) -> None:
 
 @dataclass(frozen=True)
 class Unmasked:
-    """A sum the coordinator unmasked: the survivors' total (decoded), who they were,
-    and the SD of each one's noise share (decoded units)."""
+    """What the coordinator unmasked: each sum's total (decoded; one per group of a
+    grouped round), the survivors, and the SD of each one's noise share (decoded units,
+    in the first sum: an ungrouped round has one)."""
 
-    total: np.ndarray
+    totals: tuple[np.ndarray, ...]
     survivors: tuple[str, ...]
     share_sd: float
+
+    @property
+    def total(self) -> np.ndarray:
+        return np.sum(self.totals, axis=0)
 
 
 def progress(db: Session, study: Study, rnd: Round, now: Clock) -> Unmasked | str | None:
@@ -323,41 +352,71 @@ def progress(db: Session, study: Study, rnd: Round, now: Clock) -> Unmasked | st
     if not (waiting <= posted and posted) and now() < rnd.deadline:
         return None
     if step == "advertise":
-        needed = max(2, min(study.min_sites, len(waiting)))
+        needed = max(2, min(study.min_sites, len(waiting)), _least_to_group(study, rnd))
         if len(posted) < needed:
             _next(db, study, rnd, now, step, f"{len(posted)} of the {needed} sites needed "
                                              f"advertised keys; waiting")
             return None
         _next(db, study, rnd, now, "share", f"{len(posted)} sites advertised keys")
         return None
-    least = state.plan.min_inputs
+    least = min(plan.min_inputs for plan, _ in state.setups)
     if step == "share":
-        if len(posted) < least:
-            _restart(db, study, rnd, now, f"{len(posted)} sites shared keys, fewer than the "
-                                          f"{least} the noise is split over")
+        short = [plan for plan, _ in state.setups
+                 if len(posted.intersection(plan.sites)) < plan.min_inputs]
+        if short:
+            _restart(db, study, rnd, now, (
+                f"{len(posted)} sites shared keys, fewer than the {least} the noise is "
+                f"split over" if len(state.setups) == 1 else
+                f"{len(short)} group(s) with fewer sites sharing keys than the "
+                f"{short[0].min_inputs} a group's noise is split over"))
             return None
         _next(db, study, rnd, now, "input", f"{len(posted)} sites shared keys")
         return None
+    needed = 3 if len(state.setups) > 1 else 1  # a robust rule runs across 3 groups
     if step == "input":
-        if len(posted) < least:
+        live = state.live()
+        if len(live) < needed:
             return _give_up(db, rnd, f"{len(posted)} masked inputs, fewer than the {least} "
-                                     f"the noise is split over")
+                                     f"the noise is split over" if needed == 1 else
+                                     f"{len(live)} groups with enough masked inputs to "
+                                     f"unmask, fewer than a robust rule's 3")
         _next(db, study, rnd, now, "reveal", f"{len(posted)} masked inputs")
         return None
-    inputs = {name: wire.ring_from_wire(body.masked, state.plan.length, name)
-              for name, body in state.bodies("input").items()}
+    results, failed = [], []
+    for plan in state.live():
+        try:
+            results.append(_unmasked(state, plan))
+        except InvalidUpdate as exc:
+            failed.append(str(exc))
+    if len(results) < needed:
+        return _give_up(db, rnd, "; ".join(failed[:3]) + (
+            f" ({len(results)} groups unmasked, fewer than a robust rule's 3)"
+            if needed > 1 else ""))
+    _forget(db, rnd)
+    survivors = tuple(sorted(s for r in results for s in r.survivors))
+    log.info("study %s round %d: secure sum of %d sites unmasked in %d sum(s) (%d dropped)",
+             study.id, rnd.number, len(survivors), len(results),
+             sum(len(r.dropped) for r in results))
+    plan, noise = state.setups[0]
+    return Unmasked(tuple(r.total for r in results), survivors,
+                    noise.site_sigma / plan.codec.scale)
+
+
+def _least_to_group(study: Study, rnd: Round) -> int:
+    """The advertisements a grouped round needs: three groups' worth."""
+    plan = study_plan(study)
+    return 3 * (plan.secure_group_size or 0) if wire.grouped(rnd.kind, plan) else 0
+
+
+def _unmasked(state: _State, plan: SumPlan) -> SecureSum:
+    """The survivors' sum of one (group's) sum."""
+    inputs = {name: wire.ring_from_wire(body.masked, plan.length, name)
+              for name, body in state.bodies("input").items() if name in plan.sites}
     revealed = {name: {site: (r.kind, wire.from_b64(r.share, "A revealed share"))
                        for site, r in body.shares.items()}
-                for name, body in state.bodies("reveal").items()}
-    try:
-        result = unmask_sum(state.plan, state.ads, state.posted("share"), inputs, revealed)
-    except InvalidUpdate as exc:
-        return _give_up(db, rnd, str(exc))
-    _forget(db, rnd)
-    log.info("study %s round %d: secure sum of %d sites unmasked (%d dropped)", study.id,
-             rnd.number, len(result.survivors), len(result.dropped))
-    plan, noise = state.setup
-    return Unmasked(result.total, result.survivors, noise.site_sigma / plan.codec.scale)
+                for name, body in state.bodies("reveal").items() if name in plan.sites}
+    return unmask_sum(plan, state.ads_of(plan), state.posted("share") & set(plan.sites),
+                      inputs, revealed)
 
 
 def _next(db: Session, study: Study, rnd: Round, now: Clock, step: str, why: str) -> None:

@@ -195,19 +195,21 @@ DEFAULT_BYZANTINE = 2
 def network_plan(plan: SimulationConfig, n_sites: int) -> SimulationConfig:
     """The plan a networked study of `n_sites` runs: :data:`FIXED_ROUNDS` rounds at most
     where the plan does not say (its nodes are private by default), robust by default (rule
-    :data:`DEFAULT_NETWORK_RULE` tolerating f = min(2, (n - 1) // 2) malicious sites,
-    where the plan leaves them out), and an asynchronous buffer of at least 2f + 1
-    sites where the plan does not size it."""
+    :data:`DEFAULT_NETWORK_RULE` tolerating f = min(2, (n - 1) // 2) of n malicious sites,
+    or of n groups of a grouped secure study, where the plan leaves them out), and an
+    asynchronous buffer of at least 2f + 1 sites where the plan does not size it."""
     given = plan.model_fields_set
     changes: dict[str, object] = {}
     if "rounds" not in given:
         # Nodes are private unless they opt out, and a private node releases no loss to
         # stop on: DP-SGD spreads its budget over every planned round.
         changes["rounds"] = FIXED_ROUNDS
-    if plan.robust_rule is None and not plan.secure_aggregation:  # one sum: nothing to rule
-        changes["robust_rule"] = DEFAULT_NETWORK_RULE
+    size = plan.secure_group_size
+    if plan.robust_rule is None and (not plan.secure_aggregation or size is not None):
+        changes["robust_rule"] = DEFAULT_NETWORK_RULE  # (one secure sum: nothing to rule)
         if "robust_byzantine" not in given:
-            changes["robust_byzantine"] = max(0, min(DEFAULT_BYZANTINE, (n_sites - 1) // 2))
+            inputs = n_sites if size is None else n_sites // size  # sites, or groups
+            changes["robust_byzantine"] = max(0, min(DEFAULT_BYZANTINE, (inputs - 1) // 2))
     plan = plan.model_copy(update=changes)
     if plan.aggregation == "async" and "buffer_size" not in given:
         plan = plan.model_copy(update={

@@ -107,12 +107,14 @@ class SecureRounds:
         try:
             self._check_signatures(task, adverts)
             ads = {site: wire.advert_from_wire(site, ad) for site, ad in adverts.items()}
-            sum_plan, noise = wire.sum_setup(task.kind, plan, sorted(ads), pending.length,
-                                             multiplier, study=task.study,
-                                             round_number=task.round, attempt=sec.attempt)
+            setups = wire.group_setups(task.kind, plan, ads, pending.length, multiplier,
+                                       study=task.study, round_number=task.round,
+                                       attempt=sec.attempt)
+            sum_plan, noise = next(((p, n) for p, n in setups if name in p.sites),
+                                   setups[0])  # not advertised: share_keys says so
             pending.site = SecureSite(name, sum_plan, _c_private=pending.c_private,
                                       _s_private=pending.s_private, _b_seed=pending.b_seed)
-            sealed = pending.site.share_keys(ads)
+            sealed = pending.site.share_keys({s: ads[s] for s in sum_plan.sites})
         except (CardioFedError, ValueError) as exc:
             raise TaskRefused(f"The sum's advertisements are not ones this site can share "
                               f"keys with: {exc}") from None

@@ -17,8 +17,11 @@ message it posts (``POST /v1/studies/{id}/rounds/{n}/secure/{step}``):
    neighbour.
 
 The coordinator then unmasks the survivors' sum and nothing else. The sum's parameters
-(ring, noise, neighbours) follow from the plan, the advertising sites and the noise
-multiplier, so both ends derive them with :func:`sum_setup`.
+(ring, noise, neighbours) follow from the plan, the advertisements and the noise
+multiplier, so both ends derive them with :func:`group_setups`. Under
+``secure_group_size`` a training round is one such sum per group of sites, dealt from
+the advertisements; the coordinator unmasks each group's sum and its robust rule runs
+across them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import struct
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -35,10 +39,11 @@ from cardiofed.exceptions import InvalidUpdate
 from cardiofed.protocol.schemas import SecureAdvert
 from cardiofed.secure import Advertisement, SumPlan
 from cardiofed.secure.noise import DistributedNoise
+from cardiofed.secure.protocol import keys_digest
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.secure_attribution import attribution_codec_and_noise
 from cardiofed.simulation.secure_evaluation import EVALUATION_LENGTH, evaluation_codec_and_noise
-from cardiofed.simulation.secure_runner import secure_codec_and_noise
+from cardiofed.simulation.secure_runner import secure_codec_and_noise, secure_groups
 from cardiofed.simulation.secure_statistics import statistics_codec_and_noise
 
 STEPS = ("advertise", "share", "input", "reveal")
@@ -54,11 +59,36 @@ def vector_length(kind: str, n_columns: int, n_weights: int) -> int:
     return (n_columns * PRIVATE_BINS if kind == "statistics" else n_weights) + 1
 
 
+def grouped(kind: str, plan: SimulationConfig) -> bool:
+    """Whether a round of `kind` takes one secure sum per group of sites (a training
+    round under ``secure_group_size``; the robust rule then runs across the groups)."""
+    return kind == "train" and plan.secure_group_size is not None
+
+
+def group_setups(kind: str, plan: SimulationConfig, ads: Mapping[str, Advertisement],
+                 length: int, noise_multiplier: float, *, study: str, round_number: int,
+                 attempt: int) -> list[tuple[SumPlan, DistributedNoise]]:
+    """The secure sums of round `round_number` (its `attempt`) over the sites that
+    advertised `ads`, and the noise each site adds: one sum of every site, or, for a
+    :func:`grouped` round, one per group. Groups are dealt at random (a hash of every
+    public key and the round, :func:`~cardiofed.secure.protocol.keys_digest`: no party
+    picks them), at least ``secure_group_size`` sites each; each group's sum carries the
+    whole noise on its own and masks, shares and unmasks within the group."""
+    names = sorted(ads)
+    context = sum_context(study, round_number, attempt)
+    if not grouped(kind, plan):
+        return [sum_setup(kind, plan, names, length, noise_multiplier, context=context)]
+    assert plan.secure_group_size is not None
+    groups = secure_groups(names, plan.secure_group_size, keys_digest(context, ads))
+    return [sum_setup(kind, plan, group, length, noise_multiplier,
+                      context=context + f"/group {g}".encode())
+            for g, group in enumerate(groups)]
+
+
 def sum_setup(kind: str, plan: SimulationConfig, sites: list[str], length: int,
-              noise_multiplier: float, *, study: str, round_number: int,
-              attempt: int) -> tuple[SumPlan, DistributedNoise]:
-    """The secure sum of round `round_number` (its `attempt`) over `sites`, the sites
-    that advertised, and the noise each adds."""
+              noise_multiplier: float, *, context: bytes
+              ) -> tuple[SumPlan, DistributedNoise]:
+    """The secure sum named `context` over `sites` and the noise each adds."""
     n = len(sites)
     if kind == "statistics":
         codec, noise = statistics_codec_and_noise(n, (length - 1) // PRIVATE_BINS,
@@ -70,8 +100,8 @@ def sum_setup(kind: str, plan: SimulationConfig, sites: list[str], length: int,
                                                    plan.secure_dropout)
     else:
         codec, noise = secure_codec_and_noise(plan, n, length, noise_multiplier)
-    return (SumPlan(context=sum_context(study, round_number, attempt), codec=codec,
-                    sites=tuple(sites), length=length, min_inputs=noise.min_sites), noise)
+    return (SumPlan(context=context, codec=codec, sites=tuple(sites), length=length,
+                    min_inputs=noise.min_sites), noise)
 
 
 def sum_context(study: str, round_number: int, attempt: int) -> bytes:

@@ -121,17 +121,23 @@ class Advertisement:
                                     f"{keys.KEY_BYTES} bytes.")
 
 
+def keys_digest(context: bytes, ads: Mapping[str, Advertisement]) -> int:
+    """A hash of a sum's context and every advertised public key: randomness no party
+    picks (each site's keys are fresh and drawn before it sees the others')."""
+    digest = hashlib.sha256(context)
+    for name in sorted(ads):
+        digest.update(name.encode() + b"\0" + ads[name].c_public + ads[name].s_public)
+    return int.from_bytes(digest.digest(), "big")
+
+
 def neighbour_graph(plan: SumPlan, ads: Mapping[str, Advertisement]) -> dict[str, list[str]]:
     """Each advertised site's neighbours: a Harary graph (each site linked to k/2 sites on
     either side, rounding up on one) on a ring ordered by a hash of all the public keys and
     the sum's context: no party picks who masks with whom (a coordinator that withholds
     advertisements to reshuffle the ring is an active one, outside the threat model)."""
     names = sorted(ads)
-    digest = hashlib.sha256(plan.context)
-    for name in names:
-        digest.update(name.encode() + b"\0" + ads[name].c_public + ads[name].s_public)
-    seed = int.from_bytes(digest.digest(), "big")
-    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    order = [names[i] for i in
+             np.random.default_rng(keys_digest(plan.context, ads)).permutation(len(names))]
     n = len(order)
     k = min(plan.neighbours, n - 1)
     graph: dict[str, set[str]] = {name: set() for name in order}

@@ -99,9 +99,10 @@ class SimulationConfig(BaseModel):
     # simulation, the node's [privacy] on a network); logistic regression for now.
     secure_aggregation: bool = False
     secure_dropout: float = Field(0.2, ge=0, lt=1)
-    # Robust across groups: sites are shuffled (by the plan's seed) into groups of at
-    # least this many, each group's gradient is a secure sum of its own (with the whole
-    # noise: the coordinator sees each), and robust_rule runs across the groups' means.
+    # Robust across groups: sites are shuffled into groups of at least this many (by
+    # the plan's seed in simulation; each round, from the sites' keys, on a network),
+    # each group's gradient is a secure sum of its own (with the whole noise: the
+    # coordinator sees each), and robust_rule runs across the groups' means.
     secure_group_size: int | None = Field(None, ge=2, le=1_000_000)
     # Bias correction (see cardiofed.algorithms.weighting and cardiofed.simulation.experiment).
     weighting: Literal["sample-size", "type-balanced", "qffl", "agnostic"] = "sample-size"

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cardiofed.aggregation.robust import RobustAggregation, SiteAggregation
 from cardiofed.aggregation.weighted_mean import shares, tail_average
 from cardiofed.exceptions import ConfigurationError, PrivacyBudgetExceeded
 from cardiofed.models.kinds import Weights
@@ -86,6 +87,19 @@ def mean_gradient_step(totals: Sequence[np.ndarray], weights: Weights) -> Weight
     record count, at least 1)."""
     count = sum(max(float(t[-1]), 1.0) for t in totals)
     return unflatten(-np.sum(totals, axis=0)[:-1] / count, weights)
+
+
+def group_step(totals: Sequence[np.ndarray], weights: Weights,
+               robust: RobustAggregation | None) -> tuple[Weights, list[SiteAggregation]]:
+    """The step from unmasked sums: down their mean gradient, or with `robust`, its rule
+    across each group's mean gradient (weighted by the groups' noisy record counts), and
+    what the rule did with each group."""
+    if robust is None:
+        return mean_gradient_step(totals, weights), []
+    counts = [max(float(t[-1]), 1.0) for t in totals]
+    return robust.aggregate(
+        [unflatten(-t[:-1] / c, weights) for t, c in zip(totals, counts, strict=True)],
+        counts, [f"group {g}" for g in range(len(totals))])
 
 
 Attack = Callable[[str, np.ndarray], np.ndarray]
@@ -157,13 +171,8 @@ def run_secure_sgd(sites: Sequence[PreparedSite], config: SimulationConfig, *,
             why = "; ".join(short) or f"{len(totals)} group sums, fewer than a robust rule's 3"
             run.refusals.append((rnd, "*", f"{why}: training stops"))
             break
-        counts = [max(t[-1], 1.0) for t in totals]
-        if robust is None:
-            step = mean_gradient_step(totals, weights)
-        else:
-            step, report = robust.aggregate(
-                [unflatten(-t[:-1] / c, weights) for t, c in zip(totals, counts, strict=True)],
-                counts, [f"group {g}" for g in range(len(totals))])
+        step, report = group_step(totals, weights, robust)
+        if robust is not None:
             run.record_robust(rnd, report)
         weights, state = algorithm.server.step(weights, step, state)
         tail.append(weights)

@@ -1,0 +1,265 @@
+"""Secure sums within groups of sites (``secure_group_size``), over the network: each
+training round deals the advertising sites into groups from their keys, each group's sum
+is masked, shared and unmasked on its own, and the coordinator's robust rule runs across
+the groups' mean gradients, so a malicious site moves only its group's sum."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import func, select
+from test_coordinator import Federation, _until_done  # type: ignore[import-not-found]
+from test_secure_network import (  # type: ignore[import-not-found]
+    _secure_task,
+    private_agent,
+)
+
+import cardiofed.coordinator.secure_sums as coordinator_sums
+from cardiofed.exceptions import TaskRefused
+from cardiofed.node.agent import NodeAgent
+from cardiofed.node.secure_rounds import SecureRounds
+from cardiofed.protocol import secure_sums as wire
+from cardiofed.secure import Advertisement, SecureSite, SumPlan, keys
+from cardiofed.secure.simulate import run_protocol
+from cardiofed.serving import registry
+from cardiofed.simulation.config import SimulationConfig
+from cardiofed.simulation.secure_evaluation import POOLED_SECURE
+from cardiofed.store import Round, SecureMessage, Update, session_factory
+
+SIX = ["tier3_01", "tier3_02", "tier2_01", "tier2_02", "community_01", "community_02"]
+NINE = [*SIX, "tier2_03", "community_03", "community_04"]
+PLAN = {"rounds": 3, "seed": 5, "secure_aggregation": True, "lr": 0.5}
+
+
+# ---------------------------------------------------------------- the groups
+
+
+def _keys(names: list[str]) -> dict[str, tuple[bytes, bytes]]:
+    return {n: (keys.new_private_key(), keys.new_private_key()) for n in names}
+
+
+def _ads(private: dict[str, tuple[bytes, bytes]]) -> dict[str, Advertisement]:
+    return {n: Advertisement(n, keys.public_key(c), keys.public_key(s))
+            for n, (c, s) in private.items()}
+
+
+def _setups(plan: SimulationConfig, ads: dict[str, Advertisement], length: int = 4,
+            attempt: int = 0) -> list[tuple[SumPlan, object]]:
+    return wire.group_setups("train", plan, ads, length, 1.0, study="s", round_number=2,
+                             attempt=attempt)  # type: ignore[return-value]
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(6, 40), size=st.integers(2, 13), data=st.data())
+def test_groups_partition_the_advertisers_from_their_keys(n: int, size: int,
+                                                          data: st.DataObject) -> None:
+    size = min(size, n // 3)
+    names = data.draw(st.lists(st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True),
+                               min_size=n, max_size=n, unique=True))
+    plan = SimulationConfig.create(**PLAN, secure_group_size=size)
+    ads = {n: Advertisement(n, secrets.token_bytes(32), secrets.token_bytes(32))
+           for n in names}
+    groups = [p.sites for p, _ in _setups(plan, ads)]
+    assert sorted(s for g in groups for s in g) == sorted(names)  # each site once
+    assert len(groups) == n // size and min(map(len, groups)) >= size
+    assert max(map(len, groups)) - min(map(len, groups)) <= 1
+    assert len({p.context for p, _ in _setups(plan, ads)}) == len(groups)
+    # Both ends derive the same groups whatever order the advertisements come in; the
+    # next attempt's keys deal them again.
+    assert groups == [p.sites for p, _ in _setups(plan, dict(reversed(ads.items())))]
+    # Only a training round is grouped: one sum of every site otherwise.
+    assert [p.sites for p, _ in wire.group_setups(
+        "statistics", plan, ads, 4, 1.0, study="s", round_number=0, attempt=0)] == [
+        tuple(sorted(names))]
+
+
+@settings(max_examples=15, deadline=None)
+@given(bad=st.lists(st.floats(-1e12, 1e12), min_size=4, max_size=4), seed=st.integers(0, 99))
+def test_a_malicious_site_moves_only_its_own_groups_sum(bad: list[float], seed: int) -> None:
+    plan = SimulationConfig.create(**PLAN, secure_group_size=3)
+    private = _keys(NINE)
+    ads = _ads(private)
+    rng = np.random.default_rng(seed)
+    x = {n: np.round(rng.normal(0, 1, 4) * 2**10) / 2**10 for n in NINE}  # on the grid
+    attacker = NINE[seed % 9]
+    x[attacker] = np.asarray(bad)
+    for group, _ in _setups(plan, ads):
+        sites = {n: SecureSite(n, group, _c_private=private[n][0], _s_private=private[n][1])
+                 for n in group.sites}
+        result, _ = run_protocol(sites, {n: x[n] for n in group.sites},
+                                 {n: np.random.default_rng(0) for n in group.sites})
+        if attacker not in group.sites:
+            np.testing.assert_allclose(result.total, np.sum([x[n] for n in group.sites], 0),
+                                       atol=1e-9)
+
+
+# ---------------------------------------------------------------- over the network
+
+
+class Flipping(SecureRounds):
+    """A malicious site's secure rounds: its training gradient sum reversed, 20 times."""
+
+    def input(self, task, charge, vector):  # type: ignore[no-untyped-def]
+        def flipped() -> np.ndarray:
+            v = np.array(vector(), dtype=np.float64)
+            if task.kind == "train":
+                v[:-1] *= -20
+            return v
+        return super().input(task, charge, flipped)
+
+
+def _trained(tmp: Path, plan: Mapping[str, object], attacked: bool) -> tuple[float, Federation]:
+    tmp.mkdir()
+    fed = Federation(tmp, plan=dict(plan), study={"sites": SIX})
+    agents = [private_agent(fed, s, 1e5) for s in SIX]  # little noise: the sums show
+    if attacked:
+        agents[0].secure.__class__ = Flipping
+    _until_done(fed, agents, patience_s=300)
+    assert fed.status()["refusals"] == []
+    with session_factory(fed.settings.database_url)() as db:
+        card = registry.card(db, "s1-v3")
+    metrics: Any = card["metrics"]
+    return float(metrics[POOLED_SECURE]["auc"]), fed
+
+
+@pytest.fixture(scope="module")
+def honest_auc(tmp_path_factory: pytest.TempPathFactory) -> float:
+    return _trained(tmp_path_factory.mktemp("honest") / "h", PLAN, attacked=False)[0]
+
+
+def test_groups_hold_a_networked_secure_study_against_a_malicious_site(
+        tmp_path: Path, honest_auc: float) -> None:
+    grouped, fed = _trained(tmp_path / "g", {**PLAN, "secure_group_size": 2}, attacked=True)
+    plain, _ = _trained(tmp_path / "p", PLAN, attacked=True)
+    # One of six sites reversing its gradient 20-fold wrecks the one sum of every site;
+    # across three groups' sums the weighted median (the networked default) holds.
+    assert plain < 0.5 < honest_auc - 0.05 < grouped
+    with session_factory(fed.settings.database_url)() as db:
+        rounds = list(db.scalars(select(Round).where(Round.kind == "train")))
+        assert db.scalar(select(func.count()).select_from(Update)) == 0
+        assert db.scalar(select(func.count()).select_from(SecureMessage)) == 0
+    for rnd in rounds:  # the rule's report names groups, never a site
+        assert [a["site"] for a in rnd.aggregation or []] == ["group 0", "group 1",
+                                                              "group 2"]
+
+
+class Recording(SecureRounds):
+    """A site's secure rounds, keeping each vector it sent (for the test's sums)."""
+
+    def input(self, task, charge, vector):  # type: ignore[no-untyped-def]
+        def kept() -> np.ndarray:
+            self.sent = np.array(vector(), dtype=np.float64)
+            return self.sent
+        return super().input(task, charge, kept)
+
+
+def _to_first_training_round(fed: Federation, sites: list[str]) -> dict[str, NodeAgent]:
+    """The sites' agents (recording what they send), the statistics round done and the
+    first training round's keys shared."""
+    agents = {s: private_agent(fed, s, 1e5) for s in sites}
+    for agent in agents.values():
+        agent.secure.__class__ = Recording
+    while fed.status()["phase"] == "statistics":
+        fed.step(list(agents.values()))
+    fed.step(list(agents.values()))  # advertise
+    fed.step(list(agents.values()))  # share keys
+    return agents
+
+
+def _group_of(agent: NodeAgent) -> tuple[str, ...]:
+    pending = next(iter(agent.secure._sums.values()))
+    assert pending.site is not None
+    return pending.site.plan.sites
+
+
+def test_each_groups_sum_is_its_survivors_and_a_group_too_short_is_left_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sums: list[tuple[tuple[str, ...], object]] = []
+    real = coordinator_sums.unmask_sum
+
+    def unmask(plan, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sums.append((plan.sites, real(plan, *args, **kwargs)))
+        return sums[-1][1]
+
+    monkeypatch.setattr(coordinator_sums, "unmask_sum", unmask)
+    # Nine sites in groups of at least 2 (sizes 3, 2, 2, 2); each group's noise is split
+    # over 2 of its sites (secure_dropout 0.4).
+    fed = Federation(tmp_path, plan={**PLAN, "secure_group_size": 2, "secure_dropout": 0.4},
+                     study={"sites": NINE})
+    agents = _to_first_training_round(fed, NINE)
+    sums.clear()  # the statistics round's one sum
+    groups = {_group_of(a) for a in agents.values()}
+    trio = next(g for g in groups if len(g) == 3)
+    pair = sorted(g for g in groups if len(g) == 2)[0]
+    dropped = {trio[0], pair[0]}  # after sharing their keys
+    fed.step([a for s, a in agents.items() if s not in dropped])  # masked inputs
+    fed.advance(3601)  # the input step's deadline passes
+    revealing = [a for s, a in agents.items() if s not in dropped]
+    assert fed.status()["secure_sum"]["step"] == "reveal"
+    outsider = next(s for g in groups - {trio} for s in g if s not in dropped)
+    answer = fed.client.post(  # a share of a site in another group's sum
+        "/v1/studies/s1/rounds/1/secure/reveal", params={"attempt": 0},
+        json={"shares": {outsider: {"kind": "b", "share": base64.b64encode(
+            bytes(66)).decode()}}}, headers=fed.auth(agents[trio[1]].credential()))
+    assert answer.status_code == 422
+    assert answer.json()["detail"] == (f"Site {trio[1]!r} revealed a share of {outsider!r}, "
+                                       f"which is not in its group's sum.")
+    fed.step(revealing)  # the survivors reveal; the short pair's partner is not asked
+    assert fed.status()["phase"] == "train" and fed.status()["round"] == 2, fed.status()
+    assert {sites for sites, _ in sums} == groups - {pair}
+    for sites, result in sums:
+        survivors = [s for s in sites if s not in dropped]
+        assert result.survivors == tuple(survivors)  # type: ignore[attr-defined]
+        expected = np.sum([agents[s].secure.sent  # type: ignore[attr-defined]
+                           for s in survivors], axis=0)
+        np.testing.assert_allclose(result.total, expected, atol=0.05)  # type: ignore[attr-defined]
+    # The reveal step closed before its deadline without the short pair's partner, which
+    # was never asked (asked, it would have refused: its sum has too few inputs).
+    assert fed.status()["refusals"] == []
+    with session_factory(fed.settings.database_url)() as db:
+        first = db.scalar(select(Round).where(Round.number == 1))
+        assert first is not None
+        assert [a["site"] for a in first.aggregation or []] == [
+            "group 0", "group 1", "group 2"]
+        assert db.scalar(select(func.count()).select_from(SecureMessage)
+                         .where(SecureMessage.round_id == first.id)) == 0
+
+
+def test_a_grouped_round_with_fewer_than_three_groups_to_unmask_is_given_up(
+        tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan={**PLAN, "secure_group_size": 2}, study={"sites": SIX})
+    agents = _to_first_training_round(fed, SIX)
+    fed.step(list(agents.values())[1:])  # one site drops: its pair's sum is short
+    fed.advance(3601)
+    fed.step(list(agents.values())[1:])
+    with session_factory(fed.settings.database_url)() as db:
+        first = db.scalar(select(Round).where(Round.number == 1))
+        assert first is not None and first.outcome is not None
+        assert ("secure sum given up (2 groups with enough masked inputs to unmask, fewer "
+                "than a robust rule's 3); the model stays at version 0") in first.outcome
+        assert db.scalar(select(func.count()).select_from(SecureMessage)
+                         .where(SecureMessage.round_id == first.id)) == 0
+
+
+def test_a_node_refuses_to_share_keys_where_the_advertisers_make_fewer_than_three_groups(
+        ) -> None:
+    """The coordinator opens a grouped sum only with three groups' advertisements; one
+    that relays fewer is refused by the node, naming why."""
+    plan = {**PLAN, "secure_group_size": 2}
+    sites = ["a", "b", "c", "d", "e"]
+    task = _secure_task("advertise", sites=sites)
+    rounds = {s: SecureRounds() for s in sites}
+    adverts = {s: r.advertise(task, s, 1.0, 19).model_dump() for s, r in rounds.items()}
+    share = _secure_task("share", adverts=adverts, noise_multiplier=1.0)
+    with pytest.raises(TaskRefused, match=r"secure_group_size 2 leaves 2 group\(s\) of 5 "
+                                          r"sites; a robust rule across groups needs at "
+                                          r"least 3"):
+        rounds["a"].share(share, "a", SimulationConfig.create(**plan))
