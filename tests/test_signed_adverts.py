@@ -6,9 +6,11 @@ changes what a site asked for, or adds a site of its own is refused by name."""
 from __future__ import annotations
 
 import base64
+import copy
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,7 +24,8 @@ from cardiofed.node.agent import NodeAgent
 from cardiofed.node.config import NodeConfig
 from cardiofed.node.secure_rounds import SecureRounds
 from cardiofed.privacy.ledger_file import open_ledger_file
-from cardiofed.protocol.schemas import SecureAdvert
+from cardiofed.protocol import secure_sums as wire
+from cardiofed.protocol.schemas import SecureAdvert, SecureConfirm, TaskResponse
 from cardiofed.secure import keys
 from cardiofed.secure.identity import (
     IDENTITY_KEY,
@@ -62,9 +65,17 @@ def test_a_secure_study_whose_nodes_hold_the_roster_runs_signed(tmp_path: Path) 
         sent.append(ad)
         return ad
     agents[0].secure.advertise = advertise  # type: ignore[method-assign]
+    confirmed: list[list[str]] = []
+    confirm = agents[0].secure.confirm
+
+    def confirming(task: TaskResponse) -> SecureConfirm:
+        confirmed.append(list(task.secure.survivors or []))  # type: ignore[union-attr]
+        return confirm(task)
+    agents[0].secure.confirm = confirming  # type: ignore[method-assign]
     _until_done(fed, agents)
     assert fed.status()["refusals"] == []
     assert sent and all(ad.signature for ad in sent)  # each sum's advertisement signed
+    assert confirmed == [sorted(SITES)] * 5  # and each sum's survivor list
     entries = open_ledger_file(fed.tmp / f"{SITES[0]}-privacy").entries
     assert [e["kind"] for e in entries] == ["statistics", "train", "train", "train",
                                             "evaluate"]
@@ -178,3 +189,132 @@ def test_the_identity_command_prints_the_same_public_key_each_time(tmp_path: Pat
     key = base64.b64encode(public_of(identity_key(tmp_path / "state" / IDENTITY_KEY)))
     assert f'<site name> = "{key.decode()}"' in runs[0].output
     assert (tmp_path / "state" / IDENTITY_KEY).stat().st_mode & 0o077 == 0
+
+
+# ---------------------------------------------------------------- survivor lists
+
+
+def test_a_coordinator_telling_one_site_another_survivor_list_gets_no_share(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator tells the first site that the third dropped, and the others that
+    it survived: unchecked, the first would reveal the third's mask key while the others
+    reveal its self-mask. Each site signs the list it was given; none of the lists has
+    the quorum's signatures, so no site reveals a share and the sum is given up."""
+    import cardiofed.coordinator.secure_sums as coordinator_sums
+
+    honest = coordinator_sums._survivors
+
+    def lying(state: object, site: str) -> list[str]:
+        survivors = honest(state, site)  # type: ignore[arg-type]
+        return [s for s in survivors if s != SITES[2]] if site == SITES[0] else survivors
+
+    monkeypatch.setattr(coordinator_sums, "_survivors", lying)
+    fed = Federation(tmp_path, plan={**PLAN, "secure_dropout": 0.4})  # 2 inputs suffice
+    roster = _roster(fed.tmp, SITES)
+    agents = [_signed_agent(fed, s, roster) for s in SITES]
+    for _ in range(4):  # advertise, share, input, confirm
+        fed.step(agents)
+    assert fed.status()["secure_sum"]["step"] == "reveal"  # type: ignore[index]
+    fed.step(agents)  # each site is asked to reveal, and refuses
+    reasons = [r["reason"] for r in fed.status()["refusals"]]  # type: ignore[index]
+    assert len(reasons) == 3 and all(
+        "signed this survivor list with their roster keys, fewer than the 3 a reveal "
+        "needs" in r for r in reasons), reasons
+    fed.advance(3601)
+    fed.step(agents)
+    status = fed.status()
+    assert status["phase"] == "done" and "secure sum was given up" in str(status), status
+
+
+@pytest.fixture(scope="module")
+def confirmed_sum(tmp_path_factory: pytest.TempPathFactory
+                  ) -> tuple[dict[str, SecureRounds], dict[str, str]]:
+    """Sites a, b and c of a signed sum (noise over 2 of them) after their inputs, each
+    having signed the list of all three; their signatures."""
+    nodes, adverts = _sum(tmp_path_factory.mktemp("confirmed"))
+    plan = SimulationConfig.create(**{**PLAN, "secure_dropout": 0.4})
+    share = _secure_task("share", adverts=adverts, noise_multiplier=1.0)
+    sealed = {s: n.share(share, s, plan).sealed for s, n in nodes.items()}
+    for s, node in nodes.items():
+        inbox = {peer: boxes[s] for peer, boxes in sealed.items() if s in boxes}
+        node.input(_secure_task("input", inbox=inbox, noise_multiplier=1.0),
+                   lambda multiplier: None, lambda: np.zeros(19))
+    signatures = {s: n.confirm(_secure_task("confirm", survivors=SUM_SITES)).signature
+                  for s, n in nodes.items()}
+    return nodes, signatures
+
+
+@settings(max_examples=60, deadline=None)
+@given(survivors=st.sampled_from([SUM_SITES, ["a", "b"], ["a", "c"]]),
+       signers=st.lists(st.sampled_from(SUM_SITES), unique=True),
+       forged=st.sampled_from(["none", "flipped", "other list", "stranger", "garbage"]),
+       at=st.integers(0, 63))
+def test_a_node_reveals_only_for_the_list_it_signed_once_a_quorum_signed_it(
+        confirmed_sum: tuple[dict[str, SecureRounds], dict[str, str]], survivors: list[str],
+        signers: list[str], forged: str, at: int) -> None:
+    """Whatever survivor list and signatures a coordinator relays, site a reveals only
+    for the list it signed (all three), with valid roster signatures of that list from
+    the quorum (all three of a 3-site sum); any other case is refused by name."""
+    nodes, signatures = confirmed_sum
+    node = copy.deepcopy(nodes["a"])  # revealing forgets the sum
+    confirmations = {s: signatures[s] for s in signers}
+    if forged == "flipped" and signers:
+        confirmations[signers[0]] = _flip(confirmations[signers[0]], at)
+    elif forged == "other list" and signers:  # a site's signature of another list
+        other = wire.survivors_message(node._sums[("s1", 1, 0)].site.plan.context,  # type: ignore[union-attr]
+                                       ["a", "b"])
+        key = nodes[signers[0]].identity
+        assert key is not None
+        confirmations[signers[0]] = wire.to_b64(key.sign(other))
+    elif forged == "stranger":
+        confirmations["mallory"] = signatures["a"]
+    elif forged == "garbage" and signers:
+        confirmations[signers[0]] = "not base64!"
+    valid = {s for s in signers if not (s == signers[0] and forged in (
+        "flipped", "other list", "garbage"))}
+    task = _secure_task("reveal", survivors=survivors, confirmations=confirmations)
+    if survivors == SUM_SITES and valid == set(SUM_SITES):
+        assert set(node.reveal(task).shares) == set(SUM_SITES)
+    elif survivors != SUM_SITES:
+        with pytest.raises(TaskRefused, match="reveals shares only for the survivor list "
+                                              "it signed"):
+            node.reveal(task)
+    else:
+        with pytest.raises(TaskRefused, match=re.escape(
+                f"{len(valid)} of the sum's sites signed this survivor list with their "
+                f"roster keys, fewer than the 3 a reveal needs")):
+            node.reveal(task)
+
+
+def test_a_node_signs_one_survivor_list_and_only_one_it_would_reveal_for(
+        confirmed_sum: tuple[dict[str, SecureRounds], dict[str, str]]) -> None:
+    nodes, _ = confirmed_sum
+    node = copy.deepcopy(nodes["a"])
+    with pytest.raises(TaskRefused, match="already signed another survivor list for this "
+                                          "sum: it signs one"):
+        node.confirm(_secure_task("confirm", survivors=["a", "b"]))
+    fresh = copy.deepcopy(nodes["a"])
+    fresh._sums[("s1", 1, 0)].confirmed = None
+    with pytest.raises(TaskRefused, match="does not sign this survivor list: .*not listed "
+                                          "as a survivor"):
+        fresh.confirm(_secure_task("confirm", survivors=["b", "c"]))
+    assert copy.deepcopy(nodes["a"]).confirm(_secure_task("confirm", survivors=SUM_SITES))
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(2, 3000), data=st.data())
+def test_two_survivor_lists_reach_the_quorum_only_with_threshold_colluders(
+        n: int, data: st.DataObject) -> None:
+    """An honest site signs one list: two lists both signed by the quorum share at least
+    2 * quorum - n signers, which is never fewer than the threshold; and the quorum is
+    within the sites."""
+    from cardiofed.secure import RingCodec, SumPlan
+
+    k = data.draw(st.one_of(st.just(0), st.integers(1, n - 1)))
+    plan = SumPlan(context=b"s", codec=RingCodec(bits=32, scale=1, bound=1),
+                   sites=tuple(f"s{i}" for i in range(n)), length=1, neighbours=k)
+    t = data.draw(st.integers(1, plan.neighbours + 1))
+    plan = SumPlan(context=b"s", codec=plan.codec, sites=plan.sites, length=1,
+                   neighbours=plan.neighbours, threshold=t)
+    quorum = wire.confirm_quorum(plan)
+    assert 2 * quorum - n >= plan.threshold and quorum <= n

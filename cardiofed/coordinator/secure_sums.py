@@ -4,10 +4,12 @@ task of each step, the sites' messages checked and stored, and the step's close.
 A step closes once every site it waits for has posted, or at its deadline (the study's
 ``round_timeout_s`` per step) with enough of them: at least 2 (and ``min_sites``)
 advertisements; at least the sum's ``min_inputs`` (the sites its noise is split over)
-sharers and inputs. Too few sharers start the sum again with fresh keys (no site has
-released anything yet); too few inputs, or too few revealed shares, give the sum up, and
-nothing is unmasked. What is stored is keys, sealed shares, masked vectors and revealed
-shares; all of it is deleted when the sum is unmasked or given up.
+sharers and inputs; where every advertisement was signed, a quorum of signatures of the
+survivor list (:func:`~cardiofed.protocol.secure_sums.confirm_quorum`). Too few sharers
+start the sum again with fresh keys (no site has released anything yet); too few
+inputs, signatures or revealed shares give the sum up, and nothing is unmasked. What is
+stored is keys, sealed shares, masked vectors, signatures and revealed shares; all of it
+is deleted when the sum is unmasked or given up.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from cardiofed.exceptions import Conflict, InvalidUpdate, RoundClosed
 from cardiofed.protocol import secure_sums as wire
 from cardiofed.protocol.schemas import (
     SecureAdvert,
+    SecureConfirm,
     SecureInput,
     SecureReveal,
     SecureShares,
@@ -54,7 +57,9 @@ from cardiofed.store import Round, SecureMessage, Site, Study
 log = logging.getLogger("cardiofed.coordinator")
 
 BODIES: dict[str, type[BaseModel]] = {"advertise": SecureAdvert, "share": SecureShares,
-                                      "input": SecureInput, "reveal": SecureReveal}
+                                      "input": SecureInput, "confirm": SecureConfirm,
+                                      "reveal": SecureReveal}
+SIGNATURE_BYTES = 64  # Ed25519
 SEALED_MAX = 1024  # bytes of one sealed share pair (about 100 in fact)
 
 
@@ -179,6 +184,20 @@ class _State:
         return [plan for plan, _ in self.setups
                 if len(inputs.intersection(plan.sites)) >= plan.min_inputs]
 
+    @cached_property
+    def signed(self) -> bool:
+        """Whether every advertisement is signed: the sum then has a confirm step."""
+        return all(ad.signature is not None for ad in self.bodies("advertise").values())
+
+    def unmaskable(self) -> list[SumPlan]:
+        """The live sums whose survivor list enough of their sites signed (where there
+        is a confirm step, :func:`~cardiofed.protocol.secure_sums.confirm_quorum`)."""
+        if not self.signed:
+            return self.live()
+        confirmed = self.posted("confirm")
+        return [plan for plan in self.live()
+                if len(confirmed.intersection(plan.sites)) >= wire.confirm_quorum(plan)]
+
 
 # A vector's length by what sets it: the round's kind, the plan (its model) and the
 # study's columns (cached: reading it from a stored model took a tenth of a message's time).
@@ -205,17 +224,22 @@ def _waits_for(db: Session, study: Study, rnd: Round, state: _State) -> set[str]
     """The sites the current step waits for: those that took the step before (every
     active site for the first), less those that refused the round."""
     refused = refused_ids(db, study, rnd.number)
-    steps = wire.STEPS
     step = rnd.secure_step
     assert step is not None
-    if step == steps[0]:
+    if step == wire.STEPS[0]:
         waiting = {state.names[i] for i in active_ids(db, study) if i not in refused}
-    elif step == "reveal":  # the inputs of a sum that cannot be unmasked need no shares
-        waiting = state.posted("input") & {site for plan in state.live()
-                                            for site in plan.sites}
+    elif step == "confirm":  # a sum with too few inputs to unmask needs no confirmation
+        waiting = state.posted("input") & _sites(state.live())
+    elif step == "reveal":  # nor shares, nor does one whose survivors too few signed
+        waiting = (state.posted("confirm" if state.signed else "input")
+                   & _sites(state.unmaskable()))
     else:
-        waiting = state.posted(steps[steps.index(step) - 1])
+        waiting = state.posted(wire.BEFORE[step])
     return waiting - {state.names[i] for i in refused}
+
+
+def _sites(plans: list[SumPlan]) -> set[str]:
+    return {site for plan in plans for site in plan.sites}
 
 
 def task(db: Session, study: Study, rnd: Round, site: Site) -> SecureTask | None:
@@ -227,13 +251,13 @@ def task(db: Session, study: Study, rnd: Round, site: Site) -> SecureTask | None
     assert step is not None
     mine = set(db.scalars(select(SecureMessage.step).where(
         *_attempt_of(rnd), SecureMessage.site_id == site.id)))
-    before = wire.STEPS[wire.STEPS.index(step) - 1] if step != wire.STEPS[0] else None
+    before = wire.BEFORE.get(step)
     if step in mine or (before is not None and before not in mine) \
             or site.id in refused_ids(db, study, rnd.number):
         return None  # an authenticated site is not revoked: the first step waits for it
     state = _State(db, study, rnd)
-    if step == "reveal" and site.name not in _waits_for(db, study, rnd, state):
-        return None  # its group's sum has too few inputs to unmask
+    if step in ("confirm", "reveal") and site.name not in _waits_for(db, study, rnd, state):
+        return None  # its sum cannot be unmasked, or (reveal) it confirmed nothing
     fields: dict[str, object] = {"step": step, "attempt": attempt}
     if step == "advertise":
         fields["sites"] = sorted(state.names[i] for i in active_ids(db, study))
@@ -243,6 +267,10 @@ def task(db: Session, study: Study, rnd: Round, site: Site) -> SecureTask | None
         fields.update(noise_multiplier=state.multiplier, inbox=state.inbox(site.name))
     else:
         fields["survivors"] = _survivors(state, site.name)
+        if step == "reveal" and state.signed:
+            group = state.plan_of(site.name).sites
+            fields["confirmations"] = {name: body.signature for name, body in
+                                       state.bodies("confirm").items() if name in group}
     return SecureTask.model_validate(fields)
 
 
@@ -306,6 +334,10 @@ def _check(step: str, name: str, body: BaseModel, state: _State) -> None:
             raise InvalidUpdate(f"A sealed share pair of {name!r} is over {SEALED_MAX} bytes.")
     elif isinstance(body, SecureInput):
         wire.ring_from_wire(body.masked, state.plan_of(name).length, name)
+    elif isinstance(body, SecureConfirm):
+        if len(wire.from_b64(body.signature, f"{name!r}'s signature")) != SIGNATURE_BYTES:
+            raise InvalidUpdate(f"The signature {name!r} confirmed the survivors with is not "
+                                f"{SIGNATURE_BYTES} bytes (Ed25519).")
     elif isinstance(body, SecureReveal):
         survivors = _survivors(state, name)
         group = state.plan_of(name).sites
@@ -380,10 +412,21 @@ def progress(db: Session, study: Study, rnd: Round, now: Clock) -> Unmasked | st
                                      f"the noise is split over" if needed == 1 else
                                      f"{len(live)} groups with enough masked inputs to "
                                      f"unmask, fewer than a robust rule's 3")
-        _next(db, study, rnd, now, "reveal", f"{len(posted)} masked inputs")
+        _next(db, study, rnd, now, "confirm" if state.signed else "reveal",
+              f"{len(posted)} masked inputs")
+        return None
+    if step == "confirm":
+        signed = state.unmaskable()
+        if len(signed) < needed:
+            quorum = wire.confirm_quorum(state.setups[0][0])
+            return _give_up(db, rnd, f"{len(posted)} sites signed the survivor list, fewer "
+                                     f"than the {quorum} a reveal needs" if needed == 1 else
+                                     f"{len(signed)} groups whose survivor list enough of "
+                                     f"their sites signed, fewer than a robust rule's 3")
+        _next(db, study, rnd, now, "reveal", f"{len(posted)} sites signed the survivors")
         return None
     results, failed = [], []
-    for plan in state.live():
+    for plan in state.unmaskable():
         try:
             results.append(_unmasked(state, plan))
         except InvalidUpdate as exc:

@@ -246,6 +246,8 @@ class NodeAgent:
         step, name = task.secure.step, self._site_name()
         if step == "share":
             return self.secure.share(task, name, plan)
+        if step == "confirm":
+            return self.secure.confirm(task)
         if step == "reveal":
             return self.secure.reveal(task)
         if self.ledger is None:

@@ -20,6 +20,7 @@ from cardiofed.privacy.randomness import secure_numpy_rng
 from cardiofed.privacy.release_gate import finite_or_zeros
 from cardiofed.protocol import secure_sums as wire
 from cardiofed.protocol.schemas import (
+    SecureConfirm,
     SecureInput,
     SecureReveal,
     SecureShares,
@@ -44,6 +45,7 @@ class _Sum:
     site: SecureSite | None = None
     noise: DistributedNoise | None = None
     multiplier: float = 0.0
+    confirmed: list[str] | None = None  # the survivor list this site signed
 
 
 Key = tuple[str, int, int]  # study, round, attempt
@@ -143,12 +145,34 @@ class SecureRounds:
                               f"sent: {exc}") from None
         return SecureInput(masked=wire.ring_to_wire(masked))
 
+    def confirm(self, task: TaskResponse) -> SecureConfirm:
+        """This site's signature of the survivor list the task names (once per sum: a
+        node signs one list), where the list is one it would reveal shares for."""
+        sec, pending = _secure(task), self._pending(task)
+        if pending.site is None or self.identity is None:
+            raise TaskRefused("This site shared no keys in this sum, or holds no roster "
+                              "key: it signs no survivor list.")
+        survivors = sorted(sec.survivors or [])
+        if pending.confirmed is not None and pending.confirmed != survivors:
+            raise TaskRefused("This site already signed another survivor list for this "
+                              "sum: it signs one.")
+        try:
+            pending.site.check_survivors(survivors)
+        except CardioFedError as exc:
+            raise TaskRefused(f"This site does not sign this survivor list: {exc}") from None
+        pending.confirmed = survivors
+        message = wire.survivors_message(pending.site.plan.context, survivors)
+        return SecureConfirm(signature=wire.to_b64(self.identity.sign(message)))
+
     def reveal(self, task: TaskResponse) -> SecureReveal:
         """One share per site this site holds shares of, for the survivors the task names;
-        the sum's secrets are then forgotten."""
+        the sum's secrets are then forgotten. With a roster, only for the list this site
+        signed, and only once enough of the sum's sites signed it too."""
         sec, pending = _secure(task), self._pending(task)
         if pending.site is None:
             raise TaskRefused("This site shared no keys in this sum; it reveals nothing.")
+        if self.identity is not None:
+            self._check_confirmed(sec, pending)
         try:
             shares = pending.site.unmask(sec.survivors or [])
         except CardioFedError as exc:
@@ -158,6 +182,29 @@ class SecureRounds:
         return SecureReveal.model_validate({"shares": {
             site: {"kind": kind, "share": wire.to_b64(share)}
             for site, (kind, share) in shares.items()}})
+
+    def _check_confirmed(self, sec: SecureTask, pending: _Sum) -> None:
+        """Refuse unless the survivors are the list this site signed and at least the
+        sum's quorum of its sites signed it (their roster keys; others do not count)."""
+        assert self.identity is not None and pending.site is not None
+        survivors = sorted(sec.survivors or [])
+        if pending.confirmed is None or pending.confirmed != survivors:
+            raise TaskRefused("This site reveals shares only for the survivor list it "
+                              "signed in this sum's confirm step; this one is not it.")
+        message = wire.survivors_message(pending.site.plan.context, survivors)
+        signers = set()
+        for site, signature in (sec.confirmations or {}).items():
+            try:
+                raw = wire.from_b64(signature, "A confirmation")
+            except CardioFedError:
+                continue
+            if site in survivors and self.identity.signed_by(site, message, raw):
+                signers.add(site)
+        quorum = wire.confirm_quorum(pending.site.plan)
+        if len(signers) < quorum:
+            raise TaskRefused(f"{len(signers)} of the sum's sites signed this survivor list "
+                              f"with their roster keys, fewer than the {quorum} a reveal "
+                              f"needs: another list may have been sent to other sites.")
 
     def _pending(self, task: TaskResponse) -> _Sum:
         pending = self._sums.get((task.study, task.round, _secure(task).attempt))

@@ -64,6 +64,14 @@ class SecureInput(BaseModel):
     masked: B64
 
 
+class SecureConfirm(BaseModel):
+    """A site's signature of the survivor list its confirm task named (by its roster
+    key): no site reveals a share until enough sites signed the same list."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    signature: B64 = Field(max_length=128)
+
+
 class RevealedShare(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     kind: Literal["b", "s"]
@@ -81,7 +89,7 @@ class SecureReveal(BaseModel):
 class SecureTask(BaseModel):
     """A secure round's step for this site, with what it needs for that step."""
 
-    step: Literal["advertise", "share", "input", "reveal"]
+    step: Literal["advertise", "share", "input", "confirm", "reveal"]
     attempt: int
     sites: list[str] | None = Field(default=None, description="advertise: the round's sites")
     adverts: dict[str, SecureAdvert] | None = Field(default=None, description="share: every "
@@ -90,8 +98,11 @@ class SecureTask(BaseModel):
                                            "largest any advertising site needs")
     inbox: dict[str, str] | None = Field(default=None, description="input: the sealed share "
                                          "pairs the site's neighbours sent it")
-    survivors: list[str] | None = Field(default=None, description="reveal: the sites whose "
-                                        "masked input arrived")
+    survivors: list[str] | None = Field(default=None, description="confirm and reveal: the "
+                                        "sites of this site's sum whose masked input arrived")
+    confirmations: dict[str, str] | None = Field(default=None, description=(
+        "reveal, after a confirm step: each confirming site's signature of the survivor "
+        "list"))
 
 
 class TaskResponse(BaseModel):

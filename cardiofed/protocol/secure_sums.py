@@ -13,8 +13,12 @@ message it posts (``POST /v1/studies/{id}/rounds/{n}/secure/{step}``):
 3. ``input``: its vector (histograms and record count, its clipped gradient sum and
    record count, or its test split's score histograms), encoded into the ring with its
    share of the noise, masked; charged to its ledger first;
-4. ``reveal``: given the survivors (the sites whose input arrived), one share per
-   neighbour.
+4. ``confirm``, only when every advertisement is signed (nodes holding the roster,
+   :mod:`cardiofed.secure.identity`): given the survivors (the sites of its sum whose
+   input arrived), the site's signature of that list;
+5. ``reveal``: given the survivors (and, after a confirm step, every confirmation), one
+   share per neighbour. A node with a roster reveals only for the list it signed, and
+   only once :func:`confirm_quorum` of its sum's sites signed that same list.
 
 The coordinator then unmasks the survivors' sum and nothing else. The sum's parameters
 (ring, noise, neighbours) follow from the plan, the advertisements and the noise
@@ -29,7 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -46,7 +50,10 @@ from cardiofed.simulation.secure_evaluation import EVALUATION_LENGTH, evaluation
 from cardiofed.simulation.secure_runner import secure_codec_and_noise, secure_groups
 from cardiofed.simulation.secure_statistics import statistics_codec_and_noise
 
-STEPS = ("advertise", "share", "input", "reveal")
+STEPS = ("advertise", "share", "input", "confirm", "reveal")
+# Each step's step before: a reveal follows the confirm step where there is one (every
+# advertisement signed), else the inputs.
+BEFORE = {"share": "advertise", "input": "share", "confirm": "input", "reveal": "input"}
 ATTRIBUTION_KINDS = ATTRIBUTION_STEPS[:-1]  # a private attribution's steps
 SECURE_KINDS = ("statistics", "train", "evaluate", *ATTRIBUTION_KINDS)
 
@@ -117,6 +124,24 @@ def advert_message(context: bytes, site: str, body: SecureAdvert) -> bytes:
              body.c_public.encode(), body.s_public.encode(),
              struct.pack("<d", body.noise_multiplier)]
     return b"".join(struct.pack("<I", len(p)) + p for p in parts)
+
+
+def survivors_message(context: bytes, survivors: Sequence[str]) -> bytes:
+    """What a site signs in a confirm step: the sum (`context`, a group's own) and its
+    survivors, sorted, each length-prefixed."""
+    parts = [b"cardiofed secure survivors v1", context, *(s.encode() for s in
+                                                         sorted(survivors))]
+    return b"".join(struct.pack("<I", len(p)) + p for p in parts)
+
+
+def confirm_quorum(plan: SumPlan) -> int:
+    """How many of a sum's `n` sites must sign the same survivor list before any site
+    reveals a share: ``ceil((n + t) / 2)`` with ``t`` the Shamir threshold. An honest
+    site signs one list, so two different lists both reach the quorum only when at least
+    ``2 * quorum - n >= t`` sites sign both: a coordinator colluding with fewer than `t`
+    sites cannot have one site's self-mask revealed by some holders and its mask key by
+    others (which would unmask that site's input)."""
+    return (len(plan.sites) + plan.threshold + 1) // 2
 
 
 def to_b64(data: bytes) -> str:

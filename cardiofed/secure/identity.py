@@ -114,6 +114,17 @@ class SiteIdentity:
                                      f"identity key: sign nothing until the roster and "
                                      f"the key agree (`cardiofed node identity`).")
 
+    def signed_by(self, site: str, message: bytes, signature: bytes) -> bool:
+        """Whether `signature` is `site`'s roster key's signature of `message`."""
+        public = self.roster.get(site)
+        if public is None:
+            return False
+        try:
+            Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
     def verify(self, site: str, message: bytes, signature: bytes | None) -> None:
         """Refuse (:class:`InvalidUpdate`, naming `site`) unless `signature` is `site`'s
         roster key's signature of `message`."""
@@ -123,8 +134,6 @@ class SiteIdentity:
                                 f"hospitals did not agree on takes part in the sum.")
         if signature is None:
             raise InvalidUpdate(f"{site!r}'s advertisement is not signed.")
-        try:
-            Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
-        except InvalidSignature:
+        if not self.signed_by(site, message, signature):
             raise InvalidUpdate(f"{site!r}'s advertisement is not signed by its roster "
-                                f"key: its keys may have been substituted.") from None
+                                f"key: its keys may have been substituted.")

@@ -19,10 +19,12 @@ arithmetic (:func:`unmask_sum`), with dropouts.
    masks, and is left with the survivors' exact sum.
 
 Threat model: a coordinator that follows these steps but tries to learn more, colluding
-with fewer than ``threshold`` sites of any neighbourhood, learns only the sum. One that
-substitutes public keys is refused by nodes holding the federation's roster (signed
-advertisements, :mod:`cardiofed.secure.identity`); one that tells sites different
-survivor lists is out of this model (its consistency round is not built).
+with fewer than ``threshold`` sites of any neighbourhood, learns only the sum. Nodes
+holding the federation's roster (:mod:`cardiofed.secure.identity`) also hold against
+an active one: they refuse substituted public keys (signed advertisements), and reveal
+only for a survivor list that a quorum of the sum's sites signed
+(:func:`cardiofed.protocol.secure_sums.confirm_quorum`), so telling sites different
+survivor lists gains nothing without ``threshold`` colluding sites.
 """
 
 from __future__ import annotations
@@ -255,6 +257,14 @@ class SecureSite:
         Once only, and only after sending its own input."""
         if not self._sent_input or self._revealed:
             raise InvalidUpdate(f"Site {self.name!r} reveals shares once, after its input.")
+        alive = self.check_survivors(survivors)
+        self._revealed = True
+        return {site: ("b", b) if site in alive else ("s", s)
+                for site, (b, s) in self._held.items()}
+
+    def check_survivors(self, survivors: Collection[str]) -> set[str]:
+        """`survivors` as a set, refused (:class:`InvalidUpdate`) unless they hold this
+        site, only sites of the sum, and at least the plan's ``min_inputs``."""
         alive = set(survivors)
         if self.name not in alive:
             raise InvalidUpdate(f"Site {self.name!r} sent its input but is not listed as a "
@@ -266,9 +276,7 @@ class SecureSite:
                                 f"below the plan's "
                                 f"{self.plan.min_inputs}: refused (one input would be "
                                 f"revealed, or too little noise summed).")
-        self._revealed = True
-        return {site: ("b", b) if site in alive else ("s", s)
-                for site, (b, s) in self._held.items()}
+        return alive
 
     def _seal_key(self, peer: str) -> bytes:
         return keys.agree(self._c_private, self._ads[peer].c_public,

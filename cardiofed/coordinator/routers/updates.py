@@ -25,6 +25,7 @@ from cardiofed.exceptions import CoordinatorError, PayloadTooLarge
 from cardiofed.protocol.schemas import (
     RefusalRequest,
     SecureAdvert,
+    SecureConfirm,
     SecureInput,
     SecureReveal,
     SecureShares,
@@ -177,6 +178,15 @@ def secure_input(study_id: str, round_number: PathNumber, attempt: Attempt,
                  clock: Clock) -> None:
     """A site's masked vector."""
     _secure(credential, db, clock, study_id, round_number, "input", attempt, body)
+
+
+@router.post("/{study_id}/rounds/{round_number}/secure/confirm", status_code=204,
+             responses=SECURE_REFUSALS)
+def secure_confirm(study_id: str, round_number: PathNumber, attempt: Attempt,
+                   body: SecureConfirm, credential: Credential, db: DB,
+                   clock: Clock) -> None:
+    """A site's signature of the survivor list (a sum whose advertisements were signed)."""
+    _secure(credential, db, clock, study_id, round_number, "confirm", attempt, body)
 
 
 @router.post("/{study_id}/rounds/{round_number}/secure/reveal", status_code=204,
