@@ -318,3 +318,19 @@ def test_two_survivor_lists_reach_the_quorum_only_with_threshold_colluders(
                    neighbours=plan.neighbours, threshold=t)
     quorum = wire.confirm_quorum(plan)
     assert 2 * quorum - n >= plan.threshold and quorum <= n
+
+
+def test_a_confirmation_that_is_not_an_ed25519_signature_is_refused_by_name(
+        tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan=PLAN)
+    roster = _roster(fed.tmp, SITES)
+    agents = [_signed_agent(fed, s, roster) for s in SITES]
+    for _ in range(3):  # advertise, share, input
+        fed.step(agents)
+    assert fed.status()["secure_sum"]["step"] == "confirm"  # type: ignore[index]
+    answer = fed.client.post("/v1/studies/s1/rounds/0/secure/confirm", params={"attempt": 0},
+                             json={"signature": base64.b64encode(bytes(10)).decode()},
+                             headers=fed.auth(agents[0].credential()))
+    assert answer.status_code == 422
+    assert answer.json()["detail"] == (f"The signature {SITES[0]!r} confirmed the survivors "
+                                       f"with is not 64 bytes (Ed25519).")
