@@ -9,6 +9,10 @@ coordinator:
 * **secure**: ``secure_aggregation = true``; the statistics round and each training
   round are one secure sum in four steps (advertise, share keys, masked input, reveal),
   each node adding its share of the distributed noise from its own budget;
+* **secure, signed**: the same, with every node holding the federation's roster: signed
+  advertisements, and a fifth step in each sum (each site signs the survivor list);
+* **secure, groups of 3**: the same as secure, with each training round one secure sum
+  per group of at least 3 sites and the weighted median across the groups;
 * **plain, private**: the default node (DP-SGD at each site, its own noise), each update
   sent in the clear;
 * **plain, exact**: nodes with ``privacy = "off"``.
@@ -23,6 +27,7 @@ the unmasked sum) are all inside that interval.
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import statistics
 import sys
@@ -34,8 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_smoke, markdown_table, single_threaded, write_results  # noqa: E402
 from network import SETTINGS, STUDY_LIMIT_S, Coordinator, _seconds, run_nodes  # noqa: E402
 
-ARMS = {"secure": {"secure_aggregation": True}, "plain, private": {},
-        "plain, exact": {}}
+ARMS = {"secure": {"secure_aggregation": True},
+        "secure, signed": {"secure_aggregation": True},  # nodes with a roster
+        "secure, groups of 3": {"secure_aggregation": True, "secure_group_size": 3},
+        "plain, private": {}, "plain, exact": {}}
+GROUPED_MIN_SITES = 9  # three groups of 3
 
 
 def study(workdir: Path, arm: str, n_sites: int, size_scale: float, rounds: int,
@@ -48,13 +56,17 @@ def study(workdir: Path, arm: str, n_sites: int, size_scale: float, rounds: int,
     data = synthetic_federation(n_sites=n_sites, seed=0, size_scale=size_scale)
     names = [s.name for s in data.sites]
     plan = {**SETTINGS, "rounds": rounds, **ARMS[arm]}
-    tag = arm.replace(", ", "-")
+    tag = re.sub(r"[^a-z0-9]+", "-", arm)
     coordinator = Coordinator(workdir, f"{tag}-{n_sites}")
     agents: list[NodeAgent] = []
     try:
         tokens = coordinator.create_study("bench", names, plan)
+        roster = _roster(workdir / f"{tag}-{n_sites}", names) if arm == "secure, signed" \
+            else None
         for name in names:
             privacy: dict[str, Any] = {"privacy": "off"} if arm == "plain, exact" else {}
+            if roster is not None:
+                privacy["roster"] = str(roster)
             agent = NodeAgent(NodeConfig.create(
                 coordinator_url=coordinator.url,
                 state_dir=str(workdir / f"{tag}-{n_sites}" / name),
@@ -85,6 +97,16 @@ def study(workdir: Path, arm: str, n_sites: int, size_scale: float, rounds: int,
         coordinator.stop()
 
 
+def _roster(folder: Path, names: list[str]) -> Path:
+    """Each site's signing key in its state directory, and the roster of them all."""
+    from cardiofed.secure.identity import IDENTITY_KEY, identity_key, roster_line
+
+    lines = [roster_line(name, identity_key(folder / name / IDENTITY_KEY)) for name in names]
+    path = folder / "roster.toml"
+    path.write_text("[sites]\n" + "\n".join(lines) + "\n")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, nargs="+", default=[10, 50, 200])
@@ -95,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.sites, args.rounds, args.poll_wait = [3], 1, 0.2
-        args.arms = ["secure", "plain, exact"]
+        args.arms = ["secure", "secure, signed", "plain, exact"]
     single_threaded()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     runs = []
@@ -103,6 +125,8 @@ def main() -> None:
         for n in args.sites:
             scale = min(1.0, 30 / n)  # about the same rows in all: the protocol's cost
             for arm in args.arms:
+                if arm == "secure, groups of 3" and n < GROUPED_MIN_SITES:
+                    continue
                 runs.append({**study(Path(tmp), arm, n, scale, args.rounds, args.poll_wait),
                              "size_scale": scale})
                 print(arm, n, f"{runs[-1]['train_round_s_mean']:.2f} s/round", flush=True)
@@ -137,12 +161,23 @@ def main() -> None:
         f"Refusals: {sum(r['refusals'] for r in runs)}; coordinator 5xx responses: "
         f"{sum(r['coordinator_5xx'] for r in runs)}.",
     ]
+    variants = [[n, mean("secure", n), mean("secure, signed", n),
+                 mean("secure, groups of 3", n),
+                 mean("secure, signed", n) / mean("secure", n),
+                 mean("secure, groups of 3", n) / mean("secure", n)] for n in args.sites]
     md = ("## Secure rounds over loopback\n\n"
           + markdown_table(["N sites", "secure s/round", "plain private s/round",
                             "plain exact s/round", "secure / plain private",
                             "secure / plain exact", "secure statistics round s",
                             "secure evaluation round s", "plain private evaluation round s",
                             "plain exact evaluation round s"], rows)
+          + "\nThe secure round signed (nodes with the roster: signed advertisements and "
+            "survivor lists, five steps) and in groups of 3 (a sum per group, the weighted "
+            f"median across them; from {GROUPED_MIN_SITES} sites), seconds per training "
+            "round:\n\n"
+          + markdown_table(["N sites", "secure s/round", "signed s/round",
+                            "groups of 3 s/round", "signed / secure",
+                            "groups of 3 / secure"], variants)
           + "\n" + "\n\n".join(notes) + "\n")
     write_results("secure_network", {"settings": {**SETTINGS, "rounds": args.rounds,
                                                   "poll_wait_s": args.poll_wait},

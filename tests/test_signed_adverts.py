@@ -33,14 +33,14 @@ from cardiofed.secure.identity import (
     identity_key,
     public_of,
     read_roster,
+    roster_line,
 )
 from cardiofed.simulation.config import SimulationConfig
 
 
 def _roster(tmp: Path, sites: list[str]) -> Path:
     """Each site's key in its state_dir and the roster of them all."""
-    lines = [f'{s} = "{base64.b64encode(public_of(identity_key(tmp / s / IDENTITY_KEY))).decode()}"'
-             for s in sites]
+    lines = [roster_line(s, identity_key(tmp / s / IDENTITY_KEY)) for s in sites]
     path = tmp / "roster.toml"
     path.write_text("[sites]\n" + "\n".join(lines) + "\n")
     return path

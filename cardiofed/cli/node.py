@@ -44,20 +44,17 @@ def node_identity(config: Annotated[Path, typer.Option(help="The node's TOML con
     federation's roster: the hospitals agree on the roster out of band, and a node with
     `roster = "..."` in its config signs its secure sums' advertisements and checks
     everyone else's."""
-    import base64
-
     from cardiofed.node.config import NodeConfig
-    from cardiofed.secure.identity import IDENTITY_KEY, identity_key, public_of
+    from cardiofed.secure.identity import IDENTITY_KEY, identity_key, roster_line
 
     try:
         cfg = NodeConfig.from_toml(config)
-        public = public_of(identity_key(cfg.state_dir / IDENTITY_KEY))
+        private = identity_key(cfg.state_dir / IDENTITY_KEY)
     except CardioFedError as exc:
         raise fail(exc) from None
     console.print("This site's line of the roster's [sites] table (its name as enrolled):",
                   markup=False)
-    console.print(f'<site name> = "{base64.b64encode(public).decode()}"', markup=False,
-                  soft_wrap=True)
+    console.print(roster_line("<site name>", private), markup=False, soft_wrap=True)
 
 
 @node_app.command("audit")

@@ -49,6 +49,7 @@ from cardiofed.protocol.schemas import (
     SecureTask,
 )
 from cardiofed.secure import Advertisement, SecureSum, SumPlan, shamir, unmask_sum
+from cardiofed.secure.identity import SIGNATURE_BYTES
 from cardiofed.secure.noise import DistributedNoise
 from cardiofed.secure.protocol import neighbour_graph
 from cardiofed.simulation.secure_attribution import attribution_length
@@ -59,7 +60,6 @@ log = logging.getLogger("cardiofed.coordinator")
 BODIES: dict[str, type[BaseModel]] = {"advertise": SecureAdvert, "share": SecureShares,
                                       "input": SecureInput, "confirm": SecureConfirm,
                                       "reveal": SecureReveal}
-SIGNATURE_BYTES = 64  # Ed25519
 SEALED_MAX = 1024  # bytes of one sealed share pair (about 100 in fact)
 
 

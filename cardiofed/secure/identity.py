@@ -37,7 +37,8 @@ from cryptography.hazmat.primitives.serialization import (
 from cardiofed.exceptions import ConfigurationError, InvalidUpdate
 from cardiofed.names import safe_name
 
-__all__ = ["IDENTITY_KEY", "SiteIdentity", "identity_key", "public_of", "read_roster"]
+__all__ = ["IDENTITY_KEY", "SiteIdentity", "identity_key", "public_of", "read_roster",
+           "roster_line"]
 
 IDENTITY_KEY = "identity.key"  # the site's signing key, in the node's state_dir
 KEY_BYTES = 32
@@ -69,6 +70,11 @@ def public_of(private: bytes) -> bytes:
     """The public key of an Ed25519 private key (raw bytes)."""
     return Ed25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
         Encoding.Raw, PublicFormat.Raw)
+
+
+def roster_line(site: str, private: bytes) -> str:
+    """`site`'s line of the roster's ``[sites]`` table: the public key of `private`."""
+    return f'{site} = "{base64.b64encode(public_of(private)).decode()}"'
 
 
 def read_roster(path: Path) -> dict[str, bytes]:
