@@ -432,9 +432,8 @@ def progress(db: Session, study: Study, rnd: Round, now: Clock) -> Unmasked | st
         except InvalidUpdate as exc:
             failed.append(str(exc))
     if len(results) < needed:
-        return _give_up(db, rnd, "; ".join(failed[:3]) + (
-            f" ({len(results)} groups unmasked, fewer than a robust rule's 3)"
-            if needed > 1 else ""))
+        return _give_up(db, rnd, "; ".join(failed[:3] + [
+            f"{len(results)} groups unmasked, fewer than a robust rule's 3"] * (needed > 1)))
     _forget(db, rnd)
     survivors = tuple(sorted(s for r in results for s in r.survivors))
     log.info("study %s round %d: secure sum of %d sites unmasked in %d sum(s) (%d dropped)",

@@ -120,17 +120,20 @@ def advert_message(context: bytes, site: str, body: SecureAdvert) -> bytes:
     """What a site signs of its advertisement: the sum, its name, its public keys and the
     noise multiplier it asks for, each length-prefixed (two different advertisements
     never give the same bytes)."""
-    parts = [b"cardiofed secure advertisement v1", context, site.encode(),
-             body.c_public.encode(), body.s_public.encode(),
-             struct.pack("<d", body.noise_multiplier)]
-    return b"".join(struct.pack("<I", len(p)) + p for p in parts)
+    return _framed([b"cardiofed secure advertisement v1", context, site.encode(),
+                    body.c_public.encode(), body.s_public.encode(),
+                    struct.pack("<d", body.noise_multiplier)])
 
 
 def survivors_message(context: bytes, survivors: Sequence[str]) -> bytes:
     """What a site signs in a confirm step: the sum (`context`, a group's own) and its
     survivors, sorted, each length-prefixed."""
-    parts = [b"cardiofed secure survivors v1", context, *(s.encode() for s in
-                                                         sorted(survivors))]
+    return _framed([b"cardiofed secure survivors v1", context,
+                    *(s.encode() for s in sorted(survivors))])
+
+
+def _framed(parts: list[bytes]) -> bytes:
+    """`parts` each length-prefixed: two different lists never give the same bytes."""
     return b"".join(struct.pack("<I", len(p)) + p for p in parts)
 
 
