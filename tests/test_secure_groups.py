@@ -28,6 +28,7 @@ from cardiofed.node.agent import NodeAgent
 from cardiofed.node.secure_rounds import SecureRounds
 from cardiofed.protocol import secure_sums as wire
 from cardiofed.secure import Advertisement, SecureSite, SumPlan, keys
+from cardiofed.secure.noise import DistributedNoise
 from cardiofed.secure.simulate import run_protocol
 from cardiofed.serving import registry
 from cardiofed.simulation.config import SimulationConfig
@@ -51,10 +52,10 @@ def _ads(private: dict[str, tuple[bytes, bytes]]) -> dict[str, Advertisement]:
             for n, (c, s) in private.items()}
 
 
-def _setups(plan: SimulationConfig, ads: dict[str, Advertisement], length: int = 4,
-            attempt: int = 0) -> list[tuple[SumPlan, object]]:
-    return wire.group_setups("train", plan, ads, length, 1.0, study="s", round_number=2,
-                             attempt=attempt)  # type: ignore[return-value]
+def _setups(plan: SimulationConfig, ads: dict[str, Advertisement]
+            ) -> list[tuple[SumPlan, DistributedNoise]]:
+    return wire.group_setups("train", plan, ads, 4, 1.0, study="s", round_number=2,
+                             attempt=0)
 
 
 @settings(max_examples=40, deadline=None)
@@ -72,8 +73,7 @@ def test_groups_partition_the_advertisers_from_their_keys(n: int, size: int,
     assert len(groups) == n // size and min(map(len, groups)) >= size
     assert max(map(len, groups)) - min(map(len, groups)) <= 1
     assert len({p.context for p, _ in _setups(plan, ads)}) == len(groups)
-    # Both ends derive the same groups whatever order the advertisements come in; the
-    # next attempt's keys deal them again.
+    # Both ends derive the same groups whatever order the advertisements come in.
     assert groups == [p.sites for p, _ in _setups(plan, dict(reversed(ads.items())))]
     # Only a training round is grouped: one sum of every site otherwise.
     assert [p.sites for p, _ in wire.group_setups(
@@ -203,7 +203,7 @@ def test_each_groups_sum_is_its_survivors_and_a_group_too_short_is_left_out(
     fed.step([a for s, a in agents.items() if s not in dropped])  # masked inputs
     fed.advance(3601)  # the input step's deadline passes
     revealing = [a for s, a in agents.items() if s not in dropped]
-    assert fed.status()["secure_sum"]["step"] == "reveal"
+    assert fed.status()["secure_sum"]["step"] == "reveal"  # type: ignore[index]
     outsider = next(s for g in groups - {trio} for s in g if s not in dropped)
     answer = fed.client.post(  # a share of a site in another group's sum
         "/v1/studies/s1/rounds/1/secure/reveal", params={"attempt": 0},
