@@ -604,6 +604,26 @@ def test_whatever_model_an_assess_task_serves_the_node_refuses_or_reports_figure
 _HELD_OUT = _rows(SITES[:1], part="test")[0]
 
 
+def test_a_calibration_interval_no_rows_can_bound_is_sent_undefined() -> None:
+    """Found by the property above (in CI): four held-out rows and risks so alike that
+    the slope's interval runs past +-1e6. The node marks those figures undefined, and
+    the coordinator accepts what it sends."""
+    from cardiofed.survival.metrics import FIGURES
+    from cardiofed.survival.study import check_sums, site_step
+
+    plan = SurvivalPlan(covariates=COVARIATES, evaluate=True)
+    t, e, x = (part[:4] for part in _HELD_OUT)
+    unit = [0.0, -0.7116807745607325, 0.0, 0.0, -0.1533471020548487, 0.0,
+            -0.18160172726167745]
+    state = {"step": "assess", "columns": COLUMNS, "iterations": 3,
+             "inputs": {"beta": [0.01 * u for u in unit], "center": CENTER,
+                        "h0": {"a": 2.6943341645120156e-10}}}
+    arrays = site_step(plan, state, t, e, x, RANGES, "a")
+    defined = dict(zip(FIGURES, arrays["defined"].tolist(), strict=True))
+    assert defined["slope"] == 1 and defined["slope_low"] == defined["slope_high"] == 0
+    check_sums(plan, "assess", arrays)
+
+
 def test_refusals_of_impossible_cox_sums_and_out_of_step_reports_name_the_problem() -> None:
     from cardiofed.exceptions import DataValidationError
     from cardiofed.survival.study import check_sums, with_site_baselines, with_site_evaluations

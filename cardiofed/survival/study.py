@@ -211,7 +211,9 @@ def _evaluation(plan: SurvivalPlan, state: dict[str, Any], time: np.ndarray,
                 event: np.ndarray, x: np.ndarray, ranges: Sequence[Sequence[float]],
                 site: str | None) -> Arrays:
     """The site's figures of the model it is served (the fit and its own baseline, or the
-    one baseline) on its rows: each value, and whether it is defined (0 where not)."""
+    one baseline) on its rows: each value, and whether it is defined (0 where not; a
+    calibration figure beyond +-MAX_CALIBRATION, from risks too alike to fit a slope to,
+    is not)."""
     from cardiofed.survival.metrics import FIGURES, horizon_figures
 
     beta, center = check_state(plan, state, ranges)
@@ -232,7 +234,9 @@ def _evaluation(plan: SurvivalPlan, state: dict[str, Any], time: np.ndarray,
         with np.errstate(all="ignore"):
             figures = horizon_figures(time, event, risk, plan.horizon_years)
     values = np.array([figures[name] for name in FIGURES], dtype=np.float64)
-    defined = np.isfinite(values)
+    signed = np.array([name in _SIGNED for name in FIGURES])
+    with np.errstate(invalid="ignore"):
+        defined = np.isfinite(values) & ~(signed & (np.abs(values) > MAX_CALIBRATION))
     return {"values": np.where(defined, values, 0.0), "defined": defined.astype(np.float64)}
 
 
