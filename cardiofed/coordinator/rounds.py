@@ -127,8 +127,7 @@ def _waiting_query() -> Any:
         Refusal.study_id == Study.id, Refusal.round_number == Round.number).scalar_subquery()
     reported = select(func.coalesce(func.sum(ReportTally.reports), 0)).where(
         ReportTally.round_id == Round.id).scalar_subquery()
-    # A secure round: the messages of its current step, of the step before, and of the
-    # confirm step (run before a reveal only where the advertisements were signed).
+    # A secure round: the messages of its current step, and of the step before.
     before = case(*[(Round.secure_step == later, earlier) for later, earlier in
                     secure_wire.BEFORE.items()], else_="")
 
@@ -139,8 +138,7 @@ def _waiting_query() -> Any:
 
     return (select(Study.phase, Study.plan["aggregation"].as_string(), Round.closed_at,
                    Round.deadline, active, refused, reported, Study.min_sites, Study.halted,
-                   Round.secure_step, posted(Round.secure_step), posted(before),
-                   posted("confirm"))
+                   Round.secure_step, posted(Round.secure_step), posted(before))
             .join(Round, (Round.study_id == Study.id) & (Round.number == Study.current_round))
             .where(Study.id == bindparam("study_id")))
 
@@ -154,7 +152,7 @@ def still_waiting(db: Session, study_id: str, now: Clock) -> bool:
     if row is None:
         return False
     (phase, aggregation, closed_at, deadline, n_active, n_refused, n_reported, min_sites,
-     halted, secure_step, posted_now, posted_before, confirmed) = row
+     halted, secure_step, posted_now, posted_before) = row
     if phase == RELAY:  # nothing to close until the region's node opens a round
         return True
     if halted is not None or n_active < min_sites:
@@ -162,11 +160,11 @@ def still_waiting(db: Session, study_id: str, now: Clock) -> bool:
     if phase == "done" or (phase == TRAIN and aggregation == "async"):
         return False
     if secure_step is not None:
-        # At most the sites the step waits for (a site that refused after the step before
-        # is still counted): a refusal and every message run the full check themselves.
-        expected = (n_active - n_refused if secure_step == secure_wire.STEPS[0]
-                    else confirmed if secure_step == "reveal" and confirmed
-                    else posted_before)
+        # At most the sites the step waits for (a site that refused after the step before,
+        # or did not confirm before a reveal, is still counted): a refusal and every
+        # message run the full check themselves.
+        expected = n_active - n_refused if secure_step == secure_wire.STEPS[0] \
+            else posted_before
         return closed_at is None and now() < deadline and posted_now < expected
     return closed_at is None and now() < deadline and n_reported < n_active - n_refused
 

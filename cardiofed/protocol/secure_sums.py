@@ -51,8 +51,8 @@ from cardiofed.simulation.secure_runner import secure_codec_and_noise, secure_gr
 from cardiofed.simulation.secure_statistics import statistics_codec_and_noise
 
 STEPS = ("advertise", "share", "input", "confirm", "reveal")
-# Each step's step before: a reveal follows the confirm step where there is one (every
-# advertisement signed), else the inputs.
+# Each step's step before. A reveal's is the inputs; where the sum has a confirm step
+# (every advertisement signed), a site also reveals only after it confirmed.
 BEFORE = {"share": "advertise", "input": "share", "confirm": "input", "reveal": "input"}
 ATTRIBUTION_KINDS = ATTRIBUTION_STEPS[:-1]  # a private attribution's steps
 SECURE_KINDS = ("statistics", "train", "evaluate", *ATTRIBUTION_KINDS)
