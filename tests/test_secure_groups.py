@@ -263,3 +263,19 @@ def test_a_node_refuses_to_share_keys_where_the_advertisers_make_fewer_than_thre
                                           r"sites; a robust rule across groups needs at "
                                           r"least 3"):
         rounds["a"].share(share, "a", SimulationConfig.create(**plan))
+
+
+def test_a_group_with_too_few_sharers_starts_the_sum_again_saying_why(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan={**PLAN, "secure_group_size": 2}, study={"sites": SIX})
+    agents = {s: private_agent(fed, s, 1e5) for s in SIX}
+    while fed.status()["phase"] == "statistics":
+        fed.step(list(agents.values()))
+    fed.step(list(agents.values()))  # advertise
+    fed.step(list(agents.values())[1:])  # one site shares no keys: its pair is short
+    fed.advance(3601)
+    fed.status()  # the coordinator closes the step past its deadline
+    with session_factory(fed.settings.database_url)() as db:
+        first = db.scalar(select(Round).where(Round.number == 1))
+        assert first is not None and first.secure_attempt == 1
+        assert ("1 group(s) with fewer sites sharing keys than the 2 a group's noise is "
+                "split over: starting again with fresh keys") in str(first.outcome)

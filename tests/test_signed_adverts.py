@@ -334,3 +334,19 @@ def test_a_confirmation_that_is_not_an_ed25519_signature_is_refused_by_name(
     assert answer.status_code == 422
     assert answer.json()["detail"] == (f"The signature {SITES[0]!r} confirmed the survivors "
                                        f"with is not 64 bytes (Ed25519).")
+
+
+def test_too_few_signatures_of_the_survivor_list_give_the_sum_up_by_name(
+        tmp_path: Path) -> None:
+    fed = Federation(tmp_path, plan={**PLAN, "secure_dropout": 0.4})  # 2 inputs suffice
+    roster = _roster(fed.tmp, SITES)
+    agents = [_signed_agent(fed, s, roster) for s in SITES]
+    for _ in range(3):  # advertise, share, input
+        fed.step(agents)
+    fed.step(agents[:2])  # the third site does not confirm
+    fed.advance(3601)
+    fed.step(agents[:2])
+    status = fed.status()
+    assert status["phase"] == "done"
+    assert ("secure sum was given up: 2 sites signed the survivor list, fewer than the 3 "
+            "a reveal needs") in str(status["round_outcome"]), status
