@@ -203,7 +203,7 @@ def test_secure_statistics_are_the_pooled_ones_up_to_their_noise(federation) -> 
     config = SimulationConfig.create(dp_epsilon=1e4, secure_aggregation=True)
     privacy = site_privacy(federation, config)
     edges = bin_edges(federation.feature_ranges, PRIVATE_BINS)
-    merged = secure_statistics(federation.sites, edges, privacy, dropout=0.2)
+    (merged,) = secure_statistics(federation.sites, edges, privacy, dropout=0.2)
     pooled = site_statistics(np.concatenate([s.x_train for s in federation.sites]), edges)
     noise = privacy[federation.sites[0].name].ledger.releases("statistics")[0][
         "noise_multiplier"]
@@ -228,9 +228,49 @@ def test_a_secure_study_sums_its_statistics(federation, tmp_path) -> None:  # ty
         statistics = [e for e in kinds if e.get("entry", e).get("kind") == "statistics"]
         assert len(statistics) == 1
         assert statistics[0].get("entry", statistics[0])["secure_sum"] is True
-    with pytest.raises(ConfigurationError, match="no statistics gate, no per-site payloads"):
+    refusal = ("no per-site payloads, and a statistics gate only across groups' sums "
+               r"\(secure_group_size\)")
+    with pytest.raises(ConfigurationError, match=refusal):
         run_experiment(federation, config, baselines=False,
                        outbox=lambda site, kind, payload: None)
+    with pytest.raises(ConfigurationError, match=refusal):  # one sum: nothing to gate
+        prepare_federation(federation, privacy=site_privacy(federation, config), robust=True,
+                           secure_dropout=config.secure_dropout)
+
+
+def test_a_grouped_secure_simulation_gates_its_groups_statistics(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """As on the network: one statistics sum per group, each site charged once, the
+    groups' sums through the statistics gate (it used to be refused as ungated)."""
+    import json
+
+    data = synthetic_federation(n_sites=9, seed=0, size_scale=0.2)
+    config = SimulationConfig.create(dp_epsilon=4.0, secure_aggregation=True, rounds=2,
+                                     eval_every=0, secure_group_size=3, robust_rule="median")
+    run_experiment(data, config, baselines=False, ledger_dir=tmp_path)
+    for ledger in sorted(tmp_path.rglob("ledger.jsonl")):
+        entries = [json.loads(line) for line in ledger.read_text().splitlines()]
+        assert [e.get("entry", e)["secure_sum"] for e in entries
+                if e.get("entry", e).get("kind") == "statistics"] == [True]
+
+
+def test_a_grouped_statistics_round_needs_three_groups_with_budget(federation) -> None:  # type: ignore[no-untyped-def]
+    from cardiofed.data.preprocessing import PRIVATE_BINS, bin_edges
+    from cardiofed.exceptions import PrivacyBudgetExceeded
+    from cardiofed.simulation.secure_statistics import secure_statistics
+
+    config = SimulationConfig.create(dp_epsilon=1.0, secure_aggregation=True)
+    privacy = site_privacy(federation, config)
+    names = [s.name for s in federation.sites]
+    groups = [names[k::3] for k in range(3)]
+    for name in groups[0]:  # one group's sites have spent their budgets
+        privacy[name].ledger.record([GaussianEvent(noise_multiplier=0.3, sample_rate=1.0,
+                                                   steps=50)], "earlier", kind="train",
+                                    study="earlier")
+    with pytest.raises(PrivacyBudgetExceeded, match=r"2 group\(s\) have as many sites with "
+                                                    "budget for the statistics sum as their "
+                                                    "noise is split over, fewer than the 3"):
+        secure_statistics(federation.sites, bin_edges(federation.feature_ranges, PRIVATE_BINS),
+                          privacy, dropout=0.2, groups=groups)
 
 
 def test_too_few_sites_with_budget_for_the_statistics_sum_stop_the_study(federation) -> None:  # type: ignore[no-untyped-def]

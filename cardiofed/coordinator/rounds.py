@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -37,6 +37,7 @@ from cardiofed.aggregation.robust_statistics import (
     StatisticsGate,
     consistent,
     gate_factors,
+    robust_site_statistics,
     scaled,
     site_moments,
 )
@@ -333,6 +334,22 @@ def _gated_statistics(db: Session, study: Study, rnd: Round, folded: _Folded
     return out
 
 
+def _secure_statistics(study: Study, rnd: Round, totals: Sequence[np.ndarray]
+                       ) -> list[SiteStatistics]:
+    """The statistics of a secure round's unmasked sums: one sum's as it is; each group's
+    of a grouped round through the statistics gate as one release (what it cut is
+    recorded by group, as a training round's rule is)."""
+    stats = [statistics_from_sum(t, bin_edges([(lo, hi) for lo, hi in study.feature_ranges],
+                                              PRIVATE_BINS)) for t in totals]
+    if len(stats) == 1:
+        return stats
+    gated, gate = robust_site_statistics(stats, _edges(study))
+    rnd.aggregation = [{"site": f"group {g}", "clipped": True,
+                        "statistics_down_weighted": [study.feature_names[j] for j in cols]}
+                       for g, cols in enumerate(gate.down_weighted()) if cols]
+    return gated
+
+
 def _released_statistics(db: Session, folded: _Folded) -> list[SiteStatistics]:
     return [SiteStatistics(**arrays) for batch in
             decoded_batches(db, [i for i, _ in folded.moments]) for arrays in batch]
@@ -390,8 +407,7 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         db.commit()
         return
     if rnd.kind == STATISTICS:
-        stats = ([statistics_from_sum(folded.secure.total, bin_edges(
-                    [(lo, hi) for lo, hi in study.feature_ranges], PRIVATE_BINS))]
+        stats = (_secure_statistics(study, rnd, folded.secure.totals)
                  if folded.secure is not None
                  else list(_gated_statistics(db, study, rnd, folded).values()))
         edges = bin_edges([(lo, hi) for lo, hi in study.feature_ranges],

@@ -268,11 +268,18 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
     privacy = site_privacy(dataset, config, ledger_dir)
     form = config.model_form(dataset.feature_names)
     federation, held_out = _hold_out_calibration(dataset, config)
+    groups = None  # the secure training's groups, whose statistics sums are gated too
+    if config.secure_aggregation and config.secure_group_size is not None:
+        from cardiofed.simulation.secure_runner import secure_groups  # loads cryptography
+
+        groups = secure_groups([s.name for s in federation.sites], config.secure_group_size,
+                               config.seed)
     sites = prepare_federation(federation, config.standardisation, outbox,
                                covariate_shift=config.covariate_shift, privacy=privacy or None,
                                form=form, robust=config.robust_rule is not None,
                                secure_dropout=config.secure_dropout
-                               if config.secure_aggregation else None)
+                               if config.secure_aggregation else None,
+                               secure_groups=groups)
     local_sites: list[PreparedSite] = []
     local_weights: list[Weights] = []
     if baselines or config.label_quality:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -14,6 +14,7 @@ from cardiofed.aggregation.robust_statistics import (
     Moments,
     consistent,
     gate_factors,
+    robust_site_statistics,
     scaled,
     site_moments,
 )
@@ -76,7 +77,9 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
                        covariate_shift: bool = False,
                        privacy: Mapping[str, SitePrivacy] | None = None,
                        form: ModelForm | None = None, robust: bool = False,
-                       secure_dropout: float | None = None) -> list[PreparedSite]:
+                       secure_dropout: float | None = None,
+                       secure_groups: Sequence[Sequence[str]] | None = None
+                       ) -> list[PreparedSite]:
     """Impute and standardise every site with federated statistics.
 
     ``global``: one preprocessor from merged site statistics (equal to pooled ones);
@@ -92,7 +95,9 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
     contributes nothing and still receives the merged preprocessor. `form` builds the
     model's columns from the encoded ones (:mod:`cardiofed.data.model_form`). With
     `secure_dropout` (a secure study's) the private sites' statistics are one secure sum
-    with distributed noise (:mod:`cardiofed.simulation.secure_statistics`).
+    with distributed noise (:mod:`cardiofed.simulation.secure_statistics`), or one per
+    group of `secure_groups`, which `robust` passes through the gate (each group's sum
+    one release), as a grouped networked study does.
     """
     if standardisation not in ("global", "per-site"):
         raise ConfigurationError(f"The 'standardisation' parameter must be 'global' or "
@@ -108,13 +113,17 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
     # grow with the federation; behind the gate they are computed again once its
     # factors are known. Covariate shift needs each site's histogram.
     streaming = privacy is None and not covariate_shift
-    if privacy and secure_dropout is not None:
-        if robust or outbox is not None:
+    secure = bool(privacy) and secure_dropout is not None
+    if secure:
+        if outbox is not None or (robust and secure_groups is None):
             raise ConfigurationError("Secure statistics are summed before the coordinator "
-                                     "sees them: no statistics gate, no per-site payloads.")
+                                     "sees them: no per-site payloads, and a statistics "
+                                     "gate only across groups' sums (secure_group_size).")
         from cardiofed.simulation.secure_statistics import secure_statistics
 
-        released = [secure_statistics(dataset.sites, private_edges, privacy, secure_dropout)]
+        assert privacy is not None and secure_dropout is not None
+        released = secure_statistics(dataset.sites, private_edges, privacy, secure_dropout,
+                                     groups=secure_groups)
     for s in ([] if released else dataset.sites):
         if privacy is None or s.name not in privacy:
             stats = site_statistics(s.x_train, edges)
@@ -134,7 +143,9 @@ def prepare_federation(dataset: FederatedDataset, standardisation: Standardisati
         raise PrivacyBudgetExceeded("No site has privacy budget left for its statistics "
                                     "release; the federation cannot start.")
     gated = released
-    if robust:
+    if secure and robust:  # each group's sum is one release to the gate
+        gated = robust_site_statistics(released, edges)[0]
+    elif robust:
         factors = gate_factors(moments, edges[:, 0], edges[:, -1])
         if streaming:  # every release exact: one running total of the recomputed ones
             gated = [functools.reduce(add_statistics, (

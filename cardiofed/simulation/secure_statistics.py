@@ -17,7 +17,7 @@ multiplier, the largest any site's statistics share needs.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -100,27 +100,45 @@ def statistics_from_sum(total: np.ndarray, edges: np.ndarray) -> SiteStatistics:
 
 
 def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
-                      privacy: Mapping[str, SitePrivacy], dropout: float) -> SiteStatistics:
-    """The federation's statistics from one secure sum (see the module docstring); the
-    noise is split over ``ceil((1 - dropout) * n)`` sites. A site whose budget refuses
-    sends nothing; fewer sites than the noise is split over raise
-    :class:`PrivacyBudgetExceeded`."""
-    needed, multiplier, min_sites = budgeted([s.name for s in sites], privacy, "statistics",
-                                             dropout)
-    if len(needed) < min_sites:
+                      privacy: Mapping[str, SitePrivacy], dropout: float, *,
+                      groups: Sequence[Sequence[str]] | None = None,
+                      attack: Callable[[str, np.ndarray], np.ndarray] | None = None
+                      ) -> list[SiteStatistics]:
+    """The federation's statistics from one secure sum (see the module docstring), or one
+    per group of site names in `groups` (each group's sum carries the whole noise, split
+    over ``ceil((1 - dropout) * k)`` of its k sites, as on the network); the noise is
+    split over ``ceil((1 - dropout) * n)`` sites. A site whose budget refuses sends
+    nothing; a group left with fewer sites than its noise is split over is left out;
+    no sum left (or fewer than 3 groups) raises :class:`PrivacyBudgetExceeded`.
+    `attack(site, vector)`, for benchmarks and tests, replaces what a site sends."""
+    by_name = {s.name: s for s in sites}
+    needed, multiplier, _ = budgeted(list(by_name), privacy, "statistics", dropout)
+    released = []
+    for group in groups or [list(by_name)]:
+        members = [name for name in group if name in needed]
+        if len(members) < noise_sites(len(group), dropout):
+            continue
+        codec, noise = statistics_codec_and_noise(len(group), edges.shape[0], multiplier,
+                                                  dropout)
+        vectors, rngs = {}, {}
+        for name in members:
+            privacy[name].charge_secure_sum("statistics", multiplier)
+            vectors[name] = statistics_vector(by_name[name].x_train, edges)
+            if attack is not None:
+                vectors[name] = attack(name, vectors[name])
+            rngs[name] = secure_numpy_rng()
+        released.append(statistics_from_sum(ring_sum(codec, vectors, rngs, noise), edges))
+    if groups is None and not released:
         raise PrivacyBudgetExceeded(
             f"{len(needed)} sites have budget for the statistics sum, fewer than the "
-            f"{min_sites} its noise is split over: the federation cannot start.")
-    n_columns = edges.shape[0]
-    codec, noise = statistics_codec_and_noise(len(sites), n_columns, multiplier, dropout)
-    vectors, rngs = {}, {}
-    for s in sites:
-        if s.name not in needed:
-            continue
-        privacy[s.name].charge_secure_sum("statistics", multiplier)
-        vectors[s.name] = statistics_vector(s.x_train, edges)
-        rngs[s.name] = secure_numpy_rng()
-    return statistics_from_sum(ring_sum(codec, vectors, rngs, noise), edges)
+            f"{noise_sites(len(by_name), dropout)} its noise is split over: the federation "
+            f"cannot start.")
+    if groups is not None and len(released) < 3:
+        raise PrivacyBudgetExceeded(
+            f"{len(released)} group(s) have as many sites with budget for the statistics "
+            f"sum as their noise is split over, fewer than the 3 a robust rule needs: the "
+            f"federation cannot start.")
+    return released
 
 
 def secure_kaplan_meier(sites: Mapping[str, tuple[object, object]], grid: object,
