@@ -1,5 +1,5 @@
-"""The statistics round over secure sums: what one forged site moves, as one sum of every
-site and in groups of 3 through the statistics gate.
+"""The statistics and evaluation rounds over secure sums: what one forged site moves, as
+one sum of every site and in groups of 3 through the statistics gate.
 
 The demo's synthetic hospitals (12; the smoke run 6, in groups of 2), every site
 private with a budget that leaves the secure sum's noise under a record (epsilon 1e4),
@@ -16,6 +16,15 @@ the statistics gate (:mod:`cardiofed.aggregation.robust_statistics`), as a group
 networked study merges them. For scale, the noise alone at epsilon 1 (the clean merge
 at epsilon 1 against the clean merge at 1e4, 5 draws, the largest move).
 
+The evaluation round: each site's test split scored by its true risk (a calibrated
+model, no training needed), one sum or groups of 3 of the sites' score histograms
+(:func:`cardiofed.simulation.secure_evaluation.secure_evaluation`), epsilon 1e4. One
+site sends instead 10,000,000 negatives in the lowest score bin and as many positives in
+the highest (the AUC pushed up), the reverse (pushed down), or the reverse inside the
+honest range: the median site's test count as negatives in the bin of the pooled
+positives' median score and as positives in the bin of the negatives'. The table shows
+the worst over which site forges of the pooled AUC's and calibration slope's move.
+
     python bench/secure_statistics.py
 """
 
@@ -25,6 +34,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,8 +50,13 @@ from cardiofed.data.preprocessing import (  # noqa: E402
     merge_statistics,
 )
 from cardiofed.data.synthetic import synthetic_federation  # noqa: E402
+from cardiofed.evaluation.private_metrics import score_bin_edges  # noqa: E402
 from cardiofed.simulation.config import SimulationConfig  # noqa: E402
 from cardiofed.simulation.experiment import site_privacy  # noqa: E402
+from cardiofed.simulation.secure_evaluation import (  # noqa: E402
+    EVALUATION_LENGTH,
+    secure_evaluation,
+)
 from cardiofed.simulation.secure_runner import secure_groups  # noqa: E402
 from cardiofed.simulation.secure_statistics import secure_statistics  # noqa: E402
 
@@ -84,6 +99,46 @@ def forging(kind: str, attacker: str, d: int, records: float,
     return lambda site, honest: vector if site == attacker else honest
 
 
+def evaluation_attacks(data: FederatedDataset, arms: dict[str, list[list[str]] | None],
+                       attackers: list[str], smoke: bool) -> dict[str, Any]:
+    """The pooled AUC's and slope's worst moves under each forged evaluation vector."""
+    outcomes = [(s.name, s.y_test, s.true_risk_test) for s in data.sites]
+    config = SimulationConfig.create(dp_epsilon=1e4, secure_aggregation=True)
+    rng = np.random.default_rng(0)
+
+    def pooled(groups: list[list[str]] | None, attack: Attack | None = None) -> Any:
+        return secure_evaluation(outcomes, site_privacy(data, config), config.secure_dropout,
+                                 rng, groups=groups, attack=attack)
+
+    n = EVALUATION_LENGTH // 2
+    edges = score_bin_edges(n)
+    y = np.concatenate([s.y_test for s in data.sites])
+    p = np.concatenate([s.true_risk_test for s in data.sites])
+    bin_of = [int(np.searchsorted(edges, np.median(p[y == k]))) - 1 for k in (0, 1)]
+    median_n = float(np.median([len(s.y_test) for s in data.sites]))
+    forgeries = {"negatives lowest, positives highest, 10,000,000 each": (0, n - 1, RECORDS),
+                 "negatives highest, positives lowest, 10,000,000 each": (n - 1, 0, RECORDS),
+                 "swapped inside the honest range, the median site's count":
+                     (bin_of[1], bin_of[0], median_n)}
+    clean = {arm: pooled(groups) for arm, groups in arms.items()}
+    moves: dict[str, dict[str, dict[str, float]]] = {}
+    for label, (neg_bin, pos_bin, records) in forgeries.items():
+        vector = np.zeros(EVALUATION_LENGTH)
+        vector[neg_bin], vector[n + pos_bin] = records, records
+        for arm, groups in arms.items():
+            worst = {"auc_move": 0.0, "slope_move": 0.0}
+            for attacker in attackers:
+                got = pooled(groups, lambda site, v, a=attacker, f=vector: f if site == a else v)
+                worst["auc_move"] = max(worst["auc_move"], abs(got["auc"] - clean[arm]["auc"]))
+                worst["slope_move"] = max(worst["slope_move"], abs(
+                    got["calibration_slope"] - clean[arm]["calibration_slope"]))
+            moves.setdefault(label, {})[arm] = worst
+            print(f"evaluation {arm} {label}: {worst}", flush=True)
+        if smoke:
+            break
+    return {"clean": clean, "moves": moves}
+
+
 def main() -> None:
     single_threaded()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -116,6 +171,7 @@ def main() -> None:
                 worst = (max(worst[0], mean_move), max(worst[1], sd_move))
             rows.setdefault(label, {})[arm] = {"mean_move": worst[0], "sd_move": worst[1]}
             print(f"{arm} {label}: {worst}", flush=True)
+    evaluation = evaluation_attacks(data, arms, attackers, args.smoke)
     header = ["forged vector (one site)"] + [f"{m} ({arm})" for arm in arms
                                              for m in ("mean move / range", "SD move")]
     table = [[label, *[r[arm][k] for arm in arms for k in ("mean_move", "sd_move")]]
@@ -124,8 +180,19 @@ def main() -> None:
           f"Worst over which site forges; moves against the clean merge of the same arm "
           f"(epsilon 1e4: noise under a record); the first row is the noise alone at "
           f"epsilon 1.\n\n" + markdown_table(header, table))
+    md += ("\n## The evaluation round: pooled AUC and calibration slope moved by one "
+           "forged site (worst over which site)\n\n"
+           + markdown_table(["forged vector (one site)"]
+                            + [f"{m} ({arm})" for arm in arms
+                               for m in ("AUC move", "slope move")],
+                            [[label, *[r[arm][k] for arm in arms
+                                       for k in ("auc_move", "slope_move")]]
+                             for label, r in evaluation["moves"].items()])
+           + "\nClean: " + "; ".join(f"{arm} AUC {m['auc']:.3f}, slope "
+                                      f"{m['calibration_slope']:.3f}"
+                                      for arm, m in evaluation["clean"].items()) + ".\n")
     write_results("secure_statistics", {"sites": n_sites, "group_size": size,
-                                        "rows": rows}, md)
+                                        "rows": rows, "evaluation": evaluation}, md)
 
 
 if __name__ == "__main__":

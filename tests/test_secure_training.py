@@ -238,19 +238,24 @@ def test_a_secure_study_sums_its_statistics(federation, tmp_path) -> None:  # ty
                            secure_dropout=config.secure_dropout)
 
 
-def test_a_grouped_secure_simulation_gates_its_groups_statistics(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """As on the network: one statistics sum per group, each site charged once, the
-    groups' sums through the statistics gate (it used to be refused as ungated)."""
+def test_a_grouped_secure_simulation_gates_its_groups_statistics_and_evaluation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """As on the network: one statistics sum and one evaluation sum per group, each site
+    charged once for each, the groups' sums through the statistics gate (such a study
+    used to be refused as ungated)."""
     import json
+
+    from cardiofed.simulation.secure_evaluation import POOLED_SECURE
 
     data = synthetic_federation(n_sites=9, seed=0, size_scale=0.2)
     config = SimulationConfig.create(dp_epsilon=4.0, secure_aggregation=True, rounds=2,
                                      eval_every=0, secure_group_size=3, robust_rule="median")
-    run_experiment(data, config, baselines=False, ledger_dir=tmp_path)
+    result = run_experiment(data, config, baselines=False, ledger_dir=tmp_path)
+    assert 0.5 < result.released_metrics[POOLED_SECURE]["auc"] <= 1.0
     for ledger in sorted(tmp_path.rglob("ledger.jsonl")):
-        entries = [json.loads(line) for line in ledger.read_text().splitlines()]
-        assert [e.get("entry", e)["secure_sum"] for e in entries
-                if e.get("entry", e).get("kind") == "statistics"] == [True]
+        entries = [json.loads(line).get("entry", json.loads(line))
+                   for line in ledger.read_text().splitlines()]
+        for kind in ("statistics", "evaluate"):
+            assert [e["secure_sum"] for e in entries if e.get("kind") == kind] == [True]
 
 
 def test_a_grouped_statistics_round_needs_three_groups_with_budget(federation) -> None:  # type: ignore[no-untyped-def]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -37,7 +37,6 @@ from cardiofed.aggregation.robust_statistics import (
     StatisticsGate,
     consistent,
     gate_factors,
-    robust_site_statistics,
     scaled,
     site_moments,
 )
@@ -48,6 +47,7 @@ from cardiofed.causal.combine import add as add_sums
 from cardiofed.coordinator import attribution, secure_sums
 from cardiofed.coordinator.buffer import publish_buffered
 from cardiofed.coordinator.checks import checked_or_quarantined
+from cardiofed.coordinator.gates import gate_report, secure_evaluation, secure_statistics
 from cardiofed.coordinator.models import (
     card_metrics,
     dump_state,
@@ -57,7 +57,6 @@ from cardiofed.coordinator.models import (
     plausible_model,
     store_model,
 )
-from cardiofed.coordinator.payloads import release_metrics
 from cardiofed.coordinator.studies import (
     EVALUATE,
     INTERCEPT,
@@ -77,7 +76,6 @@ from cardiofed.coordinator.studies import (
 )
 from cardiofed.data.preprocessing import (
     DEFAULT_BINS,
-    PRIVATE_BINS,
     SiteStatistics,
     add_statistics,
     bin_edges,
@@ -88,9 +86,7 @@ from cardiofed.protocol import relay
 from cardiofed.protocol import secure_sums as secure_wire
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.secure_attribution import attribution_from_sum
-from cardiofed.simulation.secure_evaluation import POOLED_SECURE, evaluation_from_sum
 from cardiofed.simulation.secure_runner import group_step
-from cardiofed.simulation.secure_statistics import statistics_from_sum
 from cardiofed.store import (
     Refusal,
     ReportTally,
@@ -320,10 +316,7 @@ def _gated_statistics(db: Session, study: Study, rnd: Round, folded: _Folded
     edges = _edges(study)
     ids = [i for i, _ in folded.moments]
     factors = gate_factors([m for _, m in folded.moments], edges[:, 0], edges[:, -1])
-    cut = StatisticsGate(factors).down_weighted()
-    rnd.aggregation = [{"site": name, "clipped": True,
-                        "statistics_down_weighted": [study.feature_names[j] for j in cols]}
-                       for name, cols in zip(folded.names, cut, strict=True) if cols]
+    gate_report(rnd, folded.names, StatisticsGate(factors), study.feature_names)
     out: dict[int, SiteStatistics] = {}
     released = itertools.chain.from_iterable(decoded_batches(db, ids))
     for arrays, factor in zip(released, factors, strict=True):
@@ -332,22 +325,6 @@ def _gated_statistics(db: Session, study: Study, rnd: Round, folded: _Folded
         total = out.get(bins)
         out[bins] = stats if total is None else add_statistics(total, stats)
     return out
-
-
-def _secure_statistics(study: Study, rnd: Round, totals: Sequence[np.ndarray]
-                       ) -> list[SiteStatistics]:
-    """The statistics of a secure round's unmasked sums: one sum's as it is; each group's
-    of a grouped round through the statistics gate as one release (what it cut is
-    recorded by group, as a training round's rule is)."""
-    stats = [statistics_from_sum(t, bin_edges([(lo, hi) for lo, hi in study.feature_ranges],
-                                              PRIVATE_BINS)) for t in totals]
-    if len(stats) == 1:
-        return stats
-    gated, gate = robust_site_statistics(stats, _edges(study))
-    rnd.aggregation = [{"site": f"group {g}", "clipped": True,
-                        "statistics_down_weighted": [study.feature_names[j] for j in cols]}
-                       for g, cols in enumerate(gate.down_weighted()) if cols]
-    return gated
 
 
 def _released_statistics(db: Session, folded: _Folded) -> list[SiteStatistics]:
@@ -407,7 +384,7 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         db.commit()
         return
     if rnd.kind == STATISTICS:
-        stats = (_secure_statistics(study, rnd, folded.secure.totals)
+        stats = (secure_statistics(study, rnd, folded.secure.totals, _edges(study))
                  if folded.secure is not None
                  else list(_gated_statistics(db, study, rnd, folded).values()))
         edges = bin_edges([(lo, hi) for lo, hi in study.feature_ranges],
@@ -443,9 +420,8 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         next_kind, version = EVALUATE, study.model_version
     else:
         model = model_blob(db, study.id, study.model_version)
-        model.metrics = folded.metrics if folded.secure is None else {
-            POOLED_SECURE: release_metrics(*evaluation_from_sum(
-                folded.secure.total, folded.secure.share_sd, len(folded.secure.survivors)))}
+        model.metrics = (folded.metrics if folded.secure is None
+                         else secure_evaluation(rnd, folded.secure))
         card_metrics(db, study, model.metrics)
         next_kind, version = "", study.model_version
     rnd.closed_at = now()

@@ -69,9 +69,9 @@ def vector_length(kind: str, n_columns: int, n_weights: int) -> int:
 def grouped(kind: str, plan: SimulationConfig) -> bool:
     """Whether a round of `kind` takes one secure sum per group of sites under
     ``secure_group_size``: a training round (the robust rule then runs across the
-    groups) or the statistics round (the statistics gate then weighs each group's sum as
-    one release, :mod:`cardiofed.aggregation.robust_statistics`)."""
-    return kind in ("train", "statistics") and plan.secure_group_size is not None
+    groups), the statistics or the evaluation round (the statistics gate then weighs
+    each group's sum as one release, :mod:`cardiofed.aggregation.robust_statistics`)."""
+    return kind in ("train", "statistics", "evaluate") and plan.secure_group_size is not None
 
 
 def group_setups(kind: str, plan: SimulationConfig, ads: Mapping[str, Advertisement],

@@ -204,11 +204,12 @@ def _intercept_step(run: FederatedRun, config: SimulationConfig,
 
 
 def _released_evaluation(result: ExperimentResult, privacy: dict[str, SitePrivacy],
-                         sites: list[PreparedSite], outbox: Outbox | None) -> None:
+                         sites: list[PreparedSite], outbox: Outbox | None,
+                         groups: list[list[str]] | None) -> None:
     """Each site's DP evaluation release of the federated model, and the metrics (with
     their uncertainty) computed from it, as the coordinator would. A secure study
-    releases one secure sum instead: the pooled test's metrics only
-    (:mod:`~cardiofed.simulation.secure_evaluation`)."""
+    releases one secure sum instead (one per group of `groups`, through the statistics
+    gate): the pooled test's metrics only (:mod:`~cardiofed.simulation.secure_evaluation`)."""
     edges = score_bin_edges()
     rng = np.random.default_rng(derive_seed(result.config.seed, 40_000))  # bootstrap only
     if result.config.secure_aggregation:
@@ -217,7 +218,7 @@ def _released_evaluation(result: ExperimentResult, privacy: dict[str, SitePrivac
         pooled = secure_evaluation(
             [(s.name, s.y_test, score(result.config.model, result.federated.weights,
                                       s.x_test)) for s in sites],
-            privacy, result.config.secure_dropout, rng)
+            privacy, result.config.secure_dropout, rng, groups=groups)
         if pooled is not None:
             result.released_metrics[POOLED_SECURE] = pooled
         return
@@ -312,7 +313,7 @@ def run_experiment(dataset: FederatedDataset, config: SimulationConfig, *,
                               label_quality=quality, sites=sites, intercept_step=stepped,
                               calibration_sizes={k: len(v[1]) for k, v in held_out.items()})
     if privacy:
-        _released_evaluation(result, privacy, sites, outbox)
+        _released_evaluation(result, privacy, sites, outbox, groups)
     for name, p in privacy.items():
         by_kind = p.ledger.spent_by_kind()
         result.privacy[name] = {

@@ -15,11 +15,13 @@ needs.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cardiofed.aggregation.robust_statistics import StatisticsGate, robust_site_statistics
+from cardiofed.data.preprocessing import SiteStatistics
 from cardiofed.evaluation.private_metrics import (
     as_probabilities,
     metrics_with_uncertainty,
@@ -33,7 +35,7 @@ from cardiofed.secure.simulate import ring_sum
 from cardiofed.simulation.secure_statistics import budgeted, count_codec_and_noise
 
 __all__ = ["CARD_NOTE", "EVALUATION_LENGTH", "POOLED_SECURE", "evaluation_codec_and_noise",
-           "evaluation_from_sum", "evaluation_vector", "secure_evaluation"]
+           "evaluation_from_sum", "evaluation_vector", "gated_evaluation", "secure_evaluation"]
 
 if TYPE_CHECKING:  # the coordinator imports this module for its sums, without PyTorch
     from cardiofed.privacy.site_privacy import SitePrivacy
@@ -72,24 +74,62 @@ def evaluation_from_sum(total: np.ndarray, share_sd: float, n_inputs: int
     return neg, pos, share_sd * math.sqrt(n_inputs)
 
 
+def gated_evaluation(totals: Sequence[np.ndarray], noise_sds: Sequence[float]
+                     ) -> tuple[np.ndarray, np.ndarray, float, StatisticsGate | None]:
+    """The pooled test's noisy (negatives, positives) histograms from the unmasked sums
+    (each with its noise's SD, counts), and the SD of their noise: one sum's as they are;
+    a grouped round's through the statistics gate, each group's negatives and positives
+    one release of two columns on the logit scale of the score bins (equally spaced on
+    [-5, 5], the two outer bins as wide), so a group far from the others in its count or
+    in where its risks lie loses weight (:mod:`cardiofed.aggregation.robust_statistics`);
+    the gate's report, or None."""
+    if len(totals) == 1:
+        neg, pos = np.split(np.asarray(totals[0], dtype=np.float64), 2)
+        return neg, pos, float(noise_sds[0]), None
+    n_bins = len(totals[0]) // 2
+    width = 10.0 / (n_bins - 2)
+    edges = np.tile(np.linspace(-5.0 - width, 5.0 + width, n_bins + 1), (2, 1))
+    zeros = np.zeros(2)
+    releases = [SiteStatistics(count=h.sum(axis=1), total=zeros, total_sq=zeros,
+                               n_missing=zeros, histogram=h)
+                for h in (np.asarray(t, dtype=np.float64).reshape(2, n_bins) for t in totals)]
+    gated, gate = robust_site_statistics(releases, edges)
+    neg, pos = np.sum([g.histogram for g in gated], axis=0)
+    noise = math.sqrt(sum((float(f.max()) * sd) ** 2
+                          for f, sd in zip(gate.factors, noise_sds, strict=True)))
+    return neg, pos, noise, gate
+
+
 def secure_evaluation(outcomes: Sequence[tuple[str, np.ndarray, np.ndarray]],
                       privacy: Mapping[str, SitePrivacy], dropout: float,
-                      rng: np.random.Generator) -> dict[str, float] | None:
+                      rng: np.random.Generator, *,
+                      groups: Sequence[Sequence[str]] | None = None,
+                      attack: Callable[[str, np.ndarray], np.ndarray] | None = None
+                      ) -> dict[str, float] | None:
     """The pooled metrics of one secure sum over the sites' ``(name, labels, risks)`` on
-    their test splits (see the module docstring); None when fewer sites have budget
-    than the noise is split over (nothing is released then). `rng` draws the bootstrap
-    of the intervals only."""
-    needed, multiplier, min_sites = budgeted([name for name, _, _ in outcomes], privacy,
-                                             "evaluate", dropout)
-    if len(needed) < min_sites:
-        return None
-    codec, noise = evaluation_codec_and_noise(len(outcomes), multiplier, dropout)
-    vectors, rngs = {}, {}
-    for name, y, p in outcomes:
-        if name in needed:
+    their test splits (see the module docstring), or of one sum per group of `groups`
+    through :func:`gated_evaluation` (a group with fewer sites with budget than its
+    noise is split over is left out); None when no sum (or fewer than 3 groups) can be
+    formed (nothing is released then). `rng` draws the bootstrap of the intervals only;
+    `attack(site, vector)`, for benchmarks and tests, replaces what a site sends."""
+    by_name = {name: (y, p) for name, y, p in outcomes}
+    needed, multiplier, _ = budgeted(list(by_name), privacy, "evaluate", dropout)
+    totals, noise_sds = [], []
+    for group in groups or [list(by_name)]:
+        members = [name for name in group if name in needed]
+        codec, noise = evaluation_codec_and_noise(len(group), multiplier, dropout)
+        if len(members) < noise.min_sites:
+            continue
+        vectors, rngs = {}, {}
+        for name in members:
             privacy[name].charge_secure_sum("evaluate", multiplier)
-            vectors[name], rngs[name] = evaluation_vector(y, p), secure_numpy_rng()
-    neg, pos, noise_std = evaluation_from_sum(ring_sum(codec, vectors, rngs, noise),
-                                              noise.site_sigma / codec.scale, len(vectors))
+            vectors[name], rngs[name] = evaluation_vector(*by_name[name]), secure_numpy_rng()
+            if attack is not None:
+                vectors[name] = attack(name, vectors[name])
+        totals.append(ring_sum(codec, vectors, rngs, noise))
+        noise_sds.append(noise.site_sigma / codec.scale * math.sqrt(len(vectors)))
+    if len(totals) < (1 if groups is None else 3):
+        return None
+    neg, pos, noise_std, _ = gated_evaluation(totals, noise_sds)
     return metrics_with_uncertainty(neg, pos, score_bin_edges(len(neg)),
                                     noise_std=noise_std, rng=rng)
