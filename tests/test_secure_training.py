@@ -276,6 +276,14 @@ def test_a_grouped_statistics_round_needs_three_groups_with_budget(federation) -
                                                     "noise is split over, fewer than the 3"):
         secure_statistics(federation.sites, bin_edges(federation.feature_ranges, PRIVATE_BINS),
                           privacy, dropout=0.2, groups=groups)
+    # Nothing was charged: no sum was formed.
+    assert all(not privacy[n].ledger.releases("statistics") for n in names)
+    from cardiofed.simulation.secure_evaluation import secure_evaluation
+
+    outcomes = [(s.name, s.y_test, np.full(len(s.y_test), 0.2)) for s in federation.sites]
+    assert secure_evaluation(outcomes, privacy, 0.2, np.random.default_rng(0),
+                             groups=groups) is None
+    assert all(not privacy[n].ledger.releases("evaluate") for n in names)
 
 
 def test_too_few_sites_with_budget_for_the_statistics_sum_stop_the_study(federation) -> None:  # type: ignore[no-untyped-def]

@@ -114,12 +114,16 @@ def secure_evaluation(outcomes: Sequence[tuple[str, np.ndarray, np.ndarray]],
     `attack(site, vector)`, for benchmarks and tests, replaces what a site sends."""
     by_name = {name: (y, p) for name, y, p in outcomes}
     needed, multiplier, _ = budgeted(list(by_name), privacy, "evaluate", dropout)
-    totals, noise_sds = [], []
+    setups = []
     for group in groups or [list(by_name)]:
         members = [name for name in group if name in needed]
         codec, noise = evaluation_codec_and_noise(len(group), multiplier, dropout)
-        if len(members) < noise.min_sites:
-            continue
+        if len(members) >= noise.min_sites:
+            setups.append((members, codec, noise))
+    if len(setups) < (1 if groups is None else 3):
+        return None  # nothing charged, nothing released
+    totals, noise_sds = [], []
+    for members, codec, noise in setups:
         vectors, rngs = {}, {}
         for name in members:
             privacy[name].charge_secure_sum("evaluate", multiplier)
@@ -128,8 +132,6 @@ def secure_evaluation(outcomes: Sequence[tuple[str, np.ndarray, np.ndarray]],
                 vectors[name] = attack(name, vectors[name])
         totals.append(ring_sum(codec, vectors, rngs, noise))
         noise_sds.append(noise.site_sigma / codec.scale * math.sqrt(len(vectors)))
-    if len(totals) < (1 if groups is None else 3):
-        return None
     neg, pos, noise_std, _ = gated_evaluation(totals, noise_sds)
     return metrics_with_uncertainty(neg, pos, score_bin_edges(len(neg)),
                                     noise_std=noise_std, rng=rng)

@@ -113,11 +113,23 @@ def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
     `attack(site, vector)`, for benchmarks and tests, replaces what a site sends."""
     by_name = {s.name: s for s in sites}
     needed, multiplier, _ = budgeted(list(by_name), privacy, "statistics", dropout)
-    released = []
+    sums = []
     for group in groups or [list(by_name)]:
         members = [name for name in group if name in needed]
-        if len(members) < noise_sites(len(group), dropout):
-            continue
+        if len(members) >= noise_sites(len(group), dropout):
+            sums.append((group, members))
+    if groups is None and not sums:
+        raise PrivacyBudgetExceeded(
+            f"{len(needed)} sites have budget for the statistics sum, fewer than the "
+            f"{noise_sites(len(by_name), dropout)} its noise is split over: the federation "
+            f"cannot start.")
+    if groups is not None and len(sums) < 3:
+        raise PrivacyBudgetExceeded(
+            f"{len(sums)} group(s) have as many sites with budget for the statistics "
+            f"sum as their noise is split over, fewer than the 3 a robust rule needs: the "
+            f"federation cannot start.")
+    released = []
+    for group, members in sums:  # nothing is charged before every sum can be formed
         codec, noise = statistics_codec_and_noise(len(group), edges.shape[0], multiplier,
                                                   dropout)
         vectors, rngs = {}, {}
@@ -128,16 +140,6 @@ def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
                 vectors[name] = attack(name, vectors[name])
             rngs[name] = secure_numpy_rng()
         released.append(statistics_from_sum(ring_sum(codec, vectors, rngs, noise), edges))
-    if groups is None and not released:
-        raise PrivacyBudgetExceeded(
-            f"{len(needed)} sites have budget for the statistics sum, fewer than the "
-            f"{noise_sites(len(by_name), dropout)} its noise is split over: the federation "
-            f"cannot start.")
-    if groups is not None and len(released) < 3:
-        raise PrivacyBudgetExceeded(
-            f"{len(released)} group(s) have as many sites with budget for the statistics "
-            f"sum as their noise is split over, fewer than the 3 a robust rule needs: the "
-            f"federation cannot start.")
     return released
 
 
