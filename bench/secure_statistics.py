@@ -176,7 +176,8 @@ def main() -> None:
                                              for m in ("mean move / range", "SD move")]
     table = [[label, *[r[arm][k] for arm in arms for k in ("mean_move", "sd_move")]]
              for label, r in rows.items()]
-    md = (f"# The statistics round over secure sums: one forged site of {n_sites}\n\n"
+    md = (f"# The statistics and evaluation rounds over secure sums: one forged site of "
+          f"{n_sites}\n\n## The statistics round: merged means and SDs moved\n\n"
           f"Worst over which site forges; moves against the clean merge of the same arm "
           f"(epsilon 1e4: noise under a record); the first row is the noise alone at "
           f"epsilon 1.\n\n" + markdown_table(header, table))
