@@ -189,6 +189,16 @@ def test_validation_names_each_bad_field_and_its_range(api: Api) -> None:
                                        "message": "must be a number in years; got 'old'"}]
 
 
+def test_a_code_sent_as_a_number_past_any_float_is_refused_by_name(api: Api) -> None:
+    """Found by tests/test_patient_input.py's property: a whole number past 1e308 for a
+    coded feature raised an OverflowError (a 500)."""
+    r = api.post("/v1/risk", {"features": {**PATIENT, "sex": 10**400}})
+    assert r.status_code == 422
+    (error,) = r.json()["errors"]
+    assert error["field"] == "features.sex"
+    assert error["message"].startswith("must be one of female, male; got 1000000")
+
+
 def test_imputed_features_are_listed(api: Api) -> None:
     r = api.post("/v1/risk", {"features": {"age": 60, "sex": "female"}, "impute_missing": True})
     assert r.status_code == 200

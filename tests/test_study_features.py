@@ -17,7 +17,8 @@ from cardiofed.data.study_features import StudyFeatures
 from cardiofed.exceptions import ConfigurationError, DataValidationError
 from cardiofed.schema import CATALOGUE
 from cardiofed.serving import provenance
-from cardiofed.serving.model import PatientErrors, RiskModel
+from cardiofed.serving.model import RiskModel
+from cardiofed.serving.patient_input import PatientErrors
 from cardiofed.simulation.config import SimulationConfig
 from cardiofed.simulation.experiment import FEDERATED, POOLED_TEST, run_experiment
 

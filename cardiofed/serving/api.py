@@ -47,11 +47,8 @@ from cardiofed.protocol.schemas import AttributionRequest, AttributionResponse
 from cardiofed.serving import registry
 from cardiofed.serving.attribution import report as attribution_report
 from cardiofed.serving.keys import KeyCache, KeyInfo, RateLimiter
-from cardiofed.serving.model import (
-    PatientErrors,
-    RiskModel,
-    risk_categories,
-)
+from cardiofed.serving.model import RiskModel, risk_categories
+from cardiofed.serving.patient_input import PatientErrors
 from cardiofed.serving.request_log import RequestLog
 from cardiofed.serving.schemas import (
     BatchRequest,

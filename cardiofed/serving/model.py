@@ -46,9 +46,9 @@ from cardiofed.schema import (
     SCHEMA_VERSION,
     Catalogue,
     Feature,
-    FeatureKind,
     canonical_features,
 )
+from cardiofed.serving.patient_input import patient_row
 from cardiofed.serving.population import population_of, population_text
 from cardiofed.wire import decode_arrays, encode_arrays
 
@@ -62,9 +62,7 @@ TERM = "term:"  # prefix of a revised model column in a card's recalibration
 RISK_THRESHOLDS = (0.05, 0.075, 0.20)
 RISK_CATEGORIES = ("low", "borderline", "intermediate", "high")
 CATEGORY_HORIZON_YEARS = 10.0  # the horizon those bands were defined for
-REQUIRED = "is required (or set impute_missing to fill it with the federation's median)"
 IG_BLOCK_ROWS = 4096
-_BINARY_VALUES = {"0": 0.0, "1": 1.0, "false": 0.0, "true": 1.0, "no": 0.0, "yes": 1.0}
 # The kinds a card may name: the trained networks, and a Cox model at its horizon.
 SERVED_KINDS = (*MODEL_KINDS, "cox")
 Link = Literal["logit", "cloglog"]
@@ -108,14 +106,6 @@ class ModelCard(BaseModel):
     # where known), "records" (where exact counts may be published) and "medians" (each
     # continuous feature's pooled median, from the sites' statistics release).
     population: dict[str, Any] = {}
-
-
-class PatientErrors(DataValidationError):
-    """One or more invalid fields; ``problems`` holds ``(field, message)`` pairs."""
-
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(f"{f}: {m}" for f, m in problems))
 
 
 @dataclass(frozen=True)
@@ -287,33 +277,8 @@ class RiskModel:
                    *, impute_missing: bool = False, where: str = ""
                    ) -> tuple[list[float], list[str]]:
         """:meth:`encode_patient` as a list of floats (what :meth:`explain_row` takes)."""
-        units = units or {}
-        prefix = f"{where}." if where else ""  # e.g. "patients[3]." in a batch
-        problems: list[tuple[str, str]] = []
-        encoders = self._encoders
-        if not encoders.keys() >= features.keys():
-            expected = ", ".join(self.card.features)
-            problems += [(f"{prefix}features.{name}",
-                          f"is not an input of this model; expected {expected}")
-                         for name in features if name not in encoders]
-        problems += [(f"{prefix}units.{name}", "names no input of this model")
-                     for name in units if name not in encoders]
-        row = [math.nan] * self.n_inputs
-        imputed = []
-        for name, (feature, cols) in encoders.items():
-            value = features.get(name)
-            if value is None:
-                if impute_missing:
-                    imputed.append(name)
-                else:
-                    problems.append((f"{prefix}features.{name}", REQUIRED))
-                continue
-            message = _encode_value(feature, value, units.get(name), row, cols)
-            if message:
-                problems.append((f"{prefix}features.{name}", message))
-        if problems:
-            raise PatientErrors(problems)
-        return row, imputed
+        return patient_row(self._encoders, self.n_inputs, features, units or {},
+                           impute_missing=impute_missing, where=where)
 
     @cached_property
     def _encoders(self) -> dict[str, tuple[Feature, list[int]]]:
@@ -477,63 +442,6 @@ def _inverse_link(eta: float, link: str) -> float:
     softplus = math.log(2.0) if t == 0 else (t + math.log1p(math.exp(-t)) if t > 0
                                               else math.log1p(math.exp(t)))
     return math.exp(-softplus)
-
-
-def _shown(value: Any, *, quote: bool = True) -> str:
-    """`value` as an error message names it: cut past 40 characters, so that a refusal
-    says what was sent without echoing a huge input back."""
-    text = repr(value) if quote else str(value)
-    return text if len(text) <= 40 else f"{text[:24]}... ({len(text):,} characters)"
-
-
-def _encode_value(feature: Feature, value: Any, unit: str | None, row: list[float],
-                  cols: list[int]) -> str:
-    """Write `value` into `row[cols]`; return a problem message, or '' when valid."""
-    if feature.kind is FeatureKind.CONTINUOUS:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return f"must be a number in {feature.unit}; got {_shown(value)}"
-        if unit is not None and unit != feature.unit and unit not in feature.unit_factors:
-            known = ", ".join([feature.unit, *feature.unit_factors])
-            return f"unit {_shown(unit)} is not known for this feature; use one of {known}"
-        factor = feature.conversion_factor(unit or feature.unit)
-        try:
-            converted = float(value) * factor
-        except OverflowError:
-            converted = math.inf  # reported as out of range below
-        low, high = float(feature.low), float(feature.high)  # type: ignore[arg-type]
-        if not math.isfinite(converted):
-            return (f"{_shown(value, quote=False)} is not a finite number; the plausible "
-                    f"range is [{low:g}, {high:g}] {feature.unit}")
-        if not low <= converted <= high:
-            if factor != 1.0:
-                lo_u, hi_u = low / factor, high / factor
-                return (f"{value:g} {unit} is outside the plausible range [{lo_u:.4g}, "
-                        f"{hi_u:.4g}] {unit} ([{low:g}, {high:g}] {feature.unit})")
-            return (f"{value:g} {feature.unit} is outside the plausible range [{low:g}, "
-                    f"{high:g}] {feature.unit}")
-        row[cols[0]] = converted
-        return ""
-    if unit is not None:
-        return f"a {feature.kind} feature takes no unit; got {_shown(unit)}"
-    if feature.kind is FeatureKind.BINARY:
-        key = str(value).strip().lower() if not isinstance(value, bool) else str(int(value))
-        if isinstance(value, float) and value in (0.0, 1.0):
-            key = str(int(value))
-        if key not in _BINARY_VALUES:
-            return f"must be 0 or 1 (or true/false, yes/no); got {_shown(value)}"
-        row[cols[0]] = _BINARY_VALUES[key]
-        return ""
-    code = str(int(value)) if isinstance(value, int | float) and not isinstance(value, bool) \
-        and float(value).is_integer() else str(value)
-    canonical = {c.lower(): c for c in feature.codes}.get(code.strip().lower())
-    if canonical is None:
-        return f"must be one of {', '.join(feature.codes)}; got {_shown(value)}"
-    if feature.kind is FeatureKind.ORDINAL:  # the level's position, as in training
-        row[cols[0]] = float(feature.codes.index(canonical))
-        return ""
-    for col, level in zip(cols, feature.codes[1:], strict=True):
-        row[col] = 1.0 if canonical == level else 0.0
-    return ""
 
 
 def build_model(*, study: str, source: str, model: str, algorithm: str,
