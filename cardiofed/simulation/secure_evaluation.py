@@ -9,7 +9,8 @@ intervals that carry the noise (:func:`~cardiofed.evaluation.private_metrics.
 metrics_with_uncertainty`): one study's worth of noise on the sum instead of one per
 site. No site's own metrics leave it; each site sees its own exactly, at home. Every
 site is charged at the study's noise multiplier, the largest any site's evaluation share
-needs.
+needs. With ``secure_group_size`` each group of sites has its own sum, each carrying the
+whole noise, merged through the statistics gate (:func:`gated_evaluation`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from cardiofed.secure.simulate import ring_sum
 from cardiofed.simulation.secure_statistics import budgeted, count_codec_and_noise
 
 __all__ = ["CARD_NOTE", "EVALUATION_LENGTH", "POOLED_SECURE", "evaluation_codec_and_noise",
-           "evaluation_from_sum", "evaluation_vector", "gated_evaluation", "secure_evaluation"]
+           "evaluation_vector", "gated_evaluation", "secure_evaluation"]
 
 if TYPE_CHECKING:  # the coordinator imports this module for its sums, without PyTorch
     from cardiofed.privacy.site_privacy import SitePrivacy
@@ -43,7 +44,7 @@ if TYPE_CHECKING:  # the coordinator imports this module for its sums, without P
 POOLED_SECURE = "all sites (secure sum)"
 """The key of a secure study's one set of metrics: its sites' pooled test sets."""
 EVALUATION_LENGTH = 2 * (len(score_bin_edges()) - 1)  # negatives' and positives' bins
-CARD_NOTE = ("Metrics are computed from one secure sum of the sites' score histograms "
+CARD_NOTE = ("Metrics are computed from secure sums of the sites' score histograms "
              "(distributed DP noise): the pooled test of all sites, with 95% intervals; no "
              "site's own metrics left it.")
 
@@ -63,15 +64,6 @@ def evaluation_vector(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
         return np.zeros(EVALUATION_LENGTH)
     neg, pos = score_histograms(y_true, as_probabilities(y_prob), score_bin_edges())
     return np.concatenate([neg, pos])
-
-
-def evaluation_from_sum(total: np.ndarray, share_sd: float, n_inputs: int
-                        ) -> tuple[np.ndarray, np.ndarray, float]:
-    """The pooled test's noisy (negatives, positives) histograms from the unmasked sum of
-    `n_inputs` sites' vectors, each with a noise share of SD `share_sd` counts, and the
-    SD of their noise."""
-    neg, pos = np.split(np.asarray(total, dtype=np.float64), 2)
-    return neg, pos, share_sd * math.sqrt(n_inputs)
 
 
 def gated_evaluation(totals: Sequence[np.ndarray], noise_sds: Sequence[float]

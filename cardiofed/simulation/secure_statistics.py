@@ -9,7 +9,9 @@ and the count). The coordinator unmasks the federation's noisy histograms and co
 computes the statistics from them as from any private release
 (:func:`~cardiofed.data.preprocessing.statistics_from_histogram`): the noise of one
 study's release on the sum, not one per site. Every site is charged at the study's noise
-multiplier, the largest any site's statistics share needs.
+multiplier, the largest any site's statistics share needs. With ``secure_group_size``
+each group of sites has its own sum, each carrying the whole noise; the statistics gate
+then weighs each group's as one release.
 
 :func:`secure_kaplan_meier` sums survival counts on a public grid the same way.
 """
