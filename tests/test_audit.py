@@ -147,11 +147,14 @@ def test_dp_update_does_not_reveal_the_record(record: tuple[np.ndarray, float]) 
     # One DP-SGD step at epsilon 1 (q = 1) adds noise of std sigma * C ~ 3.7 to every
     # coordinate, while the clipped gradient has norm <= C = 1 over all 9 coordinates:
     # delta_w / delta_b is a ratio of noise, not the record.
+    # The noise comes from the OS's secret source, so one draw's error is random: ad hoc,
+    # 400 draws gave a median of 1.42 and a 1st percentile of 0.66, and CI once drew 0.35.
+    # The median of 25 draws is what the audit summarises, and it does not come near 0.5.
     x, y = record
-    out = update_inversion(x, y, epsilon=1.0, delta=1e-5, seed=0)
+    outs = [update_inversion(x, y, epsilon=1.0, delta=1e-5, seed=0) for _ in range(25)]
 
-    assert out["noise_multiplier"] > 3
-    assert out["relative_error"] > 0.5
+    assert all(out["noise_multiplier"] > 3 for out in outs)
+    assert np.median([out["relative_error"] for out in outs]) > 0.5
 
 
 def test_inversion_audit_summarises_errors_only(federation: FederatedDataset) -> None:
