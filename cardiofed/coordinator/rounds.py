@@ -377,8 +377,7 @@ def _close(db: Session, study: Study, rnd: Round, folded: _Folded, now: Clock) -
         if folded.secure is not None:  # a private attribution's step over a secure sum
             assert plan.attribution is not None
             totals = attribution_from_sum(plan.attribution, attribution.task_state(study) or {},
-                                          folded.secure.total, folded.secure.share_sd,
-                                          len(folded.secure.survivors))
+                                          folded.secure.total, folded.secure.noise_sds[0])
         attribution.close_round(db, study, plan.analysis, rnd, names, totals, now(),
                                 reports=folded.reports)
         db.commit()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -362,12 +361,10 @@ def _check(step: str, name: str, body: BaseModel, state: _State) -> None:
 @dataclass(frozen=True)
 class Unmasked:
     """What the coordinator unmasked: each sum's total (decoded; one per group of a
-    grouped round), the survivors, the SD of each one's noise share (decoded units, in
-    the first sum: an ungrouped round has one), and the SD of each sum's noise."""
+    grouped round), the survivors, and the SD of each sum's noise (decoded units)."""
 
     totals: tuple[np.ndarray, ...]
     survivors: tuple[str, ...]
-    share_sd: float
     noise_sds: tuple[float, ...]
 
     @property
@@ -428,15 +425,15 @@ def progress(db: Session, study: Study, rnd: Round, now: Clock) -> Unmasked | st
         _next(db, study, rnd, now, "reveal", f"{len(posted)} sites signed the survivors")
         return None
     results, noise_sds, failed = [], [], []
-    share_sds = {plan.context: noise.site_sigma / plan.codec.scale
-                 for plan, noise in state.setups}
+    noise_of = {plan.context: noise for plan, noise in state.setups}
     for plan in state.unmaskable():
         try:
             results.append(_unmasked(state, plan))
         except InvalidUpdate as exc:
             failed.append(str(exc))
             continue
-        noise_sds.append(share_sds[plan.context] * math.sqrt(len(results[-1].survivors)))
+        noise_sds.append(noise_of[plan.context].sum_sd(len(results[-1].survivors),
+                                                       plan.codec.scale))
     if len(results) < needed:
         return _give_up(db, rnd, "; ".join(failed[:3] + [
             f"{len(results)} groups unmasked, fewer than a robust rule's 3"] * (needed > 1)))
@@ -445,8 +442,7 @@ def progress(db: Session, study: Study, rnd: Round, now: Clock) -> Unmasked | st
     log.info("study %s round %d: secure sum of %d sites unmasked in %d sum(s) (%d dropped)",
              study.id, rnd.number, len(survivors), len(results),
              sum(len(r.dropped) for r in results))
-    return Unmasked(tuple(r.total for r in results), survivors,
-                    share_sds[state.setups[0][0].context], tuple(noise_sds))
+    return Unmasked(tuple(r.total for r in results), survivors, tuple(noise_sds))
 
 
 def _least_to_group(study: Study, rnd: Round) -> int:

@@ -188,7 +188,7 @@ class SecureRounds:
         sum's quorum of its sites signed it (their roster keys; others do not count)."""
         assert self.identity is not None and pending.site is not None
         survivors = sorted(sec.survivors or [])
-        if pending.confirmed is None or pending.confirmed != survivors:
+        if pending.confirmed != survivors:  # None where it signed nothing
             raise TaskRefused("This site reveals shares only for the survivor list it "
                               "signed in this sum's confirm step; this one is not it.")
         message = wire.survivors_message(pending.site.plan.context, survivors)

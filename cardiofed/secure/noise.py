@@ -88,6 +88,11 @@ class DistributedNoise:
         """What a site charges its ledger for one secure sum it takes part in."""
         return GaussianEvent(noise_multiplier=self.noise_multiplier, sample_rate=1.0, steps=1)
 
+    def sum_sd(self, n_inputs: int, scale: float) -> float:
+        """The SD of `n_inputs` sites' shares summed, in decoded units (the ring's
+        `scale`)."""
+        return self.site_sigma / scale * math.sqrt(n_inputs)
+
     def noise_bound(self, n_sites: int) -> float:
         """A bound on the summed noise of `n_sites` sites (for the ring's width)."""
         return TAIL_SDS * math.sqrt(n_sites) * self.site_sigma

@@ -81,17 +81,17 @@ def attribution_vector(plan: AttributionPlan, state: dict[str, Any], arrays: Arr
 
 
 def attribution_from_sum(plan: AttributionPlan, state: dict[str, Any], total: np.ndarray,
-                         share_sd: float, n_inputs: int) -> Arrays:
-    """The step's totals from the unmasked sum of `n_inputs` sites' vectors, each with a
-    noise share of SD `share_sd` (decoded units), and each block's noise variance per
-    entry (``noise_var.<block>``)."""
+                         noise_sd: float) -> Arrays:
+    """The step's totals from the unmasked sum of the sites' vectors, whose summed noise
+    has SD `noise_sd` (decoded units), and each block's noise variance per entry
+    (``noise_var.<block>``)."""
     out: Arrays = {}
     start = 0
     for name, shape, unit in _layout(plan, state):
         size = math.prod(shape)
         out[name] = np.asarray(total[start:start + size]).reshape(shape) * unit
         start += size
-    per_unit = share_sd ** 2 * n_inputs  # each share's variance, summed
+    per_unit = noise_sd ** 2  # the shares' variances, summed
     for block, (_, unit) in noise_units(plan, state).items():
         out[f"noise_var.{block}"] = np.array([per_unit * unit * unit])
     return out
@@ -106,8 +106,8 @@ def secure_step_sum(plan: AttributionPlan, state: dict[str, Any], site_arrays: S
     codec, noise = attribution_codec_and_noise(len(vectors), attribution_length(plan, state),
                                                noise_multiplier, dropout)
     total = ring_sum(codec, vectors, {name: secure_numpy_rng() for name in vectors}, noise)
-    return attribution_from_sum(plan, state, total, noise.site_sigma / codec.scale,
-                                len(vectors))
+    return attribution_from_sum(plan, state, total,
+                                noise.sum_sd(len(vectors), codec.scale))
 
 
 def run_secure_attribution(sites: Sequence[SiteArrays], covariates: list[str], *,

@@ -123,7 +123,7 @@ def secure_evaluation(outcomes: Sequence[tuple[str, np.ndarray, np.ndarray]],
             if attack is not None:
                 vectors[name] = attack(name, vectors[name])
         totals.append(ring_sum(codec, vectors, rngs, noise))
-        noise_sds.append(noise.site_sigma / codec.scale * math.sqrt(len(vectors)))
+        noise_sds.append(noise.sum_sd(len(vectors), codec.scale))
     neg, pos, noise_std, _ = gated_evaluation(totals, noise_sds)
     return metrics_with_uncertainty(neg, pos, score_bin_edges(len(neg)),
                                     noise_std=noise_std, rng=rng)
