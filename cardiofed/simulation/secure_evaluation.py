@@ -29,11 +29,14 @@ from cardiofed.evaluation.private_metrics import (
     score_bin_edges,
     score_histograms,
 )
-from cardiofed.privacy.randomness import secure_numpy_rng
 from cardiofed.secure.noise import DistributedNoise
 from cardiofed.secure.quantise import RingCodec
-from cardiofed.secure.simulate import ring_sum
-from cardiofed.simulation.secure_statistics import budgeted, count_codec_and_noise
+from cardiofed.simulation.secure_statistics import (
+    budgeted,
+    charged_sum,
+    count_codec_and_noise,
+    formable_sums,
+)
 
 __all__ = ["CARD_NOTE", "EVALUATION_LENGTH", "POOLED_SECURE", "evaluation_codec_and_noise",
            "evaluation_vector", "gated_evaluation", "secure_evaluation"]
@@ -106,24 +109,15 @@ def secure_evaluation(outcomes: Sequence[tuple[str, np.ndarray, np.ndarray]],
     `attack(site, vector)`, for benchmarks and tests, replaces what a site sends."""
     by_name = {name: (y, p) for name, y, p in outcomes}
     needed, multiplier, _ = budgeted(list(by_name), privacy, "evaluate", dropout)
-    setups = []
-    for group in groups or [list(by_name)]:
-        members = [name for name in group if name in needed]
-        codec, noise = evaluation_codec_and_noise(len(group), multiplier, dropout)
-        if len(members) >= noise.min_sites:
-            setups.append((members, codec, noise))
-    if len(setups) < (1 if groups is None else 3):
+    sums = formable_sums(list(by_name), groups, needed, dropout)
+    if len(sums) < (1 if groups is None else 3):
         return None  # nothing charged, nothing released
     totals, noise_sds = [], []
-    for members, codec, noise in setups:
-        vectors, rngs = {}, {}
-        for name in members:
-            privacy[name].charge_secure_sum("evaluate", multiplier)
-            vectors[name], rngs[name] = evaluation_vector(*by_name[name]), secure_numpy_rng()
-            if attack is not None:
-                vectors[name] = attack(name, vectors[name])
-        totals.append(ring_sum(codec, vectors, rngs, noise))
-        noise_sds.append(noise.sum_sd(len(vectors), codec.scale))
+    for group, members in sums:
+        codec, noise = evaluation_codec_and_noise(len(group), multiplier, dropout)
+        totals.append(charged_sum("evaluate", members, privacy, multiplier, codec, noise,
+                                  lambda name: evaluation_vector(*by_name[name]), attack))
+        noise_sds.append(noise.sum_sd(len(members), codec.scale))
     neg, pos, noise_std, _ = gated_evaluation(totals, noise_sds)
     return metrics_with_uncertainty(neg, pos, score_bin_edges(len(neg)),
                                     noise_std=noise_std, rng=rng)

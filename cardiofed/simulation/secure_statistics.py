@@ -19,7 +19,7 @@ then weighs each group's as one release.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -62,6 +62,35 @@ def budgeted(names: Sequence[str], privacy: Mapping[str, SitePrivacy], kind: str
         except PrivacyBudgetExceeded:
             continue
     return list(needed), max(needed.values(), default=0.0), noise_sites(len(names), dropout)
+
+
+def formable_sums(names: Sequence[str], groups: Sequence[Sequence[str]] | None,
+                  needed: Collection[str], dropout: float) -> list[tuple[list[str], list[str]]]:
+    """Each sum that can be formed (one of every site in `names`, or one per group of
+    `groups`): its sites, and those of them with budget (`needed`), where these are at
+    least as many as its noise is split over."""
+    sums = []
+    for group in groups or [list(names)]:
+        members = [name for name in group if name in needed]
+        if len(members) >= noise_sites(len(group), dropout):
+            sums.append((list(group), members))
+    return sums
+
+
+def charged_sum(kind: str, members: Sequence[str], privacy: Mapping[str, SitePrivacy],
+                multiplier: float, codec: RingCodec, noise: DistributedNoise,
+                vector: Callable[[str], np.ndarray],
+                attack: Callable[[str, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """The ring sum of `members`' vectors, each site charged one release of `kind` at the
+    sum's noise multiplier before its vector is made, its noise share drawn from a
+    secret source. `attack(site, vector)`, for benchmarks and tests, replaces what a
+    site sends."""
+    vectors, rngs = {}, {}
+    for name in members:
+        privacy[name].charge_secure_sum(kind, multiplier)
+        vectors[name] = vector(name) if attack is None else attack(name, vector(name))
+        rngs[name] = secure_numpy_rng()
+    return ring_sum(codec, vectors, rngs, noise)
 
 
 def statistics_codec_and_noise(n_sites: int, n_columns: int, noise_multiplier: float,
@@ -115,11 +144,7 @@ def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
     `attack(site, vector)`, for benchmarks and tests, replaces what a site sends."""
     by_name = {s.name: s for s in sites}
     needed, multiplier, _ = budgeted(list(by_name), privacy, "statistics", dropout)
-    sums = []
-    for group in groups or [list(by_name)]:
-        members = [name for name in group if name in needed]
-        if len(members) >= noise_sites(len(group), dropout):
-            sums.append((group, members))
+    sums = formable_sums(list(by_name), groups, needed, dropout)
     if groups is None and not sums:
         raise PrivacyBudgetExceeded(
             f"{len(needed)} sites have budget for the statistics sum, fewer than the "
@@ -134,14 +159,10 @@ def secure_statistics(sites: Sequence[SiteData], edges: np.ndarray,
     for group, members in sums:  # nothing is charged before every sum can be formed
         codec, noise = statistics_codec_and_noise(len(group), edges.shape[0], multiplier,
                                                   dropout)
-        vectors, rngs = {}, {}
-        for name in members:
-            privacy[name].charge_secure_sum("statistics", multiplier)
-            vectors[name] = statistics_vector(by_name[name].x_train, edges)
-            if attack is not None:
-                vectors[name] = attack(name, vectors[name])
-            rngs[name] = secure_numpy_rng()
-        released.append(statistics_from_sum(ring_sum(codec, vectors, rngs, noise), edges))
+        total = charged_sum("statistics", members, privacy, multiplier, codec, noise,
+                            lambda name: statistics_vector(by_name[name].x_train, edges),
+                            attack)
+        released.append(statistics_from_sum(total, edges))
     return released
 
 
@@ -167,13 +188,12 @@ def secure_kaplan_meier(sites: Mapping[str, tuple[object, object]], grid: object
             f"{len(needed)} sites have budget for the survival counts' sum, fewer than the "
             f"{min_sites} its noise is split over.")
     codec, noise = count_codec_and_noise(len(sites), 1.0, multiplier, dropout)
-    vectors, rngs = {}, {}
-    for name in needed:
-        privacy[name].charge_secure_sum("statistics", multiplier)
+
+    def vector(name: str) -> np.ndarray:
         counts = site_counts(*sites[name], grid)
-        vectors[name] = np.concatenate([counts.events, counts.censored]).astype(np.float64)
-        rngs[name] = secure_numpy_rng()
-    total = ring_sum(codec, vectors, rngs, noise)
+        return np.concatenate([counts.events, counts.censored]).astype(np.float64)
+
+    total = charged_sum("statistics", needed, privacy, multiplier, codec, noise, vector)
     g = check_grid(grid)
     pooled = GridCounts(grid=g, events=total[:g.size], censored=total[g.size:])
     return private_kaplan_meier(pooled), pooled
